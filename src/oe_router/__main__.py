@@ -1,0 +1,5 @@
+"""`python -m oe_router` runs the daemon, as `oe-routerd` does."""
+
+from oe_router.daemon import main
+
+raise SystemExit(main())

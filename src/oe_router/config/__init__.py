@@ -1,0 +1,1 @@
+"""UCI configuration: parse and write /etc/config/oe, typed schema, validation."""

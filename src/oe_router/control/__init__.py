@@ -1,0 +1,1 @@
+"""Status model, unix-socket JSON control API and ubus shim."""

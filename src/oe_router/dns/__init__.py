@@ -1,0 +1,1 @@
+"""DNS front, DNSSEC chain validation and IPSECKEY handling."""

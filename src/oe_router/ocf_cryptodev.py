@@ -1,0 +1,1 @@
+"""ctypes binding of /dev/crypto (cryptodev-linux, OCF ioctls)."""

@@ -1,0 +1,1 @@
+"""Opportunistic encryption manager: policy groups, tunnels, shunts, idle teardown."""

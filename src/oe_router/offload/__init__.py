@@ -1,0 +1,1 @@
+"""Crypto engines (AF_ALG, cryptodev, software): discovery, known-answer tests, measurement."""
