@@ -29,8 +29,8 @@ test-qemu: setup image
 	$(call run_tier,qemu,-q --timeout=1200)
 
 lint: setup
-	$(PY) -m ruff check src tests qemu
-	$(PY) -m ruff format --check src tests qemu
+	$(PY) -m ruff check src tests qemu bench
+	$(PY) -m ruff format --check src tests qemu bench
 	$(PY) -m mypy
 
 image: setup
@@ -41,7 +41,7 @@ demo: setup
 
 bench: setup
 	@mkdir -p bench/results
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH)
 
 clean:
 	rm -rf $(RESULTS) build dist src/*.egg-info
