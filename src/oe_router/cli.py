@@ -1,0 +1,219 @@
+"""`oe`: the command-line face of the daemon (status, reload) and of the config checker.
+
+Exit codes: 0 success, 1 a refusal (config problems, reload refused, the
+daemon answered with an error), 2 the daemon cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from oe_router.config import DEFAULT_CONFIG_PATH, check_config
+from oe_router.control import (
+    DEFAULT_CONTROL_SOCKET,
+    ControlClient,
+    ControlError,
+    DaemonUnreachable,
+    ReloadResult,
+    Status,
+)
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_UNREACHABLE = 2
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m{s:02d}s"
+    if minutes:
+        return f"{minutes}m{s:02d}s"
+    return f"{s}s"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+def _opt(value: float | None, fmt: str = "{:.0f}s") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def render_status(status: Status) -> str:
+    """The human `oe status` view: daemon summary, then one table per section."""
+    d = status.daemon
+    if d.last_reload is None:
+        reload_text = "none since start"
+    elif d.last_reload.accepted:
+        reload_text = f"accepted at {_duration(d.last_reload.at_uptime_s)}"
+    else:
+        n = len(d.last_reload.problems)
+        reload_text = f"REFUSED ({n} problem(s)) at {_duration(d.last_reload.at_uptime_s)}"
+    out = [
+        f"oe-routerd {d.version}  pid {d.pid}  up {_duration(d.uptime_s)}"
+        f"  {'enabled' if d.enabled else 'DISABLED'}",
+        f"config    {d.config_path} (generation {d.config_generation}; last reload: {reload_text})",
+        f"datapath  {d.datapath}",
+        f"services  {', '.join(d.services) or 'none yet'}",
+        "",
+        f"tunnels ({len(status.tunnels)})",
+    ]
+    if status.tunnels:
+        out += _table(
+            ["peer", "local", "remote", "state", "policy", "transform", "up", "in", "out"],
+            [
+                [
+                    t.peer,
+                    t.local,
+                    t.remote,
+                    t.state,
+                    t.policy,
+                    t.transform,
+                    _opt(t.established_s),
+                    str(t.bytes_in),
+                    str(t.bytes_out),
+                ]
+                for t in status.tunnels
+            ],
+        )
+    out += ["", f"shunts ({len(status.shunts)})"]
+    if status.shunts:
+        out += _table(
+            ["destination", "kind", "expires", "reason"],
+            [[s.destination, s.kind, _opt(s.expires_s), s.reason] for s in status.shunts],
+        )
+    out += ["", f"engines ({len(status.engines)})"]
+    if status.engines:
+        out += _table(
+            ["name", "driver", "kind", "proven", "selected", "Mbit/s"],
+            [
+                [
+                    e.name,
+                    e.driver,
+                    e.kind,
+                    "yes" if e.proven else "no",
+                    "yes" if e.selected else "",
+                    _opt(e.mbit_s, "{:.0f}"),
+                ]
+                for e in status.engines
+            ],
+        )
+    out += ["", "dns"]
+    if status.dns:
+        out += _table(["key", "value"], [[k, _dns_value(v)] for k, v in status.dns.items()])
+    else:
+        out.append("  (no DNS front running)")
+    return "\n".join(out)
+
+
+def _dns_value(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    reply = ControlClient(args.socket).request("status")
+    if args.json:
+        json.dump(reply["status"], out, indent=2, sort_keys=True)
+        out.write("\n")
+        return EXIT_OK
+    try:
+        status = Status.from_json(reply["status"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ControlError(f"daemon sent a status this oe cannot read ({exc})") from None
+    out.write(render_status(status) + "\n")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace, out: TextIO) -> int:
+    reply = ControlClient(args.socket).request("reload")
+    try:
+        result = ReloadResult.from_json(reply["reload"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ControlError(f"daemon sent a reload result this oe cannot read ({exc})") from None
+    if result.accepted:
+        out.write(f"reload accepted: config generation {result.generation} is active\n")
+        return EXIT_OK
+    for problem in result.problems:
+        out.write(f"{problem}\n")
+    out.write(
+        f"reload refused: {len(result.problems)} problem(s); "
+        f"config generation {result.generation} keeps running\n"
+    )
+    return EXIT_REFUSED
+
+
+def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
+    path = Path(args.file)
+    problems = check_config(path)
+    for problem in problems:
+        out.write(f"{problem}\n")
+    if problems:
+        out.write(f"{path}: {len(problems)} problem(s)\n")
+        return EXIT_REFUSED
+    out.write(f"{path}: OK\n")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oe", description="Control the oe-routerd daemon.")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=Path(DEFAULT_CONTROL_SOCKET),
+        metavar="PATH",
+        help=f"control socket (default {DEFAULT_CONTROL_SOCKET})",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    status = sub.add_parser("status", help="show tunnels, shunts, engines and DNS")
+    status.add_argument("--json", action="store_true", help="print the status document as JSON")
+    status.set_defaults(func=cmd_status)
+
+    reload = sub.add_parser("reload", help="ask the daemon to re-read its config")
+    reload.set_defaults(func=cmd_reload)
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser("check", help="validate a config file, print every problem")
+    check.add_argument("file", nargs="?", default=DEFAULT_CONFIG_PATH, metavar="FILE")
+    check.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args, sys.stdout)
+    except DaemonUnreachable as exc:
+        print(f"oe: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ControlError as exc:
+        print(f"oe: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except BrokenPipeError:
+        return EXIT_OK
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The status model: what `oe status` shows and the control socket serves.
+
+Every running service contributes a `StatusContribution`; the daemon merges
+them with its own `DaemonStatus` into one `Status`. The JSON shape is a
+contract for the CLI, LuCI and tests, so it is built in one place
+(`Status.to_json`) and read back in one place (`Status.from_json`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+JsonObject = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TunnelStatus:
+    """One IPsec tunnel (an IKE SA with its child SAs) as the OE manager sees it."""
+
+    peer: str
+    local: str
+    remote: str
+    state: str
+    policy: str = ""
+    transform: str = ""
+    established_s: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass(frozen=True)
+class ShuntStatus:
+    """A pass/hold/drop shunt installed for a destination without a tunnel."""
+
+    destination: str
+    kind: str
+    reason: str = ""
+    expires_s: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """A crypto engine found by `offload`, whether it passed its known-answer tests."""
+
+    name: str
+    driver: str
+    kind: str
+    proven: bool = False
+    selected: bool = False
+    mbit_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """Outcome of one reload attempt; `problems` are one-line messages naming the option."""
+
+    accepted: bool
+    generation: int
+    problems: tuple[str, ...] = ()
+    at_uptime_s: float = 0.0
+
+    def to_json(self) -> JsonObject:
+        return {
+            "accepted": self.accepted,
+            "generation": self.generation,
+            "problems": list(self.problems),
+            "at_uptime_s": round(self.at_uptime_s, 3),
+        }
+
+    @classmethod
+    def from_json(cls, obj: JsonObject) -> ReloadResult:
+        return cls(
+            accepted=bool(obj["accepted"]),
+            generation=int(obj["generation"]),
+            problems=tuple(str(p) for p in obj.get("problems", [])),
+            at_uptime_s=float(obj.get("at_uptime_s", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    """The daemon's own facts: who it is and which config generation runs."""
+
+    version: str
+    pid: int
+    uptime_s: float
+    config_path: str
+    config_generation: int
+    enabled: bool
+    datapath: str
+    last_reload: ReloadResult | None = None
+    services: tuple[str, ...] = ()
+
+    def to_json(self) -> JsonObject:
+        return {
+            "version": self.version,
+            "pid": self.pid,
+            "uptime_s": round(self.uptime_s, 3),
+            "config_path": self.config_path,
+            "config_generation": self.config_generation,
+            "enabled": self.enabled,
+            "datapath": self.datapath,
+            "last_reload": None if self.last_reload is None else self.last_reload.to_json(),
+            "services": list(self.services),
+        }
+
+    @classmethod
+    def from_json(cls, obj: JsonObject) -> DaemonStatus:
+        last = obj.get("last_reload")
+        return cls(
+            version=str(obj["version"]),
+            pid=int(obj["pid"]),
+            uptime_s=float(obj["uptime_s"]),
+            config_path=str(obj["config_path"]),
+            config_generation=int(obj["config_generation"]),
+            enabled=bool(obj["enabled"]),
+            datapath=str(obj["datapath"]),
+            last_reload=None if last is None else ReloadResult.from_json(last),
+            services=tuple(str(s) for s in obj.get("services", [])),
+        )
+
+
+@dataclass(frozen=True)
+class StatusContribution:
+    """What one service adds to the status; `dns` keys are merged into the `dns` object."""
+
+    tunnels: tuple[TunnelStatus, ...] = ()
+    shunts: tuple[ShuntStatus, ...] = ()
+    engines: tuple[EngineStatus, ...] = ()
+    dns: JsonObject = field(default_factory=dict)
+    datapath: str | None = None
+
+
+@dataclass(frozen=True)
+class Status:
+    """The whole status document: four component sections plus `daemon`."""
+
+    daemon: DaemonStatus
+    tunnels: tuple[TunnelStatus, ...] = ()
+    shunts: tuple[ShuntStatus, ...] = ()
+    engines: tuple[EngineStatus, ...] = ()
+    dns: JsonObject = field(default_factory=dict)
+
+    @classmethod
+    def merge(cls, daemon: DaemonStatus, parts: list[StatusContribution]) -> Status:
+        """Combine the daemon facts with every service's contribution, in service order."""
+        dns: JsonObject = {}
+        for part in parts:
+            dns.update(part.dns)
+        return cls(
+            daemon=daemon,
+            tunnels=tuple(t for p in parts for t in p.tunnels),
+            shunts=tuple(s for p in parts for s in p.shunts),
+            engines=tuple(e for p in parts for e in p.engines),
+            dns=dns,
+        )
+
+    def to_json(self) -> JsonObject:
+        return {
+            "daemon": self.daemon.to_json(),
+            "tunnels": [asdict(t) for t in self.tunnels],
+            "shunts": [asdict(s) for s in self.shunts],
+            "engines": [asdict(e) for e in self.engines],
+            "dns": dict(self.dns),
+        }
+
+    @classmethod
+    def from_json(cls, obj: JsonObject) -> Status:
+        """Read a status document back; raises KeyError/TypeError/ValueError if malformed."""
+        return cls(
+            daemon=DaemonStatus.from_json(obj["daemon"]),
+            tunnels=tuple(TunnelStatus(**t) for t in obj["tunnels"]),
+            shunts=tuple(ShuntStatus(**s) for s in obj["shunts"]),
+            engines=tuple(EngineStatus(**e) for e in obj["engines"]),
+            dns=dict(obj["dns"]),
+        )

@@ -1,0 +1,433 @@
+"""oe-routerd: wiring, asyncio main loop, signals and reload.
+
+The daemon itself knows nothing about IKE, DNS or the datapath. Each of
+those is a `Service` (start/reload/stop plus a status contribution) held in
+a `ServiceRegistry` that `main` builds and hands to `Daemon`. A reload
+validates the whole config first, so a bad file never reaches a service,
+and a service that refuses the new config rolls the others back: the last
+good config keeps running either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from oe_router import __version__
+from oe_router.config import DEFAULT_CONFIG_PATH, ConfigInvalid, OeConfig, load_config
+from oe_router.control import (
+    CommandError,
+    CommandTable,
+    ControlServer,
+    DaemonStatus,
+    ReloadResult,
+    Request,
+    SocketBindError,
+    Status,
+    StatusContribution,
+)
+from oe_router.control.ubus import UbusShim
+
+log = logging.getLogger("oe_router.daemon")
+
+PROG = "oe-routerd"
+
+
+class Service(Protocol):
+    """A long-lived part of the daemon (IKE endpoint, datapath, DNS front, OE manager).
+
+    `start` and `reload` raise `ServiceError` to refuse a config; `reload` must
+    leave the service running its previous config when it refuses. `status`
+    is cheap and synchronous: it is called for every `oe status`.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    async def start(self, config: OeConfig) -> None: ...
+
+    async def reload(self, config: OeConfig) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def status(self) -> StatusContribution: ...
+
+
+class ServiceError(Exception):
+    """A service refuses a config or cannot start; the message names the culprit."""
+
+
+class ServiceRegistry:
+    """Ordered services: started in order, stopped in reverse, reloaded all-or-nothing."""
+
+    def __init__(self, services: Iterable[Service] = ()) -> None:
+        self._services: list[Service] = []
+        self._running: list[Service] = []
+        for service in services:
+            self.add(service)
+
+    def add(self, service: Service) -> None:
+        if any(s.name == service.name for s in self._services):
+            raise ValueError(f"service {service.name!r} is already registered")
+        self._services.append(service)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self._services)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._running)
+
+    async def start_all(self, config: OeConfig) -> None:
+        """Start every service; if one fails, stop those already started and raise."""
+        for service in self._services:
+            try:
+                await service.start(config)
+            except Exception as exc:
+                await self.stop_all()
+                raise ServiceError(f"{service.name}: {exc}") from None
+            self._running.append(service)
+            log.info("service %s started", service.name)
+
+    async def stop_all(self) -> None:
+        while self._running:
+            service = self._running.pop()
+            try:
+                await service.stop()
+            except Exception as exc:
+                log.error("service %s failed to stop cleanly: %s", service.name, exc)
+            else:
+                log.info("service %s stopped", service.name)
+
+    async def reload_all(self, old: OeConfig, new: OeConfig) -> list[str]:
+        """Reload running services with `new`; on a refusal, put the others back on `old`."""
+        done: list[Service] = []
+        for service in self._running:
+            try:
+                await service.reload(new)
+            except Exception as exc:
+                problem = f"{service.name}: {exc}"
+                for undo in reversed(done):
+                    try:
+                        await undo.reload(old)
+                    except Exception as undo_exc:
+                        log.error("service %s failed to roll back: %s", undo.name, undo_exc)
+                return [problem]
+            done.append(service)
+        return []
+
+    def contributions(self) -> list[StatusContribution]:
+        return [s.status() for s in self._running]
+
+
+class Daemon:
+    """Runs the control socket and the services until SIGTERM/SIGINT; SIGHUP reloads."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        config: OeConfig,
+        registry: ServiceRegistry,
+        socket_path: Path,
+        socket_mode: int = 0o600,
+        loader: Callable[[Path], OeConfig] = load_config,
+        clock: Callable[[], float] = time.monotonic,
+        pid: int | None = None,
+        ubus: UbusShim | None = None,
+        on_config: Callable[[OeConfig], None] | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.generation = 1
+        self.last_reload: ReloadResult | None = None
+        self.registry = registry
+        self.socket_path = socket_path
+        self.commands = CommandTable()
+        self._server = ControlServer(socket_path, self.commands, mode=socket_mode)
+        self._loader = loader
+        self._clock = clock
+        self._started_at = clock()
+        self._pid = os.getpid() if pid is None else pid
+        self._ubus = ubus
+        self._on_config = on_config
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[ReloadResult]] = set()
+        self.commands.register("status", self._cmd_status, "the status document")
+        self.commands.register("reload", self._cmd_reload, "re-read the config file")
+        self.commands.register("help", self._cmd_help, "list the commands")
+
+    # control commands -------------------------------------------------
+    async def _cmd_status(self, request: Request) -> dict[str, object]:
+        return {"status": self.status().to_json()}
+
+    async def _cmd_reload(self, request: Request) -> dict[str, object]:
+        result = await self.reload()
+        return {"reload": result.to_json()}
+
+    async def _cmd_help(self, request: Request) -> dict[str, object]:
+        if request.args:
+            raise CommandError("takes no arguments")
+        return {"commands": self.commands.help()}
+
+    # state --------------------------------------------------------------
+    def uptime(self) -> float:
+        return self._clock() - self._started_at
+
+    def status(self) -> Status:
+        parts = self.registry.contributions()
+        datapath = next((p.datapath for p in parts if p.datapath), "none")
+        daemon = DaemonStatus(
+            version=__version__,
+            pid=self._pid,
+            uptime_s=self.uptime(),
+            config_path=str(self.config_path),
+            config_generation=self.generation,
+            enabled=self.config.enabled,
+            datapath=datapath,
+            last_reload=self.last_reload,
+            services=self.registry.names,
+        )
+        return Status.merge(daemon, parts)
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file; apply it only if it validates and every service accepts."""
+        async with self._reload_lock:
+            problems = await self._try_reload()
+            if problems:
+                for problem in problems:
+                    log.warning("reload refused: %s", problem)
+                log.warning(
+                    "reload refused: %d problem(s) in %s; keeping config generation %d",
+                    len(problems),
+                    self.config_path,
+                    self.generation,
+                )
+                result = ReloadResult(False, self.generation, tuple(problems), self.uptime())
+            else:
+                log.info("reload accepted: config generation %d", self.generation)
+                result = ReloadResult(True, self.generation, (), self.uptime())
+            self.last_reload = result
+            return result
+
+    async def _try_reload(self) -> list[str]:
+        try:
+            new = self._loader(self.config_path)
+        except ConfigInvalid as exc:
+            return [str(p) for p in exc.problems] or [str(exc)]
+        except OSError as exc:
+            return [f"{self.config_path}: {exc.strerror or exc}"]
+        old = self.config
+        if old.enabled and new.enabled:
+            problems = await self.registry.reload_all(old, new)
+            if problems:
+                return problems
+        elif old.enabled:
+            log.info("oe disabled in %s: stopping services", self.config_path)
+            await self.registry.stop_all()
+        elif new.enabled:
+            try:
+                await self.registry.start_all(new)
+            except ServiceError as exc:
+                return [str(exc)]
+        if new.control_socket != old.control_socket:
+            log.warning(
+                "control_socket changed to %s: it takes effect at the next restart",
+                new.control_socket,
+            )
+        self.config = new
+        self.generation += 1
+        if self._on_config is not None:
+            self._on_config(new)
+        return []
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config_path)
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # main loop ----------------------------------------------------------
+    async def run(self) -> int:
+        """Serve until asked to stop; raises SocketBindError if the socket is unusable."""
+        loop = asyncio.get_running_loop()
+        await self._server.start()
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        try:
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            if self._ubus is not None:
+                log.info("%s", self._ubus.probe().detail)
+            if self.config.enabled:
+                try:
+                    await self.registry.start_all(self.config)
+                except ServiceError as exc:
+                    log.error("cannot start: %s", exc)
+                    return 1
+            else:
+                log.info("oe disabled in %s: services not started", self.config_path)
+            log.info(
+                "%s %s running (pid %d, config %s, services: %s)",
+                PROG,
+                __version__,
+                self._pid,
+                self.config_path,
+                ", ".join(self.registry.names) or "none yet",
+            )
+            await self._stop.wait()
+            log.info("stopping")
+            return 0
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            for task in list(self._tasks):
+                task.cancel()
+            await self.registry.stop_all()
+            await self._server.stop()
+            log.info("stopped")
+
+
+# logging ------------------------------------------------------------------
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "notice": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "err": logging.ERROR,
+    "error": logging.ERROR,
+    "crit": logging.CRITICAL,
+}
+_NAMES = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "err",
+    logging.CRITICAL: "crit",
+}
+
+
+class SyslogLineFormatter(logging.Formatter):
+    """`<level> oe-routerd[<component>]: <message>` on one line, no timestamp (logd adds it)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = record.name.split(".")
+        component = parts[1] if parts[0] == "oe_router" and len(parts) > 1 else parts[0]
+        level = _NAMES.get(record.levelno, record.levelname.lower())
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            message = f"{message}: {type(exc).__name__}: {exc}"
+        message = " | ".join(line for line in message.splitlines() if line) or message
+        return f"{level} {PROG}[{component}]: {message}"
+
+
+def level_from_name(name: str) -> int:
+    """Map a UCI log level to a logging level; unknown names mean info."""
+    return _LEVELS.get(str(name).strip().lower(), logging.INFO)
+
+
+def configure_logging(stream: object = None) -> logging.Logger:
+    """Send the package's logs to stderr, one line each (procd passes them to logd)."""
+    root = logging.getLogger("oe_router")
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)  # type: ignore[arg-type]
+    handler.setFormatter(SyslogLineFormatter())
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.INFO)
+    return root
+
+
+# entry point ---------------------------------------------------------------
+
+
+def build_services(config: OeConfig) -> ServiceRegistry:
+    """The daemon's services, in start order. Later issues add theirs here."""
+    return ServiceRegistry()
+
+
+def _octal(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode out of range: {text!r}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description="Opportunistic IPsec router daemon.")
+    parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG_PATH), metavar="FILE")
+    parser.add_argument(
+        "--foreground",
+        action="store_true",
+        default=True,
+        help="run in the foreground (the default and only mode: procd supervises)",
+    )
+    parser.add_argument("--socket", type=Path, metavar="PATH", help="control socket path")
+    parser.add_argument(
+        "--socket-mode", type=_octal, default=0o600, metavar="MODE", help="octal, default 0600"
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # procd may send HUP (reload_service) right after starting us: until the loop's
+    # handler is installed, a HUP must not kill the process (its default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    args = parse_args(argv)
+    root = configure_logging()
+    config_path: Path = args.config.absolute()
+    try:
+        config = load_config(config_path)
+    except ConfigInvalid as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+        log.error(
+            "cannot start: %s has %d problem(s); run 'oe config check %s'",
+            config_path,
+            len(exc.problems),
+            config_path,
+        )
+        return 1
+    except OSError as exc:
+        log.error("cannot start: cannot read %s: %s", config_path, exc.strerror or exc)
+        return 1
+    root.setLevel(level_from_name(config.log_level))
+    socket_path = args.socket if args.socket is not None else Path(config.control_socket)
+    daemon = Daemon(
+        config_path=config_path,
+        config=config,
+        registry=build_services(config),
+        socket_path=socket_path,
+        socket_mode=args.socket_mode,
+        ubus=UbusShim(),
+        on_config=lambda c: root.setLevel(level_from_name(c.log_level)),
+    )
+    try:
+        return asyncio.run(daemon.run())
+    except SocketBindError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

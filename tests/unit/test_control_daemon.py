@@ -1,0 +1,200 @@
+"""Daemon control plane without sockets: the Service registry contract and reload rules.
+
+The services here are small recording implementations of the `Service` protocol: the
+real ones (IKE, datapath, DNS front, OE manager) do not exist yet. The configs are real
+UCI files read by the real config layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oe_router.config import OeConfig, load_config
+from oe_router.control import ShuntStatus, StatusContribution
+from oe_router.daemon import Daemon, Service, ServiceError, ServiceRegistry
+
+GOOD = "config oe 'global'\n\toption enabled '1'\n\toption log_level 'info'\n"
+
+
+class Recorder:
+    """A Service that records calls and can be told to refuse."""
+
+    def __init__(self, name: str, journal: list[str], refuse_reload: bool = False) -> None:
+        self._name = name
+        self.journal = journal
+        self.refuse_reload = refuse_reload
+        self.refuse_start = False
+        self.config: OeConfig | None = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self, config: OeConfig) -> None:
+        if self.refuse_start:
+            raise ServiceError("port 500 is in use")
+        self.config = config
+        self.journal.append(f"start {self.name}")
+
+    async def reload(self, config: OeConfig) -> None:
+        if self.refuse_reload:
+            raise ServiceError(f"cannot apply log_level {config.log_level}")
+        self.config = config
+        self.journal.append(f"reload {self.name} {config.log_level}")
+
+    async def stop(self) -> None:
+        self.journal.append(f"stop {self.name}")
+
+    def status(self) -> StatusContribution:
+        return StatusContribution(
+            shunts=(ShuntStatus(f"{self.name}.example", "clear"),),
+            dns={self.name: True},
+            datapath="userspace" if self.name == "datapath" else None,
+        )
+
+
+def _daemon(tmp_path: Path, services: list[Service]) -> tuple[Daemon, Path]:
+    path = tmp_path / "oe"
+    path.write_text(GOOD)
+    daemon = Daemon(
+        config_path=path,
+        config=load_config(path),
+        registry=ServiceRegistry(services),
+        socket_path=tmp_path / "unused.sock",
+        clock=lambda: 100.0,
+        pid=4242,
+    )
+    return daemon, path
+
+
+def test_services_start_in_order_stop_in_reverse_and_contribute_status(tmp_path: Path) -> None:
+    journal: list[str] = []
+    a, b = Recorder("datapath", journal), Recorder("dns", journal)
+    daemon, _ = _daemon(tmp_path, [a, b])
+
+    async def go() -> dict[str, Any]:
+        await daemon.registry.start_all(daemon.config)
+        doc = daemon.status().to_json()
+        await daemon.registry.stop_all()
+        return doc
+
+    doc = asyncio.run(go())
+    assert journal == ["start datapath", "start dns", "stop dns", "stop datapath"]
+    assert [s["destination"] for s in doc["shunts"]] == ["datapath.example", "dns.example"]
+    assert doc["dns"] == {"datapath": True, "dns": True}
+    assert doc["daemon"]["datapath"] == "userspace"
+    assert doc["daemon"]["services"] == ["datapath", "dns"]
+    assert doc["daemon"]["pid"] == 4242
+
+
+def test_failed_start_stops_the_services_already_started(tmp_path: Path) -> None:
+    journal: list[str] = []
+    a, b, c = Recorder("a", journal), Recorder("ike", journal), Recorder("c", journal)
+    b.refuse_start = True
+    daemon, _ = _daemon(tmp_path, [a, b, c])
+    with pytest.raises(ServiceError, match="ike: port 500 is in use"):
+        asyncio.run(daemon.registry.start_all(daemon.config))
+    assert journal == ["start a", "stop a"]
+    assert not daemon.registry.running
+
+
+def test_duplicate_service_names_are_refused(tmp_path: Path) -> None:
+    journal: list[str] = []
+    with pytest.raises(ValueError, match="'x' is already registered"):
+        ServiceRegistry([Recorder("x", journal), Recorder("x", journal)])
+
+
+def test_invalid_config_never_reaches_services_and_generation_stays(tmp_path: Path) -> None:
+    journal: list[str] = []
+    daemon, path = _daemon(tmp_path, [Recorder("a", journal)])
+
+    async def go() -> None:
+        await daemon.registry.start_all(daemon.config)
+        path.write_text(GOOD.replace("'info'", "'shouty'"))
+        result = await daemon.reload()
+        assert not result.accepted
+        assert result.generation == 1
+        assert len(result.problems) == 1 and "log_level" in result.problems[0]
+        assert "'shouty'" in result.problems[0]
+
+    asyncio.run(go())
+    assert journal == ["start a"]
+    assert daemon.config.log_level == "info"
+    assert daemon.last_reload is not None and not daemon.last_reload.accepted
+
+
+def test_a_service_refusing_reload_rolls_the_others_back(tmp_path: Path) -> None:
+    journal: list[str] = []
+    a, b = Recorder("a", journal), Recorder("b", journal, refuse_reload=True)
+    daemon, path = _daemon(tmp_path, [a, b])
+
+    async def go() -> None:
+        await daemon.registry.start_all(daemon.config)
+        path.write_text(GOOD.replace("'info'", "'debug'"))
+        result = await daemon.reload()
+        assert not result.accepted
+        assert result.problems == ("b: cannot apply log_level debug",)
+
+    asyncio.run(go())
+    assert journal == ["start a", "start b", "reload a debug", "reload a info"]
+    assert daemon.generation == 1 and daemon.config.log_level == "info"
+    assert a.config is not None and a.config.log_level == "info"
+
+
+def test_accepted_reload_bumps_generation_and_reaches_every_service(tmp_path: Path) -> None:
+    journal: list[str] = []
+    daemon, path = _daemon(tmp_path, [Recorder("a", journal), Recorder("b", journal)])
+    seen: list[str] = []
+    daemon._on_config = lambda c: seen.append(c.log_level)
+
+    async def go() -> None:
+        await daemon.registry.start_all(daemon.config)
+        path.write_text(GOOD.replace("'info'", "'debug'"))
+        result = await daemon.reload()
+        assert result.accepted and result.generation == 2
+
+    asyncio.run(go())
+    assert journal[-2:] == ["reload a debug", "reload b debug"]
+    assert seen == ["debug"]
+
+
+def test_disabling_stops_services_and_enabling_starts_them(tmp_path: Path) -> None:
+    journal: list[str] = []
+    daemon, path = _daemon(tmp_path, [Recorder("a", journal)])
+
+    async def go() -> None:
+        await daemon.registry.start_all(daemon.config)
+        path.write_text(GOOD.replace("enabled '1'", "enabled '0'"))
+        assert (await daemon.reload()).accepted
+        assert not daemon.registry.running
+        path.write_text(GOOD)
+        assert (await daemon.reload()).accepted
+
+    asyncio.run(go())
+    assert journal == ["start a", "stop a", "start a"]
+    assert daemon.generation == 3
+
+
+def test_status_and_reload_commands_through_the_command_table(tmp_path: Path) -> None:
+    daemon, path = _daemon(tmp_path, [])
+
+    async def go() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        status = await daemon.commands.dispatch(b'{"cmd": "status"}')
+        path.write_text("config oe 'global'\n\toption bogus '1'\n")
+        reload = await daemon.commands.dispatch(b'{"cmd": "reload"}')
+        helped = await daemon.commands.dispatch(b'{"cmd": "help"}')
+        return status, reload, helped
+
+    status, reload, helped = asyncio.run(go())
+    json.dumps(status)  # the reply is JSON-serialisable as is
+    assert status["ok"] is True
+    assert status["status"]["daemon"]["config_generation"] == 1
+    assert reload["ok"] is True
+    assert reload["reload"]["accepted"] is False
+    assert "bogus" in reload["reload"]["problems"][0]
+    assert set(helped["commands"]) == {"status", "reload", "help"}
