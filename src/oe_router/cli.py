@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from oe_router.config import DEFAULT_CONFIG_PATH, check_config
+from oe_router.config import DEFAULT_CONFIG_PATH, ConfigInvalid, check_config, load_config
 from oe_router.control import (
     DEFAULT_CONTROL_SOCKET,
     ControlClient,
@@ -179,9 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--socket",
         type=Path,
-        default=Path(DEFAULT_CONTROL_SOCKET),
         metavar="PATH",
-        help=f"control socket (default {DEFAULT_CONTROL_SOCKET})",
+        help="control socket (default: control_socket of the config file, "
+        f"else {DEFAULT_CONTROL_SOCKET})",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(DEFAULT_CONFIG_PATH),
+        metavar="FILE",
+        help=f"the daemon's config file, to find its socket (default {DEFAULT_CONFIG_PATH})",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -200,8 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_socket(explicit: Path | None, config_path: Path) -> Path:
+    """--socket wins; else the daemon's config names it; else the built-in default.
+
+    A config that does not load (missing, invalid) falls back to the default:
+    `oe status` must still work when someone is halfway through editing the file.
+    """
+    if explicit is not None:
+        return explicit
+    try:
+        return Path(load_config(config_path).control_socket)
+    except (ConfigInvalid, OSError):
+        return Path(DEFAULT_CONTROL_SOCKET)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "config":
+        args.socket = resolve_socket(args.socket, args.config)
     try:
         rc: int = args.func(args, sys.stdout)
     except DaemonUnreachable as exc:

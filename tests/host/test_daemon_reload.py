@@ -16,6 +16,8 @@ from typing import IO, Any
 
 import pytest
 
+pytestmark = pytest.mark.host
+
 GOOD = "config oe 'global'\n\toption enabled '1'\n\toption log_level 'info'\n"
 BROKEN = GOOD.replace("option log_level 'info'", "option log_level 'chatty'")
 FIXED = GOOD.replace("'info'", "'debug'")

@@ -236,3 +236,20 @@ def test_render_status_of_an_idle_daemon_shows_empty_sections() -> None:
     assert "last reload: none since start" in text
     for section in ("tunnels (0)", "shunts (0)", "engines (0)", "(no DNS front running)"):
         assert section in text
+
+
+def test_socket_comes_from_the_config_file_unless_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    custom = tmp_path / "custom" / "ctl.sock"
+    conf = tmp_path / "oe"
+    conf.write_text(GOOD + f"\toption control_socket '{custom}'\n")
+    assert main(["--config", str(conf), "status"]) == 2
+    assert capsys.readouterr().err == f"oe: daemon not running (no socket at {custom})\n"
+    explicit = tmp_path / "explicit.sock"
+    assert main(["--config", str(conf), "--socket", str(explicit), "status"]) == 2
+    assert str(explicit) in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.write_text("config oe 'global'\n\toption log_level 'loud'\n")
+    assert main(["--config", str(broken), "status"]) == 2
+    assert "no socket at /var/run/oe/control.sock" in capsys.readouterr().err

@@ -189,3 +189,22 @@ def test_server_refuses_a_path_that_is_not_a_socket_or_not_creatable(tmp_path: P
     msg = asyncio.run(go(blocker / "x.sock"))
     assert msg.startswith(f"cannot bind control socket {blocker / 'x.sock'}: ")
     assert regular.read_text() == "x", "a non-socket file is never removed"
+
+
+def test_server_answers_an_overlong_line_with_an_error_and_keeps_serving(tmp_path: Path) -> None:
+    path = tmp_path / "big.sock"
+
+    async def go() -> tuple[list[dict[str, object]], dict[str, object]]:
+        server = ControlServer(path, _table())
+        await server.start()
+        try:
+            huge = b'{"cmd": "echo", "pad": "' + b"x" * (MAX_LINE + 100) + b'"}\n'
+            replies = await asyncio.to_thread(_raw_exchange, path, huge, 1)
+            after = await asyncio.to_thread(ControlClient(path).request, "echo")
+        finally:
+            await server.stop()
+        return replies, after
+
+    replies, after = asyncio.run(go())
+    assert replies == [{"ok": False, "error": f"request longer than {MAX_LINE} bytes"}]
+    assert after == {"ok": True, "echo": {}}
