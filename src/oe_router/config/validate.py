@@ -1,0 +1,379 @@
+"""UCI model -> OeConfig, collecting every problem instead of stopping at the first.
+
+The option tables below are the single statement of the UCI layout: section type, option
+name, how its value parses and which dataclass field it fills.  docs/config.md and the
+shipped files/etc/config/oe describe the same tables (a unit test checks they agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .problems import ConfigProblem
+from .schema import (
+    BOGUS_ACTIONS,
+    DATAPATHS,
+    ESP_PROPOSALS,
+    LOG_LEVELS,
+    POLICY_GROUPS,
+    BadValue,
+    DnsConfig,
+    IdentityConfig,
+    IkeConfig,
+    OeConfig,
+    PolicyConfig,
+    PolicyEntry,
+    format_duration,
+    parse_abs_path,
+    parse_bool,
+    parse_choice,
+    parse_duration,
+    parse_endpoint,
+    parse_int,
+    parse_local_id,
+    parse_offload,
+    parse_policy_entry,
+    suggest,
+)
+from .uci import UciPackage, UciSection, UciSyntaxError, parse
+
+__all__ = ["OPTIONS", "SECTION_TYPES", "validate_package", "validate_text"]
+
+PACKAGE = "oe"
+HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One UCI option: its dataclass field, value parser and whether it is a list."""
+
+    field: str
+    parse: Callable[[str], Any]
+    is_list: bool = False
+    required: bool = False
+
+
+def _dur(lo: float, hi: float) -> Callable[[str], float]:
+    return lambda text: parse_duration(text, lo, hi)
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    return lambda text: parse_int(text, lo, hi)
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    return lambda text: parse_choice(text, choices)
+
+
+def _fragment_size(text: str) -> int:
+    size = parse_int(text, 0, 65535)
+    if size != 0 and not 576 <= size <= 9000:
+        raise BadValue("is out of range (allowed: 0 for off, or 576 to 9000)")
+    return size
+
+
+def _percent(text: str) -> int:
+    t = text.strip()
+    return parse_int(t[:-1] if t.endswith("%") else t, 0, 100)
+
+
+#: section type -> option name -> Opt.  Singleton sections map to OeConfig sub-objects.
+OPTIONS: dict[str, dict[str, Opt]] = {
+    "oe": {
+        "enabled": Opt("enabled", parse_bool),
+        "log_level": Opt("log_level", _choice(*LOG_LEVELS)),
+        "control_socket": Opt("control_socket", lambda t: parse_abs_path(t, 107)),
+        "datapath": Opt("datapath", _choice(*DATAPATHS)),
+        "offload": Opt("offload", parse_offload),
+        "shunt_lifetime": Opt("shunt_lifetime", _dur(1.0, 24 * HOUR)),
+        "keep_private_on_stop": Opt("keep_private_on_stop", parse_bool),
+    },
+    "dns": {
+        "listen": Opt("listen", parse_endpoint, is_list=True),
+        "upstream": Opt("upstream", parse_endpoint, is_list=True),
+        "resolv_file": Opt("resolv_file", parse_abs_path),
+        "hold_limit": Opt("hold_limit", _dur(0.0, 10.0)),
+        "ttl_cap": Opt("ttl_cap", _dur(0.0, 24 * HOUR)),
+        "trust_anchor": Opt("trust_anchor", parse_abs_path),
+        "bogus_action": Opt("bogus_action", _choice(*BOGUS_ACTIONS)),
+    },
+    "ike": {
+        "ike_lifetime": Opt("ike_lifetime", _dur(60.0, 24 * HOUR)),
+        "child_lifetime": Opt("child_lifetime", _dur(60.0, 24 * HOUR)),
+        "rekey_margin": Opt("rekey_margin", _dur(0.0, 12 * HOUR)),
+        "rekey_jitter": Opt("rekey_jitter", _percent),
+        "retransmit_timeout": Opt("retransmit_timeout", _dur(0.1, 30.0)),
+        "retransmit_tries": Opt("retransmit_tries", _int(1, 20)),
+        "dpd_delay": Opt("dpd_delay", _dur(0.0, HOUR)),
+        "half_open_limit": Opt("half_open_limit", _int(1, 65535)),
+        "fragment_size": Opt("fragment_size", _fragment_size),
+        "esp_proposal": Opt("esp_proposals", _choice(*ESP_PROPOSALS), is_list=True),
+    },
+    "identity": {
+        "local_id": Opt("local_id", parse_local_id),
+        "private_key": Opt("private_key", parse_abs_path),
+    },
+    "policy": {
+        "group": Opt("group", _choice(*POLICY_GROUPS), required=True),
+        "dest": Opt("dest", parse_policy_entry, is_list=True, required=True),
+    },
+}
+SECTION_TYPES: tuple[str, ...] = tuple(OPTIONS)
+#: Section types that may appear once, with the name the shipped file gives them.
+SINGLETONS: dict[str, str] = {"oe": "global", "dns": "dns", "ike": "ike", "identity": "identity"}
+
+
+class _Collector:
+    """Problems of one file, and the helpers that word them."""
+
+    def __init__(self, filename: str, package: str) -> None:
+        self.filename = filename
+        self.package = package
+        self.problems: list[ConfigProblem] = []
+
+    def add(self, line: int | None, option: str | None, value: str | None, message: str) -> None:
+        self.problems.append(ConfigProblem(self.filename, line, option, value, message))
+
+    def bad(self, line: int | None, option: str, value: str, reason: str) -> None:
+        self.add(line, option, value, f"{value!r} {reason}")
+
+
+def _labels(pkg: UciPackage, package: str) -> list[str]:
+    """UCI paths of the sections: ``oe.dns`` or ``oe.@policy[2]`` for anonymous ones."""
+    counts: dict[str, int] = {}
+    out = []
+    for sec in pkg.sections:
+        index = counts.get(sec.type, 0)
+        counts[sec.type] = index + 1
+        out.append(f"{package}.{sec.name}" if sec.name else f"{package}.@{sec.type}[{index}]")
+    return out
+
+
+def _section_values(sec: UciSection, label: str, c: _Collector) -> dict[str, Any]:
+    """Parse one known section's options; returns field -> value for the good ones."""
+    spec = OPTIONS[sec.type]
+    values: dict[str, Any] = {}
+    for name, value in sec.options.items():
+        path = f"{label}.{name}"
+        line = sec.option_lines.get(name, sec.line)
+        opt = spec.get(name)
+        if opt is None:
+            _unknown_option(sec.type, name, path, value, line, c)
+            continue
+        try:
+            parsed = opt.parse(value)
+        except BadValue as exc:
+            c.bad(line, path, value, str(exc))
+            continue
+        values[opt.field] = (parsed,) if opt.is_list else parsed
+    for name, items in sec.lists.items():
+        path = f"{label}.{name}"
+        lines = sec.list_lines.get(name, [])
+        opt = spec.get(name)
+        first_line = lines[0] if lines else sec.line
+        if opt is None:
+            _unknown_option(sec.type, name, path, items[0], first_line, c)
+            continue
+        if not opt.is_list:
+            c.add(
+                first_line,
+                path,
+                items[0],
+                f"{items[0]!r} is given as a list, but {name} takes one value "
+                f"(write 'option {name}', not 'list {name}')",
+            )
+            continue
+        good = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            line = lines[i] if i < len(lines) else sec.line
+            try:
+                parsed = opt.parse(item)
+            except BadValue as exc:
+                c.bad(line, path, item, str(exc))
+                continue
+            key = str(parsed)
+            if key in seen:
+                c.bad(line, path, item, f"is listed twice (first at line {seen[key]})")
+                continue
+            seen[key] = line or 0
+            good.append(parsed)
+        values[opt.field] = tuple(good)
+    for name, opt in spec.items():
+        if opt.required and name not in sec.options and name not in sec.lists:
+            verb = "list" if opt.is_list else "option"
+            c.add(sec.line, f"{label}.{name}", None, f"is missing (add '{verb} {name} ...')")
+    return values
+
+
+def _unknown_option(
+    stype: str, name: str, path: str, value: str, line: int | None, c: _Collector
+) -> None:
+    known = tuple(OPTIONS[stype])
+    del value  # the name is the culprit, not the value
+    c.add(
+        line,
+        path,
+        None,
+        f"unknown option {name!r} ({suggest(name, known)}"
+        f"'{stype}' sections take: {', '.join(known)})",
+    )
+
+
+def validate_package(pkg: UciPackage, filename: str) -> tuple[OeConfig, list[ConfigProblem]]:
+    """Typed config from a parsed file, and every problem found on the way.
+
+    The config returned alongside problems holds defaults where values were bad; callers
+    must not use it when the problem list is non-empty.
+    """
+    package = pkg.name or PACKAGE
+    c = _Collector(filename, package)
+    if pkg.name is not None and pkg.name != PACKAGE:
+        c.add(pkg.package_line, None, pkg.name, f"package {pkg.name!r} is not {PACKAGE!r}")
+    labels = _labels(pkg, package)
+
+    named: dict[str, UciSection] = {}
+    first_of_type: dict[str, UciSection] = {}
+    singles: dict[str, dict[str, Any]] = {t: {} for t in SINGLETONS}
+    policy_sections: list[tuple[UciSection, str, dict[str, Any]]] = []
+    for sec, label in zip(pkg.sections, labels, strict=True):
+        if sec.name is not None:
+            if sec.name in named:
+                c.add(
+                    sec.line,
+                    label,
+                    None,
+                    f"section {sec.name!r} is defined twice (first at line "
+                    f"{named[sec.name].line}); libuci would merge them, so write it once",
+                )
+            else:
+                named[sec.name] = sec
+        if sec.type not in OPTIONS:
+            c.add(
+                sec.line,
+                label,
+                sec.type,
+                f"unknown section type {sec.type!r} ({suggest(sec.type, SECTION_TYPES)}"
+                f"use one of: {', '.join(SECTION_TYPES)})",
+            )
+            continue
+        values = _section_values(sec, label, c)
+        if sec.type == "policy":
+            policy_sections.append((sec, label, values))
+            continue
+        if sec.type in first_of_type:
+            c.add(
+                sec.line,
+                label,
+                None,
+                f"only one '{sec.type}' section is allowed "
+                f"(first at line {first_of_type[sec.type].line})",
+            )
+            continue
+        first_of_type[sec.type] = sec
+        singles[sec.type] = values
+
+    policy = _policy(policy_sections, c)
+    try:
+        config = OeConfig(
+            **singles["oe"],
+            dns=DnsConfig(**singles["dns"]),
+            ike=IkeConfig(**singles["ike"]),
+            identity=IdentityConfig(**singles["identity"]),
+            policy=policy,
+        )
+    except TypeError as exc:  # a table/dataclass mismatch is a bug, not a user error
+        raise AssertionError(f"option table out of step with schema: {exc}") from exc
+    _cross_checks(config, first_of_type, labels, pkg, c)
+    return config, sorted(c.problems, key=lambda p: p.line or 0)
+
+
+def _policy(sections: list[tuple[UciSection, str, dict[str, Any]]], c: _Collector) -> PolicyConfig:
+    """Gather dest entries per group; with no policy section at all, the defaults hold."""
+    if not sections:
+        return PolicyConfig()
+    groups: dict[str, list[PolicyEntry]] = {g: [] for g in POLICY_GROUPS}
+    owner: dict[PolicyEntry, tuple[str, str, int | None]] = {}
+    for sec, label, values in sections:
+        group = values.get("group")
+        if group is None:
+            continue
+        if "dest" in sec.options:
+            raw = [(sec.options["dest"], sec.option_lines.get("dest", sec.line))]
+        else:
+            raw = list(zip(sec.lists.get("dest", []), sec.list_lines.get("dest", []), strict=True))
+        for text, line in raw:
+            try:
+                entry = parse_policy_entry(text)
+            except BadValue:
+                continue  # reported by _section_values
+            if entry in owner:
+                other_group, other_label, other_line = owner[entry]
+                if other_label == label:
+                    continue  # a repeat inside one section, reported by _section_values
+                where = f"{other_label}, line {other_line}"
+                reason = (
+                    f"is listed twice in group {group!r} (also {where})"
+                    if other_group == group
+                    else f"is already in group {other_group!r} ({where}); "
+                    "a destination belongs to one group"
+                )
+                c.bad(line, f"{label}.dest", text, reason)
+                continue
+            owner[entry] = (group, label, line)
+            groups[group].append(entry)
+    return PolicyConfig(**{g.replace("-", "_"): tuple(v) for g, v in groups.items()})
+
+
+def _cross_checks(
+    config: OeConfig,
+    first_of_type: dict[str, UciSection],
+    labels: list[str],
+    pkg: UciPackage,
+    c: _Collector,
+) -> None:
+    """Rules that tie options together."""
+    ike_sec = first_of_type.get("ike")
+    if ike_sec is None:
+        return
+    ike = config.ike
+    label = labels[pkg.sections.index(ike_sec)]
+    worst = ike.rekey_margin * (1 + ike.rekey_jitter / 100)
+    shortest = min(ike.ike_lifetime, ike.child_lifetime)
+    if worst >= shortest:
+        name = "rekey_margin" if "rekey_margin" in ike_sec.options else "child_lifetime"
+        raw = ike_sec.options.get(name, format_duration(getattr(ike, name)))
+        c.bad(
+            ike_sec.option_lines.get(name, ike_sec.line),
+            f"{label}.{name}",
+            raw,
+            f"leaves no time before rekeying: rekey_margin plus {ike.rekey_jitter}% jitter "
+            f"({format_duration(worst)}) must be shorter than the shortest lifetime "
+            f"({format_duration(shortest)})",
+        )
+
+
+def validate_text(text: str, filename: str) -> tuple[OeConfig | None, list[ConfigProblem]]:
+    """Parse and validate UCI text; a syntax error is a problem with a column."""
+    try:
+        pkg = parse(text, filename)
+    except UciSyntaxError as exc:
+        return None, [ConfigProblem(filename, exc.line, None, None, exc.reason, exc.column)]
+    config, problems = validate_package(pkg, filename)
+    return (None if problems else config), problems
+
+
+def defaults_as_dict() -> dict[str, Any]:
+    """The default of every UCI option, by section type, for docs and tests."""
+    cfg = OeConfig()
+    objs: dict[str, Any] = {"oe": cfg, "dns": cfg.dns, "ike": cfg.ike, "identity": cfg.identity}
+    out: dict[str, Any] = {}
+    for stype, obj in objs.items():
+        fields = {f.name for f in dataclasses.fields(obj)}
+        out[stype] = {
+            n: getattr(obj, o.field) for n, o in OPTIONS[stype].items() if o.field in fields
+        }
+    return out
