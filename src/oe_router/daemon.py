@@ -226,6 +226,8 @@ class Daemon:
             return [str(p) for p in exc.problems] or [str(exc)]
         except OSError as exc:
             return [f"{self.config_path}: {exc.strerror or exc}"]
+        except Exception as exc:  # a bug in the config layer must not kill the daemon
+            return [f"{self.config_path}: internal error ({type(exc).__name__}: {exc})"]
         old = self.config
         if old.enabled and new.enabled:
             problems = await self.registry.reload_all(old, new)

@@ -208,3 +208,14 @@ def test_server_answers_an_overlong_line_with_an_error_and_keeps_serving(tmp_pat
     replies, after = asyncio.run(go())
     assert replies == [{"ok": False, "error": f"request longer than {MAX_LINE} bytes"}]
     assert after == {"ok": True, "echo": {}}
+
+
+def test_a_crashing_handler_gets_an_error_reply_not_a_dead_server() -> None:
+    table = _table()
+
+    async def broken(req: Request) -> dict[str, object]:
+        raise KeyError("tunnels")
+
+    table.register("broken", broken)
+    reply = asyncio.run(table.dispatch(b'{"cmd": "broken"}'))
+    assert reply == {"ok": False, "error": "broken: internal error (KeyError: 'tunnels')"}

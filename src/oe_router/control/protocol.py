@@ -9,6 +9,7 @@ into requests and replies into lines, and dispatches requests through a
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ Handler = Callable[["Request"], Awaitable[JsonObject]]
 # A request line longer than this is refused: the control API carries small
 # commands, and an unbounded line would let any local client grow our memory.
 MAX_LINE = 64 * 1024
+
+log = logging.getLogger("oe_router.control")
 
 
 class ProtocolError(Exception):
@@ -104,4 +107,8 @@ class CommandTable:
             body = await handler(request)
         except CommandError as exc:
             return error_reply(f"{request.cmd}: {exc}")
+        except Exception as exc:
+            # A bug in a handler must not take the control socket down with it.
+            log.error("command %s failed: %s: %s", request.cmd, type(exc).__name__, exc)
+            return error_reply(f"{request.cmd}: internal error ({type(exc).__name__}: {exc})")
         return {"ok": True, **body}
