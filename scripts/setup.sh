@@ -19,8 +19,9 @@ stamp=.venv/.setup-$(cat requirements.txt requirements-dev.txt pyproject.toml | 
 if [ ! -e "$stamp" ]; then
     echo "setup: building .venv from requirements-dev.txt"
     [ -x .venv/bin/python ] || python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither" || true
-    .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
+    pipq() { .venv/bin/pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; return "${PIPESTATUS[0]}"; }
+    pipq -r requirements-dev.txt
+    pipq --no-deps --no-build-isolation -e .
     .venv/bin/python -c "import oe_router, cryptography, dns, pyroute2, pytest, hypothesis"
     rm -f .venv/.setup-*
     touch "$stamp"
