@@ -1,0 +1,429 @@
+"""The one Datapath interface the rest of oe-router codes against.
+
+Two implementations sit behind it (kernel XFRM over netlink, userspace ESP
+over TUN); the daemon picks one at start and `oe status` shows `name` and
+`reason`.  Everything crossing the interface is an immutable value, so the
+sans-IO cores (ike/, oe/) can build specs without touching sockets.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol, runtime_checkable
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class DatapathError(Exception):
+    """A datapath operation failed; the message names the object and the cause."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # the kernel's errno, when the kernel refused
+
+
+class FeatureMissing(DatapathError):
+    """The platform lacks something (kernel module, algorithm) the operation needs."""
+
+
+# --- ESP algorithms: IKE transform ID -> kernel name and sizes --------------------
+# IANA "Transform Type 1 - Encryption Algorithm" and "Type 3 - Integrity" IDs.
+ENCR_AES_CBC = 12
+ENCR_AES_GCM_16 = 20
+ENCR_CHACHA20_POLY1305 = 28
+AUTH_HMAC_SHA2_256_128 = 12
+AUTH_HMAC_SHA2_384_192 = 13
+AUTH_HMAC_SHA2_512_256 = 14
+
+
+@dataclass(frozen=True)
+class EncrAlgorithm:
+    """An ESP cipher.  For AEADs the key material includes a salt (RFC 4106/7634)."""
+
+    ike_id: int
+    ike_name: str
+    kernel_name: str
+    key_bits: tuple[int, ...]  # allowed cipher key sizes, salt excluded
+    salt_bits: int
+    icv_bits: int  # 0 for non-AEAD ciphers
+    aead: bool
+
+
+@dataclass(frozen=True)
+class IntegAlgorithm:
+    """An ESP integrity algorithm with its RFC 4868 truncation length."""
+
+    ike_id: int
+    ike_name: str
+    kernel_name: str
+    key_bits: int
+    trunc_bits: int
+
+
+ESP_ENCR: Mapping[int, EncrAlgorithm] = MappingProxyType(
+    {
+        ENCR_AES_GCM_16: EncrAlgorithm(
+            ENCR_AES_GCM_16, "AES_GCM_16", "rfc4106(gcm(aes))", (128, 192, 256), 32, 128, True
+        ),
+        ENCR_CHACHA20_POLY1305: EncrAlgorithm(
+            ENCR_CHACHA20_POLY1305,
+            "CHACHA20_POLY1305",
+            "rfc7539esp(chacha20,poly1305)",
+            (256,),
+            32,
+            128,
+            True,
+        ),
+        ENCR_AES_CBC: EncrAlgorithm(
+            ENCR_AES_CBC, "AES_CBC", "cbc(aes)", (128, 192, 256), 0, 0, False
+        ),
+    }
+)
+ESP_INTEG: Mapping[int, IntegAlgorithm] = MappingProxyType(
+    {
+        AUTH_HMAC_SHA2_256_128: IntegAlgorithm(
+            AUTH_HMAC_SHA2_256_128, "HMAC_SHA2_256_128", "hmac(sha256)", 256, 128
+        ),
+        AUTH_HMAC_SHA2_384_192: IntegAlgorithm(
+            AUTH_HMAC_SHA2_384_192, "HMAC_SHA2_384_192", "hmac(sha384)", 384, 192
+        ),
+        AUTH_HMAC_SHA2_512_256: IntegAlgorithm(
+            AUTH_HMAC_SHA2_512_256, "HMAC_SHA2_512_256", "hmac(sha512)", 512, 256
+        ),
+    }
+)
+
+
+def encr_algorithm(ike_id: int) -> EncrAlgorithm:
+    """Look up an ESP cipher by IKE transform ID; DatapathError names unknown IDs."""
+    try:
+        return ESP_ENCR[ike_id]
+    except KeyError:
+        raise DatapathError(f"ESP encryption transform {ike_id} is not supported") from None
+
+
+def integ_algorithm(ike_id: int) -> IntegAlgorithm:
+    """Look up an ESP integrity algorithm by IKE transform ID."""
+    try:
+        return ESP_INTEG[ike_id]
+    except KeyError:
+        raise DatapathError(f"ESP integrity transform {ike_id} is not supported") from None
+
+
+# --- specs --------------------------------------------------------------------------
+class Mode(enum.Enum):
+    TUNNEL = "tunnel"
+    TRANSPORT = "transport"
+
+
+class Direction(enum.Enum):
+    IN = "in"
+    OUT = "out"
+    FWD = "fwd"
+
+
+class PolicyAction(enum.Enum):
+    """What a policy does with matching packets.
+
+    TRAP: IPsec with templates, but no SA yet, so the kernel sends ACQUIRE.
+    IPSEC: the same kernel object, installed for an established Child SA.
+    HOLD: drop while a negotiation runs (negotiation shunt).
+    PASS: let through in the clear (failure shunt of private-or-clear, group clear).
+    DROP: discard (group block, failure shunt of private).
+    """
+
+    TRAP = "trap"
+    IPSEC = "ipsec"
+    HOLD = "hold"
+    PASS = "pass"
+    DROP = "drop"
+
+
+@dataclass(frozen=True)
+class TrafficSelector:
+    """One side of a flow: a prefix, an IP protocol (0 = any) and a port (None = any)."""
+
+    net: IPNetwork
+    proto: int = 0
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 0 <= self.port <= 0xFFFF:
+            raise DatapathError(f"traffic selector {self.net}: port {self.port} out of range")
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """Kernel-enforced limits; 0 means unlimited.  Soft fires Expire(hard=False)."""
+
+    soft_bytes: int = 0
+    hard_bytes: int = 0
+    soft_packets: int = 0
+    hard_packets: int = 0
+    soft_seconds: int = 0
+    hard_seconds: int = 0
+    soft_use_seconds: int = 0  # idle after last use
+    hard_use_seconds: int = 0
+
+
+@dataclass(frozen=True)
+class Mark:
+    value: int
+    mask: int = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class NatTEncap:
+    """UDP encapsulation (RFC 3948); ports of the local and the remote IKE socket."""
+
+    local_port: int = 4500
+    remote_port: int = 4500
+
+
+@dataclass(frozen=True)
+class SaKeys:
+    """One direction of a Child SA.  encr_key includes the AEAD salt at its end."""
+
+    spi: int
+    encr_key: bytes
+    integ_key: bytes = b""
+
+
+@dataclass(frozen=True)
+class ChildSaSpec:
+    """Everything needed to install both ESP SAs of a Child SA (and its policies).
+
+    `inbound` is the SA the peer sends to us (destination = local),
+    `outbound` the one we send on (destination = remote).  Traffic selectors
+    are from our side's view; policies are installed for every
+    (local_ts, remote_ts) pair: out local->remote, in and fwd remote->local.
+    """
+
+    local: IPAddress
+    remote: IPAddress
+    inbound: SaKeys
+    outbound: SaKeys
+    encr: EncrAlgorithm
+    integ: IntegAlgorithm | None = None
+    mode: Mode = Mode.TUNNEL
+    local_ts: tuple[TrafficSelector, ...] = ()
+    remote_ts: tuple[TrafficSelector, ...] = ()
+    encap: NatTEncap | None = None
+    esn: bool = False
+    replay_window: int = 64
+    reqid: int = 0  # 0: the datapath allocates one from its owned range
+    lifetime: Lifetime = field(default_factory=Lifetime)
+    mark: Mark | None = None
+    install_policies: bool = True
+    policy_priority: int = 0  # rank in the owned band: lower wins
+
+    def __post_init__(self) -> None:
+        if self.local.version != self.remote.version:
+            raise DatapathError(f"Child SA {self.local}<->{self.remote}: address families differ")
+        if self.encr.aead == (self.integ is not None):
+            what = "an AEAD takes no" if self.encr.aead else "a non-AEAD cipher needs an"
+            raise DatapathError(
+                f"Child SA {self.local}<->{self.remote}: {what} integrity algorithm"
+            )
+        for keys, side in ((self.inbound, "inbound"), (self.outbound, "outbound")):
+            bits = len(keys.encr_key) * 8 - self.encr.salt_bits
+            if bits not in self.encr.key_bits:
+                raise DatapathError(
+                    f"Child SA {self.local}<->{self.remote}: {side} {self.encr.ike_name} key is "
+                    f"{len(keys.encr_key)} bytes, expected cipher key "
+                    f"{'/'.join(str(b // 8) for b in self.encr.key_bits)} bytes"
+                    f"{' + 4 bytes salt' if self.encr.salt_bits else ''}"
+                )
+            if self.integ is not None and len(keys.integ_key) * 8 != self.integ.key_bits:
+                raise DatapathError(
+                    f"Child SA {self.local}<->{self.remote}: {side} {self.integ.ike_name} key is "
+                    f"{len(keys.integ_key)} bytes, expected {self.integ.key_bits // 8}"
+                )
+            if not 0 < keys.spi <= 0xFFFFFFFF:
+                raise DatapathError(f"Child SA {self.local}<->{self.remote}: bad {side} SPI")
+
+
+@dataclass(frozen=True)
+class Template:
+    """The SA a policy requires (XFRM template)."""
+
+    src: IPAddress
+    dst: IPAddress
+    reqid: int
+    mode: Mode = Mode.TUNNEL
+    spi: int = 0
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy: selector, direction, action, rank in our priority band.
+
+    For TRAP and IPSEC actions `templates` is required; `lifetime` gives
+    shunts an expiry (a pass shunt for 15 minutes, say).  `persistent`
+    marks policies that survive a clean stop ("private" block policies).
+    """
+
+    src: TrafficSelector
+    dst: TrafficSelector
+    direction: Direction
+    action: PolicyAction
+    priority: int = 0
+    templates: tuple[Template, ...] = ()
+    lifetime: Lifetime = field(default_factory=Lifetime)
+    mark: Mark | None = None
+    persistent: bool = False
+
+    def __post_init__(self) -> None:
+        needs = self.action in (PolicyAction.TRAP, PolicyAction.IPSEC)
+        if needs and not self.templates:
+            raise DatapathError(f"policy {self.describe()}: {self.action.value} needs a template")
+        if not needs and self.templates:
+            raise DatapathError(f"policy {self.describe()}: {self.action.value} takes no template")
+        if self.src.net.version != self.dst.net.version:
+            raise DatapathError(f"policy {self.describe()}: address families differ")
+
+    def describe(self) -> str:
+        return f"{self.src.net}->{self.dst.net} {self.direction.value} {self.action.value}"
+
+
+# --- observations -------------------------------------------------------------------
+@dataclass(frozen=True)
+class SaCounters:
+    bytes: int
+    packets: int
+    add_time: int  # seconds since the epoch when installed
+    use_time: int  # seconds since the epoch of first use, 0 if never used
+    replay_errors: int = 0
+    integrity_failures: int = 0
+
+
+@dataclass(frozen=True)
+class ChildSaCounters:
+    inbound: SaCounters
+    outbound: SaCounters
+
+
+@dataclass(frozen=True)
+class Acquire:
+    """The kernel saw a packet for a TRAP policy without an SA."""
+
+    src: IPAddress  # outer addresses from the template (what the SA should use)
+    dst: IPAddress
+    selector_src: TrafficSelector  # the packet's flow
+    selector_dst: TrafficSelector
+    reqid: int
+    seq: int
+    policy_priority: int
+    policy_index: int
+
+
+@dataclass(frozen=True)
+class Expire:
+    """An SA hit its soft (rekey now) or hard (gone) lifetime."""
+
+    src: IPAddress
+    dst: IPAddress
+    spi: int
+    reqid: int
+    hard: bool
+
+
+@dataclass(frozen=True)
+class PolicyExpire:
+    """A policy (shunt) hit its lifetime."""
+
+    src: TrafficSelector
+    dst: TrafficSelector
+    direction: Direction
+    priority: int
+    hard: bool
+
+
+@dataclass(frozen=True)
+class MappingChange:
+    """A NAT-T peer's address or port changed (RFC 3948 mapping change)."""
+
+    dst: IPAddress
+    spi: int
+    reqid: int
+    old_addr: IPAddress
+    old_port: int
+    new_addr: IPAddress
+    new_port: int
+
+
+DatapathEvent = Acquire | Expire | PolicyExpire | MappingChange
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What a start-up reconcile found of an earlier run."""
+
+    adopted_sas: int
+    removed_sas: int
+    adopted_policies: int
+    removed_policies: int
+
+
+@runtime_checkable
+class Datapath(Protocol):
+    """The ESP datapath: installs Child SAs and policies, reports events."""
+
+    @property
+    def name(self) -> str:
+        """Short name for `oe status` ("kernel-xfrm", "userspace-esp")."""
+        ...
+
+    @property
+    def reason(self) -> str:
+        """Why this datapath was chosen, for `oe status`."""
+        ...
+
+    async def allocate_spi(self, local: IPAddress, remote: IPAddress, reqid: int) -> int:
+        """Reserve an inbound SPI (IKE needs it before the keys exist)."""
+        ...
+
+    async def install_child_sa(self, spec: ChildSaSpec) -> ChildSaSpec:
+        """Install both SAs (and policies); returns the spec with its reqid filled in."""
+        ...
+
+    async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
+        """Remove both SAs; keep the policies when a rekeyed SA replaces them."""
+        ...
+
+    async def install_policy(self, policy: PolicySpec) -> None:
+        """Install or replace (same selector, direction, mark) a policy."""
+        ...
+
+    async def remove_policy(self, policy: PolicySpec) -> None:
+        """Remove a policy; absent policies are not an error."""
+        ...
+
+    async def counters(self, spec: ChildSaSpec) -> ChildSaCounters:
+        """Byte/packet counters of both SAs."""
+        ...
+
+    def events(self) -> AsyncIterator[DatapathEvent]:
+        """Acquire / Expire / PolicyExpire / Mapping events as they happen."""
+        ...
+
+    async def reconcile(
+        self, adopt_policy: Callable[[PolicySpec], bool] | None = None
+    ) -> ReconcileReport:
+        """At start: remove an earlier run's SAs, adopt (or remove) its policies.
+
+        SAs are removed because their IKE SA died with the old process; a
+        policy is adopted (kept, and removed at clean stop) when
+        `adopt_policy` says so (default: all), so "private" destinations
+        stay blocked or trapped across a crash.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Clean stop: remove what we installed (persistent policies stay if configured)."""
+        ...

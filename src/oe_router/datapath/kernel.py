@@ -1,0 +1,813 @@
+"""Kernel ESP datapath: XFRM SAs and policies over NETLINK_XFRM (pyroute2 sockets).
+
+Ownership: every SA we install carries a reqid from `Ownership.reqid_*` and
+every policy a priority in `Ownership.priority_*`, so a restarted daemon can
+tell its own kernel objects from those of other IKE daemons and reconcile
+them; nothing outside those ranges is ever touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+from pyroute2.netlink import NETLINK_XFRM, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nlsocket import NetlinkSocket
+
+from oe_router.datapath import xfrm_msg as X
+from oe_router.datapath.base import (
+    Acquire,
+    ChildSaCounters,
+    ChildSaSpec,
+    DatapathError,
+    DatapathEvent,
+    Direction,
+    Expire,
+    FeatureMissing,
+    IPAddress,
+    Lifetime,
+    MappingChange,
+    Mark,
+    Mode,
+    PolicyAction,
+    PolicyExpire,
+    PolicySpec,
+    ReconcileReport,
+    SaCounters,
+    SaKeys,
+    Template,
+    TrafficSelector,
+)
+from oe_router.datapath.netns import in_netns
+
+IP_XFRM_POLICY: Final = 17
+IPV6_XFRM_POLICY: Final = 35
+UDP_ENCAP: Final = 100
+SOL_UDP: Final = 17
+_REQ_ACK: Final = NLM_F_REQUEST | NLM_F_ACK
+_REQ_DUMP: Final = NLM_F_REQUEST | NLM_F_DUMP
+_DIRS: Final = {
+    Direction.IN: X.XFRM_POLICY_IN,
+    Direction.OUT: X.XFRM_POLICY_OUT,
+    Direction.FWD: X.XFRM_POLICY_FWD,
+}
+_MODES: Final = {Mode.TUNNEL: X.XFRM_MODE_TUNNEL, Mode.TRANSPORT: X.XFRM_MODE_TRANSPORT}
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """The reqid range and priority band that mark kernel objects as ours.
+
+    Kernel policy priority = priority_base + 2 * rank + persistent, so the
+    lowest bit tells persistent ("private" block) policies apart without
+    disturbing the order between ranks.  The defaults sit at numerically
+    high (= weak) priorities, below hand-made or other daemons' policies.
+    """
+
+    reqid_min: int = 0x4F450000
+    reqid_max: int = 0x4F45FFFF
+    priority_base: int = 0x7E000000
+    priority_ranks: int = 0x80000
+
+    def owns_reqid(self, reqid: int) -> bool:
+        return self.reqid_min <= reqid <= self.reqid_max
+
+    def owns_priority(self, priority: int) -> bool:
+        return 0 <= priority - self.priority_base < 2 * self.priority_ranks
+
+    def kernel_priority(self, rank: int, persistent: bool) -> int:
+        if not 0 <= rank < self.priority_ranks:
+            raise DatapathError(f"policy rank {rank} outside 0..{self.priority_ranks - 1}")
+        return self.priority_base + 2 * rank + int(persistent)
+
+    def rank(self, priority: int) -> tuple[int, bool]:
+        off = priority - self.priority_base
+        return off // 2, bool(off & 1)
+
+
+@dataclass(frozen=True)
+class SaInfo:
+    """One SA as the kernel reports it (dump / get)."""
+
+    src: IPAddress
+    dst: IPAddress
+    spi: int
+    proto: int
+    reqid: int
+    mode: int
+    counters: SaCounters
+
+
+# --- address and selector conversion ------------------------------------------------
+def _family(addr: IPAddress | ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
+
+
+def _addr_bytes(addr: IPAddress) -> bytes:
+    return addr.packed.ljust(16, b"\0")
+
+
+def _addr(raw: bytes, family: int) -> IPAddress:
+    if family == socket.AF_INET:
+        return ipaddress.IPv4Address(raw[:4])
+    return ipaddress.IPv6Address(raw[:16])
+
+
+def _ts_from(raw: bytes, plen: int, proto: int, port: int, mask: int, fam: int) -> TrafficSelector:
+    net = ipaddress.ip_network((_addr(raw, fam), plen), strict=False)
+    return TrafficSelector(net, proto, port if mask else None)
+
+
+def _selector(src: TrafficSelector, dst: TrafficSelector, prefix: str) -> dict[str, Any]:
+    return {
+        f"{prefix}daddr": _addr_bytes(dst.net.network_address),
+        f"{prefix}saddr": _addr_bytes(src.net.network_address),
+        f"{prefix}dport": dst.port or 0,
+        f"{prefix}dport_mask": 0xFFFF if dst.port is not None else 0,
+        f"{prefix}sport": src.port or 0,
+        f"{prefix}sport_mask": 0xFFFF if src.port is not None else 0,
+        f"{prefix}family": _family(src.net),
+        f"{prefix}prefixlen_d": dst.net.prefixlen,
+        f"{prefix}prefixlen_s": src.net.prefixlen,
+        f"{prefix}proto": dst.proto or src.proto,
+    }
+
+
+def _selector_from(msg: Any, prefix: str) -> tuple[TrafficSelector, TrafficSelector]:
+    fam = msg[f"{prefix}family"]
+    proto = msg[f"{prefix}proto"]
+    src = _ts_from(
+        msg[f"{prefix}saddr"],
+        msg[f"{prefix}prefixlen_s"],
+        proto,
+        msg[f"{prefix}sport"],
+        msg[f"{prefix}sport_mask"],
+        fam,
+    )
+    dst = _ts_from(
+        msg[f"{prefix}daddr"],
+        msg[f"{prefix}prefixlen_d"],
+        proto,
+        msg[f"{prefix}dport"],
+        msg[f"{prefix}dport_mask"],
+        fam,
+    )
+    return src, dst
+
+
+def _lifetime(lft: Lifetime, prefix: str) -> dict[str, int]:
+    def lim(v: int) -> int:
+        return v if v else X.XFRM_INF
+
+    return {
+        f"{prefix}soft_byte_limit": lim(lft.soft_bytes),
+        f"{prefix}hard_byte_limit": lim(lft.hard_bytes),
+        f"{prefix}soft_packet_limit": lim(lft.soft_packets),
+        f"{prefix}hard_packet_limit": lim(lft.hard_packets),
+        f"{prefix}soft_add_expires_seconds": lft.soft_seconds,
+        f"{prefix}hard_add_expires_seconds": lft.hard_seconds,
+        f"{prefix}soft_use_expires_seconds": lft.soft_use_seconds,
+        f"{prefix}hard_use_expires_seconds": lft.hard_use_seconds,
+    }
+
+
+def _lifetime_from(msg: Any, prefix: str) -> Lifetime:
+    def unlim(v: int) -> int:
+        return 0 if v == X.XFRM_INF else v
+
+    return Lifetime(
+        soft_bytes=unlim(msg[f"{prefix}soft_byte_limit"]),
+        hard_bytes=unlim(msg[f"{prefix}hard_byte_limit"]),
+        soft_packets=unlim(msg[f"{prefix}soft_packet_limit"]),
+        hard_packets=unlim(msg[f"{prefix}hard_packet_limit"]),
+        soft_seconds=msg[f"{prefix}soft_add_expires_seconds"],
+        hard_seconds=msg[f"{prefix}hard_add_expires_seconds"],
+        soft_use_seconds=msg[f"{prefix}soft_use_expires_seconds"],
+        hard_use_seconds=msg[f"{prefix}hard_use_expires_seconds"],
+    )
+
+
+def _template(t: Template) -> dict[str, Any]:
+    return {
+        "id_daddr": _addr_bytes(t.dst),
+        "id_spi": t.spi,
+        "id_proto": X.IPPROTO_ESP,
+        "family": _family(t.dst),
+        "saddr": _addr_bytes(t.src),
+        "reqid": t.reqid,
+        "mode": _MODES[t.mode],
+        "aalgos": 0xFFFFFFFF,
+        "ealgos": 0xFFFFFFFF,
+        "calgos": 0xFFFFFFFF,
+    }
+
+
+def _template_from(raw: dict[str, Any]) -> Template:
+    fam = raw["family"]
+    mode = Mode.TUNNEL if raw["mode"] == X.XFRM_MODE_TUNNEL else Mode.TRANSPORT
+    return Template(
+        _addr(raw["saddr"], fam), _addr(raw["id_daddr"], fam), raw["reqid"], mode, raw["id_spi"]
+    )
+
+
+def _sa_counters(msg: Any, prefix: str = "") -> SaCounters:
+    return SaCounters(
+        bytes=msg[f"{prefix}curlft_bytes"],
+        packets=msg[f"{prefix}curlft_packets"],
+        add_time=msg[f"{prefix}curlft_add_time"],
+        use_time=msg[f"{prefix}curlft_use_time"],
+        replay_errors=msg[f"{prefix}stats_replay"],
+        integrity_failures=msg[f"{prefix}stats_integrity_failed"],
+    )
+
+
+# --- error translation ----------------------------------------------------------------
+def explain(err: NetlinkError, what: str, alg: str = "") -> DatapathError:
+    """Turn a kernel errno into one message naming the object and the missing feature."""
+    exc = _explain(err, what, alg)
+    exc.errno = err.code
+    return exc
+
+
+def _explain(err: NetlinkError, what: str, alg: str) -> DatapathError:
+    code = err.code
+    detail = str(err.args[1]) if len(err.args) > 1 and err.args[1] else ""
+    kmsg = f" (kernel says: {detail})" if detail and detail != errno.errorcode.get(code) else ""
+    if code == errno.EPROTONOSUPPORT:
+        return FeatureMissing(
+            f"kernel lacks ESP (esp4/esp6 module): cannot install {what}{kmsg}; "
+            "load esp4/esp6 or use the userspace datapath"
+        )
+    if code in (errno.ENOSYS, errno.ENOENT) and what.startswith("SA"):
+        if "algorithm" in detail or code == errno.ENOSYS:
+            return FeatureMissing(
+                f"kernel lacks crypto algorithm {alg or '?'}: cannot install {what}{kmsg}"
+            )
+        return FeatureMissing(f"kernel lacks ESP (esp4/esp6 module): cannot install {what}{kmsg}")
+    if code == errno.EAFNOSUPPORT:
+        return FeatureMissing(f"kernel lacks XFRM for this address family (xfrm6?): {what}{kmsg}")
+    if code == errno.EPERM:
+        return DatapathError(f"{what}: permission denied, XFRM needs CAP_NET_ADMIN{kmsg}")
+    if code == errno.EEXIST:
+        return DatapathError(f"{what}: already exists in the kernel{kmsg}")
+    return DatapathError(f"{what}: kernel refused: {errno.errorcode.get(code, code)}{kmsg}")
+
+
+def _open_xfrm_socket(netns: str | None, groups: tuple[int, ...] = ()) -> Any:
+    try:
+        with in_netns(netns):
+            sock = NetlinkSocket(family=NETLINK_XFRM, ext_ack=True)
+        sock.bind()
+        for group in groups:
+            sock.add_membership(group)
+    except OSError as exc:
+        if exc.errno in (errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT):
+            raise FeatureMissing(
+                "kernel lacks XFRM netlink (xfrm_user module): cannot use the kernel datapath"
+            ) from None
+        raise DatapathError(f"opening the XFRM netlink socket failed: {exc}") from None
+    for mtype, cls, _ in X.MESSAGES:
+        sock.marshal.msg_map[mtype] = cls
+    return sock
+
+
+# --- per-socket helpers for the IKE endpoint ------------------------------------------
+def bypass_socket(sock: socket.socket) -> None:
+    """Exempt an IKE socket from all XFRM policies, in and out (IP(V6)_XFRM_POLICY allow).
+
+    Without this, OE trap policies that cover the peer capture IKE itself.
+    """
+    if sock.family == socket.AF_INET:
+        level, opt = socket.IPPROTO_IP, IP_XFRM_POLICY
+    elif sock.family == socket.AF_INET6:
+        level, opt = socket.IPPROTO_IPV6, IPV6_XFRM_POLICY
+    else:
+        raise DatapathError(f"bypass policy: socket family {sock.family} is not IP")
+    for direction in (X.XFRM_POLICY_IN, X.XFRM_POLICY_OUT):
+        info = X.XFRM_USERPOLICY_INFO.pack(
+            {
+                "sel_family": sock.family,
+                **_lifetime(Lifetime(), "lft_"),
+                "dir": direction,
+                "action": X.XFRM_POLICY_ALLOW,
+            }
+        )
+        try:
+            sock.setsockopt(level, opt, info)
+        except OSError as exc:
+            raise DatapathError(
+                f"IKE socket bypass policy ({'in' if direction == 0 else 'out'}) failed: "
+                f"{exc.strerror}; is the xfrm_user module loaded and CAP_NET_ADMIN held?"
+            ) from None
+
+
+def enable_esp_in_udp(sock: socket.socket) -> None:
+    """Make a UDP 4500 socket decapsulate ESP-in-UDP (RFC 3948, UDP_ENCAP_ESPINUDP)."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_ENCAP, X.UDP_ENCAP_ESPINUDP)
+    except OSError as exc:
+        raise FeatureMissing(
+            f"kernel refused UDP_ENCAP_ESPINUDP on the NAT-T socket: {exc.strerror}"
+        ) from None
+
+
+def _iter_messages(data: bytes) -> Iterator[Any]:
+    offset = 0
+    while offset + 16 <= len(data):
+        (length,) = struct.unpack_from("=I", data, offset)
+        if length < 16 or offset + length > len(data):
+            return
+        with contextlib.suppress(KeyError):  # a message type we do not parse
+            yield X.decode(data[offset : offset + length])
+        offset += (length + 3) & ~3
+
+
+# --- the datapath ---------------------------------------------------------------------
+class XfrmDatapath:
+    """The Datapath over kernel XFRM.  Construct, optionally reconcile(), use, close()."""
+
+    def __init__(
+        self,
+        *,
+        ownership: Ownership | None = None,
+        keep_persistent_on_stop: bool = True,
+        netns: str | None = None,
+        reason: str = "kernel has ESP and XFRM netlink",
+        spi_range: tuple[int, int] = (0xC0000000, 0xCFFFFFFF),
+    ) -> None:
+        self._own = ownership or Ownership()
+        self._keep_persistent = keep_persistent_on_stop
+        self._reason = reason
+        self._spi_range = spi_range
+        self._sock = _open_xfrm_socket(netns)
+        self._events_sock = _open_xfrm_socket(
+            netns, (X.XFRMNLGRP_ACQUIRE, X.XFRMNLGRP_EXPIRE, X.XFRMNLGRP_MAPPING)
+        )
+        self._events_sock.setblocking(False)
+        self._policies: dict[tuple[Any, ...], PolicySpec] = {}
+        self._sas: dict[tuple[IPAddress, int], int] = {}  # (dst, spi) -> reqid
+        self._allocated: set[tuple[IPAddress, int]] = set()
+        self._next_reqid = self._own.reqid_min
+
+    # -- status --
+    @property
+    def name(self) -> str:
+        return "kernel-xfrm"
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @property
+    def ownership(self) -> Ownership:
+        return self._own
+
+    # -- netlink plumbing --
+    def _request(
+        self,
+        msg_type: int,
+        fields: dict[str, Any],
+        attrs: list[tuple[str, Any]],
+        what: str,
+        *,
+        flags: int = _REQ_ACK,
+        alg: str = "",
+    ) -> list[Any]:
+        msg = X.build(msg_type, fields, attrs)
+        try:
+            replies = self._sock.nlm_request(msg, msg_type, flags)
+        except NetlinkError as err:
+            raise explain(err, what, alg) from None
+        return [r for r in replies if r["header"]["type"] >= X.XFRM_MSG_NEWSA]
+
+    # -- SPIs and reqids --
+    async def allocate_spi(self, local: IPAddress, remote: IPAddress, reqid: int) -> int:
+        lo, hi = self._spi_range
+        fields = {
+            "info_id_daddr": _addr_bytes(local),
+            "info_id_proto": X.IPPROTO_ESP,
+            "info_saddr": _addr_bytes(remote),
+            "info_family": _family(local),
+            "info_reqid": reqid,
+            "info_mode": X.XFRM_MODE_TUNNEL,
+            **_lifetime(Lifetime(), "info_lft_"),
+            "min": lo,
+            "max": hi,
+        }
+        what = f"SPI allocation for {remote}->{local}"
+        replies = self._request(X.XFRM_MSG_ALLOCSPI, fields, [], what, flags=NLM_F_REQUEST)
+        if not replies:
+            raise DatapathError(f"SPI allocation for {remote}->{local}: kernel sent no SPI")
+        spi = int(replies[0]["id_spi"])
+        self._allocated.add((local, spi))
+        self._sas[(local, spi)] = reqid
+        return spi
+
+    def allocate_reqid(self) -> int:
+        """A reqid in our range not used by a live SA of this run."""
+        used = set(self._sas.values())
+        span = self._own.reqid_max - self._own.reqid_min + 1
+        for _ in range(span):
+            reqid = self._next_reqid
+            self._next_reqid = self._own.reqid_min + (reqid + 1 - self._own.reqid_min) % span
+            if reqid not in used:
+                return reqid
+        raise DatapathError("no free reqid left in the owned range")
+
+    # -- SAs --
+    def _install_sa(self, spec: ChildSaSpec, src: IPAddress, dst: IPAddress, keys: SaKeys) -> None:
+        fields, attrs = sa_request(spec, src, dst, keys)
+        update = (dst, keys.spi) in self._allocated
+        what = f"SA {src}->{dst} spi {keys.spi:#010x} ({spec.encr.ike_name})"
+        alg = spec.encr.kernel_name + (f" + {spec.integ.kernel_name}" if spec.integ else "")
+        self._request(
+            X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA, fields, attrs, what, alg=alg
+        )
+        self._allocated.discard((dst, keys.spi))
+        self._sas[(dst, keys.spi)] = spec.reqid
+
+    def _delete_sa(
+        self, src: IPAddress, dst: IPAddress, spi: int, proto: int = X.IPPROTO_ESP
+    ) -> bool:
+        fields = {"daddr": _addr_bytes(dst), "spi": spi, "family": _family(dst), "proto": proto}
+        try:
+            self._request(
+                X.XFRM_MSG_DELSA,
+                fields,
+                [("XFRMA_SRCADDR", _addr_bytes(src))],
+                f"delete SA {src}->{dst} spi {spi:#010x}",
+            )
+        except DatapathError as exc:
+            if exc.errno in (errno.ENOENT, errno.ESRCH):
+                return False
+            raise
+        finally:
+            self._sas.pop((dst, spi), None)
+            self._allocated.discard((dst, spi))
+        return True
+
+    def _child_policies(self, spec: ChildSaSpec) -> list[PolicySpec]:
+        lts = spec.local_ts or (TrafficSelector(ipaddress.ip_network(spec.local)),)
+        rts = spec.remote_ts or (TrafficSelector(ipaddress.ip_network(spec.remote)),)
+        out_t = Template(spec.local, spec.remote, spec.reqid, spec.mode)
+        in_t = Template(spec.remote, spec.local, spec.reqid, spec.mode)
+        pols = []
+        prio, mark = spec.policy_priority, spec.mark
+        ipsec = PolicyAction.IPSEC
+        for lt in lts:
+            for rt in rts:
+                pols.append(PolicySpec(lt, rt, Direction.OUT, ipsec, prio, (out_t,), mark=mark))
+                pols.append(PolicySpec(rt, lt, Direction.IN, ipsec, prio, (in_t,), mark=mark))
+                if spec.mode is Mode.TUNNEL:
+                    pols.append(PolicySpec(rt, lt, Direction.FWD, ipsec, prio, (in_t,), mark=mark))
+        return pols
+
+    async def install_child_sa(self, spec: ChildSaSpec) -> ChildSaSpec:
+        if spec.reqid == 0:
+            spec = replace(spec, reqid=self.allocate_reqid())
+        elif not self._own.owns_reqid(spec.reqid):
+            raise DatapathError(
+                f"Child SA {spec.local}<->{spec.remote}: reqid {spec.reqid:#x} is outside the "
+                f"owned range {self._own.reqid_min:#x}-{self._own.reqid_max:#x}"
+            )
+        self._install_sa(spec, spec.remote, spec.local, spec.inbound)
+        try:
+            self._install_sa(spec, spec.local, spec.remote, spec.outbound)
+        except DatapathError:
+            self._delete_sa(spec.remote, spec.local, spec.inbound.spi)
+            raise
+        if spec.install_policies:
+            for pol in self._child_policies(spec):
+                await self.install_policy(pol)
+        return spec
+
+    async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
+        if remove_policies and spec.install_policies:
+            for pol in self._child_policies(spec):
+                await self.remove_policy(pol)
+        self._delete_sa(spec.local, spec.remote, spec.outbound.spi)
+        self._delete_sa(spec.remote, spec.local, spec.inbound.spi)
+
+    def _get_sa(self, src: IPAddress, dst: IPAddress, spi: int) -> SaInfo:
+        fields = {
+            "daddr": _addr_bytes(dst),
+            "spi": spi,
+            "family": _family(dst),
+            "proto": X.IPPROTO_ESP,
+        }
+        attrs = [("XFRMA_SRCADDR", _addr_bytes(src))]
+        what = f"SA {src}->{dst} spi {spi:#010x}"
+        replies = self._request(X.XFRM_MSG_GETSA, fields, attrs, what, flags=NLM_F_REQUEST)
+        if not replies:
+            raise DatapathError(f"SA {src}->{dst} spi {spi:#010x}: not in the kernel")
+        return self._sa_info(replies[0])
+
+    @staticmethod
+    def _sa_info(msg: Any) -> SaInfo:
+        fam = msg["family"]
+        return SaInfo(
+            _addr(msg["saddr"], fam),
+            _addr(msg["id_daddr"], fam),
+            msg["id_spi"],
+            msg["id_proto"],
+            msg["reqid"],
+            msg["mode"],
+            _sa_counters(msg),
+        )
+
+    async def counters(self, spec: ChildSaSpec) -> ChildSaCounters:
+        inbound = self._get_sa(spec.remote, spec.local, spec.inbound.spi).counters
+        outbound = self._get_sa(spec.local, spec.remote, spec.outbound.spi).counters
+        return ChildSaCounters(inbound, outbound)
+
+    def dump_sas(self) -> list[SaInfo]:
+        """Every SA in the kernel (ours and others')."""
+        replies = self._request(X.XFRM_MSG_GETSA, {}, [], "SA dump", flags=_REQ_DUMP)
+        return [self._sa_info(m) for m in replies if m["header"]["type"] == X.XFRM_MSG_NEWSA]
+
+    # -- policies --
+    def _policy_id(self, pol: PolicySpec) -> dict[str, Any]:
+        return {**_selector(pol.src, pol.dst, "sel_"), "dir": _DIRS[pol.direction]}
+
+    @staticmethod
+    def _key(pol: PolicySpec) -> tuple[Any, ...]:
+        return (pol.src, pol.dst, pol.direction, pol.mark)
+
+    async def install_policy(self, policy: PolicySpec) -> None:
+        block = policy.action in (PolicyAction.DROP, PolicyAction.HOLD)
+        fields = {
+            **self._policy_id(policy),
+            **_lifetime(policy.lifetime, "lft_"),
+            "priority": self._own.kernel_priority(policy.priority, policy.persistent),
+            "action": X.XFRM_POLICY_BLOCK if block else X.XFRM_POLICY_ALLOW,
+        }
+        attrs: list[tuple[str, Any]] = []
+        if policy.templates:
+            attrs.append(("XFRMA_TMPL", [_template(t) for t in policy.templates]))
+        if policy.mark is not None:
+            attrs.append(("XFRMA_MARK", {"v": policy.mark.value, "m": policy.mark.mask}))
+        self._request(X.XFRM_MSG_UPDPOLICY, fields, attrs, f"policy {policy.describe()}")
+        self._policies[self._key(policy)] = policy
+
+    async def remove_policy(self, policy: PolicySpec) -> None:
+        self._delete_policy(policy)
+
+    def _delete_policy(self, policy: PolicySpec) -> bool:
+        attrs: list[tuple[str, Any]] = []
+        if policy.mark is not None:
+            attrs.append(("XFRMA_MARK", {"v": policy.mark.value, "m": policy.mark.mask}))
+        self._policies.pop(self._key(policy), None)
+        try:
+            self._request(
+                X.XFRM_MSG_DELPOLICY,
+                self._policy_id(policy),
+                attrs,
+                f"delete policy {policy.describe()}",
+            )
+        except DatapathError as exc:
+            if exc.errno in (errno.ENOENT, errno.ESRCH):
+                return False
+            raise
+        return True
+
+    def dump_policies(self) -> list[tuple[int, PolicySpec | None]]:
+        """Every main-type policy as (kernel priority, spec); spec is None if not ours."""
+        replies = self._request(X.XFRM_MSG_GETPOLICY, {}, [], "policy dump", flags=_REQ_DUMP)
+        out: list[tuple[int, PolicySpec | None]] = []
+        for m in replies:
+            if m["header"]["type"] != X.XFRM_MSG_NEWPOLICY:
+                continue
+            prio = m["priority"]
+            out.append((prio, self._policy_from(m) if self._own.owns_priority(prio) else None))
+        return out
+
+    def _policy_from(self, m: Any) -> PolicySpec:
+        src, dst = _selector_from(m, "sel_")
+        direction = {v: k for k, v in _DIRS.items()}.get(m["dir"], Direction.OUT)
+        tmpls = tuple(_template_from(t) for t in (m.get_attr("XFRMA_TMPL") or []))
+        if m["action"] == X.XFRM_POLICY_BLOCK:
+            action = PolicyAction.DROP
+        else:
+            action = PolicyAction.IPSEC if tmpls else PolicyAction.PASS
+        mark = m.get_attr("XFRMA_MARK")
+        rank, persistent = self._own.rank(m["priority"])
+        return PolicySpec(
+            src,
+            dst,
+            direction,
+            action,
+            rank,
+            tmpls,
+            _lifetime_from(m, "lft_"),
+            Mark(mark["v"], mark["m"]) if mark else None,
+            persistent,
+        )
+
+    # -- lifecycle --
+    async def reconcile(
+        self, adopt_policy: Callable[[PolicySpec], bool] | None = None
+    ) -> ReconcileReport:
+        removed_sas = adopted_sas = adopted_p = removed_p = 0
+        for sa in self.dump_sas():
+            stale = self._own.owns_reqid(sa.reqid) and (sa.dst, sa.spi) not in self._sas
+            if stale and self._delete_sa(sa.src, sa.dst, sa.spi, sa.proto):
+                removed_sas += 1
+        for _, pol in self.dump_policies():
+            if pol is None or self._key(pol) in self._policies:
+                continue
+            if adopt_policy is None or adopt_policy(pol):
+                self._policies[self._key(pol)] = pol
+                adopted_p += 1
+            elif self._delete_policy(pol):
+                removed_p += 1
+        return ReconcileReport(adopted_sas, removed_sas, adopted_p, removed_p)
+
+    async def flush_owned(self, *, keep_persistent: bool = False) -> int:
+        """Remove every SA and policy in our ranges (never other daemons' objects)."""
+        n = 0
+        for sa in self.dump_sas():
+            if self._own.owns_reqid(sa.reqid) and self._delete_sa(sa.src, sa.dst, sa.spi, sa.proto):
+                n += 1
+        for _, pol in self.dump_policies():
+            if pol is not None and not (keep_persistent and pol.persistent):
+                n += int(self._delete_policy(pol))
+        return n
+
+    async def close(self) -> None:
+        try:
+            for pol in list(self._policies.values()):
+                if not (self._keep_persistent and pol.persistent):
+                    self._delete_policy(pol)
+            if self._sas:
+                for sa in self.dump_sas():
+                    if (sa.dst, sa.spi) in self._sas:
+                        self._delete_sa(sa.src, sa.dst, sa.spi, sa.proto)
+        finally:
+            self._sock.close()
+            self._events_sock.close()
+
+    # -- events --
+    async def events(self) -> AsyncIterator[DatapathEvent]:
+        loop = asyncio.get_running_loop()
+        fd = self._events_sock.fileno()
+        ready = asyncio.Event()
+        loop.add_reader(fd, ready.set)
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                while True:
+                    try:
+                        data = self._events_sock._sock.recv(1 << 16)
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        if exc.errno == errno.ENOBUFS:
+                            continue  # overflow: events were lost; the manager re-syncs
+                        raise
+                    for msg in _iter_messages(data):
+                        event = parse_event(msg)
+                        if event is not None:
+                            yield event
+        finally:
+            loop.remove_reader(fd)
+
+
+def sa_request(
+    spec: ChildSaSpec, src: IPAddress, dst: IPAddress, keys: SaKeys
+) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """NEWSA/UPDSA fields and attributes for one direction of a Child SA."""
+    flags = 0
+    window = spec.replay_window
+    fields: dict[str, Any] = {
+        "sel_family": _family(src),
+        "id_daddr": _addr_bytes(dst),
+        "id_spi": keys.spi,
+        "id_proto": X.IPPROTO_ESP,
+        "saddr": _addr_bytes(src),
+        "family": _family(src),
+        "reqid": spec.reqid,
+        "mode": _MODES[spec.mode],
+        **_lifetime(spec.lifetime, "lft_"),
+    }
+    if spec.mode is Mode.TRANSPORT and spec.local_ts and spec.remote_ts:
+        lts, rts = spec.local_ts[0], spec.remote_ts[0]
+        a, b = (lts, rts) if src == spec.local else (rts, lts)
+        fields.update(_selector(a, b, "sel_"))
+    attrs: list[tuple[str, Any]] = []
+    if spec.encr.aead:
+        attrs.append(
+            (
+                "XFRMA_ALG_AEAD",
+                {
+                    "alg_name": spec.encr.kernel_name.encode(),
+                    "alg_key_len": len(keys.encr_key) * 8,
+                    "alg_icv_len": spec.encr.icv_bits,
+                    "alg_key": keys.encr_key,
+                },
+            )
+        )
+    else:
+        attrs.append(
+            (
+                "XFRMA_ALG_CRYPT",
+                {
+                    "alg_name": spec.encr.kernel_name.encode(),
+                    "alg_key_len": len(keys.encr_key) * 8,
+                    "alg_key": keys.encr_key,
+                },
+            )
+        )
+        assert spec.integ is not None  # ChildSaSpec enforces it
+        attrs.append(
+            (
+                "XFRMA_ALG_AUTH_TRUNC",
+                {
+                    "alg_name": spec.integ.kernel_name.encode(),
+                    "alg_key_len": len(keys.integ_key) * 8,
+                    "alg_trunc_len": spec.integ.trunc_bits,
+                    "alg_key": keys.integ_key,
+                },
+            )
+        )
+    if spec.esn or window > 32:
+        if spec.esn:
+            flags |= X.XFRM_STATE_ESN
+        words = (window + 31) // 32
+        attrs.append(
+            (
+                "XFRMA_REPLAY_ESN_VAL",
+                {"bmp_len": words, "replay_window": window, "bmp": bytes(4 * words)},
+            )
+        )
+    else:
+        fields["replay_window"] = window
+    fields["flags"] = flags
+    if spec.encap is not None:
+        out = src == spec.local
+        attrs.append(
+            (
+                "XFRMA_ENCAP",
+                {
+                    "encap_type": X.UDP_ENCAP_ESPINUDP,
+                    "encap_sport": spec.encap.local_port if out else spec.encap.remote_port,
+                    "encap_dport": spec.encap.remote_port if out else spec.encap.local_port,
+                    "encap_oa": bytes(16),
+                },
+            )
+        )
+    if spec.mark is not None:
+        attrs.append(("XFRMA_MARK", {"v": spec.mark.value, "m": spec.mark.mask}))
+    return fields, attrs
+
+
+def parse_event(msg: Any) -> DatapathEvent | None:
+    """A decoded multicast XFRM message -> typed event (None for other messages)."""
+    mtype = msg["header"]["type"]
+    if mtype == X.XFRM_MSG_ACQUIRE:
+        fam = msg["policy_sel_family"] or msg["sel_family"]
+        ssrc, sdst = _selector_from(msg, "sel_")
+        tmpls = msg.get_attr("XFRMA_TMPL") or []
+        return Acquire(
+            src=_addr(msg["saddr"], fam),
+            dst=_addr(msg["id_daddr"], fam),
+            selector_src=ssrc,
+            selector_dst=sdst,
+            reqid=tmpls[0]["reqid"] if tmpls else 0,
+            seq=msg["seq"],
+            policy_priority=msg["policy_priority"],
+            policy_index=msg["policy_index"],
+        )
+    if mtype == X.XFRM_MSG_EXPIRE:
+        fam = msg["state_family"]
+        return Expire(
+            _addr(msg["state_saddr"], fam),
+            _addr(msg["state_id_daddr"], fam),
+            msg["state_id_spi"],
+            msg["state_reqid"],
+            bool(msg["hard"]),
+        )
+    if mtype == X.XFRM_MSG_POLEXPIRE:
+        src, dst = _selector_from(msg, "pol_sel_")
+        direction = {v: k for k, v in _DIRS.items()}.get(msg["pol_dir"], Direction.OUT)
+        return PolicyExpire(src, dst, direction, msg["pol_priority"], bool(msg["hard"]))
+    if mtype == X.XFRM_MSG_MAPPING:
+        fam = msg["id_family"]
+        return MappingChange(
+            dst=_addr(msg["id_daddr"], fam),
+            spi=msg["id_spi"],
+            reqid=msg["reqid"],
+            old_addr=_addr(msg["old_saddr"], fam),
+            old_port=msg["old_sport"],
+            new_addr=_addr(msg["new_saddr"], fam),
+            new_port=msg["new_sport"],
+        )
+    return None
