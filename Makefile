@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest
 RESULTS := test-results
+LINT_DIRS := $(wildcard src tests qemu bench)
 
 .PHONY: setup test test-unit test-host test-qemu lint demo image bench package clean
 
@@ -29,8 +30,8 @@ test-qemu: setup image
 	$(call run_tier,qemu,-q --timeout=1200)
 
 lint: setup
-	$(PY) -m ruff check src tests qemu bench
-	$(PY) -m ruff format --check src tests qemu bench
+	$(PY) -m ruff check $(LINT_DIRS)
+	$(PY) -m ruff format --check $(LINT_DIRS)
 	$(PY) -m mypy
 
 image: setup
