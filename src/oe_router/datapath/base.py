@@ -286,6 +286,13 @@ class PolicySpec:
             raise DatapathError(f"policy {self.describe()}: {self.action.value} takes no template")
         if self.src.net.version != self.dst.net.version:
             raise DatapathError(f"policy {self.describe()}: address families differ")
+        # A kernel selector has one protocol: carry it on both sides so specs compare equal.
+        sp, dp = self.src.proto, self.dst.proto
+        if sp and dp and sp != dp:
+            raise DatapathError(f"policy {self.describe()}: protocols {sp} and {dp} differ")
+        if sp != dp:
+            object.__setattr__(self, "src", TrafficSelector(self.src.net, sp or dp, self.src.port))
+            object.__setattr__(self, "dst", TrafficSelector(self.dst.net, sp or dp, self.dst.port))
 
     def describe(self) -> str:
         return f"{self.src.net}->{self.dst.net} {self.direction.value} {self.action.value}"

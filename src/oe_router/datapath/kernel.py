@@ -263,9 +263,11 @@ def _explain(err: NetlinkError, what: str, alg: str) -> DatapathError:
 
 def _open_xfrm_socket(netns: str | None, groups: tuple[int, ...] = ()) -> Any:
     try:
+        # bind() too: on a taken port id pyroute2 recreates the socket, which
+        # must again happen inside the namespace.
         with in_netns(netns):
             sock = NetlinkSocket(family=NETLINK_XFRM, ext_ack=True)
-        sock.bind()
+            sock.bind()
         for group in groups:
             sock.add_membership(group)
     except OSError as exc:
@@ -496,7 +498,8 @@ class XfrmDatapath:
         self._delete_sa(spec.local, spec.remote, spec.outbound.spi)
         self._delete_sa(spec.remote, spec.local, spec.inbound.spi)
 
-    def _get_sa(self, src: IPAddress, dst: IPAddress, spi: int) -> SaInfo:
+    def get_sa(self, src: IPAddress, dst: IPAddress, spi: int) -> SaInfo:
+        """One ESP SA with its counters; DatapathError if the kernel has none."""
         fields = {
             "daddr": _addr_bytes(dst),
             "spi": spi,
@@ -524,8 +527,8 @@ class XfrmDatapath:
         )
 
     async def counters(self, spec: ChildSaSpec) -> ChildSaCounters:
-        inbound = self._get_sa(spec.remote, spec.local, spec.inbound.spi).counters
-        outbound = self._get_sa(spec.local, spec.remote, spec.outbound.spi).counters
+        inbound = self.get_sa(spec.remote, spec.local, spec.inbound.spi).counters
+        outbound = self.get_sa(spec.local, spec.remote, spec.outbound.spi).counters
         return ChildSaCounters(inbound, outbound)
 
     def dump_sas(self) -> list[SaInfo]:
