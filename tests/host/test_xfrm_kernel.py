@@ -51,6 +51,11 @@ def _ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
 
+def _ipn(netns: str, command: str) -> str:
+    """Run `ip -n NETNS <command words>`."""
+    return _ip("-n", netns, *command.split())
+
+
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A fresh namespace with a veth whose routes reach the documentation prefixes."""
@@ -131,20 +136,7 @@ def test_policy_add_dump_delete_matches_ip_xfrm(netns: str) -> None:
         assert f"dir out action block priority {prio(3, True)}" in text
         assert "src 2001:db8:1::1/128 dst 2001:db8:3::/48" in text
         assert "tmpl src 2001:db8:1::1 dst 2001:db8:2::7" in text
-        lft = _ip(
-            "-n",
-            netns,
-            "-s",
-            "xfrm",
-            "policy",
-            "get",
-            "src",
-            "2001:db8:1::1/128",
-            "dst",
-            "2001:db8:3::/48",
-            "dir",
-            "out",
-        )
+        lft = _ipn(netns, "-s xfrm policy get src 2001:db8:1::1/128 dst 2001:db8:3::/48 dir out")
         assert "expire add: soft 0(sec), hard 900(sec)" in lft
         dumped = {p for _, p in dp.dump_policies() if p is not None}
         assert {drop, pass6} <= dumped
@@ -195,38 +187,11 @@ def test_policy_update_replaces_in_place(netns: str) -> None:
 def test_flush_owned_leaves_foreign_objects(netns: str) -> None:
     async def body() -> None:
         dp = XfrmDatapath(netns=netns)
-        _ip(
-            "-n",
+        _ipn(
             netns,
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "10.0.0.1/32",
-            "dst",
-            "203.0.113.0/24",
-            "dir",
-            "out",
-            "priority",
-            "100",
-            "action",
-            "block",
+            "xfrm policy add src 10.0.0.1/32 dst 203.0.113.0/24 dir out priority 100 action block",
         )
-        _ip(
-            "-n",
-            netns,
-            "xfrm",
-            "state",
-            "allocspi",
-            "src",
-            "192.0.2.9",
-            "dst",
-            "10.0.0.1",
-            "proto",
-            "esp",
-            "reqid",
-            "7",
-        )
+        _ipn(netns, "xfrm state allocspi src 192.0.2.9 dst 10.0.0.1 proto esp reqid 7")
         await dp.install_policy(_trap(dp, "10.0.0.1/32", "192.0.2.0/24", PEER))
         spi = await dp.allocate_spi(LOCAL, PEER, dp.ownership.reqid_min + 1)
         assert spi >= 0xC0000000
@@ -340,22 +305,9 @@ def test_reconcile_after_crash(netns: str) -> None:
     """Objects of a killed run: SAs removed, policies adopted or removed, foreign ones untouched."""
 
     async def body() -> None:
-        _ip(
-            "-n",
+        _ipn(
             netns,
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "10.0.0.1/32",
-            "dst",
-            "203.0.113.0/24",
-            "dir",
-            "out",
-            "priority",
-            "100",
-            "action",
-            "block",
+            "xfrm policy add src 10.0.0.1/32 dst 203.0.113.0/24 dir out priority 100 action block",
         )
         # an earlier daemon run installs objects, then dies by SIGKILL without cleanup
         old = subprocess.Popen(

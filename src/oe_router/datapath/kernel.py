@@ -487,8 +487,12 @@ class XfrmDatapath:
             self._delete_sa(spec.remote, spec.local, spec.inbound.spi)
             raise
         if spec.install_policies:
-            for pol in self._child_policies(spec):
-                await self.install_policy(pol)
+            try:
+                for pol in self._child_policies(spec):
+                    await self.install_policy(pol)
+            except DatapathError:
+                await self.remove_child_sa(spec)  # no half-installed Child SA
+                raise
         return spec
 
     async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
