@@ -135,7 +135,7 @@ def render_strongswan_conf(datapath: str = "kernel") -> str:
     if datapath not in ("kernel", "libipsec"):
         raise ValueError(f"strongSwan datapath must be kernel or libipsec, not {datapath!r}")
     plugins = (
-        "random nonce openssl pem pkcs1 pkcs8 pubkey x509 constraints curve25519 "
+        "random nonce openssl kdf pem pkcs1 pkcs8 pubkey x509 constraints "
         "kernel-netlink socket-default vici"
     )
     extra = ""

@@ -149,3 +149,91 @@ def test_oe_sw_start_sh_runs_charon_and_loads_conns(
             assert page.stdout.strip() == "oe-sw", page.stdout + page.stderr
         finally:
             in_ns(ns, ["sh", str(bundle.outdir / "hosts/oe-sw/stop.sh")], env)
+
+
+def _router_charon_files(bundle: world.WorldInfo, d: Path) -> None:
+    """A stand-in initiator with the ROUTER's identity: the sw peer's public key is
+    taken from its IPSECKEY record in the signed zone, as the router would."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from labkit import peers
+
+    example = _zone(bundle, "example.test.")
+    rec = example.find_rdataset("sw.example.test.", "IPSECKEY")[0]
+    assert rec.algorithm == 3 and rec.gateway_type == 0
+    pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + rec.key)
+    (d / "swanctl/private").mkdir(parents=True)
+    (d / "swanctl/pubkey").mkdir(parents=True)
+    (d / "swanctl/private/router.key").write_bytes(
+        (bundle.outdir / bundle.router.identity_key).read_bytes()
+    )
+    (d / "swanctl/pubkey/router.pub").write_bytes(
+        (bundle.outdir / bundle.router.identity_pub).read_bytes()
+    )
+    (d / "swanctl/pubkey/sw.pub").write_bytes(
+        pub.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    (d / "strongswan.conf").write_text(
+        peers.render_strongswan_conf("libipsec").replace("@STATE@", str(d))
+    )
+    conf = peers.render_swanctl_conf(
+        bundle.router.wan_v4, "router.example.test", "sw.example.test", "router.pub", "sw.pub"
+    )
+    conf = conf.replace("remote_addrs = %any", f"remote_addrs = {bundle.host('oe-sw').v4}")
+    (d / "swanctl/swanctl.conf").write_text(conf)
+
+
+@pytest.mark.host
+def test_router_identity_authenticates_to_oe_sw(bundle: world.WorldInfo, tmp_path: Path) -> None:
+    """IKE end to end on the host (userspace ESP): a charon holding the router's
+    identity key initiates to oe-sw started by its start.sh; both sides
+    authenticate by public key (RFC 7427) with FQDN ids and the Child SA installs."""
+    sw = bundle.host("oe-sw")
+    rt = bundle.router.wan_v4
+    env = {"LAB_STATE": str(tmp_path / "state"), "SWROOT": "/"}
+    rdir = tmp_path / "router"
+    _router_charon_files(bundle, rdir)
+    with netns("sw2", []) as ns_sw, netns("rt", []) as ns_rt:
+        subprocess.run(
+            ["ip", "-n", ns_sw, "link", "add", "v0", "type", "veth", "peer", "v1", "netns", ns_rt],
+            check=True,
+        )
+        for ns, dev, addr in ((ns_sw, "v0", sw.v4), (ns_rt, "v1", rt)):
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        start = in_ns(ns_sw, ["sh", str(bundle.outdir / "hosts/oe-sw/start.sh")], env, timeout=60)
+        router = None
+        try:
+            assert start.returncode == 0, start.stderr
+            router = subprocess.Popen(
+                ["ip", "netns", "exec", ns_rt, "unshare", "--mount", "--propagation", "private",
+                 "sh", "-c", "mount -t tmpfs tmpfs /run && exec /usr/lib/ipsec/charon"],
+                env={"STRONGSWAN_CONF": str(rdir / "strongswan.conf"), "PATH": "/usr/bin:/bin"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+            vici = f"unix://{rdir}/charon.vici"
+            for _ in range(100):
+                if (rdir / "charon.vici").exists():
+                    break
+                subprocess.run(["sleep", "0.1"], check=True)
+            load = in_ns(
+                ns_rt,
+                ["swanctl", "--load-all", "--file", str(rdir / "swanctl/swanctl.conf"),
+                 "--uri", vici],
+            )  # fmt: skip
+            assert load.returncode == 0, load.stdout + load.stderr
+            init = in_ns(
+                ns_rt, ["swanctl", "--initiate", "--child", "oe", "--uri", vici, "--timeout", "20"]
+            )
+            sas = in_ns(ns_rt, ["swanctl", "--list-sas", "--uri", vici]).stdout
+            assert init.returncode == 0, init.stdout + (rdir / "charon.log").read_text()[-3000:]
+            assert "ESTABLISHED" in sas and "INSTALLED" in sas, sas
+            assert "sw.example.test" in sas and "router.example.test" in sas, sas
+        finally:
+            if router is not None:
+                subprocess.run(["kill", str(router.pid)], check=False)
+                router.wait(timeout=10)
+            in_ns(ns_sw, ["sh", str(bundle.outdir / "hosts/oe-sw/stop.sh")], env)
