@@ -522,6 +522,7 @@ def test_multiple_a_records_and_cache_hits(keys: dict[str, PrivKey]) -> None:
     first = len(world.log)
     again = validate(world, "host.example.test.", "A", now=NOW + 10, validator=v)
     assert again.status is Status.SECURE and len(world.log) == first  # answer cached
+    assert again.ttl == result.ttl - 10 and again.rrset == result.rrset
     other = validate(world, "nokey.example.test.", "A", now=NOW + 10, validator=v)
     assert other.status is Status.SECURE
     assert [str(q) for q in world.log[first:]] == [
@@ -887,3 +888,13 @@ def test_fuzz_random_bytes_never_raise(blob: bytes) -> None:
     result = validation.feed(msg, NOW)
     assert isinstance(result, Result)
     assert result.status in (Status.BOGUS, Status.INDETERMINATE)
+
+
+def test_nsec3_iterations_above_limit_is_insecure(keys: dict[str, PrivKey]) -> None:
+    """RFC 9276: a denial that costs too many hash iterations proves nothing."""
+    world = make_world(keys, n3={"iterations": 200})
+    result = validate(world, "host.n3.test.", "IPSECKEY")
+    assert result.status is Status.INSECURE, result.reason
+    assert "iterations 200" in result.reason
+    # The cut below n3.test cannot be disproven cheaply, so its data is insecure too.
+    assert validate(world, "host.n3.test.", "A").status is Status.INSECURE

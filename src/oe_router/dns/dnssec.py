@@ -570,7 +570,8 @@ class _Engine:
             return _DsStep(_Step.NXDOMAIN)
         if proof.kind is _Proof.OPTOUT:
             return _DsStep(
-                _Step.INSECURE, reason=f"{name} is in an NSEC3 opt-out span of {parent.name}"
+                _Step.INSECURE,
+                reason=f"no secure DS denial for {name} in {parent.name} ({proof.note})",
             )
         if proof.has_ns:
             return _DsStep(
@@ -654,13 +655,14 @@ class _Engine:
         result = replace(result, ttl=ttl)
         if result.status in (Status.SECURE, Status.INSECURE) and ttl > 0:
             key = ("answer", self.qname, int(self.rdtype))
-            self.v.cache.put(key, result, self.now + ttl, self.now)
+            self.v.cache.put(key, (result, self.now + ttl), self.now + ttl, self.now)
         return result
 
     def _run(self) -> Generator[Query, Any, Result]:
         cached = self.v.cache.get(("answer", self.qname, int(self.rdtype)), self.now)
-        if isinstance(cached, Result):
-            return cached
+        if isinstance(cached, tuple) and isinstance(cached[0], Result):
+            result, expires = cached
+            return replace(result, ttl=max(0, int(expires - self.now)))
         name = self.qname
         cnames: list[dns.rrset.RRset] = []
         seen = {name}
