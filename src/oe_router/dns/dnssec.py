@@ -661,8 +661,9 @@ class _Engine:
     def _run(self) -> Generator[Query, Any, Result]:
         cached = self.v.cache.get(("answer", self.qname, int(self.rdtype)), self.now)
         if isinstance(cached, tuple) and isinstance(cached[0], Result):
-            result, expires = cached
-            return replace(result, ttl=max(0, int(expires - self.now)))
+            hit: Result = cached[0]
+            expires = float(cached[1])
+            return replace(hit, ttl=max(0, int(expires - self.now)))
         name = self.qname
         cnames: list[dns.rrset.RRset] = []
         seen = {name}
