@@ -156,7 +156,7 @@ def test_signed_octets_and_null_auth() -> None:
     octets = signed_octets(b"MSG", b"NONCE", prf, sk_pi, ident)
     assert octets == b"MSG" + b"NONCE" + prf(sk_pi, bytes([IdType.ID_NULL, 0, 0, 0]))
     auth = null_auth(prf, sk_pi, octets)
-    assert auth.method == AuthMethod.NULL == 13
+    assert auth.method == AuthMethod.NULL and int(AuthMethod.NULL) == 13
     assert (
         auth.data == prf(prf(sk_pi, b"Key Pad for IKEv2"), octets)
         and KEY_PAD == b"Key Pad for IKEv2"

@@ -1,0 +1,310 @@
+"""IKE SA state machine: our initiator against our responder, bytes passed by hand.
+
+No sockets: each side is fed the other's datagrams, as the endpoint would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oe_router.ike.constants import AuthMethod, DhId, EncrId, ExchangeType, IdType, NotifyType
+from oe_router.ike.events import (
+    ChildSaEstablished,
+    ChildSaFailed,
+    Event,
+    IkeSaEstablished,
+    IkeSaFailed,
+)
+from oe_router.ike.message import Message
+from oe_router.ike.payloads import TrafficSelector
+from oe_router.ike.sa import DEFAULT_IKE_PROPOSALS, IkeProposalSpec, IkeSa, IkeSaConfig
+
+I_ADDR = ("192.0.2.1", 500)
+R_ADDR = ("198.51.100.7", 500)
+
+
+def host_ts(addr: str) -> TrafficSelector:
+    a = ipaddress.ip_address(addr)
+    return TrafficSelector.from_range(a, a)
+
+
+def configs() -> tuple[IkeSaConfig, IkeSaConfig]:
+    ini = IkeSaConfig(I_ADDR, R_ADDR, (host_ts(I_ADDR[0]),), (host_ts(R_ADDR[0]),))
+    res = IkeSaConfig(R_ADDR, I_ADDR, (host_ts(R_ADDR[0]),), (host_ts(I_ADDR[0]),))
+    return ini, res
+
+
+def replace(cfg: IkeSaConfig, **kw: Any) -> IkeSaConfig:
+    return dataclasses.replace(cfg, **kw)
+
+
+def shuttle(ini: IkeSa, res: IkeSa, now: float = 0.0, drop: int = 0) -> int:
+    """Pass datagrams both ways until both are quiet; drop the first ``drop`` responses."""
+    rounds = 0
+    while True:
+        a = ini.datagrams_to_send()
+        for d in a:
+            res.receive_datagram(d, now, I_ADDR)
+        b = res.datagrams_to_send()
+        for d in b:
+            if drop:
+                drop -= 1
+                continue
+            ini.receive_datagram(d, now, R_ADDR)
+        rounds += 1
+        if not a and not b:
+            return rounds
+
+
+def events(sa: IkeSa) -> list[Event]:
+    out = []
+    while (e := sa.next_event()) is not None:
+        out.append(e)
+    return out
+
+
+def establish(
+    ini_cfg: IkeSaConfig, res_cfg: IkeSaConfig
+) -> tuple[list[Event], list[Event], IkeSa, IkeSa]:
+    ini = IkeSa.initiator(ini_cfg, now=0.0)
+    res = IkeSa.responder(res_cfg)
+    shuttle(ini, res)
+    return events(ini), events(res), ini, res
+
+
+def assert_pair(ie: list[Event], re: list[Event]) -> tuple[ChildSaEstablished, ChildSaEstablished]:
+    assert [type(e) for e in ie] == [IkeSaEstablished, ChildSaEstablished], ie
+    assert [type(e) for e in re] == [IkeSaEstablished, ChildSaEstablished], re
+    ic, rc = ie[1], re[1]
+    assert isinstance(ic, ChildSaEstablished) and isinstance(rc, ChildSaEstablished)
+    assert ic.spi_in == rc.spi_out and ic.spi_out == rc.spi_in
+    assert ic.encr_key_out == rc.encr_key_in and ic.integ_key_out == rc.integ_key_in
+    assert ic.encr_key_in == rc.encr_key_out and ic.integ_key_in == rc.integ_key_out
+    assert ic.encr_key_in != ic.encr_key_out
+    assert (ic.encr, ic.encr_key_bits, ic.integ, ic.esn) == (
+        rc.encr,
+        rc.encr_key_bits,
+        rc.integ,
+        rc.esn,
+    )
+    return ic, rc
+
+
+def test_null_auth_both_ways() -> None:
+    ini_cfg, res_cfg = configs()
+    ie, re, ini, res = establish(ini_cfg, res_cfg)
+    ic, rc = assert_pair(ie, re)
+    i_ike, r_ike = ie[0], re[0]
+    assert isinstance(i_ike, IkeSaEstablished) and isinstance(r_ike, IkeSaEstablished)
+    assert i_ike.spi_i == r_ike.spi_i and i_ike.spi_r == r_ike.spi_r
+    assert i_ike.peer_auth_method == r_ike.peer_auth_method == AuthMethod.NULL
+    assert i_ike.peer_id == (IdType.ID_NULL, b"")
+    assert (i_ike.encr, i_ike.encr_key_bits, i_ike.dh_group) == (
+        EncrId.AES_GCM_16,
+        256,
+        DhId.CURVE25519,
+    )
+    assert ic.mode == "tunnel" and len(ic.encr_key_in) == 36  # AES-GCM-256 key + salt
+    assert [str(t.start) for t in ic.ts_local] == [I_ADDR[0]] and [
+        str(t.start) for t in rc.ts_local
+    ] == [R_ADDR[0]]
+    assert not i_ike.nat_local and not i_ike.nat_remote and not ic.udp_encap
+    assert ini.state == res.state == "established"
+
+
+@pytest.mark.parametrize(
+    "spec", DEFAULT_IKE_PROPOSALS, ids=lambda s: f"{s.encr}-{s.key_bits}-{s.prf}-{s.integ}"
+)
+@pytest.mark.parametrize("group", [DhId.CURVE25519, DhId.ECP_256, DhId.MODP_2048])
+def test_every_ike_transform_set_and_group(spec: IkeProposalSpec, group: int) -> None:
+    one = IkeProposalSpec(spec.encr, spec.key_bits, spec.prf, spec.integ, (group,))
+    ini_cfg, res_cfg = configs()
+    ie, re, _, _ = establish(replace(ini_cfg, ike_proposals=(one,)), res_cfg)
+    assert_pair(ie, re)
+    ike = ie[0]
+    assert isinstance(ike, IkeSaEstablished)
+    assert (ike.encr, ike.prf, ike.integ, ike.dh_group) == (spec.encr, spec.prf, spec.integ, group)
+
+
+def test_invalid_ke_payload_retry() -> None:
+    ini_cfg, res_cfg = configs()
+    only_ecp = tuple(
+        IkeProposalSpec(s.encr, s.key_bits, s.prf, s.integ, (DhId.ECP_256,))
+        for s in DEFAULT_IKE_PROPOSALS
+    )
+    ini = IkeSa.initiator(ini_cfg, now=0.0)  # guesses X25519 first
+    first = ini.datagrams_to_send()
+    res1 = IkeSa.responder(replace(res_cfg, ike_proposals=only_ecp))
+    res1.receive_datagram(first[0], 0.0, I_ADDR)
+    refusal = res1.datagrams_to_send()
+    assert isinstance(events(res1)[0], IkeSaFailed)  # endpoint discards this responder
+    notify = Message.decode(refusal[0]).payloads[0]
+    assert getattr(notify, "notify_type", None) == NotifyType.INVALID_KE_PAYLOAD
+    ini.receive_datagram(refusal[0], 0.1, R_ADDR)
+    res2 = IkeSa.responder(replace(res_cfg, ike_proposals=only_ecp))
+    shuttle(ini, res2, 0.1)
+    ie, re = events(ini), events(res2)
+    assert_pair(ie, re)
+    assert isinstance(ie[0], IkeSaEstablished) and ie[0].dh_group == DhId.ECP_256
+
+
+@pytest.mark.parametrize("kind", ["p256", "ed25519", "rsa"])
+def test_asymmetric_null_initiator_signature_responder(kind: str) -> None:
+    """The router authenticates with NULL, the server with its key (RFC 7619 §3 'anonymous')."""
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+    if kind == "p256":
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif kind == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = rsa.generate_private_key(65537, 2048)
+    ini_cfg, res_cfg = configs()
+    ini_cfg = replace(ini_cfg, peer_public_key=key.public_key())
+    res_cfg = replace(res_cfg, private_key=key, local_id=(IdType.ID_FQDN, b"server.example"))
+    ie, re, _, _ = establish(ini_cfg, res_cfg)
+    assert_pair(ie, re)
+    i_ike, r_ike = ie[0], re[0]
+    assert isinstance(i_ike, IkeSaEstablished) and isinstance(r_ike, IkeSaEstablished)
+    assert i_ike.peer_auth_method == AuthMethod.DIGITAL_SIGNATURE == r_ike.local_auth_method
+    assert r_ike.peer_auth_method == AuthMethod.NULL == i_ike.local_auth_method
+    assert i_ike.peer_id == (IdType.ID_FQDN, b"server.example")
+
+
+def test_signature_both_ways() -> None:
+    ki, kr = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
+    ini_cfg, res_cfg = configs()
+    ie, re, _, _ = establish(
+        replace(ini_cfg, private_key=ki, peer_public_key=kr.public_key()),
+        replace(res_cfg, private_key=kr, peer_public_key=ki.public_key()),
+    )
+    assert_pair(ie, re)
+
+
+def test_wrong_key_fails_authentication() -> None:
+    key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ini_cfg, res_cfg = configs()
+    ie, _re, ini, _res = establish(
+        replace(ini_cfg, peer_public_key=other.public_key()), replace(res_cfg, private_key=key)
+    )
+    assert isinstance(ie[-1], IkeSaFailed) and ie[-1].notify == NotifyType.AUTHENTICATION_FAILED
+    assert ini.state == "failed"
+
+
+def test_responder_demanding_signature_refuses_null_initiator() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    ini_cfg, res_cfg = configs()
+    ie, re, _, res = establish(ini_cfg, replace(res_cfg, peer_public_key=key.public_key()))
+    assert isinstance(re[-1], IkeSaFailed) and res.state == "failed"
+    assert isinstance(ie[-1], IkeSaFailed) and ie[-1].notify == NotifyType.AUTHENTICATION_FAILED
+
+
+def test_transport_mode() -> None:
+    ini_cfg, res_cfg = configs()
+    ie, re, _, _ = establish(
+        replace(ini_cfg, transport_mode=True), replace(res_cfg, transport_mode=True)
+    )
+    ic, rc = assert_pair(ie, re)
+    assert ic.mode == rc.mode == "transport"
+
+
+def test_responder_narrows_selectors() -> None:
+    ini_cfg, res_cfg = configs()
+    wide = (TrafficSelector.for_network("0.0.0.0/0"),)
+    ie, re, _, _ = establish(replace(ini_cfg, local_ts=wide, remote_ts=wide), res_cfg)
+    ic, _rc = assert_pair(ie, re)
+    assert [(str(t.start), str(t.end)) for t in ic.ts_local] == [(I_ADDR[0], I_ADDR[0])]
+    assert [(str(t.start), str(t.end)) for t in ic.ts_remote] == [(R_ADDR[0], R_ADDR[0])]
+
+
+def test_ts_unacceptable_keeps_ike_sa() -> None:
+    ini_cfg, res_cfg = configs()
+    elsewhere = (TrafficSelector.for_network("203.0.113.0/24"),)
+    ie, re, ini, _ = establish(replace(ini_cfg, local_ts=elsewhere), res_cfg)
+    assert [type(e) for e in ie] == [IkeSaEstablished, ChildSaFailed]
+    assert isinstance(ie[1], ChildSaFailed) and ie[1].notify == NotifyType.TS_UNACCEPTABLE
+    assert [type(e) for e in re] == [IkeSaEstablished, ChildSaFailed]
+    assert ini.state == "established"
+
+
+def test_retransmission_and_cached_reply() -> None:
+    ini_cfg, res_cfg = configs()
+    ini = IkeSa.initiator(ini_cfg, now=0.0)
+    res = IkeSa.responder(res_cfg)
+    shuttle(ini, res, 0.0, drop=1)  # the IKE_SA_INIT response is lost
+    assert ini.state == "init-sent" and ini.get_timer() == pytest.approx(0.5)
+    ini.handle_timer(0.2)
+    assert ini.datagrams_to_send() == []  # not yet
+    ini.handle_timer(0.5)
+    again = ini.datagrams_to_send()
+    assert len(again) == 1 and ini.get_timer() == pytest.approx(0.5 + 1.0)
+    res.receive_datagram(again[0], 0.5, I_ADDR)
+    replay = res.datagrams_to_send()
+    assert len(replay) == 1  # the cached response, byte for byte the first one
+    ini.receive_datagram(replay[0], 0.5, R_ADDR)
+    shuttle(ini, res, 0.5)
+    assert_pair(events(ini), events(res))
+    assert ini.get_timer() is None
+
+
+def test_gives_up_after_retries() -> None:
+    ini_cfg, _ = configs()
+    ini = IkeSa.initiator(replace(ini_cfg, retransmit_tries=2), now=0.0)
+    t = 0.0
+    for _ in range(10):
+        t += 100
+        ini.handle_timer(t)
+    evs = events(ini)
+    assert len(ini.datagrams_to_send()) == 3 and isinstance(evs[-1], IkeSaFailed)
+
+
+def test_nat_detected_when_addresses_are_translated() -> None:
+    ini_cfg, res_cfg = configs()
+    ini = IkeSa.initiator(replace(ini_cfg, local_address=("10.0.0.2", 500)), now=0.0)
+    res = IkeSa.responder(res_cfg)
+    shuttle(ini, res)  # responder sees I_ADDR, initiator believes it is 10.0.0.2
+    ie, re = events(ini), events(res)
+    ic, rc = assert_pair(ie, re)
+    assert isinstance(ie[0], IkeSaEstablished) and ie[0].nat_local and not ie[0].nat_remote
+    assert isinstance(re[0], IkeSaEstablished) and re[0].nat_remote and not re[0].nat_local
+    assert ic.udp_encap and rc.udp_encap
+
+
+def test_liveness_check_answered() -> None:
+    ini_cfg, res_cfg = configs()
+    _, _, ini, res = establish(ini_cfg, res_cfg)
+    ini.send_liveness_check(10.0)
+    (req,) = ini.datagrams_to_send()
+    assert Message.decode(req).exchange_type == ExchangeType.INFORMATIONAL
+    res.receive_datagram(req, 10.0, I_ADDR)
+    (resp,) = res.datagrams_to_send()
+    ini.receive_datagram(resp, 10.0, R_ADDR)
+    assert ini.get_timer() is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_mutated_datagrams_never_raise(data: st.DataObject) -> None:
+    ini_cfg, res_cfg = configs()
+    ini = IkeSa.initiator(ini_cfg, now=0.0, random=lambda n: bytes([7]) * n)
+    res = IkeSa.responder(res_cfg, random=lambda n: bytes([9]) * n)
+    for _ in range(3):
+        for d in ini.datagrams_to_send():
+            raw = bytearray(d)
+            if data.draw(st.booleans()):
+                raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
+            res.receive_datagram(bytes(raw), 0.0, I_ADDR)
+        for d in res.datagrams_to_send():
+            raw = bytearray(d)
+            if data.draw(st.booleans()):
+                del raw[data.draw(st.integers(0, len(raw) - 1)) :]
+            ini.receive_datagram(bytes(raw), 0.0, R_ADDR)
+    junk = data.draw(st.binary(max_size=300))
+    ini.receive_datagram(junk, 0.0)
+    res.receive_datagram(junk, 0.0)
