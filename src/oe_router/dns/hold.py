@@ -1,0 +1,360 @@
+"""The hold decision core, sans-IO: when may an A/AAAA answer go to the LAN client?
+
+Why a separate core: the rules (release at once, hold until the tunnel is up or the
+hold limit passes, SERVFAIL on bogus) are the security-relevant part of the DNS front
+and must be testable without sockets or clocks. Events go in with ``now`` as a value;
+actions come out (``LookupKey``, ``EnsureTunnel``, ``Release``). The asyncio driver in
+``front.py`` performs the actions and feeds the results back.
+
+One ``_Negotiation`` per name is shared by every concurrent query for it (A and AAAA
+of one browser tab arrive together): one key lookup, one tunnel request per new set
+of addresses. A key reaches ``EnsureTunnel`` only from a SECURE result; a BOGUS,
+INSECURE or INDETERMINATE result never passes its keys on, whatever it carries.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import dns.name
+
+from oe_router.config.schema import DnsConfig
+from oe_router.dns.ipseckey import PeerKey
+
+__all__ = [
+    "Action",
+    "EnsureTunnel",
+    "HoldCore",
+    "HoldPolicy",
+    "IPAddress",
+    "KeyLookup",
+    "KeyResult",
+    "KeyStatus",
+    "LookupKey",
+    "Outcome",
+    "Release",
+    "TunnelRequester",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class KeyStatus(enum.Enum):
+    """RFC 4033 security state of the name's IPSECKEY answer."""
+
+    SECURE = "secure"
+    INSECURE = "insecure"
+    BOGUS = "bogus"
+    INDETERMINATE = "indeterminate"
+
+
+@dataclass(frozen=True)
+class KeyResult:
+    """What the IPSECKEY lookup found. ``keys`` are best first; empty means no key."""
+
+    status: KeyStatus
+    keys: tuple[PeerKey, ...] = ()
+    reason: str = ""
+
+    @property
+    def usable_key(self) -> PeerKey | None:
+        """The key to authenticate the peer with: only ever from a SECURE result."""
+        if self.status is KeyStatus.SECURE and self.keys:
+            return self.keys[0]
+        return None
+
+
+class KeyLookup(Protocol):
+    """Fetches and DNSSEC-validates the IPSECKEY RRset of a name (dns/keylookup.py)."""
+
+    def lookup(self, name: dns.name.Name) -> Awaitable[KeyResult]: ...
+
+
+class TunnelRequester(Protocol):
+    """The OE manager: bring a tunnel up to ``addresses`` authenticated with ``key``.
+
+    Returns True when the tunnel is up (or already was), False when it failed.
+    """
+
+    def ensure_tunnel(
+        self, name: dns.name.Name, addresses: tuple[IPAddress, ...], key: PeerKey
+    ) -> Awaitable[bool]: ...
+
+
+@dataclass(frozen=True)
+class HoldPolicy:
+    """The knobs of ``config dns``: how long to hold, TTL cap, what bogus means."""
+
+    hold_limit: float = 3.0
+    #: 0 means no cap.
+    ttl_cap: float = 300.0
+    bogus_action: Literal["servfail", "insecure"] = "servfail"
+
+    @classmethod
+    def from_config(cls, dns_config: DnsConfig) -> HoldPolicy:
+        return cls(dns_config.hold_limit, dns_config.ttl_cap, dns_config.bogus_action)
+
+
+class Outcome(enum.Enum):
+    """How a query ended; the names are the ``oe status`` counters."""
+
+    PROTECTED = "released_protected"  #: tunnel up before the answer went out
+    CLEAR = "released_clear"  #: no usable key, tunnel failed, or hold limit reached
+    BOGUS = "servfail"  #: IPSECKEY failed validation and bogus_action is servfail
+    UPSTREAM_FAILED = "timeouts"  #: no upstream answered the A/AAAA query
+
+    @property
+    def servfail(self) -> bool:
+        """True when the client gets SERVFAIL instead of the upstream's answer."""
+        return self in (Outcome.BOGUS, Outcome.UPSTREAM_FAILED)
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class LookupKey:
+    """Start the IPSECKEY lookup for ``name``; feed the result to ``key_result``."""
+
+    name: dns.name.Name
+
+
+@dataclass(frozen=True)
+class EnsureTunnel:
+    """Ask the OE manager for a tunnel; feed its answer to ``tunnel_done(request, ...)``."""
+
+    request: int
+    name: dns.name.Name
+    addresses: tuple[IPAddress, ...]
+    key: PeerKey
+
+
+@dataclass(frozen=True)
+class Release:
+    """Answer query ``query`` now: the upstream answer, or SERVFAIL if ``outcome.servfail``."""
+
+    query: int
+    outcome: Outcome
+    reason: str
+    #: Seconds the answer waited after it arrived from upstream (0: not held).
+    held_for: float = 0.0
+    hold_expired: bool = False
+
+
+Action = LookupKey | EnsureTunnel | Release
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class _Query:
+    name: dns.name.Name
+    addresses: tuple[IPAddress, ...] | None = None  #: None until the upstream answered
+    answered_at: float = 0.0
+    deadline: float = 0.0
+
+
+@dataclass
+class _Negotiation:
+    key: KeyResult | None = None
+    lookup_pending: bool = False
+    queries: set[int] = field(default_factory=set)
+    requested: set[IPAddress] = field(default_factory=set)
+    up: set[IPAddress] = field(default_factory=set)
+    failed: set[IPAddress] = field(default_factory=set)
+    pending_requests: set[int] = field(default_factory=set)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.queries or self.lookup_pending or self.pending_requests)
+
+
+class HoldCore:
+    """Decides, per A/AAAA query, when and how its answer is released.
+
+    Call order per query: ``query`` (at arrival), then ``answer`` or
+    ``upstream_failed``; ``key_result`` and ``tunnel_done`` arrive per name/request.
+    Every call returns the actions to perform. Call ``tick`` at ``next_deadline()``.
+    Query ids are the caller's and must be unique among queries in flight.
+    """
+
+    def __init__(self, policy: HoldPolicy) -> None:
+        self.policy = policy
+        self._queries: dict[int, _Query] = {}
+        self._negs: dict[dns.name.Name, _Negotiation] = {}
+        self._requests: dict[int, tuple[dns.name.Name, frozenset[IPAddress]]] = {}
+        self._next_request = 1
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def in_flight(self) -> int:
+        """Queries not yet released."""
+        return len(self._queries)
+
+    @property
+    def negotiations(self) -> int:
+        """Names with a lookup, tunnel request or query outstanding."""
+        return len(self._negs)
+
+    def next_deadline(self) -> float | None:
+        """Earliest time ``tick`` must be called, or None if nothing is held."""
+        deadlines = [q.deadline for q in self._queries.values() if q.addresses is not None]
+        return min(deadlines) if deadlines else None
+
+    # ------------------------------------------------------------------ events
+    def query(self, query: int, name: dns.name.Name, now: float) -> list[Action]:
+        """A LAN client asked for A/AAAA of ``name``; join or start its negotiation."""
+        if query in self._queries:
+            raise ValueError(f"query id {query} is already in flight")
+        name = name.canonicalize()
+        self._queries[query] = _Query(name)
+        neg = self._negs.setdefault(name, _Negotiation())
+        neg.queries.add(query)
+        if neg.key is None and not neg.lookup_pending:
+            neg.lookup_pending = True
+            return [LookupKey(name)]
+        return self._evaluate(query, now)
+
+    def answer(self, query: int, addresses: tuple[IPAddress, ...], now: float) -> list[Action]:
+        """The upstream answered; ``addresses`` are its A/AAAA records (may be empty)."""
+        q = self._queries.get(query)
+        if q is None or q.addresses is not None:
+            return []  # already released (e.g. bogus) or answered twice
+        q.addresses = addresses
+        q.answered_at = now
+        q.deadline = now + self.policy.hold_limit
+        return self._evaluate(query, now)
+
+    def upstream_failed(self, query: int, reason: str, now: float) -> list[Action]:
+        """No upstream answered: there is nothing to hold, the client gets SERVFAIL."""
+        if query not in self._queries:
+            return []
+        return [self._release(query, Outcome.UPSTREAM_FAILED, reason, now)]
+
+    def cancel(self, query: int) -> None:
+        """The client went away (TCP closed, server stopping): forget the query."""
+        q = self._queries.pop(query, None)
+        if q is not None:
+            self._forget(q.name, query)
+
+    def key_result(self, name: dns.name.Name, result: KeyResult, now: float) -> list[Action]:
+        """The IPSECKEY lookup for ``name`` ended; decide for every query waiting on it."""
+        name = name.canonicalize()
+        neg = self._negs.get(name)
+        if neg is None:
+            return []
+        neg.lookup_pending = False
+        neg.key = result
+        actions = self._evaluate_name(name, now)
+        self._gc(name)
+        return actions
+
+    def tunnel_done(self, request: int, ok: bool, now: float) -> list[Action]:
+        """The OE manager answered ``EnsureTunnel(request)``: up (True) or failed."""
+        entry = self._requests.pop(request, None)
+        if entry is None:
+            return []
+        name, addresses = entry
+        neg = self._negs.get(name)
+        if neg is None:
+            return []
+        neg.pending_requests.discard(request)
+        (neg.up if ok else neg.failed).update(addresses)
+        actions = self._evaluate_name(name, now)
+        self._gc(name)
+        return actions
+
+    def tick(self, now: float) -> list[Action]:
+        """Release the answers whose hold limit has passed."""
+        due = [
+            qid for qid, q in self._queries.items() if q.addresses is not None and q.deadline <= now
+        ]
+        actions: list[Action] = []
+        for qid in due:
+            actions.extend(self._evaluate(qid, now))
+        return actions
+
+    # ------------------------------------------------------------------ decisions
+    def _evaluate_name(self, name: dns.name.Name, now: float) -> list[Action]:
+        neg = self._negs.get(name)
+        if neg is None:
+            return []
+        actions: list[Action] = []
+        for qid in sorted(neg.queries):
+            if qid in self._queries:
+                actions.extend(self._evaluate(qid, now))
+        return actions
+
+    def _evaluate(self, qid: int, now: float) -> list[Action]:
+        q = self._queries[qid]
+        neg = self._negs[q.name]
+        key = neg.key
+        bogus = key is not None and key.status is KeyStatus.BOGUS
+        if bogus and key is not None and self.policy.bogus_action == "servfail":
+            return [self._release(qid, Outcome.BOGUS, f"IPSECKEY is bogus: {key.reason}", now)]
+        if q.addresses is None:
+            return []  # wait for the upstream; its own timeouts bound this
+        if not q.addresses:
+            return [self._release(qid, Outcome.CLEAR, "no addresses in the answer", now)]
+        if key is None:
+            if now >= q.deadline:
+                return [self._release(qid, Outcome.CLEAR, "hold limit: key lookup unfinished", now)]
+            return []
+        peer_key = key.usable_key
+        if peer_key is None:
+            return [self._release(qid, Outcome.CLEAR, _clear_reason(key), now)]
+        actions: list[Action] = []
+        wanted = set(q.addresses)
+        missing = wanted - neg.requested
+        if missing:
+            request = self._next_request
+            self._next_request += 1
+            addrs = tuple(sorted(missing, key=lambda a: (a.version, a)))
+            neg.requested |= missing
+            neg.pending_requests.add(request)
+            self._requests[request] = (q.name, frozenset(missing))
+            actions.append(EnsureTunnel(request, q.name, addrs, peer_key))
+        if wanted <= neg.up:
+            actions.append(self._release(qid, Outcome.PROTECTED, "tunnel up", now))
+        elif wanted <= neg.up | neg.failed:
+            failed = ", ".join(str(a) for a in sorted(wanted & neg.failed, key=str))
+            actions.append(self._release(qid, Outcome.CLEAR, f"tunnel failed to {failed}", now))
+        elif now >= q.deadline:
+            actions.append(
+                self._release(qid, Outcome.CLEAR, "hold limit: tunnel not up", now, expired=True)
+            )
+        return actions
+
+    def _release(
+        self, qid: int, outcome: Outcome, reason: str, now: float, expired: bool = False
+    ) -> Release:
+        q = self._queries.pop(qid)
+        held = now - q.answered_at if q.addresses is not None else 0.0
+        self._forget(q.name, qid)
+        return Release(qid, outcome, reason, held_for=max(0.0, held), hold_expired=expired)
+
+    def _forget(self, name: dns.name.Name, qid: int) -> None:
+        neg = self._negs.get(name)
+        if neg is not None:
+            neg.queries.discard(qid)
+            self._gc(name)
+
+    def _gc(self, name: dns.name.Name) -> None:
+        neg = self._negs.get(name)
+        if neg is not None and neg.idle:
+            # The key and tunnel facts go too: KeyLookup caches by TTL and the OE
+            # manager answers quickly for a tunnel it already has.
+            del self._negs[name]
+
+
+def _clear_reason(key: KeyResult) -> str:
+    if key.status is KeyStatus.SECURE:
+        return "no IPSECKEY (secure denial)" if not key.reason else f"no key: {key.reason}"
+    if key.status is KeyStatus.BOGUS:
+        return f"IPSECKEY is bogus, treated as insecure (bogus_action): {key.reason}"
+    return f"IPSECKEY {key.status.value}: {key.reason}" if key.reason else key.status.value
