@@ -1,0 +1,583 @@
+"""Build the QEMU lab's kernel, initramfs and disk images, cached under ~/.cache/oe-router.
+
+Why this shape: every input of an image (package list, guest init, kernel version, project wheel,
+pinned requirements) is hashed into the image's file name, so an unchanged input never costs a
+rebuild and a changed one can never be silently ignored. Nothing here needs a loop device or a
+mount: the root filesystems are written by `mke2fs -d`.
+
+Run `python qemu/build.py` (what `make image` does); `--force` rebuilds everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = "3"  # bump when this file changes what goes into an image
+SUITE = "bookworm"
+QEMU_DIR = Path(__file__).resolve().parent
+REPO = QEMU_DIR.parent
+GUEST = QEMU_DIR / "guest"
+DPKG_EXCLUDES = (
+    "/usr/share/man/*",
+    "/usr/share/doc/*",
+    "/usr/share/info/*",
+    "/usr/share/locale/*",
+    "/usr/share/lintian/*",
+)
+# Parts of the kernel's module tree the guests can need (everything else is hardware we lack).
+MODULE_SUBTREES = (
+    "kernel/net",
+    "kernel/crypto",
+    "kernel/lib",
+    "kernel/arch/x86/crypto",
+    "kernel/fs/9p",
+    "kernel/fs/netfs",
+    "kernel/fs/fscache",
+    "kernel/fs/ext4",
+    "kernel/fs/jbd2",
+    "kernel/fs/mbcache.ko",
+    "kernel/drivers/virtio",
+    "kernel/drivers/crypto/virtio",
+    "kernel/drivers/net/virtio_net.ko",
+    "kernel/drivers/net/net_failover.ko",
+    "kernel/drivers/net/veth.ko",
+    "kernel/drivers/net/tun.ko",
+    "kernel/drivers/net/dummy.ko",
+    "kernel/drivers/block/virtio_blk.ko",
+    "kernel/drivers/char/virtio_console.ko",
+    "kernel/drivers/char/hw_random",
+)
+MODULE_SKIP = ("kernel/net/wireless", "kernel/net/mac80211", "kernel/net/bluetooth")
+INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
+
+Log = Callable[[str], None]
+
+
+class BuildError(Exception):
+    """A build step failed; the message names the step and where its log is."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel ready for PVH boot plus the module tree the images carry."""
+
+    version: str
+    vmlinux: Path
+    initramfs: Path
+    modules: Path  # directory holding lib/modules/<version>
+
+
+@dataclass(frozen=True)
+class Images:
+    """Everything lab.py needs to boot the lab."""
+
+    kernel: Kernel
+    router: Path
+    world: Path
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("OE_ROUTER_CACHE", Path.home() / ".cache" / "oe-router"))
+
+
+def _run(cmd: list[str], log_file: Path | None = None, **kw: object) -> str:
+    """Run a build command; on failure raise one error naming the command and its log."""
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    if log_file is not None:
+        log_file.write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-15:])
+        where = f" (full log: {log_file})" if log_file else ""
+        raise BuildError(f"{cmd[0]} failed with rc {res.returncode}{where}:\n{tail}")
+    return str(res.stdout)
+
+
+def _sha(parts: Iterable[bytes | str]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        b = p.encode() if isinstance(p, str) else p
+        h.update(len(b).to_bytes(8, "big") + b)
+    return h.hexdigest()[:16]
+
+
+def read_list(path: Path) -> list[str]:
+    """One item a line; '#' starts a comment."""
+    items = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            items.append(line)
+    return items
+
+
+def apt_sources() -> list[str]:
+    """The machine's Debian apt sources as one-line entries for mmdebstrap."""
+    lines: list[str] = []
+    src = Path("/etc/apt")
+    for f in sorted((src / "sources.list.d").glob("*.sources")):
+        for stanza in f.read_text().split("\n\n"):
+            fields: dict[str, str] = {}
+            for raw in stanza.splitlines():
+                if raw.startswith("#") or ":" not in raw:
+                    continue
+                k, v = raw.split(":", 1)
+                fields[k.strip().lower()] = v.strip()
+            if "deb" not in fields.get("types", "").split():
+                continue
+            for uri in fields.get("uris", "").split():
+                for suite in fields.get("suites", "").split():
+                    if "debian" in uri and suite.startswith(SUITE):
+                        lines.append(f"deb {uri} {suite} {fields.get('components', 'main')}")
+    lists = [src / "sources.list", *sorted((src / "sources.list.d").glob("*.list"))]
+    for f in lists:
+        if not f.exists():
+            continue
+        for raw in f.read_text().splitlines():
+            parts = re.sub(r"\[[^]]*\]", "", raw).split()
+            is_debian = len(parts) >= 4 and parts[0] == "deb" and "debian" in parts[1]
+            if is_debian and parts[2].startswith(SUITE):
+                lines.append(" ".join(parts))
+    if not lines:
+        lines = [f"deb http://deb.debian.org/debian {SUITE} main"]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- kernel
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """Find the compressed payload in a bzImage and inflate it (the kernel's extract-vmlinux)."""
+    candidates: list[tuple[int, str]] = []
+    for name, magic in (
+        ("xz", b"\xfd7zXZ\x00"),
+        ("zstd", b"\x28\xb5\x2f\xfd"),
+        ("gz", b"\x1f\x8b\x08"),
+    ):
+        start = 0
+        while (pos := bzimage.find(magic, start)) >= 0:
+            candidates.append((pos, name))
+            start = pos + 1
+    for pos, name in sorted(candidates):
+        data = bzimage[pos:]
+        try:
+            if name == "xz":
+                out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data)
+            elif name == "gz":
+                import zlib
+
+                out = zlib.decompressobj(wbits=31).decompress(data)
+            else:
+                out = subprocess.run(
+                    ["zstd", "-dc"], input=data, capture_output=True, check=False
+                ).stdout
+        except (lzma.LZMAError, ValueError, OSError):
+            continue
+        if out.startswith(b"\x7fELF"):
+            return out
+    raise BuildError("no ELF kernel found inside the bzImage (unknown compression?)")
+
+
+def _kernel_package() -> str:
+    out = _run(["apt-cache", "depends", "linux-image-amd64"])
+    m = re.search(r"Depends:\s+(linux-image-\d\S*)", out)
+    if not m:
+        raise BuildError("apt-cache depends linux-image-amd64 names no versioned kernel package")
+    return m.group(1)
+
+
+def _module_deps(moddir: Path) -> dict[str, list[str]]:
+    deps: dict[str, list[str]] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+    return deps
+
+
+def _mod_index(deps: dict[str, list[str]]) -> dict[str, str]:
+    """Module name (with - and _ equal) -> path in modules.dep."""
+    return {Path(p).name.removesuffix(".ko").replace("-", "_"): p for p in deps}
+
+
+def ensure_kernel(cache: Path, log: Log, force: bool = False) -> Kernel:
+    pkg = _kernel_package()
+    kdir = cache / "kernel" / pkg
+    done = kdir / "done"
+    if done.exists() and not force:
+        version = done.read_text().strip()
+        return Kernel(version, kdir / "vmlinux", kdir / "initramfs.cpio", kdir / "modules")
+    t0 = time.monotonic()
+    log(f"kernel: fetching {pkg} with apt-get download")
+    shutil.rmtree(kdir, ignore_errors=True)
+    (kdir / "deb").mkdir(parents=True)
+    _run(["apt-get", "download", pkg], cwd=kdir / "deb")
+    deb = next((kdir / "deb").glob("*.deb"))
+    unpack = kdir / "unpack"
+    _run(["dpkg-deb", "-x", str(deb), str(unpack)])
+    version = next((unpack / "lib" / "modules").iterdir()).name
+    log(f"kernel: {version}: extracting vmlinux for PVH boot")
+    (kdir / "vmlinux").write_bytes(
+        extract_vmlinux((unpack / "boot" / f"vmlinuz-{version}").read_bytes())
+    )
+
+    src = unpack / "lib" / "modules" / version
+    dst = kdir / "modules" / "lib" / "modules" / version
+    dst.mkdir(parents=True)
+    for sub in MODULE_SUBTREES:
+        s = src / sub
+        if s.is_dir():
+            shutil.copytree(
+                s,
+                dst / sub,
+                ignore=lambda d, names: [
+                    n for n in names if any((Path(d) / n).match(f"*/{x}") for x in MODULE_SKIP)
+                ],
+            )
+        elif s.exists():
+            (dst / sub).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(s, dst / sub)
+    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        if (src / f).exists():
+            shutil.copy2(src / f, dst / f)
+    _run(["depmod", "-b", str(kdir / "modules"), version])
+
+    log("kernel: building the busybox initramfs")
+    _build_initramfs(kdir, dst, version)
+    shutil.rmtree(unpack)
+    shutil.rmtree(kdir / "deb")
+    done.write_text(version + "\n")
+    log(f"kernel: ready in {time.monotonic() - t0:.1f}s")
+    return Kernel(version, kdir / "vmlinux", kdir / "initramfs.cpio", kdir / "modules")
+
+
+def _build_initramfs(kdir: Path, moddir: Path, version: str) -> None:
+    deps = _module_deps(moddir)
+    index = _mod_index(deps)
+    want: list[str] = []
+    todo = [index[m] for m in INITRAMFS_MODULES if m in index]
+    while todo:
+        p = todo.pop()
+        if p not in want:
+            want.append(p)
+            todo.extend(deps[p])
+    with tempfile.TemporaryDirectory(dir=kdir) as tmp:
+        root = Path(tmp)
+        for d in ("bin", "proc", "sys", "dev", "newroot", f"lib/modules/{version}"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy2("/bin/busybox", root / "bin" / "busybox")
+        (root / "bin" / "sh").symlink_to("busybox")
+        shutil.copy2(GUEST / "initramfs-init", root / "init")
+        (root / "init").chmod(0o755)
+        mroot = root / "lib" / "modules" / version
+        for p in want:
+            (mroot / p).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(moddir / p, mroot / p)
+        (mroot / "modules.dep").write_text("".join(f"{p}: {' '.join(deps[p])}\n" for p in want))
+        files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
+        with open(kdir / "initramfs.cpio", "wb") as out:
+            subprocess.run(
+                ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+                cwd=root,
+                input=files,
+                stdout=out,
+                check=True,
+            )
+
+
+# ---------------------------------------------------------------------------------------- rootfs
+
+
+def ensure_base(cache: Path, name: str, packages: list[str], log: Log, force: bool) -> Path:
+    """A minbase tarball with `packages`, made by mmdebstrap from the machine's apt sources."""
+    sources = apt_sources()
+    key = _sha([FORMAT, SUITE, *sources, *sorted(packages), *DPKG_EXCLUDES])
+    out = cache / "base" / f"{name}-{key}.tar"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f"{name}-*.tar"):
+        old.unlink()
+    t0 = time.monotonic()
+    log(f"{name}: mmdebstrap --variant=minbase ({len(packages)} packages), about a minute")
+    tmp = out.with_suffix(".tar.part")
+    cmd = [
+        "mmdebstrap",
+        "--variant=minbase",
+        "--mode=root",
+        "--format=tar",
+        f"--include={','.join(packages)}",
+        '--aptopt=Acquire::Languages "none"',
+        *[f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES],
+        SUITE,
+        str(tmp),
+        *sources,
+    ]
+    _run(cmd, log_file=cache / "base" / f"{name}.log")
+    tmp.rename(out)
+    log(f"{name}: base root built in {time.monotonic() - t0:.1f}s")
+    return out
+
+
+def _extract(tar: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    _run(["tar", "-x", "-p", "--numeric-owner", "-f", str(tar), "-C", str(dest)])
+
+
+def _common_overlay(root: Path, kernel: Kernel) -> None:
+    """What every guest image gets on top of Debian: our init, agent, kernel modules."""
+    shutil.copy2(GUEST / "init", root / "sbin" / "oe-lab-init")
+    (root / "sbin" / "oe-lab-init").chmod(0o755)
+    (root / "usr" / "lib" / "oe-lab").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(GUEST / "agent.py", root / "usr" / "lib" / "oe-lab" / "agent.py")
+    mods = root / "lib" / "modules" / kernel.version
+    shutil.rmtree(mods, ignore_errors=True)
+    shutil.copytree(kernel.modules / "lib" / "modules" / kernel.version, mods)
+    index = _mod_index(_module_deps(mods))
+    wanted = [m for m in read_list(GUEST / "modules.txt") if m.replace("-", "_") in index]
+    (root / "etc" / "oe-lab").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "oe-lab" / "modules").write_text("\n".join(wanted) + "\n")
+    (root / "etc" / "hostname").write_text("lab\n")
+    (root / "etc" / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+
+
+def _mke2fs(root: Path, image: Path, log: Log) -> None:
+    used_kib = int(_run(["du", "-sk", "--apparent-size", str(root)]).split()[0])
+    size_kib = int(used_kib * 1.3) + 256 * 1024
+    tmp = image.with_suffix(".part")
+    tmp.unlink(missing_ok=True)
+    _run(
+        [
+            "mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "labroot",
+            "-d", str(root), str(tmp), f"{size_kib}k",
+        ]
+    )  # fmt: skip
+    tmp.rename(image)
+    log(f"{image.name}: {used_kib // 1024} MiB of files in a {size_kib // 1024} MiB ext4 image")
+
+
+def _replace_old(image: Path) -> None:
+    prefix = image.name.rsplit("-", 1)[0]
+    for old in image.parent.glob(f"{prefix}-*.ext4"):
+        if old != image:
+            old.unlink()
+
+
+def _files_digest(paths: Iterable[Path]) -> list[bytes]:
+    parts: list[bytes] = []
+    for p in sorted(paths):
+        if p.is_file():
+            parts += [str(p.relative_to(REPO)).encode(), p.read_bytes()]
+    return parts
+
+
+# ---------------------------------------------------------------------------------------- router
+
+
+def project_version() -> str:
+    return str(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"])
+
+
+def build_wheels(cache: Path, log: Log) -> tuple[list[Path], str]:
+    """The project wheel plus the pinned runtime deps; returns them and a content hash."""
+    req = (REPO / "requirements.txt").read_bytes()
+    deps_dir = cache / "wheels" / f"deps-{_sha([req, sys.version])}"
+    if not (deps_dir / "done").exists():
+        log("router: downloading pinned runtime wheels (requirements.txt)")
+        shutil.rmtree(deps_dir, ignore_errors=True)
+        deps_dir.mkdir(parents=True)
+        _run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+             "-r", str(REPO / "requirements.txt"), "-w", str(deps_dir)],
+            log_file=cache / "wheels" / "deps.log",
+        )  # fmt: skip
+        (deps_dir / "done").touch()
+    proj_dir = cache / "wheels" / "project"
+    shutil.rmtree(proj_dir, ignore_errors=True)
+    proj_dir.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Build from a copy so setuptools' build/ and egg-info never land in the shared checkout.
+        src = Path(tmp) / "src"
+        shutil.copytree(
+            REPO,
+            src,
+            ignore=shutil.ignore_patterns(
+                ".git", ".venv", "test-results", "build", "dist", "*.egg-info", "__pycache__",
+                ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", "bench",
+            ),
+        )  # fmt: skip
+        _run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+             "--no-deps", "--no-build-isolation", "-w", str(proj_dir), str(src)],
+            log_file=cache / "wheels" / "project.log",
+        )  # fmt: skip
+    wheels = sorted(deps_dir.glob("*.whl")) + sorted(proj_dir.glob("*.whl"))
+    parts: list[bytes] = []
+    for w in wheels:
+        with zipfile.ZipFile(w) as z:
+            for n in sorted(z.namelist()):
+                if not n.endswith("RECORD"):
+                    parts += [n.encode(), z.read(n)]
+    return wheels, _sha(parts)
+
+
+BANNER = """\
+oe-router QEMU lab image
+------------------------
+This image is built to OpenWrt's file layout (/etc/config/oe, /etc/init.d/oe,
+/usr/lib/python3.*/site-packages/oe_router) from Debian parts: Debian's kernel,
+python3, iproute2, nftables and dnsmasq. OpenWrt's own userland (procd, ubusd,
+uci, fw4) cannot be installed here, so this is not OpenWrt.
+"""
+
+
+def _router_overlay(root: Path, wheels: list[Path]) -> None:
+    pydirs = sorted((root / "usr" / "lib").glob("python3.[0-9]*"))
+    if not pydirs:
+        raise BuildError("router: no /usr/lib/python3.X in the base root")
+    site = pydirs[-1] / "site-packages"
+    site.mkdir(exist_ok=True)
+    _run(
+        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+         "--no-deps", "--no-index", "--no-warn-script-location", "--target", str(site),
+         *map(str, wheels)],
+    )  # fmt: skip
+    shutil.rmtree(site / "bin", ignore_errors=True)
+    # Debian's python3 only searches dist-packages: point it at OpenWrt's site-packages.
+    (root / "usr" / "lib" / "python3" / "dist-packages" / "openwrt-layout.pth").write_text(
+        f"/usr/lib/{pydirs[-1].name}/site-packages\n"
+    )
+    eps = next(site.glob("python_oe-*.dist-info"), None)
+    scripts: dict[str, str] = {}
+    if eps and (eps / "entry_points.txt").exists():
+        section = ""
+        for line in (eps / "entry_points.txt").read_text().splitlines():
+            if line.startswith("["):
+                section = line.strip("[]")
+            elif section == "console_scripts" and "=" in line:
+                name, target = (x.strip() for x in line.split("=", 1))
+                scripts[name] = target
+    for name, target in scripts.items():
+        mod, func = target.split(":")
+        f = root / "usr" / "bin" / name
+        f.write_text(
+            f"#!/usr/bin/python3\nimport sys\nfrom {mod} import {func}\nsys.exit({func}())\n"
+        )
+        f.chmod(0o755)
+    for rel in ("etc/config/oe", "etc/init.d/oe"):
+        src = REPO / "files" / rel
+        if src.is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / rel)
+            if rel.startswith("etc/init.d"):
+                (root / rel).chmod(0o755)
+    (root / "etc" / "banner").write_text(BANNER)
+    (root / "etc" / "oe-lab" / "role").write_text("router\n")
+
+
+def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) -> Path:
+    packages = read_list(GUEST / "router.packages")
+    base = ensure_base(cache, "router", packages, log, force)
+    wheels, wheel_hash = build_wheels(cache, log)
+    files = [p for p in (REPO / "files").rglob("*")]
+    key = _sha(
+        [FORMAT, base.name, kernel.version, wheel_hash, project_version(),
+         (REPO / "requirements.txt").read_bytes(), *_files_digest(files),
+         *_files_digest([GUEST / "init", GUEST / "modules.txt"])]
+    )  # fmt: skip
+    image = cache / "images" / f"router-{key}.ext4"
+    if image.exists() and not force:
+        log(f"router: cached {image}")
+        return image
+    t0 = time.monotonic()
+    image.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        root = Path(tmp) / "root"
+        _extract(base, root)
+        _common_overlay(root, kernel)
+        _router_overlay(root, wheels)
+        _mke2fs(root, image, log)
+    _replace_old(image)
+    log(f"router: image built in {time.monotonic() - t0:.1f}s")
+    return image
+
+
+def ensure_world(cache: Path, kernel: Kernel, log: Log, force: bool = False) -> Path:
+    wpk = read_list(GUEST / "world.packages")
+    spk = read_list(GUEST / "swroot.packages")
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        fw = ex.submit(ensure_base, cache, "world", wpk, log, force)
+        fs = ex.submit(ensure_base, cache, "swroot", spk, log, force)
+        base, swbase = fw.result(), fs.result()
+    key = _sha(
+        [FORMAT, base.name, swbase.name, kernel.version,
+         *_files_digest([GUEST / "init", GUEST / "modules.txt"])]
+    )  # fmt: skip
+    image = cache / "images" / f"world-{key}.ext4"
+    if image.exists() and not force:
+        log(f"world: cached {image}")
+        return image
+    t0 = time.monotonic()
+    image.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        root = Path(tmp) / "root"
+        _extract(base, root)
+        _extract(swbase, root / "opt" / "swroot")
+        _common_overlay(root, kernel)
+        (root / "etc" / "oe-lab" / "role").write_text("world\n")
+        _mke2fs(root, image, log)
+    _replace_old(image)
+    log(f"world: image built in {time.monotonic() - t0:.1f}s")
+    return image
+
+
+def build_all(cache: Path | None = None, log: Log = print, force: bool = False) -> Images:
+    """Make sure kernel and both images exist and are current; cheap when nothing changed."""
+    cache = cache or default_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    kernel = ensure_kernel(cache, log, force)
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        fr = ex.submit(ensure_router, cache, kernel, log, force)
+        fw = ex.submit(ensure_world, cache, kernel, log, force)
+        return Images(kernel, fr.result(), fw.result())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--force", action="store_true", help="rebuild everything, ignoring the cache")
+    ap.add_argument(
+        "--cache", type=Path, default=None, help="cache dir (default ~/.cache/oe-router)"
+    )
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[build {time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
+    try:
+        images = build_all(args.cache, log, args.force)
+    except BuildError as exc:
+        print(f"build: {exc}", file=sys.stderr)
+        return 1
+    log(f"kernel {images.kernel.version}: {images.kernel.vmlinux}")
+    log(f"router image: {images.router}")
+    log(f"world image:  {images.world}")
+    log(f"total build time {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
