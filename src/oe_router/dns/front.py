@@ -1,0 +1,692 @@
+"""The DNS front: LAN queries in on UDP and TCP, upstream answers out, A/AAAA held.
+
+Three layers, thinnest at the edge:
+
+- pure message helpers (``error_reply``, ``fit_to_limit``, ``cap_ttls``, ...), unit-tested
+  without sockets;
+- ``Resolver``: one query in, one reply out. It forwards to the upstreams, keeps a small
+  answer cache, and for A/AAAA drives the sans-IO ``HoldCore`` (hold.py): it performs
+  the core's ``LookupKey``/``EnsureTunnel`` actions and waits for its ``Release``;
+- ``DnsFront``: the asyncio UDP and TCP (RFC 7766) listeners.
+
+A bad query never ends the server: it gets FORMERR/NOTIMP, or is dropped with a log
+line naming the client when it cannot even be answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import logging
+import struct
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+
+from oe_router.config.schema import Endpoint
+from oe_router.dns.hold import (
+    Action,
+    EnsureTunnel,
+    HoldCore,
+    HoldPolicy,
+    IPAddress,
+    KeyLookup,
+    KeyResult,
+    KeyStatus,
+    LookupKey,
+    Outcome,
+    Release,
+    TunnelRequester,
+)
+from oe_router.dns.upstream import UpstreamError
+
+__all__ = [
+    "AnswerCache",
+    "DnsFront",
+    "Forwarder",
+    "FrontBindError",
+    "FrontStats",
+    "LogLimiter",
+    "Resolver",
+    "addresses_in",
+    "cap_ttls",
+    "client_udp_limit",
+    "error_reply",
+    "fit_to_limit",
+]
+
+log = logging.getLogger("oe_router.dns.front")
+
+_HEADER = 12
+_QR = 0x80  # in the third header octet
+_LEN = struct.Struct("!H")  # RFC 7766 two-octet length prefix
+_MIN_UDP = 512  # RFC 1035 limit without EDNS
+_TCP_LIMIT = 65535
+_ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+_ZONE_TRANSFERS = (dns.rdatatype.AXFR, dns.rdatatype.IXFR)
+
+Client = tuple[str, int]
+Handler = Callable[[bytes, Client, int], Awaitable[bytes | None]]
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def client_udp_limit(query: dns.message.Message) -> int:
+    """Largest UDP reply the client takes: its EDNS0 size, never below 512."""
+    if query.edns < 0:
+        return _MIN_UDP
+    return max(_MIN_UDP, int(query.payload))
+
+
+def error_reply(query: dns.message.Message, rcode: dns.rcode.Rcode) -> bytes:
+    """A reply with ``rcode`` and the question, EDNS0 iff the query had it."""
+    reply = dns.message.make_response(query)
+    reply.set_rcode(rcode)
+    return reply.to_wire()
+
+
+def header_only_reply(wire: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
+    """FORMERR-style reply for a query dnspython cannot parse; None if not answerable."""
+    if len(wire) < _HEADER or wire[2] & _QR:
+        return None
+    query_id, flags = _LEN.unpack_from(wire)[0], _LEN.unpack_from(wire, 2)[0]
+    reply = dns.message.Message(id=query_id)
+    reply.flags = dns.flags.QR | (flags & (0x7800 | dns.flags.RD))  # echo opcode and RD
+    reply.set_rcode(rcode)
+    return reply.to_wire()
+
+
+def fit_to_limit(reply: bytes, limit: int) -> tuple[bytes, bool]:
+    """The reply, or a truncated one (TC=1, question and OPT only) if over ``limit``."""
+    if len(reply) <= limit:
+        return reply, False
+    msg = dns.message.from_wire(reply)
+    msg.answer = []
+    msg.authority = []
+    msg.additional = []
+    msg.flags |= dns.flags.TC
+    return msg.to_wire(), True
+
+
+def cap_ttls(msg: dns.message.Message, cap: float) -> None:
+    """Lower every TTL above ``cap`` (0: no cap), so a client re-asks before SA expiry."""
+    if cap <= 0:
+        return
+    limit = int(cap)
+    for section in (msg.answer, msg.authority, msg.additional):
+        for rrset in section:
+            if rrset.ttl > limit:
+                rrset.ttl = limit
+
+
+def age_ttls(msg: dns.message.Message, elapsed: int) -> None:
+    """Count down TTLs of a cached reply by the seconds it spent in the cache."""
+    if elapsed <= 0:
+        return
+    for section in (msg.answer, msg.authority, msg.additional):
+        for rrset in section:
+            rrset.ttl = max(0, rrset.ttl - elapsed)
+
+
+def addresses_in(msg: dns.message.Message) -> tuple[IPAddress, ...]:
+    """The A/AAAA addresses of a NOERROR answer (through any CNAME chain in it)."""
+    if msg.rcode() != dns.rcode.NOERROR:
+        return ()
+    out: list[IPAddress] = []
+    for rrset in msg.answer:
+        if rrset.rdtype in _ADDRESS_TYPES:
+            out.extend(ipaddress.ip_address(rd.address) for rd in rrset)
+    return tuple(out)
+
+
+def _min_ttl(msg: dns.message.Message) -> int:
+    ttls = [r.ttl for r in (*msg.answer, *msg.authority)]
+    for rrset in msg.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            ttls.append(min(rrset.ttl, rrset[0].minimum))  # RFC 2308 negative TTL
+    return min(ttls) if ttls else 0
+
+
+# --------------------------------------------------------------------------- small parts
+
+
+@dataclass
+class FrontStats:
+    """Counters for ``oe status`` (keys of the ``dns`` object)."""
+
+    queries: int = 0
+    udp: int = 0
+    tcp: int = 0
+    held: int = 0
+    released_clear: int = 0
+    released_protected: int = 0
+    servfail: int = 0
+    timeouts: int = 0
+    hold_expired: int = 0
+    cache_hits: int = 0
+    truncated: int = 0
+    formerr: int = 0
+    notimp: int = 0
+    dropped: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class LogLimiter:
+    """At most ``burst`` lines per ``window`` seconds, so a flood of junk cannot fill logd."""
+
+    def __init__(self, clock: Callable[[], float], burst: int = 10, window: float = 10.0) -> None:
+        self._clock = clock
+        self._burst = burst
+        self._window = window
+        self._start = -1e18
+        self._count = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = self._clock()
+        if now - self._start >= self._window:
+            if self.suppressed:
+                log.warning("%d more bad-query log lines were suppressed", self.suppressed)
+            self._start, self._count, self.suppressed = now, 0, 0
+        self._count += 1
+        if self._count <= self._burst:
+            return True
+        self.suppressed += 1
+        return False
+
+
+class AnswerCache:
+    """Replies by (name, type, class, EDNS, DO, CD), kept for their smallest TTL.
+
+    Only NOERROR and NXDOMAIN replies that were not truncated are kept. ``now`` is
+    passed in. Oldest entries go first when full.
+    """
+
+    def __init__(self, max_entries: int = 4096, max_ttl: int = 86400) -> None:
+        self._max = max_entries
+        self._max_ttl = max_ttl
+        self._data: OrderedDict[tuple[object, ...], tuple[float, float, bytes]] = OrderedDict()
+
+    @staticmethod
+    def key(query: dns.message.Message) -> tuple[object, ...]:
+        q = query.question[0]
+        do = bool(query.ednsflags & dns.flags.DO)
+        cd = bool(query.flags & dns.flags.CD)
+        return (q.name.canonicalize(), q.rdtype, q.rdclass, query.edns >= 0, do, cd)
+
+    def get(self, key: tuple[object, ...], query_id: int, now: float) -> bytes | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        stored, expires, wire = item
+        if expires <= now:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        elapsed = int(now - stored)
+        if elapsed <= 0:
+            return _LEN.pack(query_id) + wire[2:]
+        msg = dns.message.from_wire(wire)
+        msg.id = query_id
+        age_ttls(msg, elapsed)
+        return msg.to_wire()
+
+    def put(
+        self, key: tuple[object, ...], msg: dns.message.Message, wire: bytes, now: float
+    ) -> None:
+        if msg.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or msg.flags & dns.flags.TC:
+            return
+        ttl = min(_min_ttl(msg), self._max_ttl)
+        if ttl <= 0:
+            return
+        self._data[key] = (now, now + ttl, wire)
+        self._data.move_to_end(key)
+        while len(self._data) > self._max:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+# --------------------------------------------------------------------------- resolver
+
+
+class Forwarder(Protocol):
+    """What the resolver needs from upstream.UpstreamClient: wire query in, reply out."""
+
+    async def query(self, wire: bytes) -> bytes: ...
+
+
+class Resolver:
+    """One query in, one reply out; A/AAAA answers wait for the hold core's release.
+
+    ``key_lookup`` None turns the IPSECKEY trigger off (a plain forwarder).
+    ``tunnels`` None means no OE manager: a secure key's tunnel counts as failed and
+    the answer goes out in the clear at once.
+    """
+
+    def __init__(
+        self,
+        upstream: Forwarder,
+        policy: HoldPolicy,
+        key_lookup: KeyLookup | None = None,
+        tunnels: TunnelRequester | None = None,
+        cache: AnswerCache | None = None,
+        stats: FrontStats | None = None,
+        key_timeout: float = 10.0,
+    ) -> None:
+        self.upstream = upstream
+        self.core = HoldCore(policy)
+        self.key_lookup = key_lookup
+        self.tunnels = tunnels
+        self.cache = cache
+        self.stats = stats or FrontStats()
+        self.key_timeout = key_timeout
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Release]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._limiter = LogLimiter(lambda: asyncio.get_running_loop().time())
+        self._warned_no_tunnels = False
+
+    @property
+    def policy(self) -> HoldPolicy:
+        return self.core.policy
+
+    @policy.setter
+    def policy(self, policy: HoldPolicy) -> None:
+        self.core.policy = policy
+
+    # ------------------------------------------------------------------ entry point
+    async def handle(self, wire: bytes, client: Client, limit: int) -> bytes | None:
+        """Answer one query; ``limit`` is the transport's size (UDP: 512, TCP: 65535)."""
+        self.stats.queries += 1
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.message.ShortHeader:
+            self._bad(client, f"dropped {len(wire)}-byte message: too short for a DNS header")
+            self.stats.dropped += 1
+            return None
+        except (dns.exception.DNSException, ValueError, IndexError) as exc:
+            reply = header_only_reply(wire, dns.rcode.FORMERR)
+            what = "answered FORMERR" if reply is not None else "dropped"
+            self._bad(client, f"{what}: malformed query ({exc})")
+            if reply is None:
+                self.stats.dropped += 1
+            else:
+                self.stats.formerr += 1
+            return reply
+        if query.flags & dns.flags.QR:
+            self._bad(client, "dropped: a response was sent to the query port")
+            self.stats.dropped += 1
+            return None
+        if query.opcode() != dns.opcode.QUERY:
+            self.stats.notimp += 1
+            return error_reply(query, dns.rcode.NOTIMP)
+        if len(query.question) != 1:
+            self._bad(client, f"answered FORMERR: {len(query.question)} questions (need 1)")
+            self.stats.formerr += 1
+            return error_reply(query, dns.rcode.FORMERR)
+        question = query.question[0]
+        if question.rdtype in _ZONE_TRANSFERS:
+            self.stats.notimp += 1
+            return error_reply(query, dns.rcode.REFUSED)
+        if limit != _TCP_LIMIT:
+            limit = client_udp_limit(query)
+        try:
+            reply = await self._answer(query, wire)
+        except Exception as exc:  # a bug here must cost one query, not the server
+            log.error(
+                "query %s from %s failed: %s: %s",
+                question.name,
+                _fmt(client),
+                type(exc).__name__,
+                exc,
+            )
+            self.stats.servfail += 1
+            return error_reply(query, dns.rcode.SERVFAIL)
+        out, truncated = fit_to_limit(reply, limit)
+        if truncated:
+            self.stats.truncated += 1
+        return out
+
+    async def _answer(self, query: dns.message.Message, wire: bytes) -> bytes:
+        question = query.question[0]
+        loop = asyncio.get_running_loop()
+        hold_id: int | None = None
+        if (
+            self.key_lookup is not None
+            and question.rdtype in _ADDRESS_TYPES
+            and question.rdclass == dns.rdataclass.IN
+        ):
+            hold_id = next(self._ids)
+            self._waiting[hold_id] = loop.create_future()
+            self._apply(self.core.query(hold_id, question.name, loop.time()))
+        try:
+            reply = self._cached(query, loop.time())
+            if reply is None:
+                try:
+                    reply = await self.upstream.query(wire)
+                except UpstreamError as exc:
+                    log.info(
+                        "%s/%s: %s", question.name, dns.rdatatype.to_text(question.rdtype), exc
+                    )
+                    if hold_id is not None:
+                        self._apply(self.core.upstream_failed(hold_id, str(exc), loop.time()))
+                        self._count(await self._waiting[hold_id])
+                    else:
+                        self.stats.timeouts += 1
+                        self.stats.servfail += 1
+                    return error_reply(query, dns.rcode.SERVFAIL)
+                self._store(query, reply, loop.time())
+            if hold_id is None:
+                return reply
+            return await self._hold(query, reply, hold_id)
+        finally:
+            if hold_id is not None:
+                self._waiting.pop(hold_id, None)
+                self.core.cancel(hold_id)
+
+    async def _hold(self, query: dns.message.Message, reply: bytes, hold_id: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        try:
+            msg = dns.message.from_wire(reply)
+        except dns.exception.DNSException as exc:
+            log.warning(
+                "%s: unparsable upstream reply passed on as is: %s", query.question[0].name, exc
+            )
+            self._apply(self.core.answer(hold_id, (), loop.time()))
+            self._count(await self._waiting[hold_id])
+            return reply
+        self._apply(self.core.answer(hold_id, addresses_in(msg), loop.time()))
+        release = await self._waiting[hold_id]
+        self._count(release)
+        if release.outcome.servfail:
+            log.warning("%s: SERVFAIL to the client: %s", query.question[0].name, release.reason)
+            return error_reply(query, dns.rcode.SERVFAIL)
+        cap_ttls(msg, self.policy.ttl_cap)
+        return msg.to_wire()
+
+    # ------------------------------------------------------------------ cache
+    def _cached(self, query: dns.message.Message, now: float) -> bytes | None:
+        if self.cache is None:
+            return None
+        try:
+            hit = self.cache.get(AnswerCache.key(query), query.id, now)
+        except dns.exception.DNSException:
+            return None
+        if hit is not None:
+            self.stats.cache_hits += 1
+        return hit
+
+    def _store(self, query: dns.message.Message, reply: bytes, now: float) -> None:
+        if self.cache is None:
+            return
+        try:
+            msg = dns.message.from_wire(reply)
+        except dns.exception.DNSException:
+            return
+        self.cache.put(AnswerCache.key(query), msg, reply, now)
+
+    # ------------------------------------------------------------------ the core's actions
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Release):
+                fut = self._waiting.get(action.query)
+                if fut is not None and not fut.done():
+                    fut.set_result(action)
+            elif isinstance(action, LookupKey):
+                self._spawn(self._lookup(action))
+            elif isinstance(action, EnsureTunnel):
+                self._spawn(self._tunnel(action))
+        self._reschedule()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _lookup(self, action: LookupKey) -> None:
+        assert self.key_lookup is not None
+        try:
+            result = await asyncio.wait_for(self.key_lookup.lookup(action.name), self.key_timeout)
+        except TimeoutError:
+            result = KeyResult(KeyStatus.INDETERMINATE, (), f"lookup exceeded {self.key_timeout}s")
+        except Exception as exc:
+            log.error("IPSECKEY lookup for %s failed: %s: %s", action.name, type(exc).__name__, exc)
+            result = KeyResult(KeyStatus.INDETERMINATE, (), f"lookup failed: {exc}")
+        if result.status is KeyStatus.BOGUS:
+            log.warning("IPSECKEY for %s is bogus: %s", action.name, result.reason)
+        self._apply(self.core.key_result(action.name, result, asyncio.get_running_loop().time()))
+
+    async def _tunnel(self, action: EnsureTunnel) -> None:
+        ok = False
+        if self.tunnels is None:
+            if not self._warned_no_tunnels:
+                log.warning(
+                    "no OE manager: %s has a secure key but its answer goes out clear", action.name
+                )
+                self._warned_no_tunnels = True
+        else:
+            try:
+                ok = await self.tunnels.ensure_tunnel(action.name, action.addresses, action.key)
+            except Exception as exc:
+                log.error("tunnel to %s failed: %s: %s", action.name, type(exc).__name__, exc)
+        now = asyncio.get_running_loop().time()
+        self._apply(self.core.tunnel_done(action.request, ok, now))
+
+    def _reschedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.core.next_deadline()
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._apply(self.core.tick(asyncio.get_running_loop().time()))
+
+    def _count(self, release: Release) -> None:
+        if release.held_for > 0:
+            self.stats.held += 1
+        if release.hold_expired:
+            self.stats.hold_expired += 1
+        if release.outcome is Outcome.PROTECTED:
+            self.stats.released_protected += 1
+        elif release.outcome is Outcome.CLEAR:
+            self.stats.released_clear += 1
+        else:
+            self.stats.servfail += 1
+            if release.outcome is Outcome.UPSTREAM_FAILED:
+                self.stats.timeouts += 1
+
+    def _bad(self, client: Client, what: str) -> None:
+        if self._limiter.allow():
+            log.warning("DNS client %s: %s", _fmt(client), what)
+
+    async def close(self) -> None:
+        """Cancel lookups and tunnel requests in flight (the service is stopping)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _fmt(client: Client) -> str:
+    host, port = client[0], client[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+class FrontBindError(OSError):
+    """A listen address cannot be bound; the message names it."""
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, front: DnsFront) -> None:
+        self._front = front
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if self.transport is not None:
+            client = (str(addr[0]), int(addr[1]))
+            self._front.spawn(self._front.serve_udp(self.transport, data, client))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP socket error: %s", exc)
+
+
+class DnsFront:
+    """UDP and TCP listeners on each endpoint; every query goes to ``handler``.
+
+    A port of 0 binds UDP to a free port and TCP to the same number (tests).
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        tcp_idle: float = 10.0,
+        max_tcp_clients: int = 128,
+        max_tcp_pipeline: int = 32,
+    ) -> None:
+        self._handler = handler
+        self._tcp_idle = tcp_idle
+        self._max_tcp = max_tcp_clients
+        self._max_pipeline = max_tcp_pipeline
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._tcp: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tcp_clients = 0
+        self.bound: tuple[Endpoint, ...] = ()
+
+    async def start(self, listen: Sequence[Endpoint]) -> None:
+        """Bind every endpoint; on any failure close what was bound and raise FrontBindError."""
+        loop = asyncio.get_running_loop()
+        bound: list[Endpoint] = []
+        try:
+            for endpoint in listen:
+                try:
+                    transport, _ = await loop.create_datagram_endpoint(
+                        lambda: _UdpProtocol(self), local_addr=(endpoint.host, endpoint.port)
+                    )
+                    self._udp.append(transport)
+                    port = int(transport.get_extra_info("sockname")[1])
+                    server = await asyncio.start_server(
+                        self._serve_tcp, endpoint.host, port, reuse_address=True
+                    )
+                    self._tcp.append(server)
+                except OSError as exc:
+                    raise FrontBindError(
+                        exc.errno, f"cannot listen on {endpoint}: {exc.strerror or exc}"
+                    ) from None
+                bound.append(Endpoint(endpoint.host, port))
+        except BaseException:
+            await self.stop()
+            raise
+        self.bound = tuple(bound)
+        log.info("DNS front listening on %s (UDP and TCP)", ", ".join(map(str, bound)))
+
+    async def stop(self) -> None:
+        for transport in self._udp:
+            transport.close()
+        for server in self._tcp:
+            server.close()
+        for server in self._tcp:
+            await server.wait_closed()
+        self._udp, self._tcp = [], []
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.bound = ()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def serve_udp(
+        self, transport: asyncio.DatagramTransport, data: bytes, client: Client
+    ) -> None:
+        try:
+            reply = await self._handler(data, client, _MIN_UDP)
+        except Exception as exc:  # never let one datagram end the listener
+            log.error("UDP query from %s: %s: %s", _fmt(client), type(exc).__name__, exc)
+            return
+        if reply is not None and not transport.is_closing():
+            transport.sendto(reply, client)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        client = (str(peer[0]), int(peer[1]))
+        if self._tcp_clients >= self._max_tcp:
+            log.warning(
+                "DNS client %s: TCP refused, %d clients connected", _fmt(client), self._tcp_clients
+            )
+            writer.close()
+            return
+        self._tcp_clients += 1
+        inflight: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(self._max_pipeline)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._tcp_idle):
+                        (size,) = _LEN.unpack(await reader.readexactly(2))
+                        data = await reader.readexactly(size)
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    break
+                await slots.acquire()
+                task = asyncio.ensure_future(self._tcp_one(writer, data, client, slots))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            if inflight:
+                await asyncio.wait(inflight, timeout=self._tcp_idle)
+        finally:
+            self._tcp_clients -= 1
+            for task in inflight:
+                task.cancel()
+            writer.close()
+
+    async def _tcp_one(
+        self, writer: asyncio.StreamWriter, data: bytes, client: Client, slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            reply = await self._handler(data, client, _TCP_LIMIT)
+            if reply is not None and not writer.is_closing():
+                writer.write(_LEN.pack(len(reply)) + reply)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        except Exception as exc:
+            log.error("TCP query from %s: %s: %s", _fmt(client), type(exc).__name__, exc)
+        finally:
+            slots.release()

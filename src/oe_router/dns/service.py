@@ -1,0 +1,192 @@
+"""The DNS front as a daemon ``Service``: start, reload, stop and ``oe status`` counters.
+
+Why here and not in daemon.py: the daemon only knows the Service protocol. This
+module turns ``config dns`` into listeners, an upstream client, a key lookup and
+a hold policy, and applies a reload without dropping the old listeners until the
+new ones are bound (a refused reload keeps the old ones running).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from oe_router.config.schema import DnsConfig, Endpoint, OeConfig
+from oe_router.control.status import StatusContribution
+from oe_router.dns.dnssec import TrustAnchorError, load_trust_anchor_file
+from oe_router.dns.front import AnswerCache, DnsFront, FrontBindError, FrontStats, Resolver
+from oe_router.dns.hold import HoldPolicy, KeyLookup, TunnelRequester
+from oe_router.dns.keylookup import ValidatingKeyLookup
+from oe_router.dns.upstream import (
+    ResolvConfSource,
+    StaticSource,
+    UpstreamClient,
+    UpstreamSettings,
+    UpstreamStats,
+)
+
+__all__ = ["DnsService", "KeyLookupFactory", "validating_key_lookup"]
+
+log = logging.getLogger("oe_router.dns.service")
+
+#: Builds the KeyLookup for a config; raises ValueError naming the option on bad input.
+KeyLookupFactory = Callable[[DnsConfig, UpstreamClient], KeyLookup | None]
+
+
+def validating_key_lookup(config: DnsConfig, upstream: UpstreamClient) -> KeyLookup:
+    """The production KeyLookup: DNSSEC from ``oe.dns.trust_anchor``."""
+    try:
+        anchors = load_trust_anchor_file(config.trust_anchor)
+    except TrustAnchorError as exc:
+        raise ValueError(f"oe.dns.trust_anchor: {exc}") from None
+    return ValidatingKeyLookup(anchors, upstream)
+
+
+def _source(config: DnsConfig) -> StaticSource | ResolvConfSource:
+    if config.upstream:
+        return StaticSource(config.upstream)
+    return ResolvConfSource(config.resolv_file, exclude=config.listen)
+
+
+class DnsService:
+    """Service ``dns``: the LAN-facing resolver that holds A/AAAA answers.
+
+    ``tunnels`` is the OE manager (None until it exists: keyed answers go out
+    clear). ``key_lookup_factory`` defaults to DNSSEC validation from the trust
+    anchor; tests pass their own.
+    """
+
+    name = "dns"
+
+    def __init__(
+        self,
+        tunnels: TunnelRequester | None = None,
+        key_lookup_factory: KeyLookupFactory = validating_key_lookup,
+        upstream_settings: UpstreamSettings | None = None,
+        cache_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._tunnels = tunnels
+        self._factory = key_lookup_factory
+        self._settings = upstream_settings or UpstreamSettings()
+        self._cache_entries = cache_entries
+        self._clock = clock
+        self.stats = FrontStats()
+        self.upstream_stats = UpstreamStats()
+        self._config: DnsConfig | None = None
+        self._front: DnsFront | None = None
+        self.resolver: Resolver | None = None
+        self._started_at = 0.0
+
+    @property
+    def bound(self) -> tuple[Endpoint, ...]:
+        """Where the front listens (the real ports when the config said 0)."""
+        return self._front.bound if self._front is not None else ()
+
+    def _parts(self, config: DnsConfig) -> tuple[UpstreamClient, KeyLookup | None]:
+        upstream = UpstreamClient(_source(config), self._settings, self.upstream_stats)
+        try:
+            key_lookup = self._factory(config, upstream)
+        except ValueError as exc:
+            raise _service_error(str(exc)) from None
+        return upstream, key_lookup
+
+    def _build(self, config: DnsConfig) -> Resolver:
+        upstream, key_lookup = self._parts(config)
+        return Resolver(
+            upstream,
+            HoldPolicy.from_config(config),
+            key_lookup=key_lookup,
+            tunnels=self._tunnels,
+            cache=AnswerCache(self._cache_entries, max_ttl=_cache_ttl(config)),
+            stats=self.stats,
+        )
+
+    async def start(self, config: OeConfig) -> None:
+        dns_config = config.dns
+        resolver = self._build(dns_config)
+        front = DnsFront(self._handle)
+        self.resolver = resolver
+        try:
+            await front.start(dns_config.listen)
+        except FrontBindError as exc:
+            self.resolver = None
+            raise _service_error(f"oe.dns.listen: {exc.strerror}") from None
+        self._front = front
+        self._config = dns_config
+        self._started_at = self._clock()
+
+    async def reload(self, config: OeConfig) -> None:
+        new = config.dns
+        old = self._config
+        if old is None or new == old:
+            return
+        upstream, key_lookup = self._parts(new)  # refuses before anything changes
+        if new.listen != old.listen:
+            front = DnsFront(self._handle)
+            try:
+                await front.start(new.listen)
+            except FrontBindError as exc:
+                raise _service_error(f"oe.dns.listen: {exc.strerror}") from None
+            previous, self._front = self._front, front
+            if previous is not None:
+                await previous.stop()
+        resolver = self.resolver
+        if resolver is not None:
+            # in place: answers held right now keep their negotiation and timers
+            resolver.upstream = upstream
+            resolver.key_lookup = key_lookup
+            resolver.policy = HoldPolicy.from_config(new)
+            resolver.cache = AnswerCache(self._cache_entries, max_ttl=_cache_ttl(new))
+        self._config = new
+        log.info("DNS front reloaded")
+
+    async def stop(self) -> None:
+        if self._front is not None:
+            await self._front.stop()
+            self._front = None
+        if self.resolver is not None:
+            await self.resolver.close()
+            self.resolver = None
+        self._config = None
+
+    async def _handle(self, wire: bytes, client: tuple[str, int], limit: int) -> bytes | None:
+        resolver = self.resolver
+        if resolver is None:
+            return None
+        if limit == 65535:
+            self.stats.tcp += 1
+        else:
+            self.stats.udp += 1
+        return await resolver.handle(wire, client, limit)
+
+    def status(self) -> StatusContribution:
+        config = self._config
+        doc: dict[str, object] = dict(self.stats.to_json())
+        doc.update(self.upstream_stats.to_json())
+        if config is not None and self.resolver is not None:
+            upstream = self.resolver.upstream
+            doc["listen"] = [str(e) for e in self.bound]
+            if isinstance(upstream, UpstreamClient):
+                doc["upstreams"] = [str(e) for e in upstream.servers()]
+                doc["upstream_source"] = upstream.source.describe()
+            doc["hold_limit_s"] = config.hold_limit
+            doc["ttl_cap_s"] = config.ttl_cap
+            doc["bogus_action"] = config.bogus_action
+            doc["ipseckey_trigger"] = "on" if self.resolver.key_lookup is not None else "off"
+            doc["oe_manager"] = "connected" if self._tunnels is not None else "none"
+            doc["held_now"] = self.resolver.core.in_flight
+            doc["negotiations_now"] = self.resolver.core.negotiations
+            doc["cache_entries"] = len(self.resolver.cache) if self.resolver.cache else 0
+        return StatusContribution(dns=doc)
+
+
+def _cache_ttl(config: DnsConfig) -> int:
+    return int(config.ttl_cap) if config.ttl_cap > 0 else 86400
+
+
+def _service_error(message: str) -> Exception:
+    from oe_router.daemon import ServiceError  # daemon imports services, not the reverse
+
+    return ServiceError(message)

@@ -1,0 +1,303 @@
+"""The DNS front's message helpers and its Resolver driving the hold core.
+
+The upstream here is an in-memory forwarder built with dnspython (the host tier
+uses knotd); KeyLookup and TunnelRequester are recording stand-ins for the
+validator and the OE manager, as the brief asks, with controllable delays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from oe_router.dns.front import (
+    AnswerCache,
+    Resolver,
+    addresses_in,
+    cap_ttls,
+    client_udp_limit,
+    fit_to_limit,
+)
+from oe_router.dns.hold import HoldPolicy, IPAddress, KeyResult, KeyStatus
+from oe_router.dns.ipseckey import KeyKind, PeerKey
+from oe_router.dns.upstream import UpstreamError, parse_resolv_conf
+
+NAME = dns.name.from_text("host.example.")
+KEY = PeerKey(kind=KeyKind.NONE, public_key=None, precedence=1, owner=NAME, algorithm=0)
+
+
+def reply_for(wire: bytes, n_addresses: int = 1, ttl: int = 3600) -> bytes:
+    query = dns.message.from_wire(wire)
+    reply = dns.message.make_response(query)
+    q = query.question[0]
+    if q.rdtype == dns.rdatatype.A:
+        addrs = [f"192.0.2.{i + 1}" for i in range(n_addresses)]
+        reply.answer.append(dns.rrset.from_text_list(q.name, ttl, "IN", "A", addrs))
+    return reply.to_wire()
+
+
+class Upstream:
+    """In-memory forwarder: answers A with n addresses, or fails, after ``delay``."""
+
+    def __init__(self, n: int = 1, fail: bool = False, delay: float = 0.0) -> None:
+        self.n, self.fail, self.delay, self.calls = n, fail, delay, 0
+
+    async def query(self, wire: bytes) -> bytes:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise UpstreamError("no upstream answered (192.0.2.53:53: no UDP reply)")
+        return reply_for(wire, self.n)
+
+
+class Keys:
+    def __init__(self, result: KeyResult, delay: float = 0.0) -> None:
+        self.result, self.delay, self.calls = result, delay, 0
+
+    async def lookup(self, name: dns.name.Name) -> KeyResult:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        return self.result
+
+
+class Tunnels:
+    """Records ensure_tunnel calls and the loop time each one finished."""
+
+    def __init__(self, delay: float, ok: bool = True) -> None:
+        self.delay, self.ok = delay, ok
+        self.calls: list[tuple[dns.name.Name, tuple[IPAddress, ...], PeerKey]] = []
+        self.done_at: list[float] = []
+
+    async def ensure_tunnel(
+        self, name: dns.name.Name, addresses: tuple[IPAddress, ...], key: PeerKey
+    ) -> bool:
+        self.calls.append((name, addresses, key))
+        await asyncio.sleep(self.delay)
+        self.done_at.append(asyncio.get_running_loop().time())
+        return self.ok
+
+
+def query(name: str = "host.example.", rdtype: str = "A", **kw: object) -> bytes:
+    return dns.message.make_query(name, rdtype, **kw).to_wire()  # type: ignore[arg-type]
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro())  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def test_client_udp_limit_follows_edns0() -> None:
+    assert client_udp_limit(dns.message.make_query("a.", "A")) == 512
+    assert client_udp_limit(dns.message.make_query("a.", "A", use_edns=0, payload=4096)) == 4096
+    assert client_udp_limit(dns.message.make_query("a.", "A", use_edns=0, payload=100)) == 512
+
+
+def test_fit_to_limit_sets_tc_and_keeps_question_and_opt() -> None:
+    wire = query(use_edns=0, payload=1232)
+    big = reply_for(wire, n_addresses=60)
+    assert len(big) > 512
+    out, truncated = fit_to_limit(big, 512)
+    msg = dns.message.from_wire(out)
+    assert truncated and msg.flags & dns.flags.TC and not msg.answer
+    assert msg.question[0].name == NAME and msg.edns == 0
+    assert fit_to_limit(big, 4096) == (big, False)
+
+
+def test_cap_ttls_and_addresses() -> None:
+    msg = dns.message.from_wire(reply_for(query(), n_addresses=3, ttl=7200))
+    cap_ttls(msg, 300)
+    assert msg.answer[0].ttl == 300
+    assert sorted(addresses_in(msg)) == [ipaddress.ip_address(f"192.0.2.{i}") for i in (1, 2, 3)]
+    cap_ttls(msg, 0)  # 0 = no cap
+    assert msg.answer[0].ttl == 300
+
+
+def test_parse_resolv_conf_names_bad_lines_and_excludes_ourselves() -> None:
+    from oe_router.config.schema import Endpoint
+
+    text = "# x\nnameserver 192.0.2.1\nnameserver fe80::1%eth0\nnameserver bogus\nsearch lan\n"
+    text += "nameserver 127.0.0.1\n"
+    servers, problems = parse_resolv_conf(text, "/tmp/r", exclude=[Endpoint("127.0.0.1", 53)])
+    assert [str(s) for s in servers] == ["192.0.2.1:53", "[fe80::1]:53"]
+    assert len(problems) == 1 and "/tmp/r:4" in problems[0] and "bogus" in problems[0]
+
+
+def test_answer_cache_counts_ttl_down() -> None:
+    cache = AnswerCache()
+    wire = query()
+    reply = reply_for(wire, ttl=100)
+    key = AnswerCache.key(dns.message.from_wire(wire))
+    cache.put(key, dns.message.from_wire(reply), reply, now=10.0)
+    hit = cache.get(key, 0x4242, now=40.5)
+    assert hit is not None
+    msg = dns.message.from_wire(hit)
+    assert msg.id == 0x4242 and msg.answer[0].ttl == 70
+    assert cache.get(key, 1, now=110.0) is None
+
+
+# ------------------------------------------------------------------ resolver
+
+
+def test_malformed_queries_get_formerr_or_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        r = Resolver(Upstream(), HoldPolicy())
+        assert await r.handle(b"\x12", ("192.0.2.9", 5353), 512) is None
+        junk = b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05abc"
+        out = await r.handle(junk, ("192.0.2.9", 5353), 512)
+        assert out is not None
+        msg = dns.message.from_wire(out)
+        assert msg.id == 0xABCD and msg.rcode() == dns.rcode.FORMERR
+        response = dns.message.from_wire(reply_for(query()))
+        assert await r.handle(response.to_wire(), ("192.0.2.9", 1), 512) is None
+        assert (r.stats.formerr, r.stats.dropped) == (1, 2)
+
+    run(main)
+    assert "192.0.2.9:5353" in caplog.text
+
+
+def test_non_address_queries_are_forwarded_without_key_lookup() -> None:
+    async def main() -> None:
+        keys = Keys(KeyResult(KeyStatus.INSECURE))
+        r = Resolver(Upstream(), HoldPolicy(), key_lookup=keys)
+        out = await r.handle(query(rdtype="TXT"), ("192.0.2.9", 1), 512)
+        assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.NOERROR
+        assert keys.calls == 0
+
+    run(main)
+
+
+def test_secure_key_answer_released_after_tunnel_with_capped_ttl() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tunnels = Tunnels(delay=0.2)
+        r = Resolver(
+            Upstream(n=2),
+            HoldPolicy(ttl_cap=60),
+            key_lookup=Keys(KeyResult(KeyStatus.SECURE, (KEY,), "ok")),
+            tunnels=tunnels,
+        )
+        t0 = loop.time()
+        out = await r.handle(query(), ("192.0.2.9", 1), 512)
+        released = loop.time()
+        assert out is not None
+        msg = dns.message.from_wire(out)
+        assert len(msg.answer[0]) == 2 and msg.answer[0].ttl == 60
+        assert released >= tunnels.done_at[0] >= t0 + 0.2
+        (name, addrs, key) = tunnels.calls[0]
+        assert name == NAME and len(addrs) == 2 and key is KEY
+        assert (r.stats.held, r.stats.released_protected) == (1, 1)
+
+    run(main)
+
+
+def test_concurrent_queries_share_one_tunnel_request() -> None:
+    async def main() -> None:
+        tunnels = Tunnels(delay=0.1)
+        keys = Keys(KeyResult(KeyStatus.SECURE, (KEY,)), delay=0.02)
+        r = Resolver(Upstream(), HoldPolicy(), key_lookup=keys, tunnels=tunnels)
+        outs = await asyncio.gather(*(r.handle(query(), ("192.0.2.9", i), 512) for i in range(8)))
+        assert all(o is not None for o in outs)
+        assert keys.calls == 1 and len(tunnels.calls) == 1
+        assert r.stats.released_protected == 8
+
+    run(main)
+
+
+def test_hold_limit_releases_clear_while_tunnel_is_slow() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tunnels = Tunnels(delay=2.0)
+        r = Resolver(
+            Upstream(),
+            HoldPolicy(hold_limit=0.3),
+            key_lookup=Keys(KeyResult(KeyStatus.SECURE, (KEY,))),
+            tunnels=tunnels,
+        )
+        t0 = loop.time()
+        out = await r.handle(query(), ("192.0.2.9", 1), 512)
+        took = loop.time() - t0
+        assert out is not None and dns.message.from_wire(out).answer
+        assert 0.28 <= took < 1.0
+        assert (r.stats.hold_expired, r.stats.released_clear) == (1, 1)
+        await r.close()
+
+    run(main)
+
+
+def test_bogus_gets_servfail_and_no_tunnel_request() -> None:
+    async def main() -> None:
+        tunnels = Tunnels(delay=0.0)
+        r = Resolver(
+            Upstream(),
+            HoldPolicy(),
+            key_lookup=Keys(KeyResult(KeyStatus.BOGUS, (KEY,), "bad RRSIG")),
+            tunnels=tunnels,
+        )
+        out = await r.handle(query(), ("192.0.2.9", 1), 512)
+        assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.SERVFAIL
+        assert tunnels.calls == [] and r.stats.servfail == 1
+
+    run(main)
+
+
+def test_no_key_is_not_held_behind_a_slow_tunnel_manager() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tunnels = Tunnels(delay=5.0)
+        r = Resolver(
+            Upstream(),
+            HoldPolicy(),
+            key_lookup=Keys(KeyResult(KeyStatus.INSECURE, (), "unsigned")),
+            tunnels=tunnels,
+        )
+        t0 = loop.time()
+        out = await r.handle(query(), ("192.0.2.9", 1), 512)
+        assert out is not None and loop.time() - t0 < 0.2
+        assert tunnels.calls == [] and r.stats.released_clear == 1
+
+    run(main)
+
+
+def test_upstream_failure_is_servfail_and_counted() -> None:
+    async def main() -> None:
+        r = Resolver(
+            Upstream(fail=True), HoldPolicy(), key_lookup=Keys(KeyResult(KeyStatus.INSECURE))
+        )
+        out = await r.handle(query(), ("192.0.2.9", 1), 512)
+        assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.SERVFAIL
+        assert (r.stats.timeouts, r.stats.servfail) == (1, 1)
+
+    run(main)
+
+
+def test_large_answer_over_udp_is_truncated_but_not_over_tcp() -> None:
+    async def main() -> None:
+        r = Resolver(Upstream(n=60), HoldPolicy())
+        out = await r.handle(query(), ("192.0.2.9", 1), 512)
+        assert out is not None and dns.message.from_wire(out).flags & dns.flags.TC
+        out = await r.handle(query(), ("192.0.2.9", 1), 65535)
+        assert out is not None and len(dns.message.from_wire(out).answer[0]) == 60
+
+    run(main)
+
+
+def test_cache_hits_skip_the_upstream() -> None:
+    async def main() -> None:
+        up = Upstream()
+        r = Resolver(up, HoldPolicy(), cache=AnswerCache())
+        for _ in range(3):
+            assert await r.handle(query(), ("192.0.2.9", 1), 512) is not None
+        assert up.calls == 1 and r.stats.cache_hits == 2
+
+    run(main)
