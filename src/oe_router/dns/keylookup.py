@@ -6,12 +6,18 @@ sent through the front's own ``upstream.UpstreamClient`` (same upstreams, same
 resolv_file, same timeouts) and turns the validated IPSECKEY RRset into
 ``PeerKey``s. Keys are only extracted from a SECURE answer; every other status
 comes back with no keys at all.
+
+Failures (BOGUS, INDETERMINATE) are remembered for ``failure_ttl`` seconds, as RFC
+9520 asks (at least 1 s): a broken zone must not cost an upstream round trip for
+every A query of every LAN client. SECURE/INSECURE results are cached by the
+validator itself, by TTL.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import dns.flags
@@ -47,11 +53,16 @@ class ValidatingKeyLookup:
         clock: Callable[[], float] = time.time,
         cache: ValidationCache | None = None,
         min_rsa_bits: int = DEFAULT_MIN_RSA_BITS,
+        failure_ttl: float = 5.0,
+        max_failures: int = 1024,
     ) -> None:
         self.validator = Validator(anchors, cache=cache or ValidationCache())
         self.upstream = upstream
         self._clock = clock
         self._min_rsa_bits = min_rsa_bits
+        self._failure_ttl = failure_ttl
+        self._max_failures = max_failures
+        self._failures: OrderedDict[dns.name.Name, tuple[float, KeyResult]] = OrderedDict()
 
     async def _ask(self, query: Query) -> dns.message.Message | None:
         msg = dns.message.make_query(
@@ -66,6 +77,21 @@ class ValidatingKeyLookup:
             return None
 
     async def lookup(self, name: dns.name.Name) -> KeyResult:
+        name = name.canonicalize()
+        now = self._clock()
+        remembered = self._failures.get(name)
+        if remembered is not None:
+            if remembered[0] > now:
+                return remembered[1]
+            del self._failures[name]
+        result = await self._validate(name)
+        if result.status in (KeyStatus.BOGUS, KeyStatus.INDETERMINATE) and self._failure_ttl > 0:
+            self._failures[name] = (self._clock() + self._failure_ttl, result)
+            while len(self._failures) > self._max_failures:
+                self._failures.popitem(last=False)
+        return result
+
+    async def _validate(self, name: dns.name.Name) -> KeyResult:
         validation = self.validator.start(name, dns.rdatatype.IPSECKEY, self._clock())
         action = validation.action
         while isinstance(action, Query):
