@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -305,9 +306,7 @@ def run() -> list[Result]:
                     return f"nx{tag}{r}-{i}.{ZONE}"
 
                 direct_u += latencies(knot.host, knot.port, fresh, n // 8)
-                ours_u += latencies(
-                    front.host, front.port, lambda i, r=r: f"nxo{r}-{i}.{ZONE}", n // 8
-                )
+                ours_u += latencies(front.host, front.port, partial(fresh, r=r, tag="o"), n // 8)
             q_ours = qps(front.host, front.port, 1.5)
             q_masq = qps(masq.host, masq.port, 1.5)
             q_knot = qps(knot.host, knot.port, 1.0)
