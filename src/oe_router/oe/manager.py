@@ -1,0 +1,788 @@
+"""The OE manager core, sans-IO: datapath and IKE events in, actions out, ``now`` passed in.
+
+Why sans-IO: the decisions here (which group, negotiate or not, which shunt, when to
+rekey, what a peer may protect) are the security-relevant part of packet-triggered OE
+and must be testable without a kernel, sockets or clocks. ``service.py`` performs the
+actions (datapath, negotiator) and feeds their results back as events.
+
+Per peer there is at most one negotiation in flight ("one negotiation per peer"):
+acquires for the same peer and flow selector coalesce into it, acquires for other
+flow selectors of the same peer queue behind it and then ride the same IKE SA (the
+IKE engine keeps one IKE SA per peer; each flow selector is one Child SA).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Awaitable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import dns.name
+
+from oe_router.control.status import ShuntStatus, TunnelStatus
+from oe_router.datapath.base import (
+    Acquire,
+    ChildSaSpec,
+    Direction,
+    Expire,
+    IPAddress,
+    Lifetime,
+    PolicyExpire,
+    PolicySpec,
+    TrafficSelector,
+)
+from oe_router.dns.ipseckey import KeyKind, PeerKey
+from oe_router.oe.policy import Group, PolicyTable, Rule, flow_selector, selector_rank
+
+__all__ = [
+    "Action",
+    "CheckTraffic",
+    "ChildRequest",
+    "InstallChild",
+    "InstallPolicy",
+    "Negotiate",
+    "NegotiationResult",
+    "Negotiator",
+    "OeManager",
+    "PeerAuth",
+    "Rekey",
+    "RemoveChild",
+    "RemovePolicy",
+    "SendDelete",
+    "TunnelResult",
+]
+
+log = logging.getLogger("oe_router.oe")
+
+
+# --------------------------------------------------------------------------- the IKE seam
+
+
+@dataclass(frozen=True)
+class PeerAuth:
+    """How the peer must authenticate: NULL (RFC 7619) or a DNSSEC-validated key."""
+
+    key: PeerKey | None = None
+    name: dns.name.Name | None = None  #: the DNS name the key was published under
+
+    @property
+    def null(self) -> bool:
+        """NULL auth: no key, or a published key of kind NONE ("I take anonymous OE")."""
+        return self.key is None or self.key.kind is KeyKind.NONE
+
+
+@dataclass(frozen=True)
+class ChildRequest:
+    """One Child SA to negotiate: host-to-host between our WAN address and the peer.
+
+    ``local_ts``/``remote_ts`` are what to propose; the peer may narrow protocol and
+    port, but the addresses must stay exactly ``local``/``peer`` (containment).
+    """
+
+    peer: IPAddress
+    local: IPAddress
+    auth: PeerAuth
+    local_ts: TrafficSelector
+    remote_ts: TrafficSelector
+
+
+@dataclass(frozen=True)
+class NegotiationResult:
+    """What the IKE engine made of a request: a complete Child SA, or why not."""
+
+    child_sa: ChildSaSpec | None
+    error: str | None = None
+
+
+class Negotiator(Protocol):
+    """What the OE manager needs from the IKE engine (src/oe_router/ike/).
+
+    The engine keeps one IKE SA per peer and creates Child SAs on it; it allocates
+    inbound SPIs through the datapath (``allocate_spi``) and returns complete specs
+    (keys, algorithms, mode tunnel, ``reqid`` 0 or from ``allocate_reqid``). It never
+    installs SAs itself: the manager installs them after its containment check.
+    """
+
+    def negotiate(self, request: ChildRequest, now: float) -> Awaitable[NegotiationResult]:
+        """Create (IKE_SA_INIT + IKE_AUTH, or CREATE_CHILD_SA on an existing IKE SA)."""
+        ...
+
+    def rekey(
+        self, peer: IPAddress, child: ChildSaSpec, now: float
+    ) -> Awaitable[NegotiationResult]:
+        """Rekey ``child`` (CREATE_CHILD_SA with REKEY_SA); the engine deletes the old one
+        with the peer, the manager swaps it in the kernel."""
+        ...
+
+    def delete(self, peer: IPAddress, child: ChildSaSpec | None) -> Awaitable[None]:
+        """Send INFORMATIONAL DELETE for ``child`` (None: the whole IKE SA) and forget it;
+        best effort: a dead peer must not block this."""
+        ...
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class InstallPolicy:
+    policy: PolicySpec
+
+
+@dataclass(frozen=True)
+class RemovePolicy:
+    policy: PolicySpec
+
+
+@dataclass(frozen=True)
+class Negotiate:
+    """Call ``Negotiator.negotiate``; feed the result to ``negotiated(ticket, ...)``."""
+
+    ticket: int
+    request: ChildRequest
+
+
+@dataclass(frozen=True)
+class Rekey:
+    """Call ``Negotiator.rekey``; feed the result to ``negotiated(ticket, ...)``."""
+
+    ticket: int
+    peer: IPAddress
+    child: ChildSaSpec
+
+
+@dataclass(frozen=True)
+class InstallChild:
+    """Install the Child SA; feed the installed spec (or the error) to ``installed``."""
+
+    ticket: int
+    spec: ChildSaSpec
+
+
+@dataclass(frozen=True)
+class RemoveChild:
+    spec: ChildSaSpec
+    remove_policies: bool = True
+
+
+@dataclass(frozen=True)
+class SendDelete:
+    """Tell the IKE engine to delete ``child`` (None: the IKE SA) with the peer."""
+
+    peer: IPAddress
+    child: ChildSaSpec | None
+
+
+@dataclass(frozen=True)
+class CheckTraffic:
+    """Read the Child SA's counters; feed in+out bytes to ``traffic(child_id, ...)``."""
+
+    child_id: int
+    spec: ChildSaSpec
+    soft_expired: bool
+
+
+@dataclass(frozen=True)
+class TunnelResult:
+    """Answer an ``ensure_tunnel`` waiter: True when every address is protected."""
+
+    waiter: int
+    ok: bool
+
+
+Action = (
+    InstallPolicy
+    | RemovePolicy
+    | Negotiate
+    | Rekey
+    | InstallChild
+    | RemoveChild
+    | SendDelete
+    | CheckTraffic
+    | TunnelResult
+)
+
+# --------------------------------------------------------------------------- state
+
+PolicyKey = tuple[object, ...]
+
+
+def _key(src: TrafficSelector, dst: TrafficSelector, direction: Direction) -> PolicyKey:
+    """The kernel's identity of a policy (priority is not part of it)."""
+    proto = src.proto or dst.proto
+    return (src.net, dst.net, proto, src.port, dst.port, direction)
+
+
+def _pkey(p: PolicySpec) -> PolicyKey:
+    return _key(p.src, p.dst, p.direction)
+
+
+def _host(addr: IPAddress) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(addr)
+
+
+@dataclass
+class _Child:
+    id: int
+    peer: IPAddress
+    spec: ChildSaSpec
+    selector: TrafficSelector
+    group: Group
+    since: float
+    bytes_seen: int = 0
+    active_at: float = 0.0
+    rekeying: bool = False
+
+
+@dataclass
+class _Want:
+    selector: TrafficSelector
+    rule: Rule
+    waiters: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Peer:
+    addr: IPAddress
+    in_flight: int | None = None  # ticket
+    queue: dict[TrafficSelector, _Want] = field(default_factory=dict)
+    children: dict[int, _Child] = field(default_factory=dict)
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight is None and not self.queue and not self.children
+
+
+@dataclass
+class _Shunt:
+    policy: PolicySpec
+    peer: IPAddress
+    group: Group
+    reason: str
+    expires: float
+
+
+@dataclass
+class _Ticket:
+    peer: IPAddress
+    want: _Want | None = None  # a negotiation
+    child_id: int | None = None  # a rekey of this child
+    responder: _Child | None = None  # an inbound child being installed
+    spec: ChildSaSpec | None = None  # what InstallChild was asked to install
+
+
+@dataclass
+class _Waiter:
+    pending: set[tuple[IPAddress, TrafficSelector]]
+    ok: bool = True
+
+
+class OeManager:
+    """Policy groups, tunnels and shunts for packet- and DNS-triggered OE.
+
+    Feed events, perform the returned actions in order, feed their results back.
+    Call ``tick(now)`` at ``next_deadline()``.
+    """
+
+    def __init__(
+        self,
+        table: PolicyTable,
+        wan: Mapping[int, IPAddress],
+        *,
+        trap_reqid: int,
+        shunt_lifetime: float = 900.0,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        self.table = table
+        self.wan = dict(wan)
+        self.trap_reqid = trap_reqid
+        self.shunt_lifetime = shunt_lifetime
+        self.idle_timeout = idle_timeout
+        self._group_policies = table.kernel_policies(self.wan, trap_reqid=trap_reqid)
+        self._by_key: dict[PolicyKey, PolicySpec] = {_pkey(p): p for p in self._group_policies}
+        self._peers: dict[IPAddress, _Peer] = {}
+        self._shunts: dict[PolicyKey, _Shunt] = {}
+        self._tickets: dict[int, _Ticket] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._keys: dict[IPAddress, PeerAuth] = {}
+        self._next = 1
+
+    # ------------------------------------------------------------------ helpers
+    def _id(self) -> int:
+        n = self._next
+        self._next += 1
+        return n
+
+    def _peer(self, addr: IPAddress) -> _Peer:
+        return self._peers.setdefault(addr, _Peer(addr))
+
+    def _gc(self, addr: IPAddress) -> None:
+        p = self._peers.get(addr)
+        if p is not None and p.idle:
+            del self._peers[addr]
+
+    def group_policies(self) -> tuple[PolicySpec, ...]:
+        """The group table's kernel policies (what ``start`` installs)."""
+        return self._group_policies
+
+    def start(self) -> list[Action]:
+        """Install the group policies (replacing any adopted from an earlier run)."""
+        return [InstallPolicy(p) for p in self._group_policies]
+
+    def _restore(self, keys: Iterable[PolicyKey]) -> list[Action]:
+        """A runtime policy with a group policy's identity was removed: put the group's back."""
+        return [InstallPolicy(self._by_key[k]) for k in keys if k in self._by_key]
+
+    @staticmethod
+    def _child_keys(spec: ChildSaSpec) -> list[PolicyKey]:
+        lts = spec.local_ts or (TrafficSelector(_host(spec.local)),)
+        rts = spec.remote_ts or (TrafficSelector(_host(spec.remote)),)
+        keys = []
+        for lt in lts:
+            for rt in rts:
+                keys.append(_key(lt, rt, Direction.OUT))
+                keys.append(_key(rt, lt, Direction.IN))
+                keys.append(_key(rt, lt, Direction.FWD))
+        return keys
+
+    def _find_child(self, child_id: int) -> _Child | None:
+        for p in self._peers.values():
+            if child_id in p.children:
+                return p.children[child_id]
+        return None
+
+    def _child_for(self, peer: IPAddress, selector: TrafficSelector) -> _Child | None:
+        p = self._peers.get(peer)
+        if p is None:
+            return None
+        return next((c for c in p.children.values() if c.selector == selector), None)
+
+    # ------------------------------------------------------------------ containment
+    def containment_error(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
+        """Why ``spec`` may not be installed for ``peer`` (None: it may).
+
+        A peer may protect only its own address, and only to our WAN address: any
+        other selector would let it capture traffic meant for someone else.
+        """
+        local = self.wan.get(peer.version)
+        if local is None:
+            return f"peer {peer}: no WAN address of IPv{peer.version} to protect traffic with"
+        if spec.remote != peer:
+            return f"peer {peer}: Child SA goes to {spec.remote}, not to the peer itself"
+        if spec.local != local:
+            return f"peer {peer}: Child SA starts at {spec.local}, not at our WAN address {local}"
+        for ts in spec.remote_ts:
+            if ts.net != _host(peer):
+                return (
+                    f"peer {peer}: refused selector {ts.net}: "
+                    "a peer may only protect its own address"
+                )
+        for ts in spec.local_ts:
+            if ts.net != _host(local):
+                return (
+                    f"peer {peer}: refused local selector {ts.net}: only {local} may be protected"
+                )
+        return None
+
+    # ------------------------------------------------------------------ negotiation
+    def _start_next(self, p: _Peer, now: float) -> list[Action]:
+        if p.in_flight is not None or not p.queue:
+            self._gc(p.addr)
+            return []
+        want = next(iter(p.queue.values()))
+        local = self.wan[p.addr.version]
+        ticket = self._id()
+        self._tickets[ticket] = _Ticket(p.addr, want=want)
+        p.in_flight = ticket
+        auth = self._keys.get(p.addr, PeerAuth())
+        local_ts = TrafficSelector(_host(local), want.selector.proto, None)
+        request = ChildRequest(p.addr, local, auth, local_ts, want.selector)
+        log.info(
+            "negotiating with %s (%s, %s auth) for %s",
+            p.addr,
+            want.rule.group.value,
+            "NULL" if auth.null else "DNSSEC key",
+            _describe(want.selector),
+        )
+        return [Negotiate(ticket, request)]
+
+    def _want(self, peer: IPAddress, rule: Rule, waiter: int | None, now: float) -> list[Action]:
+        selector = flow_selector(peer, rule)
+        p = self._peer(peer)
+        want = p.queue.get(selector)
+        if want is None:
+            want = p.queue[selector] = _Want(selector, rule)
+        if waiter is not None:
+            want.waiters.add(waiter)
+        return self._start_next(p, now)
+
+    def acquire(self, ev: Acquire, now: float) -> list[Action]:
+        """The kernel trapped a packet with no SA: negotiate for its destination."""
+        peer = ev.selector_dst.net.network_address
+        rule = self.table.lookup(peer, ev.selector_dst.proto, ev.selector_dst.port)
+        if rule is None or not rule.group.initiates:
+            group = "no group" if rule is None else rule.group.value
+            log.info("ignoring ACQUIRE for %s: %s does not initiate", peer, group)
+            return []
+        if peer.version not in self.wan:
+            log.warning("ignoring ACQUIRE for %s: no IPv%d WAN address", peer, peer.version)
+            return []
+        if self._child_for(peer, flow_selector(peer, rule)) is not None:
+            return []  # the SA arrived while the packet was trapped
+        return self._want(peer, rule, None, now)
+
+    def ensure_tunnel(
+        self,
+        waiter: int,
+        name: dns.name.Name,
+        addresses: tuple[IPAddress, ...],
+        key: PeerKey,
+        now: float,
+    ) -> list[Action]:
+        """DNS front: protect every address of ``name`` with ``key``; answer ``waiter``."""
+        w = self._waiters[waiter] = _Waiter(set())
+        actions: list[Action] = []
+        for addr in addresses:
+            rule = self.table.lookup(addr)
+            group = Group.CLEAR if rule is None else rule.group
+            if rule is None or not group.initiates or addr.version not in self.wan:
+                why = "no WAN address" if addr.version not in self.wan else group.value
+                log.info("%s (%s): not initiating a tunnel (%s)", name, addr, why)
+                w.ok = False
+                continue
+            self._keys[addr] = PeerAuth(key, name)
+            selector = flow_selector(addr, rule)
+            if self._child_for(addr, selector) is not None:
+                continue
+            w.pending.add((addr, selector))
+            actions += self._want(addr, rule, waiter, now)
+        if not w.pending:
+            del self._waiters[waiter]
+            actions.append(TunnelResult(waiter, w.ok))
+        return actions
+
+    def _resolve(self, want: _Want, peer: IPAddress, ok: bool) -> list[Action]:
+        out: list[Action] = []
+        for waiter in sorted(want.waiters):
+            w = self._waiters.get(waiter)
+            if w is None:
+                continue
+            w.pending.discard((peer, want.selector))
+            w.ok = w.ok and ok
+            if not w.pending:
+                del self._waiters[waiter]
+                out.append(TunnelResult(waiter, w.ok))
+        return out
+
+    def _fail(self, p: _Peer, want: _Want, reason: str, now: float) -> list[Action]:
+        """Negotiation failed: the group's failure shunt, waiters told, next in queue."""
+        p.queue.pop(want.selector, None)
+        actions = self._shunt(p.addr, want.selector, want.rule.group, reason, now)
+        actions += self._resolve(want, p.addr, False)
+        p.in_flight = None
+        return actions + self._start_next(p, now)
+
+    def _shunt(
+        self, peer: IPAddress, selector: TrafficSelector, group: Group, reason: str, now: float
+    ) -> list[Action]:
+        action = group.failure_action
+        local = self.wan.get(peer.version)
+        if action is None or local is None:
+            return []
+        lifetime = max(1, round(self.shunt_lifetime))
+        policy = PolicySpec(
+            TrafficSelector(_host(local), selector.proto, None),
+            selector,
+            Direction.OUT,
+            action,
+            selector_rank(selector.net, selector.proto, selector.port),
+            lifetime=Lifetime(hard_seconds=lifetime),
+            persistent=group is Group.PRIVATE,
+        )
+        self._shunts[_pkey(policy)] = _Shunt(policy, peer, group, reason, now + lifetime)
+        log.warning(
+            "%s %s: %s shunt for %ds (%s)",
+            group.value,
+            _describe(selector),
+            action.value,
+            lifetime,
+            reason,
+        )
+        return [InstallPolicy(policy)]
+
+    def negotiated(self, ticket: int, result: NegotiationResult, now: float) -> list[Action]:
+        """The negotiator answered a ``Negotiate`` or ``Rekey``."""
+        t = self._tickets.get(ticket)
+        if t is None:
+            return []
+        p = self._peers.get(t.peer)
+        if t.child_id is not None:
+            return self._rekeyed(ticket, t, result, now)
+        if p is None or t.want is None:
+            del self._tickets[ticket]
+            return []
+        spec = result.child_sa
+        if spec is None:
+            del self._tickets[ticket]
+            return self._fail(p, t.want, result.error or "negotiation failed", now)
+        error = self.containment_error(t.peer, spec)
+        if error is not None:
+            del self._tickets[ticket]
+            log.error("%s; Child SA refused", error)
+            return [SendDelete(t.peer, spec), *self._fail(p, t.want, error, now)]
+        sel = t.want.selector
+        spec = replace(spec, policy_priority=selector_rank(sel.net, sel.proto, sel.port))
+        t.spec = spec
+        return [InstallChild(ticket, spec)]
+
+    def installed(
+        self, ticket: int, spec: ChildSaSpec | None, error: str | None, now: float
+    ) -> list[Action]:
+        """The datapath installed an ``InstallChild`` (spec with its reqid) or failed."""
+        t = self._tickets.pop(ticket, None)
+        if t is None:
+            return []
+        p = self._peer(t.peer)
+        if t.responder is not None:
+            inbound = t.responder
+            if spec is None:
+                log.error("peer %s: installing its Child SA failed: %s", t.peer, error)
+                self._gc(t.peer)
+                return [SendDelete(t.peer, inbound.spec)]
+            inbound.spec = spec
+            p.children[inbound.id] = inbound
+            return self._drop_shunts(self._child_keys(spec))
+        if t.child_id is not None:  # a rekey
+            c = p.children.get(t.child_id)
+            if c is None:
+                self._gc(t.peer)
+                return [RemoveChild(spec)] if spec is not None else []
+            c.rekeying = False
+            if spec is None:
+                log.error("peer %s: installing the rekeyed Child SA failed: %s", t.peer, error)
+                return [SendDelete(t.peer, t.spec)]
+            old, c.spec, c.since = c.spec, spec, now
+            log.info("peer %s: Child SA rekeyed", t.peer)
+            return [RemoveChild(old, remove_policies=False)]
+        want = t.want
+        assert want is not None
+        p.in_flight = None
+        if spec is None:
+            reason = f"installing the Child SA failed: {error}"
+            return [SendDelete(t.peer, t.spec), *self._fail(p, want, reason, now)]
+        p.queue.pop(want.selector, None)
+        c = _Child(self._id(), t.peer, spec, want.selector, want.rule.group, now, active_at=now)
+        p.children[c.id] = c
+        log.info("peer %s: Child SA up for %s", t.peer, _describe(want.selector))
+        actions = self._drop_shunts(self._child_keys(spec))
+        actions += self._resolve(want, t.peer, True)
+        return actions + self._start_next(p, now)
+
+    def _drop_shunts(self, keys: Iterable[PolicyKey]) -> list[Action]:
+        """The Child SA's policies replaced these shunts in the kernel: forget them."""
+        for k in keys:
+            self._shunts.pop(k, None)
+        return []
+
+    # ------------------------------------------------------------------ inbound
+    def authorize_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
+        """Responder side: may ``peer`` have this Child SA? None if yes, else why not."""
+        error = self.containment_error(peer, spec)
+        if error is not None:
+            log.error("%s; Child SA refused", error)
+            return error
+        proto = spec.remote_ts[0].proto if spec.remote_ts else 0
+        port = spec.remote_ts[0].port if spec.remote_ts else None
+        group = self.table.group_of(peer, proto, port)
+        if not group.accepts_inbound:
+            return f"peer {peer}: is in group {group.value}, which takes no IPsec"
+        return None
+
+    def adopt_inbound(self, peer: IPAddress, spec: ChildSaSpec, now: float) -> list[Action]:
+        """Responder side: install an authorized Child SA the peer initiated."""
+        if self.authorize_inbound(peer, spec) is not None:
+            return [SendDelete(peer, spec)]
+        rts = spec.remote_ts[0] if spec.remote_ts else TrafficSelector(_host(peer))
+        rule = self.table.lookup(peer, rts.proto, rts.port)
+        group = Group.CLEAR_OR_PRIVATE if rule is None else rule.group
+        sel = TrafficSelector(_host(peer), rts.proto, rts.port)
+        spec = replace(spec, policy_priority=selector_rank(sel.net, sel.proto, sel.port))
+        ticket = self._id()
+        child = _Child(self._id(), peer, spec, sel, group, now, active_at=now)
+        self._tickets[ticket] = _Ticket(peer, responder=child)
+        return [InstallChild(ticket, spec)]
+
+    # ------------------------------------------------------------------ lifecycle
+    def _remove_child(self, c: _Child, *, tell_peer: bool) -> list[Action]:
+        p = self._peers[c.peer]
+        del p.children[c.id]
+        actions: list[Action] = [RemoveChild(c.spec)]
+        if tell_peer:
+            actions.append(SendDelete(c.peer, c.spec))
+        actions += self._restore(self._child_keys(c.spec))
+        self._gc(c.peer)
+        return actions
+
+    def _child_by_spi(self, dst: IPAddress, spi: int) -> _Child | None:
+        for p in self._peers.values():
+            for c in p.children.values():
+                s = c.spec
+                if (dst, spi) in ((s.local, s.inbound.spi), (s.remote, s.outbound.spi)):
+                    return c
+        return None
+
+    def expired(self, ev: Expire, now: float) -> list[Action]:
+        """An SA hit its lifetime: hard -> gone; soft -> rekey if it carried traffic."""
+        c = self._child_by_spi(ev.dst, ev.spi)
+        if c is None:
+            return []
+        if ev.hard:
+            log.info("peer %s: Child SA expired (spi %#010x)", c.peer, ev.spi)
+            return self._remove_child(c, tell_peer=True)
+        if c.rekeying:
+            return []
+        return [CheckTraffic(c.id, c.spec, soft_expired=True)]
+
+    def traffic(self, child_id: int, total_bytes: int, now: float, soft: bool) -> list[Action]:
+        """Counters of a ``CheckTraffic``: rekey a busy SA, let an idle one go."""
+        c = self._find_child(child_id)
+        if c is None:
+            return []
+        if total_bytes != c.bytes_seen:
+            c.bytes_seen = total_bytes
+            c.active_at = now
+        if not soft or c.rekeying:
+            return []
+        if now - c.active_at >= self.idle_timeout:
+            log.info("peer %s: idle Child SA not rekeyed; removed", c.peer)
+            return self._remove_child(c, tell_peer=True)
+        c.rekeying = True
+        ticket = self._id()
+        self._tickets[ticket] = _Ticket(c.peer, child_id=c.id)
+        return [Rekey(ticket, c.peer, c.spec)]
+
+    def _rekeyed(
+        self, ticket: int, t: _Ticket, result: NegotiationResult, now: float
+    ) -> list[Action]:
+        assert t.child_id is not None
+        c = self._find_child(t.child_id)
+        if c is None:
+            del self._tickets[ticket]
+            return [SendDelete(t.peer, result.child_sa)] if result.child_sa else []
+        spec = result.child_sa
+        error = result.error or "rekey failed"
+        if spec is not None:
+            error = self.containment_error(t.peer, spec) or ""
+        if spec is None or error:
+            del self._tickets[ticket]
+            c.rekeying = False
+            log.warning("peer %s: %s; the Child SA lives until it expires", t.peer, error)
+            return [SendDelete(t.peer, spec)] if spec is not None else []
+        spec = replace(spec, policy_priority=c.spec.policy_priority)
+        t.spec = spec
+        return [InstallChild(ticket, spec)]
+
+    def peer_deleted(self, peer: IPAddress, spis: Iterable[int] | None, now: float) -> list[Action]:
+        """The peer sent DELETE: for these ESP SPIs (its inbound = our outbound), or None
+        for its IKE SA with every Child SA."""
+        p = self._peers.get(peer)
+        if p is None:
+            return []
+        wanted = None if spis is None else set(spis)
+        actions: list[Action] = []
+        for c in list(p.children.values()):
+            if wanted is None or c.spec.outbound.spi in wanted:
+                log.info("peer %s deleted its Child SA (spi %#010x)", peer, c.spec.outbound.spi)
+                actions += self._remove_child(c, tell_peer=False)
+        return actions
+
+    def liveness_failed(self, peer: IPAddress, now: float) -> list[Action]:
+        """The peer stopped answering: tear down, and fall back per group."""
+        p = self._peers.get(peer)
+        if p is None:
+            return []
+        log.warning("peer %s stopped answering liveness checks: tearing down", peer)
+        actions: list[Action] = [SendDelete(peer, None)]
+        for c in list(p.children.values()):
+            actions += self._remove_child(c, tell_peer=False)
+            actions += self._shunt(peer, c.selector, c.group, "peer stopped answering", now)
+        self._keys.pop(peer, None)
+        return actions
+
+    def policy_expired(self, ev: PolicyExpire, now: float) -> list[Action]:
+        """The kernel removed a shunt at its hard lifetime."""
+        if not ev.hard:
+            return []
+        shunt = self._shunts.pop(_key(ev.src, ev.dst, ev.direction), None)
+        if shunt is None:
+            return []
+        log.info("%s shunt for %s expired", shunt.policy.action.value, _describe(ev.dst))
+        return self._restore([_pkey(shunt.policy)])
+
+    def tick(self, now: float) -> list[Action]:
+        """Remove shunts past their lifetime (in case the kernel's event was lost)."""
+        actions: list[Action] = []
+        for k, s in list(self._shunts.items()):
+            if s.expires <= now:
+                del self._shunts[k]
+                actions.append(RemovePolicy(s.policy))
+                actions += self._restore([k])
+        return actions
+
+    def next_deadline(self) -> float | None:
+        return min((s.expires for s in self._shunts.values()), default=None)
+
+    def children(self) -> list[ChildSaSpec]:
+        return [c.spec for p in self._peers.values() for c in p.children.values()]
+
+    def shunt_policies(self) -> list[PolicySpec]:
+        return [s.policy for s in self._shunts.values()]
+
+    # ------------------------------------------------------------------ status
+    def tunnels(self, now: float) -> tuple[TunnelStatus, ...]:
+        out: list[TunnelStatus] = []
+        for p in self._peers.values():
+            for c in p.children.values():
+                out.append(
+                    TunnelStatus(
+                        peer=str(p.addr),
+                        local=str(c.spec.local),
+                        remote=_describe(c.selector),
+                        state="rekeying" if c.rekeying else "established",
+                        policy=c.group.value,
+                        transform=c.spec.encr.ike_name,
+                        established_s=round(now - c.since, 3),
+                    )
+                )
+            for want in p.queue.values():
+                out.append(
+                    TunnelStatus(
+                        peer=str(p.addr),
+                        local=str(self.wan.get(p.addr.version, "")),
+                        remote=_describe(want.selector),
+                        state="negotiating" if p.in_flight is not None else "queued",
+                        policy=want.rule.group.value,
+                    )
+                )
+        return tuple(out)
+
+    def shunts(self, now: float) -> tuple[ShuntStatus, ...]:
+        return tuple(
+            ShuntStatus(
+                destination=_describe(s.policy.dst),
+                kind=s.policy.action.value,
+                reason=f"{s.group.value}: {s.reason}",
+                expires_s=round(max(0.0, s.expires - now), 3),
+            )
+            for s in self._shunts.values()
+        )
+
+
+def _describe(ts: TrafficSelector) -> str:
+    text = str(ts.net)
+    if ts.proto:
+        text += f" proto {ts.proto}"
+    if ts.port is not None:
+        text += f" port {ts.port}"
+    return text
