@@ -15,10 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oe_router.ike.constants import AuthMethod, DhId, EncrId, ExchangeType, IdType, NotifyType
+from oe_router.ike.errors import IkeError
 from oe_router.ike.events import (
+    ChildSaDeleted,
     ChildSaEstablished,
     ChildSaFailed,
     Event,
+    IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
 )
@@ -308,3 +311,53 @@ def test_mutated_datagrams_never_raise(data: st.DataObject) -> None:
     junk = data.draw(st.binary(max_size=300))
     ini.receive_datagram(junk, 0.0)
     res.receive_datagram(junk, 0.0)
+
+
+def test_responder_liveness_check_answered_by_initiator() -> None:
+    ini_cfg, res_cfg = configs()
+    _, _, ini, res = establish(ini_cfg, res_cfg)
+    res.send_liveness_check(5.0)
+    (req,) = res.datagrams_to_send()
+    m = Message.decode(req)
+    assert not m.is_initiator and not m.is_response and m.message_id == 0
+    ini.receive_datagram(req, 5.0, R_ADDR)
+    (resp,) = ini.datagrams_to_send()
+    res.receive_datagram(resp, 5.0, I_ADDR)
+    assert res.get_timer() is None
+    ini.receive_datagram(req, 6.0, R_ADDR)  # retransmitted request gets the cached reply
+    assert ini.datagrams_to_send() == [resp]
+
+
+@pytest.mark.parametrize("who", ["initiator", "responder"])
+def test_delete_ike_sa(who: str) -> None:
+    ini_cfg, res_cfg = configs()
+    _, _, ini, res = establish(ini_cfg, res_cfg)
+    (ini if who == "initiator" else res).delete(3.0)
+    shuttle(ini, res, 3.0)
+    for sa in (ini, res):
+        (ev,) = events(sa)
+        assert isinstance(ev, IkeSaDeleted) and sa.state == "closed"
+        assert ev.spi_i == ini.spi_i and ev.spi_r == ini.spi_r
+
+
+def test_delete_child_sa() -> None:
+    ini_cfg, res_cfg = configs()
+    ie, re, ini, res = establish(ini_cfg, res_cfg)
+    ic, rc = assert_pair(ie, re)
+    ini.delete_child(ic.spi_in, 4.0)
+    shuttle(ini, res, 4.0)
+    (ri,) = events(ini)
+    (rr,) = events(res)
+    assert isinstance(ri, ChildSaDeleted) and (ri.spi_in, ri.spi_out) == (ic.spi_in, ic.spi_out)
+    assert isinstance(rr, ChildSaDeleted) and (rr.spi_in, rr.spi_out) == (rc.spi_in, rc.spi_out)
+    assert ini.state == res.state == "established"
+    with pytest.raises(IkeError):
+        ini.delete_child(ic.spi_in, 5.0)
+
+
+def test_window_size_one() -> None:
+    ini_cfg, res_cfg = configs()
+    _, _, ini, _ = establish(ini_cfg, res_cfg)
+    ini.send_liveness_check(1.0)
+    with pytest.raises(IkeError):
+        ini.send_liveness_check(1.1)

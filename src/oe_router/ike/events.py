@@ -76,3 +76,20 @@ class ChildSaFailed(Event):
 
     reason: str
     notify: int | None = None
+
+
+@dataclass(frozen=True)
+class IkeSaDeleted(Event):
+    """The IKE SA is gone (either side deleted it); its Child SAs went with it."""
+
+    spi_i: bytes
+    spi_r: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChildSaDeleted(Event):
+    """The peer deleted a Child SA; the datapath should remove both directions."""
+
+    spi_in: bytes
+    spi_out: bytes

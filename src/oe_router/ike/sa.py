@@ -40,7 +40,15 @@ from .constants import (
 )
 from .crypto import KeyExchange, SkCipher, dh_group, sk_cipher
 from .errors import IkeCryptoError, IkeDecodeError, IkeError, IkeProtocolError
-from .events import ChildSaEstablished, ChildSaFailed, Event, IkeSaEstablished, IkeSaFailed
+from .events import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaFailed,
+    Event,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+)
 from .keys import IkeSaKeys, Prf, child_keymat, ike_sa_keys, skeyseed, split_child_keymat
 from .message import FragmentReassembler, Message, decrypt
 from .payloads import (
@@ -48,6 +56,7 @@ from .payloads import (
     KE,
     SA,
     SKF,
+    Delete,
     IDi,
     IDr,
     Nonce,
@@ -327,6 +336,8 @@ class IkeSa:
     _iv_counter: int = 0
     _reassembler: FragmentReassembler | None = None
     _local_auth_method: int = AuthMethod.NULL
+    _children: dict[bytes, bytes] = field(default_factory=dict)  # peer SPI -> our SPI
+    _deleting_child: tuple[bytes, bytes] | None = None  # (our SPI, peer SPI)
 
     # ---------------------------------------------------------------- construction
 
@@ -532,6 +543,7 @@ class IkeSa:
         transport: bool,
     ) -> ChildSaEstablished:
         assert self._neg is not None
+        self._children[choice.peer_spi] = our_spi
         s = choice.spec
         e, a = esp_key_lengths(s.encr, s.key_bits, s.integ)
         km = split_child_keymat(
@@ -586,43 +598,74 @@ class IkeSa:
         msg = Message.decode(data)  # header + outer payloads (SK still sealed)
         if msg.spi_i != self.spi_i and not (not self.is_initiator and self.state == "idle"):
             return
-        if self.is_initiator:
-            if (
-                not msg.is_response
-                or msg.message_id != self._next_mid - 1
-                or self._retransmit_at is None
-            ):
+        if msg.is_response:
+            if msg.message_id != self._next_mid - 1 or self._retransmit_at is None:
                 return
-            if msg.exchange_type == ExchangeType.IKE_SA_INIT and self.state == "init-sent":
-                self._initiator_got_init(msg, data, now, remote)
-            elif msg.exchange_type == ExchangeType.IKE_AUTH and self.state == "auth-sent":
+            if self.is_initiator and msg.exchange_type == ExchangeType.IKE_SA_INIT:
+                if self.state == "init-sent":
+                    self._initiator_got_init(msg, data, now, remote)
+            elif self.is_initiator and msg.exchange_type == ExchangeType.IKE_AUTH:
                 inner = self._open(data)
-                if inner is not None:
+                if inner is not None and self.state == "auth-sent":
                     self._initiator_got_auth(inner)
             elif (
-                self.state == "established"
-                and msg.exchange_type == ExchangeType.INFORMATIONAL
+                msg.exchange_type == ExchangeType.INFORMATIONAL
+                and self._neg is not None
                 and self._open(data) is not None
             ):
                 self._retransmit_at = None
-            return
-        if msg.is_response:
+                if self.state == "deleting":
+                    self._closed("deleted by us")
+                elif self._deleting_child is not None:
+                    ours, peer = self._deleting_child
+                    self._deleting_child = None
+                    self._events.append(ChildSaDeleted(ours, peer))
             return
         if msg.message_id == self._cached_mid:
             self._out += self._cached_response  # retransmitted request: replay (RFC 7296 §2.1)
             return
         if msg.message_id != self._expect_mid:
             return
-        if msg.exchange_type == ExchangeType.IKE_SA_INIT and self.state == "idle":
-            self._responder_got_init(msg, data, remote)
-        elif msg.exchange_type == ExchangeType.IKE_AUTH and self.state == "init-done":
+        if not self.is_initiator and msg.exchange_type == ExchangeType.IKE_SA_INIT:
+            if self.state == "idle":
+                self._responder_got_init(msg, data, remote)
+        elif not self.is_initiator and msg.exchange_type == ExchangeType.IKE_AUTH:
             inner = self._open(data)
-            if inner is not None:
+            if inner is not None and self.state == "init-done":
                 self._responder_got_auth(inner)
-        elif msg.exchange_type == ExchangeType.INFORMATIONAL and self.state == "established":
+        elif msg.exchange_type == ExchangeType.INFORMATIONAL and self.state in (
+            "established",
+            "deleting",
+        ):
             inner = self._open(data)
             if inner is not None:
-                self._respond_encrypted(inner, [])
+                self._got_informational(inner)
+
+    def _got_informational(self, request: Message) -> None:
+        """Answer a peer's INFORMATIONAL: liveness (empty), or Delete (RFC 7296 §1.4.1)."""
+        reply: list[Payload] = []
+        deletes = [p for p in request.payloads if isinstance(p, Delete)]
+        if any(d.protocol_id == ProtocolId.IKE for d in deletes):
+            self._respond_encrypted(request, [])
+            self._closed("deleted by the peer")
+            return
+        gone: list[bytes] = []
+        for d in deletes:
+            if d.protocol_id != ProtocolId.ESP:
+                continue
+            for peer_spi in d.spis:
+                ours = self._children.pop(peer_spi, None)
+                if ours is not None:
+                    gone.append(ours)
+                    self._events.append(ChildSaDeleted(ours, peer_spi))
+        if gone:
+            reply.append(Delete(ProtocolId.ESP, 4, gone))
+        self._respond_encrypted(request, reply)
+
+    def _closed(self, reason: str) -> None:
+        self.state = "closed"
+        self._retransmit_at = None
+        self._events.append(IkeSaDeleted(self.spi_i, self.spi_r, reason))
 
     def _respond_encrypted(self, request: Message, payloads: list[Payload]) -> None:
         reply = Message(
@@ -921,20 +964,41 @@ class IkeSa:
 
     # ---------------------------------------------------------------- liveness
 
-    def send_liveness_check(self, now: float) -> None:
-        """Initiator-side empty INFORMATIONAL request (RFC 7296 §1.4); answered by the peer."""
-        if not self.is_initiator or self.state != "established":
-            raise IkeError("liveness checks need an established IKE SA we initiated")
+    def _informational_request(self, payloads: list[Payload], now: float) -> None:
+        if self._retransmit_at is not None:
+            raise IkeError("a request is still outstanding (window size 1)")
         msg = Message(
             self.spi_i,
             self.spi_r,
             ExchangeType.INFORMATIONAL,
             self._flags(False),
             self._next_mid,
-            [],
+            payloads,
         )
         self._next_mid += 1
         self._send_request([self._seal(msg)], now)
+
+    def send_liveness_check(self, now: float) -> None:
+        """Empty INFORMATIONAL request (RFC 7296 §1.4); no answer after the retries fails the SA."""
+        if self.state != "established":
+            raise IkeError("liveness checks need an established IKE SA")
+        self._informational_request([], now)
+
+    def delete_child(self, spi_in: bytes, now: float) -> None:
+        """Delete one Child SA by our inbound SPI; ChildSaDeleted follows the peer's answer."""
+        peer = next((p for p, o in self._children.items() if o == spi_in), None)
+        if self.state != "established" or peer is None:
+            raise IkeError(f"no Child SA with inbound SPI {spi_in.hex()}")
+        self._informational_request([Delete(ProtocolId.ESP, 4, [spi_in])], now)
+        del self._children[peer]
+        self._deleting_child = (spi_in, peer)
+
+    def delete(self, now: float) -> None:
+        """Delete the IKE SA and its Child SAs (RFC 7296 §1.4.1); IkeSaDeleted follows."""
+        if self.state != "established":
+            raise IkeError("only an established IKE SA can be deleted")
+        self._informational_request([Delete(ProtocolId.IKE, 0, [])], now)
+        self.state = "deleting"
 
 
 __all__ = [
