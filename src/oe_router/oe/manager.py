@@ -563,6 +563,7 @@ class OeManager:
                 log.error("peer %s: installing the rekeyed Child SA failed: %s", t.peer, error)
                 return [SendDelete(t.peer, t.spec)]
             old, c.spec, c.since = c.spec, spec, now
+            c.bytes_seen, c.active_at = 0, now  # counters start again with the new SA
             log.info("peer %s: Child SA rekeyed", t.peer)
             return [RemoveChild(old, remove_policies=False)]
         want = t.want
@@ -729,6 +730,31 @@ class OeManager:
                 actions.append(RemovePolicy(s.policy))
                 actions += self._restore([k])
         return actions
+
+    def poll_traffic(self) -> list[Action]:
+        """Read every Child SA's counters (periodically), so idleness is measured."""
+        return [
+            CheckTraffic(c.id, c.spec, soft_expired=False)
+            for p in self._peers.values()
+            for c in p.children.values()
+        ]
+
+    def replace_table(self, table: PolicyTable) -> list[Action]:
+        """A reload changed the groups: swap the group policies (tunnels stay)."""
+        old = self._by_key
+        self.table = table
+        self._group_policies = table.kernel_policies(self.wan, trap_reqid=self.trap_reqid)
+        self._by_key = {_pkey(p): p for p in self._group_policies}
+        live = {k for s in self._shunts.values() for k in [_pkey(s.policy)]}
+        live |= {k for c in self._all_children() for k in self._child_keys(c.spec)}
+        actions: list[Action] = [
+            RemovePolicy(p) for k, p in old.items() if k not in self._by_key and k not in live
+        ]
+        actions += [InstallPolicy(p) for k, p in self._by_key.items() if k not in live]
+        return actions
+
+    def _all_children(self) -> list[_Child]:
+        return [c for p in self._peers.values() for c in p.children.values()]
 
     def next_deadline(self) -> float | None:
         return min((s.expires for s in self._shunts.values()), default=None)

@@ -1,0 +1,322 @@
+"""The OE daemon service: the asyncio edge that runs ``OeManager`` against a datapath.
+
+Why a thin edge: every decision is in ``manager.py`` (sans-IO); this file only
+performs actions (datapath calls, negotiator calls), feeds their results back, turns
+datapath events into manager events and keeps the clock. It owns the datapath: at
+start it reconciles what an earlier run left (keeping the persistent "private"
+policies so those destinations stay blocked across a crash), installs the group
+policies, then consumes ACQUIRE/EXPIRE events until stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any
+
+import dns.name
+
+from oe_router.config.schema import OeConfig
+from oe_router.control.status import StatusContribution
+from oe_router.datapath.base import (
+    Acquire,
+    ChildSaSpec,
+    Datapath,
+    DatapathError,
+    DatapathEvent,
+    Expire,
+    IPAddress,
+    IPNetwork,
+    PolicyExpire,
+)
+from oe_router.datapath.kernel import Ownership, XfrmDatapath
+from oe_router.dns.ipseckey import PeerKey
+from oe_router.oe.manager import (
+    Action,
+    CheckTraffic,
+    InstallChild,
+    InstallPolicy,
+    Negotiate,
+    NegotiationResult,
+    Negotiator,
+    OeManager,
+    Rekey,
+    RemoveChild,
+    RemovePolicy,
+    SendDelete,
+    TunnelResult,
+)
+from oe_router.oe.policy import PolicyTable
+
+__all__ = ["DatapathFactory", "OeService", "kernel_datapath"]
+
+log = logging.getLogger("oe_router.oe")
+
+DatapathFactory = Callable[[OeConfig], Datapath]
+
+
+class OeService:
+    """Daemon ``Service`` "oe": policy groups, tunnels and shunts over one datapath."""
+
+    def __init__(
+        self,
+        *,
+        datapath_factory: DatapathFactory,
+        negotiator: Negotiator,
+        wan: Mapping[int, IPAddress],
+        lan: Iterable[IPNetwork] = (),
+        dns_upstream: Iterable[IPAddress] = (),
+        trap_reqid: int = Ownership().reqid_max,
+        idle_timeout: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._factory = datapath_factory
+        self._negotiator = negotiator
+        self._wan = dict(wan)
+        self._lan = tuple(lan)
+        self._dns_upstream = tuple(dns_upstream)
+        self._trap_reqid = trap_reqid
+        self._idle_timeout = idle_timeout
+        self._clock = clock
+        self._dp: Datapath | None = None
+        self._mgr: OeManager | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._waiters: dict[int, asyncio.Future[bool]] = {}
+        self._next_waiter = 1
+        self._wake = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return "oe"
+
+    @property
+    def manager(self) -> OeManager:
+        if self._mgr is None:
+            raise RuntimeError("the oe service is not running")
+        return self._mgr
+
+    def _table(self, config: OeConfig) -> PolicyTable:
+        return PolicyTable.from_config(
+            config.policy, lan=self._lan, dns_upstream=self._dns_upstream
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, config: OeConfig) -> None:
+        table = self._table(config)
+        self._dp = dp = self._factory(config)
+        self._mgr = mgr = OeManager(
+            table,
+            self._wan,
+            trap_reqid=self._trap_reqid,
+            shunt_lifetime=config.shunt_lifetime,
+            idle_timeout=self._idle_timeout,
+        )
+        # Keep what must never lapse ("private" traps and drop shunts; the kernel still
+        # expires shunts by their lifetime); everything else of an earlier run goes and
+        # is installed afresh below, replacing adopted objects in place.
+        report = await dp.reconcile(adopt_policy=lambda p: p.persistent)
+        log.info(
+            "oe: datapath %s (%s); earlier run: %d SAs removed, %d policies kept, %d removed",
+            dp.name,
+            dp.reason,
+            report.removed_sas,
+            report.adopted_policies,
+            report.removed_policies,
+        )
+        await self._perform(mgr.start())
+        self._spawn(self._consume_events(dp))
+        self._spawn(self._timers())
+
+    async def reload(self, config: OeConfig) -> None:
+        mgr = self.manager
+        table = self._table(config)  # ValueError names the entry; the daemon rolls back
+        mgr.shunt_lifetime = config.shunt_lifetime
+        await self._perform(mgr.replace_table(table))
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_result(False)
+        self._waiters.clear()
+        if self._mgr is not None:
+            peers = {c.remote for c in self._mgr.children()}
+            for peer in peers:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._negotiator.delete(peer, None), 1.0)
+        if self._dp is not None:
+            # removes our SAs and policies except persistent ones (keep_private_on_stop)
+            await self._dp.close()
+        self._dp = None
+        self._mgr = None
+
+    def status(self) -> StatusContribution:
+        if self._mgr is None or self._dp is None:
+            return StatusContribution()
+        now = self._clock()
+        return StatusContribution(
+            tunnels=self._mgr.tunnels(now),
+            shunts=self._mgr.shunts(now),
+            datapath=f"{self._dp.name} ({self._dp.reason})",
+        )
+
+    # ------------------------------------------------------------------ DNS front entry
+    async def ensure_tunnel(
+        self, name: dns.name.Name, addresses: tuple[IPAddress, ...], key: PeerKey
+    ) -> bool:
+        """``dns.hold.TunnelRequester``: True once every address is protected."""
+        if self._mgr is None:
+            return False
+        waiter = self._next_waiter
+        self._next_waiter += 1
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters[waiter] = fut
+        await self._perform(self._mgr.ensure_tunnel(waiter, name, addresses, key, self._clock()))
+        try:
+            return await fut
+        finally:
+            self._waiters.pop(waiter, None)
+
+    # ------------------------------------------------------------------ IKE engine entries
+    async def peer_deleted(self, peer: IPAddress, spis: Iterable[int] | None) -> None:
+        """The IKE engine received DELETE from ``peer``."""
+        await self._perform(self.manager.peer_deleted(peer, spis, self._clock()))
+
+    async def liveness_failed(self, peer: IPAddress) -> None:
+        """The IKE engine's liveness check of ``peer`` went unanswered."""
+        await self._perform(self.manager.liveness_failed(peer, self._clock()))
+
+    def authorize_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
+        """Responder: may ``peer`` have this Child SA? None if yes, else why not."""
+        return self.manager.authorize_inbound(peer, spec)
+
+    async def adopt_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> None:
+        """Responder: install a Child SA that ``authorize_inbound`` allowed."""
+        await self._perform(self.manager.adopt_inbound(peer, spec, self._clock()))
+
+    # ------------------------------------------------------------------ internals
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("oe: internal task failed: %r", task.exception())
+
+    async def _consume_events(self, dp: Datapath) -> None:
+        async for event in dp.events():
+            try:
+                await self._perform(self._event(event))
+            except Exception as exc:  # one bad event must not stop OE
+                log.error("oe: handling %s failed: %s", type(event).__name__, exc)
+
+    def _event(self, event: DatapathEvent) -> list[Action]:
+        mgr, now = self.manager, self._clock()
+        if isinstance(event, Acquire):
+            return mgr.acquire(event, now)
+        if isinstance(event, Expire):
+            return mgr.expired(event, now)
+        if isinstance(event, PolicyExpire):
+            return mgr.policy_expired(event, now)
+        return []  # MappingChange: NAT-T address updates belong to the IKE engine
+
+    async def _timers(self) -> None:
+        next_poll = self._clock() + self._idle_timeout / 2
+        while True:
+            mgr = self.manager
+            deadline = mgr.next_deadline()
+            now = self._clock()
+            wait = min(next_poll, deadline if deadline is not None else next_poll) - now
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
+            now = self._clock()
+            await self._perform(mgr.tick(now))
+            if now >= next_poll:
+                next_poll = now + self._idle_timeout / 2
+                await self._perform(mgr.poll_traffic())
+
+    async def _perform(self, actions: list[Action]) -> None:
+        dp = self._dp
+        if dp is None:
+            return
+        for action in actions:
+            try:
+                await self._one(dp, action)
+            except DatapathError as exc:
+                log.error("oe: %s", exc)
+        if any(isinstance(a, InstallPolicy) for a in actions):
+            self._wake.set()  # a new shunt may expire before the timer's current deadline
+
+    async def _one(self, dp: Datapath, action: Action) -> None:
+        mgr = self.manager
+        if isinstance(action, InstallPolicy):
+            await dp.install_policy(action.policy)
+        elif isinstance(action, RemovePolicy):
+            await dp.remove_policy(action.policy)
+        elif isinstance(action, Negotiate):
+            self._spawn(self._negotiate(action))
+        elif isinstance(action, Rekey):
+            self._spawn(self._rekey(action))
+        elif isinstance(action, InstallChild):
+            try:
+                spec = await dp.install_child_sa(action.spec)
+            except DatapathError as exc:
+                await self._perform(mgr.installed(action.ticket, None, str(exc), self._clock()))
+            else:
+                await self._perform(mgr.installed(action.ticket, spec, None, self._clock()))
+        elif isinstance(action, RemoveChild):
+            await dp.remove_child_sa(action.spec, remove_policies=action.remove_policies)
+        elif isinstance(action, SendDelete):
+            self._spawn(self._delete(action))
+        elif isinstance(action, CheckTraffic):
+            try:
+                c = await dp.counters(action.spec)
+            except DatapathError:
+                total = 0  # gone from the kernel: count it as idle
+            else:
+                total = c.inbound.bytes + c.outbound.bytes
+            soft = action.soft_expired
+            await self._perform(mgr.traffic(action.child_id, total, self._clock(), soft))
+        elif isinstance(action, TunnelResult):
+            fut = self._waiters.get(action.waiter)
+            if fut is not None and not fut.done():
+                fut.set_result(action.ok)
+
+    async def _negotiate(self, action: Negotiate) -> None:
+        try:
+            result = await self._negotiator.negotiate(action.request, self._clock())
+        except Exception as exc:  # the engine's failure is a failed negotiation
+            result = NegotiationResult(None, f"IKE engine error: {exc}")
+        await self._perform(self.manager.negotiated(action.ticket, result, self._clock()))
+
+    async def _rekey(self, action: Rekey) -> None:
+        try:
+            result = await self._negotiator.rekey(action.peer, action.child, self._clock())
+        except Exception as exc:
+            result = NegotiationResult(None, f"IKE engine error: {exc}")
+        await self._perform(self.manager.negotiated(action.ticket, result, self._clock()))
+
+    async def _delete(self, action: SendDelete) -> None:
+        try:
+            await self._negotiator.delete(action.peer, action.child)
+        except Exception as exc:
+            log.warning("oe: DELETE to %s failed: %s", action.peer, exc)
+
+
+def kernel_datapath(netns: str | None = None) -> DatapathFactory:
+    """The XFRM datapath, keeping "private" policies at stop as the config says."""
+
+    def make(config: OeConfig) -> Datapath:
+        return XfrmDatapath(keep_persistent_on_stop=config.keep_private_on_stop, netns=netns)
+
+    return make
