@@ -5,7 +5,7 @@ must be checked here, not taken from an upstream's AD bit. Why sans-IO: the
 validator never touches a socket or a clock. It says which query it needs next
 (`Query`), is fed the upstream's `dns.message.Message` (or None when none came)
 together with `now`, and finally hands back a `Result`. asyncio lives in
-`resolver_io.py`.
+`keylookup.validate`, over the package's one forwarding client (`upstream.py`).
 
 Usage::
 

@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 import dns.name
 
 from oe_router.config.schema import DnsConfig
+from oe_router.dns.dnssec import Status
 from oe_router.dns.ipseckey import PeerKey
 
 __all__ = [
@@ -43,13 +44,8 @@ __all__ = [
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class KeyStatus(enum.Enum):
-    """RFC 4033 security state of the name's IPSECKEY answer."""
-
-    SECURE = "secure"
-    INSECURE = "insecure"
-    BOGUS = "bogus"
-    INDETERMINATE = "indeterminate"
+#: RFC 4033 security state of the name's IPSECKEY answer: the validator's own enum.
+KeyStatus = Status
 
 
 @dataclass(frozen=True)

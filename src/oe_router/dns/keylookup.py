@@ -1,11 +1,12 @@
 """``KeyLookup`` over the in-process DNSSEC validator (dnssec.py) and IPSECKEY parser.
 
 Why an adapter: the hold core speaks ``KeyResult`` (status + usable keys) and must
-not know about RRsets or RRSIGs. This drives a ``dnssec.Validation`` with queries
-sent through the front's own ``upstream.UpstreamClient`` (same upstreams, same
-resolv_file, same timeouts) and turns the validated IPSECKEY RRset into
-``PeerKey``s. Keys are only extracted from a SECURE answer; every other status
-comes back with no keys at all.
+not know about RRsets or RRSIGs. ``validate`` is the validator's only asyncio
+driver: it sends the validator's queries through the front's own
+``upstream.UpstreamClient`` (same upstreams, same resolv_file, same timeouts, one
+forwarding client in the whole package). ``ValidatingKeyLookup`` turns the
+validated IPSECKEY RRset into ``PeerKey``s. Keys are only extracted from a SECURE
+answer; every other status comes back with no keys at all.
 
 Failures (BOGUS, INDETERMINATE) are remembered for ``failure_ttl`` seconds, as RFC
 9520 asks (at least 1 s): a broken zone must not cost an upstream round trip for
@@ -18,29 +19,60 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import dns.flags
 import dns.message
 import dns.name
 import dns.rdatatype
 
-from oe_router.dns.dnssec import Query, Status, TrustAnchors, ValidationCache, Validator
+from oe_router.dns.dnssec import Query, Result, TrustAnchors, ValidationCache, Validator
 from oe_router.dns.hold import KeyResult, KeyStatus
 from oe_router.dns.ipseckey import DEFAULT_MIN_RSA_BITS, interpret_rrset
-from oe_router.dns.upstream import UpstreamClient, UpstreamError
+from oe_router.dns.upstream import UpstreamError
 
-__all__ = ["ValidatingKeyLookup"]
+__all__ = ["Resolving", "ValidatingKeyLookup", "query_message", "validate"]
 
 log = logging.getLogger("oe_router.dns.keylookup")
 
-_STATUS = {
-    Status.SECURE: KeyStatus.SECURE,
-    Status.INSECURE: KeyStatus.INSECURE,
-    Status.BOGUS: KeyStatus.BOGUS,
-    Status.INDETERMINATE: KeyStatus.INDETERMINATE,
-}
 _PAYLOAD = 1232  # DNS flag day 2020 EDNS0 size
+
+
+class Resolving(Protocol):
+    """What the driver needs from ``upstream.UpstreamClient``; raises UpstreamError."""
+
+    def resolve(self, message: dns.message.Message) -> Awaitable[dns.message.Message]: ...
+
+
+def query_message(query: Query, payload: int = _PAYLOAD) -> dns.message.QueryMessage:
+    """The validator's ``Query`` as a DNS message: EDNS0, DO and CD as it asks."""
+    msg = dns.message.make_query(
+        query.qname, query.rdtype, use_edns=0, want_dnssec=query.do, payload=payload
+    )
+    if query.cd:
+        msg.flags |= dns.flags.CD
+    return msg
+
+
+async def validate(
+    validator: Validator,
+    upstream: Resolving,
+    qname: dns.name.Name | str,
+    rdtype: dns.rdatatype.RdataType | str,
+    clock: Callable[[], float] = time.time,
+) -> Result:
+    """Run one validation to completion; a query no upstream answers is fed as None."""
+    validation = validator.start(qname, rdtype, clock())
+    action = validation.action
+    while isinstance(action, Query):
+        try:
+            reply: dns.message.Message | None = await upstream.resolve(query_message(action))
+        except UpstreamError as exc:
+            log.info("validator query %s: %s", action, exc)
+            reply = None
+        action = validation.feed(reply, now=clock())
+    return action
 
 
 class ValidatingKeyLookup:
@@ -49,7 +81,7 @@ class ValidatingKeyLookup:
     def __init__(
         self,
         anchors: TrustAnchors,
-        upstream: UpstreamClient,
+        upstream: Resolving,
         clock: Callable[[], float] = time.time,
         cache: ValidationCache | None = None,
         min_rsa_bits: int = DEFAULT_MIN_RSA_BITS,
@@ -63,18 +95,6 @@ class ValidatingKeyLookup:
         self._failure_ttl = failure_ttl
         self._max_failures = max_failures
         self._failures: OrderedDict[dns.name.Name, tuple[float, KeyResult]] = OrderedDict()
-
-    async def _ask(self, query: Query) -> dns.message.Message | None:
-        msg = dns.message.make_query(
-            query.qname, query.rdtype, use_edns=0, want_dnssec=query.do, payload=_PAYLOAD
-        )
-        if query.cd:
-            msg.flags |= dns.flags.CD
-        try:
-            return await self.upstream.resolve(msg)
-        except UpstreamError as exc:
-            log.info("validator query %s: %s", query, exc)
-            return None
 
     async def lookup(self, name: dns.name.Name) -> KeyResult:
         name = name.canonicalize()
@@ -92,12 +112,10 @@ class ValidatingKeyLookup:
         return result
 
     async def _validate(self, name: dns.name.Name) -> KeyResult:
-        validation = self.validator.start(name, dns.rdatatype.IPSECKEY, self._clock())
-        action = validation.action
-        while isinstance(action, Query):
-            action = validation.feed(await self._ask(action), now=self._clock())
-        result = action
-        status = _STATUS[result.status]
+        result = await validate(
+            self.validator, self.upstream, name, dns.rdatatype.IPSECKEY, self._clock
+        )
+        status = result.status
         if status is not KeyStatus.SECURE:
             return KeyResult(status, (), result.reason)
         if result.rrset is None or result.rrset.rdtype != dns.rdatatype.IPSECKEY:

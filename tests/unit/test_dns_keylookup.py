@@ -1,8 +1,8 @@
-"""The asyncio driver against a loopback UDP+TCP server answering from signed zones.
+"""The validator's asyncio driver and ValidatingKeyLookup over the one forwarding client.
 
 The server is the in-memory `World` of test_dns_dnssec behind real sockets on
 127.0.0.1, so this exercises UDP, the TC -> TCP fallback, timeouts and the
-move to the next upstream with real I/O.
+move to the next upstream with real I/O, through ``upstream.UpstreamClient``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,20 @@ import dns.message
 import dns.name
 import dns.rdatatype
 
+from oe_router.config.schema import Endpoint
 from oe_router.dns.dnssec import Query, Status, Validator, load_trust_anchors
-from oe_router.dns.resolver_io import Upstream, UpstreamClient, validate
-from tests.unit.test_dns_dnssec import NOW, World, base_world, keys  # noqa: F401
+from oe_router.dns.hold import KeyResult, KeyStatus
+from oe_router.dns.ipseckey import KeyKind
+from oe_router.dns.keylookup import ValidatingKeyLookup, query_message, validate
+from oe_router.dns.upstream import StaticSource, UpstreamClient, UpstreamSettings
+from tests.unit.test_dns_dnssec import (  # noqa: F401
+    NOW,
+    World,
+    _strip,
+    base_world,
+    keys,
+    make_world,
+)
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -81,6 +92,11 @@ async def serve(world: World, truncate: set[str], seen: list[str]) -> AsyncItera
         transport.close()
 
 
+def _client(ports: list[int], timeout: float, tries: int = 1) -> UpstreamClient:
+    servers = [Endpoint("127.0.0.1", p) for p in ports]
+    return UpstreamClient(StaticSource(servers), UpstreamSettings(timeout=timeout, tries=tries))
+
+
 def _silent_port() -> tuple[socket.socket, int]:
     """A bound UDP socket that never answers: an upstream that times out."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -94,9 +110,7 @@ def test_udp_tc_fallback_and_dead_upstream(base_world: World) -> None:  # noqa: 
 
     async def main() -> None:
         async with serve(base_world, {"host.example.test./IPSECKEY"}, seen) as port:
-            client = UpstreamClient(
-                [Upstream("127.0.0.1", dead_port), Upstream("127.0.0.1", port)], timeout=0.3
-            )
+            client = _client([dead_port, port], timeout=0.3)
             v = Validator(load_trust_anchors(base_world.anchor))
             result = await validate(v, client, "host.example.test.", "IPSECKEY", lambda: NOW)
             assert result.status is Status.SECURE, result.reason
@@ -114,7 +128,7 @@ def test_all_upstreams_silent_is_indeterminate(base_world: World) -> None:  # no
     silent, dead_port = _silent_port()
 
     async def main() -> None:
-        client = UpstreamClient([Upstream("127.0.0.1", dead_port)], timeout=0.1, retries=1)
+        client = _client([dead_port], timeout=0.1, tries=2)
         v = Validator(load_trust_anchors(base_world.anchor))
         result = await validate(v, client, dns.name.from_text("host.example.test."), "A")
         assert result.status is Status.INDETERMINATE
@@ -124,3 +138,63 @@ def test_all_upstreams_silent_is_indeterminate(base_world: World) -> None:  # no
         asyncio.run(main())
     finally:
         silent.close()
+
+
+# --------------------------------------------------------------------------- ValidatingKeyLookup
+
+
+def test_query_message_sets_do_cd_and_edns() -> None:
+    msg = query_message(Query(dns.name.from_text("a.test."), dns.rdatatype.IPSECKEY))
+    assert msg.flags & dns.flags.CD and msg.ednsflags & dns.flags.DO
+    assert msg.edns == 0 and msg.payload == 1232
+
+
+def test_key_lookup_secure_key_nodata_and_cname(keys: dict[str, Any]) -> None:  # noqa: F811
+    """Keys only from a SECURE RRset; secure NODATA is SECURE without keys."""
+    world = make_world(keys)
+    got: dict[str, KeyResult] = {}
+
+    async def main() -> None:
+        async with serve(world, set(), []) as port:
+            anchors = load_trust_anchors(world.anchor)
+            kl = ValidatingKeyLookup(anchors, _client([port], 0.5), clock=lambda: NOW)
+            for name in ("host.example.test.", "nokey.example.test.", "www.example.test."):
+                got[name] = await kl.lookup(dns.name.from_text(name))
+
+    asyncio.run(main())
+    secure = got["host.example.test."]
+    assert secure.status is KeyStatus.SECURE and len(secure.keys) == 1
+    assert secure.keys[0].kind is KeyKind.ED25519 and secure.usable_key is secure.keys[0]
+    nodata = got["nokey.example.test."]
+    assert nodata.status is KeyStatus.SECURE and nodata.keys == () and nodata.usable_key is None
+    # www is a CNAME to other.test's host, whose record names a gateway: key used, gateway not
+    via_cname = got["www.example.test."]
+    assert via_cname.status is KeyStatus.SECURE and via_cname.keys
+    assert via_cname.keys[0].gateway_ignored is not None
+    assert via_cname.keys[0].owner == dns.name.from_text("www.example.test.")
+
+
+def test_key_lookup_bogus_has_no_keys_and_is_remembered(keys: dict[str, Any]) -> None:  # noqa: F811
+    """A bogus IPSECKEY yields no key; the failure is remembered failure_ttl (5 s)."""
+    world = make_world(keys)
+    world.mutate = _strip("answer", dns.rdatatype.RRSIG, dns.rdatatype.IPSECKEY)
+    clock = [NOW]
+    seen: list[str] = []
+    results = []
+
+    async def main() -> None:
+        async with serve(world, set(), seen) as port:
+            kl = ValidatingKeyLookup(
+                load_trust_anchors(world.anchor), _client([port], 0.5), clock=lambda: clock[0]
+            )
+            name = dns.name.from_text("host.example.test.")
+            for advance in (0.0, 1.0, 10.0):
+                clock[0] += advance
+                before = len(seen)
+                results.append((await kl.lookup(name), len(seen) - before))
+
+    asyncio.run(main())
+    (first, q1), (second, q2), (third, q3) = results
+    for r in (first, second, third):
+        assert r.status is KeyStatus.BOGUS and r.keys == () and r.usable_key is None
+    assert q1 > 0 and q2 == 0 and q3 > 0  # remembered for 5 s, then asked again
