@@ -99,6 +99,9 @@ class Plan:
 
 
 PLAN = Plan()
+# Where world hosts keep state (labkit's LAB_STATE). Not under /run: oe-sw's start.sh mounts a
+# private tmpfs on its chroot's /run, which would hide a state dir below /run.
+LAB_STATE = "/var/lab"
 
 
 @dataclass(frozen=True)
@@ -332,7 +335,11 @@ class VM:
 
 
 class Capture:
-    """A tcpdump running in the world VM, written to the run directory; counted on the host."""
+    """A tcpdump running in the world VM, written to the run directory; counted on the host.
+
+    --immediate-mode matters: with TPACKET_V3, libpcap hands packets over in blocks, and the
+    last block is lost when tcpdump is stopped, so a short flow would vanish from the pcap.
+    """
 
     def __init__(self, lab: Lab, iface: str, netns: str | None, bpf: str, label: str) -> None:
         self._lab = lab
@@ -349,7 +356,8 @@ class Capture:
         guest_path = "/lab/" + str(self.path.relative_to(self._lab.run_dir))
         guest_log = "/lab/" + str(self._log.relative_to(self._lab.run_dir))
         cmd = (
-            f"{prefix}tcpdump -n -U -s 256 -i {shlex.quote(self._iface)} -w {guest_path} "
+            f"{prefix}tcpdump -n -U --immediate-mode -s 256 -i {shlex.quote(self._iface)} "
+            f"-w {guest_path} "
             f"{shlex.quote(self._bpf)} >{guest_log} 2>&1 </dev/null & echo $!"
         )
         self._pid = int(self._lab.world(cmd).check().stdout.split()[-1])
@@ -675,7 +683,8 @@ class Lab:
         for h in self.hosts:
             if (hosts_dir / h.netns / "start.sh").exists():
                 starts.append(
-                    f"( ip netns exec {h.netns} sh /lab/bundle/hosts/{h.netns}/start.sh "
+                    f"( LAB_STATE={LAB_STATE} ip netns exec {h.netns} "
+                    f"sh /lab/bundle/hosts/{h.netns}/start.sh "
                     f">/lab/logs/{h.netns}-start.log 2>&1; "
                     f"echo {h.netns}=$?=$(cut -d' ' -f1 /proc/uptime) ) &"
                 )
@@ -753,6 +762,10 @@ class Lab:
         """Run `cmd` inside a world host's netns (or "client", the LAN client)."""
         res = self.world(f"ip netns exec {netns} sh -c {shlex.quote(cmd)}", timeout)
         return Result(res.rc, res.stdout, res.stderr, cmd, f"world/{netns}")
+
+    def state_dir(self, netns: str) -> str:
+        """A world host's state directory (configs, logs, pluto.ctl) inside the world VM."""
+        return f"{LAB_STATE}/{netns}"
 
     def client(self, cmd: str, timeout: float = 60) -> Result:
         return self.host("client", cmd, timeout)

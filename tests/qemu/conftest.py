@@ -1,0 +1,101 @@
+"""Fixtures of the QEMU tier: one lab per session, artifacts on failure.
+
+Tests read like:
+
+    def test_x(lab: Lab) -> None:
+        with lab.capture_wan() as cap:
+            page = lab.client("curl -s http://plain.example.test/").check().stdout
+        assert cap.esp() == 0
+        lab.router("oe status --json")
+
+Why session scope: a warm boot costs up to a minute under TCG, so scenarios share one lab and
+must leave it as they found it (stop what they start).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "qemu"))
+
+import build  # noqa: E402
+from lab import Lab, LabError  # noqa: E402
+
+ARTIFACTS = REPO / "test-results" / "artifacts"
+_FAILED = pytest.StashKey[bool]()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:120]
+
+
+def _printer(config: pytest.Config) -> Callable[[str], None]:
+    """Progress lines that reach the terminal even while pytest captures output."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+
+    def log(msg: str) -> None:
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                print(f"\n[lab] {msg}", flush=True, end="")
+        else:
+            print(f"[lab] {msg}", flush=True)
+
+    return log
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if report.failed:  # type: ignore[attr-defined]
+        item.stash[_FAILED] = True
+    return report
+
+
+@pytest.fixture(scope="session")
+def lab_images(pytestconfig: pytest.Config) -> build.Images:
+    """Kernel and images, built or taken from ~/.cache/oe-router (cheap when unchanged)."""
+    log = _printer(pytestconfig)
+    t0 = time.monotonic()
+    images = build.build_all(log=log)
+    log(f"images ready in {time.monotonic() - t0:.1f}s")
+    return images
+
+
+@pytest.fixture(scope="session")
+def lab(pytestconfig: pytest.Config, lab_images: build.Images) -> Iterator[Lab]:
+    """The booted lab (router + world), powered off at the end of the session."""
+    log = _printer(pytestconfig)
+    the_lab = Lab(lab_images, log=log)
+    try:
+        the_lab.start()
+    except (LabError, OSError) as exc:
+        dest = the_lab.collect_artifacts(ARTIFACTS / "lab-start")
+        the_lab.close()
+        pytest.fail(f"the lab did not start: {exc}\n(artifacts in {dest})", pytrace=False)
+    log(
+        f"warm boot to all-ready {the_lab.timings.all_ready:.1f}s "
+        f"(agents {the_lab.timings.boot_to_agents:.1f}s); run dir {the_lab.run_dir}"
+    )
+    for m in the_lab.missing:
+        log(f"MISSING: {m}")
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
+
+
+@pytest.fixture(autouse=True)
+def _lab_artifacts(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On a failed lab test, copy consoles, pcaps, daemon logs and VM state to test-results."""
+    yield
+    if "lab" in request.fixturenames and request.node.stash.get(_FAILED, False):
+        the_lab: Lab = request.getfixturevalue("lab")
+        dest = the_lab.collect_artifacts(ARTIFACTS / _safe(request.node.nodeid))
+        _printer(request.config)(f"artifacts of {request.node.nodeid}: {dest}")
