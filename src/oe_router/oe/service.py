@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -31,6 +32,7 @@ from oe_router.datapath.base import (
     IPAddress,
     IPNetwork,
     PolicyExpire,
+    TrafficSelector,
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
 from oe_router.dns.ipseckey import PeerKey
@@ -128,7 +130,28 @@ class OeService:
         )
         await self._perform(mgr.start())
         self._spawn(self._consume_events(dp))
+        await self._perform(self._orphaned_acquires(dp))
         self._spawn(self._timers())
+
+    def _orphaned_acquires(self, dp: Datapath) -> list[Action]:
+        """ACQUIREs the kernel sent to a dead predecessor, recovered from larval states.
+
+        A trapped packet leaves a larval SA (spi 0, our trap reqid) that holds further
+        packets to that destination and suppresses new ACQUIREs until
+        ``xfrm_acq_expires`` (30 s by default); it cannot be deleted by SPI. Without
+        this a private-or-clear destination stalls that long after a crash.
+        """
+        if not isinstance(dp, XfrmDatapath):
+            return []
+        actions: list[Action] = []
+        now = self._clock()
+        for sa in dp.dump_sas():
+            if sa.spi == 0 and sa.reqid == self._trap_reqid:
+                src = TrafficSelector(ipaddress.ip_network(sa.src))
+                dst = TrafficSelector(ipaddress.ip_network(sa.dst))
+                event = Acquire(sa.src, sa.dst, src, dst, sa.reqid, 0, 0, 0)
+                actions += self.manager.acquire(event, now)
+        return actions
 
     async def reload(self, config: OeConfig) -> None:
         mgr = self.manager
