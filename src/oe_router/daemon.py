@@ -35,6 +35,8 @@ from oe_router.control import (
     StatusContribution,
 )
 from oe_router.control.ubus import UbusShim
+from oe_router.dns.hold import TunnelRequester
+from oe_router.dns.service import DnsService, dns_wanted
 
 log = logging.getLogger("oe_router.daemon")
 
@@ -357,9 +359,20 @@ def configure_logging(stream: object = None) -> logging.Logger:
 # entry point ---------------------------------------------------------------
 
 
-def build_services(config: OeConfig) -> ServiceRegistry:
-    """The daemon's services, in start order. Later issues add theirs here."""
-    return ServiceRegistry()
+def build_services(config: OeConfig, tunnels: TunnelRequester | None = None) -> ServiceRegistry:
+    """The daemon's services, in start order. Later issues add theirs here.
+
+    ``tunnels`` is the hook for the OE manager's DNS entry point (its service's
+    ``ensure_tunnel``): until it is passed, keyed DNS answers go out clear.
+    """
+    registry = ServiceRegistry()
+    if dns_wanted(config):
+        registry.add(DnsService(tunnels=tunnels))
+    else:
+        log.info(
+            "DNS front off: no trust anchor at %s (oe.dns.trust_anchor)", config.dns.trust_anchor
+        )
+    return registry
 
 
 def _octal(text: str) -> int:

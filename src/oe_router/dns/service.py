@@ -9,6 +9,7 @@ new ones are bound (a refused reload keeps the old ones running).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -26,7 +27,7 @@ from oe_router.dns.upstream import (
     UpstreamStats,
 )
 
-__all__ = ["DnsService", "KeyLookupFactory", "validating_key_lookup"]
+__all__ = ["DnsService", "KeyLookupFactory", "dns_wanted", "validating_key_lookup"]
 
 log = logging.getLogger("oe_router.dns.service")
 
@@ -34,8 +35,25 @@ log = logging.getLogger("oe_router.dns.service")
 KeyLookupFactory = Callable[[DnsConfig, UpstreamClient], KeyLookup | None]
 
 
+def dns_wanted(config: OeConfig) -> bool:
+    """Whether the daemon runs the DNS front: only once a trust anchor file is in place.
+
+    Why: without an anchor not one IPSECKEY can be validated, and a router without
+    ``oe.dns.trust_anchor`` on disk has not been set up for DNS-triggered OE (the
+    packet-triggered path still works). ``config dns`` has no ``enabled`` option
+    yet; when it gets one, it decides here. Once started, a missing anchor on
+    reload is a ServiceError naming ``oe.dns.trust_anchor``.
+    """
+    return os.path.isfile(config.dns.trust_anchor)
+
+
 def validating_key_lookup(config: DnsConfig, upstream: UpstreamClient) -> KeyLookup:
     """The production KeyLookup: DNSSEC from ``oe.dns.trust_anchor``."""
+    if not os.path.isfile(config.trust_anchor):
+        raise ValueError(
+            f"oe.dns.trust_anchor: {config.trust_anchor} does not exist; install the root"
+            " trust anchor (DS or DNSKEY records) there or point the option at one"
+        )
     try:
         anchors = load_trust_anchor_file(config.trust_anchor)
     except TrustAnchorError as exc:
