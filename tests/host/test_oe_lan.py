@@ -1,0 +1,187 @@
+"""The LAN gateway on the real kernel: nft SNAT, then the post-NAT XFRM lookup.
+
+Three namespaces: L (a LAN device, 192.168.1.2), R (the router: LAN 192.168.1.1,
+WAN 198.51.100.1) and W (the world: 203.0.113.7 private-or-clear, 192.0.2.7
+private). A forwarded LAN packet is trapped only because SNAT rewrote its source to
+the WAN address: the kernel repeats the XFRM lookup after NAT and the trap's
+selector (source = WAN address) matches. The IKE seam is the probe negotiator of
+test_oe_service.py (no IKE responder in W, so negotiations fail for real).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from oe_router.datapath.netns import in_netns
+from oe_router.oe.lan import LanError, LanGateway, apply_nft, nft_script
+from oe_router.oe.service import OeService, kernel_datapath
+from tests.host.test_oe_service import PORT, PRIV, WAN, ProbeNegotiator, _config
+
+pytestmark = pytest.mark.host
+
+POC = "203.0.113.7"
+
+
+def _ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def nets() -> Iterator[tuple[str, str, str]]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    tag = uuid.uuid4().hex[:8]
+    lan, r, w = f"oe-l-{tag}", f"oe-r-{tag}", f"oe-w-{tag}"
+    for ns in (lan, r, w):
+        _ip("netns", "add", ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+    try:
+        _ip("-n", r, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", lan)
+        _ip("-n", r, "link", "add", "wan", "type", "veth", "peer", "name", "w0", "netns", w)
+        for ns, dev, addr in (
+            (lan, "eth0", "192.168.1.2/24"),
+            (r, "lan0", "192.168.1.1/24"),
+            (r, "wan", "198.51.100.1/24"),
+            (w, "w0", "198.51.100.2/24"),
+        ):
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "addr", "add", addr, "dev", dev)
+        _ip("-n", lan, "route", "add", "default", "via", "192.168.1.1")
+        _ip("-n", r, "route", "add", "default", "via", "198.51.100.2")
+        for addr in (f"{POC}/32", f"{PRIV}/32"):
+            _ip("-n", w, "addr", "add", addr, "dev", "lo")
+        subprocess.run(
+            ["ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True
+        )
+        yield lan, r, w
+    finally:
+        for ns in (lan, r, w):
+            _ip("netns", "del", ns)
+
+
+def _gateway() -> LanGateway:
+    return LanGateway(wan_ifname="wan", lan4=(ipaddress.IPv4Network("192.168.1.0/24"),), wan4=WAN)
+
+
+def _udp(netns: str, bind: tuple[str, int] | None = None) -> socket.socket:
+    with in_netns(netns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if bind is not None:
+        s.bind(bind)
+    s.setblocking(False)
+    return s
+
+
+def _recv(s: socket.socket) -> list[tuple[bytes, str]]:
+    out = []
+    while True:
+        try:
+            data, (addr, _) = s.recvfrom(2048)
+        except BlockingIOError:
+            return out
+        out.append((data, addr))
+
+
+def test_nft_script_applies_and_reads_back(nets: tuple[str, str, str]) -> None:
+    _, r, _ = nets
+    apply_nft(nft_script(_gateway()), netns=r)
+    apply_nft(nft_script(_gateway()), netns=r)  # replaces, does not duplicate
+    text = subprocess.run(
+        ["ip", "netns", "exec", r, "nft", "list", "table", "inet", "oe_router"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert text.count("snat ip to 198.51.100.1") == 1
+    assert 'oifname "wan" ip saddr 192.168.1.0/24 snat ip to 198.51.100.1' in text
+    with pytest.raises(LanError, match="nft refused the LAN gateway rules"):
+        apply_nft("table inet oe_router { chain c { bogus } }", netns=r)
+
+
+def test_lan_flow_is_natted_then_trapped_then_shunted(nets: tuple[str, str, str]) -> None:
+    lan, r, w = nets
+    apply_nft(nft_script(_gateway()), netns=r)
+    rx_poc = _udp(w, (POC, PORT))
+    rx_priv = _udp(w, (PRIV, PORT))
+    tx = _udp(lan)
+
+    async def body() -> None:
+        neg = ProbeNegotiator(r)
+        svc = OeService(
+            datapath_factory=kernel_datapath(r),
+            negotiator=neg,
+            wan={4: WAN},
+            lan=[ipaddress.ip_network("192.168.1.0/24")],
+        )
+        await svc.start(_config())
+        try:
+            tx.sendto(b"first", (POC, PORT))  # LAN -> SNAT -> trap (post-NAT lookup)
+            deadline = time.monotonic() + 5
+            while not svc.status().shunts:
+                assert time.monotonic() < deadline, "no ACQUIRE for the NATed LAN flow"
+                await asyncio.sleep(0.02)
+            (req,) = neg.requests
+            assert (str(req.peer), req.local) == (POC, WAN)
+            tx.sendto(b"second", (POC, PORT))
+            got: list[tuple[bytes, str]] = []
+            while not got:
+                assert time.monotonic() < deadline + 2, "the pass shunt let nothing through"
+                got += _recv(rx_poc)
+                await asyncio.sleep(0.02)
+            # the world sees the router's WAN address, and the trapped first packet is lost
+            assert got == [(b"second", "198.51.100.1")]
+
+            tx.sendto(b"p1", (PRIV, PORT))
+            while len(svc.status().shunts) < 2:
+                assert time.monotonic() < deadline + 5, "no drop shunt for the private LAN flow"
+                await asyncio.sleep(0.02)
+            for _ in range(5):
+                tx.sendto(b"p2", (PRIV, PORT))
+            await asyncio.sleep(0.3)
+            assert _recv(rx_priv) == []
+            assert {s.kind for s in svc.status().shunts} == {"pass", "drop"}
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(body())
+    finally:
+        for s in (rx_poc, rx_priv, tx):
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def test_without_snat_a_lan_flow_is_not_trapped(nets: tuple[str, str, str]) -> None:
+    """The control: with no SNAT the LAN source never matches a trap, so nothing is
+    negotiated and the packet leaves in the clear with its LAN source address."""
+    lan, r, w = nets
+    rx = _udp(w, (POC, PORT))
+    tx = _udp(lan)
+
+    async def body() -> None:
+        neg = ProbeNegotiator(r)
+        svc = OeService(datapath_factory=kernel_datapath(r), negotiator=neg, wan={4: WAN})
+        await svc.start(_config())
+        try:
+            tx.sendto(b"clear", (POC, PORT))
+            await asyncio.sleep(0.5)
+            assert neg.requests == []
+            assert _recv(rx) == [(b"clear", "192.168.1.2")]
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(body())
+    finally:
+        rx.close()
+        tx.close()
