@@ -368,6 +368,12 @@ class IkeSa:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    @property
+    def nat_detected(self) -> tuple[bool, bool]:
+        """(our address is translated, the peer's is): known once IKE_SA_INIT is done,
+        so the endpoint can float to port 4500 before IKE_AUTH goes out."""
+        return self._nat_local, self._nat_remote
+
     def get_timer(self) -> float | None:
         return self._retransmit_at
 

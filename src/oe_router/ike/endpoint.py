@@ -1,0 +1,487 @@
+"""The asyncio edge of IKE: UDP 500 and 4500 sockets, SPI demultiplexing, timers, NAT-T.
+
+Why a thin layer: every protocol decision lives in the sans-IO ``IkeSa``; this
+module only moves datagrams between sockets and SAs, keeps the one timer the
+loop needs (the earliest of all SA deadlines, read from the injected clock),
+and does what RFC 7296 §2.23 / RFC 3948 leave to the transport:
+
+* port 4500 carries IKE behind a 4-byte non-ESP marker; a lone 0xFF byte is a
+  NAT keepalive; anything else there is ESP the kernel did not take;
+* an initiator that detects a NAT in IKE_SA_INIT floats to 4500 before IKE_AUTH,
+  and the side behind the NAT sends keepalives so its mapping stays open;
+* a responder answers every request from the socket it came in on, to the
+  address and port it came from;
+* the 4500 socket gets UDP_ENCAP_ESPINUDP and both sockets per-socket XFRM
+  bypass policies, so OE trap policies never capture IKE itself. Where the
+  kernel has no XFRM (a container, a test box) this is logged once and IKE runs.
+
+A responder may hold at most ``half_open_limit`` IKE SAs that have not finished
+IKE_AUTH; above that, new IKE_SA_INIT requests are answered by the cookie
+precheck the SA core offers (``sa.cookie_precheck``) or dropped when it has none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from oe_router.datapath.base import DatapathError
+from oe_router.datapath.kernel import bypass_socket, enable_esp_in_udp
+from oe_router.datapath.netns import in_netns
+
+from . import sa as sa_module
+from .constants import ExchangeType, HeaderFlag
+from .errors import IkeDecodeError, IkeError
+from .events import Event, IkeSaDeleted, IkeSaEstablished, IkeSaFailed
+from .payloads import IkeHeader
+from .sa import IkeSa, IkeSaConfig
+from .wire import Reader
+
+__all__ = [
+    "NON_ESP_MARKER",
+    "Address",
+    "EndpointCounters",
+    "EventListener",
+    "IkeEndpoint",
+    "ResponderPolicy",
+    "SaHandle",
+]
+
+log = logging.getLogger("oe_router.ike")
+
+Address = tuple[str, int]
+NON_ESP_MARKER = b"\x00\x00\x00\x00"
+NAT_KEEPALIVE = b"\xff"
+_IKE_HEADER_LEN = 28
+
+
+class ResponderPolicy(Protocol):
+    """Decides whether to answer an IKE_SA_INIT from ``remote`` on ``local``.
+
+    Returns the IKE SA configuration to respond with (identities, keys,
+    selectors: containment lives there), or None to ignore the request.
+    """
+
+    def __call__(self, local: Address, remote: Address) -> IkeSaConfig | None: ...
+
+
+class EventListener(Protocol):
+    """Receives every event of every IKE SA, with the handle it came from."""
+
+    def __call__(self, handle: SaHandle, event: Event) -> None: ...
+
+
+@dataclass(eq=False)
+class SaHandle:
+    """One IKE SA as the endpoint sees it: where its datagrams go and when.
+
+    ``remote`` is where our requests go (it follows NAT-T floating and a NATed
+    peer's mapping); ``natt`` says whether we talk from our 4500 socket.
+    """
+
+    sa: IkeSa
+    local: Address
+    remote: Address
+    remote_natt_port: int
+    created: float
+    natt: bool = False
+    established_at: float | None = None
+    keepalive_at: float | None = None
+    half_open: bool = False
+    owner: Any = None  #: free for the IKE manager's bookkeeping
+
+    @property
+    def is_initiator(self) -> bool:
+        return self.sa.is_initiator
+
+    @property
+    def local_spi(self) -> bytes:
+        return self.sa.spi_i if self.sa.is_initiator else self.sa.spi_r
+
+
+@dataclass
+class EndpointCounters:
+    """What the endpoint dropped and why; shown by ``oe status`` and asserted by tests."""
+
+    received: int = 0
+    sent: int = 0
+    malformed: int = 0
+    unknown_spi: int = 0
+    esp_dropped: int = 0
+    keepalives_in: int = 0
+    keepalives_out: int = 0
+    refused: int = 0
+    half_open_dropped: int = 0
+    cookies_sent: int = 0
+    floated: int = 0
+
+
+class _Proto(asyncio.DatagramProtocol):
+    def __init__(self, ep: IkeEndpoint, local_ip: str, natt: bool) -> None:
+        self.ep, self.local_ip, self.natt = ep, local_ip, natt
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        try:
+            self.ep._datagram(self.local_ip, self.natt, data, (str(addr[0]), int(addr[1])))
+        except Exception:  # one bad datagram must never kill the socket
+            log.exception("IKE: error handling a datagram from %s", addr[0])
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("IKE socket %s: %s", self.local_ip, exc)
+
+
+@dataclass
+class _Sockets:
+    ike: socket.socket
+    natt: socket.socket
+    transports: list[asyncio.DatagramTransport] = field(default_factory=list)
+
+
+class IkeEndpoint:
+    """Owns the IKE sockets on ``addresses`` and every IKE SA that uses them."""
+
+    def __init__(
+        self,
+        addresses: Iterable[str],
+        *,
+        on_event: EventListener,
+        responder_policy: ResponderPolicy | None = None,
+        clock: Callable[[], float],
+        ike_port: int = 500,
+        natt_port: int = 4500,
+        half_open_limit: int = 64,
+        half_open_timeout: float = 30.0,
+        keepalive_interval: float = 20.0,
+        netns: str | None = None,
+        xfrm: bool = True,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.addresses = tuple(str(ipaddress.ip_address(a)) for a in addresses)
+        if not self.addresses:
+            raise ValueError("the IKE endpoint needs at least one local address")
+        self._on_event = on_event
+        self._policy = responder_policy
+        self._clock = clock
+        self.ike_port = ike_port
+        self.natt_port = natt_port
+        self.half_open_limit = half_open_limit
+        self.half_open_timeout = half_open_timeout
+        self.keepalive_interval = keepalive_interval
+        self._netns = netns
+        self._xfrm = xfrm
+        self._random = random
+        self.counters = EndpointCounters()
+        self.xfrm_note = "not started"
+        self._socks: dict[str, _Sockets] = {}
+        self._by_spi: dict[bytes, SaHandle] = {}  # our SPI -> SA
+        self._half_open: dict[tuple[bytes, Address], SaHandle] = {}  # (SPIi, peer) -> SA
+        self._handles: list[SaHandle] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._secret: bytes | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def _make_socket(self, ip: str, port: int, natt: bool) -> socket.socket:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with in_netns(self._netns):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((ip, port))
+            sock.setblocking(False)
+            if self._xfrm:
+                self._kernel_setup(sock, natt)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _kernel_setup(self, sock: socket.socket, natt: bool) -> None:
+        try:
+            bypass_socket(sock)
+            if natt:
+                enable_esp_in_udp(sock)
+        except DatapathError as exc:
+            if self.xfrm_note != f"XFRM unavailable: {exc}":
+                log.warning("IKE sockets run without kernel IPsec hooks: %s", exc)
+            self.xfrm_note = f"XFRM unavailable: {exc}"
+            self._xfrm = False
+
+    async def start(self) -> None:
+        """Bind every address's 500/4500 pair; an address in use is a clear error."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        if self._xfrm:
+            self.xfrm_note = "bypass policies on, UDP_ENCAP_ESPINUDP on the NAT-T socket"
+        else:
+            self.xfrm_note = "XFRM hooks disabled by configuration"
+        try:
+            for ip in self.addresses:
+                ike = self._make_socket(ip, self.ike_port, False)
+                try:
+                    natt = self._make_socket(ip, self.natt_port, True)
+                except OSError:
+                    ike.close()
+                    raise
+                socks = _Sockets(ike, natt)
+                self._socks[ip] = socks
+                for sock, is_natt in ((ike, False), (natt, True)):
+                    transport, _ = await loop.create_datagram_endpoint(
+                        lambda ip=ip, n=is_natt: _Proto(self, ip, n),  # type: ignore[misc]
+                        sock=sock,
+                    )
+                    socks.transports.append(transport)
+        except OSError as exc:
+            await self.stop()
+            raise IkeError(
+                f"cannot open IKE sockets on {ip} ports {self.ike_port}/{self.natt_port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        if self.ike_port == 0 or self.natt_port == 0:  # tests: learn the kernel's choice
+            first = self._socks[self.addresses[0]]
+            self.ike_port = first.ike.getsockname()[1]
+            self.natt_port = first.natt.getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for socks in self._socks.values():
+            for t in socks.transports:
+                t.close()
+            for s in (socks.ike, socks.natt):
+                s.close()
+        self._socks.clear()
+
+    def bound(self, ip: str | None = None) -> tuple[Address, Address]:
+        """(IKE, NAT-T) addresses actually bound for ``ip`` (default: the first)."""
+        socks = self._socks[ip or self.addresses[0]]
+        a, b = socks.ike.getsockname(), socks.natt.getsockname()
+        return (a[0], a[1]), (b[0], b[1])
+
+    # ------------------------------------------------------------------ SAs
+    def handles(self) -> list[SaHandle]:
+        return list(self._handles)
+
+    def half_open_count(self) -> int:
+        return len(self._half_open)
+
+    def initiate(
+        self, config: IkeSaConfig, *, remote_natt_port: int = 4500, via: str | None = None
+    ) -> SaHandle:
+        """Start an IKE SA as initiator from ``config.local_address`` (or the socket of
+        ``via``, when the address IKE hashes differs from the bound one); returns its handle."""
+        ip = str(ipaddress.ip_address(via or config.local_address[0]))
+        if ip not in self._socks:
+            raise IkeError(f"local address {ip} has no IKE socket (have {', '.join(self._socks)})")
+        now = self._clock()
+        sa = IkeSa.initiator(config, now, self._random)
+        h = SaHandle(sa, (ip, self.ike_port), config.remote_address, remote_natt_port, now)
+        self._handles.append(h)
+        self._by_spi[sa.spi_i] = h
+        self._after(h)
+        return h
+
+    def flush(self, handle: SaHandle) -> None:
+        """Send what ``handle.sa`` queued and deliver its events (after calling its methods)."""
+        self._after(handle)
+
+    def delete(self, handle: SaHandle) -> None:
+        """Delete an IKE SA with its peer; a half-open or failed one is just forgotten."""
+        if handle.sa.state == "established":
+            handle.sa.delete(self._clock())
+            self._after(handle)
+        else:
+            self._forget(handle)
+
+    # ------------------------------------------------------------------ receive
+    def _datagram(self, local_ip: str, natt: bool, data: bytes, remote: Address) -> None:
+        c = self.counters
+        c.received += 1
+        if natt:
+            if data == NAT_KEEPALIVE:
+                c.keepalives_in += 1
+                return
+            if data[:4] != NON_ESP_MARKER:
+                c.esp_dropped += 1  # ESP the kernel did not decapsulate (no ESP here)
+                return
+            data = data[4:]
+        if len(data) < _IKE_HEADER_LEN:
+            c.malformed += 1
+            return
+        try:
+            hdr = IkeHeader.read(Reader(data[:_IKE_HEADER_LEN]))
+        except IkeDecodeError:
+            c.malformed += 1
+            return
+        if hdr.version >> 4 != 2:
+            c.malformed += 1
+            return
+        from_initiator = bool(hdr.flags & HeaderFlag.INITIATOR)
+        is_response = bool(hdr.flags & HeaderFlag.RESPONSE)
+        now = self._clock()
+        if from_initiator:  # we are the responder: our SPI is SPIr
+            h = self._by_spi.get(hdr.spi_r) if hdr.spi_r != bytes(8) else None
+            if h is None and hdr.exchange_type == ExchangeType.IKE_SA_INIT and not is_response:
+                h = self._half_open.get((hdr.spi_i, remote))
+                if h is None:
+                    h = self._new_responder(local_ip, natt, data, remote, now)
+                    if h is None:
+                        return
+        else:
+            h = self._by_spi.get(hdr.spi_i)
+            if h is not None and not h.sa.is_initiator:
+                h = None
+        if h is None:
+            c.unknown_spi += 1
+            return
+        if natt and not h.natt:
+            self.counters.floated += 1
+            h.natt = True  # the peer floated (RFC 7296 §2.23): follow it
+        if not h.sa.is_initiator:
+            h.remote = remote  # a NATed initiator's mapping may change: follow its requests
+        h.sa.receive_datagram(data, now, remote)
+        self._after(h, reply_to=None if is_response else remote)
+
+    def _new_responder(
+        self, local_ip: str, natt: bool, data: bytes, remote: Address, now: float
+    ) -> SaHandle | None:
+        if self._policy is None:
+            self.counters.refused += 1
+            return None
+        if len(self._half_open) >= self.half_open_limit:
+            precheck = getattr(sa_module, "cookie_precheck", None)
+            if precheck is None:
+                self.counters.half_open_dropped += 1
+                log.warning(
+                    "IKE: %d half-open SAs; dropping IKE_SA_INIT from %s",
+                    len(self._half_open),
+                    remote[0],
+                )
+                return None
+            reply = precheck(data, remote, self._cookie_secret())
+            if reply is not None:  # a COOKIE demand, or None when the cookie is valid
+                self.counters.cookies_sent += 1
+                self._send(local_ip, natt, reply, remote)
+                return None
+        local = (local_ip, self.natt_port if natt else self.ike_port)
+        config = self._policy(local, remote)
+        if config is None:
+            self.counters.refused += 1
+            return None
+        sa = IkeSa.responder(config, self._random)
+        h = SaHandle(sa, local, remote, remote[1], now, natt=natt, half_open=True)
+        self._handles.append(h)
+        self._half_open[(data[:8], remote)] = h
+        return h
+
+    def _cookie_secret(self) -> bytes:
+        if self._secret is None:
+            self._secret = self._random(32)
+        return self._secret
+
+    # ------------------------------------------------------------------ send, events
+    def _send(
+        self, local_ip: str, natt: bool, data: bytes, remote: Address, *, raw: bool = False
+    ) -> None:
+        socks = self._socks.get(local_ip)
+        if socks is None:
+            return
+        payload = NON_ESP_MARKER + data if natt and not raw else data
+        try:
+            (socks.natt if natt else socks.ike).sendto(payload, remote)
+            self.counters.sent += 1
+        except OSError as exc:
+            log.debug("IKE: send to %s failed: %s", remote[0], exc)
+
+    def _after(self, h: SaHandle, reply_to: Address | None = None) -> None:
+        """Float if IKE_SA_INIT found a NAT, send, index SPIs, deliver events, re-arm timer."""
+        sa = h.sa
+        if sa.is_initiator and not h.natt and sa.state == "auth-sent" and any(sa.nat_detected):
+            h.natt = True
+            h.remote = (h.remote[0], h.remote_natt_port)
+            self.counters.floated += 1
+            log.info("IKE SA with %s: NAT detected, floating to port 4500", h.remote[0])
+        for d in sa.datagrams_to_send():
+            self._send(h.local[0], h.natt, d, reply_to or h.remote)
+        if not sa.is_initiator and sa.spi_r != bytes(8) and sa.state not in ("failed", "closed"):
+            self._by_spi[sa.spi_r] = h
+        elif sa.is_initiator:
+            self._by_spi[sa.spi_i] = h
+        while (ev := sa.next_event()) is not None:
+            if isinstance(ev, IkeSaEstablished):
+                h.established_at = self._clock()
+                self._close_half_open(h)
+                if ev.nat_local:
+                    h.keepalive_at = h.established_at + self.keepalive_interval
+            self._on_event(h, ev)
+            if isinstance(ev, IkeSaFailed | IkeSaDeleted):
+                self._forget(h)
+        self._arm()
+
+    def _close_half_open(self, h: SaHandle) -> None:
+        if h.half_open:
+            h.half_open = False
+            for k, v in list(self._half_open.items()):
+                if v is h:
+                    del self._half_open[k]
+
+    def _forget(self, h: SaHandle) -> None:
+        self._close_half_open(h)
+        for spi in (h.sa.spi_i, h.sa.spi_r):
+            if self._by_spi.get(spi) is h:
+                del self._by_spi[spi]
+        if h in self._handles:
+            self._handles.remove(h)
+
+    # ------------------------------------------------------------------ timers
+    def _deadline(self, h: SaHandle) -> float | None:
+        times = [t for t in (h.sa.get_timer(), h.keepalive_at) if t is not None]
+        if h.half_open:
+            times.append(h.created + self.half_open_timeout)
+        return min(times) if times else None
+
+    def next_deadline(self) -> float | None:
+        ds = [d for h in self._handles if (d := self._deadline(h)) is not None]
+        return min(ds) if ds else None
+
+    def _arm(self) -> None:
+        if self._loop is None:
+            return
+        at = self.next_deadline()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at
+        if at is not None:
+            self._timer = self._loop.call_later(max(0.0, at - self._clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, None
+        self.tick(self._clock())
+
+    def tick(self, now: float) -> None:
+        """Run every deadline due at ``now``: retransmits, keepalives, half-open expiry."""
+        for h in list(self._handles):
+            if h.half_open and now >= h.created + self.half_open_timeout:
+                log.info("IKE: half-open SA from %s timed out", h.remote[0])
+                self._forget(h)
+                continue
+            t = h.sa.get_timer()
+            if t is not None and now >= t:
+                h.sa.handle_timer(now)
+                self._after(h)
+            if h.keepalive_at is not None and now >= h.keepalive_at and h.natt:
+                self._send(h.local[0], True, NAT_KEEPALIVE, h.remote, raw=True)
+                self.counters.keepalives_out += 1
+                h.keepalive_at = now + self.keepalive_interval
+        self._arm()

@@ -1,0 +1,242 @@
+"""The IKE UDP endpoint on loopback: two real endpoints (ours both sides) over UDP.
+
+Ports are chosen by the kernel (port 0) and XFRM hooks are off (this tier needs no
+root); the XFRM bypass and ESP-in-UDP setup are exercised by the host tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from functools import wraps
+from typing import Any
+
+import pytest
+
+from oe_router.ike.endpoint import NON_ESP_MARKER, Address, IkeEndpoint, SaHandle
+from oe_router.ike.events import (
+    ChildSaEstablished,
+    Event,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+)
+from oe_router.ike.payloads import TrafficSelector
+from oe_router.ike.sa import IkeSaConfig
+
+
+def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """No pytest-asyncio here: each test runs its own loop."""
+
+    @wraps(fn)
+    def wrapper() -> None:
+        asyncio.run(fn())
+
+    return wrapper
+
+
+def host_ts(addr: str) -> TrafficSelector:
+    a = ipaddress.ip_address(addr)
+    return TrafficSelector.from_range(a, a)
+
+
+#: An IKE_AUTH request header (SPIs nobody holds), length 36 incl. 8 bytes of payload.
+UNKNOWN_SA_REQUEST = b"\x01" * 8 + b"\x02" * 8 + b"\x00\x20\x23\x08" + bytes(4) + bytes(12)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[SaHandle, Event]] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, handle: SaHandle, event: Event) -> None:
+        self.events.append((handle, event))
+        self.changed.set()
+
+    def of(self, cls: type[Event]) -> list[Event]:
+        return [e for _, e in self.events if isinstance(e, cls)]
+
+    async def wait_for(self, cls: type[Event], n: int = 1, timeout: float = 5.0) -> list[Event]:
+        async with asyncio.timeout(timeout):
+            while len(self.of(cls)) < n:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.of(cls)
+
+
+def responder_policy(seen: list[tuple[Address, Address]]):  # type: ignore[no-untyped-def]
+    def policy(local: Address, remote: Address) -> IkeSaConfig:
+        seen.append((local, remote))
+        return IkeSaConfig(local, remote, (host_ts(local[0]),), (host_ts(remote[0]),))
+
+    return policy
+
+
+async def pair(**kw: object) -> tuple[IkeEndpoint, IkeEndpoint, Recorder, Recorder, list]:  # type: ignore[type-arg]
+    ri, rr = Recorder(), Recorder()
+    seen: list[tuple[Address, Address]] = []
+    ini = IkeEndpoint(
+        ["127.0.0.1"], on_event=ri, clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False
+    )
+    res = IkeEndpoint(
+        ["127.0.0.1"],
+        on_event=rr,
+        responder_policy=responder_policy(seen),
+        clock=time.monotonic,
+        ike_port=0,
+        natt_port=0,
+        xfrm=False,
+        **kw,  # type: ignore[arg-type]
+    )
+    await ini.start()
+    await res.start()
+    return ini, res, ri, rr, seen
+
+
+def ini_config(ini: IkeEndpoint, res: IkeEndpoint, local_ip: str = "127.0.0.1") -> IkeSaConfig:
+    return IkeSaConfig(
+        (local_ip, ini.ike_port),
+        ("127.0.0.1", res.ike_port),
+        (host_ts("127.0.0.1"),),
+        (host_ts("127.0.0.1"),),
+    )
+
+
+@run_async
+async def test_null_auth_over_udp_then_delete() -> None:
+    ini, res, ri, rr, seen = await pair()
+    try:
+        h = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
+        (ci,) = await ri.wait_for(ChildSaEstablished)
+        (cr,) = await rr.wait_for(ChildSaEstablished)
+        assert isinstance(ci, ChildSaEstablished) and isinstance(cr, ChildSaEstablished)
+        assert ci.spi_in == cr.spi_out and ci.encr_key_in == cr.encr_key_out
+        assert not ci.udp_encap and not h.natt  # no NAT: IKE stays on the IKE port
+        assert seen == [(("127.0.0.1", res.ike_port), ("127.0.0.1", ini.ike_port))]
+        assert res.half_open_count() == 0
+        assert len(res.handles()) == 1 and res.handles()[0].established_at is not None
+        ini.delete(h)
+        await ri.wait_for(IkeSaDeleted)
+        await rr.wait_for(IkeSaDeleted)
+        assert ini.handles() == [] and res.handles() == []
+    finally:
+        await ini.stop()
+        await res.stop()
+
+
+@run_async
+async def test_nat_detected_floats_to_natt_port_with_marker() -> None:
+    """The initiator claims a private source address (as if behind a NAT): both see the
+    NAT_DETECTION mismatch, IKE_AUTH goes out on the NAT-T sockets with the marker."""
+    ini, res, ri, rr, _ = await pair()
+    try:
+        cfg = dataclasses.replace(ini_config(ini, res), local_address=("10.9.9.9", ini.ike_port))
+        h = ini.initiate(cfg, remote_natt_port=res.natt_port, via="127.0.0.1")
+        (ev,) = await ri.wait_for(IkeSaEstablished)
+        assert isinstance(ev, IkeSaEstablished) and ev.nat_local and not ev.nat_remote
+        (evr,) = await rr.wait_for(IkeSaEstablished)
+        assert isinstance(evr, IkeSaEstablished) and evr.nat_remote
+        (ci,) = await ri.wait_for(ChildSaEstablished)
+        assert isinstance(ci, ChildSaEstablished) and ci.udp_encap
+        assert h.natt and h.remote == ("127.0.0.1", res.natt_port)
+        assert ini.counters.floated == 1 and res.counters.floated == 1
+        assert res.handles()[0].natt  # the responder answers from its NAT-T socket
+        assert h.keepalive_at is not None  # we are the NATed side: keepalives scheduled
+        ini.tick(h.keepalive_at)
+        await asyncio.sleep(0.05)
+        assert ini.counters.keepalives_out == 1 and res.counters.keepalives_in == 1
+    finally:
+        await ini.stop()
+        await res.stop()
+
+
+@run_async
+async def test_garbage_esp_and_unknown_spis_are_counted_not_fatal() -> None:
+    ini, res, ri, _, _ = await pair()
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for data, port in (
+            (b"\x01\x02\x03", res.ike_port),  # too short
+            (bytes(40), res.ike_port),  # version 0
+            (b"\x12\x34\x56\x78" + bytes(40), res.natt_port),  # ESP, no marker
+            (NON_ESP_MARKER + UNKNOWN_SA_REQUEST, res.natt_port),
+        ):
+            s.sendto(data, ("127.0.0.1", port))
+        s.close()
+        await asyncio.sleep(0.1)
+        c = res.counters
+        assert (c.malformed, c.esp_dropped, c.unknown_spi) == (2, 1, 1)
+        h = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
+        await ri.wait_for(ChildSaEstablished)
+        assert h.sa.state == "established"
+    finally:
+        await ini.stop()
+        await res.stop()
+
+
+@run_async
+async def test_half_open_limit_drops_new_initiators_without_cookie_support() -> None:
+    ini, res, _, _, seen = await pair(half_open_limit=0)
+    try:
+        h = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
+        await asyncio.sleep(0.2)
+        assert seen == [] and h.sa.state == "init-sent"
+        assert res.counters.half_open_dropped >= 1 or res.counters.cookies_sent >= 1
+    finally:
+        await ini.stop()
+        await res.stop()
+
+
+@run_async
+async def test_retransmits_then_fails_against_silence() -> None:
+    ri = Recorder()
+    ini = IkeEndpoint(
+        ["127.0.0.1"], on_event=ri, clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False
+    )
+    await ini.start()
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.setblocking(False)
+    try:
+        cfg = IkeSaConfig(
+            ("127.0.0.1", ini.ike_port),
+            ("127.0.0.1", silent.getsockname()[1]),
+            (host_ts("127.0.0.1"),),
+            (host_ts("127.0.0.1"),),
+            retransmit_timeout=0.02,
+            retransmit_tries=2,
+        )
+        ini.initiate(cfg)
+        (f,) = await ri.wait_for(IkeSaFailed)
+        assert isinstance(f, IkeSaFailed) and "no answer" in f.reason
+        got = 0
+        while True:
+            try:
+                silent.recv(4096)
+                got += 1
+            except BlockingIOError:
+                break
+        assert got == 3  # the first try and two retransmits
+        assert ini.handles() == []
+    finally:
+        silent.close()
+        await ini.stop()
+
+
+@run_async
+async def test_address_in_use_is_one_clear_error() -> None:
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind(("127.0.0.1", 0))
+    port = blocker.getsockname()[1]
+    ep = IkeEndpoint(
+        ["127.0.0.1"], on_event=Recorder(), clock=time.monotonic, ike_port=port, xfrm=False
+    )
+    try:
+        with pytest.raises(Exception, match=f"cannot open IKE sockets on 127.0.0.1 ports {port}"):
+            await ep.start()
+    finally:
+        blocker.close()
