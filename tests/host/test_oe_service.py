@@ -198,6 +198,16 @@ async def _until(pred: object, timeout: float = 5.0) -> float:
     return time.monotonic() - start
 
 
+def _xfrm_stat(netns: str) -> dict[str, int]:
+    text = subprocess.run(
+        ["ip", "netns", "exec", netns, "cat", "/proc/net/xfrm_stat"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return {k: int(v) for k, v in (line.split() for line in text.splitlines() if line.strip())}
+
+
 def _normal(p: PolicySpec) -> PolicySpec:
     return replace(p, action=PolicyAction.IPSEC) if p.action is PolicyAction.TRAP else p
 
@@ -259,8 +269,11 @@ def test_private_or_clear_failure_passes_and_private_failure_drops(nets: tuple[s
         try:
             # private-or-clear: the first packet is trapped (ACQUIRE), the probe finds no
             # IKE responder, a PASS shunt with the configured lifetime appears
+            before = _xfrm_stat(r)
             assert _send(tx, POC, b"first") == "sent"
             await _until(lambda: "action allow" in _policy(r, POC))
+            # the trapped packet was dropped while the ACQUIRE was pending (larval drop)
+            assert _xfrm_stat(r)["XfrmOutNoStates"] - before["XfrmOutNoStates"] == 1
             text = _policy(r, POC)
             assert "expire add: soft 0(sec), hard 900(sec)" in text
             assert [str(q.peer) for q in neg.requests] == [POC]
@@ -274,7 +287,9 @@ def test_private_or_clear_failure_passes_and_private_failure_drops(nets: tuple[s
             # private: a DROP shunt, the packets never arrive
             assert _send(tx, PRIV, b"p1") == "sent"
             await _until(lambda: "action block" in _policy(r, PRIV))
+            blocked = _xfrm_stat(r)["XfrmOutPolBlock"]
             assert _send(tx, PRIV, b"p2") == "Operation not permitted"
+            assert _xfrm_stat(r)["XfrmOutPolBlock"] == blocked + 1
             # block: never negotiated, dropped by the group policy
             assert _send(tx, "198.18.0.1", b"b") == "Operation not permitted"
             await asyncio.sleep(0.3)
