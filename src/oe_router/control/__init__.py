@@ -9,6 +9,7 @@ from oe_router.control.client import (
 from oe_router.control.protocol import CommandError, CommandTable, Request
 from oe_router.control.server import ControlServer, SocketBindError
 from oe_router.control.status import (
+    ChildSaStatus,
     DaemonStatus,
     EngineStatus,
     ReloadResult,
@@ -22,6 +23,7 @@ DEFAULT_CONTROL_SOCKET = "/var/run/oe/control.sock"
 
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
+    "ChildSaStatus",
     "CommandError",
     "CommandTable",
     "ControlClient",

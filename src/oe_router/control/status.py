@@ -15,8 +15,27 @@ JsonObject = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class ChildSaStatus:
+    """One Child SA (an ESP SA pair) of an IKE SA, as the IKE layer negotiated it."""
+
+    spi_in: str
+    spi_out: str
+    mode: str
+    transform: str
+    ts_local: str
+    ts_remote: str
+    udp_encap: bool = False
+    established_s: float | None = None
+    rekey_in_s: float | None = None
+
+
+@dataclass(frozen=True)
 class TunnelStatus:
-    """One IPsec tunnel (an IKE SA with its child SAs) as the OE manager sees it."""
+    """One IPsec tunnel (an IKE SA with its child SAs) as the OE manager sees it.
+
+    Rows the IKE layer contributes have ``source == "ike"`` and fill the IKE fields
+    (identities, auth methods, SPIs, NAT, rekey time and the Child SAs).
+    """
 
     peer: str
     local: str
@@ -27,6 +46,22 @@ class TunnelStatus:
     established_s: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    source: str = ""
+    role: str = ""
+    local_id: str = ""
+    remote_id: str = ""
+    local_auth: str = ""
+    remote_auth: str = ""
+    ike_spis: str = ""
+    nat: str = ""
+    rekey_in_s: float | None = None
+    children: tuple[ChildSaStatus, ...] = ()
+
+    @classmethod
+    def from_json(cls, obj: JsonObject) -> TunnelStatus:
+        fields = dict(obj)
+        fields["children"] = tuple(ChildSaStatus(**c) for c in fields.get("children", ()))
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -170,7 +205,7 @@ class Status:
         """Read a status document back; raises KeyError/TypeError/ValueError if malformed."""
         return cls(
             daemon=DaemonStatus.from_json(obj["daemon"]),
-            tunnels=tuple(TunnelStatus(**t) for t in obj["tunnels"]),
+            tunnels=tuple(TunnelStatus.from_json(t) for t in obj["tunnels"]),
             shunts=tuple(ShuntStatus(**s) for s in obj["shunts"]),
             engines=tuple(EngineStatus(**e) for e in obj["engines"]),
             dns=dict(obj["dns"]),

@@ -68,13 +68,13 @@ class ResponderPolicy(Protocol):
     selectors: containment lives there), or None to ignore the request.
     """
 
-    def __call__(self, local: Address, remote: Address) -> IkeSaConfig | None: ...
+    def __call__(self, local: Address, remote: Address, /) -> IkeSaConfig | None: ...
 
 
 class EventListener(Protocol):
     """Receives every event of every IKE SA, with the handle it came from."""
 
-    def __call__(self, handle: SaHandle, event: Event) -> None: ...
+    def __call__(self, handle: SaHandle, event: Event, /) -> None: ...
 
 
 @dataclass(eq=False)

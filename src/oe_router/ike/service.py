@@ -1,0 +1,735 @@
+"""The IKE manager: a daemon ``Service`` holding one IKE SA per peer and its Child SAs.
+
+Why one IKE SA per peer: the LAN devices behind the router all reach a peer through
+the router's own address, so they share one IKE SA and get one Child SA each.
+An IKE SA per device would look like a flood to the peer (strongSwan demands
+cookies after three half-open SAs from one address).
+
+The manager owns the ``IkeEndpoint`` (sockets, timers) and turns control
+commands into IKE SAs: ``up`` resolves when the IKE SA and its first Child SA
+are up, or raises ``IkeUpError`` saying why not; ``down`` deletes with the peer.
+Established and deleted Child SAs go to a ``ChildSaSink`` (the datapath or the
+OE manager plugs in there). Incoming IKE is answered by the responder policy:
+NULL-auth OE by default, the peer's key when one is known, and containment (a
+peer only ever gets selectors for its own address).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from oe_router.config.schema import OeConfig
+from oe_router.control.protocol import CommandError, CommandTable, Request
+from oe_router.control.status import ChildSaStatus, StatusContribution, TunnelStatus
+from oe_router.datapath import base as dp
+
+from .auth import PrivateKey, PublicKey
+from .constants import AuthMethod, DhId, EncrId, IdType, IntegId, PrfId
+from .endpoint import Address, IkeEndpoint, SaHandle
+from .errors import IkeError
+from .events import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaFailed,
+    Event,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+)
+from .payloads import TrafficSelector
+from .sa import DEFAULT_IKE_PROPOSALS, IkeProposalSpec, IkeSaConfig
+
+__all__ = [
+    "AuthChoice",
+    "ChildSaSink",
+    "IkeService",
+    "IkeUpError",
+    "PeerSa",
+    "RecordingSink",
+    "child_sa_spec",
+    "load_private_key",
+    "load_public_key",
+    "parse_identity",
+]
+
+log = logging.getLogger("oe_router.ike")
+
+AuthChoice = Literal["null", "pubkey"]
+
+
+class IkeUpError(Exception):
+    """``up`` failed; the message names the peer and the reason."""
+
+
+# --------------------------------------------------------------------------- the sink
+
+
+class ChildSaSink(Protocol):
+    """Where established and deleted Child SAs go (datapath, OE manager, a test recorder).
+
+    Called synchronously from the endpoint's datagram handler: schedule slow work
+    (netlink) as a task, do not block.
+    """
+
+    def child_sa_established(self, peer: PeerSa, child: ChildSaEstablished) -> None: ...
+
+    def child_sa_deleted(self, peer: PeerSa, child: ChildSaDeleted) -> None: ...
+
+
+@dataclass
+class RecordingSink:
+    """A sink that only records, for tests and for running without a datapath."""
+
+    established: list[tuple[str, ChildSaEstablished]] = field(default_factory=list)
+    deleted: list[tuple[str, ChildSaDeleted]] = field(default_factory=list)
+
+    def child_sa_established(self, peer: PeerSa, child: ChildSaEstablished) -> None:
+        self.established.append((peer.peer, child))
+
+    def child_sa_deleted(self, peer: PeerSa, child: ChildSaDeleted) -> None:
+        self.deleted.append((peer.peer, child))
+
+
+# --------------------------------------------------------------------------- keys, identities
+
+
+_PRIVATE_KINDS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
+_PUBLIC_KINDS = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)
+_KINDS = "RSA, ECDSA, Ed25519"
+
+
+def load_private_key(pem: bytes, what: str) -> PrivateKey:
+    """A PEM private key of a kind IKE can sign with; ValueError names ``what``."""
+    try:
+        key = serialization.load_pem_private_key(pem, None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what}: not a usable PEM private key ({exc})") from None
+    if not isinstance(
+        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise ValueError(
+            f"{what}: {type(key).__name__} keys are not supported (RSA, ECDSA, Ed25519)"
+        )
+    return key
+
+
+def load_public_key(pem: bytes, what: str) -> PublicKey:
+    """A PEM public key (SubjectPublicKeyInfo); ValueError names ``what``."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what}: not a PEM public key ({exc})") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+        raise ValueError(
+            f"{what}: {type(key).__name__} keys are not supported (RSA, ECDSA, Ed25519)"
+        )
+    return key
+
+
+def parse_identity(text: str, address: str) -> tuple[int, bytes]:
+    """``%null``, ``@fqdn`` or an IP address -> (ID type, data); ``%address`` uses ``address``."""
+    if text == "%null":
+        return IdType.ID_NULL, b""
+    if text.startswith("@") and len(text) > 1:
+        return IdType.ID_FQDN, text[1:].encode("idna")
+    ip = ipaddress.ip_address(address if text == "%address" else text)
+    return (IdType.ID_IPV4_ADDR if ip.version == 4 else IdType.ID_IPV6_ADDR), ip.packed
+
+
+def identity_text(ident: tuple[int, bytes]) -> str:
+    t, data = ident
+    if t == IdType.ID_NULL:
+        return "%null"
+    if t in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR):
+        return ("@" if t == IdType.ID_FQDN else "") + data.decode("ascii", "replace")
+    if t in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR) and len(data) in (4, 16):
+        return str(ipaddress.ip_address(data))
+    return f"{IdType(t).name if t in IdType._value2member_map_ else t}:{data.hex()}"
+
+
+def _key_kind(key: PrivateKey | PublicKey | None) -> str:
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return {"secp256r1": "ECDSA-P256", "secp384r1": "ECDSA-P384"}.get(
+            key.curve.name, f"ECDSA-{key.curve.name}"
+        )
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    return ""
+
+
+def _auth_text(method: int, key: PrivateKey | PublicKey | None) -> str:
+    if method == AuthMethod.NULL:
+        return "null"
+    name = AuthMethod(method).name if method in AuthMethod._value2member_map_ else str(method)
+    kind = _key_kind(key)
+    return f"{name.lower()}({kind})" if kind else name.lower()
+
+
+def _name(enum: Any, value: int | None) -> str:
+    if value is None:
+        return ""
+    try:
+        return str(enum(value).name)
+    except ValueError:
+        return str(value)
+
+
+def _encr_text(encr: int, bits: int | None) -> str:
+    return _name(EncrId, encr) + (f"_{bits}" if bits else "")
+
+
+def _ts_text(ts: Iterable[TrafficSelector]) -> str:
+    out = []
+    for t in ts:
+        nets = ipaddress.summarize_address_range(t.start, t.end)
+        text = ",".join(str(n) for n in nets)
+        if t.ip_protocol:
+            text += f"[{t.ip_protocol}"
+            if (t.start_port, t.end_port) != (0, 65535):
+                text += f"/{t.start_port}" + (
+                    f"-{t.end_port}" if t.end_port != t.start_port else ""
+                )
+            text += "]"
+        out.append(text)
+    return " ".join(out)
+
+
+def host_selector(address: str) -> TrafficSelector:
+    ip = ipaddress.ip_address(address)
+    return TrafficSelector.from_range(ip, ip)
+
+
+# --------------------------------------------------------------------------- datapath adapter
+
+
+def _dp_selectors(ts: Iterable[TrafficSelector]) -> tuple[dp.TrafficSelector, ...]:
+    out: list[dp.TrafficSelector] = []
+    for t in ts:
+        full = (t.start_port, t.end_port) == (0, 65535)
+        if not full and t.start_port != t.end_port:
+            raise dp.DatapathError(f"port range {t.start_port}-{t.end_port} has no XFRM selector")
+        port = None if full else t.start_port
+        for net in ipaddress.summarize_address_range(t.start, t.end):
+            out.append(dp.TrafficSelector(net, t.ip_protocol, port))
+    return tuple(out)
+
+
+def child_sa_spec(
+    child: ChildSaEstablished,
+    local: str,
+    remote: str,
+    *,
+    local_natt_port: int = 4500,
+    remote_natt_port: int = 4500,
+) -> dp.ChildSaSpec:
+    """The datapath's install request for an established Child SA (keys, selectors, encap)."""
+    integ = dp.integ_algorithm(child.integ) if child.integ is not None else None
+    return dp.ChildSaSpec(
+        local=ipaddress.ip_address(local),
+        remote=ipaddress.ip_address(remote),
+        inbound=dp.SaKeys(
+            int.from_bytes(child.spi_in, "big"), child.encr_key_in, child.integ_key_in
+        ),
+        outbound=dp.SaKeys(
+            int.from_bytes(child.spi_out, "big"), child.encr_key_out, child.integ_key_out
+        ),
+        encr=dp.encr_algorithm(child.encr),
+        integ=integ,
+        mode=dp.Mode.TRANSPORT if child.mode == "transport" else dp.Mode.TUNNEL,
+        local_ts=_dp_selectors(child.ts_local),
+        remote_ts=_dp_selectors(child.ts_remote),
+        encap=dp.NatTEncap(local_natt_port, remote_natt_port) if child.udp_encap else None,
+        esn=child.esn,
+    )
+
+
+# --------------------------------------------------------------------------- per-peer state
+
+
+@dataclass
+class _Child:
+    event: ChildSaEstablished
+    since: float
+
+
+@dataclass(eq=False)
+class PeerSa:
+    """One IKE SA with one peer, and the Child SAs it carries."""
+
+    peer: str
+    handle: SaHandle
+    local_key: PrivateKey | None
+    peer_key: PublicKey | None
+    ike: IkeSaEstablished | None = None
+    children: dict[bytes, _Child] = field(default_factory=dict)  # by our inbound SPI
+    error: str | None = None
+    done: asyncio.Future[None] | None = None
+
+    @property
+    def state(self) -> str:
+        if self.error is not None:
+            return "failed"
+        return self.handle.sa.state
+
+
+# --------------------------------------------------------------------------- the service
+
+
+class IkeService:
+    """Daemon ``Service`` "ike": the endpoint plus the per-peer IKE SA table.
+
+    ``addresses`` are the local addresses to bind (the WAN addresses); ports are
+    configurable for tests. ``private_key`` overrides ``identity.private_key``
+    from the config; ``peer_keys`` are peers' public keys known up front (by
+    address); both may also come from ``up``.
+    """
+
+    def __init__(
+        self,
+        addresses: Iterable[str],
+        *,
+        sink: ChildSaSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        ike_port: int = 500,
+        natt_port: int = 4500,
+        remote_ike_port: int = 500,
+        remote_natt_port: int = 4500,
+        private_key: PrivateKey | None = None,
+        local_id: str | None = None,
+        peer_keys: Mapping[str, PublicKey] | None = None,
+        ike_proposals: tuple[IkeProposalSpec, ...] = DEFAULT_IKE_PROPOSALS,
+        netns: str | None = None,
+        xfrm: bool = True,
+        up_timeout: float = 30.0,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.addresses = tuple(str(ipaddress.ip_address(a)) for a in addresses)
+        self.sink: ChildSaSink = sink if sink is not None else RecordingSink()
+        self._clock = clock
+        self._ports = (ike_port, natt_port)
+        self.remote_ike_port = remote_ike_port
+        self.remote_natt_port = remote_natt_port
+        self._key_override = private_key
+        self._id_override = local_id
+        self.peer_keys: dict[str, PublicKey] = dict(peer_keys or {})
+        self.ike_proposals = ike_proposals
+        self._netns = netns
+        self._xfrm = xfrm
+        self.up_timeout = up_timeout
+        self._random = random
+        self.config = OeConfig()
+        self.private_key: PrivateKey | None = private_key
+        self.key_note = ""
+        self.endpoint: IkeEndpoint | None = None
+        self.sas: list[PeerSa] = []
+
+    @property
+    def name(self) -> str:
+        return "ike"
+
+    # ------------------------------------------------------------------ lifecycle
+    def _load_key(self, config: OeConfig) -> None:
+        if self._key_override is not None:
+            self.private_key, self.key_note = self._key_override, "given"
+            return
+        path = Path(config.identity.private_key)
+        try:
+            self.private_key = load_private_key(path.read_bytes(), str(path))
+            self.key_note = str(path)
+        except OSError as exc:
+            self.private_key = None
+            self.key_note = f"{path}: {exc.strerror}"
+            if config.identity.local_id != "%null":
+                raise IkeError(
+                    f"identity.private_key {path}: {exc.strerror}; local_id "
+                    f"{config.identity.local_id} needs a key (or set local_id %null)"
+                ) from None
+
+    async def start(self, config: OeConfig) -> None:
+        self.config = config
+        self._load_key(config)
+        ike = config.ike
+        self.endpoint = IkeEndpoint(
+            self.addresses,
+            on_event=self._on_event,
+            responder_policy=self._responder_config,
+            clock=self._clock,
+            ike_port=self._ports[0],
+            natt_port=self._ports[1],
+            half_open_limit=ike.half_open_limit,
+            netns=self._netns,
+            xfrm=self._xfrm,
+            random=self._random,
+        )
+        await self.endpoint.start()
+
+    async def reload(self, config: OeConfig) -> None:
+        """New timers and identity apply to IKE SAs created from now on."""
+        old = self.config
+        self.config = config
+        try:
+            self._load_key(config)
+        except IkeError:
+            self.config = old
+            self._load_key(old)
+            raise
+
+    async def stop(self) -> None:
+        if self.endpoint is None:
+            return
+        for p in list(self.sas):
+            if p.state == "established":
+                with contextlib.suppress(IkeError):
+                    self.endpoint.delete(p.handle)
+        await asyncio.sleep(0)
+        await self.endpoint.stop()
+        for p in list(self.sas):
+            self._drop(p, "IKE service stopped")
+        self.endpoint = None
+
+    def _ep(self) -> IkeEndpoint:
+        if self.endpoint is None:
+            raise IkeError("the IKE service is not running")
+        return self.endpoint
+
+    # ------------------------------------------------------------------ configs
+    def _local_for(self, peer: str) -> str:
+        version = ipaddress.ip_address(peer).version
+        for a in self.addresses:
+            if ipaddress.ip_address(a).version == version:
+                return a
+        raise IkeUpError(f"peer {peer}: no local IPv{version} address to reach it from")
+
+    def _local_id(self, auth: AuthChoice, local: str) -> tuple[int, bytes]:
+        if auth == "null":
+            return IdType.ID_NULL, b""
+        text = self._id_override or self.config.identity.local_id
+        return parse_identity("%address" if text == "%null" else text, local)
+
+    def _sa_config(
+        self,
+        local: Address,
+        remote: Address,
+        auth: AuthChoice,
+        peer_key: PublicKey | None,
+        transport: bool,
+    ) -> IkeSaConfig:
+        ike = self.config.ike
+        return IkeSaConfig(
+            local,
+            remote,
+            (host_selector(local[0]),),
+            (host_selector(remote[0]),),  # containment: only the peer's own address
+            ike_proposals=self.ike_proposals,
+            local_id=self._local_id(auth, local[0]),
+            private_key=self.private_key if auth == "pubkey" else None,
+            peer_public_key=peer_key,
+            transport_mode=transport,
+            retransmit_timeout=ike.retransmit_timeout,
+            retransmit_tries=ike.retransmit_tries,
+        )
+
+    def _responder_config(self, local: Address, remote: Address) -> IkeSaConfig | None:
+        """Answer anyone: NULL-auth OE, or signatures when we know the peer's key."""
+        peer_key = self.peer_keys.get(remote[0])
+        sign = self.private_key is not None and (
+            peer_key is not None or self.config.identity.local_id != "%null"
+        )
+        cfg = self._sa_config(local, remote, "pubkey" if sign else "null", peer_key, True)
+        return cfg
+
+    # ------------------------------------------------------------------ commands
+    def find(self, peer: str) -> PeerSa | None:
+        """The best IKE SA with ``peer``: established first, then one in progress."""
+        live = [p for p in self.sas if p.peer == peer and p.state not in ("failed", "closed")]
+        live.sort(key=lambda p: p.state != "established")
+        return live[0] if live else None
+
+    async def resolve(self, peer: str) -> str:
+        """An address, or a name resolved with the system resolver (first address)."""
+        try:
+            return str(ipaddress.ip_address(peer))
+        except ValueError:
+            pass
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(peer, None, type=2)  # SOCK_DGRAM
+        except OSError as exc:
+            raise IkeUpError(f"peer {peer}: cannot resolve ({exc})") from None
+        families = {ipaddress.ip_address(a).version for a in self.addresses}
+        for info in infos:
+            addr = str(info[4][0])
+            if ipaddress.ip_address(addr).version in families:
+                return addr
+        raise IkeUpError(f"peer {peer}: no address of a family we have")
+
+    async def up(
+        self,
+        peer: str,
+        auth: AuthChoice = "null",
+        peer_key: PublicKey | None = None,
+        *,
+        transport: bool = False,
+    ) -> PeerSa:
+        """Bring up the IKE SA and its first Child SA with ``peer`` (reusing one that is up)."""
+        ep = self._ep()
+        if auth not in ("null", "pubkey"):
+            raise IkeUpError(f"auth {auth!r}: use null or pubkey")
+        if auth == "pubkey" and self.private_key is None:
+            raise IkeUpError(f"auth pubkey needs our private key ({self.key_note})")
+        addr = await self.resolve(peer)
+        if peer_key is not None:
+            self.peer_keys[addr] = peer_key
+        else:
+            peer_key = self.peer_keys.get(addr)
+        p = self.find(addr)
+        if p is None or (p.state == "established" and not p.children):
+            local = self._local_for(addr)
+            cfg = self._sa_config(
+                (local, ep.ike_port), (addr, self.remote_ike_port), auth, peer_key, transport
+            )
+            try:
+                handle = ep.initiate(cfg, remote_natt_port=self.remote_natt_port)
+            except IkeError as exc:
+                raise IkeUpError(f"peer {peer}: {exc}") from None
+            p = self._track(handle, addr, cfg)
+        if p.state == "established" and p.children:
+            return p
+        assert p.done is not None
+        try:
+            async with asyncio.timeout(self.up_timeout):
+                await asyncio.shield(p.done)
+        except TimeoutError:
+            raise IkeUpError(f"peer {peer}: no IKE SA after {self.up_timeout:.0f}s") from None
+        if p.error is not None:
+            raise IkeUpError(f"peer {peer}: {p.error}")
+        return p
+
+    async def down(self, peer: str, timeout: float = 3.0) -> int:
+        """Delete every IKE SA with ``peer`` (telling it); returns how many there were."""
+        ep = self._ep()
+        addr = await self.resolve(peer)
+        mine = [p for p in self.sas if p.peer == addr]
+        waits = []
+        for p in mine:
+            if p.state == "established":
+                p.done = asyncio.get_running_loop().create_future()
+                ep.delete(p.handle)
+                waits.append(p.done)
+            else:
+                ep.delete(p.handle)
+                self._drop(p, "taken down")
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*waits)
+        for p in mine:
+            if p in self.sas:  # the peer never answered: forget it anyway
+                ep.delete(p.handle)
+                self._drop(p, "taken down (peer did not confirm)")
+        return len(mine)
+
+    # ------------------------------------------------------------------ events
+    def _track(self, handle: SaHandle, addr: str, cfg: IkeSaConfig) -> PeerSa:
+        p = PeerSa(addr, handle, cfg.private_key, cfg.peer_public_key)
+        p.done = asyncio.get_running_loop().create_future()
+        handle.owner = p
+        self.sas.append(p)
+        return p
+
+    def _settle(self, p: PeerSa) -> None:
+        if p.done is not None and not p.done.done():
+            p.done.set_result(None)
+
+    def _drop(self, p: PeerSa, reason: str) -> None:
+        for spi in list(p.children):
+            child = p.children.pop(spi).event
+            self.sink.child_sa_deleted(p, ChildSaDeleted(child.spi_in, child.spi_out))
+        if p in self.sas:
+            self.sas.remove(p)
+        if p.error is None and p.ike is None:
+            p.error = reason
+        self._settle(p)
+
+    def _on_event(self, handle: SaHandle, ev: Event) -> None:
+        p = handle.owner
+        if not isinstance(p, PeerSa):  # a peer initiated: track its IKE SA
+            cfg = handle.sa.config
+            p = PeerSa(handle.remote[0], handle, cfg.private_key, cfg.peer_public_key)
+            handle.owner = p
+            self.sas.append(p)
+        now = self._clock()
+        if isinstance(ev, IkeSaEstablished):
+            p.ike = ev
+            log.info(
+                "IKE SA with %s established (%s, peer id %s)",
+                p.peer,
+                "initiator" if ev.is_initiator else "responder",
+                identity_text(ev.peer_id),
+            )
+            if not handle.sa.is_initiator:
+                self._settle(p)
+        elif isinstance(ev, ChildSaEstablished):
+            p.children[ev.spi_in] = _Child(ev, now)
+            log.info("Child SA with %s up: in %s out %s", p.peer, ev.spi_in.hex(), ev.spi_out.hex())
+            self.sink.child_sa_established(p, ev)
+            self._settle(p)
+        elif isinstance(ev, ChildSaFailed):
+            log.warning("peer %s: Child SA refused: %s", p.peer, ev.reason)
+            if not p.children:
+                p.error = f"IKE SA up but the Child SA failed: {ev.reason}"
+            self._settle(p)
+        elif isinstance(ev, ChildSaDeleted):
+            gone = p.children.pop(ev.spi_in, None)
+            if gone is not None:
+                self.sink.child_sa_deleted(p, ev)
+        elif isinstance(ev, IkeSaFailed):
+            log.warning("IKE SA with %s failed: %s", p.peer, ev.reason)
+            p.error = ev.reason
+            self._drop(p, ev.reason)
+        elif isinstance(ev, IkeSaDeleted):
+            log.info("IKE SA with %s deleted: %s", p.peer, ev.reason)
+            self._drop(p, ev.reason)
+
+    # ------------------------------------------------------------------ status
+    def rows(self, now: float | None = None) -> tuple[TunnelStatus, ...]:
+        """One status row per IKE SA, Child SAs nested (``oe status``)."""
+        now = self._clock() if now is None else now
+        ike_cfg = self.config.ike
+        out = []
+        for p in self.sas:
+            h, ev = p.handle, p.ike
+            since = h.established_at
+            age = None if since is None else round(now - since, 3)
+            rekey = None
+            if since is not None:
+                rekey = round(since + ike_cfg.ike_lifetime - ike_cfg.rekey_margin - now, 3)
+            transform = ""
+            nat = ""
+            local_id = remote_id = local_auth = remote_auth = ""
+            if ev is not None:
+                transform = "/".join(
+                    x
+                    for x in (
+                        _encr_text(ev.encr, ev.encr_key_bits),
+                        _name(IntegId, ev.integ),
+                        _name(PrfId, ev.prf),
+                        _name(DhId, ev.dh_group),
+                    )
+                    if x
+                )
+                nat = ",".join(
+                    n for n, on in (("local", ev.nat_local), ("remote", ev.nat_remote)) if on
+                )
+                local_id, remote_id = identity_text(ev.local_id), identity_text(ev.peer_id)
+                local_auth = _auth_text(ev.local_auth_method, p.local_key)
+                remote_auth = _auth_text(ev.peer_auth_method, p.peer_key)
+            children = tuple(
+                ChildSaStatus(
+                    spi_in=c.event.spi_in.hex(),
+                    spi_out=c.event.spi_out.hex(),
+                    mode=c.event.mode,
+                    transform="/".join(
+                        x
+                        for x in (
+                            _encr_text(c.event.encr, c.event.encr_key_bits),
+                            _name(IntegId, c.event.integ),
+                            "ESN" if c.event.esn else "",
+                        )
+                        if x
+                    ),
+                    ts_local=_ts_text(c.event.ts_local),
+                    ts_remote=_ts_text(c.event.ts_remote),
+                    udp_encap=c.event.udp_encap,
+                    established_s=round(now - c.since, 3),
+                    rekey_in_s=round(
+                        c.since + ike_cfg.child_lifetime - ike_cfg.rekey_margin - now, 3
+                    ),
+                )
+                for c in p.children.values()
+            )
+            out.append(
+                TunnelStatus(
+                    peer=p.peer,
+                    local=f"{h.local[0]}[{h.local[1] if not h.natt else self._ep().natt_port}]",
+                    remote=f"{h.remote[0]}[{h.remote[1]}]",
+                    state=p.state,
+                    transform=transform,
+                    established_s=age,
+                    source="ike",
+                    role="initiator" if h.sa.is_initiator else "responder",
+                    local_id=local_id,
+                    remote_id=remote_id,
+                    local_auth=local_auth,
+                    remote_auth=remote_auth,
+                    ike_spis=f"{h.sa.spi_i.hex()}_i {h.sa.spi_r.hex()}_r",
+                    nat=nat,
+                    rekey_in_s=rekey,
+                    children=children,
+                )
+            )
+        return tuple(out)
+
+    def status(self) -> StatusContribution:
+        return StatusContribution(tunnels=self.rows())
+
+    # ------------------------------------------------------------------ control
+    def register_commands(self, commands: CommandTable) -> None:
+        """Add ``up`` and ``down`` to the daemon's control commands."""
+        commands.register(
+            "up", self._cmd_up, "bring up an IKE SA + Child SA: peer, auth, peer_key (PEM)"
+        )
+        commands.register("down", self._cmd_down, "delete the IKE SAs with a peer: peer")
+
+    async def _cmd_up(self, request: Request) -> dict[str, object]:
+        args = request.args
+        peer = args.get("peer")
+        if not isinstance(peer, str) or not peer:
+            raise CommandError('up needs "peer" (an address or a name)')
+        auth = args.get("auth", "null")
+        if auth not in ("null", "pubkey"):
+            raise CommandError(f"auth {auth!r}: use null or pubkey")
+        pem = args.get("peer_key")
+        key = None
+        if pem is not None:
+            if not isinstance(pem, str):
+                raise CommandError("peer_key must be a PEM string")
+            try:
+                key = load_public_key(pem.encode(), "peer_key")
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+        mode = args.get("mode", "tunnel")
+        if mode not in ("tunnel", "transport"):
+            raise CommandError(f"mode {mode!r}: use tunnel or transport")
+        try:
+            p = await self.up(peer, auth, key, transport=mode == "transport")
+        except (IkeUpError, IkeError) as exc:
+            raise CommandError(str(exc)) from None
+        row = next((r for r in self.rows() if r.ike_spis.startswith(p.handle.sa.spi_i.hex())), None)
+        return {"ike": asdict(row) if row is not None else None}
+
+    async def _cmd_down(self, request: Request) -> dict[str, object]:
+        peer = request.args.get("peer")
+        if not isinstance(peer, str) or not peer:
+            raise CommandError('down needs "peer"')
+        try:
+            n = await self.down(peer)
+        except (IkeUpError, IkeError) as exc:
+            raise CommandError(str(exc)) from None
+        if n == 0:
+            raise CommandError(f"no IKE SA with {peer}")
+        return {"deleted": n}

@@ -1,0 +1,190 @@
+"""The IKE manager service on loopback: our initiator and our responder over real UDP.
+
+Two ``IkeService`` instances share 127.0.0.1 on kernel-chosen ports; XFRM hooks
+off (no root needed). Checks ``up``/``down``, one IKE SA per peer, the sink,
+status rows and the control commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from functools import wraps
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from oe_router.config.schema import OeConfig
+from oe_router.control.protocol import CommandTable
+from oe_router.control.status import Status, TunnelStatus
+from oe_router.datapath import base as dp
+from oe_router.ike.service import IkeService, IkeUpError, RecordingSink, child_sa_spec
+
+LO = "127.0.0.1"
+
+
+def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    @wraps(fn)
+    def wrapper() -> None:
+        asyncio.run(fn())
+
+    return wrapper
+
+
+@asynccontextmanager
+async def two(**kw: Any) -> AsyncIterator[tuple[IkeService, IkeService]]:
+    a = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False, **kw.get("a", {}))
+    b = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False, **kw.get("b", {}))
+    await a.start(OeConfig())
+    await b.start(OeConfig())
+    assert a.endpoint is not None and b.endpoint is not None
+    a.remote_ike_port, a.remote_natt_port = b.endpoint.ike_port, b.endpoint.natt_port
+    b.remote_ike_port, b.remote_natt_port = a.endpoint.ike_port, a.endpoint.natt_port
+    try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def settle() -> None:
+    await asyncio.sleep(0.05)
+
+
+@run_async
+async def test_up_null_reuses_one_ike_sa_then_down() -> None:
+    async with two() as (a, b):
+        p = await a.up("127.0.0.1")
+        assert p.state == "established" and len(p.children) == 1
+        again = await a.up("127.0.0.1")
+        assert again is p and len(a.sas) == 1  # one IKE SA per peer
+        await settle()
+        assert isinstance(a.sink, RecordingSink) and isinstance(b.sink, RecordingSink)
+        ((_, ca),) = a.sink.established
+        ((_, cb),) = b.sink.established
+        assert ca.spi_in == cb.spi_out and ca.encr_key_out == cb.encr_key_in
+        (row,) = a.rows()
+        assert (row.source, row.role, row.state) == ("ike", "initiator", "established")
+        assert (row.local_id, row.remote_id, row.local_auth, row.remote_auth) == (
+            "%null",
+            "%null",
+            "null",
+            "null",
+        )
+        assert row.transform == "AES_GCM_16_256/HMAC_SHA2_256/CURVE25519"
+        assert row.ike_spis == f"{p.handle.sa.spi_i.hex()}_i {p.handle.sa.spi_r.hex()}_r"
+        assert row.rekey_in_s is not None and 0 < row.rekey_in_s <= 8 * 3600
+        (child,) = row.children
+        assert child.spi_in == ca.spi_in.hex() and child.ts_remote == "127.0.0.1/32"
+        (rrow,) = b.rows()
+        assert rrow.role == "responder" and rrow.ike_spis == row.ike_spis
+        assert await a.down("127.0.0.1") == 1
+        await settle()
+        assert a.sas == [] and b.sas == []
+        assert [c.spi_in for _, c in a.sink.deleted] == [ca.spi_in]
+        assert [c.spi_in for _, c in b.sink.deleted] == [cb.spi_in]
+
+
+@run_async
+async def test_pubkey_both_ways_and_wrong_key_is_refused_with_reason() -> None:
+    ka, kb = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
+    async with two(
+        a={"private_key": ka, "local_id": "@a.example"},
+        b={
+            "private_key": kb,
+            "local_id": "@b.example",
+            "peer_keys": {"127.0.0.1": ka.public_key()},
+        },
+    ) as (a, _):
+        p = await a.up("127.0.0.1", "pubkey", kb.public_key())
+        (row,) = a.rows()
+        assert (row.local_id, row.remote_id) == ("@a.example", "@b.example")
+        assert row.local_auth == "digital_signature(ECDSA-P256)"
+        assert row.remote_auth == "digital_signature(Ed25519)"
+        await a.down("127.0.0.1")
+        assert p.state != "established"
+        wrong = ed25519.Ed25519PrivateKey.generate().public_key()
+        with pytest.raises(IkeUpError, match=r"127\.0\.0\.1: .*authentication failed"):
+            await a.up("127.0.0.1", "pubkey", wrong)
+
+
+@run_async
+async def test_up_refuses_pubkey_without_a_key_and_names_the_file() -> None:
+    async with two() as (a, _):
+        with pytest.raises(IkeUpError, match=r"private key .*private\.pem"):
+            await a.up("127.0.0.1", "pubkey")
+
+
+@run_async
+async def test_control_commands_up_and_down() -> None:
+    async with two() as (a, _):
+        table = CommandTable()
+        a.register_commands(table)
+
+        async def ask(**req: Any) -> dict[str, Any]:
+            out: dict[str, Any] = await table.dispatch(json.dumps(req).encode())
+            return out
+
+        bad = await ask(cmd="up", peer="127.0.0.1", auth="psk")
+        assert bad == {"ok": False, "error": "up: auth 'psk': use null or pubkey"}
+        bad = await ask(cmd="up", peer="127.0.0.1", peer_key="not a key")
+        assert not bad["ok"] and bad["error"].startswith("up: peer_key: not a PEM public key")
+        ok = await ask(cmd="up", peer="127.0.0.1")
+        assert ok["ok"] and ok["ike"]["state"] == "established"
+        row = TunnelStatus.from_json(ok["ike"])
+        assert row.children and row.children[0].mode == "tunnel"
+        status = Status.from_json(
+            json.loads(json.dumps({**_empty_status(), "tunnels": [ok["ike"]]}))
+        )
+        assert status.tunnels[0].children == row.children
+        assert (await ask(cmd="down", peer="127.0.0.1")) == {"ok": True, "deleted": 1}
+        gone = await ask(cmd="down", peer="127.0.0.1")
+        assert gone == {"ok": False, "error": "down: no IKE SA with 127.0.0.1"}
+
+
+def _empty_status() -> dict[str, Any]:
+    return {
+        "daemon": {
+            "version": "x",
+            "pid": 1,
+            "uptime_s": 0,
+            "config_path": "/x",
+            "config_generation": 1,
+            "enabled": True,
+            "datapath": "none",
+        },
+        "tunnels": [],
+        "shunts": [],
+        "engines": [],
+        "dns": {},
+    }
+
+
+@run_async
+async def test_child_sa_spec_for_the_datapath() -> None:
+    async with two() as (a, _):
+        await a.up("127.0.0.1")
+        assert isinstance(a.sink, RecordingSink)
+        ((_, ev),) = a.sink.established
+        spec = child_sa_spec(ev, "127.0.0.1", "127.0.0.1")
+        assert spec.inbound.spi == int.from_bytes(ev.spi_in, "big")
+        assert spec.encr.kernel_name == "rfc4106(gcm(aes))" and spec.integ is None
+        assert spec.mode is dp.Mode.TUNNEL and spec.encap is None
+        assert [str(t.net) for t in spec.remote_ts] == ["127.0.0.1/32"]
+
+
+def test_bad_key_files_are_one_clear_error() -> None:
+    from oe_router.ike.service import load_private_key, load_public_key
+
+    with pytest.raises(ValueError, match=r"^k\.pem: not a usable PEM private key"):
+        load_private_key(b"junk", "k.pem")
+    pub = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    assert load_public_key(pub, "p.pem") is not None
