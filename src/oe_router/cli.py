@@ -21,6 +21,7 @@ from oe_router.control import (
     DaemonUnreachable,
     ReloadResult,
     Status,
+    TunnelStatus,
 )
 
 EXIT_OK = 0
@@ -94,6 +95,7 @@ def render_status(status: Status) -> str:
                 for t in status.tunnels
             ],
         )
+    out += _render_ike(status)
     out += ["", f"shunts ({len(status.shunts)})"]
     if status.shunts:
         out += _table(
@@ -122,6 +124,47 @@ def render_status(status: Status) -> str:
     else:
         out.append("  (no DNS front running)")
     return "\n".join(out)
+
+
+def _render_ike(status: Status) -> list[str]:
+    """IKE SAs and their Child SAs: identities, auth, algorithms, SPIs, age, rekey-in."""
+    rows = [t for t in status.tunnels if t.source == "ike"]
+    out = ["", f"ike sas ({len(rows)})"]
+    for t in rows:
+        out.append(
+            f"  {t.peer}  {t.state}  {t.role}  {t.local} <-> {t.remote}"
+            + (f"  NAT-T ({t.nat})" if t.nat else "")
+        )
+        out.append(
+            f"    ids {t.local_id or '-'} <-> {t.remote_id or '-'}"
+            f"  auth {t.local_auth or '-'} / {t.remote_auth or '-'}"
+        )
+        out.append(
+            f"    {t.transform or '-'}  spis {t.ike_spis}"
+            f"  age {_opt(t.established_s)}  rekey-in {_opt(t.rekey_in_s)}"
+        )
+        if t.children:
+            out += [
+                "  " + line
+                for line in _table(
+                    ["child spi in/out", "mode", "transform", "local ts", "remote ts",
+                     "encap", "age", "rekey-in"],
+                    [
+                        [
+                            f"{c.spi_in}/{c.spi_out}",
+                            c.mode,
+                            c.transform,
+                            c.ts_local,
+                            c.ts_remote,
+                            "udp" if c.udp_encap else "-",
+                            _opt(c.established_s),
+                            _opt(c.rekey_in_s),
+                        ]
+                        for c in t.children
+                    ],
+                )
+            ]  # fmt: skip
+    return out
 
 
 def _dns_value(value: Any) -> str:
@@ -162,6 +205,40 @@ def cmd_reload(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_REFUSED
 
 
+def cmd_up(args: argparse.Namespace, out: TextIO) -> int:
+    """Ask the daemon for an IKE SA + first Child SA; wait until up or refused."""
+    request: dict[str, Any] = {"peer": args.peer, "auth": args.auth, "mode": args.mode}
+    if args.peer_key is not None:
+        try:
+            request["peer_key"] = Path(args.peer_key).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ControlError(
+                f"--peer-key {args.peer_key}: {getattr(exc, 'strerror', exc)}"
+            ) from None
+    reply = ControlClient(args.socket, timeout=args.timeout).request("up", **request)
+    row = reply.get("ike")
+    if not isinstance(row, dict):
+        raise ControlError("daemon sent an up reply this oe cannot read")
+    try:
+        t = TunnelStatus.from_json(row)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ControlError(f"daemon sent an up reply this oe cannot read ({exc})") from None
+    child = t.children[0] if t.children else None
+    out.write(
+        f"{t.peer}: IKE SA up ({t.role}, {t.transform}, auth {t.local_auth}/{t.remote_auth})"
+        + (f"; Child SA {child.spi_in}/{child.spi_out} {child.mode} {child.transform}"
+           if child else "")
+        + "\n"
+    )  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace, out: TextIO) -> int:
+    reply = ControlClient(args.socket).request("down", peer=args.peer)
+    out.write(f"{args.peer}: {reply.get('deleted', 0)} IKE SA(s) deleted\n")
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
     path = Path(args.file)
     problems = check_config(path)
@@ -198,6 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     reload = sub.add_parser("reload", help="ask the daemon to re-read its config")
     reload.set_defaults(func=cmd_reload)
+
+    up = sub.add_parser("up", help="bring up an IKE SA and its first Child SA with a peer")
+    up.add_argument("peer", metavar="ADDRESS|NAME")
+    up.add_argument(
+        "--auth",
+        choices=("null", "pubkey"),
+        default="null",
+        help="how we authenticate: NULL (RFC 7619) or our key (RFC 7427)",
+    )
+    up.add_argument(
+        "--peer-key",
+        metavar="FILE",
+        help="the peer's PEM public key (default: the peer must use NULL auth)",
+    )
+    up.add_argument("--mode", choices=("tunnel", "transport"), default="tunnel")
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the daemon (default 60)",
+    )
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="delete the IKE SAs with a peer (telling it)")
+    down.add_argument("peer", metavar="ADDRESS|NAME")
+    down.set_defaults(func=cmd_down)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -446,9 +446,8 @@ class IkeService:
     def _responder_config(self, local: Address, remote: Address) -> IkeSaConfig | None:
         """Answer anyone: NULL-auth OE, or signatures when we know the peer's key."""
         peer_key = self.peer_keys.get(remote[0])
-        sign = self.private_key is not None and (
-            peer_key is not None or self.config.identity.local_id != "%null"
-        )
+        local_id = self._id_override or self.config.identity.local_id
+        sign = self.private_key is not None and (peer_key is not None or local_id != "%null")
         cfg = self._sa_config(local, remote, "pubkey" if sign else "null", peer_key, True)
         return cfg
 
