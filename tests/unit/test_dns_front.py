@@ -19,17 +19,11 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from oe_router.dns.front import (
-    AnswerCache,
-    Resolver,
-    addresses_in,
-    cap_ttls,
-    client_udp_limit,
-    fit_to_limit,
-)
+from oe_router.dns.front import AnswerCache, Question, Resolver, client_udp_limit, fit_to_limit
 from oe_router.dns.hold import HoldPolicy, IPAddress, KeyResult, KeyStatus
 from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.dns.upstream import UpstreamError, parse_resolv_conf
+from oe_router.dns.wire import read_reply, rewrite_ttls
 
 NAME = dns.name.from_text("host.example.")
 KEY = PeerKey(kind=KeyKind.NONE, public_key=None, precedence=1, owner=NAME, algorithm=0)
@@ -66,6 +60,16 @@ class Keys:
     async def lookup(self, name: dns.name.Name) -> KeyResult:
         self.calls += 1
         await asyncio.sleep(self.delay)
+        return self.result
+
+    def cached(self, name: dns.name.Name) -> KeyResult | None:
+        return None  # every query takes the lookup path (tested with delays here)
+
+
+class RememberedKeys(Keys):
+    """A key lookup that already knows the answer (as ValidatingKeyLookup after one lookup)."""
+
+    def cached(self, name: dns.name.Name) -> KeyResult | None:
         return self.result
 
 
@@ -114,13 +118,15 @@ def test_fit_to_limit_sets_tc_and_keeps_question_and_opt() -> None:
     assert fit_to_limit(big, 4096) == (big, False)
 
 
-def test_cap_ttls_and_addresses() -> None:
-    msg = dns.message.from_wire(reply_for(query(), n_addresses=3, ttl=7200))
-    cap_ttls(msg, 300)
-    assert msg.answer[0].ttl == 300
-    assert sorted(addresses_in(msg)) == [ipaddress.ip_address(f"192.0.2.{i}") for i in (1, 2, 3)]
-    cap_ttls(msg, 0)  # 0 = no cap
-    assert msg.answer[0].ttl == 300
+def test_reply_view_caps_ttls_and_finds_addresses() -> None:
+    wire = reply_for(query(), n_addresses=3, ttl=7200)
+    view = read_reply(wire)
+    assert view is not None and view.min_ttl == 7200
+    assert sorted(view.addresses) == [ipaddress.ip_address(f"192.0.2.{i}") for i in (1, 2, 3)]
+    msg = dns.message.from_wire(rewrite_ttls(wire, 7, view.ttl_offsets, cap=300))
+    assert msg.id == 7 and msg.answer[0].ttl == 300
+    msg = dns.message.from_wire(rewrite_ttls(wire, 7, view.ttl_offsets, cap=None))
+    assert msg.answer[0].ttl == 7200  # None = no cap
 
 
 def test_parse_resolv_conf_names_bad_lines_and_excludes_ourselves() -> None:
@@ -137,11 +143,13 @@ def test_answer_cache_counts_ttl_down() -> None:
     cache = AnswerCache()
     wire = query()
     reply = reply_for(wire, ttl=100)
-    key = AnswerCache.key(dns.message.from_wire(wire))
-    cache.put(key, dns.message.from_wire(reply), reply, now=10.0)
+    key = Question.of_message(dns.message.from_wire(wire)).cache_key
+    view = read_reply(reply)
+    assert view is not None
+    cache.put(key, reply, view, now=10.0)
     hit = cache.get(key, 0x4242, now=40.5)
     assert hit is not None
-    msg = dns.message.from_wire(hit)
+    msg = dns.message.from_wire(hit[0])
     assert msg.id == 0x4242 and msg.answer[0].ttl == 70
     assert cache.get(key, 1, now=110.0) is None
 
@@ -299,5 +307,44 @@ def test_cache_hits_skip_the_upstream() -> None:
         for _ in range(3):
             assert await r.handle(query(), ("192.0.2.9", 1), 512) is not None
         assert up.calls == 1 and r.stats.cache_hits == 2
+
+    run(main)
+
+
+def test_answer_now_serves_cached_keyless_names_and_defers_the_rest() -> None:
+    """The synchronous path: a cached answer with a remembered keyless status only."""
+
+    async def main() -> None:
+        up = Upstream()
+        clear = RememberedKeys(KeyResult(KeyStatus.SECURE, (), "nodata"))
+        r = Resolver(up, HoldPolicy(ttl_cap=60), key_lookup=clear, cache=AnswerCache())
+        wire = query(use_edns=0, payload=1232)
+        assert r.answer_now(wire, 512) is None  # not cached yet: the task path
+        first = await r.handle(wire, ("192.0.2.9", 1), 512)
+        assert first is not None and clear.calls == 0  # remembered: no lookup task
+        fast = r.answer_now(b"\x99\x99" + wire[2:], 512)
+        assert fast is not None
+        msg = dns.message.from_wire(fast)
+        assert msg.id == 0x9999 and msg.answer[0].ttl == 60  # capped like the held path
+        assert [str(a.address) for a in msg.answer[0]] == ["192.0.2.1"]
+        assert r.stats.cache_hits == 1 and r.stats.released_clear == 2 and up.calls == 1
+        # a usable key, an unknown status or a malformed query never take the fast path
+        r.key_lookup = RememberedKeys(KeyResult(KeyStatus.SECURE, (KEY,), "key"))
+        assert r.answer_now(wire, 512) is None
+        r.key_lookup = Keys(KeyResult(KeyStatus.SECURE, (), ""))
+        assert r.answer_now(wire, 512) is None
+        assert r.answer_now(wire[:-3], 512) is None
+
+    run(main)
+
+
+def test_remembered_key_releases_after_tunnel_without_lookup() -> None:
+    async def main() -> None:
+        keys = RememberedKeys(KeyResult(KeyStatus.SECURE, (KEY,), "key"))
+        tunnels = Tunnels(delay=0.05)
+        r = Resolver(Upstream(), HoldPolicy(), key_lookup=keys, tunnels=tunnels)
+        out = await r.handle(query(), ("192.0.2.9", 1), 512)
+        assert out is not None and keys.calls == 0 and len(tunnels.calls) == 1
+        assert r.stats.released_protected == 1
 
     run(main)

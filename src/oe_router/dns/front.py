@@ -16,7 +16,6 @@ line naming the client when it cannot even be answered.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import logging
 import struct
@@ -40,7 +39,6 @@ from oe_router.dns.hold import (
     EnsureTunnel,
     HoldCore,
     HoldPolicy,
-    IPAddress,
     KeyLookup,
     KeyResult,
     KeyStatus,
@@ -50,6 +48,7 @@ from oe_router.dns.hold import (
     TunnelRequester,
 )
 from oe_router.dns.upstream import UpstreamError
+from oe_router.dns.wire import QueryView, ReplyView, read_query, read_reply, rewrite_ttls
 
 __all__ = [
     "AnswerCache",
@@ -58,9 +57,8 @@ __all__ = [
     "FrontBindError",
     "FrontStats",
     "LogLimiter",
+    "Question",
     "Resolver",
-    "addresses_in",
-    "cap_ttls",
     "client_udp_limit",
     "error_reply",
     "fit_to_limit",
@@ -78,6 +76,7 @@ _ZONE_TRANSFERS = (dns.rdatatype.AXFR, dns.rdatatype.IXFR)
 
 Client = tuple[str, int]
 Handler = Callable[[bytes, Client, int], Awaitable[bytes | None]]
+FastHandler = Callable[[bytes, int], bytes | None]
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -118,45 +117,6 @@ def fit_to_limit(reply: bytes, limit: int) -> tuple[bytes, bool]:
     msg.additional = []
     msg.flags |= dns.flags.TC
     return msg.to_wire(), True
-
-
-def cap_ttls(msg: dns.message.Message, cap: float) -> None:
-    """Lower every TTL above ``cap`` (0: no cap), so a client re-asks before SA expiry."""
-    if cap <= 0:
-        return
-    limit = int(cap)
-    for section in (msg.answer, msg.authority, msg.additional):
-        for rrset in section:
-            if rrset.ttl > limit:
-                rrset.ttl = limit
-
-
-def age_ttls(msg: dns.message.Message, elapsed: int) -> None:
-    """Count down TTLs of a cached reply by the seconds it spent in the cache."""
-    if elapsed <= 0:
-        return
-    for section in (msg.answer, msg.authority, msg.additional):
-        for rrset in section:
-            rrset.ttl = max(0, rrset.ttl - elapsed)
-
-
-def addresses_in(msg: dns.message.Message) -> tuple[IPAddress, ...]:
-    """The A/AAAA addresses of a NOERROR answer (through any CNAME chain in it)."""
-    if msg.rcode() != dns.rcode.NOERROR:
-        return ()
-    out: list[IPAddress] = []
-    for rrset in msg.answer:
-        if rrset.rdtype in _ADDRESS_TYPES:
-            out.extend(ipaddress.ip_address(rd.address) for rd in rrset)
-    return tuple(out)
-
-
-def _min_ttl(msg: dns.message.Message) -> int:
-    ttls = [r.ttl for r in (*msg.answer, *msg.authority)]
-    for rrset in msg.authority:
-        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
-            ttls.append(min(rrset.ttl, rrset[0].minimum))  # RFC 2308 negative TTL
-    return min(ttls) if ttls else 0
 
 
 # --------------------------------------------------------------------------- small parts
@@ -210,50 +170,40 @@ class LogLimiter:
 
 
 class AnswerCache:
-    """Replies by (name, type, class, EDNS, DO, CD), kept for their smallest TTL.
+    """Upstream replies by (name, type, class, EDNS, DO, CD), kept for their smallest TTL.
 
     Only NOERROR and NXDOMAIN replies that were not truncated are kept. ``now`` is
-    passed in. Oldest entries go first when full.
+    passed in. Oldest entries go first when full. A hit is the stored wire with
+    the client's ID and its TTLs aged (and capped) in place: no parse, no render.
     """
 
     def __init__(self, max_entries: int = 4096, max_ttl: int = 86400) -> None:
         self._max = max_entries
         self._max_ttl = max_ttl
-        self._data: OrderedDict[tuple[object, ...], tuple[float, float, bytes]] = OrderedDict()
+        self._data: OrderedDict[tuple[object, ...], tuple[float, float, bytes, ReplyView]] = (
+            OrderedDict()
+        )
 
-    @staticmethod
-    def key(query: dns.message.Message) -> tuple[object, ...]:
-        q = query.question[0]
-        do = bool(query.ednsflags & dns.flags.DO)
-        cd = bool(query.flags & dns.flags.CD)
-        return (q.name.canonicalize(), q.rdtype, q.rdclass, query.edns >= 0, do, cd)
-
-    def get(self, key: tuple[object, ...], query_id: int, now: float) -> bytes | None:
+    def get(
+        self, key: tuple[object, ...], query_id: int, now: float, cap: int | None = None
+    ) -> tuple[bytes, ReplyView] | None:
         item = self._data.get(key)
         if item is None:
             return None
-        stored, expires, wire = item
+        stored, expires, wire, view = item
         if expires <= now:
             del self._data[key]
             return None
         self._data.move_to_end(key)
-        elapsed = int(now - stored)
-        if elapsed <= 0:
-            return _LEN.pack(query_id) + wire[2:]
-        msg = dns.message.from_wire(wire)
-        msg.id = query_id
-        age_ttls(msg, elapsed)
-        return msg.to_wire()
+        return rewrite_ttls(wire, query_id, view.ttl_offsets, int(now - stored), cap), view
 
-    def put(
-        self, key: tuple[object, ...], msg: dns.message.Message, wire: bytes, now: float
-    ) -> None:
-        if msg.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or msg.flags & dns.flags.TC:
+    def put(self, key: tuple[object, ...], wire: bytes, view: ReplyView, now: float) -> None:
+        if view.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or view.truncated:
             return
-        ttl = min(_min_ttl(msg), self._max_ttl)
+        ttl = min(view.min_ttl, self._max_ttl)
         if ttl <= 0:
             return
-        self._data[key] = (now, now + ttl, wire)
+        self._data[key] = (now, now + ttl, wire, view)
         self._data.move_to_end(key)
         while len(self._data) > self._max:
             self._data.popitem(last=False)
@@ -263,6 +213,34 @@ class AnswerCache:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """What the resolver needs of a query, from ``wire.read_query`` or from dnspython."""
+
+    id: int
+    name: dns.name.Name
+    rdtype: int
+    rdclass: int
+    cache_key: tuple[object, ...]
+    udp_limit: int  #: the client's EDNS0 size, never below 512
+
+    @classmethod
+    def of_view(cls, view: QueryView) -> Question:
+        name = dns.name.Name((*view.labels, b""))
+        key = (view.labels, view.qtype, view.qclass, view.edns, view.do, view.cd)
+        limit = max(_MIN_UDP, view.payload) if view.edns else _MIN_UDP
+        return cls(view.id, name, view.qtype, view.qclass, key, limit)
+
+    @classmethod
+    def of_message(cls, query: dns.message.Message) -> Question:
+        q = query.question[0]
+        labels = tuple(label.lower() for label in q.name.labels[:-1])
+        do = bool(query.ednsflags & dns.flags.DO)
+        cd = bool(query.flags & dns.flags.CD)
+        key = (labels, int(q.rdtype), int(q.rdclass), query.edns >= 0, do, cd)
+        return cls(query.id, q.name, q.rdtype, q.rdclass, key, client_udp_limit(query))
 
 
 # --------------------------------------------------------------------------- resolver
@@ -315,9 +293,84 @@ class Resolver:
         self.core.policy = policy
 
     # ------------------------------------------------------------------ entry point
+    def _holds(self, question: Question) -> bool:
+        return (
+            self.key_lookup is not None
+            and question.rdtype in _ADDRESS_TYPES
+            and question.rdclass == dns.rdataclass.IN
+        )
+
+    def _cap(self) -> int | None:
+        return int(self.policy.ttl_cap) if self.policy.ttl_cap > 0 else None
+
+    def answer_now(self, wire: bytes, limit: int) -> bytes | None:
+        """The reply if it needs no waiting at all, else None (then call ``handle``).
+
+        Why: most LAN queries repeat a name. A cached answer whose name's key
+        status is known and gives no tunnel goes out from here, without a task,
+        the hold core or dnspython. Counts the query only when it answers it.
+        """
+        if self.cache is None:
+            return None
+        view = read_query(wire)
+        if view is None or view.qtype in _ZONE_TRANSFERS:
+            return None
+        question = Question.of_view(view)
+        holds = self._holds(question)
+        if holds:
+            assert self.key_lookup is not None
+            key = self.key_lookup.cached(question.name)
+            if key is None or key.usable_key is not None:
+                return None
+            if key.status is KeyStatus.BOGUS and self.policy.bogus_action == "servfail":
+                return None
+        now = asyncio.get_running_loop().time()
+        hit = self.cache.get(question.cache_key, view.id, now, self._cap() if holds else None)
+        if hit is None:
+            return None
+        reply = hit[0]
+        if len(reply) > (limit if limit == _TCP_LIMIT else question.udp_limit):
+            return None  # the truncation path is in handle
+        self.stats.queries += 1
+        self.stats.cache_hits += 1
+        if holds:
+            self.stats.released_clear += 1
+        return reply
+
     async def handle(self, wire: bytes, client: Client, limit: int) -> bytes | None:
         """Answer one query; ``limit`` is the transport's size (UDP: 512, TCP: 65535)."""
         self.stats.queries += 1
+        view = read_query(wire)
+        query: dns.message.Message | None = None
+        if view is not None and view.qtype not in _ZONE_TRANSFERS:
+            question = Question.of_view(view)
+        else:
+            parsed = self._check(wire, client)
+            if not isinstance(parsed, dns.message.Message):
+                return parsed
+            query = parsed
+            question = Question.of_message(query)
+        if limit != _TCP_LIMIT:
+            limit = question.udp_limit
+        try:
+            reply = await self._answer(question, wire)
+        except Exception as exc:  # a bug here must cost one query, not the server
+            log.error(
+                "query %s from %s failed: %s: %s",
+                question.name,
+                _fmt(client),
+                type(exc).__name__,
+                exc,
+            )
+            self.stats.servfail += 1
+            return error_reply(query or dns.message.from_wire(wire), dns.rcode.SERVFAIL)
+        out, truncated = fit_to_limit(reply, limit)
+        if truncated:
+            self.stats.truncated += 1
+        return out
+
+    def _check(self, wire: bytes, client: Client) -> dns.message.Message | bytes | None:
+        """dnspython's judgement of an unusual query: the query, or the reply/None to send."""
         try:
             query = dns.message.from_wire(wire)
         except dns.message.ShortHeader:
@@ -344,106 +397,72 @@ class Resolver:
             self._bad(client, f"answered FORMERR: {len(query.question)} questions (need 1)")
             self.stats.formerr += 1
             return error_reply(query, dns.rcode.FORMERR)
-        question = query.question[0]
-        if question.rdtype in _ZONE_TRANSFERS:
+        if query.question[0].rdtype in _ZONE_TRANSFERS:
             self.stats.notimp += 1
             return error_reply(query, dns.rcode.REFUSED)
-        if limit != _TCP_LIMIT:
-            limit = client_udp_limit(query)
-        try:
-            reply = await self._answer(query, wire)
-        except Exception as exc:  # a bug here must cost one query, not the server
-            log.error(
-                "query %s from %s failed: %s: %s",
-                question.name,
-                _fmt(client),
-                type(exc).__name__,
-                exc,
-            )
-            self.stats.servfail += 1
-            return error_reply(query, dns.rcode.SERVFAIL)
-        out, truncated = fit_to_limit(reply, limit)
-        if truncated:
-            self.stats.truncated += 1
-        return out
+        return query
 
-    async def _answer(self, query: dns.message.Message, wire: bytes) -> bytes:
-        question = query.question[0]
+    async def _answer(self, question: Question, wire: bytes) -> bytes:
         loop = asyncio.get_running_loop()
         hold_id: int | None = None
-        if (
-            self.key_lookup is not None
-            and question.rdtype in _ADDRESS_TYPES
-            and question.rdclass == dns.rdataclass.IN
-        ):
+        if self._holds(question):
             hold_id = next(self._ids)
             self._waiting[hold_id] = loop.create_future()
             self._apply(self.core.query(hold_id, question.name, loop.time()))
         try:
-            reply = self._cached(query, loop.time())
-            if reply is None:
+            hit = self._cached(question, loop.time())
+            view: ReplyView | None
+            if hit is not None:
+                reply, view = hit
+            else:
                 try:
                     reply = await self.upstream.query(wire)
                 except UpstreamError as exc:
-                    log.info(
-                        "%s/%s: %s", question.name, dns.rdatatype.to_text(question.rdtype), exc
-                    )
+                    rdtype = dns.rdatatype.to_text(dns.rdatatype.RdataType.make(question.rdtype))
+                    log.info("%s/%s: %s", question.name, rdtype, exc)
                     if hold_id is not None:
                         self._apply(self.core.upstream_failed(hold_id, str(exc), loop.time()))
                         self._count(await self._waiting[hold_id])
                     else:
                         self.stats.timeouts += 1
                         self.stats.servfail += 1
-                    return error_reply(query, dns.rcode.SERVFAIL)
-                self._store(query, reply, loop.time())
+                    return error_reply(dns.message.from_wire(wire), dns.rcode.SERVFAIL)
+                view = read_reply(reply)
+                if view is not None and self.cache is not None:
+                    self.cache.put(question.cache_key, reply, view, loop.time())
             if hold_id is None:
                 return reply
-            return await self._hold(query, reply, hold_id)
+            return await self._hold(question, wire, reply, view, hold_id)
         finally:
             if hold_id is not None:
                 self._waiting.pop(hold_id, None)
                 self.core.cancel(hold_id)
 
-    async def _hold(self, query: dns.message.Message, reply: bytes, hold_id: int) -> bytes:
+    async def _hold(
+        self, question: Question, wire: bytes, reply: bytes, view: ReplyView | None, hold_id: int
+    ) -> bytes:
         loop = asyncio.get_running_loop()
-        try:
-            msg = dns.message.from_wire(reply)
-        except dns.exception.DNSException as exc:
-            log.warning(
-                "%s: unparsable upstream reply passed on as is: %s", query.question[0].name, exc
-            )
+        if view is None:
+            log.warning("%s: unparsable upstream reply passed on as is", question.name)
             self._apply(self.core.answer(hold_id, (), loop.time()))
             self._count(await self._waiting[hold_id])
             return reply
-        self._apply(self.core.answer(hold_id, addresses_in(msg), loop.time()))
+        self._apply(self.core.answer(hold_id, view.addresses, loop.time()))
         release = await self._waiting[hold_id]
         self._count(release)
         if release.outcome.servfail:
-            log.warning("%s: SERVFAIL to the client: %s", query.question[0].name, release.reason)
-            return error_reply(query, dns.rcode.SERVFAIL)
-        cap_ttls(msg, self.policy.ttl_cap)
-        return msg.to_wire()
+            log.warning("%s: SERVFAIL to the client: %s", question.name, release.reason)
+            return error_reply(dns.message.from_wire(wire), dns.rcode.SERVFAIL)
+        return rewrite_ttls(reply, question.id, view.ttl_offsets, cap=self._cap())
 
     # ------------------------------------------------------------------ cache
-    def _cached(self, query: dns.message.Message, now: float) -> bytes | None:
+    def _cached(self, question: Question, now: float) -> tuple[bytes, ReplyView] | None:
         if self.cache is None:
             return None
-        try:
-            hit = self.cache.get(AnswerCache.key(query), query.id, now)
-        except dns.exception.DNSException:
-            return None
+        hit = self.cache.get(question.cache_key, question.id, now)
         if hit is not None:
             self.stats.cache_hits += 1
         return hit
-
-    def _store(self, query: dns.message.Message, reply: bytes, now: float) -> None:
-        if self.cache is None:
-            return
-        try:
-            msg = dns.message.from_wire(reply)
-        except dns.exception.DNSException:
-            return
-        self.cache.put(AnswerCache.key(query), msg, reply, now)
 
     # ------------------------------------------------------------------ the core's actions
     def _apply(self, actions: list[Action]) -> None:
@@ -453,7 +472,12 @@ class Resolver:
                 if fut is not None and not fut.done():
                     fut.set_result(action)
             elif isinstance(action, LookupKey):
-                self._spawn(self._lookup(action))
+                known = self.key_lookup.cached(action.name) if self.key_lookup else None
+                if known is None:
+                    self._spawn(self._lookup(action))
+                else:  # no task for a name whose key status is remembered
+                    now = asyncio.get_running_loop().time()
+                    self._apply(self.core.key_result(action.name, known, now))
             elif isinstance(action, EnsureTunnel):
                 self._spawn(self._tunnel(action))
         self._reschedule()
@@ -555,9 +579,14 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        if self.transport is not None:
-            client = (str(addr[0]), int(addr[1]))
-            self._front.spawn(self._front.serve_udp(self.transport, data, client))
+        if self.transport is None:
+            return
+        reply = self._front.answer_now(data, _MIN_UDP)
+        if reply is not None:
+            self.transport.sendto(reply, addr)
+            return
+        client = (str(addr[0]), int(addr[1]))
+        self._front.spawn(self._front.serve_udp(self.transport, data, client))
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP socket error: %s", exc)
@@ -566,6 +595,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 class DnsFront:
     """UDP and TCP listeners on each endpoint; every query goes to ``handler``.
 
+    ``fast`` (optional) may answer a UDP datagram synchronously, without a task;
+    when it returns None the query goes to ``handler``.
     A port of 0 binds UDP to a free port and TCP to the same number (tests).
     """
 
@@ -575,8 +606,10 @@ class DnsFront:
         tcp_idle: float = 10.0,
         max_tcp_clients: int = 128,
         max_tcp_pipeline: int = 32,
+        fast: FastHandler | None = None,
     ) -> None:
         self._handler = handler
+        self._fast = fast
         self._tcp_idle = tcp_idle
         self._max_tcp = max_tcp_clients
         self._max_pipeline = max_tcp_pipeline
@@ -631,6 +664,15 @@ class DnsFront:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def answer_now(self, data: bytes, limit: int) -> bytes | None:
+        if self._fast is None:
+            return None
+        try:
+            return self._fast(data, limit)
+        except Exception as exc:  # the task path still answers it
+            log.error("fast path: %s: %s", type(exc).__name__, exc)
+            return None
 
     async def serve_udp(
         self, transport: asyncio.DatagramTransport, data: bytes, client: Client

@@ -69,6 +69,9 @@ class KeyLookup(Protocol):
 
     def lookup(self, name: dns.name.Name) -> Awaitable[KeyResult]: ...
 
+    def cached(self, name: dns.name.Name) -> KeyResult | None:
+        """A still-valid earlier result, without awaiting; None: call ``lookup``."""
+
 
 class TunnelRequester(Protocol):
     """The OE manager: bring a tunnel up to ``addresses`` authenticated with ``key``.

@@ -10,8 +10,7 @@ answer; every other status comes back with no keys at all.
 
 Failures (BOGUS, INDETERMINATE) are remembered for ``failure_ttl`` seconds, as RFC
 9520 asks (at least 1 s): a broken zone must not cost an upstream round trip for
-every A query of every LAN client. SECURE/INSECURE results are cached by the
-validator itself, by TTL.
+every A query of every LAN client. SECURE/INSECURE results are remembered by TTL.
 """
 
 from __future__ import annotations
@@ -76,7 +75,12 @@ async def validate(
 
 
 class ValidatingKeyLookup:
-    """Fetch and validate ``name IPSECKEY`` from the trust anchors; never trust AD."""
+    """Fetch and validate ``name IPSECKEY`` from the trust anchors; never trust AD.
+
+    Every outcome is remembered: SECURE and INSECURE for the validated TTL,
+    BOGUS and INDETERMINATE for ``failure_ttl``. ``cached`` answers from that
+    memory without awaiting, so a repeated query costs no task and no validation.
+    """
 
     def __init__(
         self,
@@ -86,46 +90,57 @@ class ValidatingKeyLookup:
         cache: ValidationCache | None = None,
         min_rsa_bits: int = DEFAULT_MIN_RSA_BITS,
         failure_ttl: float = 5.0,
-        max_failures: int = 1024,
+        max_remembered: int = 4096,
     ) -> None:
         self.validator = Validator(anchors, cache=cache or ValidationCache())
         self.upstream = upstream
         self._clock = clock
         self._min_rsa_bits = min_rsa_bits
         self._failure_ttl = failure_ttl
-        self._max_failures = max_failures
-        self._failures: OrderedDict[dns.name.Name, tuple[float, KeyResult]] = OrderedDict()
+        self._max_remembered = max_remembered
+        self._memo: OrderedDict[dns.name.Name, tuple[float, KeyResult]] = OrderedDict()
+
+    def cached(self, name: dns.name.Name) -> KeyResult | None:
+        """The remembered result for ``name`` if still valid, else None (then ``lookup``)."""
+        item = self._memo.get(name)  # Name hashes and compares case-insensitively
+        if item is None:
+            return None
+        if item[0] <= self._clock():
+            del self._memo[name]
+            return None
+        return item[1]
 
     async def lookup(self, name: dns.name.Name) -> KeyResult:
         name = name.canonicalize()
-        now = self._clock()
-        remembered = self._failures.get(name)
+        remembered = self.cached(name)
         if remembered is not None:
-            if remembered[0] > now:
-                return remembered[1]
-            del self._failures[name]
-        result = await self._validate(name)
-        if result.status in (KeyStatus.BOGUS, KeyStatus.INDETERMINATE) and self._failure_ttl > 0:
-            self._failures[name] = (self._clock() + self._failure_ttl, result)
-            while len(self._failures) > self._max_failures:
-                self._failures.popitem(last=False)
+            return remembered
+        result, ttl = await self._validate(name)
+        if result.status in (KeyStatus.BOGUS, KeyStatus.INDETERMINATE):
+            ttl = self._failure_ttl
+        if ttl > 0:
+            self._memo[name] = (self._clock() + ttl, result)
+            self._memo.move_to_end(name)
+            while len(self._memo) > self._max_remembered:
+                self._memo.popitem(last=False)
         return result
 
-    async def _validate(self, name: dns.name.Name) -> KeyResult:
+    async def _validate(self, name: dns.name.Name) -> tuple[KeyResult, float]:
+        """The key result and how long the validation said it stays valid."""
         result = await validate(
             self.validator, self.upstream, name, dns.rdatatype.IPSECKEY, self._clock
         )
-        status = result.status
+        status, ttl = result.status, float(result.ttl)
         if status is not KeyStatus.SECURE:
-            return KeyResult(status, (), result.reason)
+            return KeyResult(status, (), result.reason), ttl
         if result.rrset is None or result.rrset.rdtype != dns.rdatatype.IPSECKEY:
             denial = result.denial.value if result.denial is not None else "no IPSECKEY"
-            return KeyResult(KeyStatus.SECURE, (), f"{denial}: {result.reason}")
+            return KeyResult(KeyStatus.SECURE, (), f"{denial}: {result.reason}"), ttl
         keys = interpret_rrset(result.rrset, owner=name, min_rsa_bits=self._min_rsa_bits)
         for error in keys.errors:
             log.warning("%s", error.message)
         for warning in keys.warnings:
             log.warning("%s", warning.message)
         if not keys.keys:
-            return KeyResult(KeyStatus.SECURE, (), f"no usable IPSECKEY at {name}")
-        return KeyResult(KeyStatus.SECURE, keys.keys, result.reason)
+            return KeyResult(KeyStatus.SECURE, (), f"no usable IPSECKEY at {name}"), ttl
+        return KeyResult(KeyStatus.SECURE, keys.keys, result.reason), ttl
