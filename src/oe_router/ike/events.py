@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .payloads import TrafficSelector
+from .payloads import IpAddress, TrafficSelector
 
 
 class Event:
@@ -60,6 +60,22 @@ class ChildSaEstablished(Event):
     ts_local: tuple[TrafficSelector, ...]
     ts_remote: tuple[TrafficSelector, ...]
     udp_encap: bool  # NAT detected: ESP goes in UDP 4500 (RFC 3948)
+    request_id: int | None = None  # what ``IkeSa.create_child`` returned; None for the first
+    internal_addresses: tuple[IpAddress, ...] = ()  # CP(CFG_REPLY) INTERNAL_IP4/6_ADDRESS
+
+
+@dataclass(frozen=True)
+class ChildSaRekeyed(ChildSaEstablished):
+    """A new ESP SA pair replaces ``old_spi_in``/``old_spi_out`` (RFC 7296 §2.8).
+
+    A subclass of ChildSaEstablished so a consumer that installs every
+    established SA installs this one too; it should move outbound traffic to
+    the new SA now. The old pair is removed on the ChildSaDeleted that follows
+    once the old SA's Delete exchange is done.
+    """
+
+    old_spi_in: bytes = b""
+    old_spi_out: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -72,10 +88,12 @@ class IkeSaFailed(Event):
 
 @dataclass(frozen=True)
 class ChildSaFailed(Event):
-    """IKE SA is up but the peer refused the Child SA (e.g. TS_UNACCEPTABLE)."""
+    """IKE SA is up but the Child SA was refused (e.g. TS_UNACCEPTABLE) or its rekey failed."""
 
     reason: str
     notify: int | None = None
+    request_id: int | None = None  # what ``IkeSa.create_child`` returned
+    rekey_of: bytes | None = None  # our inbound SPI of the Child SA whose rekey failed
 
 
 @dataclass(frozen=True)
@@ -89,7 +107,35 @@ class IkeSaDeleted(Event):
 
 @dataclass(frozen=True)
 class ChildSaDeleted(Event):
-    """The peer deleted a Child SA; the datapath should remove both directions."""
+    """A Child SA is gone (deleted by either side, replaced by a rekey, or expired);
+    the datapath should remove both directions."""
 
     spi_in: bytes
     spi_out: bytes
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class IkeSaRekeyed(Event):
+    """The IKE SA now runs under new SPIs and keys (RFC 7296 §2.18); its Child SAs moved.
+
+    The endpoint re-indexes the IkeSa object under the new SPIs; it keeps
+    answering on the old SPIs until the old SA's Delete exchange is done.
+    """
+
+    old_spi_i: bytes
+    old_spi_r: bytes
+    spi_i: bytes
+    spi_r: bytes
+    is_initiator: bool  # our role in the new IKE SA (who sent the rekey request)
+
+
+@dataclass(frozen=True)
+class InitialContact(Event):
+    """The peer sent INITIAL_CONTACT (RFC 7296 §2.4): it has no other SAs with us any more,
+    so the owner should delete older IKE and Child SAs with this peer identity."""
+
+    peer_id: tuple[int, bytes]
+    peer_address: str
+    spi_i: bytes
+    spi_r: bytes

@@ -1,19 +1,30 @@
-"""Sans-IO IKE SA state machine: IKE_SA_INIT + IKE_AUTH, initiator and responder.
+"""Sans-IO IKE SA state machine (RFC 7296), initiator and responder.
 
-Feed it datagrams (``receive_datagram``) and timer ticks (``handle_timer``) with
-the current time as a value; collect ``datagrams_to_send()`` and
-``next_event()``. No sockets, no clocks: the endpoint owns those.
+Feed it datagrams (``receive_datagram``), timer ticks (``handle_timer``) and
+commands (``create_child``, ``rekey_child``, ``rekey``, ``delete_child``,
+``delete``, ``send_liveness_check``) with the current time as a value; collect
+``datagrams_to_send()`` and ``next_event()``. No sockets, no clocks: the
+endpoint owns those. Randomness (SPIs, nonces, rekey jitter, retry delays)
+comes from the injected ``random`` function.
 
-Scope today: one IKE SA and its first Child SA; NULL auth (RFC 7619) and
-RFC 7427 / RSA method-1 signatures, in any asymmetric combination;
-INVALID_KE_PAYLOAD and COOKIE retries as initiator; NAT detection;
-retransmission with back-off; the responder replays its cached reply;
-liveness (empty INFORMATIONAL) answers. Not yet: CREATE_CHILD_SA, rekeys,
-Delete, fragments on send, cookies demanded as responder.
+One object is one IKE SA *with a peer*, across IKE SA rekeys: after a rekey
+it runs under new SPIs (IkeSaRekeyed) and finishes the old SA's Delete
+exchange on the side. It carries many Child SAs.
+
+Scope: IKE_SA_INIT and IKE_AUTH (NULL auth, RFC 7427 and RSA method-1
+signatures, asymmetric); INVALID_KE_PAYLOAD and COOKIE retries as initiator;
+NAT detection; CREATE_CHILD_SA for new Child SAs, Child SA rekey with PFS and
+IKE SA rekey, with simultaneous-rekey collisions (§2.8.1, §2.8.2) and
+TEMPORARY_FAILURE (§2.25); lifetimes with jitter; INFORMATIONAL Delete,
+liveness, INITIAL_CONTACT and AUTHENTICATION_FAILED; CP for inner addresses;
+containment of NULL-authenticated and address-bound peers; fragmentation
+(RFC 7383) both ways; retransmission with back-off, replayed responses,
+window size 1. Cookies demanded as responder live in ``cookies`` (stateless).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -22,23 +33,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import auth as ike_auth
+from .child import (
+    ChildRecord,
+    ChildSaInfo,
+    Collision,
+    Request,
+    child_keys,
+    cp_reply,
+    cp_reply_addresses,
+    cp_request,
+)
 from .constants import (
     AuthMethod,
-    DhId,
-    EncrId,
-    EsnId,
     ExchangeType,
     HeaderFlag,
     IdType,
-    IntegId,
     NotifyType,
     PayloadType,
-    PrfId,
     ProtocolId,
     TransformType,
     notify_name,
 )
-from .crypto import KeyExchange, SkCipher, dh_group, sk_cipher
+from .crypto import SUPPORTED_DH_GROUPS, KeyExchange, SkCipher, dh_group, sk_cipher
 from .errors import IkeCryptoError, IkeDecodeError, IkeError, IkeProtocolError
 from .events import (
     ChildSaDeleted,
@@ -48,74 +64,57 @@ from .events import (
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
+    IkeSaRekeyed,
+    InitialContact,
 )
-from .keys import IkeSaKeys, Prf, child_keymat, ike_sa_keys, skeyseed, split_child_keymat
+from .keys import IkeSaKeys, Prf, ike_sa_keys, rekey_skeyseed, skeyseed
 from .message import FragmentReassembler, Message, decrypt
 from .payloads import (
     AUTH,
+    CP,
     KE,
     SA,
     SKF,
     Delete,
     IDi,
     IDr,
+    IpAddress,
     Nonce,
     Notify,
     Payload,
-    Proposal,
     TrafficSelector,
-    Transform,
     TSi,
     TSr,
     decode_uint16_list,
     encode_uint16_list,
 )
-from .selectors import covered, narrow
+from .proposals import (
+    DEFAULT_ESP_PROPOSALS,
+    DEFAULT_IKE_PROPOSALS,
+    EspChoice,
+    EspProposalSpec,
+    IkeChoice,
+    IkeProposalSpec,
+    esp_key_lengths,
+    esp_proposals,
+    ike_proposals,
+    select_child_proposal,
+    select_esp_proposal,
+    select_ike_proposal,
+    single,
+)
+from .selectors import ContainmentPolicy, covered, host_selector, narrow
 
 Address = tuple[str, int]
 
+DEFAULT_CONTAINMENT = ContainmentPolicy()  # frozen: NULL and address-bound peers confined
+
+# Old private names, kept for code that imported them.
+_IkeChoice = IkeChoice
+_EspChoice = EspChoice
+
 
 # --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class IkeProposalSpec:
-    """One IKE SA transform set we accept; ``integ`` None for AEAD ciphers."""
-
-    encr: int
-    key_bits: int | None
-    prf: int
-    integ: int | None
-    dh_groups: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class EspProposalSpec:
-    """One ESP transform set we accept, in the order the offload layer prefers."""
-
-    encr: int
-    key_bits: int | None
-    integ: int | None
-    esn: tuple[int, ...] = (EsnId.NO_ESN,)
-
-
-_GROUPS = (DhId.CURVE25519, DhId.ECP_256, DhId.MODP_2048)
-
-DEFAULT_IKE_PROPOSALS: tuple[IkeProposalSpec, ...] = (
-    IkeProposalSpec(EncrId.AES_GCM_16, 256, PrfId.HMAC_SHA2_256, None, _GROUPS),
-    IkeProposalSpec(EncrId.CHACHA20_POLY1305, None, PrfId.HMAC_SHA2_256, None, _GROUPS),
-    IkeProposalSpec(EncrId.AES_GCM_16, 128, PrfId.HMAC_SHA2_256, None, _GROUPS),
-    IkeProposalSpec(EncrId.AES_CBC, 256, PrfId.HMAC_SHA2_256, IntegId.HMAC_SHA2_256_128, _GROUPS),
-    IkeProposalSpec(EncrId.AES_CBC, 256, PrfId.HMAC_SHA2_512, IntegId.HMAC_SHA2_512_256, _GROUPS),
-)
-
-DEFAULT_ESP_PROPOSALS: tuple[EspProposalSpec, ...] = (
-    EspProposalSpec(EncrId.AES_GCM_16, 256, None, (EsnId.NO_ESN, EsnId.ESN)),
-    EspProposalSpec(EncrId.AES_GCM_16, 128, None, (EsnId.NO_ESN, EsnId.ESN)),
-    EspProposalSpec(EncrId.CHACHA20_POLY1305, None, None, (EsnId.NO_ESN, EsnId.ESN)),
-    EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_256_128, (EsnId.NO_ESN, EsnId.ESN)),
-    EspProposalSpec(EncrId.AES_CBC, 128, IntegId.HMAC_SHA2_256_128, (EsnId.NO_ESN, EsnId.ESN)),
-)
 
 
 @dataclass(frozen=True)
@@ -124,6 +123,12 @@ class IkeSaConfig:
 
     ``private_key`` None means we authenticate with NULL auth; ``peer_public_key``
     None means we require NULL auth from the peer (the OE default both ways).
+
+    Lifetimes (seconds, None = never): an SA is rekeyed at a random moment in
+    ``[L * (1 - rekey_margin - rekey_jitter), L * (1 - rekey_margin)]`` and
+    deleted at ``L`` if the rekey did not happen. ``fragment_size`` is the
+    largest encrypted IKE message (without the non-ESP marker) sent whole
+    when the peer supports RFC 7383 fragmentation.
     """
 
     local_address: Address
@@ -140,150 +145,48 @@ class IkeSaConfig:
     nonce_len: int = 32
     retransmit_timeout: float = 0.5
     retransmit_tries: int = 6
+    # CREATE_CHILD_SA: PFS (a KE of the IKE SA's group) for new and rekeyed Child SAs
+    child_pfs: bool = True
+    ike_lifetime: float | None = None
+    child_lifetime: float | None = None
+    rekey_margin: float = 0.1
+    rekey_jitter: float = 0.1
+    # TEMPORARY_FAILURE: wait a random delay in this range, at most this many times
+    retry_delay: tuple[float, float] = (1.0, 4.0)
+    retry_tries: int = 5
+    fragment_size: int = 1280
+    # CP: ask the responder for inner addresses (CAT); as responder, hand these out
+    request_internal_address: bool = False
+    internal_addresses: tuple[str, ...] = ()
+    containment: ContainmentPolicy = DEFAULT_CONTAINMENT
+    peer_key_address_bound: bool = False  # the peer's key came from DNS for its address
+    initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
+    retire_timeout: float = 30.0  # how long a replaced IKE SA waits for its Delete
 
+    def __post_init__(self) -> None:
+        def bad(option: str, why: str) -> ValueError:
+            return ValueError(f"IKE SA config for peer {self.remote_address[0]}: {option} {why}")
 
-# --------------------------------------------------------------------------- negotiation
-
-
-@dataclass(frozen=True)
-class _IkeChoice:
-    spec: IkeProposalSpec
-    dh: int
-
-    def proposal(self) -> Proposal:
-        s = self.spec
-        ts = [
-            Transform.make(TransformType.ENCR, s.encr, s.key_bits),
-            Transform.make(TransformType.PRF, s.prf),
-        ]
-        if s.integ is not None:
-            ts.append(Transform.make(TransformType.INTEG, s.integ))
-        ts.append(Transform.make(TransformType.DH, self.dh))
-        return Proposal(1, ProtocolId.IKE, b"", ts)
-
-
-def _encr_matches(t: Transform, encr: int, key_bits: int | None) -> bool:
-    if t.transform_id != encr:
-        return False
-    kl = t.key_length
-    if encr == EncrId.CHACHA20_POLY1305:
-        return kl in (None, 256)
-    return kl == key_bits
-
-
-def _ike_proposals(specs: tuple[IkeProposalSpec, ...]) -> list[Proposal]:
-    out = []
-    for n, s in enumerate(specs, start=1):
-        ts = [
-            Transform.make(TransformType.ENCR, s.encr, s.key_bits),
-            Transform.make(TransformType.PRF, s.prf),
-        ]
-        if s.integ is not None:
-            ts.append(Transform.make(TransformType.INTEG, s.integ))
-        ts += [Transform.make(TransformType.DH, g) for g in s.dh_groups]
-        out.append(Proposal(n, ProtocolId.IKE, b"", ts))
-    return out
-
-
-def _match_ike(p: Proposal, s: IkeProposalSpec, ke_group: int | None) -> _IkeChoice | None:
-    if p.protocol_id != ProtocolId.IKE:
-        return None
-    if not any(_encr_matches(t, s.encr, s.key_bits) for t in p.of_type(TransformType.ENCR)):
-        return None
-    if s.prf not in [t.transform_id for t in p.of_type(TransformType.PRF)]:
-        return None
-    integs = [t.transform_id for t in p.of_type(TransformType.INTEG)]
-    if (s.integ is None and integs not in ([], [IntegId.NONE])) or (
-        s.integ is not None and s.integ not in integs
-    ):
-        return None
-    groups = [t.transform_id for t in p.of_type(TransformType.DH) if t.transform_id in s.dh_groups]
-    if not groups:
-        return None
-    return _IkeChoice(s, ke_group if ke_group in groups else groups[0])
-
-
-def select_ike_proposal(
-    offered: list[Proposal], ours: tuple[IkeProposalSpec, ...], ke_group: int | None
-) -> _IkeChoice | None:
-    """Responder's choice: the peer's first proposal that one of our specs accepts."""
-    for p in offered:
-        for s in ours:
-            choice = _match_ike(p, s, ke_group)
-            if choice is not None:
-                return choice
-    return None
-
-
-@dataclass(frozen=True)
-class _EspChoice:
-    spec: EspProposalSpec
-    esn: int
-    peer_spi: bytes
-
-    def proposal(self, number: int, our_spi: bytes) -> Proposal:
-        s = self.spec
-        ts = [Transform.make(TransformType.ENCR, s.encr, s.key_bits)]
-        if s.integ is not None:
-            ts.append(Transform.make(TransformType.INTEG, s.integ))
-        ts.append(Transform.make(TransformType.ESN, self.esn))
-        return Proposal(number, ProtocolId.ESP, our_spi, ts)
-
-
-def _esp_proposals(specs: tuple[EspProposalSpec, ...], spi: bytes) -> list[Proposal]:
-    out = []
-    for n, s in enumerate(specs, start=1):
-        ts = [Transform.make(TransformType.ENCR, s.encr, s.key_bits)]
-        if s.integ is not None:
-            ts.append(Transform.make(TransformType.INTEG, s.integ))
-        ts += [Transform.make(TransformType.ESN, e) for e in s.esn]
-        out.append(Proposal(n, ProtocolId.ESP, spi, ts))
-    return out
-
-
-def select_esp_proposal(
-    offered: list[Proposal], ours: tuple[EspProposalSpec, ...]
-) -> tuple[int, _EspChoice] | None:
-    """Responder's choice of ESP transforms; returns (proposal number, choice)."""
-    for p in offered:
-        if p.protocol_id != ProtocolId.ESP or len(p.spi) != 4 or p.of_type(TransformType.DH):
-            continue
-        for s in ours:
-            if not any(_encr_matches(t, s.encr, s.key_bits) for t in p.of_type(TransformType.ENCR)):
-                continue
-            integs = [t.transform_id for t in p.of_type(TransformType.INTEG)]
-            if s.integ is None and integs not in ([], [IntegId.NONE]):
-                continue
-            if s.integ is not None and s.integ not in integs:
-                continue
-            esns = [t.transform_id for t in p.of_type(TransformType.ESN)] or [EsnId.NO_ESN]
-            esn = next((e for e in esns if e in s.esn), None)
-            if esn is not None:
-                return p.number, _EspChoice(s, esn, p.spi)
-    return None
-
-
-def _single(p: Proposal, ttype: int) -> Transform | None:
-    found = p.of_type(ttype)
-    if len(found) > 1:
-        raise IkeProtocolError(
-            NotifyType.NO_PROPOSAL_CHOSEN,
-            f"chosen proposal has {len(found)} transforms of type {ttype}",
-        )
-    return found[0] if found else None
-
-
-def esp_key_lengths(encr: int, key_bits: int | None, integ: int | None) -> tuple[int, int]:
-    """(encryption key bytes incl. salt, integrity key bytes) for an ESP transform set."""
-    if encr == EncrId.AES_GCM_16:
-        e = (key_bits or 0) // 8 + 4
-    elif encr == EncrId.CHACHA20_POLY1305:
-        e = 36
-    else:
-        e = (key_bits or 0) // 8
-    sizes: dict[int | None, int] = {IntegId.HMAC_SHA2_256_128: 32, IntegId.HMAC_SHA2_512_256: 64}
-    a = sizes.get(integ, 0)
-    return e, a
+        for name in ("ike_lifetime", "child_lifetime"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise bad(name, f"must be positive, not {value}")
+        if (
+            self.rekey_margin < 0
+            or self.rekey_jitter < 0
+            or (self.rekey_margin + self.rekey_jitter >= 1)
+        ):
+            raise bad("rekey_margin + rekey_jitter", "must be within [0, 1)")
+        if self.fragment_size < 256:
+            raise bad("fragment_size", f"{self.fragment_size} is below 256 bytes")
+        lo, hi = self.retry_delay
+        if not 0 <= lo <= hi:
+            raise bad("retry_delay", f"{self.retry_delay} is not a (min, max) range")
+        for text in self.internal_addresses:
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                raise bad("internal_addresses", f"holds {text!r}, not an address") from None
 
 
 def nat_hash(spi_i: bytes, spi_r: bytes, address: Address) -> bytes:
@@ -292,27 +195,72 @@ def nat_hash(spi_i: bytes, spi_r: bytes, address: Address) -> bytes:
     return hashlib.sha1(spi_i + spi_r + ip + address[1].to_bytes(2, "big")).digest()
 
 
+@dataclass(frozen=True)
+class NegotiatedKeys:
+    """The IKE SA's transforms, nonces and SK_* keys: for key logs and cross-checks."""
+
+    spi_i: bytes
+    spi_r: bytes
+    ni: bytes
+    nr: bytes
+    encr: int
+    encr_key_bits: int | None
+    integ: int | None
+    prf: int
+    dh_group: int
+    keys: IkeSaKeys
+
+
 # --------------------------------------------------------------------------- the state machine
 
 
 @dataclass
 class _Negotiated:
-    choice: _IkeChoice
+    choice: IkeChoice
     prf: Prf
     cipher: SkCipher
     keys: IkeSaKeys
 
 
+# Fields that make up one IKE SA "link" (SPIs, keys, message IDs, retransmission
+# state); an IKE SA rekey swaps them, Child SAs and the request queue stay.
+_LINK_FIELDS = (
+    "spi_i",
+    "spi_r",
+    "is_initiator",
+    "_neg",
+    "_ni",
+    "_nr",
+    "_next_mid",
+    "_expect_mid",
+    "_last_request",
+    "_retransmit_at",
+    "_tries",
+    "_cached_mid",
+    "_cached_response",
+    "_iv_counter",
+    "_reassembler",
+    "_inflight",
+)
+
+_BYTES_NONE = bytes(8)
+
+
 @dataclass
 class IkeSa:
-    """One IKE SA, as initiator or responder. Create with :meth:`initiator` / :meth:`responder`."""
+    """One IKE SA with a peer, as initiator or responder.
+
+    Create with :meth:`initiator` / :meth:`responder`. ``is_initiator`` is our
+    role in the *current* IKE SA (after a rekey it is whoever sent the rekey).
+    """
 
     config: IkeSaConfig
     is_initiator: bool
     random: Callable[[int], bytes] = os.urandom
     state: str = "idle"
-    spi_i: bytes = bytes(8)
-    spi_r: bytes = bytes(8)
+    spi_i: bytes = _BYTES_NONE
+    spi_r: bytes = _BYTES_NONE
+    established_at: float | None = None
     _events: deque[Event] = field(default_factory=deque)
     _out: list[bytes] = field(default_factory=list)
     _ke: KeyExchange | None = None
@@ -325,9 +273,12 @@ class IkeSa:
     _peer_hashes: list[int] | None = None
     _nat_local: bool = False
     _nat_remote: bool = False
+    _peer_frag: bool = False
+    _peer_ip: str = ""
+    _peer_auth_method: int = AuthMethod.NULL
     _child_spi: bytes = b""
-    _next_mid: int = 0  # initiator: next request message ID
-    _expect_mid: int = 0  # responder: next request message ID we accept
+    _next_mid: int = 0  # next message ID of our requests
+    _expect_mid: int = 0  # next message ID of the peer's requests
     _last_request: list[bytes] = field(default_factory=list)
     _retransmit_at: float | None = None
     _tries: int = 0
@@ -336,8 +287,17 @@ class IkeSa:
     _iv_counter: int = 0
     _reassembler: FragmentReassembler | None = None
     _local_auth_method: int = AuthMethod.NULL
-    _children: dict[bytes, bytes] = field(default_factory=dict)  # peer SPI -> our SPI
-    _deleting_child: tuple[bytes, bytes] | None = None  # (our SPI, peer SPI)
+    _children: dict[bytes, ChildRecord] = field(default_factory=dict)  # by our inbound SPI
+    _queue: deque[Request] = field(default_factory=deque)
+    _inflight: Request | None = None
+    _next_request_id: int = 1
+    _delete_requested: bool = False
+    _ike_rekey_at: float | None = None
+    _ike_expire_at: float | None = None
+    _ike_collision: Collision | None = None
+    _aux: list[IkeSa] = field(default_factory=list)  # replaced / redundant IKE SAs
+    _retired: bool = False  # an aux link: answers Delete and replays, refuses the rest
+    _retire_at: float | None = None
 
     # ---------------------------------------------------------------- construction
 
@@ -347,6 +307,7 @@ class IkeSa:
     ) -> IkeSa:
         """Start an IKE SA: queues the IKE_SA_INIT request."""
         sa = cls(config, True, random)
+        sa._peer_ip = config.remote_address[0]
         sa.spi_i = sa._spi8()
         sa._ni = random(config.nonce_len)
         first = config.ike_proposals[0].dh_groups[0]
@@ -356,10 +317,12 @@ class IkeSa:
 
     @classmethod
     def responder(cls, config: IkeSaConfig, random: Callable[[int], bytes] = os.urandom) -> IkeSa:
-        """A responder waiting for its first IKE_SA_INIT request."""
-        return cls(config, False, random)
+        """A responder waiting for its first IKE_SA_INIT request (see ``cookies`` first)."""
+        sa = cls(config, False, random)
+        sa._peer_ip = config.remote_address[0]
+        return sa
 
-    # ---------------------------------------------------------------- public API
+    # ---------------------------------------------------------------- public API: I/O
 
     def datagrams_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
@@ -368,40 +331,192 @@ class IkeSa:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
-    @property
-    def nat_detected(self) -> tuple[bool, bool]:
-        """(our address is translated, the peer's is): known once IKE_SA_INIT is done,
-        so the endpoint can float to port 4500 before IKE_AUTH goes out."""
-        return self._nat_local, self._nat_remote
-
     def get_timer(self) -> float | None:
-        return self._retransmit_at
+        """When ``handle_timer`` next has work: retransmission, rekey, expiry or a retry."""
+        times = [self._retransmit_at, self._retire_at]
+        times += [a.get_timer() for a in self._aux]
+        if self.state == "established" and not self._retired:
+            times += [self._ike_rekey_at, self._ike_expire_at]
+            for c in self._children.values():
+                if c.state == "installed":
+                    times.append(c.rekey_at)
+                if c.state != "deleting":
+                    times.append(c.expire_at)
+            if self._inflight is None:
+                times += [r.not_before for r in self._queue]
+        return min((t for t in times if t is not None), default=None)
 
     def handle_timer(self, now: float) -> None:
-        """Retransmit the outstanding request with exponential back-off, or give up."""
-        if self._retransmit_at is None or now < self._retransmit_at:
+        """Retransmit with exponential back-off (or give up), rekey, expire, retry."""
+        self._tick_aux(now)
+        if self._retire_at is not None and now >= self._retire_at and self._retired:
+            self.state = "closed"
+            self._retransmit_at = self._retire_at = None
             return
-        if self._tries >= self.config.retransmit_tries:
-            self._fail(f"no answer from {self.config.remote_address[0]} after {self._tries} tries")
-            return
-        self._tries += 1
-        self._out += self._last_request
-        self._retransmit_at = now + self.config.retransmit_timeout * (2**self._tries)
+        if self._retransmit_at is not None and now >= self._retransmit_at:
+            if self._tries >= self.config.retransmit_tries:
+                self._fail(
+                    f"no answer from {self.config.remote_address[0]} after {self._tries} tries"
+                )
+                return
+            self._tries += 1
+            self._out += self._last_request
+            self._retransmit_at = now + self.config.retransmit_timeout * (2**self._tries)
+        if self.state == "established" and not self._retired:
+            self._lifetimes(now)
+        self._pump(now)
 
     def receive_datagram(self, data: bytes, now: float, remote: Address | None = None) -> None:
         """Process one IKE datagram (no non-ESP marker). Garbage is dropped silently."""
         if self.state in ("failed", "closed"):
             return
         try:
-            self._receive(bytes(data), now, remote or self.config.remote_address)
-        except (IkeDecodeError, IkeCryptoError):
-            return  # RFC 7296 §2.21: ignore what fails to parse or authenticate
+            msg = Message.decode(bytes(data))
+        except IkeDecodeError:
+            return
+        target = self._route(msg)
+        if target is None:
+            return
+        # RFC 7296 §2.21: ignore what fails to parse or authenticate
+        with contextlib.suppress(IkeDecodeError, IkeCryptoError):
+            target._receive(msg, bytes(data), now, remote or self.config.remote_address)
+        if target is not self:
+            self._collect_aux()
+        self._pump(now)
+
+    # ---------------------------------------------------------------- public API: queries
+
+    @property
+    def half_open(self) -> bool:
+        """True until IKE_AUTH completes: the endpoint counts these against its limits."""
+        return self.state in ("idle", "init-sent", "auth-sent", "init-done")
+
+    def spis(self) -> list[tuple[bytes, bytes]]:
+        """Every (SPIi, SPIr) this object answers for: the current SA, then replaced ones."""
+        return [(self.spi_i, self.spi_r)] + [(a.spi_i, a.spi_r) for a in self._aux]
+
+    def child_sas(self) -> list[ChildSaInfo]:
+        """The Child SAs this IKE SA carries, for status output."""
+        return [c.info() for c in self._children.values()]
+
+    @property
+    def nat_detected(self) -> tuple[bool, bool]:
+        """(we are behind a NAT, the peer is), known once IKE_SA_INIT is answered."""
+        return self._nat_local, self._nat_remote
+
+    @property
+    def ike_rekey_at(self) -> float | None:
+        return self._ike_rekey_at
+
+    def negotiated_keys(self) -> NegotiatedKeys | None:
+        """The current IKE SA's transforms, nonces and keys (None before IKE_SA_INIT ends)."""
+        if self._neg is None:
+            return None
+        s = self._neg.choice.spec
+        return NegotiatedKeys(
+            self.spi_i,
+            self.spi_r,
+            self._ni,
+            self._nr,
+            s.encr,
+            s.key_bits,
+            s.integ,
+            s.prf,
+            self._neg.choice.dh,
+            self._neg.keys,
+        )
+
+    # ---------------------------------------------------------------- public API: commands
+
+    def create_child(
+        self,
+        ts_local: tuple[TrafficSelector, ...],
+        ts_remote: tuple[TrafficSelector, ...],
+        transport: bool = False,
+        now: float = 0.0,
+    ) -> int:
+        """Ask for one more Child SA on this IKE SA (CREATE_CHILD_SA, §1.3.1).
+
+        Returns a request id that the resulting ChildSaEstablished or
+        ChildSaFailed carries. May be called before the IKE SA is up: the
+        request waits for it (window size 1 queues the rest).
+        """
+        if self.state in ("failed", "closed", "deleting") or self._delete_requested:
+            raise IkeError(f"IKE SA with {self._peer_ip} is {self.state}: no new Child SAs")
+        rid = self._next_request_id
+        self._next_request_id += 1
+        self._queue.append(
+            Request("create", rid, tuple(ts_local), tuple(ts_remote), transport, not_before=now)
+        )
+        self._pump(now)
+        return rid
+
+    def rekey_child(self, spi_in: bytes, now: float) -> None:
+        """Rekey one Child SA (by our inbound SPI); ChildSaRekeyed follows, then
+        ChildSaDeleted for the old pair."""
+        c = self._children.get(spi_in)
+        if self.state != "established" or c is None or c.state != "installed":
+            raise IkeError(f"no installed Child SA with inbound SPI {spi_in.hex()}")
+        if any(r.kind == "rekey-child" and r.child == spi_in for r in self._queue):
+            return
+        self._queue.append(Request("rekey-child", child=spi_in, not_before=now))
+        self._pump(now)
+
+    def rekey(self, now: float) -> None:
+        """Rekey the IKE SA itself (§2.18); IkeSaRekeyed follows."""
+        if self.state != "established" or self._retired:
+            raise IkeError("only an established IKE SA can be rekeyed")
+        if any(r.kind == "rekey-ike" for r in self._queue) or (
+            self._inflight is not None and self._inflight.kind == "rekey-ike"
+        ):
+            return
+        self._queue.append(Request("rekey-ike", not_before=now))
+        self._pump(now)
+
+    def send_liveness_check(self, now: float) -> None:
+        """Empty INFORMATIONAL request (RFC 7296 §1.4); no answer after the retries fails the SA."""
+        if self.state != "established":
+            raise IkeError("liveness checks need an established IKE SA")
+        if self._inflight is not None:
+            raise IkeError("a request is still outstanding (window size 1)")
+        self._queue.appendleft(Request("info", not_before=now))
+        self._pump(now)
+
+    def delete_child(self, spi_in: bytes, now: float) -> None:
+        """Delete one Child SA by our inbound SPI; ChildSaDeleted follows the peer's answer."""
+        c = self._children.get(spi_in)
+        if self.state != "established" or c is None or c.state == "deleting":
+            raise IkeError(f"no Child SA with inbound SPI {spi_in.hex()}")
+        self._queue_delete(c, "deleted by us", now)
+        self._pump(now)
+
+    def delete(self, now: float) -> None:
+        """Delete the IKE SA and its Child SAs (RFC 7296 §1.4.1); IkeSaDeleted follows."""
+        if self.state != "established" or self._delete_requested:
+            raise IkeError("only an established IKE SA can be deleted")
+        self._delete_requested = True
+        for r in list(self._queue):
+            if r.kind == "create":
+                self._events.append(
+                    ChildSaFailed("the IKE SA is being deleted", None, r.request_id)
+                )
+        self._queue.clear()
+        self._queue.append(Request("delete-ike", not_before=now))
+        self._pump(now)
 
     # ---------------------------------------------------------------- helpers
 
     def _spi8(self) -> bytes:
         spi = self.random(8)
-        return spi if spi != bytes(8) else b"\x00" * 7 + b"\x01"
+        return spi if spi != _BYTES_NONE else b"\x00" * 7 + b"\x01"
+
+    def _spi4(self) -> bytes:
+        spi = self.random(4)
+        return spi if int.from_bytes(spi, "big") > 255 else b"\x00\x00\x01\x00"
+
+    def _uniform(self) -> float:
+        """A value in [0, 1) from the injected randomness (rekey jitter, retry delays)."""
+        return int.from_bytes(self.random(4), "big") / 2**32
 
     def _flags(self, response: bool) -> int:
         return (HeaderFlag.INITIATOR if self.is_initiator else 0) | (
@@ -425,17 +540,32 @@ class IkeSa:
             return self._iv_counter.to_bytes(8, "big")
         return self.random(cipher.iv_len)
 
-    def _seal(self, msg: Message) -> bytes:
+    def _out_keys(self) -> tuple[bytes, bytes]:
         assert self._neg is not None
         k = self._neg.keys
-        ke, ka = (k.sk_ei, k.sk_ai) if self.is_initiator else (k.sk_er, k.sk_ar)
+        return (k.sk_ei, k.sk_ai) if self.is_initiator else (k.sk_er, k.sk_ar)
+
+    def _seal(self, msg: Message) -> bytes:
+        assert self._neg is not None
+        ke, ka = self._out_keys()
         return msg.encrypt(self._neg.cipher, ke, ka, self._iv(self._neg.cipher))
 
-    def _open(self, data: bytes) -> Message | None:
+    def _protect(self, msg: Message) -> list[bytes]:
+        """Seal ``msg``; as SKF fragments (RFC 7383) when the peer supports them and
+        the whole message would exceed ``fragment_size``."""
+        whole = self._seal(msg)
+        size = self.config.fragment_size
+        if not self._peer_frag or len(whole) <= size:
+            return [whole]
+        assert self._neg is not None
+        ke, ka = self._out_keys()
+        ivs = [self._iv(self._neg.cipher) for _ in range(len(whole) // (size // 2) + 2)]
+        return msg.encrypt_fragments(self._neg.cipher, ke, ka, ivs, size)
+
+    def _open(self, data: bytes, first: Message) -> Message | None:
         assert self._neg is not None
         k = self._neg.keys
         ke, ka = (k.sk_er, k.sk_ar) if self.is_initiator else (k.sk_ei, k.sk_ai)
-        first = Message.decode(data)
         if first.payloads and isinstance(first.payloads[-1], SKF):
             if self._reassembler is None:
                 self._reassembler = FragmentReassembler(self._neg.cipher, ke, ka)
@@ -467,6 +597,9 @@ class IkeSa:
             self._nat_remote = nat_hash(msg.spi_i, msg.spi_r, remote) not in src
         if dst:
             self._nat_local = nat_hash(msg.spi_i, msg.spi_r, self.config.local_address) not in dst
+        self._peer_frag = any(
+            n.notify_type == NotifyType.IKEV2_FRAGMENTATION_SUPPORTED for n in notifies
+        )
 
     def _common_init_notifies(self) -> list[Payload]:
         return [
@@ -477,7 +610,7 @@ class IkeSa:
             ),
         ]
 
-    def _derive(self, choice: _IkeChoice, shared: bytes) -> None:
+    def _derive(self, choice: IkeChoice, shared: bytes) -> None:
         s = choice.spec
         prf = Prf(s.prf)
         cipher = sk_cipher(s.encr, s.key_bits, s.integ)
@@ -539,44 +672,7 @@ class IkeSa:
             ike_auth.verify_null_auth(auth, self._neg.prf, sk_p, octets)
         else:
             ike_auth.verify_signature_auth(auth, self.config.peer_public_key, octets)
-
-    def _child_event(
-        self,
-        choice: _EspChoice,
-        our_spi: bytes,
-        ts_local: list[TrafficSelector],
-        ts_remote: list[TrafficSelector],
-        transport: bool,
-    ) -> ChildSaEstablished:
-        assert self._neg is not None
-        self._children[choice.peer_spi] = our_spi
-        s = choice.spec
-        e, a = esp_key_lengths(s.encr, s.key_bits, s.integ)
-        km = split_child_keymat(
-            child_keymat(self._neg.prf, self._neg.keys.sk_d, self._ni, self._nr, 2 * (e + a)), e, a
-        )
-        if self.is_initiator:
-            ein, ain, eout, aout = km.encr_r, km.integ_r, km.encr_i, km.integ_i
-        else:
-            ein, ain, eout, aout = km.encr_i, km.integ_i, km.encr_r, km.integ_r
-        return ChildSaEstablished(
-            self.spi_i,
-            self.spi_r,
-            our_spi,
-            choice.peer_spi,
-            "transport" if transport else "tunnel",
-            s.encr,
-            s.key_bits,
-            s.integ,
-            choice.esn == EsnId.ESN,
-            ein,
-            ain,
-            eout,
-            aout,
-            tuple(ts_local),
-            tuple(ts_remote),
-            self._nat_local or self._nat_remote,
-        )
+        self._peer_auth_method = auth.method
 
     def _ike_event(self, peer: IDi | IDr, peer_auth: int, local_auth: int) -> IkeSaEstablished:
         assert self._neg is not None
@@ -598,12 +694,184 @@ class IkeSa:
             self._nat_remote,
         )
 
+    def _lifetime(self, lifetime: float | None, now: float) -> tuple[float | None, float | None]:
+        """(rekey_at, expire_at) for an SA created now: rekey randomized in its window."""
+        if lifetime is None:
+            return None, None
+        c = self.config
+        rekey = lifetime * (1 - c.rekey_margin - c.rekey_jitter * self._uniform())
+        return now + rekey, now + lifetime
+
+    def _established(self, now: float) -> None:
+        self.state = "established"
+        self.established_at = now
+        self._ike_rekey_at, self._ike_expire_at = self._lifetime(self.config.ike_lifetime, now)
+
+    # ---------------------------------------------------------------- Child SA records
+
+    def _confined(self) -> bool:
+        return self.config.containment.confines(
+            self._peer_auth_method == AuthMethod.NULL, self.config.peer_key_address_bound
+        )
+
+    def _new_child(
+        self,
+        choice: EspChoice,
+        our_spi: bytes,
+        ts_local: list[TrafficSelector],
+        ts_remote: list[TrafficSelector],
+        transport: bool,
+        nonces: tuple[bytes, bytes],
+        shared: bytes | None,
+        we_initiated: bool,
+        now: float,
+        request_id: int | None = None,
+        addresses: tuple[IpAddress, ...] = (),
+    ) -> ChildRecord:
+        """Derive the keys of a new Child SA and record it (not yet reported)."""
+        assert self._neg is not None
+        ein, ain, eout, aout = child_keys(
+            choice, self._neg.prf, self._neg.keys.sk_d, nonces[0], nonces[1], shared, we_initiated
+        )
+        s = choice.spec
+        ev = ChildSaEstablished(
+            self.spi_i,
+            self.spi_r,
+            our_spi,
+            choice.peer_spi,
+            "transport" if transport else "tunnel",
+            s.encr,
+            s.key_bits,
+            s.integ,
+            choice.esn == 1,
+            ein,
+            ain,
+            eout,
+            aout,
+            tuple(ts_local),
+            tuple(ts_remote),
+            self._nat_local or self._nat_remote,
+            request_id,
+            addresses,
+        )
+        rekey_at, expire_at = self._lifetime(self.config.child_lifetime, now)
+        rec = ChildRecord(ev, choice, transport, now, rekey_at, expire_at, reported=False)
+        self._children[our_spi] = rec
+        return rec
+
+    def _report(self, child: ChildRecord, old: ChildRecord | None = None) -> None:
+        child.reported = True
+        self._events.append(child.event if old is None else child.rekeyed_event(old))
+
+    def _remove_child(self, child: ChildRecord, reason: str) -> None:
+        if self._children.pop(child.spi_in, None) is not None and child.reported:
+            self._events.append(ChildSaDeleted(child.spi_in, child.spi_out, reason))
+
+    def _queue_delete(self, child: ChildRecord, reason: str, now: float) -> None:
+        child.state = "deleting"
+        self._queue.appendleft(
+            Request("delete-child", child=child.spi_in, reason=reason, not_before=now)
+        )
+
+    def _lifetimes(self, now: float) -> None:
+        if self._ike_expire_at is not None and now >= self._ike_expire_at:
+            self._ike_expire_at = self._ike_rekey_at = None
+            if not self._delete_requested:
+                self.delete(now)
+            return
+        if self._ike_rekey_at is not None and now >= self._ike_rekey_at:
+            self._ike_rekey_at = None
+            self.rekey(now)
+        for c in list(self._children.values()):
+            if c.expire_at is not None and now >= c.expire_at and c.state != "deleting":
+                c.expire_at = None
+                self._queue_delete(c, "lifetime expired", now)
+            elif c.rekey_at is not None and now >= c.rekey_at and c.state == "installed":
+                c.rekey_at = None
+                self.rekey_child(c.spi_in, now)
+
+    # ---------------------------------------------------------------- replaced IKE SAs
+
+    def _tick_aux(self, now: float) -> None:
+        for a in self._aux:
+            a.handle_timer(now)
+        self._collect_aux()
+
+    def _collect_aux(self) -> None:
+        """Forward what replaced/redundant IKE SAs send; forget them once closed."""
+        for a in self._aux:
+            self._out += a.datagrams_to_send()
+            while a.next_event() is not None:
+                pass  # their deletion is internal: the Child SAs live on in this object
+        self._aux = [a for a in self._aux if a.state not in ("closed", "failed")]
+
+    def _route(self, msg: Message) -> IkeSa | None:
+        for a in self._aux:
+            if (msg.spi_i, msg.spi_r) == (a.spi_i, a.spi_r):
+                return a
+        if msg.spi_i != self.spi_i:
+            return self if (not self.is_initiator and self.state == "idle") else None
+        if msg.spi_r not in (self.spi_r, _BYTES_NONE) and self.spi_r != _BYTES_NONE:
+            return None
+        return self
+
+    def _link(self, spi_i: bytes, spi_r: bytes, initiator: bool, neg: _Negotiated) -> IkeSa:
+        """A bare IKE SA link sharing our config: a rekeyed, replaced or redundant SA."""
+        link = IkeSa(self.config, initiator, self.random)
+        link.spi_i, link.spi_r, link._neg = spi_i, spi_r, neg
+        link.state = "established"
+        link._retired = True
+        link._peer_frag, link._peer_ip = self._peer_frag, self._peer_ip
+        link._nat_local, link._nat_remote = self._nat_local, self._nat_remote
+        return link
+
+    def _rekeyed_link(
+        self,
+        choice: IkeChoice,
+        shared: bytes,
+        ni: bytes,
+        nr: bytes,
+        spis: tuple[bytes, bytes],
+        we_initiated: bool,
+    ) -> IkeSa:
+        """Keys of the new IKE SA: SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr) (§2.18)."""
+        assert self._neg is not None
+        s = choice.spec
+        prf = Prf(s.prf)
+        cipher = sk_cipher(s.encr, s.key_bits, s.integ)
+        seed = rekey_skeyseed(self._neg.prf, self._neg.keys.sk_d, shared, ni, nr)
+        keys = ike_sa_keys(
+            prf,
+            seed,
+            ni,
+            nr,
+            spis[0],
+            spis[1],
+            integ_key_len=cipher.integ_key_len,
+            encr_key_len=cipher.encr_key_len,
+        )
+        link = self._link(spis[0], spis[1], we_initiated, _Negotiated(choice, prf, cipher, keys))
+        link._ni, link._nr = ni, nr
+        return link
+
+    def _switch_to(self, new: IkeSa, now: float) -> IkeSa:
+        """Run as ``new`` from now on; return the replaced SA as a retired link."""
+        assert self._neg is not None
+        old = self._link(self.spi_i, self.spi_r, self.is_initiator, self._neg)
+        for name in _LINK_FIELDS:
+            setattr(old, name, getattr(self, name))
+            setattr(self, name, getattr(new, name))
+        old._retire_at = now + self.config.retire_timeout
+        self._aux.append(old)
+        self._ike_rekey_at, self._ike_expire_at = self._lifetime(self.config.ike_lifetime, now)
+        self._events.append(
+            IkeSaRekeyed(old.spi_i, old.spi_r, self.spi_i, self.spi_r, self.is_initiator)
+        )
+        return old
+
     # ---------------------------------------------------------------- dispatch
 
-    def _receive(self, data: bytes, now: float, remote: Address) -> None:
-        msg = Message.decode(data)  # header + outer payloads (SK still sealed)
-        if msg.spi_i != self.spi_i and not (not self.is_initiator and self.state == "idle"):
-            return
+    def _receive(self, msg: Message, data: bytes, now: float, remote: Address) -> None:
         if msg.is_response:
             if msg.message_id != self._next_mid - 1 or self._retransmit_at is None:
                 return
@@ -611,67 +879,42 @@ class IkeSa:
                 if self.state == "init-sent":
                     self._initiator_got_init(msg, data, now, remote)
             elif self.is_initiator and msg.exchange_type == ExchangeType.IKE_AUTH:
-                inner = self._open(data)
-                if inner is not None and self.state == "auth-sent":
-                    self._initiator_got_auth(inner)
-            elif (
-                msg.exchange_type == ExchangeType.INFORMATIONAL
-                and self._neg is not None
-                and self._open(data) is not None
-            ):
-                self._retransmit_at = None
-                if self.state == "deleting":
-                    self._closed("deleted by us")
-                elif self._deleting_child is not None:
-                    ours, peer = self._deleting_child
-                    self._deleting_child = None
-                    self._events.append(ChildSaDeleted(ours, peer))
+                if self.state == "auth-sent" and self._neg is not None:
+                    inner = self._open(data, msg)
+                    if inner is not None:
+                        self._initiator_got_auth(inner, now)
+            elif self._inflight is not None and self._neg is not None:
+                inner = self._open(data, msg)
+                if inner is not None:
+                    self._got_response(inner, now)
             return
         if msg.message_id == self._cached_mid:
-            self._out += self._cached_response  # retransmitted request: replay (RFC 7296 §2.1)
+            # a retransmitted request: replay (RFC 7296 §2.1), for fragments only on #1
+            skf = msg.payloads[-1] if msg.payloads else None
+            if not isinstance(skf, SKF) or skf.fragment_number == 1:
+                self._out += self._cached_response
             return
         if msg.message_id != self._expect_mid:
             return
         if not self.is_initiator and msg.exchange_type == ExchangeType.IKE_SA_INIT:
             if self.state == "idle":
                 self._responder_got_init(msg, data, remote)
-        elif not self.is_initiator and msg.exchange_type == ExchangeType.IKE_AUTH:
-            inner = self._open(data)
-            if inner is not None and self.state == "init-done":
-                self._responder_got_auth(inner)
-        elif msg.exchange_type == ExchangeType.INFORMATIONAL and self.state in (
-            "established",
-            "deleting",
-        ):
-            inner = self._open(data)
-            if inner is not None:
-                self._got_informational(inner)
-
-    def _got_informational(self, request: Message) -> None:
-        """Answer a peer's INFORMATIONAL: liveness (empty), or Delete (RFC 7296 §1.4.1)."""
-        reply: list[Payload] = []
-        deletes = [p for p in request.payloads if isinstance(p, Delete)]
-        if any(d.protocol_id == ProtocolId.IKE for d in deletes):
-            self._respond_encrypted(request, [])
-            self._closed("deleted by the peer")
             return
-        gone: list[bytes] = []
-        for d in deletes:
-            if d.protocol_id != ProtocolId.ESP:
-                continue
-            for peer_spi in d.spis:
-                ours = self._children.pop(peer_spi, None)
-                if ours is not None:
-                    gone.append(ours)
-                    self._events.append(ChildSaDeleted(ours, peer_spi))
-        if gone:
-            reply.append(Delete(ProtocolId.ESP, 4, gone))
-        self._respond_encrypted(request, reply)
-
-    def _closed(self, reason: str) -> None:
-        self.state = "closed"
-        self._retransmit_at = None
-        self._events.append(IkeSaDeleted(self.spi_i, self.spi_r, reason))
+        if self._neg is None:
+            return
+        if msg.exchange_type == ExchangeType.IKE_AUTH:
+            if not self.is_initiator and self.state == "init-done":
+                inner = self._open(data, msg)
+                if inner is not None:
+                    self._responder_got_auth(inner, now)
+        elif self.state in ("established", "deleting"):
+            inner = self._open(data, msg)
+            if inner is None:
+                return
+            if msg.exchange_type == ExchangeType.INFORMATIONAL:
+                self._got_informational(inner, now)
+            elif msg.exchange_type == ExchangeType.CREATE_CHILD_SA:
+                self._got_create_child(inner, now)
 
     def _respond_encrypted(self, request: Message, payloads: list[Payload]) -> None:
         reply = Message(
@@ -683,11 +926,552 @@ class IkeSa:
             payloads,
         )
         self._cached_mid = request.message_id
-        self._cached_response = [self._seal(reply)]
+        self._cached_response = self._protect(reply)
         self._expect_mid = request.message_id + 1
         self._out += self._cached_response
 
-    # ---------------------------------------------------------------- initiator
+    def _refuse(self, request: Message, notify: int, data: bytes = b"", spi: bytes = b"") -> None:
+        proto = ProtocolId.ESP if spi else 0
+        self._respond_encrypted(request, [Notify(proto, notify, spi, data)])
+
+    # ---------------------------------------------------------------- our requests
+
+    def _pump(self, now: float) -> None:
+        """Start the next queued exchange when the window is free."""
+        while (
+            self._inflight is None
+            and self.state == "established"
+            and not self._retired
+            and self._queue
+        ):
+            ready = next((r for r in self._queue if r.not_before <= now), None)
+            if ready is None:
+                return
+            self._queue.remove(ready)
+            self._start(ready, now)
+
+    def _start(self, req: Request, now: float) -> None:
+        assert self._neg is not None
+        exchange = ExchangeType.CREATE_CHILD_SA
+        payloads: list[Payload]
+        if req.kind in ("create", "rekey-child"):
+            old = self._children.get(req.child) if req.kind == "rekey-child" else None
+            if req.kind == "rekey-child":
+                if old is None or old.state != "installed":
+                    return  # deleted or rekeyed by the peer meanwhile
+                old.state = "rekeying"
+                req.ts_local, req.ts_remote = old.event.ts_local, old.event.ts_remote
+                req.transport = old.transport
+            payloads = self._child_request(req, old)
+        elif req.kind == "rekey-ike":
+            group = req.group or self._neg.choice.dh
+            req.ke = dh_group(group).generate()
+            req.ni = self.random(self.config.nonce_len)
+            req.new_spi = self._spi8()
+            payloads = [
+                SA(ike_proposals(self.config.ike_proposals, req.new_spi, group)),
+                Nonce(req.ni),
+                KE(group, req.ke.public_bytes),
+            ]
+        else:
+            exchange = ExchangeType.INFORMATIONAL
+            if req.kind == "delete-child":
+                if req.child not in self._children:
+                    return
+                payloads = [Delete(ProtocolId.ESP, 4, [req.child])]
+            elif req.kind == "delete-ike":
+                self.state = "deleting"
+                payloads = [Delete(ProtocolId.IKE, 0, [])]
+            else:
+                payloads = req.payloads
+        msg = Message(
+            self.spi_i, self.spi_r, exchange, self._flags(False), self._next_mid, payloads
+        )
+        self._next_mid += 1
+        self._inflight = req
+        self._send_request(self._protect(msg), now)
+
+    def _child_request(self, req: Request, old: ChildRecord | None) -> list[Payload]:
+        """CREATE_CHILD_SA request for a new Child SA or a rekey (§1.3.1, §1.3.3)."""
+        assert self._neg is not None
+        req.ni = self.random(self.config.nonce_len)
+        req.new_spi = self._spi4()
+        req.ke = None
+        groups: tuple[int, ...] = ()
+        if self.config.child_pfs:
+            group = req.group or self._neg.choice.dh
+            req.ke = dh_group(group).generate()
+            groups = (group,)
+        payloads: list[Payload] = []
+        if old is not None:
+            payloads.append(Notify(ProtocolId.ESP, NotifyType.REKEY_SA, old.spi_in))
+        if req.transport:
+            payloads.append(Notify.status(NotifyType.USE_TRANSPORT_MODE))
+        payloads += [SA(esp_proposals(self.config.esp_proposals, req.new_spi, groups))]
+        payloads.append(Nonce(req.ni))
+        if req.ke is not None:
+            payloads.append(KE(req.ke.group, req.ke.public_bytes))
+        payloads += [TSi(list(req.ts_local)), TSr(list(req.ts_remote))]
+        return payloads
+
+    def _got_response(self, msg: Message, now: float) -> None:
+        req = self._inflight
+        assert req is not None
+        want = (
+            ExchangeType.CREATE_CHILD_SA
+            if req.kind in ("create", "rekey-child", "rekey-ike")
+            else ExchangeType.INFORMATIONAL
+        )
+        if msg.exchange_type != want:
+            return
+        self._inflight = None
+        self._retransmit_at = None
+        if req.kind in ("create", "rekey-child"):
+            self._child_response(req, msg, now)
+        elif req.kind == "rekey-ike":
+            self._ike_rekey_response(req, msg, now)
+        elif req.kind == "delete-child":
+            child = self._children.get(req.child)
+            if child is not None:
+                self._remove_child(child, req.reason)
+        elif req.kind == "delete-ike":
+            self._closed("deleted by us")
+
+    def _retry_later(self, req: Request, now: float) -> bool:
+        """TEMPORARY_FAILURE (§2.25): requeue after a random delay, a few times."""
+        if req.temp_failures >= self.config.retry_tries:
+            return False
+        req.temp_failures += 1
+        lo, hi = self.config.retry_delay
+        req.not_before = now + lo + (hi - lo) * self._uniform()
+        self._queue.append(req)
+        return True
+
+    def _retry_group(self, req: Request, n: Notify) -> bool:
+        """INVALID_KE_PAYLOAD in CREATE_CHILD_SA: redo once with the group the peer wants."""
+        if req.ke_retried or len(n.data) != 2:
+            return False
+        group = int.from_bytes(n.data, "big")
+        if group not in SUPPORTED_DH_GROUPS:
+            return False
+        req.group, req.ke_retried = group, True
+        self._queue.appendleft(req)
+        return True
+
+    # ---------------------------------------------------------------- CREATE_CHILD_SA, ours
+
+    def _child_failed(
+        self, req: Request, old: ChildRecord | None, reason: str, notify: int | None
+    ) -> None:
+        if old is not None:
+            if old.collision is not None and old.collision.child is not None:
+                winner = old.collision.child  # our rekey failed: the peer's wins
+                old.collision = None
+                old.state = "rekeyed"
+                self._report(winner, old)
+                return
+            if old.state == "rekeying":
+                old.state = "installed"
+        self._events.append(
+            ChildSaFailed(reason, notify, req.request_id, old.spi_in if old else None)
+        )
+
+    def _child_response(self, req: Request, msg: Message, now: float) -> None:
+        old = self._children.get(req.child) if req.kind == "rekey-child" else None
+        errors = [p for p in msg.payloads if isinstance(p, Notify) and p.is_error]
+        if errors:
+            n = errors[0]
+            if n.notify_type == NotifyType.TEMPORARY_FAILURE:
+                if old is not None and old.state == "rekeying" and old.collision is None:
+                    old.state = "installed"
+                    req.not_before = now  # re-checked at send time
+                if (old is None or old.collision is None) and self._retry_later(req, now):
+                    return
+            elif n.notify_type == NotifyType.INVALID_KE_PAYLOAD and self._retry_group(req, n):
+                if old is not None and old.state == "rekeying":
+                    old.state = "installed"
+                return
+            elif n.notify_type == NotifyType.CHILD_SA_NOT_FOUND and old is not None:
+                # §2.25: forget it and create a fresh Child SA with the same selectors
+                self._remove_child(old, "the peer no longer has it")
+                self._queue.append(
+                    Request("create", None, req.ts_local, req.ts_remote, req.transport)
+                )
+                return
+            self._child_failed(
+                req, old, f"peer refused the Child SA: {notify_name(n.notify_type)}", n.notify_type
+            )
+            return
+        try:
+            child = self._accept_child(req, msg, now)
+        except IkeProtocolError as e:
+            self._child_failed(req, old, str(e), e.notify)
+            return
+        if child is None:
+            return
+        if req.kind == "create":
+            self._report(child)
+            return
+        if old is None or req.orphaned:
+            # the SA we rekeyed was deleted by the peer meanwhile: drop the new one (§2.25.1)
+            self._queue_delete(child, "replaced SA is gone", now)
+            return
+        col, old.collision = old.collision, None
+        if col is not None and col.child is not None:
+            theirs = col.child
+            if min(req.ni, req.nr, col.ni, col.nr) in (req.ni, req.nr):
+                # our exchange holds the lowest nonce: our new SA is redundant (§2.8.1)
+                self._report(child)
+                self._queue_delete(child, "redundant after a rekey collision", now)
+                self._report(theirs, old)
+                old.state = "rekeyed"  # the peer, who made the survivor, deletes it
+            else:
+                self._report(child, old)
+                self._report(theirs)
+                theirs.state = "redundant"  # the peer deletes it
+                self._queue_delete(old, "rekeyed", now)
+            return
+        self._report(child, old)
+        self._queue_delete(old, "rekeyed", now)
+
+    def _accept_child(self, req: Request, msg: Message, now: float) -> ChildRecord | None:
+        """Check a CREATE_CHILD_SA response and derive the new Child SA (initiator side)."""
+        sa, nonce, ke = msg.first(SA), msg.first(Nonce), msg.first(KE)
+        tsi, tsr = msg.first(TSi), msg.first(TSr)
+        if not (
+            isinstance(sa, SA)
+            and isinstance(nonce, Nonce)
+            and isinstance(tsi, TSi)
+            and isinstance(tsr, TSr)
+            and len(sa.proposals) == 1
+        ):
+            raise IkeProtocolError(
+                NotifyType.INVALID_SYNTAX, "CREATE_CHILD_SA response lacks SA/Nonce/TSi/TSr"
+            )
+        if not 16 <= len(nonce.data) <= 256:
+            raise IkeProtocolError(NotifyType.INVALID_SYNTAX, f"nonce of {len(nonce.data)} bytes")
+        prop = sa.proposals[0]
+        for ttype in (TransformType.ENCR, TransformType.INTEG, TransformType.DH, TransformType.ESN):
+            single(prop, ttype)
+        group = req.ke.group if req.ke is not None else None
+        picked = select_child_proposal(
+            [prop], self.config.esp_proposals, group, (group,) if group is not None else ()
+        )
+        if picked is None or (req.ke is not None and picked[1].dh is None):
+            raise IkeProtocolError(
+                NotifyType.NO_PROPOSAL_CHOSEN, "peer chose ESP transforms we did not offer"
+            )
+        shared: bytes | None = None
+        if req.ke is not None:
+            if not isinstance(ke, KE) or ke.group != req.ke.group:
+                raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "response lacks the PFS KE")
+            shared = req.ke.shared_secret(ke.data)
+        req.nr = nonce.data
+        transport = req.transport and _has_notify(msg, NotifyType.USE_TRANSPORT_MODE)
+        child = self._new_child(
+            picked[1],
+            req.new_spi,
+            tsi.selectors,
+            tsr.selectors,
+            transport,
+            (req.ni, nonce.data),
+            shared,
+            True,
+            now,
+            req.request_id,
+        )
+        why = self._initiator_ts_problem(tsi.selectors, tsr.selectors, req.ts_local, req.ts_remote)
+        if why:
+            self._queue_delete(child, why, now)  # the responder installed it: remove it
+            raise IkeProtocolError(NotifyType.TS_UNACCEPTABLE, why)
+        return child
+
+    def _initiator_ts_problem(
+        self,
+        tsi: list[TrafficSelector],
+        tsr: list[TrafficSelector],
+        ours_local: tuple[TrafficSelector, ...],
+        ours_remote: tuple[TrafficSelector, ...],
+    ) -> str:
+        if not covered(tsi, ours_local) or not covered(tsr, ours_remote):
+            return "peer widened the traffic selectors"
+        if self._confined() and not self.config.containment.initiator_accepts(tsr, self._peer_ip):
+            return f"confined peer {self._peer_ip} claimed selectors beyond its own address"
+        return ""
+
+    def _ike_rekey_response(self, req: Request, msg: Message, now: float) -> None:
+        errors = [p for p in msg.payloads if isinstance(p, Notify) and p.is_error]
+        theirs = self._ike_collision
+        try:
+            if errors:
+                n = errors[0]
+                if n.notify_type == NotifyType.TEMPORARY_FAILURE and self._retry_later(req, now):
+                    return
+                if n.notify_type == NotifyType.INVALID_KE_PAYLOAD and self._retry_group(req, n):
+                    return
+                raise IkeProtocolError(
+                    n.notify_type, f"peer refused the IKE rekey: {notify_name(n.notify_type)}"
+                )
+            sa, nonce, ke = msg.first(SA), msg.first(Nonce), msg.first(KE)
+            if not (
+                isinstance(sa, SA)
+                and isinstance(nonce, Nonce)
+                and isinstance(ke, KE)
+                and len(sa.proposals) == 1
+            ):
+                raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "IKE rekey response incomplete")
+            prop = sa.proposals[0]
+            assert req.ke is not None
+            choice = select_ike_proposal([prop], self.config.ike_proposals, req.ke.group)
+            if (
+                choice is None
+                or choice.dh != req.ke.group
+                or ke.group != req.ke.group
+                or len(prop.spi) != 8
+                or not 16 <= len(nonce.data) <= 256
+            ):
+                raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "bad IKE rekey response")
+            shared = req.ke.shared_secret(ke.data)
+        except IkeProtocolError:
+            if theirs is not None and theirs.link is not None:
+                self._ike_collision = None
+                assert isinstance(theirs.link, IkeSa)
+                self._switch_to(theirs.link, now)
+            return
+        ours = self._rekeyed_link(choice, shared, req.ni, nonce.data, (req.new_spi, prop.spi), True)
+        self._ike_collision = None
+        if theirs is not None and isinstance(theirs.link, IkeSa):
+            if min(req.ni, nonce.data, theirs.ni, theirs.nr) in (req.ni, nonce.data):
+                # ours is redundant (§2.8.2): we delete it; the peer deletes the old SA
+                self._switch_to(theirs.link, now)
+                self._aux.append(ours)
+                ours._retired = True
+                ours.state = "established"
+                ours._start(Request("delete-ike"), now)
+            else:
+                old = self._switch_to(ours, now)
+                old._start(Request("delete-ike"), now)
+                theirs.link._retire_at = now + self.config.retire_timeout
+                self._aux.append(theirs.link)  # the peer deletes its redundant SA
+        else:
+            old = self._switch_to(ours, now)
+            old._start(Request("delete-ike"), now)
+        self._collect_aux()
+
+    # ---------------------------------------------------------------- CREATE_CHILD_SA, peer's
+
+    def _got_create_child(self, msg: Message, now: float) -> None:
+        """Answer a peer's CREATE_CHILD_SA: new Child SA, Child rekey or IKE rekey."""
+        if self._retired or self.state == "deleting" or self._delete_requested:
+            self._refuse(msg, NotifyType.TEMPORARY_FAILURE)  # §2.25.2: SA being closed
+            return
+        sa = msg.first(SA)
+        if not isinstance(sa, SA):
+            self._refuse(msg, NotifyType.INVALID_SYNTAX)
+            return
+        rekey = next(
+            (
+                p
+                for p in msg.payloads
+                if isinstance(p, Notify) and p.notify_type == NotifyType.REKEY_SA
+            ),
+            None,
+        )
+        busy = self._inflight.kind if self._inflight is not None else ""
+        if rekey is None and any(p.protocol_id == ProtocolId.IKE for p in sa.proposals):
+            if busy and busy != "rekey-ike":
+                self._refuse(msg, NotifyType.TEMPORARY_FAILURE)  # finish ours first
+                return
+            self._respond_ike_rekey(msg, sa, now)
+            return
+        if busy == "rekey-ike" or self._ike_collision is not None:
+            self._refuse(msg, NotifyType.TEMPORARY_FAILURE)  # §2.25: we are rekeying the IKE SA
+            return
+        old: ChildRecord | None = None
+        if rekey is not None:
+            old = next((c for c in self._children.values() if c.spi_out == rekey.spi), None)
+            if old is None:
+                self._refuse(msg, NotifyType.CHILD_SA_NOT_FOUND, spi=rekey.spi)
+                return
+            if old.state not in ("installed", "rekeying"):
+                self._refuse(msg, NotifyType.TEMPORARY_FAILURE)  # §2.25.1: being closed
+                return
+        try:
+            child, payloads, nr = self._responder_new_child(msg, sa, now, old)
+        except IkeProtocolError as e:
+            self._refuse(msg, e.notify, e.data)
+            if old is None:
+                self._events.append(ChildSaFailed(f"refused the peer's Child SA: {e}", e.notify))
+            return
+        self._respond_encrypted(msg, payloads)
+        if old is None:
+            self._report(child)
+        elif old.state == "rekeying":  # simultaneous rekey (§2.8.1): decided when ours ends
+            nonce = msg.first(Nonce)
+            assert isinstance(nonce, Nonce)
+            old.collision = Collision(nonce.data, nr, child)
+        else:
+            old.state = "rekeyed"  # the peer deletes it
+            self._report(child, old)
+
+    def _responder_new_child(
+        self, msg: Message, sa: SA, now: float, old: ChildRecord | None
+    ) -> tuple[ChildRecord, list[Payload], bytes]:
+        nonce, ke, tsi, tsr = msg.first(Nonce), msg.first(KE), msg.first(TSi), msg.first(TSr)
+        if not (isinstance(nonce, Nonce) and isinstance(tsi, TSi) and isinstance(tsr, TSr)):
+            raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "request lacks Nonce/TSi/TSr")
+        if not 16 <= len(nonce.data) <= 256:
+            raise IkeProtocolError(NotifyType.INVALID_SYNTAX, f"nonce of {len(nonce.data)} bytes")
+        ke_group = ke.group if isinstance(ke, KE) else None
+        picked = select_child_proposal(sa.proposals, self.config.esp_proposals, ke_group)
+        if picked is None:
+            raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "no acceptable ESP proposal")
+        number, choice = picked
+        shared: bytes | None = None
+        reply_ke: list[Payload] = []
+        if choice.dh is not None:
+            if not isinstance(ke, KE) or ke.group != choice.dh:
+                raise IkeProtocolError(
+                    NotifyType.INVALID_KE_PAYLOAD,
+                    f"KE group {ke_group}, we want {choice.dh}",
+                    choice.dh.to_bytes(2, "big"),
+                )
+            mine = dh_group(choice.dh).generate()
+            shared = mine.shared_secret(ke.data)
+            reply_ke = [KE(choice.dh, mine.public_bytes)]
+        ts_remote, ts_local = self._responder_selectors(tsi.selectors, tsr.selectors, ())
+        transport = (
+            old.transport
+            if old is not None
+            else self.config.transport_mode and _has_notify(msg, NotifyType.USE_TRANSPORT_MODE)
+        )
+        nr = self.random(self.config.nonce_len)
+        our_spi = self._spi4()
+        child = self._new_child(
+            choice, our_spi, ts_local, ts_remote, transport, (nonce.data, nr), shared, False, now
+        )
+        payloads: list[Payload] = (
+            [Notify.status(NotifyType.USE_TRANSPORT_MODE)] if transport else []
+        )
+        payloads += [SA([choice.proposal(number, our_spi)]), Nonce(nr), *reply_ke]
+        payloads += [TSi(ts_remote), TSr(ts_local)]
+        return child, payloads, nr
+
+    def _responder_selectors(
+        self,
+        tsi: list[TrafficSelector],
+        tsr: list[TrafficSelector],
+        assigned: tuple[IpAddress, ...],
+    ) -> tuple[list[TrafficSelector], list[TrafficSelector]]:
+        """(peer side, our side) after policy, containment and CP; TS_UNACCEPTABLE if empty."""
+        if assigned:
+            peer_side = narrow(tsi, [host_selector(str(a)) for a in assigned])
+        elif self._confined():
+            peer_side = self.config.containment.responder_peer_side(tsi, self._peer_ip)
+            peer_side = narrow(peer_side, self.config.remote_ts)
+        else:
+            peer_side = narrow(tsi, self.config.remote_ts)
+        our_side = narrow(tsr, self.config.local_ts)
+        if not peer_side or not our_side:
+            raise IkeProtocolError(
+                NotifyType.TS_UNACCEPTABLE,
+                f"traffic selectors of {self._peer_ip} outside our policy"
+                + (" (confined to its own address)" if self._confined() else ""),
+            )
+        return peer_side, our_side
+
+    def _respond_ike_rekey(self, msg: Message, sa: SA, now: float) -> None:
+        nonce, ke = msg.first(Nonce), msg.first(KE)
+        try:
+            if not isinstance(nonce, Nonce) or not isinstance(ke, KE):
+                raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "IKE rekey lacks Nonce or KE")
+            if not 16 <= len(nonce.data) <= 256:
+                raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "bad nonce length")
+            picked = next(
+                (
+                    (p, c)
+                    for p in sa.proposals
+                    if len(p.spi) == 8
+                    and (c := select_ike_proposal([p], self.config.ike_proposals, ke.group))
+                ),
+                None,
+            )
+            if picked is None:
+                raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "no acceptable IKE proposal")
+            prop, choice = picked
+            if choice.dh != ke.group:
+                raise IkeProtocolError(
+                    NotifyType.INVALID_KE_PAYLOAD, "KE group", choice.dh.to_bytes(2, "big")
+                )
+            mine = dh_group(choice.dh).generate()
+            shared = mine.shared_secret(ke.data)
+        except IkeProtocolError as e:
+            self._refuse(msg, e.notify, e.data)
+            return
+        nr = self.random(self.config.nonce_len)
+        spi = self._spi8()
+        link = self._rekeyed_link(choice, shared, nonce.data, nr, (prop.spi, spi), False)
+        self._respond_encrypted(
+            msg, [SA([choice.proposal(spi)]), Nonce(nr), KE(choice.dh, mine.public_bytes)]
+        )
+        if self._inflight is not None and self._inflight.kind == "rekey-ike":
+            self._ike_collision = Collision(nonce.data, nr, link=link)  # decided when ours ends
+        else:
+            self._switch_to(link, now)  # the old SA waits for the peer's Delete
+
+    # ---------------------------------------------------------------- INFORMATIONAL
+
+    def _got_informational(self, request: Message, now: float) -> None:
+        """Answer a peer's INFORMATIONAL: liveness (empty), Delete (RFC 7296 §1.4.1),
+        or AUTHENTICATION_FAILED for our IKE_AUTH response (§2.21.2)."""
+        if _has_notify(request, NotifyType.AUTHENTICATION_FAILED):
+            self._respond_encrypted(request, [])
+            self._fail(
+                f"{self._peer_ip} rejected our authentication", NotifyType.AUTHENTICATION_FAILED
+            )
+            return
+        deletes = [p for p in request.payloads if isinstance(p, Delete)]
+        if any(d.protocol_id == ProtocolId.IKE for d in deletes):
+            self._respond_encrypted(request, [])
+            col = self._ike_collision
+            if col is not None and isinstance(col.link, IkeSa) and not self._retired:
+                # §2.25.2 with a collision: the peer won and deletes the old SA
+                self._ike_collision = None
+                old = self._switch_to(col.link, now)
+                old._closed("replaced")
+                self._collect_aux()
+                return
+            self._closed("deleted by the peer")
+            return
+        reply: list[Payload] = []
+        gone: list[bytes] = []
+        for d in deletes:
+            if d.protocol_id != ProtocolId.ESP:
+                continue
+            for peer_spi in d.spis:
+                c = next((c for c in self._children.values() if c.spi_out == peer_spi), None)
+                if c is None:
+                    continue
+                if c.state != "deleting":  # both deleting: answer without it (§1.4.1)
+                    gone.append(c.spi_in)
+                if (
+                    c.state == "rekeying"
+                    and self._inflight is not None
+                    and self._inflight.child == c.spi_in
+                ):
+                    self._inflight.orphaned = True
+                self._remove_child(c, "deleted by the peer")
+        if gone:
+            reply.append(Delete(ProtocolId.ESP, 4, gone))
+        self._respond_encrypted(request, reply)
+
+    def _closed(self, reason: str) -> None:
+        self.state = "closed"
+        self._retransmit_at = None
+        self._queue.clear()
+        self._events.append(IkeSaDeleted(self.spi_i, self.spi_r, reason))
+
+    # ------------------------------------------------------- IKE_SA_INIT / IKE_AUTH, initiator
 
     def _send_init_request(self, now: float) -> None:
         assert self._ke is not None
@@ -695,13 +1479,13 @@ class IkeSa:
         if self._cookie:
             payloads.append(Notify.status(NotifyType.COOKIE, self._cookie))
         payloads += [
-            SA(_ike_proposals(self.config.ike_proposals)),
+            SA(ike_proposals(self.config.ike_proposals)),
             KE(self._ke.group, self._ke.public_bytes),
             Nonce(self._ni),
         ]
-        payloads += self._nat_notifies(bytes(8)) + self._common_init_notifies()
+        payloads += self._nat_notifies(_BYTES_NONE) + self._common_init_notifies()
         msg = Message(
-            self.spi_i, bytes(8), ExchangeType.IKE_SA_INIT, self._flags(False), 0, payloads
+            self.spi_i, _BYTES_NONE, ExchangeType.IKE_SA_INIT, self._flags(False), 0, payloads
         )
         self._init_request = msg.encode()
         self._next_mid = 1
@@ -749,7 +1533,7 @@ class IkeSa:
                 TransformType.INTEG,
                 TransformType.DH,
             ):
-                _single(prop, ttype)
+                single(prop, ttype)
             assert self._ke is not None
             choice = select_ike_proposal([prop], self.config.ike_proposals, self._ke.group)
             if choice is None or choice.dh != self._ke.group or ke.group != self._ke.group:
@@ -760,7 +1544,7 @@ class IkeSa:
                 raise IkeProtocolError(
                     NotifyType.INVALID_SYNTAX, f"nonce of {len(nonce.data)} bytes"
                 )
-            if msg.spi_r == bytes(8):
+            if msg.spi_r == _BYTES_NONE:
                 raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "responder SPI is zero")
             shared = self._ke.shared_secret(ke.data)
         except IkeProtocolError as e:
@@ -789,10 +1573,14 @@ class IkeSa:
         ident = self._id_payload(True)
         self._child_spi = self._spi4()
         payloads: list[Payload] = [ident, self._make_auth(ident)]
+        if c.initial_contact:
+            payloads.append(Notify.status(NotifyType.INITIAL_CONTACT))
+        if c.request_internal_address:
+            payloads.append(cp_request())
         if c.transport_mode:
             payloads.append(Notify.status(NotifyType.USE_TRANSPORT_MODE))
         payloads += [
-            SA(_esp_proposals(c.esp_proposals, self._child_spi)),
+            SA(esp_proposals(c.esp_proposals, self._child_spi)),
             TSi(list(c.local_ts)),
             TSr(list(c.remote_ts)),
         ]
@@ -801,13 +1589,9 @@ class IkeSa:
         )
         self._next_mid = 2
         self.state = "auth-sent"
-        self._send_request([self._seal(msg)], now)
+        self._send_request(self._protect(msg), now)
 
-    def _spi4(self) -> bytes:
-        spi = self.random(4)
-        return spi if int.from_bytes(spi, "big") > 255 else b"\x00\x00\x01\x00"
-
-    def _initiator_got_auth(self, msg: Message) -> None:
+    def _initiator_got_auth(self, msg: Message, now: float) -> None:
         self._retransmit_at = None
         errors = [p for p in msg.payloads if isinstance(p, Notify) and p.is_error]
         ident, auth = msg.first(IDr), msg.first(AUTH)
@@ -818,13 +1602,28 @@ class IkeSa:
         try:
             self._verify_auth(auth, ident)
         except IkeProtocolError as e:
+            # §2.21.2: tell the responder, which believes the IKE SA is up, then give up
+            note = Message(
+                self.spi_i,
+                self.spi_r,
+                ExchangeType.INFORMATIONAL,
+                self._flags(False),
+                self._next_mid,
+                [Notify.status(NotifyType.AUTHENTICATION_FAILED)],
+            )
+            self._next_mid += 1
+            self._out += self._protect(note)
             self._fail(f"responder authentication failed: {e}", e.notify)
             return
-        self.state = "established"
+        self._established(now)
         self._events.append(self._ike_event(ident, auth.method, self._local_auth_method))
-        self._finish_child_initiator(msg, errors)
+        if _has_notify(msg, NotifyType.INITIAL_CONTACT):
+            self._events.append(
+                InitialContact((ident.id_type, ident.data), self._peer_ip, self.spi_i, self.spi_r)
+            )
+        self._finish_child_initiator(msg, errors, now)
 
-    def _finish_child_initiator(self, msg: Message, errors: list[Notify]) -> None:
+    def _finish_child_initiator(self, msg: Message, errors: list[Notify], now: float) -> None:
         if errors:
             self._events.append(ChildSaFailed("peer refused the Child SA", errors[0].notify_type))
             return
@@ -847,22 +1646,31 @@ class IkeSa:
                 )
             )
             return
-        if not covered(tsi.selectors, self.config.local_ts) or not covered(
-            tsr.selectors, self.config.remote_ts
-        ):
-            self._events.append(
-                ChildSaFailed("peer widened the traffic selectors", NotifyType.TS_UNACCEPTABLE)
-            )
+        transport = self.config.transport_mode and _has_notify(msg, NotifyType.USE_TRANSPORT_MODE)
+        cp = msg.first(CP)
+        child = self._new_child(
+            picked[1],
+            self._child_spi,
+            tsi.selectors,
+            tsr.selectors,
+            transport,
+            (self._ni, self._nr),
+            None,
+            True,
+            now,
+            None,
+            cp_reply_addresses(cp if isinstance(cp, CP) else None),
+        )
+        why = self._initiator_ts_problem(
+            tsi.selectors, tsr.selectors, self.config.local_ts, self.config.remote_ts
+        )
+        if why:
+            self._queue_delete(child, why, now)
+            self._events.append(ChildSaFailed(why, NotifyType.TS_UNACCEPTABLE))
             return
-        transport = self.config.transport_mode and any(
-            isinstance(p, Notify) and p.notify_type == NotifyType.USE_TRANSPORT_MODE
-            for p in msg.payloads
-        )
-        self._events.append(
-            self._child_event(picked[1], self._child_spi, tsi.selectors, tsr.selectors, transport)
-        )
+        self._report(child)
 
-    # ---------------------------------------------------------------- responder
+    # ------------------------------------------------------- IKE_SA_INIT / IKE_AUTH, responder
 
     def _responder_got_init(self, msg: Message, raw: bytes, remote: Address) -> None:
         sa, ke, nonce = msg.first(SA), msg.first(KE), msg.first(Nonce)
@@ -889,7 +1697,7 @@ class IkeSa:
         except IkeProtocolError as e:
             reply = Message(
                 msg.spi_i,
-                bytes(8),
+                _BYTES_NONE,
                 ExchangeType.IKE_SA_INIT,
                 HeaderFlag.RESPONSE,
                 0,
@@ -900,6 +1708,7 @@ class IkeSa:
             return
         self.spi_i = msg.spi_i
         self.spi_r = self._spi8()
+        self._peer_ip = remote[0]
         self._ni = nonce.data
         self._nr = self.random(self.config.nonce_len)
         self._init_request = raw
@@ -921,7 +1730,7 @@ class IkeSa:
         self.state = "init-done"
         self._out.append(self._init_response)
 
-    def _responder_got_auth(self, msg: Message) -> None:
+    def _responder_got_auth(self, msg: Message, now: float) -> None:
         ident, auth = msg.first(IDi), msg.first(AUTH)
         try:
             if not isinstance(ident, IDi) or not isinstance(auth, AUTH):
@@ -935,14 +1744,22 @@ class IkeSa:
             return
         my_id = self._id_payload(False)
         reply: list[Payload] = [my_id, self._make_auth(my_id)]
-        self.state = "established"
+        self._established(now)
         self._events.append(self._ike_event(ident, auth.method, self._local_auth_method))
-        child, extra = self._responder_child(msg)
+        if _has_notify(msg, NotifyType.INITIAL_CONTACT):
+            self._events.append(
+                InitialContact((ident.id_type, ident.data), self._peer_ip, self.spi_i, self.spi_r)
+            )
+        child, extra = self._responder_child(msg, now)
         self._respond_encrypted(msg, reply + extra)
-        if isinstance(child, ChildSaEstablished | ChildSaFailed):
+        if isinstance(child, ChildRecord):
+            self._report(child)
+        elif isinstance(child, ChildSaFailed):
             self._events.append(child)
 
-    def _responder_child(self, msg: Message) -> tuple[Event | None, list[Payload]]:
+    def _responder_child(
+        self, msg: Message, now: float
+    ) -> tuple[ChildRecord | ChildSaFailed | None, list[Payload]]:
         sa, tsi, tsr = msg.first(SA), msg.first(TSi), msg.first(TSr)
         if not isinstance(sa, SA) or not isinstance(tsi, TSi) or not isinstance(tsr, TSr):
             return None, []  # childless IKE SA (RFC 6023)
@@ -951,69 +1768,51 @@ class IkeSa:
             return ChildSaFailed("no acceptable ESP proposal", NotifyType.NO_PROPOSAL_CHOSEN), [
                 Notify.status(NotifyType.NO_PROPOSAL_CHOSEN)
             ]
-        # Initiator's TSi is our remote side; TSr our local side.
-        ts_remote = narrow(tsi.selectors, self.config.remote_ts)
-        ts_local = narrow(tsr.selectors, self.config.local_ts)
-        if not ts_remote or not ts_local:
-            return ChildSaFailed(
-                "traffic selectors outside our policy", NotifyType.TS_UNACCEPTABLE
-            ), [Notify.status(NotifyType.TS_UNACCEPTABLE)]
+        extra: list[Payload] = []
+        assigned: tuple[IpAddress, ...] = ()
+        cp = msg.first(CP)
+        if isinstance(cp, CP) and cp.cfg_type == 1:  # CFG_REQUEST
+            reply_cp, assigned = cp_reply(cp, self.config.internal_addresses)
+            extra.append(reply_cp)
+        try:
+            ts_remote, ts_local = self._responder_selectors(tsi.selectors, tsr.selectors, assigned)
+        except IkeProtocolError as e:
+            return ChildSaFailed(str(e), e.notify), [Notify.status(e.notify)]
         number, choice = picked
         our_spi = self._spi4()
-        transport = self.config.transport_mode and any(
-            isinstance(p, Notify) and p.notify_type == NotifyType.USE_TRANSPORT_MODE
-            for p in msg.payloads
-        )
-        extra: list[Payload] = [Notify.status(NotifyType.USE_TRANSPORT_MODE)] if transport else []
+        transport = self.config.transport_mode and _has_notify(msg, NotifyType.USE_TRANSPORT_MODE)
+        if transport:
+            extra.append(Notify.status(NotifyType.USE_TRANSPORT_MODE))
         extra += [SA([choice.proposal(number, our_spi)]), TSi(ts_remote), TSr(ts_local)]
-        return self._child_event(choice, our_spi, ts_local, ts_remote, transport), extra
-
-    # ---------------------------------------------------------------- liveness
-
-    def _informational_request(self, payloads: list[Payload], now: float) -> None:
-        if self._retransmit_at is not None:
-            raise IkeError("a request is still outstanding (window size 1)")
-        msg = Message(
-            self.spi_i,
-            self.spi_r,
-            ExchangeType.INFORMATIONAL,
-            self._flags(False),
-            self._next_mid,
-            payloads,
+        child = self._new_child(
+            choice,
+            our_spi,
+            ts_local,
+            ts_remote,
+            transport,
+            (self._ni, self._nr),
+            None,
+            False,
+            now,
+            None,
+            assigned,
         )
-        self._next_mid += 1
-        self._send_request([self._seal(msg)], now)
+        return child, extra
 
-    def send_liveness_check(self, now: float) -> None:
-        """Empty INFORMATIONAL request (RFC 7296 §1.4); no answer after the retries fails the SA."""
-        if self.state != "established":
-            raise IkeError("liveness checks need an established IKE SA")
-        self._informational_request([], now)
 
-    def delete_child(self, spi_in: bytes, now: float) -> None:
-        """Delete one Child SA by our inbound SPI; ChildSaDeleted follows the peer's answer."""
-        peer = next((p for p, o in self._children.items() if o == spi_in), None)
-        if self.state != "established" or peer is None:
-            raise IkeError(f"no Child SA with inbound SPI {spi_in.hex()}")
-        self._informational_request([Delete(ProtocolId.ESP, 4, [spi_in])], now)
-        del self._children[peer]
-        self._deleting_child = (spi_in, peer)
-
-    def delete(self, now: float) -> None:
-        """Delete the IKE SA and its Child SAs (RFC 7296 §1.4.1); IkeSaDeleted follows."""
-        if self.state != "established":
-            raise IkeError("only an established IKE SA can be deleted")
-        self._informational_request([Delete(ProtocolId.IKE, 0, [])], now)
-        self.state = "deleting"
+def _has_notify(msg: Message, notify_type: int) -> bool:
+    return any(isinstance(p, Notify) and p.notify_type == notify_type for p in msg.payloads)
 
 
 __all__ = [
     "DEFAULT_ESP_PROPOSALS",
     "DEFAULT_IKE_PROPOSALS",
+    "ChildSaInfo",
     "EspProposalSpec",
     "IkeProposalSpec",
     "IkeSa",
     "IkeSaConfig",
+    "NegotiatedKeys",
     "PayloadType",
     "esp_key_lengths",
     "nat_hash",

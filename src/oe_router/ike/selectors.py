@@ -6,7 +6,9 @@ with it, and the OE policy uses it to confine a peer to its own address.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .payloads import TrafficSelector
 
@@ -56,3 +58,63 @@ def covered(inner: Iterable[TrafficSelector], outer: Iterable[TrafficSelector]) 
     """True when each of ``inner`` lies within some selector of ``outer``."""
     outer = list(outer)
     return all(any(contains(o, i) for o in outer) for i in inner)
+
+
+def host_selector(address: str) -> TrafficSelector:
+    """The selector matching exactly one address, any protocol and port."""
+    a = ipaddress.ip_address(address)
+    return TrafficSelector.from_range(a, a)
+
+
+def only_address(selectors: Iterable[TrafficSelector], address: str) -> bool:
+    """True when every selector covers exactly ``address`` (ports/protocol may be narrower)."""
+    raw = ipaddress.ip_address(address).packed
+    sel = list(selectors)
+    return bool(sel) and all(s.start_address == raw == s.end_address for s in sel)
+
+
+@dataclass(frozen=True)
+class ContainmentPolicy:
+    """Which peers may only protect their own address (DESIGN: "a peer may only
+    protect its own address").
+
+    A peer authenticated by NULL auth proved nothing about who it is; a key
+    from DNS (IPSECKEY) is bound to the address it was looked up for. Either
+    may claim only selectors for that address, or it could steer other
+    hosts' traffic into its tunnel.
+
+    - ``confine_null`` / ``confine_address_keys``: which peers are confined;
+    - ``narrow``: as responder, narrow a wider TSi that contains the peer's
+      address down to it (True) or refuse anything but exactly it (False);
+      a TSi without the peer's address is refused with TS_UNACCEPTABLE;
+    - ``check_responder``: as initiator, refuse a confined responder's TSr
+      unless it is exactly the responder's address.
+    """
+
+    confine_null: bool = True
+    confine_address_keys: bool = True
+    narrow: bool = True
+    check_responder: bool = True
+
+    def confines(self, null_auth: bool, address_bound_key: bool) -> bool:
+        return (null_auth and self.confine_null) or (
+            address_bound_key and self.confine_address_keys
+        )
+
+    def responder_peer_side(
+        self, proposed: Iterable[TrafficSelector], peer_address: str
+    ) -> list[TrafficSelector]:
+        """The confined peer's own-side selectors we accept; empty means TS_UNACCEPTABLE."""
+        proposed = list(proposed)
+        if only_address(proposed, peer_address):
+            return proposed
+        if not self.narrow:
+            return []
+        return narrow(proposed, [host_selector(peer_address)])
+
+    def initiator_accepts(self, ts_peer: Iterable[TrafficSelector], peer_address: str) -> bool:
+        """As initiator: may a confined responder have these selectors on its side?"""
+        return not self.check_responder or only_address(ts_peer, peer_address)
+
+
+NO_CONTAINMENT = ContainmentPolicy(False, False, True, False)
