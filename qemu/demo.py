@@ -175,7 +175,7 @@ def main() -> int:
     images = build.build_all(log=lambda m: print(f"[build] {m}", flush=True))
     missing: list[str] = []
     try:
-        with Lab(images, log=lambda m: print(f"[lab] {m}", flush=True)) as lab:
+        with Lab(images, log=lambda m: print(f"[lab] {m}", flush=True), keep_run_dir=True) as lab:
             missing += lab.missing
             missing += [
                 f"world host {ns} failed to start: {t}" for ns, t in lab.failed_hosts.items()

@@ -547,10 +547,13 @@ class Lab:
         plan: Plan = PLAN,
         log: Log = print,
         bundle: bool = True,
+        keep_run_dir: bool | None = None,
     ) -> None:
         self.images = images
         self.plan = plan
         self.log = log
+        # A run dir we made ourselves is removed on close unless asked to keep it.
+        self.keep_run_dir = run_dir is not None if keep_run_dir is None else keep_run_dir
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="oe-lab-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.crypto = crypto
@@ -732,6 +735,8 @@ class Lab:
             t.start()
         for t in threads:
             t.join()
+        if not self.keep_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         atexit.unregister(self.close)
 
     def __enter__(self) -> Lab:
