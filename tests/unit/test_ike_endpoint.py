@@ -240,3 +240,16 @@ async def test_address_in_use_is_one_clear_error() -> None:
             await ep.start()
     finally:
         blocker.close()
+
+
+@run_async
+async def test_cookie_demanded_above_threshold_and_honoured() -> None:
+    ini, res, ri, _, seen = await pair(cookie_threshold=0, half_open_limit=5)
+    try:
+        h = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
+        await ri.wait_for(ChildSaEstablished)
+        assert h.sa.state == "established"
+        assert res.counters.cookies_sent == 1 and len(seen) == 1
+    finally:
+        await ini.stop()
+        await res.stop()

@@ -188,3 +188,25 @@ def test_bad_key_files_are_one_clear_error() -> None:
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     assert load_public_key(pub, "p.pem") is not None
+
+
+@run_async
+async def test_second_child_rides_the_same_ike_sa() -> None:
+    """After its only Child SA is deleted, ``up`` asks for a new one with CREATE_CHILD_SA
+    on the IKE SA it has, instead of opening a second IKE SA."""
+    async with two() as (a, b):
+        p = await a.up(LO)
+        (first,) = list(p.children)
+        assert a.endpoint is not None
+        p.handle.sa.delete_child(first, a._clock())
+        a.endpoint.flush(p.handle)
+        await settle()
+        assert p.children == {}
+        again = await a.up(LO)
+        assert again is p and len(a.sas) == 1 and len(b.sas) == 1
+        (second,) = list(p.children)
+        assert second != first
+        assert isinstance(b.sink, RecordingSink)
+        assert [c.spi_out for _, c in b.sink.established] == [first, second]
+        (row,) = a.rows()
+        assert row.children[0].rekey_in_s is not None and row.rekey_in_s is not None

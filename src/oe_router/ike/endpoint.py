@@ -15,9 +15,11 @@ and does what RFC 7296 §2.23 / RFC 3948 leave to the transport:
   bypass policies, so OE trap policies never capture IKE itself. Where the
   kernel has no XFRM (a container, a test box) this is logged once and IKE runs.
 
-A responder may hold at most ``half_open_limit`` IKE SAs that have not finished
-IKE_AUTH; above that, new IKE_SA_INIT requests are answered by the cookie
-precheck the SA core offers (``sa.cookie_precheck``) or dropped when it has none.
+A responder holding ``cookie_threshold`` IKE SAs that have not finished IKE_AUTH
+demands COOKIEs (RFC 7296 §2.6) and at ``half_open_limit`` drops new IKE_SA_INIT
+requests; both decisions are the stateless ``cookies.responder_precheck``.
+IKE SAs are found by their SPI pair (``IkeSa.spis()``, which follows IKE SA
+rekeys); a response to our IKE_SA_INIT by our initiator SPI.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ from oe_router.datapath.base import DatapathError
 from oe_router.datapath.kernel import bypass_socket, enable_esp_in_udp
 from oe_router.datapath.netns import in_netns
 
-from . import sa as sa_module
 from .constants import ExchangeType, HeaderFlag
+from .cookies import CookieJar, ResponderLimits, responder_precheck
 from .errors import IkeDecodeError, IkeError
-from .events import Event, IkeSaDeleted, IkeSaEstablished, IkeSaFailed
+from .events import Event, IkeSaDeleted, IkeSaEstablished, IkeSaFailed, IkeSaRekeyed
 from .payloads import IkeHeader
 from .sa import IkeSa, IkeSaConfig
 from .wire import Reader
@@ -94,15 +96,8 @@ class SaHandle:
     established_at: float | None = None
     keepalive_at: float | None = None
     half_open: bool = False
+    original_initiator: bool = True  #: we sent the first IKE_SA_INIT (roles flip on rekeys)
     owner: Any = None  #: free for the IKE manager's bookkeeping
-
-    @property
-    def is_initiator(self) -> bool:
-        return self.sa.is_initiator
-
-    @property
-    def local_spi(self) -> bytes:
-        return self.sa.spi_i if self.sa.is_initiator else self.sa.spi_r
 
 
 @dataclass
@@ -156,6 +151,7 @@ class IkeEndpoint:
         ike_port: int = 500,
         natt_port: int = 4500,
         half_open_limit: int = 64,
+        cookie_threshold: int = 10,
         half_open_timeout: float = 30.0,
         keepalive_interval: float = 20.0,
         netns: str | None = None,
@@ -170,7 +166,7 @@ class IkeEndpoint:
         self._clock = clock
         self.ike_port = ike_port
         self.natt_port = natt_port
-        self.half_open_limit = half_open_limit
+        self.limits = ResponderLimits(min(cookie_threshold, half_open_limit), half_open_limit)
         self.half_open_timeout = half_open_timeout
         self.keepalive_interval = keepalive_interval
         self._netns = netns
@@ -179,13 +175,14 @@ class IkeEndpoint:
         self.counters = EndpointCounters()
         self.xfrm_note = "not started"
         self._socks: dict[str, _Sockets] = {}
-        self._by_spi: dict[bytes, SaHandle] = {}  # our SPI -> SA
+        self._by_pair: dict[tuple[bytes, bytes], SaHandle] = {}  # (SPIi, SPIr) -> SA
+        self._by_ispi: dict[bytes, SaHandle] = {}  # SPIi of IKE SAs we initiated
         self._half_open: dict[tuple[bytes, Address], SaHandle] = {}  # (SPIi, peer) -> SA
         self._handles: list[SaHandle] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._secret: bytes | None = None
+        self._cookies: CookieJar | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def _make_socket(self, ip: str, port: int, natt: bool) -> socket.socket:
@@ -285,13 +282,17 @@ class IkeEndpoint:
         sa = IkeSa.initiator(config, now, self._random)
         h = SaHandle(sa, (ip, self.ike_port), config.remote_address, remote_natt_port, now)
         self._handles.append(h)
-        self._by_spi[sa.spi_i] = h
+        self._by_ispi[sa.spi_i] = h
         self._after(h)
         return h
 
     def flush(self, handle: SaHandle) -> None:
         """Send what ``handle.sa`` queued and deliver its events (after calling its methods)."""
         self._after(handle)
+
+    def forget(self, handle: SaHandle) -> None:
+        """Drop an IKE SA without telling the peer (it lost its state: INITIAL_CONTACT)."""
+        self._forget(handle)
 
     def delete(self, handle: SaHandle) -> None:
         """Delete an IKE SA with its peer; a half-open or failed one is just forgotten."""
@@ -327,25 +328,23 @@ class IkeEndpoint:
         from_initiator = bool(hdr.flags & HeaderFlag.INITIATOR)
         is_response = bool(hdr.flags & HeaderFlag.RESPONSE)
         now = self._clock()
-        if from_initiator:  # we are the responder: our SPI is SPIr
-            h = self._by_spi.get(hdr.spi_r) if hdr.spi_r != bytes(8) else None
-            if h is None and hdr.exchange_type == ExchangeType.IKE_SA_INIT and not is_response:
+        h = self._by_pair.get((hdr.spi_i, hdr.spi_r))
+        if h is None and hdr.exchange_type == ExchangeType.IKE_SA_INIT:
+            if not from_initiator and is_response:  # answer to our IKE_SA_INIT
+                h = self._by_ispi.get(hdr.spi_i)
+            elif from_initiator and not is_response and hdr.spi_r == bytes(8):
                 h = self._half_open.get((hdr.spi_i, remote))
                 if h is None:
                     h = self._new_responder(local_ip, natt, data, remote, now)
                     if h is None:
                         return
-        else:
-            h = self._by_spi.get(hdr.spi_i)
-            if h is not None and not h.sa.is_initiator:
-                h = None
         if h is None:
             c.unknown_spi += 1
             return
         if natt and not h.natt:
             self.counters.floated += 1
             h.natt = True  # the peer floated (RFC 7296 §2.23): follow it
-        if not h.sa.is_initiator:
+        if not h.original_initiator and not is_response:
             h.remote = remote  # a NATed initiator's mapping may change: follow its requests
         h.sa.receive_datagram(data, now, remote)
         self._after(h, reply_to=None if is_response else remote)
@@ -356,36 +355,34 @@ class IkeEndpoint:
         if self._policy is None:
             self.counters.refused += 1
             return None
-        if len(self._half_open) >= self.half_open_limit:
-            precheck = getattr(sa_module, "cookie_precheck", None)
-            if precheck is None:
-                self.counters.half_open_dropped += 1
-                log.warning(
-                    "IKE: %d half-open SAs; dropping IKE_SA_INIT from %s",
-                    len(self._half_open),
-                    remote[0],
-                )
-                return None
-            reply = precheck(data, remote, self._cookie_secret())
-            if reply is not None:  # a COOKIE demand, or None when the cookie is valid
-                self.counters.cookies_sent += 1
-                self._send(local_ip, natt, reply, remote)
-                return None
+        check = responder_precheck(
+            data, remote[0], len(self._half_open), now, self._jar(), self.limits
+        )
+        if check.action == "reply" and check.reply is not None:
+            self.counters.cookies_sent += 1
+            self._send(local_ip, natt, check.reply, remote)
+            return None
+        if check.action != "new":
+            self.counters.half_open_dropped += 1
+            log.debug("IKE: IKE_SA_INIT from %s dropped: %s", remote[0], check.reason)
+            return None
         local = (local_ip, self.natt_port if natt else self.ike_port)
         config = self._policy(local, remote)
         if config is None:
             self.counters.refused += 1
             return None
         sa = IkeSa.responder(config, self._random)
-        h = SaHandle(sa, local, remote, remote[1], now, natt=natt, half_open=True)
+        h = SaHandle(
+            sa, local, remote, remote[1], now, natt=natt, half_open=True, original_initiator=False
+        )
         self._handles.append(h)
         self._half_open[(data[:8], remote)] = h
         return h
 
-    def _cookie_secret(self) -> bytes:
-        if self._secret is None:
-            self._secret = self._random(32)
-        return self._secret
+    def _jar(self) -> CookieJar:
+        if self._cookies is None:
+            self._cookies = CookieJar(self._random(32))
+        return self._cookies
 
     # ------------------------------------------------------------------ send, events
     def _send(
@@ -411,20 +408,29 @@ class IkeEndpoint:
             log.info("IKE SA with %s: NAT detected, floating to port 4500", h.remote[0])
         for d in sa.datagrams_to_send():
             self._send(h.local[0], h.natt, d, reply_to or h.remote)
-        if not sa.is_initiator and sa.spi_r != bytes(8) and sa.state not in ("failed", "closed"):
-            self._by_spi[sa.spi_r] = h
-        elif sa.is_initiator:
-            self._by_spi[sa.spi_i] = h
+        self._index(h)
         while (ev := sa.next_event()) is not None:
             if isinstance(ev, IkeSaEstablished):
                 h.established_at = self._clock()
                 self._close_half_open(h)
                 if ev.nat_local:
                     h.keepalive_at = h.established_at + self.keepalive_interval
+            if isinstance(ev, IkeSaRekeyed):
+                self._index(h)
             self._on_event(h, ev)
             if isinstance(ev, IkeSaFailed | IkeSaDeleted):
                 self._forget(h)
         self._arm()
+
+    def _index(self, h: SaHandle) -> None:
+        """Point every SPI pair the SA answers for at ``h``; drop pairs it no longer has."""
+        if h.sa.state in ("failed", "closed"):
+            return
+        pairs = {p for p in h.sa.spis() if p[1] != bytes(8)}
+        for k in [k for k, v in self._by_pair.items() if v is h and k not in pairs]:
+            del self._by_pair[k]
+        for p in pairs:
+            self._by_pair[p] = h
 
     def _close_half_open(self, h: SaHandle) -> None:
         if h.half_open:
@@ -435,9 +441,10 @@ class IkeEndpoint:
 
     def _forget(self, h: SaHandle) -> None:
         self._close_half_open(h)
-        for spi in (h.sa.spi_i, h.sa.spi_r):
-            if self._by_spi.get(spi) is h:
-                del self._by_spi[spi]
+        for k in [k for k, v in self._by_pair.items() if v is h]:
+            del self._by_pair[k]
+        for spi in [k for k, v in self._by_ispi.items() if v is h]:
+            del self._by_ispi[spi]
         if h in self._handles:
             self._handles.remove(h)
 

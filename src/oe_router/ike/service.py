@@ -36,6 +36,7 @@ from oe_router.control.status import ChildSaStatus, StatusContribution, TunnelSt
 from oe_router.datapath import base as dp
 
 from .auth import PrivateKey, PublicKey
+from .child import ChildSaInfo
 from .constants import AuthMethod, DhId, EncrId, IdType, IntegId, PrfId
 from .endpoint import Address, IkeEndpoint, SaHandle
 from .errors import IkeError
@@ -47,6 +48,8 @@ from .events import (
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
+    IkeSaRekeyed,
+    InitialContact,
 )
 from .payloads import TrafficSelector
 from .sa import DEFAULT_IKE_PROPOSALS, IkeProposalSpec, IkeSaConfig
@@ -208,6 +211,10 @@ def _ts_text(ts: Iterable[TrafficSelector]) -> str:
     return " ".join(out)
 
 
+def _until(info: ChildSaInfo | None, now: float) -> float | None:
+    return None if info is None or info.rekey_at is None else round(info.rekey_at - now, 3)
+
+
 def host_selector(address: str) -> TrafficSelector:
     ip = ipaddress.ip_address(address)
     return TrafficSelector.from_range(ip, ip)
@@ -278,6 +285,7 @@ class PeerSa:
     children: dict[bytes, _Child] = field(default_factory=dict)  # by our inbound SPI
     error: str | None = None
     done: asyncio.Future[None] | None = None
+    pending: dict[int, asyncio.Future[str | None]] = field(default_factory=dict)  # create_child
 
     @property
     def state(self) -> str:
@@ -429,6 +437,10 @@ class IkeService:
         transport: bool,
     ) -> IkeSaConfig:
         ike = self.config.ike
+        # UCI gives the rekey margin in seconds and the jitter in percent of it; the
+        # core wants fractions of the lifetime (the same for IKE and Child SAs).
+        margin = min(0.4, ike.rekey_margin / max(ike.child_lifetime, 1.0))
+        jitter = min(0.4, margin * ike.rekey_jitter / 100)
         return IkeSaConfig(
             local,
             remote,
@@ -441,6 +453,12 @@ class IkeService:
             transport_mode=transport,
             retransmit_timeout=ike.retransmit_timeout,
             retransmit_tries=ike.retransmit_tries,
+            ike_lifetime=ike.ike_lifetime,
+            child_lifetime=ike.child_lifetime,
+            rekey_margin=margin,
+            rekey_jitter=jitter,
+            fragment_size=ike.fragment_size if ike.fragment_size else 65535,
+            initial_contact=self.find(remote[0]) is None,
         )
 
     def _responder_config(self, local: Address, remote: Address) -> IkeSaConfig | None:
@@ -496,7 +514,9 @@ class IkeService:
         else:
             peer_key = self.peer_keys.get(addr)
         p = self.find(addr)
-        if p is None or (p.state == "established" and not p.children):
+        if p is not None and p.state == "established" and not p.children:
+            return await self._more_children(p, peer, transport)
+        if p is None:
             local = self._local_for(addr)
             cfg = self._sa_config(
                 (local, ep.ike_port), (addr, self.remote_ike_port), auth, peer_key, transport
@@ -516,6 +536,28 @@ class IkeService:
             raise IkeUpError(f"peer {peer}: no IKE SA after {self.up_timeout:.0f}s") from None
         if p.error is not None:
             raise IkeUpError(f"peer {peer}: {p.error}")
+        return p
+
+    async def _more_children(self, p: PeerSa, peer: str, transport: bool) -> PeerSa:
+        """A Child SA on the IKE SA we already have (CREATE_CHILD_SA), not a new IKE SA."""
+        ep = self._ep()
+        cfg = p.handle.sa.config
+        try:
+            rid = p.handle.sa.create_child(cfg.local_ts, cfg.remote_ts, transport, self._clock())
+        except IkeError as exc:
+            raise IkeUpError(f"peer {peer}: {exc}") from None
+        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        p.pending[rid] = fut
+        ep.flush(p.handle)
+        try:
+            async with asyncio.timeout(self.up_timeout):
+                error = await asyncio.shield(fut)
+        except TimeoutError:
+            raise IkeUpError(f"peer {peer}: no Child SA after {self.up_timeout:.0f}s") from None
+        finally:
+            p.pending.pop(rid, None)
+        if error is not None:
+            raise IkeUpError(f"peer {peer}: {error}")
         return p
 
     async def down(self, peer: str, timeout: float = 3.0) -> int:
@@ -550,9 +592,12 @@ class IkeService:
         self.sas.append(p)
         return p
 
-    def _settle(self, p: PeerSa) -> None:
+    def _settle(self, p: PeerSa, request_id: int | None = None, error: str | None = None) -> None:
         if p.done is not None and not p.done.done():
             p.done.set_result(None)
+        for rid, fut in list(p.pending.items()):
+            if (request_id is None or rid == request_id) and not fut.done():
+                fut.set_result(error if request_id is not None else p.error or "IKE SA gone")
 
     def _drop(self, p: PeerSa, reason: str) -> None:
         for spi in list(p.children):
@@ -582,20 +627,33 @@ class IkeService:
             )
             if not handle.sa.is_initiator:
                 self._settle(p)
-        elif isinstance(ev, ChildSaEstablished):
+        elif isinstance(ev, ChildSaEstablished):  # ChildSaRekeyed too: install the new pair
             p.children[ev.spi_in] = _Child(ev, now)
             log.info("Child SA with %s up: in %s out %s", p.peer, ev.spi_in.hex(), ev.spi_out.hex())
             self.sink.child_sa_established(p, ev)
+            if ev.request_id is not None:
+                self._settle(p, ev.request_id)
             self._settle(p)
         elif isinstance(ev, ChildSaFailed):
             log.warning("peer %s: Child SA refused: %s", p.peer, ev.reason)
-            if not p.children:
+            if ev.request_id is not None:
+                self._settle(p, ev.request_id, f"Child SA refused: {ev.reason}")
+            elif ev.rekey_of is None and not p.children:
                 p.error = f"IKE SA up but the Child SA failed: {ev.reason}"
-            self._settle(p)
+                self._settle(p)
         elif isinstance(ev, ChildSaDeleted):
             gone = p.children.pop(ev.spi_in, None)
             if gone is not None:
                 self.sink.child_sa_deleted(p, ev)
+        elif isinstance(ev, IkeSaRekeyed):
+            log.info(
+                "IKE SA with %s rekeyed: now %s_i %s_r", p.peer, ev.spi_i.hex(), ev.spi_r.hex()
+            )
+        elif isinstance(ev, InitialContact):
+            for old in [o for o in self.sas if o.peer == p.peer and o is not p]:
+                log.info("peer %s sent INITIAL_CONTACT: forgetting its older IKE SA", p.peer)
+                self._ep().forget(old.handle)
+                self._drop(old, "replaced: the peer sent INITIAL_CONTACT")
         elif isinstance(ev, IkeSaFailed):
             log.warning("IKE SA with %s failed: %s", p.peer, ev.reason)
             p.error = ev.reason
@@ -608,15 +666,14 @@ class IkeService:
     def rows(self, now: float | None = None) -> tuple[TunnelStatus, ...]:
         """One status row per IKE SA, Child SAs nested (``oe status``)."""
         now = self._clock() if now is None else now
-        ike_cfg = self.config.ike
         out = []
         for p in self.sas:
             h, ev = p.handle, p.ike
             since = h.established_at
             age = None if since is None else round(now - since, 3)
-            rekey = None
-            if since is not None:
-                rekey = round(since + ike_cfg.ike_lifetime - ike_cfg.rekey_margin - now, 3)
+            at = h.sa.ike_rekey_at if h.sa.state == "established" else None
+            rekey = None if at is None else round(at - now, 3)
+            infos = {c.spi_in: c for c in h.sa.child_sas()}
             transform = ""
             nat = ""
             local_id = remote_id = local_auth = remote_auth = ""
@@ -655,9 +712,7 @@ class IkeService:
                     ts_remote=_ts_text(c.event.ts_remote),
                     udp_encap=c.event.udp_encap,
                     established_s=round(now - c.since, 3),
-                    rekey_in_s=round(
-                        c.since + ike_cfg.child_lifetime - ike_cfg.rekey_margin - now, 3
-                    ),
+                    rekey_in_s=_until(infos.get(c.event.spi_in), now),
                 )
                 for c in p.children.values()
             )
