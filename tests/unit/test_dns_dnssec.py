@@ -629,6 +629,7 @@ def test_no_anchor_is_indeterminate(keys: dict[str, PrivKey]) -> None:
     v = Validator(load_trust_anchors(ds_text("elsewhere.", keys["root"], 13)))
     result = drive(v.start("host.example.test.", "A", NOW), world.answer, lambda: NOW)
     assert result.status is Status.INDETERMINATE and "no trust anchor" in result.reason
+    assert world.log == []  # nothing it could validate is worth an upstream query
 
 
 def test_upstream_silence_is_indeterminate(keys: dict[str, PrivKey]) -> None:

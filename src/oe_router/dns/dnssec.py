@@ -664,6 +664,9 @@ class _Engine:
             hit: Result = cached[0]
             expires = float(cached[1])
             return replace(hit, ttl=max(0, int(expires - self.now)))
+        if self.v.anchors.closest(self.qname) is None:
+            # the chain's first link is signed by qname's own zone: nothing to ask
+            raise _Abort(Status.INDETERMINATE, f"no trust anchor covers {self.qname}")
         name = self.qname
         cnames: list[dns.rrset.RRset] = []
         seen = {name}
