@@ -5,7 +5,7 @@ PYTEST := $(PY) -m pytest
 RESULTS := test-results
 LINT_DIRS := $(wildcard src tests qemu bench)
 
-.PHONY: setup test test-unit test-host test-qemu lint demo image bench package clean
+.PHONY: setup test test-unit test-host test-qemu lint demo demo-host image bench package clean
 
 setup:
 	@bash scripts/setup.sh
@@ -37,7 +37,11 @@ lint: setup
 image: setup
 	@if [ -f qemu/build.py ]; then $(PY) qemu/build.py; else echo "image: the QEMU lab does not exist yet"; fi
 
-demo: setup
+demo: setup image
+	$(PY) qemu/demo.py
+
+# The daemon alone on this host (no lab): config check, start, oe status, stop.
+demo-host: setup
 	@bash scripts/demo.sh
 
 bench: setup
