@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import dns.name
 import pytest
 
 from oe_router.config.schema import OeConfig, PolicyConfig, parse_policy_entry
@@ -36,9 +37,12 @@ from oe_router.datapath.base import (
     IPAddress,
     PolicyAction,
     PolicySpec,
+    SaKeys,
+    encr_algorithm,
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath, bypass_socket
 from oe_router.datapath.netns import in_netns
+from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.oe.manager import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService, kernel_datapath
 
@@ -406,5 +410,78 @@ def test_kill_9_and_restart_private_never_leaks(nets: tuple[str, str]) -> None:
         stop.set()
         if first.poll() is None:
             first.kill()
+        tx.close()
+        rx.close()
+
+
+class HandsOutSpecNegotiator(ProbeNegotiator):
+    """IKE seam stand-in that "succeeds": returns a Child SA spec with zero keys.
+
+    The IKE engine is not plugged in yet; this exercises the manager's install path
+    on the real kernel, which here has no ESP, so the install must fail cleanly.
+    """
+
+    def __init__(self, netns: str) -> None:
+        super().__init__(netns)
+        self.deleted: list[tuple[IPAddress, ChildSaSpec | None]] = []
+
+    async def negotiate(self, request: ChildRequest, now: float) -> NegotiationResult:
+        self.requests.append(request)
+        spec = ChildSaSpec(
+            request.local,
+            request.peer,
+            SaKeys(0xC0000001, bytes(36)),
+            SaKeys(0xC0000002, bytes(36)),
+            encr_algorithm(20),
+            local_ts=(request.local_ts,),
+            remote_ts=(request.remote_ts,),
+        )
+        return NegotiationResult(spec)
+
+    async def delete(self, peer: IPAddress, child: ChildSaSpec | None) -> None:
+        self.deleted.append((peer, child))
+
+
+def _esp_in_kernel() -> bool:
+    return any(os.path.exists(f"/sys/module/{m}") for m in ("esp4", "esp6"))
+
+
+@pytest.mark.skipif(_esp_in_kernel(), reason="this kernel has ESP; see tests/qemu")
+def test_ensure_tunnel_install_fails_on_kernel_without_esp_and_falls_back(
+    nets: tuple[str, str],
+) -> None:
+    r, w = nets
+    rx = Receiver(w, (POC,))
+    tx = _sender(r)
+
+    async def body() -> None:
+        neg = HandsOutSpecNegotiator(r)
+        svc = OeService(datapath_factory=kernel_datapath(r), negotiator=neg, wan={4: WAN})
+        await svc.start(_config())
+        try:
+            key = PeerKey(KeyKind.NONE, None, 10, dns.name.from_text("www.example"), 0)
+            ok = await asyncio.wait_for(
+                svc.ensure_tunnel(
+                    dns.name.from_text("www.example"), (ipaddress.ip_address(POC),), key
+                ),
+                5,
+            )
+            assert ok is False
+            (req,) = neg.requests
+            assert req.auth.key == key
+            assert [(str(p), c is not None) for p, c in neg.deleted] == [(POC, True)]
+            (shunt,) = svc.status().shunts
+            assert shunt.kind == "pass"
+            assert "installing the Child SA failed: kernel lacks" in shunt.reason
+            assert "action allow" in _policy(r, POC)
+            assert _ip("-n", r, "xfrm", "state").strip() == ""  # nothing half-installed
+            assert _send(tx, POC, b"clear") == "sent"
+            await _until(lambda: rx.got[POC] == [b"clear"])
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(body())
+    finally:
         tx.close()
         rx.close()

@@ -336,3 +336,20 @@ def test_install_failure_deletes_the_negotiated_child_and_falls_back(mgr: OeMana
     assert acts[0] == SendDelete(P1, inst.spec)  # type: ignore[union-attr]
     assert only(acts, InstallPolicy)[0].policy.action is PolicyAction.PASS
     assert "kernel lacks ESP" in mgr.shunts(1.0)[0].reason
+
+
+def test_a_second_child_for_the_same_flow_supersedes_the_first(mgr: OeManager) -> None:
+    """The peer restarted and initiated again: the old SAs go, the policies stay."""
+    _, _, _, old = _negotiate_ok(mgr, mgr.acquire(_acq(P1), 0.0), P1, 0x1000, 0.0)
+    (inst,) = mgr.adopt_inbound(P1, _spec(P1, 0x7000), 10.0)
+    acts = mgr.installed(inst.ticket, inst.spec, None, 10.0)  # type: ignore[union-attr]
+    assert acts == [RemoveChild(old, remove_policies=False), SendDelete(P1, old)]
+    (t,) = mgr.tunnels(11.0)
+    assert t.established_s == 1.0
+    # the old SA's hard expiry no longer touches anything
+    assert mgr.expired(Expire(P1, WAN, 0x1000, 0, hard=True), 3600.0) == []
+
+
+def test_ensure_tunnel_with_no_address_is_not_protected(mgr: OeManager) -> None:
+    name = dns.name.from_text("empty.example")
+    assert mgr.ensure_tunnel(1, name, (), _key(), 0.0) == [TunnelResult(1, False)]

@@ -441,7 +441,7 @@ class OeManager:
         now: float,
     ) -> list[Action]:
         """DNS front: protect every address of ``name`` with ``key``; answer ``waiter``."""
-        w = self._waiters[waiter] = _Waiter(set())
+        w = self._waiters[waiter] = _Waiter(set(), ok=bool(addresses))
         actions: list[Action] = []
         for addr in addresses:
             rule = self.table.lookup(addr)
@@ -551,8 +551,9 @@ class OeManager:
                 self._gc(t.peer)
                 return [SendDelete(t.peer, inbound.spec)]
             inbound.spec = spec
+            actions = self._supersede(p, inbound.selector)
             p.children[inbound.id] = inbound
-            return self._drop_shunts(self._child_keys(spec))
+            return actions + self._drop_shunts(self._child_keys(spec))
         if t.child_id is not None:  # a rekey
             c = p.children.get(t.child_id)
             if c is None:
@@ -574,11 +575,22 @@ class OeManager:
             return [SendDelete(t.peer, t.spec), *self._fail(p, want, reason, now)]
         p.queue.pop(want.selector, None)
         c = _Child(self._id(), t.peer, spec, want.selector, want.rule.group, now, active_at=now)
+        superseded = self._supersede(p, want.selector)
         p.children[c.id] = c
         log.info("peer %s: Child SA up for %s", t.peer, _describe(want.selector))
-        actions = self._drop_shunts(self._child_keys(spec))
+        actions = superseded + self._drop_shunts(self._child_keys(spec))
         actions += self._resolve(want, t.peer, True)
         return actions + self._start_next(p, now)
+
+    def _supersede(self, p: _Peer, selector: TrafficSelector) -> list[Action]:
+        """A new Child SA for a flow that already has one (both ends initiated, or the
+        peer restarted): the new one's policies replaced the old one's in the kernel,
+        so the old SAs go without their policies, and the peer is told."""
+        actions: list[Action] = []
+        for old in [c for c in p.children.values() if c.selector == selector]:
+            del p.children[old.id]
+            actions += [RemoveChild(old.spec, remove_policies=False), SendDelete(p.addr, old.spec)]
+        return actions
 
     def _drop_shunts(self, keys: Iterable[PolicyKey]) -> list[Action]:
         """The Child SA's policies replaced these shunts in the kernel: forget them."""

@@ -160,11 +160,11 @@ class OeService:
         await self._perform(mgr.replace_table(table))
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_result(False)
@@ -260,8 +260,11 @@ class OeService:
             now = self._clock()
             wait = min(next_poll, deadline if deadline is not None else next_poll) - now
             self._wake.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            # that races with the event, which hung stop() for a whole poll interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
+                async with asyncio.timeout(max(0.0, wait)):
+                    await self._wake.wait()
             now = self._clock()
             await self._perform(mgr.tick(now))
             if now >= next_poll:
