@@ -353,3 +353,21 @@ def test_a_second_child_for_the_same_flow_supersedes_the_first(mgr: OeManager) -
 def test_ensure_tunnel_with_no_address_is_not_protected(mgr: OeManager) -> None:
     name = dns.name.from_text("empty.example")
     assert mgr.ensure_tunnel(1, name, (), _key(), 0.0) == [TunnelResult(1, False)]
+
+
+def test_reload_swaps_group_policies_and_keeps_tunnels(mgr: OeManager) -> None:
+    _, _, _, spec = _negotiate_ok(mgr, mgr.acquire(_acq(P1), 0.0), P1, 0x1000, 0.0)
+    old = set(mgr.group_policies())
+    new_table = PolicyTable.from_config(
+        PolicyConfig(private_or_clear=(parse_policy_entry("0.0.0.0/0"),), clear=()),
+        link_exclusions=(),
+    )
+    acts = mgr.replace_table(new_table)
+    removed = {a.policy for a in only(acts, RemovePolicy)}
+    installed = {a.policy for a in only(acts, InstallPolicy)}
+    assert installed == set(mgr.group_policies())
+    assert removed == old - installed  # the private trap, block/clear/c-o-p policies go
+    assert {str(p.dst.net) for p in installed} == {"0.0.0.0/0"}
+    assert [t.peer for t in mgr.tunnels(1.0)] == ["192.0.2.7"]
+    assert mgr.table.group_of(PRIV).value == "private-or-clear"
+    assert RemoveChild(spec) not in acts
