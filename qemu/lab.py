@@ -295,7 +295,14 @@ class VM:
             preexec_fn=_die_with_parent,
         )
         qlog.close()
-        self.agent.connect(time.monotonic() + 10)
+        try:
+            self.agent.connect(time.monotonic() + 30)
+        except LabError:
+            rc = self.proc.poll()
+            log = (self._run_dir / f"qemu-{self.name}.log").read_text(errors="replace")
+            raise LabError(
+                f"{self.name}: QEMU's agent socket never appeared (QEMU rc {rc}): {log[-1500:]}"
+            ) from None
 
     def wait_ready(self, deadline: float) -> None:
         while not self.agent.ready.wait(0.2):
@@ -341,8 +348,17 @@ class Capture:
     last block is lost when tcpdump is stopped, so a short flow would vanish from the pcap.
     """
 
-    def __init__(self, lab: Lab, iface: str, netns: str | None, bpf: str, label: str) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        iface: str,
+        netns: str | None,
+        bpf: str,
+        label: str,
+        direction: str | None = None,
+    ) -> None:
         self._lab = lab
+        self._direction = direction
         self.path = lab.run_dir / "pcap" / f"{label}.pcap"
         self._log = lab.run_dir / "pcap" / f"{label}.log"
         self._iface = iface
@@ -357,6 +373,7 @@ class Capture:
         guest_log = "/lab/" + str(self._log.relative_to(self._lab.run_dir))
         cmd = (
             f"{prefix}tcpdump -n -U --immediate-mode -s 256 -i {shlex.quote(self._iface)} "
+            f"{'-Q ' + self._direction + ' ' if self._direction else ''}"
             f"-w {guest_path} "
             f"{shlex.quote(self._bpf)} >{guest_log} 2>&1 </dev/null & echo $!"
         )
@@ -779,10 +796,21 @@ class Lab:
 
     @contextlib.contextmanager
     def capture(
-        self, iface: str, netns: str | None = None, bpf: str = "", label: str = ""
+        self,
+        iface: str,
+        netns: str | None = None,
+        bpf: str = "",
+        label: str = "",
+        direction: str | None = None,
     ) -> Iterator[Capture]:
+        """tcpdump on `iface` (in `netns`, else the world's root netns); direction: in|out|inout.
+
+        Inside an IPsec endpoint capture with direction="out": incoming captures there also
+        show the decrypted packets the kernel re-injects (LAB-NOTES).
+        """
         self._captures += 1
-        cap = Capture(self, iface, netns, bpf, f"{self._captures:02d}-{label or iface}")
+        label = f"{self._captures:02d}-{label or iface}"
+        cap = Capture(self, iface, netns, bpf, label, direction)
         cap.start()
         try:
             yield cap

@@ -30,7 +30,10 @@ def test_libreswan_oe_between_lab_peers_is_esp_on_the_wire(lab: Lab) -> None:
     """
     a, b = lab.plan.host(A), lab.plan.host(B)
     assert A not in lab.failed_hosts and B not in lab.failed_hosts, lab.failed_hosts
-    with lab.capture_host(A, label="selfcheck") as cap:
+    with (
+        lab.capture_host(A, label="selfcheck") as cap,
+        lab.capture("eth0", netns=A, label="selfcheck-ls-a-out", direction="out") as out,
+    ):
         # The first SYN meets libreswan's negotiation hold (dropped); TCP retransmits it.
         page = lab.host(A, f"curl -s -m 20 http://{b.ipv4}/", timeout=40).check().stdout
         traffic = whack(lab, A, "--trafficstatus")
@@ -43,3 +46,6 @@ def test_libreswan_oe_between_lab_peers_is_esp_on_the_wire(lab: Lab) -> None:
     assert esp >= 4, f"expected the HTTP exchange as ESP, saw {esp} ESP packets"
     assert clear_http == 0, f"{clear_http} cleartext HTTP packets leaked:\n{cap.text('tcp')}"
     assert cap.count("udp port 500 or udp port 4500") >= 2  # the IKE exchange itself
+    # Same flow seen leaving ls-a's own stack (-Q out): ESP only, never a cleartext segment.
+    assert out.count(f"esp and dst {b.ipv4}") >= 2
+    assert out.count("tcp port 80") == 0, out.text("tcp")

@@ -55,3 +55,13 @@ def test_client_fetches_every_page_in_the_clear(lab: Lab) -> None:
     assert cap.count(f"tcp port 80 and host {lab.plan.client4}") == 0, "LAN address leaked: no NAT"
     assert cap.esp() == 0, "ESP on the WAN although oe-routerd is not running"
     assert not broken, f"world hosts that failed to start (their pages untested): {broken}"
+
+
+def test_client_reaches_a_host_over_ipv6_through_the_router(lab: Lab) -> None:
+    """IPv6 is routed, not masqueraded (fw4's default): the host sees the client's ULA."""
+    plain = lab.plan.host("plain")
+    with lab.capture_wan(label="baseline-v6") as cap:
+        page = lab.client(f"curl -s -m 10 -g http://[{plain.ipv6}]/", timeout=30).check().stdout
+    assert "lab host plain" in page
+    assert cap.count(f"ip6 and tcp port 80 and host {lab.plan.client6}") >= 4
+    assert cap.esp() == 0
