@@ -313,7 +313,7 @@ def ensure_base(cache: Path, name: str, packages: list[str], log: Log, force: bo
         old.unlink()
     t0 = time.monotonic()
     log(f"{name}: mmdebstrap --variant=minbase ({len(packages)} packages), about a minute")
-    tmp = out.with_suffix(".tar.part")
+    tmp = out.with_suffix(f".tar.part{os.getpid()}")
     cmd = [
         "mmdebstrap",
         "--variant=minbase",
@@ -357,7 +357,7 @@ def _common_overlay(root: Path, kernel: Kernel) -> None:
 def _mke2fs(root: Path, image: Path, log: Log) -> None:
     used_kib = int(_run(["du", "-sk", "--apparent-size", str(root)]).split()[0])
     size_kib = int(used_kib * 1.3) + 256 * 1024
-    tmp = image.with_suffix(".part")
+    tmp = image.with_suffix(f".part{os.getpid()}")
     tmp.unlink(missing_ok=True)
     _run(
         [
@@ -405,9 +405,11 @@ def build_wheels(cache: Path, log: Log) -> tuple[list[Path], str]:
             log_file=cache / "wheels" / "deps.log",
         )  # fmt: skip
         (deps_dir / "done").touch()
-    proj_dir = cache / "wheels" / "project"
-    shutil.rmtree(proj_dir, ignore_errors=True)
-    proj_dir.mkdir(parents=True)
+    # A private directory per build: two builds at once (two developers, CI) never collide.
+    proj_dir = Path(tempfile.mkdtemp(prefix="project-", dir=cache / "wheels"))
+    for old in (cache / "wheels").glob("project-*"):
+        if old != proj_dir and time.time() - old.stat().st_mtime > 3600:
+            shutil.rmtree(old, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         # Build from a copy so setuptools' build/ and egg-info never land in the shared checkout.
         src = Path(tmp) / "src"
