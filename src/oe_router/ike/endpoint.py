@@ -25,6 +25,7 @@ rekeys); a response to our IKE_SA_INIT by our initiator SPI.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import ipaddress
 import logging
 import os
@@ -98,6 +99,7 @@ class SaHandle:
     half_open: bool = False
     original_initiator: bool = True  #: we sent the first IKE_SA_INIT (roles flip on rekeys)
     owner: Any = None  #: free for the IKE manager's bookkeeping
+    pairs: set[tuple[bytes, bytes]] = field(default_factory=set)  #: indexed SPI pairs
 
 
 @dataclass
@@ -178,7 +180,10 @@ class IkeEndpoint:
         self._by_pair: dict[tuple[bytes, bytes], SaHandle] = {}  # (SPIi, SPIr) -> SA
         self._by_ispi: dict[bytes, SaHandle] = {}  # SPIi of IKE SAs we initiated
         self._half_open: dict[tuple[bytes, Address], SaHandle] = {}  # (SPIi, peer) -> SA
-        self._handles: list[SaHandle] = []
+        self._handles: dict[SaHandle, None] = {}  # insertion-ordered set
+        self._heap: list[tuple[float, int, SaHandle]] = []  # lazy: stale entries skipped
+        self._due: dict[SaHandle, float] = {}  # each SA's current deadline
+        self._seq = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -281,7 +286,7 @@ class IkeEndpoint:
         now = self._clock()
         sa = IkeSa.initiator(config, now, self._random)
         h = SaHandle(sa, (ip, self.ike_port), config.remote_address, remote_natt_port, now)
-        self._handles.append(h)
+        self._handles[h] = None
         self._by_ispi[sa.spi_i] = h
         self._after(h)
         return h
@@ -375,7 +380,7 @@ class IkeEndpoint:
         h = SaHandle(
             sa, local, remote, remote[1], now, natt=natt, half_open=True, original_initiator=False
         )
-        self._handles.append(h)
+        self._handles[h] = None
         self._half_open[(data[:8], remote)] = h
         return h
 
@@ -420,6 +425,7 @@ class IkeEndpoint:
             self._on_event(h, ev)
             if isinstance(ev, IkeSaFailed | IkeSaDeleted):
                 self._forget(h)
+        self._reschedule(h)
         self._arm()
 
     def _index(self, h: SaHandle) -> None:
@@ -427,10 +433,14 @@ class IkeEndpoint:
         if h.sa.state in ("failed", "closed"):
             return
         pairs = {p for p in h.sa.spis() if p[1] != bytes(8)}
-        for k in [k for k, v in self._by_pair.items() if v is h and k not in pairs]:
-            del self._by_pair[k]
+        if pairs == h.pairs:
+            return
+        for k in h.pairs - pairs:
+            if self._by_pair.get(k) is h:
+                del self._by_pair[k]
         for p in pairs:
             self._by_pair[p] = h
+        h.pairs = pairs
 
     def _close_half_open(self, h: SaHandle) -> None:
         if h.half_open:
@@ -441,12 +451,13 @@ class IkeEndpoint:
 
     def _forget(self, h: SaHandle) -> None:
         self._close_half_open(h)
-        for k in [k for k, v in self._by_pair.items() if v is h]:
-            del self._by_pair[k]
+        for k in h.pairs:
+            if self._by_pair.get(k) is h:
+                del self._by_pair[k]
         for spi in [k for k, v in self._by_ispi.items() if v is h]:
             del self._by_ispi[spi]
-        if h in self._handles:
-            self._handles.remove(h)
+        self._handles.pop(h, None)
+        self._due.pop(h, None)
 
     # ------------------------------------------------------------------ timers
     def _deadline(self, h: SaHandle) -> float | None:
@@ -455,9 +466,20 @@ class IkeEndpoint:
             times.append(h.created + self.half_open_timeout)
         return min(times) if times else None
 
+    def _reschedule(self, h: SaHandle) -> None:
+        d = self._deadline(h) if h in self._handles else None
+        if d is None:
+            self._due.pop(h, None)
+        elif self._due.get(h) != d:
+            self._due[h] = d
+            self._seq += 1
+            heapq.heappush(self._heap, (d, self._seq, h))
+
     def next_deadline(self) -> float | None:
-        ds = [d for h in self._handles if (d := self._deadline(h)) is not None]
-        return min(ds) if ds else None
+        heap = self._heap
+        while heap and self._due.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)  # stale: the SA moved its deadline or is gone
+        return heap[0][0] if heap else None
 
     def _arm(self) -> None:
         if self._loop is None:
@@ -478,7 +500,14 @@ class IkeEndpoint:
 
     def tick(self, now: float) -> None:
         """Run every deadline due at ``now``: retransmits, keepalives, half-open expiry."""
-        for h in list(self._handles):
+        due: list[SaHandle] = []
+        while (at := self.next_deadline()) is not None and at <= now:
+            h = heapq.heappop(self._heap)[2]
+            del self._due[h]
+            due.append(h)
+        for h in due:
+            if h not in self._handles:
+                continue
             if h.half_open and now >= h.created + self.half_open_timeout:
                 log.info("IKE: half-open SA from %s timed out", h.remote[0])
                 self._forget(h)
@@ -491,4 +520,5 @@ class IkeEndpoint:
                 self._send(h.local[0], True, NAT_KEEPALIVE, h.remote, raw=True)
                 self.counters.keepalives_out += 1
                 h.keepalive_at = now + self.keepalive_interval
+            self._reschedule(h)
         self._arm()

@@ -73,7 +73,15 @@ AuthChoice = Literal["null", "pubkey"]
 
 
 class IkeUpError(Exception):
-    """``up`` failed; the message names the peer and the reason."""
+    """``up`` failed; the message names the peer and the reason.
+
+    ``notify`` is the peer's error notify when it refused (AUTHENTICATION_FAILED lets
+    the OE negotiator retry with the other authentication).
+    """
+
+    def __init__(self, message: str, notify: int | None = None) -> None:
+        super().__init__(message)
+        self.notify = notify
 
 
 # --------------------------------------------------------------------------- the sink
@@ -284,6 +292,7 @@ class PeerSa:
     ike: IkeSaEstablished | None = None
     children: dict[bytes, _Child] = field(default_factory=dict)  # by our inbound SPI
     error: str | None = None
+    notify: int | None = None  #: the notify of the failure, if the peer sent one
     done: asyncio.Future[None] | None = None
     pending: dict[int, asyncio.Future[str | None]] = field(default_factory=dict)  # create_child
 
@@ -535,7 +544,7 @@ class IkeService:
         except TimeoutError:
             raise IkeUpError(f"peer {peer}: no IKE SA after {self.up_timeout:.0f}s") from None
         if p.error is not None:
-            raise IkeUpError(f"peer {peer}: {p.error}")
+            raise IkeUpError(f"peer {peer}: {p.error}", p.notify)
         return p
 
     async def _more_children(self, p: PeerSa, peer: str, transport: bool) -> PeerSa:
@@ -657,6 +666,7 @@ class IkeService:
         elif isinstance(ev, IkeSaFailed):
             log.warning("IKE SA with %s failed: %s", p.peer, ev.reason)
             p.error = ev.reason
+            p.notify = ev.notify
             self._drop(p, ev.reason)
         elif isinstance(ev, IkeSaDeleted):
             log.info("IKE SA with %s deleted: %s", p.peer, ev.reason)
