@@ -127,6 +127,10 @@ class Charon:
     pubkeys: dict[str, bytes] = field(default_factory=dict)
     privkeys: dict[str, bytes] = field(default_factory=dict)
     extra_charon: str = ""
+    #: filelog levels; the default logs keys (ike/chd 4), a benchmark wants ``default = -1``
+    log_levels: str = (
+        "default = 1\n      ike = 4\n      chd = 4\n      cfg = 2\n      enc = 1\n      net = 1"
+    )
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -162,12 +166,7 @@ class Charon:
   filelog {{
     log {{
       path = {self.logfile}
-      default = 1
-      ike = 4
-      chd = 4
-      cfg = 2
-      enc = 1
-      net = 1
+      {self.log_levels}
       flush_line = yes
     }}
   }}
