@@ -22,7 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from oe_router.config.schema import OeConfig
 from oe_router.ike.auth import PrivateKey, PublicKey
+from oe_router.ike.constants import EncrId, IntegId
 from oe_router.ike.events import ChildSaEstablished
+from oe_router.ike.sa import EspProposalSpec
 from oe_router.ike.service import IkeService, RecordingSink
 
 from .charon import Charon, Netns, available
@@ -231,6 +233,38 @@ def test_our_initiator_charon_responder_pubkey(
     asyncio.run(go())
 
 
+def test_our_initiator_charon_responder_aes_cbc_integrity_keys(
+    direct: Direct, keys: dict[str, tuple[Key, Key]]
+) -> None:
+    """ESP AES-CBC + HMAC-SHA2-256-128 (charon's second choice, our only offer): the
+    integrity keys must agree with charon's key log too."""
+    ours, theirs = keys["ecdsa"]
+
+    async def go() -> None:
+        svc = service(
+            direct.ours,
+            "10.0.0.1",
+            private_key=ours.private,
+            local_id="@router-ecdsa.example",
+            esp_proposals=(EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_256_128),),
+        )
+        await svc.start(OeConfig())
+        try:
+            await svc.up("10.0.0.2", "pubkey", theirs.public)
+            assert isinstance(svc.sink, RecordingSink)
+            ((_, ev),) = svc.sink.established
+            assert (ev.encr, ev.integ) == (EncrId.AES_CBC, IntegId.HMAC_SHA2_256_128)
+            assert len(ev.integ_key_in) == 32
+            assert_keys_agree(direct.charon, ev, initiator=True)
+            (child,) = svc.rows()[0].children
+            assert child.transform == "AES_CBC_256/HMAC_SHA2_256_128"
+            await svc.down("10.0.0.2")
+        finally:
+            await svc.stop()
+
+    asyncio.run(go())
+
+
 # --------------------------------------------------------------------------- our responder
 
 
@@ -305,7 +339,11 @@ def test_our_initiator_behind_masquerade_floats_to_4500(
 
             async def go() -> None:
                 svc = service(
-                    o, "192.168.1.2", private_key=ours.private, local_id="@router-ecdsa.example"
+                    o,
+                    "192.168.1.2",
+                    private_key=ours.private,
+                    local_id="@router-ecdsa.example",
+                    keepalive_interval=0.2,
                 )
                 await svc.start(OeConfig())
                 try:
@@ -327,6 +365,8 @@ def test_our_initiator_behind_masquerade_floats_to_4500(
                     assert "remote-host=10.0.1.1 remote-port=" in raw, raw
                     assert "local-port=4500" in raw, raw
                     assert_keys_agree(ch, ev, initiator=True)
+                    await asyncio.sleep(0.5)  # we are the NATed side: keepalives flow
+                    assert svc.endpoint.counters.keepalives_out >= 2
                     await svc.down("10.0.1.2")
                 finally:
                     await svc.stop()
@@ -352,9 +392,11 @@ def pair_ns() -> Iterator[tuple[str, str]]:
         net.close()
 
 
-@pytest.mark.parametrize("kind", ("null", *KINDS))
+@pytest.mark.parametrize(
+    ("kind", "mode"), [(k, "tunnel") for k in ("null", *KINDS)] + [("null", "transport")]
+)
 def test_ours_with_ours_across_netns(
-    pair_ns: tuple[str, str], keys: dict[str, tuple[Key, Key]], kind: str
+    pair_ns: tuple[str, str], keys: dict[str, tuple[Key, Key]], kind: str, mode: str
 ) -> None:
     """Our initiator and our responder in two namespaces over real UDP 500."""
     a_ns, b_ns = pair_ns
@@ -375,15 +417,17 @@ def test_ours_with_ours_across_netns(
         await a.start(OeConfig())
         await b.start(OeConfig())
         try:
+            transport = mode == "transport"
             if kind == "null":
-                p = await a.up("10.0.2.2")
+                p = await a.up("10.0.2.2", transport=transport)
             else:
-                p = await a.up("10.0.2.2", "pubkey", keys[kind][1].public)
+                p = await a.up("10.0.2.2", "pubkey", keys[kind][1].public, transport=transport)
             await asyncio.sleep(0.05)
             assert isinstance(a.sink, RecordingSink) and isinstance(b.sink, RecordingSink)
             ((_, ca),) = a.sink.established
             ((_, cb),) = b.sink.established
             assert (ca.spi_in, ca.spi_out) == (cb.spi_out, cb.spi_in)
+            assert ca.mode == cb.mode == mode
             assert (ca.encr_key_in, ca.encr_key_out) == (cb.encr_key_out, cb.encr_key_in)
             (ra,), (rb,) = a.rows(), b.rows()
             assert ra.ike_spis == rb.ike_spis and rb.role == "responder"

@@ -52,7 +52,13 @@ from .events import (
     InitialContact,
 )
 from .payloads import TrafficSelector
-from .sa import DEFAULT_IKE_PROPOSALS, IkeProposalSpec, IkeSaConfig
+from .sa import (
+    DEFAULT_ESP_PROPOSALS,
+    DEFAULT_IKE_PROPOSALS,
+    EspProposalSpec,
+    IkeProposalSpec,
+    IkeSaConfig,
+)
 
 __all__ = [
     "AuthChoice",
@@ -329,6 +335,8 @@ class IkeService:
         local_id: str | None = None,
         peer_keys: Mapping[str, PublicKey] | None = None,
         ike_proposals: tuple[IkeProposalSpec, ...] = DEFAULT_IKE_PROPOSALS,
+        esp_proposals: tuple[EspProposalSpec, ...] = DEFAULT_ESP_PROPOSALS,
+        keepalive_interval: float = 20.0,
         netns: str | None = None,
         xfrm: bool = True,
         up_timeout: float = 30.0,
@@ -344,6 +352,10 @@ class IkeService:
         self._id_override = local_id
         self.peer_keys: dict[str, PublicKey] = dict(peer_keys or {})
         self.ike_proposals = ike_proposals
+        #: ESP transforms in preference order; the offload layer may replace them
+        #: (new IKE SAs and Child SAs use the new order).
+        self.esp_proposals = esp_proposals
+        self.keepalive_interval = keepalive_interval
         self._netns = netns
         self._xfrm = xfrm
         self.up_timeout = up_timeout
@@ -388,6 +400,7 @@ class IkeService:
             ike_port=self._ports[0],
             natt_port=self._ports[1],
             half_open_limit=ike.half_open_limit,
+            keepalive_interval=self.keepalive_interval,
             netns=self._netns,
             xfrm=self._xfrm,
             random=self._random,
@@ -456,6 +469,7 @@ class IkeService:
             (host_selector(local[0]),),
             (host_selector(remote[0]),),  # containment: only the peer's own address
             ike_proposals=self.ike_proposals,
+            esp_proposals=self.esp_proposals,
             local_id=self._local_id(auth, local[0]),
             private_key=self.private_key if auth == "pubkey" else None,
             peer_public_key=peer_key,
