@@ -253,3 +253,21 @@ async def test_cookie_demanded_above_threshold_and_honoured() -> None:
     finally:
         await ini.stop()
         await res.stop()
+
+
+@run_async
+async def test_liveness_checks_on_a_quiet_peer_then_failure_when_it_is_gone() -> None:
+    ini, res, ri, _, _ = await pair()
+    ini.dpd_delay = 0.05
+    try:
+        cfg = dataclasses.replace(ini_config(ini, res), retransmit_timeout=0.02, retransmit_tries=1)
+        h = ini.initiate(cfg, remote_natt_port=res.natt_port)
+        await ri.wait_for(ChildSaEstablished)
+        received = res.counters.received
+        await asyncio.sleep(0.2)  # quiet peer: checks go out and are answered
+        assert res.counters.received > received and h.sa.state == "established"
+        await res.stop()
+        (f,) = await ri.wait_for(IkeSaFailed)
+        assert isinstance(f, IkeSaFailed) and "no answer" in f.reason
+    finally:
+        await ini.stop()

@@ -11,6 +11,8 @@ and does what RFC 7296 §2.23 / RFC 3948 leave to the transport:
   and the side behind the NAT sends keepalives so its mapping stays open;
 * a responder answers every request from the socket it came in on, to the
   address and port it came from;
+* with ``dpd_delay``, an established IKE SA the peer stayed quiet on that long
+  gets a liveness check (empty INFORMATIONAL); no answer fails the SA;
 * the 4500 socket gets UDP_ENCAP_ESPINUDP and both sockets per-socket XFRM
   bypass policies, so OE trap policies never capture IKE itself. Where the
   kernel has no XFRM (a container, a test box) this is logged once and IKE runs.
@@ -25,6 +27,7 @@ rekeys); a response to our IKE_SA_INIT by our initiator SPI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import ipaddress
 import logging
@@ -96,6 +99,7 @@ class SaHandle:
     natt: bool = False
     established_at: float | None = None
     keepalive_at: float | None = None
+    last_rx: float = 0.0  #: when the peer last sent us anything (liveness)
     half_open: bool = False
     original_initiator: bool = True  #: we sent the first IKE_SA_INIT (roles flip on rekeys)
     owner: Any = None  #: free for the IKE manager's bookkeeping
@@ -156,6 +160,7 @@ class IkeEndpoint:
         cookie_threshold: int = 10,
         half_open_timeout: float = 30.0,
         keepalive_interval: float = 20.0,
+        dpd_delay: float = 0.0,
         netns: str | None = None,
         xfrm: bool = True,
         random: Callable[[int], bytes] = os.urandom,
@@ -171,6 +176,7 @@ class IkeEndpoint:
         self.limits = ResponderLimits(min(cookie_threshold, half_open_limit), half_open_limit)
         self.half_open_timeout = half_open_timeout
         self.keepalive_interval = keepalive_interval
+        self.dpd_delay = dpd_delay
         self._netns = netns
         self._xfrm = xfrm
         self._random = random
@@ -351,6 +357,7 @@ class IkeEndpoint:
             h.natt = True  # the peer floated (RFC 7296 §2.23): follow it
         if not h.original_initiator and not is_response:
             h.remote = remote  # a NATed initiator's mapping may change: follow its requests
+        h.last_rx = now
         h.sa.receive_datagram(data, now, remote)
         self._after(h, reply_to=None if is_response else remote)
 
@@ -462,6 +469,8 @@ class IkeEndpoint:
     # ------------------------------------------------------------------ timers
     def _deadline(self, h: SaHandle) -> float | None:
         times = [t for t in (h.sa.get_timer(), h.keepalive_at) if t is not None]
+        if self.dpd_delay > 0 and h.established_at is not None:
+            times.append(max(h.last_rx, h.established_at) + self.dpd_delay)
         if h.half_open:
             times.append(h.created + self.half_open_timeout)
         return min(times) if times else None
@@ -516,6 +525,16 @@ class IkeEndpoint:
             if t is not None and now >= t:
                 h.sa.handle_timer(now)
                 self._after(h)
+            if (
+                self.dpd_delay > 0
+                and h.established_at is not None
+                and now >= max(h.last_rx, h.established_at) + self.dpd_delay
+                and h.sa.state == "established"
+            ):
+                h.last_rx = now  # one check per quiet period; no answer fails the SA
+                with contextlib.suppress(IkeError):  # a request in flight checks already
+                    h.sa.send_liveness_check(now)
+                    self._after(h)
             if h.keepalive_at is not None and now >= h.keepalive_at and h.natt:
                 self._send(h.local[0], True, NAT_KEEPALIVE, h.remote, raw=True)
                 self.counters.keepalives_out += 1

@@ -401,6 +401,7 @@ class IkeService:
             natt_port=self._ports[1],
             half_open_limit=ike.half_open_limit,
             keepalive_interval=self.keepalive_interval,
+            dpd_delay=ike.dpd_delay,
             netns=self._netns,
             xfrm=self._xfrm,
             random=self._random,
