@@ -61,6 +61,7 @@ def _opt(value: float | None, fmt: str = "{:.0f}s") -> str:
 def render_status(status: Status) -> str:
     """The human `oe status` view: daemon summary, then one table per section."""
     d = status.daemon
+    tunnels = [t for t in status.tunnels if t.source != "ike"]  # IKE SAs get their own table
     if d.last_reload is None:
         reload_text = "none since start"
     elif d.last_reload.accepted:
@@ -75,9 +76,9 @@ def render_status(status: Status) -> str:
         f"datapath  {d.datapath}",
         f"services  {', '.join(d.services) or 'none yet'}",
         "",
-        f"tunnels ({len(status.tunnels)})",
+        f"tunnels ({len(tunnels)})",
     ]
-    if status.tunnels:
+    if tunnels:
         out += _table(
             ["peer", "local", "remote", "state", "policy", "transform", "up", "in", "out"],
             [
@@ -92,7 +93,7 @@ def render_status(status: Status) -> str:
                     str(t.bytes_in),
                     str(t.bytes_out),
                 ]
-                for t in status.tunnels
+                for t in tunnels
             ],
         )
     out += _render_ike(status)

@@ -97,6 +97,7 @@ async def _up_status_down(
         assert await d.cli("status") == 0
         table = capsys.readouterr().out
         assert "ike sas (1)" in table and "ids %null <-> @peer.example" in table
+        assert "tunnels (0)" in table  # the OE manager's table; IKE SAs have their own
         assert "rekey-in" in table and "127.0.0.1/32" in table
         assert await d.cli("status", "--json") == 0
         doc = json.loads(capsys.readouterr().out)

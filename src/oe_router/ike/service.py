@@ -370,6 +370,10 @@ class IkeService:
     def name(self) -> str:
         return "ike"
 
+    def now(self) -> float:
+        """The service's clock (what ``IkeSa`` commands take as ``now``)."""
+        return self._clock()
+
     # ------------------------------------------------------------------ lifecycle
     def _load_key(self, config: OeConfig) -> None:
         if self._key_override is not None:
