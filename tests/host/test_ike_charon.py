@@ -29,6 +29,8 @@ from oe_router.ike.service import IkeService, RecordingSink
 
 from .charon import Charon, Netns, available
 
+SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP = 17, 100, 2  # <linux/udp.h>
+
 pytestmark = pytest.mark.host
 
 KINDS = ("rsa", "ecdsa", "ed25519")
@@ -417,6 +419,10 @@ def test_ours_with_ours_across_netns(
         await a.start(OeConfig())
         await b.start(OeConfig())
         try:
+            assert a.endpoint is not None
+            ike_sock, natt_sock = a.endpoint.sockets()
+            assert natt_sock.getsockopt(SOL_UDP, UDP_ENCAP) == UDP_ENCAP_ESPINUDP
+            assert ike_sock.getsockopt(SOL_UDP, UDP_ENCAP) == 0
             transport = mode == "transport"
             if kind == "null":
                 p = await a.up("10.0.2.2", transport=transport)

@@ -268,6 +268,11 @@ class IkeEndpoint:
                 s.close()
         self._socks.clear()
 
+    def sockets(self, ip: str | None = None) -> tuple[socket.socket, socket.socket]:
+        """The (IKE, NAT-T) sockets of ``ip`` (default: the first address), for inspection."""
+        socks = self._socks[ip or self.addresses[0]]
+        return socks.ike, socks.natt
+
     def bound(self, ip: str | None = None) -> tuple[Address, Address]:
         """(IKE, NAT-T) addresses actually bound for ``ip`` (default: the first)."""
         socks = self._socks[ip or self.addresses[0]]
