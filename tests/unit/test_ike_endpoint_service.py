@@ -8,6 +8,7 @@ status rows and the control commands.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -210,3 +211,48 @@ async def test_second_child_rides_the_same_ike_sa() -> None:
         assert [c.spi_out for _, c in b.sink.established] == [first, second]
         (row,) = a.rows()
         assert row.children[0].rekey_in_s is not None and row.rekey_in_s is not None
+
+
+@run_async
+async def test_responder_confines_a_peer_to_its_own_address() -> None:
+    """Containment: an initiator asking for a Child SA for an address that is not its own
+    gets TS_UNACCEPTABLE; the IKE SA itself stays up."""
+    from oe_router.ike.constants import NotifyType
+    from oe_router.ike.events import ChildSaFailed
+    from oe_router.ike.service import host_selector
+
+    async with two() as (a, b):
+        assert a.endpoint is not None and b.endpoint is not None
+        seen: list[object] = []
+        a.endpoint._on_event = lambda h, ev: seen.append(ev)  # record, bypass the service
+        cfg = a._sa_config(
+            ("127.0.0.1", a.endpoint.ike_port), ("127.0.0.1", b.endpoint.ike_port), "null", None,
+            False,
+        )  # fmt: skip
+        cfg = dataclasses.replace(cfg, local_ts=(host_selector("192.0.2.99"),))
+        a.endpoint.initiate(cfg, remote_natt_port=b.endpoint.natt_port)
+        async with asyncio.timeout(5):
+            while not any(isinstance(e, ChildSaFailed) for e in seen):
+                await asyncio.sleep(0.01)
+        (failed,) = [e for e in seen if isinstance(e, ChildSaFailed)]
+        assert isinstance(failed, ChildSaFailed) and failed.notify == NotifyType.TS_UNACCEPTABLE
+        assert isinstance(b.sink, RecordingSink) and b.sink.established == []
+        assert [r.state for r in b.rows()] == ["established"] and not b.rows()[0].children
+
+
+@run_async
+async def test_ipv6_up_and_down() -> None:
+    a = IkeService(["::1"], ike_port=0, natt_port=0, xfrm=False)
+    b = IkeService(["::1"], ike_port=0, natt_port=0, xfrm=False)
+    await a.start(OeConfig())
+    await b.start(OeConfig())
+    try:
+        assert a.endpoint is not None and b.endpoint is not None
+        a.remote_ike_port, a.remote_natt_port = b.endpoint.ike_port, b.endpoint.natt_port
+        p = await a.up("::1")
+        (row,) = a.rows()
+        assert row.children[0].ts_remote == "::1/128" and row.remote.startswith("::1[")
+        assert await a.down("::1") == 1 and p.state != "established"
+    finally:
+        await a.stop()
+        await b.stop()
