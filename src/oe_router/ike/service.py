@@ -299,6 +299,7 @@ class PeerSa:
     children: dict[bytes, _Child] = field(default_factory=dict)  # by our inbound SPI
     error: str | None = None
     notify: int | None = None  #: the notify of the failure, if the peer sent one
+    child_error: str | None = None  #: why the first Child SA failed (the IKE SA stays up)
     done: asyncio.Future[None] | None = None
     pending: dict[int, asyncio.Future[str | None]] = field(default_factory=dict)  # create_child
 
@@ -564,6 +565,8 @@ class IkeService:
             raise IkeUpError(f"peer {peer}: no IKE SA after {self.up_timeout:.0f}s") from None
         if p.error is not None:
             raise IkeUpError(f"peer {peer}: {p.error}", p.notify)
+        if not p.children and p.child_error is not None:
+            raise IkeUpError(f"peer {peer}: {p.child_error}", p.notify)
         return p
 
     async def _more_children(self, p: PeerSa, peer: str, transport: bool) -> PeerSa:
@@ -667,7 +670,8 @@ class IkeService:
             if ev.request_id is not None:
                 self._settle(p, ev.request_id, f"Child SA refused: {ev.reason}")
             elif ev.rekey_of is None and not p.children:
-                p.error = f"IKE SA up but the Child SA failed: {ev.reason}"
+                p.child_error = f"IKE SA up but the Child SA failed: {ev.reason}"
+                p.notify = ev.notify
                 self._settle(p)
         elif isinstance(ev, ChildSaDeleted):
             gone = p.children.pop(ev.spi_in, None)
