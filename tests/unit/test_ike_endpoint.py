@@ -271,3 +271,29 @@ async def test_liveness_checks_on_a_quiet_peer_then_failure_when_it_is_gone() ->
         assert isinstance(f, IkeSaFailed) and "no answer" in f.reason
     finally:
         await ini.stop()
+
+
+@run_async
+async def test_forged_datagram_with_known_spis_moves_nothing() -> None:
+    """A packet with the right SPIs but no valid integrity (from another port, on the
+    NAT-T socket) must not make the responder float or follow the new source."""
+    ini, res, _, rr, _ = await pair()
+    try:
+        h = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
+        await rr.wait_for(ChildSaEstablished)
+        (rh,) = res.handles()
+        where, natt = rh.remote, rh.natt
+        # INFORMATIONAL request, message ID 2, from the initiator: SK payload of junk
+        forged = (
+            h.sa.spi_i + h.sa.spi_r + b"\x2e\x20\x25\x08" + (2).to_bytes(4, "big")
+            + (28 + 40).to_bytes(4, "big") + b"\x00\x00\x00\x28" + bytes(36)
+        )  # fmt: skip
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(NON_ESP_MARKER + forged, ("127.0.0.1", res.natt_port))
+        s.close()
+        await asyncio.sleep(0.1)
+        assert res.counters.received >= 3 and (rh.remote, rh.natt) == (where, natt)
+        assert res.counters.floated == 0
+    finally:
+        await ini.stop()
+        await res.stop()

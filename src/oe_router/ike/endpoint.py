@@ -357,14 +357,9 @@ class IkeEndpoint:
         if h is None:
             c.unknown_spi += 1
             return
-        if natt and not h.natt:
-            self.counters.floated += 1
-            h.natt = True  # the peer floated (RFC 7296 §2.23): follow it
-        if not h.original_initiator and not is_response:
-            h.remote = remote  # a NATed initiator's mapping may change: follow its requests
-        h.last_rx = now
+        before = (h.sa.get_timer(), h.sa.state, h.sa.spi_r)
         h.sa.receive_datagram(data, now, remote)
-        self._after(h, reply_to=None if is_response else remote)
+        self._after(h, reply_to=None if is_response else remote, heard=(natt, remote, before))
 
     def _new_responder(
         self, local_ip: str, natt: bool, data: bytes, remote: Address, now: float
@@ -415,18 +410,42 @@ class IkeEndpoint:
         except OSError as exc:
             log.debug("IKE: send to %s failed: %s", remote[0], exc)
 
-    def _after(self, h: SaHandle, reply_to: Address | None = None) -> None:
-        """Float if IKE_SA_INIT found a NAT, send, index SPIs, deliver events, re-arm timer."""
+    def _after(
+        self,
+        h: SaHandle,
+        reply_to: Address | None = None,
+        heard: tuple[bool, Address, tuple[object, ...]] | None = None,
+    ) -> None:
+        """Float if IKE_SA_INIT found a NAT, send, index SPIs, deliver events, re-arm timer.
+
+        ``heard`` (socket was NAT-T, source, SA state before) marks a datagram just fed:
+        only one the SA accepted (it answered, reported, or changed state) may move
+        the peer's address or port; a forged or replayed packet must not.
+        """
         sa = h.sa
+        out = sa.datagrams_to_send()
+        events: list[Event] = []
+        while (e := sa.next_event()) is not None:
+            events.append(e)
+        if heard is not None:
+            natt, source, before = heard
+            if out or events or before != (sa.get_timer(), sa.state, sa.spi_r):
+                h.last_rx = self._clock()
+                if natt and not h.natt:
+                    self.counters.floated += 1
+                    h.natt = True  # the peer floated (RFC 7296 §2.23): follow it
+                if not h.original_initiator and reply_to is not None:
+                    h.remote = source  # a NATed initiator's mapping may change
         if sa.is_initiator and not h.natt and sa.state == "auth-sent" and any(sa.nat_detected):
             h.natt = True
             h.remote = (h.remote[0], h.remote_natt_port)
             self.counters.floated += 1
             log.info("IKE SA with %s: NAT detected, floating to port 4500", h.remote[0])
-        for d in sa.datagrams_to_send():
+        out += sa.datagrams_to_send()
+        for d in out:
             self._send(h.local[0], h.natt, d, reply_to or h.remote)
         self._index(h)
-        while (ev := sa.next_event()) is not None:
+        for ev in events:
             if isinstance(ev, IkeSaEstablished):
                 h.established_at = self._clock()
                 self._close_half_open(h)
