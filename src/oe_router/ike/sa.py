@@ -298,6 +298,7 @@ class IkeSa:
     _aux: list[IkeSa] = field(default_factory=list)  # replaced / redundant IKE SAs
     _retired: bool = False  # an aux link: answers Delete and replays, refuses the rest
     _retire_at: float | None = None
+    _early_deletes: set[bytes] = field(default_factory=set)  # peer SPIs deleted before known
 
     # ---------------------------------------------------------------- construction
 
@@ -862,6 +863,14 @@ class IkeSa:
             setattr(old, name, getattr(self, name))
             setattr(self, name, getattr(new, name))
         old._retire_at = now + self.config.retire_timeout
+        pending, old._inflight = old._inflight, None
+        if pending is not None and pending.kind != "rekey-ike":
+            # sent on the replaced SA, which will not complete it: redo it on the new one
+            old._retransmit_at = None
+            c = self._children.get(pending.child)
+            if pending.kind == "rekey-child" and c is not None and c.state == "rekeying":
+                c.state = "installed"
+            self._queue.appendleft(pending)
         self._aux.append(old)
         self._ike_rekey_at, self._ike_expire_at = self._lifetime(self.config.ike_lifetime, now)
         self._events.append(
@@ -1028,6 +1037,7 @@ class IkeSa:
         self._retransmit_at = None
         if req.kind in ("create", "rekey-child"):
             self._child_response(req, msg, now)
+            self._early_deletes.clear()
         elif req.kind == "rekey-ike":
             self._ike_rekey_response(req, msg, now)
         elif req.kind == "delete-child":
@@ -1108,6 +1118,8 @@ class IkeSa:
             self._child_failed(req, old, str(e), e.notify)
             return
         if child is None:
+            if old is not None and old.state == "rekeying":
+                old.state = "installed"
             return
         if req.kind == "create":
             self._report(child)
@@ -1180,6 +1192,10 @@ class IkeSa:
             now,
             req.request_id,
         )
+        if child.spi_out in self._early_deletes:  # the peer deleted it before we saw it
+            self._early_deletes.discard(child.spi_out)
+            del self._children[child.spi_in]
+            return None
         why = self._initiator_ts_problem(tsi.selectors, tsr.selectors, req.ts_local, req.ts_remote)
         if why:
             self._queue_delete(child, why, now)  # the responder installed it: remove it
@@ -1205,10 +1221,13 @@ class IkeSa:
         try:
             if errors:
                 n = errors[0]
-                if n.notify_type == NotifyType.TEMPORARY_FAILURE and self._retry_later(req, now):
-                    return
-                if n.notify_type == NotifyType.INVALID_KE_PAYLOAD and self._retry_group(req, n):
-                    return
+                if theirs is None:  # with a collision, the peer's rekey simply wins
+                    if n.notify_type == NotifyType.TEMPORARY_FAILURE and self._retry_later(
+                        req, now
+                    ):
+                        return
+                    if n.notify_type == NotifyType.INVALID_KE_PAYLOAD and self._retry_group(req, n):
+                        return
                 raise IkeProtocolError(
                     n.notify_type, f"peer refused the IKE rekey: {notify_name(n.notify_type)}"
                 )
@@ -1290,6 +1309,10 @@ class IkeSa:
         old: ChildRecord | None = None
         if rekey is not None:
             old = next((c for c in self._children.values() if c.spi_out == rekey.spi), None)
+            if old is None and busy in ("create", "rekey-child"):
+                # it may be the SA our own exchange made, whose answer we have not seen
+                self._refuse(msg, NotifyType.TEMPORARY_FAILURE)
+                return
             if old is None:
                 self._refuse(msg, NotifyType.CHILD_SA_NOT_FOUND, spi=rekey.spi)
                 return
@@ -1451,6 +1474,11 @@ class IkeSa:
             for peer_spi in d.spis:
                 c = next((c for c in self._children.values() if c.spi_out == peer_spi), None)
                 if c is None:
+                    if self._inflight is not None and self._inflight.kind in (
+                        "create",
+                        "rekey-child",
+                    ):
+                        self._early_deletes.add(peer_spi)  # made by our exchange, still unseen
                     continue
                 if c.state != "deleting":  # both deleting: answer without it (§1.4.1)
                     gone.append(c.spi_in)
