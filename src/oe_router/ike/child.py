@@ -10,13 +10,18 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .constants import CfgAttrType, CfgType
 from .crypto import KeyExchange
 from .events import ChildSaEstablished, ChildSaRekeyed
 from .keys import Prf, child_keymat, split_child_keymat
-from .payloads import CP, CfgAttribute, IpAddress, Payload, TrafficSelector
+from .message import Message
+from .payloads import CP, CfgAttribute, IpAddress, Notify, Payload, TrafficSelector
 from .proposals import EspChoice, esp_key_lengths
+
+if TYPE_CHECKING:
+    from .sa import IkeSa
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class Collision:
     ni: bytes
     nr: bytes
     child: ChildRecord | None = None
-    link: object | None = None  # the peer's new IkeSa link, for an IKE SA collision
+    link: IkeSa | None = None  # the peer's new IKE SA link, for an IKE SA collision
 
 
 @dataclass
@@ -186,6 +191,10 @@ def cp_reply(request: CP, addresses: tuple[str, ...]) -> tuple[CP, tuple[IpAddre
     return CP(CfgType.CFG_REPLY, attrs), tuple(given)
 
 
+def has_notify(msg: Message, notify_type: int) -> bool:
+    return any(isinstance(p, Notify) and p.notify_type == notify_type for p in msg.payloads)
+
+
 __all__ = [
     "ChildRecord",
     "ChildSaInfo",
@@ -195,4 +204,5 @@ __all__ = [
     "cp_reply",
     "cp_reply_addresses",
     "cp_request",
+    "has_notify",
 ]

@@ -61,7 +61,9 @@ class ChildSaEstablished(Event):
     ts_remote: tuple[TrafficSelector, ...]
     udp_encap: bool  # NAT detected: ESP goes in UDP 4500 (RFC 3948)
     request_id: int | None = None  # what ``IkeSa.create_child`` returned; None for the first
-    internal_addresses: tuple[IpAddress, ...] = ()  # CP(CFG_REPLY) INTERNAL_IP4/6_ADDRESS
+    # CP(CFG_REPLY) INTERNAL_IP4/6_ADDRESS: as initiator what the peer gave us (CAT),
+    # as responder what we gave the peer
+    internal_addresses: tuple[IpAddress, ...] = ()
 
 
 @dataclass(frozen=True)

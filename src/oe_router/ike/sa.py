@@ -42,6 +42,7 @@ from .child import (
     cp_reply,
     cp_reply_addresses,
     cp_request,
+    has_notify,
 )
 from .constants import (
     AuthMethod,
@@ -67,6 +68,7 @@ from .events import (
     IkeSaRekeyed,
     InitialContact,
 )
+from .exchanges import create_child_initiator, create_child_responder
 from .keys import IkeSaKeys, Prf, ike_sa_keys, rekey_skeyseed, skeyseed
 from .message import FragmentReassembler, Message, decrypt
 from .payloads import (
@@ -98,7 +100,6 @@ from .proposals import (
     esp_key_lengths,
     esp_proposals,
     ike_proposals,
-    select_child_proposal,
     select_esp_proposal,
     select_ike_proposal,
     single,
@@ -1068,139 +1069,16 @@ class IkeSa:
         self._queue.appendleft(req)
         return True
 
-    # ---------------------------------------------------------------- CREATE_CHILD_SA, ours
-
-    def _child_failed(
-        self, req: Request, old: ChildRecord | None, reason: str, notify: int | None
-    ) -> None:
-        if old is not None:
-            if old.collision is not None and old.collision.child is not None:
-                winner = old.collision.child  # our rekey failed: the peer's wins
-                old.collision = None
-                old.state = "rekeyed"
-                self._report(winner, old)
-                return
-            if old.state == "rekeying":
-                old.state = "installed"
-        self._events.append(
-            ChildSaFailed(reason, notify, req.request_id, old.spi_in if old else None)
-        )
+    # ---------------------------------------------------------------- CREATE_CHILD_SA
 
     def _child_response(self, req: Request, msg: Message, now: float) -> None:
-        old = self._children.get(req.child) if req.kind == "rekey-child" else None
-        errors = [p for p in msg.payloads if isinstance(p, Notify) and p.is_error]
-        if errors:
-            n = errors[0]
-            if n.notify_type == NotifyType.TEMPORARY_FAILURE:
-                if old is not None and old.state == "rekeying" and old.collision is None:
-                    old.state = "installed"
-                    req.not_before = now  # re-checked at send time
-                if (old is None or old.collision is None) and self._retry_later(req, now):
-                    return
-            elif n.notify_type == NotifyType.INVALID_KE_PAYLOAD and self._retry_group(req, n):
-                if old is not None and old.state == "rekeying":
-                    old.state = "installed"
-                return
-            elif n.notify_type == NotifyType.CHILD_SA_NOT_FOUND and old is not None:
-                # §2.25: forget it and create a fresh Child SA with the same selectors
-                self._remove_child(old, "the peer no longer has it")
-                self._queue.append(
-                    Request("create", None, req.ts_local, req.ts_remote, req.transport)
-                )
-                return
-            self._child_failed(
-                req, old, f"peer refused the Child SA: {notify_name(n.notify_type)}", n.notify_type
-            )
-            return
-        try:
-            child = self._accept_child(req, msg, now)
-        except IkeProtocolError as e:
-            self._child_failed(req, old, str(e), e.notify)
-            return
-        if child is None:
-            if old is not None and old.state == "rekeying":
-                old.state = "installed"
-            return
-        if req.kind == "create":
-            self._report(child)
-            return
-        if old is None or req.orphaned:
-            # the SA we rekeyed was deleted by the peer meanwhile: drop the new one (§2.25.1)
-            self._queue_delete(child, "replaced SA is gone", now)
-            return
-        col, old.collision = old.collision, None
-        if col is not None and col.child is not None:
-            theirs = col.child
-            if min(req.ni, req.nr, col.ni, col.nr) in (req.ni, req.nr):
-                # our exchange holds the lowest nonce: our new SA is redundant (§2.8.1)
-                self._report(child)
-                self._queue_delete(child, "redundant after a rekey collision", now)
-                self._report(theirs, old)
-                old.state = "rekeyed"  # the peer, who made the survivor, deletes it
-            else:
-                self._report(child, old)
-                self._report(theirs)
-                theirs.state = "redundant"  # the peer deletes it
-                self._queue_delete(old, "rekeyed", now)
-            return
-        self._report(child, old)
-        self._queue_delete(old, "rekeyed", now)
+        create_child_initiator.child_response(self, req, msg, now)
 
-    def _accept_child(self, req: Request, msg: Message, now: float) -> ChildRecord | None:
-        """Check a CREATE_CHILD_SA response and derive the new Child SA (initiator side)."""
-        sa, nonce, ke = msg.first(SA), msg.first(Nonce), msg.first(KE)
-        tsi, tsr = msg.first(TSi), msg.first(TSr)
-        if not (
-            isinstance(sa, SA)
-            and isinstance(nonce, Nonce)
-            and isinstance(tsi, TSi)
-            and isinstance(tsr, TSr)
-            and len(sa.proposals) == 1
-        ):
-            raise IkeProtocolError(
-                NotifyType.INVALID_SYNTAX, "CREATE_CHILD_SA response lacks SA/Nonce/TSi/TSr"
-            )
-        if not 16 <= len(nonce.data) <= 256:
-            raise IkeProtocolError(NotifyType.INVALID_SYNTAX, f"nonce of {len(nonce.data)} bytes")
-        prop = sa.proposals[0]
-        for ttype in (TransformType.ENCR, TransformType.INTEG, TransformType.DH, TransformType.ESN):
-            single(prop, ttype)
-        group = req.ke.group if req.ke is not None else None
-        picked = select_child_proposal(
-            [prop], self.config.esp_proposals, group, (group,) if group is not None else ()
-        )
-        if picked is None or (req.ke is not None and picked[1].dh is None):
-            raise IkeProtocolError(
-                NotifyType.NO_PROPOSAL_CHOSEN, "peer chose ESP transforms we did not offer"
-            )
-        shared: bytes | None = None
-        if req.ke is not None:
-            if not isinstance(ke, KE) or ke.group != req.ke.group:
-                raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "response lacks the PFS KE")
-            shared = req.ke.shared_secret(ke.data)
-        req.nr = nonce.data
-        transport = req.transport and _has_notify(msg, NotifyType.USE_TRANSPORT_MODE)
-        child = self._new_child(
-            picked[1],
-            req.new_spi,
-            tsi.selectors,
-            tsr.selectors,
-            transport,
-            (req.ni, nonce.data),
-            shared,
-            True,
-            now,
-            req.request_id,
-        )
-        if child.spi_out in self._early_deletes:  # the peer deleted it before we saw it
-            self._early_deletes.discard(child.spi_out)
-            del self._children[child.spi_in]
-            return None
-        why = self._initiator_ts_problem(tsi.selectors, tsr.selectors, req.ts_local, req.ts_remote)
-        if why:
-            self._queue_delete(child, why, now)  # the responder installed it: remove it
-            raise IkeProtocolError(NotifyType.TS_UNACCEPTABLE, why)
-        return child
+    def _ike_rekey_response(self, req: Request, msg: Message, now: float) -> None:
+        create_child_initiator.ike_rekey_response(self, req, msg, now)
+
+    def _got_create_child(self, msg: Message, now: float) -> None:
+        create_child_responder.got_create_child(self, msg, now)
 
     def _initiator_ts_problem(
         self,
@@ -1214,171 +1092,6 @@ class IkeSa:
         if self._confined() and not self.config.containment.initiator_accepts(tsr, self._peer_ip):
             return f"confined peer {self._peer_ip} claimed selectors beyond its own address"
         return ""
-
-    def _ike_rekey_response(self, req: Request, msg: Message, now: float) -> None:
-        errors = [p for p in msg.payloads if isinstance(p, Notify) and p.is_error]
-        theirs = self._ike_collision
-        try:
-            if errors:
-                n = errors[0]
-                if theirs is None:  # with a collision, the peer's rekey simply wins
-                    if n.notify_type == NotifyType.TEMPORARY_FAILURE and self._retry_later(
-                        req, now
-                    ):
-                        return
-                    if n.notify_type == NotifyType.INVALID_KE_PAYLOAD and self._retry_group(req, n):
-                        return
-                raise IkeProtocolError(
-                    n.notify_type, f"peer refused the IKE rekey: {notify_name(n.notify_type)}"
-                )
-            sa, nonce, ke = msg.first(SA), msg.first(Nonce), msg.first(KE)
-            if not (
-                isinstance(sa, SA)
-                and isinstance(nonce, Nonce)
-                and isinstance(ke, KE)
-                and len(sa.proposals) == 1
-            ):
-                raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "IKE rekey response incomplete")
-            prop = sa.proposals[0]
-            assert req.ke is not None
-            choice = select_ike_proposal([prop], self.config.ike_proposals, req.ke.group)
-            if (
-                choice is None
-                or choice.dh != req.ke.group
-                or ke.group != req.ke.group
-                or len(prop.spi) != 8
-                or not 16 <= len(nonce.data) <= 256
-            ):
-                raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "bad IKE rekey response")
-            shared = req.ke.shared_secret(ke.data)
-        except IkeProtocolError:
-            if theirs is not None and theirs.link is not None:
-                self._ike_collision = None
-                assert isinstance(theirs.link, IkeSa)
-                self._switch_to(theirs.link, now)
-            return
-        ours = self._rekeyed_link(choice, shared, req.ni, nonce.data, (req.new_spi, prop.spi), True)
-        self._ike_collision = None
-        if theirs is not None and isinstance(theirs.link, IkeSa):
-            if min(req.ni, nonce.data, theirs.ni, theirs.nr) in (req.ni, nonce.data):
-                # ours is redundant (§2.8.2): we delete it; the peer deletes the old SA
-                self._switch_to(theirs.link, now)
-                self._aux.append(ours)
-                ours._retired = True
-                ours.state = "established"
-                ours._start(Request("delete-ike"), now)
-            else:
-                old = self._switch_to(ours, now)
-                old._start(Request("delete-ike"), now)
-                theirs.link._retire_at = now + self.config.retire_timeout
-                self._aux.append(theirs.link)  # the peer deletes its redundant SA
-        else:
-            old = self._switch_to(ours, now)
-            old._start(Request("delete-ike"), now)
-        self._collect_aux()
-
-    # ---------------------------------------------------------------- CREATE_CHILD_SA, peer's
-
-    def _got_create_child(self, msg: Message, now: float) -> None:
-        """Answer a peer's CREATE_CHILD_SA: new Child SA, Child rekey or IKE rekey."""
-        if self._retired or self.state == "deleting" or self._delete_requested:
-            self._refuse(msg, NotifyType.TEMPORARY_FAILURE)  # §2.25.2: SA being closed
-            return
-        sa = msg.first(SA)
-        if not isinstance(sa, SA):
-            self._refuse(msg, NotifyType.INVALID_SYNTAX)
-            return
-        rekey = next(
-            (
-                p
-                for p in msg.payloads
-                if isinstance(p, Notify) and p.notify_type == NotifyType.REKEY_SA
-            ),
-            None,
-        )
-        busy = self._inflight.kind if self._inflight is not None else ""
-        if rekey is None and any(p.protocol_id == ProtocolId.IKE for p in sa.proposals):
-            if busy and busy != "rekey-ike":
-                self._refuse(msg, NotifyType.TEMPORARY_FAILURE)  # finish ours first
-                return
-            self._respond_ike_rekey(msg, sa, now)
-            return
-        if busy == "rekey-ike" or self._ike_collision is not None:
-            self._refuse(msg, NotifyType.TEMPORARY_FAILURE)  # §2.25: we are rekeying the IKE SA
-            return
-        old: ChildRecord | None = None
-        if rekey is not None:
-            old = next((c for c in self._children.values() if c.spi_out == rekey.spi), None)
-            if old is None and busy in ("create", "rekey-child"):
-                # it may be the SA our own exchange made, whose answer we have not seen
-                self._refuse(msg, NotifyType.TEMPORARY_FAILURE)
-                return
-            if old is None:
-                self._refuse(msg, NotifyType.CHILD_SA_NOT_FOUND, spi=rekey.spi)
-                return
-            if old.state not in ("installed", "rekeying"):
-                self._refuse(msg, NotifyType.TEMPORARY_FAILURE)  # §2.25.1: being closed
-                return
-        try:
-            child, payloads, nr = self._responder_new_child(msg, sa, now, old)
-        except IkeProtocolError as e:
-            self._refuse(msg, e.notify, e.data)
-            if old is None:
-                self._events.append(ChildSaFailed(f"refused the peer's Child SA: {e}", e.notify))
-            return
-        self._respond_encrypted(msg, payloads)
-        if old is None:
-            self._report(child)
-        elif old.state == "rekeying":  # simultaneous rekey (§2.8.1): decided when ours ends
-            nonce = msg.first(Nonce)
-            assert isinstance(nonce, Nonce)
-            old.collision = Collision(nonce.data, nr, child)
-        else:
-            old.state = "rekeyed"  # the peer deletes it
-            self._report(child, old)
-
-    def _responder_new_child(
-        self, msg: Message, sa: SA, now: float, old: ChildRecord | None
-    ) -> tuple[ChildRecord, list[Payload], bytes]:
-        nonce, ke, tsi, tsr = msg.first(Nonce), msg.first(KE), msg.first(TSi), msg.first(TSr)
-        if not (isinstance(nonce, Nonce) and isinstance(tsi, TSi) and isinstance(tsr, TSr)):
-            raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "request lacks Nonce/TSi/TSr")
-        if not 16 <= len(nonce.data) <= 256:
-            raise IkeProtocolError(NotifyType.INVALID_SYNTAX, f"nonce of {len(nonce.data)} bytes")
-        ke_group = ke.group if isinstance(ke, KE) else None
-        picked = select_child_proposal(sa.proposals, self.config.esp_proposals, ke_group)
-        if picked is None:
-            raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "no acceptable ESP proposal")
-        number, choice = picked
-        shared: bytes | None = None
-        reply_ke: list[Payload] = []
-        if choice.dh is not None:
-            if not isinstance(ke, KE) or ke.group != choice.dh:
-                raise IkeProtocolError(
-                    NotifyType.INVALID_KE_PAYLOAD,
-                    f"KE group {ke_group}, we want {choice.dh}",
-                    choice.dh.to_bytes(2, "big"),
-                )
-            mine = dh_group(choice.dh).generate()
-            shared = mine.shared_secret(ke.data)
-            reply_ke = [KE(choice.dh, mine.public_bytes)]
-        ts_remote, ts_local = self._responder_selectors(tsi.selectors, tsr.selectors, ())
-        transport = (
-            old.transport
-            if old is not None
-            else self.config.transport_mode and _has_notify(msg, NotifyType.USE_TRANSPORT_MODE)
-        )
-        nr = self.random(self.config.nonce_len)
-        our_spi = self._spi4()
-        child = self._new_child(
-            choice, our_spi, ts_local, ts_remote, transport, (nonce.data, nr), shared, False, now
-        )
-        payloads: list[Payload] = (
-            [Notify.status(NotifyType.USE_TRANSPORT_MODE)] if transport else []
-        )
-        payloads += [SA([choice.proposal(number, our_spi)]), Nonce(nr), *reply_ke]
-        payloads += [TSi(ts_remote), TSr(ts_local)]
-        return child, payloads, nr
 
     def _responder_selectors(
         self,
@@ -1403,51 +1116,12 @@ class IkeSa:
             )
         return peer_side, our_side
 
-    def _respond_ike_rekey(self, msg: Message, sa: SA, now: float) -> None:
-        nonce, ke = msg.first(Nonce), msg.first(KE)
-        try:
-            if not isinstance(nonce, Nonce) or not isinstance(ke, KE):
-                raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "IKE rekey lacks Nonce or KE")
-            if not 16 <= len(nonce.data) <= 256:
-                raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "bad nonce length")
-            picked = next(
-                (
-                    (p, c)
-                    for p in sa.proposals
-                    if len(p.spi) == 8
-                    and (c := select_ike_proposal([p], self.config.ike_proposals, ke.group))
-                ),
-                None,
-            )
-            if picked is None:
-                raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "no acceptable IKE proposal")
-            prop, choice = picked
-            if choice.dh != ke.group:
-                raise IkeProtocolError(
-                    NotifyType.INVALID_KE_PAYLOAD, "KE group", choice.dh.to_bytes(2, "big")
-                )
-            mine = dh_group(choice.dh).generate()
-            shared = mine.shared_secret(ke.data)
-        except IkeProtocolError as e:
-            self._refuse(msg, e.notify, e.data)
-            return
-        nr = self.random(self.config.nonce_len)
-        spi = self._spi8()
-        link = self._rekeyed_link(choice, shared, nonce.data, nr, (prop.spi, spi), False)
-        self._respond_encrypted(
-            msg, [SA([choice.proposal(spi)]), Nonce(nr), KE(choice.dh, mine.public_bytes)]
-        )
-        if self._inflight is not None and self._inflight.kind == "rekey-ike":
-            self._ike_collision = Collision(nonce.data, nr, link=link)  # decided when ours ends
-        else:
-            self._switch_to(link, now)  # the old SA waits for the peer's Delete
-
     # ---------------------------------------------------------------- INFORMATIONAL
 
     def _got_informational(self, request: Message, now: float) -> None:
         """Answer a peer's INFORMATIONAL: liveness (empty), Delete (RFC 7296 §1.4.1),
         or AUTHENTICATION_FAILED for our IKE_AUTH response (§2.21.2)."""
-        if _has_notify(request, NotifyType.AUTHENTICATION_FAILED):
+        if has_notify(request, NotifyType.AUTHENTICATION_FAILED):
             self._respond_encrypted(request, [])
             self._fail(
                 f"{self._peer_ip} rejected our authentication", NotifyType.AUTHENTICATION_FAILED
@@ -1457,7 +1131,7 @@ class IkeSa:
         if any(d.protocol_id == ProtocolId.IKE for d in deletes):
             self._respond_encrypted(request, [])
             col = self._ike_collision
-            if col is not None and isinstance(col.link, IkeSa) and not self._retired:
+            if col is not None and col.link is not None and not self._retired:
                 # §2.25.2 with a collision: the peer won and deletes the old SA
                 self._ike_collision = None
                 old = self._switch_to(col.link, now)
@@ -1645,7 +1319,7 @@ class IkeSa:
             return
         self._established(now)
         self._events.append(self._ike_event(ident, auth.method, self._local_auth_method))
-        if _has_notify(msg, NotifyType.INITIAL_CONTACT):
+        if has_notify(msg, NotifyType.INITIAL_CONTACT):
             self._events.append(
                 InitialContact((ident.id_type, ident.data), self._peer_ip, self.spi_i, self.spi_r)
             )
@@ -1674,7 +1348,7 @@ class IkeSa:
                 )
             )
             return
-        transport = self.config.transport_mode and _has_notify(msg, NotifyType.USE_TRANSPORT_MODE)
+        transport = self.config.transport_mode and has_notify(msg, NotifyType.USE_TRANSPORT_MODE)
         cp = msg.first(CP)
         child = self._new_child(
             picked[1],
@@ -1774,7 +1448,7 @@ class IkeSa:
         reply: list[Payload] = [my_id, self._make_auth(my_id)]
         self._established(now)
         self._events.append(self._ike_event(ident, auth.method, self._local_auth_method))
-        if _has_notify(msg, NotifyType.INITIAL_CONTACT):
+        if has_notify(msg, NotifyType.INITIAL_CONTACT):
             self._events.append(
                 InitialContact((ident.id_type, ident.data), self._peer_ip, self.spi_i, self.spi_r)
             )
@@ -1808,7 +1482,7 @@ class IkeSa:
             return ChildSaFailed(str(e), e.notify), [Notify.status(e.notify)]
         number, choice = picked
         our_spi = self._spi4()
-        transport = self.config.transport_mode and _has_notify(msg, NotifyType.USE_TRANSPORT_MODE)
+        transport = self.config.transport_mode and has_notify(msg, NotifyType.USE_TRANSPORT_MODE)
         if transport:
             extra.append(Notify.status(NotifyType.USE_TRANSPORT_MODE))
         extra += [SA([choice.proposal(number, our_spi)]), TSi(ts_remote), TSr(ts_local)]
@@ -1826,10 +1500,6 @@ class IkeSa:
             assigned,
         )
         return child, extra
-
-
-def _has_notify(msg: Message, notify_type: int) -> bool:
-    return any(isinstance(p, Notify) and p.notify_type == notify_type for p in msg.payloads)
 
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""Exchange handlers of ``IkeSa``, one role per module."""
