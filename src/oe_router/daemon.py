@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +37,10 @@ from oe_router.control import (
 from oe_router.control.ubus import UbusShim
 from oe_router.dns.hold import TunnelRequester
 from oe_router.dns.service import DnsService, dns_wanted
+from oe_router.ike.service import IkeService
+from oe_router.oe.negotiator import IkeNegotiator
+from oe_router.oe.service import OeService, kernel_datapath
+from oe_router.platform import Platform, probe_platform
 
 log = logging.getLogger("oe_router.daemon")
 
@@ -126,6 +130,9 @@ class ServiceRegistry:
                 return [problem]
             done.append(service)
         return []
+
+    def __iter__(self) -> Iterator[Service]:
+        return iter(tuple(self._services))
 
     def contributions(self) -> list[StatusContribution]:
         return [s.status() for s in self._running]
@@ -359,15 +366,98 @@ def configure_logging(stream: object = None) -> logging.Logger:
 # entry point ---------------------------------------------------------------
 
 
-def build_services(config: OeConfig, tunnels: TunnelRequester | None = None) -> ServiceRegistry:
-    """The daemon's services, in start order. Later issues add theirs here.
+class StatusOnly:
+    """Stands where IKE/OE would run when the machine cannot: ``oe status`` says why."""
 
-    ``tunnels`` is the hook for the OE manager's DNS entry point (its service's
-    ``ensure_tunnel``): until it is passed, keyed DNS answers go out clear.
+    def __init__(self, datapath: str) -> None:
+        self._datapath = datapath
+
+    @property
+    def name(self) -> str:
+        return "oe"
+
+    async def start(self, config: OeConfig) -> None:
+        log.warning("OE is off: %s", self._datapath)
+
+    async def reload(self, config: OeConfig) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def status(self) -> StatusContribution:
+        return StatusContribution(datapath=self._datapath)
+
+
+class _IkeWithNegotiator:
+    """The IKE service plus its OE negotiator adapter, stopped together (queued SA events)."""
+
+    def __init__(self, ike: IkeService, negotiator: IkeNegotiator) -> None:
+        self.ike = ike
+        self.negotiator = negotiator
+
+    @property
+    def name(self) -> str:
+        return self.ike.name
+
+    async def start(self, config: OeConfig) -> None:
+        try:
+            await self.ike.start(config)
+        except OSError as exc:
+            raise ServiceError(f"IKE sockets on {', '.join(self.ike.addresses)}: {exc}") from None
+
+    async def reload(self, config: OeConfig) -> None:
+        await self.ike.reload(config)
+
+    async def stop(self) -> None:
+        await self.ike.stop()
+        await asyncio.sleep(0)
+        await self.negotiator.stop()
+
+    def status(self) -> StatusContribution:
+        return self.ike.status()
+
+    def register_commands(self, commands: CommandTable) -> None:
+        self.ike.register_commands(commands)
+
+
+def build_services(
+    config: OeConfig,
+    tunnels: TunnelRequester | None = None,
+    platform: Platform | None = None,
+) -> ServiceRegistry:
+    """The daemon's services in start order: oe (datapath + OE manager), ike, dns.
+
+    Implementations are chosen from what ``platform`` (probed when None) found: no
+    WAN address means no IKE and no OE; no kernel ESP means IKE without a datapath
+    (SAs are negotiated, not installed). Either way ``oe status`` names the reason.
+    ``tunnels`` overrides the DNS front's tunnel requester (tests); by default it is
+    the OE service.
     """
+    plat = probe_platform(config) if platform is None else platform
     registry = ServiceRegistry()
+    oe: OeService | None = None
+    if not plat.wan:
+        registry.add(StatusOnly(f"none ({plat.wan_reason or 'no WAN address'})"))
+    else:
+        ike = IkeService([str(a) for a in plat.wan.values()])
+        if plat.esp:
+            negotiator = IkeNegotiator(ike)
+            oe = OeService(
+                datapath_factory=kernel_datapath(reason=plat.datapath_reason),
+                negotiator=negotiator,
+                wan=plat.wan,
+                lan=plat.lan,
+                dns_upstream=plat.dns_upstream,
+            )
+            negotiator.inbound = oe
+            registry.add(oe)
+            registry.add(_IkeWithNegotiator(ike, negotiator))
+        else:
+            registry.add(StatusOnly(f"none ({plat.datapath_reason}; SAs are not installed)"))
+            registry.add(ike)
     if dns_wanted(config):
-        registry.add(DnsService(tunnels=tunnels))
+        registry.add(DnsService(tunnels=tunnels if tunnels is not None else oe))
     else:
         log.info(
             "DNS front off: no trust anchor at %s (oe.dns.trust_anchor)", config.dns.trust_anchor
@@ -426,15 +516,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     root.setLevel(level_from_name(config.log_level))
     socket_path = args.socket if args.socket is not None else Path(config.control_socket)
+    registry = build_services(config)
     daemon = Daemon(
         config_path=config_path,
         config=config,
-        registry=build_services(config),
+        registry=registry,
         socket_path=socket_path,
         socket_mode=args.socket_mode,
         ubus=UbusShim(),
         on_config=lambda c: root.setLevel(level_from_name(c.log_level)),
     )
+    for service in registry:
+        register = getattr(service, "register_commands", None)
+        if register is not None:
+            register(daemon.commands)  # oe up / oe down
     try:
         return asyncio.run(daemon.run())
     except SocketBindError as exc:

@@ -10,6 +10,7 @@ import pytest
 from oe_router.config.schema import DnsConfig, Endpoint, OeConfig
 from oe_router.daemon import ServiceError, build_services
 from oe_router.dns.service import DnsService, dns_wanted
+from oe_router.platform import Platform
 
 ANCHOR = ". 3600 IN DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D\n"
 
@@ -21,10 +22,11 @@ def _config(anchor: Path) -> OeConfig:
 def test_dns_runs_only_with_a_trust_anchor_file(tmp_path: Path) -> None:
     anchor = tmp_path / "root.key"
     assert not dns_wanted(_config(anchor))
-    assert build_services(_config(anchor)).names == ()
+    no_wan = Platform(wan_reason="no interface named 'wan'")
+    assert build_services(_config(anchor), platform=no_wan).names == ("oe",)
     anchor.write_text(ANCHOR)
     assert dns_wanted(_config(anchor))
-    assert build_services(_config(anchor)).names == ("dns",)
+    assert build_services(_config(anchor), platform=no_wan).names == ("oe", "dns")
 
 
 def test_missing_anchor_is_one_service_error_naming_the_option(tmp_path: Path) -> None:

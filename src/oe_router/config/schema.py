@@ -222,6 +222,10 @@ class OeConfig:
     shunt_lifetime: float = 900.0
     #: Keep the ``private`` group's drop policies installed when the daemon stops.
     keep_private_on_stop: bool = True
+    #: Network devices: IKE and the tunnels use the WAN's addresses; the LAN's
+    #: prefixes never go into tunnels (OpenWrt names them after the network).
+    wan_interface: str = "wan"
+    lan_interface: str = "lan"
     dns: DnsConfig = field(default_factory=DnsConfig)
     ike: IkeConfig = field(default_factory=IkeConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
@@ -336,6 +340,16 @@ def parse_offload(text: str) -> str:
     if text in ("auto", "off") or _ENGINE_RE.fullmatch(text):
         return text
     raise BadValue("is not auto, off or an engine name (e.g. virtio_crypto_aes_cbc)")
+
+
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
+
+
+def parse_ifname(text: str) -> str:
+    """A Linux network device name (IFNAMSIZ: at most 15 bytes), e.g. ``wan``, ``eth0.2``."""
+    if _IFNAME_RE.fullmatch(text) and text not in (".", ".."):
+        return text
+    raise BadValue("is not a network device name (1-15 of A-Z a-z 0-9 _ . @ -, e.g. wan)")
 
 
 def parse_endpoint(text: str, default_port: int = 53) -> Endpoint:

@@ -32,6 +32,7 @@ from .schema import (
     parse_choice,
     parse_duration,
     parse_endpoint,
+    parse_ifname,
     parse_int,
     parse_local_id,
     parse_offload,
@@ -90,6 +91,8 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "offload": Opt("offload", parse_offload),
         "shunt_lifetime": Opt("shunt_lifetime", _dur(1.0, 24 * HOUR)),
         "keep_private_on_stop": Opt("keep_private_on_stop", parse_bool),
+        "wan_interface": Opt("wan_interface", parse_ifname),
+        "lan_interface": Opt("lan_interface", parse_ifname),
     },
     "dns": {
         "listen": Opt("listen", parse_endpoint, is_list=True),

@@ -339,10 +339,15 @@ class OeService:
             log.warning("oe: DELETE to %s failed: %s", action.peer, exc)
 
 
-def kernel_datapath(netns: str | None = None) -> DatapathFactory:
-    """The XFRM datapath, keeping "private" policies at stop as the config says."""
+def kernel_datapath(netns: str | None = None, reason: str | None = None) -> DatapathFactory:
+    """The XFRM datapath, keeping "private" policies at stop as the config says;
+    ``reason`` is why it was chosen (``oe status``)."""
 
     def make(config: OeConfig) -> Datapath:
-        return XfrmDatapath(keep_persistent_on_stop=config.keep_private_on_stop, netns=netns)
+        if reason is None:
+            return XfrmDatapath(keep_persistent_on_stop=config.keep_private_on_stop, netns=netns)
+        return XfrmDatapath(
+            keep_persistent_on_stop=config.keep_private_on_stop, netns=netns, reason=reason
+        )
 
     return make

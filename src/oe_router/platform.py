@@ -1,0 +1,124 @@
+"""What this machine offers the daemon: WAN/LAN addresses and a datapath, with reasons.
+
+Why a probe of its own: ``build_services`` must choose the implementations at start
+from what the machine has (kernel ESP or not, a WAN address or not) and ``oe status``
+must say which and why. The probe is the only place that looks at the machine; tests
+pass a ``Platform`` they made themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from oe_router.config.schema import OeConfig
+from oe_router.datapath.base import IPAddress, IPNetwork
+
+__all__ = ["Platform", "kernel_esp", "probe_platform", "read_interface", "upstream_addresses"]
+
+log = logging.getLogger("oe_router.daemon")
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The probe's findings. ``wan``: one address per IP version (4/6)."""
+
+    wan: dict[int, IPAddress] = field(default_factory=dict)
+    wan_reason: str = ""
+    lan: tuple[IPNetwork, ...] = ()
+    esp: bool = False
+    datapath_reason: str = ""
+    dns_upstream: tuple[IPAddress, ...] = ()
+
+
+def read_interface(ifname: str) -> tuple[list[IPAddress], list[IPNetwork], str]:
+    """Global addresses and their prefixes on ``ifname`` (pyroute2); ``reason`` if none."""
+    try:
+        from pyroute2 import IPRoute
+    except ImportError:  # pragma: no cover - a runtime dependency
+        return [], [], "pyroute2 is not installed"
+    addrs: list[IPAddress] = []
+    nets: list[IPNetwork] = []
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return [], [], f"no interface named {ifname!r}"
+        for msg in ipr.get_addr(index=idx[0]):
+            text = msg.get_attr("IFA_ADDRESS")
+            if text is None or msg["scope"] != 0:  # global scope only (no link-local)
+                continue
+            iface = ipaddress.ip_interface(f"{text}/{msg['prefixlen']}")
+            addrs.append(iface.ip)
+            nets.append(iface.network)
+    if not addrs:
+        return [], [], f"interface {ifname!r} has no global address"
+    return addrs, nets, ""
+
+
+def kernel_esp(modprobe: Callable[[str], None] | None = None) -> tuple[bool, str]:
+    """Whether the kernel does ESP through XFRM, and the reason either way."""
+    if not Path("/proc/net/xfrm_stat").exists():
+        return False, "the kernel has no XFRM (no /proc/net/xfrm_stat)"
+
+    def have() -> bool:
+        if Path("/sys/module/esp4").exists():
+            return True
+        try:
+            builtin = Path(f"/lib/modules/{os.uname().release}/modules.builtin").read_text()
+        except OSError:
+            return False
+        return "/esp4.ko" in builtin
+
+    if not have():
+        with contextlib.suppress(OSError):
+            (modprobe or _modprobe)("esp4")
+    if have():
+        return True, "kernel has ESP (esp4) and XFRM netlink"
+    return False, "the kernel has XFRM but no ESP (module esp4 missing)"
+
+
+def _modprobe(module: str) -> None:
+    subprocess.run(["modprobe", "-q", module], check=False, timeout=10, capture_output=True)
+
+
+def upstream_addresses(config: OeConfig) -> tuple[IPAddress, ...]:
+    """The DNS front's upstreams (kept out of OE: the resolver must stay reachable)."""
+    if config.dns.upstream:
+        return tuple(ipaddress.ip_address(e.host) for e in config.dns.upstream)
+    out: list[IPAddress] = []
+    try:
+        lines = Path(config.dns.resolv_file).read_text().splitlines()
+    except OSError:
+        return ()
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                out.append(ipaddress.ip_address(parts[1].split("%")[0]))
+            except ValueError:
+                continue
+    return tuple(out)
+
+
+def probe_platform(config: OeConfig) -> Platform:
+    """Look at the machine: WAN and LAN interfaces from the config, kernel ESP."""
+    wan_addrs, _, wan_reason = read_interface(config.wan_interface)
+    wan: dict[int, IPAddress] = {}
+    for a in wan_addrs:
+        wan.setdefault(a.version, a)
+    if wan_reason:
+        wan_reason = f"oe.global.wan_interface: {wan_reason}"
+    _, lan_nets, lan_reason = read_interface(config.lan_interface)
+    if lan_reason:
+        log.info("oe.global.lan_interface: %s (no LAN exclusion)", lan_reason)
+    if config.datapath == "userspace":
+        esp, reason = False, "oe.global.datapath is userspace, which is not implemented yet"
+    else:
+        esp, reason = kernel_esp()
+    return Platform(wan, wan_reason, tuple(lan_nets), esp, reason, upstream_addresses(config))
