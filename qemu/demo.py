@@ -19,9 +19,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import build
+import oelab
 from lab import Host, Lab, LabError
-
-DNS_FRONT = "127.0.0.1#5335"  # the DNS front's default listen address in files/etc/config/oe
 
 
 @dataclass
@@ -60,53 +59,13 @@ def kernel_sas(lab: Lab) -> dict[str, set[str]]:
 
 
 def start_daemon(lab: Lab, missing: list[str]) -> dict[str, Any] | None:
-    """Install the bundle's router files, start oe-routerd, point dnsmasq at its DNS front."""
-    router_files = lab.world_info.get("router", {})
-    ta = router_files.get("trust_anchor_ds")
-    prep = [
-        "mkdir -p /etc/oe /tmp/resolv.conf.d /var/run/oe",
-        f"echo 'nameserver {lab.plan.resolver}' > /tmp/resolv.conf.d/resolv.conf.auto",
-    ]
-    if ta:
-        prep.append(f"cp /lab/bundle/{ta} /etc/oe/root.key")
-    else:
-        missing.append("trust anchor: the world bundle names none (router.trust_anchor_ds)")
-    lab.router("; ".join(prep)).check()
-    if lab.router("test -x /usr/bin/oe-routerd").rc != 0:
-        missing.append("oe-routerd: not installed in the router image (no console script)")
+    """oe-routerd with identity @router.example.test (key from the world bundle), DNS front
+    behind dnsmasq (oelab.start_daemon); None, and the reason in ``missing``, if it fails."""
+    try:
+        return oelab.start_daemon(lab, local_id="@router.example.test")
+    except LabError as exc:
+        missing.append(str(exc))
         return None
-    lab.router(
-        "nohup oe-routerd --config /etc/config/oe >/lab/logs/oe-routerd.log 2>&1 </dev/null &"
-    )
-    status: dict[str, Any] | None = None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        res = lab.router("oe status --json", timeout=20)
-        if res.ok:
-            status = json.loads(res.stdout)
-            break
-        if lab.router("pgrep -f '[o]e-routerd'").rc != 0:
-            break
-        time.sleep(0.5)
-    if status is None:
-        log = (lab.run_dir / "logs" / "oe-routerd.log").read_text(errors="replace")
-        tail = "\n    ".join(log.strip().splitlines()[-8:])
-        missing.append(f"oe-routerd: did not start or did not answer `oe status`:\n    {tail}")
-        return None
-    if lab.router("ss -lnu | grep -q ':5335 '").rc == 0:
-        # As OpenWrt does it: uci add_list dhcp.@dnsmasq[0].server='127.0.0.1#5335'.
-        lab.router(
-            "kill $(cat /run/dnsmasq.pid); sleep 0.3; "
-            "dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
-            f"--server={DNS_FRONT} --proxy-dnssec --cache-size=0 --pid-file=/run/dnsmasq.pid "
-            "--user=root --log-queries --log-facility=/lab/logs/router-dnsmasq.log"
-        ).check()
-    else:
-        missing.append(
-            "DNS front: oe-routerd does not listen on 127.0.0.1:5335, so the DNS-triggered "
-            "path is not in use; dnsmasq still forwards straight to the world resolver"
-        )
-    return status
 
 
 def visit(lab: Lab, h: Host) -> Visit:
@@ -143,7 +102,14 @@ def gaps(status: dict[str, Any] | None, visits: list[Visit]) -> list[str]:
 
 def report(lab: Lab, visits: list[Visit], status: dict[str, Any] | None, missing: list[str]) -> str:
     sas = kernel_sas(lab)
-    tunnels = {t.get("remote") or t.get("peer"): t for t in (status or {}).get("tunnels", [])}
+    res = lab.router("oe status --json", timeout=20)
+    if res.ok:
+        status = json.loads(res.stdout)
+    tunnels = {
+        t["peer"]: t
+        for t in (status or {}).get("tunnels", [])
+        if t.get("source") == "ike" and t.get("state") == "established"
+    }
     lines = ["", "oe-router lab demo: what the LAN client's traffic looked like on the WAN", ""]
     hdr = f"{'destination':<20} {'address':<14} {'result':<10} {'verdict':<12} ESP  clear  IKE"
     lines += [hdr, "-" * len(hdr)]
@@ -155,7 +121,11 @@ def report(lab: Lab, visits: list[Visit], status: dict[str, Any] | None, missing
         )
         t = tunnels.get(v.host.ipv4)
         if t:
-            lines.append(f"{'':<20} IKE/ESP (oe status): {t.get('transform') or '?'}")
+            esp = ", ".join(c.get("transform", "?") for c in t.get("children", [])) or "-"
+            lines.append(
+                f"{'':<20} IKE {t.get('transform') or '?'}, auth {t.get('local_auth')}/"
+                f"{t.get('remote_auth')} (peer id {t.get('remote_id')}); ESP {esp}"
+            )
         if v.host.ipv4 in sas:
             lines.append(f"{'':<20} ESP (router kernel SA): {', '.join(sorted(sas[v.host.ipv4]))}")
         if v.host.expected:
