@@ -1,0 +1,102 @@
+"""IkeNegotiator: the OE manager's Negotiator over two real IkeServices on loopback.
+
+Why: it is the one place where Child SAs reach the OE manager, so these check that a
+negotiated Child SA comes back as a complete spec and is NOT also handed to the inbound path
+(no double install), that the peer's side arrives through adopt_inbound, that a second
+request rides the same IKE SA, and that a peer's DELETE reaches peer_deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from oe_router.config.schema import OeConfig
+from oe_router.datapath.base import ChildSaSpec, IPAddress, TrafficSelector
+from oe_router.ike.service import IkeService
+from oe_router.oe.manager import ChildRequest, PeerAuth
+from oe_router.oe.negotiator import IkeNegotiator
+
+LO = ipaddress.ip_address("127.0.0.1")
+
+
+class Inbound:
+    """Records what the negotiator hands to the OE service."""
+
+    def __init__(self) -> None:
+        self.adopted: list[tuple[IPAddress, ChildSaSpec]] = []
+        self.deleted: list[tuple[IPAddress, list[int] | None]] = []
+
+    async def adopt_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> None:
+        self.adopted.append((peer, spec))
+
+    async def peer_deleted(self, peer: IPAddress, spis: Iterable[int] | None) -> None:
+        self.deleted.append((peer, None if spis is None else list(spis)))
+
+
+@asynccontextmanager
+async def pair() -> Any:
+    a = IkeService([str(LO)], ike_port=0, natt_port=0, xfrm=False)
+    b = IkeService([str(LO)], ike_port=0, natt_port=0, xfrm=False)
+    ia, ib = Inbound(), Inbound()
+    na, nb = IkeNegotiator(a, ia), IkeNegotiator(b, ib)
+    await a.start(OeConfig())
+    await b.start(OeConfig())
+    assert a.endpoint is not None and b.endpoint is not None
+    a.remote_ike_port, a.remote_natt_port = b.endpoint.ike_port, b.endpoint.natt_port
+    b.remote_ike_port, b.remote_natt_port = a.endpoint.ike_port, a.endpoint.natt_port
+    try:
+        yield na, nb, ia, ib
+    finally:
+        await a.stop()
+        await b.stop()
+        await na.stop()
+        await nb.stop()
+
+
+def request() -> ChildRequest:
+    host = TrafficSelector(ipaddress.ip_network("127.0.0.1/32"))
+    return ChildRequest(LO, LO, PeerAuth(), host, host)
+
+
+def test_negotiate_returns_a_complete_spec_once_and_the_peer_adopts_its_side() -> None:
+    async def go() -> None:
+        async with pair() as (na, _nb, ia, ib):
+            result = await na.negotiate(request(), 0.0)
+            assert result.error is None and result.child_sa is not None
+            spec = result.child_sa
+            assert spec.local == spec.remote == LO
+            assert spec.remote_ts[0].net == ipaddress.ip_network("127.0.0.1/32")
+            await asyncio.sleep(0.05)
+            assert ia.adopted == []  # ours goes back to the manager only: no double install
+            ((peer, theirs),) = ib.adopted  # the responder's side through adopt_inbound
+            assert peer == LO
+            assert theirs.inbound.spi == spec.outbound.spi
+            assert theirs.outbound.encr_key == spec.inbound.encr_key
+            # a second flow rides the same IKE SA (CREATE_CHILD_SA), not a new one
+            again = await na.negotiate(request(), 0.0)
+            assert again.child_sa is not None
+            assert again.child_sa.inbound.spi != spec.inbound.spi
+            assert len(na.ike.sas) == 1
+            # our DELETE of the first Child SA reaches the peer's OE side as peer_deleted
+            await na.delete(LO, spec)
+            await asyncio.sleep(0.1)
+            assert (LO, [spec.inbound.spi]) in ib.deleted
+
+    asyncio.run(go())
+
+
+def test_negotiate_failure_is_a_result_with_the_reason() -> None:
+    async def go() -> None:
+        async with pair() as (na, _nb, _ia, _ib):
+            na.ike.up_timeout = 2.0
+            na.ike.remote_ike_port = 9  # nobody answers IKE there
+            na.ike.config = OeConfig()
+            result = await na.negotiate(request(), 0.0)
+            assert result.child_sa is None and result.error
+            assert "127.0.0.1" in result.error
+
+    asyncio.run(go())
