@@ -140,6 +140,10 @@ LINK_EXCLUSIONS: tuple[Exclusion, ...] = (
     _ex("255.255.255.255/32", "IPv4 broadcast (DHCP)"),
     _ex("fe80::/10", "IPv6 link-local (neighbour discovery, DHCPv6)"),
     _ex("ff00::/8", "IPv6 multicast"),
+    # Neighbour discovery also goes to global unicast addresses (NUD probes, a host
+    # resolving our WAN address): trapping it cuts the link. XFRM selectors cannot
+    # name ICMPv6 types here, so all of ICMPv6 stays out of OE (as ND must).
+    Exclusion(PolicyEntry(ipaddress.ip_network("::/0"), 58), "ICMPv6 (neighbour discovery)"),
 )
 
 
