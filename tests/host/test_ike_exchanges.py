@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from oe_router.config.schema import IkeConfig, OeConfig
+from oe_router.ike.auth import PrivateKey
 from oe_router.ike.events import ChildSaEstablished, ChildSaRekeyed
 from oe_router.ike.payloads import TrafficSelector
 from oe_router.ike.service import IkeService, PeerSa, RecordingSink
 
-from .charon import available, namespaces
+from .charon import Charon, available, namespaces
 
 pytestmark = pytest.mark.host
 
@@ -290,3 +296,268 @@ def test_ours_with_ours_equal_lifetimes(pair_ns: tuple[str, str]) -> None:
             await b.stop()
 
     asyncio.run(go())
+
+
+# --------------------------------------------------------------------------- ours <-> charon
+
+OURS, THEIRS = "10.0.4.1", "10.0.4.2"
+IKE = "aes256gcm16-prfsha256-x25519-ecp256-modp2048"
+#: with DH groups, so charon does PFS on Child SA rekeys (dropped in IKE_AUTH)
+ESP = "aes256gcm16-x25519-ecp256-modp2048"
+
+
+@dataclass
+class Key:
+    private: PrivateKey
+
+    def pkcs8(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def spki(self) -> bytes:
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+@pytest.fixture(scope="module")
+def ec_keys() -> tuple[Key, Key]:
+    """(ours, charon's) ECDSA P-256."""
+    return Key(ec.generate_private_key(ec.SECP256R1())), Key(
+        ec.generate_private_key(ec.SECP256R1())
+    )
+
+
+@pytest.fixture(scope="module")
+def charon_ns() -> Iterator[tuple[str, str]]:
+    """(our namespace, charon's), joined by one veth."""
+    with namespaces("e") as net:
+        o, c = net.add("o"), net.add("c")
+        net.link(o, f"{OURS}/24", c, f"{THEIRS}/24")
+        yield o, c
+
+
+def charon_conn(
+    name: str,
+    *,
+    initiator: bool,
+    ike: str = IKE,
+    ike_opts: str = "",
+    child_opts: str = "",
+) -> str:
+    """A swanctl connection to or from us (ECDSA keys unless ``ike_opts`` says otherwise)."""
+    remote = OURS if initiator else "%any"
+    return f"""
+  {name} {{
+    version = 2
+    local_addrs = {THEIRS}
+    remote_addrs = {remote}
+    proposals = {ike}
+    unique = never
+    {ike_opts}
+    local {{ auth = pubkey
+      pubkeys = charon.pem
+      id = charon.example }}
+    remote {{ auth = pubkey
+      pubkeys = ours.pem
+      id = router.example }}
+    children {{ {name}-c {{ local_ts = dynamic
+      remote_ts = dynamic
+      esp_proposals = {ESP}
+      mode = tunnel
+      {child_opts} }} }}
+  }}"""
+
+
+def start_charon(
+    tmp_path: Path, ns: str, conns: str, keys: tuple[Key, Key], extra: str = ""
+) -> Charon:
+    ours, theirs = keys
+    ch = Charon(
+        ns,
+        tmp_path / "charon",
+        conns,
+        pubkeys={"ours.pem": ours.spki(), "charon.pem": theirs.spki()},
+        privkeys={"charon.pem": theirs.pkcs8()},
+        extra_charon=extra,
+    )
+    ch.start()
+    return ch
+
+
+def our_service(ns: str, key: Key, **kw: Any) -> IkeService:
+    return service(ns, OURS, private_key=key.private, local_id="@router.example", **kw)
+
+
+def charon_child_spis(sas: str) -> list[tuple[str, str]]:
+    """(charon's inbound SPI, its outbound SPI) of every INSTALLED Child SA it lists."""
+    out, state, spi_in = [], "", ""
+    for line in sas.splitlines():
+        if m := re.match(r"\s+\S+: #\d+, reqid \d+, (\w+),", line):
+            state = m.group(1)
+        elif m := re.match(r"\s+in  ([0-9a-f]{8}),", line):
+            spi_in = m.group(1)
+        elif (m := re.match(r"\s+out ([0-9a-f]{8}),", line)) and state == "INSTALLED":
+            out.append((spi_in, m.group(1)))
+    return out
+
+
+def charon_ike_spis(sas: str) -> list[str]:
+    """SPIi+SPIr (hex) of every IKE SA charon lists."""
+    return [i + r for i, r in re.findall(r"\b([0-9a-f]{16})_i\*? ([0-9a-f]{16})_r", sas)]
+
+
+def child_keys(ev: ChildSaEstablished, initiator: bool) -> dict[str, bytes]:
+    """Our Child SA keys under charon's names; ``initiator``: we began the exchange."""
+    i, r = (ev.encr_key_out, ev.encr_key_in) if initiator else (ev.encr_key_in, ev.encr_key_out)
+    return {"encryption initiator key": i, "encryption responder key": r}
+
+
+def assert_child_keys_logged(ch: Charon, ev: ChildSaEstablished, initiator: bool) -> None:
+    ours = child_keys(ev, initiator)
+    groups = [g for g in ch.key_log() if "encryption initiator key" in g]
+    assert any(all(g.get(k) == v for k, v in ours.items()) for g in groups), (
+        f"no charon key group equals our Child SA {ev.spi_in.hex()} ({len(groups)} logged)"
+    )
+
+
+def assert_ike_keys_logged(ch: Charon, p: PeerSa) -> None:
+    nk = p.handle.sa.negotiated_keys()
+    assert nk is not None
+    k = nk.keys
+    ours = {"Sk_d": k.sk_d, "Sk_pi": k.sk_pi, "Sk_pr": k.sk_pr, "Sk_ei": k.sk_ei}
+    groups = [g for g in ch.key_log() if "Sk_d" in g]
+    assert any(all(g.get(n) == v for n, v in ours.items()) for g in groups), (
+        f"no charon IKE key group equals ours ({len(groups)} logged)"
+    )
+
+
+async def sas(ch: Charon) -> str:
+    return await asyncio.to_thread(ch.list_sas)
+
+
+def rekeys(svc: IkeService) -> list[ChildSaRekeyed]:
+    return [ev for _, ev in sink(svc).established if isinstance(ev, ChildSaRekeyed)]
+
+
+def test_charon_initiator_rekeys_child_we_rekey_ike(
+    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+) -> None:
+    """charon initiates and rekeys its Child SA after 2 s (PFS: a KE in the request);
+    our responder answers; we rekey the IKE SA after 3.4 s (ike_lifetime 4 s); charon
+    then terminates the Child SA and we delete the IKE SA. After each rekey the SPIs
+    are charon's and the keys equal its key log."""
+    ours_ns, ns = charon_ns
+    conns = charon_conn(
+        "out", initiator=True, child_opts="rekey_time = 2s\n life_time = 20s\n rand_time = 0"
+    )
+    ch = start_charon(tmp_path, ns, conns, ec_keys)
+
+    async def go() -> None:
+        svc = our_service(
+            ours_ns,
+            ec_keys[0],
+            peer_keys={THEIRS: ec_keys[1].private.public_key()},
+        )
+        await svc.start(ike_config(ike_lifetime=4.0, rekey_jitter=0))
+        try:
+            out = await asyncio.to_thread(ch.initiate, "out-c")
+            assert "initiate completed successfully" in out, out
+            await until("our responder has the Child SA", lambda: len(children(svc)) == 1)
+            p = only(svc)
+            (first,) = children(svc).values()
+            assert_child_keys_logged(ch, first, initiator=False)
+            await until("charon rekeyed the Child SA", lambda: len(rekeys(svc)) == 1, 4.0)
+            (ev,) = rekeys(svc)
+            assert (ev.old_spi_in, ev.old_spi_out) == (first.spi_in, first.spi_out)
+            await until("the old Child SA deleted", lambda: len(sink(svc).deleted) == 1)
+            assert list(children(svc)) == [ev.spi_in]
+            listing = await sas(ch)
+            assert charon_child_spis(listing) == [(ev.spi_out.hex(), ev.spi_in.hex())], listing
+            assert_child_keys_logged(ch, ev, initiator=False)
+            assert re.search(
+                r"generating CREATE_CHILD_SA request \d+ \[ N\(REKEY_SA\) SA No KE TSi TSr \]",
+                ch.log(),
+            ), "charon's rekey carried no KE (no PFS)"
+
+            old_ike = ike_spis(svc)
+            await until("we rekeyed the IKE SA", lambda: ike_spis(svc) != old_ike, 3.0)
+            assert p.handle.sa.is_initiator
+            listing = await sas(ch)
+            assert charon_ike_spis(listing) == [ike_spis(svc)], listing
+            assert charon_child_spis(listing) == [(ev.spi_out.hex(), ev.spi_in.hex())], listing
+            assert re.search(r"parsed CREATE_CHILD_SA request \d+ \[ SA No KE \]", ch.log())
+            assert_ike_keys_logged(ch, p)
+
+            await asyncio.to_thread(ch.swanctl, "--terminate", "--child", "out-c")
+            await until("charon's Child SA Delete reached us", lambda: not children(svc))
+            assert [d.spi_in for _, d in sink(svc).deleted][-1] == ev.spi_in
+            assert await svc.down(THEIRS) == 1
+            assert charon_ike_spis(await sas(ch)) == []
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
+
+
+def test_our_initiator_rekeys_child_charon_rekeys_ike(
+    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+) -> None:
+    """We initiate with child_lifetime 2.5 s (rekey at 2 s, PFS); charon accepts; charon
+    rekeys the IKE SA after 3 s (its rekey_time) and our responder follows; we delete
+    the Child SA, then charon deletes the IKE SA."""
+    ours_ns, ns = charon_ns
+    conns = charon_conn(
+        "in", initiator=False, ike_opts="rekey_time = 3s\n over_time = 20s\n rand_time = 0"
+    )
+    ch = start_charon(tmp_path, ns, conns, ec_keys)
+
+    async def go() -> None:
+        svc = our_service(ours_ns, ec_keys[0])
+        await svc.start(ike_config(child_lifetime=2.5, rekey_margin=0.5, rekey_jitter=0))
+        try:
+            p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
+            (first,) = children(svc).values()
+            assert_child_keys_logged(ch, first, initiator=True)
+            await until("we rekeyed the Child SA", lambda: len(rekeys(svc)) == 1, 3.0)
+            (ev,) = rekeys(svc)
+            assert (ev.old_spi_in, ev.old_spi_out) == (first.spi_in, first.spi_out)
+            await until("the old Child SA deleted", lambda: len(sink(svc).deleted) == 1)
+            listing = await sas(ch)
+            assert charon_child_spis(listing) == [(ev.spi_out.hex(), ev.spi_in.hex())], listing
+            assert_child_keys_logged(ch, ev, initiator=True)
+            assert re.search(
+                r"parsed CREATE_CHILD_SA request \d+ \[ N\(REKEY_SA\) SA No KE TSi TSr \]",
+                ch.log(),
+            ), "our rekey carried no KE (no PFS)"
+
+            old_ike = ike_spis(svc)
+            await until("charon rekeyed the IKE SA", lambda: ike_spis(svc) != old_ike, 3.0)
+            assert not p.handle.sa.is_initiator
+            listing = await sas(ch)
+            assert charon_ike_spis(listing) == [ike_spis(svc)], listing
+            assert charon_child_spis(listing) == [(ev.spi_out.hex(), ev.spi_in.hex())], listing
+            assert re.search(r"generating CREATE_CHILD_SA request \d+ \[ SA No KE \]", ch.log())
+            assert_ike_keys_logged(ch, p)
+
+            p.handle.sa.delete_child(ev.spi_in, svc.now())
+            flush(svc, p)
+            await until("our Child SA Delete answered", lambda: not children(svc))
+            assert charon_child_spis(await sas(ch)) == []
+            assert charon_ike_spis(await sas(ch)) == [ike_spis(svc)]
+            await asyncio.to_thread(ch.swanctl, "--terminate", "--ike", "in")
+            await until("charon's IKE SA Delete reached us", lambda: svc.sas == [])
+            assert p.error is None
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
