@@ -156,6 +156,8 @@ HOSTS: tuple[Host, ...] = (
     _h("bogus", 22, "bogus", "www.bogus.test", "servfail", services=("http",)),
     _h("ls-a", 30, "self-check", "a.example.test", "clear", services=("pluto", "http")),
     _h("ls-b", 31, "self-check", "b.example.test", "clear", services=("pluto", "http")),
+    # The policy-matrix peer: its group for the router is switched at run time (set-group.sh).
+    _h("ls-m", 32, "oe-matrix", None, "matrix", services=("pluto", "http")),
 )
 
 
@@ -383,6 +385,91 @@ def _libreswan_host(
     _write_host(outdir, host, f"lab_pluto {groups}\n", files)
 
 
+# set-group.sh for the matrix peer: run INSIDE its netns with LAB_STATE set, like start.sh.
+_SET_GROUP = """#!/bin/sh
+# set-group.sh VARIANT: libreswan's policy group for the router becomes VARIANT (clear,
+# clear-or-private, private-or-clear, private, block; or "matrix", one address per case):
+# pluto is stopped, the pre-rendered groups/VARIANT replaces ipsec.conf and
+# ipsec.d/policies, pluto starts again and the script returns once its conns are loaded.
+# A restart, not a reread: libreswan 4.10 has no command that swaps a conn's policy group
+# in place.
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/../../lib/common.sh"
+G=$1
+[ -d "$HERE/groups/$G" ] || { echo "set-group.sh: unknown group $G" >&2; exit 2; }
+LAB_HOST=@NETNS@
+STATE="${LAB_STATE:-/run/lab}/@NETNS@"
+export STATE LAB_HOST
+if [ -f "$STATE/pluto.pid" ]; then
+    pid=$(cat "$STATE/pluto.pid")
+    kill "$pid" 2>/dev/null || true
+    i=50
+    while kill -0 "$pid" 2>/dev/null && [ $i -gt 0 ]; do sleep 0.1; i=$((i - 1)); done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$STATE/pluto.pid" "$STATE/run/pluto.ctl" "$STATE/run/pluto.pid"
+fi
+ip xfrm state flush
+ip xfrm policy flush
+rm -rf "$STATE/ipsec.d/policies"
+mkdir -p "$STATE/ipsec.d/policies"
+cp "$HERE/groups/$G/policies/"* "$STATE/ipsec.d/policies/"
+sed "s|@STATE@|$STATE|g" "$HERE/groups/$G/ipsec.conf" >"$STATE/ipsec.conf"
+lab_pluto $(cat "$HERE/groups/$G/wait")
+echo "$G" >"$STATE/group"
+"""
+
+
+# The policy matrix: libreswan's group for the router at address MATRIX_BASE + n, for case
+# n = 5 * (index of the router's group) + (index of libreswan's group), groups in OE_GROUPS
+# order. One pluto answers all 25 cells at once (no restart between cases).
+MATRIX_BASE = 100
+
+
+def matrix_address(router_group: str, peer_group: str) -> str:
+    """The matrix peer's address for (the router's group, libreswan's group)."""
+    n = 5 * peers.OE_GROUPS.index(router_group) + peers.OE_GROUPS.index(peer_group)
+    return f"{NET4}{MATRIX_BASE + n}"
+
+
+def _matrix_host(outdir: Path, host: Host, router: str) -> None:
+    """A libreswan host for the policy matrix and for peer-restart tests.
+
+    Variants under groups/: "matrix" (25 local addresses, one per cell, see
+    matrix_address) and one per OE group (the host's own address only), switched at
+    run time with ``hosts/<netns>/set-group.sh VARIANT`` (pluto restart, ~1.5 s).
+    """
+    files: dict[str, str | bytes] = {"ipsec.secrets": ""}
+    for group in peers.OE_GROUPS:
+        policies = {group: [f"{router}/32"]}
+        files[f"groups/{group}/ipsec.conf"] = peers.render_libreswan_conf(host.v4, policies)
+        for g, text in peers.render_policy_files(policies).items():
+            files[f"groups/{group}/policies/{g}"] = text
+        files[f"groups/{group}/wait"] = f"{group}\n"
+    cases = [(matrix_address(r, p), p) for r in peers.OE_GROUPS for p in peers.OE_GROUPS]
+    conf, policy_files = peers.render_libreswan_matrix(router, cases)
+    files["groups/matrix/ipsec.conf"] = conf
+    for name, text in policy_files.items():
+        files[f"groups/matrix/policies/{name}"] = text
+    files["groups/matrix/wait"] = "".join(f"{n}\n" for n in policy_files)
+    addrs = "\n".join(f"addr add {a}/32 dev eth0" for a, _ in cases)
+    _write_host(
+        outdir,
+        host,
+        f"ip -b - <<'EOF'\n{addrs}\nEOF\n"
+        'mkdir -p "$STATE/ipsec.d"\n'
+        'LAB_STATE="${LAB_STATE:-/run/lab}" sh "$HERE/set-group.sh" matrix\n'
+        # one server for all 25 addresses (lab_http below serves the host's own address)
+        'lab_spawn httpm python3 -m http.server 8080 --directory "$STATE/www"\n',
+        files,
+    )
+    _write(
+        outdir / "hosts" / host.netns / "set-group.sh",
+        _SET_GROUP.replace("@NETNS@", host.netns),
+        0o755,
+    )
+
+
 def build(
     outdir: Path,
     ns_addresses: Sequence[str] = ("203.0.113.53", "2001:db8:1::53"),
@@ -445,6 +532,7 @@ def build(
     _libreswan_host(outdir, hosts["oe-rsa"], {"clear-or-private": everyone}, rsa=keys.rsa)
     _libreswan_host(outdir, hosts["ls-a"], {"private-or-clear": [f"{hosts['ls-b'].v4}/32"]})
     _libreswan_host(outdir, hosts["ls-b"], {"clear-or-private": everyone})
+    _matrix_host(outdir, hosts["ls-m"], ROUTER_WAN4)
 
     sw = hosts["oe-sw"]
     _write_host(

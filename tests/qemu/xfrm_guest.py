@@ -12,7 +12,9 @@ after `install` is stateless: it rebuilds the spec from the same JSON.
     python3 /lab/xfrm_guest.py expire   '<spec json>' SECONDS
     python3 /lab/xfrm_guest.py natt-socket SECONDS          (holds an ESPINUDP socket on 4500)
     python3 /lab/xfrm_guest.py first-packet '<fp json>'     (trap, ACQUIRE, delayed install)
-    python3 /lab/xfrm_guest.py bench-install N              (SA install latency, N SAs)
+    python3 /lab/xfrm_guest.py ping DST COUNT INTERVAL WAIT  (the router's own ICMP echo)
+    python3 /lab/xfrm_guest.py connect DST PORT TIMEOUT      (the router's own TCP connect)
+    python3 /lab/xfrm_guest.py bench-install N BASE_SPI     (SA install latency, N SAs)
 """
 
 from __future__ import annotations
@@ -168,9 +170,11 @@ async def first_packet(fp: dict[str, Any]) -> dict[str, Any]:
     dp = XfrmDatapath()
     spec = spec_from(fp["spec"])
     wan, peer = spec.local, spec.remote
+    # A trap for a prefix around the peer (as a group entry would be): a /32 trap would share
+    # the Child SA policy's selector and be replaced by it.
     trap = PolicySpec(
         TrafficSelector(ipaddress.ip_network(wan)),
-        TrafficSelector(ipaddress.ip_network(peer)),
+        TrafficSelector(ipaddress.ip_network(fp["trap_prefix"])),
         Direction.OUT,
         PolicyAction.TRAP,
         priority=500,
@@ -198,6 +202,60 @@ async def first_packet(fp: dict[str, Any]) -> dict[str, Any]:
     dp._sock.close()
     dp._events_sock.close()
     return {"acquires": acquires, "installed_at": installed_at}
+
+
+def icmp_ping(dst: str, count: int, interval: float, wait: float) -> dict[str, Any]:
+    """The router's own pings (the image has no ping(8)): raw ICMP echo, seqs answered."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.setblocking(False)
+    ident = os.getpid() & 0xFFFF
+    got: set[int] = set()
+    errors = 0
+
+    def checksum(b: bytes) -> int:
+        total = sum(int.from_bytes(b[i : i + 2], "big") for i in range(0, len(b), 2))
+        total = (total >> 16) + (total & 0xFFFF)
+        return ~(total + (total >> 16)) & 0xFFFF
+
+    def drain() -> None:
+        while True:
+            try:
+                pkt = s.recv(2048)
+            except BlockingIOError:
+                return
+            ihl = (pkt[0] & 0xF) * 4
+            if pkt[ihl] == 0 and int.from_bytes(pkt[ihl + 4 : ihl + 6], "big") == ident:
+                got.add(int.from_bytes(pkt[ihl + 6 : ihl + 8], "big"))
+
+    for seq in range(1, count + 1):
+        body = ident.to_bytes(2, "big") + seq.to_bytes(2, "big") + bytes(48)
+        hdr = bytes([8, 0]) + checksum(bytes([8, 0, 0, 0]) + body).to_bytes(2, "big")
+        try:
+            s.sendto(hdr + body, (dst, 0))
+        except OSError:
+            errors += 1  # EPERM from a DROP shunt, EAGAIN/EHOSTUNREACH while larval
+        time.sleep(interval)
+        drain()
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        time.sleep(0.05)
+        drain()
+    return {
+        "sent": count,
+        "received": len(got),
+        "lost": count - len(got),
+        "first": min(got) if got else None,
+        "send_errors": errors,
+    }
+
+
+def tcp_connect(dst: str, port: int, timeout: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    try:
+        socket.create_connection((dst, port), timeout).close()
+    except OSError as exc:
+        return {"connect_s": None, "error": str(exc)}
+    return {"connect_s": time.monotonic() - t0}
 
 
 async def bench_install(n: int, base_spi: int) -> dict[str, Any]:
@@ -242,6 +300,10 @@ def main(argv: list[str]) -> int:
         res = natt_socket(float(argv[2]))
     elif op == "first-packet":
         res = asyncio.run(first_packet(json.loads(argv[2])))
+    elif op == "ping":
+        res = icmp_ping(argv[2], int(argv[3]), float(argv[4]), float(argv[5]))
+    elif op == "connect":
+        res = tcp_connect(argv[2], int(argv[3]), float(argv[4]))
     elif op == "bench-install":
         res = asyncio.run(bench_install(int(argv[2]), int(argv[3], 0)))
     else:

@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -60,6 +61,20 @@ _DIRS: Final = {
     Direction.FWD: X.XFRM_POLICY_FWD,
 }
 _MODES: Final = {Mode.TUNNEL: X.XFRM_MODE_TUNNEL, Mode.TRANSPORT: X.XFRM_MODE_TRANSPORT}
+
+log = logging.getLogger("oe_router.datapath")
+
+# net.core XFRM knobs the OE trap policies rely on, set by reconcile() at daemon start
+# (measured in the QEMU lab, docs/oe-gateway.md section 4):
+# - xfrm_larval_drop=1 (the kernel default, written explicitly because another IKE daemon
+#   may have changed it): with 0 the kernel still drops every packet of a source-NATed LAN
+#   flow while its SA is negotiated (the NAT path looks up without the queue flag), and for
+#   the router's own flows the queued packets were purged, not sent: 0 saved nothing.
+# - xfrm_acq_expires=1 (default 30): the larval state a trapped packet creates survives the
+#   Child SA (another reqid and mode) and suppresses new ACQUIREs for that destination, so a
+#   new flow after a tunnel went away was black-holed for up to 30 s. The manager coalesces
+#   the repeated ACQUIREs a short value causes during a slow negotiation.
+KERNEL_SETTINGS: Final[Mapping[str, int]] = {"xfrm_larval_drop": 1, "xfrm_acq_expires": 1}
 
 
 @dataclass(frozen=True)
@@ -344,8 +359,11 @@ class XfrmDatapath:
         netns: str | None = None,
         reason: str = "kernel has ESP and XFRM netlink",
         spi_range: tuple[int, int] = (0xC0000000, 0xCFFFFFFF),
+        kernel_settings: Mapping[str, int] = KERNEL_SETTINGS,
     ) -> None:
         self._own = ownership or Ownership()
+        self._netns = netns
+        self._kernel_settings = dict(kernel_settings)
         self._keep_persistent = keep_persistent_on_stop
         self._reason = reason
         self._spi_range = spi_range
@@ -619,9 +637,31 @@ class XfrmDatapath:
         )
 
     # -- lifecycle --
+    def apply_kernel_settings(self) -> dict[str, int]:
+        """Write the net.core XFRM knobs (KERNEL_SETTINGS) in our netns; returns those set.
+
+        A read-only /proc/sys (a container) is logged, not fatal: OE still works, only
+        with the kernel's own first-packet behaviour.
+        """
+        done: dict[str, int] = {}
+        for name, value in self._kernel_settings.items():
+            try:
+                with in_netns(self._netns), open(f"/proc/sys/net/core/{name}", "w") as f:
+                    f.write(f"{value}\n")
+            except OSError as exc:
+                log.warning("datapath: cannot set net.core.%s=%d: %s", name, value, exc.strerror)
+                continue
+            done[name] = value
+        return done
+
     async def reconcile(
         self, adopt_policy: Callable[[PolicySpec], bool] | None = None
     ) -> ReconcileReport:
+        set_ = self.apply_kernel_settings()
+        if set_:
+            log.info(
+                "datapath: %s", ", ".join(f"net.core.{k}={v}" for k, v in sorted(set_.items()))
+            )
         removed_sas = adopted_sas = adopted_p = removed_p = 0
         for sa in self.dump_sas():
             stale = self._own.owns_reqid(sa.reqid) and (sa.dst, sa.spi) not in self._sas
