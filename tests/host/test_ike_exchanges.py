@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import re
+import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,12 +25,17 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from oe_router.config.schema import IkeConfig, OeConfig
+from oe_router.datapath.netns import in_netns
 from oe_router.ike.auth import PrivateKey
+from oe_router.ike.constants import DhId, EncrId, PrfId
+from oe_router.ike.cookies import ResponderLimits
 from oe_router.ike.events import ChildSaEstablished, ChildSaRekeyed
 from oe_router.ike.payloads import TrafficSelector
+from oe_router.ike.proposals import IkeProposalSpec
+from oe_router.ike.sa import IkeSa, IkeSaConfig
 from oe_router.ike.service import IkeService, PeerSa, RecordingSink
 
 from .charon import Charon, available, namespaces
@@ -554,6 +562,280 @@ def test_our_initiator_rekeys_child_charon_rekeys_ike(
             await asyncio.to_thread(ch.swanctl, "--terminate", "--ike", "in")
             await until("charon's IKE SA Delete reached us", lambda: svc.sas == [])
             assert p.error is None
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
+
+
+# --------------------------------------------------------------------------- INVALID_KE_PAYLOAD
+
+
+@pytest.mark.parametrize(
+    ("group", "want", "dh"),
+    [("modp2048", "MODP_2048", DhId.MODP_2048), ("x25519", "CURVE_25519", DhId.CURVE25519)],
+)
+def test_invalid_ke_our_initiator_retries_with_charons_group(
+    tmp_path: Path,
+    charon_ns: tuple[str, str],
+    ec_keys: tuple[Key, Key],
+    group: str,
+    want: str,
+    dh: DhId,
+) -> None:
+    """We guess ECP-256 first; charon only takes ``group`` and answers INVALID_KE_PAYLOAD;
+    we retry IKE_SA_INIT with its group and the IKE SA comes up with it."""
+    ours_ns, ns = charon_ns
+    ch = start_charon(
+        tmp_path,
+        ns,
+        charon_conn("in", initiator=False, ike=f"aes256gcm16-prfsha256-{group}"),
+        ec_keys,
+    )
+    ours = IkeProposalSpec(
+        EncrId.AES_GCM_16,
+        256,
+        PrfId.HMAC_SHA2_256,
+        None,
+        (DhId.ECP_256, DhId.MODP_2048, DhId.CURVE25519),
+    )
+
+    async def go() -> None:
+        svc = our_service(ours_ns, ec_keys[0], ike_proposals=(ours,))
+        await svc.start(ike_config())
+        try:
+            p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
+            assert p.ike is not None and p.ike.dh_group == dh
+            assert f"DH group ECP_256 unacceptable, requesting {want}" in ch.log()
+            listing = await sas(ch)
+            assert f"AES_GCM_16-256/PRF_HMAC_SHA2_256/{want}" in listing, listing
+            assert charon_ike_spis(listing) == [ike_spis(svc)]
+            assert_ike_keys_logged(ch, p)
+            await svc.down(THEIRS)
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
+
+
+def test_invalid_ke_our_responder_asks_charon_for_our_group(
+    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+) -> None:
+    """charon initiates guessing MODP-2048 (its first group); our responder only takes
+    ECP-256 / X25519 and answers INVALID_KE_PAYLOAD(19); charon retries with ECP-256."""
+    ours_ns, ns = charon_ns
+    ch = start_charon(
+        tmp_path,
+        ns,
+        charon_conn("out", initiator=True, ike="aes256gcm16-prfsha256-modp2048-ecp256"),
+        ec_keys,
+    )
+    ours = IkeProposalSpec(
+        EncrId.AES_GCM_16, 256, PrfId.HMAC_SHA2_256, None, (DhId.ECP_256, DhId.CURVE25519)
+    )
+
+    async def go() -> None:
+        svc = our_service(
+            ours_ns,
+            ec_keys[0],
+            ike_proposals=(ours,),
+            peer_keys={THEIRS: ec_keys[1].private.public_key()},
+        )
+        await svc.start(ike_config())
+        try:
+            out = await asyncio.to_thread(ch.initiate, "out-c")
+            assert "initiate completed successfully" in out, out
+            assert "peer didn't accept DH group MODP_2048, it requested ECP_256" in out, out
+            await until("our responder has the IKE SA", lambda: only(svc).ike is not None)
+            p = only(svc)
+            assert p.ike is not None and p.ike.dh_group == DhId.ECP_256
+            assert charon_ike_spis(await sas(ch)) == [ike_spis(svc)]
+            assert_ike_keys_logged(ch, p)
+            await svc.down(THEIRS)
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
+
+
+# --------------------------------------------------------------------------- COOKIE
+
+
+def test_cookie_demanded_by_our_responder_charon_retries(
+    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+) -> None:
+    """Our responder with cookie threshold 0 answers charon's first IKE_SA_INIT with a
+    COOKIE only; charon repeats the request with it and the IKE SA comes up."""
+    ours_ns, ns = charon_ns
+    ch = start_charon(tmp_path, ns, charon_conn("out", initiator=True), ec_keys)
+
+    async def go() -> None:
+        svc = our_service(ours_ns, ec_keys[0], peer_keys={THEIRS: ec_keys[1].private.public_key()})
+        await svc.start(ike_config())
+        assert svc.endpoint is not None
+        svc.endpoint.limits = ResponderLimits(cookie_threshold=0, half_open_limit=64)
+        try:
+            out = await asyncio.to_thread(ch.initiate, "out-c")
+            assert "initiate completed successfully" in out, out
+            assert svc.endpoint.counters.cookies_sent == 1
+            log = ch.log()
+            assert re.search(r"parsed IKE_SA_INIT response 0 \[ N\(COOKIE\) \]", log), log
+            assert re.search(r"generating IKE_SA_INIT request 0 \[ N\(COOKIE\) SA KE No", log)
+            await until("our responder has the Child SA", lambda: len(children(svc)) == 1)
+            (ev,) = children(svc).values()
+            assert charon_child_spis(await sas(ch)) == [(ev.spi_out.hex(), ev.spi_in.hex())]
+            assert_child_keys_logged(ch, ev, initiator=False)
+            await svc.down(THEIRS)
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
+
+
+def test_cookie_demanded_by_charon_honoured_by_our_initiator(
+    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+) -> None:
+    """charon with dos_protection and cookie_threshold 1, one half-open IKE SA already
+    (a bare IKE_SA_INIT we never continue): it answers our IKE_SA_INIT with a COOKIE;
+    our initiator repeats it with the cookie and gets the IKE SA."""
+    ours_ns, ns = charon_ns
+    extra = "dos_protection = yes\n  cookie_threshold = 1\n  block_threshold = 100"
+    ch = start_charon(tmp_path, ns, charon_conn("in", initiator=False), ec_keys, extra)
+
+    def half_open() -> bytes:
+        cfg = IkeSaConfig((OURS, 0), (THEIRS, 500), (host_ts(OURS),), (host_ts(THEIRS),))
+        request = IkeSa.initiator(cfg, 0.0).datagrams_to_send()[0]
+        with in_netns(ours_ns):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with s:
+            s.settimeout(3)
+            s.bind((OURS, 0))
+            s.sendto(request, (THEIRS, 500))
+            return s.recv(4096)
+
+    async def go() -> None:
+        answer = await asyncio.to_thread(half_open)
+        assert len(answer) > 100, "charon did not answer the half-open IKE_SA_INIT"
+        svc = our_service(ours_ns, ec_keys[0])
+        await svc.start(ike_config())
+        try:
+            p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
+            log = ch.log()
+            assert re.search(r"generating IKE_SA_INIT response 0 \[ N\(COOKIE\) \]", log), log
+            assert re.search(r"parsed IKE_SA_INIT request 0 \[ N\(COOKIE\) SA KE No", log), log
+            (ev,) = children(svc).values()
+            listing = await sas(ch)
+            assert ike_spis(svc) in charon_ike_spis(listing), listing
+            assert (ev.spi_out.hex(), ev.spi_in.hex()) in charon_child_spis(listing)
+            assert_child_keys_logged(ch, ev, initiator=True)
+            assert p.error is None
+            await svc.down(THEIRS)
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
+
+
+# --------------------------------------------------------------------------- fragmentation
+
+
+def test_fragmented_ike_auth_both_ways_with_rsa_4096(
+    tmp_path: Path, charon_ns: tuple[str, str]
+) -> None:
+    """RSA-4096 signatures make IKE_AUTH about 900 bytes: our request goes as RFC 7383
+    fragments of at most 300 bytes, which charon reassembles; charon (fragment_size
+    600) fragments its response, which we reassemble."""
+    ours_ns, ns = charon_ns
+    keys = (Key(rsa.generate_private_key(65537, 4096)), Key(rsa.generate_private_key(65537, 4096)))
+    conns = charon_conn("in", initiator=False, ike_opts="fragmentation = yes")
+    ch = start_charon(tmp_path, ns, conns, keys, "fragment_size = 600")
+
+    async def go() -> None:
+        svc = our_service(ours_ns, keys[0])
+        await svc.start(ike_config(fragment_size=300))
+        assert svc.endpoint is not None
+        try:
+            p = await svc.up(THEIRS, "pubkey", keys[1].private.public_key())
+            log = ch.log()
+            got = re.search(r"received fragment #(\d+) of (\d+), reassembled fragmented IKE "
+                            r"message \((\d+) bytes\)", log)  # fmt: skip
+            assert got is not None, log
+            n_ours, size = int(got.group(2)), int(got.group(3))
+            assert n_ours >= 3 and size > 800, (n_ours, size)
+            split = re.search(r"splitting IKE message \((\d+) bytes\) into (\d+) fragments", log)
+            assert split is not None, log
+            n_theirs = int(split.group(2))
+            assert n_theirs >= 2
+            assert re.search(r"generating IKE_AUTH response 1 \[ EF\(1/\d+\) \]", log), log
+            # IKE_SA_INIT response + every fragment of the IKE_AUTH response reached us
+            assert svc.endpoint.counters.received == 1 + n_theirs
+            assert p.ike is not None and p.ike.peer_auth_method == 14
+            (row,) = svc.rows()
+            assert row.remote_auth == "digital_signature(RSA-4096)"
+            (ev,) = children(svc).values()
+            assert charon_child_spis(await sas(ch)) == [(ev.spi_out.hex(), ev.spi_in.hex())]
+            assert_child_keys_logged(ch, ev, initiator=True)
+            await svc.down(THEIRS)
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
+
+
+# --------------------------------------------------------------------------- liveness
+
+
+def test_liveness_check_fails_when_charon_dies(
+    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+) -> None:
+    """dpd_delay 1 s: while charon lives it answers our empty INFORMATIONAL and the SA
+    stays; once charon is killed (SIGKILL, no Delete) the next check goes unanswered,
+    the IKE SA fails and its Child SA is reported deleted."""
+    ours_ns, ns = charon_ns
+    ch = start_charon(tmp_path, ns, charon_conn("in", initiator=False), ec_keys)
+
+    async def go() -> None:
+        svc = our_service(ours_ns, ec_keys[0])
+        await svc.start(ike_config(dpd_delay=1.0, retransmit_timeout=0.2, retransmit_tries=2))
+        try:
+            p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
+            (ev,) = children(svc).values()
+            await until(
+                "charon answered a liveness check",
+                lambda: re.search(r"parsed INFORMATIONAL request \d+ \[ \]", ch.log()) is not None,
+                3.0,
+            )
+            await asyncio.sleep(0.1)
+            assert p.state == "established" and svc.sas == [p]
+
+            assert ch.proc is not None
+            os.killpg(ch.proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(ch.proc.wait, 5)
+            ch.proc = None
+            t0 = time.monotonic()
+            await until("our IKE SA torn down", lambda: svc.sas == [], 5.0)
+            took = time.monotonic() - t0
+            assert p.state == "failed" and p.error, p.error
+            assert [d.spi_in for _, d in sink(svc).deleted] == [ev.spi_in]
+            assert took < 4.0, took
         finally:
             await svc.stop()
 
