@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -836,6 +837,95 @@ def test_liveness_check_fails_when_charon_dies(
             assert p.state == "failed" and p.error, p.error
             assert [d.spi_in for _, d in sink(svc).deleted] == [ev.spi_in]
             assert took < 4.0, took
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
+
+
+# --------------------------------------------------------------------------- collision with charon
+
+#: nftables in charon's namespace: drop charon's IKE *requests* (Response flag, bit 0x20
+#: of the IKE header's flags byte, clear) on UDP 4500 (8 bytes UDP + 4 non-ESP marker
+#: + 19 bytes into the IKE header = bit 248); its responses still pass.
+HOLD_REQUESTS = """table inet hold {
+ chain out {
+  type filter hook output priority 0;
+  udp dport 4500 @th,64,32 0 @th,250,1 0 drop
+ }
+}
+"""
+
+
+@pytest.mark.parametrize("what", ["child", "ike"])
+def test_rekey_collision_with_charon(
+    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key], what: str
+) -> None:
+    """Both ends rekey the same Child SA (or the IKE SA) at once: charon's request is
+    held back (its outgoing requests are dropped for 0.3 s, so it retransmits after
+    1 s) while ours reaches it during its own rekey, which charon reports as a
+    collision. Afterwards exactly one consistent Child SA and IKE SA remain, with keys
+    equal to charon's log."""
+    ours_ns, ns = charon_ns
+    ch = start_charon(tmp_path, ns, charon_conn("in", initiator=False), ec_keys)
+    task = {"child": "CHILD_REKEY", "ike": "IKE_REKEY"}[what]
+
+    def nft(script: str) -> None:
+        p = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script,
+                           capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+
+    async def go() -> None:
+        svc = our_service(ours_ns, ec_keys[0])
+        await svc.start(ike_config())
+        try:
+            p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
+            (first,) = children(svc).values()
+            old_ike = ike_spis(svc)
+            await asyncio.to_thread(nft, HOLD_REQUESTS)
+            if what == "child":
+                await asyncio.to_thread(ch.swanctl, "--rekey", "--child", "in-c")
+                p.handle.sa.rekey_child(first.spi_in, svc.now())
+            else:
+                await asyncio.to_thread(ch.swanctl, "--rekey", "--ike", "in")
+                p.handle.sa.rekey(svc.now())
+            flush(svc, p)
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(nft, "delete table inet hold\n")
+            await asyncio.sleep(1.4)  # past charon's retransmission (1 s) and what follows
+
+            def consistent(listing: str) -> bool:
+                mine = [(e.spi_out.hex(), e.spi_in.hex()) for e in children(svc).values()]
+                return (
+                    len(mine) == 1
+                    and charon_child_spis(listing) == mine
+                    and charon_ike_spis(listing) == [ike_spis(svc)]
+                )
+
+            deadline = time.monotonic() + 3.0
+            while not consistent(listing := await sas(ch)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert f"detected {task} collision with {task}" in ch.log(), ch.log()[-3000:]
+
+            assert consistent(listing), (listing, children(svc), ike_spis(svc))
+            (ev,) = children(svc).values()
+            if what == "child":
+                assert ev.spi_in != first.spi_in and ike_spis(svc) == old_ike
+                # whoever's exchange made the survivor is the "initiator" of its keys
+                logged = [g for g in ch.key_log() if "encryption initiator key" in g]
+                pair = {ev.encr_key_in, ev.encr_key_out}
+                assert any(
+                    {g["encryption initiator key"], g["encryption responder key"]} == pair
+                    for g in logged
+                ), "the surviving Child SA's keys are not in charon's log"
+            else:
+                assert ev.spi_in == first.spi_in and ike_spis(svc) != old_ike
+                assert_ike_keys_logged(ch, p)
+            assert p.error is None and p.state == "established"
+            await svc.down(THEIRS)
         finally:
             await svc.stop()
 
