@@ -169,8 +169,10 @@ class IkeConfig:
     rekey_margin: float = 540.0
     #: Percent of ``rekey_margin`` added at random, so both ends do not rekey at once.
     rekey_jitter: int = 100
-    retransmit_timeout: float = 0.5
-    retransmit_tries: int = 4
+    #: Sends of a request: 0.4 + 0.8 + 1.6 = 2.8 s to give up on a silent peer, before a
+    #: trapped TCP flow's third SYN (t = 3 s), so it meets the pass shunt (docs/oe-gateway.md).
+    retransmit_timeout: float = 0.4
+    retransmit_tries: int = 3
     #: 0 turns liveness checks off.
     dpd_delay: float = 30.0
     half_open_limit: int = 64

@@ -15,7 +15,12 @@ and does what RFC 7296 §2.23 / RFC 3948 leave to the transport:
   gets a liveness check (empty INFORMATIONAL); no answer fails the SA;
 * the 4500 socket gets UDP_ENCAP_ESPINUDP and both sockets per-socket XFRM
   bypass policies, so OE trap policies never capture IKE itself. Where the
-  kernel has no XFRM (a container, a test box) this is logged once and IKE runs.
+  kernel has no XFRM (a container, a test box) this is logged once and IKE runs;
+* both sockets have IP_RECVERR/IPV6_RECVERR: an ICMP destination unreachable
+  that quotes our own IKE_SA_INIT/IKE_AUTH (our SPI, sent to that peer's address
+  and port) fails that not yet established IKE SA at once. Most hosts without
+  IKE answer UDP 500 that way; without this an OE negotiation waited out every
+  retransmission while the kernel dropped the triggering flow's packets.
 
 A responder holding ``cookie_threshold`` IKE SAs that have not finished IKE_AUTH
 demands COOKIEs (RFC 7296 §2.6) and at ``half_open_limit`` drops new IKE_SA_INIT
@@ -28,14 +33,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import heapq
 import ipaddress
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from oe_router.datapath.base import DatapathError
 from oe_router.datapath.kernel import bypass_socket, enable_esp_in_udp
@@ -65,6 +72,52 @@ Address = tuple[str, int]
 NON_ESP_MARKER = b"\x00\x00\x00\x00"
 NAT_KEEPALIVE = b"\xff"
 _IKE_HEADER_LEN = 28
+
+# linux/in.h, linux/in6.h, linux/errqueue.h (socket exposes none of these)
+_IP_RECVERR: Final = 11
+_IPV6_RECVERR: Final = 25
+_SO_EE_ORIGIN_ICMP: Final = 2
+_SO_EE_ORIGIN_ICMP6: Final = 3
+_ICMP_DEST_UNREACH: Final = 3  # ICMPv4 type; code 4 (fragmentation needed) is not "unreachable"
+_ICMP_FRAG_NEEDED: Final = 4
+_ICMPV6_DEST_UNREACH: Final = 1
+# errors a pending ICMP report makes the next sendto() return instead of sending
+_REPORTED_ERRNOS: Final = frozenset(
+    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EACCES}
+)
+
+
+_EE_WIRE: Final = struct.Struct("=IBBBBII")  # the fields of SockExtendedErr, in order
+
+
+class SockExtendedErr(NamedTuple):
+    """``struct sock_extended_err`` (linux/errqueue.h): the IP_RECVERR control message."""
+
+    ee_errno: int
+    ee_origin: int
+    ee_type: int
+    ee_code: int
+    ee_pad: int
+    ee_info: int
+    ee_data: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> SockExtendedErr | None:
+        if len(raw) < _EE_WIRE.size:
+            return None
+        return cls(*_EE_WIRE.unpack_from(raw))
+
+    @property
+    def unreachable(self) -> bool:
+        """An ICMP/ICMPv6 destination unreachable (not "fragmentation needed")."""
+        if self.ee_origin == _SO_EE_ORIGIN_ICMP:
+            return self.ee_type == _ICMP_DEST_UNREACH and self.ee_code != _ICMP_FRAG_NEEDED
+        return self.ee_origin == _SO_EE_ORIGIN_ICMP6 and self.ee_type == _ICMPV6_DEST_UNREACH
+
+    def describe(self) -> str:
+        fam = "ICMPv6" if self.ee_origin == _SO_EE_ORIGIN_ICMP6 else "ICMP"
+        why = os.strerror(self.ee_errno)
+        return f"{fam} unreachable (type {self.ee_type} code {self.ee_code}, {why})"
 
 
 class ResponderPolicy(Protocol):
@@ -121,11 +174,13 @@ class EndpointCounters:
     half_open_dropped: int = 0
     cookies_sent: int = 0
     floated: int = 0
+    icmp_errors: int = 0  #: ICMP reports read from the sockets' error queues
+    unreachable: int = 0  #: IKE SAs failed at once by an ICMP unreachable quoting our request
 
 
 class _Proto(asyncio.DatagramProtocol):
-    def __init__(self, ep: IkeEndpoint, local_ip: str, natt: bool) -> None:
-        self.ep, self.local_ip, self.natt = ep, local_ip, natt
+    def __init__(self, ep: IkeEndpoint, sock: socket.socket, local_ip: str, natt: bool) -> None:
+        self.ep, self.sock, self.local_ip, self.natt = ep, sock, local_ip, natt
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         try:
@@ -134,7 +189,12 @@ class _Proto(asyncio.DatagramProtocol):
             log.exception("IKE: error handling a datagram from %s", addr[0])
 
     def error_received(self, exc: Exception) -> None:
+        """recvfrom() returned a reported error (IP_RECVERR): read the reports behind it."""
         log.debug("IKE socket %s: %s", self.local_ip, exc)
+        try:
+            self.ep._drain_errors(self.sock, self.local_ip, self.natt)
+        except Exception:
+            log.exception("IKE: error handling an ICMP report on %s", self.local_ip)
 
 
 @dataclass
@@ -206,6 +266,10 @@ class IkeEndpoint:
             sock.setblocking(False)
             if self._xfrm:
                 self._kernel_setup(sock, natt)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
         except OSError:
             sock.close()
             raise
@@ -242,7 +306,7 @@ class IkeEndpoint:
                 self._socks[ip] = socks
                 for sock, is_natt in ((ike, False), (natt, True)):
                     transport, _ = await loop.create_datagram_endpoint(
-                        lambda ip=ip, n=is_natt: _Proto(self, ip, n),  # type: ignore[misc]
+                        lambda s=sock, ip=ip, n=is_natt: _Proto(self, s, ip, n),  # type: ignore[misc]
                         sock=sock,
                     )
                     socks.transports.append(transport)
@@ -361,6 +425,55 @@ class IkeEndpoint:
         h.sa.receive_datagram(data, now, remote)
         self._after(h, reply_to=None if is_response else remote, heard=(natt, remote, before))
 
+    def _drain_errors(self, sock: socket.socket, local_ip: str, natt: bool) -> None:
+        """Read every report queued on ``sock`` (IP_RECVERR) and act on unreachables."""
+        while True:
+            try:
+                data, anc, _flags, dest = sock.recvmsg(2048, 1024, socket.MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("IKE socket %s: reading the error queue: %s", local_ip, exc)
+                return
+            for level, kind, raw in anc:
+                if (level, kind) in (
+                    (socket.IPPROTO_IP, _IP_RECVERR),
+                    (socket.IPPROTO_IPV6, _IPV6_RECVERR),
+                ):
+                    ee = SockExtendedErr.parse(raw)
+                    if ee is not None and dest:
+                        self.counters.icmp_errors += 1
+                        self._icmp_error(natt, data, (str(dest[0]), int(dest[1])), ee)
+
+    def _icmp_error(self, natt: bool, quoted: bytes, dest: Address, ee: SockExtendedErr) -> None:
+        """An ICMP report about a datagram we sent to ``dest`` (``quoted``: its UDP payload,
+        as much as the ICMP message carried). Only a destination unreachable that quotes an
+        IKE SA we initiated and that is not established yet, sent to where that SA sends,
+        fails it: ICMP is unauthenticated, and matching our random SPI means the sender saw
+        our request (an on-path party, who could drop IKE anyway)."""
+        if not ee.unreachable:
+            return
+        if natt:
+            if quoted[:4] != NON_ESP_MARKER:
+                return  # ESP or a keepalive: not ours to judge
+            quoted = quoted[4:]
+        if len(quoted) < 8:
+            return  # the ICMP quoted too little to name an SA: retransmissions decide
+        h = self._by_ispi.get(quoted[:8])
+        if (
+            h is None
+            or h.established_at is not None
+            or (ipaddress.ip_address(h.remote[0]), h.remote[1])
+            != (ipaddress.ip_address(dest[0]), dest[1])
+            or not h.sa.half_open
+        ):
+            return
+        reason = f"{ee.describe()} from {dest[0]} for IKE on UDP {dest[1]}"
+        log.info("IKE SA with %s: %s; giving up at once", dest[0], reason)
+        self.counters.unreachable += 1
+        h.sa.abort(reason)
+        self._after(h)
+
     def _new_responder(
         self, local_ip: str, natt: bool, data: bytes, remote: Address, now: float
     ) -> SaHandle | None:
@@ -404,11 +517,20 @@ class IkeEndpoint:
         if socks is None:
             return
         payload = NON_ESP_MARKER + data if natt and not raw else data
-        try:
-            (socks.natt if natt else socks.ike).sendto(payload, remote)
-            self.counters.sent += 1
-        except OSError as exc:
-            log.debug("IKE: send to %s failed: %s", remote[0], exc)
+        sock = socks.natt if natt else socks.ike
+        for attempt in (1, 2):
+            try:
+                sock.sendto(payload, remote)
+                self.counters.sent += 1
+                return
+            except OSError as exc:
+                if attempt == 1 and exc.errno in _REPORTED_ERRNOS:
+                    # an ICMP report (perhaps about another peer) was pending on the
+                    # socket and failed this send instead: handle it, send again
+                    self._drain_errors(sock, local_ip, natt)
+                    continue
+                log.debug("IKE: send to %s failed: %s", remote[0], exc)
+                return
 
     def _after(
         self,

@@ -492,6 +492,13 @@ class IkeSa:
         self._queue_delete(c, "deleted by us", now)
         self._pump(now)
 
+    def abort(self, reason: str) -> None:
+        """Fail now, before establishment: the transport learned that the peer cannot be
+        reached (an ICMP unreachable quoting our own request), so retransmitting would
+        only delay the caller's fallback. IkeSaFailed follows; a no-op once established."""
+        if self.state in ("init-sent", "init-done", "auth-sent"):
+            self._fail(reason)
+
     def delete(self, now: float) -> None:
         """Delete the IKE SA and its Child SAs (RFC 7296 §1.4.1); IkeSaDeleted follows."""
         if self.state != "established" or self._delete_requested:

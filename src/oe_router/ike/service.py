@@ -480,8 +480,11 @@ class IkeService:
             private_key=self.private_key if auth == "pubkey" else None,
             peer_public_key=peer_key,
             transport_mode=transport,
+            # UCI counts sends of a request (docs/config.md); the core counts retransmissions
+            # after the first send. Passing sends as retransmissions added one more doubling
+            # wait: 4 tries gave up after 15.5 s, not the documented 7.5 s.
             retransmit_timeout=ike.retransmit_timeout,
-            retransmit_tries=ike.retransmit_tries,
+            retransmit_tries=ike.retransmit_tries - 1,
             ike_lifetime=ike.ike_lifetime,
             child_lifetime=ike.child_lifetime,
             rekey_margin=margin,
