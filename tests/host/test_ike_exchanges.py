@@ -933,3 +933,70 @@ def test_rekey_collision_with_charon(
         asyncio.run(go())
     finally:
         ch.stop()
+
+
+# --------------------------------------------------------------------------- PFS group
+
+
+@pytest.mark.parametrize("rekeyer", ["ours", "charon"])
+@pytest.mark.parametrize("charon_esp", ["aes256gcm16-modp2048", "aes256gcm16"])
+def test_child_rekey_pfs_group_other_than_the_ike_sas(
+    tmp_path: Path,
+    charon_ns: tuple[str, str],
+    ec_keys: tuple[Key, Key],
+    rekeyer: str,
+    charon_esp: str,
+) -> None:
+    """The IKE SA uses X25519 but charon's Child SA proposals demand MODP-2048 for PFS,
+    or no PFS at all (strongSwan's default). Our rekey guesses the IKE SA's group and
+    retries with MODP-2048 after INVALID_KE_PAYLOAD, or without KE after
+    NO_PROPOSAL_CHOSEN; charon's rekeys (KE MODP-2048, or none) are accepted by our
+    responder. Found by this test: we offered only the IKE SA's group and insisted on
+    PFS, so every such rekey failed and the Child SA would have expired."""
+    ours_ns, ns = charon_ns
+    conns = charon_conn("in", initiator=False).replace(
+        f"esp_proposals = {ESP}", f"esp_proposals = {charon_esp}"
+    )
+    ch = start_charon(tmp_path, ns, conns, ec_keys)
+
+    async def go() -> None:
+        svc = our_service(ours_ns, ec_keys[0])
+        await svc.start(ike_config())
+        try:
+            p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
+            assert p.ike is not None and p.ike.dh_group == DhId.CURVE25519
+            (first,) = children(svc).values()
+            if rekeyer == "ours":
+                p.handle.sa.rekey_child(first.spi_in, svc.now())
+                flush(svc, p)
+            else:
+                await asyncio.to_thread(ch.swanctl, "--rekey", "--child", "in-c")
+            await until("the Child SA rekeyed", lambda: len(rekeys(svc)) == 1, 4.0)
+            await until("the old Child SA deleted", lambda: len(sink(svc).deleted) == 1)
+            (ev,) = rekeys(svc)
+            listing = await sas(ch)
+            assert charon_child_spis(listing) == [(ev.spi_out.hex(), ev.spi_in.hex())], listing
+            assert_child_keys_logged(ch, ev, initiator=rekeyer == "ours")
+            log = ch.log()
+            if charon_esp.endswith("modp2048"):
+                assert "ESP:AES_GCM_16-256/MODP_2048" in listing, listing
+                if rekeyer == "ours":
+                    assert "DH group CURVE_25519 unacceptable, requesting MODP_2048" in log
+            else:  # charon refuses PFS: our second request goes without KE
+                assert "ESP:AES_GCM_16-256\n" in listing, listing
+                if rekeyer == "ours":
+                    assert re.search(
+                        r"generating CREATE_CHILD_SA response \d+ \[ N\(NO_PROP\) \]", log
+                    )
+                    assert re.search(
+                        r"parsed CREATE_CHILD_SA request \d+ \[ N\(REKEY_SA\) SA No TSi TSr \]", log
+                    )
+            assert p.error is None
+            await svc.down(THEIRS)
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()

@@ -118,6 +118,7 @@ class Request:
     temp_failures: int = 0
     group: int | None = None  # DH group to use (after INVALID_KE_PAYLOAD)
     ke_retried: bool = False
+    pfs: bool = True  # cleared when the peer refused our PFS proposals (NO_PROPOSAL_CHOSEN)
     orphaned: bool = False  # the SA being rekeyed was deleted by the peer meanwhile
     # filled when sent / answered
     ni: bytes = b""

@@ -1015,10 +1015,15 @@ class IkeSa:
         req.new_spi = self._spi4()
         req.ke = None
         groups: tuple[int, ...] = ()
-        if self.config.child_pfs:
+        if self.config.child_pfs and req.pfs:
+            # KE of the IKE SA's group (or the one the peer asked for), but offer every
+            # group we accept: a peer whose Child SA proposals name another group answers
+            # INVALID_KE_PAYLOAD instead of NO_PROPOSAL_CHOSEN (charon with
+            # esp_proposals = ...-modp2048 on an X25519 IKE SA)
             group = req.group or self._neg.choice.dh
             req.ke = dh_group(group).generate()
-            groups = (group,)
+            others = (g for s in self.config.ike_proposals for g in s.dh_groups)
+            groups = tuple(dict.fromkeys(g for g in (group, *others) if g in SUPPORTED_DH_GROUPS))
         payloads: list[Payload] = []
         if old is not None:
             payloads.append(Notify(ProtocolId.ESP, NotifyType.REKEY_SA, old.spi_in))

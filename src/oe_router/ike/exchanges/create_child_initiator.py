@@ -51,6 +51,16 @@ def child_response(sa: IkeSa, req: Request, msg: Message, now: float) -> None:
             if old is not None and old.state == "rekeying":
                 old.state = "installed"
             return
+        elif n.notify_type == NotifyType.NO_PROPOSAL_CHOSEN and req.ke is not None and req.pfs:
+            # a peer without PFS in its Child SA proposals (strongSwan's default
+            # esp_proposals) refuses every proposal with DH: ask once more without
+            # PFS rather than let the Child SA expire (the IKE SA is authenticated,
+            # so only the peer itself can refuse)
+            req.pfs = False
+            if old is not None and old.state == "rekeying":
+                old.state = "installed"
+            sa._queue.appendleft(req)
+            return
         elif n.notify_type == NotifyType.CHILD_SA_NOT_FOUND and old is not None:
             # §2.25: forget it and create a fresh Child SA with the same selectors
             sa._remove_child(old, "the peer no longer has it")
