@@ -755,14 +755,26 @@ def test_cookie_demanded_by_charon_honoured_by_our_initiator(
 # --------------------------------------------------------------------------- fragmentation
 
 
+@pytest.fixture(scope="module")
+def rsa_keys() -> tuple[Key, Key]:
+    """(ours, charon's) RSA-4096: signatures big enough to need IKE fragments."""
+    return Key(rsa.generate_private_key(65537, 4096)), Key(rsa.generate_private_key(65537, 4096))
+
+
+FRAGMENT_REASSEMBLED = (
+    r"received fragment #(\d+) of (\d+), reassembled fragmented IKE message \((\d+) bytes\)"
+)
+FRAGMENT_SPLIT = r"splitting IKE message \((\d+) bytes\) into (\d+) fragments"
+
+
 def test_fragmented_ike_auth_both_ways_with_rsa_4096(
-    tmp_path: Path, charon_ns: tuple[str, str]
+    tmp_path: Path, charon_ns: tuple[str, str], rsa_keys: tuple[Key, Key]
 ) -> None:
     """RSA-4096 signatures make IKE_AUTH about 900 bytes: our request goes as RFC 7383
     fragments of at most 300 bytes, which charon reassembles; charon (fragment_size
     600) fragments its response, which we reassemble."""
     ours_ns, ns = charon_ns
-    keys = (Key(rsa.generate_private_key(65537, 4096)), Key(rsa.generate_private_key(65537, 4096)))
+    keys = rsa_keys
     conns = charon_conn("in", initiator=False, ike_opts="fragmentation = yes")
     ch = start_charon(tmp_path, ns, conns, keys, "fragment_size = 600")
 
@@ -773,12 +785,11 @@ def test_fragmented_ike_auth_both_ways_with_rsa_4096(
         try:
             p = await svc.up(THEIRS, "pubkey", keys[1].private.public_key())
             log = ch.log()
-            got = re.search(r"received fragment #(\d+) of (\d+), reassembled fragmented IKE "
-                            r"message \((\d+) bytes\)", log)  # fmt: skip
+            got = re.search(FRAGMENT_REASSEMBLED, log)
             assert got is not None, log
             n_ours, size = int(got.group(2)), int(got.group(3))
             assert n_ours >= 3 and size > 800, (n_ours, size)
-            split = re.search(r"splitting IKE message \((\d+) bytes\) into (\d+) fragments", log)
+            split = re.search(FRAGMENT_SPLIT, log)
             assert split is not None, log
             n_theirs = int(split.group(2))
             assert n_theirs >= 2
@@ -791,6 +802,52 @@ def test_fragmented_ike_auth_both_ways_with_rsa_4096(
             (ev,) = children(svc).values()
             assert charon_child_spis(await sas(ch)) == [(ev.spi_out.hex(), ev.spi_in.hex())]
             assert_child_keys_logged(ch, ev, initiator=True)
+            await svc.down(THEIRS)
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
+
+
+def test_fragmented_ike_auth_charon_initiator_our_responder(
+    tmp_path: Path, charon_ns: tuple[str, str], rsa_keys: tuple[Key, Key]
+) -> None:
+    """The other roles: charon's IKE_AUTH request in fragments (fragment_size 600),
+    reassembled by our responder; our response in fragments of at most 300 bytes,
+    reassembled by charon."""
+    ours_ns, ns = charon_ns
+    conns = charon_conn("out", initiator=True, ike_opts="fragmentation = yes")
+    ch = start_charon(tmp_path, ns, conns, rsa_keys, "fragment_size = 600")
+
+    async def go() -> None:
+        svc = our_service(
+            ours_ns, rsa_keys[0], peer_keys={THEIRS: rsa_keys[1].private.public_key()}
+        )
+        await svc.start(ike_config(fragment_size=300))
+        assert svc.endpoint is not None
+        try:
+            out = await asyncio.to_thread(ch.initiate, "out-c")
+            assert "initiate completed successfully" in out, out
+            log = ch.log()
+            split = re.search(FRAGMENT_SPLIT, log)
+            assert split is not None, log
+            n_theirs = int(split.group(2))
+            assert n_theirs >= 2
+            assert re.search(r"generating IKE_AUTH request 1 \[ EF\(1/\d+\) \]", log), log
+            got = re.search(FRAGMENT_REASSEMBLED, log)
+            assert got is not None, log
+            assert int(got.group(2)) >= 3 and int(got.group(3)) > 600, got.group(0)
+            # IKE_SA_INIT request + every fragment of the IKE_AUTH request reached us
+            assert svc.endpoint.counters.received == 1 + n_theirs
+            await until("our responder has the Child SA", lambda: len(children(svc)) == 1)
+            (row,) = svc.rows()
+            assert row.remote_auth == "digital_signature(RSA-4096)"
+            (ev,) = children(svc).values()
+            assert charon_child_spis(await sas(ch)) == [(ev.spi_out.hex(), ev.spi_in.hex())]
+            assert_child_keys_logged(ch, ev, initiator=False)
             await svc.down(THEIRS)
         finally:
             await svc.stop()
@@ -992,6 +1049,58 @@ def test_child_rekey_pfs_group_other_than_the_ike_sas(
                         r"parsed CREATE_CHILD_SA request \d+ \[ N\(REKEY_SA\) SA No TSi TSr \]", log
                     )
             assert p.error is None
+            await svc.down(THEIRS)
+        finally:
+            await svc.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        ch.stop()
+
+
+# --------------------------------------------------------------------------- more Child SAs
+
+
+def test_charon_adds_a_child_sa_on_our_responders_ike_sa(
+    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+) -> None:
+    """After its first Child SA charon asks for a second one (TCP to our port 80 only)
+    with CREATE_CHILD_SA; our responder narrows nothing away, both sides list both,
+    keys agree; charon closes the second one again."""
+    ours_ns, ns = charon_ns
+    conns = charon_conn("out", initiator=True).replace(
+        "mode = tunnel",
+        "mode = tunnel }\n    out-web { local_ts = dynamic[tcp]\n"
+        f"      remote_ts = dynamic[tcp/80]\n      esp_proposals = {ESP}",
+    )
+    ch = start_charon(tmp_path, ns, conns, ec_keys)
+
+    async def go() -> None:
+        svc = our_service(ours_ns, ec_keys[0], peer_keys={THEIRS: ec_keys[1].private.public_key()})
+        await svc.start(ike_config())
+        try:
+            out = await asyncio.to_thread(ch.initiate, "out-c")
+            assert "initiate completed successfully" in out, out
+            await until("the first Child SA", lambda: len(children(svc)) == 1)
+            out = await asyncio.to_thread(ch.initiate, "out-web")
+            assert "initiate completed successfully" in out, out
+            assert re.search(r"generating CREATE_CHILD_SA request \d+ \[ SA No KE TSi TSr \]",
+                             ch.log())  # fmt: skip
+            await until("the second Child SA", lambda: len(children(svc)) == 2)
+            assert len(svc.sas) == 1, "a second IKE SA instead of a Child SA on the first"
+            web = next(e for e in children(svc).values() if e.ts_local[0].ip_protocol == TCP)
+            assert (web.ts_local[0].start_port, web.ts_local[0].end_port) == (80, 80)
+            assert web.ts_remote[0].ip_protocol == TCP
+            listing = await sas(ch)
+            assert sorted(charon_child_spis(listing)) == sorted(
+                (e.spi_out.hex(), e.spi_in.hex()) for e in children(svc).values()
+            ), listing
+            assert "10.0.4.1/32[tcp/http]" in listing, listing
+            assert_child_keys_logged(ch, web, initiator=False)
+            await asyncio.to_thread(ch.swanctl, "--terminate", "--child", "out-web")
+            await until("charon's Delete of the second", lambda: len(children(svc)) == 1)
+            assert web.spi_in not in children(svc)
             await svc.down(THEIRS)
         finally:
             await svc.stop()
