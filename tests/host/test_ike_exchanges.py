@@ -615,6 +615,15 @@ def test_invalid_ke_our_initiator_retries_with_charons_group(
             assert f"AES_GCM_16-256/PRF_HMAC_SHA2_256/{want}" in listing, listing
             assert charon_ike_spis(listing) == [ike_spis(svc)]
             assert_ike_keys_logged(ch, p)
+            # our IKE SA rekey keeps the group charon asked for
+            old = ike_spis(svc)
+            p.handle.sa.rekey(svc.now())
+            flush(svc, p)
+            await until("we rekeyed the IKE SA", lambda: ike_spis(svc) != old)
+            listing = await sas(ch)
+            assert charon_ike_spis(listing) == [ike_spis(svc)], listing
+            assert f"AES_GCM_16-256/PRF_HMAC_SHA2_256/{want}" in listing, listing
+            assert_ike_keys_logged(ch, p)
             await svc.down(THEIRS)
         finally:
             await svc.stop()
@@ -657,6 +666,16 @@ def test_invalid_ke_our_responder_asks_charon_for_our_group(
             p = only(svc)
             assert p.ike is not None and p.ike.dh_group == DhId.ECP_256
             assert charon_ike_spis(await sas(ch)) == [ike_spis(svc)]
+            assert_ike_keys_logged(ch, p)
+            # charon's IKE SA rekey: it may guess MODP-2048 again; we insist on ours
+            old = ike_spis(svc)
+            await asyncio.to_thread(ch.swanctl, "--rekey", "--ike", "out")
+            await until("charon rekeyed the IKE SA", lambda: ike_spis(svc) != old)
+            listing = await sas(ch)
+            assert charon_ike_spis(listing) == [ike_spis(svc)], listing
+            assert "AES_GCM_16-256/PRF_HMAC_SHA2_256/ECP_256" in listing, listing
+            nk = p.handle.sa.negotiated_keys()
+            assert nk is not None and nk.dh_group == DhId.ECP_256
             assert_ike_keys_logged(ch, p)
             await svc.down(THEIRS)
         finally:
