@@ -1,0 +1,279 @@
+"""SA lifecycle of the product in the QEMU lab: first packets, rekey under load, peer restart,
+daemon kill -9.
+
+Why a module of its own: these tests need a daemon with short timers (Child SA lifetime 1 min,
+rekey margin 30 s without jitter, liveness check after 5 s of silence) and a "private" peer,
+so they start oe-routerd with their own config and stop it at the end. Peers: ls-b
+(203.0.113.31, libreswan clear-or-private for everyone) in our default private-or-clear
+group, and the matrix host ls-m's own address (203.0.113.32, switched to clear-or-private
+with labkit's set-group.sh) in our "private" group.
+
+Figures (lost pings, gaps, connect times) go to test-results/qemu-lifecycle.json for
+docs/oe-gateway.md and the issue's closing note.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import oelab
+from lab import LAB_STATE, Lab
+
+pytestmark = pytest.mark.qemu
+
+WAN4 = "203.0.113.2"
+POC_PEER = "203.0.113.31"  # ls-b: ours private-or-clear (default 0.0.0.0/0)
+PRIVATE_PEER = "203.0.113.32"  # ls-m: ours private
+RESULTS = Path(__file__).resolve().parents[2] / "test-results" / "qemu-lifecycle.json"
+_SHIPPED_CONFIG = oelab.router_config
+ECHO_REPLY = "icmp[icmptype] == icmp-echoreply"
+
+
+def lifecycle_config(local_id: str = "%null") -> str:
+    text = _SHIPPED_CONFIG(local_id)
+    for option, value in (
+        ("child_lifetime", "1m"),
+        ("rekey_margin", "30s"),
+        ("rekey_jitter", "0%"),
+        ("dpd_delay", "5s"),
+    ):
+        text, n = re.subn(rf"option {option} '[^']*'", f"option {option} '{value}'", text)
+        assert n == 1, f"the shipped config has no option {option}"
+    return text + f"\nconfig policy\n\toption group 'private'\n\tlist dest '{PRIVATE_PEER}/32'\n"
+
+
+def source() -> bool:
+    """Development loops may run the daemon from the tree (OE_LAB_SOURCE=1); tests use the image."""
+    return os.environ.get("OE_LAB_SOURCE") == "1"
+
+
+def start(lab: Lab) -> dict[str, Any]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(oelab, "router_config", lifecycle_config)
+        return oelab.start_daemon(lab, local_id="%null", source=source())
+
+
+def set_group(lab: Lab, variant: str) -> None:
+    lab.world(
+        f"LAB_STATE={LAB_STATE} ip netns exec ls-m "
+        f"sh /lab/bundle/hosts/ls-m/set-group.sh {variant}",
+        timeout=90,
+    ).check()
+
+
+def ping_seqs(text: str) -> list[int]:
+    return [int(s) for s in re.findall(r"bytes from .*icmp_seq=(\d+)", text)]
+
+
+def oe_down(lab: Lab, peer: str) -> None:
+    oelab.oe(lab, f"down {peer}", source=source())
+
+
+def xfrm_stat(lab: Lab, name: str) -> int:
+    return int(lab.router(f"grep {name} /proc/net/xfrm_stat").check().stdout.split()[1])
+
+
+@pytest.fixture(scope="module")
+def figures() -> Iterator[dict[str, Any]]:
+    out: dict[str, Any] = {}
+    yield out
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.fixture(scope="module")
+def life(lab: Lab) -> Iterator[Lab]:
+    for h in ("ls-b", "ls-m"):
+        assert h not in lab.failed_hosts, lab.failed_hosts[h]
+    set_group(lab, "clear-or-private")
+    start(lab)
+    try:
+        yield lab
+    finally:
+        oelab.stop_daemon(lab)
+        set_group(lab, "matrix")
+
+
+def test_daemon_sets_the_first_packet_sysctls(life: Lab) -> None:
+    """The measured choice (docs/oe-gateway.md section 4) is applied at start, not assumed."""
+    out = life.router("sysctl -n net.core.xfrm_larval_drop net.core.xfrm_acq_expires").check()
+    assert out.stdout.split() == ["1", "1"], out.stdout
+    assert "net.core.xfrm_acq_expires=1" in oelab.daemon_log(life)
+
+
+def test_first_packets_of_a_packet_triggered_lan_flow(life: Lab, figures: dict[str, Any]) -> None:
+    """Ping every 50 ms from the LAN to a libreswan OE host while the ACQUIRE is negotiated,
+    with xfrm_larval_drop 1 and 0, two runs each, plus a cold TCP connect.
+
+    What is asserted is the mechanism behind the choice: with 0 every lost packet of the
+    (source-NATed, forwarded) LAN flow is still counted in XfrmOutNoStates, i.e. dropped, not
+    queued, so 0 buys nothing for LAN devices; the loss stays bounded by the negotiation.
+    """
+    lab = life
+    runs: list[dict[str, Any]] = []
+    try:
+        for drop in (1, 0, 1, 0):
+            lab.router(f"sysctl -qw net.core.xfrm_larval_drop={drop}").check()
+            oe_down(lab, POC_PEER)
+            time.sleep(1.5)  # xfrm_acq_expires=1: the last larval state is gone
+            before = xfrm_stat(lab, "XfrmOutNoStates")
+            res = lab.client(f"ping -n -i 0.05 -c 60 -W 1 {POC_PEER}", timeout=40)
+            dropped = xfrm_stat(lab, "XfrmOutNoStates") - before
+            seqs = ping_seqs(res.stdout)
+            oe_down(lab, POC_PEER)
+            time.sleep(1.5)
+            curl = lab.client(
+                f"curl -4 -s -o /dev/null -m 20 -w '%{{time_connect}}' http://{POC_PEER}/",
+                timeout=40,
+            )
+            runs.append(
+                {
+                    "larval_drop": drop,
+                    "lost": 60 - len(seqs),
+                    "first_reply_seq": min(seqs) if seqs else None,
+                    "xfrm_out_no_states": dropped,
+                    "tcp_connect_s": float(curl.stdout or 0),
+                }
+            )
+    finally:
+        lab.router("sysctl -qw net.core.xfrm_larval_drop=1")
+    figures["first_packets"] = runs
+    for r in runs:
+        assert 0 < r["lost"] <= 12, runs  # the first packets are lost, the rest arrive
+        assert r["xfrm_out_no_states"] >= r["lost"] - 1, runs  # dropped as larval, not queued
+        assert 0.5 < r["tcp_connect_s"] < 4, runs  # the first SYN is lost and resent after 1 s
+
+
+# A paced HTTP/1.0 response: 6000 bytes every 0.1 s for 60 s with a Content-Length, so the
+# transfer spans a minute by construction (curl's --limit-rate averaged too loosely here) and
+# curl itself checks that every byte arrived.
+STREAMER = """
+import socket, sys, time
+chunk, n = 6000, 600
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], 8081)); srv.listen(1)
+conn, _ = srv.accept(); conn.recv(4096)
+conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % (chunk * n))
+t0 = time.monotonic()
+for i in range(n):
+    conn.sendall(bytes([i % 256]) * chunk)
+    time.sleep(max(0.0, t0 + (i + 1) * 0.1 - time.monotonic()))
+conn.close()
+"""
+
+
+def test_rekey_under_a_60_s_transfer(life: Lab, figures: dict[str, Any]) -> None:
+    """A 60 s download through a Child SA that lives 1 min and rekeys at 30 s: the transfer
+    completes byte for byte, and the ESP SPIs on the WAN change."""
+    lab = life
+    (lab.run_dir / "streamer.py").write_text(STREAMER)
+    pid = (
+        lab.host(
+            "ls-b",
+            f"setsid python3 /lab/streamer.py {POC_PEER} >/dev/null 2>&1 </dev/null & echo $!",
+        )
+        .check()
+        .stdout.split()[-1]
+    )
+    try:
+        oe_down(lab, POC_PEER)
+        lab.client(f"ping -c 3 -i 0.3 -W 1 {POC_PEER}", timeout=20)  # tunnel up first
+        with lab.capture_wan(bpf=f"esp and host {POC_PEER}", label="rekey") as cap:
+            t0 = time.monotonic()
+            res = lab.client(
+                f"curl -4 -s -m 120 -o /dev/null http://{POC_PEER}:8081/ "
+                "-w '%{http_code} %{size_download}'",
+                timeout=150,
+            )
+            took = time.monotonic() - t0
+    finally:
+        lab.world(f"kill {int(pid)} 2>/dev/null")
+    assert res.rc == 0 and res.stdout.split() == ["200", "3600000"], (res.rc, res.stdout)
+    assert took >= 58, f"the transfer took {took:.0f} s, not the minute it should span"
+    text = cap.text()
+    out_spis = sorted(set(re.findall(rf"{WAN4} > {POC_PEER}: ESP\(spi=(0x[0-9a-f]+)", text)))
+    in_spis = sorted(set(re.findall(rf"{POC_PEER} > {WAN4}: ESP\(spi=(0x[0-9a-f]+)", text)))
+    figures["rekey"] = {"seconds": round(took, 1), "out_spis": out_spis, "in_spis": in_spis}
+    assert len(out_spis) >= 2 and len(in_spis) >= 2, f"no rekey seen: {out_spis} {in_spis}"
+
+
+def test_peer_restart_is_noticed_and_recovered(life: Lab, figures: dict[str, Any]) -> None:
+    """pluto on the private peer is killed (-9, no DELETE) and restarted: the liveness check
+    finds the IKE SA dead, the tunnel is rebuilt and the flow resumes, never in the clear."""
+    lab = life
+    lab.client(f"ping -c 3 -i 0.3 -W 1 {PRIVATE_PEER}", timeout=20).check()
+    with lab.capture_wan(bpf=f"host {PRIVATE_PEER}", label="peer-restart") as cap:
+        lab.client(
+            f"ping -n -i 0.25 -c 200 -W 1 {PRIVATE_PEER} > /tmp/restart.ping 2>&1 &", timeout=10
+        )
+        time.sleep(3)
+        t_kill = time.monotonic()
+        lab.world(f"kill -9 $(cat {lab.state_dir('ls-m')}/pluto.pid)").check()
+        set_group(lab, "clear-or-private")  # finds pluto dead, starts it again
+        restarted = time.monotonic() - t_kill
+        lab.client("while pgrep -x ping >/dev/null; do sleep 0.5; done", timeout=70)
+    seqs = ping_seqs(lab.client("cat /tmp/restart.ping").stdout)
+    gaps = [(b - a) * 0.25 for a, b in itertools.pairwise(seqs) if b - a > 4]
+    figures["peer_restart"] = {"pluto_back_after_s": round(restarted, 1), "gaps_s": gaps}
+    assert seqs and max(seqs) > 190, f"the flow did not resume: last reply seq {seqs[-1:]}"
+    assert gaps and max(gaps) < 30, f"outage gaps {gaps}"
+    echo = f"icmp[icmptype] == icmp-echo or {ECHO_REPLY}"
+    assert cap.count(echo) == 0, "a private flow left in the clear:\n" + cap.text(echo)
+    assert "stopped answering" in oelab.daemon_log(lab) or "deleted" in oelab.daemon_log(lab)
+
+
+@pytest.mark.xfail(
+    reason="known leak: at restart, reconcile removes the crashed run's non-persistent "
+    "policies, among them the Child SA policy that had replaced the private /32 group "
+    "entry, before the new group table is installed; packets to the private peer leave in "
+    "the clear in that window (1-3 seen at 10/s). Intermittent, so not strict.",
+    strict=False,
+)
+def test_daemon_kill_9_mid_traffic(life: Lab, figures: dict[str, Any]) -> None:
+    """kill -9 of oe-routerd while both flows run, restart 3 s later: the private peer never
+    sees a cleartext packet on the WAN; the private-or-clear flow is never silent for more
+    than 5 s (the old SAs carry it until the restarted daemon reconciles, then it is
+    renegotiated)."""
+    lab = life
+    for peer in (PRIVATE_PEER, POC_PEER):
+        lab.client(f"ping -c 3 -i 0.3 -W 1 {peer}", timeout=20).check()
+    with lab.capture_wan(bpf=f"host {PRIVATE_PEER} or host {POC_PEER}", label="kill9") as cap:
+        lab.client(
+            f"ping -D -n -i 0.1 -c 250 -W 1 {POC_PEER} > /tmp/k9-poc.ping 2>&1 & "
+            f"ping -D -n -i 0.1 -c 250 -W 1 {PRIVATE_PEER} > /tmp/k9-priv.ping 2>&1 &",
+            timeout=10,
+        )
+        time.sleep(3)
+        lab.router("kill -9 $(cat /run/oe-routerd.pid)").check()
+        time.sleep(3)
+        t_restart = float(lab.world("date +%s.%N").check().stdout)
+        start(lab)
+        ready = float(lab.world("date +%s.%N").check().stdout)
+        lab.client("while pgrep -x ping >/dev/null; do sleep 0.5; done", timeout=60)
+    outage: dict[str, float] = {}
+    for name, f in (("private-or-clear", "/tmp/k9-poc.ping"), ("private", "/tmp/k9-priv.ping")):
+        text = lab.client(f"cat {f}").stdout
+        stamps = [float(t) for t in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", text, re.M)]
+        # the longest silence between two replies: what the crash and restart cost the flow
+        outage[name] = round(max(b - a for a, b in itertools.pairwise(stamps)), 2)
+    echo = (
+        f"host {PRIVATE_PEER} and (icmp[icmptype] == icmp-echo or icmp[icmptype] == icmp-echoreply)"
+    )
+    clear_private = cap.count(echo)
+    figures["kill_9"] = {
+        "longest_reply_gap_s": outage,
+        "daemon_ready_after_launch_s": round(ready - t_restart, 1),
+        "clear_to_private": clear_private,
+    }
+    assert clear_private == 0, "cleartext to the private peer:\n" + cap.text(echo)
+    poc = outage["private-or-clear"]
+    assert poc <= 5, f"the private-or-clear flow stopped for {poc} s"
