@@ -1,0 +1,123 @@
+"""Throughput through the router, LAN client -> libreswan OE host, oe-routerd vs libreswan.
+
+BOOTS THE QEMU LAB (router + world VMs; about 4 min in all under TCG).
+
+The same job done two ways on the same VM pair in the same run, interleaved (ours,
+libreswan, ours, libreswan): the LAN client (192.168.1.100) runs `iperf3 -c` for 8 s to
+ls-b (203.0.113.31, libreswan clear-or-private for everyone); the router source-NATs the
+flow to its WAN address and a packet-triggered host-to-host OE SA (NULL auth) protects it.
+
+- ours: oe-routerd with the shipped config (private-or-clear 0.0.0.0/0);
+- baseline: libreswan's pluto ON THE ROUTER with the equivalent private-or-clear conn for
+  ls-b (lab tooling: the router image carries libreswan only for this baseline; the
+  product never starts it).
+
+Both use kernel ESP with the cipher the two ends agree on (AES-GCM-256 with libreswan as
+responder), so the goal is a ratio >= 0.98: the daemon adds nothing per packet. Each run
+first checks the flow is ESP on the WAN (0 cleartext TCP) so neither figure is a
+cleartext figure.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.run import Result, Unavailable
+
+REPO = Path(__file__).resolve().parents[1]
+PEER = "203.0.113.31"  # ls-b
+WAN = "203.0.113.2"
+SECONDS = 8
+
+
+def _iperf(lab: Any) -> float:
+    """Receiver-side Mbit/s of one iperf3 run from the LAN client (after a warm-up ping)."""
+    lab.client(f"ping -c 3 -i 0.3 -W 2 {PEER}", timeout=30)
+    with lab.capture_wan(bpf=f"host {PEER}", label="tput-check") as cap:
+        lab.client(f"iperf3 -c {PEER} -t 1 -J >/dev/null", timeout=30)
+    if cap.count("tcp") or not cap.esp():
+        raise Unavailable(f"the iperf3 flow was not ESP on the WAN:\n{cap.text()[:800]}")
+    out = lab.client(f"iperf3 -c {PEER} -t {SECONDS} -J", timeout=SECONDS + 30).check()
+    doc = json.loads(out.stdout)
+    return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e6
+
+
+def _libreswan_on_router(lab: Any, peers: Any) -> None:
+    conf = peers.render_libreswan_conf(WAN, {"private-or-clear": [f"{PEER}/32"]})
+    d = lab.run_dir / "lsw-router"
+    (d / "ipsec.d" / "policies").mkdir(parents=True, exist_ok=True)
+    (d / "ipsec.conf").write_text(conf)
+    (d / "ipsec.secrets").write_text("")
+    for g, text in peers.render_policy_files({"private-or-clear": [f"{PEER}/32"]}).items():
+        (d / "ipsec.d" / "policies" / g).write_text(text)
+    lab.router(
+        "set -e; . /lab/bundle/lib/common.sh; LAB_STATE=/var/lab; "
+        "lab_prepare lsw-router /lab/lsw-router; lab_pluto private-or-clear",
+        timeout=90,
+    ).check()
+
+
+def _stop_libreswan(lab: Any) -> None:
+    lab.router(
+        "kill $(cat /var/lab/lsw-router/pluto.pid) 2>/dev/null; sleep 1; "
+        "ip xfrm state flush; ip xfrm policy flush"
+    )
+
+
+def measure(lab: Any, rounds: int = 2) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "qemu"))
+    import oelab
+    from labkit import peers
+
+    lab.host("ls-b", f"iperf3 -s -D -B {PEER}").check()
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(rounds):
+        oelab.start_daemon(lab)
+        try:
+            ours.append(_iperf(lab))
+        finally:
+            oelab.stop_daemon(lab)
+        lab.host("ls-b", "ip xfrm state flush")  # libreswan on ls-b forgets the old SA
+        _libreswan_on_router(lab, peers)
+        try:
+            theirs.append(_iperf(lab))
+        finally:
+            _stop_libreswan(lab)
+    return {"ours_mbit": ours, "libreswan_mbit": theirs}
+
+
+def run() -> list[Result]:
+    sys.path.insert(0, str(REPO / "qemu"))
+    try:
+        import build
+        from lab import Lab, LabError
+    except ImportError as exc:
+        raise Unavailable(f"the QEMU lab is not importable: {exc}") from None
+    images = build.build_all(log=lambda m: None)
+    t0 = time.monotonic()
+    try:
+        with Lab(images, log=lambda m: None) as lab:
+            if "ls-b" in lab.failed_hosts:
+                raise Unavailable(f"ls-b did not start: {lab.failed_hosts['ls-b']}")
+            figures = measure(lab)
+    except LabError as exc:
+        raise Unavailable(f"the lab did not run: {exc}") from None
+    ours = statistics.median(figures["ours_mbit"])
+    base = statistics.median(figures["libreswan_mbit"])
+    return [
+        Result(
+            "oe_lan_throughput_mbit",
+            "Mbit/s, LAN client -> OE host through the router (iperf3, median of 2)",
+            ours,
+            base,
+            "libreswan pluto on the same router VM, same run",
+            ">= 0.98 (kernel ESP both ways)",
+            {"figures": figures, "lab_seconds": round(time.monotonic() - t0, 1)},
+        )
+    ]
