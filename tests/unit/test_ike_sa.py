@@ -158,6 +158,35 @@ def test_invalid_ke_payload_retry() -> None:
     assert isinstance(ie[0], IkeSaEstablished) and ie[0].dh_group == DhId.ECP_256
 
 
+def test_duplicate_invalid_ke_payload_is_ignored() -> None:
+    """A peer that answers the first request and its retransmission refuses twice (libreswan
+    did, in the lab): the second refusal names the group we already switched to and must not
+    fail the negotiation."""
+    ini_cfg, res_cfg = configs()
+    only_ecp = tuple(
+        IkeProposalSpec(s.encr, s.key_bits, s.prf, s.integ, (DhId.ECP_256,))
+        for s in DEFAULT_IKE_PROPOSALS
+    )
+    ini = IkeSa.initiator(ini_cfg, now=0.0)
+    first = ini.datagrams_to_send()
+    refusals = []
+    for _ in range(2):
+        res = IkeSa.responder(replace(res_cfg, ike_proposals=only_ecp))
+        res.receive_datagram(first[0], 0.0, I_ADDR)
+        refusals += res.datagrams_to_send()
+    ini.receive_datagram(refusals[0], 0.1, R_ADDR)
+    retry = ini.datagrams_to_send()
+    ini.receive_datagram(refusals[1], 0.1, R_ADDR)
+    assert events(ini) == []
+    res2 = IkeSa.responder(replace(res_cfg, ike_proposals=only_ecp))
+    for d in retry:
+        res2.receive_datagram(d, 0.1, I_ADDR)
+    shuttle(ini, res2, 0.1)
+    ie, re = events(ini), events(res2)
+    assert_pair(ie, re)
+    assert isinstance(ie[0], IkeSaEstablished) and ie[0].dh_group == DhId.ECP_256
+
+
 @pytest.mark.parametrize("kind", ["p256", "ed25519", "rsa"])
 def test_asymmetric_null_initiator_signature_responder(kind: str) -> None:
     """The router authenticates with NULL, the server with its key (RFC 7619 §3 'anonymous')."""

@@ -1216,7 +1216,11 @@ class IkeSa:
             if n.notify_type == NotifyType.INVALID_KE_PAYLOAD and len(n.data) == 2:
                 group = int.from_bytes(n.data, "big")
                 ours = {g for s in self.config.ike_proposals for g in s.dh_groups}
-                if group in ours and self._ke is not None and group != self._ke.group:
+                if self._ke is not None and group == self._ke.group:
+                    # A late copy of the refusal we already obeyed (the peer answered our
+                    # retransmitted first request too): the retry with this group is in flight.
+                    return
+                if group in ours and self._ke is not None:
                     self._ke = dh_group(group).generate()
                     self._send_init_request(now)
                 else:
