@@ -451,6 +451,7 @@ def build_services(
                 dns_upstream=plat.dns_upstream,
             )
             negotiator.inbound = oe
+            ike.inbound_filter = oe.refuses_peer
             registry.add(oe)
             registry.add(_IkeWithNegotiator(ike, negotiator))
         else:

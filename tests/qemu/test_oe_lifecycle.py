@@ -231,13 +231,6 @@ def test_peer_restart_is_noticed_and_recovered(life: Lab, figures: dict[str, Any
     assert "stopped answering" in oelab.daemon_log(lab) or "deleted" in oelab.daemon_log(lab)
 
 
-@pytest.mark.xfail(
-    reason="known leak: at restart, reconcile removes the crashed run's non-persistent "
-    "policies, among them the Child SA policy that had replaced the private /32 group "
-    "entry, before the new group table is installed; packets to the private peer leave in "
-    "the clear in that window (1-3 seen at 10/s). Intermittent, so not strict.",
-    strict=False,
-)
 def test_daemon_kill_9_mid_traffic(life: Lab, figures: dict[str, Any]) -> None:
     """kill -9 of oe-routerd while both flows run, restart 3 s later: the private peer never
     sees a cleartext packet on the WAN; the private-or-clear flow is never silent for more

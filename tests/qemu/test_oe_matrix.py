@@ -86,14 +86,6 @@ assert len(EXPECTED) == 25
 
 # Cells where oe-routerd does not (yet) behave as libreswan's tests expect: strict xfail, so
 # they are reported as failures of the product, never as passes, and XPASS once fixed.
-KNOWN_DEVIATIONS: dict[tuple[str, str], str] = {
-    ("clear", "private-or-clear"): (
-        "our IKE responder completes IKE_AUTH for a peer in group clear and the OE manager "
-        "then deletes the Child SA, so libreswan never sees a failed negotiation and never "
-        "installs its pass failure shunt: its replies stay held (the responder must refuse, "
-        "e.g. TS_UNACCEPTABLE, for clear/block peers)"
-    ),
-}
 
 
 def address(ours: str, theirs: str) -> str:
@@ -208,12 +200,8 @@ def parse_client(out: str) -> dict[str, Cell]:
 @pytest.mark.parametrize(
     ("ours", "theirs"), list(EXPECTED), ids=[f"{o}-x-{t}" for o, t in EXPECTED]
 )
-def test_policy_matrix_cell(
-    matrix: dict[str, Cell], ours: str, theirs: str, request: pytest.FixtureRequest
-) -> None:
+def test_policy_matrix_cell(matrix: dict[str, Cell], ours: str, theirs: str) -> None:
     passes, wire, why = EXPECTED[(ours, theirs)]
-    if (ours, theirs) in KNOWN_DEVIATIONS:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_DEVIATIONS[(ours, theirs)], strict=True))
     a = address(ours, theirs)
     c = matrix[a]
     seen: dict[str, Any] = vars(c)

@@ -431,6 +431,15 @@ class Datapath(Protocol):
         """
         ...
 
+    async def release_adopted(self, keep: Callable[[PolicySpec], bool]) -> int:
+        """Remove adopted policies that nothing re-installed since, unless `keep` says so.
+
+        Called once the new run's policies are in: removing an earlier run's policy
+        before its replacement exists would open a window where packets leave in the
+        clear. Returns how many were removed.
+        """
+        ...
+
     async def close(self) -> None:
         """Clean stop: remove what we installed (persistent policies stay if configured)."""
         ...

@@ -373,6 +373,7 @@ class XfrmDatapath:
         )
         self._events_sock.setblocking(False)
         self._policies: dict[tuple[Any, ...], PolicySpec] = {}
+        self._adopted: set[tuple[Any, ...]] = set()  # an earlier run's, not yet re-installed
         self._sas: dict[tuple[IPAddress, int], int] = {}  # (dst, spi) -> reqid
         self._allocated: set[tuple[IPAddress, int]] = set()
         self._next_reqid = self._own.reqid_min
@@ -581,6 +582,7 @@ class XfrmDatapath:
             attrs.append(("XFRMA_MARK", {"v": policy.mark.value, "m": policy.mark.mask}))
         self._request(X.XFRM_MSG_UPDPOLICY, fields, attrs, f"policy {policy.describe()}")
         self._policies[self._key(policy)] = policy
+        self._adopted.discard(self._key(policy))
 
     async def remove_policy(self, policy: PolicySpec) -> None:
         self._delete_policy(policy)
@@ -672,10 +674,20 @@ class XfrmDatapath:
                 continue
             if adopt_policy is None or adopt_policy(pol):
                 self._policies[self._key(pol)] = pol
+                self._adopted.add(self._key(pol))
                 adopted_p += 1
             elif self._delete_policy(pol):
                 removed_p += 1
         return ReconcileReport(adopted_sas, removed_sas, adopted_p, removed_p)
+
+    async def release_adopted(self, keep: Callable[[PolicySpec], bool]) -> int:
+        removed = 0
+        for key in list(self._adopted):
+            self._adopted.discard(key)
+            pol = self._policies.get(key)
+            if pol is not None and not keep(pol):
+                removed += int(self._delete_policy(pol))
+        return removed
 
     async def flush_owned(self, *, keep_persistent: bool = False) -> int:
         """Remove every SA and policy in our ranges (never other daemons' objects)."""

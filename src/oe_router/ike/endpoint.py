@@ -49,7 +49,7 @@ from oe_router.datapath.kernel import bypass_socket, enable_esp_in_udp
 from oe_router.datapath.netns import in_netns
 
 from .constants import ExchangeType, HeaderFlag
-from .cookies import CookieJar, ResponderLimits, responder_precheck
+from .cookies import CookieJar, ResponderLimits, init_refusal, responder_precheck
 from .errors import IkeDecodeError, IkeError
 from .events import Event, IkeSaDeleted, IkeSaEstablished, IkeSaFailed, IkeSaRekeyed
 from .payloads import IkeHeader
@@ -495,6 +495,9 @@ class IkeEndpoint:
         config = self._policy(local, remote)
         if config is None:
             self.counters.refused += 1
+            refusal = init_refusal(data)
+            if refusal is not None:  # the peer falls back (e.g. to clear) now, not on timeout
+                self._send(local_ip, natt, refusal, remote)
             return None
         sa = IkeSa.responder(config, self._random)
         h = SaHandle(

@@ -352,6 +352,8 @@ class IkeService:
         self._key_override = private_key
         self._id_override = local_id
         self.peer_keys: dict[str, PublicKey] = dict(peer_keys or {})
+        # Who may start IKE with us: peer address -> None, or why not (the OE policy groups).
+        self.inbound_filter: Callable[[str], str | None] | None = None
         self.ike_proposals = ike_proposals
         #: ESP transforms in preference order; the offload layer may replace them
         #: (new IKE SAs and Child SAs use the new order).
@@ -494,7 +496,14 @@ class IkeService:
         )
 
     def _responder_config(self, local: Address, remote: Address) -> IkeSaConfig | None:
-        """Answer anyone: NULL-auth OE, or signatures when we know the peer's key."""
+        """Answer anyone the inbound filter lets in: NULL-auth OE, or signatures when we
+        know the peer's key. A refused peer gets NO_PROPOSAL_CHOSEN from the endpoint, so
+        its own policy (e.g. libreswan's failure shunt) takes over at once."""
+        if self.inbound_filter is not None:
+            reason = self.inbound_filter(remote[0])
+            if reason is not None:
+                log.info("IKE_SA_INIT from %s refused: %s", remote[0], reason)
+                return None
         peer_key = self.peer_keys.get(remote[0])
         local_id = self._id_override or self.config.identity.local_id
         sign = self.private_key is not None and (peer_key is not None or local_id != "%null")

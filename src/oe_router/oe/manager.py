@@ -599,6 +599,17 @@ class OeManager:
         return []
 
     # ------------------------------------------------------------------ inbound
+    def refuses_peer(self, peer: IPAddress) -> str | None:
+        """Before any IKE: why ``peer`` may not start IPsec with us, or None.
+
+        Refusing in IKE_SA_INIT lets the peer's own fallback (clear) take over at once,
+        instead of an SA that is set up only to be deleted again.
+        """
+        group = self.table.group_of(peer, 0, None)
+        if not group.accepts_inbound:
+            return f"peer {peer} is in group {group.value}, which takes no IPsec"
+        return None
+
     def authorize_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
         """Responder side: may ``peer`` have this Child SA? None if yes, else why not."""
         error = self.containment_error(peer, spec)

@@ -116,19 +116,23 @@ class OeService:
             shunt_lifetime=config.shunt_lifetime,
             idle_timeout=self._idle_timeout,
         )
-        # Keep what must never lapse ("private" traps and drop shunts; the kernel still
-        # expires shunts by their lifetime); everything else of an earlier run goes and
-        # is installed afresh below, replacing adopted objects in place.
-        report = await dp.reconcile(adopt_policy=lambda p: p.persistent)
+        # An earlier run's SAs go (their IKE SAs died with it), but every one of its
+        # policies stays until this run's group table is in: a Child SA's policy may be
+        # all that keeps a "private" peer's packets from leaving in the clear, and with
+        # its SA gone it traps (drops) them instead. Only then do leftovers go, except
+        # what must never lapse ("private" traps and drop shunts, which the kernel still
+        # expires by their lifetime).
+        report = await dp.reconcile(adopt_policy=lambda p: True)
+        await self._perform(mgr.start())
+        removed = await dp.release_adopted(keep=lambda p: p.persistent)
         log.info(
             "oe: datapath %s (%s); earlier run: %d SAs removed, %d policies kept, %d removed",
             dp.name,
             dp.reason,
             report.removed_sas,
-            report.adopted_policies,
-            report.removed_policies,
+            report.adopted_policies - removed,
+            removed,
         )
-        await self._perform(mgr.start())
         self._spawn(self._consume_events(dp))
         await self._perform(self._orphaned_acquires(dp))
         self._spawn(self._timers())
@@ -215,6 +219,15 @@ class OeService:
     async def liveness_failed(self, peer: IPAddress) -> None:
         """The IKE engine's liveness check of ``peer`` went unanswered."""
         await self._perform(self.manager.liveness_failed(peer, self._clock()))
+
+    def refuses_peer(self, peer: str) -> str | None:
+        """IKE responder filter: why ``peer`` may not start IKE with us, or None."""
+        if self._mgr is None:
+            return "the OE manager is not running"
+        try:
+            return self._mgr.refuses_peer(ipaddress.ip_address(peer))
+        except ValueError:
+            return f"{peer!r} is not an address"
 
     def authorize_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
         """Responder: may ``peer`` have this Child SA? None if yes, else why not."""
