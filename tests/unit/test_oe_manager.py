@@ -231,6 +231,14 @@ def test_inbound_child_is_authorized_per_group(mgr: OeManager) -> None:
     assert [t.policy for t in mgr.tunnels(1.0)] == ["clear-or-private"]
 
 
+def test_ike_from_a_peer_whose_group_takes_no_ipsec_is_refused_up_front(mgr: OeManager) -> None:
+    """The IKE responder asks before IKE_SA_INIT, so a clear/block peer falls back at once."""
+    assert mgr.refuses_peer(ipaddress.IPv4Address("192.0.2.70")) is None  # clear-or-private
+    assert mgr.refuses_peer(P1) is None
+    assert "group clear" in (mgr.refuses_peer(ipaddress.IPv4Address("192.0.2.9")) or "")
+    assert "block" in (mgr.refuses_peer(BLOCKED) or "")
+
+
 def test_hard_expire_removes_the_child_and_tells_the_peer(mgr: OeManager) -> None:
     _, _, _, spec = _negotiate_ok(mgr, mgr.acquire(_acq(P1), 0.0), P1, 0x1000, 0.0)
     acts = mgr.expired(Expire(P1, WAN, 0x1000, spec.reqid, hard=True), 3600.0)
