@@ -3,7 +3,7 @@
 BOOTS THE QEMU LAB (router + world VMs; about 4 min in all under TCG).
 
 The same job done two ways on the same VM pair in the same run, interleaved (ours,
-libreswan, ours, libreswan): the LAN client (192.168.1.100) runs `iperf3 -c` for 8 s to
+libreswan, three rounds): the LAN client (192.168.1.100) runs `iperf3 -c` for 8 s to
 ls-b (203.0.113.31, libreswan clear-or-private for everyone); the router source-NATs the
 flow to its WAN address and a packet-triggered host-to-host OE SA (NULL auth) protects it.
 
@@ -35,8 +35,9 @@ WAN = "203.0.113.2"
 SECONDS = 8
 
 
-def _iperf(lab: Any) -> float:
-    """Receiver-side Mbit/s of one iperf3 run from the LAN client (after a warm-up ping)."""
+def _iperf(lab: Any, algs: list[str]) -> float:
+    """Receiver-side Mbit/s of one iperf3 run from the LAN client (after a warm-up ping);
+    appends the kernel's ESP algorithm lines to ``algs`` (both sides must use the same)."""
     lab.client(f"ping -c 3 -i 0.3 -W 2 {PEER}", timeout=30)
     with lab.capture_wan(bpf=f"host {PEER}", label="tput-check") as cap:
         lab.client(f"iperf3 -c {PEER} -t 1 -J >/dev/null", timeout=30)
@@ -44,6 +45,14 @@ def _iperf(lab: Any) -> float:
         raise Unavailable(f"the iperf3 flow was not ESP on the WAN:\n{cap.text()[:800]}")
     out = lab.client(f"iperf3 -c {PEER} -t {SECONDS} -J", timeout=SECONDS + 30).check()
     doc = json.loads(out.stdout)
+    state = lab.router(f"ip xfrm state list dst {PEER}").stdout
+    algs.append(
+        " ".join(
+            ln.split()[0] + " " + ln.split()[1]
+            for ln in state.splitlines()
+            if ln.strip().startswith(("aead", "enc", "auth"))
+        )
+    )
     return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 
@@ -69,7 +78,7 @@ def _stop_libreswan(lab: Any) -> None:
     )
 
 
-def measure(lab: Any, rounds: int = 2) -> dict[str, Any]:
+def measure(lab: Any, rounds: int = 3) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "qemu"))
     import oelab
     from labkit import peers
@@ -77,19 +86,26 @@ def measure(lab: Any, rounds: int = 2) -> dict[str, Any]:
     lab.host("ls-b", f"iperf3 -s -D -B {PEER}").check()
     ours: list[float] = []
     theirs: list[float] = []
+    algs_ours: list[str] = []
+    algs_theirs: list[str] = []
     for _ in range(rounds):
         oelab.start_daemon(lab)
         try:
-            ours.append(_iperf(lab))
+            ours.append(_iperf(lab, algs_ours))
         finally:
             oelab.stop_daemon(lab)
         lab.host("ls-b", "ip xfrm state flush")  # libreswan on ls-b forgets the old SA
         _libreswan_on_router(lab, peers)
         try:
-            theirs.append(_iperf(lab))
+            theirs.append(_iperf(lab, algs_theirs))
         finally:
             _stop_libreswan(lab)
-    return {"ours_mbit": ours, "libreswan_mbit": theirs}
+    return {
+        "ours_mbit": ours,
+        "libreswan_mbit": theirs,
+        "esp_ours": sorted(set(algs_ours)),
+        "esp_libreswan": sorted(set(algs_theirs)),
+    }
 
 
 def run() -> list[Result]:
@@ -113,7 +129,7 @@ def run() -> list[Result]:
     return [
         Result(
             "oe_lan_throughput_mbit",
-            "Mbit/s, LAN client -> OE host through the router (iperf3, median of 2)",
+            "Mbit/s, LAN client -> OE host through the router (iperf3, median of 3)",
             ours,
             base,
             "libreswan pluto on the same router VM, same run",
