@@ -110,7 +110,7 @@ def run() -> list[Result]:
             ours["mean"],
             base["mean"],
             "ip -batch (iproute2) in the same VM, same run",
-            "netlink round trips, not Python, dominate; flat from 10 to 1,000 SAs",
+            "report it (issue 5); the gap to iproute2 is Python + pyroute2 per request",
             extra,
         ),
         Result(
