@@ -84,9 +84,6 @@ EXPECTED: dict[tuple[str, str], tuple[bool, str, str]] = {
 }
 assert len(EXPECTED) == 25
 
-# Cells where oe-routerd does not (yet) behave as libreswan's tests expect: strict xfail, so
-# they are reported as failures of the product, never as passes, and XPASS once fixed.
-
 
 def address(ours: str, theirs: str) -> str:
     return f"203.0.113.{MATRIX_BASE + 5 * GROUPS.index(ours) + GROUPS.index(theirs)}"
