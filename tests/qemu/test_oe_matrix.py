@@ -84,18 +84,6 @@ EXPECTED: dict[tuple[str, str], tuple[bool, str, str]] = {
 }
 assert len(EXPECTED) == 25
 
-# Cells where the product does not (yet) give libreswan's expected outcome. Strict xfail: they
-# are reported as failures of the product, never as passes, and XPASS (fail) once fixed.
-KNOWN_DEVIATIONS: dict[tuple[str, str], str] = {
-    ("clear", "private-or-clear"): (
-        "libreswan initiates on its reply; we answer its IKE_SA_INIT with NO_PROPOSAL_CHOSEN "
-        "(5 times, its retransmits over 4 s), and afterwards ls-m never sends a reply in the "
-        "clear (0 of 30 pings, no SYN-ACK in 18 s): libreswan's failureshunt=passthrough does "
-        "not follow a refusal. pluto itself stays silent when it has no conn for an "
-        "initiator, so its peers time out into their failure shunt; answering clear/block "
-        "peers' IKE_SA_INIT with silence is the likely fix (not yet tried)"
-    ),
-}
 
 
 def address(ours: str, theirs: str) -> str:
@@ -216,13 +204,8 @@ def parse_client(out: str) -> dict[str, Cell]:
 @pytest.mark.parametrize(
     ("ours", "theirs"), list(EXPECTED), ids=[f"{o}-x-{t}" for o, t in EXPECTED]
 )
-def test_policy_matrix_cell(
-    matrix: dict[str, Cell], ours: str, theirs: str, request: pytest.FixtureRequest
-) -> None:
+def test_policy_matrix_cell(matrix: dict[str, Cell], ours: str, theirs: str) -> None:
     passes, wire, why = EXPECTED[(ours, theirs)]
-    if (ours, theirs) in KNOWN_DEVIATIONS:
-        marker = pytest.mark.xfail(reason=KNOWN_DEVIATIONS[(ours, theirs)], strict=True)
-        request.applymarker(marker)
     a = address(ours, theirs)
     c = matrix[a]
     seen: dict[str, Any] = vars(c)

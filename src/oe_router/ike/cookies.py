@@ -133,32 +133,4 @@ def responder_precheck(
     return Precheck("reply", f"{half_open} half-open IKE SAs: cookie demanded", reply.encode())
 
 
-def init_refusal(datagram: bytes, notify_type: int = NotifyType.NO_PROPOSAL_CHOSEN) -> bytes | None:
-    """A stateless IKE_SA_INIT error reply, so a peer we will not talk to fails at once.
-
-    RFC 7296 §2.21.1: errors in IKE_SA_INIT go back unauthenticated. None if the datagram
-    is not a new IKE_SA_INIT request (nothing is answered then).
-    """
-    try:
-        msg = Message.decode(datagram)
-    except IkeDecodeError:
-        return None
-    if (
-        msg.exchange_type != ExchangeType.IKE_SA_INIT
-        or msg.is_response
-        or msg.message_id != 0
-        or msg.spi_r != bytes(8)
-    ):
-        return None
-    reply = Message(
-        msg.spi_i,
-        bytes(8),
-        ExchangeType.IKE_SA_INIT,
-        HeaderFlag.RESPONSE,
-        0,
-        [Notify(0, notify_type)],
-    )
-    return reply.encode()
-
-
-__all__ = ["CookieJar", "Precheck", "ResponderLimits", "init_refusal", "responder_precheck"]
+__all__ = ["CookieJar", "Precheck", "ResponderLimits", "responder_precheck"]

@@ -49,7 +49,7 @@ from oe_router.datapath.kernel import bypass_socket, enable_esp_in_udp
 from oe_router.datapath.netns import in_netns
 
 from .constants import ExchangeType, HeaderFlag
-from .cookies import CookieJar, ResponderLimits, init_refusal, responder_precheck
+from .cookies import CookieJar, ResponderLimits, responder_precheck
 from .errors import IkeDecodeError, IkeError
 from .events import Event, IkeSaDeleted, IkeSaEstablished, IkeSaFailed, IkeSaRekeyed
 from .payloads import IkeHeader
@@ -494,10 +494,10 @@ class IkeEndpoint:
         local = (local_ip, self.natt_port if natt else self.ike_port)
         config = self._policy(local, remote)
         if config is None:
+            # Silence, as libreswan does for a peer in its clear group: an answer such as
+            # NO_PROPOSAL_CHOSEN makes pluto retry, while a timeout installs its failure
+            # shunt (pass for private-or-clear), which is the fallback both sides want.
             self.counters.refused += 1
-            refusal = init_refusal(data)
-            if refusal is not None:  # the peer falls back (e.g. to clear) now, not on timeout
-                self._send(local_ip, natt, refusal, remote)
             return None
         sa = IkeSa.responder(config, self._random)
         h = SaHandle(

@@ -497,8 +497,8 @@ class IkeService:
 
     def _responder_config(self, local: Address, remote: Address) -> IkeSaConfig | None:
         """Answer anyone the inbound filter lets in: NULL-auth OE, or signatures when we
-        know the peer's key. A refused peer gets NO_PROPOSAL_CHOSEN from the endpoint, so
-        its own policy (e.g. libreswan's failure shunt) takes over at once."""
+        know the peer's key. A refused peer gets no answer, so its own failure shunt (e.g.
+        libreswan's pass for private-or-clear) takes over when it times out."""
         if self.inbound_filter is not None:
             reason = self.inbound_filter(remote[0])
             if reason is not None:

@@ -602,8 +602,8 @@ class OeManager:
     def refuses_peer(self, peer: IPAddress) -> str | None:
         """Before any IKE: why ``peer`` may not start IPsec with us, or None.
 
-        Refusing in IKE_SA_INIT lets the peer's own fallback (clear) take over at once,
-        instead of an SA that is set up only to be deleted again.
+        Refusing before IKE_SA_INIT is answered lets the peer's own fallback (its failure
+        shunt) take over, instead of an SA that is set up only to be deleted again.
         """
         group = self.table.group_of(peer, 0, None)
         if not group.accepts_inbound:
