@@ -85,7 +85,6 @@ EXPECTED: dict[tuple[str, str], tuple[bool, str, str]] = {
 assert len(EXPECTED) == 25
 
 
-
 def address(ours: str, theirs: str) -> str:
     return f"203.0.113.{MATRIX_BASE + 5 * GROUPS.index(ours) + GROUPS.index(theirs)}"
 
