@@ -155,7 +155,8 @@ HOSTS: tuple[Host, ...] = (
     _h("insecure", 21, "insecure", "www.insecure.test", "clear", services=("http",)),
     _h("bogus", 22, "bogus", "www.bogus.test", "servfail", services=("http",)),
     _h("ls-a", 30, "self-check", "a.example.test", "clear", services=("pluto", "http")),
-    _h("ls-b", 31, "self-check", "b.example.test", "clear", services=("pluto", "http")),
+    # clear-or-private for everyone: it answers the router's OE, so the router protects it
+    _h("ls-b", 31, "self-check", "b.example.test", "protected-null", services=("pluto", "http")),
     # The policy-matrix peer: its group for the router is switched at run time (set-group.sh).
     _h("ls-m", 32, "oe-matrix", None, "matrix", services=("pluto", "http")),
 )
