@@ -14,11 +14,13 @@ must leave it as they found it (stop what they start).
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,3 +101,25 @@ def _lab_artifacts(request: pytest.FixtureRequest) -> Iterator[None]:
         the_lab: Lab = request.getfixturevalue("lab")
         dest = the_lab.collect_artifacts(ARTIFACTS / _safe(request.node.nodeid))
         _printer(request.config)(f"artifacts of {request.node.nodeid}: {dest}")
+
+
+@pytest.fixture(scope="module")
+def oe_lab(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """oe-routerd running (DNS front behind dnsmasq) with the module's ROUTER_ID, then stopped."""
+    import oelab
+
+    oelab.start_daemon(lab, local_id=request.module.ROUTER_ID)
+    try:
+        yield lab
+    finally:
+        oelab.stop_daemon(lab)
+
+
+@pytest.fixture(scope="module")
+def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """Numbers a module saw in this run, written as JSON to its RESULTS path."""
+    out: dict[str, Any] = {}
+    yield out
+    path: Path = request.module.RESULTS
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")

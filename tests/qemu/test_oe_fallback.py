@@ -17,8 +17,6 @@ come from packets on the router's WAN cable (world side) and the client's own ti
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,23 +44,6 @@ while chunk := s.recv(4096):
     data += chunk
 print(f"{t1 - t0:.3f} {data.split(b' ')[1].decode()}")
 """
-
-
-@pytest.fixture(scope="module")
-def oe_lab(lab: Lab) -> Iterator[Lab]:
-    oelab.start_daemon(lab, local_id=ROUTER_ID)
-    try:
-        yield lab
-    finally:
-        oelab.stop_daemon(lab)
-
-
-@pytest.fixture(scope="module")
-def figures() -> Iterator[dict[str, Any]]:
-    out: dict[str, Any] = {}
-    yield out
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
 
 
 def no_states(lab: Lab) -> int:

@@ -15,7 +15,6 @@ docs/oe-gateway.md and the issue's closing note.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import time
@@ -80,14 +79,6 @@ def oe_down(lab: Lab, peer: str) -> None:
 
 def xfrm_stat(lab: Lab, name: str) -> int:
     return int(lab.router(f"grep {name} /proc/net/xfrm_stat").check().stdout.split()[1])
-
-
-@pytest.fixture(scope="module")
-def figures() -> Iterator[dict[str, Any]]:
-    out: dict[str, Any] = {}
-    yield out
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
 
 
 @pytest.fixture(scope="module")

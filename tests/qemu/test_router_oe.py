@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +33,6 @@ pytestmark = pytest.mark.qemu
 
 ROUTER_ID = "@router.example.test"
 RESULTS = Path(__file__).resolve().parents[2] / "test-results" / "qemu-oe.json"
-
-
-@pytest.fixture(scope="module")
-def oe_lab(lab: Lab) -> Iterator[Lab]:
-    """oe-routerd running (DNS front behind dnsmasq) for this module; stopped afterwards."""
-    oelab.start_daemon(lab, local_id=ROUTER_ID)
-    try:
-        yield lab
-    finally:
-        oelab.stop_daemon(lab)
-
-
-@pytest.fixture(scope="module")
-def figures() -> Iterator[dict[str, Any]]:
-    """Numbers seen in this run (answer times, ESP counts), written for the closing notes."""
-    out: dict[str, Any] = {}
-    yield out
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
 
 
 def packets(cap: Capture, bpf: str) -> list[tuple[float, str]]:
