@@ -124,13 +124,19 @@ def render_libreswan_conf(
 
 
 def render_libreswan_matrix(
-    router: str, cases: Sequence[tuple[str, str]]
+    router_net: str, cases: Sequence[tuple[str, str]]
 ) -> tuple[str, dict[str, str]]:
     """ipsec.conf + policy files for a pluto with one local address per case.
 
-    ``cases`` is (local address, OE group for ``router``); each gets its own conn
+    ``cases`` is (local address, OE group for the router); each gets its own conn
     ``<group>-<n>`` with ``left=<address>`` and a policy file of that name holding
-    ``router/32``, so one pluto answers every cell of a policy matrix at once.
+    ``router_net``, so one pluto answers every cell of a policy matrix at once.
+
+    ``router_net`` should be a network around the router, not its /32: libreswan 4.10
+    (Debian 12) never downgrades a /32 group's trap policy to the failure shunt it
+    records (libreswan issue #1041, certoe-20-bareshunts-slash32), so a failed
+    private-or-clear negotiation would keep dropping instead of passing in the clear.
+    Real deployments list networks (libreswan ships 0.0.0.0/0 in private-or-clear).
     """
     head = "\n".join(
         [
@@ -143,10 +149,10 @@ def render_libreswan_matrix(
     )
     out, files = [head], {}
     for n, (left, group) in enumerate(cases):
-        one = render_libreswan_conf(left, {group: [f"{router}/32"]})
+        one = render_libreswan_conf(left, {group: [router_net]})
         body = one.split("\n\n", 2)[-1].strip()  # the conn, without the config setup
         out.append(body.replace(f"conn {group}\n", f"conn {group}-{n}\n", 1) + "\n")
-        files[f"{group}-{n}"] = f"{router}/32\n"
+        files[f"{group}-{n}"] = f"{router_net}\n"
     return "\n".join(out), files
 
 

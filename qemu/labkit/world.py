@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import ipaddress
 import json
 import secrets
 import shlex
@@ -448,7 +449,9 @@ def _matrix_host(outdir: Path, host: Host, router: str) -> None:
             files[f"groups/{group}/policies/{g}"] = text
         files[f"groups/{group}/wait"] = f"{group}\n"
     cases = [(matrix_address(r, p), p) for r in peers.OE_GROUPS for p in peers.OE_GROUPS]
-    conf, policy_files = peers.render_libreswan_matrix(router, cases)
+    # The router's /31 (router and one unused address), not its /32: see render_libreswan_matrix.
+    router_net = str(ipaddress.ip_network(f"{router}/31", strict=False))
+    conf, policy_files = peers.render_libreswan_matrix(router_net, cases)
     files["groups/matrix/ipsec.conf"] = conf
     for name, text in policy_files.items():
         files[f"groups/matrix/policies/{name}"] = text

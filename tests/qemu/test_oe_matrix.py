@@ -87,14 +87,7 @@ assert len(EXPECTED) == 25
 
 # Cells where the product does not (yet) give libreswan's expected outcome. Strict xfail: they
 # are reported as failures of the product, never as passes, and XPASS (fail) once fixed.
-KNOWN_DEVIATIONS: dict[tuple[str, str], str] = {
-    ("clear", "private-or-clear"): (
-        "libreswan initiates on its reply; we refuse its IKE_SA_INIT before any state (tried "
-        "both ways: NO_PROPOSAL_CHOSEN, and silence as pluto itself gives), yet ls-m never "
-        "sends its replies in the clear within the 15 s window (0 of 30 pings): its "
-        "failureshunt=passthrough does not take effect for a flow it trapped on a reply"
-    ),
-}
+KNOWN_DEVIATIONS: dict[tuple[str, str], str] = {}
 
 
 def address(ours: str, theirs: str) -> str:
