@@ -124,6 +124,7 @@ def test_everything_fixture_sets_every_field() -> None:
     assert cfg.dns.bogus_action == "insecure"
     assert cfg.ike.ike_lifetime == 86400 and cfg.ike.child_lifetime == 7200
     assert cfg.ike.rekey_margin == 300 and cfg.ike.rekey_jitter == 0
+    assert cfg.ike.idle_timeout == 90
     assert cfg.ike.retransmit_timeout == 1.5 and cfg.ike.retransmit_tries == 20
     assert cfg.ike.dpd_delay == 0 and cfg.ike.half_open_limit == 1000
     assert cfg.ike.fragment_size == 0 and cfg.ike.esp_proposals == ("chacha20poly1305",)

@@ -169,6 +169,9 @@ class IkeConfig:
     rekey_margin: float = 540.0
     #: Percent of ``rekey_margin`` added at random, so both ends do not rekey at once.
     rekey_jitter: int = 100
+    #: A Child SA that carried no traffic for this long is not rekeyed at its soft
+    #: expiry but deleted; the next packet to the peer negotiates again.
+    idle_timeout: float = 300.0
     #: Sends of a request: 0.4 + 0.8 + 1.6 = 2.8 s to give up on a silent peer, before a
     #: trapped TCP flow's third SYN (t = 3 s), so it meets the pass shunt (docs/oe-gateway.md).
     retransmit_timeout: float = 0.4

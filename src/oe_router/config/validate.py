@@ -108,6 +108,7 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "child_lifetime": Opt("child_lifetime", _dur(60.0, 24 * HOUR)),
         "rekey_margin": Opt("rekey_margin", _dur(0.0, 12 * HOUR)),
         "rekey_jitter": Opt("rekey_jitter", _percent),
+        "idle_timeout": Opt("idle_timeout", _dur(1.0, 24 * HOUR)),
         "retransmit_timeout": Opt("retransmit_timeout", _dur(0.1, 30.0)),
         "retransmit_tries": Opt("retransmit_tries", _int(1, 20)),
         "dpd_delay": Opt("dpd_delay", _dur(0.0, HOUR)),

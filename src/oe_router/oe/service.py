@@ -72,7 +72,6 @@ class OeService:
         lan: Iterable[IPNetwork] = (),
         dns_upstream: Iterable[IPAddress] = (),
         trap_reqid: int = Ownership().reqid_max,
-        idle_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._factory = datapath_factory
@@ -81,7 +80,8 @@ class OeService:
         self._lan = tuple(lan)
         self._dns_upstream = tuple(dns_upstream)
         self._trap_reqid = trap_reqid
-        self._idle_timeout = idle_timeout
+        self._idle_timeout = 300.0  # oe.ike.idle_timeout, set by start() and reload()
+        self._repoll = False
         self._clock = clock
         self._dp: Datapath | None = None
         self._mgr: OeManager | None = None
@@ -109,6 +109,7 @@ class OeService:
     async def start(self, config: OeConfig) -> None:
         table = self._table(config)
         self._dp = dp = self._factory(config)
+        self._idle_timeout = config.ike.idle_timeout
         self._mgr = mgr = OeManager(
             table,
             self._wan,
@@ -161,6 +162,10 @@ class OeService:
         mgr = self.manager
         table = self._table(config)  # ValueError names the entry; the daemon rolls back
         mgr.shunt_lifetime = config.shunt_lifetime
+        if config.ike.idle_timeout != self._idle_timeout:
+            self._idle_timeout = mgr.idle_timeout = config.ike.idle_timeout
+            self._repoll = True  # a shorter timeout needs the shorter poll period now
+            self._wake.set()
         await self._perform(mgr.replace_table(table))
 
     async def stop(self) -> None:
@@ -265,10 +270,24 @@ class OeService:
             return mgr.policy_expired(event, now)
         return []  # MappingChange: NAT-T address updates belong to the IKE engine
 
+    @property
+    def poll_period(self) -> float:
+        """How often the counters are read: a quarter of ``idle_timeout``, 1 s to 60 s.
+
+        Activity is noticed when a poll sees the byte count change, so an SA's last
+        activity is known to within one period; a quarter keeps an SA that went idle
+        just over ``idle_timeout`` before its soft expiry from being rekeyed (the error
+        is at most 25 %), and the bounds keep the cost flat for very short or long ones.
+        """
+        return min(60.0, max(1.0, self._idle_timeout / 4))
+
     async def _timers(self) -> None:
-        next_poll = self._clock() + self._idle_timeout / 2
+        next_poll = self._clock() + self.poll_period
         while True:
             mgr = self.manager
+            if self._repoll:
+                self._repoll = False
+                next_poll = min(next_poll, self._clock() + self.poll_period)
             deadline = mgr.next_deadline()
             now = self._clock()
             wait = min(next_poll, deadline if deadline is not None else next_poll) - now
@@ -281,7 +300,7 @@ class OeService:
             now = self._clock()
             await self._perform(mgr.tick(now))
             if now >= next_poll:
-                next_poll = now + self._idle_timeout / 2
+                next_poll = now + self.poll_period
                 await self._perform(mgr.poll_traffic())
 
     async def _perform(self, actions: list[Action]) -> None:
