@@ -278,15 +278,58 @@ def test_peer_delete_removes_exactly_its_sas(mgr: OeManager) -> None:
 
 
 def test_liveness_failure_tears_down_and_falls_back_per_group(mgr: OeManager) -> None:
+    """A dead peer's Child SAs go without a DELETE (the IKE engine already forgot the IKE
+    SA); each flow is tried once more, and a failed try gets its group's shunt: pass for
+    private-or-clear, drop for private, both naming the liveness failure."""
     _, _, _, s1 = _negotiate_ok(mgr, mgr.acquire(_acq(P1), 0.0), P1, 0x1000, 0.0)
     _, _, _, s3 = _negotiate_ok(mgr, mgr.acquire(_acq(PRIV), 0.0), PRIV, 0x5000, 0.0)
     a1 = mgr.liveness_failed(P1, 100.0)
-    assert a1[:2] == [SendDelete(P1, None), RemoveChild(s1)]
-    assert only(a1, InstallPolicy)[0].policy.action is PolicyAction.PASS
+    assert only(a1, SendDelete) == []  # no second deletion of the dead IKE SA
+    assert a1[0] == RemoveChild(s1)
+    (n1,) = only(a1, Negotiate)
+    assert n1.request.peer == P1 and n1.request.remote_ts == _host(P1)
     a3 = mgr.liveness_failed(PRIV, 100.0)
-    assert RemoveChild(s3) in a3
-    assert only(a3, InstallPolicy)[0].policy.action is PolicyAction.DROP
-    assert {s.kind for s in mgr.shunts(100.0)} == {"pass", "drop"}
+    assert only(a3, SendDelete) == [] and a3[0] == RemoveChild(s3)
+    (n3,) = only(a3, Negotiate)
+    assert [t.state for t in mgr.tunnels(100.0)] == ["negotiating", "negotiating"]
+    assert mgr.acquire(_acq(P1), 100.5) == []  # trapped packets join the retry
+    (pass_,) = mgr.negotiated(n1.ticket, NegotiationResult(None, "no answer"), 103.0)
+    (drop,) = mgr.negotiated(n3.ticket, NegotiationResult(None, "no answer"), 103.0)
+    assert isinstance(pass_, InstallPolicy) and isinstance(drop, InstallPolicy)
+    assert (pass_.policy.action, pass_.policy.dst) == (PolicyAction.PASS, _host(P1))
+    assert (drop.policy.action, drop.policy.dst) == (PolicyAction.DROP, _host(PRIV))
+    assert drop.policy.persistent and not pass_.policy.persistent
+    shunts = {s.destination: s for s in mgr.shunts(103.0)}
+    assert shunts["192.0.2.7/32"].kind == "pass" and shunts["203.0.113.5/32"].kind == "drop"
+    assert all("stopped answering liveness" in s.reason for s in shunts.values())
+    assert mgr.tunnels(103.0) == ()
+    assert mgr.liveness_failed(P1, 104.0) == []  # nothing left of it: nothing to do
+
+
+def test_liveness_failure_of_a_rebooted_peer_rebuilds_the_tunnel(mgr: OeManager) -> None:
+    """The retry that follows a liveness failure succeeds when the peer is back: a new
+    Child SA, no shunt."""
+    _, _, _, s3 = _negotiate_ok(mgr, mgr.acquire(_acq(PRIV), 0.0), PRIV, 0x5000, 0.0)
+    acts = mgr.liveness_failed(PRIV, 50.0)
+    _, _, after, s4 = _negotiate_ok(mgr, acts, PRIV, 0x6000, 52.0)
+    assert only(after, InstallPolicy) == [] and mgr.shunts(52.0) == ()
+    (t,) = mgr.tunnels(53.0)
+    assert (t.peer, t.state, t.policy) == ("203.0.113.5", "established", "private")
+    assert mgr.children() == [s4] and s4 != s3
+
+
+def test_liveness_failure_of_an_inbound_clear_or_private_peer_only_removes(
+    mgr: OeManager,
+) -> None:
+    """clear-or-private only responds: its flow loses the SA and passes in the clear, and we
+    do not start IKE towards it."""
+    cop = ipaddress.IPv4Address("192.0.2.70")
+    (inst,) = mgr.adopt_inbound(cop, _spec(cop, 0x7000), 0.0)
+    assert isinstance(inst, InstallChild)
+    mgr.installed(inst.ticket, inst.spec, None, 0.0)
+    acts = mgr.liveness_failed(cop, 60.0)
+    assert acts == [RemoveChild(inst.spec)]
+    assert mgr.tunnels(60.0) == () and mgr.shunts(60.0) == ()
 
 
 def test_removing_a_runtime_policy_that_replaced_a_trap_restores_the_trap() -> None:

@@ -3,7 +3,8 @@
 Why: it is the one place where Child SAs reach the OE manager, so these check that a
 negotiated Child SA comes back as a complete spec and is NOT also handed to the inbound path
 (no double install), that the peer's side arrives through adopt_inbound, that a second
-request rides the same IKE SA, and that a peer's DELETE reaches peer_deleted.
+request rides the same IKE SA, that a peer's DELETE reaches peer_deleted, and that a peer
+which stops answering reaches liveness_failed (once, instead of per-Child-SA deletes).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from oe_router.config.schema import OeConfig
+from oe_router.config.schema import IkeConfig, OeConfig
 from oe_router.datapath.base import ChildSaSpec, IPAddress, TrafficSelector
 from oe_router.ike.service import IkeService
 from oe_router.oe.manager import ChildRequest, PeerAuth
@@ -29,6 +30,7 @@ class Inbound:
     def __init__(self) -> None:
         self.adopted: list[tuple[IPAddress, ChildSaSpec]] = []
         self.deleted: list[tuple[IPAddress, list[int] | None]] = []
+        self.dead: list[IPAddress] = []
 
     async def adopt_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> None:
         self.adopted.append((peer, spec))
@@ -36,14 +38,17 @@ class Inbound:
     async def peer_deleted(self, peer: IPAddress, spis: Iterable[int] | None) -> None:
         self.deleted.append((peer, None if spis is None else list(spis)))
 
+    async def liveness_failed(self, peer: IPAddress) -> None:
+        self.dead.append(peer)
+
 
 @asynccontextmanager
-async def pair() -> Any:
+async def pair(config_a: OeConfig | None = None) -> Any:
     a = IkeService([str(LO)], ike_port=0, natt_port=0, xfrm=False)
     b = IkeService([str(LO)], ike_port=0, natt_port=0, xfrm=False)
     ia, ib = Inbound(), Inbound()
     na, nb = IkeNegotiator(a, ia), IkeNegotiator(b, ib)
-    await a.start(OeConfig())
+    await a.start(config_a or OeConfig())
     await b.start(OeConfig())
     assert a.endpoint is not None and b.endpoint is not None
     a.remote_ike_port, a.remote_natt_port = b.endpoint.ike_port, b.endpoint.natt_port
@@ -98,5 +103,36 @@ def test_negotiate_failure_is_a_result_with_the_reason() -> None:
             result = await na.negotiate(request(), 0.0)
             assert result.child_sa is None and result.error
             assert "127.0.0.1" in result.error
+
+    asyncio.run(go())
+
+
+def test_a_peer_that_stops_answering_reaches_liveness_failed_once() -> None:
+    """The peer's endpoint goes silent (no DELETE): our liveness check goes unanswered, the
+    OE side gets liveness_failed for the peer exactly once and no per-Child-SA
+    peer_deleted, the IKE SA is gone, and the manager's best-effort DELETE of the whole
+    IKE SA afterwards returns at once instead of waiting on the dead peer."""
+
+    async def go() -> None:
+        fast = IkeConfig(dpd_delay=0.3, retransmit_timeout=0.1, retransmit_tries=2)
+        async with pair(OeConfig(ike=fast)) as (na, nb, ia, _ib):
+            first = await na.negotiate(request(), 0.0)
+            second = await na.negotiate(request(), 0.0)
+            assert first.child_sa is not None and second.child_sa is not None
+            await asyncio.sleep(0.5)  # checks are answered while the peer lives
+            assert ia.dead == [] and len(na.ike.sas) == 1
+            assert nb.ike.endpoint is not None
+            await nb.ike.endpoint.stop()  # silent: no DELETE, no answers
+            for _ in range(60):
+                if ia.dead:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            assert ia.dead == [LO]
+            assert ia.deleted == []  # both Child SAs covered by the one liveness event
+            assert na.ike.sas == []
+            t0 = asyncio.get_running_loop().time()
+            await na.delete(LO, None)
+            assert asyncio.get_running_loop().time() - t0 < 0.2
 
     asyncio.run(go())

@@ -82,10 +82,17 @@ class ChildSaRekeyed(ChildSaEstablished):
 
 @dataclass(frozen=True)
 class IkeSaFailed(Event):
-    """The IKE SA could not be set up or was refused; ``notify`` is the cause if known."""
+    """The IKE SA could not be set up or was refused; ``notify`` is the cause if known.
+
+    ``unanswered``: an established IKE SA's request (a liveness check, a rekey, a
+    CREATE_CHILD_SA) went unanswered through every retransmission, so the peer is dead
+    (RFC 7296 §2.4): its owner tears the Child SAs down as a dead peer's (the OE
+    manager's liveness fallback), not as an ordinary failure.
+    """
 
     reason: str
     notify: int | None = None
+    unanswered: bool = False
 
 
 @dataclass(frozen=True)

@@ -358,7 +358,8 @@ class IkeSa:
         if self._retransmit_at is not None and now >= self._retransmit_at:
             if self._tries >= self.config.retransmit_tries:
                 self._fail(
-                    f"no answer from {self.config.remote_address[0]} after {self._tries} tries"
+                    f"no answer from {self.config.remote_address[0]} after {self._tries} tries",
+                    unanswered=self.state == "established",
                 )
                 return
             self._tries += 1
@@ -532,10 +533,10 @@ class IkeSa:
             HeaderFlag.RESPONSE if response else 0
         )
 
-    def _fail(self, reason: str, notify: int | None = None) -> None:
+    def _fail(self, reason: str, notify: int | None = None, *, unanswered: bool = False) -> None:
         self.state = "failed"
         self._retransmit_at = None
-        self._events.append(IkeSaFailed(reason, notify))
+        self._events.append(IkeSaFailed(reason, notify, unanswered))
 
     def _send_request(self, datagrams: list[bytes], now: float) -> None:
         self._last_request = datagrams

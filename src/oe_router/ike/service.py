@@ -104,6 +104,13 @@ class ChildSaSink(Protocol):
 
     def child_sa_deleted(self, peer: PeerSa, child: ChildSaDeleted) -> None: ...
 
+    def peer_dead(self, peer: PeerSa, children: tuple[ChildSaDeleted, ...]) -> None:
+        """``peer`` stopped answering an established IKE SA (liveness check, rekey): the
+        IKE SA is already forgotten, ``children`` went with it. Called INSTEAD of
+        ``child_sa_deleted`` for them, so the owner can fall back per policy in one step
+        rather than treating each as an ordinary DELETE."""
+        ...
+
 
 @dataclass
 class RecordingSink:
@@ -111,12 +118,16 @@ class RecordingSink:
 
     established: list[tuple[str, ChildSaEstablished]] = field(default_factory=list)
     deleted: list[tuple[str, ChildSaDeleted]] = field(default_factory=list)
+    dead: list[tuple[str, tuple[ChildSaDeleted, ...]]] = field(default_factory=list)
 
     def child_sa_established(self, peer: PeerSa, child: ChildSaEstablished) -> None:
         self.established.append((peer.peer, child))
 
     def child_sa_deleted(self, peer: PeerSa, child: ChildSaDeleted) -> None:
         self.deleted.append((peer.peer, child))
+
+    def peer_dead(self, peer: PeerSa, children: tuple[ChildSaDeleted, ...]) -> None:
+        self.dead.append((peer.peer, children))
 
 
 # --------------------------------------------------------------------------- keys, identities
@@ -642,10 +653,16 @@ class IkeService:
             if (request_id is None or rid == request_id) and not fut.done():
                 fut.set_result(error if request_id is not None else p.error or "IKE SA gone")
 
-    def _drop(self, p: PeerSa, reason: str) -> None:
+    def _drop(self, p: PeerSa, reason: str, *, dead: bool = False) -> None:
+        gone = []
         for spi in list(p.children):
             child = p.children.pop(spi).event
-            self.sink.child_sa_deleted(p, ChildSaDeleted(child.spi_in, child.spi_out))
+            gone.append(ChildSaDeleted(child.spi_in, child.spi_out, reason))
+        if dead:
+            self.sink.peer_dead(p, tuple(gone))
+        else:
+            for ev in gone:
+                self.sink.child_sa_deleted(p, ev)
         if p in self.sas:
             self.sas.remove(p)
         if p.error is None and p.ike is None:
@@ -699,10 +716,14 @@ class IkeService:
                 self._ep().forget(old.handle)
                 self._drop(old, "replaced: the peer sent INITIAL_CONTACT")
         elif isinstance(ev, IkeSaFailed):
-            log.warning("IKE SA with %s failed: %s", p.peer, ev.reason)
+            dead = ev.unanswered and p.ike is not None
+            if dead:
+                log.warning("peer %s stopped answering its IKE SA: %s", p.peer, ev.reason)
+            else:
+                log.warning("IKE SA with %s failed: %s", p.peer, ev.reason)
             p.error = ev.reason
             p.notify = ev.notify
-            self._drop(p, ev.reason)
+            self._drop(p, ev.reason, dead=dead)
         elif isinstance(ev, IkeSaDeleted):
             log.info("IKE SA with %s deleted: %s", p.peer, ev.reason)
             self._drop(p, ev.reason)

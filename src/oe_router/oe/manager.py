@@ -240,6 +240,7 @@ class _Want:
     selector: TrafficSelector
     rule: Rule
     waiters: set[int] = field(default_factory=set)
+    cause: str = ""  #: why we negotiate again (a shunt's reason names it)
 
 
 @dataclass
@@ -407,12 +408,14 @@ class OeManager:
         )
         return [Negotiate(ticket, request)]
 
-    def _want(self, peer: IPAddress, rule: Rule, waiter: int | None, now: float) -> list[Action]:
+    def _want(
+        self, peer: IPAddress, rule: Rule, waiter: int | None, now: float, cause: str = ""
+    ) -> list[Action]:
         selector = flow_selector(peer, rule)
         p = self._peer(peer)
         want = p.queue.get(selector)
         if want is None:
-            want = p.queue[selector] = _Want(selector, rule)
+            want = p.queue[selector] = _Want(selector, rule, cause=cause)
         if waiter is not None:
             want.waiters.add(waiter)
         return self._start_next(p, now)
@@ -478,6 +481,8 @@ class OeManager:
     def _fail(self, p: _Peer, want: _Want, reason: str, now: float) -> list[Action]:
         """Negotiation failed: the group's failure shunt, waiters told, next in queue."""
         p.queue.pop(want.selector, None)
+        if want.cause:
+            reason = f"{want.cause}, then {reason}"
         actions = self._shunt(p.addr, want.selector, want.rule.group, reason, now)
         actions += self._resolve(want, p.addr, False)
         p.in_flight = None
@@ -722,16 +727,31 @@ class OeManager:
         return actions
 
     def liveness_failed(self, peer: IPAddress, now: float) -> list[Action]:
-        """The peer stopped answering: tear down, and fall back per group."""
+        """The peer stopped answering its IKE SA: tear its Child SAs down, fall back per group.
+
+        No DELETE goes out: the IKE engine reported the IKE SA dead and forgot it, so a
+        DELETE would be a second deletion, and could take down a fresh IKE SA the peer
+        starts after a reboot. Each flow of a group that initiates is negotiated once
+        more at once: a peer that only rebooted is back in a tunnel, and one that is
+        gone fails that attempt (the retransmissions) and gets the group's failure shunt
+        (private-or-clear: pass, private: drop) with the liveness failure in its reason.
+        Meanwhile the group's trap holds the flow, so nothing leaves in the clear
+        before the decision. Flows of responder-only groups (clear-or-private) just lose
+        their SA and pass in the clear, as before the peer initiated.
+        """
         p = self._peers.get(peer)
         if p is None:
             return []
         log.warning("peer %s stopped answering liveness checks: tearing down", peer)
-        actions: list[Action] = [SendDelete(peer, None)]
+        actions: list[Action] = []
+        rules: list[Rule] = []
         for c in list(p.children.values()):
             actions += self._remove_child(c, tell_peer=False)
-            actions += self._shunt(peer, c.selector, c.group, "peer stopped answering", now)
-        self._keys.pop(peer, None)
+            rule = self.table.lookup(peer, c.selector.proto, c.selector.port)
+            if rule is not None and rule.group.initiates and peer.version in self.wan:
+                rules.append(rule)
+        for rule in rules:
+            actions += self._want(peer, rule, None, now, "peer stopped answering liveness checks")
         return actions
 
     def policy_expired(self, ev: PolicyExpire, now: float) -> list[Action]:

@@ -9,8 +9,12 @@ SAs and drops shunts). So the IKE service never installs anything itself:
 - every other Child SA the IKE service reports (a peer initiated, ``oe up`` from the
   CLI, a rekey the IKE core did on its own timer) goes to ``adopt_inbound``, which
   runs the same containment check and installs it;
-- Child SAs the IKE side lost (the peer's DELETE, a dead IKE SA) go to
-  ``peer_deleted``.
+- Child SAs the IKE side lost (the peer's DELETE, an IKE SA deleted or failed) go to
+  ``peer_deleted``;
+- a peer that stopped answering its established IKE SA (liveness check or any other
+  request unanswered through every retransmission) goes to ``liveness_failed`` instead,
+  once per peer, so the manager falls back per group. The IKE SA is already gone on the
+  IKE side then: nothing here sends it a DELETE.
 
 Identity: NULL auth (RFC 7619) towards peers without a key. Towards a peer with a
 DNSSEC key we sign with our own key when ``identity.local_id`` names one (an FQDN
@@ -55,6 +59,8 @@ class InboundHandler(Protocol):
     def adopt_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> Awaitable[None]: ...
 
     def peer_deleted(self, peer: IPAddress, spis: Iterable[int] | None) -> Awaitable[None]: ...
+
+    def liveness_failed(self, peer: IPAddress) -> Awaitable[None]: ...
 
 
 def _keys_equal(a: Any, b: Any) -> bool:
@@ -240,6 +246,28 @@ class IkeNegotiator:
         if self.inbound is not None:
             handler = self.inbound
             self._enqueue(lambda: handler.peer_deleted(addr, [spi_out]))
+
+    def peer_dead(self, peer: PeerSa, children: tuple[ChildSaDeleted, ...]) -> None:
+        """The IKE SA with ``peer`` died unanswered: the OE side's liveness fallback.
+
+        If another established IKE SA with the same address is still alive (the peer
+        restarted and came back first), only the dead SA's Child SAs go, as a DELETE."""
+        addr = ipaddress.ip_address(peer.peer)
+        for child in children:
+            self._retiring.discard(child.spi_in)
+        self._firsts.pop(id(peer), None)
+        if self.inbound is None:
+            return
+        handler = self.inbound
+        alive = any(
+            o is not peer and o.peer == peer.peer and o.state == "established" for o in self.ike.sas
+        )
+        if alive:
+            spis = [int.from_bytes(c.spi_out, "big") for c in children]
+            if spis:
+                self._enqueue(lambda: handler.peer_deleted(addr, spis))
+            return
+        self._enqueue(lambda: handler.liveness_failed(addr))
 
     async def _adopt(self, addr: IPAddress, spec: ChildSaSpec) -> None:
         if self.inbound is None:
