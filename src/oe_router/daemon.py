@@ -38,6 +38,7 @@ from oe_router.control.ubus import UbusShim
 from oe_router.dns.hold import TunnelRequester
 from oe_router.dns.service import DnsService, dns_wanted
 from oe_router.ike.service import IkeService
+from oe_router.oe.lan import apply_nft
 from oe_router.oe.negotiator import IkeNegotiator
 from oe_router.oe.service import OeService, kernel_datapath
 from oe_router.platform import Platform, probe_platform
@@ -449,6 +450,7 @@ def build_services(
                 wan=plat.wan,
                 lan=plat.lan,
                 dns_upstream=plat.dns_upstream,
+                nft=apply_nft,  # the LAN gateway's SNAT table (oe/lan.py)
             )
             negotiator.inbound = oe
             ike.inbound_filter = oe.refuses_peer

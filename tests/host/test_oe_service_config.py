@@ -19,6 +19,7 @@ from dataclasses import replace
 import pytest
 
 from oe_router.config import parse_config
+from oe_router.oe.lan import apply_nft
 from oe_router.oe.service import OeService, kernel_datapath
 from tests.host.test_oe_service import ProbeNegotiator
 
@@ -73,5 +74,51 @@ def test_default_idle_timeout_is_five_minutes(netns: str) -> None:
             assert svc.poll_period == 60.0
         finally:
             await svc.stop()
+
+    asyncio.run(body())
+
+
+def _nft_list(netns: str) -> str:
+    res = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "list", "table", "inet", "oe_router"],
+        capture_output=True,
+        text=True,
+    )
+    return res.stdout if res.returncode == 0 else ""
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_lan_gateway_table_is_applied_at_start_and_kept_or_removed_at_stop(
+    netns: str, keep: bool
+) -> None:
+    """With an nft runner the service writes the LAN gateway table (IPv4 SNAT, IPv6 SNAT
+    for ``oe_peers6``, empty) at start; at stop the set is emptied, and the table stays
+    only while "private" policies stay (they catch LAN flows only after SNAT)."""
+    wan6 = ipaddress.IPv6Address("2001:db8:1::2")
+    config = replace(parse_config(""), keep_private_on_stop=keep)
+
+    async def body() -> None:
+        svc = OeService(
+            datapath_factory=kernel_datapath(netns),
+            negotiator=ProbeNegotiator(netns),
+            wan={4: WAN, 6: wan6},
+            lan=[ipaddress.ip_network("192.168.1.0/24"), ipaddress.ip_network("fd00:1::/64")],
+            nft=lambda script: apply_nft(script, netns=netns),
+        )
+        await svc.start(config)
+        try:
+            text = _nft_list(netns)
+            assert 'oifname "wan" ip saddr 192.168.1.0/24 snat ip to 198.51.100.1' in text
+            assert (
+                'oifname "wan" ip6 saddr fd00:1::/64 ip6 daddr @oe_peers6 snat ip6 to 2001:db8:1::2'
+            ) in text
+            assert "elements" not in text  # no IPv6 tunnel yet, so no IPv6 peer is NATed
+        finally:
+            await svc.stop()
+        after = _nft_list(netns)
+        if keep:
+            assert "snat ip to 198.51.100.1" in after and "elements" not in after
+        else:
+            assert after == ""
 
     asyncio.run(body())

@@ -13,7 +13,9 @@ IPv6: LAN devices keep their global addresses; only flows to peers in the set
 ``oe_peers6`` (peers with a tunnel, kept current by the OE service) are NATed.
 
 The script is built by a pure function (``nft_script``) and applied atomically with
-``nft -f`` (``apply_nft``); the table is ours alone and replaced as a whole.
+``nft -f`` (``apply_nft``); the table is ours alone and replaced as a whole. ``Peers6``
+is the sans-IO bookkeeping of the set: given the Child SAs that exist, it returns the
+``nft -f`` script that brings ``oe_peers6`` there (the OE service runs it).
 """
 
 from __future__ import annotations
@@ -21,12 +23,22 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["LanError", "LanGateway", "apply_nft", "nft_script", "peers6_update"]
+__all__ = [
+    "CAT_TABLE",
+    "LanError",
+    "LanGateway",
+    "apply_nft",
+    "cat_remove_script",
+    "cat_script",
+    "nft_script",
+    "peers6_update",
+]
 
 IPv4Network = ipaddress.IPv4Network
 IPv6Network = ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class LanError(Exception):
@@ -100,6 +112,45 @@ def peers6_update(
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+@dataclass
+class Peers6:
+    """The IPv6 peers ``oe_peers6`` holds, kept in step with the Child SAs (sans-IO).
+
+    Why a set of peers with a tunnel, not every IPv6 destination: LAN devices keep
+    their global IPv6 addresses (no NAT66 for ordinary traffic); only a flow that an
+    SA can carry is NATed to the WAN address, so the post-NAT XFRM lookup finds it.
+    ``applied`` is what the kernel holds; None means unknown (nothing written yet, or
+    a script failed), and the next update then rewrites the whole table.
+    """
+
+    gw: LanGateway
+    applied: frozenset[ipaddress.IPv6Address] | None = field(default=None)
+
+    def wanted(
+        self, children: Iterable[tuple[IPAddress, IPAddress]]
+    ) -> frozenset[ipaddress.IPv6Address]:
+        """Peers of the (local, remote) Child SAs that start at our WAN IPv6 address."""
+        return frozenset(
+            remote
+            for local, remote in children
+            if isinstance(remote, ipaddress.IPv6Address) and local == self.gw.wan6
+        )
+
+    def update(self, wanted: Iterable[ipaddress.IPv6Address]) -> str:
+        """The script that makes the set exactly ``wanted`` ("" when it already is)."""
+        want = frozenset(wanted)
+        if self.applied is None:
+            script = nft_script(self.gw, want)
+        else:
+            script = peers6_update(self.gw, want - self.applied, self.applied - want)
+        self.applied = want
+        return script
+
+    def failed(self) -> None:
+        """The last script was refused: the kernel's set is unknown, rewrite it next time."""
+        self.applied = None
+
+
 def apply_nft(script: str, *, netns: str | None = None, nft: str = "nft") -> None:
     """Run ``nft -f -`` with ``script`` (atomic); LanError with nft's message on refusal."""
     if not script.strip():
@@ -116,3 +167,63 @@ def apply_nft(script: str, *, netns: str | None = None, nft: str = "nft") -> Non
     if done.returncode != 0:
         detail = " | ".join(line for line in done.stderr.splitlines() if line.strip())
         raise LanError(f"nft refused the LAN gateway rules: {detail or done.returncode}")
+
+
+# --------------------------------------------------------------------------- CAT
+
+#: Our own table for client address translation, apart from the SNAT table above so
+#: either can be replaced without the other.
+CAT_TABLE = "oe_cat"
+
+
+def cat_script(
+    lan: Iterable[IPv4Network | IPv6Network],
+    inner: Iterable[
+        tuple[
+            ipaddress.IPv4Address | ipaddress.IPv6Address,
+            ipaddress.IPv4Address | ipaddress.IPv6Address,
+        ]
+    ],
+    *,
+    table: str = CAT_TABLE,
+) -> str:
+    """The whole ``inet <table>`` for CAT as one atomic ``nft -f`` script.
+
+    Why: a peer that gave us an inner address A (CP) protects only ``A <-> peer``, so
+    LAN flows to that peer must leave with source A, and only flows to that peer
+    (containment: A means nothing to anyone else). The maps ``oe_cat4``/``oe_cat6``
+    (peer -> inner address) drive one SNAT rule per family; a peer not in the map
+    falls through to the next rule and to the WAN-address SNAT after us (priority
+    ``srcnat - 10``, before ``oe_router``'s table and fw4's masquerading: the first
+    NAT binding of a connection wins). ``inner`` empty: the table holds empty maps.
+    """
+    pairs = sorted(set(inner), key=lambda pr: (pr[0].version, pr[0].packed))
+    lan4 = sorted({n for n in lan if n.version == 4})
+    lan6 = sorted({n for n in lan if n.version == 6})
+    lines = [
+        f"table inet {table}",  # create-if-missing, so the delete below never fails
+        f"delete table inet {table}",
+        f"table inet {table} {{",
+    ]
+    for v, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        elems = [f"{peer} : {addr}" for peer, addr in pairs if peer.version == v]
+        lines += [f"\tmap oe_cat{v} {{", f"\t\ttype {kind} : {kind}"]
+        if elems:
+            lines.append(f"\t\telements = {_set(elems)}")
+        lines.append("\t}")
+    lines += [
+        "",
+        "\tchain srcnat {",
+        "\t\ttype nat hook postrouting priority srcnat - 10; policy accept;",
+    ]
+    if lan4:
+        lines.append(f"\t\tip saddr {_set(lan4)} snat ip to ip daddr map @oe_cat4")
+    if lan6:
+        lines.append(f"\t\tip6 saddr {_set(lan6)} snat ip6 to ip6 daddr map @oe_cat6")
+    lines += ["\t}", "}", ""]
+    return "\n".join(lines)
+
+
+def cat_remove_script(table: str = CAT_TABLE) -> str:
+    """Remove the CAT table (at stop); harmless if it does not exist."""
+    return f"table inet {table}\ndelete table inet {table}\n"

@@ -36,6 +36,7 @@ from oe_router.datapath.base import (
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
 from oe_router.dns.ipseckey import PeerKey
+from oe_router.oe.lan import LanError, LanGateway, Peers6
 from oe_router.oe.manager import (
     Action,
     CheckTraffic,
@@ -53,11 +54,13 @@ from oe_router.oe.manager import (
 )
 from oe_router.oe.policy import PolicyTable
 
-__all__ = ["DatapathFactory", "OeService", "kernel_datapath"]
+__all__ = ["DatapathFactory", "NftRunner", "OeService", "kernel_datapath"]
 
 log = logging.getLogger("oe_router.oe")
 
 DatapathFactory = Callable[[OeConfig], Datapath]
+#: Runs one ``nft -f`` script (``lan.apply_nft``); raises ``LanError`` with nft's words.
+NftRunner = Callable[[str], None]
 
 
 class OeService:
@@ -72,8 +75,11 @@ class OeService:
         lan: Iterable[IPNetwork] = (),
         dns_upstream: Iterable[IPAddress] = (),
         trap_reqid: int = Ownership().reqid_max,
+        nft: NftRunner | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``nft``: how to apply the LAN gateway's nftables table (``lan.py``); None
+        (tests, a router without LAN) leaves netfilter alone."""
         self._factory = datapath_factory
         self._negotiator = negotiator
         self._wan = dict(wan)
@@ -82,6 +88,9 @@ class OeService:
         self._trap_reqid = trap_reqid
         self._idle_timeout = 300.0  # oe.ike.idle_timeout, set by start() and reload()
         self._repoll = False
+        self._nft = nft
+        self._peers6: Peers6 | None = None
+        self._keep_nat_on_stop = True
         self._clock = clock
         self._dp: Datapath | None = None
         self._mgr: OeManager | None = None
@@ -134,6 +143,9 @@ class OeService:
             report.adopted_policies - removed,
             removed,
         )
+        self._keep_nat_on_stop = config.keep_private_on_stop
+        self._peers6 = self._lan_gateway(config)
+        await self._sync_peers6()  # the whole table, with an empty oe_peers6
         self._spawn(self._consume_events(dp))
         await self._perform(self._orphaned_acquires(dp))
         self._spawn(self._timers())
@@ -186,6 +198,7 @@ class OeService:
         if self._dp is not None:
             # removes our SAs and policies except persistent ones (keep_private_on_stop)
             await self._dp.close()
+        await self._stop_lan_gateway()
         self._dp = None
         self._mgr = None
 
@@ -241,6 +254,65 @@ class OeService:
     async def adopt_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> None:
         """Responder: install a Child SA that ``authorize_inbound`` allowed."""
         await self._perform(self.manager.adopt_inbound(peer, spec, self._clock()))
+
+    # ------------------------------------------------------------------ LAN gateway
+    def _lan_gateway(self, config: OeConfig) -> Peers6 | None:
+        """The SNAT table's inputs, or None when there is no LAN to NAT (or no nft)."""
+        if self._nft is None or not self._lan:
+            return None
+        lan4 = tuple(n for n in self._lan if isinstance(n, ipaddress.IPv4Network))
+        lan6 = tuple(n for n in self._lan if isinstance(n, ipaddress.IPv6Network))
+        wan4, wan6 = self._wan.get(4), self._wan.get(6)
+        gw = LanGateway(
+            wan_ifname=config.wan_interface,
+            lan4=lan4,
+            lan6=lan6,
+            wan4=wan4 if isinstance(wan4, ipaddress.IPv4Address) else None,
+            wan6=wan6 if isinstance(wan6, ipaddress.IPv6Address) else None,
+        )
+        return Peers6(gw)
+
+    async def _run_nft(self, script: str) -> bool:
+        if not script or self._nft is None:
+            return True
+        try:
+            await asyncio.to_thread(self._nft, script)
+        except LanError as exc:
+            log.error("oe: LAN gateway: %s", exc)
+            return False
+        return True
+
+    async def _sync_peers6(self) -> None:
+        """Bring ``oe_peers6`` to the IPv6 peers that have a Child SA now.
+
+        Runs before a DNS answer is released (``TunnelResult``) and after every batch of
+        actions, so a LAN device's first packet to a new IPv6 peer is already NATed
+        into the tunnel, and a removed tunnel's peer is reached unNATed again.
+        """
+        p6, mgr = self._peers6, self._mgr
+        if p6 is None or mgr is None:
+            return
+        before = p6.applied
+        script = p6.update(p6.wanted((c.local, c.remote) for c in mgr.children()))
+        if not script:
+            return
+        if not await self._run_nft(script):
+            p6.failed()
+        elif before is not None:
+            now = ", ".join(str(a) for a in sorted(p6.applied or ())) or "none"
+            log.info("oe: LAN IPv6 flows NATed into tunnels to: %s", now)
+
+    async def _stop_lan_gateway(self) -> None:
+        """Empty ``oe_peers6`` (their SAs are gone); keep the IPv4 SNAT while "private"
+        policies stay (keep_private_on_stop): they catch LAN flows only after SNAT."""
+        p6, self._peers6 = self._peers6, None
+        if p6 is None:
+            return
+        if self._keep_nat_on_stop:
+            p6.failed()
+            await self._run_nft(p6.update(()))
+        else:
+            await self._run_nft(f"delete table inet {p6.gw.table}\n")
 
     # ------------------------------------------------------------------ internals
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -312,6 +384,7 @@ class OeService:
                 await self._one(dp, action)
             except DatapathError as exc:
                 log.error("oe: %s", exc)
+        await self._sync_peers6()
         if any(isinstance(a, InstallPolicy) for a in actions):
             self._wake.set()  # a new shunt may expire before the timer's current deadline
 
@@ -346,6 +419,7 @@ class OeService:
             soft = action.soft_expired
             await self._perform(mgr.traffic(action.child_id, total, self._clock(), soft))
         elif isinstance(action, TunnelResult):
+            await self._sync_peers6()  # the answer's first packet must find the SNAT
             fut = self._waiters.get(action.waiter)
             if fut is not None and not fut.done():
                 fut.set_result(action.ok)
