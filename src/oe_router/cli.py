@@ -58,6 +58,11 @@ def _opt(value: float | None, fmt: str = "{:.0f}s") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _traffic(nbytes: int, packets: int) -> str:
+    """A Child SA direction's counters: exact bytes (scripts compare them) and packets."""
+    return f"{nbytes}B/{packets}p"
+
+
 def render_status(status: Status) -> str:
     """The human `oe status` view: daemon summary, then one table per section."""
     d = status.daemon
@@ -90,8 +95,8 @@ def render_status(status: Status) -> str:
                     t.policy,
                     t.transform,
                     _opt(t.established_s),
-                    str(t.bytes_in),
-                    str(t.bytes_out),
+                    _traffic(t.bytes_in, t.packets_in),
+                    _traffic(t.bytes_out, t.packets_out),
                 ]
                 for t in tunnels
             ],

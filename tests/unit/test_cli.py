@@ -54,6 +54,8 @@ def _status() -> Status:
                 42.0,
                 1000,
                 2000,
+                packets_in=10,
+                packets_out=20,
             ),
         ),
         shunts=(ShuntStatus("203.0.113.9/32", "clear", "no IPSECKEY", 600.0),),
@@ -135,6 +137,15 @@ def test_status_table_and_json_from_a_running_server(
     assert {"tunnels", "shunts", "engines", "dns", "daemon"} == set(doc)
     assert isinstance(doc["tunnels"], list) and isinstance(doc["dns"], dict)
     assert doc["tunnels"][0]["peer"] == "www.example.org"
+    # the Child SA's counters: bytes and packets per direction, in the table and the JSON
+    assert "1000B/10p" in table and "2000B/20p" in table
+    t = doc["tunnels"][0]
+    assert (t["bytes_in"], t["bytes_out"], t["packets_in"], t["packets_out"]) == (
+        1000,
+        2000,
+        10,
+        20,
+    )
 
 
 def test_reload_reports_accepted_and_refused(

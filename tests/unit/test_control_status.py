@@ -74,7 +74,17 @@ def test_json_round_trip_through_text_gives_the_same_model() -> None:
             StatusContribution(
                 tunnels=(
                     TunnelStatus(
-                        "p", "10.0.0.1", "10.0.0.2", "established", "private", "AES_GCM_16_256", 5.0
+                        "p",
+                        "10.0.0.1",
+                        "10.0.0.2",
+                        "established",
+                        "private",
+                        "AES_GCM_16_256",
+                        5.0,
+                        bytes_in=7,
+                        bytes_out=8,
+                        packets_in=1,
+                        packets_out=2,
                     ),
                 ),
                 shunts=(ShuntStatus("10.9.9.9/32", "hold"),),

@@ -11,12 +11,15 @@ import pytest
 from oe_router.config.schema import PolicyConfig, parse_policy_entry
 from oe_router.datapath.base import (
     Acquire,
+    ChildSaCounters,
     ChildSaSpec,
+    DatapathError,
     Direction,
     Expire,
     IPAddress,
     PolicyAction,
     PolicyExpire,
+    SaCounters,
     SaKeys,
     TrafficSelector,
     encr_algorithm,
@@ -422,3 +425,27 @@ def test_reload_swaps_group_policies_and_keeps_tunnels(mgr: OeManager) -> None:
     assert [t.peer for t in mgr.tunnels(1.0)] == ["192.0.2.7"]
     assert mgr.table.group_of(PRIV).value == "private-or-clear"
     assert RemoveChild(spec) not in acts
+
+
+def test_tunnel_rows_carry_the_child_sa_counters_read_at_status_time(mgr: OeManager) -> None:
+    """``oe status`` reads each Child SA's counters when asked (no stale poll), and a Child
+    SA the datapath no longer has shows 0 instead of failing the whole status."""
+    _, _, _, s1 = _negotiate_ok(mgr, mgr.acquire(_acq(P1), 0.0), P1, 0x1000, 0.0)
+    _, _, _, s2 = _negotiate_ok(mgr, mgr.acquire(_acq(P2), 0.0), P2, 0x3000, 0.0)
+    mgr.acquire(_acq(PRIV), 0.0)  # a negotiation in flight: a row without counters
+    asked: list[ChildSaSpec] = []
+
+    def read(spec: ChildSaSpec) -> ChildSaCounters:
+        asked.append(spec)
+        if spec == s2:
+            raise DatapathError("SA 198.51.100.1->192.0.2.8 spi 0x00003001: not in the kernel")
+        return ChildSaCounters(SaCounters(1500, 3, 0, 0), SaCounters(4200, 7, 0, 0))
+
+    rows = {t.peer: t for t in mgr.tunnels(1.0, read)}
+    assert asked == [s1, s2]  # only Child SAs are looked up, each once
+    t1 = rows["192.0.2.7"]
+    assert (t1.bytes_in, t1.packets_in, t1.bytes_out, t1.packets_out) == (1500, 3, 4200, 7)
+    t2 = rows["192.0.2.8"]
+    assert (t2.bytes_in, t2.bytes_out, t2.packets_in, t2.packets_out) == (0, 0, 0, 0)
+    assert rows["203.0.113.5"].state == "negotiating" and rows["203.0.113.5"].bytes_out == 0
+    assert all(t.bytes_in == 0 for t in mgr.tunnels(1.0))  # no reader: zeros, no lookups

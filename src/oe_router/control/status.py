@@ -35,6 +35,11 @@ class TunnelStatus:
 
     Rows the IKE layer contributes have ``source == "ike"`` and fill the IKE fields
     (identities, auth methods, SPIs, NAT, rekey time and the Child SAs).
+
+    ``bytes_in``/``bytes_out``/``packets_in``/``packets_out`` (OE manager rows): what the
+    datapath counted on the Child SA's inbound and outbound ESP SA (the kernel counts the
+    inner packets' bytes), read when the status is asked; a rekey starts them again at 0
+    with the new SAs.
     """
 
     peer: str
@@ -46,6 +51,8 @@ class TunnelStatus:
     established_s: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
     source: str = ""
     role: str = ""
     local_id: str = ""

@@ -415,6 +415,12 @@ class Datapath(Protocol):
         """Byte/packet counters of both SAs."""
         ...
 
+    def read_counters(self, spec: ChildSaSpec) -> ChildSaCounters:
+        """The same, synchronously: for `oe status`, which is built synchronously on
+        request. Must stay cheap (a lookup per SA, never a dump of every SA);
+        DatapathError if the SAs are gone."""
+        ...
+
     def events(self) -> AsyncIterator[DatapathEvent]:
         """Acquire / Expire / PolicyExpire / Mapping events as they happen."""
         ...

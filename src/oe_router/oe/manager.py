@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -24,7 +24,9 @@ import dns.name
 from oe_router.control.status import ShuntStatus, TunnelStatus
 from oe_router.datapath.base import (
     Acquire,
+    ChildSaCounters,
     ChildSaSpec,
+    DatapathError,
     Direction,
     Expire,
     IPAddress,
@@ -809,10 +811,15 @@ class OeManager:
         return [s.policy for s in self._shunts.values()]
 
     # ------------------------------------------------------------------ status
-    def tunnels(self, now: float) -> tuple[TunnelStatus, ...]:
+    def tunnels(
+        self, now: float, counters: Callable[[ChildSaSpec], ChildSaCounters] | None = None
+    ) -> tuple[TunnelStatus, ...]:
+        """One row per Child SA and per queued negotiation; ``counters`` reads a Child
+        SA's datapath counters (``Datapath.read_counters``), None leaves them at 0."""
         out: list[TunnelStatus] = []
         for p in self._peers.values():
             for c in p.children.values():
+                n = _read(counters, c.spec)
                 out.append(
                     TunnelStatus(
                         peer=str(p.addr),
@@ -822,6 +829,10 @@ class OeManager:
                         policy=c.group.value,
                         transform=c.spec.encr.ike_name,
                         established_s=round(now - c.since, 3),
+                        bytes_in=0 if n is None else n.inbound.bytes,
+                        bytes_out=0 if n is None else n.outbound.bytes,
+                        packets_in=0 if n is None else n.inbound.packets,
+                        packets_out=0 if n is None else n.outbound.packets,
                     )
                 )
             for want in p.queue.values():
@@ -846,6 +857,19 @@ class OeManager:
             )
             for s in self._shunts.values()
         )
+
+
+def _read(
+    counters: Callable[[ChildSaSpec], ChildSaCounters] | None, spec: ChildSaSpec
+) -> ChildSaCounters | None:
+    """A Child SA's counters for the status, or None when they cannot be read (it left the
+    kernel between the event and this look: the status shows 0, never fails)."""
+    if counters is None:
+        return None
+    try:
+        return counters(spec)
+    except DatapathError:
+        return None
 
 
 def _describe(ts: TrafficSelector) -> str:

@@ -207,7 +207,7 @@ class OeService:
             return StatusContribution()
         now = self._clock()
         return StatusContribution(
-            tunnels=self._mgr.tunnels(now),
+            tunnels=self._mgr.tunnels(now, self._dp.read_counters),
             shunts=self._mgr.shunts(now),
             datapath=f"{self._dp.name} ({self._dp.reason})",
         )
