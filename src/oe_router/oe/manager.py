@@ -558,6 +558,9 @@ class OeManager:
                 self._gc(t.peer)
                 return [SendDelete(t.peer, inbound.spec)]
             inbound.spec = spec
+            prev = self._child_for(t.peer, inbound.selector)
+            if prev is not None:  # e.g. the IKE core's rekey: idleness carries over
+                inbound.active_at = prev.active_at
             actions = self._supersede(p, inbound.selector)
             p.children[inbound.id] = inbound
             return actions + self._drop_shunts(self._child_keys(spec))
@@ -676,18 +679,22 @@ class OeManager:
         return [CheckTraffic(c.id, c.spec, soft_expired=True)]
 
     def traffic(self, child_id: int, total_bytes: int, now: float, soft: bool) -> list[Action]:
-        """Counters of a ``CheckTraffic``: rekey a busy SA, let an idle one go."""
+        """Counters of a ``CheckTraffic``: an SA idle for ``idle_timeout`` goes (at any
+        check: the IKE core rekeys Child SAs on its own timer, so waiting for a soft
+        expiry would rekey idle SAs forever); at a soft expiry a busy one is rekeyed."""
         c = self._find_child(child_id)
         if c is None:
             return []
         if total_bytes != c.bytes_seen:
             c.bytes_seen = total_bytes
             c.active_at = now
-        if not soft or c.rekeying:
+        if c.rekeying:
             return []
         if now - c.active_at >= self.idle_timeout:
             log.info("peer %s: idle Child SA not rekeyed; removed", c.peer)
             return self._remove_child(c, tell_peer=True)
+        if not soft:
+            return []
         c.rekeying = True
         ticket = self._id()
         self._tickets[ticket] = _Ticket(c.peer, child_id=c.id)
