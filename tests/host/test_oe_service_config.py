@@ -122,3 +122,36 @@ def test_lan_gateway_table_is_applied_at_start_and_kept_or_removed_at_stop(
             assert after == ""
 
     asyncio.run(body())
+
+
+def test_reload_rewrites_oe_private6(netns: str) -> None:
+    """A reload that changes the "private" group's IPv6 networks changes oe_private6 (LAN
+    flows there are NATed into the trap); IPv4 entries do not go into it."""
+    wan6 = ipaddress.IPv6Address("2001:db8:1::2")
+    first = parse_config(
+        "config policy\n\toption group 'private'\n\tlist dest '2001:db8:5::/48'\n"
+        "\tlist dest '192.0.2.0/24'\n"
+    )
+    second = parse_config(
+        "config policy\n\toption group 'private'\n\tlist dest '2001:db8:7::/48'\n"
+    )
+
+    async def body() -> None:
+        svc = OeService(
+            datapath_factory=kernel_datapath(netns),
+            negotiator=ProbeNegotiator(netns),
+            wan={4: WAN, 6: wan6},
+            lan=[ipaddress.ip_network("fd00:1::/64")],
+            nft=lambda script: apply_nft(script, netns=netns),
+        )
+        await svc.start(first)
+        try:
+            text = _nft_list(netns)
+            assert "elements = { 2001:db8:5::/48 }" in text and "192.0.2" not in text
+            await svc.reload(second)
+            text = _nft_list(netns)
+            assert "elements = { 2001:db8:7::/48 }" in text and "2001:db8:5::" not in text
+        finally:
+            await svc.stop()
+
+    asyncio.run(body())

@@ -70,3 +70,31 @@ def test_after_a_refused_script_the_whole_table_is_rewritten() -> None:
     assert "delete table inet oe_router" in script
     assert "elements = { 2001:db8:1::32 }" in script
     assert "2001:db8:1::31" not in script
+
+
+def test_private_ipv6_networks_are_natted_into_the_trap() -> None:
+    """LAN IPv6 flows into the "private" group must meet the private trap (tunnel or drop),
+    which matches only after SNAT to the WAN address; nested entries are merged, since nft
+    refuses overlapping intervals."""
+    gw = LanGateway(
+        wan_ifname="wan",
+        lan6=(ipaddress.IPv6Network("fd00:1::/64"),),
+        wan6=WAN6,
+        private6=(
+            ipaddress.IPv6Network("2001:db8:5::/48"),
+            ipaddress.IPv6Network("2001:db8:5:1::/64"),
+            ipaddress.IPv6Network("2001:db8:7::/48"),
+        ),
+    )
+    script = Peers6(gw).update([])
+    assert "flags interval" in script
+    assert "elements = { 2001:db8:5::/48, 2001:db8:7::/48 }" in script
+    assert (
+        'oifname "wan" ip6 saddr { fd00:1::/64 } ip6 daddr @oe_private6 snat ip6 to 2001:db8:1::2'
+    ) in script
+
+
+def test_no_private_ipv6_networks_leaves_the_set_empty() -> None:
+    script = Peers6(_gw()).update([])
+    private = script[script.index("set oe_private6") : script.index("chain srcnat")]
+    assert "elements" not in private

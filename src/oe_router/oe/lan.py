@@ -10,7 +10,9 @@ exactly WAN address <-> peer address. Without this SNAT no LAN packet ever match
 IPv4: every LAN -> WAN flow is source-NATed (what OpenWrt's masquerading does anyway;
 our rule sits just before fw4's srcnat so it also holds when masquerading is off).
 IPv6: LAN devices keep their global addresses; only flows to peers in the set
-``oe_peers6`` (peers with a tunnel, kept current by the OE service) are NATed.
+``oe_peers6`` (peers with a tunnel, kept current by the OE service) are NATed, and
+flows into the "private" group's IPv6 networks (set ``oe_private6``), so that they
+meet the private trap (tunnel or drop) instead of leaving in the clear.
 
 The script is built by a pure function (``nft_script``) and applied atomically with
 ``nft -f`` (``apply_nft``); the table is ours alone and replaced as a whole. ``Peers6``
@@ -54,6 +56,8 @@ class LanGateway:
     lan6: tuple[IPv6Network, ...] = ()
     wan4: ipaddress.IPv4Address | None = None
     wan6: ipaddress.IPv6Address | None = None
+    #: The "private" group's IPv6 networks: LAN flows there must never bypass the trap.
+    private6: tuple[IPv6Network, ...] = ()
     table: str = "oe_router"
 
     def __post_init__(self) -> None:
@@ -79,6 +83,10 @@ def nft_script(gw: LanGateway, peers6: Iterable[ipaddress.IPv6Address] = ()) -> 
     peers = sorted(set(peers6))
     if peers:
         lines.append(f"\t\telements = {_set(peers)}")
+    lines += ["\t}", "", "\tset oe_private6 {", "\t\ttype ipv6_addr", "\t\tflags interval"]
+    private = list(ipaddress.collapse_addresses(gw.private6))  # nft refuses overlaps
+    if private:
+        lines.append(f"\t\telements = {_set(private)}")
     lines += [
         "\t}",
         "",
@@ -91,6 +99,10 @@ def nft_script(gw: LanGateway, peers6: Iterable[ipaddress.IPv6Address] = ()) -> 
     if gw.wan6 is not None and gw.lan6:
         lines.append(
             f"\t\toifname {wan} ip6 saddr {_set(gw.lan6)} ip6 daddr @oe_peers6 "
+            f"snat ip6 to {gw.wan6}"
+        )
+        lines.append(
+            f"\t\toifname {wan} ip6 saddr {_set(gw.lan6)} ip6 daddr @oe_private6 "
             f"snat ip6 to {gw.wan6}"
         )
     lines += ["\t}", "}", ""]

@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import dns.name
@@ -174,6 +175,10 @@ class OeService:
         mgr = self.manager
         table = self._table(config)  # ValueError names the entry; the daemon rolls back
         mgr.shunt_lifetime = config.shunt_lifetime
+        p6 = self._peers6
+        if p6 is not None and p6.gw.private6 != _private6(config):
+            p6.gw = replace(p6.gw, private6=_private6(config))
+            p6.failed()  # rewrite the whole table with the new oe_private6 at the next sync
         if config.ike.idle_timeout != self._idle_timeout:
             self._idle_timeout = mgr.idle_timeout = config.ike.idle_timeout
             self._repoll = True  # a shorter timeout needs the shorter poll period now
@@ -269,6 +274,7 @@ class OeService:
             lan6=lan6,
             wan4=wan4 if isinstance(wan4, ipaddress.IPv4Address) else None,
             wan6=wan6 if isinstance(wan6, ipaddress.IPv6Address) else None,
+            private6=_private6(config),
         )
         return Peers6(gw)
 
@@ -443,6 +449,14 @@ class OeService:
             await self._negotiator.delete(action.peer, action.child)
         except Exception as exc:
             log.warning("oe: DELETE to %s failed: %s", action.peer, exc)
+
+
+def _private6(config: OeConfig) -> tuple[ipaddress.IPv6Network, ...]:
+    """The "private" group's IPv6 networks (a proto/port entry NATs its whole network:
+    more flows NATed than needed, none that bypasses the trap)."""
+    return tuple(
+        e.network for e in config.policy.private if isinstance(e.network, ipaddress.IPv6Network)
+    )
 
 
 def kernel_datapath(netns: str | None = None, reason: str | None = None) -> DatapathFactory:
