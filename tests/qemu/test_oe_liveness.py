@@ -142,6 +142,43 @@ def test_tunnel_counters_count_the_traffic_and_grow(live: Lab, figures: dict[str
     assert f"{after['bytes_out']}B/{after['packets_out']}p" in text, text
 
 
+def test_a_restarted_peer_is_noticed_and_gets_its_tunnel_back(
+    live: Lab, figures: dict[str, Any]
+) -> None:
+    """pluto on the private peer is killed (-9: no DELETE) and started again with no memory
+    of us. Only the liveness check can notice; the retry that follows it finds the peer
+    back, so the flow resumes in a new Child SA instead of sitting behind a 15-minute drop
+    shunt, and not one packet of it leaves in the clear."""
+    lab = live
+    lab.client(f"ping -n -c 3 -i 0.3 -W 2 {PRIVATE_PEER}", timeout=30).check()
+    old = set(esp_states(lab, PRIVATE_PEER))
+    assert old, "no Child SA with the private peer to start from"
+    noticed = oelab.daemon_log(lab).count("stopped answering liveness checks")
+    limit = DPD_DELAY + 2 * GIVE_UP + 40  # and pluto's restart under TCG
+    with lab.capture_wan(bpf=f"host {PRIVATE_PEER}", label="restart") as cap:
+        lab.client(f"ping -n -i 0.25 -w {limit:.0f} {PRIVATE_PEER} > /tmp/live-restart.ping &")
+        time.sleep(2)
+        t0 = time.monotonic()
+        lab.world(f"kill -9 $(cat {lab.state_dir('ls-m')}/pluto.pid)").check()
+        set_group(lab, "clear-or-private")  # finds pluto dead, starts it again
+        new: set[str] = set()
+        while time.monotonic() - t0 < limit:
+            time.sleep(1.0)
+            new = set(esp_states(lab, PRIVATE_PEER)) - old
+            if new and tunnel_row(status(lab), PRIVATE_PEER) is not None:
+                break
+        back = round(time.monotonic() - t0, 1)
+        res = lab.client("ping -n -c 3 -i 0.3 -W 2 " + PRIVATE_PEER, timeout=30)
+        lab.client("pkill -f 'ping -n -i 0.25'; true")
+    doc = status(lab)
+    figures["restart"] = {"tunnel_back_after_s": back, "limit_s": limit}
+    assert new and not (old & set(esp_states(lab, PRIVATE_PEER))), (old, new)
+    assert res.rc == 0, "the flow did not resume:\n" + res.stdout
+    assert shunt(doc, PRIVATE_PEER) is None, doc["shunts"]
+    assert oelab.daemon_log(lab).count("stopped answering liveness checks") > noticed
+    assert cap.count(ECHO) == 0, "a private flow left in the clear:\n" + cap.text(ECHO)
+
+
 def test_a_silent_peer_is_torn_down_and_falls_back_per_group(
     live: Lab, figures: dict[str, Any]
 ) -> None:

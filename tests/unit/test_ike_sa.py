@@ -294,6 +294,22 @@ def test_gives_up_after_retries() -> None:
         ini.handle_timer(t)
     evs = events(ini)
     assert len(ini.datagrams_to_send()) == 3 and isinstance(evs[-1], IkeSaFailed)
+    assert not evs[-1].unanswered  # never established: an ordinary failure, not a dead peer
+
+
+def test_unanswered_liveness_check_marks_the_peer_dead() -> None:
+    """An established SA whose liveness check is never answered fails with ``unanswered``:
+    the owner tears its Child SAs down as a dead peer's (the OE liveness fallback)."""
+    ini_cfg, res_cfg = configs()
+    _, _, ini, _ = establish(replace(ini_cfg, retransmit_tries=1), res_cfg)
+    ini.send_liveness_check(10.0)
+    t = 10.0
+    for _ in range(5):
+        t += 100
+        ini.handle_timer(t)
+    assert len(ini.datagrams_to_send()) == 2  # the check and its one retransmission
+    (failed,) = [e for e in events(ini) if isinstance(e, IkeSaFailed)]
+    assert failed.unanswered and "no answer" in failed.reason and ini.state == "failed"
 
 
 def test_nat_detected_when_addresses_are_translated() -> None:

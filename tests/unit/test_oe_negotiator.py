@@ -136,3 +136,34 @@ def test_a_peer_that_stops_answering_reaches_liveness_failed_once() -> None:
             assert asyncio.get_running_loop().time() - t0 < 0.2
 
     asyncio.run(go())
+
+
+def test_a_dead_ike_sa_beside_a_live_one_only_deletes_its_own_child_sas() -> None:
+    """The peer restarted and came back on a new IKE SA before the old one's check gave up:
+    the old one's Child SAs go as a DELETE, and the peer is NOT reported dead (that would
+    tear down the new tunnel and shunt the peer)."""
+    from types import SimpleNamespace
+
+    from oe_router.ike.events import ChildSaDeleted
+
+    async def go() -> None:
+        ike = IkeService([str(LO)], ike_port=0, natt_port=0, xfrm=False)
+        inbound = Inbound()
+        neg = IkeNegotiator(ike, inbound)
+
+        def sa(state: str) -> Any:
+            return SimpleNamespace(peer="127.0.0.1", state=state)
+
+        dead, fresh = sa("failed"), sa("established")
+        gone = (ChildSaDeleted(b"\x00\x00\x00\x01", b"\x00\x00\x00\x02"),)
+        ike.sas = [fresh]
+        neg.peer_dead(dead, gone)
+        await asyncio.sleep(0.01)
+        assert inbound.deleted == [(LO, [2])] and inbound.dead == []
+        ike.sas = []  # no other IKE SA: the peer is dead
+        neg.peer_dead(dead, gone)
+        await asyncio.sleep(0.01)
+        assert inbound.dead == [LO]
+        await neg.stop()
+
+    asyncio.run(go())
