@@ -885,7 +885,7 @@ def test_liveness_check_fails_when_charon_dies(
 ) -> None:
     """dpd_delay 1 s: while charon lives it answers our empty INFORMATIONAL and the SA
     stays; once charon is killed (SIGKILL, no Delete) the next check goes unanswered,
-    the IKE SA fails and its Child SA is reported deleted."""
+    the IKE SA fails and its Child SA is reported with the dead peer (``peer_dead``)."""
     ours_ns, ns = charon_ns
     ch = start_charon(tmp_path, ns, charon_conn("in", initiator=False), ec_keys)
 
@@ -911,7 +911,9 @@ def test_liveness_check_fails_when_charon_dies(
             await until("our IKE SA torn down", lambda: svc.sas == [], 5.0)
             took = time.monotonic() - t0
             assert p.state == "failed" and p.error, p.error
-            assert [d.spi_in for _, d in sink(svc).deleted] == [ev.spi_in]
+            (dead,) = sink(svc).dead  # one dead-peer report, not per-Child-SA deletes
+            assert dead[0] == THEIRS and [d.spi_in for d in dead[1]] == [ev.spi_in]
+            assert sink(svc).deleted == []
             assert took < 4.0, took
         finally:
             await svc.stop()
