@@ -2,7 +2,8 @@
 daemon kill -9.
 
 Why a module of its own: these tests need a daemon with short timers (Child SA lifetime 1 min,
-rekey margin 30 s without jitter, liveness check after 5 s of silence) and a "private" peer,
+rekey margin 30 s without jitter, idle timeout 10 s, liveness check after 5 s of silence) and
+a "private" peer,
 so they start oe-routerd with their own config and stop it at the end. Peers: ls-b
 (203.0.113.31, libreswan clear-or-private for everyone) in our default private-or-clear
 group, and the matrix host ls-m's own address (203.0.113.32, switched to clear-or-private
@@ -43,6 +44,7 @@ def lifecycle_config(local_id: str = "%null") -> str:
         ("child_lifetime", "1m"),
         ("rekey_margin", "30s"),
         ("rekey_jitter", "0%"),
+        ("idle_timeout", "10s"),
         ("dpd_delay", "5s"),
     ):
         text, n = re.subn(rf"option {option} '[^']*'", f"option {option} '{value}'", text)
@@ -195,6 +197,86 @@ def test_rekey_under_a_60_s_transfer(life: Lab, figures: dict[str, Any]) -> None
     in_spis = sorted(set(re.findall(rf"{POC_PEER} > {WAN4}: ESP\(spi=(0x[0-9a-f]+)", text)))
     figures["rekey"] = {"seconds": round(took, 1), "out_spis": out_spis, "in_spis": in_spis}
     assert len(out_spis) >= 2 and len(in_spis) >= 2, f"no rekey seen: {out_spis} {in_spis}"
+
+
+def sa_spis(lab: Lab, peer: str) -> set[str]:
+    """SPIs of the router's kernel ESP SAs to and from ``peer`` (larval spi 0 left out)."""
+    out = lab.router(f"ip xfrm state list dst {peer}; ip xfrm state list src {peer}").check()
+    return set(re.findall(r"proto esp spi (0x[0-9a-f]+)", out.stdout)) - {"0x00000000"}
+
+
+def pluto_traffic(lab: Lab, netns: str) -> str:
+    ctl = f"{lab.state_dir(netns)}/run/pluto.ctl"
+    return lab.host(netns, f"ipsec whack --ctlsocket {ctl} --trafficstatus").check().stdout
+
+
+def child_rows(lab: Lab, peer: str) -> list[dict[str, Any]]:
+    """`oe status` rows that stand for a Child SA with ``peer``: the OE manager's tunnels,
+    and IKE SAs that still list children."""
+    rows = [t for t in oelab.status(lab, source())["tunnels"] if t["peer"] == peer]
+    return [t for t in rows if t.get("source") != "ike" or t.get("children")]
+
+
+IDLE_TIMEOUT_S = 10.0
+POLL_S = 2.5  # the service reads the counters every idle_timeout / 4
+IKE_REKEY_S = 36.0  # the IKE core rekeys at 60 s * (1 - min(0.4, 30 s / 60 s))
+
+
+def test_idle_sa_expires_and_next_flow_renegotiates(life: Lab, figures: dict[str, Any]) -> None:
+    """Three pings bring up the Child SA to ls-b, then the LAN is quiet: once the counters
+    have stood still for idle_timeout (10 s) the SA is deleted, before the IKE core's rekey
+    (36 s) could renew it: gone from our kernel, from `oe status` and from pluto, with no
+    rekey on the way. The next ping negotiates a new SA (new SPIs) and travels as ESP."""
+    lab = life
+    oe_down(lab, POC_PEER)
+    time.sleep(1.5)  # xfrm_acq_expires=1: no larval state left from earlier tests
+    log_mark = len(oelab.daemon_log(lab))
+    lab.client(f"ping -n -c 3 -i 0.3 -W 1 {POC_PEER}", timeout=20)
+    t_quiet = time.monotonic()  # the last ping was answered: the LAN is quiet from here
+    first = sa_spis(lab, POC_PEER)
+    assert len(first) == 2, f"no Child SA with ls-b after the pings: {first}"
+    assert child_rows(lab, POC_PEER), "the new SA is not in oe status"
+    assert WAN4 in pluto_traffic(lab, "ls-b")
+
+    while sa_spis(lab, POC_PEER) & first:
+        assert time.monotonic() - t_quiet < IKE_REKEY_S, "the idle SA was not removed"
+        time.sleep(0.5)
+    gone_after = time.monotonic() - t_quiet
+    log = oelab.daemon_log(lab)[log_mark:]
+    assert "idle Child SA not rekeyed; removed" in log, log[-2000:]
+    ups = re.findall(rf"Child SA with {re.escape(POC_PEER)} up", log)
+    assert len(ups) == 1, f"the idle SA was rekeyed before it went:\n{log[-2000:]}"
+    assert gone_after >= IDLE_TIMEOUT_S - 1, f"removed after {gone_after:.1f} s of quiet"
+    assert sa_spis(lab, POC_PEER) == set()
+    assert child_rows(lab, POC_PEER) == []
+    deadline = time.monotonic() + 10  # pluto acts on our DELETE
+    while WAN4 in (traffic := pluto_traffic(lab, "ls-b")):
+        assert time.monotonic() < deadline, f"pluto still lists the SA:\n{traffic}"
+        time.sleep(0.5)
+
+    # A new flow: ACQUIRE, a fresh negotiation, new SPIs, ESP on the WAN.
+    echo = f"host {POC_PEER} and (icmp[icmptype] == icmp-echo or {ECHO_REPLY})"
+    with lab.capture_wan(bpf=f"host {POC_PEER}", label="idle-renegotiate") as cap:
+        res = lab.client(f"ping -n -c 8 -i 0.3 -W 1 {POC_PEER}", timeout=30)
+        second = sa_spis(lab, POC_PEER)
+    replies = len(ping_seqs(res.stdout))
+    esp = cap.count(f"esp and host {POC_PEER}")
+    figures["idle_expiry"] = {
+        "idle_timeout_s": IDLE_TIMEOUT_S,
+        "poll_s": POLL_S,
+        "sa_gone_after_quiet_s": round(gone_after, 1),
+        "first_spis": sorted(first),
+        "new_spis": sorted(second),
+        "replies_of_8_after": replies,
+        "esp_packets_after": esp,
+        "clear_icmp_after": cap.count(echo),
+    }
+    assert len(second) == 2 and not second & first, (first, second)
+    assert replies >= 5, res.stdout
+    assert esp >= 2 * replies, cap.text()
+    assert cap.count(echo) == 0, "cleartext ICMP to ls-b:\n" + cap.text(echo)
+    assert child_rows(lab, POC_PEER)
+    assert WAN4 in pluto_traffic(lab, "ls-b")
 
 
 def test_peer_restart_is_noticed_and_recovered(life: Lab, figures: dict[str, Any]) -> None:
