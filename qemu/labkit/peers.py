@@ -29,11 +29,23 @@ def _oe_conn(name: str, left: str, extra: Sequence[str], auth_lines: Sequence[st
     return "\n".join(lines)
 
 
+def _pool_lines(address_pool: str | None) -> list[str]:
+    """The OE server side of CAT: lease an inner address to each initiator that asks."""
+    if address_pool is None:
+        return []
+    return [
+        f"    rightaddresspool={address_pool}",
+        "    rightmodecfgclient=yes",
+        "    narrowing=yes",
+    ]
+
+
 def render_libreswan_conf(
     left: str,
     policies: Mapping[str, Sequence[str]],
     rsa: RsaIdentity | None = None,
     fqdn: str | None = None,
+    address_pool: str | None = None,
 ) -> str:
     """ipsec.conf for one pluto, after libreswan's ``oe-authnull.conf`` example.
 
@@ -42,6 +54,9 @@ def render_libreswan_conf(
     (clear-or-private) authenticates US with the raw RSA key (leftauth=rsasig,
     leftid=@fqdn) and the initiator with NULL auth (rightauth=null): the
     IPSECKEY-published responder the router authenticates by DNSSEC.
+    With ``address_pool`` (a libreswan range, e.g. ``100.64.13.1-100.64.13.200``) the
+    responder conn hands an inner address to initiators that ask for one (CP), as
+    libreswan's OE server with client address translation (newoe "cat" tests) does.
     """
     for group in policies:
         if group not in OE_GROUPS:
@@ -88,7 +103,12 @@ def render_libreswan_conf(
         "clear-or-private": _oe_conn(
             "clear-or-private",
             left,
-            ["    negotiationshunt=passthrough", "    failureshunt=passthrough", "    auto=add"],
+            [
+                "    negotiationshunt=passthrough",
+                "    failureshunt=passthrough",
+                "    auto=add",
+                *_pool_lines(address_pool),
+            ],
             own_auth,
         ),
         "private-or-clear": _oe_conn(

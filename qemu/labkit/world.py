@@ -54,6 +54,7 @@ ROUTER_FQDN = "router.example.test"
 NS_FQDN = "ns.test."
 SW_FQDN = "sw.example.test"
 RSA_FQDN = "rsa.example.test"
+CAT_POOL = "100.64.13.1-100.64.13.200"  # oe-cat's inner addresses (libreswan rightaddresspool)
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ class Host:
 
     ``expected`` is what the LAN client should see when it talks to ``dns_name``
     through the router running OE: protected-null, protected-rsa, protected-sw,
-    clear, servfail; "infra" for ns/resolver.  ``ike_id`` is the IKE identity the
-    peer presents (None: ID_NULL or no IKE).
+    protected-cat (the router gets an inner address from its pool), clear, servfail;
+    "infra" for ns/resolver.  ``ike_id`` is the IKE identity the peer presents (None:
+    ID_NULL or no IKE).
     """
 
     netns: str
@@ -158,6 +160,8 @@ HOSTS: tuple[Host, ...] = (
     _h("ls-a", 30, "self-check", "a.example.test", "clear", services=("pluto", "http")),
     # clear-or-private for everyone: it answers the router's OE, so the router protects it
     _h("ls-b", 31, "self-check", "b.example.test", "protected-null", services=("pluto", "http")),
+    # CAT: clear-or-private for everyone, with an address pool (an inner address per initiator)
+    _h("oe-cat", 13, "oe-cat", None, "protected-cat", services=("pluto", "http")),
     # The policy-matrix peer: its group for the router is switched at run time (set-group.sh).
     _h("ls-m", 32, "oe-matrix", None, "matrix", services=("pluto", "http")),
 )
@@ -369,9 +373,12 @@ def _libreswan_host(
     host: Host,
     policies: dict[str, list[str]],
     rsa: labkeys.RsaIdentity | None = None,
+    address_pool: str | None = None,
 ) -> None:
     files: dict[str, str | bytes] = {
-        "ipsec.conf": peers.render_libreswan_conf(host.v4, policies, rsa, host.dns_name),
+        "ipsec.conf": peers.render_libreswan_conf(
+            host.v4, policies, rsa, host.dns_name, address_pool
+        ),
         "ipsec.secrets": "",
     }
     for group, text in peers.render_policy_files(policies).items():
@@ -536,6 +543,7 @@ def build(
     _libreswan_host(outdir, hosts["oe-rsa"], {"clear-or-private": everyone}, rsa=keys.rsa)
     _libreswan_host(outdir, hosts["ls-a"], {"private-or-clear": [f"{hosts['ls-b'].v4}/32"]})
     _libreswan_host(outdir, hosts["ls-b"], {"clear-or-private": everyone})
+    _libreswan_host(outdir, hosts["oe-cat"], {"clear-or-private": everyone}, address_pool=CAT_POOL)
     _matrix_host(outdir, hosts["ls-m"], ROUTER_WAN4)
 
     sw = hosts["oe-sw"]

@@ -1382,12 +1382,28 @@ class IkeSa:
         )
         why = self._initiator_ts_problem(
             tsi.selectors, tsr.selectors, self.config.local_ts, self.config.remote_ts
-        )
+        ) or self._inner_ts_problem(tsi.selectors, child.event.internal_addresses)
         if why:
             self._queue_delete(child, why, now)
             self._events.append(ChildSaFailed(why, NotifyType.TS_UNACCEPTABLE))
             return
         self._report(child)
+
+    def _inner_ts_problem(self, tsi: list[TrafficSelector], assigned: tuple[IpAddress, ...]) -> str:
+        """With CP requested our TSi offers more than our address (the wide range an inner
+        address is narrowed from, RFC 7296 §2.9); the answer must come back as exactly our
+        address or exactly an inner address the peer gave us, nothing wider (CAT)."""
+        if not self.config.request_internal_address:
+            return ""
+        ours = [self.config.local_address[0], *(str(a) for a in assigned)]
+        for ts in tsi:
+            if ts.start != ts.end or str(ts.start) not in ours:
+                given = ", ".join(str(a) for a in assigned) or "none"
+                return (
+                    f"peer {self._peer_ip} narrowed our selector to {ts.start}-{ts.end}, "
+                    f"neither our address nor an inner address it gave us ({given})"
+                )
+        return ""
 
     # ------------------------------------------------------- IKE_SA_INIT / IKE_AUTH, responder
 

@@ -245,6 +245,12 @@ def host_selector(address: str) -> TrafficSelector:
     return TrafficSelector.from_range(ip, ip)
 
 
+def any_selector(address: str) -> TrafficSelector:
+    """Every address of ``address``'s family (0.0.0.0/0 or ::/0)."""
+    ip = ipaddress.ip_address(address)
+    return TrafficSelector.for_network(f"{ip}/0")
+
+
 # --------------------------------------------------------------------------- datapath adapter
 
 
@@ -476,16 +482,22 @@ class IkeService:
         auth: AuthChoice,
         peer_key: PublicKey | None,
         transport: bool,
+        inner: bool = False,
     ) -> IkeSaConfig:
+        """``inner``: ask for an inner address (CP, for CAT): TSi then offers the whole
+        address family besides our address, the range the peer narrows a lease from."""
         ike = self.config.ike
         # UCI gives the rekey margin in seconds and the jitter in percent of it; the
         # core wants fractions of the lifetime (the same for IKE and Child SAs).
         margin = min(0.4, ike.rekey_margin / max(ike.child_lifetime, 1.0))
         jitter = min(0.4, margin * ike.rekey_jitter / 100)
+        local_ts: tuple[TrafficSelector, ...] = (host_selector(local[0]),)
+        if inner:
+            local_ts += (any_selector(local[0]),)
         return IkeSaConfig(
             local,
             remote,
-            (host_selector(local[0]),),
+            local_ts,
             (host_selector(remote[0]),),  # containment: only the peer's own address
             ike_proposals=self.ike_proposals,
             esp_proposals=self.esp_proposals,
@@ -504,6 +516,7 @@ class IkeService:
             rekey_jitter=jitter,
             fragment_size=ike.fragment_size if ike.fragment_size else 65535,
             initial_contact=self.find(remote[0]) is None,
+            request_internal_address=inner,
         )
 
     def _responder_config(self, local: Address, remote: Address) -> IkeSaConfig | None:
@@ -553,8 +566,12 @@ class IkeService:
         peer_key: PublicKey | None = None,
         *,
         transport: bool = False,
+        inner: bool = False,
     ) -> PeerSa:
-        """Bring up the IKE SA and its first Child SA with ``peer`` (reusing one that is up)."""
+        """Bring up the IKE SA and its first Child SA with ``peer`` (reusing one that is up).
+
+        ``inner``: a new IKE SA asks the peer for an inner address (CP, for CAT).
+        """
         ep = self._ep()
         if auth not in ("null", "pubkey"):
             raise IkeUpError(f"auth {auth!r}: use null or pubkey")
@@ -571,7 +588,12 @@ class IkeService:
         if p is None:
             local = self._local_for(addr)
             cfg = self._sa_config(
-                (local, ep.ike_port), (addr, self.remote_ike_port), auth, peer_key, transport
+                (local, ep.ike_port),
+                (addr, self.remote_ike_port),
+                auth,
+                peer_key,
+                transport,
+                inner,
             )
             try:
                 handle = ep.initiate(cfg, remote_natt_port=self.remote_natt_port)

@@ -54,6 +54,7 @@ __all__ = [
     "RemovePolicy",
     "SendDelete",
     "TunnelResult",
+    "UpdateCat",
 ]
 
 log = logging.getLogger("oe_router.oe")
@@ -96,6 +97,8 @@ class NegotiationResult:
 
     child_sa: ChildSaSpec | None
     error: str | None = None
+    #: CAT: the inner address the peer gave us (CP); the Child SA's local side is this
+    inner: IPAddress | None = None
 
 
 class Negotiator(Protocol):
@@ -186,6 +189,14 @@ class CheckTraffic:
 
 
 @dataclass(frozen=True)
+class UpdateCat:
+    """CAT: source-NAT LAN flows to each listed peer to the inner address it gave us
+    (``lan.cat_script``); the complete current map, (peer, inner address) pairs."""
+
+    inner: tuple[tuple[IPAddress, IPAddress], ...]
+
+
+@dataclass(frozen=True)
 class TunnelResult:
     """Answer an ``ensure_tunnel`` waiter: True when every address is protected."""
 
@@ -203,6 +214,7 @@ Action = (
     | SendDelete
     | CheckTraffic
     | TunnelResult
+    | UpdateCat
 )
 
 # --------------------------------------------------------------------------- state
@@ -273,6 +285,7 @@ class _Ticket:
     child_id: int | None = None  # a rekey of this child
     responder: _Child | None = None  # an inbound child being installed
     spec: ChildSaSpec | None = None  # what InstallChild was asked to install
+    inner: IPAddress | None = None  # CAT: the inner address the peer gave us
 
 
 @dataclass
@@ -309,6 +322,7 @@ class OeManager:
         self._tickets: dict[int, _Ticket] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._keys: dict[IPAddress, PeerAuth] = {}
+        self._inner: dict[IPAddress, IPAddress] = {}  # CAT: peer -> inner address it gave us
         self._next = 1
 
     # ------------------------------------------------------------------ helpers
@@ -362,13 +376,21 @@ class OeManager:
         return next((c for c in p.children.values() if c.selector == selector), None)
 
     # ------------------------------------------------------------------ containment
-    def containment_error(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
+    def containment_error(
+        self, peer: IPAddress, spec: ChildSaSpec, inner: IPAddress | None = None
+    ) -> str | None:
         """Why ``spec`` may not be installed for ``peer`` (None: it may).
 
         A peer may protect only its own address, and only to our WAN address: any
-        other selector would let it capture traffic meant for someone else.
+        other selector would let it capture traffic meant for someone else. With CAT
+        the local side is instead the inner address this very peer gave us (``inner``
+        for a new one, else the one it gave before).
         """
         local = self.wan.get(peer.version)
+        if inner is not None:
+            error = self._inner_error(peer, inner)
+            if error is not None:
+                return error
         if local is None:
             return f"peer {peer}: no WAN address of IPv{peer.version} to protect traffic with"
         if spec.remote != peer:
@@ -381,12 +403,34 @@ class OeManager:
                     f"peer {peer}: refused selector {ts.net}: "
                     "a peer may only protect its own address"
                 )
+        inner = inner if inner is not None else self._inner.get(peer)
+        mine = _host(local) if inner is None else _host(inner)
         for ts in spec.local_ts:
-            if ts.net != _host(local):
+            if ts.net != mine:
                 return (
-                    f"peer {peer}: refused local selector {ts.net}: only {local} may be protected"
+                    f"peer {peer}: refused local selector {ts.net}: "
+                    f"only {mine.network_address} may be protected"
                 )
         return None
+
+    def _inner_error(self, peer: IPAddress, inner: IPAddress) -> str | None:
+        """Why the inner address ``peer`` gave us (CP) is unusable, or None (CAT)."""
+        why = ""
+        if inner.version != peer.version:
+            why = f"is IPv{inner.version}, the peer IPv{peer.version}"
+        elif inner == self.wan.get(peer.version) or inner == peer:
+            why = "is our WAN address or the peer's own"
+        elif inner.is_unspecified or inner.is_multicast or inner.is_loopback:
+            why = "is not a unicast address"
+        elif any(a == inner and p != peer for p, a in self._inner.items()):
+            why = "is the inner address another peer gave us"
+        if not why:
+            return None
+        return f"peer {peer}: inner address {inner} {why}; CAT refused"
+
+    def cat_map(self) -> tuple[tuple[IPAddress, IPAddress], ...]:
+        """CAT: (peer, inner address) for every peer whose Child SAs use one."""
+        return tuple(sorted(self._inner.items(), key=lambda pr: (pr[0].version, pr[0].packed)))
 
     # ------------------------------------------------------------------ negotiation
     def _start_next(self, p: _Peer, now: float) -> list[Action]:
@@ -394,7 +438,7 @@ class OeManager:
             self._gc(p.addr)
             return []
         want = next(iter(p.queue.values()))
-        local = self.wan[p.addr.version]
+        local = self._inner.get(p.addr, self.wan[p.addr.version])  # CAT: the inner address
         ticket = self._id()
         self._tickets[ticket] = _Ticket(p.addr, want=want)
         p.in_flight = ticket
@@ -533,14 +577,14 @@ class OeManager:
         if spec is None:
             del self._tickets[ticket]
             return self._fail(p, t.want, result.error or "negotiation failed", now)
-        error = self.containment_error(t.peer, spec)
+        error = self.containment_error(t.peer, spec, result.inner)
         if error is not None:
             del self._tickets[ticket]
             log.error("%s; Child SA refused", error)
             return [SendDelete(t.peer, spec), *self._fail(p, t.want, error, now)]
         sel = t.want.selector
         spec = replace(spec, policy_priority=selector_rank(sel.net, sel.proto, sel.port))
-        t.spec = spec
+        t.spec, t.inner = spec, result.inner
         return [InstallChild(ticket, spec)]
 
     def installed(
@@ -589,6 +633,11 @@ class OeManager:
         p.children[c.id] = c
         log.info("peer %s: Child SA up for %s", t.peer, _describe(want.selector))
         actions = superseded + self._drop_shunts(self._child_keys(spec))
+        if t.inner is not None and self._inner.get(t.peer) != t.inner:
+            # before the waiters hear of the tunnel: their first packets need the SNAT
+            log.info("peer %s gave us inner address %s: LAN flows to it use it", t.peer, t.inner)
+            self._inner[t.peer] = t.inner
+            actions.append(UpdateCat(self.cat_map()))
         actions += self._resolve(want, t.peer, True)
         return actions + self._start_next(p, now)
 
@@ -655,6 +704,9 @@ class OeManager:
         if tell_peer:
             actions.append(SendDelete(c.peer, c.spec))
         actions += self._restore(self._child_keys(c.spec))
+        if not p.children and self._inner.pop(c.peer, None) is not None:
+            log.info("peer %s: last Child SA gone, its inner address with it", c.peer)
+            actions.append(UpdateCat(self.cat_map()))
         self._gc(c.peer)
         return actions
 

@@ -48,7 +48,7 @@ from oe_router.ike.service import (
 )
 from oe_router.oe.manager import ChildRequest, NegotiationResult
 
-__all__ = ["IkeNegotiator", "InboundHandler"]
+__all__ = ["IkeNegotiator", "InboundHandler", "cat_result"]
 
 log = logging.getLogger("oe_router.oe")
 
@@ -75,6 +75,16 @@ def _keys_equal(a: Any, b: Any) -> bool:
         return bool(a.public_bytes(*raw) == b.public_bytes(*raw))
 
 
+def cat_result(spec: ChildSaSpec, ev: ChildSaEstablished) -> NegotiationResult:
+    """The result of a first Child SA, with the inner address when the peer gave us one
+    and narrowed our side to it (CAT); the IKE core already refused any other narrowing."""
+    local = [ts.net for ts in spec.local_ts]
+    for a in ev.internal_addresses:
+        if a.version == spec.remote.version and local == [ipaddress.ip_network(a)]:
+            return NegotiationResult(spec, inner=a)
+    return NegotiationResult(spec)
+
+
 class IkeNegotiator:
     """``oe.manager.Negotiator`` on ``IkeService``, and the service's ``ChildSaSink``.
 
@@ -84,9 +94,14 @@ class IkeNegotiator:
     so a rekey's new SA is adopted before the old one's DELETE is processed.
     """
 
-    def __init__(self, ike: IkeService, inbound: InboundHandler | None = None) -> None:
+    def __init__(
+        self, ike: IkeService, inbound: InboundHandler | None = None, *, cat: bool = True
+    ) -> None:
         self.ike = ike
         self.inbound = inbound
+        #: CAT: a new IKE SA asks the peer for an inner address (see ``_first_child``)
+        self.cat = cat
+        self._no_pool: set[str] = set()  # peers that refused the Child SA we asked CP with
         ike.sink = self
         self._want_first: dict[str, int] = {}  # peer address -> negotiations awaiting IKE_AUTH
         self._firsts: dict[int, ChildSaEstablished] = {}  # id(PeerSa) -> first Child SA
@@ -129,7 +144,7 @@ class IkeNegotiator:
                 and p.state == "established"
                 and (peer_key is None or _keys_equal(p.peer_key, peer_key))
             ):
-                return NegotiationResult(await self._create_child(p, request))
+                return await self._create_child(p, request)
             auth = self._our_auth(request)
             try:
                 ev, p = await self._first_child(peer, auth, peer_key)
@@ -146,7 +161,7 @@ class IkeNegotiator:
                 ev, p = await self._first_child(peer, other, peer_key)
                 auth = other
             self._auth_ok[peer] = auth
-            return NegotiationResult(self.spec_for(p, ev))
+            return cat_result(self.spec_for(p, ev), ev)
         except (IkeUpError, IkeError) as exc:
             return NegotiationResult(None, str(exc))
 
@@ -155,7 +170,19 @@ class IkeNegotiator:
     ) -> tuple[ChildSaEstablished, PeerSa]:
         self._want_first[peer] = self._want_first.get(peer, 0) + 1
         try:
-            p = await self.ike.up(peer, auth, peer_key)
+            inner = self.cat and peer not in self._no_pool
+            p = await self.ike.up(peer, auth, peer_key, inner=inner)
+        except IkeUpError as exc:
+            # CAT asked for an inner address: a peer without an address pool may refuse
+            # the first Child SA (strongSwan: INTERNAL_ADDRESS_FAILURE) yet keep the IKE
+            # SA. Then one more Child SA, host-to-host, on that IKE SA; and no more CP
+            # requests to this peer.
+            p_up = self.ike.find(peer)
+            if not inner or p_up is None or p_up.state != "established" or p_up.children:
+                raise
+            log.info("%s; host-to-host Child SA instead, no CAT", exc)
+            self._no_pool.add(peer)
+            p = p_up
         finally:
             self._want_first[peer] -= 1
             if not self._want_first[peer]:
@@ -167,10 +194,10 @@ class IkeNegotiator:
             ev = await self._create(p, (local,), (remote,))
         return ev, p
 
-    async def _create_child(self, p: PeerSa, request: ChildRequest) -> ChildSaSpec:
+    async def _create_child(self, p: PeerSa, request: ChildRequest) -> NegotiationResult:
         local = host_selector(str(request.local))
         remote = host_selector(str(request.peer))
-        return self.spec_for(p, await self._create(p, (local,), (remote,)))
+        return NegotiationResult(self.spec_for(p, await self._create(p, (local,), (remote,))))
 
     async def _create(self, p: PeerSa, local: tuple[Any, ...], remote: tuple[Any, ...]) -> Any:
         """CREATE_CHILD_SA on ``p``; the IKE service settles ``p.pending[rid]``."""

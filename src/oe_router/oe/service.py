@@ -37,7 +37,7 @@ from oe_router.datapath.base import (
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
 from oe_router.dns.ipseckey import PeerKey
-from oe_router.oe.lan import LanError, LanGateway, Peers6
+from oe_router.oe.lan import LanError, LanGateway, Peers6, cat_remove_script, cat_script
 from oe_router.oe.manager import (
     Action,
     CheckTraffic,
@@ -52,6 +52,7 @@ from oe_router.oe.manager import (
     RemovePolicy,
     SendDelete,
     TunnelResult,
+    UpdateCat,
 )
 from oe_router.oe.policy import PolicyTable
 
@@ -90,6 +91,7 @@ class OeService:
         self._idle_timeout = 300.0  # oe.ike.idle_timeout, set by start() and reload()
         self._repoll = False
         self._nft = nft
+        self._cat_table = False  # the CAT table (lan.cat_script) was written
         self._peers6: Peers6 | None = None
         self._keep_nat_on_stop = True
         self._clock = clock
@@ -204,6 +206,8 @@ class OeService:
             # removes our SAs and policies except persistent ones (keep_private_on_stop)
             await self._dp.close()
         await self._stop_lan_gateway()
+        if self._cat_table:  # CAT: the SAs it translated for are gone
+            self._cat_table = not await self._run_nft(cat_remove_script())
         self._dp = None
         self._mgr = None
 
@@ -424,6 +428,9 @@ class OeService:
                 total = c.inbound.bytes + c.outbound.bytes
             soft = action.soft_expired
             await self._perform(mgr.traffic(action.child_id, total, self._clock(), soft))
+        elif isinstance(action, UpdateCat):  # CAT: LAN flows to a peer use its inner address
+            self._cat_table = True
+            await self._run_nft(cat_script(self._lan, action.inner))
         elif isinstance(action, TunnelResult):
             await self._sync_peers6()  # the answer's first packet must find the SNAT
             fut = self._waiters.get(action.waiter)
