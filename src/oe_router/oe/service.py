@@ -357,9 +357,9 @@ class OeService:
         """How often the counters are read: a quarter of ``idle_timeout``, 1 s to 60 s.
 
         Activity is noticed when a poll sees the byte count change, so an SA's last
-        activity is known to within one period; a quarter keeps an SA that went idle
-        just over ``idle_timeout`` before its soft expiry from being rekeyed (the error
-        is at most 25 %), and the bounds keep the cost flat for very short or long ones.
+        activity is known to within one period: with a quarter, an idle SA goes between
+        1 and 1.5 times ``idle_timeout`` after its last packet (before the IKE core's
+        rekey, for any sane lifetime); the bounds keep the cost flat at the extremes.
         """
         return min(60.0, max(1.0, self._idle_timeout / 4))
 
@@ -430,7 +430,7 @@ class OeService:
             await self._perform(mgr.traffic(action.child_id, total, self._clock(), soft))
         elif isinstance(action, UpdateCat):  # CAT: LAN flows to a peer use its inner address
             self._cat_table = True
-            await self._run_nft(cat_script(self._lan, action.inner))
+            await self._run_nft(cat_script(self._lan, action.inner, wan=self._wan.values()))
         elif isinstance(action, TunnelResult):
             await self._sync_peers6()  # the answer's first packet must find the SNAT
             fut = self._waiters.get(action.waiter)
