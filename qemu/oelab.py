@@ -76,8 +76,12 @@ def start_daemon(
     if status is None:
         tail = "\n    ".join(daemon_log(lab).strip().splitlines()[-10:])
         raise LabError(f"oe-routerd did not start or did not answer `oe status`:\n    {tail}")
-    if lab.router("ss -lnu | grep -q '127.0.0.1:5335 '").rc != 0:
-        raise LabError("oe-routerd's DNS front does not listen on 127.0.0.1:5335")
+    # `oe status` answers once the control socket is up; the DNS front is the last service
+    # to start, so wait for it too (under load it came up a few seconds later)
+    while lab.router("ss -lnu | grep -q '127.0.0.1:5335 '").rc != 0:
+        if time.monotonic() > deadline:
+            raise LabError("oe-routerd's DNS front does not listen on 127.0.0.1:5335")
+        time.sleep(0.3)
     # As OpenWrt does it: uci add_list dhcp.@dnsmasq[0].server='127.0.0.1#5335'. No cache:
     # every query reaches the front, so every keyed name gets its tunnel before the answer.
     _dnsmasq(lab, DNS_FRONT, 0)

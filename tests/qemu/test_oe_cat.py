@@ -152,6 +152,33 @@ def test_peers_without_a_pool_take_the_cp_request_harmlessly(
     figures[netns] = {"client_seen": WAN4}
 
 
+def test_routers_own_flows_to_the_pool_peer_use_the_inner_address(cat_lab: Lab) -> None:
+    """The router's own HTTP fetches to oe-cat (the image has no ping): passed by the
+    routing-time lookup, NATed to the inner address, into the same Child SA (ESP only); the
+    peer's web server sees the inner address, and no second negotiation starts."""
+    lab = cat_lab
+    peer = host(lab, "oe-cat").ipv4
+    inner = cat_map(lab)[peer]
+    with lab.capture_wan(label="wan-cat-router") as wan:
+        for n in range(3):
+            fetch = (
+                "import urllib.request as u; "
+                f"print(u.urlopen('http://{peer}/host.txt?router={n}', timeout=10).read().decode())"
+            )
+            got = lab.router(f'python3 -c "{fetch}"', timeout=30)
+            assert got.ok and got.stdout.strip() == "oe-cat", (got.stdout, got.stderr)
+    assert wan.count(f"host {peer} and tcp") == 0, wan.text(f"host {peer}")
+    assert wan.count(f"esp and host {peer}") >= 3 * 8
+    for n in range(3):
+        assert http_clients(lab, "oe-cat", f"/host.txt?router={n}") == [inner]
+    row = next(
+        t
+        for t in oelab.status(lab)["tunnels"]
+        if t.get("source") == "ike" and t["peer"] == peer and t.get("children")
+    )
+    assert len(row["children"]) == 1, row
+
+
 def test_translation_goes_with_the_sa(cat_lab: Lab) -> None:
     """`oe down` the CAT peer: its Child SA and its map entry go; pluto lets the lease go."""
     lab = cat_lab

@@ -20,7 +20,9 @@ from oe_router.config.schema import PolicyConfig, parse_policy_entry
 from oe_router.datapath.base import (
     Acquire,
     ChildSaSpec,
+    Direction,
     IPAddress,
+    PolicyAction,
     SaKeys,
     TrafficSelector,
 )
@@ -34,9 +36,11 @@ from oe_router.oe.lan import cat_remove_script, cat_script
 from oe_router.oe.manager import (
     Action,
     InstallChild,
+    InstallPolicy,
     Negotiate,
     NegotiationResult,
     OeManager,
+    RemovePolicy,
     TunnelResult,
     UpdateCat,
 )
@@ -167,6 +171,17 @@ def test_inner_address_becomes_the_peers_snat_before_the_waiter_hears(mgr: OeMan
     assert kinds.index(UpdateCat) < kinds.index(TunnelResult)  # SNAT first, then the answer
     assert only(acts, UpdateCat) == [UpdateCat(((CAT_PEER, INNER),))]
     assert mgr.cat_map() == ((CAT_PEER, INNER),)
+    # the router's own flows (source WAN) pass the routing-time lookup, to be NATed to A
+    (own,) = [
+        a.policy for a in only(acts, InstallPolicy) if a.policy.dst.net == _host(CAT_PEER).net
+    ]
+    assert (own.src.net, own.direction, own.action) == (
+        _host(WAN).net, Direction.OUT, PolicyAction.PASS,
+    )  # fmt: skip
+    trap = [
+        p for p in mgr.group_policies() if p.dst.net.prefixlen == 0 and p.action.value == "trap"
+    ]
+    assert trap and own.priority < min(p.priority for p in trap)  # beats the 0.0.0.0/0 trap
 
 
 def test_other_peers_stay_on_the_wan_address(mgr: OeManager) -> None:
@@ -225,6 +240,8 @@ def test_translation_goes_with_the_last_child_sa(mgr: OeManager) -> None:
     _up(mgr, CAT_PEER, INNER)
     acts = mgr.peer_deleted(CAT_PEER, None, 5.0)
     assert only(acts, UpdateCat) == [UpdateCat(())]
+    (gone,) = [a.policy for a in only(acts, RemovePolicy) if a.policy.src.net == _host(WAN).net]
+    assert (gone.dst.net, gone.action) == (_host(CAT_PEER).net, PolicyAction.PASS)
     assert mgr.cat_map() == ()
 
 
@@ -233,7 +250,8 @@ def test_translation_goes_with_the_last_child_sa(mgr: OeManager) -> None:
 
 def test_cat_script_maps_each_peer_to_its_inner_address_for_lan_sources() -> None:
     v6peer, v6inner = ipaddress.IPv6Address("2001:db8:1::13"), ipaddress.IPv6Address("fd00::5")
-    text = cat_script([LAN4, LAN6], [(CAT_PEER, INNER), (v6peer, v6inner)])
+    wan6 = ipaddress.IPv6Address("2001:db8:1::2")
+    text = cat_script([LAN4, LAN6], [(CAT_PEER, INNER), (v6peer, v6inner)], wan=[WAN, wan6])
     assert text.splitlines()[:3] == [
         "table inet oe_cat", "delete table inet oe_cat", "table inet oe_cat {",
     ]  # fmt: skip
@@ -242,6 +260,10 @@ def test_cat_script_maps_each_peer_to_its_inner_address_for_lan_sources() -> Non
     assert "type nat hook postrouting priority srcnat - 10; policy accept;" in text
     assert "ip saddr { 192.168.1.0/24 } snat ip to ip daddr map @oe_cat4" in text
     assert "ip6 saddr { 2001:db8:2::/64 } snat ip6 to ip6 daddr map @oe_cat6" in text
+    # the router's own flows too, but never IKE or ESP: they must keep the WAN address
+    assert f"ip saddr {WAN} meta l4proto != {{ esp, udp }} snat ip to ip daddr map @oe_cat4" in text
+    assert f"ip saddr {WAN} udp sport != {{ 500, 4500 }} snat ip to ip daddr map @oe_cat4" in text
+    assert f"ip6 saddr {wan6} udp sport != {{ 500, 4500 }} snat ip6 to" in text
 
 
 def test_cat_script_with_no_peers_keeps_empty_maps_and_removal_is_idempotent() -> None:

@@ -197,6 +197,7 @@ def cat_script(
         ]
     ],
     *,
+    wan: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
     table: str = CAT_TABLE,
 ) -> str:
     """The whole ``inet <table>`` for CAT as one atomic ``nft -f`` script.
@@ -204,14 +205,17 @@ def cat_script(
     Why: a peer that gave us an inner address A (CP) protects only ``A <-> peer``, so
     LAN flows to that peer must leave with source A, and only flows to that peer
     (containment: A means nothing to anyone else). The maps ``oe_cat4``/``oe_cat6``
-    (peer -> inner address) drive one SNAT rule per family; a peer not in the map
-    falls through to the next rule and to the WAN-address SNAT after us (priority
-    ``srcnat - 10``, before ``oe_router``'s table and fw4's masquerading: the first
-    NAT binding of a connection wins). ``inner`` empty: the table holds empty maps.
+    (peer -> inner address) drive the SNAT rules; a peer not in the map falls through
+    to the next rule and to the WAN-address SNAT after us (priority ``srcnat - 10``,
+    before ``oe_router``'s table and fw4's masquerading: the first NAT binding of a
+    connection wins). The router's own flows (source ``wan``) are NATed too, except
+    IKE (UDP 500/4500) and ESP, which must keep the WAN address. ``inner`` empty: the
+    table holds empty maps.
     """
     pairs = sorted(set(inner), key=lambda pr: (pr[0].version, pr[0].packed))
     lan4 = sorted({n for n in lan if n.version == 4})
     lan6 = sorted({n for n in lan if n.version == 6})
+    wans = sorted(set(wan), key=lambda a: (a.version, a.packed))
     lines = [
         f"table inet {table}",  # create-if-missing, so the delete below never fails
         f"delete table inet {table}",
@@ -228,10 +232,13 @@ def cat_script(
         "\tchain srcnat {",
         "\t\ttype nat hook postrouting priority srcnat - 10; policy accept;",
     ]
-    if lan4:
-        lines.append(f"\t\tip saddr {_set(lan4)} snat ip to ip daddr map @oe_cat4")
-    if lan6:
-        lines.append(f"\t\tip6 saddr {_set(lan6)} snat ip6 to ip6 daddr map @oe_cat6")
+    for v, ip, nets in ((4, "ip", lan4), (6, "ip6", lan6)):
+        to = f"snat {ip} to {ip} daddr map @oe_cat{v}"
+        if nets:
+            lines.append(f"\t\t{ip} saddr {_set(nets)} {to}")
+        for a in (a for a in wans if a.version == v):
+            lines.append(f"\t\t{ip} saddr {a} meta l4proto != {{ esp, udp }} {to}")
+            lines.append(f"\t\t{ip} saddr {a} udp sport != {{ 500, 4500 }} {to}")
     lines += ["\t}", "}", ""]
     return "\n".join(lines)
 

@@ -31,6 +31,7 @@ from oe_router.datapath.base import (
     Expire,
     IPAddress,
     Lifetime,
+    PolicyAction,
     PolicyExpire,
     PolicySpec,
     TrafficSelector,
@@ -428,6 +429,20 @@ class OeManager:
             return None
         return f"peer {peer}: inner address {inner} {why}; CAT refused"
 
+    def _cat_own_flows(self, peer: IPAddress) -> PolicySpec:
+        """CAT for the router's own flows: a PASS for ``WAN -> peer`` (out).
+
+        Their routing-time XFRM lookup has source WAN and would hit the trap (a new
+        ACQUIRE, the packet dropped); passed, they reach POSTROUTING, where the CAT table
+        NATs them to the inner address and the kernel's post-NAT lookup puts them into
+        the peer's Child SA. IKE (UDP 500/4500) and ESP stay un-NATed (lan.cat_script).
+        """
+        ours, theirs = _host(self.wan[peer.version]), _host(peer)
+        rank = selector_rank(theirs, 0, None)
+        return PolicySpec(
+            TrafficSelector(ours), TrafficSelector(theirs), Direction.OUT, PolicyAction.PASS, rank
+        )
+
     def cat_map(self) -> tuple[tuple[IPAddress, IPAddress], ...]:
         """CAT: (peer, inner address) for every peer whose Child SAs use one."""
         return tuple(sorted(self._inner.items(), key=lambda pr: (pr[0].version, pr[0].packed)))
@@ -637,7 +652,9 @@ class OeManager:
             # before the waiters hear of the tunnel: their first packets need the SNAT
             log.info("peer %s gave us inner address %s: LAN flows to it use it", t.peer, t.inner)
             self._inner[t.peer] = t.inner
-            actions.append(UpdateCat(self.cat_map()))
+            own = self._cat_own_flows(t.peer)
+            self._shunts.pop(_pkey(own), None)  # a pass shunt of the same key is replaced
+            actions += [UpdateCat(self.cat_map()), InstallPolicy(own)]
         actions += self._resolve(want, t.peer, True)
         return actions + self._start_next(p, now)
 
@@ -706,7 +723,9 @@ class OeManager:
         actions += self._restore(self._child_keys(c.spec))
         if not p.children and self._inner.pop(c.peer, None) is not None:
             log.info("peer %s: last Child SA gone, its inner address with it", c.peer)
-            actions.append(UpdateCat(self.cat_map()))
+            own = self._cat_own_flows(c.peer)
+            actions += [UpdateCat(self.cat_map()), RemovePolicy(own)]
+            actions += self._restore([_pkey(own)])
         self._gc(c.peer)
         return actions
 
