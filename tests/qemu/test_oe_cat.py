@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ ROUTER_ID = "@router.example.test"  # oe-sw (strongSwan) authenticates us by our
 RESULTS = Path(__file__).resolve().parents[2] / "test-results" / "qemu-cat.json"
 WAN4 = "203.0.113.2"
 POOL = (ipaddress.IPv4Address("100.64.13.1"), ipaddress.IPv4Address("100.64.13.200"))
+_SHIPPED_CONFIG = oelab.router_config
 
 
 def host(lab: Lab, netns: str) -> Any:
@@ -61,11 +63,30 @@ def cat_map(lab: Lab) -> dict[str, str]:
     return dict(re.findall(r"(\d+\.\d+\.\d+\.\d+) : (\d+\.\d+\.\d+\.\d+)", res.stdout))
 
 
+def cat_config(local_id: str) -> str:
+    """The shipped config with Child SAs rekeyed every ~30 s, so a rekey falls in a test."""
+    text = _SHIPPED_CONFIG(local_id)
+    for option, value in (
+        ("child_lifetime", "1m"),
+        ("rekey_margin", "30s"),
+        ("rekey_jitter", "0%"),
+    ):
+        text, n = re.subn(rf"option {option} '[^']*'", f"option {option} '{value}'", text)
+        assert n == 1, f"the shipped config has no option {option}"
+    return text
+
+
 @pytest.fixture(scope="module")
-def cat_lab(oe_lab: Lab) -> Lab:
+def cat_lab(lab: Lab) -> Iterator[Lab]:
     for h in ("oe-cat", "oe-null", "oe-rsa", "oe-sw"):
-        assert h not in oe_lab.failed_hosts, oe_lab.failed_hosts[h]
-    return oe_lab
+        assert h not in lab.failed_hosts, lab.failed_hosts[h]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(oelab, "router_config", cat_config)
+        oelab.start_daemon(lab, local_id=ROUTER_ID)
+    try:
+        yield lab
+    finally:
+        oelab.stop_daemon(lab)
 
 
 def test_lan_flow_to_a_pool_peer_leaves_from_its_inner_address(
@@ -105,6 +126,33 @@ def test_lan_flow_to_a_pool_peer_leaves_from_its_inner_address(
     pol = lab.router("ip xfrm policy list dir out").check().stdout
     assert f"src {inner}/32 dst {peer}/32" in pol, pol
     figures["oe-cat"] = {"inner": inner, "esp": esp, "pings": got}
+
+
+def cat_child(lab: Lab, peer: str) -> dict[str, Any]:
+    row = next(
+        t
+        for t in oelab.status(lab)["tunnels"]
+        if t.get("source") == "ike" and t["peer"] == peer and t.get("children")
+    )
+    return dict(row["children"][-1])  # the newest (two only in the instant of a rekey)
+
+
+def test_translation_survives_child_sa_rekeys(cat_lab: Lab, figures: dict[str, Any]) -> None:
+    """Pings every 0.5 s for 40 s while the Child SA (lifetime 1 min, rekeyed ~30 s before)
+    is rekeyed by the IKE core: the new SA is inner <-> peer too (containment accepts it for
+    this peer), the translation stays, nothing is lost."""
+    lab = cat_lab
+    peer = host(lab, "oe-cat").ipv4
+    inner = cat_map(lab)[peer]
+    before = cat_child(lab, peer)
+    ping = lab.client(f"ping -n -c 80 -i 0.5 -W 1 {peer}", timeout=90)
+    after = cat_child(lab, peer)
+    got = len(re.findall(r"bytes from", ping.stdout))
+    assert after["spi_in"] != before["spi_in"], (before, after)  # rekeyed in between
+    assert after["ts_local"] == f"{inner}/32", after
+    assert got >= 79, ping.stdout[-300:]
+    assert cat_map(lab) == {peer: inner}
+    figures["rekey"] = {"pings": 80, "replies": got}
 
 
 def test_other_peers_still_see_the_wan_address(cat_lab: Lab, figures: dict[str, Any]) -> None:
