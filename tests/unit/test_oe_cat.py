@@ -28,6 +28,7 @@ from oe_router.datapath.base import (
 )
 from oe_router.datapath.base import encr_algorithm as encr
 from oe_router.dns.ipseckey import KeyKind, PeerKey
+from oe_router.ike.child import cp_request
 from oe_router.ike.events import ChildSaEstablished, ChildSaFailed
 from oe_router.ike.sa import IkeSa
 from oe_router.ike.selectors import NO_CONTAINMENT
@@ -125,6 +126,22 @@ def test_cp_request_offers_our_address_and_the_whole_family() -> None:
     assert ic.internal_addresses == ()
     ours = ini_cfg.local_address[0]
     assert [(str(t.start), str(t.end)) for t in ic.ts_local] == [(ours, ours)]
+
+
+def test_cp_request_asks_for_the_family_of_the_sa_only() -> None:
+    """An IPv4 IKE SA asks for INTERNAL_IP4_ADDRESS only: a responder holding a v4 and a v6
+    address hands out just the v4 one (an inner address of the other family is useless)."""
+    assert [a.attr_type for a in cp_request(4).attributes] == [1]  # INTERNAL_IP4_ADDRESS
+    assert [a.attr_type for a in cp_request(6).attributes] == [8]  # INTERNAL_IP6_ADDRESS
+    assert [a.attr_type for a in cp_request().attributes] == [1, 8]
+    ini_cfg, res_cfg = configs()
+    wide = (host_ts(ini_cfg.local_address[0]), net("0.0.0.0/0"))
+    ini_cfg = replace(ini_cfg, request_internal_address=True, local_ts=wide)
+    both = replace(
+        res_cfg, internal_addresses=(str(INNER), "fd00::7"), remote_ts=(net("0.0.0.0/0"),)
+    )
+    _i, _r, ic, _rc = establish(ini_cfg, both)
+    assert ic.internal_addresses == (INNER,)
 
 
 def test_a_peer_narrowing_our_side_to_an_address_it_did_not_give_is_refused() -> None:

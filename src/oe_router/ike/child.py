@@ -149,15 +149,15 @@ def child_keys(
     return km.encr_i, km.integ_i, km.encr_r, km.integ_r
 
 
-def cp_request() -> CP:
-    """CP(CFG_REQUEST) asking for an inner IPv4 and IPv6 address (RFC 7296 §3.15)."""
-    return CP(
-        CfgType.CFG_REQUEST,
-        [
-            CfgAttribute(CfgAttrType.INTERNAL_IP4_ADDRESS),
-            CfgAttribute(CfgAttrType.INTERNAL_IP6_ADDRESS),
-        ],
-    )
+def cp_request(version: int | None = None) -> CP:
+    """CP(CFG_REQUEST) asking for an inner address (RFC 7296 §3.15): of IP ``version``
+    (the family the Child SA carries), or of both when None."""
+    attrs = [
+        CfgAttribute(t)
+        for v, t in ((4, CfgAttrType.INTERNAL_IP4_ADDRESS), (6, CfgAttrType.INTERNAL_IP6_ADDRESS))
+        if version in (None, v)
+    ]
+    return CP(CfgType.CFG_REQUEST, attrs)
 
 
 def cp_reply_addresses(cp: CP | None) -> tuple[IpAddress, ...]:

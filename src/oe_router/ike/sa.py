@@ -1294,8 +1294,8 @@ class IkeSa:
         payloads: list[Payload] = [ident, self._make_auth(ident)]
         if c.initial_contact:
             payloads.append(Notify.status(NotifyType.INITIAL_CONTACT))
-        if c.request_internal_address:
-            payloads.append(cp_request())
+        if c.request_internal_address:  # of the family our selectors are in
+            payloads.append(cp_request(ipaddress.ip_address(c.local_address[0]).version))
         if c.transport_mode:
             payloads.append(Notify.status(NotifyType.USE_TRANSPORT_MODE))
         payloads += [
