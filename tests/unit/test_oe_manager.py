@@ -175,6 +175,27 @@ def test_private_failure_installs_a_persistent_drop_shunt(mgr: OeManager) -> Non
     assert (p.action, p.persistent, str(p.dst.net)) == (PolicyAction.DROP, True, "203.0.113.5/32")
 
 
+def test_drop_shunts_back_off_and_start_again_after_a_tunnel(mgr: OeManager) -> None:
+    """A private peer's drop shunt lasts 5 s, then 10 s, 20 s... (capped at the shunt
+    lifetime): a peer that was only restarting is retried within seconds."""
+    lifetimes = []
+    now = 0.0
+    for _ in range(9):
+        (neg,) = only(mgr.acquire(_acq(PRIV), now), Negotiate)
+        (inst,) = mgr.negotiated(neg.ticket, NegotiationResult(None, "timeout"), now + 1)
+        lifetime = inst.policy.lifetime.hard_seconds  # type: ignore[union-attr]
+        lifetimes.append(lifetime)
+        now += 1 + lifetime
+        assert mgr.tick(now) == [RemovePolicy(inst.policy)]  # type: ignore[union-attr]
+    assert lifetimes == [5, 10, 20, 40, 80, 160, 320, 640, 900]
+    acts = mgr.acquire(_acq(PRIV), now)
+    _negotiate_ok(mgr, acts, PRIV, 0x2000, now + 1)
+    mgr.peer_deleted(PRIV, None, now + 2)
+    (neg,) = only(mgr.acquire(_acq(PRIV), now + 3), Negotiate)
+    (inst,) = mgr.negotiated(neg.ticket, NegotiationResult(None, "timeout"), now + 4)
+    assert inst.policy.lifetime.hard_seconds == 5  # type: ignore[union-attr]
+
+
 def test_block_and_clear_or_private_never_negotiate(mgr: OeManager) -> None:
     assert mgr.acquire(_acq(BLOCKED), 0.0) == []
     assert mgr.acquire(_acq(ipaddress.IPv4Address("192.0.2.70")), 0.0) == []

@@ -60,6 +60,10 @@ __all__ = [
 
 log = logging.getLogger("oe_router.oe")
 
+#: Seconds of a peer's first drop shunt ("private" failed); doubles per failure in a row
+#: up to ``shunt_lifetime``, and starts again once a Child SA with the peer is up.
+DROP_SHUNT_FIRST = 5.0
+
 
 # --------------------------------------------------------------------------- the IKE seam
 
@@ -324,6 +328,7 @@ class OeManager:
         self._waiters: dict[int, _Waiter] = {}
         self._keys: dict[IPAddress, PeerAuth] = {}
         self._inner: dict[IPAddress, IPAddress] = {}  # CAT: peer -> inner address it gave us
+        self._drop_failures: dict[IPAddress, int] = {}  # drop shunts in a row, per peer
         self._next = 1
 
     # ------------------------------------------------------------------ helpers
@@ -557,6 +562,14 @@ class OeManager:
         if action is None or local is None:
             return []
         lifetime = max(1, round(self.shunt_lifetime))
+        if action is PolicyAction.DROP:
+            # A drop shunt never leaks; it only spaces out negotiations. Its lifetime
+            # doubles with each failure in a row, so a peer that was only restarting (a
+            # liveness failure's one retry met its empty port) gets its tunnel back within
+            # seconds, and one that is gone costs an IKE_SA_INIT ever more rarely.
+            n = self._drop_failures.get(peer, 0)
+            self._drop_failures[peer] = n + 1
+            lifetime = min(lifetime, round(DROP_SHUNT_FIRST * 2**n))
         policy = PolicySpec(
             TrafficSelector(_host(local), selector.proto, None),
             selector,
@@ -622,6 +635,7 @@ class OeManager:
                 inbound.active_at = prev.active_at
             actions = self._supersede(p, inbound.selector)
             p.children[inbound.id] = inbound
+            self._drop_failures.pop(t.peer, None)
             return actions + self._drop_shunts(self._child_keys(spec))
         if t.child_id is not None:  # a rekey
             c = p.children.get(t.child_id)
@@ -643,6 +657,7 @@ class OeManager:
             reason = f"installing the Child SA failed: {error}"
             return [SendDelete(t.peer, t.spec), *self._fail(p, want, reason, now)]
         p.queue.pop(want.selector, None)
+        self._drop_failures.pop(t.peer, None)
         c = _Child(self._id(), t.peer, spec, want.selector, want.rule.group, now, active_at=now)
         superseded = self._supersede(p, want.selector)
         p.children[c.id] = c
