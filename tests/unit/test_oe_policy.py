@@ -98,6 +98,53 @@ def test_exclusions_beat_every_group_entry() -> None:
     assert min(r.rank for r in t.rules) >= EXCLUSION_BAND
 
 
+def test_icmpv6_neighbour_discovery_is_excluded_by_type_and_echo_follows_the_group() -> None:
+    """ND (133-137) never meets a trap, SA or drop; echo and errors go by the destination."""
+    t = PolicyTable.from_config(
+        _cfg(private_or_clear=["::/0", "0.0.0.0/0"], private=["2001:db8:5::9/128"])
+    )
+    peer, private = _ip("2001:db9::1"), _ip("2001:db8:5::9")
+    for icmp_type in (133, 134, 135, 136, 137):
+        for addr in (peer, private):
+            rule = t.lookup(addr, 58, None, icmp_type)
+            assert rule is not None and rule.group is Group.CLEAR, (addr, icmp_type)
+            assert rule.exclusion is not None and "neighbour discovery" in rule.exclusion
+            assert rule.rank < GROUP_BAND  # beats the ::/0 trap and the /128 private entry
+    for icmp_type in (128, 129, 1, 2, 3, 4, 130, 143):
+        assert t.group_of(peer, 58, None, icmp_type) is Group.PRIVATE_OR_CLEAR, icmp_type
+        assert t.group_of(private, 58, None, icmp_type) is Group.PRIVATE, icmp_type
+    # An ACQUIRE-style lookup that does not pass the type never lands on an ND rule.
+    assert t.group_of(peer, 58) is Group.PRIVATE_OR_CLEAR
+    # IPv4 ICMP is untouched: no exclusion names it.
+    assert t.group_of(_ip("203.0.113.9"), 1, None, 8) is Group.PRIVATE_OR_CLEAR
+    assert not [r for r in t.rules if r.entry.proto == 1]
+    assert not [r for r in t.rules if r.entry.proto == 58 and r.entry.icmp_type is None]
+
+
+def test_neighbour_discovery_pass_policies_carry_the_type_on_the_remote_side() -> None:
+    """One PASS per ND type and direction; the ICMP type rides with the remote selector."""
+    t = PolicyTable.from_config(_cfg(private_or_clear=["::/0"]))
+    pols = [p for p in t.kernel_policies(WAN, trap_reqid=TRAP_REQID) if p.dst.proto == 58]
+    assert {(p.direction, p.action) for p in pols} == {(d, PolicyAction.PASS) for d in Direction}
+    any6 = ipaddress.ip_network("::/0")
+    seen = set()
+    for p in pols:
+        remote, local = (p.dst, p.src) if p.direction is Direction.OUT else (p.src, p.dst)
+        assert (remote.net, local.net, local.icmp_type, remote.port) == (any6, any6, None, None)
+        assert remote.icmp_type is not None
+        seen.add((p.direction, remote.icmp_type))
+        assert "icmp type" in p.describe()
+    assert seen == {(d, ty) for d in Direction for ty in (133, 134, 135, 136, 137)}
+    trap = next(p for p in t.kernel_policies(WAN, trap_reqid=TRAP_REQID) if p.dst.net == any6
+                and p.action is PolicyAction.TRAP)  # fmt: skip
+    assert all(p.priority < trap.priority for p in pols)
+
+
+def test_policy_entry_names_its_icmp_type() -> None:
+    e = PolicyEntry(ipaddress.ip_network("::/0"), 58, icmp_type=135)
+    assert str(e) == "::/0 icmpv6 type 135"
+
+
 def test_same_entry_in_two_groups_is_refused_naming_it() -> None:
     e = _e("192.0.2.0/24")
     rank = selector_rank(e.network, None, None)
@@ -196,23 +243,35 @@ def tables(draw: st.DrawFn) -> PolicyTable:
     )
 
 
+Packet = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, int, int | None]
+
+
 @st.composite
-def packets(draw: st.DrawFn) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, int]:
+def packets(draw: st.DrawFn) -> Packet:
+    """(destination, protocol, port or 0, ICMP type or None)."""
     v6 = draw(st.booleans())
     pool = ["192.0.2.7", "192.0.2.130", "192.0.2.1", "192.0.1.1", "203.0.113.9", "8.8.8.8"]
     pool6 = ["2001:db8::7", "2001:db8::1", "2001:db8:1::5", "2001:db9::1", "fe80::1"]
     addr = _ip(draw(st.sampled_from(pool6 if v6 else pool)))
     proto = draw(st.sampled_from([6, 17, 1 if not v6 else 58]))
     port = draw(st.sampled_from([53, 443, 80])) if proto in (6, 17) else 0
-    return addr, proto, port
+    # echo request/reply, an error, and neighbour discovery (NS, NA, RA)
+    types = [128, 129, 2, 135, 136, 134] if v6 else [8, 0, 3]
+    icmp_type = draw(st.sampled_from(types)) if proto in (1, 58) else None
+    return addr, proto, port, icmp_type
 
 
 def _specificity(e: PolicyEntry) -> tuple[int, int, int]:
-    return (e.network.prefixlen, int(e.proto is not None), int(e.port is not None))
+    narrow = e.port is not None or e.icmp_type is not None
+    return (e.network.prefixlen, int(e.proto is not None), int(narrow))
 
 
 def _reference(
-    t: PolicyTable, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, proto: int, port: int
+    t: PolicyTable,
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    proto: int,
+    port: int,
+    icmp_type: int | None,
 ) -> Rule | None:
     """Brute force: of all matching rules, exclusions first, then the most specific."""
     hits = [
@@ -221,6 +280,7 @@ def _reference(
         if addr in r.entry.network
         if r.entry.proto in (None, proto)
         if r.entry.port in (None, port)
+        if r.entry.icmp_type in (None, icmp_type)
     ]  # fmt: skip
     if not hits:
         return None
@@ -234,12 +294,10 @@ def _reference(
 
 @settings(max_examples=300, deadline=None)
 @given(tables(), st.lists(packets(), min_size=1, max_size=8))
-def test_lookup_agrees_with_brute_force(
-    t: PolicyTable, pkts: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, int]]
-) -> None:
-    for addr, proto, port in pkts:
-        got = t.lookup(addr, proto, port or None)
-        want = _reference(t, addr, proto, port)
+def test_lookup_agrees_with_brute_force(t: PolicyTable, pkts: list[Packet]) -> None:
+    for addr, proto, port, icmp_type in pkts:
+        got = t.lookup(addr, proto, port or None, icmp_type)
+        want = _reference(t, addr, proto, port, icmp_type)
         assert (got and (got.entry, got.group)) == (want and (want.entry, want.group))
 
 
@@ -249,9 +307,14 @@ def _kernel_pick(
     dst: ipaddress.IPv4Address | ipaddress.IPv6Address,
     proto: int,
     port: int,
+    icmp_type: int | None = None,
 ) -> PolicySpec | None:
-    """What XFRM does for an outbound packet: the matching policy with the lowest priority."""
+    """What XFRM does for an outbound packet: the matching policy with the lowest priority.
+
+    For ICMP the kernel compares the packet's type with the selector's source port.
+    """
     own = Ownership()
+    sport = icmp_type
     hits = [
         p
         for p in pols
@@ -259,6 +322,7 @@ def _kernel_pick(
         if src.version == p.src.net.version and src in p.src.net and dst in p.dst.net
         if p.dst.proto in (0, proto)
         if p.dst.port in (None, port)
+        if (p.src.icmp_type if p.src.icmp_type is not None else p.dst.icmp_type) in (None, sport)
     ]  # fmt: skip
     if not hits:
         return None
@@ -280,13 +344,11 @@ _EXPECT = {
 
 @settings(max_examples=300, deadline=None)
 @given(tables(), st.lists(packets(), min_size=1, max_size=8))
-def test_kernel_priority_order_agrees_with_lookup(
-    t: PolicyTable, pkts: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, int]]
-) -> None:
+def test_kernel_priority_order_agrees_with_lookup(t: PolicyTable, pkts: list[Packet]) -> None:
     pols = t.kernel_policies(WAN, trap_reqid=TRAP_REQID)
-    for addr, proto, port in pkts:
-        rule = t.lookup(addr, proto, port or None)
-        picked = _kernel_pick(pols, WAN[addr.version], addr, proto, port)
+    for addr, proto, port, icmp_type in pkts:
+        rule = t.lookup(addr, proto, port or None, icmp_type)
+        picked = _kernel_pick(pols, WAN[addr.version], addr, proto, port, icmp_type)
         if rule is None:
             assert picked is None
             continue

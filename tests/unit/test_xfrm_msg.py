@@ -20,16 +20,21 @@ from hypothesis import strategies as st
 
 from oe_router.datapath import xfrm_msg as X
 from oe_router.datapath.base import (
+    Acquire,
     ChildSaSpec,
     DatapathError,
+    Direction,
     Lifetime,
     Mode,
     NatTEncap,
+    PolicyAction,
+    PolicySpec,
     SaKeys,
+    TrafficSelector,
     encr_algorithm,
     integ_algorithm,
 )
-from oe_router.datapath.kernel import parse_event, sa_request
+from oe_router.datapath.kernel import _DIRS, _selector, _selector_from, parse_event, sa_request
 
 u8, u16, u32, u64, s32 = (
     ctypes.c_uint8,
@@ -493,3 +498,99 @@ def test_struct_pack_unpack_round_trip(values: dict[str, int]) -> None:
     assert len(raw) == X.XFRM_USER_TMPL.size
     back = X.XFRM_USER_TMPL.unpack(raw)
     assert {k: back[k] for k in values} == values
+
+
+# --- ICMP types in selectors ---------------------------------------------------------
+# The kernel matches an ICMP/ICMPv6 flow's type in the selector's sport and its code in
+# dport, in every direction (xfrm_flowi_sport/_dport, include/net/xfrm.h): a policy
+# naming a type has it in sport whether the remote side is the destination or the source.
+
+_ANY6 = ipaddress.ip_network("::/0")
+
+
+def _nd_policy_bytes(direction: int, src: TrafficSelector, dst: TrafficSelector) -> bytes:
+    fields = {**_selector(src, dst, "sel_"), "priority": 0x7E000300, "dir": direction}
+    return X.encode(X.XFRM_MSG_UPDPOLICY, fields, [])
+
+
+@pytest.mark.parametrize(
+    ("direction", "remote_is_src"),
+    [(X.XFRM_POLICY_OUT, False), (X.XFRM_POLICY_IN, True), (X.XFRM_POLICY_FWD, True)],
+)
+def test_icmpv6_type_goes_to_sport_in_every_direction(direction: int, remote_is_src: bool) -> None:
+    remote = TrafficSelector(_ANY6, 58, icmp_type=135)
+    local = TrafficSelector(_ANY6, 58)
+    src, dst = (remote, local) if remote_is_src else (local, remote)
+    data = _nd_policy_bytes(direction, src, dst)
+    p = xfrm_userpolicy_info()
+    p.sel.sport = socket.htons(135)
+    p.sel.sport_mask = 0xFFFF  # the code (dport) stays wildcard: every NS, whatever its code
+    p.sel.family = socket.AF_INET6
+    p.sel.proto = 58
+    p.priority = 0x7E000300
+    p.dir = direction
+    assert data[16:] == bytes(p)
+    # and back: the type returns to the remote side, the spec compares equal
+    back = _selector_from(X.decode(data), "sel_", {v: k for k, v in _DIRS.items()}[direction])
+    assert back == (src, dst)
+
+
+def test_tcp_ports_are_unchanged_by_icmp_support() -> None:
+    """TCP keeps port semantics: the destination's port in dport, the source's in sport."""
+    src = TrafficSelector(ipaddress.ip_network("10.0.0.1/32"), 6, 40000)
+    dst = TrafficSelector(ipaddress.ip_network("192.0.2.0/24"), 6, 443)
+    f = _selector(src, dst, "sel_")
+    assert (f["sel_sport"], f["sel_sport_mask"], f["sel_dport"], f["sel_dport_mask"]) == (
+        40000, 0xFFFF, 443, 0xFFFF
+    )  # fmt: skip
+
+
+def test_icmpv6_echo_acquire_picks_the_type_not_a_port() -> None:
+    """An ACQUIRE for ping -6: type 128 in sport, code 0 in dport, both masked (as the
+    kernel's init_tempsel writes them). The destination selector gets the type, no port."""
+    fields = {
+        "id_daddr": _ip("2001:db8::7"),
+        "id_proto": X.IPPROTO_ESP,
+        "saddr": _ip("2001:db8:ffff::1"),
+        "sel_daddr": _ip("2001:db8::7"),
+        "sel_saddr": _ip("2001:db8:ffff::1"),
+        "sel_sport": 128,
+        "sel_sport_mask": 0xFFFF,
+        "sel_dport": 0,
+        "sel_dport_mask": 0xFFFF,
+        "sel_family": socket.AF_INET6,
+        "sel_prefixlen_d": 128,
+        "sel_prefixlen_s": 128,
+        "sel_proto": 58,
+        "policy_sel_family": socket.AF_INET6,
+        "seq": 7,
+    }
+    msg = X.decode(X.encode(X.XFRM_MSG_ACQUIRE, fields, [("XFRMA_TMPL", [{"reqid": 3}])]))
+    ev = parse_event(msg)
+    assert isinstance(ev, Acquire)
+    assert ev.selector_dst == TrafficSelector(ipaddress.ip_network("2001:db8::7/128"), 58,
+                                              icmp_type=128)  # fmt: skip
+    assert ev.selector_src == TrafficSelector(ipaddress.ip_network("2001:db8:ffff::1/128"), 58)
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"proto": 6, "icmp_type": 135}, "an ICMP type needs protocol icmp or icmpv6"),
+        ({"proto": 58, "port": 1, "icmp_type": 135}, "and no port"),
+        ({"proto": 58, "icmp_type": 256}, "ICMP type 256 out of range"),
+    ],
+)
+def test_bad_icmp_selector_names_the_culprit(kw: dict[str, Any], needle: str) -> None:
+    with pytest.raises(DatapathError, match=needle):
+        TrafficSelector(_ANY6, **kw)
+
+
+def test_icmp_type_on_both_sides_is_refused() -> None:
+    a = TrafficSelector(_ANY6, 58, icmp_type=128)
+    b = TrafficSelector(_ANY6, 58, icmp_type=129)
+    with pytest.raises(DatapathError, match="an ICMP type goes on one side"):
+        PolicySpec(a, b, Direction.OUT, PolicyAction.PASS)
+    # a protocol filled in from the other side keeps the type
+    p = PolicySpec(TrafficSelector(_ANY6), b, Direction.OUT, PolicyAction.PASS)
+    assert (p.src.proto, p.dst.icmp_type) == (58, 129)

@@ -106,11 +106,16 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class PolicyEntry:
-    """A destination of a policy group: network, optional IP protocol, optional port."""
+    """A destination of a policy group: network, optional IP protocol, optional port.
+
+    ``icmp_type`` narrows an icmp/icmpv6 entry to one message type. Only the built-in
+    exclusions use it (neighbour discovery); UCI has no syntax for it.
+    """
 
     network: IPNetwork
     proto: int | None = None
     port: int | None = None
+    icmp_type: int | None = None
 
     def __str__(self) -> str:
         parts = [str(self.network)]
@@ -118,6 +123,8 @@ class PolicyEntry:
             parts.append(_PROTO_NAMES.get(self.proto, str(self.proto)))
         if self.port is not None:
             parts.append(str(self.port))
+        if self.icmp_type is not None:
+            parts.append(f"type {self.icmp_type}")
         return " ".join(parts)
 
 

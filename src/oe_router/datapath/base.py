@@ -11,12 +11,15 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: IP protocols whose selectors carry a message type (ICMP, ICMPv6) instead of ports.
+ICMP_PROTOS = (1, 58)
 
 
 class DatapathError(Exception):
@@ -146,15 +149,32 @@ class PolicyAction(enum.Enum):
 
 @dataclass(frozen=True)
 class TrafficSelector:
-    """One side of a flow: a prefix, an IP protocol (0 = any) and a port (None = any)."""
+    """One side of a flow: a prefix, an IP protocol (0 = any) and a port (None = any).
+
+    ``icmp_type`` (ICMP or ICMPv6 only) names a message type. ICMP has no ports: the
+    kernel matches the type in the selector's *source*-port field whichever way the
+    packet goes, so it belongs to the selector pair; we carry it on the remote side
+    (like a destination port) and the kernel backend puts it where the kernel wants it.
+    """
 
     net: IPNetwork
     proto: int = 0
     port: int | None = None
+    icmp_type: int | None = None
 
     def __post_init__(self) -> None:
         if self.port is not None and not 0 <= self.port <= 0xFFFF:
             raise DatapathError(f"traffic selector {self.net}: port {self.port} out of range")
+        if self.icmp_type is not None:
+            if self.proto not in ICMP_PROTOS or self.port is not None:
+                raise DatapathError(
+                    f"traffic selector {self.net}: an ICMP type needs protocol icmp or "
+                    f"icmpv6 and no port (got protocol {self.proto}, port {self.port})"
+                )
+            if not 0 <= self.icmp_type <= 0xFF:
+                raise DatapathError(
+                    f"traffic selector {self.net}: ICMP type {self.icmp_type} out of range"
+                )
 
 
 @dataclass(frozen=True)
@@ -291,11 +311,19 @@ class PolicySpec:
         if sp and dp and sp != dp:
             raise DatapathError(f"policy {self.describe()}: protocols {sp} and {dp} differ")
         if sp != dp:
-            object.__setattr__(self, "src", TrafficSelector(self.src.net, sp or dp, self.src.port))
-            object.__setattr__(self, "dst", TrafficSelector(self.dst.net, sp or dp, self.dst.port))
+            object.__setattr__(self, "src", replace(self.src, proto=sp or dp))
+            object.__setattr__(self, "dst", replace(self.dst, proto=sp or dp))
+        st, dt = self.src.icmp_type, self.dst.icmp_type
+        if st is not None and dt is not None:
+            raise DatapathError(
+                f"policy {self.describe()}: an ICMP type goes on one side (the kernel "
+                f"has one type field), got {st} and {dt}"
+            )
 
     def describe(self) -> str:
-        return f"{self.src.net}->{self.dst.net} {self.direction.value} {self.action.value}"
+        icmp = self.src.icmp_type if self.src.icmp_type is not None else self.dst.icmp_type
+        kind = "" if icmp is None else f" icmp type {icmp}"
+        return f"{self.src.net}->{self.dst.net}{kind} {self.direction.value} {self.action.value}"
 
 
 # --- observations -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from pyroute2.netlink.nlsocket import NetlinkSocket
 
 from oe_router.datapath import xfrm_msg as X
 from oe_router.datapath.base import (
+    ICMP_PROTOS,
     Acquire,
     ChildSaCounters,
     ChildSaSpec,
@@ -142,13 +143,21 @@ def _ts_from(raw: bytes, plen: int, proto: int, port: int, mask: int, fam: int) 
 
 
 def _selector(src: TrafficSelector, dst: TrafficSelector, prefix: str) -> dict[str, Any]:
+    """Both sides -> one xfrm_selector.
+
+    ICMP has no ports: the kernel matches an ICMP/ICMPv6 flow's type in ``sport`` and
+    its code in ``dport`` in every direction (``xfrm_flowi_sport``/``_dport`` in
+    include/net/xfrm.h), so the type goes to ``sport`` whichever side carries it.
+    """
+    icmp = src.icmp_type if src.icmp_type is not None else dst.icmp_type
+    sport = src.port if icmp is None else icmp
     return {
         f"{prefix}daddr": _addr_bytes(dst.net.network_address),
         f"{prefix}saddr": _addr_bytes(src.net.network_address),
         f"{prefix}dport": dst.port or 0,
         f"{prefix}dport_mask": 0xFFFF if dst.port is not None else 0,
-        f"{prefix}sport": src.port or 0,
-        f"{prefix}sport_mask": 0xFFFF if src.port is not None else 0,
+        f"{prefix}sport": sport or 0,
+        f"{prefix}sport_mask": 0xFFFF if sport is not None else 0,
         f"{prefix}family": _family(src.net),
         f"{prefix}prefixlen_d": dst.net.prefixlen,
         f"{prefix}prefixlen_s": src.net.prefixlen,
@@ -156,25 +165,32 @@ def _selector(src: TrafficSelector, dst: TrafficSelector, prefix: str) -> dict[s
     }
 
 
-def _selector_from(msg: Any, prefix: str) -> tuple[TrafficSelector, TrafficSelector]:
+def _selector_from(
+    msg: Any, prefix: str, direction: Direction = Direction.OUT
+) -> tuple[TrafficSelector, TrafficSelector]:
+    """One xfrm_selector -> both sides; the inverse of ``_selector``.
+
+    For ICMP/ICMPv6 ``sport`` is the type and ``dport`` the code (not modelled: no
+    policy of ours names one). The type goes back on the remote side, as policy
+    specs carry it: the destination of an OUT selector, the source of IN and FWD.
+    """
     fam = msg[f"{prefix}family"]
     proto = msg[f"{prefix}proto"]
-    src = _ts_from(
-        msg[f"{prefix}saddr"],
-        msg[f"{prefix}prefixlen_s"],
-        proto,
-        msg[f"{prefix}sport"],
-        msg[f"{prefix}sport_mask"],
-        fam,
-    )
-    dst = _ts_from(
-        msg[f"{prefix}daddr"],
-        msg[f"{prefix}prefixlen_d"],
-        proto,
-        msg[f"{prefix}dport"],
-        msg[f"{prefix}dport_mask"],
-        fam,
-    )
+    saddr, plen_s = msg[f"{prefix}saddr"], msg[f"{prefix}prefixlen_s"]
+    daddr, plen_d = msg[f"{prefix}daddr"], msg[f"{prefix}prefixlen_d"]
+    sport, sport_mask = msg[f"{prefix}sport"], msg[f"{prefix}sport_mask"]
+    dport, dport_mask = msg[f"{prefix}dport"], msg[f"{prefix}dport_mask"]
+    if proto in ICMP_PROTOS:
+        src = _ts_from(saddr, plen_s, proto, 0, 0, fam)
+        dst = _ts_from(daddr, plen_d, proto, 0, 0, fam)
+        if sport_mask:
+            if direction is Direction.OUT:
+                dst = replace(dst, icmp_type=sport & 0xFF)
+            else:
+                src = replace(src, icmp_type=sport & 0xFF)
+        return src, dst
+    src = _ts_from(saddr, plen_s, proto, sport, sport_mask, fam)
+    dst = _ts_from(daddr, plen_d, proto, dport, dport_mask, fam)
     return src, dst
 
 
@@ -622,8 +638,8 @@ class XfrmDatapath:
         return out
 
     def _policy_from(self, m: Any) -> PolicySpec:
-        src, dst = _selector_from(m, "sel_")
         direction = {v: k for k, v in _DIRS.items()}.get(m["dir"], Direction.OUT)
+        src, dst = _selector_from(m, "sel_", direction)
         tmpls = tuple(_template_from(t) for t in (m.get_attr("XFRMA_TMPL") or []))
         if m["action"] == X.XFRM_POLICY_BLOCK:
             action = PolicyAction.DROP
@@ -860,8 +876,8 @@ def parse_event(msg: Any) -> DatapathEvent | None:
             bool(msg["hard"]),
         )
     if mtype == X.XFRM_MSG_POLEXPIRE:
-        src, dst = _selector_from(msg, "pol_sel_")
         direction = {v: k for k, v in _DIRS.items()}.get(msg["pol_dir"], Direction.OUT)
+        src, dst = _selector_from(msg, "pol_sel_", direction)
         return PolicyExpire(src, dst, direction, msg["pol_priority"], bool(msg["hard"]))
     if mtype == X.XFRM_MSG_MAPPING:
         fam = msg["id_family"]

@@ -6,7 +6,7 @@ manager ever hears of it) must agree, or a destination could be encrypted by one
 sent in the clear by the other. Both derive from one ordering, ``Rule.rank``:
 
 * the most specific entry wins: longest prefix, then an entry with a protocol beats
-  one without, then one with a port beats one with a protocol only;
+  one without, then one with a port (or an ICMP type) beats one with a protocol only;
 * kernel policy priority = our band's base + rank (see ``datapath.kernel.Ownership``),
   so the kernel's lowest-priority-value-wins picks the same entry the lookup picks.
 
@@ -35,7 +35,10 @@ Exclusions (rank band 0, beat every group entry, SA and shunt):
   records while a negotiation waits, or a trap on the resolver would deadlock it;
 * link-local and multicast (``169.254.0.0/16``, ``224.0.0.0/4``,
   ``255.255.255.255/32``, ``fe80::/10``, ``ff00::/8``): neighbour discovery,
-  DHCP and router advertisements on the WAN link keep working whatever the groups.
+  DHCP and router advertisements on the WAN link keep working whatever the groups;
+* ICMPv6 neighbour discovery to and from any address (types 133-137, see
+  ``ND_TYPES``); every other ICMPv6 message (echo included) follows its
+  destination's group like any other protocol.
 
 Trap and runtime selectors (SAs, shunts) have source = the router's WAN address, so
 only the router's own packets and LAN packets *after* source NAT to that address
@@ -66,6 +69,7 @@ __all__ = [
     "EXCLUSION_BAND",
     "GROUP_BAND",
     "LINK_EXCLUSIONS",
+    "ND_TYPES",
     "Exclusion",
     "Group",
     "PolicyTable",
@@ -110,15 +114,19 @@ class Group(enum.Enum):
         return None
 
 
-def specificity(net: IPNetwork, proto: int | None, port: int | None) -> int:
-    """Higher is more specific: prefix length first, then protocol, then port."""
-    level = 0 if not proto else (2 if port is not None else 1)
+def specificity(
+    net: IPNetwork, proto: int | None, port: int | None, icmp_type: int | None = None
+) -> int:
+    """Higher is more specific: prefix length first, then protocol, then port (or ICMP type)."""
+    level = 0 if not proto else (2 if port is not None or icmp_type is not None else 1)
     return 3 * net.prefixlen + level
 
 
-def selector_rank(net: IPNetwork, proto: int | None, port: int | None) -> int:
+def selector_rank(
+    net: IPNetwork, proto: int | None, port: int | None, icmp_type: int | None = None
+) -> int:
     """Rank (lower wins) of a group entry, SA or shunt with this destination selector."""
-    return GROUP_BAND + _SPEC_SPAN - specificity(net, proto, port)
+    return GROUP_BAND + _SPEC_SPAN - specificity(net, proto, port, icmp_type)
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,32 @@ def _ex(cidr: str, reason: str) -> Exclusion:
     return Exclusion(PolicyEntry(ipaddress.ip_network(cidr)), reason)
 
 
+#: ICMPv6 neighbour discovery (RFC 4861): RS, RA, NS, NA, Redirect. NS/NA also go to
+#: and come from global unicast addresses (NUD probes, a neighbour resolving our WAN
+#: address), so the link dies if a trap, an SA or a drop policy catches them.
+ND_TYPES: Mapping[int, str] = {
+    133: "router solicitation",
+    134: "router advertisement",
+    135: "neighbour solicitation",
+    136: "neighbour advertisement",
+    137: "redirect",
+}
+# Not excluded, on purpose:
+# * MLD (130-132, 143) always goes to multicast from link-local or unspecified
+#   sources: ff00::/8 and fe80::/10 above already keep it out of OE.
+# * Errors (1 Destination Unreachable, 2 Packet Too Big, 3 Time Exceeded, 4 Parameter
+#   Problem): those from on-path routers pass already (no group traps inbound; an SA's
+#   inbound policy names only its peer, which sends its own errors inside ESP), and
+#   the ones we send quote the offending packet, so about a protected flow they must
+#   follow the peer's SA, not leak its inner headers in the clear.
+# * Echo (128/129) and the rest: ordinary traffic, the destination's group decides.
+
+
+def _icmp6(icmp_type: int, name: str) -> Exclusion:
+    entry = PolicyEntry(ipaddress.ip_network("::/0"), 58, icmp_type=icmp_type)
+    return Exclusion(entry, f"ICMPv6 neighbour discovery ({name})")
+
+
 #: The WAN link's own plumbing: always excluded.
 LINK_EXCLUSIONS: tuple[Exclusion, ...] = (
     _ex("169.254.0.0/16", "IPv4 link-local"),
@@ -140,10 +174,7 @@ LINK_EXCLUSIONS: tuple[Exclusion, ...] = (
     _ex("255.255.255.255/32", "IPv4 broadcast (DHCP)"),
     _ex("fe80::/10", "IPv6 link-local (neighbour discovery, DHCPv6)"),
     _ex("ff00::/8", "IPv6 multicast"),
-    # Neighbour discovery also goes to global unicast addresses (NUD probes, a host
-    # resolving our WAN address): trapping it cuts the link. XFRM selectors cannot
-    # name ICMPv6 types here, so all of ICMPv6 stays out of OE (as ND must).
-    Exclusion(PolicyEntry(ipaddress.ip_network("::/0"), 58), "ICMPv6 (neighbour discovery)"),
+    *(_icmp6(t, name) for t, name in ND_TYPES.items()),
 )
 
 
@@ -156,11 +187,16 @@ class Rule:
     rank: int
     exclusion: str | None = None  # the reason, for exclusions
 
-    def matches(self, addr: IPAddress, proto: int, port: int | None) -> bool:
+    def matches(
+        self, addr: IPAddress, proto: int, port: int | None, icmp_type: int | None = None
+    ) -> bool:
+        """Does a flow to ``addr`` fall under this rule? A type-narrowed rule needs the type."""
         e = self.entry
         if addr.version != e.network.version or addr not in e.network:
             return False
         if e.proto and e.proto != proto:
+            return False
+        if e.icmp_type is not None and e.icmp_type != icmp_type:
             return False
         return e.port is None or e.port == port
 
@@ -170,11 +206,12 @@ def flow_selector(peer: IPAddress, rule: Rule | None) -> TrafficSelector:
     host = ipaddress.ip_network(peer)
     if rule is None:
         return TrafficSelector(host)
-    return TrafficSelector(host, rule.entry.proto or 0, rule.entry.port)
+    e = rule.entry
+    return TrafficSelector(host, e.proto or 0, e.port, e.icmp_type)
 
 
 def _dst_ts(entry: PolicyEntry) -> TrafficSelector:
-    return TrafficSelector(entry.network, entry.proto or 0, entry.port)
+    return TrafficSelector(entry.network, entry.proto or 0, entry.port, entry.icmp_type)
 
 
 def _any(version: int) -> IPNetwork:
@@ -216,7 +253,8 @@ class PolicyTable:
         for name, entries in config.groups().items():
             group = Group(name)
             for e in entries:
-                rules.append(Rule(e, group, selector_rank(e.network, e.proto, e.port)))
+                rank = selector_rank(e.network, e.proto, e.port, e.icmp_type)
+                rules.append(Rule(e, group, rank))
         exclusions = list(link_exclusions)
         exclusions += [Exclusion(PolicyEntry(net), "LAN") for net in lan]
         for addr in dns_upstream:
@@ -225,20 +263,37 @@ class PolicyTable:
                 exclusions.append(Exclusion(PolicyEntry(host, proto, 53), "upstream DNS"))
         for ex in exclusions:
             e = ex.entry
-            rank = EXCLUSION_BAND + _SPEC_SPAN - specificity(e.network, e.proto, e.port)
+            spec = specificity(e.network, e.proto, e.port, e.icmp_type)
+            rank = EXCLUSION_BAND + _SPEC_SPAN - spec
             rules.append(Rule(e, Group.CLEAR, rank, ex.reason))
         return cls(rules)
 
-    def lookup(self, addr: IPAddress, proto: int = 0, port: int | None = None) -> Rule | None:
-        """The winning rule for a destination, or None (no entry: clear, no policy)."""
+    def lookup(
+        self,
+        addr: IPAddress,
+        proto: int = 0,
+        port: int | None = None,
+        icmp_type: int | None = None,
+    ) -> Rule | None:
+        """The winning rule for a destination, or None (no entry: clear, no policy).
+
+        A flow whose ICMP type is not given matches no type-narrowed rule: those are
+        exclusions for neighbour discovery, which never reaches a trap.
+        """
         for rule in self.rules:
-            if rule.matches(addr, proto, port):
+            if rule.matches(addr, proto, port, icmp_type):
                 return rule
         return None
 
-    def group_of(self, addr: IPAddress, proto: int = 0, port: int | None = None) -> Group:
+    def group_of(
+        self,
+        addr: IPAddress,
+        proto: int = 0,
+        port: int | None = None,
+        icmp_type: int | None = None,
+    ) -> Group:
         """The group a destination falls in; no entry at all means clear."""
-        rule = self.lookup(addr, proto, port)
+        rule = self.lookup(addr, proto, port, icmp_type)
         return Group.CLEAR if rule is None else rule.group
 
     def kernel_policies(
