@@ -28,7 +28,7 @@ from oe_router.oe.policy import (
 
 WAN4 = ipaddress.IPv4Address("198.51.100.1")
 WAN6 = ipaddress.IPv6Address("2001:db8:ffff::1")
-WAN = {4: WAN4, 6: WAN6}
+WAN: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {4: WAN4, 6: WAN6}
 TRAP_REQID = Ownership().reqid_max
 
 
