@@ -262,6 +262,19 @@ def test_translation_goes_with_the_last_child_sa(mgr: OeManager) -> None:
     assert mgr.cat_map() == ()
 
 
+def test_a_private_cat_peer_gets_no_pass_for_the_routers_own_flows() -> None:
+    """The own-flow PASS would survive a crash of the daemon while the CAT table may not:
+    for a "private" peer the router's own flows stay trapped, LAN flows are still CATed."""
+    cfg = PolicyConfig(private=(parse_policy_entry("192.0.2.0/24"),))  # type: ignore[arg-type]
+    mgr = OeManager(PolicyTable.from_config(cfg, link_exclusions=()), {4: WAN}, trap_reqid=1)
+    acts = _up(mgr, CAT_PEER, INNER)
+    assert only(acts, UpdateCat) == [UpdateCat(((CAT_PEER, INNER),))]
+    assert not [a for a in only(acts, InstallPolicy) if a.policy.action is PolicyAction.PASS]
+    gone = mgr.peer_deleted(CAT_PEER, None, 5.0)
+    assert only(gone, UpdateCat) == [UpdateCat(())]
+    assert not [a for a in only(gone, RemovePolicy) if a.policy.action is PolicyAction.PASS]
+
+
 # --------------------------------------------------------------------------- nft
 
 

@@ -328,6 +328,7 @@ class OeManager:
         self._waiters: dict[int, _Waiter] = {}
         self._keys: dict[IPAddress, PeerAuth] = {}
         self._inner: dict[IPAddress, IPAddress] = {}  # CAT: peer -> inner address it gave us
+        self._cat_pass: set[IPAddress] = set()  # CAT peers with the own-flow PASS installed
         self._drop_failures: dict[IPAddress, int] = {}  # drop shunts in a row, per peer
         self._next = 1
 
@@ -667,9 +668,16 @@ class OeManager:
             # before the waiters hear of the tunnel: their first packets need the SNAT
             log.info("peer %s gave us inner address %s: LAN flows to it use it", t.peer, t.inner)
             self._inner[t.peer] = t.inner
-            own = self._cat_own_flows(t.peer)
-            self._shunts.pop(_pkey(own), None)  # a pass shunt of the same key is replaced
-            actions += [UpdateCat(self.cat_map()), InstallPolicy(own)]
+            actions.append(UpdateCat(self.cat_map()))
+            if self.table.group_of(t.peer, 0, None) is Group.PRIVATE:
+                # The PASS would outlive a crash of ours while the CAT table may not:
+                # a "private" peer's own-flow traffic stays trapped (never in the clear).
+                log.info("peer %s is private: the router's own flows to it are not CATed", t.peer)
+            else:
+                own = self._cat_own_flows(t.peer)
+                self._shunts.pop(_pkey(own), None)  # a pass shunt of the same key is replaced
+                self._cat_pass.add(t.peer)
+                actions.append(InstallPolicy(own))
         actions += self._resolve(want, t.peer, True)
         return actions + self._start_next(p, now)
 
@@ -738,9 +746,11 @@ class OeManager:
         actions += self._restore(self._child_keys(c.spec))
         if not p.children and self._inner.pop(c.peer, None) is not None:
             log.info("peer %s: last Child SA gone, its inner address with it", c.peer)
-            own = self._cat_own_flows(c.peer)
-            actions += [UpdateCat(self.cat_map()), RemovePolicy(own)]
-            actions += self._restore([_pkey(own)])
+            actions.append(UpdateCat(self.cat_map()))
+            if c.peer in self._cat_pass:
+                self._cat_pass.discard(c.peer)
+                own = self._cat_own_flows(c.peer)
+                actions += [RemovePolicy(own), *self._restore([_pkey(own)])]
         self._gc(c.peer)
         return actions
 
