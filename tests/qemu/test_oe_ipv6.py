@@ -154,14 +154,12 @@ def test_lan_ipv6_flow_to_an_oe_peer_leaves_as_esp(v6: Lab, figures: dict[str, A
     assert tunnels, "no tunnel to the IPv6 peer in oe status"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="oe/policy.py LINK_EXCLUSIONS passes all of ICMPv6 (proto 58, ::/0) around OE for "
-    "neighbour discovery, since TrafficSelector cannot name ICMPv6 types: an echo to the peer "
-    "is NATed (oe_peers6) but leaves in the clear, and libreswan drops it (no ESP)",
-)
 def test_lan_ipv6_ping_to_an_oe_peer_is_protected(v6: Lab, figures: dict[str, Any]) -> None:
-    """ping -6 through the tunnel the previous test built: should be answered, as ESP."""
+    """ping -6 through the tunnel the previous test built: answered, and as ESP only.
+
+    The policy table excludes ICMPv6 by type (neighbour discovery, 133-137), so echo
+    (128/129) follows the peer's Child SA like the HTTP flow did; it used to pass all of
+    ICMPv6 around OE and the echo left in the clear."""
     lab = v6
     if PEER6 not in peers6(lab):
         lab.client(f"curl -6 -s -m 20 -o /dev/null http://{NAME}/", timeout=40)
@@ -169,9 +167,15 @@ def test_lan_ipv6_ping_to_an_oe_peer_is_protected(v6: Lab, figures: dict[str, An
     with lab.capture_wan(bpf=f"host {PEER6}", label="ipv6-ping") as cap:
         ping = lab.client(f"ping -6 -n -c 5 -i 0.3 -W 1 {PEER6}", timeout=20)
     replies = len(re.findall(r"bytes from", ping.stdout))
-    figures["ipv6_ping"] = {"replies_of_5": replies, "cleartext_echo": cap.count(echo)}
+    esp = cap.count(f"esp and host {PEER6}")
+    figures["ipv6_ping"] = {
+        "replies_of_5": replies,
+        "cleartext_echo": cap.count(echo),
+        "esp_packets": esp,
+    }
     assert cap.count(echo) == 0, "cleartext ICMPv6 echo to the OE peer:\n" + cap.text(echo)
     assert replies == 5, ping.stdout
+    assert esp >= 10, cap.text()  # 5 requests and 5 replies, each one ESP packet
 
 
 def test_tunnel_down_takes_the_peer_out_of_oe_peers6(v6: Lab, figures: dict[str, Any]) -> None:
