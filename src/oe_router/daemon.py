@@ -402,12 +402,14 @@ class _IkeWithNegotiator:
         return self.ike.name
 
     async def start(self, config: OeConfig) -> None:
+        self.negotiator.cat = config.ike.cat
         try:
             await self.ike.start(config)
         except OSError as exc:
             raise ServiceError(f"IKE sockets on {', '.join(self.ike.addresses)}: {exc}") from None
 
     async def reload(self, config: OeConfig) -> None:
+        self.negotiator.cat = config.ike.cat  # for IKE SAs from now on
         await self.ike.reload(config)
 
     async def stop(self) -> None:

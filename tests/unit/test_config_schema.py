@@ -128,6 +128,7 @@ def test_everything_fixture_sets_every_field() -> None:
     assert cfg.ike.retransmit_timeout == 1.5 and cfg.ike.retransmit_tries == 20
     assert cfg.ike.dpd_delay == 0 and cfg.ike.half_open_limit == 1000
     assert cfg.ike.fragment_size == 0 and cfg.ike.esp_proposals == ("chacha20poly1305",)
+    assert cfg.ike.cat is False and OeConfig().ike.cat is True
     assert cfg.identity.local_id == "@router.example.org"
     assert cfg.identity.private_key == "/etc/oe/router.pem"
     p = cfg.policy

@@ -176,8 +176,8 @@ class IkeConfig:
     rekey_margin: float = 540.0
     #: Percent of ``rekey_margin`` added at random, so both ends do not rekey at once.
     rekey_jitter: int = 100
-    #: A Child SA that carried no traffic for this long is not rekeyed at its soft
-    #: expiry but deleted; the next packet to the peer negotiates again.
+    #: A Child SA that carried no traffic for this long is deleted (never rekeyed);
+    #: the next packet to the peer negotiates again.
     idle_timeout: float = 300.0
     #: Sends of a request: 0.4 + 0.8 + 1.6 = 2.8 s to give up on a silent peer, before a
     #: trapped TCP flow's third SYN (t = 3 s), so it meets the pass shunt (docs/oe-gateway.md).
@@ -188,6 +188,8 @@ class IkeConfig:
     half_open_limit: int = 64
     #: 0 turns IKE fragmentation (RFC 7383) off.
     fragment_size: int = 1280
+    #: Ask OE peers for an inner address (CP) and translate LAN flows to it (CAT).
+    cat: bool = True
     esp_proposals: tuple[str, ...] = (
         "aes256gcm16",
         "chacha20poly1305",

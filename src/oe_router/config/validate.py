@@ -114,6 +114,7 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "dpd_delay": Opt("dpd_delay", _dur(0.0, HOUR)),
         "half_open_limit": Opt("half_open_limit", _int(1, 65535)),
         "fragment_size": Opt("fragment_size", _fragment_size),
+        "cat": Opt("cat", parse_bool),
         "esp_proposal": Opt("esp_proposals", _choice(*ESP_PROPOSALS), is_list=True),
     },
     "identity": {
