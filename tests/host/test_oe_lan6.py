@@ -5,8 +5,10 @@ R (the router: LAN fd00:1::1, WAN 2001:db8:1::2) and W (the world: 2001:db8:9::7
 private-or-clear, 2001:db8:5::7 in "private"). The OE service writes the LAN gateway
 table itself (``nft=``, as the daemon does). What it must show:
 
-- a LAN flow to a private-or-clear IPv6 destination with no tunnel leaves with the
-  device's own address (no NAT66 for ordinary traffic, no ACQUIRE);
+- a LAN flow to a private-or-clear IPv6 destination with no tunnel is trapped before NAT
+  by the LAN-sourced trap (oe-gateway.md 1.4), negotiated from the WAN address and, the
+  negotiation failing, passed by the pass shunts for both sources: the next packet
+  leaves with the device's own address (no NAT66 for ordinary traffic);
 - a LAN flow into the "private" group is NATed to the WAN address (set oe_private6),
   meets the private trap, is negotiated and, the negotiation failing, dropped: no
   cleartext packet reaches the world.
@@ -168,27 +170,39 @@ def test_lan_ipv6_private_flow_is_natted_trapped_and_dropped(
         )
         await svc.start(_config())
         try:
-            # private-or-clear, no tunnel: not NATed, so not trapped; the world sees the
-            # device's own address
-            tx.sendto(b"clear", (POC6, PORT))
-            deadline = time.monotonic() + 3
+            # private-or-clear, no tunnel: the LAN trap catches the packet before NAT
+            # (dropped while the ACQUIRE is pending), the negotiation WAN6 <-> peer fails,
+            # pass shunts for WAN6 and the LAN prefix follow, and the next packet reaches
+            # the world un-NATed, with the device's own address
+            tx.sendto(b"trapped", (POC6, PORT))
+            deadline = time.monotonic() + 5
+            while len(svc.status().shunts) < 2:
+                assert time.monotonic() < deadline, "no ACQUIRE for the LAN IPv6 flow"
+                await asyncio.sleep(0.02)
+            (req,) = neg.requests
+            assert (str(req.peer), req.local) == (POC6, WAN6)
+            shunts = svc.status().shunts
+            assert [(s.kind, s.destination) for s in shunts] == [("pass", f"{POC6}/128")] * 2
+            deadline = time.monotonic() + 3  # a fresh veth may need a second solicitation
             got: list[tuple[bytes, str]] = []
             while not got:
-                assert time.monotonic() < deadline, "the unNATed IPv6 flow did not arrive"
+                assert time.monotonic() < deadline, "the passed IPv6 LAN flow did not arrive"
+                tx.sendto(b"clear", (POC6, PORT))
+                await asyncio.sleep(0.1)
                 got += _recv(rx_poc)
-                await asyncio.sleep(0.02)
-            assert got == [(b"clear", LAN_DEV)]
-            assert neg.requests == []
+            assert set(got) == {(b"clear", LAN_DEV)}  # never the trapped one, never NATed
+            assert len(neg.requests) == 1  # the LAN shunt stops further ACQUIREs
 
             # private: NATed into the trap, negotiated, failed -> drop shunt
             tx.sendto(b"p1", (PRIV6, PORT))
             deadline = time.monotonic() + 5
-            while not svc.status().shunts:
+            while len(svc.status().shunts) < 3:
                 assert time.monotonic() < deadline, "no ACQUIRE for the private IPv6 LAN flow"
                 await asyncio.sleep(0.02)
-            (req,) = neg.requests
-            assert (str(req.peer), req.local) == (PRIV6, WAN6)
-            assert [s.kind for s in svc.status().shunts] == ["drop"]
+            req = neg.requests[-1]
+            assert (len(neg.requests), str(req.peer), req.local) == (2, PRIV6, WAN6)
+            private = [s.kind for s in svc.status().shunts if s.destination == f"{PRIV6}/128"]
+            assert private == ["drop"]  # one, from WAN6: the LAN flow was NATed into it
             for _ in range(5):
                 tx.sendto(b"p2", (PRIV6, PORT))
             await asyncio.sleep(0.3)

@@ -191,3 +191,88 @@ def test_tunnel_down_takes_the_peer_out_of_oe_peers6(v6: Lab, figures: dict[str,
         assert time.monotonic() < deadline, (peers6(lab), sa_spis(lab, PEER6))
         time.sleep(0.3)
     figures["ipv6_down"] = {"oe_peers6_after_down": sorted(peers6(lab))}
+
+
+PLAIN6 = "2001:db8:1::20"  # the world's plain host: HTTP over IPv6, no IKE at all
+
+
+def test_lan_ipv6_flow_by_address_is_packet_triggered(v6: Lab, figures: dict[str, Any]) -> None:
+    """ping -6 and curl -6 from the LAN client to the peer's IPv6 address itself, no DNS
+    (so the DNS trigger plays no part), with no tunnel up: the LAN-sourced trap catches the
+    first echo at its routing-time lookup, the kernel's ACQUIRE names the LAN host as
+    source, the router negotiates WAN6 <-> peer, puts the peer into oe_peers6 and installs
+    the LAN PASS; from the first reply on the flow is ESP on the WAN, with no echo lost
+    after it and no cleartext echo or TCP at all (the trapped echoes were dropped)."""
+    lab = v6
+    if PEER6 in peers6(lab) or sa_spis(lab, PEER6):  # standalone: start from no tunnel
+        oelab.oe(lab, f"down {PEER6}").check()
+        time.sleep(2)
+    assert peers6(lab) == set() and not sa_spis(lab, PEER6)
+    echo = f"host {PEER6} and icmp6 and ip6[40] == 128"
+    with lab.capture_wan(bpf=f"host {PEER6}", label="ipv6-by-address") as cap:
+        t0 = time.monotonic()
+        ping = lab.client(f"ping -6 -n -c 12 -i 0.5 -W 2 {PEER6}", timeout=40)
+        took = time.monotonic() - t0
+        curl = lab.client(
+            f"curl -6 -s -m 20 -o /dev/null -w '%{{http_code}}' http://[{PEER6}]/", timeout=40
+        )
+    seqs = [int(s) for s in re.findall(r"icmp_seq=(\d+)", ping.stdout)]
+    esp = cap.count(f"esp and host {PEER6}")
+    clear_echo, clear_tcp = cap.count(echo), cap.count(f"host {PEER6} and tcp")
+    spis = sa_spis(lab, PEER6)
+    acquire_log = [
+        ln for ln in oelab.daemon_log(lab).splitlines() if f"negotiating with {PEER6}" in ln
+    ]
+    figures["ipv6_lan_by_address"] = {
+        "ping_replies_of_12": len(seqs),
+        "first_reply_seq": seqs[0] if seqs else None,
+        "ping_s": round(took, 2),
+        "curl": curl.stdout,
+        "esp_packets": esp,
+        "cleartext_echo": clear_echo,
+        "cleartext_tcp": clear_tcp,
+        "oe_peers6": sorted(peers6(lab)),
+    }
+    assert seqs, "no echo answered:\n" + ping.stdout + "\n" + oelab.daemon_log(lab)[-3000:]
+    assert seqs == list(range(seqs[0], 13)), f"echo lost after the first reply: {seqs}"
+    assert clear_echo == 0, "cleartext ICMPv6 echo to the OE peer:\n" + cap.text(echo)
+    assert curl.rc == 0 and curl.stdout == "200", (curl.rc, curl.stdout, curl.stderr)
+    assert clear_tcp == 0, "cleartext TCP to the OE peer:\n" + cap.text(f"host {PEER6} and tcp")
+    assert esp >= 2 * len(seqs) + 8, cap.text()
+    assert peers6(lab) == {PEER6} and len(spis) == 2, (peers6(lab), spis)
+    assert acquire_log, "the daemon logged no negotiation with the peer"
+    assert WAN6 in pluto_traffic(lab)
+
+
+def test_lan_ipv6_flow_to_a_plain_host_falls_back_to_clear(
+    v6: Lab, figures: dict[str, Any]
+) -> None:
+    """curl -6 from the LAN client to a plain IPv6 host without IKE, by address: the LAN
+    trap's ACQUIRE starts a negotiation, the host answers IKE with ICMP port unreachable
+    (fail fast), and pass shunts for the WAN6 and LAN sources let the SYN's retransmission
+    through in the clear, un-NATed (the client's own address): it succeeds within seconds."""
+    lab = v6
+    with lab.capture_wan(bpf=f"host {PLAIN6}", label="ipv6-plain") as cap:
+        t0 = time.monotonic()
+        curl = lab.client(
+            f"curl -6 -s -m 20 -o /dev/null -w '%{{http_code}}' http://[{PLAIN6}]/", timeout=40
+        )
+        took = time.monotonic() - t0
+    shunts = [s for s in oelab.status(lab)["shunts"] if s["destination"] == f"{PLAIN6}/128"]
+    policies = lab.router(f"ip -6 xfrm policy list dst {PLAIN6}/128 dir out").check().stdout
+    srcs = set(re.findall(r"^src (\S+) dst", policies, re.M))
+    figures["ipv6_lan_plain"] = {
+        "curl": curl.stdout,
+        "curl_s": round(took, 2),
+        "esp_packets": cap.count("esp"),
+        "clear_tcp_from_client": cap.count(f"tcp and src host {CLIENT6}"),
+        "shunts": shunts,
+        "shunt_sources": sorted(srcs),
+    }
+    assert curl.rc == 0 and curl.stdout == "200", (curl.rc, curl.stdout, curl.stderr)
+    assert took < 8, f"curl took {took:.1f} s"
+    assert cap.count("esp") == 0
+    assert cap.count(f"tcp and src host {CLIENT6}") > 0, cap.text()  # un-NATed, in the clear
+    assert len(shunts) == 2 and all(s["kind"] == "pass" for s in shunts), shunts
+    assert f"{WAN6}/128" in srcs and any(s.startswith("fd00:1::") for s in srcs), policies
+    assert PLAIN6 not in peers6(lab)

@@ -138,6 +138,9 @@ class Negotiator(Protocol):
 @dataclass(frozen=True)
 class InstallPolicy:
     policy: PolicySpec
+    #: A LAN PASS towards a peer with a tunnel: the LAN gateway's NAT set must hold the
+    #: peer first, or a LAN packet could pass un-NATed (in the clear) in between.
+    nat_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -314,13 +317,21 @@ class OeManager:
         trap_reqid: int,
         shunt_lifetime: float = 900.0,
         idle_timeout: float = 300.0,
+        lan6: Iterable[ipaddress.IPv6Network] = (),
     ) -> None:
+        """``lan6``: the LAN IPv6 prefixes the LAN gateway NATs into tunnels (empty when
+        there is no gateway, or no WAN IPv6 address): their flows get LAN-sourced traps
+        (``PolicyTable.kernel_policies``), pass shunts and, while a peer has a Child SA,
+        a PASS towards it (``_lan_pass``)."""
         self.table = table
         self.wan = dict(wan)
         self.trap_reqid = trap_reqid
         self.shunt_lifetime = shunt_lifetime
         self.idle_timeout = idle_timeout
-        self._group_policies = table.kernel_policies(self.wan, trap_reqid=trap_reqid)
+        self.lan6 = tuple(lan6) if 6 in self.wan else ()
+        self._group_policies = table.kernel_policies(
+            self.wan, trap_reqid=trap_reqid, lan6=self.lan6
+        )
         self._by_key: dict[PolicyKey, PolicySpec] = {_pkey(p): p for p in self._group_policies}
         self._peers: dict[IPAddress, _Peer] = {}
         self._shunts: dict[PolicyKey, _Shunt] = {}
@@ -329,6 +340,7 @@ class OeManager:
         self._keys: dict[IPAddress, PeerAuth] = {}
         self._inner: dict[IPAddress, IPAddress] = {}  # CAT: peer -> inner address it gave us
         self._cat_pass: set[IPAddress] = set()  # CAT peers with the own-flow PASS installed
+        self._lan_pass: set[IPAddress] = set()  # IPv6 peers with the LAN PASS installed
         self._drop_failures: dict[IPAddress, int] = {}  # drop shunts in a row, per peer
         self._next = 1
 
@@ -448,6 +460,47 @@ class OeManager:
         return PolicySpec(
             TrafficSelector(ours), TrafficSelector(theirs), Direction.OUT, PolicyAction.PASS, rank
         )
+
+    def _lan_passes(self, peer: IPAddress) -> list[PolicySpec]:
+        """While ``peer`` has a Child SA: a PASS for ``LAN6 prefix -> peer`` (out), each.
+
+        A LAN device's IPv6 packet is looked up (direction out) with its own source at
+        routing time, before the NAT to the WAN address; there the LAN-sourced trap
+        would catch it again (ACQUIRE, packet dropped) although the tunnel is up. Passed,
+        it reaches POSTROUTING, is NATed (``oe_peers6``, or CAT's map) and the post-NAT
+        lookup puts it into the Child SA, as with IPv4. A protocol the Child SA does not
+        carry meets the WAN-sourced trap after NAT and is negotiated from there.
+        """
+        if peer.version != 6:
+            return []
+        theirs = TrafficSelector(_host(peer))
+        rank = selector_rank(theirs.net, 0, None)
+        return [
+            PolicySpec(TrafficSelector(net), theirs, Direction.OUT, PolicyAction.PASS, rank)
+            for net in self.lan6
+        ]
+
+    def _add_lan_pass(self, peer: IPAddress) -> list[Action]:
+        """A Child SA with ``peer`` is up: LAN flows to it pass to the NAT (once)."""
+        if peer in self._lan_pass:
+            return []
+        passes = self._lan_passes(peer)
+        if not passes:
+            return []
+        self._lan_pass.add(peer)
+        for pol in passes:
+            self._shunts.pop(_pkey(pol), None)  # a LAN pass shunt of that key is replaced
+        return [InstallPolicy(pol, nat_first=True) for pol in passes]
+
+    def _remove_lan_pass(self, peer: IPAddress) -> list[Action]:
+        """The peer's last Child SA went: its LAN flows meet the LAN trap again."""
+        if peer not in self._lan_pass:
+            return []
+        self._lan_pass.discard(peer)
+        actions: list[Action] = []
+        for pol in self._lan_passes(peer):
+            actions += [RemovePolicy(pol), *self._restore([_pkey(pol)])]
+        return actions
 
     def cat_map(self) -> tuple[tuple[IPAddress, IPAddress], ...]:
         """CAT: (peer, inner address) for every peer whose Child SAs use one."""
@@ -571,25 +624,36 @@ class OeManager:
             n = self._drop_failures.get(peer, 0)
             self._drop_failures[peer] = n + 1
             lifetime = min(lifetime, round(DROP_SHUNT_FIRST * 2**n))
+        rank = selector_rank(selector.net, selector.proto, selector.port)
         policy = PolicySpec(
             TrafficSelector(_host(local), selector.proto, None),
             selector,
             Direction.OUT,
             action,
-            selector_rank(selector.net, selector.proto, selector.port),
+            rank,
             lifetime=Lifetime(hard_seconds=lifetime),
             persistent=group is Group.PRIVATE,
         )
-        self._shunts[_pkey(policy)] = _Shunt(policy, peer, group, reason, now + lifetime)
+        policies = [policy]
+        if action is PolicyAction.PASS and peer.version == 6:
+            # The LAN-sourced trap caught LAN flows too: they pass as long as ours do.
+            # (A drop shunt needs no twin: LAN flows to "private" destinations are NATed
+            # and meet the WAN-sourced one.)
+            policies += [
+                replace(policy, src=TrafficSelector(net, selector.proto, None)) for net in self.lan6
+            ]
+        for pol in policies:
+            self._shunts[_pkey(pol)] = _Shunt(pol, peer, group, reason, now + lifetime)
         log.warning(
-            "%s %s: %s shunt for %ds (%s)",
+            "%s %s: %s shunt for %ds (%s)%s",
             group.value,
             _describe(selector),
             action.value,
             lifetime,
             reason,
+            " (LAN flows too)" if len(policies) > 1 else "",
         )
-        return [InstallPolicy(policy)]
+        return [InstallPolicy(pol) for pol in policies]
 
     def negotiated(self, ticket: int, result: NegotiationResult, now: float) -> list[Action]:
         """The negotiator answered a ``Negotiate`` or ``Rekey``."""
@@ -637,6 +701,7 @@ class OeManager:
             actions = self._supersede(p, inbound.selector)
             p.children[inbound.id] = inbound
             self._drop_failures.pop(t.peer, None)
+            actions += self._add_lan_pass(t.peer)
             return actions + self._drop_shunts(self._child_keys(spec))
         if t.child_id is not None:  # a rekey
             c = p.children.get(t.child_id)
@@ -678,6 +743,7 @@ class OeManager:
                 self._shunts.pop(_pkey(own), None)  # a pass shunt of the same key is replaced
                 self._cat_pass.add(t.peer)
                 actions.append(InstallPolicy(own))
+        actions += self._add_lan_pass(t.peer)  # before the waiters' first packets
         actions += self._resolve(want, t.peer, True)
         return actions + self._start_next(p, now)
 
@@ -751,6 +817,8 @@ class OeManager:
                 self._cat_pass.discard(c.peer)
                 own = self._cat_own_flows(c.peer)
                 actions += [RemovePolicy(own), *self._restore([_pkey(own)])]
+        if not p.children:
+            actions += self._remove_lan_pass(c.peer)
         self._gc(c.peer)
         return actions
 
@@ -891,9 +959,12 @@ class OeManager:
         """A reload changed the groups: swap the group policies (tunnels stay)."""
         old = self._by_key
         self.table = table
-        self._group_policies = table.kernel_policies(self.wan, trap_reqid=self.trap_reqid)
+        self._group_policies = table.kernel_policies(
+            self.wan, trap_reqid=self.trap_reqid, lan6=self.lan6
+        )
         self._by_key = {_pkey(p): p for p in self._group_policies}
         live = {k for s in self._shunts.values() for k in [_pkey(s.policy)]}
+        live |= {_pkey(pol) for peer in self._lan_pass for pol in self._lan_passes(peer)}
         live |= {k for c in self._all_children() for k in self._child_keys(c.spec)}
         actions: list[Action] = [
             RemovePolicy(p) for k, p in old.items() if k not in self._by_key and k not in live

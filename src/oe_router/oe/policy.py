@@ -297,21 +297,42 @@ class PolicyTable:
         return Group.CLEAR if rule is None else rule.group
 
     def kernel_policies(
-        self, wan: Mapping[int, IPAddress], *, trap_reqid: int
+        self,
+        wan: Mapping[int, IPAddress],
+        *,
+        trap_reqid: int,
+        lan6: Iterable[ipaddress.IPv6Network] = (),
     ) -> tuple[PolicySpec, ...]:
         """Every policy to install: traps, pass and drop policies, in rank order.
 
         ``wan`` maps IP version -> the router's WAN address. A family without a WAN
         address cannot negotiate: its private entries become DROP (never clear) and
         its private-or-clear entries are left out (clear).
+
+        ``lan6``: the LAN's IPv6 prefixes whose flows the LAN gateway NATs to the WAN
+        address once a peer has a tunnel (``lan.py``). LAN IPv6 flows are not NATed
+        before that, so they would never meet the WAN-sourced traps: each IPv6
+        private-or-clear trap gets a twin with source = the LAN prefix (same
+        destination, rank and template: the SA is still WAN <-> peer), which the
+        kernel's routing-time lookup of a forwarded packet hits, so the packet raises
+        an ACQUIRE like the router's own. Each IPv6 private entry gets a LAN-sourced
+        PASS instead: those flows are NATed anyway (``oe_private6``) and meet the WAN
+        trap after NAT; without the PASS a broader LAN trap would catch them first.
+        IPv4 gets none: every LAN IPv4 flow is NATed before its lookup matters.
         """
+        lans = tuple(lan6)
         out: list[PolicySpec] = []
         for rule in self.rules:
-            out.extend(self._policies(rule, wan, trap_reqid))
+            out.extend(self._policies(rule, wan, trap_reqid, lans))
         return tuple(out)
 
     @staticmethod
-    def _policies(rule: Rule, wan: Mapping[int, IPAddress], trap_reqid: int) -> list[PolicySpec]:
+    def _policies(
+        rule: Rule,
+        wan: Mapping[int, IPAddress],
+        trap_reqid: int,
+        lan6: tuple[ipaddress.IPv6Network, ...] = (),
+    ) -> list[PolicySpec]:
         version = rule.entry.network.version
         dst = _dst_ts(rule.entry)
         persistent = rule.group is Group.PRIVATE
@@ -319,12 +340,21 @@ class PolicyTable:
         if rule.group.initiates and local is not None:
             tmpl = Template(local, _unspecified(version), trap_reqid, Mode.TRANSPORT)
             src = TrafficSelector(ipaddress.ip_network(local))
-            return [
+            out = [
                 PolicySpec(
                     src, dst, Direction.OUT, PolicyAction.TRAP, rule.rank, (tmpl,),
                     persistent=persistent,
                 )
             ]  # fmt: skip
+            if version == 6:
+                lan_action = PolicyAction.PASS if persistent else PolicyAction.TRAP
+                tmpls = () if persistent else (tmpl,)
+                for net in lan6:
+                    lan_src = TrafficSelector(net)
+                    out.append(
+                        PolicySpec(lan_src, dst, Direction.OUT, lan_action, rule.rank, tmpls)
+                    )
+            return out
         if rule.group is Group.PRIVATE_OR_CLEAR:
             return []  # no WAN address of this family: clear
         action = PolicyAction.PASS

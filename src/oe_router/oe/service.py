@@ -128,6 +128,8 @@ class OeService:
             trap_reqid=self._trap_reqid,
             shunt_lifetime=config.shunt_lifetime,
             idle_timeout=self._idle_timeout,
+            # LAN-sourced IPv6 traps only where the gateway NATs LAN flows into tunnels
+            lan6=self._lan6_gateway(),
         )
         # An earlier run's SAs go (their IKE SAs died with it), but every one of its
         # policies stays until this run's group table is in: a Child SA's policy may be
@@ -282,6 +284,15 @@ class OeService:
         )
         return Peers6(gw)
 
+    def _lan6_gateway(self) -> tuple[ipaddress.IPv6Network, ...]:
+        """The LAN IPv6 prefixes whose flows ``_lan_gateway``'s table can NAT to WAN6.
+
+        Without nft or a WAN IPv6 address a LAN-sourced trap would only drop packets
+        that no tunnel could ever carry, so there are none."""
+        if self._nft is None or not isinstance(self._wan.get(6), ipaddress.IPv6Address):
+            return ()
+        return tuple(n for n in self._lan if isinstance(n, ipaddress.IPv6Network))
+
     async def _run_nft(self, script: str) -> bool:
         if not script or self._nft is None:
             return True
@@ -401,6 +412,8 @@ class OeService:
     async def _one(self, dp: Datapath, action: Action) -> None:
         mgr = self.manager
         if isinstance(action, InstallPolicy):
+            if action.nat_first:
+                await self._sync_peers6()
             await dp.install_policy(action.policy)
         elif isinstance(action, RemovePolicy):
             await dp.remove_policy(action.policy)
