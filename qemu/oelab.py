@@ -4,6 +4,9 @@ front, the router's identity installed from the world bundle (never baked into t
 Used by demo.py and the tests in tests/qemu; each step fails with one message naming what is
 missing. ``source`` runs the daemon from a copy of src/ on the 9p share instead of the image's
 installed package (for quick development loops only; the tests use the image).
+
+``libreswan_ipv6_twin`` gives a libreswan host an IPv6 twin of its IPv4 OE conn for a
+test's duration (libreswan OE conns have one address family; the shipped lab has IPv4 ones).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab import Lab, LabError
+from lab import LAB_STATE, Lab, LabError
+from labkit import peers
 
 DNS_FRONT = "127.0.0.1#5335"  # the DNS front's default listen address in files/etc/config/oe
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +114,58 @@ def stop_daemon(lab: Lab) -> None:
     )
     _dnsmasq(lab, lab.plan.resolver, 150)
     lab.router("ip xfrm state flush; ip xfrm policy flush")
+
+
+TWIN_CONN = "clear-or-private-6"
+
+# Run in the host's netns with LAB_STATE set, like labkit's set-group.sh: stop pluto, write
+# ipsec.conf (the IPv4 conn only, or with the IPv6 twin), start pluto and wait for its groups.
+_TWIN_SWITCH = """set -eu
+. /lab/bundle/lib/common.sh
+LAB_HOST={netns}
+STATE="$LAB_STATE/{netns}"
+export STATE LAB_HOST
+lab_pluto_stop
+[ -f "$STATE/ipsec.conf.v4" ] || cp "$STATE/ipsec.conf" "$STATE/ipsec.conf.v4"
+if [ "$1" = on ]; then
+    cat "$STATE/ipsec.conf.v4" /lab/{netns}-v6.conf >"$STATE/ipsec.conf"
+    echo '::/0' >"$STATE/ipsec.d/policies/{conn}"
+    lab_pluto clear-or-private {conn}
+else
+    cp "$STATE/ipsec.conf.v4" "$STATE/ipsec.conf"
+    rm -f "$STATE/ipsec.d/policies/{conn}"
+    lab_pluto clear-or-private
+fi
+"""
+
+
+def libreswan_ipv6_twin(
+    lab: Lab, netns: str, address: str, on: bool, address_pool: str | None = None
+) -> None:
+    """Restart ``netns``'s pluto with (``on``) or without the IPv6 twin of its clear-or-private
+    conn: left=``address``, policy ::/0, optionally an IPv6 address pool (CAT)."""
+    if on:
+        text = peers.render_libreswan_conf(
+            address, {"clear-or-private": ["::/0"]}, address_pool=address_pool
+        )
+        body = text.split("\n\n", 2)[-1].strip()  # the conn, without the config setup
+        if not body.startswith("conn clear-or-private\n"):
+            raise LabError(f"labkit rendered an unexpected conn for {netns}:\n{body}")
+        conn = body.replace("conn clear-or-private\n", f"conn {TWIN_CONN}\n", 1) + "\n"
+        (lab.run_dir / f"{netns}-v6.conf").write_text(conn)
+        script = _TWIN_SWITCH.format(netns=netns, conn=TWIN_CONN)
+        (lab.run_dir / f"{netns}-v6.sh").write_text(script)
+    lab.world(
+        f"LAB_STATE={LAB_STATE} ip netns exec {netns} sh /lab/{netns}-v6.sh "
+        f"{'on' if on else 'off'}",
+        timeout=90,
+    ).check()
+
+
+def libreswan_set_group(lab: Lab, netns: str, variant: str) -> None:
+    """labkit's set-group.sh: restart ``netns``'s pluto with one OE group (or "matrix")."""
+    lab.world(
+        f"LAB_STATE={LAB_STATE} ip netns exec {netns} "
+        f"sh /lab/bundle/hosts/{netns}/set-group.sh {variant}",
+        timeout=90,
+    ).check()

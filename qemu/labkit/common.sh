@@ -69,6 +69,21 @@ for alg in ("seqiv(rfc4106(gcm(aes)))", "rfc4106(gcm(aes))"):
 EOF
 }
 
+# lab_pluto_stop: stop the pluto of $STATE (TERM, then KILL after 5 s) and flush the
+# netns's SAs and policies, so the next lab_pluto starts from a clean kernel.
+lab_pluto_stop() {
+    if [ -f "$STATE/pluto.pid" ]; then
+        _pid=$(cat "$STATE/pluto.pid")
+        kill "$_pid" 2>/dev/null || true
+        _i=50
+        while kill -0 "$_pid" 2>/dev/null && [ $_i -gt 0 ]; do sleep 0.1; _i=$((_i - 1)); done
+        kill -9 "$_pid" 2>/dev/null || true
+        rm -f "$STATE/pluto.pid" "$STATE/run/pluto.ctl" "$STATE/run/pluto.pid"
+    fi
+    ip xfrm state flush
+    ip xfrm policy flush
+}
+
 # lab_pluto: start libreswan's pluto on $STATE (ipsec.conf, ipsec.d, nss) and wait
 # until every OE group with a policy is loaded.  Extra args: groups to wait for.
 lab_pluto() {

@@ -410,16 +410,7 @@ G=$1
 LAB_HOST=@NETNS@
 STATE="${LAB_STATE:-/run/lab}/@NETNS@"
 export STATE LAB_HOST
-if [ -f "$STATE/pluto.pid" ]; then
-    pid=$(cat "$STATE/pluto.pid")
-    kill "$pid" 2>/dev/null || true
-    i=50
-    while kill -0 "$pid" 2>/dev/null && [ $i -gt 0 ]; do sleep 0.1; i=$((i - 1)); done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$STATE/pluto.pid" "$STATE/run/pluto.ctl" "$STATE/run/pluto.pid"
-fi
-ip xfrm state flush
-ip xfrm policy flush
+lab_pluto_stop
 rm -rf "$STATE/ipsec.d/policies"
 mkdir -p "$STATE/ipsec.d/policies"
 cp "$HERE/groups/$G/policies/"* "$STATE/ipsec.d/policies/"

@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 
 import oelab
-from lab import LAB_STATE, Lab
-from labkit import peers
+from lab import Lab
 
 pytestmark = pytest.mark.qemu
 
@@ -35,37 +34,6 @@ POOL = (ipaddress.IPv4Address("100.64.13.1"), ipaddress.IPv4Address("100.64.13.2
 _SHIPPED_CONFIG = oelab.router_config
 CAT6 = "2001:db8:1::13"
 POOL6 = "fd00:cafe::1-fd00:cafe::ff"
-CONN6 = "clear-or-private-6"
-
-# Run inside oe-cat's netns with LAB_STATE set (as labkit's set-group.sh): restart pluto with
-# its IPv4 conn only ("off") or with the IPv6 twin that has an IPv6 pool ("on"). libreswan OE
-# conns have one address family, so the shipped lab has only the IPv4 one.
-PLUTO_SWITCH = """set -eu
-. /lab/bundle/lib/common.sh
-LAB_HOST=oe-cat
-STATE="$LAB_STATE/oe-cat"
-export STATE LAB_HOST
-if [ -f "$STATE/pluto.pid" ]; then
-    pid=$(cat "$STATE/pluto.pid")
-    kill "$pid" 2>/dev/null || true
-    i=50
-    while kill -0 "$pid" 2>/dev/null && [ $i -gt 0 ]; do sleep 0.1; i=$((i - 1)); done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$STATE/pluto.pid" "$STATE/run/pluto.ctl" "$STATE/run/pluto.pid"
-fi
-ip xfrm state flush
-ip xfrm policy flush
-[ -f "$STATE/ipsec.conf.v4" ] || cp "$STATE/ipsec.conf" "$STATE/ipsec.conf.v4"
-if [ "$1" = on ]; then
-    cat "$STATE/ipsec.conf.v4" /lab/oe-cat-v6.conf >"$STATE/ipsec.conf"
-    echo '::/0' >"$STATE/ipsec.d/policies/@CONN@"
-    lab_pluto clear-or-private @CONN@
-else
-    cp "$STATE/ipsec.conf.v4" "$STATE/ipsec.conf"
-    rm -f "$STATE/ipsec.d/policies/@CONN@"
-    lab_pluto clear-or-private
-fi
-""".replace("@CONN@", CONN6)
 
 
 def host(lab: Lab, netns: str) -> Any:
@@ -278,20 +246,6 @@ def test_translation_goes_with_the_sa(cat_lab: Lab) -> None:
     assert f"dst {peer}/32" not in pol, pol
 
 
-def conn6() -> str:
-    """oe-cat's clear-or-private conn on its IPv6 address, with an IPv6 address pool."""
-    text = peers.render_libreswan_conf(CAT6, {"clear-or-private": ["::/0"]}, address_pool=POOL6)
-    body = text.split("\n\n", 2)[-1].strip()  # the conn, without the config setup
-    assert body.startswith("conn clear-or-private\n"), body
-    return body.replace("conn clear-or-private\n", f"conn {CONN6}\n", 1) + "\n"
-
-
-def switch_pluto(lab: Lab, state: str) -> None:
-    lab.world(
-        f"LAB_STATE={LAB_STATE} ip netns exec oe-cat sh /lab/oe-cat-v6.sh {state}", timeout=90
-    ).check()
-
-
 def test_ipv6_cat_for_the_router_and_the_lan(cat_lab: Lab, figures: dict[str, Any]) -> None:
     """IPv6: oe-cat's pluto gets an IPv6 twin conn with an IPv6 pool. The router's own HTTP
     fetch to 2001:db8:1::13 is trapped (packet trigger), the CP request asks for an
@@ -299,9 +253,7 @@ def test_ipv6_cat_for_the_router_and_the_lan(cat_lab: Lab, figures: dict[str, An
     curl -6 to the same address leaves as ESP from that inner address (LAN IPv6 flows are
     NATed into a tunnel only once it exists, as with oe_peers6)."""
     lab = cat_lab
-    (lab.run_dir / "oe-cat-v6.conf").write_text(conn6())
-    (lab.run_dir / "oe-cat-v6.sh").write_text(PLUTO_SWITCH)
-    switch_pluto(lab, "on")
+    oelab.libreswan_ipv6_twin(lab, "oe-cat", CAT6, on=True, address_pool=POOL6)
     try:
         fetch = (
             "import urllib.request as u; "
@@ -328,4 +280,4 @@ def test_ipv6_cat_for_the_router_and_the_lan(cat_lab: Lab, figures: dict[str, An
         figures["ipv6"] = {"inner": inner, "esp": wan.count(f"esp and host {CAT6}")}
     finally:
         oelab.oe(lab, f"down {CAT6}")
-        switch_pluto(lab, "off")
+        oelab.libreswan_ipv6_twin(lab, "oe-cat", CAT6, on=False)

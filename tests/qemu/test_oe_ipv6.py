@@ -26,8 +26,7 @@ from typing import Any
 import pytest
 
 import oelab
-from lab import LAB_STATE, Lab
-from labkit import peers
+from lab import Lab
 
 pytestmark = pytest.mark.qemu
 
@@ -38,50 +37,6 @@ CLIENT6 = "fd00:1::100"
 PEER = "oe-null"
 PEER6 = "2001:db8:1::10"
 NAME = "v6only.example.test"
-CONN6 = "clear-or-private-6"
-
-# Run inside the peer's netns with LAB_STATE set, like labkit's set-group.sh: stop pluto,
-# write ipsec.conf (IPv4 conn only, or IPv4 + IPv6), start it and wait for its groups.
-PLUTO_SWITCH = """set -eu
-. /lab/bundle/lib/common.sh
-LAB_HOST={netns}
-STATE="$LAB_STATE/{netns}"
-export STATE LAB_HOST
-if [ -f "$STATE/pluto.pid" ]; then
-    pid=$(cat "$STATE/pluto.pid")
-    kill "$pid" 2>/dev/null || true
-    i=50
-    while kill -0 "$pid" 2>/dev/null && [ $i -gt 0 ]; do sleep 0.1; i=$((i - 1)); done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$STATE/pluto.pid" "$STATE/run/pluto.ctl" "$STATE/run/pluto.pid"
-fi
-ip xfrm state flush
-ip xfrm policy flush
-[ -f "$STATE/ipsec.conf.v4" ] || cp "$STATE/ipsec.conf" "$STATE/ipsec.conf.v4"
-if [ "$1" = on ]; then
-    cat "$STATE/ipsec.conf.v4" /lab/{conn_file} >"$STATE/ipsec.conf"
-    echo '::/0' >"$STATE/ipsec.d/policies/{conn}"
-    lab_pluto clear-or-private {conn}
-else
-    cp "$STATE/ipsec.conf.v4" "$STATE/ipsec.conf"
-    rm -f "$STATE/ipsec.d/policies/{conn}"
-    lab_pluto clear-or-private
-fi
-"""
-
-
-def conn6() -> str:
-    """oe-null's clear-or-private conn with its IPv6 address, named ``clear-or-private-6``."""
-    text = peers.render_libreswan_conf(PEER6, {"clear-or-private": ["::/0"]})
-    body = text.split("\n\n", 2)[-1].strip()  # the conn, without the config setup
-    assert body.startswith("conn clear-or-private\n"), body
-    return body.replace("conn clear-or-private\n", f"conn {CONN6}\n", 1) + "\n"
-
-
-def switch_pluto(lab: Lab, state: str) -> None:
-    lab.world(
-        f"LAB_STATE={LAB_STATE} ip netns exec {PEER} sh /lab/pluto-v6.sh {state}", timeout=90
-    ).check()
 
 
 def pluto_traffic(lab: Lab) -> str:
@@ -103,11 +58,7 @@ def sa_spis(lab: Lab, peer: str) -> set[str]:
 @pytest.fixture(scope="module")
 def v6(lab: Lab) -> Iterator[Lab]:
     assert PEER not in lab.failed_hosts, lab.failed_hosts[PEER]
-    (lab.run_dir / "oe-null-v6.conf").write_text(conn6())
-    (lab.run_dir / "pluto-v6.sh").write_text(
-        PLUTO_SWITCH.format(netns=PEER, conn=CONN6, conn_file="oe-null-v6.conf")
-    )
-    switch_pluto(lab, "on")
+    oelab.libreswan_ipv6_twin(lab, PEER, PEER6, on=True)
     try:
         oelab.start_daemon(lab, local_id=ROUTER_ID)
         try:
@@ -115,7 +66,7 @@ def v6(lab: Lab) -> Iterator[Lab]:
         finally:
             oelab.stop_daemon(lab)
     finally:
-        switch_pluto(lab, "off")
+        oelab.libreswan_ipv6_twin(lab, PEER, PEER6, on=False)
 
 
 def test_lan_ipv6_flow_to_an_oe_peer_leaves_as_esp(v6: Lab, figures: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import oelab
-from lab import LAB_STATE, Lab
+from lab import Lab
 
 pytestmark = pytest.mark.qemu
 
@@ -50,11 +50,7 @@ def liveness_config(local_id: str = "%null") -> str:
 
 
 def set_group(lab: Lab, variant: str) -> None:
-    lab.world(
-        f"LAB_STATE={LAB_STATE} ip netns exec ls-m "
-        f"sh /lab/bundle/hosts/ls-m/set-group.sh {variant}",
-        timeout=90,
-    ).check()
+    oelab.libreswan_set_group(lab, "ls-m", variant)
 
 
 def silence(lab: Lab, netns: str) -> None:

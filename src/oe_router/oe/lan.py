@@ -190,14 +190,9 @@ CAT_TABLE = "oe_cat"
 
 def cat_script(
     lan: Iterable[IPv4Network | IPv6Network],
-    inner: Iterable[
-        tuple[
-            ipaddress.IPv4Address | ipaddress.IPv6Address,
-            ipaddress.IPv4Address | ipaddress.IPv6Address,
-        ]
-    ],
+    inner: Iterable[tuple[IPAddress, IPAddress]],
     *,
-    wan: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+    wan: Iterable[IPAddress] = (),
     table: str = CAT_TABLE,
 ) -> str:
     """The whole ``inet <table>`` for CAT as one atomic ``nft -f`` script.
