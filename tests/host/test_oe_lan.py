@@ -39,7 +39,7 @@ def _ip(*args: str) -> str:
 @pytest.fixture
 def nets() -> Iterator[tuple[str, str, str]]:
     if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
+        pytest.fail("the host tier needs root for network namespaces")
     tag = uuid.uuid4().hex[:8]
     lan, r, w = f"oe-l-{tag}", f"oe-r-{tag}", f"oe-w-{tag}"
     for ns in (lan, r, w):

@@ -31,7 +31,7 @@ WAN = ipaddress.IPv4Address("198.51.100.1")
 @pytest.fixture
 def netns() -> Iterator[str]:
     if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
+        pytest.fail("the host tier needs root for network namespaces")
     name = f"oe-cfg-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
