@@ -406,3 +406,22 @@ def test_window_size_one() -> None:
     ini.send_liveness_check(1.0)
     with pytest.raises(IkeError):
         ini.send_liveness_check(1.1)
+
+
+@pytest.mark.parametrize("forcing", ["initiator", "responder"])
+def test_forced_udp_encap_makes_both_sides_encapsulate(forcing: str) -> None:
+    """A side without kernel ESP forces NAT-T: its faked NAT_DETECTION_SOURCE_IP makes the
+    peer see it behind a NAT, and both Child SA ends use UDP encapsulation (RFC 3948)."""
+    ini_cfg, res_cfg = configs()
+    if forcing == "initiator":
+        ini_cfg = replace(ini_cfg, force_udp_encap=True)
+    else:
+        res_cfg = replace(res_cfg, force_udp_encap=True)
+    ie, re, _, _ = establish(ini_cfg, res_cfg)
+    ic, rc = assert_pair(ie, re)
+    i_ike, r_ike = ie[0], re[0]
+    assert isinstance(i_ike, IkeSaEstablished) and isinstance(r_ike, IkeSaEstablished)
+    forcer, other = (i_ike, r_ike) if forcing == "initiator" else (r_ike, i_ike)
+    assert forcer.nat_local and not forcer.nat_remote  # behind a NAT, as it claims
+    assert other.nat_remote and not other.nat_local  # the peer believes it
+    assert ic.udp_encap and rc.udp_encap

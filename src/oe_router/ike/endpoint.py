@@ -64,6 +64,7 @@ __all__ = [
     "IkeEndpoint",
     "ResponderPolicy",
     "SaHandle",
+    "SocketHooks",
 ]
 
 log = logging.getLogger("oe_router.ike")
@@ -128,6 +129,22 @@ class ResponderPolicy(Protocol):
     """
 
     def __call__(self, local: Address, remote: Address, /) -> IkeSaConfig | None: ...
+
+
+class SocketHooks(Protocol):
+    """What a datapath does to the IKE sockets (strongSwan's kernel_ipsec ``bypass_socket``
+    and ``enable_udp_decap``), injected so the IKE layer never imports a datapath.
+
+    ``before_bind`` runs on every new socket before ``bind`` (options that must precede
+    it: SO_REUSEPORT, SO_MARK), ``after_bind`` once it is bound, ``closing`` before the
+    sockets of ``ip`` close. ``natt`` marks the UDP 4500 socket.
+    """
+
+    def before_bind(self, sock: socket.socket, natt: bool) -> None: ...
+
+    def after_bind(self, sock: socket.socket, natt: bool, ip: str) -> None: ...
+
+    def closing(self, ip: str) -> None: ...
 
 
 class EventListener(Protocol):
@@ -224,6 +241,7 @@ class IkeEndpoint:
         netns: str | None = None,
         xfrm: bool = True,
         random: Callable[[int], bytes] = os.urandom,
+        socket_hooks: SocketHooks | None = None,
     ) -> None:
         self.addresses = tuple(str(ipaddress.ip_address(a)) for a in addresses)
         if not self.addresses:
@@ -240,6 +258,7 @@ class IkeEndpoint:
         self._netns = netns
         self._xfrm = xfrm
         self._random = random
+        self._hooks = socket_hooks
         self.counters = EndpointCounters()
         self.xfrm_note = "not started"
         self._socks: dict[str, _Sockets] = {}
@@ -262,10 +281,14 @@ class IkeEndpoint:
             sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self._hooks is not None:
+                self._hooks.before_bind(sock, natt)
             sock.bind((ip, port))
             sock.setblocking(False)
             if self._xfrm:
                 self._kernel_setup(sock, natt)
+            if self._hooks is not None:
+                self._hooks.after_bind(sock, natt, ip)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
             else:
@@ -325,7 +348,10 @@ class IkeEndpoint:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for socks in self._socks.values():
+        for ip, socks in self._socks.items():
+            if self._hooks is not None:
+                with contextlib.suppress(Exception):  # a failing hook must not keep sockets
+                    self._hooks.closing(ip)
             for t in socks.transports:
                 t.close()
             for s in (socks.ike, socks.natt):

@@ -163,6 +163,9 @@ class IkeSaConfig:
     peer_key_address_bound: bool = False  # the peer's key came from DNS for its address
     initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
     retire_timeout: float = 30.0  # how long a replaced IKE SA waits for its Delete
+    # Pretend to be behind a NAT (RFC 7296 §2.23 allows it): ESP then always travels in
+    # UDP 4500 (RFC 3948), which is all a userspace datapath without kernel ESP receives.
+    force_udp_encap: bool = False
 
     def __post_init__(self) -> None:
         def bad(option: str, why: str) -> ValueError:
@@ -587,10 +590,13 @@ class IkeSa:
 
     def _nat_notifies(self, spi_r: bytes) -> list[Payload]:
         c = self.config
+        source = nat_hash(self.spi_i, spi_r, c.local_address)
+        if c.force_udp_encap:
+            # a source hash that matches no address: the peer sees us behind a NAT and
+            # sends ESP in UDP (strongSwan's encap=yes does the same)
+            source = hashlib.sha1(b"oe-router: UDP encapsulation forced" + source).digest()
         return [
-            Notify.status(
-                NotifyType.NAT_DETECTION_SOURCE_IP, nat_hash(self.spi_i, spi_r, c.local_address)
-            ),
+            Notify.status(NotifyType.NAT_DETECTION_SOURCE_IP, source),
             Notify.status(
                 NotifyType.NAT_DETECTION_DESTINATION_IP,
                 nat_hash(self.spi_i, spi_r, c.remote_address),
@@ -607,6 +613,8 @@ class IkeSa:
             self._nat_remote = nat_hash(msg.spi_i, msg.spi_r, remote) not in src
         if dst:
             self._nat_local = nat_hash(msg.spi_i, msg.spi_r, self.config.local_address) not in dst
+        if self.config.force_udp_encap:
+            self._nat_local = True  # as we told the peer: float to 4500, send keepalives
         self._peer_frag = any(
             n.notify_type == NotifyType.IKEV2_FRAGMENTATION_SUPPORTED for n in notifies
         )

@@ -38,7 +38,7 @@ from oe_router.datapath import base as dp
 from .auth import PrivateKey, PublicKey
 from .child import ChildSaInfo
 from .constants import AuthMethod, DhId, EncrId, IdType, IntegId, PrfId
-from .endpoint import Address, IkeEndpoint, SaHandle
+from .endpoint import Address, IkeEndpoint, SaHandle, SocketHooks
 from .errors import IkeError
 from .events import (
     ChildSaDeleted,
@@ -359,6 +359,8 @@ class IkeService:
         xfrm: bool = True,
         up_timeout: float = 30.0,
         random: Callable[[int], bytes] = os.urandom,
+        socket_hooks: SocketHooks | None = None,
+        force_udp_encap: bool = False,
     ) -> None:
         self.addresses = tuple(str(ipaddress.ip_address(a)) for a in addresses)
         self.sink: ChildSaSink = sink if sink is not None else RecordingSink()
@@ -380,6 +382,10 @@ class IkeService:
         self._xfrm = xfrm
         self.up_timeout = up_timeout
         self._random = random
+        #: the datapath's hooks on our sockets (the userspace datapath shares UDP 4500)
+        self.socket_hooks = socket_hooks
+        #: ESP always in UDP 4500 (a datapath that only receives ESP there needs it)
+        self.force_udp_encap = force_udp_encap
         self.config = OeConfig()
         self.private_key: PrivateKey | None = private_key
         self.key_note = ""
@@ -429,6 +435,7 @@ class IkeService:
             netns=self._netns,
             xfrm=self._xfrm,
             random=self._random,
+            socket_hooks=self.socket_hooks,
         )
         await self.endpoint.start()
 
@@ -517,6 +524,7 @@ class IkeService:
             fragment_size=ike.fragment_size if ike.fragment_size else 65535,
             initial_contact=self.find(remote[0]) is None,
             request_internal_address=inner,
+            force_udp_encap=self.force_udp_encap,
         )
 
     def _responder_config(self, local: Address, remote: Address) -> IkeSaConfig | None:
