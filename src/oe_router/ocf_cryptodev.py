@@ -1,1 +1,548 @@
-"""ctypes binding of /dev/crypto (cryptodev-linux, OCF ioctls)."""
+"""ctypes binding of /dev/crypto (cryptodev-linux, the OCF ioctls).
+
+Why OCF: OpenWrt ships cryptodev-linux as ``kmod-cryptodev``. Its /dev/crypto speaks the
+OpenBSD Cryptographic Framework's API (``CIOCGSESSION``, ``CIOCCRYPT``, ...), the same one
+OpenSSL's devcrypto engine uses, and puts any kernel crypto driver behind it, the router's
+engine (EIP93, SafeXcel, CAAM, talitos ...) included. It is a second road to those engines
+beside AF_ALG, with zero-copy page pinning and the driver's "hardware" flag in
+``CIOCGSESSINFO``.
+
+Why layouts are built per ABI: the structures hold user pointers, so their sizes and the
+ioctl numbers computed from those sizes change between 32-bit (MIPS, ARM, i386) and 64-bit
+userlands. MIPS, PowerPC, SPARC and Alpha also encode ``_IOC`` differently (three direction
+bits, 13 size bits) from asm-generic (x86, ARM, AArch64, RISC-V). ``layout(abi)`` lays out each
+table the way the C compiler does for that ABI (natural alignment, a __u64's alignment taken
+from the ABI: 4 on i386, 8 on ARM EABI and MIPS o32), with explicit padding and ``_pack_ = 1``,
+so the result never depends on the host's own ctypes. None of these structures holds a __u64
+today, so in practice only the pointer size and the ioctl encoding differ between ABIs.
+
+Supported ABIs: ``ABIS`` (x86_64, i386, aarch64, arm EABI, mips/mipsel o32 and n32, mips64 n64,
+powerpc, powerpc64, riscv64). tests/unit/test_ocf_cryptodev.py compares each layout's offsets,
+sizes and ioctl numbers with the vendored header compiled by gcc -m64/-m32 and by clang for
+MIPS o32 and ARM EABI. A 32-bit process on a 64-bit kernel goes through cryptodev's compat
+ioctl, which has no CIOCAUTHCRYPT (AEAD then fails with EINVAL); OpenWrt runs userland and
+kernel of one width, so this does not arise there.
+
+The kernel picks the driver of a session by algorithm name (highest priority); cryptodev-linux
+has no way to ask for a driver (no CIOCGSESSION2/crid as in FreeBSD). ``Session.info()``
+says where a session landed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import errno as errno_mod
+import fcntl
+import os
+import sys
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+__all__ = [
+    "ABIS",
+    "COP_DECRYPT",
+    "COP_ENCRYPT",
+    "DEVICE",
+    "HOST_ABI",
+    "SIOP_FLAG_KERNEL_DRIVER_ONLY",
+    "TABLES",
+    "Abi",
+    "Alg",
+    "Cryptodev",
+    "CryptodevError",
+    "IocEncoding",
+    "Layout",
+    "Session",
+    "SessionInfo",
+    "host_abi",
+    "layout",
+]
+
+DEVICE = "/dev/crypto"
+
+# ------------------------------------------------------------------ constants (crypto/cryptodev.h)
+
+
+class Alg(enum.IntEnum):
+    """The cryptodev_crypto_op_t values this project may ask for (the kernel's names after)."""
+
+    AES_CBC = 11  # cbc(aes)
+    SHA2_256_HMAC = 18  # hmac(sha256)
+    SHA2_384_HMAC = 19  # hmac(sha384)
+    SHA2_512_HMAC = 20  # hmac(sha512)
+    AES_CTR = 21  # ctr(aes)
+    AES_GCM = 50  # gcm(aes), an AEAD: CIOCAUTHCRYPT, 12-byte IV
+    AES_CCM = 51  # ccm(aes)
+    SHA2_256 = 104  # sha256
+
+
+#: The kernel algorithm cryptodev-linux allocates for each id (ioctl.c, crypto_create_session).
+ALG_NAMES: Mapping[Alg, str] = MappingProxyType(
+    {
+        Alg.AES_CBC: "cbc(aes)",
+        Alg.SHA2_256_HMAC: "hmac(sha256)",
+        Alg.SHA2_384_HMAC: "hmac(sha384)",
+        Alg.SHA2_512_HMAC: "hmac(sha512)",
+        Alg.AES_CTR: "ctr(aes)",
+        Alg.AES_GCM: "gcm(aes)",
+        Alg.AES_CCM: "ccm(aes)",
+        Alg.SHA2_256: "sha256",
+    }
+)
+
+COP_ENCRYPT = 0
+COP_DECRYPT = 1
+# crypt_op / crypt_auth_op flags. The AEAD "types" are not ESP: TLS is MAC-then-encrypt with
+# TLS padding, SRTP is encrypt-then-MAC for stream ciphers only (CBC is refused), so ESP's
+# AES-CBC + HMAC runs as two sessions instead (offload/cryptodev.py).
+COP_FLAG_NONE = 0
+COP_FLAG_UPDATE = 1 << 0
+COP_FLAG_FINAL = 1 << 1
+COP_FLAG_WRITE_IV = 1 << 2
+COP_FLAG_NO_ZC = 1 << 3
+COP_FLAG_AEAD_TLS_TYPE = 1 << 4
+COP_FLAG_AEAD_SRTP_TYPE = 1 << 5
+COP_FLAG_RESET = 1 << 6
+#: CIOCGSESSINFO flags: set when a driver of the session is only reachable through the
+#: kernel (an engine), not for software drivers or CPU instructions (CRYPTO_ALG_KERN_DRIVER_ONLY).
+SIOP_FLAG_KERNEL_DRIVER_ONLY = 1
+CRYPTODEV_MAX_ALG_NAME = 64
+AALG_MAX_RESULT_LEN = 64
+
+# ------------------------------------------------------------------------------------ the ABIs
+
+
+class IocEncoding(enum.Enum):
+    """How _IOC packs direction and size: asm-generic, or the MIPS/PowerPC/SPARC/Alpha way."""
+
+    GENERIC = "generic"  # dir bits 30-31 (write 1, read 2), size bits 16-29
+    THREE_BIT_DIR = "three-bit-dir"  # dir bits 29-31 (none 1, read 2, write 4), size 16-28
+
+
+@dataclass(frozen=True)
+class Abi:
+    """What a userland ABI changes in the structures and ioctl numbers."""
+
+    name: str
+    pointer_size: int
+    u64_align: int
+    ioc: IocEncoding
+    byteorder: Literal["little", "big"]
+
+
+_G, _M = IocEncoding.GENERIC, IocEncoding.THREE_BIT_DIR
+
+#: The ABIs OpenWrt targets, by the name ``host_abi`` gives them.
+ABIS: Mapping[str, Abi] = MappingProxyType(
+    {
+        a.name: a
+        for a in (
+            Abi("x86_64", 8, 8, _G, "little"),
+            Abi("i386", 4, 4, _G, "little"),
+            Abi("aarch64", 8, 8, _G, "little"),
+            Abi("arm", 4, 8, _G, "little"),  # EABI: __u64 8-aligned
+            Abi("mips", 4, 8, _M, "big"),  # o32 (and n32: same pointers and alignment)
+            Abi("mipsel", 4, 8, _M, "little"),
+            Abi("mips64", 8, 8, _M, "big"),  # n64
+            Abi("mips64el", 8, 8, _M, "little"),
+            Abi("powerpc", 4, 8, _M, "big"),
+            Abi("powerpc64", 8, 8, _M, "big"),
+            Abi("powerpc64le", 8, 8, _M, "little"),
+            Abi("riscv64", 8, 8, _G, "little"),
+        )
+    }
+)
+
+
+def host_abi(machine: str | None = None, pointer_size: int | None = None) -> Abi:
+    """This process's ABI from ``uname -m`` and its own pointer size (a 32-bit Python on a
+    64-bit kernel is the 32-bit ABI). An unknown machine is assumed asm-generic."""
+    m = machine if machine is not None else os.uname().machine
+    p = pointer_size if pointer_size is not None else ctypes.sizeof(ctypes.c_void_p)
+    little = sys.byteorder == "little"
+    if m in ("x86_64", "amd64") or (m.startswith("i") and m.endswith("86")):
+        return ABIS["x86_64" if p == 8 else "i386"]
+    if m in ("aarch64", "arm64") or m.startswith("arm"):
+        return ABIS["aarch64" if p == 8 else "arm"]
+    if m.startswith("mips"):
+        return ABIS[("mips64" if p == 8 else "mips") + ("el" if little else "")]
+    if m.startswith(("ppc", "powerpc")):
+        return ABIS["powerpc" if p == 4 else "powerpc64le" if little else "powerpc64"]
+    if m == "riscv64":
+        return ABIS["riscv64"]
+    u64 = ctypes.alignment(ctypes.c_uint64)
+    return Abi(f"{m} (assumed asm-generic ioctl)", p, u64, _G, "little" if little else "big")
+
+
+# ----------------------------------------------------------------------------- the structures
+
+
+class _Ptr:
+    """A user-space pointer field: 4 or 8 bytes by ABI (held as an address integer)."""
+
+
+PTR = _Ptr()
+U16, U32, U64 = ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+
+
+@dataclass(frozen=True)
+class Char:
+    """A char array field (``char name[n]``)."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class StructTable:
+    """One C structure of cryptodev.h as a table of (field, type), in header order."""
+
+    name: str
+    fields: tuple[tuple[str, Any], ...]
+
+
+ALG_INFO = StructTable("alg_info", (("cra_name", Char(CRYPTODEV_MAX_ALG_NAME)),
+                                    ("cra_driver_name", Char(CRYPTODEV_MAX_ALG_NAME))))  # fmt: skip
+SESSION_OP = StructTable(  # input of CIOCGSESSION; ses comes back
+    "session_op",
+    (("cipher", U32), ("mac", U32), ("keylen", U32), ("key", PTR), ("mackeylen", U32),
+     ("mackey", PTR), ("ses", U32)),
+)  # fmt: skip
+SESSION_INFO_OP = StructTable(  # CIOCGSESSINFO: where the session landed
+    "session_info_op",
+    (("ses", U32), ("cipher_info", ALG_INFO), ("hash_info", ALG_INFO), ("alignmask", U16),
+     ("flags", U32)),
+)  # fmt: skip
+CRYPT_OP = StructTable(  # CIOCCRYPT: cipher and/or hash
+    "crypt_op",
+    (("ses", U32), ("op", U16), ("flags", U16), ("len", U32), ("src", PTR), ("dst", PTR),
+     ("mac", PTR), ("iv", PTR)),
+)  # fmt: skip
+CRYPT_AUTH_OP = StructTable(  # CIOCAUTHCRYPT: AEAD (auth_src is the AAD)
+    "crypt_auth_op",
+    (("ses", U32), ("op", U16), ("flags", U16), ("len", U32), ("auth_len", U32),
+     ("auth_src", PTR), ("src", PTR), ("dst", PTR), ("tag", PTR), ("tag_len", U32),
+     ("iv", PTR), ("iv_len", U32)),
+)  # fmt: skip
+TABLES: tuple[StructTable, ...] = (SESSION_OP, SESSION_INFO_OP, CRYPT_OP, CRYPT_AUTH_OP)
+
+_IOC_READ, _IOC_WRITE = "r", "w"
+#: The ioctls this binding uses: name -> (direction, number, argument), all of type 'c'.
+IOCTLS: Mapping[str, tuple[str, int, StructTable | type[ctypes.c_uint32]]] = MappingProxyType(
+    {
+        "CIOCGSESSION": ("rw", 102, SESSION_OP),
+        "CIOCFSESSION": ("w", 103, U32),
+        "CIOCCRYPT": ("rw", 104, CRYPT_OP),
+        "CIOCGSESSINFO": ("rw", 107, SESSION_INFO_OP),
+        "CIOCAUTHCRYPT": ("rw", 109, CRYPT_AUTH_OP),
+    }
+)
+
+
+def ioc(abi: Abi, direction: str, type_: int, nr: int, size: int) -> int:
+    """_IOC(dir, type, nr, size) for ``abi`` (``direction``: "", "r", "w" or "rw")."""
+    if abi.ioc is IocEncoding.GENERIC:
+        bits = {"": 0, "w": 1, "r": 2, "rw": 3}[direction]
+        shift, size_bits = 30, 14
+    else:
+        bits = {"": 1, "r": 2, "w": 4, "rw": 6}[direction]
+        shift, size_bits = 29, 13
+    if size >= 1 << size_bits:
+        raise ValueError(f"ioctl argument of {size} bytes does not fit {abi.name}'s _IOC")
+    return (bits << shift) | (size << 16) | (type_ << 8) | nr
+
+
+def _struct(table: StructTable, abi: Abi, done: dict[str, type[ctypes.Structure]]) -> type[Any]:
+    """The ctypes class of ``table`` laid out for ``abi`` (natural alignment, explicit pads)."""
+    if table.name in done:
+        return done[table.name]
+    native = abi.byteorder == sys.byteorder
+    base: type[Any] = (
+        ctypes.Structure
+        if native
+        else ctypes.BigEndianStructure
+        if abi.byteorder == "big"
+        else ctypes.LittleEndianStructure
+    )
+    fields: list[tuple[str, Any]] = []
+    offset, max_align = 0, 1
+    for name, kind in table.fields:
+        ctype: Any
+        if isinstance(kind, _Ptr):
+            ctype = U64 if abi.pointer_size == 8 else U32
+            size = align = abi.pointer_size
+        elif isinstance(kind, Char):
+            ctype, size, align = ctypes.c_char * kind.n, kind.n, 1
+        elif isinstance(kind, StructTable):
+            ctype = _struct(kind, abi, done)
+            size, align = ctypes.sizeof(ctype), ctype._c_align_
+        else:
+            ctype, size = kind, ctypes.sizeof(kind)
+            align = abi.u64_align if size == 8 else size
+        pad = -offset % align
+        if pad:
+            fields.append((f"_pad{offset}", ctypes.c_uint8 * pad))
+            offset += pad
+        fields.append((name, ctype))
+        offset += size
+        max_align = max(max_align, align)
+    tail = -offset % max_align
+    if tail:
+        fields.append((f"_pad{offset}", ctypes.c_uint8 * tail))
+    cls: type[Any] = type(
+        f"{table.name}_{abi.name}",
+        (base,),
+        {"_pack_": 1, "_fields_": fields, "_c_align_": max_align},
+    )
+    done[table.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The structures and ioctl numbers of one ABI."""
+
+    abi: Abi
+    structs: Mapping[str, type[Any]]  # C struct name -> ctypes class
+    ioctls: Mapping[str, int]
+
+    def offsets(self, table: StructTable) -> dict[str, int]:
+        """Every field's offset, nested ones as ``outer.inner`` (what offsetof reports)."""
+        out: dict[str, int] = {}
+
+        def walk(cls: Any, prefix: str, base: int) -> None:
+            for name, kind in cls._fields_:
+                if name.startswith("_pad"):
+                    continue
+                off = base + getattr(cls, name).offset
+                out[prefix + name] = off
+                if isinstance(kind, type) and issubclass(kind, ctypes.Structure):
+                    walk(kind, f"{prefix}{name}.", off)
+
+        walk(self.structs[table.name], "", 0)
+        return out
+
+
+def layout(abi: Abi) -> Layout:
+    """Structures and ioctl numbers for ``abi``."""
+    done: dict[str, type[ctypes.Structure]] = {}
+    structs = {t.name: _struct(t, abi, done) for t in TABLES}
+    ioctls = {}
+    for name, (direction, nr, arg) in IOCTLS.items():
+        size = ctypes.sizeof(structs[arg.name]) if isinstance(arg, StructTable) else 4
+        ioctls[name] = ioc(abi, direction, ord("c"), nr, size)
+    return Layout(abi, MappingProxyType(structs), MappingProxyType(ioctls))
+
+
+HOST_ABI = host_abi()
+_HOST = layout(HOST_ABI)
+
+# ----------------------------------------------------------------------------------- the device
+
+
+class CryptodevError(Exception):
+    """An ioctl on /dev/crypto failed; names the ioctl, the algorithm and the errno."""
+
+    def __init__(self, ioctl: str, algorithm: str, err: int, hint: str = "") -> None:
+        self.ioctl = ioctl
+        self.algorithm = algorithm
+        self.errno = err
+        code = errno_mod.errorcode.get(err, str(err))
+        msg = f"{ioctl} for {algorithm}: {os.strerror(err)} ({code})"
+        super().__init__(msg + (f"; {hint}" if hint else ""))
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """CIOCGSESSINFO: the kernel algorithms and drivers behind a session."""
+
+    cipher_name: str
+    cipher_driver: str
+    hash_name: str
+    hash_driver: str
+    alignmask: int
+    flags: int
+
+    @property
+    def hardware(self) -> bool:
+        """A driver only the kernel can reach (an engine): SIOP_FLAG_KERNEL_DRIVER_ONLY."""
+        return bool(self.flags & SIOP_FLAG_KERNEL_DRIVER_ONLY)
+
+    @property
+    def drivers(self) -> tuple[str, ...]:
+        return tuple(d for d in (self.cipher_driver, self.hash_driver) if d)
+
+
+IoctlFn = Callable[[int, int, Any, bool], int]
+
+
+def _ioctl(fd: int, request: int, arg: Any, mutate: bool) -> int:
+    return int(fcntl.ioctl(fd, request, arg, mutate))
+
+
+class Cryptodev:
+    """An open /dev/crypto. Its sessions live until they are closed or the device is.
+
+    ``ioctl`` is the seam the unit tests replace; everything else is the real binding.
+    """
+
+    def __init__(self, path: str = DEVICE, *, ioctl: IoctlFn = _ioctl) -> None:
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            hint = "load the cryptodev module (modprobe cryptodev)" if path == DEVICE else ""
+            raise CryptodevError(f"open {path}", "any", exc.errno or errno_mod.EIO, hint) from None
+        self._call = ioctl
+        self._closer = weakref.finalize(self, os.close, self._fd)
+        self.path = path
+
+    def ioctl(self, name: str, algorithm: str, arg: Any) -> None:
+        """One ioctl by name; CryptodevError names it, the algorithm and the errno."""
+        try:
+            self._call(self._fd, _HOST.ioctls[name], arg, True)
+        except OSError as exc:
+            raise CryptodevError(name, algorithm, exc.errno or errno_mod.EIO) from None
+
+    def open_session(
+        self, cipher: Alg | None = None, key: bytes = b"", mac: Alg | None = None,
+        mackey: bytes = b"",
+    ) -> Session:  # fmt: skip
+        """CIOCGSESSION for a cipher, a MAC/hash, or (for CIOCCRYPT's hash-then-encrypt) both."""
+        algorithm = "+".join(ALG_NAMES[a] for a in (cipher, mac) if a is not None) or "nothing"
+        sop = _HOST.structs["session_op"]()
+        kbuf = ctypes.create_string_buffer(key, len(key) or 1)
+        mbuf = ctypes.create_string_buffer(mackey, len(mackey) or 1)
+        try:
+            sop.cipher = int(cipher or 0)
+            sop.mac = int(mac or 0)
+            sop.keylen, sop.key = len(key), ctypes.addressof(kbuf) if key else 0
+            sop.mackeylen, sop.mackey = len(mackey), ctypes.addressof(mbuf) if mackey else 0
+            self.ioctl("CIOCGSESSION", algorithm, sop)
+        finally:  # the key copies never outlive the call
+            ctypes.memset(kbuf, 0, ctypes.sizeof(kbuf))
+            ctypes.memset(mbuf, 0, ctypes.sizeof(mbuf))
+        return Session(self, int(sop.ses), algorithm)
+
+    def close(self) -> None:
+        """Close the device; the kernel frees every session still open on it."""
+        self._closer()
+
+    def __enter__(self) -> Cryptodev:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Session:
+    """One cryptodev session, with its argument structures and a buffer kept for reuse.
+
+    Data is copied into a buffer of the session's own and processed in place (the kernel
+    pins the pages: zero copy), so bytes objects are never written to.
+    """
+
+    def __init__(self, dev: Cryptodev, ses: int, algorithm: str) -> None:
+        self._dev = dev
+        self.ses = ses
+        self.algorithm = algorithm
+        self._cop = _HOST.structs["crypt_op"]()
+        self._cop.ses = ses
+        self._caop = _HOST.structs["crypt_auth_op"]()
+        self._caop.ses = ses
+        self._small = ctypes.create_string_buffer(AALG_MAX_RESULT_LEN * 2)  # IV, AAD, MAC
+        self._small_addr = ctypes.addressof(self._small)
+        self._buf = ctypes.create_string_buffer(2048)
+        self._addr = ctypes.addressof(self._buf)
+        self._open = True
+
+    def buffer(self, size: int) -> int:
+        """The address of this session's data buffer, grown to at least ``size`` bytes."""
+        if size > ctypes.sizeof(self._buf):
+            self._buf = ctypes.create_string_buffer(max(size, 2 * ctypes.sizeof(self._buf)))
+            self._addr = ctypes.addressof(self._buf)
+        return self._addr
+
+    def info(self) -> SessionInfo:
+        """CIOCGSESSINFO: the algorithms and drivers the kernel chose, and the hardware flag."""
+        siop = _HOST.structs["session_info_op"]()
+        siop.ses = self.ses
+        self._dev.ioctl("CIOCGSESSINFO", self.algorithm, siop)
+
+        def s(b: bytes) -> str:
+            return b.decode("ascii", "replace")
+
+        return SessionInfo(
+            s(siop.cipher_info.cra_name),
+            s(siop.cipher_info.cra_driver_name),
+            s(siop.hash_info.cra_name),
+            s(siop.hash_info.cra_driver_name),
+            int(siop.alignmask),
+            int(siop.flags),
+        )
+
+    def crypt_at(self, op: int, addr: int, length: int, iv: bytes | None) -> None:
+        """CIOCCRYPT in place on ``length`` bytes at ``addr`` (inside ``buffer()``)."""
+        cop = self._cop
+        cop.op, cop.flags, cop.len = op, 0, length
+        cop.src = cop.dst = addr
+        cop.mac = 0
+        if iv is None:
+            cop.iv = 0
+        else:
+            ctypes.memmove(self._small_addr, iv, len(iv))
+            cop.iv = self._small_addr
+        self._dev.ioctl("CIOCCRYPT", self.algorithm, cop)
+
+    def crypt(self, op: int, data: bytes, iv: bytes | None) -> bytes:
+        """CIOCCRYPT on a cipher session: ``data`` encrypted or decrypted with ``iv``."""
+        addr = self.buffer(len(data))
+        ctypes.memmove(addr, data, len(data))
+        self.crypt_at(op, addr, len(data), iv)
+        return ctypes.string_at(addr, len(data))
+
+    def mac_at(self, addr: int, length: int) -> bytes:
+        """CIOCCRYPT on a hash/HMAC session over ``length`` bytes at ``addr``: the digest."""
+        cop = self._cop
+        cop.op, cop.flags, cop.len = COP_ENCRYPT, 0, length
+        cop.src, cop.dst, cop.iv = addr, 0, 0
+        out = self._small_addr + AALG_MAX_RESULT_LEN
+        ctypes.memset(out, 0, AALG_MAX_RESULT_LEN)
+        cop.mac = out
+        self._dev.ioctl("CIOCCRYPT", self.algorithm, cop)
+        return ctypes.string_at(out, AALG_MAX_RESULT_LEN)
+
+    def mac(self, data: bytes) -> bytes:
+        """The (untruncated, zero-padded to 64 bytes) digest of ``data``."""
+        addr = self.buffer(len(data))
+        ctypes.memmove(addr, data, len(data))
+        return self.mac_at(addr, len(data))
+
+    def aead(self, op: int, data: bytes, aad: bytes, iv: bytes, tag_len: int) -> bytes:
+        """CIOCAUTHCRYPT (plain AEAD mode): encrypt returns C || tag; decrypt takes C || tag
+        and returns the plaintext, or raises CryptodevError with EBADMSG on a bad tag."""
+        n = len(data)
+        addr = self.buffer(n + tag_len)
+        ctypes.memmove(addr, data, n)
+        small = self._small_addr
+        ctypes.memmove(small, iv, len(iv))
+        ctypes.memmove(small + 32, aad, len(aad))
+        caop = self._caop
+        caop.op, caop.flags, caop.len = op, 0, n
+        caop.auth_len, caop.auth_src = len(aad), small + 32
+        caop.src = caop.dst = addr
+        caop.tag, caop.tag_len = 0, tag_len
+        caop.iv, caop.iv_len = small, len(iv)
+        self._dev.ioctl("CIOCAUTHCRYPT", self.algorithm, caop)
+        return ctypes.string_at(addr, n + tag_len if op == COP_ENCRYPT else n - tag_len)
+
+    def close(self) -> None:
+        """CIOCFSESSION; a session of a device already closed is gone already."""
+        if self._open:
+            self._open = False
+            with contextlib.suppress(CryptodevError):
+                if self._dev._closer.alive:
+                    self._dev.ioctl("CIOCFSESSION", self.algorithm, ctypes.c_uint32(self.ses))
