@@ -326,6 +326,25 @@ class PolicySpec:
         return f"{self.src.net}->{self.dst.net}{kind} {self.direction.value} {self.action.value}"
 
 
+def child_policies(spec: ChildSaSpec) -> list[PolicySpec]:
+    """The IPSEC policies of a Child SA: out local->remote, in and (tunnel) fwd
+    remote->local for every selector pair; what every datapath installs with it."""
+    lts = spec.local_ts or (TrafficSelector(ipaddress.ip_network(spec.local)),)
+    rts = spec.remote_ts or (TrafficSelector(ipaddress.ip_network(spec.remote)),)
+    out_t = Template(spec.local, spec.remote, spec.reqid, spec.mode)
+    in_t = Template(spec.remote, spec.local, spec.reqid, spec.mode)
+    pols = []
+    prio, mark = spec.policy_priority, spec.mark
+    ipsec = PolicyAction.IPSEC
+    for lt in lts:
+        for rt in rts:
+            pols.append(PolicySpec(lt, rt, Direction.OUT, ipsec, prio, (out_t,), mark=mark))
+            pols.append(PolicySpec(rt, lt, Direction.IN, ipsec, prio, (in_t,), mark=mark))
+            if spec.mode is Mode.TUNNEL:
+                pols.append(PolicySpec(rt, lt, Direction.FWD, ipsec, prio, (in_t,), mark=mark))
+    return pols
+
+
 # --- observations -------------------------------------------------------------------
 @dataclass(frozen=True)
 class SaCounters:

@@ -47,6 +47,7 @@ from oe_router.datapath.base import (
     SaKeys,
     Template,
     TrafficSelector,
+    child_policies,
 )
 from oe_router.datapath.netns import in_netns
 
@@ -491,22 +492,6 @@ class XfrmDatapath:
             self._allocated.discard((dst, spi))
         return True
 
-    def _child_policies(self, spec: ChildSaSpec) -> list[PolicySpec]:
-        lts = spec.local_ts or (TrafficSelector(ipaddress.ip_network(spec.local)),)
-        rts = spec.remote_ts or (TrafficSelector(ipaddress.ip_network(spec.remote)),)
-        out_t = Template(spec.local, spec.remote, spec.reqid, spec.mode)
-        in_t = Template(spec.remote, spec.local, spec.reqid, spec.mode)
-        pols = []
-        prio, mark = spec.policy_priority, spec.mark
-        ipsec = PolicyAction.IPSEC
-        for lt in lts:
-            for rt in rts:
-                pols.append(PolicySpec(lt, rt, Direction.OUT, ipsec, prio, (out_t,), mark=mark))
-                pols.append(PolicySpec(rt, lt, Direction.IN, ipsec, prio, (in_t,), mark=mark))
-                if spec.mode is Mode.TUNNEL:
-                    pols.append(PolicySpec(rt, lt, Direction.FWD, ipsec, prio, (in_t,), mark=mark))
-        return pols
-
     async def install_child_sa(self, spec: ChildSaSpec) -> ChildSaSpec:
         if spec.reqid == 0:
             spec = replace(spec, reqid=self.allocate_reqid())
@@ -523,7 +508,7 @@ class XfrmDatapath:
             raise
         if spec.install_policies:
             try:
-                for pol in self._child_policies(spec):
+                for pol in child_policies(spec):
                     await self.install_policy(pol)
             except DatapathError:
                 await self.remove_child_sa(spec)  # no half-installed Child SA
@@ -532,7 +517,7 @@ class XfrmDatapath:
 
     async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
         if remove_policies and spec.install_policies:
-            for pol in self._child_policies(spec):
+            for pol in child_policies(spec):
                 await self.remove_policy(pol)
         self._delete_sa(spec.local, spec.remote, spec.outbound.spi)
         self._delete_sa(spec.remote, spec.local, spec.inbound.spi)

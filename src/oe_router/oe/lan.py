@@ -23,9 +23,10 @@ is the sans-IO bookkeeping of the set: given the Child SAs that exist, it return
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from oe_router.datapath.nft import NftError, run_nft
 
 __all__ = [
     "CAT_TABLE",
@@ -165,20 +166,10 @@ class Peers6:
 
 def apply_nft(script: str, *, netns: str | None = None, nft: str = "nft") -> None:
     """Run ``nft -f -`` with ``script`` (atomic); LanError with nft's message on refusal."""
-    if not script.strip():
-        return
-    argv = [nft, "-f", "-"]
-    if netns is not None:
-        argv = ["ip", "netns", "exec", netns, *argv]
     try:
-        done = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise LanError(f"{nft} not found: the LAN gateway needs nftables") from None
-    except subprocess.TimeoutExpired:
-        raise LanError("nft did not finish within 30 s") from None
-    if done.returncode != 0:
-        detail = " | ".join(line for line in done.stderr.splitlines() if line.strip())
-        raise LanError(f"nft refused the LAN gateway rules: {detail or done.returncode}")
+        run_nft(script, netns=netns, nft=nft, what="LAN gateway rules")
+    except NftError as exc:
+        raise LanError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- CAT
