@@ -19,9 +19,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import tomllib
+import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -384,6 +386,140 @@ def _files_digest(paths: Iterable[Path]) -> list[bytes]:
     return parts
 
 
+# ------------------------------------------------------------------------------ cryptodev module
+
+# cryptodev-linux, pinned: the router gets a real /dev/crypto (`modprobe cryptodev`, not loaded
+# at boot) built against Debian's linux-headers for the lab kernel's exact ABI version.
+CRYPTODEV_COMMIT = "08644db02d43478f802755903212f5ee506af73b"
+CRYPTODEV_TARBALL = f"cryptodev-linux-{CRYPTODEV_COMMIT[:7]}.tar.gz"
+CRYPTODEV_URL = (
+    f"https://github.com/cryptodev-linux/cryptodev-linux/archive/{CRYPTODEV_COMMIT}.tar.gz"
+)
+# sha256 over the snapshot's files (path below the top folder, content), computed from the
+# vendored tarball. A content hash, because GitHub's archive names its top folder after the
+# whole commit id, so its bytes cannot equal the vendored file's.
+CRYPTODEV_TREE_SHA256 = "0b503da53787eec7ec7687d1ec7faf48b3d3b28fbd55313c872d96a7ca2a47bc"
+CRYPTODEV_RECIPE = "1"  # bump when the module's build or install below changes
+
+
+def vendor_dir() -> Path:
+    """VENDOR_DIR, default ../shared/vendor beside the repository (CI has it there)."""
+    return Path(os.environ.get("VENDOR_DIR") or REPO.parent / "shared" / "vendor")
+
+
+def _tree_sha256(tar: Path) -> str:
+    h = hashlib.sha256()
+    with tarfile.open(tar) as tf:
+        members = sorted((m for m in tf if m.isfile() or m.issym()), key=lambda m: m.name)
+        for m in members:
+            rel = m.name.split("/", 1)[-1].encode()
+            f = tf.extractfile(m) if m.isfile() else None
+            data = f.read() if f is not None else b"->" + m.linkname.encode()
+            h.update(len(rel).to_bytes(8, "big") + rel + len(data).to_bytes(8, "big") + data)
+    return h.hexdigest()
+
+
+def cryptodev_source(cache: Path, log: Log) -> Path:
+    """The pinned cryptodev-linux snapshot: VENDOR_DIR's, else upstream's; hash-checked."""
+    vendored = vendor_dir() / CRYPTODEV_TARBALL
+    src = vendored
+    if not vendored.is_file():
+        src = cache / "src" / f"cryptodev-linux-{CRYPTODEV_COMMIT}.tar.gz"
+        if not src.is_file():
+            log(f"cryptodev: {vendored} missing, fetching {CRYPTODEV_URL}")
+            src.parent.mkdir(parents=True, exist_ok=True)
+            tmp = src.with_suffix(f".part{os.getpid()}")
+            try:
+                with urllib.request.urlopen(CRYPTODEV_URL, timeout=60) as r:
+                    tmp.write_bytes(r.read())
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise BuildError(
+                    f"cryptodev-linux {CRYPTODEV_COMMIT[:12]}: no {CRYPTODEV_TARBALL} in "
+                    f"{vendored.parent} (set VENDOR_DIR to the folder holding it) and "
+                    f"fetching {CRYPTODEV_URL} failed: {exc}"
+                ) from None
+            tmp.rename(src)
+    try:
+        digest = _tree_sha256(src)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BuildError(f"cryptodev-linux source {src} is not a readable tarball: {exc}") from None
+    if digest != CRYPTODEV_TREE_SHA256:
+        raise BuildError(
+            f"cryptodev-linux source {src}: its files hash to {digest}, not the pinned "
+            f"{CRYPTODEV_TREE_SHA256} of commit {CRYPTODEV_COMMIT[:12]} (wrong or altered snapshot)"
+        )
+    return src
+
+
+def _headers_packages(version: str) -> list[str]:
+    """linux-headers-<version> and the -common and linux-kbuild packages it needs."""
+    pkg = f"linux-headers-{version}"
+    out = _run(["apt-cache", "depends", pkg])
+    deps = re.findall(r"Depends:\s+(linux-(?:headers|kbuild)-\S+)", out)
+    if not any(d.endswith("-common") for d in deps):
+        raise BuildError(f"apt-cache depends {pkg} names no -common headers package:\n{out}")
+    return [pkg, *deps]
+
+
+def ensure_cryptodev(cache: Path, kernel: Kernel, log: Log, force: bool = False) -> Path:
+    """cryptodev.ko for the lab kernel, cached by kernel version, snapshot and recipe."""
+    key = _sha([CRYPTODEV_RECIPE, kernel.version, CRYPTODEV_TREE_SHA256])
+    out = cache / "cryptodev" / f"{kernel.version}-{key}"
+    if (out / "cryptodev.ko").is_file() and not force:
+        return out / "cryptodev.ko"
+    t0 = time.monotonic()
+    source = cryptodev_source(cache, log)
+    pkgs = _headers_packages(kernel.version)
+    log(f"cryptodev: building {CRYPTODEV_COMMIT[:12]} against {pkgs[0]}")
+    (cache / "cryptodev").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache / "cryptodev") as tmp:
+        work = Path(tmp)
+        (work / "deb").mkdir()
+        _run(["apt-get", "download", *pkgs], cwd=work / "deb")
+        debs = sorted((work / "deb").glob("*.deb"))
+        for deb in debs:
+            _run(["dpkg-deb", "-x", str(deb), str(work / "root")])
+        headers = work / "root" / "usr" / "src" / pkgs[0]
+        # Debian's arch Makefile includes the -common tree by its installed, absolute path.
+        mk = headers / "Makefile"
+        mk.write_text(mk.read_text().replace("/usr/src/", f"{work}/root/usr/src/"))
+        with tarfile.open(source) as tf:
+            tf.extractall(work / "src", filter="data")
+        srcdir = next(p for p in (work / "src").iterdir() if (p / "ioctl.c").is_file())
+        _run(
+            ["make", "-C", str(srcdir), f"KERNEL_DIR={headers}", "-j2"],
+            log_file=cache / "cryptodev" / "build.log",
+        )
+        ko = srcdir / "cryptodev.ko"
+        vermagic = _run(["modinfo", "-F", "vermagic", str(ko)]).strip()
+        if not vermagic.startswith(kernel.version + " "):
+            raise BuildError(f"cryptodev.ko has vermagic {vermagic!r}, not {kernel.version}")
+        _run(["strip", "--strip-debug", str(ko)])
+        stage = work / "out"
+        stage.mkdir()
+        shutil.copy2(ko, stage / "cryptodev.ko")
+        versions = ", ".join(d.name.removesuffix(".deb") for d in debs)
+        (stage / "BUILT").write_text(
+            f"cryptodev-linux {CRYPTODEV_COMMIT} ({source.name}, files sha256 "
+            f"{CRYPTODEV_TREE_SHA256})\nbuilt for {kernel.version} against {versions}\n"
+            "not loaded at boot: modprobe cryptodev\n"
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        stage.rename(out)
+    log(f"cryptodev: module built in {time.monotonic() - t0:.1f}s")
+    return out / "cryptodev.ko"
+
+
+def _install_cryptodev(root: Path, kernel: Kernel, ko: Path) -> None:
+    """cryptodev.ko into the image's module tree (extra/, depmod) and its note in /etc/oe-lab."""
+    dest = root / "lib" / "modules" / kernel.version / "extra" / "cryptodev.ko"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ko, dest)
+    _run(["depmod", "-b", str(root), kernel.version])
+    shutil.copy2(ko.parent / "BUILT", root / "etc" / "oe-lab" / "cryptodev")
+
+
 # ---------------------------------------------------------------------------------------- router
 
 
@@ -494,11 +630,13 @@ def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) ->
     packages = read_list(GUEST / "router.packages")
     base = ensure_base(cache, "router", packages, log, force)
     wheels, wheel_hash = build_wheels(cache, log)
+    cryptodev_ko = ensure_cryptodev(cache, kernel, log, force)
     files = [p for p in (REPO / "files").rglob("*")]
     key = _sha(
         [FORMAT, base.name, kernel.version, wheel_hash, project_version(),
          (REPO / "requirements.txt").read_bytes(), *_files_digest(files),
-         *_files_digest([GUEST / "init", GUEST / "modules.txt"])]
+         *_files_digest([GUEST / "init", GUEST / "modules.txt"]),
+         cryptodev_ko.read_bytes(), (cryptodev_ko.parent / "BUILT").read_bytes()]
     )  # fmt: skip
     image = cache / "images" / f"router-{key}.ext4"
     if image.exists() and not force:
@@ -511,6 +649,7 @@ def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) ->
         _extract(base, root)
         _common_overlay(root, kernel)
         _router_overlay(root, wheels)
+        _install_cryptodev(root, kernel, cryptodev_ko)
         _mke2fs(root, image, log)
     _replace_old(image)
     log(f"router: image built in {time.monotonic() - t0:.1f}s")
