@@ -19,6 +19,7 @@ from oe_router.control import (
     ControlClient,
     ControlError,
     DaemonUnreachable,
+    EngineStatus,
     ReloadResult,
     Status,
     TunnelStatus,
@@ -85,7 +86,18 @@ def render_status(status: Status) -> str:
     ]
     if tunnels:
         out += _table(
-            ["peer", "local", "remote", "state", "policy", "transform", "up", "in", "out"],
+            [
+                "peer",
+                "local",
+                "remote",
+                "state",
+                "policy",
+                "transform",
+                "engine",
+                "up",
+                "in",
+                "out",
+            ],
             [
                 [
                     t.peer,
@@ -94,6 +106,7 @@ def render_status(status: Status) -> str:
                     t.state,
                     t.policy,
                     t.transform,
+                    t.engine or "-",
                     _opt(t.established_s),
                     _traffic(t.bytes_in, t.packets_in),
                     _traffic(t.bytes_out, t.packets_out),
@@ -111,19 +124,21 @@ def render_status(status: Status) -> str:
     out += ["", f"engines ({len(status.engines)})"]
     if status.engines:
         out += _table(
-            ["name", "driver", "kind", "proven", "selected", "Mbit/s"],
+            ["name", "driver", "hw", "state", "KAT", "Mbit/s@1400", "in use for"],
             [
                 [
                     e.name,
-                    e.driver,
-                    e.kind,
-                    "yes" if e.proven else "no",
-                    "yes" if e.selected else "",
+                    e.driver or "-",
+                    "yes" if e.hardware or e.kind == "hardware" else "no",
+                    e.state or "-",
+                    _kat_summary(e),
                     _opt(e.mbit_s, "{:.0f}"),
+                    ", ".join(e.in_use_for) or ("yes" if e.selected else "-"),
                 ]
                 for e in status.engines
             ],
         )
+        out += [f"  {e.name}: {e.reason}" for e in status.engines if e.reason]
     out += ["", "dns"]
     if status.dns:
         out += _table(["key", "value"], [[k, _dns_value(v)] for k, v in status.dns.items()])
@@ -173,6 +188,81 @@ def _render_ike(status: Status) -> list[str]:
     return out
 
 
+def _kat_summary(e: EngineStatus) -> str:
+    """``5/5 passed``, ``3/5 passed`` or, from a daemon that sends no detail, yes/no."""
+    if not e.transforms:
+        return "passed" if e.proven else "-"
+    passed = sum(t.kat == "passed" for t in e.transforms)
+    pending = sum(t.kat == "pending" for t in e.transforms)
+    text = f"{passed}/{len(e.transforms)} passed"
+    return text + (f", {pending} pending" if pending else "")
+
+
+def render_offload(doc: dict[str, Any]) -> str:
+    """The ``oe offload`` view of the ``offload`` command's document: one row per engine
+    and transform (driver, hardware?, KAT, Mbit/s per size, the sizes it is used for),
+    then the IKE proposal order, the reasons and the recent events."""
+    engines = [EngineStatus.from_json(e) for e in doc.get("engines", [])]
+    sizes = sorted({r.size for e in engines for t in e.transforms for r in t.rates}) or [
+        64,
+        512,
+        1400,
+    ]
+    canary = doc.get("canary_interval_s")
+    out = [
+        f"offload {doc.get('offload', '?')}  phase {doc.get('phase', '?')}"
+        f"  canary {'off' if not canary else f'every {canary:g}s'}"
+        f"  hotplug {doc.get('watch', '?')}",
+        "",
+        f"engines ({len(engines)})",
+    ]
+    rows: list[list[str]] = []
+    for e in engines:
+        hw = "yes" if e.hardware or e.kind == "hardware" else "no"
+        if not e.transforms:
+            rows.append([e.name, e.driver or "-", hw, "-", e.state or "-", *("-" for _ in sizes),
+                         "-"])  # fmt: skip
+        for t in e.transforms:
+            rate = {r.size: r.mbit_s for r in t.rates}
+            rows.append(
+                [
+                    e.name,
+                    t.driver or "-",
+                    hw,
+                    t.transform,
+                    t.kat.upper() if t.kat == "failed" else t.kat,
+                    *(_opt(rate.get(size), "{:.0f}") for size in sizes),
+                    t.in_use_for or "-",
+                ]
+            )
+    if rows:
+        out += _table(
+            ["engine", "driver", "hw", "transform", "KAT", *(f"Mbit/s@{s}" for s in sizes),
+             "in use for"],
+            rows,
+        )  # fmt: skip
+    reasons = [f"  {e.name}: {e.reason}" for e in engines if e.reason]
+    reasons += [
+        f"  {e.name} {t.transform}: {t.reason}" for e in engines for t in e.transforms if t.reason
+    ]
+    if reasons:
+        out += ["", "why not", *reasons]
+    proposal = doc.get("proposal")
+    if proposal is not None:
+        out += ["", f"esp proposal  {', '.join(proposal) or '(none usable)'}"]
+    kernel = doc.get("kernel_usable")
+    if kernel is not None:
+        checked = "" if doc.get("kernel_checked") else " (not checked yet)"
+        out.append(f"kernel drivers pass  {', '.join(kernel) or '-'}{checked}")
+    notes = doc.get("table", {}).get("notes", [])
+    if notes:
+        out += ["", "notes", *(f"  {n}" for n in notes)]
+    events = doc.get("events", [])
+    if events:
+        out += ["", "events", *(f"  {ev}" for ev in events)]
+    return "\n".join(out)
+
+
 def _dns_value(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(str(v) for v in value) or "-"
@@ -190,6 +280,27 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     except (KeyError, TypeError, ValueError) as exc:
         raise ControlError(f"daemon sent a status this oe cannot read ({exc})") from None
     out.write(render_status(status) + "\n")
+    return EXIT_OK
+
+
+def cmd_offload(args: argparse.Namespace, out: TextIO) -> int:
+    """The engines table; ``bench`` has the daemon measure again first (and waits)."""
+    if args.action == "bench":
+        reply = ControlClient(args.socket, timeout=args.timeout).request("offload-bench")
+    else:
+        reply = ControlClient(args.socket).request("offload")
+    doc = reply.get("offload")
+    if not isinstance(doc, dict):
+        raise ControlError("daemon sent an offload reply this oe cannot read")
+    if args.json:
+        json.dump(doc, out, indent=2, sort_keys=True)
+        out.write("\n")
+        return EXIT_OK
+    try:
+        text = render_offload(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ControlError(f"daemon sent an offload reply this oe cannot read ({exc})") from None
+    out.write(text + "\n")
     return EXIT_OK
 
 
@@ -278,6 +389,25 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show tunnels, shunts, engines and DNS")
     status.add_argument("--json", action="store_true", help="print the status document as JSON")
     status.set_defaults(func=cmd_status)
+
+    offload = sub.add_parser(
+        "offload", help="crypto engines: drivers, proofs, speeds, what each is used for"
+    )
+    offload.add_argument(
+        "action",
+        nargs="?",
+        choices=("bench",),
+        help="bench: have the daemon measure every engine again, then show the table",
+    )
+    offload.add_argument("--json", action="store_true", help="print the document as JSON")
+    offload.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long bench may take (default 300)",
+    )
+    offload.set_defaults(func=cmd_offload)
 
     reload = sub.add_parser("reload", help="ask the daemon to re-read its config")
     reload.set_defaults(func=cmd_reload)

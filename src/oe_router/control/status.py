@@ -8,10 +8,17 @@ contract for the CLI, LuCI and tests, so it is built in one place
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 JsonObject = dict[str, Any]
+
+
+def _known(cls: type, obj: JsonObject) -> JsonObject:
+    """``obj`` without keys ``cls`` has no field for: a newer daemon's document stays
+    readable by an older reader (fields only ever get added, with defaults)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in obj.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -63,12 +70,17 @@ class TunnelStatus:
     nat: str = ""
     rekey_in_s: float | None = None
     children: tuple[ChildSaStatus, ...] = ()
+    #: The crypto engine the datapath runs this tunnel's ESP on ("" if not known or the
+    #: kernel's own XFRM, which `oe status` shows as "-").
+    engine: str = ""
 
     @classmethod
     def from_json(cls, obj: JsonObject) -> TunnelStatus:
-        fields = dict(obj)
-        fields["children"] = tuple(ChildSaStatus(**c) for c in fields.get("children", ()))
-        return cls(**fields)
+        kw = _known(cls, obj)
+        kw["children"] = tuple(
+            ChildSaStatus(**_known(ChildSaStatus, c)) for c in kw.get("children", ())
+        )
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,48 @@ class ShuntStatus:
 
 
 @dataclass(frozen=True)
+class EngineRate:
+    """One measured point: Mbit/s (inner bytes) and ns per packet at ``size`` bytes."""
+
+    size: int
+    mbit_s: float
+    ns_per_packet: float
+
+
+@dataclass(frozen=True)
+class EngineTransformStatus:
+    """One transform on one engine: the driver, the known-answer verdict, the numbers.
+
+    ``kat`` is ``passed``, ``failed`` (``reason`` says why: a KAT case, the canary, the
+    datapath's report) or ``pending``; ``in_use_for`` the packet sizes the chooser gives
+    this engine for this transform (``all``, ``<=511``, ``>=512``; "" when none).
+    """
+
+    transform: str
+    driver: str = ""
+    kat: str = "pending"
+    reason: str = ""
+    rates: tuple[EngineRate, ...] = ()
+    in_use_for: str = ""
+
+    @classmethod
+    def from_json(cls, obj: JsonObject) -> EngineTransformStatus:
+        kw = _known(cls, obj)
+        kw["rates"] = tuple(EngineRate(**_known(EngineRate, r)) for r in kw.get("rates", ()))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
 class EngineStatus:
-    """A crypto engine found by `offload`, whether it passed its known-answer tests."""
+    """A crypto engine found by `offload`: what it is, what it proved, how fast, its use.
+
+    The first six fields are the summary (``driver`` lists the engine's drivers,
+    ``kind`` is ``cpu`` or ``hardware``, ``proven``: some transform passed its KAT,
+    ``selected``: the chooser uses it, ``mbit_s``: its best 1400-byte figure). ``state``
+    is ``proving``, ``measuring``, ``ready``, ``failed`` (``reason`` says why the engine
+    as a whole cannot run) or ``gone``; ``transforms`` the detail per transform;
+    ``in_use_for`` the ``transform@sizes`` it holds in the choice table.
+    """
 
     name: str
     driver: str
@@ -91,6 +143,23 @@ class EngineStatus:
     proven: bool = False
     selected: bool = False
     mbit_s: float | None = None
+    hardware: bool = False
+    state: str = ""
+    reason: str = ""
+    transforms: tuple[EngineTransformStatus, ...] = ()
+    in_use_for: tuple[str, ...] = ()
+
+    def to_json(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: JsonObject) -> EngineStatus:
+        kw = _known(cls, obj)
+        kw["transforms"] = tuple(
+            EngineTransformStatus.from_json(t) for t in kw.get("transforms", ())
+        )
+        kw["in_use_for"] = tuple(str(u) for u in kw.get("in_use_for", ()))
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -203,7 +272,7 @@ class Status:
             "daemon": self.daemon.to_json(),
             "tunnels": [asdict(t) for t in self.tunnels],
             "shunts": [asdict(s) for s in self.shunts],
-            "engines": [asdict(e) for e in self.engines],
+            "engines": [e.to_json() for e in self.engines],
             "dns": dict(self.dns),
         }
 
@@ -213,7 +282,7 @@ class Status:
         return cls(
             daemon=DaemonStatus.from_json(obj["daemon"]),
             tunnels=tuple(TunnelStatus.from_json(t) for t in obj["tunnels"]),
-            shunts=tuple(ShuntStatus(**s) for s in obj["shunts"]),
-            engines=tuple(EngineStatus(**e) for e in obj["engines"]),
+            shunts=tuple(ShuntStatus(**_known(ShuntStatus, s)) for s in obj["shunts"]),
+            engines=tuple(EngineStatus.from_json(e) for e in obj["engines"]),
             dns=dict(obj["dns"]),
         )
