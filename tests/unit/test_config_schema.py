@@ -116,6 +116,8 @@ def test_everything_fixture_sets_every_field() -> None:
     assert cfg.enabled is False and cfg.log_level == "debug"
     assert cfg.control_socket == "/tmp/oe.sock"
     assert cfg.datapath == "userspace" and cfg.offload == "virtio_crypto_aes_cbc"
+    assert cfg.offload_canary == 2.0 and cfg.offload_demote is True
+    assert OeConfig().ike.esp_proposals == ()  # not set: offload orders the default offer
     assert cfg.shunt_lifetime == 90 and cfg.keep_private_on_stop is False
     assert (cfg.wan_interface, cfg.lan_interface) == ("eth0.2", "br-lan")
     assert cfg.dns.listen == (Endpoint("0.0.0.0", 53), Endpoint("::", 53))

@@ -18,6 +18,7 @@ __all__ = [
     "BOGUS_ACTIONS",
     "DATAPATHS",
     "DEFAULT_CLEAR",
+    "DEFAULT_ESP_PROPOSALS",
     "DEFAULT_PRIVATE_OR_CLEAR",
     "ESP_PROPOSALS",
     "LOG_LEVELS",
@@ -62,6 +63,15 @@ ESP_PROPOSALS: tuple[str, ...] = (
     "aes256-sha256",
     "aes128-sha256",
     "aes256-sha512",
+)
+
+#: The ESP offer when ``esp_proposal`` is not set, before offload reorders it.
+DEFAULT_ESP_PROPOSALS: tuple[str, ...] = (
+    "aes256gcm16",
+    "chacha20poly1305",
+    "aes128gcm16",
+    "aes256-sha256",
+    "aes128-sha256",
 )
 
 #: IP protocol names accepted in policy entries (IANA numbers).
@@ -190,13 +200,9 @@ class IkeConfig:
     fragment_size: int = 1280
     #: Ask OE peers for an inner address (CP) and translate LAN flows to it (CAT).
     cat: bool = True
-    esp_proposals: tuple[str, ...] = (
-        "aes256gcm16",
-        "chacha20poly1305",
-        "aes128gcm16",
-        "aes256-sha256",
-        "aes128-sha256",
-    )
+    #: Empty (not set): ``DEFAULT_ESP_PROPOSALS``, which ``offload auto`` reorders so that
+    #: the transform the fastest verified engine runs comes first. Set: exactly this.
+    esp_proposals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,11 @@ class OeConfig:
     datapath: Datapath = "auto"
     #: ``auto``, ``off`` or a crypto engine (driver) name.
     offload: str = "auto"
+    #: Re-run a known-answer test on every engine in use this often (0: never).
+    offload_canary: float = 10.0
+    #: Lower the kernel's priority of a crypto driver that fails its known-answer test
+    #: (NETLINK_CRYPTO), so the kernel's own ESP moves to the next implementation.
+    offload_demote: bool = False
     shunt_lifetime: float = 900.0
     #: Keep the ``private`` group's drop policies installed when the daemon stops.
     keep_private_on_stop: bool = True
@@ -346,14 +357,17 @@ def parse_abs_path(text: str, max_len: int = 4095) -> str:
     return text
 
 
-_ENGINE_RE = re.compile(r"[A-Za-z0-9_.()-]{1,64}")
+_ENGINE_RE = re.compile(r"[A-Za-z0-9_.():,-]{1,96}")
 
 
 def parse_offload(text: str) -> str:
-    """``auto``, ``off`` or a crypto driver name as /proc/crypto spells it."""
+    """``auto``, ``off``, an engine (``afalg``, ``cryptodev:<driver>``) or a crypto driver
+    name as /proc/crypto spells it."""
     if text in ("auto", "off") or _ENGINE_RE.fullmatch(text):
         return text
-    raise BadValue("is not auto, off or an engine name (e.g. virtio_crypto_aes_cbc)")
+    raise BadValue(
+        "is not auto, off or an engine name (e.g. virtio_crypto_aes_cbc, afalg, cryptodev)"
+    )
 
 
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")

@@ -89,6 +89,8 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "control_socket": Opt("control_socket", lambda t: parse_abs_path(t, 107)),
         "datapath": Opt("datapath", _choice(*DATAPATHS)),
         "offload": Opt("offload", parse_offload),
+        "offload_canary": Opt("offload_canary", _dur(0.0, HOUR)),
+        "offload_demote": Opt("offload_demote", parse_bool),
         "shunt_lifetime": Opt("shunt_lifetime", _dur(1.0, 24 * HOUR)),
         "keep_private_on_stop": Opt("keep_private_on_stop", parse_bool),
         "wan_interface": Opt("wan_interface", parse_ifname),

@@ -438,6 +438,11 @@ class Datapath(Protocol):
         """Why this datapath was chosen, for `oe status`."""
         ...
 
+    async def start(self) -> None:
+        """Acquire what the datapath needs from the machine (devices, workers); before
+        ``reconcile`` and before the IKE sockets are bound."""
+        ...
+
     async def allocate_spi(self, local: IPAddress, remote: IPAddress, reqid: int) -> int:
         """Reserve an inbound SPI (IKE needs it before the keys exist)."""
         ...

@@ -408,6 +408,9 @@ class XfrmDatapath:
     def ownership(self) -> Ownership:
         return self._own
 
+    async def start(self) -> None:
+        """Nothing to acquire: the netlink sockets are opened by the constructor."""
+
     # -- netlink plumbing --
     def _request(
         self,

@@ -121,6 +121,7 @@ class OeService:
     async def start(self, config: OeConfig) -> None:
         table = self._table(config)
         self._dp = dp = self._factory(config)
+        await dp.start()
         self._idle_timeout = config.ike.idle_timeout
         self._mgr = mgr = OeManager(
             table,
