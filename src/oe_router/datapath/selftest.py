@@ -82,6 +82,7 @@ CLONE_NEWNET: Final = 0x40000000
 _HDR: Final = struct.Struct(">BI")  # direction (0 A->B, 1 B->A), index
 _POLL: Final = 0.05  # how often a waiting worker looks at its stop flag
 QUIET: Final = 1.0  # a flow is over when nothing arrived for this long (seconds)
+GRACE = 2.0  # beyond the plans' own deadlines: set-up, and a worker stuck in the kernel
 
 
 @dataclass(frozen=True)
@@ -701,7 +702,7 @@ async def run_selftest(
     stop = threading.Event()
     loop = asyncio.get_running_loop()
     work = loop.run_in_executor(None, _run_blocking, list(plans), timeout, stop)
-    limit = timeout * (len(plans) + 1) + 2.0
+    limit = timeout * (len(plans) + 1) + GRACE
     try:
         return await asyncio.wait_for(asyncio.shield(work), limit)
     except TimeoutError:

@@ -15,8 +15,7 @@ message and attribute classes; flags from include/linux/crypto.h.
 from __future__ import annotations
 
 import errno
-import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -207,7 +206,7 @@ class CryptoUserAlg:
 # --- encoding (pure) --------------------------------------------------------------------
 def _name_field(value: str, what: str) -> bytes:
     raw = value.encode("ascii", "replace")
-    if not raw or len(raw) >= CRYPTO_MAX_NAME or b"\0" in raw:
+    if not raw or len(raw) >= CRYPTO_MAX_NAME or b"\0" in raw or not value.isascii():
         raise CryptoUserError(
             f"crypto {what} {value!r}: must be 1 to {CRYPTO_MAX_NAME - 1} ASCII characters"
         )
@@ -423,15 +422,3 @@ def lower_priority(driver: str, below: str | None = None) -> CryptoUserAlg:
     """Rank ``driver`` below the next implementation of its algorithm (see CryptoUser)."""
     with CryptoUser() as cu:
         return cu.lower_priority(driver, below)
-
-
-def iter_messages(data: bytes) -> Iterator[CryptoUserAlg]:
-    """Every GETALG message in a buffer of netlink messages (a recorded dump)."""
-    offset = 0
-    while offset + 16 <= len(data):
-        length, mtype = struct.unpack_from("=IH", data, offset)
-        if length < 16 or offset + length > len(data):
-            return
-        if mtype == CRYPTO_MSG_GETALG:
-            yield decode(data, offset)
-        offset += (length + 3) & ~3
