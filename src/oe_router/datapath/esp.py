@@ -224,6 +224,12 @@ class _Sa:
         """True once the SA refuses packets (hard lifetime or sequence space)."""
         return self._limits.hard
 
+    @property
+    def dying(self) -> bool:
+        """True once a soft limit was crossed (XFRM's km.dying): a rekey is due, and a
+        newer SA of the same policy is preferred (``spd.Sad``)."""
+        return self._limits.soft or self._limits.hard
+
     def close(self) -> None:
         """Release the cipher's kernel objects; the SA is unusable after."""
         self._cipher.close()
