@@ -1,0 +1,392 @@
+"""The AF_ALG engine: ESP transforms on the kernel's crypto API through ``socket.AF_ALG``.
+
+Why AF_ALG: it reaches every implementation the kernel has (CPU instructions and
+accelerators alike) with no extra module, and it can pin one driver, which is how a
+router's crypto engine is proven and measured on its own. ``AfAlgEngine()`` binds by
+algorithm name (whatever the kernel picks, as XFRM would); ``AfAlgEngine(driver)`` binds
+that driver: an AEAD driver as is, a bare cipher or hash driver inside the kernel's
+``authenc``/``authencesn`` template.
+
+The layout is the kernel's own ESP (net/ipv4/esp4.c), so the request shapes below are
+the ones its drivers are tested with:
+
+* AEADs (``rfc4106(gcm(aes))``, ``rfc7539esp(chacha20,poly1305)``): key = cipher key ||
+  salt; the associated data handed to AF_ALG is SPI || [seq_hi ||] seq_lo || IV, the IV
+  also set with ALG_SET_IV. The rfc4106/rfc7539esp templates authenticate all of it but
+  the IV (crypto/gcm.c ``crypto_rfc4106_crypt``, crypto/chacha20poly1305.c).
+* ``authenc(hmac(sha256),cbc(aes))``: key = rtattr(CRYPTO_AUTHENC_KEYA_PARAM) || be32
+  enckeylen || authkey || enckey; associated data SPI || seq_lo || IV so the HMAC covers
+  the IV (RFC 4303 §3.3.2). With ESN, ``authencesn`` with SPI || seq_hi || seq_lo || IV:
+  it moves seq_hi behind the ciphertext and MACs SPI || seq_lo || IV || C || seq_hi
+  (crypto/authencesn.c, RFC 4303 §3.3.2.1).
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .engine import (
+    TRANSFORMS,
+    AuthenticationFailed,
+    EngineError,
+    EngineKind,
+    OpenRequest,
+    SealRequest,
+    Transform,
+)
+from .procfs import CryptoAlg, classify, drivers_for, read_proc_crypto
+from .software import check_keys
+
+__all__ = ["AfAlgEngine", "authenc_key", "esp_assoc"]
+
+# include/uapi/linux/if_alg.h (Python exposes them on Linux; spelled out for the host,
+# which may lack AF_ALG, and for mypy).
+SOL_ALG = 279
+ALG_SET_KEY = 1
+ALG_SET_IV = 2
+ALG_SET_AEAD_AUTHSIZE = 5
+ALG_OP_DECRYPT = 0
+ALG_OP_ENCRYPT = 1
+AF_ALG = 38
+
+# crypto/authenc.c's key blob head: struct rtattr {u16 rta_len; u16 rta_type} in host
+# order, then struct crypto_authenc_key_param {__be32 enckeylen}.
+_RTATTR = struct.Struct("=HH")
+_ENCKEYLEN = struct.Struct(">I")
+CRYPTO_AUTHENC_KEYA_PARAM = 1
+
+
+def authenc_key(encr_key: bytes, integ_key: bytes) -> bytes:
+    """The key blob ``authenc``/``authencesn`` take: rtattr{8, KEYA_PARAM}, be32 enckeylen,
+    the HMAC key, the cipher key (crypto/authenc.c ``crypto_authenc_extractkeys``)."""
+    return (
+        _RTATTR.pack(_RTATTR.size + _ENCKEYLEN.size, CRYPTO_AUTHENC_KEYA_PARAM)
+        + _ENCKEYLEN.pack(len(encr_key))
+        + integ_key
+        + encr_key
+    )
+
+
+def esp_assoc(hdr: bytes, seq_hi: int | None, iv: bytes) -> bytes:
+    """AF_ALG's associated data for ESP, as esp4.c builds it: SPI || seq_lo || IV, or
+    SPI || seq_hi || seq_lo || IV with ESN (the templates strip or move what is not AAD)."""
+    if seq_hi is None:
+        return hdr[:8] + iv
+    return hdr[:4] + seq_hi.to_bytes(4, "big") + hdr[4:8] + iv
+
+
+def _esn_name(aead: str) -> str:
+    """The algorithm that runs ``aead`` with 64-bit sequence numbers."""
+    return "authencesn" + aead[len("authenc") :] if aead.startswith("authenc(") else aead
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """What to bind for one transform: AF_ALG names for 32-bit and ESN sequence numbers."""
+
+    name: str
+    esn_name: str
+    driver: str = ""  # the kernel's driver name of what got bound (filled after a bind)
+
+
+def _alg_socket() -> socket.socket:
+    try:
+        return socket.socket(AF_ALG, socket.SOCK_SEQPACKET, 0)
+    except OSError as exc:
+        raise EngineError(
+            f"afalg: no AF_ALG sockets here ({exc.strerror}): the kernel lacks "
+            "CONFIG_CRYPTO_USER_API_AEAD or af_alg/algif_aead are not loaded"
+        ) from None
+
+
+def _bind(name: str, key: bytes, icv_len: int) -> socket.socket:
+    """A transform socket bound to ``name`` with ``key`` set; OSError as the kernel says."""
+    s = _alg_socket()
+    try:
+        s.bind(("aead", name))
+        s.setsockopt(SOL_ALG, ALG_SET_KEY, key)
+        s.setsockopt(SOL_ALG, ALG_SET_AEAD_AUTHSIZE, None, icv_len)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def _dummy_key(t: Transform) -> bytes:
+    if t.is_aead:
+        return bytes(t.encr_key_len)
+    return authenc_key(bytes(t.encr_key_len), bytes(t.auth_key_len))
+
+
+class _Cipher:
+    """One SA direction on AF_ALG: a transform socket with the key, one op socket."""
+
+    def __init__(self, engine: AfAlgEngine, t: Transform, binding: _Binding, key: bytes) -> None:
+        self._engine = engine
+        self._t = t
+        self._binding = binding
+        self._key = key
+        self._tfm: socket.socket | None = None
+        self._op: socket.socket | None = None
+        self._esn_tfm: socket.socket | None = None
+        self._esn_op: socket.socket | None = None
+        self._tfm, self._op = self._open(binding.name)
+        self._icv = t.icv_len
+        self._cbc = not t.is_aead
+
+    def __repr__(self) -> str:  # no key material, ever
+        return f"<afalg cipher {self._t.name} on {self._binding.name}>"
+
+    def _open(self, name: str) -> tuple[socket.socket, socket.socket]:
+        try:
+            tfm = _bind(name, self._key, self._t.icv_len)
+        except OSError as exc:
+            raise self._engine.error(self._t, f"binding {name}", exc) from None
+        try:
+            op, _ = tfm.accept()
+        except OSError as exc:
+            tfm.close()
+            raise self._engine.error(self._t, f"accept on {name}", exc) from None
+        return tfm, op
+
+    def _sock(self, seq_hi: int | None) -> socket.socket:
+        if self._op is None:
+            raise EngineError(f"{self._engine.name}: {self._t.name} cipher used after close()")
+        if seq_hi is None or self._binding.esn_name == self._binding.name:
+            return self._op
+        if self._esn_op is None:
+            self._esn_tfm, self._esn_op = self._open(self._binding.esn_name)
+        return self._esn_op
+
+    @property
+    def transform(self) -> Transform:
+        return self._t
+
+    def seal(self, hdr: bytes, seq_hi: int | None, iv: bytes, plaintext: bytes) -> bytes:
+        op = self._sock(seq_hi)
+        assoc = esp_assoc(hdr, seq_hi, iv)
+        n = len(assoc)
+        try:
+            op.sendmsg_afalg([assoc, plaintext], op=ALG_OP_ENCRYPT, iv=iv, assoclen=n)
+            out = op.recv(n + len(plaintext) + self._icv)
+        except OSError as exc:
+            raise self._engine.error(self._t, "seal", exc) from None
+        return out[n:]
+
+    def open(self, hdr: bytes, seq_hi: int | None, iv: bytes, sealed: bytes) -> bytes:
+        clen = len(sealed) - self._icv
+        if clen < 0 or (self._cbc and clen % 16):
+            raise AuthenticationFailed(f"{self._t.name}: {len(sealed)} bytes is no ESP payload")
+        op = self._sock(seq_hi)
+        assoc = esp_assoc(hdr, seq_hi, iv)
+        n = len(assoc)
+        try:
+            op.sendmsg_afalg([assoc, sealed], op=ALG_OP_DECRYPT, iv=iv, assoclen=n)
+            out = op.recv(n + clen)
+        except OSError as exc:
+            if exc.errno == errno.EBADMSG:
+                raise AuthenticationFailed(f"{self._t.name}: ICV mismatch") from None
+            raise self._engine.error(self._t, "open", exc) from None
+        return out[n:]
+
+    def seal_many(self, batch: Sequence[SealRequest]) -> list[bytes]:
+        return [self.seal(r.hdr, r.seq_hi, r.iv, r.plaintext) for r in batch]
+
+    def open_many(self, batch: Sequence[OpenRequest]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for r in batch:
+            try:
+                out.append(self.open(r.hdr, r.seq_hi, r.iv, r.sealed))
+            except AuthenticationFailed:
+                out.append(None)
+        return out
+
+    def close(self) -> None:
+        for s in (self._op, self._tfm, self._esn_op, self._esn_tfm):
+            if s is not None:
+                s.close()
+        self._op = self._tfm = self._esn_op = self._esn_tfm = None
+
+
+class AfAlgEngine:
+    """ESP on the kernel's crypto API: its pick per algorithm, or one ``driver``.
+
+    ``proc_crypto`` is where driver names are read (tests point it at a recording).
+    """
+
+    def __init__(self, driver: str | None = None, *, proc_crypto: str = "/proc/crypto") -> None:
+        self.driver_name = driver
+        self.proc_crypto = proc_crypto
+        self._bindings: dict[str, _Binding | None] = {}  # transform name -> what binds it
+        self._why: dict[str, str] = {}  # transform name -> why this engine cannot run it
+
+    def __repr__(self) -> str:
+        return f"AfAlgEngine({self.driver_name!r})"
+
+    @property
+    def name(self) -> str:
+        return "afalg" if self.driver_name is None else f"afalg:{self.driver_name}"
+
+    @property
+    def kind(self) -> EngineKind:
+        """HARDWARE when a transform runs on an accelerator's driver (after a probe)."""
+        algs = read_proc_crypto(self.proc_crypto)
+        for t in self.transforms():
+            b = self._bindings.get(t.name)
+            if b is not None and classify(_alg_for(algs, b.driver, t.aead)) is EngineKind.HARDWARE:
+                return EngineKind.HARDWARE
+        return EngineKind.CPU
+
+    def error(self, t: Transform, what: str, exc: OSError) -> EngineError:
+        """An EngineError naming this engine, the driver and the transform."""
+        b = self._bindings.get(t.name)
+        drv = b.driver or b.name if b is not None else self.driver_name or t.aead
+        return EngineError(
+            f"{self.name}: {what} failed for {t.name} on {drv}: "
+            f"{exc.strerror or exc} (errno {exc.errno})"
+        )
+
+    # -- what to bind
+
+    def _candidates(self, t: Transform, algs: tuple[CryptoAlg, ...]) -> _Binding | str:
+        """The names that run ``t`` on this engine, or why there are none."""
+        if self.driver_name is None:
+            return _Binding(t.aead, _esn_name(t.aead))
+        drv = self.driver_name
+        mine = [a for a in algs if a.driver == drv]
+        if not mine:
+            return f"no driver {drv!r} in {self.proc_crypto}"
+        a = mine[0]
+        if a.type == "aead":
+            if a.name == t.aead:
+                # An authenc AEAD driver serves 32-bit sequence numbers only, unless its
+                # engine also registers the authencesn twin (same module).
+                esn = a.driver
+                if a.name != _esn_name(a.name):
+                    twins = [
+                        b.driver
+                        for b in drivers_for(algs, _esn_name(a.name))
+                        if b.module == a.module
+                    ]
+                    esn = twins[0] if twins else _esn_name(t.aead)
+                return _Binding(a.driver, esn)
+            return f"{drv} implements {a.name}, not {t.aead}"
+        if t.is_aead:
+            return f"{drv} ({a.type} {a.name}) is no AEAD driver for {t.aead}"
+        hmac = f"hmac({t.hmac_hash})"
+        if a.type == "skcipher" and a.name == t.cipher:
+            return _Binding(f"authenc({hmac},{drv})", f"authencesn({hmac},{drv})")
+        if a.type in ("ahash", "shash") and a.name == hmac:
+            return _Binding(f"authenc({drv},{t.cipher})", f"authencesn({drv},{t.cipher})")
+        if a.type in ("ahash", "shash") and a.name == t.hmac_hash:
+            return _Binding(
+                f"authenc(hmac({drv}),{t.cipher})", f"authencesn(hmac({drv}),{t.cipher})"
+            )
+        return f"{drv} ({a.type} {a.name}) has no part in {t.aead}"
+
+    def _probe(self, t: Transform) -> _Binding | None:
+        """Bind ``t`` once with a dummy key; the binding with the driver's real names."""
+        algs = read_proc_crypto(self.proc_crypto)
+        cand = self._candidates(t, algs)
+        if isinstance(cand, str):
+            self._why[t.name] = cand
+            return None
+        key = _dummy_key(t)
+        names = []
+        for name in (cand.name, cand.esn_name):
+            bound = _resolve(name, key, t.icv_len, self.proc_crypto, self.driver_name)
+            if isinstance(bound, OSError):
+                if name == cand.name:
+                    self._why[t.name] = f"{name}: {bound.strerror or bound}"
+                    return None
+                bound = name  # ESN unavailable: a cipher says so when asked for it
+            names.append(bound)
+        algs = read_proc_crypto(self.proc_crypto)
+        drv = _driver_of(algs, names[0], t.aead)
+        return _Binding(names[0], names[1], drv)
+
+    def transforms(self) -> tuple[Transform, ...]:
+        for t in TRANSFORMS.values():
+            if t.name not in self._bindings:
+                self._bindings[t.name] = self._probe(t)
+        return tuple(t for t in TRANSFORMS.values() if self._bindings[t.name] is not None)
+
+    def why_not(self, transform: Transform) -> str:
+        """Why this engine cannot run ``transform`` ("" when it can)."""
+        self.transforms()
+        return self._why.get(transform.name, "")
+
+    def driver(self, transform: Transform) -> str:
+        """The kernel's driver name of what runs ``transform`` (read after binding)."""
+        self.transforms()
+        b = self._bindings.get(transform.name)
+        if b is None:
+            raise EngineError(
+                f"{self.name}: cannot run {transform.name}: {self._why.get(transform.name)}"
+            )
+        return b.driver
+
+    def cipher(self, transform: Transform, encr_key: bytes, integ_key: bytes = b"") -> _Cipher:
+        check_keys(self.name, transform, encr_key, integ_key)
+        self.transforms()
+        b = self._bindings.get(transform.name)
+        if b is None:
+            raise EngineError(
+                f"{self.name}: cannot run {transform.name}: {self._why.get(transform.name)}"
+            )
+        key = encr_key if transform.is_aead else authenc_key(encr_key, integ_key)
+        return _Cipher(self, transform, b, key)
+
+
+def _resolve(name: str, key: bytes, icv_len: int, proc: str, driver: str | None) -> str | OSError:
+    """The name that binds ``name``'s implementation, or the kernel's error.
+
+    A template around a driver name ("authenc(hmac(sha256),virtio_crypto_aes_cbc)") is
+    instantiated by the first bind but the lookup still fails (ENOENT): the kernel matches
+    the request against the new instance's generic and driver names, and it is neither
+    ("authenc(hmac(sha256-generic),virtio_crypto_aes_cbc)"). The instance is registered
+    by then, so it is found in /proc/crypto and bound by its driver name.
+    """
+    try:
+        _bind(name, key, icv_len).close()
+        return name
+    except OSError as exc:
+        if exc.errno != errno.ENOENT or driver is None or "(" not in name:
+            return exc
+        first = exc
+    outer = name.split("(", 1)[0] + "("
+    found = [
+        a
+        for a in read_proc_crypto(proc)
+        if a.type == "aead"
+        and a.driver.startswith(outer)
+        and driver in re.split(r"[(),]", a.driver[len(outer) :])
+    ]
+    for a in sorted(found, key=lambda a: -a.priority):
+        try:
+            _bind(a.driver, key, icv_len).close()
+            return a.driver
+        except OSError:
+            continue
+    return first
+
+
+def _driver_of(algs: tuple[CryptoAlg, ...], bound: str, aead: str) -> str:
+    """The driver name of the implementation a bind of ``bound`` got."""
+    exact = [a for a in algs if a.driver == bound]
+    if exact:
+        return exact[0].driver
+    picks = drivers_for(algs, bound) or drivers_for(algs, aead)
+    return picks[0].driver if picks else bound
+
+
+def _alg_for(algs: tuple[CryptoAlg, ...], driver: str, aead: str) -> CryptoAlg:
+    for a in algs:
+        if a.driver == driver:
+            return a
+    return CryptoAlg(name=aead, driver=driver, module="kernel", priority=0, type="aead")
