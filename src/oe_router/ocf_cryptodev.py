@@ -49,6 +49,7 @@ __all__ = [
     "COP_ENCRYPT",
     "DEVICE",
     "HOST_ABI",
+    "HOST_LAYOUT",
     "SIOP_FLAG_KERNEL_DRIVER_ONLY",
     "TABLES",
     "Abi",
@@ -339,7 +340,8 @@ def layout(abi: Abi) -> Layout:
 
 
 HOST_ABI = host_abi()
-_HOST = layout(HOST_ABI)
+#: This process's structures and ioctl numbers (what the device calls use).
+HOST_LAYOUT = layout(HOST_ABI)
 
 # ----------------------------------------------------------------------------------- the device
 
@@ -403,7 +405,7 @@ class Cryptodev:
     def ioctl(self, name: str, algorithm: str, arg: Any) -> None:
         """One ioctl by name; CryptodevError names it, the algorithm and the errno."""
         try:
-            self._call(self._fd, _HOST.ioctls[name], arg, True)
+            self._call(self._fd, HOST_LAYOUT.ioctls[name], arg, True)
         except OSError as exc:
             raise CryptodevError(name, algorithm, exc.errno or errno_mod.EIO) from None
 
@@ -413,7 +415,7 @@ class Cryptodev:
     ) -> Session:  # fmt: skip
         """CIOCGSESSION for a cipher, a MAC/hash, or (for CIOCCRYPT's hash-then-encrypt) both."""
         algorithm = "+".join(ALG_NAMES[a] for a in (cipher, mac) if a is not None) or "nothing"
-        sop = _HOST.structs["session_op"]()
+        sop = HOST_LAYOUT.structs["session_op"]()
         kbuf = ctypes.create_string_buffer(key, len(key) or 1)
         mbuf = ctypes.create_string_buffer(mackey, len(mackey) or 1)
         try:
@@ -449,9 +451,9 @@ class Session:
         self._dev = dev
         self.ses = ses
         self.algorithm = algorithm
-        self._cop = _HOST.structs["crypt_op"]()
+        self._cop = HOST_LAYOUT.structs["crypt_op"]()
         self._cop.ses = ses
-        self._caop = _HOST.structs["crypt_auth_op"]()
+        self._caop = HOST_LAYOUT.structs["crypt_auth_op"]()
         self._caop.ses = ses
         self._small = ctypes.create_string_buffer(AALG_MAX_RESULT_LEN * 2)  # IV, AAD, MAC
         self._small_addr = ctypes.addressof(self._small)
@@ -468,7 +470,7 @@ class Session:
 
     def info(self) -> SessionInfo:
         """CIOCGSESSINFO: the algorithms and drivers the kernel chose, and the hardware flag."""
-        siop = _HOST.structs["session_info_op"]()
+        siop = HOST_LAYOUT.structs["session_info_op"]()
         siop.ses = self.ses
         self._dev.ioctl("CIOCGSESSINFO", self.algorithm, siop)
 

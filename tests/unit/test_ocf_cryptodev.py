@@ -193,7 +193,7 @@ class _Recorder:
         self.calls.append((request, bytes(arg)))
         if self.err:
             raise OSError(self.err, os.strerror(self.err))
-        if request == oc._HOST.ioctls["CIOCGSESSION"]:
+        if request == oc.HOST_LAYOUT.ioctls["CIOCGSESSION"]:
             arg.ses = 0x1234
         return 0
 
@@ -204,8 +204,8 @@ def test_session_request_and_error_text() -> None:
     ses = dev.open_session(oc.Alg.AES_CBC, b"K" * 16)
     assert ses.ses == 0x1234 and ses.algorithm == "cbc(aes)"
     request, raw = rec.calls[0]
-    assert request == oc._HOST.ioctls["CIOCGSESSION"]
-    sop = oc._HOST.structs["session_op"].from_buffer_copy(raw)
+    assert request == oc.HOST_LAYOUT.ioctls["CIOCGSESSION"]
+    sop = oc.HOST_LAYOUT.structs["session_op"].from_buffer_copy(raw)
     assert (sop.cipher, sop.mac, sop.keylen, sop.mackeylen) == (11, 0, 16, 0)
     rec.err = 22
     with pytest.raises(oc.CryptodevError) as ei:

@@ -36,7 +36,7 @@ from oe_router.offload.engine import OpenRequest, SealRequest
 from oe_router.offload.procfs import parse_proc_crypto
 from oe_router.offload.software import SoftwareEngine
 
-IOCTL = {v: k for k, v in oc._HOST.ioctls.items()}
+IOCTL = {v: k for k, v in oc.HOST_LAYOUT.ioctls.items()}
 GCM, CBC = TRANSFORMS["aes128gcm16"], TRANSFORMS["aes256-sha256"]
 PROC_CRYPTO = """\
 name         : cbc(aes)
