@@ -27,15 +27,16 @@ FAULT_ENV = "OE_ROUTER_FAULT"
 class _Counter:
     """Seals done across one engine's ciphers (ciphers may run in different threads)."""
 
-    def __init__(self) -> None:
-        self._n = 0
+    def __init__(self, after: int) -> None:
+        self.n = 0
+        self.after = after
         self._lock = threading.Lock()
 
     def take(self, n: int) -> int:
         """Count ``n`` more seals; return how many were done before them."""
         with self._lock:
-            before = self._n
-            self._n += n
+            before = self.n
+            self.n += n
             return before
 
 
@@ -47,10 +48,9 @@ def _flip(sealed: bytes) -> bytes:
 
 
 class _FaultyCipher:
-    def __init__(self, inner: EspCipher, counter: _Counter, after: int) -> None:
+    def __init__(self, inner: EspCipher, counter: _Counter) -> None:
         self._inner = inner
         self._counter = counter
-        self._after = after
 
     @property
     def transform(self) -> Transform:
@@ -58,15 +58,15 @@ class _FaultyCipher:
 
     def seal(self, hdr: bytes, seq_hi: int | None, iv: bytes, plaintext: bytes) -> bytes:
         out = self._inner.seal(hdr, seq_hi, iv, plaintext)
-        return _flip(out) if self._counter.take(1) >= self._after else out
+        return _flip(out) if self._counter.take(1) >= self._counter.after else out
 
     def open(self, hdr: bytes, seq_hi: int | None, iv: bytes, sealed: bytes) -> bytes:
         return self._inner.open(hdr, seq_hi, iv, sealed)
 
     def seal_many(self, batch: Sequence[SealRequest]) -> list[bytes]:
         out = self._inner.seal_many(batch)
-        first = self._counter.take(len(out))
-        return [_flip(c) if first + i >= self._after else c for i, c in enumerate(out)]
+        first, after = self._counter.take(len(out)), self._counter.after
+        return [_flip(c) if first + i >= after else c for i, c in enumerate(out)]
 
     def open_many(self, batch: Sequence[OpenRequest]) -> list[bytes | None]:
         return self._inner.open_many(batch)
@@ -82,8 +82,7 @@ class FaultyEngine:
         if corrupt_after < 0:
             raise ValueError(f"{FAULT_ENV}: corrupt_after must be >= 0, got {corrupt_after}")
         self._inner = inner
-        self._after = corrupt_after
-        self._counter = _Counter()
+        self._counter = _Counter(corrupt_after)
 
     @property
     def name(self) -> str:
@@ -95,7 +94,17 @@ class FaultyEngine:
 
     @property
     def corrupt_after(self) -> int:
-        return self._after
+        return self._counter.after
+
+    @corrupt_after.setter
+    def corrupt_after(self, n: int) -> None:
+        """Move the trigger (a test arms the fault once the engine is proven and in use)."""
+        self._counter.after = n
+
+    @property
+    def seals(self) -> int:
+        """Seals done so far by all of this engine's ciphers."""
+        return self._counter.n
 
     def transforms(self) -> tuple[Transform, ...]:
         return self._inner.transforms()
@@ -104,9 +113,7 @@ class FaultyEngine:
         return self._inner.driver(transform)
 
     def cipher(self, transform: Transform, encr_key: bytes, integ_key: bytes = b"") -> EspCipher:
-        return _FaultyCipher(
-            self._inner.cipher(transform, encr_key, integ_key), self._counter, self._after
-        )
+        return _FaultyCipher(self._inner.cipher(transform, encr_key, integ_key), self._counter)
 
 
 def parse_faults(text: str) -> dict[str, int]:

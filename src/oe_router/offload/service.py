@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from oe_router.config import OeConfig
+from oe_router.config.schema import DEFAULT_ESP_PROPOSALS
 from oe_router.control.protocol import CommandTable, Request
 from oe_router.control.status import (
     EngineRate,
@@ -53,7 +54,7 @@ from .chooser import (
     proposal_order,
     size_range,
 )
-from .engine import Engine, EngineKind, Transform
+from .engine import TRANSFORMS, Engine, EngineKind, Transform
 from .measure import SIZES, Measurement, MeasureReport, measure_engine
 from .probe import EngineSpec, HostSnapshot, HotplugWatcher, discover, probe_host
 
@@ -82,25 +83,38 @@ class KatRunner(Protocol):
 class OffloadUpdate:
     """One publication: what the datapaths and IKE should use from now on.
 
-    ``table``: engine per transform and packet size (userspace datapath);
-    ``proposal``: the configured ESP proposals, fastest first, unusable ones left out;
+    ``table``: engine per transform and packet size (userspace datapath).
+
+    ``proposal``: the ESP proposal for the userspace datapath: ``esp_proposal`` as set
+    (without transforms no proven engine runs), or when it is not set the default list
+    fastest first by the table's 1400-byte engine (``offload auto``; other settings keep
+    the default order). ``kernel_proposal``: the same for the kernel datapath, ranked by
+    the kernel's own pick (engine ``afalg``) and without transforms whose kernel driver
+    failed. Transforms no engine here implements (``aes256-sha512``) stay in the kernel's
+    list: the kernel runs them and nothing here tested them.
+
     ``kernel_usable``: transforms whose kernel-picked driver passed its KAT (engine
     ``afalg``); ``kernel_checked`` is True once every transform AF_ALG runs here has a
     verdict. Until then (and always where AF_ALG is absent, which says nothing about the
-    kernel's drivers) the kernel datapath should keep its own list.
+    kernel's drivers) ``kernel_proposal`` leaves nothing out. ``kernel_failed``:
+    (transform, driver) of the kernel's picks that failed, for ``offload_demote``.
     """
 
     table: ChoiceTable
     proposal: tuple[str, ...]
     kernel_usable: frozenset[str]
     kernel_checked: bool = False
+    kernel_proposal: tuple[str, ...] = ()
+    kernel_failed: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "table": self.table.to_json(),
             "proposal": list(self.proposal),
+            "kernel_proposal": list(self.kernel_proposal),
             "kernel_usable": sorted(self.kernel_usable),
             "kernel_checked": self.kernel_checked,
+            "kernel_failed": [list(f) for f in self.kernel_failed],
         }
 
 
@@ -143,7 +157,8 @@ class OffloadService:
     """The daemon's ``offload`` service (see the module docstring).
 
     Parameters that tests and the lab turn: ``canary_interval`` (seconds between canary
-    rounds, 0 turns it off), ``measure_duration`` (seconds per measured case),
+    rounds, 0 turns it off; None: ``offload_canary`` from the config),
+    ``measure_duration`` (seconds per measured case),
     ``rescan_interval`` (hotplug rescan without pyudev; also a safety net with it),
     ``watch`` (False: no hotplug watching), and the I/O seams ``engine_factory``,
     ``snapshot`` and ``kat``.
@@ -152,7 +167,7 @@ class OffloadService:
     def __init__(
         self,
         *,
-        canary_interval: float = 10.0,
+        canary_interval: float | None = None,
         measure_duration: float = 0.3,
         sizes: Sequence[int] = SIZES,
         rescan_interval: float = 10.0,
@@ -163,7 +178,8 @@ class OffloadService:
         kat: KatRunner | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.canary_interval = canary_interval
+        self._canary_fixed = canary_interval
+        self.canary_interval = 10.0 if canary_interval is None else canary_interval
         self.measure_duration = measure_duration
         self.sizes = tuple(sizes)
         self._rescan_interval = rescan_interval
@@ -174,13 +190,14 @@ class OffloadService:
         self._kat = kat
         self._clock = clock
         self._offload = "auto"
-        self._candidates: tuple[str, ...] = ()
+        self._esp_proposals: tuple[str, ...] = ()
         self._engines: dict[str, _EngineState] = {}
         self._subscribers: list[Subscriber] = []
         self._update: OffloadUpdate | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._work = asyncio.Lock()
         self._watcher: HotplugWatcher | None = None
+        self._canary: asyncio.Task[Any] | None = None
         self._phase = "stopped"
         self._events: deque[str] = deque(maxlen=20)
         self._started_at = clock()
@@ -192,8 +209,7 @@ class OffloadService:
     # -- lifecycle ------------------------------------------------------------------
     async def start(self, config: OeConfig) -> None:
         """Software proven quickly and published; everything else in the background."""
-        self._offload = config.offload
-        self._candidates = tuple(config.ike.esp_proposals)
+        self._configure(config)
         self._started_at = self._clock()
         if self._kat is None:
             from .kat import run_kat
@@ -208,18 +224,26 @@ class OffloadService:
         self._publish()
         self._spawn(self._first_round())
         if self.canary_interval > 0:
-            self._spawn(self._canary_loop())
+            self._canary = self._spawn(self._canary_loop())
 
     async def reload(self, config: OeConfig) -> None:
-        changed = (config.offload, tuple(config.ike.esp_proposals)) != (
-            self._offload,
-            self._candidates,
-        )
-        self._offload = config.offload
-        self._candidates = tuple(config.ike.esp_proposals)
-        if changed:
+        before = (self._offload, self._esp_proposals, self.canary_interval)
+        self._configure(config)
+        if (self._offload, self._esp_proposals) != before[:2]:
             self._event(f"offload {self._offload}: choice recomputed")
             self._publish()
+        if self.canary_interval != before[2]:
+            if self._canary is not None:
+                self._canary.cancel()
+                self._canary = None
+            if self.canary_interval > 0:
+                self._canary = self._spawn(self._canary_loop())
+
+    def _configure(self, config: OeConfig) -> None:
+        self._offload = config.offload
+        self._esp_proposals = tuple(config.ike.esp_proposals)
+        if self._canary_fixed is None:
+            self.canary_interval = float(config.offload_canary)
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -286,13 +310,26 @@ class OffloadService:
         ms = self._measurements()
         table = choose(self._offload, list(self._engines), verdicts, ms)
         afalg = self._engines.get("afalg")
+        usable = frozenset(kernel_usable(verdicts))
+        checked = (
+            afalg is not None
+            and bool(afalg.transforms)
+            and all(t.name in afalg.verdicts for t in afalg.transforms)
+        )
+        proposal, kernel = self._proposals(table, ms, verdicts, usable, checked)
         update = OffloadUpdate(
             table=table,
-            proposal=proposal_order(table, ms, self._candidates),
-            kernel_usable=frozenset(kernel_usable(verdicts)),
-            kernel_checked=afalg is not None
-            and bool(afalg.transforms)
-            and all(t.name in afalg.verdicts for t in afalg.transforms),
+            proposal=proposal,
+            kernel_usable=usable,
+            kernel_checked=checked,
+            kernel_proposal=kernel,
+            kernel_failed=tuple(
+                (v.transform, afalg.drivers.get(v.transform, ""))
+                for v in afalg.verdicts.values()
+                if not v.passed
+            )
+            if afalg is not None
+            else (),
         )
         if update == self._update:
             return
@@ -302,6 +339,32 @@ class OffloadService:
             log.info("engine choice: %s", _describe(table))
         for callback in list(self._subscribers):
             self._notify(callback, update)
+
+    def _proposals(
+        self,
+        table: ChoiceTable,
+        ms: list[Measurement],
+        verdicts: list[Verdict],
+        usable: frozenset[str],
+        checked: bool,
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(userspace proposal, kernel proposal): see OffloadUpdate."""
+        explicit = bool(self._esp_proposals)
+        candidates = self._esp_proposals or DEFAULT_ESP_PROPOSALS
+        kernel_ok = tuple(
+            c for c in candidates if not checked or c not in TRANSFORMS or c in usable
+        )
+        if explicit or self._offload != "auto":
+            runs = {c.transform for c in table.choices if c.bands}
+            return tuple(c for c in candidates if c in runs), kernel_ok
+        if "afalg" not in self._engines:
+            return proposal_order(table, ms, candidates), kernel_ok
+        # ranked by the kernel's own pick only; transforms it has no verdict for go last
+        mine = [v for v in verdicts if v.engine == "afalg"]
+        kernel_table = choose("afalg", ["afalg"], mine, ms)
+        kernel_ranked = proposal_order(kernel_table, ms, kernel_ok)
+        untested = tuple(c for c in kernel_ok if c not in kernel_ranked)
+        return proposal_order(table, ms, candidates), kernel_ranked + untested
 
     # -- background work --------------------------------------------------------------
     async def _first_round(self) -> None:
