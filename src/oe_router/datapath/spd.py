@@ -130,15 +130,22 @@ class Spd:
         self._pos = 0
         self._index = 0
         self._cache_size = cache_size
-        # per direction: version -> [(dmask, {dnet: [entries by order]})]; None = stale
-        self._tables: dict[Direction, dict[int, list[tuple[int, dict[int, list[SpdEntry]]]]]]
-        self._tables = {}
-        self._cache: dict[Direction, dict[object, SpdEntry | None]] = {d: {} for d in _DIR_NUM}
-        self._fine: dict[Direction, bool] = dict.fromkeys(_DIR_NUM, False)
-        self._marked: dict[Direction, bool] = dict.fromkeys(_DIR_NUM, False)
+        # Enum members hash in Python (slow): per-direction state sits in attributes,
+        # found by identity, so a lookup hashes only its cache key.
+        self._in, self._out, self._fwd = _DirState(), _DirState(), _DirState()
+
+    def _dir(self, direction: Direction) -> _DirState:
+        if direction is _OUT:
+            return self._out
+        return self._in if direction is _IN else self._fwd
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def cached(self) -> int:
+        """Flow keys in the lookup caches (bounded by ``cache_size`` per direction)."""
+        return sum(len(st.cache) for st in (self._in, self._out, self._fwd))
 
     # -- changes --
     def install(self, policy: PolicySpec, *, now: float = 0.0) -> SpdEntry:
@@ -179,8 +186,9 @@ class Spd:
             self._changed(d)
 
     def _changed(self, direction: Direction) -> None:
-        self._tables.pop(direction, None)
-        self._cache[direction].clear()
+        st = self._dir(direction)
+        st.tables = None
+        st.cache.clear()
 
     def expire(self, now: float) -> list[PolicyExpire]:
         """Lifetimes by add time (soft once, hard removes), as the kernel's policy timer.
@@ -223,14 +231,15 @@ class Spd:
 
     def match(self, direction: Direction, flow: Flow, mark: int = 0) -> SpdEntry | None:
         """``lookup`` for the worker: the compiled entry (action, sa_key), cached."""
-        cache = self._cache[direction]
-        key: object = flow if self._fine[direction] else flow[:3]
-        if self._marked[direction]:
+        st = self._out if direction is _OUT else self._dir(direction)
+        key: object = flow if st.fine else flow[:3]
+        if st.marked:
             key = (key, mark)
+        cache = st.cache
         hit = cache.get(key, _MISS)
         if hit is not _MISS:
             return hit  # type: ignore[return-value]
-        e = self.search(direction, flow, mark)
+        e = self._search(st, direction, flow, mark)
         if len(cache) >= self._cache_size:
             cache.clear()
         cache[key] = e
@@ -238,13 +247,18 @@ class Spd:
 
     def search(self, direction: Direction, flow: Flow, mark: int = 0) -> SpdEntry | None:
         """The uncached lookup: a probe per destination prefix length in use."""
-        tables = self._tables.get(direction)
+        return self._search(self._dir(direction), direction, flow, mark)
+
+    def _search(
+        self, st: _DirState, direction: Direction, flow: Flow, mark: int
+    ) -> SpdEntry | None:
+        tables = st.tables
         if tables is None:
-            tables = self._build(direction)
+            tables = self._build(st, direction)
         best: SpdEntry | None = None
         best_order = 1 << 80
         version, src, dst, proto, sport, dport = flow
-        for dmask, buckets in tables.get(version, ()):
+        for dmask, buckets in tables[version]:
             candidates = buckets.get(dst & dmask)
             if candidates is None:
                 continue
@@ -262,9 +276,7 @@ class Spd:
                     break
         return best
 
-    def _build(
-        self, direction: Direction
-    ) -> dict[int, list[tuple[int, dict[int, list[SpdEntry]]]]]:
+    def _build(self, st: _DirState, direction: Direction) -> _Tables:
         by_len: dict[tuple[int, int], dict[int, list[SpdEntry]]] = {}
         fine = marked = False
         for e in self._entries.values():
@@ -273,16 +285,32 @@ class Spd:
             by_len.setdefault((e.version, e.dmask), {}).setdefault(e.dnet, []).append(e)
             fine = fine or bool(e.proto or e.sport_mask or e.dport_mask)
             marked = marked or bool(e.mark_m)
-        tables: dict[int, list[tuple[int, dict[int, list[SpdEntry]]]]] = {4: [], 6: []}
+        tables: _Tables = {4: [], 6: []}
         for (version, dmask), buckets in sorted(by_len.items(), key=lambda kv: -kv[0][1]):
             for lst in buckets.values():
                 lst.sort(key=lambda e: e.order)
             tables[version].append((dmask, buckets))
-        self._tables[direction] = tables
-        self._fine[direction] = fine
-        self._marked[direction] = marked
-        self._cache[direction].clear()
+        st.tables, st.fine, st.marked = tables, fine, marked
+        st.cache.clear()
         return tables
+
+
+_Tables = dict[int, list[tuple[int, dict[int, list[SpdEntry]]]]]
+_IN: Final = Direction.IN
+_OUT: Final = Direction.OUT
+
+
+class _DirState:
+    """One direction's lookup structures: version -> [(dmask, {dnet: entries by order})]
+    (None until the first lookup after a change), the result cache and its key shape."""
+
+    __slots__ = ("cache", "fine", "marked", "tables")
+
+    def __init__(self) -> None:
+        self.tables: _Tables | None = None
+        self.cache: dict[object, SpdEntry | None] = {}
+        self.fine = False
+        self.marked = False
 
 
 def _template_key(t: Template) -> tuple[int, int, int]:
