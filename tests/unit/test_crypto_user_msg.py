@@ -186,13 +186,28 @@ class TableCryptoUser(C.CryptoUser):
     def algorithms(self) -> tuple[C.CryptoUserAlg, ...]:
         return tuple(self.table.values())
 
-    def set_priority(self, driver: str, priority: int) -> C.CryptoUserAlg:
+    def _update(self, driver: str, priority: int) -> None:
         self.updates.append((driver, priority))
-        old = self.table[driver]
+        old = self.get_alg(driver)
         self.table[driver] = C.CryptoUserAlg(
             old.name, old.driver, old.module, priority, old.flags, old.refcnt, old.type
         )
-        return self.table[driver]
+
+
+def test_raising_a_driver_repicks_the_ones_it_now_outranks() -> None:
+    cu = TableCryptoUser(
+        alg("cbc-aes-aesni", 400), alg("virtio_crypto_aes_cbc", 150), alg("cbc(aes-generic)", 100),
+        alg("cbc-aes-faster", 900), alg("gcm-aes-aesni", 400, name="gcm(aes)"),
+    )  # fmt: skip
+    assert cu.set_priority("virtio_crypto_aes_cbc", 401).priority == 401
+    assert cu.updates == [
+        ("virtio_crypto_aes_cbc", 401),
+        ("cbc-aes-aesni", 400),  # same priority: only its instances (authenc(...)) go
+        ("cbc(aes-generic)", 100),
+    ]
+    cu.updates.clear()
+    cu.set_priority("virtio_crypto_aes_cbc", 150, repick=False)
+    assert cu.updates == [("virtio_crypto_aes_cbc", 150)]
 
 
 def test_lower_priority_goes_one_below_the_best_other_implementation() -> None:

@@ -364,16 +364,32 @@ class CryptoUser:
         usable = [a for a in self.algorithms() if a.name == name and a.usable]
         return sorted(usable, key=lambda a: -a.priority)
 
-    def set_priority(self, driver: str, priority: int) -> CryptoUserAlg:
+    def set_priority(self, driver: str, priority: int, *, repick: bool = True) -> CryptoUserAlg:
         """Give ``driver`` a new priority; returns it as the kernel now reports it.
 
-        The kernel also tears down template instances built on the driver
-        ("authenc(...,<driver>)"), so the next user of a composed name picks again;
-        transforms already bound (live SAs, open AF_ALG sockets) keep their driver.
+        UPDATEALG tears down the template instances built on the driver it changes
+        ("authenc(...,<driver>)", "seqiv(<driver>)"), so composed names pick again when
+        next asked; transforms already bound (live SAs, open AF_ALG sockets) keep theirs.
+        It does not touch instances built on the drivers this one now outranks, which
+        would keep serving composed names: with ``repick`` each of those gets an
+        UPDATEALG to its own priority, as the kernel itself does when a better driver
+        registers (crypto_alg_finish_registration).
         """
+        self._update(driver, priority)
+        now = self.get_alg(driver)
+        if repick:
+            for other in self.implementations(now.name):
+                if other.driver != driver and other.priority <= now.priority:
+                    try:
+                        self._update(other.driver, other.priority)
+                    except CryptoUserError as exc:
+                        if exc.errno != errno.ENOENT:  # gone meanwhile: nothing to re-pick
+                            raise
+        return now
+
+    def _update(self, driver: str, priority: int) -> None:
         msg = build(CRYPTO_MSG_UPDATEALG, driver=driver, priority=priority)
         self._request(msg, NLM_F_REQUEST | NLM_F_ACK, driver, "setting the priority of")
-        return self.get_alg(driver)
 
     def lower_priority(self, driver: str, below: str | None = None) -> CryptoUserAlg:
         """Move the kernel's pick off ``driver``: one below ``below`` (a driver of the same
@@ -402,7 +418,7 @@ class CryptoUser:
             raise CryptoUserError(
                 f"crypto driver {driver!r}: {ref.driver!r} has priority 0, nothing ranks below"
             )
-        return self.set_priority(driver, ref.priority - 1)
+        return self.set_priority(driver, ref.priority - 1, repick=False)
 
 
 # --- one-shot helpers (a socket per call) -------------------------------------------------
@@ -412,10 +428,10 @@ def get_alg(driver: str) -> CryptoUserAlg:
         return cu.get_alg(driver)
 
 
-def set_priority(driver: str, priority: int) -> CryptoUserAlg:
-    """Set one driver's priority (UPDATEALG with CRYPTOCFGA_PRIORITY_VAL)."""
+def set_priority(driver: str, priority: int, *, repick: bool = True) -> CryptoUserAlg:
+    """Set one driver's priority (UPDATEALG with CRYPTOCFGA_PRIORITY_VAL; see CryptoUser)."""
     with CryptoUser() as cu:
-        return cu.set_priority(driver, priority)
+        return cu.set_priority(driver, priority, repick=repick)
 
 
 def lower_priority(driver: str, below: str | None = None) -> CryptoUserAlg:
