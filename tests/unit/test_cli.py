@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from oe_router.cli import main, render_status
+from oe_router.cli import main, render_offload, render_status
 from oe_router.control import (
     CommandTable,
     ControlServer,
@@ -28,6 +28,73 @@ from oe_router.control import (
 )
 
 GOOD = "config oe 'global'\n\toption enabled '1'\n\toption log_level 'info'\n"
+
+
+def _rates(*mbit: float) -> list[dict[str, float]]:
+    return [
+        {"size": size, "mbit_s": m, "ns_per_packet": round(size * 8e3 / m, 1)}
+        for size, m in zip((64, 512, 1400), mbit, strict=True)
+    ]
+
+
+# The `offload` command's reply as a daemon on the lab router (TCG, virtio-crypto) sends
+# it, trimmed to two transforms: virtio slower than the CPU, one driver failing.
+OFFLOAD_DOC: dict[str, object] = {
+    "offload": "auto",
+    "phase": "ready",
+    "canary_interval_s": 10.0,
+    "watch": "rescan",
+    "engines": [
+        {"name": "software", "driver": "openssl", "kind": "cpu", "proven": True,
+         "selected": True, "mbit_s": 612.0, "hardware": False, "state": "ready", "reason": "",
+         "transforms": [
+             {"transform": "aes256gcm16", "driver": "openssl", "kat": "passed", "reason": "",
+              "rates": _rates(41.0, 301.5, 612.0), "in_use_for": "<=511"},
+             {"transform": "aes256-sha256", "driver": "openssl", "kat": "passed", "reason": "",
+              "rates": _rates(20.1, 140.2, 250.3), "in_use_for": "all"}],
+         "in_use_for": ["aes256gcm16@<=511", "aes256-sha256@all"]},
+        {"name": "afalg", "driver": "rfc4106-gcm-aesni, cbc-aes-aesni", "kind": "cpu",
+         "proven": True, "selected": True, "mbit_s": 701.0, "hardware": False,
+         "state": "ready", "reason": "",
+         "transforms": [
+             {"transform": "aes256gcm16", "driver": "rfc4106-gcm-aesni", "kat": "passed",
+              "reason": "", "rates": _rates(30.2, 290.0, 701.0), "in_use_for": ">=512"},
+             {"transform": "aes256-sha256", "driver": "cbc-aes-aesni", "kat": "failed",
+              "reason": "canary: known-answer test failed: case 2: ciphertext differs",
+              "rates": _rates(15.0, 120.0, 230.0), "in_use_for": ""}],
+         "in_use_for": ["aes256gcm16@>=512"]},
+        {"name": "afalg:virtio_crypto_aes_cbc", "driver": "virtio_crypto_aes_cbc",
+         "kind": "hardware", "proven": True, "selected": False, "mbit_s": 71.9,
+         "hardware": True, "state": "ready", "reason": "",
+         "transforms": [
+             {"transform": "aes256-sha256", "driver": "virtio_crypto_aes_cbc", "kat": "passed",
+              "reason": "", "rates": _rates(4.2, 33.0, 71.9), "in_use_for": ""}],
+         "in_use_for": []},
+        {"name": "cryptodev", "driver": "", "kind": "cpu", "proven": False, "selected": False,
+         "mbit_s": None, "hardware": False, "state": "failed",
+         "reason": "cannot open: EngineError: /dev/crypto: Permission denied",
+         "transforms": [], "in_use_for": []},
+    ],
+    "table": {
+        "offload": "auto",
+        "transforms": {
+            "aes256gcm16": {"bands": [{"engine": "software", "max_size": 511},
+                                      {"engine": "afalg", "max_size": None}],
+                            "verified": ["afalg", "software"]},
+            "aes256-sha256": {"bands": [{"engine": "software", "max_size": None}],
+                              "verified": ["software", "afalg:virtio_crypto_aes_cbc"]},
+        },
+        "notes": ["afalg is not used for aes256-sha256: canary: known-answer test failed: "
+                  "case 2: ciphertext differs"],
+    },
+    "proposal": ["aes256gcm16", "aes256-sha256"],
+    "kernel_proposal": ["aes256gcm16"],
+    "kernel_usable": ["aes256gcm16"],
+    "kernel_checked": True,
+    "kernel_failed": [["aes256-sha256", "cbc-aes-aesni"]],
+    "events": ["+41.2s afalg off aes256-sha256: canary: known-answer test failed: case 2: "
+               "ciphertext differs"],
+}  # fmt: skip
 
 
 def _status() -> Status:
@@ -56,7 +123,9 @@ def _status() -> Status:
                 2000,
                 packets_in=10,
                 packets_out=20,
+                engine="afalg:virtio_crypto_aes_cbc",
             ),
+            TunnelStatus("kernel.example", "192.0.2.1", "198.51.100.8", "established"),
         ),
         shunts=(ShuntStatus("203.0.113.9/32", "clear", "no IPSECKEY", 600.0),),
         engines=(EngineStatus("cbc(aes)", "cbc-aes-aesni", "af_alg", True, True, 900.0),),
@@ -71,12 +140,15 @@ class FakeDaemon:
     def __init__(self, path: Path, reload_result: ReloadResult) -> None:
         self.path = path
         self.reload_result = reload_result
+        self.calls: list[str] = []
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.stop = threading.Event()
         table = CommandTable()
         table.register("status", self._status)
         table.register("reload", self._reload)
+        table.register("offload", self._offload)
+        table.register("offload-bench", self._offload_bench)
         self.server = ControlServer(path, table)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -85,6 +157,14 @@ class FakeDaemon:
 
     async def _reload(self, req: Request) -> dict[str, object]:
         return {"reload": self.reload_result.to_json()}
+
+    async def _offload(self, req: Request) -> dict[str, object]:
+        self.calls.append("offload")
+        return {"offload": OFFLOAD_DOC}
+
+    async def _offload_bench(self, req: Request) -> dict[str, object]:
+        self.calls.append("offload-bench")
+        return {"offload": {**OFFLOAD_DOC, "events": ["+99.0s bench: measured again"]}}
 
     def _run(self) -> None:
         async def go() -> None:
@@ -130,7 +210,7 @@ def test_status_table_and_json_from_a_running_server(
         table = capsys.readouterr().out
         assert main(["--socket", str(sock), "status", "--json"]) == 0
         doc = json.loads(capsys.readouterr().out)
-    assert "tunnels (1)" in table and "www.example.org" in table and "AES_GCM_16_256" in table
+    assert "tunnels (2)" in table and "www.example.org" in table and "AES_GCM_16_256" in table
     assert "shunts (1)" in table and "no IPSECKEY" in table
     assert "engines (1)" in table and "cbc-aes-aesni" in table
     assert "generation 2" in table and "datapath  userspace-esp" in table
@@ -264,3 +344,100 @@ def test_socket_comes_from_the_config_file_unless_given(
     broken.write_text("config oe 'global'\n\toption log_level 'loud'\n")
     assert main(["--config", str(broken), "status"]) == 2
     assert "no socket at /var/run/oe/control.sock" in capsys.readouterr().err
+
+
+def test_status_shows_the_engine_per_tunnel_and_the_richer_engines_table() -> None:
+    text = render_status(_status())
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("peer "))
+    assert header.split()[:8] == [
+        "peer", "local", "remote", "state", "policy", "transform", "engine", "up"
+    ]  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[1:] if line.strip()}
+    assert rows["www.example.org"][6] == "afalg:virtio_crypto_aes_cbc"
+    assert rows["kernel.example"][4] == "-"  # no policy, no transform: "-" for the engine
+    # engines from a full offload document: hardware?, KAT summary, best 1400, in use for
+    engines = tuple(EngineStatus.from_json(e) for e in OFFLOAD_DOC["engines"])  # type: ignore[attr-defined]
+    status = Status.merge(_status().daemon, [StatusContribution(engines=engines)])
+    lines = render_status(status).splitlines()
+    start = lines.index("engines (4)")
+    table = lines[start + 1 : start + 6]
+    assert table[0].split() == ["name", "driver", "hw", "state", "KAT", "Mbit/s@1400", "in",
+                                "use", "for"]  # fmt: skip
+    by = {line.split()[0]: line for line in table[1:]}
+    assert (
+        "2/2 passed" in by["software"] and "aes256gcm16@<=511, aes256-sha256@all" in by["software"]
+    )
+    assert "1/2 passed" in by["afalg"] and " 701 " in by["afalg"]
+    assert " yes " in by["afalg:virtio_crypto_aes_cbc"] and by[
+        "afalg:virtio_crypto_aes_cbc"
+    ].endswith(" -")
+    assert " failed " in by["cryptodev"]
+    assert "  cryptodev: cannot open: EngineError: /dev/crypto: Permission denied" in lines
+
+
+def test_render_offload_from_a_recorded_document() -> None:
+    text = render_offload(json.loads(json.dumps(OFFLOAD_DOC)))
+    lines = text.splitlines()
+    assert lines[0] == "offload auto  phase ready  canary every 10s  hotplug rescan"
+    head = lines.index("engines (4)") + 1
+    assert lines[head].split() == ["engine", "driver", "hw", "transform", "KAT", "Mbit/s@64",
+                                   "Mbit/s@512", "Mbit/s@1400", "in", "use", "for"]  # fmt: skip
+    rows = [line.split() for line in lines[head + 1 : head + 7]]
+    assert rows == [
+        ["software", "openssl", "no", "aes256gcm16", "passed", "41", "302", "612", "<=511"],
+        ["software", "openssl", "no", "aes256-sha256", "passed", "20", "140", "250", "all"],
+        ["afalg", "rfc4106-gcm-aesni", "no", "aes256gcm16", "passed", "30", "290", "701", ">=512"],
+        ["afalg", "cbc-aes-aesni", "no", "aes256-sha256", "FAILED", "15", "120", "230", "-"],
+        ["afalg:virtio_crypto_aes_cbc", "virtio_crypto_aes_cbc", "yes", "aes256-sha256",
+         "passed", "4", "33", "72", "-"],
+        ["cryptodev", "-", "no", "-", "failed", "-", "-", "-", "-"],
+    ]  # fmt: skip
+    assert "  cryptodev: cannot open: EngineError: /dev/crypto: Permission denied" in lines
+    assert (
+        "  afalg aes256-sha256: canary: known-answer test failed: case 2: ciphertext differs"
+        in lines
+    )
+    assert "esp proposal  aes256gcm16, aes256-sha256" in lines
+    assert "kernel drivers pass  aes256gcm16" in lines
+    assert lines[-2] == "events"
+    # an old daemon's document without any detail still renders
+    assert "engines (0)" in render_offload({"offload": "off"})
+
+
+def test_oe_offload_table_json_and_bench_against_a_running_server(
+    sock: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with FakeDaemon(sock, ReloadResult(True, 3)) as fake:
+        assert main(["--socket", str(sock), "offload"]) == 0
+        table = capsys.readouterr().out
+        assert main(["--socket", str(sock), "offload", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert main(["--socket", str(sock), "offload", "bench"]) == 0
+        bench = capsys.readouterr().out
+        calls = list(fake.calls)
+    assert table == render_offload(OFFLOAD_DOC) + "\n"
+    assert doc == json.loads(json.dumps(OFFLOAD_DOC))
+    assert calls == ["offload", "offload", "offload-bench"]
+    assert "+99.0s bench: measured again" in bench and "engines (4)" in bench
+
+
+def test_oe_offload_against_a_daemon_without_it_is_one_line_exit_1(
+    sock: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = CommandTable()
+    table.register("status", lambda req: asyncio.sleep(0, {"status": {}}))
+    loop = asyncio.new_event_loop()
+    server = ControlServer(sock, table)
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        rc = main(["--socket", str(sock), "offload"])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(server.stop())
+        loop.close()
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith("oe: unknown command 'offload'") and err.count("\n") == 1

@@ -13,6 +13,7 @@ from oe_router.control import (
     StatusContribution,
     TunnelStatus,
 )
+from oe_router.control.status import EngineRate, EngineTransformStatus
 
 
 def _daemon(**kw: object) -> DaemonStatus:
@@ -97,3 +98,61 @@ def test_json_round_trip_through_text_gives_the_same_model() -> None:
     back = Status.from_json(json.loads(text))
     assert back == status
     assert back.daemon.last_reload == ReloadResult(False, 3, ("oe.main.log_level: bad",), 10.0)
+
+
+def test_engine_detail_and_tunnel_engine_round_trip_through_json() -> None:
+    engine = EngineStatus(
+        "afalg:virtio_crypto_aes_cbc",
+        "virtio_crypto_aes_cbc",
+        "hardware",
+        True,
+        True,
+        250.0,
+        hardware=True,
+        state="ready",
+        transforms=(
+            EngineTransformStatus(
+                "aes256-sha256",
+                "virtio_crypto_aes_cbc",
+                "passed",
+                rates=(EngineRate(64, 20.0, 25600.0), EngineRate(1400, 250.0, 44800.0)),
+                in_use_for=">=512",
+            ),
+            EngineTransformStatus("aes128-sha256", kat="failed", reason="canary: case 2"),
+        ),
+        in_use_for=("aes256-sha256@>=512",),
+    )
+    tunnel = TunnelStatus("p", "10.0.0.1", "10.0.0.2", "established", engine=engine.name)
+    status = Status.merge(_daemon(), [StatusContribution(tunnels=(tunnel,), engines=(engine,))])
+    doc = json.loads(json.dumps(status.to_json()))
+    assert doc["engines"][0]["transforms"][0]["rates"][1] == {
+        "size": 1400,
+        "mbit_s": 250.0,
+        "ns_per_packet": 44800.0,
+    }
+    assert doc["tunnels"][0]["engine"] == "afalg:virtio_crypto_aes_cbc"
+    assert Status.from_json(doc) == status
+
+
+def test_documents_of_older_and_newer_daemons_both_read() -> None:
+    """Older: no engine detail, no tunnel engine (defaults). Newer: fields this reader
+    does not know yet (ignored)."""
+    old = Status.merge(_daemon(), []).to_json()
+    old["engines"] = [
+        {"name": "sw", "driver": "cryptography", "kind": "software", "proven": True,
+         "selected": False, "mbit_s": None}
+    ]  # fmt: skip
+    old["tunnels"] = [{"peer": "p", "local": "a", "remote": "b", "state": "up"}]
+    back = Status.from_json(old)
+    assert back.engines[0] == EngineStatus("sw", "cryptography", "software", True)
+    assert back.engines[0].transforms == () and back.tunnels[0].engine == ""
+    new = json.loads(json.dumps(old))
+    new["engines"][0]["queue_depth"] = 4
+    new["engines"][0]["transforms"] = [{"transform": "x", "kat": "passed", "future": 1,
+                                        "rates": [{"size": 64, "mbit_s": 1.0,
+                                                   "ns_per_packet": 2.0, "p99": 3}]}]  # fmt: skip
+    new["tunnels"][0]["worker"] = 2
+    new["shunts"] = [{"destination": "d", "kind": "clear", "origin": "dns"}]
+    back = Status.from_json(new)
+    assert back.engines[0].transforms[0].rates[0].mbit_s == 1.0
+    assert back.tunnels[0].peer == "p" and back.shunts[0].kind == "clear"

@@ -7,6 +7,8 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
+import pytest
+
 from oe_router.offload.engine import (
     TRANSFORMS,
     EngineError,
@@ -61,7 +63,9 @@ class _Recorder:
 def test_packets_time_and_rates_on_a_controlled_clock() -> None:
     ticks = iter(i * 0.1 for i in range(1000))
     cipher = _Recorder(CBC)
-    m = measure_cipher(cipher, 1400, engine="x", duration=0.35, batch=8, clock=lambda: next(ticks))
+    m = measure_cipher(
+        cipher, 1400, engine="x", duration=0.35, batch=8, repeats=1, clock=lambda: next(ticks)
+    )
     # clock: start 0.0, then one reading per batch: 0.1 0.2 0.3 0.4 -> 4 timed batches
     assert (m.packets, m.seconds) == (32, 0.4)
     assert len(cipher.batches) == 5  # one untimed warm-up batch first
@@ -72,6 +76,16 @@ def test_packets_time_and_rates_on_a_controlled_clock() -> None:
     assert len(req.plaintext) == padded_plaintext_len(CBC, 1400) == 1408
     assert len(req.iv) == CBC.iv_len and len(req.hdr) == 8
     assert len({r.iv for r in cipher.batches[0]}) == 8  # distinct IVs in a batch
+
+
+def test_the_fastest_of_the_rounds_is_kept() -> None:
+    # rounds of 0.2 s each: in round 1 one batch takes 0.3 s (disturbed), round 2 does
+    # 4 batches in 0.2 s
+    times = iter([0.0, 0.3, 1.0, 1.05, 1.1, 1.15, 1.2])
+    m = measure_cipher(
+        _Recorder(CBC), 64, engine="x", duration=0.4, batch=2, repeats=2, clock=lambda: next(times)
+    )
+    assert m.packets == 8 and m.seconds == pytest.approx(0.2)
 
 
 def test_open_is_measured_on_what_the_cipher_sealed() -> None:
@@ -92,11 +106,13 @@ def test_the_software_engine_measures_every_transform_at_every_size() -> None:
     got = {(m.transform, m.size, m.op) for m in report.measurements}
     assert got == {(t, s, op) for t in TRANSFORMS for s in SIZES for op in ("seal", "open")}
     for m in report.measurements:
-        assert m.engine == "software" and m.packets >= 16 and m.seconds >= 0.01
+        # the best of 3 rounds of 0.01/3 s each
+        assert m.engine == "software" and m.packets >= 16 and m.seconds >= 0.01 / 3
         assert 0 < m.mbit_s < 1e6 and m.ns_per_packet > 0
         parts = cpu_breakdown(m)
         assert parts["user"] + parts["sys"] + parts["wait"] >= parts["wall"] * 0.999
-        assert parts["user"] > 0  # OpenSSL and Python run in user mode
+    # OpenSSL and Python run in user mode (getrusage counts in scheduler ticks: summed)
+    assert sum(m.user_s for m in report.measurements) > 0
     back = Measurement.from_json(report.measurements[0].to_json())
     assert back == report.measurements[0]
 

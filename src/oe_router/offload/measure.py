@@ -141,12 +141,16 @@ def measure_cipher(
     duration: float = 0.3,
     batch: int = 16,
     op: str = "seal",
+    repeats: int = 3,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Measurement:
-    """Run ``op`` on batches of ``batch`` packets until ``duration`` seconds have passed.
+    """Run ``op`` on batches of ``batch`` packets for ``duration`` seconds in all, split
+    into ``repeats`` rounds; the fastest round is the result.
 
     One untimed batch first: the first request may instantiate a kernel template or
-    fault pages in, which is not what a running datapath pays.
+    fault pages in, which is not what a running datapath pays. The fastest round, because
+    what slows a round down on a router is something else running (the datapath itself,
+    the other core's work), not the engine: the least disturbed round is the engine's.
     """
     t = cipher.transform
     seals = _requests(t, size, batch)
@@ -164,28 +168,34 @@ def measure_cipher(
     else:
         raise ValueError(f"measure: op {op!r} is not seal or open")
     run()
-    packets = 0
-    user0, sys0 = _cpu()
-    start = clock()
-    end = start + duration
-    now = start
-    while True:
-        run()
-        packets += batch
-        now = clock()
-        if now >= end:
-            break
-    user1, sys1 = _cpu()
-    return Measurement(
-        engine=engine,
-        transform=t.name,
-        size=size,
-        op=op,
-        packets=packets,
-        seconds=now - start,
-        user_s=user1 - user0,
-        sys_s=sys1 - sys0,
-    )
+    best: Measurement | None = None
+    for _ in range(max(1, repeats)):
+        packets = 0
+        user0, sys0 = _cpu()
+        start = clock()
+        end = start + duration / max(1, repeats)
+        now = start
+        while True:
+            run()
+            packets += batch
+            now = clock()
+            if now >= end:
+                break
+        user1, sys1 = _cpu()
+        m = Measurement(
+            engine=engine,
+            transform=t.name,
+            size=size,
+            op=op,
+            packets=packets,
+            seconds=now - start,
+            user_s=user1 - user0,
+            sys_s=sys1 - sys0,
+        )
+        if best is None or m.ns_per_packet < best.ns_per_packet:
+            best = m
+    assert best is not None
+    return best
 
 
 def measure_engine(
