@@ -190,11 +190,12 @@ def _render_ike(status: Status) -> list[str]:
 
 def _kat_summary(e: EngineStatus) -> str:
     """``5/5 passed``, ``3/5 passed`` or, from a daemon that sends no detail, yes/no."""
-    if not e.transforms:
+    runs = [t for t in e.transforms if t.kat != "unsupported"]
+    if not runs:
         return "passed" if e.proven else "-"
-    passed = sum(t.kat == "passed" for t in e.transforms)
-    pending = sum(t.kat == "pending" for t in e.transforms)
-    text = f"{passed}/{len(e.transforms)} passed"
+    passed = sum(t.kat == "passed" for t in runs)
+    pending = sum(t.kat == "pending" for t in runs)
+    text = f"{passed}/{len(runs)} passed"
     return text + (f", {pending} pending" if pending else "")
 
 

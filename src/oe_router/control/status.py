@@ -107,7 +107,8 @@ class EngineTransformStatus:
     """One transform on one engine: the driver, the known-answer verdict, the numbers.
 
     ``kat`` is ``passed``, ``failed`` (``reason`` says why: a KAT case, the canary, the
-    datapath's report) or ``pending``; ``in_use_for`` the packet sizes the chooser gives
+    datapath's report), ``pending``, or ``unsupported`` (the engine does not run it here;
+    ``reason`` says why); ``in_use_for`` the packet sizes the chooser gives
     this engine for this transform (``all``, ``<=511``, ``>=512``; "" when none).
     """
 

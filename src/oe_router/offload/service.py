@@ -127,6 +127,8 @@ class _EngineState:
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
         self.engine: Engine | None = None
+        self.kind = spec.kind
+        self.why_not: dict[str, str] = {}  # transform -> why the engine cannot run it here
         self.state = "proving"
         self.reason = ""
         self.transforms: tuple[Transform, ...] = ()
@@ -427,15 +429,10 @@ class OffloadService:
         if st.engine is None:
             try:
                 st.engine = await asyncio.to_thread(self._factory, st.name)
-                st.transforms = await asyncio.to_thread(st.engine.transforms)
+                await asyncio.to_thread(self._describe_engine, st, st.engine)
             except Exception as exc:
                 self._fail_engine(st, f"cannot open: {type(exc).__name__}: {exc}")
                 return
-            for t in st.transforms:
-                try:
-                    st.drivers[t.name] = st.engine.driver(t)
-                except Exception:
-                    st.drivers[t.name] = st.spec.driver(t.name)
         for t in st.transforms:
             if self._engines.get(st.name) is not st:
                 return  # unplugged meanwhile
@@ -448,6 +445,32 @@ class OffloadService:
         if not st.transforms and not st.reason:
             st.reason = "runs none of the ESP transforms here"
             st.state = "failed"
+
+    @staticmethod
+    def _describe_engine(st: _EngineState, engine: Engine) -> None:
+        """What the engine runs, on which drivers, of which kind (blocking: a thread).
+
+        Read once: an AF_ALG engine binds each transform to find out, and ``kind`` reads
+        /proc/crypto; ``oe status`` must not do either on the event loop.
+        """
+        st.transforms = tuple(engine.transforms())
+        runs = {t.name for t in st.transforms}
+        for t in st.transforms:
+            try:
+                st.drivers[t.name] = engine.driver(t)
+            except Exception:
+                st.drivers[t.name] = st.spec.driver(t.name)
+        why = getattr(engine, "why_not", None)
+        for name in st.spec.transforms:
+            if name not in runs:
+                reason = why(TRANSFORMS[name]) if callable(why) else ""
+                st.why_not[name] = str(reason or "this engine does not run it here")
+        try:
+            kind = engine.kind
+        except Exception:
+            kind = st.spec.kind
+        if kind is EngineKind.HARDWARE:
+            st.kind = kind
 
     async def _run_kat(self, st: _EngineState, t: Transform, *, quick: bool) -> Verdict:
         assert st.engine is not None and self._kat is not None
@@ -586,11 +609,13 @@ class OffloadService:
                         in_use_for=",".join(uses),
                     )
                 )
+            rows += [
+                EngineTransformStatus(transform=name, kat="unsupported", reason=why)
+                for name, why in st.why_not.items()
+            ]
             in_use = table.in_use_for(st.name)
             drivers = list(dict.fromkeys(d for d in st.drivers.values() if d))
-            hardware = st.spec.kind is EngineKind.HARDWARE or (
-                st.engine is not None and st.engine.kind is EngineKind.HARDWARE
-            )
+            hardware = st.kind is EngineKind.HARDWARE
             out.append(
                 EngineStatus(
                     name=st.name,
