@@ -210,7 +210,10 @@ MESSAGES: Final = (
 
 def msg_type(nfqnl: int) -> int:
     """The nlmsg_type of an NFQNL message: subsystem in the high byte."""
-    return (NFNL_SUBSYS_QUEUE << 8) | nfqnl
+    return int(NFNL_SUBSYS_QUEUE << 8) | nfqnl
+
+
+_PACKET_TYPE: Final = msg_type(NFQNL_MSG_PACKET)
 
 
 # --- errors ------------------------------------------------------------------------
@@ -223,7 +226,9 @@ class NfQueueMessageError(ValueError):
 
 
 # --- encoding (through the pyroute2 classes) ---------------------------------------
-def _encode(cls: type, nfqnl: int, queue: int, attrs: list[list[Any]], flags: int, seq: int) -> bytes:
+def _encode(
+    cls: type, nfqnl: int, queue: int, attrs: list[list[Any]], flags: int, seq: int
+) -> bytes:
     msg = cls()
     msg["nfgen_family"] = socket.AF_UNSPEC
     msg["version"] = NFNETLINK_V0
@@ -310,8 +315,12 @@ def _attr_decoders(
     out: dict[int, tuple[str, Callable[[bytes], Any], int]] = {}
     for atype, name, kind in table:
         if kind in _SCALARS:
-            st = _SCALARS[kind]
-            out[atype] = (name, lambda b, st=st: st.unpack_from(b)[0], st.size)
+            scalar = _SCALARS[kind]
+
+            def one(b: bytes, st: struct.Struct = scalar) -> Any:
+                return st.unpack_from(b)[0]
+
+            out[atype] = (name, one, scalar.size)
         elif kind == "cdata":
             out[atype] = (name, bytes, 0)
         else:
@@ -357,7 +366,9 @@ class QueuedPacket:
         return self.length > len(self.payload)
 
 
-def iter_messages(buf: bytes | memoryview, size: int | None = None) -> Iterable[tuple[int, int, int, int]]:
+def iter_messages(
+    buf: bytes | memoryview, size: int | None = None
+) -> Iterable[tuple[int, int, int, int]]:
     """(type, flags, offset, length) of each netlink message in ``buf[:size]``.
 
     Raises NfQueueMessageError on a header that does not fit or lies about its length.
@@ -393,7 +404,9 @@ def _attrs(buf: bytes | memoryview, start: int, end: int) -> dict[int, bytes]:
     return out
 
 
-def decode_packet(buf: bytes | memoryview, offset: int = 0, length: int | None = None) -> QueuedPacket:
+def decode_packet(
+    buf: bytes | memoryview, offset: int = 0, length: int | None = None
+) -> QueuedPacket:
     """Parse one NFQNL_MSG_PACKET message starting at ``offset``; NfQueueMessageError if bad."""
     if length is None:
         if len(buf) - offset < NLMSGHDR.size:
@@ -402,7 +415,7 @@ def decode_packet(buf: bytes | memoryview, offset: int = 0, length: int | None =
     if length < NLMSGHDR.size + NFGENMSG.size or offset + length > len(buf):
         raise NfQueueMessageError(f"NFQUEUE packet message of {length} bytes does not fit")
     mtype = NLMSGHDR.unpack_from(buf, offset)[1]
-    if mtype != msg_type(NFQNL_MSG_PACKET):
+    if mtype != _PACKET_TYPE:
         raise NfQueueMessageError(f"message type {mtype:#x} is not an NFQUEUE packet")
     family, _version, res_id = NFGENMSG.unpack_from(buf, offset + NLMSGHDR.size)
     queue = socket.ntohs(res_id)
@@ -438,13 +451,22 @@ def decode_packet(buf: bytes | memoryview, offset: int = 0, length: int | None =
 
 
 def packet_id_of(buf: bytes | memoryview, offset: int, length: int) -> int | None:
-    """Best-effort packet id of a message that failed to parse (so it can be dropped)."""
-    try:
-        raw = _attrs(buf, offset + NLMSGHDR.size + NFGENMSG.size, offset + length)
-    except NfQueueMessageError:
-        raw = {}
-    hdr = raw.get(NFQA_PACKET_HDR, b"")
-    return struct.unpack_from(">I", hdr)[0] if len(hdr) >= 4 else None
+    """Best-effort packet id of a message that failed to parse (so it can be dropped).
+
+    Walks the attributes up to the first one that does not fit: the kernel puts
+    NFQA_PACKET_HDR first, so a truncated or corrupted tail still yields the id.
+    """
+    off, end = offset + NLMSGHDR.size + NFGENMSG.size, min(offset + length, len(buf))
+    while off + NLATTR.size <= end:
+        alen, atype = NLATTR.unpack_from(buf, off)
+        if alen < NLATTR.size:
+            return None
+        if atype & 0x3FFF == NFQA_PACKET_HDR:
+            return (
+                struct.unpack_from(">I", buf, off + 4)[0] if alen >= 8 and off + 8 <= end else None
+            )
+        off += (alen + 3) & ~3
+    return None
 
 
 # --- kernel errno -> what it means for a queue -------------------------------------
@@ -530,7 +552,9 @@ class NfQueue:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
             sock.settimeout(timeout)
             self._sock = sock
-            self._request("bind", encode_config(self.num, command=NFQNL_CFG_CMD_BIND, seq=self._next_seq()))
+            self._request(
+                "bind", encode_config(self.num, command=NFQNL_CFG_CMD_BIND, seq=self._next_seq())
+            )
             self._request(
                 "configuration",
                 encode_config(
@@ -548,6 +572,11 @@ class NfQueue:
             self._sock = None
             sock.close()
             raise
+
+    def attach(self, sock: socket.socket) -> None:
+        """Use a socket that is already bound to this queue (inherited, or a test's pair)."""
+        sock.setblocking(False)
+        self._sock = sock
 
     def close(self) -> None:
         """Unbind (the kernel then drops what we still hold, or accepts it if fail-open)."""
@@ -588,7 +617,9 @@ class NfQueue:
                 if exc.errno == errno.ENOBUFS:
                     self.overruns += 1
                     continue
-                raise NfQueueError(exc.errno, f"NFQUEUE {self.num}: receive failed: {exc}") from None
+                raise NfQueueError(
+                    exc.errno, f"NFQUEUE {self.num}: receive failed: {exc}"
+                ) from None
             if n > len(buf):  # truncated: a bigger message than copy_range allows
                 self._bad(view, 0, len(buf))
                 continue
@@ -598,7 +629,7 @@ class NfQueue:
     def _parse(self, view: memoryview, n: int, out: list[QueuedPacket]) -> None:
         try:
             for mtype, _flags, off, length in iter_messages(view, n):
-                if mtype == msg_type(NFQNL_MSG_PACKET):
+                if mtype == _PACKET_TYPE:
                     try:
                         out.append(decode_packet(view, off, length))
                     except NfQueueMessageError:

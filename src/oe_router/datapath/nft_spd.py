@@ -1,0 +1,708 @@
+"""The userspace SPD projected into nftables: XFRM policy verdicts without XFRM.
+
+Why: a kernel without ESP has no XFRM policies, yet the OE semantics must hold in the
+kernel's fast path. Packets leaving through the WAN device whose best policy is PASS go
+out in the clear with no userspace hop, DROP are dropped in the kernel, TRAP/HOLD/IPSEC
+are queued (NFQUEUE) to the daemon, which raises an ACQUIRE, holds them, and later
+encrypts or releases them. Inbound cleartext whose IN/FWD policy requires IPsec is
+dropped unless it came decrypted out of the datapath's TUN device.
+
+Everything here but ``apply_script``/``queue_backend``/``insert_xt_queue`` is pure: policies
+in, an intermediate rule form (``SpdTable``) out, rendered to one atomic ``nft -f``
+script for ``table inet oe_spd`` (create-if-missing, delete, recreate, like oe/lan.py),
+and an evaluator of that form for tests.
+
+Semantics (XFRM's): among the policies of a direction that match a packet, the one with
+the LOWEST priority value wins; ties go to the earlier policy (input order). A packet no
+policy matches is accepted. Verdicts:
+
+=========  ==================  ===============================================
+action     OUT (WAN egress)    IN / FWD (cleartext arrivals)
+=========  ==================  ===============================================
+PASS       accept              accept
+DROP       drop                drop
+TRAP       queue               drop (IPsec required; TUN arrivals are exempt)
+IPSEC      queue               drop (IPsec required; TUN arrivals are exempt)
+HOLD       queue               drop
+=========  ==================  ===============================================
+
+Hooks, and why there:
+
+* ``out``: postrouting at ``srcnat + 10``, ``oifname <wan>`` only. After source NAT
+  (oe/lan.py's SNAT sits at ``srcnat - 5``, fw4's masquerading at ``srcnat``), so a LAN
+  flow is seen with the WAN address the policies' selectors use (the kernel's own XFRM
+  repeats its lookup after NAT for the same reason). NAT mangles the packet in place at
+  its hook, for every packet of the connection, so later chains see the new header
+  (checked on the real kernel by tests/host/test_nft_spd.py).
+* ``inbound``: prerouting at ``dstnat - 10``: before conntrack's destination NAT and
+  the de-NAT of replies to SNATed flows, i.e. on the *wire* addresses (peer -> WAN
+  address), which are what XFRM checks too (its decode of a NATed packet,
+  ``nf_nat_decode_session``, restores the pre-NAT view). Routing has not happened yet,
+  so IN versus FWD is decided by the wire destination: a local (or broadcast/multicast)
+  address goes to the ``in`` policies, anything else to ``fwd``. This differs from the
+  kernel only for NATed flows (a reply to a SNATed LAN flow is addressed to the WAN
+  address on the wire, so it meets ``in`` where XFRM would check ``fwd`` with the same
+  wire addresses); the OE manager installs identical IN and FWD selectors for every SA
+  and shunt, so the verdicts agree. Exempt: ``lo``, the TUN device (decrypted and checked
+  by the datapath) and, when ``ike_ports`` is given, UDP to those ports on a local
+  address (IKE and ESP-in-UDP must reach the daemon: the kernel datapath bypasses them
+  per socket).
+* queueing goes through the regular chain ``oe_queue`` (vmaps can only ``goto`` a chain;
+  ``queue`` is not a verdict). ``queue num N`` without ``bypass``: fail closed, with no
+  process bound the kernel drops. Kernels without nft's ``queue`` expression (CONFIG_NFT_QUEUE
+  unset, like this project's CI host) get ``oe_queue { drop }`` from the script and the
+  xt NFQUEUE target inserted ahead of the drop through nft_compat (``insert_xt_queue``):
+  until the insert lands (a few ms after a full replacement) queued packets are dropped,
+  never passed.
+* ``meta mark & bypass_mark == bypass_mark`` accepts first in ``out``: the daemon marks
+  its IKE/NAT-T socket (SO_MARK) so its own IKE and ESP-in-UDP never meet a trap.
+
+Compile algorithm (per direction; ``_compile_direction``):
+
+1. Sort the policies stably by priority; each becomes an ``Entry``: family, the *key*
+   prefix (the remote side: destination for OUT, source for IN/FWD), the fixed prefix
+   (the other side), protocol, ports, ICMP type, verdict, and its order (priority,
+   input index).
+2. Walk the entries in order, building a list of ``Block``s (each renders as ONE nft
+   rule): entries of the same *shape* (everything but the key prefix) share a block,
+   whose keys live in a named interval verdict map (``ip daddr vmap @out_3``). An entry
+   joins the last block of its shape when
+   (a) its key overlaps no key already there (a packet then matches at most one
+       element, so order inside a block is irrelevant; nft also refuses overlapping
+       intervals); an *identical* key means an identical selector, which can never win
+       over the earlier one: the entry is shadowed and dropped; and
+   (b) it conflicts with no entry of any block after that one, where two entries
+       conflict when some packet matches both and their verdicts differ.
+   Moving an entry earlier past entries it does not conflict with changes no packet's
+   verdict (a packet matching both gets the same verdict either way), so the blocks
+   in order give every packet the verdict of its best policy. Otherwise the entry
+   opens a new block at the end.
+3. A block with the single key ``/0`` renders as a plain rule; every other block as a
+   rule + named map, even with one element, so shunts and SAs can come and go as map
+   elements (``update``) without replacing the table.
+
+Thousands of host shunts or SA entries of one shape and priority (OE's ranks put every
+``/32`` shunt at the same rank) thus cost one rule and one map lookup on the WAN path.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+from oe_router.datapath.base import (
+    ICMP_PROTOS,
+    DatapathError,
+    Direction,
+    IPAddress,
+    IPNetwork,
+    PolicyAction,
+    PolicySpec,
+)
+from oe_router.datapath.netns import in_netns
+
+__all__ = [
+    "DEFAULT_TABLE",
+    "Block",
+    "Entry",
+    "Flow",
+    "NftSpdError",
+    "SpdTable",
+    "Verdict",
+    "apply_script",
+    "best_policy",
+    "compile_spd",
+    "evaluate",
+    "insert_xt_queue",
+    "queue_backend",
+    "remove_script",
+    "render",
+    "update",
+]
+
+DEFAULT_TABLE: Final = "oe_spd"
+QUEUE_CHAIN: Final = "oe_queue"
+#: Chain priorities (see the module docstring for why).
+OUT_PRIORITY: Final = "srcnat + 10"
+INBOUND_PRIORITY: Final = "dstnat - 10"
+#: Protocols whose selectors may carry ports (XFRM reads ports only for these).
+PORT_PROTOS: Final = frozenset({6, 17, 33, 132, 136})
+
+
+class NftSpdError(DatapathError):
+    """A policy cannot be expressed, or nft refused the script (nft's words included)."""
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"
+    DROP = "drop"
+    QUEUE = "queue"
+
+
+class Side(enum.Enum):
+    SRC = "saddr"
+    DST = "daddr"
+
+
+_OUT_VERDICT: Final[Mapping[PolicyAction, Verdict]] = {
+    PolicyAction.PASS: Verdict.ACCEPT,
+    PolicyAction.DROP: Verdict.DROP,
+    PolicyAction.TRAP: Verdict.QUEUE,
+    PolicyAction.HOLD: Verdict.QUEUE,
+    PolicyAction.IPSEC: Verdict.QUEUE,
+}
+_IN_VERDICT: Final[Mapping[PolicyAction, Verdict]] = {
+    PolicyAction.PASS: Verdict.ACCEPT,
+    PolicyAction.DROP: Verdict.DROP,
+    PolicyAction.TRAP: Verdict.DROP,
+    PolicyAction.HOLD: Verdict.DROP,
+    PolicyAction.IPSEC: Verdict.DROP,
+}
+
+
+def verdict_of(direction: Direction, action: PolicyAction) -> Verdict:
+    """What the kernel does with a cleartext packet this policy wins for."""
+    return (_OUT_VERDICT if direction is Direction.OUT else _IN_VERDICT)[action]
+
+
+# --- the intermediate form ------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    """Everything a block's entries share: all match fields but the key prefix."""
+
+    family: int
+    key_side: Side
+    fixed: IPNetwork  # the non-key side's prefix (/0: not matched)
+    proto: int = 0
+    sport: int | None = None
+    dport: int | None = None
+    icmp_type: int | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One policy as the compiler sees it."""
+
+    shape: Shape
+    key: IPNetwork
+    verdict: Verdict
+    order: tuple[int, int]  # (priority, input index): lower wins
+    policy: PolicySpec = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One nft rule: the shape's fixed match, then a lookup of the key in map ``name``."""
+
+    name: str
+    shape: Shape
+    entries: tuple[Entry, ...]
+
+    @property
+    def plain(self) -> bool:
+        """A lone /0 key: rendered as a rule with a verdict, no map."""
+        return len(self.entries) == 1 and self.entries[0].key.prefixlen == 0
+
+
+@dataclass(frozen=True)
+class SpdTable:
+    """The compiled table: blocks per direction, and what the chains need to know."""
+
+    wan: str
+    tun: str
+    queue_num: int
+    blocks: Mapping[Direction, tuple[Block, ...]]
+    shadowed: tuple[Entry, ...] = ()
+    bypass_mark: int | None = None
+    ike_ports: tuple[int, ...] = ()
+    table: str = DEFAULT_TABLE
+    next_index: int = 0
+
+
+def _check_name(text: str, what: str) -> str:
+    if not text or len(text) > 15 or not all(c.isalnum() or c in "-_.@" for c in text):
+        raise NftSpdError(f"{what} {text!r} is not a valid interface or table name")
+    return text
+
+
+def _entry(policy: PolicySpec, index: int) -> Entry:
+    src, dst = policy.src, policy.dst
+    proto = src.proto or dst.proto
+    icmp = src.icmp_type if src.icmp_type is not None else dst.icmp_type
+    for ts in (src, dst):
+        if ts.port is not None and proto not in PORT_PROTOS:
+            raise NftSpdError(
+                f"policy {policy.describe()}: port {ts.port} needs a protocol with ports "
+                f"(tcp, udp, udplite, sctp, dccp), got protocol {proto}"
+            )
+    if icmp is not None and proto not in ICMP_PROTOS:
+        raise NftSpdError(f"policy {policy.describe()}: ICMP type {icmp} needs icmp/icmpv6")
+    out = policy.direction is Direction.OUT
+    key_side = Side.DST if out else Side.SRC
+    key, fixed = (dst.net, src.net) if out else (src.net, dst.net)
+    shape = Shape(src.net.version, key_side, fixed, proto, src.port, dst.port, icmp)
+    verdict = verdict_of(policy.direction, policy.action)
+    return Entry(shape, key, verdict, (policy.priority, index), policy)
+
+
+def _nets_overlap(a: IPNetwork, b: IPNetwork) -> bool:
+    return a.version == b.version and (a.subnet_of(b) or b.subnet_of(a))  # type: ignore[arg-type]
+
+
+def _shapes_overlap(a: Shape, b: Shape) -> bool:
+    """Can one packet match both shapes (ignoring the key prefixes)?"""
+    if a.family != b.family or (a.proto and b.proto and a.proto != b.proto):
+        return False
+    for x, y in ((a.sport, b.sport), (a.dport, b.dport), (a.icmp_type, b.icmp_type)):
+        if x is not None and y is not None and x != y:
+            return False
+    # A port (or type) needs its protocol: a port on one side excludes an ICMP type there.
+    ports = a.sport is not None or a.dport is not None or b.sport is not None or b.dport is not None
+    icmps = a.icmp_type is not None or b.icmp_type is not None
+    if ports and icmps:
+        return False
+    if a.key_side is b.key_side:
+        return _nets_overlap(a.fixed, b.fixed)
+    return True  # different key sides never share a direction; kept total for safety
+
+
+def _conflicts(e: Entry, block: Block) -> list[Entry]:
+    """Entries of ``block`` that some packet matches together with ``e``, verdict differing."""
+    if not _shapes_overlap(e.shape, block.shape):
+        return []
+    return [o for o in block.entries if o.verdict is not e.verdict and _nets_overlap(o.key, e.key)]
+
+
+def _key_clash(e: Entry, block: Block) -> Entry | None | bool:
+    """The block's entry with an identical key, True if some key overlaps, else None."""
+    for o in block.entries:
+        if o.key == e.key:
+            return o
+        if _nets_overlap(o.key, e.key):
+            return True
+    return None
+
+
+class _Keys:
+    """A block's keys, with the prefix lengths present (host lookups by supernet)."""
+
+    def __init__(self) -> None:
+        self.by_net: dict[IPNetwork, Entry] = {}
+        self.lens: dict[int, int] = {}
+
+    def add(self, e: Entry) -> None:
+        self.by_net[e.key] = e
+        self.lens[e.key.prefixlen] = self.lens.get(e.key.prefixlen, 0) + 1
+
+    def overlaps(self, key: IPNetwork) -> bool:
+        """Does ``key`` overlap a key here? (Identical keys are checked before.)"""
+        if key.prefixlen == key.max_prefixlen:
+            return any(
+                key.supernet(new_prefix=n) in self.by_net for n in self.lens if n < key.prefixlen
+            )
+        return any(_nets_overlap(k, key) for k in self.by_net)
+
+
+def _compile_direction(entries: Sequence[Entry], prefix: str) -> tuple[list[Block], list[Entry]]:
+    blocks: list[Block] = []  # shape and name; entries filled in at the end
+    members: list[list[Entry]] = []
+    keysets: list[_Keys] = []
+    shadowed: list[Entry] = []
+    last_of_shape: dict[Shape, int] = {}
+    for e in sorted(entries, key=lambda x: x.order):
+        b = last_of_shape.get(e.shape)
+        if b is not None:
+            keys = keysets[b]
+            if e.key in keys.by_net:
+                shadowed.append(e)  # identical selector: the earlier policy wins forever
+                continue
+            if not keys.overlaps(e.key) and not any(
+                _conflicts(e, replace(blocks[i], entries=tuple(members[i])))
+                for i in range(b + 1, len(blocks))
+            ):
+                members[b].append(e)
+                keys.add(e)
+                continue
+        last_of_shape[e.shape] = len(blocks)
+        blocks.append(Block(f"{prefix}_{len(blocks)}", e.shape, ()))
+        members.append([e])
+        keysets.append(_Keys())
+        keysets[-1].add(e)
+    out = [replace(blk, entries=tuple(m)) for blk, m in zip(blocks, members, strict=True)]
+    return out, shadowed
+
+
+_PREFIX: Final = {Direction.OUT: "out", Direction.IN: "in", Direction.FWD: "fwd"}
+
+
+def compile_spd(
+    policies: Iterable[PolicySpec],
+    *,
+    wan: str,
+    tun: str,
+    queue_num: int,
+    bypass_mark: int | None = None,
+    ike_ports: Iterable[int] = (),
+    table: str = DEFAULT_TABLE,
+) -> SpdTable:
+    """Compile policies (any order; ties on priority: earlier wins) into the table form."""
+    if not 0 <= queue_num <= 0xFFFF:
+        raise NftSpdError(f"NFQUEUE number {queue_num} out of range 0..65535")
+    if bypass_mark is not None and not 0 < bypass_mark <= 0xFFFFFFFF:
+        raise NftSpdError(f"bypass mark {bypass_mark:#x} must be a non-zero 32-bit value")
+    per_dir: dict[Direction, list[Entry]] = {d: [] for d in Direction}
+    index = 0
+    for index, policy in enumerate(policies):
+        per_dir[policy.direction].append(_entry(policy, index))
+    blocks: dict[Direction, tuple[Block, ...]] = {}
+    shadowed: list[Entry] = []
+    for d in Direction:
+        compiled, shadow = _compile_direction(per_dir[d], _PREFIX[d])
+        blocks[d] = tuple(compiled)
+        shadowed += shadow
+    return SpdTable(
+        wan=_check_name(wan, "WAN device"),
+        tun=_check_name(tun, "TUN device"),
+        queue_num=queue_num,
+        blocks=blocks,
+        shadowed=tuple(shadowed),
+        bypass_mark=bypass_mark,
+        ike_ports=tuple(sorted(set(ike_ports))),
+        table=_check_name(table, "nft table"),
+        next_index=index + 1,
+    )
+
+
+# --- rendering ----------------------------------------------------------------------
+_CHAIN: Final = {
+    Direction.OUT: "out_policies",
+    Direction.IN: "in_policies",
+    Direction.FWD: "fwd_policies",
+}
+
+
+def _verdict_text(v: Verdict) -> str:
+    return f"goto {QUEUE_CHAIN}" if v is Verdict.QUEUE else v.value
+
+
+def _match_text(shape: Shape) -> str:
+    ip = "ip" if shape.family == 4 else "ip6"
+    parts = [f"meta nfproto {'ipv4' if shape.family == 4 else 'ipv6'}"]
+    fixed_side = Side.SRC if shape.key_side is Side.DST else Side.DST
+    if shape.fixed.prefixlen:
+        parts.append(f"{ip} {fixed_side.value} {_net(shape.fixed)}")
+    if shape.proto:
+        parts.append(f"meta l4proto {shape.proto}")
+    if shape.sport is not None:
+        parts.append(f"th sport {shape.sport}")
+    if shape.dport is not None:
+        parts.append(f"th dport {shape.dport}")
+    if shape.icmp_type is not None:
+        parts.append(f"{'icmp' if shape.family == 4 else 'icmpv6'} type {shape.icmp_type}")
+    return " ".join(parts)
+
+
+def _net(net: IPNetwork) -> str:
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+def _elements(entries: Iterable[Entry]) -> str:
+    return ", ".join(f"{_net(e.key)} : {_verdict_text(e.verdict)}" for e in entries)
+
+
+def _map_text(block: Block) -> list[str]:
+    kind = "ipv4_addr" if block.shape.family == 4 else "ipv6_addr"
+    lines = [f"\tmap {block.name} {{", f"\t\ttype {kind} : verdict", "\t\tflags interval"]
+    if block.entries:
+        lines.append(f"\t\telements = {{ {_elements(block.entries)} }}")
+    return [*lines, "\t}"]
+
+
+def _rule_text(block: Block) -> str:
+    match = _match_text(block.shape)
+    ip = "ip" if block.shape.family == 4 else "ip6"
+    if block.plain:
+        return f"\t\t{match} {_verdict_text(block.entries[0].verdict)}"
+    return f"\t\t{match} {ip} {block.shape.key_side.value} vmap @{block.name}"
+
+
+def render(spd: SpdTable, *, xt_queue: bool = False) -> str:
+    """The whole ``inet <table>`` as one atomic ``nft -f`` script (replaces an old one).
+
+    ``xt_queue``: the kernel lacks nft's ``queue`` (see ``queue_backend``): ``oe_queue``
+    then holds only ``drop`` and ``insert_xt_queue`` puts the xt NFQUEUE target ahead.
+    """
+    t = spd.table
+    lines = [f"table inet {t}", f"delete table inet {t}", f"table inet {t} {{"]
+    for d in Direction:
+        for block in spd.blocks[d]:
+            if not block.plain:
+                lines += _map_text(block)
+    lines += ["", f"\tchain {QUEUE_CHAIN} {{"]
+    lines.append("\t\tdrop" if xt_queue else f"\t\tqueue num {spd.queue_num}")
+    lines += ["\t}", "", "\tchain out {"]
+    lines.append(f"\t\ttype filter hook postrouting priority {OUT_PRIORITY}; policy accept;")
+    lines.append(f'\t\toifname != "{spd.wan}" accept')
+    if spd.bypass_mark is not None:
+        m = f"{spd.bypass_mark:#010x}"
+        lines.append(f"\t\tmeta mark & {m} == {m} accept")
+    lines.append(f"\t\tgoto {_CHAIN[Direction.OUT]}")
+    lines += ["\t}", "", f"\tchain {_CHAIN[Direction.OUT]} {{"]
+    lines += [_rule_text(b) for b in spd.blocks[Direction.OUT]]
+    lines += ["\t}", "", "\tchain inbound {"]
+    lines.append(f"\t\ttype filter hook prerouting priority {INBOUND_PRIORITY}; policy accept;")
+    lines.append('\t\tiifname "lo" accept')
+    lines.append(f'\t\tiifname "{spd.tun}" accept')
+    if spd.ike_ports:
+        ports = ", ".join(str(p) for p in spd.ike_ports)
+        lines.append(f"\t\tmeta l4proto udp th dport {{ {ports} }} fib daddr type local accept")
+    lines.append(
+        f"\t\tfib daddr type {{ local, broadcast, multicast }} goto {_CHAIN[Direction.IN]}"
+    )
+    lines.append(f"\t\tgoto {_CHAIN[Direction.FWD]}")
+    lines.append("\t}")
+    for d in (Direction.IN, Direction.FWD):
+        lines += ["", f"\tchain {_CHAIN[d]} {{"]
+        lines += [_rule_text(b) for b in spd.blocks[d]]
+        lines.append("\t}")
+    lines += ["}", ""]
+    return "\n".join(lines)
+
+
+def remove_script(table: str = DEFAULT_TABLE) -> str:
+    """Remove the table (at stop); harmless if it does not exist."""
+    return f"table inet {table}\ndelete table inet {table}\n"
+
+
+# --- incremental updates ---------------------------------------------------------
+def _same_selector(a: PolicySpec, b: PolicySpec) -> bool:
+    return a.direction is b.direction and a.src == b.src and a.dst == b.dst and a.mark == b.mark
+
+
+def update(
+    spd: SpdTable, *, add: Iterable[PolicySpec] = (), remove: Iterable[PolicySpec] = ()
+) -> tuple[SpdTable, str] | None:
+    """The new table and an ``nft -f`` script of map element changes only, or None.
+
+    None means the change needs a new rule or reorders rules: compile and ``render``
+    the whole table instead (still atomic). Removal matches policies like XFRM does, by
+    direction and selector (the first such policy). Added policies rank after existing
+    ones of the same priority, as a policy inserted into XFRM would.
+    """
+    blocks = {d: list(bs) for d, bs in spd.blocks.items()}
+    lines: list[str] = []
+    t = spd.table
+    for policy in remove:
+        found = None
+        for bi, blk in enumerate(blocks[policy.direction]):
+            for e in blk.entries:
+                if _same_selector(e.policy, policy):
+                    found = (bi, e)
+                    break
+            if found:
+                break
+        if found is None:
+            if any(_same_selector(s.policy, policy) for s in spd.shadowed):
+                return None
+            continue  # absent: not an error, as for the Datapath interface
+        bi, e = found
+        blk = blocks[policy.direction][bi]
+        if blk.plain or any(
+            s.shape == e.shape and s.key == e.key for s in spd.shadowed
+        ):  # a rule to delete, or a shadowed twin to promote
+            return None
+        blocks[policy.direction][bi] = replace(
+            blk, entries=tuple(x for x in blk.entries if x is not e)
+        )
+        lines.append(f"delete element inet {t} {blk.name} {{ {_net(e.key)} }}")
+    index = spd.next_index
+    for policy in add:
+        e = _entry(policy, index)
+        index += 1
+        bs = blocks[policy.direction]
+        target = _place(e, bs)
+        if target is None:
+            return None
+        blk = bs[target]
+        bs[target] = replace(blk, entries=(*blk.entries, e))
+        lines.append(f"add element inet {t} {blk.name} {{ {_elements([e])} }}")
+    new = replace(spd, blocks={d: tuple(bs) for d, bs in blocks.items()}, next_index=index)
+    return new, "\n".join(lines) + ("\n" if lines else "")
+
+
+def _place(e: Entry, blocks: Sequence[Block]) -> int | None:
+    """A map block ``e`` can join without changing any packet's verdict, or None."""
+    for b in range(len(blocks) - 1, -1, -1):
+        blk = blocks[b]
+        if blk.shape != e.shape or blk.plain or _key_clash(e, blk) is not None:
+            continue
+        ok = True
+        for i, other in enumerate(blocks):
+            if i == b:
+                continue
+            for o in _conflicts(e, other):
+                if (o.order < e.order) != (i < b):
+                    ok = False
+                    break
+            if not ok:
+                break
+        if ok:
+            return b
+    return None
+
+
+# --- reference semantics (tests) ------------------------------------------------------
+@dataclass(frozen=True)
+class Flow:
+    """A packet as the policies see it (after SNAT outbound, before any NAT inbound)."""
+
+    src: IPAddress
+    dst: IPAddress
+    proto: int
+    sport: int | None = None
+    dport: int | None = None
+    icmp_type: int | None = None
+
+
+def _port_ok(want: int | None, have: int | None, proto: int) -> bool:
+    return want is None or (proto in PORT_PROTOS and have == want)
+
+
+def _flow_matches(shape: Shape, key: IPNetwork, flow: Flow) -> bool:
+    if flow.src.version != shape.family:
+        return False
+    src, dst = (flow.src, flow.dst)
+    k, f = (dst, src) if shape.key_side is Side.DST else (src, dst)
+    if k not in key or f not in shape.fixed:
+        return False
+    if shape.proto and shape.proto != flow.proto:
+        return False
+    if not (_port_ok(shape.sport, flow.sport, flow.proto)):
+        return False
+    if not (_port_ok(shape.dport, flow.dport, flow.proto)):
+        return False
+    if shape.icmp_type is not None:
+        return flow.proto in ICMP_PROTOS and flow.icmp_type == shape.icmp_type
+    return True
+
+
+def evaluate(spd: SpdTable, direction: Direction, flow: Flow) -> Verdict:
+    """What the compiled rules of ``direction`` do with ``flow`` (the policy chains only)."""
+    for block in spd.blocks[direction]:
+        for e in block.entries:  # keys in one block never overlap: at most one matches
+            if _flow_matches(block.shape, e.key, flow):
+                return e.verdict
+    return Verdict.ACCEPT
+
+
+def best_policy(
+    policies: Sequence[PolicySpec], direction: Direction, flow: Flow
+) -> PolicySpec | None:
+    """Brute force XFRM lookup: lowest priority among matches, earliest on ties."""
+    best: tuple[int, int] | None = None
+    winner = None
+    for i, p in enumerate(policies):
+        if p.direction is not direction:
+            continue
+        e = _entry(p, i)
+        if _flow_matches(e.shape, e.key, flow) and (best is None or e.order < best):
+            best, winner = e.order, p
+    return winner
+
+
+# --- the edge: nft and the xt NFQUEUE fallback --------------------------------------
+def apply_script(script: str, *, netns: str | None = None, nft: str = "nft") -> None:
+    """Run ``nft -f -`` with ``script`` (atomic); NftSpdError with nft's words on refusal."""
+    if not script.strip():
+        return
+    argv = [nft, "-f", "-"]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    try:
+        done = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise NftSpdError(f"{nft} not found: the userspace datapath needs nftables") from None
+    except subprocess.TimeoutExpired:
+        raise NftSpdError("nft did not finish within 30 s") from None
+    if done.returncode != 0:
+        detail = " | ".join(line for line in done.stderr.splitlines() if line.strip())
+        raise NftSpdError(f"nft refused the SPD table: {detail or done.returncode}")
+
+
+def queue_backend(*, netns: str | None = None, nft: str = "nft") -> str:
+    """ "nft" when the kernel has nft's queue expression, else "xt" (checked, not committed)."""
+    probe = "table inet oe_spd_probe {\n\tchain q {\n\t\tqueue num 0\n\t}\n}\n"
+    argv = [nft, "-c", "-f", "-"]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    done = subprocess.run(argv, input=probe, capture_output=True, text=True, timeout=30)
+    return "nft" if done.returncode == 0 else "xt"
+
+
+#: struct xt_NFQ_info_v3 (include/uapi/linux/netfilter/xt_NFQUEUE.h): queuenum,
+#: queues_total, flags, all host-endian __u16.
+XT_NFQ_INFO_V3: Final = struct.Struct("=HHH")
+NFQ_FLAG_BYPASS: Final = 0x01
+NFPROTO_INET: Final = 1
+NFPROTO_IPV4: Final = 2
+
+
+def insert_xt_queue(
+    queue_num: int,
+    *,
+    table: str = DEFAULT_TABLE,
+    chain: str = QUEUE_CHAIN,
+    family: int = NFPROTO_INET,
+    bypass: bool = False,
+    netns: str | None = None,
+) -> None:
+    """Insert ``xt target NFQUEUE --queue-num N`` at the head of ``chain`` (nft_compat).
+
+    For kernels without CONFIG_NFT_QUEUE: nft cannot parse xt statements, so the rule is
+    built here as an nf_tables netlink batch (the way iptables-nft writes it).
+    """
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
+    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+    from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_NEWRULE, NFTSocket, nft_rule_msg
+
+    info = XT_NFQ_INFO_V3.pack(queue_num, 1, NFQ_FLAG_BYPASS if bypass else 0)
+    target = [
+        ["NFTA_TARGET_NAME", "NFQUEUE"],
+        ["NFTA_TARGET_REV", 3],
+        ["NFTA_TARGET_INFO", info],
+    ]
+    expr: dict[str, Any] = {
+        "attrs": [["NFTA_EXPR_NAME", "target"], ["NFTA_EXPR_DATA", {"attrs": target}]]
+    }
+    rule = nft_rule_msg()
+    rule["nfgen_family"] = family
+    rule["attrs"] = [
+        ["NFTA_RULE_TABLE", table],
+        ["NFTA_RULE_CHAIN", chain],
+        ["NFTA_RULE_EXPRESSIONS", [expr]],
+    ]
+    rule["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE
+    rule["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE  # no APPEND: head
+    batch = []
+    for kind in (0x10, 0x11):  # NFNL_MSG_BATCH_BEGIN / _END
+        m = nfgen_msg()
+        m["res_id"] = NFNL_SUBSYS_NFTABLES
+        m["header"]["type"] = kind
+        m["header"]["flags"] = NLM_F_REQUEST
+        batch.append(m)
+    with in_netns(netns):
+        sock = NFTSocket(nfgen_family=family)
+    try:
+        list(sock.nlm_request_batch([batch[0], rule, batch[1]]))
+    except NetlinkError as exc:
+        raise NftSpdError(
+            f"xt NFQUEUE {queue_num} rule for inet {table} {chain} refused by the kernel: "
+            f"{exc.args[1] if len(exc.args) > 1 else exc}"
+        ) from None
+    finally:
+        sock.close()
