@@ -130,6 +130,9 @@ class Named:
     def driver(self, transform: Transform) -> str:
         return self.name.partition(":")[2] or "cbc-aes-aesni"
 
+    def why_not(self, transform: Transform) -> str:
+        return "" if transform.name in self._names else f"{self.name}: ENOENT for {transform.aead}"
+
     def cipher(self, transform: Transform, encr_key: bytes, integ_key: bytes = b"") -> EspCipher:
         if transform.name not in self._names:
             raise EngineError(f"{self.name}: no {transform.name}")
@@ -453,5 +456,22 @@ def test_a_subscriber_that_raises_does_not_stop_the_others() -> None:
         await _until(_ready(svc))
         assert len(good) == 1
         await svc.stop()
+
+    run(go)
+
+
+def test_a_transform_the_engine_does_not_run_shows_with_its_reason() -> None:
+    async def go() -> None:
+        lab = Lab()
+        lab.engines[HW] = Named(HW, EngineKind.HARDWARE, ("aes256-sha256",))
+        svc = _service(lab)
+        await svc.start(OeConfig())
+        await _until(_ready(svc))
+        await svc.stop()
+        hw = next(e for e in svc.status().engines if e.name == HW)
+        rows = {t.transform: t for t in hw.transforms}
+        assert rows["aes256-sha256"].kat == "passed"
+        assert rows["aes128-sha256"].kat == "unsupported"
+        assert rows["aes128-sha256"].reason == (f"{HW}: ENOENT for authenc(hmac(sha256),cbc(aes))")
 
     run(go)

@@ -428,11 +428,13 @@ class OffloadService:
         st.state = "proving"
         if st.engine is None:
             try:
-                st.engine = await asyncio.to_thread(self._factory, st.name)
-                await asyncio.to_thread(self._describe_engine, st, st.engine)
+                engine = await asyncio.to_thread(self._factory, st.name)
+                info = await asyncio.to_thread(_describe_engine, st.spec, engine)
             except Exception as exc:
                 self._fail_engine(st, f"cannot open: {type(exc).__name__}: {exc}")
                 return
+            st.engine = engine
+            st.transforms, st.drivers, st.why_not, st.kind = info
         for t in st.transforms:
             if self._engines.get(st.name) is not st:
                 return  # unplugged meanwhile
@@ -445,32 +447,6 @@ class OffloadService:
         if not st.transforms and not st.reason:
             st.reason = "runs none of the ESP transforms here"
             st.state = "failed"
-
-    @staticmethod
-    def _describe_engine(st: _EngineState, engine: Engine) -> None:
-        """What the engine runs, on which drivers, of which kind (blocking: a thread).
-
-        Read once: an AF_ALG engine binds each transform to find out, and ``kind`` reads
-        /proc/crypto; ``oe status`` must not do either on the event loop.
-        """
-        st.transforms = tuple(engine.transforms())
-        runs = {t.name for t in st.transforms}
-        for t in st.transforms:
-            try:
-                st.drivers[t.name] = engine.driver(t)
-            except Exception:
-                st.drivers[t.name] = st.spec.driver(t.name)
-        why = getattr(engine, "why_not", None)
-        for name in st.spec.transforms:
-            if name not in runs:
-                reason = why(TRANSFORMS[name]) if callable(why) else ""
-                st.why_not[name] = str(reason or "this engine does not run it here")
-        try:
-            kind = engine.kind
-        except Exception:
-            kind = st.spec.kind
-        if kind is EngineKind.HARDWARE:
-            st.kind = kind
 
     async def _run_kat(self, st: _EngineState, t: Transform, *, quick: bool) -> Verdict:
         assert st.engine is not None and self._kat is not None
@@ -662,6 +638,36 @@ class OffloadService:
     async def _cmd_bench(self, request: Request) -> dict[str, object]:
         await self.bench()
         return {"offload": self.report()}
+
+
+def _describe_engine(
+    spec: EngineSpec, engine: Engine
+) -> tuple[tuple[Transform, ...], dict[str, str], dict[str, str], EngineKind]:
+    """What ``engine`` runs, on which drivers, why not the rest, and its kind.
+
+    Blocking (a thread): an AF_ALG engine binds each transform to find out, and its
+    ``kind`` reads /proc/crypto; ``oe status`` must not do either on the event loop.
+    """
+    transforms = tuple(engine.transforms())
+    drivers: dict[str, str] = {}
+    for t in transforms:
+        try:
+            drivers[t.name] = engine.driver(t)
+        except Exception:
+            drivers[t.name] = spec.driver(t.name)
+    runs = {t.name for t in transforms}
+    why = getattr(engine, "why_not", None)
+    why_not: dict[str, str] = {}
+    for name in spec.transforms:
+        if name not in runs:
+            reason = why(TRANSFORMS[name]) if callable(why) else ""
+            why_not[name] = str(reason or "this engine does not run it here")
+    try:
+        kind = engine.kind
+    except Exception:
+        kind = spec.kind
+    hardware = EngineKind.HARDWARE in (kind, spec.kind)
+    return transforms, drivers, why_not, EngineKind.HARDWARE if hardware else EngineKind.CPU
 
 
 def _describe(table: ChoiceTable) -> str:
