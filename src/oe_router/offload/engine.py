@@ -29,7 +29,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "TRANSFORMS",
@@ -149,9 +149,10 @@ def transform(encr: int, key_bits: int, integ: int | None) -> Transform:
     )
 
 
-@dataclass(frozen=True)
-class SealRequest:
-    """One packet to seal (batched form): the ESP header, ESN high bits, IV, plaintext."""
+class SealRequest(NamedTuple):
+    """One packet to seal (batched form): the ESP header, ESN high bits, IV, plaintext.
+
+    A NamedTuple, not a dataclass: one is built per packet (110 ns against 470 ns)."""
 
     hdr: bytes
     seq_hi: int | None
@@ -159,8 +160,7 @@ class SealRequest:
     plaintext: bytes
 
 
-@dataclass(frozen=True)
-class OpenRequest:
+class OpenRequest(NamedTuple):
     """One packet to open (batched form): the ESP header, ESN high bits, IV, C || ICV."""
 
     hdr: bytes
