@@ -118,6 +118,7 @@ __all__ = [
     "compile_spd",
     "evaluate",
     "insert_xt_queue",
+    "install",
     "queue_backend",
     "remove_script",
     "render",
@@ -706,3 +707,19 @@ def insert_xt_queue(
         ) from None
     finally:
         sock.close()
+
+
+def install(
+    spd: SpdTable, *, netns: str | None = None, backend: str | None = None, nft: str = "nft"
+) -> str:
+    """Replace the kernel's table with ``spd`` (atomic), queueing by ``backend``.
+
+    ``backend``: "nft" or "xt" (None: ask the kernel, ``queue_backend``). Returns the
+    backend used, so callers probe once and pass it on later calls.
+    """
+    backend = backend or queue_backend(netns=netns, nft=nft)
+    xt = backend == "xt"
+    apply_script(render(spd, xt_queue=xt), netns=netns, nft=nft)
+    if xt:
+        insert_xt_queue(spd.queue_num, table=spd.table, netns=netns)
+    return backend
