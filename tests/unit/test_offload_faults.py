@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from oe_router.offload.engine import (
     OpenRequest,
     SealRequest,
 )
-from oe_router.offload.faults import FAULT_ENV, FaultyEngine, apply_faults, parse_faults
+from oe_router.offload.faults import FAULT_ENV, Fault, FaultyEngine, apply_faults, parse_faults
 from oe_router.offload.software import SoftwareEngine
 
 GCM = TRANSFORMS["aes256gcm16"]
@@ -80,16 +81,55 @@ def test_a_faulty_engine_looks_like_its_inner_engine() -> None:
 
 def test_fault_specs_parse_with_colons_in_engine_names() -> None:
     assert parse_faults("afalg:virtio_crypto_aes_cbc:corrupt_after=500") == {
-        "afalg:virtio_crypto_aes_cbc": 500
+        "afalg:virtio_crypto_aes_cbc": Fault(corrupt_after=500)
     }
-    assert parse_faults(" software:corrupt_after=0 ; cryptodev:corrupt_after=9;") == {
-        "software": 0,
-        "cryptodev": 9,
+    assert parse_faults(" software:corrupt_after=0 ; cryptodev:corrupt_when=/tmp/oe fault;") == {
+        "software": Fault(corrupt_after=0),
+        "cryptodev": Fault(corrupt_when="/tmp/oe fault"),
     }
-    for bad in ("software", "software:corrupt=1", ":corrupt_after=1", "software:corrupt_after=x",
-                "software:corrupt_after=-2"):  # fmt: skip
+    bad_specs = (
+        "software",
+        "software:corrupt=1",
+        ":corrupt_after=1",
+        "software:corrupt_after=x",
+        "software:corrupt_after=-2",
+        "software:corrupt_when=",
+        "corrupt_after=1",
+    )
+    for bad in bad_specs:
         with pytest.raises(ValueError, match=FAULT_ENV):
             parse_faults(bad)
+
+
+def test_a_trigger_file_switches_corruption_on_and_off(tmp_path: Path) -> None:
+    now = [0.0]
+    flag = tmp_path / "oe-fault"
+    engine = FaultyEngine(SoftwareEngine(), corrupt_when=str(flag), clock=lambda: now[0])
+    clean = SoftwareEngine().cipher(GCM, KEY).seal(HDR, None, bytes(8), bytes(64))
+    c = engine.cipher(GCM, KEY)
+    assert c.seal(HDR, None, bytes(8), bytes(64)) == clean
+    flag.touch()
+    assert c.seal(HDR, None, bytes(8), bytes(64)) == clean  # looked at most every 50 ms
+    now[0] += 0.06
+    assert c.seal(HDR, None, bytes(8), bytes(64)) != clean
+    assert c.seal_many([SealRequest(HDR, None, bytes(8), bytes(64))]) != [clean]
+    flag.unlink()
+    now[0] += 0.06
+    assert c.seal(HDR, None, bytes(8), bytes(64)) == clean
+    assert engine.seals == 5
+
+
+def test_the_seal_trigger_can_be_moved_and_the_inner_engine_stays_reachable() -> None:
+    inner = SoftwareEngine()
+    engine = FaultyEngine(inner, corrupt_after=10**9)
+    c = engine.cipher(GCM, KEY)
+    good = c.seal(HDR, None, bytes(8), bytes(16))
+    engine.corrupt_after = engine.seals
+    assert c.seal(HDR, None, bytes(8), bytes(16)) != good
+    with pytest.raises(ValueError, match="corrupt_after or corrupt_when"):
+        FaultyEngine(inner)
+    with pytest.raises(AttributeError):
+        _ = engine.no_such_thing  # type: ignore[attr-defined]
 
 
 def test_make_engine_wraps_only_the_engine_the_environment_names() -> None:
