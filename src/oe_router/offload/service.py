@@ -370,7 +370,11 @@ class OffloadService:
 
     # -- background work --------------------------------------------------------------
     async def _first_round(self) -> None:
-        snap = await asyncio.to_thread(self._snapshot)
+        try:
+            snap = await asyncio.to_thread(self._snapshot)
+        except Exception as exc:  # the machine cannot be read: software alone, and watch
+            log.error("cannot probe for crypto engines: %s: %s", type(exc).__name__, exc)
+            snap = HostSnapshot("", False, False)
         await self._apply(snap, initial=True)
         if self._watch:
             self._watcher = HotplugWatcher(
