@@ -10,7 +10,7 @@ the datapath uses, for ``duration`` seconds of wall time, on one cipher with a r
 (made here, never logged). ``size`` is the inner packet's length; the plaintext carries
 the ESP trailer and padding as the datapath would send it, and Mbit/s counts inner bytes.
 Each measurement also records the thread's user and system CPU time (``getrusage``), so
-``cpu_breakdown`` can split a packet's cost into userspace work (Python, OpenSSL),
+``cpu_ns_per_packet`` can split a packet's cost into userspace work (Python, OpenSSL),
 kernel work (syscalls, in-kernel crypto for AF_ALG and cryptodev) and waiting (an
 asynchronous device, or the scheduler).
 
@@ -35,7 +35,7 @@ __all__ = [
     "SIZES",
     "MeasureReport",
     "Measurement",
-    "cpu_breakdown",
+    "cpu_ns_per_packet",
     "measure_cipher",
     "measure_engine",
     "measure_engine_async",
@@ -97,7 +97,7 @@ class MeasureReport:
     errors: tuple[tuple[str, str], ...] = ()  # (transform, reason)
 
 
-def cpu_breakdown(m: Measurement) -> dict[str, float]:
+def cpu_ns_per_packet(m: Measurement) -> dict[str, float]:
     """Nanoseconds per packet: ``wall``, ``user`` (Python, OpenSSL), ``sys`` (syscalls,
     in-kernel crypto), ``wait`` (wall minus CPU: an asynchronous device, preemption)."""
     if not m.packets:
