@@ -295,3 +295,10 @@ def test_cancelling_stops_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
 
     done = asyncio.run(main())
     assert "stopped" in state and state["stopped"] <= done  # waited for the worker's clean-up
+
+
+def test_summary_line() -> None:
+    r = S.SelfTestResult("aes128gcm16", False, 48, 24, 0, "tunnel: x", "rfc4106-gcm-aesni", 1.234)
+    assert S.summary(r) == (
+        "ESP self-test aes128gcm16 on rfc4106-gcm-aesni: FAILED (24/48 datagrams, 1.23s): tunnel: x"
+    )

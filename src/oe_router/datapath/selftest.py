@@ -31,9 +31,11 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Final
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from oe_router.datapath.base import (
     ChildSaCounters,
@@ -61,6 +63,7 @@ __all__ = [
     "esp_selftest_all",
     "plan_selftest",
     "run_selftest",
+    "summary",
     "xfrm_algorithms",
 ]
 
@@ -106,7 +109,8 @@ DEFAULT_VARIANTS: Final = (Variant(Mode.TUNNEL, False), Variant(Mode.TRANSPORT, 
 class SelfTestResult:
     """The verdict on one transform. ``sent``/``received`` count datagrams over both
     directions and all variants; ``driver`` is the kernel's pick for the transform's AEAD
-    name while the SAs existed (None if it could not be read)."""
+    name while the SAs existed (None if it could not be read). ``seconds`` is the time the
+    transform took; the first of a run also carries setting up the namespaces."""
 
     transform: str
     passed: bool
@@ -381,7 +385,11 @@ def _new_netns() -> int:
     with in_netns("/proc/thread-self/ns/net"):
         if libc.unshare(CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            raise OSError(
+                err,
+                f"unshare(CLONE_NEWNET): {os.strerror(err)}; the self-test needs network "
+                "namespaces (CONFIG_NET_NS) and CAP_SYS_ADMIN",
+            )
         return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
 
@@ -397,23 +405,11 @@ class _Bench:
 
     def __init__(self, stop: threading.Event) -> None:
         self._stop = stop
-        self._deadline = 0.0
         self._fds: list[int] = []
-        self._closers: list[Callable[[], Any]] = []
         self._loop = asyncio.new_event_loop()
 
-    # -- lifecycle --
-    def __enter__(self) -> _Bench:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
-        for closer in reversed(self._closers):
-            with contextlib.suppress(Exception):
-                closer()
-        self._closers.clear()
+        """Drop the namespaces (the kernel takes the veth pair and what is left with them)."""
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -433,17 +429,27 @@ class _Bench:
         """Namespaces A and B, veth st0 (A, 192.0.2.1) <-> st1 (B, 192.0.2.2), both up."""
         from pyroute2 import IPRoute
 
-        self._fds = [_new_netns(), _new_netns()]
-        iprs = []
-        for side in (0, 1):
-            with in_netns(self.ns(side)):
-                ipr = IPRoute()
-            iprs.append(ipr)
+        for _ in (0, 1):
+            self._fds.append(_new_netns())
+        iprs: list[IPRoute] = []
         try:
+            for side in (0, 1):
+                with in_netns(self.ns(side)):
+                    iprs.append(IPRoute())
             ipr_a, ipr_b = iprs
-            ipr_a.link(
-                "add", ifname="st0", kind="veth", peer={"ifname": "st1", "net_ns_fd": self._fds[1]}
-            )
+            try:
+                ipr_a.link(
+                    "add",
+                    ifname="st0",
+                    kind="veth",
+                    peer={"ifname": "st1", "net_ns_fd": self._fds[1]},
+                )
+            except NetlinkError as exc:
+                raise OSError(
+                    exc.code,
+                    f"creating the veth pair failed ({os.strerror(exc.code)}): the self-test "
+                    "needs veth (kmod-veth on OpenWrt)",
+                ) from None
             for ipr, ifname, addr in ((ipr_a, "st0", ADDR_A), (ipr_b, "st1", ADDR_B)):
                 idx = ipr.link_lookup(ifname=ifname)[0]
                 ipr.link("set", index=idx, mtu=VETH_MTU)
@@ -653,7 +659,7 @@ def _run_blocking(
             return [
                 _failed(p.transform, f"{exc} before the test namespaces existed") for p in plans
             ]
-        except OSError as exc:
+        except (OSError, NetlinkError) as exc:
             why = f"could not build the test namespaces and veth pair: {exc}"
             return [_failed(p.transform, why) for p in plans]
         setup_time = time.monotonic() - start
@@ -745,8 +751,11 @@ async def esp_selftest_all(
     return {r.transform: r for r in await run_selftest(plans, timeout=timeout)}
 
 
-def iter_results(results: dict[str, SelfTestResult]) -> Iterator[str]:
-    """One line per result, for logs and ``oe offload``."""
-    for r in results.values():
-        verdict = "passed" if r.passed else "FAILED"
-        yield f"{r.transform}: {verdict} ({r.received}/{r.sent}, {r.seconds:.2f}s) {r.detail}"
+def summary(result: SelfTestResult) -> str:
+    """One line for the log and ``oe offload``."""
+    verdict = "passed" if result.passed else "FAILED"
+    on = f" on {result.driver}" if result.driver else ""
+    return (
+        f"ESP self-test {result.transform}{on}: {verdict} ({result.received}/{result.sent} "
+        f"datagrams, {result.seconds:.2f}s): {result.detail}"
+    )
