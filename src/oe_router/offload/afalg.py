@@ -299,7 +299,11 @@ class AfAlgEngine:
         key = _dummy_key(t)
         names = []
         for name in (cand.name, cand.esn_name):
-            bound = _resolve(name, key, t.icv_len, self.proc_crypto, self.driver_name)
+            try:
+                bound = _resolve(name, key, t.icv_len, self.proc_crypto, self.driver_name)
+            except EngineError as exc:  # no AF_ALG at all
+                self._why[t.name] = str(exc)
+                return None
             if isinstance(bound, OSError):
                 if name == cand.name:
                     self._why[t.name] = f"{name}: {bound.strerror or bound}"
