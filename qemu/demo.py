@@ -1,83 +1,70 @@
 """`make demo`: boot the lab, turn oe-routerd on, visit every destination from the LAN client,
 and print what the WAN wire showed for each one.
 
-Why evidence and not claims: "protected" is printed only when ESP to that address was captured
-on the WAN and no cleartext HTTP was; algorithms come from the router's kernel SAs and from
-`oe status`. Whatever part of the product is missing or failed is listed as such.
+This file is the I/O: it boots the lab, waits until the daemon's services have reported,
+runs the scenario, and records the evidence (captures' ESP/clear/IKE counts per address,
+the DNS answers, the final `oe status --json` taken AFTER the scenario, `oe offload --json`,
+the kernel SAs' algorithm names). demo_report.report() turns that record into the text;
+every verdict comes from it, none from a document taken before the services reported.
+The record is saved as demo-inputs.json in the run directory (``--record PATH`` copies it).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import build
+import demo_report
 import oelab
+from demo_report import DemoInputs, Visit
 from lab import Host, Lab, LabError
+from oe_router.control import Status
+
+READY_TIMEOUT = 60.0  # s for the services to report after the control socket answers
 
 
-@dataclass
-class Visit:
-    host: Host
-    resolved: str
-    fetched: bool
-    esp: int
-    clear: int
-    ike: int
-
-    @property
-    def verdict(self) -> str:
-        if self.esp and not self.clear:
-            return "PROTECTED"
-        if self.clear and not self.esp:
-            return "clear"
-        if self.esp and self.clear:
-            return "MIXED (cleartext leaked)"
-        return "no traffic"
-
-
-def kernel_sas(lab: Lab) -> dict[str, set[str]]:
-    """Peer address -> ESP algorithms, from the router's `ip xfrm state`."""
-    out = lab.router("ip xfrm state").stdout
-    sas: dict[str, set[str]] = {}
-    for block in re.split(r"\n(?=src )", out):
-        m = re.match(r"src (\S+) dst (\S+)", block)
-        if not m or "proto esp" not in block:
-            continue
-        algs = re.findall(r"^\s*(aead|enc|auth-trunc|auth)\s+(\S+)", block, re.M)
-        desc = " + ".join(f"{a}" for _, a in algs) or "?"
-        for addr in m.groups():
-            sas.setdefault(addr, set()).add(desc)
-    return sas
-
-
-def start_daemon(lab: Lab, missing: list[str]) -> dict[str, Any] | None:
-    """oe-routerd with identity @router.example.test (key from the world bundle), DNS front
-    behind dnsmasq (oelab.start_daemon); None, and the reason in ``missing``, if it fails."""
-    try:
-        return oelab.start_daemon(lab, local_id="@router.example.test")
-    except LabError as exc:
-        missing.append(str(exc))
-        return None
+def wait_ready(lab: Lab, first: dict[str, Any], problems: list[str]) -> None:
+    """Poll `oe status` until the services have reported (demo_report.not_ready), so the
+    scenario starts on a working daemon; a daemon that never gets there is a problem."""
+    doc, deadline = first, time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            waiting = demo_report.not_ready(Status.from_json(doc))
+        except (KeyError, TypeError, ValueError) as exc:
+            waiting = f"unreadable status ({exc})"
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            problems.append(f"oe-routerd not ready {READY_TIMEOUT:.0f}s after start: {waiting}")
+            return
+        time.sleep(0.5)
+        res = lab.router("oe status --json", timeout=20)
+        if res.ok:
+            doc = json.loads(res.stdout)
 
 
 def visit(lab: Lab, h: Host) -> Visit:
     with lab.capture_wan(label=f"demo-{h.netns}") as cap:
-        dig = lab.client(f"dig +short +time=5 +tries=1 {h.name} A | tail -1", timeout=30)
+        dig = lab.client(f"dig +time=5 +tries=1 {h.name} A", timeout=30)
         # IPv4: the evidence below is counted by the host's IPv4 address (the lab's
         # libreswan peers do OE over IPv4 only), so the fetch must not wander off to IPv6.
         page = lab.client(f"curl -4 -s -m 15 http://{h.name}/", timeout=30)
     a = h.ipv4
+    rcode, answer = demo_report.parse_dig(dig.stdout)
     return Visit(
-        host=h,
-        resolved=dig.stdout.strip() or "(no answer)",
+        name=h.name or h.netns,
+        netns=h.netns,
+        address=a,
+        expected=h.expected,
+        dns_status=rcode,
+        dns_answer=answer,
         fetched=f"lab host {h.netns}" in page.stdout,
         esp=cap.count(f"host {a} and (esp or (udp port 4500 and udp[8:4] != 0))"),
         clear=cap.count(f"host {a} and tcp port 80"),
@@ -85,84 +72,62 @@ def visit(lab: Lab, h: Host) -> Visit:
     )
 
 
-def gaps(status: dict[str, Any] | None, visits: list[Visit]) -> list[str]:
-    """What the status document and the wire say is not there yet."""
-    out: list[str] = []
-    if status is not None:
-        daemon = status.get("daemon", {})
-        services = daemon.get("services", [])
-        out += [f"oe-routerd runs no {s!r} service" for s in ("ike", "oe") if s not in services]
-        if daemon.get("datapath") in (None, "", "none"):
-            out.append("datapath: none active in oe-routerd, so no SA can be installed")
-        if status.get("dns", {}).get("oe_manager") == "none":
-            out.append("DNS front has no OE manager: IPSECKEY answers trigger no tunnel")
-    for v in visits:
-        if v.host.expected.startswith("protected") and v.verdict != "PROTECTED":
-            out.append(f"{v.host.name}: expected {v.host.expected}, the wire shows {v.verdict}")
-    return out
-
-
-def report(lab: Lab, visits: list[Visit], status: dict[str, Any] | None, missing: list[str]) -> str:
-    sas = kernel_sas(lab)
+def collect(lab: Lab, visits: list[Visit], problems: list[str]) -> DemoInputs:
+    """The final status (after the scenario), offload, kernel SAs: the report's inputs."""
+    status: dict[str, Any] | None = None
+    error = ""
     res = lab.router("oe status --json", timeout=20)
     if res.ok:
         status = json.loads(res.stdout)
-    tunnels = {
-        t["peer"]: t
-        for t in (status or {}).get("tunnels", [])
-        if t.get("source") == "ike" and t.get("state") == "established"
-    }
-    lines = ["", "oe-router lab demo: what the LAN client's traffic looked like on the WAN", ""]
-    hdr = f"{'destination':<20} {'address':<14} {'result':<10} {'verdict':<12} ESP  clear  IKE"
-    lines += [hdr, "-" * len(hdr)]
-    for v in visits:
-        got = "fetched" if v.fetched else "FAILED"
-        lines.append(
-            f"{v.host.name or v.host.netns:<20} {v.resolved:<14} {got:<10} {v.verdict:<12} "
-            f"{v.esp:>3}  {v.clear:>5}  {v.ike:>3}"
-        )
-        t = tunnels.get(v.host.ipv4)
-        if t:
-            esp = ", ".join(c.get("transform", "?") for c in t.get("children", [])) or "-"
-            lines.append(
-                f"{'':<20} IKE {t.get('transform') or '?'}, auth {t.get('local_auth')}/"
-                f"{t.get('remote_auth')} (peer id {t.get('remote_id')}); ESP {esp}"
-            )
-        if v.host.ipv4 in sas:
-            lines.append(f"{'':<20} ESP (router kernel SA): {', '.join(sorted(sas[v.host.ipv4]))}")
-        if v.host.expected:
-            lines.append(f"{'':<20} world expects: {v.host.expected}")
-    lines += ["", "Evidence: packets to/from the address on the router's WAN link "
-              "(world side of the cable), ESP = IP proto 50 or UDP-encapsulated ESP."]  # fmt: skip
-    lines += ["", "oe status (from the router):"]
-    res = lab.router("oe status", timeout=20)
-    lines += ["  " + ln for ln in (res.stdout + res.stderr).strip().splitlines()]
-    lines += ["", "Missing or not working (said plainly):"]
-    lines += [f"  - {m}" for m in missing] or ["  (nothing)"]
-    return "\n".join(lines)
+    else:
+        error = f"`oe status --json` exited {res.rc}: {(res.stderr or res.stdout).strip()}"
+    off = lab.router("oe offload --json", timeout=20)  # an older daemon has no such command
+    offload = json.loads(off.stdout) if off.ok else None
+    sas = demo_report.kernel_sa_algorithms(lab.router("ip xfrm state").stdout)
+    return DemoInputs(
+        visits=tuple(visits),
+        status=status,
+        offload=offload,
+        kernel_sas=sas,
+        lab_problems=tuple(problems),
+        status_error=error,
+    )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--record", type=Path, help="also write the report's inputs (JSON) here")
+    args = ap.parse_args(argv)
     t0 = time.monotonic()
     images = build.build_all(log=lambda m: print(f"[build] {m}", flush=True))
-    missing: list[str] = []
+    problems: list[str] = []
     try:
         with Lab(images, log=lambda m: print(f"[lab] {m}", flush=True), keep_run_dir=True) as lab:
-            missing += lab.missing
-            missing += [
+            problems += lab.missing
+            problems += [
                 f"world host {ns} failed to start: {t}" for ns, t in lab.failed_hosts.items()
             ]
-            status = start_daemon(lab, missing)
+            try:
+                first = oelab.start_daemon(lab, local_id="@router.example.test")
+            except LabError as exc:
+                problems.append(str(exc))
+            else:
+                wait_ready(lab, first, problems)
             dests = [h for h in lab.hosts if h.name and h.expected != "infra"]
             visits = [visit(lab, h) for h in dests]
-            missing += gaps(status, visits)
-            print(report(lab, visits, status, missing))
-            if any(v.verdict.startswith("MIXED") for v in visits):
+            inputs = collect(lab, visits, problems)
+            text = json.dumps(inputs.to_json(), indent=1, sort_keys=True) + "\n"
+            (lab.run_dir / "demo-inputs.json").write_text(text)
+            if args.record:
+                args.record.write_text(text)
+            print(demo_report.report(inputs))
+            if any(v.esp and v.clear for v in visits):
                 lab.collect_artifacts(build.REPO / "test-results" / "artifacts" / "demo")
     except LabError as exc:
         print(f"demo: the lab failed: {exc}", file=sys.stderr)
         return 1
-    print(f"\n(demo took {time.monotonic() - t0:.0f}s; pcaps and logs were in {lab.run_dir})")
+    print(f"\n(demo took {time.monotonic() - t0:.0f}s; pcaps, logs and demo-inputs.json "
+          f"are in {lab.run_dir})")  # fmt: skip
     return 0
 
 
