@@ -189,8 +189,8 @@ class _CbcHmacCipher:
 
     def seal(self, hdr: bytes, seq_hi: int | None, iv: bytes, plaintext: bytes) -> bytes:
         n = len(plaintext)
-        if n % 16:
-            raise EngineError(f"{self._t.name}: plaintext is not a multiple of 16 bytes")
+        if not n or n % 16 or len(iv) != 16:
+            raise EngineError(f"{self._t.name}: plaintext is not whole 16-byte blocks")
         addr, total = self._load(hdr, seq_hi, iv, plaintext)
         try:
             self._cbc.crypt_at(COP_ENCRYPT, addr + self._HDR_IV, n, iv)
@@ -202,7 +202,7 @@ class _CbcHmacCipher:
     def open(self, hdr: bytes, seq_hi: int | None, iv: bytes, sealed: bytes) -> bytes:
         k = self._t.icv_len
         n = len(sealed) - k
-        if n < 0 or n % 16:
+        if n < 16 or n % 16 or len(iv) != 16:
             raise AuthenticationFailed(f"{self._t.name}: {len(sealed)} bytes is no ESP payload")
         addr, total = self._load(hdr, seq_hi, iv, sealed[:n])
         try:
