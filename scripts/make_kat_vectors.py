@@ -281,7 +281,8 @@ def gcm() -> dict[str, Any]:
     for key, nonce, aad, pt, sealed in DRAFT_GCM:
         seq = "seq " + (aad[8:] if len(aad) == 16 else f"{aad[8:16]} {aad[16:]} (ESN)")
         vectors.append(
-            _vector(f"draft-mcgrew-gcm-test-01 AES-{len(key) * 4} SPI {aad[:8]} {seq}",
+            _vector(f"draft-mcgrew-gcm-test-01 AES-{len(key) * 4} SPI {aad[:8]} {seq}, "
+                    f"{len(pt) // 2}-byte payload",
                     "draft-mcgrew-gcm-test-01", f"aes{len(key) * 4}gcm16", key, nonce, aad, pt,
                     sealed)
         )  # fmt: skip
@@ -324,7 +325,7 @@ def cbc() -> dict[str, Any]:
             mac.update(seq_hi.to_bytes(4, "big"))
         vectors.append(
             {
-                "id": f"wycheproof aes_cbc_pkcs5_test.json tcId {tc} (ICV: generator)",
+                "id": f"wycheproof aes_cbc_pkcs5_test.json tcId {tc} (ICV by the generator)",
                 "source": "wycheproof",
                 "transform": f"aes{g['keySize']}-sha256",
                 "encr_key": t["key"],

@@ -180,7 +180,10 @@ def _check_vector(
         return None if got == v.sealed else _where(got, v.sealed, ct_len)
 
     def open_() -> str | None:
-        got = c.open(v.hdr, v.seq_hi, v.iv, v.sealed)
+        try:
+            got = c.open(v.hdr, v.seq_hi, v.iv, v.sealed)
+        except AuthenticationFailed as exc:
+            return f"refused the valid packet ({exc})"
         return None if got == v.plaintext else "the plaintext is not the expected one"
 
     run.check(v.id, "seal", seal)

@@ -169,8 +169,12 @@ def classify(alg: CryptoAlg) -> EngineKind:
 
 
 def drivers_for(algs: Iterable[CryptoAlg], name: str) -> list[CryptoAlg]:
-    """Usable implementations of algorithm ``name`` (tested, not internal), the kernel's
-    pick first: highest priority, ties in /proc/crypto's order (the kernel takes the first
-    it finds)."""
-    usable = [a for a in algs if a.name == name and not a.internal and a.selftest == "passed"]
+    """Usable implementations of algorithm ``name`` (tested, not internal, not a larval:
+    a lookup in progress), the kernel's pick first: highest priority, ties in
+    /proc/crypto's order (the kernel takes the first it finds)."""
+    usable = [
+        a
+        for a in algs
+        if a.name == name and not a.internal and a.selftest == "passed" and a.type != "larval"
+    ]
     return sorted(usable, key=lambda a: -a.priority)
