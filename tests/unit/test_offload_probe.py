@@ -269,3 +269,15 @@ def test_proc_crypto_of_this_machine_parses_into_specs() -> None:
     specs = discover(snap)
     assert specs[0].name == "software"
     assert all(s.kind is EngineKind.HARDWARE for s in specs if s.name.startswith("afalg:"))
+
+
+def test_the_lab_routers_recorded_proc_crypto() -> None:
+    """/proc/crypto of the QEMU router (-cpu max, virtio-crypto): AES-NI is the kernel's
+    pick, virtio-crypto is the one hardware engine, for the CBC transforms."""
+    text = (Path(__file__).parent / "data" / "proc_crypto_lab_router.txt").read_text()
+    specs = {s.name: s for s in discover(HostSnapshot(text, afalg=True, dev_crypto=False))}
+    assert list(specs) == ["software", "afalg", "afalg:virtio_crypto_aes_cbc"]
+    assert specs["afalg:virtio_crypto_aes_cbc"].transforms == CBC
+    assert specs["afalg:virtio_crypto_aes_cbc"].kind is EngineKind.HARDWARE
+    assert specs["afalg"].driver("aes256gcm16") == "rfc4106-gcm-aesni"
+    assert specs["afalg"].driver("aes128-sha256") == "cbc-aes-aesni"

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from oe_router.config import OeConfig
@@ -473,5 +474,32 @@ def test_a_transform_the_engine_does_not_run_shows_with_its_reason() -> None:
         assert rows["aes256-sha256"].kat == "passed"
         assert rows["aes128-sha256"].kat == "unsupported"
         assert rows["aes128-sha256"].reason == (f"{HW}: ENOENT for authenc(hmac(sha256),cbc(aes))")
+
+    run(go)
+
+
+def test_the_canary_with_the_real_known_answer_tests_catches_a_faulty_engine(
+    tmp_path: Path,
+) -> None:
+    """offload.kat's vectors (the service's default), the fault switched on by a file."""
+
+    async def go() -> None:
+        flag = tmp_path / "oe-fault"
+        lab = Lab()
+        lab.engines[HW] = FaultyEngine(Named(HW, EngineKind.HARDWARE, CBC), corrupt_when=str(flag))
+        svc = _service(lab, kat=None, canary_interval=0.3)
+        await svc.start(OeConfig(offload="virtio_crypto_aes_cbc"))
+        await _until(_ready(svc))
+        assert svc.table.engine_for("aes128-sha256", 100) == HW
+        hw = next(e for e in svc.status().engines if e.name == HW)
+        assert {t.kat for t in hw.transforms} == {"passed"}
+        flag.touch()
+        took = await _until(lambda: svc.table.engine_for("aes128-sha256", 100) != HW, 5.0)
+        await svc.stop()
+        assert took <= 0.3 + 1.0
+        assert svc.table.engine_for("aes128-sha256", 100) == "software"
+        hw = next(e for e in svc.status().engines if e.name == HW)
+        reasons = [t.reason for t in hw.transforms if t.kat == "failed"]
+        assert reasons and all(r.startswith("canary: known-answer test failed: ") for r in reasons)
 
     run(go)
