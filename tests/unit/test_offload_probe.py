@@ -227,9 +227,12 @@ class _FakeMonitor:
 def test_udev_events_trigger_one_settled_check(monkeypatch: pytest.MonkeyPatch) -> None:
     async def go() -> None:
         monitor = _FakeMonitor()
+        sources: list[str] = []
         fake = types.ModuleType("pyudev")
         fake.Context = lambda: object()  # type: ignore[attr-defined]
-        fake.Monitor = types.SimpleNamespace(from_netlink=lambda ctx: monitor)  # type: ignore[attr-defined]
+        fake.Monitor = types.SimpleNamespace(  # type: ignore[attr-defined]
+            from_netlink=lambda ctx, source: sources.append(source) or monitor
+        )
         monkeypatch.setitem(sys.modules, "pyudev", fake)
         machine = _Machine(PROC)
         seen: list[HostSnapshot] = []
@@ -237,6 +240,7 @@ def test_udev_events_trigger_one_settled_check(monkeypatch: pytest.MonkeyPatch) 
                            settle=0.05)  # fmt: skip
         await w.start(machine.snapshot())
         assert w.mode == "udev" and monitor.started and "module" in monitor.filters
+        assert sources == ["kernel"]  # raw uevents: OpenWrt has no udevd
         reads = machine.reads
         machine.text = PROC.replace(VIRTIO_CBC, "")
         monitor.w.send(b"xxxxx")  # a burst of five events: one check after they settle

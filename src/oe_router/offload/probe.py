@@ -263,7 +263,9 @@ class HotplugWatcher:
             log.info("pyudev not installed: rescanning /proc/crypto for new engines")
             return None
         try:
-            monitor = pyudev.Monitor.from_netlink(pyudev.Context())
+            # the kernel's own uevents: OpenWrt has no udevd to re-broadcast them (procd
+            # handles hotplug), and a nudge needs no device database anyway
+            monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
             for subsystem in UDEV_SUBSYSTEMS:
                 monitor.filter_by(subsystem)
             monitor.start()
