@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from oe_router.offload.engine import (
     EngineError,
     EngineKind,
     OpenRequest,
+    SealRequest,
 )
 
 LAB = str(Path(__file__).parent / "data" / "proc_crypto_lab_router.txt")
@@ -74,7 +76,9 @@ class _Kernel:
         self.bound: list[str] = []
         self.keys: dict[str, bytes] = {}
         self.sent: list[dict[str, Any]] = []
-        self.reply: bytes | OSError = b""
+        self.reply: bytes | OSError | Callable[[dict[str, Any]], bytes | OSError] = b""
+        self.tried: list[str] = []
+        self.registers: dict[str, Callable[[], None]] = {}
 
     def socket(self) -> _Sock:
         return _Sock(self)
@@ -86,6 +90,9 @@ class _Sock:
 
     def bind(self, addr: tuple[str, str]) -> None:
         assert addr[0] == "aead"
+        self.k.tried.append(addr[1])
+        if addr[1] in self.k.registers:  # instantiated, yet the lookup fails
+            self.k.registers.pop(addr[1])()
         if addr[1] not in self.k.bindable:
             raise OSError(errno.ENOENT, "No such file or directory")
         self.name = addr[1]
@@ -104,15 +111,20 @@ class _Sock:
         return op, None
 
     def sendmsg_afalg(self, msg: list[bytes], *, op: int, iv: bytes, assoclen: int) -> None:
-        self.k.sent.append(
-            {"name": self.name, "data": b"".join(msg), "op": op, "iv": iv, "assoclen": assoclen}
-        )
+        self.last: dict[str, Any] = {
+            "name": self.name, "data": b"".join(msg), "op": op, "iv": iv, "assoclen": assoclen,
+            "sock": id(self),
+        }  # fmt: skip
+        self.k.sent.append(self.last)
 
     def recv(self, n: int) -> bytes:
-        self.k.sent[-1]["recv"] = n
-        if isinstance(self.k.reply, OSError):
-            raise self.k.reply
-        return self.k.reply
+        self.last["recv"] = n
+        reply = self.k.reply
+        if callable(reply):
+            reply = reply(self.last)
+        if isinstance(reply, OSError):
+            raise reply
+        return reply
 
     def close(self) -> None:
         pass
@@ -227,3 +239,64 @@ def test_gcm_requests(kernel: _Kernel) -> None:
     sent = kernel.sent[-1]
     assert sent["name"] == "rfc4106(gcm(aes))" and sent["assoclen"] == 20  # same tfm with ESN
     assert sent["data"][:20] == hdr[:4] + b"\x00\x00\x00\x01" + hdr[4:] + iv
+
+
+def test_first_bind_of_a_driver_template(kernel: _Kernel, tmp_path: Path) -> None:
+    """No instance yet: the template bind registers one and fails with ENOENT (as the
+    kernel does); the engine then binds the instance by its driver name. Once it exists,
+    the template is not bound again (each bind would register and self-test another)."""
+    entries = Path(LAB).read_text().split("\n\n")
+    mine = [e for e in entries if "virtio_crypto_aes_cbc)" in e]
+    assert len(mine) >= 2  # authenc and authencesn instances in the recording
+    proc = tmp_path / "crypto"
+    proc.write_text("\n\n".join(e for e in entries if e not in mine))
+
+    def register() -> None:
+        proc.write_text(proc.read_text() + "\n\n" + "\n\n".join(mine) + "\n")
+
+    kernel.registers["authenc(hmac(sha256),virtio_crypto_aes_cbc)"] = register
+    e = AfAlgEngine("virtio_crypto_aes_cbc", proc_crypto=str(proc))
+    assert [t.name for t in e.transforms()] == ["aes128-sha256", "aes256-sha256"]
+    assert e.driver(CBC) == VIRTIO_AUTHENC
+    templates = [n for n in kernel.tried if n.startswith("authenc(hmac(sha256),")]
+    assert templates == ["authenc(hmac(sha256),virtio_crypto_aes_cbc)"]  # once, for both
+
+
+def _echo(sent: dict[str, Any]) -> bytes | OSError:
+    """Encrypt: assoc || data || 16-byte tag; decrypt: refuse data holding b"bad"."""
+    if sent["op"] == afalg.ALG_OP_ENCRYPT:
+        return bytes(sent["data"]) + b"T" * 16
+    if b"bad" in sent["data"]:
+        return OSError(errno.EBADMSG, "Bad message")
+    return bytes(sent["data"][:-16])
+
+
+def test_hardware_batches_spread_over_lanes(kernel: _Kernel) -> None:
+    kernel.reply = _echo
+    c = AfAlgEngine("virtio_crypto_aes_cbc", proc_crypto=LAB).cipher(CBC, bytes(32), bytes(32))
+    iv = bytes(16)
+    for seq_hi in (None, 9):
+        kernel.sent.clear()
+        batch = [SealRequest(i.to_bytes(8, "big"), seq_hi, iv, bytes([i]) * 32) for i in range(10)]
+        assert c.seal_many(batch) == [bytes([i]) * 32 + b"T" * 16 for i in range(10)]
+        assert len({m["sock"] for m in kernel.sent}) == afalg.HARDWARE_LANES
+        want = "authencesn(" if seq_hi else "authenc("
+        assert all(m["name"].startswith(want) for m in kernel.sent)
+        opens = [
+            OpenRequest(i.to_bytes(8, "big"), seq_hi, iv, (b"bad" if i == 3 else bytes(3)) * 16)
+            for i in range(10)
+        ]
+        got = c.open_many(opens)
+        assert got[3] is None and got[:3] == [bytes(32)] * 3 and got[4:] == [bytes(32)] * 6
+    kernel.reply = OSError(errno.EIO, "Input/output error")
+    with pytest.raises(EngineError, match="seal failed for aes256-sha256"):
+        c.seal_many([SealRequest(bytes(8), None, iv, bytes(16))] * 5)
+    c.close()
+
+
+def test_cpu_batches_stay_on_one_socket(kernel: _Kernel) -> None:
+    kernel.reply = _echo
+    c = AfAlgEngine(proc_crypto=LAB).cipher(CBC, bytes(32), bytes(32))
+    batch = [SealRequest(bytes(8), None, bytes(16), bytes(16))] * 8
+    assert c.seal_many(batch) == [bytes(16) + b"T" * 16] * 8
+    assert len({m["sock"] for m in kernel.sent}) == 1

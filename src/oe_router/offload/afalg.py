@@ -27,8 +27,10 @@ import errno
 import re
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .engine import (
     TRANSFORMS,
@@ -43,6 +45,10 @@ from .procfs import CryptoAlg, classify, drivers_for, read_proc_crypto
 from .software import check_keys
 
 __all__ = ["AfAlgEngine", "authenc_key", "esp_assoc"]
+
+_T = TypeVar("_T")
+#: Op sockets a hardware driver's batches are spread over (see _Cipher).
+HARDWARE_LANES = 4
 
 # include/uapi/linux/if_alg.h (Python exposes them on Linux; spelled out for the host,
 # which may lack AF_ALG, and for mypy).
@@ -92,6 +98,7 @@ class _Binding:
     name: str
     esn_name: str
     driver: str = ""  # the kernel's driver name of what got bound (filled after a bind)
+    hardware: bool = False  # that driver runs on an accelerator (procfs.classify)
 
 
 def _alg_socket() -> socket.socket:
@@ -124,65 +131,77 @@ def _dummy_key(t: Transform) -> bytes:
 
 
 class _Cipher:
-    """One SA direction on AF_ALG: a transform socket with the key, one op socket."""
+    """One SA direction on AF_ALG: a transform socket with the key, and op sockets on it.
 
-    def __init__(self, engine: AfAlgEngine, t: Transform, binding: _Binding, key: bytes) -> None:
+    ``lanes`` > 1 (hardware drivers): a batch is split over that many op sockets, each
+    driven by a thread of its own, so requests wait on the device together (the kernel
+    call releases the GIL). Measured in the lab's router VM on virtio-crypto: 4 lanes
+    seal about twice as many 1400-byte packets per second as one; on AES-NI they gain
+    nothing, so CPU drivers keep one lane.
+    """
+
+    def __init__(
+        self, engine: AfAlgEngine, t: Transform, binding: _Binding, key: bytes, lanes: int = 1
+    ) -> None:
         self._engine = engine
         self._t = t
         self._binding = binding
         self._key = key
-        self._tfm: socket.socket | None = None
-        self._op: socket.socket | None = None
-        self._esn_tfm: socket.socket | None = None
-        self._esn_op: socket.socket | None = None
-        self._tfm, self._op = self._open(binding.name)
+        self._lanes = max(1, lanes)
         self._icv = t.icv_len
         self._cbc = not t.is_aead
+        # esn? -> (transform socket, op sockets); the ESN one is opened when first needed
+        self._socks: dict[bool, tuple[socket.socket, list[socket.socket]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._ops(False)
 
     def __repr__(self) -> str:  # no key material, ever
         return f"<afalg cipher {self._t.name} on {self._binding.name}>"
 
-    def _open(self, name: str) -> tuple[socket.socket, socket.socket]:
-        try:
-            tfm = _bind(name, self._key, self._t.icv_len)
-        except OSError as exc:
-            raise self._engine.error(self._t, f"binding {name}", exc) from None
-        try:
-            op, _ = tfm.accept()
-        except OSError as exc:
-            tfm.close()
-            raise self._engine.error(self._t, f"accept on {name}", exc) from None
-        return tfm, op
-
-    def _sock(self, seq_hi: int | None) -> socket.socket:
-        if self._op is None:
+    def _ops(self, esn: bool, lanes: int = 1) -> list[socket.socket]:
+        """At least ``lanes`` op sockets for 32-bit or ESN sequence numbers."""
+        if self._closed:
             raise EngineError(f"{self._engine.name}: {self._t.name} cipher used after close()")
-        if seq_hi is None or self._binding.esn_name == self._binding.name:
-            return self._op
-        if self._esn_op is None:
-            self._esn_tfm, self._esn_op = self._open(self._binding.esn_name)
-        return self._esn_op
+        if esn and self._binding.esn_name == self._binding.name:
+            esn = False  # an AEAD takes both forms on one transform
+        if esn not in self._socks:
+            name = self._binding.esn_name if esn else self._binding.name
+            try:
+                tfm = _bind(name, self._key, self._t.icv_len)
+            except OSError as exc:
+                raise self._engine.error(self._t, f"binding {name}", exc) from None
+            self._socks[esn] = (tfm, [])
+        tfm, ops = self._socks[esn]
+        while len(ops) < lanes:
+            try:
+                ops.append(tfm.accept()[0])
+            except OSError as exc:
+                raise self._engine.error(self._t, "accept", exc) from None
+        return ops
 
     @property
     def transform(self) -> Transform:
         return self._t
 
-    def seal(self, hdr: bytes, seq_hi: int | None, iv: bytes, plaintext: bytes) -> bytes:
-        op = self._sock(seq_hi)
+    def _seal(
+        self, op: socket.socket, hdr: bytes, seq_hi: int | None, iv: bytes, pt: bytes
+    ) -> bytes:
         assoc = esp_assoc(hdr, seq_hi, iv)
         n = len(assoc)
         try:
-            op.sendmsg_afalg([assoc, plaintext], op=ALG_OP_ENCRYPT, iv=iv, assoclen=n)
-            out = op.recv(n + len(plaintext) + self._icv)
+            op.sendmsg_afalg([assoc, pt], op=ALG_OP_ENCRYPT, iv=iv, assoclen=n)
+            out = op.recv(n + len(pt) + self._icv)
         except OSError as exc:
             raise self._engine.error(self._t, "seal", exc) from None
         return out[n:]
 
-    def open(self, hdr: bytes, seq_hi: int | None, iv: bytes, sealed: bytes) -> bytes:
+    def _open(
+        self, op: socket.socket, hdr: bytes, seq_hi: int | None, iv: bytes, sealed: bytes
+    ) -> bytes:
         clen = len(sealed) - self._icv
         if clen < 0 or (self._cbc and clen % 16):
             raise AuthenticationFailed(f"{self._t.name}: {len(sealed)} bytes is no ESP payload")
-        op = self._sock(seq_hi)
         assoc = esp_assoc(hdr, seq_hi, iv)
         n = len(assoc)
         try:
@@ -194,23 +213,85 @@ class _Cipher:
             raise self._engine.error(self._t, "open", exc) from None
         return out[n:]
 
+    def _open_or_none(
+        self, op: socket.socket, hdr: bytes, seq_hi: int | None, iv: bytes, sealed: bytes
+    ) -> bytes | None:
+        try:
+            return self._open(op, hdr, seq_hi, iv, sealed)
+        except AuthenticationFailed:
+            return None
+
+    def seal(self, hdr: bytes, seq_hi: int | None, iv: bytes, plaintext: bytes) -> bytes:
+        return self._seal(self._ops(seq_hi is not None)[0], hdr, seq_hi, iv, plaintext)
+
+    def open(self, hdr: bytes, seq_hi: int | None, iv: bytes, sealed: bytes) -> bytes:
+        return self._open(self._ops(seq_hi is not None)[0], hdr, seq_hi, iv, sealed)
+
+    def _lanes_for(self, batch: Sequence[SealRequest] | Sequence[OpenRequest]) -> int:
+        """How many op sockets to spread ``batch`` over (1: a plain loop)."""
+        if self._lanes == 1 or len(batch) < 2:
+            return 1
+        if len({r.seq_hi is None for r in batch}) != 1:
+            return 1  # mixed sequence-number forms: rare, not worth two pools
+        return min(self._lanes, len(batch))
+
+    def _spread(self, lanes: int, n: int) -> list[range]:
+        step = -(-n // lanes)
+        return [range(i, min(i + step, n)) for i in range(0, n, step)]
+
     def seal_many(self, batch: Sequence[SealRequest]) -> list[bytes]:
-        return [self.seal(r.hdr, r.seq_hi, r.iv, r.plaintext) for r in batch]
+        lanes = self._lanes_for(batch)
+        if lanes == 1:
+            return [self.seal(r.hdr, r.seq_hi, r.iv, r.plaintext) for r in batch]
+        ops = self._ops(batch[0].seq_hi is not None, lanes)
+
+        def run(op: socket.socket, idx: range) -> list[bytes]:
+            return [self._seal(op, batch[i].hdr, batch[i].seq_hi, batch[i].iv,
+                               batch[i].plaintext) for i in idx]  # fmt: skip
+
+        return self._in_lanes(run, ops, len(batch), lanes)
 
     def open_many(self, batch: Sequence[OpenRequest]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for r in batch:
-            try:
-                out.append(self.open(r.hdr, r.seq_hi, r.iv, r.sealed))
-            except AuthenticationFailed:
-                out.append(None)
+        lanes = self._lanes_for(batch)
+        if lanes == 1:
+            out: list[bytes | None] = []
+            for r in batch:
+                try:
+                    out.append(self.open(r.hdr, r.seq_hi, r.iv, r.sealed))
+                except AuthenticationFailed:
+                    out.append(None)
+            return out
+        ops = self._ops(batch[0].seq_hi is not None, lanes)
+
+        def run(op: socket.socket, idx: range) -> list[bytes | None]:
+            return [self._open_or_none(op, batch[i].hdr, batch[i].seq_hi, batch[i].iv,
+                                       batch[i].sealed) for i in idx]  # fmt: skip
+
+        return self._in_lanes(run, ops, len(batch), lanes)
+
+    def _in_lanes(
+        self, run: Callable[[socket.socket, range], list[_T]], ops: list[socket.socket], n: int,
+        lanes: int,
+    ) -> list[_T]:  # fmt: skip
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._lanes, thread_name_prefix="afalg")
+        parts = self._spread(lanes, n)
+        futures = [self._pool.submit(run, op, idx) for op, idx in zip(ops, parts, strict=False)]
+        out: list[_T] = []
+        for f in futures:
+            out.extend(f.result())  # an EngineError in a lane is raised here
         return out
 
     def close(self) -> None:
-        for s in (self._op, self._tfm, self._esn_op, self._esn_tfm):
-            if s is not None:
-                s.close()
-        self._op = self._tfm = self._esn_op = self._esn_tfm = None
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for tfm, ops in self._socks.values():
+            for op in ops:
+                op.close()
+            tfm.close()
+        self._socks.clear()
 
 
 class AfAlgEngine:
@@ -235,10 +316,9 @@ class AfAlgEngine:
     @property
     def kind(self) -> EngineKind:
         """HARDWARE when a transform runs on an accelerator's driver (after a probe)."""
-        algs = read_proc_crypto(self.proc_crypto)
         for t in self.transforms():
             b = self._bindings.get(t.name)
-            if b is not None and classify(_alg_for(algs, b.driver, t.aead)) is EngineKind.HARDWARE:
+            if b is not None and b.hardware:
                 return EngineKind.HARDWARE
         return EngineKind.CPU
 
@@ -312,7 +392,8 @@ class AfAlgEngine:
             names.append(bound)
         algs = read_proc_crypto(self.proc_crypto)
         drv = _driver_of(algs, names[0], t.aead)
-        return _Binding(names[0], names[1], drv)
+        hw = classify(_alg_for(algs, drv, t.aead)) is EngineKind.HARDWARE
+        return _Binding(names[0], names[1], drv, hw)
 
     def transforms(self) -> tuple[Transform, ...]:
         for t in TRANSFORMS.values():
@@ -344,25 +425,35 @@ class AfAlgEngine:
                 f"{self.name}: cannot run {transform.name}: {self._why.get(transform.name)}"
             )
         key = encr_key if transform.is_aead else authenc_key(encr_key, integ_key)
-        return _Cipher(self, transform, b, key)
+        return _Cipher(self, transform, b, key, HARDWARE_LANES if b.hardware else 1)
 
 
 def _resolve(name: str, key: bytes, icv_len: int, proc: str, driver: str | None) -> str | OSError:
     """The name that binds ``name``'s implementation, or the kernel's error.
 
     A template around a driver name ("authenc(hmac(sha256),virtio_crypto_aes_cbc)") is
-    instantiated by the first bind but the lookup still fails (ENOENT): the kernel matches
-    the request against the new instance's generic and driver names, and it is neither
-    ("authenc(hmac(sha256-generic),virtio_crypto_aes_cbc)"). The instance is registered
-    by then, so it is found in /proc/crypto and bound by its driver name.
+    instantiated by a bind, but that bind still fails (ENOENT): the kernel matches the
+    request against the new instance's generic and driver names, and it is neither
+    ("authenc(hmac(sha256-generic),virtio_crypto_aes_cbc)"). So an instance holding the
+    driver is looked up in /proc/crypto first and bound by its driver name; only when
+    there is none is the template bound, which registers one (and self-tests it: every
+    needless bind of the template would add another instance).
     """
+    if driver is not None and "(" in name:
+        found = _instance(name, key, icv_len, proc, driver)
+        if found:
+            return found
     try:
         _bind(name, key, icv_len).close()
         return name
     except OSError as exc:
         if exc.errno != errno.ENOENT or driver is None or "(" not in name:
             return exc
-        first = exc
+        return _instance(name, key, icv_len, proc, driver) or exc
+
+
+def _instance(name: str, key: bytes, icv_len: int, proc: str, driver: str) -> str:
+    """The driver name of a bindable instance of ``name``'s template around ``driver``."""
     outer = name.split("(", 1)[0] + "("
     found = [
         a
@@ -377,7 +468,7 @@ def _resolve(name: str, key: bytes, icv_len: int, proc: str, driver: str | None)
             return a.driver
         except OSError:
             continue
-    return first
+    return ""
 
 
 def _driver_of(algs: tuple[CryptoAlg, ...], bound: str, aead: str) -> str:
