@@ -20,7 +20,6 @@ from oe_router.config.schema import PolicyConfig, parse_policy_entry
 from oe_router.datapath import nft_spd as N
 from oe_router.datapath.base import (
     Direction,
-    IPAddress,
     Mode,
     PolicyAction,
     PolicySpec,
@@ -74,9 +73,9 @@ def xfrm_match(p: PolicySpec, flow: N.Flow) -> bool:
 def xfrm_verdict(policies: Sequence[PolicySpec], direction: Direction, flow: N.Flow) -> N.Verdict:
     best = None
     for i, p in enumerate(policies):
-        if p.direction is direction and xfrm_match(p, flow):
-            if best is None or (p.priority, i) < best[0]:
-                best = ((p.priority, i), p)
+        matches = p.direction is direction and xfrm_match(p, flow)
+        if matches and (best is None or (p.priority, i) < best[0]):
+            best = ((p.priority, i), p)
     if best is None:
         return N.Verdict.ACCEPT
     return N.verdict_of(direction, best[1].action)
@@ -406,7 +405,3 @@ def test_empty_table_accepts_everything() -> None:
     f = N.Flow(WAN4, ipaddress.ip_address("8.8.8.8"), 6, 1, 2)
     assert all(N.evaluate(spd, d, f) is N.Verdict.ACCEPT for d in Direction)
     assert "chain out_policies {\n\t}" in N.render(spd)
-
-
-def _addr(text: str) -> IPAddress:
-    return ipaddress.ip_address(text)
