@@ -7,10 +7,11 @@ are queued (NFQUEUE) to the daemon, which raises an ACQUIRE, holds them, and lat
 encrypts or releases them. Inbound cleartext whose IN/FWD policy requires IPsec is
 dropped unless it came decrypted out of the datapath's TUN device.
 
-Everything here but ``apply_script``/``queue_backend``/``insert_xt_queue`` is pure: policies
-in, an intermediate rule form (``SpdTable``) out, rendered to one atomic ``nft -f``
-script for ``table inet oe_spd`` (create-if-missing, delete, recreate, like oe/lan.py),
-and an evaluator of that form for tests.
+Everything here but the edge (``apply_script``, ``install``, ``queue_backend``,
+``insert_xt_queue``) is pure: policies in, an intermediate rule form (``SpdTable``) out,
+rendered to one atomic ``nft -f`` script for ``table inet oe_spd`` (create-if-missing,
+delete, recreate, like oe/lan.py); ``update`` turns policy changes into map element
+changes when it can; ``evaluate`` runs the intermediate form for tests.
 
 Semantics (XFRM's): among the policies of a direction that match a packet, the one with
 the LOWEST priority value wins; ties go to the earlier policy (input order). A packet no
@@ -39,9 +40,9 @@ Hooks, and why there:
   address), which are what XFRM checks too (its decode of a NATed packet,
   ``nf_nat_decode_session``, restores the pre-NAT view). Routing has not happened yet,
   so IN versus FWD is decided by the wire destination: a local (or broadcast/multicast)
-  address goes to the ``in`` policies, anything else to ``fwd``. This differs from the
-  kernel only for NATed flows (a reply to a SNATed LAN flow is addressed to the WAN
-  address on the wire, so it meets ``in`` where XFRM would check ``fwd`` with the same
+  address goes to the ``in_policies`` chain, anything else to ``fwd_policies``. This
+  differs from the kernel only for NATed flows (a reply to a SNATed LAN flow is addressed
+  to the WAN address on the wire, so it meets IN where XFRM would check FWD with the same
   wire addresses); the OE manager installs identical IN and FWD selectors for every SA
   and shunt, so the verdicts agree. Exempt: ``lo``, the TUN device (decrypted and checked
   by the datapath) and, when ``ike_ports`` is given, UDP to those ports on a local
@@ -278,14 +279,9 @@ def _conflicts(e: Entry, block: Block) -> list[Entry]:
     return [o for o in block.entries if o.verdict is not e.verdict and _nets_overlap(o.key, e.key)]
 
 
-def _key_clash(e: Entry, block: Block) -> Entry | None | bool:
-    """The block's entry with an identical key, True if some key overlaps, else None."""
-    for o in block.entries:
-        if o.key == e.key:
-            return o
-        if _nets_overlap(o.key, e.key):
-            return True
-    return None
+def _key_clash(e: Entry, block: Block) -> bool:
+    """Does ``e``'s key overlap (or equal) a key of the block?"""
+    return any(_nets_overlap(o.key, e.key) for o in block.entries)
 
 
 class _Keys:
@@ -539,7 +535,7 @@ def _place(e: Entry, blocks: Sequence[Block]) -> int | None:
     """A map block ``e`` can join without changing any packet's verdict, or None."""
     for b in range(len(blocks) - 1, -1, -1):
         blk = blocks[b]
-        if blk.shape != e.shape or blk.plain or _key_clash(e, blk) is not None:
+        if blk.shape != e.shape or blk.plain or _key_clash(e, blk):
             continue
         ok = True
         for i, other in enumerate(blocks):
