@@ -19,10 +19,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from oe_router import __version__
 from oe_router.config import DEFAULT_CONFIG_PATH, ConfigInvalid, OeConfig, load_config
+from oe_router.config.schema import DEFAULT_ESP_PROPOSALS
 from oe_router.control import (
     CommandError,
     CommandTable,
@@ -35,12 +36,15 @@ from oe_router.control import (
     StatusContribution,
 )
 from oe_router.control.ubus import UbusShim
+from oe_router.datapath.base import Datapath
 from oe_router.dns.hold import TunnelRequester
 from oe_router.dns.service import DnsService, dns_wanted
+from oe_router.ike.proposals import esp_offer
 from oe_router.ike.service import IkeService
 from oe_router.oe.lan import apply_nft
 from oe_router.oe.negotiator import IkeNegotiator
-from oe_router.oe.service import OeService, kernel_datapath
+from oe_router.oe.service import DatapathFactory, OeService, kernel_datapath
+from oe_router.offload.service import OffloadService, OffloadUpdate
 from oe_router.platform import Platform, probe_platform
 
 log = logging.getLogger("oe_router.daemon")
@@ -424,6 +428,106 @@ class _IkeWithNegotiator:
         self.ike.register_commands(commands)
 
 
+class EspOffer:
+    """Keeps IKE's ESP offer and the userspace datapath's engines in step with offload.
+
+    Why a service of its own: the offer depends on three things that change apart: the
+    config (an explicit ``esp_proposal`` always wins), the active datapath (only what it
+    can run is offered) and the offload layer's findings (with ``offload auto`` and no
+    explicit list, the transform the fastest proven engine runs comes first; a kernel
+    driver that fails its known-answer test is never offered for kernel ESP).
+    """
+
+    def __init__(self, ike: IkeService, offload: OffloadService, datapath: str) -> None:
+        self._ike = ike
+        self._datapath = datapath  # "kernel" | "userspace"
+        self._config = OeConfig()
+        self._update: OffloadUpdate | None = None
+        self._userspace: Any = None
+        self.offer: tuple[str, ...] = ()
+        offload.subscribe(self.on_update)
+
+    @property
+    def name(self) -> str:
+        return "esp-offer"
+
+    def attach_userspace(self, dp: Any) -> None:
+        self._userspace = dp
+
+    async def start(self, config: OeConfig) -> None:
+        self._config = config
+        self.apply()
+
+    async def reload(self, config: OeConfig) -> None:
+        self._config = config
+        self.apply()
+
+    async def stop(self) -> None:
+        return None
+
+    def status(self) -> StatusContribution:
+        return StatusContribution()
+
+    def on_update(self, update: OffloadUpdate) -> None:
+        self._update = update
+        self.apply()
+
+    def names(self) -> tuple[str, ...]:
+        """The keywords offered, in order."""
+        cfg, up = self._config, self._update
+        explicit = cfg.ike.esp_proposals
+        base = explicit or DEFAULT_ESP_PROPOSALS
+        if up is None:
+            return tuple(base)
+        if self._datapath == "userspace":
+            runnable = {c.transform for c in up.table.choices if c.bands}
+        else:
+            runnable = set(base)
+            if up.kernel_checked:  # every transform AF_ALG runs here has a verdict
+                runnable &= set(up.kernel_usable)
+        if explicit or cfg.offload != "auto":
+            return tuple(n for n in base if n in runnable)
+        fast = [n for n in up.proposal if n in runnable and n in base]
+        return tuple(fast + [n for n in base if n in runnable and n not in fast])
+
+    def apply(self) -> None:
+        names = self.names()
+        if names != self.offer:
+            if self.offer or names != tuple(
+                self._config.ike.esp_proposals or DEFAULT_ESP_PROPOSALS
+            ):
+                log.info("ESP offer: %s", ", ".join(names) or "nothing (no usable transform)")
+            self.offer = names
+        self._ike.esp_proposals = esp_offer(names)
+        up = self._update
+        if self._userspace is not None and up is not None:
+            self._userspace.set_engine_table(up.table.to_json(), self._config.offload_canary)
+
+
+def _userspace_datapath(
+    config: OeConfig, plat: Platform, ike: IkeService, offload: OffloadService, offer: EspOffer
+) -> DatapathFactory:
+    """The userspace datapath, made once: IKE's NAT-T socket shares UDP 4500 with it (the
+    socket hooks), IKE always asks for UDP encapsulation (the workers receive ESP only
+    there), and the workers get the offload layer's engine choice."""
+    from oe_router.datapath.userspace import UserspaceDatapath
+
+    dp = UserspaceDatapath(
+        wan_ifname=config.wan_interface,
+        reason=plat.datapath_reason,
+        on_canary_failure=offload.report_failure,
+    )
+    ike.socket_hooks = dp
+    ike.force_udp_encap = True
+    offer.attach_userspace(dp)
+
+    def make(cfg: OeConfig) -> Datapath:
+        dp.keep_persistent_on_stop = cfg.keep_private_on_stop
+        return dp
+
+    return make
+
+
 def build_services(
     config: OeConfig,
     tunnels: TunnelRequester | None = None,
@@ -440,14 +544,24 @@ def build_services(
     plat = probe_platform(config) if platform is None else platform
     registry = ServiceRegistry()
     oe: OeService | None = None
+    # first: software is proven (a quick KAT) before any SA; the rest comes in the background
+    offload = OffloadService(canary_interval=config.offload_canary)
+    registry.add(offload)
     if not plat.wan:
         registry.add(StatusOnly(f"none ({plat.wan_reason or 'no WAN address'})"))
     else:
         ike = IkeService([str(a) for a in plat.wan.values()])
-        if plat.esp:
+        if plat.datapath in ("kernel", "userspace"):
+            offer = EspOffer(ike, offload, plat.datapath)
+            factory: DatapathFactory
+            if plat.datapath == "userspace":
+                factory = _userspace_datapath(config, plat, ike, offload, offer)
+            else:
+                factory = kernel_datapath(reason=plat.datapath_reason)
+            registry.add(offer)
             negotiator = IkeNegotiator(ike)
             oe = OeService(
-                datapath_factory=kernel_datapath(reason=plat.datapath_reason),
+                datapath_factory=factory,
                 negotiator=negotiator,
                 wan=plat.wan,
                 lan=plat.lan,

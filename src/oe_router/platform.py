@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import shutil
 import socket
 import subprocess
 from collections.abc import Callable
@@ -23,10 +24,12 @@ from oe_router.datapath.base import IPAddress, IPNetwork
 
 __all__ = [
     "Platform",
+    "choose_datapath",
     "kernel_esp",
     "probe_platform",
     "read_interface",
     "upstream_addresses",
+    "userspace_esp",
     "warm_kernel_crypto",
 ]
 
@@ -43,6 +46,8 @@ class Platform:
     esp: bool = False
     datapath_reason: str = ""
     dns_upstream: tuple[IPAddress, ...] = ()
+    #: "kernel" (XFRM), "userspace" (ESP workers over TUN) or "none" (OE off)
+    datapath: str = "none"
 
 
 def read_interface(ifname: str) -> tuple[list[IPAddress], list[IPNetwork], str]:
@@ -117,6 +122,35 @@ def warm_kernel_crypto(names: tuple[str, ...] = WARM_AEADS) -> list[str]:
     return done
 
 
+def userspace_esp() -> tuple[bool, str]:
+    """Whether the userspace datapath can run here (a TUN device and nftables)."""
+    if not Path("/dev/net/tun").exists():
+        return False, "no /dev/net/tun (load the tun module)"
+    if shutil.which("nft") is None:
+        return False, "nft not found (the userspace datapath needs nftables)"
+    return True, "TUN and nftables present"
+
+
+def choose_datapath(
+    wanted: str, esp: tuple[bool, str], userspace: tuple[bool, str]
+) -> tuple[str, str]:
+    """(datapath, reason) for ``oe.global.datapath`` = ``wanted`` and what the machine has."""
+    (has_esp, esp_why), (has_tun, tun_why) = esp, userspace
+    if wanted == "kernel":
+        if has_esp:
+            return "kernel", f"oe.global.datapath is kernel; {esp_why}"
+        return "none", f"oe.global.datapath is kernel, but {esp_why}"
+    if wanted == "userspace":
+        if has_tun:
+            return "userspace", "oe.global.datapath is userspace: ESP in userspace workers"
+        return "none", f"oe.global.datapath is userspace, but {tun_why}"
+    if has_esp:
+        return "kernel", esp_why
+    if has_tun:
+        return "userspace", f"{esp_why}: ESP in userspace workers (TUN + UDP 4500)"
+    return "none", f"{esp_why}, and no userspace datapath either: {tun_why}"
+
+
 def _modprobe(module: str) -> None:
     subprocess.run(["modprobe", "-q", module], check=False, timeout=10, capture_output=True)
 
@@ -151,11 +185,18 @@ def probe_platform(config: OeConfig) -> Platform:
     _, lan_nets, lan_reason = read_interface(config.lan_interface)
     if lan_reason:
         log.info("oe.global.lan_interface: %s (no LAN exclusion)", lan_reason)
-    if config.datapath == "userspace":
-        esp, reason = False, "oe.global.datapath is userspace, which is not implemented yet"
-    else:
-        esp, reason = kernel_esp()
-        if esp:
-            warmed = warm_kernel_crypto()
-            log.info("kernel AEADs instantiated: %s", ", ".join(warmed) or "none (no AF_ALG)")
-    return Platform(wan, wan_reason, tuple(lan_nets), esp, reason, upstream_addresses(config))
+    esp = kernel_esp() if config.datapath != "userspace" else (False, "")
+    userspace = userspace_esp() if config.datapath != "kernel" and not esp[0] else (False, "")
+    datapath, reason = choose_datapath(config.datapath, esp, userspace)
+    if datapath == "kernel":
+        warmed = warm_kernel_crypto()
+        log.info("kernel AEADs instantiated: %s", ", ".join(warmed) or "none (no AF_ALG)")
+    return Platform(
+        wan,
+        wan_reason,
+        tuple(lan_nets),
+        datapath == "kernel",
+        reason,
+        upstream_addresses(config),
+        datapath,
+    )

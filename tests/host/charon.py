@@ -127,6 +127,8 @@ class Charon:
     pubkeys: dict[str, bytes] = field(default_factory=dict)
     privkeys: dict[str, bytes] = field(default_factory=dict)
     extra_charon: str = ""
+    #: routes into libipsec's TUN for the remote selectors: needed for ESP to flow
+    install_routes: bool = False
     #: filelog levels; the default logs keys (ike/chd 4), a benchmark wants ``default = -1``
     log_levels: str = (
         "default = 1\n      ike = 4\n      chd = 4\n      cfg = 2\n      enc = 1\n      net = 1"
@@ -153,7 +155,7 @@ class Charon:
         (w / "strongswan.conf").write_text(
             f"""charon {{
   load = {PLUGINS}
-  install_routes = no
+  install_routes = {"yes" if self.install_routes else "no"}
   retransmit_timeout = 1.0
   retransmit_tries = 3
   {self.extra_charon}

@@ -23,10 +23,10 @@ def test_dns_runs_only_with_a_trust_anchor_file(tmp_path: Path) -> None:
     anchor = tmp_path / "root.key"
     assert not dns_wanted(_config(anchor))
     no_wan = Platform(wan_reason="no interface named 'wan'")
-    assert build_services(_config(anchor), platform=no_wan).names == ("oe",)
+    assert build_services(_config(anchor), platform=no_wan).names == ("offload", "oe")
     anchor.write_text(ANCHOR)
     assert dns_wanted(_config(anchor))
-    assert build_services(_config(anchor), platform=no_wan).names == ("oe", "dns")
+    assert build_services(_config(anchor), platform=no_wan).names == ("offload", "oe", "dns")
 
 
 def test_missing_anchor_is_one_service_error_naming_the_option(tmp_path: Path) -> None:

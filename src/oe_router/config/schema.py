@@ -68,8 +68,8 @@ ESP_PROPOSALS: tuple[str, ...] = (
 #: The ESP offer when ``esp_proposal`` is not set, before offload reorders it.
 DEFAULT_ESP_PROPOSALS: tuple[str, ...] = (
     "aes256gcm16",
-    "chacha20poly1305",
     "aes128gcm16",
+    "chacha20poly1305",
     "aes256-sha256",
     "aes128-sha256",
 )

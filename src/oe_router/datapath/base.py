@@ -207,11 +207,13 @@ class NatTEncap:
 
 @dataclass(frozen=True)
 class SaKeys:
-    """One direction of a Child SA.  encr_key includes the AEAD salt at its end."""
+    """One direction of a Child SA.  encr_key includes the AEAD salt at its end.
+
+    Keys never show in a repr: a logged spec must not put them into syslog."""
 
     spi: int
-    encr_key: bytes
-    integ_key: bytes = b""
+    encr_key: bytes = field(repr=False)
+    integ_key: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)
@@ -436,6 +438,12 @@ class Datapath(Protocol):
     @property
     def reason(self) -> str:
         """Why this datapath was chosen, for `oe status`."""
+        ...
+
+    @property
+    def tunnel_device(self) -> str | None:
+        """A network device protected packets are routed to (the userspace datapath's
+        TUN), or None: the LAN gateway NATs flows leaving there as on the WAN."""
         ...
 
     async def start(self) -> None:

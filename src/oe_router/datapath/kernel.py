@@ -405,6 +405,10 @@ class XfrmDatapath:
         return self._reason
 
     @property
+    def tunnel_device(self) -> str | None:
+        return None  # XFRM transforms packets on their way out of the WAN device
+
+    @property
     def ownership(self) -> Ownership:
         return self._own
 

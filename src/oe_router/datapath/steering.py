@@ -70,4 +70,4 @@ def attach_steering(sock: socket.socket, esp_sockets: int) -> None:
     prog = steering_program(esp_sockets)
     insns = (SockFilter * len(prog))(*(SockFilter(*i) for i in prog))
     fprog = SockFprog(len(prog), insns)
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))  # type: ignore[call-overload]
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))

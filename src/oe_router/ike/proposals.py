@@ -55,6 +55,25 @@ DEFAULT_ESP_PROPOSALS: tuple[EspProposalSpec, ...] = (
 )
 
 
+_BOTH_ESN = (EsnId.NO_ESN, EsnId.ESN)
+
+#: strongSwan ESP keywords (``oe.ike.esp_proposal``, the offload layer's transform names)
+#: -> what we offer for each, with and without ESN.
+ESP_KEYWORDS: dict[str, EspProposalSpec] = {
+    "aes256gcm16": EspProposalSpec(EncrId.AES_GCM_16, 256, None, _BOTH_ESN),
+    "aes128gcm16": EspProposalSpec(EncrId.AES_GCM_16, 128, None, _BOTH_ESN),
+    "chacha20poly1305": EspProposalSpec(EncrId.CHACHA20_POLY1305, None, None, _BOTH_ESN),
+    "aes256-sha256": EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_256_128, _BOTH_ESN),
+    "aes128-sha256": EspProposalSpec(EncrId.AES_CBC, 128, IntegId.HMAC_SHA2_256_128, _BOTH_ESN),
+    "aes256-sha512": EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_512_256, _BOTH_ESN),
+}
+
+
+def esp_offer(names: tuple[str, ...]) -> tuple[EspProposalSpec, ...]:
+    """The ESP proposals for keywords in order; unknown keywords are left out."""
+    return tuple(ESP_KEYWORDS[n] for n in dict.fromkeys(names) if n in ESP_KEYWORDS)
+
+
 # --------------------------------------------------------------------------- IKE
 
 
@@ -250,12 +269,14 @@ def esp_key_lengths(encr: int, key_bits: int | None, integ: int | None) -> tuple
 __all__ = [
     "DEFAULT_ESP_PROPOSALS",
     "DEFAULT_IKE_PROPOSALS",
+    "ESP_KEYWORDS",
     "EspChoice",
     "EspProposalSpec",
     "IkeChoice",
     "IkeProposalSpec",
     "encr_matches",
     "esp_key_lengths",
+    "esp_offer",
     "esp_proposals",
     "ike_proposals",
     "select_child_proposal",

@@ -60,9 +60,14 @@ class LanGateway:
     #: The "private" group's IPv6 networks: LAN flows there must never bypass the trap.
     private6: tuple[IPv6Network, ...] = ()
     table: str = "oe_router"
+    #: Devices that carry tunnelled flows besides the WAN (the userspace datapath's TUN):
+    #: a LAN flow routed there is NATed as it would be on the WAN.
+    tunnel_ifnames: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for text, what in ((self.wan_ifname, "WAN interface"), (self.table, "nft table")):
+        names = [(self.wan_ifname, "WAN interface"), (self.table, "nft table")]
+        names += [(n, "tunnel interface") for n in self.tunnel_ifnames]
+        for text, what in names:
             if not text or not all(c.isalnum() or c in "-_.@" for c in text) or len(text) > 31:
                 raise LanError(f"{what} name {text!r} is not a valid name")
 
@@ -94,7 +99,8 @@ def nft_script(gw: LanGateway, peers6: Iterable[ipaddress.IPv6Address] = ()) -> 
         "\tchain srcnat {",
         "\t\ttype nat hook postrouting priority srcnat - 5; policy accept;",
     ]
-    wan = f'"{gw.wan_ifname}"'
+    devices = [gw.wan_ifname, *gw.tunnel_ifnames]
+    wan = f'"{gw.wan_ifname}"' if len(devices) == 1 else _set(f'"{d}"' for d in devices)
     if gw.wan4 is not None and gw.lan4:
         lines.append(f"\t\toifname {wan} ip saddr {_set(gw.lan4)} snat ip to {gw.wan4}")
     if gw.wan6 is not None and gw.lan6:

@@ -986,10 +986,14 @@ class OeManager:
 
     # ------------------------------------------------------------------ status
     def tunnels(
-        self, now: float, counters: Callable[[ChildSaSpec], ChildSaCounters] | None = None
+        self,
+        now: float,
+        counters: Callable[[ChildSaSpec], ChildSaCounters] | None = None,
+        engine: Callable[[ChildSaSpec], str] | None = None,
     ) -> tuple[TunnelStatus, ...]:
         """One row per Child SA and per queued negotiation; ``counters`` reads a Child
-        SA's datapath counters (``Datapath.read_counters``), None leaves them at 0."""
+        SA's datapath counters (``Datapath.read_counters``), None leaves them at 0;
+        ``engine`` names the crypto engine that runs a Child SA's ESP."""
         out: list[TunnelStatus] = []
         for p in self._peers.values():
             for c in p.children.values():
@@ -1007,6 +1011,7 @@ class OeManager:
                         bytes_out=0 if n is None else n.outbound.bytes,
                         packets_in=0 if n is None else n.inbound.packets,
                         packets_out=0 if n is None else n.outbound.packets,
+                        engine="" if engine is None else engine(c.spec),
                     )
                 )
             for want in p.queue.values():

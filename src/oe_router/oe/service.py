@@ -95,6 +95,8 @@ class OeService:
         self._peers6: Peers6 | None = None
         self._keep_nat_on_stop = True
         self._clock = clock
+        #: names the crypto engine of a Child SA for ``oe status`` (the daemon sets it)
+        self.engine_of: Callable[[ChildSaSpec], str] | None = None
         self._dp: Datapath | None = None
         self._mgr: OeManager | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -219,7 +221,7 @@ class OeService:
             return StatusContribution()
         now = self._clock()
         return StatusContribution(
-            tunnels=self._mgr.tunnels(now, self._dp.read_counters),
+            tunnels=self._mgr.tunnels(now, self._dp.read_counters, self.engine_of),
             shunts=self._mgr.shunts(now),
             datapath=f"{self._dp.name} ({self._dp.reason})",
         )
@@ -277,6 +279,7 @@ class OeService:
         wan4, wan6 = self._wan.get(4), self._wan.get(6)
         gw = LanGateway(
             wan_ifname=config.wan_interface,
+            tunnel_ifnames=tuple(d for d in (self._tunnel_device(),) if d),
             lan4=lan4,
             lan6=lan6,
             wan4=wan4 if isinstance(wan4, ipaddress.IPv4Address) else None,
@@ -284,6 +287,9 @@ class OeService:
             private6=_private6(config),
         )
         return Peers6(gw)
+
+    def _tunnel_device(self) -> str | None:
+        return None if self._dp is None else self._dp.tunnel_device
 
     def _lan6_gateway(self) -> tuple[ipaddress.IPv6Network, ...]:
         """The LAN IPv6 prefixes whose flows ``_lan_gateway``'s table can NAT to WAN6.

@@ -1,0 +1,724 @@
+"""The userspace ESP datapath: the Datapath interface for kernels without ESP.
+
+How a packet travels (docs/userspace-datapath.md has the whole picture):
+
+* **out, SA known**: a route in our table (``not fwmark`` rule, as charon's
+  kernel-libipsec) sends the peer's address into the TUN device; source NAT has run by
+  then; the ``tx`` worker seals the packet and sends it in UDP from port 4500.
+* **in**: ESP in UDP 4500 reaches the ``rx`` worker through the reuseport steering
+  (``steering.py``); it is opened, checked against the SA's selectors and written to
+  the TUN device, so conntrack undoes the NAT and the kernel forwards it.
+* **first packets** (no SA yet): the policies are projected into nftables
+  (``nft_spd.py``): after source NAT, PASS leaves in the clear with no userspace hop,
+  DROP drops in the kernel, and only what a TRAP (or an SA) covers is queued over
+  NFQUEUE (``nfqueue.py``) to this process, which raises an ACQUIRE and holds the
+  packet until the SA is in (then the ``tx`` worker sends it into the SA), a pass shunt
+  lets it go, a drop shunt drops it, or the hold limit passes.
+
+The daemon keeps the policy database and SA bookkeeping here (sans-IO parts in
+``spd.py`` and ``esp.py``); the workers keep the keys of the SAs they run. Everything
+the kernel holds for us (TUN, routes, rules, nftables, NFQUEUE binding) is ours alone
+and goes at ``close``, except the "private" policies when they must survive a stop:
+their NFQUEUE rules then drop, because nobody listens (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+from oe_router.offload import EngineError, Transform, transform
+
+from .base import (
+    ChildSaCounters,
+    ChildSaSpec,
+    DatapathError,
+    DatapathEvent,
+    Direction,
+    Expire,
+    FeatureMissing,
+    IPAddress,
+    IPNetwork,
+    Lifetime,
+    Mode,
+    PolicyExpire,
+    PolicySpec,
+    ReconcileReport,
+    SaCounters,
+    child_policies,
+)
+from .netns import in_netns
+from .steering import attach_steering
+from .tun import TUN_MTU, TunError, open_tun
+from .workerctl import ControlError, SharedCounters, recv_message, send_message
+
+__all__ = ["UserspaceDatapath", "UserspaceSettings"]
+
+log = logging.getLogger("oe_router.datapath")
+
+_SO_MARK: Final = 36
+_BUFFER: Final = 4 << 20  # ESP socket buffers: a burst of 1400-byte packets at line rate
+_ROLES: Final = ("tx", "rx")
+
+
+@dataclass(frozen=True)
+class UserspaceSettings:
+    """Names and numbers the userspace datapath claims in the kernel (all ours alone)."""
+
+    tun_name: str = "oe-esp0"
+    fwmark: int = 0x1000000  # on our IKE/ESP sockets: their packets skip the TUN routes
+    table: int = 2200  # routing table of the TUN routes
+    rule_priority: int = 1000  # "not fwmark -> table" rule, before the main table
+    queue_num: int = 4500  # NFQUEUE of first packets
+    mtu: int = TUN_MTU
+    replay_window: int = 128
+    workers_python: str = sys.executable
+
+
+@dataclass(eq=False)
+class _Child:
+    spec: ChildSaSpec
+    transform: Transform
+    slot_in: int
+    slot_out: int
+    added: float  # epoch seconds
+    added_mono: float
+    soft_fired: bool = False
+
+
+@dataclass(eq=False)
+class _Worker:
+    role: str
+    proc: asyncio.subprocess.Process
+    ctl: socket.socket
+    ready: asyncio.Future[int] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class UserspaceDatapath:
+    """ESP in worker processes over TUN and UDP 4500; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        wan_ifname: str,
+        reason: str = "the kernel has no ESP: ESP runs in userspace workers",
+        netns: str | None = None,
+        keep_persistent_on_stop: bool = True,
+        settings: UserspaceSettings | None = None,
+        on_canary_failure: Callable[[str, str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._wan = wan_ifname
+        self._reason = reason
+        self._netns = netns
+        self.keep_persistent_on_stop = keep_persistent_on_stop
+        self.settings = s = settings or UserspaceSettings()
+        self._on_canary_failure = on_canary_failure
+        self._clock = clock
+        self._tun_fd: int | None = None
+        self._tun_index = 0
+        self._counters: SharedCounters | None = None
+        self._workers: dict[str, _Worker] = {}
+        self._esp_socks: dict[str, socket.socket] = {}
+        self._free_slots = list(range(2048 - 1, 1, -1))  # 0, 1: the workers' own counters
+        self._children: dict[tuple[IPAddress, int], _Child] = {}  # (local, inbound spi)
+        self._spis: set[int] = set()
+        self._routes: dict[IPNetwork, int] = {}  # remote selector -> Child SAs using it
+        self._policies: dict[tuple[Any, ...], PolicySpec] = {}
+        self._policy_timers: dict[tuple[Any, ...], asyncio.TimerHandle] = {}
+        self._events: asyncio.Queue[DatapathEvent] = asyncio.Queue()
+        self._engine_table: dict[str, Any] = {}
+        self._canary_interval = 0.0
+        self._next_reqid = 0x4F450000
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started = False
+        self._table_name = f"oe_{s.tun_name.replace('-', '_')}"
+
+    # ------------------------------------------------------------------ status
+    @property
+    def name(self) -> str:
+        return "userspace-esp"
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @property
+    def tunnel_device(self) -> str | None:
+        return self.settings.tun_name
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Make the TUN device, the routing rules and the workers (before IKE binds)."""
+        if self._started:
+            return
+        s = self.settings
+        try:
+            self._tun_fd = open_tun(s.tun_name, netns=self._netns)
+        except TunError as exc:
+            raise FeatureMissing(str(exc)) from None
+        try:
+            await asyncio.to_thread(self._setup_kernel)
+            self._counters = SharedCounters()
+            for role in _ROLES:
+                self._workers[role] = await self._spawn(role)
+            for w in self._workers.values():
+                await asyncio.wait_for(asyncio.shield(w.ready), 30.0)
+        except BaseException:
+            await self._teardown()
+            raise
+        if self._engine_table:
+            self._broadcast({"op": "engines", "table": self._engine_table})
+        if self._canary_interval:
+            self._broadcast({"op": "canary", "interval": self._canary_interval})
+        self._spawn_task(self._lifetimes())
+        self._started = True
+        log.info(
+            "datapath: userspace ESP on %s (mtu %d, workers %s)",
+            s.tun_name,
+            s.mtu,
+            ", ".join(f"{r} pid {w.proc.pid}" for r, w in self._workers.items()),
+        )
+
+    def _ipr(self) -> Any:
+        from pyroute2 import IPRoute
+
+        with in_netns(self._netns):
+            return IPRoute()
+
+    def _setup_kernel(self) -> None:
+        s = self.settings
+        with self._ipr() as ipr:
+            idx = ipr.link_lookup(ifname=s.tun_name)
+            if not idx:
+                raise DatapathError(f"TUN device {s.tun_name} vanished after creation")
+            self._tun_index = idx[0]
+            ipr.link("set", index=self._tun_index, mtu=s.mtu, state="up")
+            for family in (socket.AF_INET, socket.AF_INET6):
+                self._rule(ipr, "del", family, missing_ok=True)  # an earlier run's
+                self._rule(ipr, "add", family)
+        self._sysctl(f"net/ipv4/conf/{s.tun_name}/rp_filter", "0")
+
+    def _rule(self, ipr: Any, cmd: str, family: int, *, missing_ok: bool = False) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        s = self.settings
+        try:
+            ipr.rule(
+                cmd,
+                family=family,
+                table=s.table,
+                priority=s.rule_priority,
+                fwmark=s.fwmark,
+                fwmask=s.fwmark,
+                flags=0x2,  # FIB_RULE_INVERT: "not fwmark"
+            )
+        except NetlinkError as exc:
+            if not missing_ok:
+                raise DatapathError(
+                    f"routing rule 'not fwmark {s.fwmark:#x} lookup {s.table}': {exc}"
+                ) from None
+
+    def _sysctl(self, key: str, value: str) -> None:
+        try:
+            with in_netns(self._netns), open(f"/proc/sys/{key}", "w") as f:
+                f.write(value)
+        except OSError as exc:
+            log.warning("datapath: cannot set %s=%s: %s", key.replace("/", "."), value, exc)
+
+    async def _spawn(self, role: str) -> _Worker:
+        assert self._tun_fd is not None and self._counters is not None
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fds = (child.fileno(), self._tun_fd, self._counters.fd)
+        env = dict(os.environ)
+        src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.settings.workers_python,
+                "-m",
+                "oe_router.datapath.worker",
+                role,
+                "--control-fd",
+                str(fds[0]),
+                "--tun-fd",
+                str(fds[1]),
+                "--counters-fd",
+                str(fds[2]),
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                # its own session: a signal to the daemon's process group must not take
+                # the workers first; they go with the daemon (the control channel closes)
+                start_new_session=True,
+            )
+        finally:
+            child.close()
+        parent.setblocking(False)
+        w = _Worker(role, proc, parent)
+        asyncio.get_running_loop().add_reader(parent.fileno(), self._on_worker, w)
+        return w
+
+    def _on_worker(self, w: _Worker) -> None:
+        while True:
+            try:
+                msg, fds = recv_message(w.ctl)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (EOFError, ConnectionError, OSError):
+                asyncio.get_running_loop().remove_reader(w.ctl.fileno())
+                if self._started:
+                    log.error("datapath: ESP worker %s (pid %d) is gone", w.role, w.proc.pid)
+                if not w.ready.done():
+                    w.ready.set_exception(DatapathError(f"ESP worker {w.role} did not start"))
+                return
+            except ControlError as exc:
+                log.error("datapath: ESP worker %s: %s", w.role, exc)
+                continue
+            for fd in fds:
+                os.close(fd)
+            ev = msg["ev"]
+            if ev == "ready" and not w.ready.done():
+                w.ready.set_result(int(msg["pid"]))
+            elif ev == "canary_failed":
+                log.error(
+                    "datapath: engine %s failed its canary for %s in the %s worker: %s; "
+                    "its SAs moved to the next engine",
+                    msg["engine"],
+                    msg["transform"],
+                    w.role,
+                    msg["reason"],
+                )
+                if self._on_canary_failure is not None:
+                    self._on_canary_failure(msg["engine"], msg["transform"], msg["reason"])
+            elif ev == "error":
+                log.error("datapath: ESP worker %s: %s", w.role, msg["text"])
+
+    def _send(self, role: str, msg: Mapping[str, Any], fds: tuple[int, ...] = ()) -> None:
+        w = self._workers.get(role)
+        if w is None:
+            raise DatapathError(f"the ESP {role} worker is not running")
+        try:
+            w.ctl.setblocking(True)
+            send_message(w.ctl, msg, fds)
+        except OSError as exc:
+            raise DatapathError(f"ESP {role} worker (pid {w.proc.pid}): {exc}") from None
+        finally:
+            w.ctl.setblocking(False)
+
+    def _broadcast(self, msg: Mapping[str, Any], fds: tuple[int, ...] = ()) -> None:
+        for role in self._workers:
+            self._send(role, msg, fds)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        children = list(self._children.values())
+        for c in children:
+            with contextlib.suppress(DatapathError):
+                await self.remove_child_sa(c.spec)
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        self._started = False
+        loop = asyncio.get_running_loop()
+        for w in self._workers.values():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(w.ctl.fileno())
+            with contextlib.suppress(OSError, DatapathError):
+                send_message(w.ctl, {"op": "stop"})
+            w.ctl.close()
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.terminate()
+        for w in self._workers.values():
+            try:
+                await asyncio.wait_for(w.proc.wait(), 5.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+        self._workers.clear()
+        for sock in self._esp_socks.values():
+            sock.close()
+        self._esp_socks.clear()
+        for h in self._policy_timers.values():
+            h.cancel()
+        self._policy_timers.clear()
+        with contextlib.suppress(Exception), self._ipr() as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                self._rule(ipr, "del", family, missing_ok=True)
+        if self._tun_fd is not None:
+            os.close(self._tun_fd)  # the device and every route through it go with it
+            self._tun_fd = None
+        if self._counters is not None:
+            self._counters.close()
+            self._counters = None
+        self._routes.clear()
+
+    # ------------------------------------------------------------------ IKE socket hooks
+    def before_bind(self, sock: socket.socket, natt: bool) -> None:
+        """Mark IKE's packets (they must never enter the TUN routes); the NAT-T socket
+        joins a reuseport group with our ESP sockets."""
+        sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, self.settings.fwmark)
+        if natt:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+    def after_bind(self, sock: socket.socket, natt: bool, ip: str) -> None:
+        """IKE's NAT-T socket is bound (index 0 of the group): bind the ESP socket beside
+        it, steer ESP to it, hand it to the workers."""
+        if not natt:
+            return
+        port = sock.getsockname()[1]
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with in_netns(self._netns):
+            esp = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            esp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            esp.setsockopt(socket.SOL_SOCKET, _SO_MARK, self.settings.fwmark)
+            for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+                try:
+                    esp.setsockopt(socket.SOL_SOCKET, force, _BUFFER)  # *BUFFORCE (root)
+                except OSError:
+                    esp.setsockopt(socket.SOL_SOCKET, opt, _BUFFER)
+            esp.bind((ip, port))
+            attach_steering(esp, 1)
+        except OSError as exc:
+            esp.close()
+            raise DatapathError(f"ESP socket on {ip} port {port}: {exc.strerror or exc}") from None
+        old = self._esp_socks.pop(ip, None)
+        if old is not None:
+            old.close()
+        self._esp_socks[ip] = esp
+        self._broadcast({"op": "socket", "ip": ip}, (esp.fileno(),))
+
+    def closing(self, ip: str) -> None:
+        sock = self._esp_socks.pop(ip, None)
+        with contextlib.suppress(DatapathError):
+            self._broadcast({"op": "close_socket", "ip": ip})
+        if sock is not None:
+            sock.close()
+
+    # ------------------------------------------------------------------ engines
+    def set_engine_table(self, table: Mapping[str, Any], canary_interval: float = 0.0) -> None:
+        """The offload layer's choice (engine per transform and size) for new and live SAs."""
+        self._engine_table = dict(table)
+        self._canary_interval = canary_interval
+        if self._workers:
+            self._broadcast({"op": "engines", "table": self._engine_table})
+            self._broadcast({"op": "canary", "interval": canary_interval})
+
+    def engine_for(self, spec: ChildSaSpec) -> str:
+        """Which engine(s) run this Child SA's transform, for ``oe status``."""
+        try:
+            t = self._transform(spec)
+        except DatapathError:
+            return ""
+        rows = self._engine_table.get("transforms", {}).get(t.name, [])
+        names = [str(r["engine"]) for r in rows] or ["software"]
+        return ", ".join(dict.fromkeys(names))
+
+    # ------------------------------------------------------------------ SAs
+    @staticmethod
+    def _transform(spec: ChildSaSpec) -> Transform:
+        bits = (len(spec.outbound.encr_key) * 8) - spec.encr.salt_bits
+        try:
+            return transform(spec.encr.ike_id, bits, spec.integ.ike_id if spec.integ else None)
+        except EngineError as exc:
+            raise DatapathError(f"Child SA {spec.local}<->{spec.remote}: {exc}") from None
+
+    async def allocate_spi(self, local: IPAddress, remote: IPAddress, reqid: int) -> int:
+        while True:
+            spi = secrets.randbits(32)
+            if spi >= 0x100 and spi not in self._spis:
+                self._spis.add(spi)
+                return spi
+
+    def _reqid(self) -> int:
+        used = {c.spec.reqid for c in self._children.values()}
+        while self._next_reqid in used:
+            self._next_reqid += 1
+        reqid, self._next_reqid = self._next_reqid, self._next_reqid + 1
+        return reqid
+
+    def _slot(self) -> int:
+        if not self._free_slots:
+            raise DatapathError("userspace datapath: no counter slot left (too many SAs)")
+        return self._free_slots.pop()
+
+    async def install_child_sa(self, spec: ChildSaSpec) -> ChildSaSpec:
+        if not self._started:
+            raise DatapathError("the userspace datapath is not running")
+        if spec.mode is not Mode.TUNNEL:
+            raise FeatureMissing(
+                f"Child SA {spec.local}<->{spec.remote}: the userspace datapath runs tunnel "
+                "mode only (transport mode needs kernel ESP)"
+            )
+        t = self._transform(spec)
+        if spec.reqid == 0:
+            spec = replace(spec, reqid=self._reqid())
+        slot_in, slot_out = self._slot(), self._slot()
+        local_ts = [str(ts.net) for ts in spec.local_ts] or [str(ipaddress.ip_network(spec.local))]
+        remote_ts = [str(ts.net) for ts in spec.remote_ts] or [
+            str(ipaddress.ip_network(spec.remote))
+        ]
+        port = spec.encap.remote_port if spec.encap is not None else 4500
+        common = {
+            "transform": t.name,
+            "esn": spec.esn,
+            "local_ts": local_ts,
+            "remote_ts": remote_ts,
+        }
+        try:
+            self._send(
+                "rx",
+                {
+                    "op": "add_in",
+                    "slot": slot_in,
+                    "spi": spec.inbound.spi,
+                    "encr_key": spec.inbound.encr_key.hex(),
+                    "integ_key": spec.inbound.integ_key.hex(),
+                    "window": max(spec.replay_window, self.settings.replay_window),
+                    **common,
+                },
+            )
+            self._send(
+                "tx",
+                {
+                    "op": "add_out",
+                    "slot": slot_out,
+                    "spi": spec.outbound.spi,
+                    "encr_key": spec.outbound.encr_key.hex(),
+                    "integ_key": spec.outbound.integ_key.hex(),
+                    "src": str(spec.local),
+                    "dst": str(spec.remote),
+                    "port": port,
+                    **common,
+                },
+            )
+        except DatapathError:
+            self._free_slots += [slot_in, slot_out]
+            raise
+        now = time.time()
+        child = _Child(spec, t, slot_in, slot_out, now, self._clock())
+        self._children[(spec.local, spec.inbound.spi)] = child
+        self._spis.add(spec.inbound.spi)
+        for ts in spec.remote_ts or ():
+            await self._route_ref(ts.net, +1)
+        if not spec.remote_ts:
+            await self._route_ref(ipaddress.ip_network(spec.remote), +1)
+        if spec.install_policies:
+            for pol in child_policies(spec):
+                await self.install_policy(pol)
+        return spec
+
+    async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
+        child = self._children.pop((spec.local, spec.inbound.spi), None)
+        self._spis.discard(spec.inbound.spi)
+        if remove_policies and spec.install_policies:
+            for pol in child_policies(spec):
+                await self.remove_policy(pol)
+        if child is None:
+            return
+        for role, slot in (("rx", child.slot_in), ("tx", child.slot_out)):
+            with contextlib.suppress(DatapathError):
+                self._send(role, {"op": "remove", "slot": slot})
+            self._free_slots.insert(0, slot)  # reused last: late counter reads stay sane
+        for ts in spec.remote_ts or ():
+            await self._route_ref(ts.net, -1)
+        if not spec.remote_ts:
+            await self._route_ref(ipaddress.ip_network(spec.remote), -1)
+
+    async def _route_ref(self, net: IPNetwork, delta: int) -> None:
+        """Route ``net`` into the TUN device while at least one Child SA needs it."""
+        n = self._routes.get(net, 0) + delta
+        if n > 0:
+            self._routes[net] = n
+        else:
+            self._routes.pop(net, None)
+        if (delta > 0 and n == 1) or (delta < 0 and n <= 0):
+            await asyncio.to_thread(self._route, "replace" if delta > 0 else "del", net)
+
+    def _route(self, cmd: str, net: IPNetwork) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            with self._ipr() as ipr:
+                ipr.route(
+                    cmd,
+                    dst=str(net),
+                    oif=self._tun_index,
+                    table=self.settings.table,
+                    family=socket.AF_INET6 if net.version == 6 else socket.AF_INET,
+                )
+        except NetlinkError as exc:
+            if cmd != "del":
+                raise DatapathError(f"route {net} dev {self.settings.tun_name}: {exc}") from None
+
+    def _read(self, slot: int, added: float) -> SaCounters:
+        if self._counters is None:
+            raise DatapathError("the userspace datapath is not running")
+        c = self._counters.read(slot)
+        return SaCounters(
+            c.bytes, c.packets, int(added), int(c.last_use), c.replay_errors, c.integrity_failures
+        )
+
+    def read_counters(self, spec: ChildSaSpec) -> ChildSaCounters:
+        child = self._children.get((spec.local, spec.inbound.spi))
+        if child is None:
+            raise DatapathError(
+                f"Child SA {spec.local}<->{spec.remote} spi {spec.inbound.spi:#010x}: not installed"
+            )
+        return ChildSaCounters(
+            self._read(child.slot_in, child.added), self._read(child.slot_out, child.added)
+        )
+
+    async def counters(self, spec: ChildSaSpec) -> ChildSaCounters:
+        return self.read_counters(spec)
+
+    def worker_drops(self) -> dict[str, int]:
+        """The workers' own drop counters (no SA, selector mismatch, I/O errors)."""
+        if self._counters is None:
+            return {}
+        out: dict[str, int] = {}
+        for role, slot in (("tx", 0), ("rx", 1)):
+            c = self._counters.read(slot)
+            out[f"{role}_no_sa"] = c.replay_errors
+            out[f"{role}_selector_mismatch"] = c.integrity_failures
+            out[f"{role}_io_errors"] = c.dropped
+        return out
+
+    async def _lifetimes(self) -> None:
+        """The kernel's SA lifetimes, emulated: soft -> Expire(hard=False), hard -> gone."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = self._clock()
+            for child in list(self._children.values()):
+                lft = child.spec.lifetime
+                hard, soft = self._expired(child, lft, now)
+                if hard:
+                    await self.remove_child_sa(child.spec)
+                    self._expire(child, True)
+                elif soft and not child.soft_fired:
+                    child.soft_fired = True
+                    self._expire(child, False)
+
+    def _expired(self, child: _Child, lft: Lifetime, now: float) -> tuple[bool, bool]:
+        age = now - child.added_mono
+        try:
+            c = self.read_counters(child.spec)
+        except DatapathError:
+            return False, False
+        nbytes = max(c.inbound.bytes, c.outbound.bytes)
+        npkts = max(c.inbound.packets, c.outbound.packets)
+
+        def over(limit: int, value: float) -> bool:
+            return bool(limit) and value >= limit
+
+        hard = (
+            over(lft.hard_seconds, age)
+            or over(lft.hard_bytes, nbytes)
+            or over(lft.hard_packets, npkts)
+        )
+        soft = (
+            over(lft.soft_seconds, age)
+            or over(lft.soft_bytes, nbytes)
+            or over(lft.soft_packets, npkts)
+        )
+        return hard, soft
+
+    def _expire(self, child: _Child, hard: bool) -> None:
+        s = child.spec
+        self._events.put_nowait(Expire(s.local, s.remote, s.outbound.spi, s.reqid, hard))
+        self._events.put_nowait(Expire(s.remote, s.local, s.inbound.spi, s.reqid, hard))
+
+    # ------------------------------------------------------------------ policies
+    @staticmethod
+    def _key(pol: PolicySpec) -> tuple[Any, ...]:
+        return (pol.src, pol.dst, pol.direction, pol.mark)
+
+    async def install_policy(self, policy: PolicySpec) -> None:
+        key = self._key(policy)
+        self._policies[key] = policy
+        old = self._policy_timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        lft = policy.lifetime
+        if lft.hard_seconds or lft.soft_seconds:
+            self._policy_timers[key] = asyncio.get_running_loop().call_later(
+                float(lft.soft_seconds or lft.hard_seconds), self._policy_timer, key, policy
+            )
+
+    def _policy_timer(self, key: tuple[Any, ...], policy: PolicySpec) -> None:
+        self._policy_timers.pop(key, None)
+        if self._policies.get(key) is not policy:
+            return
+        lft = policy.lifetime
+        soft_first = bool(lft.soft_seconds) and (
+            not lft.hard_seconds or lft.soft_seconds < lft.hard_seconds
+        )
+        if soft_first:
+            self._events.put_nowait(
+                PolicyExpire(policy.src, policy.dst, policy.direction, policy.priority, False)
+            )
+            if lft.hard_seconds:
+                self._policy_timers[key] = asyncio.get_running_loop().call_later(
+                    float(lft.hard_seconds - lft.soft_seconds), self._policy_timer_hard, key, policy
+                )
+            return
+        self._policy_timer_hard(key, policy)
+
+    def _policy_timer_hard(self, key: tuple[Any, ...], policy: PolicySpec) -> None:
+        self._policy_timers.pop(key, None)
+        if self._policies.get(key) is not policy:
+            return
+        del self._policies[key]
+        self._events.put_nowait(
+            PolicyExpire(policy.src, policy.dst, policy.direction, policy.priority, True)
+        )
+
+    async def remove_policy(self, policy: PolicySpec) -> None:
+        key = self._key(policy)
+        self._policies.pop(key, None)
+        h = self._policy_timers.pop(key, None)
+        if h is not None:
+            h.cancel()
+
+    def policies(self) -> list[PolicySpec]:
+        return list(self._policies.values())
+
+    def direction_policies(self, direction: Direction) -> list[PolicySpec]:
+        return [p for p in self._policies.values() if p.direction is direction]
+
+    # ------------------------------------------------------------------ events, reconcile
+    async def events(self) -> AsyncIterator[DatapathEvent]:
+        while True:
+            yield await self._events.get()
+
+    async def reconcile(
+        self, adopt_policy: Callable[[PolicySpec], bool] | None = None
+    ) -> ReconcileReport:
+        """No SA survives a crash here (the workers died with it, the TUN device with its
+        descriptor); an earlier run's nftables projection stays until this run's replaces
+        it atomically, so nothing leaks in between."""
+        return ReconcileReport(0, 0, 0, 0)
+
+    async def release_adopted(self, keep: Callable[[PolicySpec], bool]) -> int:
+        return 0
+
+    # ------------------------------------------------------------------ internals
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

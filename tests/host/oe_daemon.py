@@ -1,0 +1,129 @@
+"""The real oe-routerd, as a process inside a network namespace, for host tests.
+
+Reusable by any host test: ``OeDaemon`` writes a UCI config, starts
+``python -m oe_router.daemon`` under ``ip netns exec`` (so the daemon, its ESP workers,
+its TUN device and its nftables all live in that namespace), waits for the control
+socket, and drives it with the real ``oe`` CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class OeDaemon:
+    """One daemon in ``ns`` with its files under ``workdir``; ``config`` is the UCI text
+    without ``control_socket`` (added here)."""
+
+    ns: str
+    workdir: Path
+    config: str
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "control.sock"
+
+    @property
+    def logfile(self) -> Path:
+        return self.workdir / "oe-routerd.log"
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "oe.conf"
+        text = self.config.replace(
+            "config oe 'global'", f"config oe 'global'\n\toption control_socket '{self.socket}'", 1
+        )
+        cfg.write_text(text)
+        self.socket.unlink(missing_ok=True)
+        log = self.logfile.open("ab")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, sys.executable, "-m", "oe_router.daemon",
+             "--config", str(cfg)],
+            stdout=log, stderr=log, start_new_session=True,
+            env={**os.environ, **(self.env or {})},
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"oe-routerd in {self.ns} exited: {self.log()[-3000:]}")
+            # every service has started once the daemon says it runs (the control socket
+            # answers before that)
+            if " running (pid " in self.log() and self.socket.exists():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"oe-routerd in {self.ns} not ready: {self.log()[-3000:]}")
+            time.sleep(0.1)
+
+    def oe(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run(
+            [sys.executable, "-m", "oe_router.cli", "--socket", str(self.socket), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and p.returncode != 0:
+            raise RuntimeError(
+                f"oe {' '.join(args)} failed ({p.returncode}): {p.stdout}{p.stderr}\n"
+                f"--- daemon log tail:\n{self.log()[-3000:]}"
+            )
+        return p
+
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.oe("status", "--json").stdout)
+        return doc
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        return [t for t in self.status()["tunnels"] if t.get("source") != "ike"]
+
+    def wait_for(self, what: str, pred: Any, timeout: float = 20.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = pred()
+            if got:
+                return got
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not within {timeout} s\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+
+def netns_run(ns: str, cmd: Sequence[str], timeout: float = 60, check: bool = True) -> str:
+    p = subprocess.run(
+        ["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout
+    )
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{ns}: {' '.join(cmd)} failed ({p.returncode}): {p.stdout}{p.stderr}")
+    return p.stdout
