@@ -20,6 +20,7 @@ from oe_router.config.schema import PolicyConfig, parse_policy_entry
 from oe_router.datapath import nft_spd as N
 from oe_router.datapath.base import (
     Direction,
+    Mark,
     Mode,
     PolicyAction,
     PolicySpec,
@@ -397,6 +398,18 @@ def test_port_without_protocol_is_refused() -> None:
         0,
     )
     with pytest.raises(N.NftSpdError, match="needs a protocol with ports"):
+        compile_([p])
+
+
+def test_marked_policy_is_refused() -> None:
+    p = PolicySpec(
+        TrafficSelector(net("0.0.0.0/0")),
+        TrafficSelector(net("10.0.0.1/32")),
+        Direction.OUT,
+        PolicyAction.PASS,
+        mark=Mark(1),
+    )
+    with pytest.raises(N.NftSpdError, match="marked policies"):
         compile_([p])
 
 

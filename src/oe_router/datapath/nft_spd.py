@@ -233,6 +233,11 @@ def _check_name(text: str, what: str) -> str:
 
 def _entry(policy: PolicySpec, index: int) -> Entry:
     src, dst = policy.src, policy.dst
+    if policy.mark is not None:
+        raise NftSpdError(
+            f"policy {policy.describe()}: marked policies are not projected into nftables "
+            f"(nothing in OE installs one); leave the mark out in userspace mode"
+        )
     proto = src.proto or dst.proto
     icmp = src.icmp_type if src.icmp_type is not None else dst.icmp_type
     for ts in (src, dst):
