@@ -28,9 +28,12 @@ from lab import Host, Lab, LabError
 from oe_router.control import Status
 
 READY_TIMEOUT = 60.0  # s for the services to report after the control socket answers
+#: The parts of `oe offload --json` the report reads (its engines are the status's own).
+OFFLOAD_KEYS = ("offload", "phase", "proposal", "kernel_proposal", "kernel_usable",
+                "kernel_checked")  # fmt: skip
 
 
-def wait_ready(lab: Lab, first: dict[str, Any], problems: list[str]) -> None:
+def wait_ready(lab: Lab, first: dict[str, Any], problems: list[str], source: bool) -> None:
     """Poll `oe status` until the services have reported (demo_report.not_ready), so the
     scenario starts on a working daemon; a daemon that never gets there is a problem."""
     doc, deadline = first, time.monotonic() + READY_TIMEOUT
@@ -45,7 +48,7 @@ def wait_ready(lab: Lab, first: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"oe-routerd not ready {READY_TIMEOUT:.0f}s after start: {waiting}")
             return
         time.sleep(0.5)
-        res = lab.router("oe status --json", timeout=20)
+        res = oelab.oe(lab, "status --json", source, timeout=20)
         if res.ok:
             doc = json.loads(res.stdout)
 
@@ -72,17 +75,19 @@ def visit(lab: Lab, h: Host) -> Visit:
     )
 
 
-def collect(lab: Lab, visits: list[Visit], problems: list[str]) -> DemoInputs:
+def collect(lab: Lab, visits: list[Visit], problems: list[str], source: bool) -> DemoInputs:
     """The final status (after the scenario), offload, kernel SAs: the report's inputs."""
     status: dict[str, Any] | None = None
     error = ""
-    res = lab.router("oe status --json", timeout=20)
+    res = oelab.oe(lab, "status --json", source, timeout=20)
     if res.ok:
         status = json.loads(res.stdout)
     else:
         error = f"`oe status --json` exited {res.rc}: {(res.stderr or res.stdout).strip()}"
-    off = lab.router("oe offload --json", timeout=20)  # an older daemon has no such command
-    offload = json.loads(off.stdout) if off.ok else None
+    off = oelab.oe(lab, "offload --json", source, timeout=20)  # older daemons lack it
+    offload = (
+        {k: v for k, v in json.loads(off.stdout).items() if k in OFFLOAD_KEYS} if off.ok else None
+    )
     sas = demo_report.kernel_sa_algorithms(lab.router("ip xfrm state").stdout)
     return DemoInputs(
         visits=tuple(visits),
@@ -97,6 +102,11 @@ def collect(lab: Lab, visits: list[Visit], problems: list[str]) -> DemoInputs:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--record", type=Path, help="also write the report's inputs (JSON) here")
+    ap.add_argument(
+        "--source",
+        action="store_true",
+        help="run oe-routerd from this checkout's src/ (9p) instead of the image's package",
+    )
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     images = build.build_all(log=lambda m: print(f"[build] {m}", flush=True))
@@ -108,14 +118,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"world host {ns} failed to start: {t}" for ns, t in lab.failed_hosts.items()
             ]
             try:
-                first = oelab.start_daemon(lab, local_id="@router.example.test")
+                first = oelab.start_daemon(lab, local_id="@router.example.test", source=args.source)
             except LabError as exc:
                 problems.append(str(exc))
             else:
-                wait_ready(lab, first, problems)
+                wait_ready(lab, first, problems, args.source)
             dests = [h for h in lab.hosts if h.name and h.expected != "infra"]
             visits = [visit(lab, h) for h in dests]
-            inputs = collect(lab, visits, problems)
+            inputs = collect(lab, visits, problems, args.source)
             text = json.dumps(inputs.to_json(), indent=1, sort_keys=True) + "\n"
             (lab.run_dir / "demo-inputs.json").write_text(text)
             if args.record:

@@ -188,6 +188,12 @@ def tunnel_rows(status: Status, peer: str) -> tuple[list[TunnelStatus], list[Tun
     return [t for t in rows if t.source != "ike"], [t for t in rows if t.source == "ike"]
 
 
+def has_child_sa(status: Status, peer: str) -> bool:
+    """A tunnel for ``peer``: an ESP SA pair, not only an IKE SA (which carries no data)."""
+    oe_rows, ike_rows = tunnel_rows(status, peer)
+    return bool(oe_rows) or any(t.children for t in ike_rows)
+
+
 def judge(visit: Visit, status: Status | None, unready: str = "") -> Outcome:
     """One visit's verdict from the wire counts, the DNS answer and the final status."""
     exp = visit.expected
@@ -216,8 +222,7 @@ def judge(visit: Visit, status: Status | None, unready: str = "") -> Outcome:
     if visit.esp:
         if status is None:
             return Outcome("ESP seen, unconfirmed", False, "no final status to confirm a tunnel")
-        oe_rows, ike_rows = tunnel_rows(status, visit.address)
-        if not oe_rows and not ike_rows:
+        if not has_child_sa(status, visit.address):
             if unready:
                 return Outcome("ESP seen, unconfirmed", False, f"status not ready: {unready}")
             return Outcome(
@@ -266,8 +271,10 @@ def _details(v: Visit, status: Status | None, sas: dict[str, tuple[str, ...]]) -
     out: list[str] = []
     if status is not None:
         oe_rows, ike_rows = tunnel_rows(status, v.address)
-        if oe_rows or ike_rows:
+        if has_child_sa(status, v.address):
             out.append(f"{pad}ESP {_transforms(oe_rows, ike_rows)}; engine: {_engines(oe_rows)}")
+        elif ike_rows:
+            out.append(f"{pad}IKE SA up, no Child SA in the final status")
             for t in ike_rows:
                 out.append(
                     f"{pad}IKE {t.transform or '?'}, auth {t.local_auth or '-'}/"
@@ -280,7 +287,8 @@ def _details(v: Visit, status: Status | None, sas: dict[str, tuple[str, ...]]) -
 
 
 def _engine_table(status: Status, offload: JsonObject | None) -> list[str]:
-    out = ["", f"crypto engines ({len(status.engines)}, from the final status)"]
+    phase = f"; offload phase {offload.get('phase')}" if offload and "phase" in offload else ""
+    out = ["", f"crypto engines ({len(status.engines)}, from the final status{phase})"]
     if status.engines:
         out += _table(
             ["name", "driver", "hardware", "KAT", "in use for"],
@@ -296,6 +304,12 @@ def _engine_table(status: Status, offload: JsonObject | None) -> list[str]:
             ],
         )
         out += [f"  {e.name}: {e.reason}" for e in status.engines if e.reason]
+        out += [
+            f"  {e.name} {t.transform}: KAT failed: {t.reason or 'no reason given'}"
+            for e in status.engines
+            for t in e.transforms
+            if t.kat == "failed"
+        ]
     else:
         out.append("  (the status lists no engine)")
     if offload is not None:
@@ -309,7 +323,7 @@ def _engine_table(status: Status, offload: JsonObject | None) -> list[str]:
     return out
 
 
-def _gaps(status: Status | None, unready: str, error: str) -> list[str]:
+def _gaps(status: Status | None, offload: JsonObject | None, unready: str, error: str) -> list[str]:
     """What the final status really lacks (never what an early document had not yet)."""
     if status is None:
         return [f"no final `oe status` document: {error or 'not taken'}"]
@@ -326,6 +340,11 @@ def _gaps(status: Status | None, unready: str, error: str) -> list[str]:
         out.append("oe-routerd runs no DNS front: IPSECKEY answers trigger nothing")
     elif status.dns.get("oe_manager") == "none":
         out.append("the DNS front has no OE manager: IPSECKEY answers trigger no tunnel")
+    verdicts = [t.kat for e in status.engines for t in e.transforms]
+    if "failed" in verdicts and "passed" not in verdicts and "pending" not in verdicts:
+        out.append("no crypto engine passed a known-answer test (reasons under the engines)")
+    if offload is not None and offload.get("proposal") == []:
+        out.append("offload proposes no ESP transform: IKE has nothing to offer")
     return out
 
 
@@ -349,7 +368,10 @@ def report(inputs: DemoInputs) -> str:
     problems: list[str] = list(inputs.lab_problems)
     for v in inputs.visits:
         o = judge(v, status, unready)
-        if not o.as_expected:
+        # without a usable final status the one line from _gaps says why nothing is confirmed
+        if not o.as_expected and not (
+            o.verdict.endswith("unconfirmed") and (unready or status is None)
+        ):
             problems.append(f"{v.name}: {o.verdict}" + (f" ({o.why})" if o.why else ""))
         fetch = "fetched" if v.fetched else ("-" if v.expected == "servfail" else "FAILED")
         rows.append(
@@ -368,7 +390,7 @@ def report(inputs: DemoInputs) -> str:
     lines += ["", EVIDENCE]
     if status is not None:
         lines += _engine_table(status, inputs.offload)
-    problems += _gaps(status, unready, error)
+    problems += _gaps(status, inputs.offload, unready, error)
     lines += ["", "Missing or not working (from the final status and the wire):"]
     lines += [f"  - {p}" for p in problems] or ["  (nothing)"]
     if status is not None:
