@@ -27,6 +27,9 @@ from demo_report import DemoInputs, Visit
 from lab import Host, Lab, LabError
 from oe_router.control import Status
 
+#: s for the lab to boot and its world hosts to start: Lab's default (120 s) is short when
+#: other QEMU labs share the machine's two cores (world start.sh ran to 117 s of uptime).
+START_TIMEOUT = 300.0
 READY_TIMEOUT = 60.0  # s for the services to report after the control socket answers
 #: The parts of `oe offload --json` the report reads (its engines are the status's own).
 OFFLOAD_KEYS = ("offload", "phase", "proposal", "kernel_proposal", "kernel_usable",
@@ -99,6 +102,28 @@ def collect(lab: Lab, visits: list[Visit], problems: list[str], source: bool) ->
     )
 
 
+def scenario(lab: Lab, args: argparse.Namespace) -> None:
+    """Daemon on, wait until ready, visit every named destination, record, report."""
+    problems = list(lab.missing)
+    problems += [f"world host {ns} failed to start: {t}" for ns, t in lab.failed_hosts.items()]
+    try:
+        first = oelab.start_daemon(lab, local_id="@router.example.test", source=args.source)
+    except LabError as exc:
+        problems.append(str(exc))
+    else:
+        wait_ready(lab, first, problems, args.source)
+    dests = [h for h in lab.hosts if h.name and h.expected != "infra"]
+    visits = [visit(lab, h) for h in dests]
+    inputs = collect(lab, visits, problems, args.source)
+    text = json.dumps(inputs.to_json(), indent=1, sort_keys=True) + "\n"
+    (lab.run_dir / "demo-inputs.json").write_text(text)
+    if args.record:
+        args.record.write_text(text)
+    print(demo_report.report(inputs))
+    if any(v.esp and v.clear for v in visits):
+        lab.collect_artifacts(build.REPO / "test-results" / "artifacts" / "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--record", type=Path, help="also write the report's inputs (JSON) here")
@@ -110,32 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     images = build.build_all(log=lambda m: print(f"[build] {m}", flush=True))
-    problems: list[str] = []
+    lab = Lab(images, log=lambda m: print(f"[lab] {m}", flush=True), keep_run_dir=True)
     try:
-        with Lab(images, log=lambda m: print(f"[lab] {m}", flush=True), keep_run_dir=True) as lab:
-            problems += lab.missing
-            problems += [
-                f"world host {ns} failed to start: {t}" for ns, t in lab.failed_hosts.items()
-            ]
-            try:
-                first = oelab.start_daemon(lab, local_id="@router.example.test", source=args.source)
-            except LabError as exc:
-                problems.append(str(exc))
-            else:
-                wait_ready(lab, first, problems, args.source)
-            dests = [h for h in lab.hosts if h.name and h.expected != "infra"]
-            visits = [visit(lab, h) for h in dests]
-            inputs = collect(lab, visits, problems, args.source)
-            text = json.dumps(inputs.to_json(), indent=1, sort_keys=True) + "\n"
-            (lab.run_dir / "demo-inputs.json").write_text(text)
-            if args.record:
-                args.record.write_text(text)
-            print(demo_report.report(inputs))
-            if any(v.esp and v.clear for v in visits):
-                lab.collect_artifacts(build.REPO / "test-results" / "artifacts" / "demo")
+        lab.start(timeout=START_TIMEOUT)
+        scenario(lab, args)
     except LabError as exc:
         print(f"demo: the lab failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        lab.close()
     print(f"\n(demo took {time.monotonic() - t0:.0f}s; pcaps, logs and demo-inputs.json "
           f"are in {lab.run_dir})")  # fmt: skip
     return 0

@@ -275,12 +275,11 @@ def _details(v: Visit, status: Status | None, sas: dict[str, tuple[str, ...]]) -
             out.append(f"{pad}ESP {_transforms(oe_rows, ike_rows)}; engine: {_engines(oe_rows)}")
         elif ike_rows:
             out.append(f"{pad}IKE SA up, no Child SA in the final status")
-            for t in ike_rows:
-                out.append(
-                    f"{pad}IKE {t.transform or '?'}, auth {t.local_auth or '-'}/"
-                    f"{t.remote_auth or '-'} (peer id {t.remote_id or '-'})"
-                    + (f", NAT-T {t.nat}" if t.nat else "")
-                )
+        out += [
+            f"{pad}IKE {t.transform or '?'}, auth {t.local_auth or '-'}/{t.remote_auth or '-'}"
+            f" (peer id {t.remote_id or '-'})" + (f", NAT-T {t.nat}" if t.nat else "")
+            for t in ike_rows
+        ]
     if v.address in sas:
         out.append(f"{pad}kernel SA: {', '.join(sas[v.address])}")
     return out
