@@ -200,6 +200,7 @@ class Daemon:
     def status(self) -> Status:
         parts = self.registry.contributions()
         datapath = next((p.datapath for p in parts if p.datapath), "none")
+        stats = next((p.datapath_stats for p in parts if p.datapath_stats), {})
         daemon = DaemonStatus(
             version=__version__,
             pid=self._pid,
@@ -210,6 +211,7 @@ class Daemon:
             datapath=datapath,
             last_reload=self.last_reload,
             services=self.registry.names,
+            datapath_stats=stats,
         )
         return Status.merge(daemon, parts)
 
@@ -487,7 +489,8 @@ class EspOffer:
                 runnable &= set(up.kernel_usable)
         if explicit or cfg.offload != "auto":
             return tuple(n for n in base if n in runnable)
-        fast = [n for n in up.proposal if n in runnable and n in base]
+        ranked = up.proposal if self._datapath == "userspace" else up.kernel_proposal
+        fast = [n for n in ranked if n in runnable and n in base]
         return tuple(fast + [n for n in base if n in runnable and n not in fast])
 
     def apply(self) -> None:
@@ -545,7 +548,7 @@ def build_services(
     registry = ServiceRegistry()
     oe: OeService | None = None
     # first: software is proven (a quick KAT) before any SA; the rest comes in the background
-    offload = OffloadService(canary_interval=config.offload_canary)
+    offload = OffloadService()  # reads offload_canary at start and at every reload
     registry.add(offload)
     if not plat.wan:
         registry.add(StatusOnly(f"none ({plat.wan_reason or 'no WAN address'})"))

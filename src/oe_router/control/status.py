@@ -73,6 +73,10 @@ class TunnelStatus:
     #: The crypto engine the datapath runs this tunnel's ESP on ("" if not known or the
     #: kernel's own XFRM, which `oe status` shows as "-").
     engine: str = ""
+    #: Inbound packets the datapath refused: replayed (or left of the window), and
+    #: those whose ICV did not verify (forged or corrupted on the way).
+    replay_errors: int = 0
+    integrity_failures: int = 0
 
     @classmethod
     def from_json(cls, obj: JsonObject) -> TunnelStatus:
@@ -203,6 +207,7 @@ class DaemonStatus:
     datapath: str
     last_reload: ReloadResult | None = None
     services: tuple[str, ...] = ()
+    datapath_stats: JsonObject = field(default_factory=dict)
 
     def to_json(self) -> JsonObject:
         return {
@@ -215,6 +220,7 @@ class DaemonStatus:
             "datapath": self.datapath,
             "last_reload": None if self.last_reload is None else self.last_reload.to_json(),
             "services": list(self.services),
+            "datapath_stats": dict(self.datapath_stats),
         }
 
     @classmethod
@@ -230,6 +236,7 @@ class DaemonStatus:
             datapath=str(obj["datapath"]),
             last_reload=None if last is None else ReloadResult.from_json(last),
             services=tuple(str(s) for s in obj.get("services", [])),
+            datapath_stats=dict(obj.get("datapath_stats", {})),
         )
 
 
@@ -242,6 +249,8 @@ class StatusContribution:
     engines: tuple[EngineStatus, ...] = ()
     dns: JsonObject = field(default_factory=dict)
     datapath: str | None = None
+    #: the datapath's own counters (first packets queued, held, released; worker drops)
+    datapath_stats: JsonObject = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

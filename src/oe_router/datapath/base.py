@@ -506,6 +506,10 @@ class Datapath(Protocol):
         """
         ...
 
+    def stats(self) -> dict[str, int]:
+        """The datapath's own counters for ``oe status`` (cheap; may be empty)."""
+        ...
+
     async def close(self) -> None:
         """Clean stop: remove what we installed (persistent policies stay if configured)."""
         ...

@@ -415,6 +415,9 @@ class XfrmDatapath:
     async def start(self) -> None:
         """Nothing to acquire: the netlink sockets are opened by the constructor."""
 
+    def stats(self) -> dict[str, int]:
+        return {}  # the kernel keeps its own (/proc/net/xfrm_stat)
+
     # -- netlink plumbing --
     def _request(
         self,

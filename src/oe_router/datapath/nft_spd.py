@@ -89,6 +89,7 @@ Thousands of host shunts or SA entries of one shape and priority (OE's ranks put
 from __future__ import annotations
 
 import enum
+import json
 import struct
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
@@ -432,14 +433,27 @@ def _rule_text(block: Block) -> str:
     return f"\t\t{match} {ip} {block.shape.key_side.value} vmap @{block.name}"
 
 
-def render(spd: SpdTable, *, xt_queue: bool = False) -> str:
+def render(
+    spd: SpdTable, *, xt_queue: bool = False, maps_present: Sequence[str] | None = None
+) -> str:
     """The whole ``inet <table>`` as one atomic ``nft -f`` script (replaces an old one).
 
     ``xt_queue``: the kernel lacks nft's ``queue`` (see ``queue_backend``): ``oe_queue``
     then holds only ``drop`` and ``insert_xt_queue`` puts the xt NFQUEUE target ahead.
+
+    ``maps_present``: the maps the table holds now (``present_maps``). Given, the table is
+    emptied in place (flush, delete those maps, refill) and its base chains stay
+    registered: unregistering a hook makes the kernel drop every packet held in a
+    queue, i.e. every first packet waiting for its SA. None: the table is deleted and
+    made anew (for a table of unknown shape).
     """
     t = spd.table
-    lines = [f"table inet {t}", f"delete table inet {t}", f"table inet {t} {{"]
+    if maps_present is None:
+        lines = [f"table inet {t}", f"delete table inet {t}", f"table inet {t} {{"]
+    else:
+        lines = [f"table inet {t}", f"flush table inet {t}"]
+        lines += [f"delete map inet {t} {m}" for m in maps_present]
+        lines.append(f"table inet {t} {{")
     for d in Direction:
         for block in spd.blocks[d]:
             if not block.plain:
@@ -710,17 +724,47 @@ def insert_xt_queue(
         sock.close()
 
 
+def present_maps(
+    table: str = DEFAULT_TABLE, *, netns: str | None = None, nft: str = "nft"
+) -> list[str] | None:
+    """The maps ``inet <table>`` holds now ([] if the table is absent), or None when
+    they cannot be read (then the table is replaced whole)."""
+    argv = [nft, "-j", "list", "table", "inet", table]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return [] if "No such file or directory" in done.stderr else None
+    try:
+        items = json.loads(done.stdout).get("nftables", [])
+    except ValueError:
+        return None
+    return [i["map"]["name"] for i in items if isinstance(i, dict) and "map" in i]
+
+
 def install(
     spd: SpdTable, *, netns: str | None = None, backend: str | None = None, nft: str = "nft"
 ) -> str:
     """Replace the kernel's table with ``spd`` (atomic), queueing by ``backend``.
 
     ``backend``: "nft" or "xt" (None: ask the kernel, ``queue_backend``). Returns the
-    backend used, so callers probe once and pass it on later calls.
+    backend used, so callers probe once and pass it on later calls. The table's base
+    chains stay registered when it can be emptied in place (``render``'s
+    ``maps_present``), so packets held in the queue survive the replacement.
     """
     backend = backend or queue_backend(netns=netns, nft=nft)
     xt = backend == "xt"
-    apply_script(render(spd, xt_queue=xt), netns=netns, nft=nft)
+    maps = present_maps(spd.table, netns=netns, nft=nft)
+    try:
+        apply_script(render(spd, xt_queue=xt, maps_present=maps), netns=netns, nft=nft)
+    except NftSpdError:
+        if maps is None:
+            raise
+        # a table of another shape (an older version's chains): replace it whole
+        apply_script(render(spd, xt_queue=xt), netns=netns, nft=nft)
     if xt:
         insert_xt_queue(spd.queue_num, table=spd.table, netns=netns)
     return backend

@@ -41,6 +41,8 @@ from typing import Any, Final
 from oe_router.offload import EngineError, Transform, transform
 
 from .base import (
+    ICMP_PROTOS,
+    Acquire,
     ChildSaCounters,
     ChildSaSpec,
     DatapathError,
@@ -52,13 +54,21 @@ from .base import (
     IPNetwork,
     Lifetime,
     Mode,
+    PolicyAction,
     PolicyExpire,
     PolicySpec,
     ReconcileReport,
     SaCounters,
+    TrafficSelector,
     child_policies,
 )
 from .netns import in_netns
+from .nfqueue import NfQueue, NfQueueError, QueuedPacket
+from .nft import run_nft
+from .nft_spd import NftSpdError, SpdTable, compile_spd, install, queue_backend, remove_script
+from .nft_spd import update as nft_update
+from .packet import Flow, MalformedPacket, flow
+from .spd import Spd
 from .steering import attach_steering
 from .tun import TUN_MTU, TunError, open_tun
 from .workerctl import ControlError, SharedCounters, recv_message, send_message
@@ -78,12 +88,31 @@ class UserspaceSettings:
 
     tun_name: str = "oe-esp0"
     fwmark: int = 0x1000000  # on our IKE/ESP sockets: their packets skip the TUN routes
+    #: on a queued first packet we sent into its SA ourselves: accepted (so conntrack
+    #: confirms its connection and NAT binding, or the reply would find none) and then
+    #: dropped at the WAN device's egress hook, after conntrack, before the wire
+    stolen_mark: int = 0x2000000
     table: int = 2200  # routing table of the TUN routes
     rule_priority: int = 1000  # "not fwmark -> table" rule, before the main table
     queue_num: int = 4500  # NFQUEUE of first packets
     mtu: int = TUN_MTU
     replay_window: int = 128
     workers_python: str = sys.executable
+    #: first packets held while their SA is negotiated: how long, how many
+    hold_limit: float = 4.0
+    hold_per_destination: int = 64
+    hold_total: int = 1024
+    ike_ports: tuple[int, ...] = (500, 4500)
+
+
+@dataclass(eq=False)
+class _Held:
+    """A queued first packet waiting for its destination's SA or shunt."""
+
+    packet_id: int
+    payload: bytes = field(repr=False)
+    flow: Flow
+    deadline: float
 
 
 @dataclass(eq=False)
@@ -139,6 +168,26 @@ class UserspaceDatapath:
         self._routes: dict[IPNetwork, int] = {}  # remote selector -> Child SAs using it
         self._policies: dict[tuple[Any, ...], PolicySpec] = {}
         self._policy_timers: dict[tuple[Any, ...], asyncio.TimerHandle] = {}
+        self._spd = Spd()
+        self._nft: SpdTable | None = None  # what the kernel holds (None: not written yet)
+        self._nft_backend: str | None = None
+        self._nft_live = False  # False until the first complete policy set (release_adopted)
+        self._queue: NfQueue | None = None
+        self._held: dict[tuple[int, int], list[_Held]] = {}  # (version, dst) -> packets
+        self._held_count = 0
+        self._acquired: dict[tuple[int, int, int], float] = {}  # (version, dst, reqid) -> when
+        self._acq_seq = 0
+        self._egress_drop = False  # the WAN egress chain that drops stolen packets is in
+        self._installing: dict[int, asyncio.Future[None]] = {}  # slot -> worker's answer
+        self.queue_stats = {
+            "queued": 0,
+            "held": 0,
+            "released_into_sa": 0,
+            "accepted": 0,
+            "dropped": 0,
+            "hold_overflow": 0,
+            "hold_expired": 0,
+        }
         self._events: asyncio.Queue[DatapathEvent] = asyncio.Queue()
         self._engine_table: dict[str, Any] = {}
         self._canary_interval = 0.0
@@ -172,6 +221,11 @@ class UserspaceDatapath:
             raise FeatureMissing(str(exc)) from None
         try:
             await asyncio.to_thread(self._setup_kernel)
+            self._nft_backend = await asyncio.to_thread(queue_backend, netns=self._netns)
+            await asyncio.to_thread(self._setup_egress)
+            self._queue = NfQueue(s.queue_num, netns=self._netns, maxlen=4 * s.hold_total)
+            await asyncio.to_thread(self._queue.open)
+            asyncio.get_running_loop().add_reader(self._queue.fileno(), self._on_queue)
             self._counters = SharedCounters()
             for role in _ROLES:
                 self._workers[role] = await self._spawn(role)
@@ -185,6 +239,7 @@ class UserspaceDatapath:
         if self._canary_interval:
             self._broadcast({"op": "canary", "interval": self._canary_interval})
         self._spawn_task(self._lifetimes())
+        self._spawn_task(self._hold_timer())
         self._started = True
         log.info(
             "datapath: userspace ESP on %s (mtu %d, workers %s)",
@@ -211,6 +266,31 @@ class UserspaceDatapath:
                 self._rule(ipr, "del", family, missing_ok=True)  # an earlier run's
                 self._rule(ipr, "add", family)
         self._sysctl(f"net/ipv4/conf/{s.tun_name}/rp_filter", "0")
+
+    def _egress_table(self) -> str:
+        return f"{self._table_name}_egress"
+
+    def _setup_egress(self) -> None:
+        """The WAN device's egress chain dropping what we sealed into an SA ourselves."""
+        s, t = self.settings, self._egress_table()
+        m = s.stolen_mark
+        script = (
+            f"table netdev {t}\ndelete table netdev {t}\n"
+            f"table netdev {t} {{\n\tchain stolen {{\n"
+            f'\t\ttype filter hook egress device "{self._wan}" priority 0; policy accept;\n'
+            f"\t\tmeta mark & {m:#x} == {m:#x} counter drop\n\t}}\n}}\n"
+        )
+        try:
+            run_nft(script, netns=self._netns, what="egress drop of stolen packets")
+        except DatapathError as exc:
+            log.warning(
+                "datapath: %s; a first packet sent into its SA is dropped instead, and its "
+                "connection's first reply may be lost (no netdev egress hook: kernel < 5.16?)",
+                exc,
+            )
+            self._egress_drop = False
+        else:
+            self._egress_drop = True
 
     def _rule(self, ipr: Any, cmd: str, family: int, *, missing_ok: bool = False) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -291,7 +371,11 @@ class UserspaceDatapath:
             for fd in fds:
                 os.close(fd)
             ev = msg["ev"]
-            if ev == "ready" and not w.ready.done():
+            if ev == "installed":
+                fut = self._installing.pop(int(msg["slot"]), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif ev == "ready" and not w.ready.done():
                 w.ready.set_result(int(msg["pid"]))
             elif ev == "canary_failed":
                 log.error(
@@ -319,6 +403,22 @@ class UserspaceDatapath:
         finally:
             w.ctl.setblocking(False)
 
+    async def _install(self, role: str, msg: Mapping[str, Any]) -> None:
+        """Send an add_in/add_out and wait until the worker has it in effect: a route into
+        the TUN must not exist before the SA that takes its packets."""
+        slot = int(msg["slot"])
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._installing[slot] = fut
+        try:
+            self._send(role, msg)
+            await asyncio.wait_for(fut, 5.0)
+        except TimeoutError:
+            raise DatapathError(
+                f"ESP {role} worker did not install SA slot {slot} in 5 s"
+            ) from None
+        finally:
+            self._installing.pop(slot, None)
+
     def _broadcast(self, msg: Mapping[str, Any], fds: tuple[int, ...] = ()) -> None:
         for role in self._workers:
             self._send(role, msg, fds)
@@ -330,6 +430,20 @@ class UserspaceDatapath:
         for c in children:
             with contextlib.suppress(DatapathError):
                 await self.remove_child_sa(c.spec)
+        # what must outlive us stays in nftables: "private" traps and drop shunts queue to
+        # nobody once we are gone, which the kernel turns into drops (fail closed)
+        keep = [p for p in self._spd.policies() if p.persistent and self.keep_persistent_on_stop]
+        try:
+            if keep:
+                await asyncio.to_thread(self._nft_install, keep)
+            else:
+                await asyncio.to_thread(run_nft, remove_script(), netns=self._netns)
+        except DatapathError as exc:
+            log.error("datapath: leaving the policy projection: %s", exc)
+        for held in list(self._held.values()):
+            for h in held:
+                self._verdict(h, False, "dropped")
+        self._held.clear()
         await self._teardown()
 
     async def _teardown(self) -> None:
@@ -350,6 +464,11 @@ class UserspaceDatapath:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.kill()
         self._workers.clear()
+        if self._queue is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._queue.fileno())
+            self._queue.close()
+            self._queue = None
         for sock in self._esp_socks.values():
             sock.close()
         self._esp_socks.clear()
@@ -359,6 +478,11 @@ class UserspaceDatapath:
         with contextlib.suppress(Exception), self._ipr() as ipr:
             for family in (socket.AF_INET, socket.AF_INET6):
                 self._rule(ipr, "del", family, missing_ok=True)
+        if self._egress_drop:
+            t = self._egress_table()
+            with contextlib.suppress(DatapathError):
+                run_nft(f"table netdev {t}\ndelete table netdev {t}\n", netns=self._netns)
+            self._egress_drop = False
         if self._tun_fd is not None:
             os.close(self._tun_fd)  # the device and every route through it go with it
             self._tun_fd = None
@@ -481,7 +605,7 @@ class UserspaceDatapath:
             "remote_ts": remote_ts,
         }
         try:
-            self._send(
+            await self._install(
                 "rx",
                 {
                     "op": "add_in",
@@ -493,7 +617,7 @@ class UserspaceDatapath:
                     **common,
                 },
             )
-            self._send(
+            await self._install(
                 "tx",
                 {
                     "op": "add_out",
@@ -521,6 +645,7 @@ class UserspaceDatapath:
         if spec.install_policies:
             for pol in child_policies(spec):
                 await self.install_policy(pol)
+        self._release_held()
         return spec
 
     async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
@@ -587,6 +712,19 @@ class UserspaceDatapath:
     async def counters(self, spec: ChildSaSpec) -> ChildSaCounters:
         return self.read_counters(spec)
 
+    def stats(self) -> dict[str, int]:
+        q = self._queue
+        nfq = (
+            {}
+            if q is None
+            else {
+                "queue_malformed": q.malformed,
+                "queue_overruns": q.overruns,
+                "queue_verdict_errors": q.verdict_errors,
+            }
+        )
+        return {**self.queue_stats, "held_now": self._held_count, **nfq, **self.worker_drops()}
+
     def worker_drops(self) -> dict[str, int]:
         """The workers' own drop counters (no SA, selector mismatch, I/O errors)."""
         if self._counters is None:
@@ -650,7 +788,11 @@ class UserspaceDatapath:
 
     async def install_policy(self, policy: PolicySpec) -> None:
         key = self._key(policy)
+        old_policy = self._policies.get(key)
         self._policies[key] = policy
+        self._spd.install(policy)
+        await self._project(add=[policy], remove=[old_policy] if old_policy else [])
+        self._release_held()
         old = self._policy_timers.pop(key, None)
         if old is not None:
             old.cancel()
@@ -683,17 +825,60 @@ class UserspaceDatapath:
         self._policy_timers.pop(key, None)
         if self._policies.get(key) is not policy:
             return
-        del self._policies[key]
         self._events.put_nowait(
             PolicyExpire(policy.src, policy.dst, policy.direction, policy.priority, True)
         )
+        self._spawn_task(self.remove_policy(policy))
 
     async def remove_policy(self, policy: PolicySpec) -> None:
         key = self._key(policy)
-        self._policies.pop(key, None)
+        gone = self._policies.pop(key, None)
         h = self._policy_timers.pop(key, None)
         if h is not None:
             h.cancel()
+        if gone is not None:
+            self._spd.remove(gone)
+            await self._project(remove=[gone])
+            self._release_held()
+
+    # ------------------------------------------------------------------ nftables projection
+    def _nft_install(self, policies: list[PolicySpec]) -> None:
+        s = self.settings
+        table = compile_spd(
+            policies,
+            wan=self._wan,
+            tun=s.tun_name,
+            queue_num=s.queue_num,
+            bypass_mark=s.fwmark,
+            ike_ports=s.ike_ports,
+        )
+        self._nft_backend = install(table, netns=self._netns, backend=self._nft_backend)
+        self._nft = table
+
+    async def _project(
+        self, add: list[PolicySpec] | None = None, remove: list[PolicySpec] | None = None
+    ) -> None:
+        """Bring the kernel's projection to the SPD: element changes when they suffice,
+        else the whole table (atomic either way). Nothing is written before the first
+        complete policy set (``release_adopted``): a half-built table could let a
+        "private" packet out while an earlier run's complete one still holds it."""
+        if not self._nft_live:
+            return
+        try:
+            if self._nft is not None:
+                step = nft_update(self._nft, add=add or (), remove=remove or ())
+                if step is not None:
+                    table, script = step
+                    if script:
+                        await asyncio.to_thread(
+                            run_nft, script, netns=self._netns, what="policy projection"
+                        )
+                    self._nft = table
+                    return
+            await asyncio.to_thread(self._nft_install, self._spd.policies())
+        except (NftSpdError, DatapathError) as exc:
+            self._nft = None  # unknown now: the next change writes the whole table
+            raise DatapathError(f"policy projection into nftables: {exc}") from None
 
     def policies(self) -> list[PolicySpec]:
         return list(self._policies.values())
@@ -715,7 +900,172 @@ class UserspaceDatapath:
         return ReconcileReport(0, 0, 0, 0)
 
     async def release_adopted(self, keep: Callable[[PolicySpec], bool]) -> int:
+        """This run's policies are all in: write the projection (replacing an earlier
+        run's table atomically) and decide the packets queued meanwhile."""
+        self._nft_live = True
+        await asyncio.to_thread(self._nft_install, self._spd.policies())
+        self._release_held()
         return 0
+
+    # ------------------------------------------------------------------ first packets
+    def _on_queue(self) -> None:
+        q = self._queue
+        if q is None:
+            return
+        try:
+            packets = q.read_packets()
+        except NfQueueError as exc:
+            log.error("datapath: %s", exc)
+            return
+        for p in packets:
+            self.queue_stats["queued"] += 1
+            self._queued(p)
+
+    def _verdict(self, held: _Held, accept: bool, stat: str, mark: int | None = None) -> None:
+        self.queue_stats[stat] += 1
+        if self._queue is not None:
+            try:
+                self._queue.verdict(held.packet_id, accept, mark=mark)
+            except NfQueueError as exc:
+                log.warning("datapath: verdict for queued packet %d: %s", held.packet_id, exc)
+
+    def _queued(self, p: QueuedPacket) -> None:
+        try:
+            f = flow(p.payload)
+        except MalformedPacket:
+            h = _Held(p.id, b"", Flow(0, 0, 0, 0), 0.0)
+            self._verdict(h, False, "dropped")
+            return
+        h = _Held(p.id, p.payload, f, self._clock() + self.settings.hold_limit)
+        if not self._nft_live or not self._decide(h):
+            self._hold(h)
+
+    def _decide(self, h: _Held) -> bool:
+        """Settle a queued packet by the policy that covers it now; False: keep holding."""
+        pol = self._spd.lookup(Direction.OUT, h.flow)
+        action = None if pol is None else pol.action
+        if action is None or action is PolicyAction.PASS:
+            if self._covered(h.flow):
+                self._verdict(h, False, "dropped")  # its tunnel exists, un-NATed: never clear
+            else:
+                self._verdict(h, True, "accepted")
+            return True
+        if action is PolicyAction.DROP:
+            self._verdict(h, False, "dropped")
+            return True
+        if action is PolicyAction.IPSEC:
+            child = self._child_for(pol)
+            if child is None:
+                return False  # policy ahead of its SA: a moment more
+            # the verdict first: the peer's answer may be back before a late verdict, and
+            # must find the connection (and its NAT binding) confirmed by conntrack
+            if self._egress_drop:  # into conntrack, not onto the wire
+                self._verdict(h, True, "released_into_sa", mark=self.settings.stolen_mark)
+            else:
+                self._verdict(h, False, "released_into_sa")
+            self._send("tx", {"op": "send", "slot": child.slot_out, "packets": [h.payload.hex()]})
+            return True
+        if action is PolicyAction.TRAP and pol is not None:
+            self._acquire(pol, h.flow)
+        return False  # TRAP, HOLD: wait for the SA or a shunt
+
+    def _child_for(self, pol: PolicySpec | None) -> _Child | None:
+        if pol is None or not pol.templates:
+            return None
+        t = pol.templates[0]
+        for c in self._children.values():
+            s = c.spec
+            if s.reqid == t.reqid and s.local == t.src and s.remote == t.dst:
+                return c
+        return None
+
+    def _covered(self, f: Flow) -> bool:
+        """A Child SA's remote selectors cover this destination."""
+        dst = f.dst_address
+        return any(dst in ts.net for c in self._children.values() for ts in c.spec.remote_ts)
+
+    def _acquire(self, pol: PolicySpec, f: Flow) -> None:
+        """The kernel's ACQUIRE, for a trapped packet (at most once a second per flow's
+        destination and reqid while it stays trapped, like xfrm_acq_expires=1)."""
+        t = pol.templates[0]
+        key = (f.version, f.dst, t.reqid)
+        now = self._clock()
+        if now - self._acquired.get(key, -10.0) < 1.0:
+            return
+        self._acquired[key] = now
+        src, dst = f.src_address, f.dst_address
+        host = 32 if f.version == 4 else 128
+        if f.proto in ICMP_PROTOS:
+            sel_dst = TrafficSelector(
+                ipaddress.ip_network(f"{dst}/{host}"), f.proto, icmp_type=f.sport
+            )
+            sel_src = TrafficSelector(ipaddress.ip_network(f"{src}/{host}"), f.proto)
+        else:
+            ports = f.proto in (6, 17, 132)
+            sel_dst = TrafficSelector(
+                ipaddress.ip_network(f"{dst}/{host}"), f.proto, f.dport if ports else None
+            )
+            sel_src = TrafficSelector(
+                ipaddress.ip_network(f"{src}/{host}"), f.proto, f.sport if ports else None
+            )
+        self._acq_seq += 1
+        self._events.put_nowait(
+            Acquire(
+                src=t.src if not t.src.is_unspecified else src,
+                dst=t.dst if not t.dst.is_unspecified else dst,
+                selector_src=sel_src,
+                selector_dst=sel_dst,
+                reqid=t.reqid,
+                seq=self._acq_seq,
+                policy_priority=pol.priority,
+                policy_index=0,
+            )
+        )
+
+    def _hold(self, h: _Held) -> None:
+        key = (h.flow.version, h.flow.dst)
+        bucket = self._held.setdefault(key, [])
+        s = self.settings
+        if len(bucket) >= s.hold_per_destination or self._held_count >= s.hold_total:
+            self._verdict(h, False, "hold_overflow")
+            if not bucket:
+                del self._held[key]
+            return
+        bucket.append(h)
+        self._held_count += 1
+        self.queue_stats["held"] += 1
+
+    def _release_held(self) -> None:
+        """Decide again every held packet (a policy or an SA changed)."""
+        if not self._nft_live or not self._held:
+            return
+        for key, bucket in list(self._held.items()):
+            keep = [h for h in bucket if not self._decide(h)]
+            self._held_count -= len(bucket) - len(keep)
+            if keep:
+                self._held[key] = keep
+            else:
+                del self._held[key]
+
+    async def _hold_timer(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = self._clock()
+            for key, bucket in list(self._held.items()):
+                keep = []
+                for h in bucket:
+                    if h.deadline <= now:
+                        self._verdict(h, False, "hold_expired")
+                        self._held_count -= 1
+                    else:
+                        keep.append(h)
+                if keep:
+                    self._held[key] = keep
+                else:
+                    del self._held[key]
+            stale = [k for k, t in self._acquired.items() if now - t > 60]
+            for k in stale:
+                del self._acquired[k]
 
     # ------------------------------------------------------------------ internals
     def _spawn_task(self, coro: Any) -> None:

@@ -45,6 +45,8 @@ log = logging.getLogger("oe_router.datapath")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _FLUSH_PERIOD = 0.1
 _ANY = 1 << 30  # "any size" in a band
+_EARLY_MAX = 64  # ESP datagrams kept for SPIs not installed yet, in all
+_EARLY_FOR = 1.0  # seconds
 
 
 def _nets(texts: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -140,6 +142,9 @@ class InState:
     remote_hosts: tuple[bytes, ...] | None = None
     last_use: float = 0.0
     dropped: int = 0
+    #: True while the control thread feeds it the packets that came before it (early)
+    draining: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class Worker:
@@ -167,6 +172,10 @@ class Worker:
         self.next_canary = 0.0
         self.lock = threading.Lock()  # control-thread writes vs. rx threads' reads of socks
         self.stats = [0, 0, 0, 0]  # no SA, policy mismatch, send/write errors, other
+        #: ESP for an SPI not installed yet, by SPI: a responder's peer may send its first
+        #: packet the moment it has our IKE_AUTH answer, before our install is through
+        self.early: dict[bytes, list[tuple[float, bytes]]] = {}
+        self.early_count = 0
         self.running = True
 
     # ---------------------------------------------------------------- control
@@ -207,8 +216,10 @@ class Worker:
         op = msg["op"]
         if op == "add_out":
             self._add_out(msg)
+            self._event({"ev": "installed", "slot": int(msg["slot"])})
         elif op == "add_in":
             self._add_in(msg)
+            self._event({"ev": "installed", "slot": int(msg["slot"])})
         elif op == "remove":
             self._remove(int(msg["slot"]))
         elif op == "engines":
@@ -261,9 +272,19 @@ class Worker:
             _exact_hosts(local), _exact_hosts(remote),
         )  # fmt: skip
         self.counters.clear(st.slot)
+        spi = int(m["spi"]).to_bytes(4, "big")
         with self.lock:
+            early = self.early.pop(spi, [])
+            self.early_count -= len(early)
+            early = [e for e in early if time.monotonic() - e[0] < _EARLY_FOR]
+            st.draining = bool(early)
             self.in_by_slot[st.slot] = st
-            self.in_by_spi[int(m["spi"]).to_bytes(4, "big")] = st
+            self.in_by_spi[spi] = st
+        if early:  # the peer sent before we installed: those packets go first, in order
+            with st.lock:
+                for _, data in early:
+                    self.rx_one(st, data)
+                st.draining = False
 
     def _remove(self, slot: int) -> None:
         self.flush(time.time())
@@ -429,7 +450,11 @@ class Worker:
                 continue
             st = by_spi.get(data[:4])
             if st is None:
-                stats[0] += 1
+                self._early(data)
+                continue
+            if st.draining:
+                with st.lock:
+                    self.rx_one(st, data)
                 continue
             ciphers = st.ciphers
             if len(ciphers) > 1:
@@ -439,11 +464,9 @@ class Worker:
                         st.sa.cipher = c
                         break
             try:
-                nh, inner = st.sa.open(data)
+                _nh, inner = st.sa.open(data)
             except EspError:
-                continue  # counted by the SA (replay, integrity, malformed)
-            if nh == 59:
-                continue  # dummy packet (RFC 4303 §2.6)
+                continue  # counted by the SA (replay, integrity, malformed, dummy)
             if not _inner_ok(st, inner):
                 stats[1] += 1
                 st.dropped += 1
@@ -454,6 +477,46 @@ class Worker:
                 stats[2] += 1
                 continue
             st.last_use = time.time()
+
+    def _early(self, data: bytes) -> None:
+        """Keep ESP for an unknown SPI a moment (bounded): its SA may be on its way."""
+        now = time.monotonic()
+        with self.lock:
+            if self.early_count >= _EARLY_MAX:
+                for spi in list(self.early):
+                    kept = [e for e in self.early[spi] if now - e[0] < _EARLY_FOR]
+                    self.early_count -= len(self.early[spi]) - len(kept)
+                    if kept:
+                        self.early[spi] = kept
+                    else:
+                        del self.early[spi]
+            if self.early_count >= _EARLY_MAX or len(data) < 8:
+                self.stats[0] += 1
+                return
+            self.early.setdefault(data[:4], []).append((now, data))
+            self.early_count += 1
+
+    def rx_one(self, st: InState, data: bytes) -> None:
+        """The receive path for one datagram (the loop inlines the same steps)."""
+        n = len(data)
+        for upto, _, c in st.ciphers:
+            if n <= upto:
+                st.sa.cipher = c
+                break
+        try:
+            _nh, inner = st.sa.open(data)
+        except EspError:
+            return
+        if not _inner_ok(st, inner):
+            self.stats[1] += 1
+            st.dropped += 1
+            return
+        try:
+            os.write(self.tun_fd, inner)
+        except OSError:
+            self.stats[2] += 1
+            return
+        st.last_use = time.time()
 
 
 def _inner_ok(st: InState, pkt: bytes) -> bool:

@@ -79,6 +79,7 @@ OPS: Final[Mapping[str, tuple[tuple[str, type], ...]]] = {
 #: worker -> daemon.
 EVENTS: Final[Mapping[str, tuple[tuple[str, type], ...]]] = {
     "ready": (("role", str), ("pid", int)),
+    "installed": (("slot", int),),  # an add_in/add_out is in effect
     "canary_failed": (("engine", str), ("transform", str), ("reason", str)),
     "engine_switched": (("slot", int), ("engine", str)),
     "error": (("text", str),),

@@ -1012,6 +1012,8 @@ class OeManager:
                         packets_in=0 if n is None else n.inbound.packets,
                         packets_out=0 if n is None else n.outbound.packets,
                         engine="" if engine is None else engine(c.spec),
+                        replay_errors=0 if n is None else n.inbound.replay_errors,
+                        integrity_failures=0 if n is None else n.inbound.integrity_failures,
                     )
                 )
             for want in p.queue.values():

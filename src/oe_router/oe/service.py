@@ -224,6 +224,7 @@ class OeService:
             tunnels=self._mgr.tunnels(now, self._dp.read_counters, self.engine_of),
             shunts=self._mgr.shunts(now),
             datapath=f"{self._dp.name} ({self._dp.reason})",
+            datapath_stats=self._dp.stats(),
         )
 
     # ------------------------------------------------------------------ DNS front entry
