@@ -548,7 +548,9 @@ def build_services(
     registry = ServiceRegistry()
     oe: OeService | None = None
     # first: software is proven (a quick KAT) before any SA; the rest comes in the background
-    offload = OffloadService()  # reads offload_canary at start and at every reload
+    # reads offload_canary at start and at every reload; on the kernel datapath only the
+    # kernel's own pick is measured (the proposal order), the rest on request
+    offload = OffloadService(measure_only=("afalg",) if plat.datapath == "kernel" else None)
     registry.add(offload)
     if not plat.wan:
         registry.add(StatusOnly(f"none ({plat.wan_reason or 'no WAN address'})"))

@@ -263,5 +263,5 @@ def test_oe_up_libreswan_rsa(oe_lab: Lab, figures: dict[str, Any]) -> None:
 def test_oe_status_says_which_datapath_and_why(oe_lab: Lab) -> None:
     doc = oelab.status(oe_lab)
     assert doc["daemon"]["datapath"].startswith("kernel-xfrm (kernel has ESP"), doc["daemon"]
-    assert doc["daemon"]["services"] == ["oe", "ike", "dns"]
+    assert doc["daemon"]["services"] == ["offload", "esp-offer", "oe", "ike", "dns"]
     assert doc["dns"]["oe_manager"] == "connected"

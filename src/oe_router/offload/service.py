@@ -27,8 +27,11 @@ transforms the kernel's own drivers run correctly (for the kernel datapath).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -150,6 +153,11 @@ def _kat_reason(outcome: KatOutcome) -> str:
     return f"known-answer test failed: {failures[0]}{more}"
 
 
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # per thread on Linux
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 def _default_factory(name: str) -> Engine:
     from . import make_engine
 
@@ -180,7 +188,13 @@ class OffloadService:
         snapshot: Callable[[], HostSnapshot] = probe_host,
         kat: KatRunner | None = None,
         clock: Callable[[], float] = time.monotonic,
+        measure_only: Sequence[str] | None = None,
     ) -> None:
+        #: engines measured in the background (None: all). The kernel datapath uses only
+        #: the kernel's own pick (``afalg``) for ESP, so measuring the others there would
+        #: only burn a router's CPU; ``oe offload bench`` still measures every engine.
+        self.measure_only = None if measure_only is None else tuple(measure_only)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._canary_fixed = canary_interval
         self.canary_interval = 10.0 if canary_interval is None else canary_interval
         self.measure_duration = measure_duration
@@ -258,6 +272,9 @@ class OffloadService:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
         self._phase = "stopped"
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -373,7 +390,7 @@ class OffloadService:
     # -- background work --------------------------------------------------------------
     async def _first_round(self) -> None:
         try:
-            snap = await asyncio.to_thread(self._snapshot)
+            snap = await self._thread(self._snapshot)
         except Exception as exc:  # the machine cannot be read: software alone, and watch
             log.error("cannot probe for crypto engines: %s: %s", type(exc).__name__, exc)
             snap = HostSnapshot("", False, False)
@@ -425,17 +442,29 @@ class OffloadService:
                 self._publish()
             self._phase = "measuring"
             for st in sorted(states, key=lambda s: s.name != SOFTWARE):
+                if self.measure_only is not None and st.name not in self.measure_only:
+                    continue
                 await self._measure(st)
                 self._publish()
             self._phase = "ready"
+
+    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking engine work on the service's own thread, at a lower CPU priority
+        (nice 10): known-answer tests and measurements must never slow the daemon's
+        traffic and IKE on a small router."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="offload", initializer=_lower_priority
+            )
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _prove(self, st: _EngineState, *, quick: bool) -> None:
         """Make the engine (if not yet) and run the KATs of every transform it claims."""
         st.state = "proving"
         if st.engine is None:
             try:
-                engine = await asyncio.to_thread(self._factory, st.name)
-                info = await asyncio.to_thread(_describe_engine, st.spec, engine)
+                engine = await self._thread(self._factory, st.name)
+                info = await self._thread(_describe_engine, st.spec, engine)
             except Exception as exc:
                 self._fail_engine(st, f"cannot open: {type(exc).__name__}: {exc}")
                 return
@@ -458,7 +487,7 @@ class OffloadService:
         assert st.engine is not None and self._kat is not None
         kat, engine = self._kat, st.engine
         try:
-            outcome = await asyncio.to_thread(lambda: kat(engine, t, quick=quick))
+            outcome = await self._thread(lambda: kat(engine, t, quick=quick))
         except Exception as exc:
             return Verdict(st.name, t.name, False, f"KAT raised {type(exc).__name__}: {exc}")
         if outcome.passed:
@@ -479,12 +508,9 @@ class OffloadService:
         st.state = "measuring"
         engine = st.engine
         try:
-            report: MeasureReport = await asyncio.to_thread(
-                measure_engine,
-                engine,
-                proven,
-                sizes=self.sizes,
-                duration=self.measure_duration,
+            sizes, duration = self.sizes, self.measure_duration
+            report: MeasureReport = await self._thread(
+                lambda: measure_engine(engine, proven, sizes=sizes, duration=duration)
             )
         except Exception as exc:
             self._fail_engine(st, f"measurement failed: {type(exc).__name__}: {exc}")
