@@ -44,6 +44,7 @@ from oe_router.ike.service import IkeService
 from oe_router.oe.lan import apply_nft
 from oe_router.oe.negotiator import IkeNegotiator
 from oe_router.oe.service import DatapathFactory, OeService, kernel_datapath
+from oe_router.offload.engine import transform
 from oe_router.offload.service import OffloadService, OffloadUpdate
 from oe_router.platform import Platform, probe_platform
 
@@ -474,6 +475,20 @@ class EspOffer:
         self._update = update
         self.apply()
 
+    def engine_for(self, spec: Any) -> str:
+        """The engine that runs a Child SA's ESP, for ``oe status``: the userspace
+        datapath's engines by packet size, or the kernel's own driver for kernel ESP."""
+        if self._userspace is not None:
+            return str(self._userspace.engine_for(spec))
+        up = self._update
+        try:
+            bits = len(spec.outbound.encr_key) * 8 - spec.encr.salt_bits
+            name = transform(spec.encr.ike_id, bits, spec.integ.ike_id if spec.integ else None).name
+        except Exception:
+            return "kernel"
+        driver = dict(up.kernel_drivers).get(name, "") if up is not None else ""
+        return f"kernel ({driver})" if driver else "kernel"
+
     def names(self) -> tuple[str, ...]:
         """The keywords offered, in order."""
         cfg, up = self._config, self._update
@@ -575,6 +590,7 @@ def build_services(
             )
             negotiator.inbound = oe
             ike.inbound_filter = oe.refuses_peer
+            oe.engine_of = offer.engine_for
             registry.add(oe)
             registry.add(_IkeWithNegotiator(ike, negotiator))
         else:

@@ -282,6 +282,8 @@ def test_tunnel_is_userspace_esp_in_udp(lab: Lab) -> None:
     assert "userspace" in st["daemon"]["datapath"]
     ike = [t for t in st["tunnels"] if t.get("source") == "ike"]
     assert ike and ike[0]["children"][0]["udp_encap"] is True, ike
+    # offload 'off': the software engine runs every packet size
+    assert [t["engine"] for t in lab.daemon.tunnels()] == ["software"]
     assert "encap=yes" in lab.charon.list_sas(raw=True)  # charon sees it the same way
 
 

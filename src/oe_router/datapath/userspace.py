@@ -544,14 +544,23 @@ class UserspaceDatapath:
             self._broadcast({"op": "canary", "interval": canary_interval})
 
     def engine_for(self, spec: ChildSaSpec) -> str:
-        """Which engine(s) run this Child SA's transform, for ``oe status``."""
+        """Which engine runs this Child SA's transform, by packet size, for ``oe status``
+        ("software", or "software <=511, afalg:virtio_crypto_aes_cbc >=512")."""
         try:
             t = self._transform(spec)
         except DatapathError:
             return ""
-        rows = self._engine_table.get("transforms", {}).get(t.name, [])
-        names = [str(r["engine"]) for r in rows] or ["software"]
-        return ", ".join(dict.fromkeys(names))
+        entry = self._engine_table.get("transforms", {}).get(t.name, {})
+        bands = [(str(b["engine"]), b.get("max_size")) for b in entry.get("bands", ())]
+        if len(bands) <= 1:
+            return bands[0][0] if bands else "software"
+        out, lo = [], 1
+        for engine, hi in bands:
+            out.append(
+                f"{engine} {f'>={lo}' if hi is None else f'{lo}-{hi}' if lo > 1 else f'<={hi}'}"
+            )
+            lo = (hi or 0) + 1
+        return ", ".join(out)
 
     # ------------------------------------------------------------------ SAs
     @staticmethod

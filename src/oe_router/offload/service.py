@@ -109,6 +109,9 @@ class OffloadUpdate:
     kernel_checked: bool = False
     kernel_proposal: tuple[str, ...] = ()
     kernel_failed: tuple[tuple[str, str], ...] = ()
+    #: (transform, driver) the kernel picks for each transform (AF_ALG's view): what the
+    #: kernel datapath's ESP runs on, for ``oe status``
+    kernel_drivers: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -118,6 +121,7 @@ class OffloadUpdate:
             "kernel_usable": sorted(self.kernel_usable),
             "kernel_checked": self.kernel_checked,
             "kernel_failed": [list(f) for f in self.kernel_failed],
+            "kernel_drivers": [list(d) for d in self.kernel_drivers],
         }
 
 
@@ -344,6 +348,7 @@ class OffloadService:
             kernel_usable=usable,
             kernel_checked=checked,
             kernel_proposal=kernel,
+            kernel_drivers=tuple(sorted(afalg.drivers.items())) if afalg is not None else (),
             kernel_failed=tuple(
                 (v.transform, afalg.drivers.get(v.transform, ""))
                 for v in afalg.verdicts.values()
