@@ -47,7 +47,7 @@ from oe_router.datapath.base import (
 from oe_router.datapath.esp import InboundSa, OutboundSa
 from oe_router.datapath.packet import Flow
 
-__all__ = ["Sad", "Spd", "SpdEntry"]
+__all__ = ["Sad", "Spd", "SpdEntry", "key_of"]
 
 _DIR_NUM: Final = {Direction.IN: 0, Direction.OUT: 1, Direction.FWD: 2}  # XFRM_POLICY_*
 _MISS: Final = object()

@@ -68,7 +68,7 @@ from .nft import run_nft
 from .nft_spd import NftSpdError, SpdTable, compile_spd, install, queue_backend, remove_script
 from .nft_spd import update as nft_update
 from .packet import Flow, MalformedPacket, flow
-from .spd import Spd
+from .spd import Spd, key_of
 from .steering import attach_steering
 from .tun import TUN_MTU, TunError, open_tun
 from .workerctl import ControlError, SharedCounters, recv_message, send_message
@@ -166,7 +166,6 @@ class UserspaceDatapath:
         self._children: dict[tuple[IPAddress, int], _Child] = {}  # (local, inbound spi)
         self._spis: set[int] = set()
         self._routes: dict[IPNetwork, int] = {}  # remote selector -> Child SAs using it
-        self._policies: dict[tuple[Any, ...], PolicySpec] = {}
         self._policy_timers: dict[tuple[Any, ...], asyncio.TimerHandle] = {}
         self._spd = Spd()
         self._nft: SpdTable | None = None  # what the kernel holds (None: not written yet)
@@ -791,14 +790,14 @@ class UserspaceDatapath:
         self._events.put_nowait(Expire(s.remote, s.local, s.inbound.spi, s.reqid, hard))
 
     # ------------------------------------------------------------------ policies
-    @staticmethod
-    def _key(pol: PolicySpec) -> tuple[Any, ...]:
-        return (pol.src, pol.dst, pol.direction, pol.mark)
+    def _current(self, policy: PolicySpec) -> PolicySpec | None:
+        """The installed policy with ``policy``'s key (XFRM's: selector, direction, mark)."""
+        entry = self._spd.get(policy)
+        return None if entry is None else entry.policy
 
     async def install_policy(self, policy: PolicySpec) -> None:
-        key = self._key(policy)
-        old_policy = self._policies.get(key)
-        self._policies[key] = policy
+        key = key_of(policy)
+        old_policy = self._current(policy)
         self._spd.install(policy)
         await self._project(add=[policy], remove=[old_policy] if old_policy else [])
         self._release_held()
@@ -813,7 +812,7 @@ class UserspaceDatapath:
 
     def _policy_timer(self, key: tuple[Any, ...], policy: PolicySpec) -> None:
         self._policy_timers.pop(key, None)
-        if self._policies.get(key) is not policy:
+        if self._current(policy) is not policy:
             return
         lft = policy.lifetime
         soft_first = bool(lft.soft_seconds) and (
@@ -832,7 +831,7 @@ class UserspaceDatapath:
 
     def _policy_timer_hard(self, key: tuple[Any, ...], policy: PolicySpec) -> None:
         self._policy_timers.pop(key, None)
-        if self._policies.get(key) is not policy:
+        if self._current(policy) is not policy:
             return
         self._events.put_nowait(
             PolicyExpire(policy.src, policy.dst, policy.direction, policy.priority, True)
@@ -840,8 +839,8 @@ class UserspaceDatapath:
         self._spawn_task(self.remove_policy(policy))
 
     async def remove_policy(self, policy: PolicySpec) -> None:
-        key = self._key(policy)
-        gone = self._policies.pop(key, None)
+        key = key_of(policy)
+        gone = self._current(policy)
         h = self._policy_timers.pop(key, None)
         if h is not None:
             h.cancel()
@@ -890,10 +889,7 @@ class UserspaceDatapath:
             raise DatapathError(f"policy projection into nftables: {exc}") from None
 
     def policies(self) -> list[PolicySpec]:
-        return list(self._policies.values())
-
-    def direction_policies(self, direction: Direction) -> list[PolicySpec]:
-        return [p for p in self._policies.values() if p.direction is direction]
+        return self._spd.policies()
 
     # ------------------------------------------------------------------ events, reconcile
     async def events(self) -> AsyncIterator[DatapathEvent]:
