@@ -40,6 +40,8 @@ from .engine import (
     OpenRequest,
     SealRequest,
     Transform,
+    open_each,
+    seal_each,
 )
 from .procfs import CryptoAlg, classify, drivers_for, read_proc_crypto
 from .software import check_keys
@@ -242,7 +244,7 @@ class _Cipher:
     def seal_many(self, batch: Sequence[SealRequest]) -> list[bytes]:
         lanes = self._lanes_for(batch)
         if lanes == 1:
-            return [self.seal(r.hdr, r.seq_hi, r.iv, r.plaintext) for r in batch]
+            return seal_each(self, batch)
         ops = self._ops(batch[0].seq_hi is not None, lanes)
 
         def run(op: socket.socket, idx: range) -> list[bytes]:
@@ -254,13 +256,7 @@ class _Cipher:
     def open_many(self, batch: Sequence[OpenRequest]) -> list[bytes | None]:
         lanes = self._lanes_for(batch)
         if lanes == 1:
-            out: list[bytes | None] = []
-            for r in batch:
-                try:
-                    out.append(self.open(r.hdr, r.seq_hi, r.iv, r.sealed))
-                except AuthenticationFailed:
-                    out.append(None)
-            return out
+            return open_each(self, batch)
         ops = self._ops(batch[0].seq_hi is not None, lanes)
 
         def run(op: socket.socket, idx: range) -> list[bytes | None]:

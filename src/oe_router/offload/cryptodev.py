@@ -54,6 +54,8 @@ from .engine import (
     OpenRequest,
     SealRequest,
     Transform,
+    open_each,
+    seal_each,
 )
 from .procfs import CryptoAlg, classify, read_proc_crypto
 from .software import check_keys
@@ -135,16 +137,10 @@ class _GcmCipher:
             raise EngineError(f"{self._engine}: {self._t.name} open: {exc}") from None
 
     def seal_many(self, batch: Sequence[SealRequest]) -> list[bytes]:
-        return [self.seal(r.hdr, r.seq_hi, r.iv, r.plaintext) for r in batch]
+        return seal_each(self, batch)
 
     def open_many(self, batch: Sequence[OpenRequest]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for r in batch:
-            try:
-                out.append(self.open(r.hdr, r.seq_hi, r.iv, r.sealed))
-            except AuthenticationFailed:
-                out.append(None)
-        return out
+        return open_each(self, batch)
 
     def close(self) -> None:
         self._ses.close()
@@ -215,16 +211,10 @@ class _CbcHmacCipher:
         return ctypes.string_at(addr + self._HDR_IV, n)
 
     def seal_many(self, batch: Sequence[SealRequest]) -> list[bytes]:
-        return [self.seal(r.hdr, r.seq_hi, r.iv, r.plaintext) for r in batch]
+        return seal_each(self, batch)
 
     def open_many(self, batch: Sequence[OpenRequest]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for r in batch:
-            try:
-                out.append(self.open(r.hdr, r.seq_hi, r.iv, r.sealed))
-            except AuthenticationFailed:
-                out.append(None)
-        return out
+        return open_each(self, batch)
 
     def close(self) -> None:
         self._cbc.close()

@@ -41,6 +41,8 @@ __all__ = [
     "OpenRequest",
     "SealRequest",
     "Transform",
+    "open_each",
+    "seal_each",
     "transform",
 ]
 
@@ -167,6 +169,28 @@ class OpenRequest(NamedTuple):
     seq_hi: int | None
     iv: bytes
     sealed: bytes
+
+
+class _OneByOne(Protocol):
+    def seal(self, hdr: bytes, seq_hi: int | None, iv: bytes, plaintext: bytes) -> bytes: ...
+
+    def open(self, hdr: bytes, seq_hi: int | None, iv: bytes, sealed: bytes) -> bytes: ...
+
+
+def seal_each(cipher: _OneByOne, batch: Sequence[SealRequest]) -> list[bytes]:
+    """The batched seal of a cipher that has no faster way: one ``seal`` per request."""
+    return [cipher.seal(r.hdr, r.seq_hi, r.iv, r.plaintext) for r in batch]
+
+
+def open_each(cipher: _OneByOne, batch: Sequence[OpenRequest]) -> list[bytes | None]:
+    """The batched open of a cipher that has no faster way: None where the ICV failed."""
+    out: list[bytes | None] = []
+    for r in batch:
+        try:
+            out.append(cipher.open(r.hdr, r.seq_hi, r.iv, r.sealed))
+        except AuthenticationFailed:
+            out.append(None)
+    return out
 
 
 @runtime_checkable

@@ -20,6 +20,8 @@ from .engine import (
     OpenRequest,
     SealRequest,
     Transform,
+    open_each,
+    seal_each,
 )
 
 __all__ = ["SoftwareEngine"]
@@ -77,16 +79,10 @@ class _AeadCipher:
         return out
 
     def seal_many(self, batch: Sequence[SealRequest]) -> list[bytes]:
-        return [self.seal(r.hdr, r.seq_hi, r.iv, r.plaintext) for r in batch]
+        return seal_each(self, batch)
 
     def open_many(self, batch: Sequence[OpenRequest]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for r in batch:
-            try:
-                out.append(self.open(r.hdr, r.seq_hi, r.iv, r.sealed))
-            except AuthenticationFailed:
-                out.append(None)
-        return out
+        return open_each(self, batch)
 
     def close(self) -> None:
         return None
@@ -156,16 +152,10 @@ class _CbcHmacCipher:
         return first + out[16:]
 
     def seal_many(self, batch: Sequence[SealRequest]) -> list[bytes]:
-        return [self.seal(r.hdr, r.seq_hi, r.iv, r.plaintext) for r in batch]
+        return seal_each(self, batch)
 
     def open_many(self, batch: Sequence[OpenRequest]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for r in batch:
-            try:
-                out.append(self.open(r.hdr, r.seq_hi, r.iv, r.sealed))
-            except AuthenticationFailed:
-                out.append(None)
-        return out
+        return open_each(self, batch)
 
     def close(self) -> None:
         return None
