@@ -3,20 +3,48 @@
 The OpenWrt buildroot does not exist on this host, so the recipe is not built here. These
 tests check what can be checked without it: the openwrt/packages conventions (includes,
 Py3Package, -src package), that GNU make parses the file with empty stand-ins for the
-buildroot's include files, and that every installed file and entry point exists.
+buildroot's include files, that every installed file and entry point exists, that the
+known-answer vectors ship, and which dependencies are hard (DEPENDS: what the default
+kernel datapath uses) and which are only named in the description (the userspace
+datapath and optional features: OpenWrt has no "Recommends").
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shutil
 import subprocess
 import tomllib
 from pathlib import Path
 
+from oe_router.offload.engine import TRANSFORMS
+from oe_router.offload.kat import vector_file
+
 REPO = Path(__file__).resolve().parents[2]
 MAKEFILE = REPO / "package" / "python-oe" / "Makefile"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+#: Hard dependencies beyond the Python ones: kernel ESP, AF_ALG (the KATs of the kernel's
+#: own drivers; crypto_user.ko for offload_demote), veth for the ESP self-test.
+KERNEL_DATAPATH = {"kmod-ipsec", "kmod-ipsec4", "kmod-ipsec6", "kmod-crypto-user", "kmod-veth"}
+#: Kernel config the ESP self-test needs (network namespaces), selected with "+@".
+KERNEL_CONFIG = {"KERNEL_NAMESPACES", "KERNEL_NET_NS"}
+#: Only the userspace datapath or an optional feature uses these: never hard dependencies,
+#: always named in the description. kmod-nft-compat + kmod-ipt-nfqueue are the xt
+#: NFQUEUE fallback when nft's queue expression (kmod-nft-queue) is missing.
+OPTIONAL = {
+    "kmod-tun",
+    "kmod-nft-queue",
+    "kmod-nfnetlink-queue",
+    "kmod-nft-netdev",
+    "kmod-nft-compat",
+    "kmod-ipt-nfqueue",
+    "kmod-cryptodev",
+    "python3-pyudev",
+}
+#: pyproject names whose OpenWrt feed package is not python3-<name>.
+FEED_NAMES = {"cryptography": "python3-cryptography", "dnspython": "python3-dns"}
 
 
 def _text() -> str:
@@ -64,16 +92,101 @@ def test_version_license_and_source_match_pyproject() -> None:
         assert _var(name)
 
 
+def _feed_name(requirement: str) -> str:
+    name = re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0]
+    return FEED_NAMES.get(name, f"python3-{name}")
+
+
+def _depends() -> tuple[set[str], set[str]]:
+    """(packages, kernel config symbols) of DEPENDS; every entry must be selecting (+)."""
+    body = _define("Package/python3-oe")
+    m = re.search(r"^\s*DEPENDS:=((?:.*\\\n)*.*)$", body, re.M)
+    assert m, "DEPENDS missing"
+    entries = m.group(1).replace("\\\n", " ").split()
+    assert all(e.startswith("+") for e in entries), entries
+    packages = {e[1:] for e in entries if not e.startswith("+@")}
+    symbols = {e[2:] for e in entries if e.startswith("+@")}
+    return packages, symbols
+
+
+def _description() -> str:
+    return " ".join(_define("Package/python3-oe/description").split())
+
+
 def test_depends_cover_every_runtime_dependency_with_feed_names() -> None:
     body = _define("Package/python3-oe")
     for key in ("SECTION", "CATEGORY", "TITLE", "URL"):
         assert re.search(rf"^\s*{key}:=\S", body, re.M), key
-    depends = set(re.findall(r"\+([\w.-]+)", body))
-    feed = {"cryptography": "python3-cryptography", "dnspython": "python3-dns"}
+    depends, _ = _depends()
     for requirement in PYPROJECT["project"]["dependencies"]:
-        name = re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0]
-        assert feed.get(name, f"python3-{name}") in depends, requirement
+        assert _feed_name(requirement) in depends, requirement
     assert {"python3-light", "python3-asyncio", "python3-logging"} <= depends
+
+
+def test_hard_depends_are_exactly_what_the_kernel_datapath_uses() -> None:
+    """Python, its runtime libraries, kernel ESP, AF_ALG and the ESP self-test's veth and
+    network namespaces: nothing else lands on a router that never runs the userspace
+    datapath."""
+    depends, symbols = _depends()
+    python = {"python3-light", "python3-asyncio", "python3-logging", "python3-ctypes"}
+    python |= {_feed_name(r) for r in PYPROJECT["project"]["dependencies"]}
+    assert depends == python | KERNEL_DATAPATH
+    assert symbols == KERNEL_CONFIG
+
+
+def test_userspace_datapath_and_optional_features_are_named_not_installed() -> None:
+    depends, _ = _depends()
+    assert not depends & OPTIONAL, f"{sorted(depends & OPTIONAL)} must not be hard DEPENDS"
+    text = _description()
+    for name in sorted(OPTIONAL):
+        assert re.search(rf"\b{re.escape(name)}\b", text), f"{name} not in the description"
+    assert "option datapath userspace" in text
+    assert "nft_compat" in text and "5.16" in text and "24.10" in text
+    # why these are not DEPENDS is said where a packager reads it
+    assert 'OpenWrt has no "Recommends"' in _text()
+
+
+def test_optional_python_extras_are_described_not_depended_on() -> None:
+    depends, _ = _depends()
+    extras = PYPROJECT["project"].get("optional-dependencies", {})
+    assert extras, "pyproject lost its optional dependencies (pyudev for hotplug)"
+    for requirements in extras.values():
+        for r in requirements:
+            name = _feed_name(r)
+            assert name not in depends and name in _description(), r
+
+
+def test_every_kmod_the_code_or_docs_name_is_a_dependency_or_described() -> None:
+    """An error message or a doc telling the user to install kmod-X: the package says so
+    too (as a dependency or in its description)."""
+    depends, _ = _depends()
+    text = _description()
+    named: dict[str, str] = {}
+    for path in [*(REPO / "src").rglob("*.py"), *(REPO / "docs").glob("*.md"), REPO / "README.md"]:
+        for kmod in re.findall(r"\bkmod-[a-z0-9]+(?:-[a-z0-9]+)*", path.read_text()):
+            named.setdefault(kmod, str(path.relative_to(REPO)))
+    assert "kmod-veth" in named and "kmod-cryptodev" in named
+    for kmod, where in sorted(named.items()):
+        assert kmod in depends or re.search(rf"\b{kmod}\b", text), f"{kmod} (named in {where})"
+
+
+def test_the_kat_vectors_ship_with_the_package() -> None:
+    """The daemon reads offload/vectors/*.json from disk before it trusts an engine: they
+    are package data of the wheel, and the recipe keeps Py3Package's default filespec,
+    which installs all of site-packages (only *.py are compiled away)."""
+    text = _text()
+    assert "Py3Package/python3-oe/filespec" not in text, "a filespec could leave data out"
+    assert "-|" not in text
+    assert "vectors" in text
+    package_dir = REPO / "src" / "oe_router"
+    globs = PYPROJECT["tool"]["setuptools"]["package-data"]["oe_router"]
+    folder = package_dir / "offload" / "vectors"
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    needed = {vector_file(t) for t in TRANSFORMS.values()}
+    assert needed <= {p.name for p in files}
+    for p in files:
+        rel = p.relative_to(package_dir).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not package data"
 
 
 def test_conffiles_list_the_uci_config() -> None:
