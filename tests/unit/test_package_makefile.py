@@ -27,7 +27,16 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 #: Hard dependencies beyond the Python ones: kernel ESP, AF_ALG (the KATs of the kernel's
 #: own drivers; crypto_user.ko for offload_demote), veth for the ESP self-test.
-KERNEL_DATAPATH = {"kmod-ipsec", "kmod-ipsec4", "kmod-ipsec6", "kmod-crypto-user", "kmod-veth"}
+KERNEL_DATAPATH = {
+    "kmod-ipsec",
+    "kmod-ipsec4",
+    "kmod-ipsec6",
+    "kmod-crypto-user",
+    "kmod-crypto-gcm",
+    "kmod-crypto-seqiv",
+    "kmod-crypto-sha256",
+    "kmod-veth",
+}
 #: Kernel config the ESP self-test needs (network namespaces), selected with "+@".
 KERNEL_CONFIG = {"KERNEL_NAMESPACES", "KERNEL_NET_NS"}
 #: Only the userspace datapath or an optional feature uses these: never hard dependencies,

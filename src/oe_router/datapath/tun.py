@@ -48,7 +48,8 @@ def open_tun(name: str, *, netns: str | None = None, multi_queue: bool = False) 
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise TunError(
-                f"TUN device {name}: /dev/net/tun: {exc.strerror} (load the tun module)"
+                f"TUN device {name}: /dev/net/tun: {exc.strerror} (load the tun module; "
+                "kmod-tun on OpenWrt)"
             ) from None
         try:
             fcntl.ioctl(fd, _TUNSETIFF, _IFREQ.pack(name.encode(), flags))

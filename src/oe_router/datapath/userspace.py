@@ -284,7 +284,8 @@ class UserspaceDatapath:
         except DatapathError as exc:
             log.warning(
                 "datapath: %s; a first packet sent into its SA is dropped instead, and its "
-                "connection's first reply may be lost (no netdev egress hook: kernel < 5.16?)",
+                "connection's first reply may be lost (no netdev egress hook: Linux < 5.16, or "
+                "kmod-nft-netdev missing on OpenWrt)",
                 exc,
             )
             self._egress_drop = False
