@@ -88,6 +88,20 @@ class OeDaemon:
         doc: dict[str, Any] = json.loads(self.oe("status", "--json").stdout)
         return doc
 
+    def status_between(self) -> tuple[float, dict[str, Any], float]:
+        """(monotonic before, status document, monotonic after), asked in this process
+        over the control socket (what ``oe status --json`` prints): the daemon computed
+        its ages (``established_s``) between the two instants, a few ms apart, where
+        the CLI's interpreter start would widen the bracket to a few hundred."""
+        from oe_router.control.client import ControlClient
+
+        client = ControlClient(self.socket)
+        before = time.monotonic()
+        reply = client.request("status")
+        after = time.monotonic()
+        doc: dict[str, Any] = reply["status"]
+        return before, doc, after
+
     def tunnels(self) -> list[dict[str, Any]]:
         return [t for t in self.status()["tunnels"] if t.get("source") != "ike"]
 
