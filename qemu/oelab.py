@@ -5,6 +5,11 @@ Used by demo.py and the tests in tests/qemu; each step fails with one message na
 missing. ``source`` runs the daemon from a copy of src/ on the 9p share instead of the image's
 installed package (for quick development loops only; the tests use the image).
 
+``start_daemon`` takes configuration overrides (``options``: "section.option" -> a value, or
+a list of values for a UCI list; ``extra_config``: sections appended, e.g. policies) and extra
+environment for the daemon (``env``, e.g. OE_ROUTER_FAULT); without them it starts the
+shipped configuration as before.
+
 ``libreswan_ipv6_twin`` gives a libreswan host an IPv6 twin of its IPv4 OE conn for a
 test's duration (libreswan OE conns have one address family; the shipped lab has IPv4 ones).
 """
@@ -12,17 +17,23 @@ test's duration (libreswan OE conns have one address family; the shipped lab has
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lab import LAB_STATE, Lab, LabError
-from labkit import peers
+from labkit import peers, world
+from oe_router.config import uci
 
 DNS_FRONT = "127.0.0.1#5335"  # the DNS front's default listen address in files/etc/config/oe
 REPO = Path(__file__).resolve().parents[1]
 LOG = "/lab/logs/oe-routerd.log"
+T = TypeVar("T")
 
 
 def _dnsmasq(lab: Lab, server: str, cache: int) -> None:
@@ -40,22 +51,61 @@ def router_config(local_id: str = "%null") -> str:
     return text.replace("option local_id '%null'", f"option local_id '{local_id}'")
 
 
+Options = Mapping[str, str | Sequence[str]]
+
+
+def configure(text: str, options: Options | None = None, extra_config: str = "") -> str:
+    """``text`` (UCI) with ``options`` set and ``extra_config`` appended.
+
+    ``options`` maps "section.option" (a named section: global, dns, ike, identity) to a
+    value (``option``) or a list of values (``list``, replacing the section's own). The
+    result is written by the project's UCI writer, so comments do not survive; without
+    options the text is returned as it was.
+    """
+    if options:
+        pkg = uci.parse(text, "oelab")
+        sections = {sec.name: sec for sec in pkg.sections if sec.name}
+        for key, value in options.items():
+            name, _, opt = key.partition(".")
+            sec = sections.get(name)
+            if sec is None or not opt:
+                raise LabError(f"oelab option {key!r}: no section {name!r} in the config")
+            sec.set_option(opt, "")  # drop the option or list as the file had it
+            if isinstance(value, str):
+                sec.set_option(opt, value)
+            else:
+                for item in value:
+                    sec.add_list(opt, item)
+        text = uci.dumps(pkg)
+    return text + extra_config
+
+
 def start_daemon(
-    lab: Lab, *, local_id: str = "%null", source: bool = False, timeout: float = 30
+    lab: Lab,
+    *,
+    local_id: str = "%null",
+    source: bool = False,
+    timeout: float = 30,
+    options: Options | None = None,
+    extra_config: str = "",
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Install trust anchor and identity, start oe-routerd, switch dnsmasq to its DNS front.
 
-    Returns the first `oe status --json` document; raises LabError naming what failed.
+    ``options`` and ``extra_config`` change the configuration (see ``configure``); ``env``
+    is added to the daemon's environment. Returns the first `oe status --json` document;
+    raises LabError naming what failed.
     """
     info = lab.world_info.get("router", {})
     ta, key = info.get("trust_anchor_ds"), info.get("identity_key")
     if not ta or not key:
         raise LabError("the world bundle names no router trust anchor / identity key")
-    (lab.run_dir / "oe.conf").write_text(router_config(local_id))
+    (lab.run_dir / "oe.conf").write_text(configure(router_config(local_id), options, extra_config))
     prefix = ""
     if source:
         shutil.copytree(REPO / "src", lab.run_dir / "src", dirs_exist_ok=True)
         prefix = "PYTHONPATH=/lab/src "
+    daemon_env = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
     lab.router(
         "mkdir -p /etc/oe /tmp/resolv.conf.d /var/run/oe; "
         f"echo 'nameserver {lab.plan.resolver}' > /tmp/resolv.conf.d/resolv.conf.auto; "
@@ -64,7 +114,7 @@ def start_daemon(
         "cp /lab/oe.conf /etc/config/oe"
     ).check()
     lab.router(
-        f"{prefix}nohup oe-routerd --config /etc/config/oe >>{LOG} 2>&1 </dev/null & "
+        f"{prefix}{daemon_env}nohup oe-routerd --config /etc/config/oe >>{LOG} 2>&1 </dev/null & "
         "echo $! > /run/oe-routerd.pid"
     ).check()
     status: dict[str, Any] | None = None
@@ -107,13 +157,33 @@ def daemon_log(lab: Lab) -> str:
 
 
 def stop_daemon(lab: Lab) -> None:
-    """SIGTERM oe-routerd (it removes its SAs and policies), dnsmasq back to the resolver."""
+    """SIGTERM oe-routerd (it removes its SAs and policies), dnsmasq back to the resolver,
+    and what the daemon keeps on purpose after a stop (the "private" drops: XFRM policies,
+    or the userspace datapath's nftables projection) removed, so the next test starts clean."""
     lab.router(
         "pid=$(cat /run/oe-routerd.pid) && kill -TERM $pid; for i in $(seq 50); do "
         "kill -0 $pid 2>/dev/null || break; sleep 0.1; done; rm -f /run/oe-routerd.pid"
     )
     _dnsmasq(lab, lab.plan.resolver, 150)
-    lab.router("ip xfrm state flush; ip xfrm policy flush")
+    lab.router(
+        "ip xfrm state flush; ip xfrm policy flush; nft delete table inet oe_spd 2>/dev/null; true"
+    )
+
+
+def reload_daemon(
+    lab: Lab,
+    *,
+    local_id: str = "%null",
+    options: Options | None = None,
+    extra_config: str = "",
+    source: bool = False,
+) -> None:
+    """Write a new /etc/config/oe (as start_daemon builds it) and `oe reload` it."""
+    (lab.run_dir / "oe.conf").write_text(configure(router_config(local_id), options, extra_config))
+    lab.router("cp /lab/oe.conf /etc/config/oe").check()
+    res = oe(lab, "reload", source)
+    if not res.ok:
+        raise LabError(f"oe reload refused the configuration: {res.stdout}{res.stderr}")
 
 
 TWIN_CONN = "clear-or-private-6"
@@ -169,3 +239,280 @@ def libreswan_set_group(lab: Lab, netns: str, variant: str) -> None:
         f"sh /lab/bundle/hosts/{netns}/set-group.sh {variant}",
         timeout=90,
     ).check()
+
+
+# ------------------------------------------------------------------------------ offload
+
+
+def offload_report(lab: Lab, source: bool = False, bench: bool = False) -> dict[str, Any]:
+    """`oe offload --json` (``bench``: `oe offload bench --json`, measured again first)."""
+    res = oe(lab, "offload bench --json" if bench else "offload --json", source, timeout=400)
+    return dict(json.loads(res.check().stdout))
+
+
+def wait_until(what: str, probe: Callable[[], T | None], timeout: float, pause: float = 0.5) -> T:
+    """``probe()`` until it returns something other than None or False; LabError after
+    ``timeout`` seconds naming ``what`` (and the last thing the probe returned)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got is not None and got is not False:
+            return got
+        if time.monotonic() > deadline:
+            raise LabError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(pause)
+
+
+def virtio_crypto_device(lab: Lab) -> tuple[str, str]:
+    """(virtio device name, PCI address) of the router's virtio-crypto device, found by the
+    driver that holds it (virtio_crypto); LabError when no device is bound to it."""
+    res = lab.router(
+        "d=$(readlink -f /sys/bus/virtio/drivers/virtio_crypto/virtio* | head -n1); "
+        '[ -n "$d" ] && basename "$d" && basename "$(dirname "$d")"'
+    )
+    if res.rc != 0 or len(res.stdout.split()) != 2:
+        raise LabError("no device is bound to the router's virtio_crypto driver")
+    name, pci = res.stdout.split()
+    return name, pci
+
+
+def virtio_crypto_interrupts(lab: Lab, name: str) -> int:
+    """Interrupts the virtio-crypto device ``name`` raised so far (all its vectors): each
+    completed request raises one (or one per burst), so a delta shows the device worked."""
+    text = lab.router("cat /proc/interrupts").check().stdout
+    total = 0
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[-1].startswith(f"{name}-") and parts[0].endswith(":"):
+            total += sum(int(p) for p in parts[1:] if p.isdigit())
+    return total
+
+
+# Runs in the router: do ACTION (a shell command), then follow the daemon's log and note
+# when each pattern first shows, in seconds after the action returned; stops when all have
+# shown or after LIMIT seconds. One JSON line out.
+_ACT_AND_WATCH = r"""
+import json, subprocess, sys, time
+log, limit, action = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+patterns = dict(zip(sys.argv[4::2], sys.argv[5::2]))
+f = open(log, errors="replace")
+f.seek(0, 2)
+t_start = time.time()
+done = subprocess.run(action, shell=True, capture_output=True, text=True)
+t0 = time.time()
+seen, buf = {}, ""
+while time.time() - t0 < limit and len(seen) < len(patterns):
+    chunk = f.read()
+    if not chunk:
+        time.sleep(0.02)
+        continue
+    buf += chunk
+    *lines, buf = buf.split("\n")
+    now = round(time.time() - t0, 3)
+    for line in lines:
+        for key, pat in patterns.items():
+            if key not in seen and pat in line:
+                seen[key] = [now, line[:300]]
+print(json.dumps({"action_rc": done.returncode, "action_err": done.stderr[-300:],
+                  "action_s": round(t0 - t_start, 3), "at": t0, "seen": seen}))
+"""
+
+
+def act_and_watch(
+    lab: Lab, action: str, patterns: Mapping[str, str], limit: float
+) -> dict[str, Any]:
+    """Run ``action`` in the router and time the daemon's reaction from its log: for each
+    ``patterns`` key, [seconds after the action, the log line] of the first line holding its
+    text (keys not seen within ``limit`` seconds are missing). Also ``action_s`` (how long
+    the action took), ``action_rc`` and ``at`` (the router's clock when it returned)."""
+    (lab.run_dir / "act_and_watch.py").write_text(_ACT_AND_WATCH)
+    args = " ".join(shlex.quote(a) for kv in patterns.items() for a in kv)
+    res = lab.router(
+        f"python3 /lab/act_and_watch.py {LOG} {limit} {shlex.quote(action)} {args}",
+        timeout=limit + 60,
+    ).check()
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+# ------------------------------------------------------------------------------ policy matrix
+# The 25-cell OE policy matrix against labkit's matrix peer "ls-m" (one address per cell,
+# labkit.world.matrix_address): our group for the peer x libreswan's group for the router.
+# Shared by the matrix modules; tests/qemu/test_oe_matrix.py documents the expectations.
+
+MATRIX_GROUPS = peers.OE_GROUPS
+MATRIX_PORT = 8080
+
+# (ours, libreswan's): (gets through, wire, why). wire, on the router's WAN cable:
+#   esp        ESP both ways, not one cleartext packet of the flow either way
+#   esp-late   the peer initiated: our first requests leave in the clear, then ESP both ways;
+#              the peer never replies in the clear
+#   clear      cleartext both ways, no ESP
+#   clear-out  our cleartext requests leave, nothing comes back (the peer drops), no ESP
+#   none       nothing of the flow on the WAN (IKE may be tried), no ESP
+MATRIX_EXPECTED: dict[tuple[str, str], tuple[bool, str, str]] = {
+    ("private-or-clear", "private-or-clear"): (True, "esp", "we trap and initiate, it answers"),
+    ("private-or-clear", "clear-or-private"): (True, "esp", "we initiate, it answers only"),
+    ("private-or-clear", "private"): (True, "esp", "we initiate, it answers (private too)"),
+    ("private-or-clear", "clear"): (True, "clear", "it refuses IKE: our pass failure shunt"),
+    ("private-or-clear", "block"): (False, "clear-out", "IKE fails: we pass, it drops"),
+    ("clear-or-private", "private-or-clear"): (
+        True,
+        "esp-late",
+        "our request leaves clear; its reply traps, it initiates, we answer",
+    ),
+    ("clear-or-private", "clear-or-private"): (True, "clear", "nobody initiates"),
+    ("clear-or-private", "private"): (True, "esp-late", "it initiates on its reply, we answer"),
+    ("clear-or-private", "clear"): (True, "clear", "nobody initiates"),
+    ("clear-or-private", "block"): (False, "clear-out", "we send clear, it drops"),
+    ("private", "private-or-clear"): (True, "esp", "we initiate, it answers"),
+    ("private", "clear-or-private"): (True, "esp", "we initiate, it answers"),
+    ("private", "private"): (True, "esp", "we initiate, it answers"),
+    ("private", "clear"): (False, "none", "it refuses IKE: our drop failure shunt"),
+    ("private", "block"): (False, "none", "IKE fails: our drop failure shunt"),
+    ("clear", "private-or-clear"): (
+        True,
+        "clear",
+        "its reply traps, we refuse IKE, its pass failure shunt",
+    ),
+    ("clear", "clear-or-private"): (True, "clear", "nobody initiates"),
+    ("clear", "private"): (False, "clear-out", "we refuse its IKE: its drop failure shunt"),
+    ("clear", "clear"): (True, "clear", "plain IP both sides"),
+    ("clear", "block"): (False, "clear-out", "we send clear, it drops"),
+    ("block", "private-or-clear"): (False, "none", "we drop before anything leaves"),
+    ("block", "clear-or-private"): (False, "none", "we drop"),
+    ("block", "private"): (False, "none", "we drop"),
+    ("block", "clear"): (False, "none", "we drop"),
+    ("block", "block"): (False, "none", "both drop"),
+}
+
+
+def matrix_address(ours: str, theirs: str) -> str:
+    return str(world.matrix_address(ours, theirs))
+
+
+def matrix_policies(ours: Sequence[str]) -> str:
+    """Config sections putting each cell of the rows ``ours`` into our group for it."""
+    text = ""
+    for group in ours:
+        text += f"\nconfig policy\n\toption group '{group}'\n"
+        text += "".join(f"\tlist dest '{matrix_address(group, t)}/32'\n" for t in MATRIX_GROUPS)
+    return text
+
+
+@dataclass
+class MatrixCell:
+    """What one cell's flow did: the client's view and the WAN cable's packet counts."""
+
+    ping_replies: int
+    last_replies: int  # replies among the last 5 pings: the steady state
+    http: str
+    esp_out: int = 0
+    esp_in: int = 0
+    clear_out: int = 0
+    clear_in: int = 0
+    ike: int = 0
+
+
+_MX_LINE = re.compile(
+    r"IP (\d+\.\d+\.\d+\.\d+)(?:\.(\d+))? > (\d+\.\d+\.\d+\.\d+)(?:\.(\d+))?: (.*)"
+)
+
+
+def matrix_traffic(
+    lab: Lab, cells: Sequence[tuple[str, str]], pings: int = 30, label: str = "matrix"
+) -> dict[tuple[str, str], MatrixCell]:
+    """Every cell's traffic at once from the LAN client (`ping -i 0.5 -c pings` and an HTTP
+    fetch to port 8080, `curl -m 30`), counted per cell on the router's WAN cable."""
+    wan4 = lab.plan.router_wan4
+    by_addr = {matrix_address(o, t): (o, t) for o, t in cells}
+    addrs = list(by_addr)
+    jobs = " ".join(
+        f"( ping -n -i 0.5 -c {pings} -W 1 {a} > /tmp/mx/{a}.ping 2>&1 ) & "
+        f"( curl -s -o /dev/null -m 30 -w '%{{http_code}}' http://{a}:{MATRIX_PORT}/ "
+        f"> /tmp/mx/{a}.http 2>&1 ) & "
+        for a in addrs
+    )
+    script = (
+        f"rm -rf /tmp/mx; mkdir -p /tmp/mx; {jobs} wait; "
+        f'for a in {" ".join(addrs)}; do echo "== $a"; cat /tmp/mx/$a.ping; '
+        'echo "http=$(cat /tmp/mx/$a.http)"; done'
+    )
+    with lab.capture_wan(bpf=f"host {wan4} and net 203.0.113.96/27", label=label) as cap:
+        out = lab.client(script, timeout=120).check().stdout
+    seen: dict[str, MatrixCell] = {}
+    for block in out.split("== ")[1:]:
+        addr, _, body = block.partition("\n")
+        seqs = [int(s) for s in re.findall(r"bytes from .*icmp_seq=(\d+)", body)]
+        http = re.search(r"http=(\S*)", body)
+        seen[addr.strip()] = MatrixCell(
+            ping_replies=len(seqs),
+            last_replies=len([s for s in seqs if s > pings - 5]),
+            http=http.group(1) if http else "",
+        )
+    for line in cap.text().splitlines():
+        m = _MX_LINE.search(line)
+        if m is None:
+            continue
+        src, sport, dst, dport, rest = m.groups()
+        out_bound = src == wan4
+        cell = seen.get(dst if out_bound else src)
+        if cell is None:
+            continue
+        ports = {sport, dport}
+        if rest.startswith("ESP") or "UDP-encap: ESP" in rest:
+            if out_bound:
+                cell.esp_out += 1
+            else:
+                cell.esp_in += 1
+        elif ports & {"500", "4500"}:
+            cell.ike += 1
+        elif rest.startswith("ICMP echo") or str(MATRIX_PORT) in ports:
+            if out_bound:
+                cell.clear_out += 1
+            else:
+                cell.clear_in += 1
+    return {by_addr[a]: c for a, c in seen.items()}
+
+
+def matrix_problems(ours: str, theirs: str, c: MatrixCell) -> list[str]:
+    """How the cell's flow differs from MATRIX_EXPECTED (empty: as libreswan's tests say)."""
+    passes, wire, why = MATRIX_EXPECTED[(ours, theirs)]
+    out: list[str] = []
+    if passes:
+        if c.last_replies < 4:
+            out.append("ping did not get through in the end")
+        if c.http != "200":
+            out.append("HTTP did not get through")
+    else:
+        if c.ping_replies:
+            out.append("ping got through")
+        if c.http == "200":
+            out.append("HTTP got through")
+    esp_both = c.esp_out > 0 and c.esp_in > 0
+    no_esp = c.esp_out == 0 and c.esp_in == 0
+    if wire == "esp":
+        if not esp_both:
+            out.append("no ESP both ways")
+        if c.clear_out or c.clear_in:
+            out.append("cleartext on the WAN")
+    elif wire == "esp-late":
+        if not esp_both:
+            out.append("no ESP both ways")
+        if c.clear_in:
+            out.append("the peer replied in the clear")
+    elif wire == "clear":
+        if not no_esp:
+            out.append("ESP on the WAN")
+        if not (c.clear_out and c.clear_in):
+            out.append("no cleartext both ways")
+    elif wire == "clear-out":
+        if not no_esp:
+            out.append("ESP on the WAN")
+        if not c.clear_out or c.clear_in:
+            out.append("not our cleartext alone (requests out, nothing back)")
+    else:
+        if not no_esp:
+            out.append("ESP on the WAN")
+        if c.clear_out or c.clear_in:
+            out.append("cleartext on the WAN")
+    return [f"{p} (expected {wire}: {why})" for p in out]

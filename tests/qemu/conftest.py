@@ -128,3 +128,26 @@ def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     path: Path = request.module.RESULTS
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tun_in_wan_zone(lab: Lab) -> Iterator[None]:
+    """The userspace datapath's TUN device (oe-esp0) in the lab firewall's wan zone.
+
+    The router's ``inet fw4`` forward chain (policy drop) forwards lan -> wan and ICMP only,
+    as OpenWrt's fw4 does for a device in no zone; a LAN flow routed into oe-esp0 (the
+    peer's SA is up) is otherwise dropped there, whatever the daemon's own tables accept.
+    On OpenWrt the device is listed in the wan zone (``uci add_list
+    firewall.@zone[1].device=oe-esp0``); here that is one forward rule, removed afterwards.
+    """
+    tag = "oe-lab: oe-esp0 in the wan zone"
+    lab.router(
+        f'nft insert rule inet fw4 forward iifname "lan" oifname "oe-esp0" accept comment "{tag}"'
+    ).check()
+    try:
+        yield
+    finally:
+        lab.router(
+            f"for h in $(nft -a list chain inet fw4 forward | grep '{tag}' | "
+            "sed 's/.*# handle //'); do nft delete rule inet fw4 forward handle $h; done"
+        ).check()
