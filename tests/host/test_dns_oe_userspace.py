@@ -450,7 +450,14 @@ def test_peer_signing_with_another_key_than_the_published_one_gets_no_tunnel(lab
     """rsa.example.test's IPSECKEY is not the key its daemon signs with: the router
     refuses the peer's AUTH, so no Child SA; the answer goes out once IKE failed
     (private-or-clear: clear) and the connection runs in the clear. This is what makes
-    the key in DNS, not just any signature, authenticate the peer."""
+    the key in DNS, not just any signature, authenticate the peer.
+
+    Asserted on the router only. The impostor's daemon installed its half of the Child
+    SA when it answered IKE_AUTH, and removes it only after that install (hundreds of ms
+    on the userspace datapath) is through, although the router's AUTHENTICATION_FAILED
+    came meanwhile: in that window it drops the router's clear SYN (its IPSEC inbound
+    policy) or sends its SYN-ACK as ESP nobody can read, so the connect may need a SYN
+    retransmission or two (seen: 24 ms to 2.0 s). The count is printed, not asserted."""
     dns_before = _dns(lab)
     with Wire(lab.router, lab.router_wan_dev) as wan:
         v = visit(lab, IMPOSTOR_NAME)
@@ -467,5 +474,7 @@ def test_peer_signing_with_another_key_than_the_published_one_gets_no_tunnel(lab
     assert v.connected_at is not None, v.connect_error
     assert v.echoed == b"hello through the router"
     assert [p for p in wan.clear(IMPOSTOR, PROTO_TCP) if p.outgoing and _is_syn(p)]
-    assert not wan.esp(IMPOSTOR)
+    assert not [p for p in wan.esp(IMPOSTOR) if p.outgoing], "ESP to a peer we did not trust"
+    stale = [p for p in wan.esp(IMPOSTOR) if not p.outgoing]
+    print(f"\nimpostor: {len(stale)} ESP in from its own half of the Child SA")
     print(f"\nimpostor: answer {v.hold * 1000:.1f} ms, connect {v.connect_time * 1000:.1f} ms")
