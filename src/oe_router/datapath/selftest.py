@@ -24,14 +24,16 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import ipaddress
 import os
+import re
 import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -56,11 +58,15 @@ from oe_router.offload.engine import TRANSFORMS, Transform
 __all__ = [
     "DEFAULT_VARIANTS",
     "SIZES",
+    "GateRow",
+    "SelfTestGate",
     "SelfTestPlan",
     "SelfTestResult",
     "Variant",
+    "demotion_targets",
     "esp_selftest",
     "esp_selftest_all",
+    "kernel_picks",
     "plan_selftest",
     "run_selftest",
     "summary",
@@ -120,6 +126,9 @@ class SelfTestResult:
     detail: str
     driver: str | None = None
     seconds: float = 0.0
+    #: the self-test could not run at all (no namespaces or veth, stopped before the bench
+    #: existed): it says nothing about the driver either way
+    inconclusive: bool = False
 
 
 @dataclass(frozen=True)
@@ -642,13 +651,19 @@ def _errno_text(exc: OSError) -> str:
 
 
 def _run_blocking(
-    plans: Sequence[SelfTestPlan], timeout: float, stop: threading.Event
+    plans: Sequence[SelfTestPlan],
+    timeout: float,
+    stop: threading.Event,
+    emit: Callable[[SelfTestResult], None] | None = None,
 ) -> list[SelfTestResult]:
-    """Every plan on one bench; plans of the same transform make one result."""
+    """Every plan on one bench; plans of the same transform make one result, handed to
+    ``emit`` (from this thread) as soon as the transform's last plan is done."""
     order: list[str] = []
     obs: dict[str, list[Observation]] = {}
     drivers: dict[str, str | None] = {}
     spent: dict[str, float] = {}
+    last = {p.transform: i for i, p in enumerate(plans)}
+    results: list[SelfTestResult] = []
     start = time.monotonic()
     bench = _Bench(stop)
     try:
@@ -656,14 +671,13 @@ def _run_blocking(
             bench.check(start + timeout)
             bench.setup()
         except _Stopped as exc:
-            return [
-                _failed(p.transform, f"{exc} before the test namespaces existed") for p in plans
-            ]
+            why = f"{exc} before the test namespaces existed"
+            return [_failed(t, why, inconclusive=True) for t in dict.fromkeys(last)]
         except (OSError, NetlinkError) as exc:
             why = f"could not build the test namespaces and veth pair: {exc}"
-            return [_failed(p.transform, why) for p in plans]
+            return [_failed(t, why, inconclusive=True) for t in dict.fromkeys(last)]
         setup_time = time.monotonic() - start
-        for plan in plans:
+        for i, plan in enumerate(plans):
             if plan.transform not in obs:
                 order.append(plan.transform)
                 obs[plan.transform] = []
@@ -683,46 +697,82 @@ def _run_blocking(
             if driver is not None:
                 drivers[plan.transform] = driver
             spent[plan.transform] += time.monotonic() - t0
+            if last[plan.transform] == i:
+                t = plan.transform
+                result = judge(t, obs[t], driver=drivers.get(t), seconds=round(spent[t], 3))
+                results.append(result)
+                if emit is not None:
+                    emit(result)
     finally:
         bench.close()
-    return [judge(t, obs[t], driver=drivers.get(t), seconds=round(spent[t], 3)) for t in order]
+    return results
 
 
-def _failed(transform: str, detail: str) -> SelfTestResult:
-    return SelfTestResult(transform, False, 0, 0, 0, detail)
+def _failed(transform: str, detail: str, *, inconclusive: bool = False) -> SelfTestResult:
+    return SelfTestResult(transform, False, 0, 0, 0, detail, inconclusive=inconclusive)
 
 
 # --- the asyncio API -------------------------------------------------------------------------
 async def run_selftest(
-    plans: Sequence[SelfTestPlan], *, timeout: float = 10.0
+    plans: Sequence[SelfTestPlan],
+    *,
+    timeout: float = 10.0,
+    on_result: Callable[[SelfTestResult], None] | None = None,
 ) -> list[SelfTestResult]:
     """Run plans in a worker thread, on one pair of namespaces; one result per transform.
 
     ``timeout`` bounds each plan; the whole call returns within about
     ``timeout * len(plans)`` plus set-up even if the kernel stalls (results then say so).
     Cancelling the call stops the worker at its next check (every 50 ms), and it removes
-    what it built.
+    what it built. ``on_result`` is called on the event loop with each transform's
+    result as soon as it is known (the first transform need not wait for the last), and
+    once more for every transform the worker never finished.
     """
     if not plans:
         return []
     stop = threading.Event()
     loop = asyncio.get_running_loop()
-    work = loop.run_in_executor(None, _run_blocking, list(plans), timeout, stop)
+    seen: dict[str, SelfTestResult] = {}
+
+    def deliver(result: SelfTestResult) -> None:
+        if result.transform in seen:
+            return
+        seen[result.transform] = result
+        if on_result is not None:
+            on_result(result)
+
+    def from_worker(result: SelfTestResult) -> None:
+        if not stop.is_set():  # after a timeout or cancellation nobody waits for it
+            deliver(result)
+
+    if on_result is None:
+        work = loop.run_in_executor(None, _run_blocking, list(plans), timeout, stop)
+    else:
+
+        def emit(result: SelfTestResult) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(from_worker, result)
+
+        worker = functools.partial(_run_blocking, emit=emit)
+        work = loop.run_in_executor(None, worker, list(plans), timeout, stop)
     limit = timeout * (len(plans) + 1) + GRACE
+    transforms = list(dict.fromkeys(p.transform for p in plans))
     try:
-        return await asyncio.wait_for(asyncio.shield(work), limit)
+        results = await asyncio.wait_for(asyncio.shield(work), limit)
     except TimeoutError:
+        results = [
+            seen.get(t) or _failed(t, f"the self-test did not finish within {limit:g}s")
+            for t in transforms
+        ]
         stop.set()
-        seen: list[str] = []
-        for p in plans:
-            if p.transform not in seen:
-                seen.append(p.transform)
-        return [_failed(t, f"the self-test did not finish within {limit:g}s") for t in seen]
     except asyncio.CancelledError:
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait({work}, timeout=1.0)  # let the worker remove what it built
         raise
+    await asyncio.sleep(0)  # deliveries the worker scheduled before it returned
+    for r in results:
+        deliver(r)
+    return results
 
 
 async def esp_selftest(
@@ -744,11 +794,201 @@ async def esp_selftest_all(
     packets: int = 12,
     timeout: float = 10.0,
     variants: Sequence[Variant] = DEFAULT_VARIANTS,
+    on_result: Callable[[SelfTestResult], None] | None = None,
 ) -> dict[str, SelfTestResult]:
-    """The self-test of each transform (default: every TRANSFORMS entry), on one bench."""
+    """The self-test of each transform (default: every TRANSFORMS entry), on one bench,
+    in the order given; ``on_result`` hears of each as soon as it is done."""
     names = list(transforms) if transforms is not None else list(TRANSFORMS)
     plans = [plan_selftest(t, variant=v, packets=packets) for t in names for v in variants]
-    return {r.transform: r for r in await run_selftest(plans, timeout=timeout)}
+    results = await run_selftest(plans, timeout=timeout, on_result=on_result)
+    return {r.transform: r for r in results}
+
+
+# --- the gate: which transforms the kernel datapath may offer (sans-IO) -----------------
+def kernel_picks(
+    transforms: Iterable[str] = TRANSFORMS, *, proc_crypto: str = "/proc/crypto"
+) -> dict[str, str | None]:
+    """The kernel's pick for each transform's AEAD now (what a new XFRM SA would get),
+    None where /proc/crypto lists none yet (a template the kernel builds on first use).
+    Blocking (reads /proc/crypto once): call it in a thread."""
+    from oe_router.offload.procfs import drivers_for, read_proc_crypto
+
+    algs = read_proc_crypto(proc_crypto)
+    out: dict[str, str | None] = {}
+    for name in transforms:
+        t = TRANSFORMS.get(name)
+        if t is not None:
+            found = drivers_for(algs, t.aead)
+            out[name] = found[0].driver if found else None
+    return out
+
+
+def demotion_targets(driver: str) -> tuple[str, ...]:
+    """The registered drivers whose priority to lower so the kernel stops picking
+    ``driver``: the driver itself, or for a template instance the drivers it is built on,
+    last named first ("authenc(hmac(sha256-generic),virtio_crypto_aes_cbc)" ->
+    virtio_crypto_aes_cbc, then sha256-generic). Lowering a driver makes the kernel
+    rebuild the instances on it (crypto_user.set_priority); lowering the instance itself
+    would not keep its template from building it again."""
+    if "(" not in driver:
+        return (driver,) if driver else ()
+    leaves = [m.group(1) for m in re.finditer(r"([^(),]+)(?=[),]|$)", driver)]
+    return tuple(dict.fromkeys(reversed([x.strip() for x in leaves if x.strip()])))
+
+
+@dataclass(frozen=True)
+class GateRow:
+    """One transform as the gate sees it (``oe offload``, ``oe status``).
+
+    ``state``: ``pending`` (not tested yet), ``running``, ``passed``, ``failed``,
+    ``inconclusive`` (the bench could not be built: says nothing about the driver),
+    ``untestable`` (no self-test for this transform: it keeps its KAT verdict alone).
+    ``stale``: the kernel's pick moved since ``result``; ``note`` says why it runs again.
+    """
+
+    transform: str
+    state: str
+    result: SelfTestResult | None = None
+    stale: bool = False
+    note: str = ""
+    at: float | None = None
+
+
+class SelfTestGate:
+    """Which ESP transforms the kernel datapath may offer, by their end-to-end self-test.
+
+    Sans-IO: the caller tells it what it wants offered (``want``), what the kernel
+    picks now (``picks``) and what changed (``invalidate``); it answers which
+    transforms to test next (``next_batch``, the preferred first) and which may be
+    offered (``allows``). A transform may be offered once a self-test passed on the
+    driver the kernel picks now: untested, running for the first time, failed, or tested
+    on another driver than today's pick (``stale``) all keep it out. Two exceptions,
+    both still gated by the known-answer tests: a transform the self-test has no plan for
+    (``untestable``), and an ``inconclusive`` result (the bench itself could not run).
+    """
+
+    def __init__(self) -> None:
+        self._order: tuple[str, ...] = ()
+        self._results: dict[str, SelfTestResult] = {}
+        self._at: dict[str, float] = {}
+        self._seen: dict[str, str | None] = {}  # the pick last observed (or tested on)
+        self._due: dict[str, str] = {}  # transform -> why it (re)runs
+        self._running: set[str] = set()
+        self._stale: set[str] = set()
+
+    def want(self, transforms: Iterable[str]) -> None:
+        """The transforms to offer, preferred first: each is tested once before it is."""
+        self._order = tuple(dict.fromkeys(transforms))
+        for t in self._order:
+            if t in TRANSFORMS and t not in self._results and t not in self._running:
+                self._due.setdefault(t, "not tested yet")
+
+    def picks(self, picks: Mapping[str, str | None]) -> tuple[str, ...]:
+        """The kernel's pick per transform now. A transform whose pick moved since it was
+        tested (or last looked at) is stale (not offered) and due again; returns those."""
+        moved = []
+        for t, driver in picks.items():
+            if t not in self._results or t in self._running:
+                continue
+            before = self._seen.get(t)
+            self._seen[t] = driver
+            if driver == before:
+                continue
+            if t not in self._stale:
+                moved.append(t)
+            self._stale.add(t)
+            self._due.setdefault(
+                t,
+                f"the kernel's pick moved from {before or 'an unknown driver'} "
+                f"to {driver or 'a driver it builds on first use'}",
+            )
+        return tuple(moved)
+
+    def invalidate(self, transforms: Iterable[str], why: str) -> None:
+        """Test these again (a driver's priority changed): not offered until then."""
+        for t in transforms:
+            if t in TRANSFORMS:
+                self._due[t] = why
+                if t in self._results:
+                    self._stale.add(t)
+
+    def _rank(self) -> dict[str, int]:
+        """The preferred order: what ``want`` was given, then every other transform."""
+        return {t: i for i, t in enumerate(dict.fromkeys((*self._order, *TRANSFORMS)))}
+
+    def next_batch(self) -> tuple[str, ...]:
+        """The due transforms not running yet, preferred first; they are running now."""
+        rank = self._rank()
+        batch = sorted((t for t in self._due if t not in self._running), key=rank.__getitem__)
+        for t in batch:
+            del self._due[t]
+            self._running.add(t)
+        return tuple(batch)
+
+    def finished(self, result: SelfTestResult, now: float) -> None:
+        t = result.transform
+        self._running.discard(t)
+        self._results[t] = result
+        self._at[t] = now
+        # a pick seen before stays the reference: a move during the test is caught by the
+        # next ``picks``, and a driver name read differently never retests in a loop
+        self._seen.setdefault(t, result.driver)
+        if t not in self._due:  # not invalidated again while it ran
+            self._stale.discard(t)
+
+    def interrupted(self, transforms: Iterable[str]) -> None:
+        """A batch stopped before these had results: they are due again."""
+        for t in transforms:
+            if t in self._running:
+                self._running.discard(t)
+                self._due.setdefault(t, "interrupted")
+
+    @property
+    def busy(self) -> bool:
+        """Tests are due or running: an empty offer may still fill."""
+        return bool(self._due or self._running)
+
+    def result(self, transform: str) -> SelfTestResult | None:
+        return self._results.get(transform)
+
+    def allows(self, transform: str) -> bool:
+        if transform not in TRANSFORMS:
+            return True
+        r = self._results.get(transform)
+        if r is None or transform in self._stale:
+            return False
+        return r.passed or r.inconclusive
+
+    def failed(self) -> dict[str, SelfTestResult]:
+        """Transforms whose latest self-test failed on the driver the kernel still picks."""
+        return {
+            t: r
+            for t, r in self._results.items()
+            if not r.passed and not r.inconclusive and t not in self._stale
+        }
+
+    def rows(self) -> tuple[GateRow, ...]:
+        rank = self._rank()
+        names = sorted(
+            {*self._order, *self._results, *self._due, *self._running},
+            key=lambda t: rank.get(t, len(rank)),
+        )
+        out = []
+        for t in names:
+            r = self._results.get(t)
+            if t not in TRANSFORMS:
+                state = "untestable"
+            elif t in self._running:
+                state = "running"
+            elif r is None:
+                state = "pending"
+            elif r.inconclusive:
+                state = "inconclusive"
+            else:
+                state = "passed" if r.passed else "failed"
+            note = self._due.get(t, "")
+            out.append(GateRow(t, state, r, t in self._stale, note, self._at.get(t)))
+        return tuple(out)
 
 
 def summary(result: SelfTestResult) -> str:

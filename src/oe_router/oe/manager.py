@@ -45,6 +45,7 @@ __all__ = [
     "ChildRequest",
     "InstallChild",
     "InstallPolicy",
+    "MoveChild",
     "Negotiate",
     "NegotiationResult",
     "Negotiator",
@@ -166,6 +167,19 @@ class Rekey:
 
 
 @dataclass(frozen=True)
+class MoveChild:
+    """Rekey the Child SA now (CREATE_CHILD_SA with REKEY_SA) with the current ESP offer,
+    which no longer holds its transform (``reason`` says why). The new SA comes back as
+    any rekey does (``adopt_inbound`` supersedes this one); feed the rekey's outcome to
+    ``moved(child_id, error, ...)``."""
+
+    child_id: int
+    peer: IPAddress
+    spec: ChildSaSpec
+    reason: str
+
+
+@dataclass(frozen=True)
 class InstallChild:
     """Install the Child SA; feed the installed spec (or the error) to ``installed``."""
 
@@ -217,6 +231,7 @@ Action = (
     | RemovePolicy
     | Negotiate
     | Rekey
+    | MoveChild
     | InstallChild
     | RemoveChild
     | SendDelete
@@ -255,6 +270,7 @@ class _Child:
     bytes_seen: int = 0
     active_at: float = 0.0
     rekeying: bool = False
+    moving: str = ""  #: why it is being rekeyed onto the current ESP offer (MoveChild)
 
 
 @dataclass
@@ -885,6 +901,49 @@ class OeManager:
         t.spec = spec
         return [InstallChild(ticket, spec)]
 
+    def withdraw(self, why: Callable[[ChildSaSpec], str | None], now: float) -> list[Action]:
+        """The ESP offer lost transforms (their kernel driver failed a test): move every
+        Child SA that uses one onto what is still offered, by a rekey with the new offer
+        (the peer chooses among it), so its traffic leaves the broken driver.
+
+        ``why(spec)`` says why a Child SA's transform was withdrawn, None if it was not.
+        One move per Child SA at a time; call again whenever the offer changes."""
+        actions: list[Action] = []
+        for c in self._all_children():
+            reason = why(c.spec)
+            if reason is None or c.moving:
+                continue
+            c.moving = reason
+            log.warning(
+                "peer %s: Child SA %s (%s): %s; rekeying it onto the current ESP offer",
+                c.peer,
+                _describe(c.selector),
+                c.spec.encr.ike_name,
+                reason,
+            )
+            actions.append(MoveChild(c.id, c.peer, c.spec, reason))
+        return actions
+
+    def moved(self, child_id: int, error: str | None, now: float) -> list[Action]:
+        """The outcome of a ``MoveChild``. Success: the rekeyed SA supersedes this one
+        (``adopt_inbound``), nothing to do here. Failure (the peer took nothing we still
+        offer, or the IKE SA could not rekey): the Child SA goes, as after a liveness
+        failure, and a flow of a group that initiates is negotiated afresh with the new
+        offer; if that fails too, the group's failure shunt follows with both reasons."""
+        c = self._find_child(child_id)
+        if c is None:
+            return []
+        reason, c.moving = c.moving, ""
+        if error is None:
+            return []
+        log.warning("peer %s: moving its Child SA failed: %s; removing it", c.peer, error)
+        rule = self.table.lookup(c.peer, c.selector.proto, c.selector.port)
+        actions = self._remove_child(c, tell_peer=True)
+        if rule is not None and rule.group.initiates and c.peer.version in self.wan:
+            cause = f"{reason or 'its transform was withdrawn'}; the rekey failed: {error}"
+            actions += self._want(c.peer, rule, None, now, cause)
+        return actions
+
     def peer_deleted(self, peer: IPAddress, spis: Iterable[int] | None, now: float) -> list[Action]:
         """The peer sent DELETE: for these ESP SPIs (its inbound = our outbound), or None
         for its IKE SA with every Child SA."""
@@ -1003,7 +1062,7 @@ class OeManager:
                         peer=str(p.addr),
                         local=str(c.spec.local),
                         remote=_describe(c.selector),
-                        state="rekeying" if c.rekeying else "established",
+                        state="rekeying" if c.rekeying or c.moving else "established",
                         policy=c.group.value,
                         transform=c.spec.encr.ike_name,
                         established_s=round(now - c.since, 3),

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import dns.name
 
@@ -43,6 +43,7 @@ from oe_router.oe.manager import (
     CheckTraffic,
     InstallChild,
     InstallPolicy,
+    MoveChild,
     Negotiate,
     NegotiationResult,
     Negotiator,
@@ -56,13 +57,44 @@ from oe_router.oe.manager import (
 )
 from oe_router.oe.policy import PolicyTable
 
-__all__ = ["DatapathFactory", "NftRunner", "OeService", "kernel_datapath"]
+__all__ = ["DatapathFactory", "EspOfferHooks", "NftRunner", "OeService", "kernel_datapath"]
 
 log = logging.getLogger("oe_router.oe")
+
+#: How long a negotiation waits for a non-empty ESP offer (the kernel datapath's first
+#: self-test is still running) before it fails like any other negotiation.
+OFFER_WAIT = 10.0
 
 DatapathFactory = Callable[[OeConfig], Datapath]
 #: Runs one ``nft -f`` script (``lan.apply_nft``); raises ``LanError`` with nft's words.
 NftRunner = Callable[[str], None]
+
+
+class EspOfferHooks(Protocol):
+    """What the OE service needs from the daemon's ESP offer (``daemon.EspOffer``).
+
+    Why here: the offer can be empty for a moment (the kernel datapath offers a transform
+    only once its self-test passed) and can lose transforms whose kernel driver failed;
+    the OE side waits for the first, and moves live Child SAs off the second.
+    """
+
+    def empty_reason(self) -> str | None:
+        """None while at least one transform is offered, else why none is."""
+        ...
+
+    async def wait_offer(self, timeout: float) -> str | None:
+        """Wait (at most ``timeout``) while an empty offer may still fill; None once one
+        transform is offered, else why none is."""
+        ...
+
+    def withdrawn(self, spec: ChildSaSpec) -> str | None:
+        """Why this Child SA's transform was taken out of the offer (its driver failed),
+        or None: it may stay."""
+        ...
+
+    async def rekey_child(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
+        """Rekey the Child SA with the current offer; None once done, else why not."""
+        ...
 
 
 class OeService:
@@ -97,6 +129,9 @@ class OeService:
         self._clock = clock
         #: names the crypto engine of a Child SA for ``oe status`` (the daemon sets it)
         self.engine_of: Callable[[ChildSaSpec], str] | None = None
+        #: the ESP offer (the daemon sets it): negotiations wait for a first transform,
+        #: and Child SAs move off withdrawn ones (``offer_changed``)
+        self.offer: EspOfferHooks | None = None
         self._dp: Datapath | None = None
         self._mgr: OeManager | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -257,6 +292,9 @@ class OeService:
         """IKE responder filter: why ``peer`` may not start IKE with us, or None."""
         if self._mgr is None:
             return "the OE manager is not running"
+        empty = self.offer.empty_reason() if self.offer is not None else None
+        if empty is not None:  # the peer retransmits and is answered once there is one
+            return empty
         try:
             return self._mgr.refuses_peer(ipaddress.ip_address(peer))
         except ValueError:
@@ -269,6 +307,15 @@ class OeService:
     async def adopt_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> None:
         """Responder: install a Child SA that ``authorize_inbound`` allowed."""
         await self._perform(self.manager.adopt_inbound(peer, spec, self._clock()))
+
+    def offer_changed(self) -> None:
+        """The ESP offer changed: Child SAs on a withdrawn transform move (a rekey)."""
+        if self._mgr is not None and self.offer is not None:
+            self._spawn(self._withdraw())
+
+    async def _withdraw(self) -> None:
+        if self._mgr is not None and self.offer is not None:
+            await self._perform(self._mgr.withdraw(self.offer.withdrawn, self._clock()))
 
     # ------------------------------------------------------------------ LAN gateway
     def _lan_gateway(self, config: OeConfig) -> Peers6 | None:
@@ -429,6 +476,8 @@ class OeService:
             self._spawn(self._negotiate(action))
         elif isinstance(action, Rekey):
             self._spawn(self._rekey(action))
+        elif isinstance(action, MoveChild):
+            self._spawn(self._move(action))
         elif isinstance(action, InstallChild):
             try:
                 spec = await dp.install_child_sa(action.spec)
@@ -436,6 +485,8 @@ class OeService:
                 await self._perform(mgr.installed(action.ticket, None, str(exc), self._clock()))
             else:
                 await self._perform(mgr.installed(action.ticket, spec, None, self._clock()))
+                if self.offer is not None:  # negotiated before its transform was withdrawn
+                    await self._perform(mgr.withdraw(self.offer.withdrawn, self._clock()))
         elif isinstance(action, RemoveChild):
             await dp.remove_child_sa(action.spec, remove_policies=action.remove_policies)
         elif isinstance(action, SendDelete):
@@ -460,7 +511,11 @@ class OeService:
 
     async def _negotiate(self, action: Negotiate) -> None:
         try:
-            result = await self._negotiator.negotiate(action.request, self._clock())
+            empty = None if self.offer is None else await self.offer.wait_offer(OFFER_WAIT)
+            if empty is not None:
+                result = NegotiationResult(None, empty)
+            else:
+                result = await self._negotiator.negotiate(action.request, self._clock())
         except Exception as exc:  # the engine's failure is a failed negotiation
             result = NegotiationResult(None, f"IKE engine error: {exc}")
         await self._perform(self.manager.negotiated(action.ticket, result, self._clock()))
@@ -471,6 +526,16 @@ class OeService:
         except Exception as exc:
             result = NegotiationResult(None, f"IKE engine error: {exc}")
         await self._perform(self.manager.negotiated(action.ticket, result, self._clock()))
+
+    async def _move(self, action: MoveChild) -> None:
+        if self.offer is None:
+            error: str | None = "no IKE rekey available to move it"
+        else:
+            try:
+                error = await self.offer.rekey_child(action.peer, action.spec)
+            except Exception as exc:
+                error = f"IKE engine error: {exc}"
+        await self._perform(self.manager.moved(action.child_id, error, self._clock()))
 
     async def _delete(self, action: SendDelete) -> None:
         try:

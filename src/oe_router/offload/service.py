@@ -193,11 +193,17 @@ class OffloadService:
         kat: KatRunner | None = None,
         clock: Callable[[], float] = time.monotonic,
         measure_only: Sequence[str] | None = None,
+        canary_engines: Sequence[str] = (),
     ) -> None:
         #: engines measured in the background (None: all). The kernel datapath uses only
         #: the kernel's own pick (``afalg``) for ESP, so measuring the others there would
         #: only burn a router's CPU; ``oe offload bench`` still measures every engine.
         self.measure_only = None if measure_only is None else tuple(measure_only)
+        #: engines the canary checks on every transform they passed, chosen by the table
+        #: or not: the kernel's own pick (``afalg``) runs kernel ESP, never the table's
+        self.canary_engines = tuple(canary_engines)
+        #: more ``oe offload`` content from outside: (engine rows, top-level sections)
+        self.report_extras: list[Callable[[], tuple[Sequence[EngineStatus], dict[str, Any]]]] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._canary_fixed = canary_interval
         self.canary_interval = 10.0 if canary_interval is None else canary_interval
@@ -553,12 +559,17 @@ class OffloadService:
         """Quick KAT of every engine the table uses, per transform it is used for; a
         failure takes the engine off that transform and republishes at once."""
         failed: list[Verdict] = []
-        for engine, uses in self.table.engines_in_use().items():
+        checks = {e: [t for t, _, _ in u] for e, u in self.table.engines_in_use().items()}
+        for name in self.canary_engines:
+            if (extra := self._engines.get(name)) is not None:
+                passed = [t for t, v in extra.verdicts.items() if v.passed]
+                checks[name] = checks.get(name, []) + passed
+        for engine, tnames in checks.items():
             st = self._engines.get(engine)
             if st is None or st.engine is None:
                 continue
             by_name = {t.name: t for t in st.transforms}
-            for tname in dict.fromkeys(t for t, _, _ in uses):
+            for tname in dict.fromkeys(tnames):
                 t = by_name.get(tname)
                 if t is None:
                     continue
@@ -649,17 +660,28 @@ class OffloadService:
     def status(self) -> StatusContribution:
         return StatusContribution(engines=self.engines_status())
 
+    def rescan(self) -> None:
+        """Look at the machine again soon (something here changed it: a driver's priority)."""
+        if self._watcher is not None:
+            self._watcher.nudge()
+
     def report(self) -> dict[str, Any]:
         """The ``offload`` command's document (``oe offload --json`` prints it)."""
         update = self._update
+        rows, sections = list(self.engines_status()), {}
+        for extra in self.report_extras:
+            more, section = extra()
+            rows += more
+            sections.update(section)
         return {
             "offload": self._offload,
             "phase": self._phase,
             "canary_interval_s": self.canary_interval,
             "watch": self._watcher.mode if self._watcher is not None else "off",
-            "engines": [e.to_json() for e in self.engines_status()],
+            "engines": [e.to_json() for e in rows],
             **(update.to_json() if update is not None else {"table": ChoiceTable().to_json()}),
             "events": list(self._events),
+            **sections,
         }
 
     def register_commands(self, commands: CommandTable) -> None:
