@@ -984,8 +984,9 @@ class EspOffer:
             in_use_for=tuple(f"{n}@all" for n in self.offer),
         )
 
-    def report_extra(self) -> tuple[tuple[EngineStatus, ...], dict[str, Any]]:
-        """``oe offload``: the engine row, and the section ``kernel_selftest``."""
+    def report_extra(self) -> dict[str, Any]:
+        """``oe offload --json``: the section ``kernel_selftest`` (the row is in ``engine_row``
+        for ``oe status``: the self-test is no engine of the offload table)."""
         gate = self.gate
         assert gate is not None
         transforms: dict[str, Any] = {}
@@ -1008,8 +1009,9 @@ class EspOffer:
             "offload_demote": self._config.offload_demote,
             "transforms": transforms,
             "demotions": list(self.demotions),
+            "row": self.engine_row().to_json(),
         }
-        return (self.engine_row(),), {"kernel_selftest": section}
+        return {"kernel_selftest": section}
 
 
 def _userspace_datapath(

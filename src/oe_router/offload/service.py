@@ -202,8 +202,9 @@ class OffloadService:
         #: engines the canary checks on every transform they passed, chosen by the table
         #: or not: the kernel's own pick (``afalg``) runs kernel ESP, never the table's
         self.canary_engines = tuple(canary_engines)
-        #: more ``oe offload`` content from outside: (engine rows, top-level sections)
-        self.report_extras: list[Callable[[], tuple[Sequence[EngineStatus], dict[str, Any]]]] = []
+        #: more top-level sections of the ``oe offload`` document, from outside the service
+        #: (the kernel datapath's ESP self-test, daemon.EspOffer)
+        self.report_extras: list[Callable[[], dict[str, Any]]] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._canary_fixed = canary_interval
         self.canary_interval = 10.0 if canary_interval is None else canary_interval
@@ -668,17 +669,15 @@ class OffloadService:
     def report(self) -> dict[str, Any]:
         """The ``offload`` command's document (``oe offload --json`` prints it)."""
         update = self._update
-        rows, sections = list(self.engines_status()), {}
+        sections: dict[str, Any] = {}
         for extra in self.report_extras:
-            more, section = extra()
-            rows += more
-            sections.update(section)
+            sections.update(extra())
         return {
             "offload": self._offload,
             "phase": self._phase,
             "canary_interval_s": self.canary_interval,
             "watch": self._watcher.mode if self._watcher is not None else "off",
-            "engines": [e.to_json() for e in rows],
+            "engines": [e.to_json() for e in self.engines_status()],
             **(update.to_json() if update is not None else {"table": ChoiceTable().to_json()}),
             "events": list(self._events),
             **sections,
