@@ -12,6 +12,12 @@ shipped configuration as before.
 
 ``libreswan_ipv6_twin`` gives a libreswan host an IPv6 twin of its IPv4 OE conn for a
 test's duration (libreswan OE conns have one address family; the shipped lab has IPv4 ones).
+
+Offload helpers: ``offload_report`` (`oe offload [bench] --json`), ``offload_rows`` (its
+engine table as figures), the virtio-crypto device and its interrupt count, and
+``act_and_watch`` (do something in the router, time the daemon's reaction from its log).
+The policy matrix (``matrix_*``, ``MATRIX_EXPECTED``): libreswan's expected outcome per cell,
+one traffic window for many cells, and the verdict per cell, shared by the matrix modules.
 """
 
 from __future__ import annotations
@@ -248,6 +254,25 @@ def offload_report(lab: Lab, source: bool = False, bench: bool = False) -> dict[
     """`oe offload --json` (``bench``: `oe offload bench --json`, measured again first)."""
     res = oe(lab, "offload bench --json" if bench else "offload --json", source, timeout=400)
     return dict(json.loads(res.check().stdout))
+
+
+def offload_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The engine table of an `oe offload --json` document as flat rows (figures): engine,
+    hw, driver, transform, KAT, Mbit/s per measured size, in use for."""
+    return [
+        {
+            "engine": e["name"],
+            "hw": e["hardware"],
+            "driver": t["driver"],
+            "transform": t["transform"],
+            "kat": t["kat"],
+            **{f"mbit_s@{r['size']}": r["mbit_s"] for r in t["rates"]},
+            "in_use_for": t["in_use_for"],
+        }
+        for e in doc["engines"]
+        for t in e["transforms"]
+        if t["kat"] != "unsupported"
+    ]
 
 
 def wait_until(what: str, probe: Callable[[], T | None], timeout: float, pause: float = 0.5) -> T:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -141,9 +142,8 @@ def tun_in_wan_zone(lab: Lab) -> Iterator[None]:
     firewall.@zone[1].device=oe-esp0``); here that is one forward rule, removed afterwards.
     """
     tag = "oe-lab: oe-esp0 in the wan zone"
-    lab.router(
-        f'nft insert rule inet fw4 forward iifname "lan" oifname "oe-esp0" accept comment "{tag}"'
-    ).check()
+    rule = f'inet fw4 forward iifname "lan" oifname "oe-esp0" accept comment "{tag}"'
+    lab.router(f"nft insert rule {shlex.quote(rule)}").check()
     try:
         yield
     finally:
@@ -151,3 +151,64 @@ def tun_in_wan_zone(lab: Lab) -> Iterator[None]:
             f"for h in $(nft -a list chain inet fw4 forward | grep '{tag}' | "
             "sed 's/.*# handle //'); do nft delete rule inet fw4 forward handle $h; done"
         ).check()
+
+
+FAULTY_SOURCE = Path(__file__).resolve().parent / "data" / "esp_faulty.c"
+
+
+def _kernel_headers(kernel: build.Kernel, work: Path) -> Path:
+    """Debian's linux-headers for the lab kernel, unpacked under ``work`` (as build.py's
+    cryptodev recipe fetches them)."""
+    pkgs = build._headers_packages(kernel.version)
+    (work / "deb").mkdir()
+    build._run(["apt-get", "download", *pkgs], cwd=work / "deb")
+    for deb in sorted((work / "deb").glob("*.deb")):
+        build._run(["dpkg-deb", "-x", str(deb), str(work / "root")])
+    headers = work / "root" / "usr" / "src" / pkgs[0]
+    mk = headers / "Makefile"
+    mk.write_text(mk.read_text().replace("/usr/src/", f"{work}/root/usr/src/"))
+    return headers
+
+
+@pytest.fixture(scope="module")
+def esp_faulty_ko(lab: Lab) -> Path:
+    """esp_faulty.ko (data/esp_faulty.c: a TEST-ONLY rfc4106(gcm(aes)) driver that can flip a
+    ciphertext bit or fail encryption) for the lab kernel, built once and cached by kernel
+    and source, copied to the lab share as /lab/esp_faulty.ko. Loading it is the test's."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    source = FAULTY_SOURCE.read_text()
+    kernel = lab.images.kernel
+    key = hashlib.sha256(kernel.version.encode() + source.encode()).hexdigest()[:16]
+    out = build.default_cache() / "testmod" / f"{kernel.version}-{key}" / "esp_faulty.ko"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent.parent) as tmp:
+            work = Path(tmp)
+            headers = _kernel_headers(kernel, work)
+            src = work / "src"
+            src.mkdir()
+            (src / "esp_faulty.c").write_text(source)
+            (src / "Kbuild").write_text("obj-m := esp_faulty.o\n")
+            build._run(["make", "-C", str(headers), f"M={src}", "modules"])
+            ko = src / "esp_faulty.ko"
+            vermagic = build._run(["modinfo", "-F", "vermagic", str(ko)]).strip()
+            assert vermagic.startswith(kernel.version + " "), vermagic
+            subprocess.run(["strip", "--strip-debug", str(ko)], check=True)
+            shutil.copy2(ko, out)
+    shutil.copy2(out, lab.run_dir / "esp_faulty.ko")
+    return out
+
+
+@pytest.fixture(scope="module")
+def crypto_user_module(lab: Lab) -> Iterator[None]:
+    """crypto_user (NETLINK_CRYPTO) loaded for the module's tests; unloaded after if it was
+    not loaded before (the lab never loads it at boot)."""
+    was = lab.router("grep -q '^crypto_user ' /proc/modules").rc == 0
+    lab.router("modprobe crypto_user").check()
+    yield
+    if not was:
+        lab.router("rmmod crypto_user").check()

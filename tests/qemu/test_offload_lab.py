@@ -77,24 +77,6 @@ def virtio_proven(doc: dict[str, Any]) -> bool:
     return e is not None and all(rows(e).get(t, {}).get("kat") == "passed" for t in CBC)
 
 
-def engine_table(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The `oe offload` table as figures: one row per engine and transform."""
-    return [
-        {
-            "engine": e["name"],
-            "hw": e["hardware"],
-            "driver": t["driver"],
-            "transform": t["transform"],
-            "kat": t["kat"],
-            **{f"mbit_s@{s}": m for s, m in rates(t).items()},
-            "in_use_for": t["in_use_for"],
-        }
-        for e in doc["engines"]
-        for t in e["transforms"]
-        if t["kat"] != "unsupported"
-    ]
-
-
 def test_virtio_is_hardware_proven_measured_and_loses_to_the_cpu(
     daemon: Lab, figures: dict[str, Any]
 ) -> None:
@@ -109,7 +91,7 @@ def test_virtio_is_hardware_proven_measured_and_loses_to_the_cpu(
         pause=2,
     )
     doc = oelab.offload_report(lab, bench=True)
-    figures["engine table (auto, after bench)"] = engine_table(doc)
+    figures["engine table (auto, after bench)"] = oelab.offload_rows(doc)
     figures["table"] = doc["table"]
     print("\n" + oelab.oe(lab, "offload").check().stdout)
 
