@@ -191,8 +191,18 @@ def test_compiled_verdict_equals_best_policy(pols: list[PolicySpec]) -> None:
 def test_incremental_updates_keep_the_verdicts(
     pols: list[PolicySpec], ops: list[tuple[bool, int]], data: st.DataObject
 ) -> None:
-    spd = compile_(pols)
-    current = list(pols)
+    """Element updates keep every verdict, under XFRM's rule that a selector and
+    direction name one policy: adding one that exists replaces it (the userspace SPD
+    removes the old one in the same update), removing one removes it."""
+
+    def same(q: PolicySpec, p: PolicySpec) -> bool:
+        return q.direction is p.direction and q.src == p.src and q.dst == p.dst
+
+    current: list[PolicySpec] = []
+    for p in pols:  # as the kernel would hold them: the first of each selector
+        if not any(same(q, p) for q in current):
+            current.append(p)
+    spd = compile_(current)
     for is_add, pick in ops:
         if is_add or not current:
             direction = data.draw(st.sampled_from(list(Direction)))
@@ -204,18 +214,13 @@ def test_incremental_updates_keep_the_verdicts(
                 data.draw(st.sampled_from(list(PolicyAction))),
                 data.draw(st.sampled_from([0, 1, 2, 5])),
             )
-            result = N.update(spd, add=[p])
-            current.append(p)
+            old = [q for q in current if same(q, p)]
+            result = N.update(spd, add=[p], remove=old)
+            current = [q for q in current if not same(q, p)] + [p]
         else:
             p = current[pick % len(current)]
             result = N.update(spd, remove=[p])
-            # XFRM semantics: removal by direction + selector, the first such policy
-            first = next(
-                i
-                for i, q in enumerate(current)
-                if q.direction is p.direction and q.src == p.src and q.dst == p.dst
-            )
-            del current[first]
+            current = [q for q in current if not same(q, p)]
         if result is None:
             spd = compile_(current)
             continue

@@ -433,8 +433,17 @@ def _rule_text(block: Block) -> str:
     return f"\t\t{match} {ip} {block.shape.key_side.value} vmap @{block.name}"
 
 
+def map_names(spd: SpdTable) -> list[str]:
+    """The maps ``render`` declares for ``spd`` (what the kernel holds after it)."""
+    return [b.name for d in Direction for b in spd.blocks[d] if not b.plain]
+
+
 def render(
-    spd: SpdTable, *, xt_queue: bool = False, maps_present: Sequence[str] | None = None
+    spd: SpdTable,
+    *,
+    xt_queue: bool = False,
+    maps_present: Sequence[str] | None = None,
+    keep_queue: bool = False,
 ) -> str:
     """The whole ``inet <table>`` as one atomic ``nft -f`` script (replaces an old one).
 
@@ -446,12 +455,21 @@ def render(
     registered: unregistering a hook makes the kernel drop every packet held in a
     queue, i.e. every first packet waiting for its SA. None: the table is deleted and
     made anew (for a table of unknown shape).
+
+    ``keep_queue`` (with ``maps_present``, for a table this process wrote): the queue
+    chain keeps its rules, so an xt NFQUEUE rule inserted over netlink stays and no
+    packet meets the chain's bare ``drop`` while the rest is rewritten.
     """
     t = spd.table
     if maps_present is None:
         lines = [f"table inet {t}", f"delete table inet {t}", f"table inet {t} {{"]
     else:
-        lines = [f"table inet {t}", f"flush table inet {t}"]
+        lines = [f"table inet {t}"]
+        if keep_queue:
+            chains = ["out", *(_CHAIN[d] for d in Direction), "inbound"]
+            lines += [f"flush chain inet {t} {c}" for c in chains]
+        else:
+            lines.append(f"flush table inet {t}")
         lines += [f"delete map inet {t} {m}" for m in maps_present]
         lines.append(f"table inet {t} {{")
     for d in Direction:
@@ -459,7 +477,8 @@ def render(
             if not block.plain:
                 lines += _map_text(block)
     lines += ["", f"\tchain {QUEUE_CHAIN} {{"]
-    lines.append("\t\tdrop" if xt_queue else f"\t\tqueue num {spd.queue_num}")
+    if not (keep_queue and maps_present is not None):
+        lines.append("\t\tdrop" if xt_queue else f"\t\tqueue num {spd.queue_num}")
     lines += ["\t}", "", "\tchain out {"]
     lines.append(f"\t\ttype filter hook postrouting priority {OUT_PRIORITY}; policy accept;")
     lines.append(f'\t\toifname != "{spd.wan}" accept')
@@ -746,7 +765,12 @@ def present_maps(
 
 
 def install(
-    spd: SpdTable, *, netns: str | None = None, backend: str | None = None, nft: str = "nft"
+    spd: SpdTable,
+    *,
+    netns: str | None = None,
+    backend: str | None = None,
+    nft: str = "nft",
+    previous: SpdTable | None = None,
 ) -> str:
     """Replace the kernel's table with ``spd`` (atomic), queueing by ``backend``.
 
@@ -754,17 +778,25 @@ def install(
     backend used, so callers probe once and pass it on later calls. The table's base
     chains stay registered when it can be emptied in place (``render``'s
     ``maps_present``), so packets held in the queue survive the replacement.
+
+    ``previous``: the table this process wrote last (None: unknown). Given, its maps are
+    known without asking the kernel and the queue chain (with its xt rule) is kept.
     """
     backend = backend or queue_backend(netns=netns, nft=nft)
     xt = backend == "xt"
-    maps = present_maps(spd.table, netns=netns, nft=nft)
+    ours = previous is not None and previous.table == spd.table
+    maps = map_names(previous) if ours and previous is not None else None
+    if maps is None:
+        maps = present_maps(spd.table, netns=netns, nft=nft)
     try:
-        apply_script(render(spd, xt_queue=xt, maps_present=maps), netns=netns, nft=nft)
+        script = render(spd, xt_queue=xt, maps_present=maps, keep_queue=ours)
+        apply_script(script, netns=netns, nft=nft)
     except NftSpdError:
         if maps is None:
             raise
         # a table of another shape (an older version's chains): replace it whole
+        ours = False
         apply_script(render(spd, xt_queue=xt), netns=netns, nft=nft)
-    if xt:
+    if xt and not ours:
         insert_xt_queue(spd.queue_num, table=spd.table, netns=netns)
     return backend

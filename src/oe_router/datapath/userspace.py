@@ -652,8 +652,7 @@ class UserspaceDatapath:
         if not spec.remote_ts:
             await self._route_ref(ipaddress.ip_network(spec.remote), +1)
         if spec.install_policies:
-            for pol in child_policies(spec):
-                await self.install_policy(pol)
+            await self._install_policies(child_policies(spec))
         self._release_held()
         return spec
 
@@ -661,8 +660,7 @@ class UserspaceDatapath:
         child = self._children.pop((spec.local, spec.inbound.spi), None)
         self._spis.discard(spec.inbound.spi)
         if remove_policies and spec.install_policies:
-            for pol in child_policies(spec):
-                await self.remove_policy(pol)
+            await self._remove_policies(child_policies(spec))
         if child is None:
             return
         for role, slot in (("rx", child.slot_in), ("tx", child.slot_out)):
@@ -797,19 +795,28 @@ class UserspaceDatapath:
         return None if entry is None else entry.policy
 
     async def install_policy(self, policy: PolicySpec) -> None:
-        key = key_of(policy)
-        old_policy = self._current(policy)
-        self._spd.install(policy)
-        await self._project(add=[policy], remove=[old_policy] if old_policy else [])
+        await self._install_policies([policy])
+
+    async def _install_policies(self, policies: list[PolicySpec]) -> None:
+        """Into the SPD, then one projection step for all of them (a Child SA's out, in
+        and fwd policies go together: one nft run, not three)."""
+        olds = []
+        for policy in policies:
+            old_policy = self._current(policy)
+            if old_policy is not None:
+                olds.append(old_policy)
+            self._spd.install(policy)
+            key = key_of(policy)
+            old = self._policy_timers.pop(key, None)
+            if old is not None:
+                old.cancel()
+            lft = policy.lifetime
+            if lft.hard_seconds or lft.soft_seconds:
+                self._policy_timers[key] = asyncio.get_running_loop().call_later(
+                    float(lft.soft_seconds or lft.hard_seconds), self._policy_timer, key, policy
+                )
+        await self._project(add=policies, remove=olds)
         self._release_held()
-        old = self._policy_timers.pop(key, None)
-        if old is not None:
-            old.cancel()
-        lft = policy.lifetime
-        if lft.hard_seconds or lft.soft_seconds:
-            self._policy_timers[key] = asyncio.get_running_loop().call_later(
-                float(lft.soft_seconds or lft.hard_seconds), self._policy_timer, key, policy
-            )
 
     def _policy_timer(self, key: tuple[Any, ...], policy: PolicySpec) -> None:
         self._policy_timers.pop(key, None)
@@ -840,14 +847,20 @@ class UserspaceDatapath:
         self._spawn_task(self.remove_policy(policy))
 
     async def remove_policy(self, policy: PolicySpec) -> None:
-        key = key_of(policy)
-        gone = self._current(policy)
-        h = self._policy_timers.pop(key, None)
-        if h is not None:
-            h.cancel()
-        if gone is not None:
-            self._spd.remove(gone)
-            await self._project(remove=[gone])
+        await self._remove_policies([policy])
+
+    async def _remove_policies(self, policies: list[PolicySpec]) -> None:
+        gone = []
+        for policy in policies:
+            current = self._current(policy)
+            h = self._policy_timers.pop(key_of(policy), None)
+            if h is not None:
+                h.cancel()
+            if current is not None:
+                self._spd.remove(current)
+                gone.append(current)
+        if gone:
+            await self._project(remove=gone)
             self._release_held()
 
     # ------------------------------------------------------------------ nftables projection
@@ -861,7 +874,9 @@ class UserspaceDatapath:
             bypass_mark=s.fwmark,
             ike_ports=s.ike_ports,
         )
-        self._nft_backend = install(table, netns=self._netns, backend=self._nft_backend)
+        self._nft_backend = install(
+            table, netns=self._netns, backend=self._nft_backend, previous=self._nft
+        )
         self._nft = table
 
     async def _project(
