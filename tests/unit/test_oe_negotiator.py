@@ -167,3 +167,36 @@ def test_a_dead_ike_sa_beside_a_live_one_only_deletes_its_own_child_sas() -> Non
         await neg.stop()
 
     asyncio.run(go())
+
+
+def test_a_child_sa_whose_ike_sa_went_before_its_install_is_not_installed() -> None:
+    """The responder's install job runs after the handler: if the IKE SA failed in
+    between (the initiator refused our signature after our IKE_AUTH answer), the Child
+    SA is not installed, so it cannot black-hole the peer's cleartext meanwhile."""
+
+    class SlowInbound(Inbound):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def adopt_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> None:
+            await self.gate.wait()  # a slow install of an earlier Child SA, say
+            await super().adopt_inbound(peer, spec)
+
+    async def go() -> None:
+        async with pair() as (na, nb, _ia, _ib):
+            slow = SlowInbound()
+            nb.inbound = slow
+            first = await na.negotiate(request(), 0.0)  # b's adopt now waits at the gate
+            assert first.child_sa is not None
+            second = await na.negotiate(request(), 0.0)  # queued behind the first
+            assert second.child_sa is not None
+            (p,) = nb.ike.sas
+            nb.ike.sas.remove(p)  # its IKE SA is gone before the queued job runs
+            slow.gate.set()
+            await asyncio.sleep(0.1)
+            installed = {spec.inbound.spi for _, spec in slow.adopted}
+            assert first.child_sa.outbound.spi in installed  # was already installing
+            assert second.child_sa.outbound.spi not in installed
+
+    asyncio.run(go())

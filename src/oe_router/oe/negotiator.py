@@ -263,7 +263,7 @@ class IkeNegotiator:
             return
         spec = self.spec_for(peer, child)
         addr = ipaddress.ip_address(peer.peer)
-        self._enqueue(lambda: self._adopt(addr, spec))
+        self._enqueue(lambda: self._adopt(addr, spec, peer))
 
     def child_sa_deleted(self, peer: PeerSa, child: ChildSaDeleted) -> None:
         addr = ipaddress.ip_address(peer.peer)
@@ -296,9 +296,15 @@ class IkeNegotiator:
             return
         self._enqueue(lambda: handler.liveness_failed(addr))
 
-    async def _adopt(self, addr: IPAddress, spec: ChildSaSpec) -> None:
+    async def _adopt(self, addr: IPAddress, spec: ChildSaSpec, peer: PeerSa) -> None:
         if self.inbound is None:
             log.warning("peer %s: Child SA up but no OE manager to install it", addr)
+            return
+        if peer not in self.ike.sas:
+            # its IKE SA failed or went while this job waited (e.g. the initiator refused
+            # our signature after our IKE_AUTH answer): installing it now would only
+            # black-hole the peer's cleartext until the removal behind us runs
+            log.info("peer %s: Child SA not installed, its IKE SA is gone", addr)
             return
         await self.inbound.adopt_inbound(addr, spec)
 
