@@ -15,7 +15,14 @@ SAs and policies. Nothing in the caller's namespace (its XFRM state, policies, r
 links) is read or written.
 
 The pure parts (transform mapping, plans, frame classification, the verdict) are separate
-from the blocking part (``_Bench``), which runs in a worker thread with a deadline.
+from the blocking part (``_Bench``), which runs in a worker thread with a deadline; each
+transform's result is handed over as soon as it is known (``on_result``), so the first
+transform can be offered while the others still run.
+
+``SelfTestGate`` is the sans-IO bookkeeping the daemon's ESP offer keeps on top: which
+transforms passed on the driver the kernel picks now, which are due again (the pick moved,
+a priority was lowered), in which order to test them (docs/offload.md, "The kernel
+datapath").
 """
 
 from __future__ import annotations

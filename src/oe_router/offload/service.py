@@ -557,8 +557,9 @@ class OffloadService:
                 log.error("canary round failed: %s: %s", type(exc).__name__, exc)
 
     async def canary_round(self) -> list[Verdict]:
-        """Quick KAT of every engine the table uses, per transform it is used for; a
-        failure takes the engine off that transform and republishes at once."""
+        """Quick KAT of every engine the table uses, per transform it is used for, and of
+        the ``canary_engines`` on every transform they passed; a failure takes the engine
+        off that transform and republishes at once."""
         failed: list[Verdict] = []
         checks = {e: [t for t, _, _ in u] for e, u in self.table.engines_in_use().items()}
         for name in self.canary_engines:
