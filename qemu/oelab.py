@@ -314,8 +314,9 @@ def virtio_crypto_interrupts(lab: Lab, name: str) -> int:
 
 
 # Runs in the router: do ACTION (a shell command), then follow the daemon's log and note
-# when each pattern first shows, in seconds after the action returned; stops when all have
-# shown or after LIMIT seconds. One JSON line out.
+# when each pattern first shows, in seconds after the action started (an upper bound on the
+# reaction: starting a shell alone takes a good part of a second under TCG); stops when all
+# have shown or after LIMIT seconds. One JSON line out.
 _ACT_AND_WATCH = r"""
 import json, subprocess, sys, time
 log, limit, action = sys.argv[1], float(sys.argv[2]), sys.argv[3]
@@ -333,7 +334,7 @@ while time.time() - t0 < limit and len(seen) < len(patterns):
         continue
     buf += chunk
     *lines, buf = buf.split("\n")
-    now = round(time.time() - t0, 3)
+    now = round(time.time() - t_start, 3)
     for line in lines:
         for key, pat in patterns.items():
             if key not in seen and pat in line:
@@ -347,9 +348,10 @@ def act_and_watch(
     lab: Lab, action: str, patterns: Mapping[str, str], limit: float
 ) -> dict[str, Any]:
     """Run ``action`` in the router and time the daemon's reaction from its log: for each
-    ``patterns`` key, [seconds after the action, the log line] of the first line holding its
-    text (keys not seen within ``limit`` seconds are missing). Also ``action_s`` (how long
-    the action took), ``action_rc`` and ``at`` (the router's clock when it returned)."""
+    ``patterns`` key, [seconds since the action started, the log line] of the first line
+    holding its text (keys not seen within ``limit`` seconds after it returned are missing).
+    Also ``action_s`` (how long the action took), ``action_rc`` and ``at`` (the router's
+    clock when it returned)."""
     (lab.run_dir / "act_and_watch.py").write_text(_ACT_AND_WATCH)
     args = " ".join(shlex.quote(a) for kv in patterns.items() for a in kv)
     res = lab.router(

@@ -480,7 +480,8 @@ def test_fault_injection_canary_moves_the_sa_to_software(
     ], doc["table"]
     figures["fault injection"] = {
         "canary_interval_s": 1.0,
-        "detected_after_s": detected,
+        "detected_after_s": detected,  # since `touch` started (it took touch_s)
+        "touch_s": watch["action_s"],
         "detected_by": watch["seen"]["detected"][1],
         "sa_moved_after_s": moved,
         "peer_icv_failures": dropped,
