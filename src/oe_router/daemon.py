@@ -550,6 +550,8 @@ class EspOffer:
         self._last_drivers: tuple[tuple[str, str], ...] | None = None
         self._tried: dict[str, str] = {}  # driver -> what lowering it did ("" while running)
         self.demotions: list[dict[str, Any]] = []
+        #: the last rekeys onto a new offer (``rekey_child``): when, how long, the outcome
+        self.moves: list[dict[str, Any]] = []
         offload.subscribe(self.on_update)
         if self.gate is not None:
             offload.report_extras.append(self.report_extra)
@@ -780,6 +782,21 @@ class EspOffer:
         outcome is read from the IKE SA's view of the Child SA: rekeyed or deleting means
         done; back to installed (for ``MOVE_SETTLE``) means the peer refused.
         """
+        started = self._clock()
+        error = await self._rekey_child(peer, spec)
+        self.moves.append(
+            {
+                "peer": str(peer),
+                "transform": esp_keyword(spec),
+                "at_s": round(started - self._started_at, 3),
+                "took_s": round(self._clock() - started, 3),
+                "error": error,
+            }
+        )
+        del self.moves[:-20]
+        return error
+
+    async def _rekey_child(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
         ep = self._ike.endpoint
         if ep is None:
             return "the IKE service is not running"
@@ -1009,6 +1026,8 @@ class EspOffer:
             "offload_demote": self._config.offload_demote,
             "transforms": transforms,
             "demotions": list(self.demotions),
+            "moves": list(self.moves),
+            "now_s": round(self._clock() - self._started_at, 3),
             "row": self.engine_row().to_json(),
         }
         return {"kernel_selftest": section}

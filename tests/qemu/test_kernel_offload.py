@@ -276,8 +276,12 @@ def test_a_failing_kernel_driver_is_withdrawn_and_live_child_sas_move(
                      "--trafficstatus").check().stdout  # fmt: skip
     assert WAN4 in ipsec, ipsec
     # GCM is out of the offer, and `oe offload` says why
+    t_doc = time.monotonic()
     doc = offload(lab)
     part = selftest(doc)
+    (move,) = [m for m in part["moves"] if m["peer"] == peer]
+    assert move["error"] is None and move["transform"] in GCM, move
+    detect_s = (t_doc - part["now_s"] + move["at_s"]) - t_fault  # fault -> withdrawn
     assert not set(GCM) & set(part["offer"]), part["offer"]
     assert {t for t, _ in doc["kernel_failed"]} >= set(GCM), doc["kernel_failed"]
     why = part["transforms"]["aes256gcm16"]["why_not"]
@@ -294,6 +298,8 @@ def test_a_failing_kernel_driver_is_withdrawn_and_live_child_sas_move(
         "reprove_s": round(reprove_s, 1),
         "move_s": round(move_s, 1),
         "moved_sa_up_after_s": round(up_s, 1),
+        "withdrawn_after_s": round(detect_s, 1),
+        "rekey_s": move["took_s"],
         "moved_to": child["transform"],
         "faulted": broken,
         "peer_dropped": dropped,

@@ -512,6 +512,8 @@ def _rekey(sa: FakeSa, monkeypatch: pytest.MonkeyPatch) -> str | None:
     spec = _spec("aes256gcm16", int.from_bytes(sa.spi_in, "big"))
     out = asyncio.run(offer.rekey_child(PEER, spec))
     assert flushed == ([handle] if not sa.error else [])
+    (move,) = offer.moves  # for `oe offload --json`: when, how long, the outcome
+    assert (move["peer"], move["transform"], move["error"]) == (str(PEER), "aes256gcm16", out)
     return out
 
 
