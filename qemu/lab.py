@@ -457,12 +457,14 @@ def router_setup_script(plan: Plan) -> str:
         "  chain forward {",
         "    type filter hook forward priority filter; policy drop;",
         "    ct state established,related accept",
-        '    iifname "lan" oifname "wan" accept',
+        # oe-esp0 (the userspace datapath's TUN) is in the wan zone, as the package's
+        # uci-defaults put it on OpenWrt (files/etc/uci-defaults/90_oe-firewall)
+        '    iifname "lan" oifname { "wan", "oe-esp0" } accept',
         "    meta l4proto { icmp, icmpv6 } accept",
         "  }",
         "  chain srcnat {",
         "    type nat hook postrouting priority srcnat; policy accept;",
-        '    meta nfproto ipv4 oifname "wan" masquerade',
+        '    meta nfproto ipv4 oifname { "wan", "oe-esp0" } masquerade',
         "  }",
         "}",
         "EOF",

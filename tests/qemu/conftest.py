@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -129,28 +128,6 @@ def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     path: Path = request.module.RESULTS
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-
-
-@pytest.fixture(scope="module")
-def tun_in_wan_zone(lab: Lab) -> Iterator[None]:
-    """The userspace datapath's TUN device (oe-esp0) in the lab firewall's wan zone.
-
-    The router's ``inet fw4`` forward chain (policy drop) forwards lan -> wan and ICMP only,
-    as OpenWrt's fw4 does for a device in no zone; a LAN flow routed into oe-esp0 (the
-    peer's SA is up) is otherwise dropped there, whatever the daemon's own tables accept.
-    On OpenWrt the device is listed in the wan zone (``uci add_list
-    firewall.@zone[1].device=oe-esp0``); here that is one forward rule, removed afterwards.
-    """
-    tag = "oe-lab: oe-esp0 in the wan zone"
-    rule = f'inet fw4 forward iifname "lan" oifname "oe-esp0" accept comment "{tag}"'
-    lab.router(f"nft insert rule {shlex.quote(rule)}").check()
-    try:
-        yield
-    finally:
-        lab.router(
-            f"for h in $(nft -a list chain inet fw4 forward | grep '{tag}' | "
-            "sed 's/.*# handle //'); do nft delete rule inet fw4 forward handle $h; done"
-        ).check()
 
 
 FAULTY_SOURCE = Path(__file__).resolve().parent / "data" / "esp_faulty.c"

@@ -19,8 +19,8 @@ on the world side), the peers' kernels (libreswan's SAs and ICV failure counters
 client's bytes (SHA-256 of what it fetched) and the virtio device's interrupt count; the
 daemon's own status is checked against them.
 
-The lab's firewall forwards LAN flows into the datapath's TUN device only with the
-``tun_in_wan_zone`` fixture (see its docstring: on OpenWrt the device belongs in the wan zone).
+The lab's firewall has the datapath's TUN device (oe-esp0) in its wan zone, as the package's
+uci-defaults put it on OpenWrt: fw4 forwards only between zones.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ ESP_IN_UDP = "udp port 4500 and udp[8:4] != 0"
 
 
 @pytest.fixture(scope="module")
-def userspace(lab: Lab, tun_in_wan_zone: None) -> Iterator[Lab]:
+def userspace(lab: Lab) -> Iterator[Lab]:
     """The module's daemon, once the virtio engine runs the CBC transforms (it is proven and
     the background measurements are done: traffic tests do not race start-up work)."""
     lab.router(f"rm -f {FAULT_FILE}").check()

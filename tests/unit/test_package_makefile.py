@@ -205,11 +205,16 @@ def test_conffiles_list_the_uci_config() -> None:
 def test_installed_files_exist_and_entry_points_are_the_project_scripts() -> None:
     body = _define("Py3Package/python3-oe/install")
     sources = re.findall(r"\$\(CURDIR\)/\.\./\.\./(\S+)", body)
-    assert sorted(sources) == ["files/etc/config/oe", "files/etc/init.d/oe"]
+    assert sorted(sources) == [
+        "files/etc/config/oe",
+        "files/etc/init.d/oe",
+        "files/etc/uci-defaults/90_oe-firewall",
+    ]
     for rel in sources:
         assert (REPO / rel).is_file(), f"{rel} is installed by the package but does not exist"
     assert "$(INSTALL_BIN) $(CURDIR)/../../files/etc/init.d/oe" in body
     assert "$(INSTALL_CONF) $(CURDIR)/../../files/etc/config/oe" in body
+    assert "$(INSTALL_BIN) $(CURDIR)/../../files/etc/uci-defaults/90_oe-firewall" in body
     wrappers = set(re.findall(r"\$\(PKG_INSTALL_DIR\)/usr/bin/(\S+)", body))
     assert wrappers == set(PYPROJECT["project"]["scripts"])
 
@@ -257,3 +262,15 @@ def test_gnu_make_parses_the_recipe_with_empty_buildroot_standins(tmp_path: Path
         f"BUILD_DIR=/build/python_oe-{PYPROJECT['project']['version']}",
         "CONFFILES=/etc/config/oe",
     ]
+
+
+def test_uci_defaults_put_the_userspace_tun_device_in_the_wan_zone() -> None:
+    """fw4 forwards only between zones: the TUN device the userspace datapath routes LAN
+    flows into must be in the wan zone, under the name the datapath gives it."""
+    from oe_router.datapath.userspace import UserspaceSettings
+
+    script = (REPO / "files/etc/uci-defaults/90_oe-firewall").read_text()
+    assert f"dev={UserspaceSettings().tun_name}\n" in script
+    assert "uci add_list \"firewall.$zone.device=$dev\"" in script
+    assert "name='wan'" in script and "uci commit firewall" in script
+    assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
