@@ -450,9 +450,10 @@ class _IkeWithNegotiator:
 PICK_INTERVAL = 10.0
 #: How long a move (a rekey onto the current offer) may take before it counts as failed.
 MOVE_TIMEOUT = 30.0
-#: A rekey whose Child SA went back to ``installed`` for this long was refused (a
-#: TEMPORARY_FAILURE retry puts it back for at most 4 s before trying again).
-MOVE_SETTLE = 5.0
+#: A rekey whose Child SA went back to ``installed`` for this long was refused. (A
+#: TEMPORARY_FAILURE retry also puts it back for a while: taking that for a refusal only
+#: means a new Child SA replaces it instead, and the queued rekey then finds it gone.)
+MOVE_SETTLE = 0.3
 
 SelfTestRunner = Callable[[Sequence[str], Callable[[SelfTestResult], None]], Awaitable[object]]
 
@@ -780,7 +781,8 @@ class EspOffer:
 
         The new SA reaches the OE manager as every rekey does (``adopt_inbound``). The
         outcome is read from the IKE SA's view of the Child SA: rekeyed or deleting means
-        done; back to installed (for ``MOVE_SETTLE``) means the peer refused.
+        done; back to installed (for ``MOVE_SETTLE``) means the peer refused (libreswan
+        refuses a rekey that changes the algorithms), and the manager replaces it.
         """
         started = self._clock()
         error = await self._rekey_child(peer, spec)

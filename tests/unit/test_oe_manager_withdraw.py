@@ -133,24 +133,49 @@ def test_a_successful_move_is_finished_by_the_rekeyed_sa(mgr: OeManager) -> None
     assert mgr.moved(move.child_id, None, 2.1) == []  # a late outcome for a gone SA
 
 
-def test_a_refused_move_renegotiates_then_falls_back_per_group(mgr: OeManager) -> None:
+def test_a_refused_move_makes_a_new_child_sa_before_the_old_goes(mgr: OeManager) -> None:
     old = _up(mgr, P1, 0x100, 0.0)
     (move,) = mgr.withdraw(gcm_withdrawn, 1.0)
     acts = mgr.moved(move.child_id, "the peer took none of the current offer", 1.5)
-    assert only(acts, RemoveChild) == [RemoveChild(old)]
-    assert [s.child for s in only(acts, SendDelete)] == [old]
-    # nothing passes meanwhile: the group's trap (0.0.0.0/0) holds the flow again
-    assert all(a.policy.action is PolicyAction.TRAP for a in only(acts, InstallPolicy))
+    assert only(acts, RemoveChild) == [] and only(acts, SendDelete) == []  # still carrying
     (neg,) = only(acts, Negotiate)
     assert neg.request.peer == P1
-    # the new negotiation runs with the new offer; if it fails too, private-or-clear passes
+    assert [t.state for t in mgr.tunnels(1.6)] == ["rekeying", "negotiating"]
+    assert mgr.withdraw(gcm_withdrawn, 1.7) == []  # being replaced: no second move
+    new = _spec(P1, 0x300, gcm=False)
+    (inst,) = mgr.negotiated(neg.ticket, NegotiationResult(new), 2.0)
+    assert isinstance(inst, InstallChild)
+    out = mgr.installed(inst.ticket, replace(inst.spec, reqid=0x4F450300), None, 2.0)
+    # the new SA's policies replaced the old one's: the old SAs go without theirs
+    assert only(out, RemoveChild) == [RemoveChild(old, remove_policies=False)]
+    assert [s.child for s in only(out, SendDelete)] == [old]
+    (row,) = mgr.tunnels(3.0)
+    assert (row.state, row.transform) == ("established", "AES_CBC")
+
+
+def _not_traps(actions: list[Action]) -> list[PolicyAction]:
+    return [
+        a.policy.action
+        for a in only(actions, InstallPolicy)
+        if a.policy.action is not PolicyAction.TRAP
+    ]
+
+
+def test_a_refused_move_that_cannot_be_replaced_falls_back_per_group(mgr: OeManager) -> None:
+    old = _up(mgr, P1, 0x100, 0.0)
+    (move,) = mgr.withdraw(gcm_withdrawn, 1.0)
+    acts = mgr.moved(move.child_id, "the peer took none of the current offer", 1.5)
+    (neg,) = only(acts, Negotiate)
     out = mgr.negotiated(neg.ticket, NegotiationResult(None, "NO_PROPOSAL_CHOSEN"), 2.0)
-    (shunt,) = [a.policy for a in only(out, InstallPolicy)]
-    assert shunt.action is PolicyAction.PASS
+    # the broken driver's SA goes, with its policies, and the group decides
+    assert only(out, RemoveChild) == [RemoveChild(old)]
+    assert [s.child for s in only(out, SendDelete)] == [old]
+    assert _not_traps(out) == [PolicyAction.PASS]
     (s,) = mgr.shunts(2.0)
     assert "aes256gcm16 was withdrawn" in s.reason
     assert "the rekey failed: the peer took none of the current offer" in s.reason
     assert "NO_PROPOSAL_CHOSEN" in s.reason
+    assert mgr.tunnels(2.0) == ()
 
 
 def test_a_private_peer_whose_move_fails_gets_a_drop_shunt_never_clear(mgr: OeManager) -> None:
@@ -158,8 +183,7 @@ def test_a_private_peer_whose_move_fails_gets_a_drop_shunt_never_clear(mgr: OeMa
     (move,) = mgr.withdraw(gcm_withdrawn, 1.0)
     (neg,) = only(mgr.moved(move.child_id, "no rekey within 30s", 31.0), Negotiate)
     out = mgr.negotiated(neg.ticket, NegotiationResult(None, "no answer"), 40.0)
-    (shunt,) = [a.policy for a in only(out, InstallPolicy)]
-    assert shunt.action is PolicyAction.DROP
+    assert _not_traps(out) == [PolicyAction.DROP]
 
 
 def test_a_responder_only_child_whose_move_fails_just_goes(mgr: OeManager) -> None:

@@ -279,6 +279,9 @@ class _Want:
     rule: Rule
     waiters: set[int] = field(default_factory=set)
     cause: str = ""  #: why we negotiate again (a shunt's reason names it)
+    #: Child SAs the new one replaces (make-before-break: a move the peer refused as a
+    #: rekey); they go once it is in, or when the negotiation fails
+    replaces: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -619,7 +622,8 @@ class OeManager:
         p.queue.pop(want.selector, None)
         if want.cause:
             reason = f"{want.cause}, then {reason}"
-        actions = self._shunt(p.addr, want.selector, want.rule.group, reason, now)
+        actions = self._drop_replaced(want)  # a broken driver's SA goes either way
+        actions += self._shunt(p.addr, want.selector, want.rule.group, reason, now)
         actions += self._resolve(want, p.addr, False)
         p.in_flight = None
         return actions + self._start_next(p, now)
@@ -760,8 +764,18 @@ class OeManager:
                 self._cat_pass.add(t.peer)
                 actions.append(InstallPolicy(own))
         actions += self._add_lan_pass(t.peer)  # before the waiters' first packets
+        actions += self._drop_replaced(want)  # (a same-selector one was superseded above)
         actions += self._resolve(want, t.peer, True)
         return actions + self._start_next(p, now)
+
+    def _drop_replaced(self, want: _Want) -> list[Action]:
+        actions: list[Action] = []
+        for child_id in sorted(want.replaces):
+            c = self._find_child(child_id)
+            if c is not None:
+                actions += self._remove_child(c, tell_peer=True)
+        want.replaces.clear()
+        return actions
 
     def _supersede(self, p: _Peer, selector: TrafficSelector) -> list[Action]:
         """A new Child SA for a flow that already has one (both ends initiated, or the
@@ -926,22 +940,35 @@ class OeManager:
 
     def moved(self, child_id: int, error: str | None, now: float) -> list[Action]:
         """The outcome of a ``MoveChild``. Success: the rekeyed SA supersedes this one
-        (``adopt_inbound``), nothing to do here. Failure (the peer took nothing we still
-        offer, or the IKE SA could not rekey): the Child SA goes, as after a liveness
-        failure, and a flow of a group that initiates is negotiated afresh with the new
-        offer; if that fails too, the group's failure shunt follows with both reasons."""
+        (``adopt_inbound``), nothing to do here. Failure (the peer refused the rekey:
+        libreswan keeps a rekeyed Child SA on its old algorithms, as RFC 7296 2.8 says it
+        SHOULD; or the IKE SA could not rekey): for a group that initiates, a new Child SA
+        for the flow is negotiated with the new offer next to the old one (make before
+        break), which it replaces once it is in; if that fails too, the old one goes and
+        the group's failure shunt follows with both reasons. Other groups just lose it."""
         c = self._find_child(child_id)
         if c is None:
             return []
-        reason, c.moving = c.moving, ""
         if error is None:
+            c.moving = ""
             return []
-        log.warning("peer %s: moving its Child SA failed: %s; removing it", c.peer, error)
+        reason = c.moving or "its transform was withdrawn"
         rule = self.table.lookup(c.peer, c.selector.proto, c.selector.port)
-        actions = self._remove_child(c, tell_peer=True)
-        if rule is not None and rule.group.initiates and c.peer.version in self.wan:
-            cause = f"{reason or 'its transform was withdrawn'}; the rekey failed: {error}"
-            actions += self._want(c.peer, rule, None, now, cause)
+        if rule is None or not rule.group.initiates or c.peer.version not in self.wan:
+            log.warning("peer %s: moving its Child SA failed: %s; removing it", c.peer, error)
+            return self._remove_child(c, tell_peer=True)
+        log.warning(
+            "peer %s: the rekey was refused (%s); negotiating a new Child SA to replace it",
+            c.peer,
+            error,
+        )
+        c.moving = f"{reason}; replacing it (the rekey failed: {error})"
+        actions = self._want(c.peer, rule, None, now, f"{reason}; the rekey failed: {error}")
+        want = self._peer(c.peer).queue.get(flow_selector(c.peer, rule))
+        if want is not None:
+            want.replaces.add(c.id)
+        else:  # nothing to replace it with: it goes
+            actions += self._remove_child(c, tell_peer=True)
         return actions
 
     def peer_deleted(self, peer: IPAddress, spis: Iterable[int] | None, now: float) -> list[Action]:
