@@ -1,6 +1,6 @@
 """The kernel datapath's ESP offer: gated by the end-to-end self-test, demotion, moves.
 
-Why these tests: ``daemon.EspOffer`` decides what IKE may offer for kernel ESP. A
+Why these tests: ``esp_offer.EspOffer`` decides what IKE may offer for kernel ESP. A
 transform is offered only once an XFRM SA pair with it carried real ESP intact on the
 driver the kernel picks now (``datapath.selftest``), preferred first and each as soon as
 it passed; a driver that fails (KAT, canary, self-test) is lowered with ``offload_demote``
@@ -21,7 +21,7 @@ from typing import Any
 import dns.name
 import pytest
 
-import oe_router.daemon as D
+import oe_router.esp_offer as D
 from oe_router.config import OeConfig
 from oe_router.config.schema import DEFAULT_ESP_PROPOSALS, PolicyConfig, parse_policy_entry
 from oe_router.datapath.base import (

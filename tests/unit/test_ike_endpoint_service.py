@@ -256,3 +256,30 @@ async def test_ipv6_up_and_down() -> None:
     finally:
         await a.stop()
         await b.stop()
+
+
+@run_async
+async def test_set_esp_proposals_reaches_live_sas_and_rekey_child_moves_or_is_refused() -> None:
+    """``set_esp_proposals`` changes what live IKE SAs offer; ``rekey_child`` rekeys one
+    Child SA onto it (None: the old SA is on its way out), or reports REKEY_REFUSED when
+    the peer takes none of it (as libreswan does for a rekey that changes algorithms)."""
+    from oe_router.ike.constants import EncrId
+    from oe_router.ike.proposals import esp_offer
+    from oe_router.ike.service import REKEY_REFUSED
+
+    async with two() as (a, b):
+        p = await a.up(LO)
+        await settle()
+        (spi_in,) = p.children
+        assert p.children[spi_in].event.encr == EncrId.AES_GCM_16
+        a.set_esp_proposals(esp_offer(("chacha20poly1305",)))
+        assert p.handle.sa.config.esp_proposals == esp_offer(("chacha20poly1305",))
+        assert await a.rekey_child(LO, spi_in, timeout=5.0, settle=0.3) is None
+        await settle()
+        (new,) = p.children
+        assert new != spi_in and p.children[new].event.encr == EncrId.CHACHA20_POLY1305
+        b.set_esp_proposals(esp_offer(("chacha20poly1305",)))  # the peer: nothing else
+        a.set_esp_proposals(esp_offer(("aes128-sha256",)))
+        assert await a.rekey_child(LO, new, timeout=5.0, settle=0.3) == REKEY_REFUSED
+        assert list(p.children) == [new]  # the old SA stays when the move is refused
+        assert "no IKE SA" in str(await a.rekey_child(LO, b"\0\0\0\1", timeout=1, settle=0.1))

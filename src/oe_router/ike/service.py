@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -65,6 +66,7 @@ __all__ = [
     "ChildSaSink",
     "IkeService",
     "IkeUpError",
+    "REKEY_REFUSED",
     "PeerSa",
     "RecordingSink",
     "child_sa_spec",
@@ -295,6 +297,10 @@ def child_sa_spec(
     )
 
 
+#: ``IkeService.rekey_child``: the peer answered the rekey with a refusal
+REKEY_REFUSED = "the peer refused the rekey"
+
+
 # --------------------------------------------------------------------------- per-peer state
 
 
@@ -467,6 +473,65 @@ class IkeService:
         if self.endpoint is None:
             raise IkeError("the IKE service is not running")
         return self.endpoint
+
+    # ------------------------------------------------------------------ ESP offer
+    def set_esp_proposals(self, proposals: tuple[EspProposalSpec, ...]) -> None:
+        """Offer these ESP transforms from now on: new IKE SAs, and the Child SAs and
+        rekeys of live ones (ours and what we accept from peers)."""
+        self.esp_proposals = proposals
+        for p in self.sas:
+            sa = p.handle.sa
+            if sa.config.esp_proposals != proposals:
+                sa.config = dataclasses.replace(sa.config, esp_proposals=proposals)
+
+    async def rekey_child(
+        self,
+        peer: str,
+        spi_in: bytes,
+        *,
+        timeout: float,
+        settle: float,
+        clock: Callable[[], float] | None = None,
+    ) -> str | None:
+        """Rekey one Child SA now with the current ESP offer (CREATE_CHILD_SA, REKEY_SA).
+
+        None once the old SA is on its way out (rekeyed, deleting, or gone with its IKE
+        SA); ``REKEY_REFUSED`` when the peer refused (the Child SA is back to installed
+        for ``settle`` seconds after rekeying: libreswan refuses a rekey that changes
+        the algorithms, RFC 7296 §2.8); else why it could not be tried.
+        """
+        now = clock or self._clock
+        ep = self.endpoint
+        if ep is None:
+            return "the IKE service is not running"
+        p = next((p for p in self.sas if p.peer == peer and spi_in in p.children), None)
+        if p is None:
+            return f"no IKE SA with {peer} carries this Child SA"
+        sa = p.handle.sa
+
+        def state() -> str | None:
+            return next((c.state for c in sa.child_sas() if c.spi_in == spi_in), None)
+
+        try:
+            sa.rekey_child(spi_in, self.now())
+        except IkeError as exc:
+            if state() != "rekeying":  # the core's own rekey may be on its way
+                return f"cannot rekey it: {exc}"
+        ep.flush(p.handle)
+        seen, since = state() == "rekeying", None
+        deadline = now() + timeout
+        while now() < deadline:
+            current = state()
+            if p not in self.sas or current not in ("installed", "rekeying"):
+                return None
+            if current == "rekeying":
+                seen, since = True, None
+            elif seen:
+                since = now() if since is None else since
+                if now() - since >= settle:
+                    return REKEY_REFUSED
+            await asyncio.sleep(0.02)
+        return f"no rekey within {timeout:g}s"
 
     # ------------------------------------------------------------------ configs
     def _local_for(self, peer: str) -> str:

@@ -1,0 +1,606 @@
+"""The ESP transforms IKE offers, kept in step with the datapath and the crypto engines.
+
+Why a module of its own: the offer depends on things that change apart: the config (an
+explicit ``esp_proposal`` always wins), the active datapath (only what it can run is
+offered), the offload layer's findings (with ``offload auto`` the transform the fastest
+proven engine runs comes first) and, for kernel ESP, the end-to-end self-test of the
+kernel's own driver per transform (a transform is offered once it passed, withdrawn when
+its driver fails, and live Child SAs on it move to one still offered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from oe_router.config import OeConfig
+from oe_router.config.schema import DEFAULT_ESP_PROPOSALS
+from oe_router.control import (
+    EngineStatus,
+    StatusContribution,
+)
+from oe_router.control.status import EngineTransformStatus
+from oe_router.datapath.base import ChildSaSpec, IPAddress
+from oe_router.datapath.selftest import (
+    SelfTestGate,
+    SelfTestResult,
+    demotion_targets,
+    esp_selftest_all,
+    kernel_picks,
+    summary,
+)
+from oe_router.ike.proposals import ESP_KEYWORDS, esp_offer
+from oe_router.ike.service import REKEY_REFUSED, IkeService
+from oe_router.offload.engine import transform
+from oe_router.offload.service import OffloadService, OffloadUpdate
+
+log = logging.getLogger("oe_router.daemon")
+
+
+#: The kernel's picks are read again this often (seconds) even when the offload layer
+#: reports nothing (no AF_ALG): a pick that moved is self-tested again before it is offered.
+PICK_INTERVAL = 10.0
+#: How long a move (a rekey onto the current offer) may take before it counts as failed.
+MOVE_TIMEOUT = 30.0
+#: A rekey whose Child SA went back to ``installed`` for this long was refused. (A
+#: TEMPORARY_FAILURE retry also puts it back for a while: taking that for a refusal only
+#: means a new Child SA replaces it instead, and the queued rekey then finds it gone.)
+MOVE_SETTLE = 0.3
+
+SelfTestRunner = Callable[[Sequence[str], Callable[[SelfTestResult], None]], Awaitable[object]]
+
+
+async def _run_selftests(
+    transforms: Sequence[str], on_result: Callable[[SelfTestResult], None]
+) -> object:
+    return await esp_selftest_all(transforms, on_result=on_result)
+
+
+def _lower_priority(driver: str) -> tuple[int, int]:
+    """(priority before, after) of ``driver`` ranked below the next implementation."""
+    from oe_router.offload.crypto_user import CryptoUser
+
+    with CryptoUser() as cu:
+        before = cu.get_alg(driver).priority
+        return before, cu.lower_priority(driver).priority
+
+
+def esp_keyword(spec: Any) -> str | None:
+    """The ``esp_proposal`` keyword of a Child SA's transform (None if it has none)."""
+    try:
+        bits = len(spec.outbound.encr_key) * 8 - spec.encr.salt_bits
+        integ = spec.integ.ike_id if spec.integ is not None else None
+        encr = spec.encr.ike_id
+    except AttributeError:
+        return None
+    for name, p in ESP_KEYWORDS.items():
+        if p.encr == encr and p.integ == integ and p.key_bits in (None, bits):
+            return name
+    return None
+
+
+class EspOffer:
+    """Keeps IKE's ESP offer and the userspace datapath's engines in step with offload.
+
+    Why a service of its own: the offer depends on things that change apart: the
+    config (an explicit ``esp_proposal`` always wins), the active datapath (only what it
+    can run is offered) and the offload layer's findings (with ``offload auto`` and no
+    explicit list, the transform the fastest proven engine runs comes first; a kernel
+    driver that fails its known-answer test is never offered for kernel ESP).
+
+    On the kernel datapath it also runs the end-to-end ESP self-test
+    (``datapath.selftest``): a transform is offered only once an SA pair with it carried
+    real ESP intact between two throw-away namespaces, on the driver the kernel picks
+    now. The preferred transform is tested first and each is offered as soon as it
+    passed; until the first one has, the offer is empty and the OE service waits for it
+    (``wait_offer``). The kernel's picks are read after every offload publication and
+    every ``PICK_INTERVAL``; a transform whose pick moved is tested again. A driver that
+    fails (KAT, canary or self-test) is lowered below the next implementation when
+    ``offload_demote`` is on, and the transform comes back once it passes again. Live
+    IKE SAs get every new offer, and Child SAs on a withdrawn transform are rekeyed onto
+    it (``listeners`` -> ``OeService.offer_changed``, ``rekey_child``).
+    """
+
+    def __init__(
+        self,
+        ike: IkeService,
+        offload: OffloadService,
+        datapath: str,
+        *,
+        selftest: bool | None = None,
+        run_selftests: SelfTestRunner = _run_selftests,
+        read_picks: Callable[[], Mapping[str, str | None]] = kernel_picks,
+        demote: Callable[[str], tuple[int, int]] = _lower_priority,
+        clock: Callable[[], float] = time.monotonic,
+        pick_interval: float = PICK_INTERVAL,
+    ) -> None:
+        """``selftest``: gate the offer by the ESP self-test (default: on the kernel
+        datapath); the rest are seams for tests (the runner, the kernel's picks, the
+        NETLINK_CRYPTO demotion) and the clock."""
+        self._ike = ike
+        self._offload = offload
+        self._datapath = datapath  # "kernel" | "userspace"
+        self._config = OeConfig()
+        self._update: OffloadUpdate | None = None
+        self._userspace: Any = None
+        self.offer: tuple[str, ...] = ()
+        #: called (no arguments) whenever the offer changed
+        self.listeners: list[Callable[[], None]] = []
+        use_gate = datapath == "kernel" if selftest is None else selftest
+        self.gate: SelfTestGate | None = SelfTestGate() if use_gate else None
+        self._run_selftests = run_selftests
+        self._read_picks = read_picks
+        self._demote = demote
+        self._clock = clock
+        self._pick_interval = pick_interval
+        self._started_at = clock()
+        self._first_offer_s: float | None = None
+        self._first_round_s: float | None = None
+        self._kick = asyncio.Event()
+        self._nonempty = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._checking = False
+        self._last_drivers: tuple[tuple[str, str], ...] | None = None
+        self._tried: dict[str, str] = {}  # driver -> what lowering it did ("" while running)
+        self.demotions: list[dict[str, Any]] = []
+        #: the last rekeys onto a new offer (``rekey_child``): when, how long, the outcome
+        self.moves: list[dict[str, Any]] = []
+        offload.subscribe(self.on_update)
+        if self.gate is not None:
+            offload.report_extras.append(self.report_extra)
+
+    @property
+    def name(self) -> str:
+        return "esp-offer"
+
+    def attach_userspace(self, dp: Any) -> None:
+        self._userspace = dp
+
+    async def start(self, config: OeConfig) -> None:
+        self._config = config
+        self._started_at = self._clock()
+        if self.gate is not None:
+            self.gate.want(self._base())
+            self._spawn(self._selftest_loop())
+            self._spawn(self._pick_loop())
+            self._kick.set()
+        self.apply()
+
+    async def reload(self, config: OeConfig) -> None:
+        demote_on = config.offload_demote and not self._config.offload_demote
+        self._config = config
+        if demote_on:  # failed attempts get another chance (crypto_user may be loaded now)
+            self._tried = {d: r for d, r in self._tried.items() if r.startswith("lowered")}
+        if self.gate is not None:
+            self.gate.want(self._base())
+            self._kick.set()
+        self.apply()
+        self._consider_demotion()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def status(self) -> StatusContribution:
+        if self.gate is None:
+            return StatusContribution()
+        return StatusContribution(engines=(self.engine_row(),))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("esp-offer task failed: %s: %s", type(exc).__name__, exc)
+
+    # -- the offer ------------------------------------------------------------------
+    def on_update(self, update: OffloadUpdate) -> None:
+        self._update = update
+        if self.gate is not None:
+            self.gate.want(self._base())
+            if update.kernel_drivers != self._last_drivers:
+                self._last_drivers = update.kernel_drivers
+                self._check_picks_soon()
+            self._kick.set()
+        self.apply()
+        self._consider_demotion()
+
+    def engine_for(self, spec: Any) -> str:
+        """The engine that runs a Child SA's ESP, for ``oe status``: the userspace
+        datapath's engines by packet size, or the kernel's own driver for kernel ESP."""
+        if self._userspace is not None:
+            return str(self._userspace.engine_for(spec))
+        up = self._update
+        try:
+            bits = len(spec.outbound.encr_key) * 8 - spec.encr.salt_bits
+            name = transform(spec.encr.ike_id, bits, spec.integ.ike_id if spec.integ else None).name
+        except Exception:
+            return "kernel"
+        driver = dict(up.kernel_drivers).get(name, "") if up is not None else ""
+        return f"kernel ({driver})" if driver else "kernel"
+
+    def _base(self) -> tuple[str, ...]:
+        return tuple(self._config.ike.esp_proposals or DEFAULT_ESP_PROPOSALS)
+
+    def _ranked(self) -> tuple[str, ...]:
+        """The keywords the datapath can run, in order, before the self-test's say."""
+        cfg, up = self._config, self._update
+        explicit = cfg.ike.esp_proposals
+        base = self._base()
+        if up is None:
+            return base
+        if self._datapath == "userspace":
+            runnable = {c.transform for c in up.table.choices if c.bands}
+        else:
+            runnable = set(base)
+            if up.kernel_checked:  # every transform AF_ALG runs here has a verdict
+                runnable &= set(up.kernel_usable)
+        if explicit or cfg.offload != "auto":
+            return tuple(n for n in base if n in runnable)
+        ranked = up.proposal if self._datapath == "userspace" else up.kernel_proposal
+        fast = [n for n in ranked if n in runnable and n in base]
+        return tuple(fast + [n for n in base if n in runnable and n not in fast])
+
+    def names(self) -> tuple[str, ...]:
+        """The keywords offered, in order."""
+        ranked = self._ranked()
+        if self.gate is None:
+            return ranked
+        return tuple(n for n in ranked if self.gate.allows(n))
+
+    def apply(self) -> None:
+        names = self.names()
+        changed = names != self.offer
+        if changed:
+            if self.offer or names != self._base():
+                log.info("ESP offer: %s", ", ".join(names) or "nothing (no usable transform)")
+            self.offer = names
+        self._ike.set_esp_proposals(esp_offer(names))
+        if names:
+            if self._first_offer_s is None:
+                self._first_offer_s = round(self._clock() - self._started_at, 3)
+            self._nonempty.set()
+        else:
+            self._nonempty.clear()
+        up = self._update
+        if self._userspace is not None and up is not None:
+            self._userspace.set_engine_table(up.table.to_json(), self._config.offload_canary)
+        if changed:
+            for listener in list(self.listeners):
+                listener()
+
+    # -- what the OE service asks (oe.service.EspOfferHooks) ------------------------------
+    def empty_reason(self) -> str | None:
+        if self.offer:
+            return None
+        if self.gate is not None and self.gate.busy:
+            return "no ESP transform has passed the kernel datapath's self-test yet"
+        why = [self.why_not(n) for n in self._base()]
+        return "no ESP transform is usable: " + "; ".join(f"{n}: {w}" for n, w in zip(
+            self._base(), why, strict=True) if w)  # fmt: skip
+
+    async def wait_offer(self, timeout: float) -> str | None:
+        if not self.offer and self.gate is not None and self.gate.busy:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._nonempty.wait()
+        return self.empty_reason()
+
+    def _failure(self, name: str) -> str | None:
+        """Why ``name``'s kernel driver is known to be broken, or None."""
+        up = self._update
+        if self._datapath != "kernel":
+            return None
+        if up is not None:
+            for t, driver in up.kernel_failed:
+                if t == name:
+                    return f"the kernel's pick {driver or '?'} failed its known-answer test"
+        r = self.gate.failed().get(name) if self.gate is not None else None
+        if r is not None:
+            return f"its ESP self-test failed on {r.driver or 'the kernel pick'}"
+        return None
+
+    def withdrawn(self, spec: ChildSaSpec) -> str | None:
+        """Why this Child SA's transform left the offer for a broken driver (None: it
+        did not, or only for now: untested, stale, or no longer configured)."""
+        name = esp_keyword(spec)
+        if name is None or name in self.offer:
+            return None
+        why = self._failure(name)
+        return None if why is None else f"{name} was withdrawn: {why}"
+
+    def why_not(self, name: str) -> str:
+        """Why ``name`` is not offered ("" when it is)."""
+        if name in self.offer:
+            return ""
+        up = self._update
+        if name not in self._ranked():
+            why = self._failure(name)
+            if why is None and up is not None and self._datapath == "userspace":
+                why = "no proven engine runs it"
+            why = why or "not in the ESP proposal list"
+        elif self.gate is not None:
+            r = self.gate.result(name)
+            row = next((x for x in self.gate.rows() if x.transform == name), None)
+            if r is None:
+                why = "waiting for its ESP self-test"
+            elif row is not None and row.stale:
+                why = f"ESP self-test again ({row.note or 'the kernel pick changed'})"
+            else:
+                why = f"its ESP self-test failed on {r.driver or 'the kernel pick'}: {r.detail}"
+        else:
+            why = "not usable"
+        driver = self._failed_driver(name)
+        if driver:
+            tried = [self._tried.get(d) for d in demotion_targets(driver)]
+            done = "; ".join(f"offload_demote: {t}" for t in tried if t)
+            if done:
+                why += f"; {done}"
+            elif not self._config.offload_demote:
+                why += (
+                    f"; offload_demote is off: {driver} keeps its priority "
+                    "(set oe.global.offload_demote 1 to rank it below the next implementation)"
+                )
+        return why
+
+    def _failed_driver(self, name: str) -> str:
+        up = self._update
+        if self._datapath != "kernel":
+            return ""
+        if up is not None:
+            for t, driver in up.kernel_failed:
+                if t == name and driver:
+                    return driver
+        r = self.gate.failed().get(name) if self.gate is not None else None
+        return (r.driver or "") if r is not None else ""
+
+    async def rekey_child(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
+        """Rekey one Child SA now with the current offer (the IKE core's CREATE_CHILD_SA
+        with REKEY_SA); None once the old SA is on its way out, else why not.
+
+        The new SA reaches the OE manager as every rekey does (``adopt_inbound``). The
+        outcome is read from the IKE SA's view of the Child SA: rekeyed or deleting means
+        done; back to installed (for ``MOVE_SETTLE``) means the peer refused (libreswan
+        refuses a rekey that changes the algorithms), and the manager replaces it.
+        """
+        started = self._clock()
+        error = await self._rekey_child(peer, spec)
+        self.moves.append(
+            {
+                "peer": str(peer),
+                "transform": esp_keyword(spec),
+                "at_s": round(started - self._started_at, 3),
+                "took_s": round(self._clock() - started, 3),
+                "error": error,
+            }
+        )
+        del self.moves[:-20]
+        return error
+
+    async def _rekey_child(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
+        error = await self._ike.rekey_child(
+            str(peer),
+            spec.inbound.spi.to_bytes(4, "big"),
+            timeout=MOVE_TIMEOUT,
+            settle=MOVE_SETTLE,
+            clock=self._clock,
+        )
+        if error == REKEY_REFUSED:
+            return f"the peer took none of the current offer ({', '.join(self.offer)})"
+        return error
+
+    # -- the self-test ------------------------------------------------------------------
+    async def _selftest_loop(self) -> None:
+        gate = self.gate
+        assert gate is not None
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            while batch := gate.next_batch():
+                log.info("ESP self-test of %s on the kernel datapath", ", ".join(batch))
+                try:
+                    await self._run_selftests(batch, self._on_result)
+                except asyncio.CancelledError:
+                    gate.interrupted(batch)
+                    raise
+                except Exception as exc:
+                    why = f"the self-test could not run: {type(exc).__name__}: {exc}"
+                    log.error("ESP self-test of %s: %s", ", ".join(batch), why)
+                    for t in [r.transform for r in gate.rows() if r.state == "running"]:
+                        self._on_result(SelfTestResult(t, False, 0, 0, 0, why, inconclusive=True))
+                gate.interrupted(batch)
+                if self._first_round_s is None and not gate.busy:
+                    self._first_round_s = round(self._clock() - self._started_at, 3)
+                await self._check_picks()
+
+    def _on_result(self, result: SelfTestResult) -> None:
+        assert self.gate is not None
+        self.gate.finished(result, self._clock())
+        line = summary(result)
+        if result.passed:
+            log.info("%s", line)
+        elif result.inconclusive:
+            log.error("%s (offered on its known-answer test alone)", line)
+        else:
+            log.error("%s: not offered for kernel ESP", line)
+        self.apply()
+        if not result.passed and not result.inconclusive:
+            self._consider_demotion()
+
+    def _check_picks_soon(self) -> None:
+        if self.gate is not None and not self._checking:
+            self._spawn(self._check_picks())
+
+    async def _check_picks(self) -> None:
+        gate = self.gate
+        if gate is None or self._checking:
+            return
+        self._checking = True
+        try:
+            picks = await asyncio.to_thread(self._read_picks)
+        except Exception as exc:  # the self-test then keeps its results
+            log.warning("reading the kernel's crypto picks failed: %s", exc)
+            return
+        finally:
+            self._checking = False
+        moved = gate.picks(picks)
+        if moved:
+            log.info("the kernel's pick changed for %s: self-testing again", ", ".join(moved))
+            self.apply()
+            self._kick.set()
+
+    async def _pick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._pick_interval)
+            await self._check_picks()
+
+    # -- offload_demote -------------------------------------------------------------------
+    def _consider_demotion(self) -> None:
+        """Lower each failing kernel pick once (``offload_demote``): KAT, canary or
+        self-test failures of the driver the kernel picks now."""
+        if not self._config.offload_demote or self._datapath != "kernel":
+            return
+        failing: dict[str, tuple[list[str], str]] = {}  # driver -> (transforms, why)
+        up = self._update
+        for t, driver in up.kernel_failed if up is not None else ():
+            if driver:
+                failing.setdefault(driver, ([], "its known-answer test failed"))[0].append(t)
+        for t, r in (self.gate.failed() if self.gate is not None else {}).items():
+            if r.driver:
+                why = f"its ESP self-test failed: {r.detail}"
+                failing.setdefault(r.driver, ([], why))[0].append(t)
+        for driver, (names, why) in failing.items():
+            target = next((d for d in demotion_targets(driver) if d not in self._tried), None)
+            if target is not None:
+                self._tried[target] = ""
+                self._spawn(self._lower(target, driver, tuple(dict.fromkeys(names)), why))
+
+    async def _lower(self, target: str, driver: str, names: tuple[str, ...], why: str) -> None:
+        transform_name = names[0]
+        record: dict[str, Any] = {
+            "driver": target,
+            "kernel_pick": driver,
+            "transform": transform_name,
+            "transforms": list(names),
+            "why": why,
+            "at_s": round(self._clock() - self._started_at, 3),
+        }
+        try:
+            before, after = await asyncio.to_thread(self._demote, target)
+        except Exception as exc:
+            self._tried[target] = f"could not lower {target}: {exc}"
+            record["error"] = str(exc)
+            self.demotions.append(record)
+            log.error(
+                "offload_demote: %s failed %s (%s); lowering %s failed: %s",
+                driver,
+                transform_name,
+                why,
+                target,
+                exc,
+            )
+            self.apply()
+            return
+        record.update(priority_before=before, priority_after=after)
+        self.demotions.append(record)
+        self._tried[target] = f"lowered {target} from priority {before} to {after}"
+        log.warning(
+            "offload_demote: the kernel's pick %s failed %s (%s): lowered %s's priority "
+            "from %d to %d; testing what the kernel picks now",
+            driver,
+            transform_name,
+            why,
+            target,
+            before,
+            after,
+        )
+        if self.gate is not None:
+            affected = set(names)
+            for row in self.gate.rows():
+                used = row.result.driver if row.result is not None else None
+                if used and target in re.split(r"[(),]", used):
+                    affected.add(row.transform)
+            self.gate.invalidate(sorted(affected), f"{target}'s priority was lowered")
+            self._kick.set()
+        self._offload.rescan()  # the KATs run again on the new pick
+        self.apply()
+
+    # -- status ------------------------------------------------------------------------------
+    def engine_row(self) -> EngineStatus:
+        """The self-test as an engine row of ``oe status`` / ``oe offload``: one line per
+        transform with the driver it ran on, its verdict and why it is not offered."""
+        gate = self.gate
+        assert gate is not None
+        kat = {"passed": "passed", "failed": "failed", "inconclusive": "inconclusive",
+               "untestable": "untested"}  # fmt: skip
+        rows = []
+        for r in gate.rows():
+            res = r.result
+            verdict = "pending" if r.stale else kat.get(r.state, "pending")
+            rows.append(
+                EngineTransformStatus(
+                    transform=r.transform,
+                    driver=(res.driver or "") if res is not None else "",
+                    kat=verdict,
+                    reason=self.why_not(r.transform),
+                    in_use_for="all" if r.transform in self.offer else "",
+                )
+            )
+        drivers = list(dict.fromkeys(t.driver for t in rows if t.driver))
+        state = "proving" if gate.busy else "ready"
+        return EngineStatus(
+            name="kernel-esp",
+            driver=", ".join(drivers),
+            kind="kernel",
+            proven=any(t.kat == "passed" for t in rows),
+            selected=bool(self.offer),
+            state=state,
+            reason="" if self.offer else (self.empty_reason() or ""),
+            transforms=tuple(rows),
+            in_use_for=tuple(f"{n}@all" for n in self.offer),
+        )
+
+    def report_extra(self) -> dict[str, Any]:
+        """``oe offload --json``: the section ``kernel_selftest`` (the row is in ``engine_row``
+        for ``oe status``: the self-test is no engine of the offload table)."""
+        gate = self.gate
+        assert gate is not None
+        transforms: dict[str, Any] = {}
+        for r in gate.rows():
+            res = r.result
+            transforms[r.transform] = {
+                "state": r.state,
+                "stale": r.stale,
+                "note": r.note,
+                "offered": r.transform in self.offer,
+                "why_not": self.why_not(r.transform),
+                "at_s": None if r.at is None else round(r.at - self._started_at, 3),
+                "result": None if res is None else dataclasses.asdict(res),
+            }
+        section = {
+            "offer": list(self.offer),
+            "first_offer_s": self._first_offer_s,
+            "first_round_s": self._first_round_s,
+            "busy": gate.busy,
+            "offload_demote": self._config.offload_demote,
+            "transforms": transforms,
+            "demotions": list(self.demotions),
+            "moves": list(self.moves),
+            "now_s": round(self._clock() - self._started_at, 3),
+            "row": self.engine_row().to_json(),
+        }
+        return {"kernel_selftest": section}
