@@ -62,11 +62,11 @@ from .sa import (
 )
 
 __all__ = [
+    "REKEY_REFUSED",
     "AuthChoice",
     "ChildSaSink",
     "IkeService",
     "IkeUpError",
-    "REKEY_REFUSED",
     "PeerSa",
     "RecordingSink",
     "child_sa_spec",
