@@ -271,6 +271,6 @@ def test_uci_defaults_put_the_userspace_tun_device_in_the_wan_zone() -> None:
 
     script = (REPO / "files/etc/uci-defaults/90_oe-firewall").read_text()
     assert f"dev={UserspaceSettings().tun_name}\n" in script
-    assert "uci add_list \"firewall.$zone.device=$dev\"" in script
+    assert 'uci add_list "firewall.$zone.device=$dev"' in script
     assert "name='wan'" in script and "uci commit firewall" in script
     assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
