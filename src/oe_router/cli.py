@@ -199,6 +199,38 @@ def _kat_summary(e: EngineStatus) -> str:
     return text + (f", {pending} pending" if pending else "")
 
 
+def _render_selftest(sec: Any) -> list[str]:
+    """The kernel datapath's end-to-end ESP self-test: verdict and offer per transform."""
+    if not isinstance(sec, dict):
+        return []
+    rows = []
+    for name, t in sorted(sec.get("transforms", {}).items()):
+        res = t.get("result") or {}
+        rows.append(
+            [
+                name,
+                str(t.get("state", "-")) + (" (stale)" if t.get("stale") else ""),
+                str(res.get("driver") or "-"),
+                "yes" if t.get("offered") else "no",
+                str(t.get("why_not") or t.get("note") or ""),
+            ]
+        )
+    first = sec.get("first_offer_s")
+    out = [
+        "",
+        f"kernel ESP self-test  offer {', '.join(sec.get('offer', [])) or '(none yet)'}"
+        + (f"  (first offered {first:g}s after start)" if isinstance(first, int | float) else ""),
+    ]
+    if rows:
+        out += _table(["transform", "self-test", "driver", "offered", "why not"], rows)
+    for m in sec.get("moves", [])[-3:]:
+        out.append(
+            f"  moved a Child SA with {m.get('peer')} off {m.get('transform')}: "
+            f"{m.get('error') or 'done'} in {m.get('took_s')}s"
+        )
+    return out
+
+
 def render_offload(doc: dict[str, Any]) -> str:
     """The ``oe offload`` view of the ``offload`` command's document: one row per engine
     and transform (driver, hardware?, KAT, Mbit/s per size, the sizes it is used for),
@@ -255,6 +287,7 @@ def render_offload(doc: dict[str, Any]) -> str:
     if kernel is not None:
         checked = "" if doc.get("kernel_checked") else " (not checked yet)"
         out.append(f"kernel drivers pass  {', '.join(kernel) or '-'}{checked}")
+    out += _render_selftest(doc.get("kernel_selftest"))
     notes = doc.get("table", {}).get("notes", [])
     if notes:
         out += ["", "notes", *(f"  {n}" for n in notes)]

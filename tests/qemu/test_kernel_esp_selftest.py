@@ -9,7 +9,7 @@ lab's 9p share) against the oe_router installed in the image, and checks what it
 - a timed-out and a cancelled self-test end quickly and hold no namespace;
 - crypto_user: virtio_crypto_aes_cbc raised above cbc-aes-aesni takes a new AF_ALG bind of
   cbc(aes) and carries real ESP through XFRM; restored, the lab is as it was;
-- a real driver that breaks ESP is caught: FAULTY_C is a test-only kernel module, a
+- a real driver that breaks ESP is caught: data/esp_faulty.c is a test-only kernel module, a
   rfc4106(gcm(aes)) driver that wraps the kernel's own and, when told to, flips a
   ciphertext bit or fails encryption with -EIO. It passes the kernel's self-test when it
   registers (as SafeXcel's GCM did, openwrt/openwrt#21310), crypto_user makes it the
@@ -22,19 +22,14 @@ before and after: the self-test must leave nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import build
 from lab import Lab
 
 pytestmark = pytest.mark.qemu
@@ -198,137 +193,6 @@ OPS = {"all": op_all, "control": op_control, "stop": op_stop,
 print(json.dumps(asyncio.run(OPS[sys.argv[1]]())))
 '''
 
-FAULTY_C = r"""// SPDX-License-Identifier: GPL-2.0
-/*
- * oe-router lab, TEST ONLY: a deliberately faulty "rfc4106(gcm(aes))" driver.
- *
- * Wraps the kernel's own synchronous rfc4106(gcm(aes)). Parameter `fault`: 0 correct,
- * 1 flip a ciphertext bit after the tag was computed, 2 fail every encryption with -EIO
- * (the packet is dropped). It registers at priority 1 with fault 0, so it passes the
- * kernel's self-test and is nobody's pick until crypto_user raises it.
- */
-#include <linux/module.h>
-#include <crypto/internal/aead.h>
-#include <crypto/scatterwalk.h>
-
-static int fault;
-module_param(fault, int, 0644);
-MODULE_PARM_DESC(fault, "0 correct, 1 flip a ciphertext bit, 2 fail encryption with -EIO");
-
-static atomic_t faulted = ATOMIC_INIT(0);
-static int faulted_get(char *buf, const struct kernel_param *kp)
-{
-	return sysfs_emit(buf, "%d\n", atomic_read(&faulted));
-}
-static const struct kernel_param_ops faulted_ops = { .get = faulted_get };
-module_param_cb(faulted, &faulted_ops, NULL, 0444);
-MODULE_PARM_DESC(faulted, "encryptions broken so far");
-
-struct faulty_ctx {
-	struct crypto_aead *fb;
-};
-
-static int faulty_setkey(struct crypto_aead *tfm, const u8 *key, unsigned int len)
-{
-	struct faulty_ctx *ctx = crypto_aead_ctx(tfm);
-
-	return crypto_aead_setkey(ctx->fb, key, len);
-}
-
-static int faulty_setauthsize(struct crypto_aead *tfm, unsigned int authsize)
-{
-	struct faulty_ctx *ctx = crypto_aead_ctx(tfm);
-
-	return crypto_aead_setauthsize(ctx->fb, authsize);
-}
-
-static int faulty_crypt(struct aead_request *req, bool enc)
-{
-	struct crypto_aead *tfm = crypto_aead_reqtfm(req);
-	struct faulty_ctx *ctx = crypto_aead_ctx(tfm);
-	struct aead_request *sub = aead_request_ctx(req);
-	int mode = READ_ONCE(fault);
-	int err;
-	u8 b;
-
-	if (enc && mode == 2) {
-		atomic_inc(&faulted);
-		return -EIO;
-	}
-	aead_request_set_tfm(sub, ctx->fb);
-	aead_request_set_callback(sub, req->base.flags & CRYPTO_TFM_REQ_MAY_SLEEP, NULL, NULL);
-	aead_request_set_crypt(sub, req->src, req->dst, req->cryptlen, req->iv);
-	aead_request_set_ad(sub, req->assoclen);
-	err = enc ? crypto_aead_encrypt(sub) : crypto_aead_decrypt(sub);
-	if (!err && enc && mode == 1 && req->cryptlen) {
-		scatterwalk_map_and_copy(&b, req->dst, req->assoclen, 1, 0);
-		b ^= 0x80;
-		scatterwalk_map_and_copy(&b, req->dst, req->assoclen, 1, 1);
-		atomic_inc(&faulted);
-	}
-	return err;
-}
-
-static int faulty_encrypt(struct aead_request *req) { return faulty_crypt(req, true); }
-static int faulty_decrypt(struct aead_request *req) { return faulty_crypt(req, false); }
-
-static int faulty_init(struct crypto_aead *tfm)
-{
-	struct faulty_ctx *ctx = crypto_aead_ctx(tfm);
-	struct crypto_aead *fb;
-
-	/* synchronous, and never this driver: it needs a fallback, the fallback must not */
-	fb = crypto_alloc_aead("rfc4106(gcm(aes))", 0, CRYPTO_ALG_ASYNC | CRYPTO_ALG_NEED_FALLBACK);
-	if (IS_ERR(fb))
-		return PTR_ERR(fb);
-	ctx->fb = fb;
-	crypto_aead_set_reqsize(tfm, sizeof(struct aead_request) + crypto_aead_reqsize(fb));
-	return 0;
-}
-
-static void faulty_exit(struct crypto_aead *tfm)
-{
-	struct faulty_ctx *ctx = crypto_aead_ctx(tfm);
-
-	crypto_free_aead(ctx->fb);
-}
-
-static struct aead_alg faulty_alg = {
-	.setkey = faulty_setkey,
-	.setauthsize = faulty_setauthsize,
-	.encrypt = faulty_encrypt,
-	.decrypt = faulty_decrypt,
-	.init = faulty_init,
-	.exit = faulty_exit,
-	.ivsize = 8,
-	.maxauthsize = 16,
-	.base = {
-		.cra_name = "rfc4106(gcm(aes))",
-		.cra_driver_name = "rfc4106-gcm-aes-faulty",
-		.cra_priority = 1,
-		.cra_flags = CRYPTO_ALG_NEED_FALLBACK,
-		.cra_blocksize = 1,
-		.cra_ctxsize = sizeof(struct faulty_ctx),
-		.cra_module = THIS_MODULE,
-	},
-};
-
-static int __init faulty_mod_init(void)
-{
-	return crypto_register_aead(&faulty_alg);
-}
-
-static void __exit faulty_mod_exit(void)
-{
-	crypto_unregister_aead(&faulty_alg);
-}
-
-module_init(faulty_mod_init);
-module_exit(faulty_mod_exit);
-MODULE_LICENSE("GPL");
-MODULE_DESCRIPTION("oe-router lab (test only): a deliberately faulty rfc4106(gcm(aes)) driver");
-"""
-
 
 # --- helpers --------------------------------------------------------------------------------
 def guest(lab: Lab, op: str, *args: str, timeout: float = 180) -> Any:
@@ -351,55 +215,6 @@ def untouched(lab: Lab) -> Iterator[None]:
     before = snapshot(lab)
     yield
     assert snapshot(lab) == before
-
-
-@pytest.fixture
-def crypto_user_loaded(lab: Lab) -> Iterator[None]:
-    """crypto_user for the test only (never at boot); unloaded after if it was not loaded."""
-    was = lab.router("grep -q '^crypto_user ' /proc/modules").rc == 0
-    lab.router("modprobe crypto_user").check()
-    yield
-    if not was:
-        lab.router("rmmod crypto_user").check()
-
-
-def _headers(kernel: build.Kernel, work: Path) -> Path:
-    """Debian's linux-headers for the lab kernel, unpacked under ``work``, as build.py's
-    cryptodev recipe fetches them."""
-    pkgs = build._headers_packages(kernel.version)
-    (work / "deb").mkdir()
-    build._run(["apt-get", "download", *pkgs], cwd=work / "deb")
-    for deb in sorted((work / "deb").glob("*.deb")):
-        build._run(["dpkg-deb", "-x", str(deb), str(work / "root")])
-    headers = work / "root" / "usr" / "src" / pkgs[0]
-    mk = headers / "Makefile"
-    mk.write_text(mk.read_text().replace("/usr/src/", f"{work}/root/usr/src/"))
-    return headers
-
-
-@pytest.fixture(scope="module")
-def faulty_ko(lab: Lab) -> Path:
-    """esp_faulty.ko for the lab kernel, built once and cached by kernel and source."""
-    kernel = lab.images.kernel
-    key = hashlib.sha256(kernel.version.encode() + FAULTY_C.encode()).hexdigest()[:16]
-    out = build.default_cache() / "testmod" / f"{kernel.version}-{key}" / "esp_faulty.ko"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent.parent) as tmp:
-            work = Path(tmp)
-            headers = _headers(kernel, work)
-            src = work / "src"
-            src.mkdir()
-            (src / "esp_faulty.c").write_text(FAULTY_C)
-            (src / "Kbuild").write_text("obj-m := esp_faulty.o\n")
-            build._run(["make", "-C", str(headers), f"M={src}", "modules"])
-            ko = src / "esp_faulty.ko"
-            vermagic = build._run(["modinfo", "-F", "vermagic", str(ko)]).strip()
-            assert vermagic.startswith(kernel.version + " "), vermagic
-            subprocess.run(["strip", "--strip-debug", str(ko)], check=True)
-            shutil.copy2(ko, out)
-    shutil.copy2(out, lab.run_dir / "esp_faulty.ko")
-    return out
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -454,7 +269,7 @@ def test_timeout_and_cancellation_end_quickly_and_hold_nothing(lab: Lab, untouch
 
 
 def test_crypto_user_moves_cbc_aes_to_virtio_and_back(
-    lab: Lab, untouched: None, crypto_user_loaded: None, figures: dict[str, Any]
+    lab: Lab, untouched: None, crypto_user_module: None, figures: dict[str, Any]
 ) -> None:
     out = guest(lab, "crypto-user", VIRTIO, AESNI_CBC)
     figures["crypto-user"] = out
@@ -474,7 +289,11 @@ def test_crypto_user_moves_cbc_aes_to_virtio_and_back(
 
 
 def test_a_faulty_driver_is_caught_and_lowered(
-    lab: Lab, untouched: None, crypto_user_loaded: None, faulty_ko: Path, figures: dict[str, Any]
+    lab: Lab,
+    untouched: None,
+    crypto_user_module: None,
+    esp_faulty_ko: Path,
+    figures: dict[str, Any],
 ) -> None:
     lab.router("insmod /lab/esp_faulty.ko").check()
     try:

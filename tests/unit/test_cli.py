@@ -441,3 +441,38 @@ def test_oe_offload_against_a_daemon_without_it_is_one_line_exit_1(
     assert rc == 1
     err = capsys.readouterr().err
     assert err.startswith("oe: unknown command 'offload'") and err.count("\n") == 1
+
+
+def test_render_offload_shows_the_kernel_esp_self_test() -> None:
+    doc = {
+        "offload": "auto",
+        "kernel_selftest": {
+            "offer": ["aes256gcm16", "chacha20poly1305"],
+            "first_offer_s": 1.5,
+            "transforms": {
+                "aes256gcm16": {
+                    "state": "passed",
+                    "offered": True,
+                    "result": {"driver": "rfc4106-gcm-aesni"},
+                },
+                "aes128gcm16": {
+                    "state": "failed",
+                    "stale": False,
+                    "offered": False,
+                    "why_not": "24 of 48 datagrams arrived",
+                    "result": {"driver": "rfc4106-gcm-aes-faulty"},
+                },
+            },
+            "moves": [
+                {"peer": "203.0.113.10", "transform": "aes128gcm16", "error": None, "took_s": 0.9}
+            ],
+        },
+    }
+    lines = render_offload(doc).splitlines()
+    at = lines.index(
+        "kernel ESP self-test  offer aes256gcm16, chacha20poly1305  (first offered 1.5s after start)"
+    )
+    rows = [line.split() for line in lines[at + 2 : at + 4]]
+    assert rows[0][:4] == ["aes128gcm16", "failed", "rfc4106-gcm-aes-faulty", "no"]
+    assert rows[1] == ["aes256gcm16", "passed", "rfc4106-gcm-aesni", "yes"]
+    assert "  moved a Child SA with 203.0.113.10 off aes128gcm16: done in 0.9s" in lines
