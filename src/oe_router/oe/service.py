@@ -71,7 +71,7 @@ NftRunner = Callable[[str], None]
 
 
 class EspOfferHooks(Protocol):
-    """What the OE service needs from the daemon's ESP offer (``daemon.EspOffer``).
+    """What the OE service needs from the daemon's ESP offer (``esp_offer.EspOffer``).
 
     Why here: the offer can be empty for a moment (the kernel datapath offers a transform
     only once its self-test passed) and can lose transforms whose kernel driver failed;

@@ -203,7 +203,7 @@ class OffloadService:
         #: or not: the kernel's own pick (``afalg``) runs kernel ESP, never the table's
         self.canary_engines = tuple(canary_engines)
         #: more top-level sections of the ``oe offload`` document, from outside the service
-        #: (the kernel datapath's ESP self-test, daemon.EspOffer)
+        #: (the kernel datapath's ESP self-test, esp_offer.EspOffer)
         self.report_extras: list[Callable[[], dict[str, Any]]] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._canary_fixed = canary_interval
