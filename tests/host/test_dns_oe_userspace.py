@@ -353,7 +353,7 @@ def test_first_syn_to_a_keyed_host_finds_the_tunnel(lab: Lab) -> None:
     age = float(row["established_s"])
     up_at_latest, up_at_earliest = after - age + 0.0005, before - age - 0.0005
     assert up_at_earliest <= v.answered_at, (
-        f"Child SA established {up_at_earliest - v.answered_at:.4f} s after the answer"
+        f"Child SA established {up_at_earliest - v.answered_at:.4f} s after the answer\n{log}"
     )
     assert v.asked_at <= up_at_latest, "the Child SA predates the query"
     [peer_row] = _tunnels_to(lab.p.status(), ROUTER_WAN, "ike")
@@ -457,7 +457,8 @@ def test_peer_signing_with_another_key_than_the_published_one_gets_no_tunnel(lab
     on the userspace datapath) is through, although the router's AUTHENTICATION_FAILED
     came meanwhile: in that window it drops the router's clear SYN (its IPSEC inbound
     policy) or sends its SYN-ACK as ESP nobody can read, so the connect may need a SYN
-    retransmission or two (seen: 24 ms to 2.0 s). The count is printed, not asserted."""
+    retransmission or two (seen: 24 ms to 2.0 s), or the impostor resets it; then a
+    second connection, once its half is gone, must go through in the clear."""
     dns_before = _dns(lab)
     with Wire(lab.router, lab.router_wan_dev) as wan:
         v = visit(lab, IMPOSTOR_NAME)
@@ -471,8 +472,15 @@ def test_peer_signing_with_another_key_than_the_published_one_gets_no_tunnel(lab
     auths = [p.ike() for p in wan.ike(IMPOSTOR)]
     assert ("IKE_AUTH", True) in auths, auths  # the impostor did answer, with its signature
     assert "signature does not verify" in lab.r.log(), lab.r.log()[-2000:]
-    assert v.connected_at is not None, v.connect_error
-    assert v.echoed == b"hello through the router"
+    if v.echoed != b"hello through the router":
+        # the impostor's own half of the Child SA ate (or reset) this first connection;
+        # once it has removed that half, the clear path carries a new one
+        print(f"\nimpostor: first connection failed ({v.connect_error or 'no echo'})")
+        lab.impostor.wait_for("the impostor drops its Child SA", lambda: not lab.impostor.tunnels())
+        with Wire(lab.router, lab.router_wan_dev) as wan2:
+            v2 = visit(lab, IMPOSTOR_NAME)
+        assert v2.echoed == b"hello through the router", v2.connect_error
+        assert not [p for p in wan2.esp(IMPOSTOR) if p.outgoing], "ESP to an untrusted peer"
     assert [p for p in wan.clear(IMPOSTOR, PROTO_TCP) if p.outgoing and _is_syn(p)]
     assert not [p for p in wan.esp(IMPOSTOR) if p.outgoing], "ESP to a peer we did not trust"
     stale = [p for p in wan.esp(IMPOSTOR) if not p.outgoing]

@@ -470,3 +470,33 @@ def test_tunnel_rows_carry_the_child_sa_counters_read_at_status_time(mgr: OeMana
     assert (t2.bytes_in, t2.bytes_out, t2.packets_in, t2.packets_out) == (0, 0, 0, 0)
     assert rows["203.0.113.5"].state == "negotiating" and rows["203.0.113.5"].bytes_out == 0
     assert all(t.bytes_in == 0 for t in mgr.tunnels(1.0))  # no reader: zeros, no lookups
+
+
+def test_a_flow_waits_for_the_peers_child_sa_being_installed(mgr: OeManager) -> None:
+    """The peer initiated and its Child SA is still being installed when our first
+    packet (ACQUIRE) or a DNS answer for it comes: neither negotiates a second Child SA
+    (one side would delete the duplicate and take the flow with it); the answer goes
+    once the peer's SA is in."""
+    (inst,) = mgr.adopt_inbound(P1, _spec(P1, 0x7000), 0.0)
+    assert mgr.acquire(_acq(P1), 0.1) == []
+    name = dns.name.from_text("www.example.org")
+    assert mgr.ensure_tunnel(5, name, (P1,), _key(), 0.1) == []  # held, no Negotiate
+    acts = mgr.installed(inst.ticket, inst.spec, None, 0.2)  # type: ignore[union-attr]
+    assert only(acts, TunnelResult) == [TunnelResult(5, True)]
+    assert not only(acts, Negotiate)
+    (t,) = mgr.tunnels(1.0)
+    assert (t.peer, t.state) == (str(P1), "established")
+
+
+def test_a_failed_install_of_the_peers_child_sa_negotiates_for_the_held_answer(
+    mgr: OeManager,
+) -> None:
+    (inst,) = mgr.adopt_inbound(P1, _spec(P1, 0x7000), 0.0)
+    name = dns.name.from_text("www.example.org")
+    assert mgr.ensure_tunnel(5, name, (P1,), _key(), 0.1) == []
+    acts = mgr.installed(inst.ticket, None, "no room", 0.2)
+    assert acts[0] == SendDelete(P1, inst.spec)  # type: ignore[union-attr]
+    (neg,) = only(acts, Negotiate)
+    assert neg.request.peer == P1 and neg.request.auth.key == _key()
+    _, _, out, _ = _negotiate_ok(mgr, [neg], P1, 0x1000, 0.5)
+    assert only(out, TunnelResult) == [TunnelResult(5, True)]

@@ -311,6 +311,7 @@ class _Ticket:
     want: _Want | None = None  # a negotiation
     child_id: int | None = None  # a rekey of this child
     responder: _Child | None = None  # an inbound child being installed
+    waiters: set[int] = field(default_factory=set)  # DNS answers held for ``responder``
     spec: ChildSaSpec | None = None  # what InstallChild was asked to install
     inner: IPAddress | None = None  # CAT: the inner address the peer gave us
 
@@ -412,6 +413,19 @@ class OeManager:
         if p is None:
             return None
         return next((c for c in p.children.values() if c.selector == selector), None)
+
+    def _installing(self, peer: IPAddress, selector: TrafficSelector) -> _Ticket | None:
+        """The peer's own Child SA for ``selector`` while the datapath installs it: a
+        packet or an answer for it waits for that install instead of negotiating a
+        second Child SA (which one side would then delete, taking the flow with it)."""
+        return next(
+            (
+                t
+                for t in self._tickets.values()
+                if t.responder is not None and t.peer == peer and t.responder.selector == selector
+            ),
+            None,
+        )
 
     # ------------------------------------------------------------------ containment
     def containment_error(
@@ -570,8 +584,12 @@ class OeManager:
         if peer.version not in self.wan:
             log.warning("ignoring ACQUIRE for %s: no IPv%d WAN address", peer, peer.version)
             return []
-        if self._child_for(peer, flow_selector(peer, rule)) is not None:
+        selector = flow_selector(peer, rule)
+        if self._child_for(peer, selector) is not None:
             return []  # the SA arrived while the packet was trapped
+        if self._installing(peer, selector) is not None:
+            log.debug("ACQUIRE for %s: the peer's Child SA is being installed", peer)
+            return []  # held packets go when it is in
         return self._want(peer, rule, None, now)
 
     def ensure_tunnel(
@@ -598,6 +616,10 @@ class OeManager:
             if self._child_for(addr, selector) is not None:
                 continue
             w.pending.add((addr, selector))
+            installing = self._installing(addr, selector)
+            if installing is not None:  # answered once the peer's Child SA is in
+                installing.waiters.add(waiter)
+                continue
             actions += self._want(addr, rule, waiter, now)
         if not w.pending:
             del self._waiters[waiter]
@@ -605,12 +627,19 @@ class OeManager:
         return actions
 
     def _resolve(self, want: _Want, peer: IPAddress, ok: bool) -> list[Action]:
+        return self._settle(want.waiters, peer, want.selector, ok)
+
+    def _settle(
+        self, waiters: set[int], peer: IPAddress, selector: TrafficSelector, ok: bool
+    ) -> list[Action]:
+        """``peer``'s ``selector`` is protected (ok) or not: answer the waiters that
+        waited only for it."""
         out: list[Action] = []
-        for waiter in sorted(want.waiters):
+        for waiter in sorted(waiters):
             w = self._waiters.get(waiter)
             if w is None:
                 continue
-            w.pending.discard((peer, want.selector))
+            w.pending.discard((peer, selector))
             w.ok = w.ok and ok
             if not w.pending:
                 del self._waiters[waiter]
@@ -712,8 +741,13 @@ class OeManager:
             inbound = t.responder
             if spec is None:
                 log.error("peer %s: installing its Child SA failed: %s", t.peer, error)
+                actions: list[Action] = [SendDelete(t.peer, inbound.spec)]
+                rule = self.table.lookup(t.peer)
+                for waiter in sorted(t.waiters):  # negotiate ours for the held answers
+                    if rule is not None and waiter in self._waiters:
+                        actions += self._want(t.peer, rule, waiter, now)
                 self._gc(t.peer)
-                return [SendDelete(t.peer, inbound.spec)]
+                return actions
             inbound.spec = spec
             prev = self._child_for(t.peer, inbound.selector)
             if prev is not None:  # e.g. the IKE core's rekey: idleness carries over
@@ -722,6 +756,7 @@ class OeManager:
             p.children[inbound.id] = inbound
             self._drop_failures.pop(t.peer, None)
             actions += self._add_lan_pass(t.peer)
+            actions += self._settle(t.waiters, t.peer, inbound.selector, True)
             return actions + self._drop_shunts(self._child_keys(spec))
         if t.child_id is not None:  # a rekey
             c = p.children.get(t.child_id)
