@@ -166,6 +166,16 @@ class _Machine:
         return HostSnapshot(self.text, True, False)
 
 
+async def _reads(machine: _Machine, n: int) -> None:
+    """Wait (on a loaded machine, up to 5 s) until ``n`` more rescans have run."""
+    target = machine.reads + n
+    for _ in range(250):
+        if machine.reads >= target:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{machine.reads} rescans, wanted {target}")
+
+
 def test_rescan_calls_back_once_per_change_and_not_for_noise() -> None:
     async def go() -> None:
         machine = _Machine(PROC)
@@ -174,10 +184,10 @@ def test_rescan_calls_back_once_per_change_and_not_for_noise() -> None:
                            use_udev=False)  # fmt: skip
         await w.start(machine.snapshot())
         assert w.mode == "rescan"
-        await asyncio.sleep(0.1)
-        assert seen == [] and machine.reads >= 3
+        await _reads(machine, 3)  # rescans with no change: no callback
+        assert seen == []
         machine.text = PROC.replace("refcnt       : 1", "refcnt       : 3")  # noise
-        await asyncio.sleep(0.1)
+        await _reads(machine, 3)
         assert seen == []
         machine.text = PROC.replace(VIRTIO_CBC, "")  # rmmod virtio_crypto
         for _ in range(50):
