@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -221,3 +225,33 @@ def test_parser_never_fails_unexpectedly(text: str) -> None:
     except ValueError:
         return  # e.g. an empty option value in the model cannot be written
     assert parse(written) == pkg
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail a parse that loops (instead of hanging the run and growing memory)."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"parse still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_fuzz_regression_non_c_whitespace_inside_a_statement() -> None:
+    """Found by fuzz/targets/uci.py (seed regress-uci-unit-separator): \\x1f is whitespace to
+    str.isspace() but not to libuci's isspace(), and stopped the argument reader without
+    the blank skipper passing it, so parse() looped forever, appending empty arguments."""
+    with deadline(10), pytest.raises(UciSyntaxError) as err:
+        parse("# exled '1'\nconfi\x1f oo 'global'\n")
+    assert (err.value.line, err.value.column) == (2, 1)
+    assert err.value.reason == "invalid command 'confi\\x1f'"
+    with deadline(10):
+        sec = one("config t\n\toption a x\x1fy\n\tlist b '1'\x1c\u00a0\u2028\n")
+    assert sec.options == {"a": "x\x1fy"} and sec.lists == {"b": ["1\x1c\u00a0\u2028"]}
+    assert parse(dumps(UciPackage(None, [sec]))) == UciPackage(None, [sec])

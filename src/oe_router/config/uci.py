@@ -180,6 +180,10 @@ class _Arg:
 
 
 _BLANK = " \t\r\v\f"
+#: C isspace() in libuci's C locale; str.isspace() also takes \x1c-\x1f and Unicode
+#: spaces, which libuci keeps inside words (and which once stopped ``_read_arg`` without
+#: ``_skip_blanks`` passing them: an endless loop on ``config x\x1fy``)
+_SPACE = _BLANK + "\n"
 
 
 def _skip_blanks(r: _Reader) -> None:
@@ -200,7 +204,7 @@ def _read_arg(r: _Reader) -> _Arg:
     out: list[str] = []
     while True:
         c = r.peek()
-        if c == "" or c.isspace() or c in ";#":
+        if c == "" or c in _SPACE or c in ";#":
             return _Arg("".join(out), start)
         if c == "'":
             opened = r.pos
@@ -284,7 +288,7 @@ def parse(text: str, filename: str = "<string>") -> UciPackage:
         c = r.peek()
         if c == "":
             return pkg
-        if c.isspace() or c == ";":
+        if c in _SPACE or c == ";":
             r.pos += 1
             continue
         if (n := r.at_line_continuation()) != 0:
