@@ -3,9 +3,9 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest
 RESULTS := test-results
-LINT_DIRS := $(wildcard src tests qemu bench)
+LINT_DIRS := $(wildcard src tests qemu bench fuzz)
 
-.PHONY: setup test test-unit test-host test-qemu lint demo demo-host image bench package clean
+.PHONY: setup test test-unit test-fuzz test-host test-qemu lint demo demo-host image bench fuzz package clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,10 +18,14 @@ define run_tier
 	  if [ $$rc = 5 ]; then echo "tier $(1): no tests exist yet"; exit 0; fi; exit $$rc
 endef
 
-test: test-unit test-host test-qemu
+test: test-unit test-fuzz test-host test-qemu
 
 test-unit: setup
 	$(call run_tier,unit,-q --timeout=300)
+
+# Fuzz smoke (CI): every fuzz target over its seed corpus, then FUZZ_SMOKE_TIME seconds each.
+test-fuzz: setup
+	$(call run_tier,fuzz,-q -s --timeout=600)
 
 test-host: setup
 	$(call run_tier,host,-q --timeout=600)
@@ -47,6 +51,13 @@ demo-host: setup
 bench: setup
 	@mkdir -p bench/results
 	$(PY) -m bench.run $(BENCH)
+
+# Coverage-guided fuzzing (atheris): FUZZ_TIME seconds per target, FUZZ_TARGETS to pick
+# (comma-separated; default all). Results: fuzz/results/<target>.json; see docs/fuzzing.md.
+FUZZ_TIME ?= 600
+FUZZ_TARGETS ?=
+fuzz: setup
+	$(PY) -m fuzz.run --time $(FUZZ_TIME) $(if $(FUZZ_TARGETS),--targets $(FUZZ_TARGETS))
 
 clean:
 	rm -rf $(RESULTS) build dist src/*.egg-info

@@ -22,7 +22,7 @@ if [ ! -e "$stamp" ]; then
     pipq() { .venv/bin/pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; return "${PIPESTATUS[0]}"; }
     pipq -r requirements-dev.txt
     pipq --no-deps --no-build-isolation -e .
-    .venv/bin/python -c "import oe_router, cryptography, dns, pyroute2, pytest, hypothesis"
+    .venv/bin/python -c "import oe_router, cryptography, dns, pyroute2, pytest, hypothesis, atheris"
     rm -f .venv/.setup-*
     touch "$stamp"
 fi
