@@ -138,7 +138,9 @@ def run_target(
     flags += extra
     before = set(artifacts.iterdir())
     log_path = results / f"{name}.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONHASHSEED="0")
+    # this checkout's sources first (not another tree's editable install)
+    path = [str(ROOT / "src"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONHASHSEED="0")
     start = time.monotonic()
     with log_path.open("w") as log:
         proc = subprocess.run(
