@@ -24,6 +24,7 @@ from oe_router.control import (
     Status,
     TunnelStatus,
 )
+from oe_router.control.protocol import COMMAND_ARGS
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -450,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("peer", metavar="ADDRESS|NAME")
     up.add_argument(
         "--auth",
-        choices=("null", "pubkey"),
+        choices=COMMAND_ARGS["up"]["auth"].choices,
         default="null",
         help="how we authenticate: NULL (RFC 7619) or our key (RFC 7427)",
     )
@@ -459,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the peer's PEM public key (default: the peer must use NULL auth)",
     )
-    up.add_argument("--mode", choices=("tunnel", "transport"), default="tunnel")
+    up.add_argument("--mode", choices=COMMAND_ARGS["up"]["mode"].choices, default="tunnel")
     up.add_argument(
         "--timeout",
         type=float,

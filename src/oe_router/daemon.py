@@ -24,7 +24,6 @@ from typing import Protocol
 from oe_router import __version__
 from oe_router.config import DEFAULT_CONFIG_PATH, ConfigInvalid, OeConfig, load_config
 from oe_router.control import (
-    CommandError,
     CommandTable,
     ControlServer,
     DaemonStatus,
@@ -188,8 +187,6 @@ class Daemon:
         return {"reload": result.to_json()}
 
     async def _cmd_help(self, request: Request) -> dict[str, object]:
-        if request.args:
-            raise CommandError("takes no arguments")
         return {"commands": self.commands.help()}
 
     # state --------------------------------------------------------------
@@ -359,13 +356,20 @@ def level_from_name(name: str) -> int:
 
 
 def configure_logging(stream: object = None) -> logging.Logger:
-    """Send the package's logs to stderr, one line each (procd passes them to logd)."""
+    """Send the package's logs to stderr, one line each (procd passes them to logd).
+
+    asyncio's own reports (an exception nobody caught in a task or callback) go the
+    same way: one line naming the exception, never a multi-line traceback in logd.
+    """
     root = logging.getLogger("oe_router")
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)  # type: ignore[arg-type]
     handler.setFormatter(SyslogLineFormatter())
     root.handlers[:] = [handler]
     root.propagate = False
     root.setLevel(logging.INFO)
+    aio = logging.getLogger("asyncio")
+    aio.handlers[:] = [handler]
+    aio.propagate = False
     return root
 
 

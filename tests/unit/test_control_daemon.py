@@ -1,4 +1,4 @@
-"""Daemon control plane without sockets: the Service registry contract and reload rules.
+"""Daemon control plane without the control socket: the Service registry contract and reload rules.
 
 The services here are small recording implementations of the `Service` protocol: the
 real ones (IKE, datapath, DNS front, OE manager) do not exist yet. The configs are real
@@ -17,6 +17,7 @@ import pytest
 from oe_router.config import OeConfig, load_config
 from oe_router.control import ShuntStatus, StatusContribution
 from oe_router.daemon import Daemon, Service, ServiceError, ServiceRegistry
+from oe_router.ike.service import IkeService
 
 GOOD = "config oe 'global'\n\toption enabled '1'\n\toption log_level 'info'\n"
 
@@ -198,3 +199,60 @@ def test_status_and_reload_commands_through_the_command_table(tmp_path: Path) ->
     assert reload["reload"]["accepted"] is False
     assert "bogus" in reload["reload"]["problems"][0]
     assert set(helped["commands"]) == {"status", "reload", "help"}
+
+
+def test_reload_with_arguments_is_refused_like_help_and_reloads_nothing(tmp_path: Path) -> None:
+    """Issue 13: `reload` took any extra argument silently (and reloaded)."""
+    journal: list[str] = []
+    daemon, path = _daemon(tmp_path, [Recorder("a", journal)])
+
+    async def go() -> list[dict[str, Any]]:
+        await daemon.registry.start_all(daemon.config)
+        path.write_text(GOOD.replace("'info'", "'debug'"))  # a reload would accept this
+        return [
+            await daemon.commands.dispatch(b'{"cmd": "reload", "now": true}'),
+            await daemon.commands.dispatch(b'{"cmd": "reload", "config": "/tmp/evil"}'),
+            await daemon.commands.dispatch(b'{"cmd": "help", "x": 1}'),
+        ]
+
+    replies = asyncio.run(go())
+    assert replies == [
+        {"ok": False, "error": "reload: takes no arguments"},
+        {"ok": False, "error": "reload: takes no arguments"},
+        {"ok": False, "error": "help: takes no arguments"},
+    ]
+    assert daemon.generation == 1 and daemon.last_reload is None
+    assert daemon.config.log_level == "info" and journal == ["start a"]
+
+
+def test_down_and_up_with_hostile_names_are_refused_by_the_table_not_the_resolver(
+    tmp_path: Path,
+) -> None:
+    """Issue 11: `down` with a 60,000-character name answered "internal error" (the
+    resolver's IDNA encoder raised UnicodeError). The real IKE service's commands, on
+    loopback, behind the daemon's command table."""
+    daemon, _ = _daemon(tmp_path, [])
+    ike = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False)
+    ike.register_commands(daemon.commands)
+    long = "a" * 60_000
+    cases = [
+        ({"cmd": "down", "peer": long}, "down: peer too long (60000 characters, max 253)"),
+        ({"cmd": "up", "peer": long}, "up: peer too long (60000 characters, max 253)"),
+        ({"cmd": "down", "peer": "a\x00b"}, "down: peer 'a\\x00b': contains a space or"),
+        ({"cmd": "down", "peer": "a..b"}, "down: peer 'a..b': not an IP address or a host"),
+        ({"cmd": "down", "peer": "x" * 64}, "not an IP address or a host name"),
+        ({"cmd": "down", "peer": 7}, "down: peer must be a string, not a number"),
+        ({"cmd": "up", "peer": "127.0.0.1", "peer_key": "k" * 70_000}, "request longer than"),
+    ]
+
+    async def go() -> list[dict[str, Any]]:
+        await ike.start(OeConfig())
+        try:
+            return [await daemon.commands.dispatch(json.dumps(c).encode()) for c, _ in cases]
+        finally:
+            await ike.stop()
+
+    for (case, error), reply in zip(cases, asyncio.run(go()), strict=True):
+        assert reply["ok"] is False, case
+        assert str(reply["error"]).startswith(error) or error in reply["error"], reply
+        assert "internal error" not in reply["error"]

@@ -1,23 +1,59 @@
-"""Unix-socket server for the control protocol (the asyncio edge of `protocol.py`)."""
+"""Unix-socket server for the control protocol (the asyncio edge of `protocol.py`).
+
+Every local client may be hostile. The server holds at most `max_clients`
+connections (each costs the daemon a file descriptor, shared with its IKE, DNS
+and netlink sockets); more wait in the kernel's listen backlog, where they cost
+us nothing. A connection that is full when another one waits gives up its
+longest-idle member (a client that connected and sends nothing, or trickles),
+so idle clients cannot starve one that asks. A request line must arrive whole
+within `request_timeout`, and its reply must be taken within `reply_timeout`
+(a client that never reads is dropped). Every request line gets exactly one
+reply line; no client can make the server raise.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
 import socket
 import stat
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from oe_router.control.protocol import MAX_LINE, CommandTable, encode_reply, error_reply
+from oe_router.control.protocol import (
+    MAX_LINE,
+    CommandTable,
+    encode_reply,
+    error_reply,
+    one_line,
+)
 
 log = logging.getLogger("oe_router.control")
+
+MAX_CLIENTS = 32
+BACKLOG = 128
+REQUEST_TIMEOUT = 10.0
+REPLY_TIMEOUT = 10.0
+# After accept() fails (out of descriptors, say), wait this long before the next try.
+ACCEPT_BACKOFF = 0.1
+# At most one warning per this many seconds about failing accept() calls.
+ACCEPT_WARN_INTERVAL = 60.0
 
 
 class SocketBindError(Exception):
     """The control socket path cannot be used; the message names the path and why."""
+
+
+@dataclass(eq=False)
+class _Client:
+    """One accepted connection; `idle_since` is None while a request is being answered."""
+
+    task: asyncio.Task[None] | None = None
+    writer: asyncio.StreamWriter | None = None
+    idle_since: float | None = field(default_factory=time.monotonic)
 
 
 class ControlServer:
@@ -26,6 +62,8 @@ class ControlServer:
     The socket file is created with `mode` (0600: root only, by default) in a
     directory created with `dir_mode` if missing. A stale socket left by a
     crashed daemon is replaced; a live one (another daemon answers) is not.
+    `stats` counts what the limits did: accepted, evicted (idle, to make room),
+    timed_out (no whole request, or reply not taken, in time), accept_errors.
     """
 
     def __init__(
@@ -34,20 +72,40 @@ class ControlServer:
         commands: CommandTable,
         mode: int = 0o600,
         dir_mode: int = 0o755,
+        *,
+        max_clients: int = MAX_CLIENTS,
+        request_timeout: float = REQUEST_TIMEOUT,
+        reply_timeout: float = REPLY_TIMEOUT,
+        backlog: int = BACKLOG,
     ) -> None:
         self.path = path
         self.commands = commands
         self.mode = mode
         self.dir_mode = dir_mode
-        self._server: asyncio.Server | None = None
+        self.max_clients = max_clients
+        self.request_timeout = request_timeout
+        self.reply_timeout = reply_timeout
+        self.backlog = backlog
+        self.stats = {"accepted": 0, "evicted": 0, "timed_out": 0, "accept_errors": 0}
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         self._inode: tuple[int, int] | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients: set[_Client] = set()
+        self._changed = asyncio.Event()
+        self._last_accept_warning = -ACCEPT_WARN_INTERVAL
+
+    @property
+    def connections(self) -> int:
+        """Client connections held open right now."""
+        return len(self._clients)
 
     async def start(self) -> None:
         sock = self._bind()
-        self._server = await asyncio.start_unix_server(
-            self._serve_client, sock=sock, limit=MAX_LINE
-        )
+        sock.setblocking(False)
+        sock.listen(self.backlog)
+        self._listener = sock
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+        self._acceptor.add_done_callback(self._acceptor_done)
         log.info("control socket listening on %s", self.path)
 
     def _bind(self) -> socket.socket:
@@ -97,46 +155,149 @@ class ControlServer:
             f"cannot bind control socket {self.path}: another daemon is serving it"
         )
 
-    async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._clients.add(task)
+    # ------------------------------------------------------------------ accepting
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if len(self._clients) >= self.max_clients:
+                await self._connection_waiting(listener)
+                while len(self._clients) >= self.max_clients and not self._evict_idle():
+                    self._changed.clear()
+                    await self._changed.wait()  # a client closed or went idle
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                self._accept_failed(exc)
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            self.stats["accepted"] += 1
+            client = _Client()
+            self._clients.add(client)
+            client.task = loop.create_task(self._serve(conn, client))
+            await asyncio.sleep(0)  # let it read its request before the next accept
+
+    def _acceptor_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error(
+                "control socket stopped accepting: %s", one_line(f"{type(exc).__name__}: {exc}")
+            )
+
+    async def _connection_waiting(self, listener: socket.socket) -> None:
+        """Return once a connection waits in the backlog (the listener is readable)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(listener.fileno(), wake)
         try:
+            await ready
+        finally:
+            loop.remove_reader(listener.fileno())
+
+    def _evict_idle(self) -> bool:
+        """Close the longest-idle connection to make room; False if every one is busy."""
+        idle = [c for c in self._clients if c.idle_since is not None]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since or 0.0)
+        self._forget(victim)
+        self.stats["evicted"] += 1
+        if victim.writer is not None:
+            victim.writer.write(
+                encode_reply(error_reply("server busy: closing this idle connection"))
+            )
+        if victim.task is not None:
+            victim.task.cancel()
+        return True
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self.stats["accept_errors"] += 1
+        if exc.errno == errno.ECONNABORTED:
+            return
+        now = time.monotonic()
+        if now - self._last_accept_warning >= ACCEPT_WARN_INTERVAL:
+            self._last_accept_warning = now
+            log.warning(
+                "control socket: accept failed: %s (%d failure(s) so far)",
+                exc.strerror or exc,
+                self.stats["accept_errors"],
+            )
+
+    def _forget(self, client: _Client) -> None:
+        self._clients.discard(client)
+        self._changed.set()
+
+    # ------------------------------------------------------------------ serving
+    async def _serve(self, conn: socket.socket, client: _Client) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_LINE)
+            client.writer = writer
             while True:
-                try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as exc:
-                    if not exc.partial.strip():
-                        return
-                    line = exc.partial
-                except asyncio.LimitOverrunError:
-                    writer.write(encode_reply(error_reply(f"request longer than {MAX_LINE} bytes")))
-                    await writer.drain()
+                client.idle_since = time.monotonic()
+                self._changed.set()
+                line = await self._read_request(reader, writer)
+                if line is None:
                     return
                 if not line.strip():
                     continue
-                reply = await self.commands.dispatch(line)
-                writer.write(encode_reply(reply))
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
+                client.idle_since = None
+                writer.write(await self.commands.answer(line))
+                try:
+                    async with asyncio.timeout(self.reply_timeout):
+                        await writer.drain()
+                except TimeoutError:
+                    self.stats["timed_out"] += 1
+                    return
+        except ConnectionError:
             return
+        except Exception as exc:  # never a traceback: one line, and the server goes on
+            log.error("control client failed: %s", one_line(f"{type(exc).__name__}: {exc}"))
         finally:
-            if task is not None:
-                self._clients.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+            self._forget(client)
+            if writer is None:
+                conn.close()
+            elif writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that does not read: do not wait for it
+            else:
+                writer.close()
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes | None:
+        """The next request line, or None when the connection is done (EOF, error sent)."""
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                return await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial if exc.partial.strip() else None
+        except asyncio.LimitOverrunError:
+            writer.write(encode_reply(error_reply(f"request longer than {MAX_LINE} bytes")))
+        except TimeoutError:
+            self.stats["timed_out"] += 1
+            writer.write(
+                encode_reply(error_reply(f"no complete request within {self.request_timeout:g} s"))
+            )
+        return None
 
     async def stop(self) -> None:
         """Stop listening, drop clients and remove the socket file if it is still ours."""
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._clients):
-                task.cancel()
-            await self._server.wait_closed()
-            self._server = None
+        tasks = [c.task for c in self._clients if c.task is not None]
+        if self._acceptor is not None:
+            tasks.append(self._acceptor)
+            self._acceptor = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._clients.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._inode is not None:
             try:
                 st = os.stat(self.path)
