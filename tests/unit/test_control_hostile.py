@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,17 +66,8 @@ class RealDaemon:
         return self.log()
 
 
-def _poll(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[RealDaemon]:
+def daemon(tmp_path: Path, poll: Callable[..., bool]) -> Iterator[RealDaemon]:
     sock = tmp_path / "control.sock"
     cfg = tmp_path / "oe"
     cfg.write_text(CONFIG.format(socket=sock))
@@ -91,7 +81,7 @@ def daemon(tmp_path: Path) -> Iterator[RealDaemon]:
         )
     d = RealDaemon(proc, sock, logfile)
     try:
-        ready = _poll(lambda: proc.poll() is not None or " running (pid " in d.log())
+        ready = poll(lambda: proc.poll() is not None or " running (pid " in d.log())
         assert ready and proc.poll() is None, d.log()[-3000:]
         yield d
     finally:
@@ -174,7 +164,7 @@ def test_hostile_requests_each_get_one_error_line_and_no_traceback_reaches_the_l
 
 
 def test_cli_is_answered_with_200_connections_pending_and_fds_stay_bounded(
-    daemon: RealDaemon, capsys: pytest.CaptureFixture[str]
+    daemon: RealDaemon, capsys: pytest.CaptureFixture[str], poll: Callable[..., bool]
 ) -> None:
     """Issue 12: with the listen backlog full, connect says EAGAIN and `oe` gave up at
     once. Here the daemon is stopped (SIGSTOP) while 200 clients connect and never
@@ -209,5 +199,5 @@ def test_cli_is_answered_with_200_connections_pending_and_fds_stay_bounded(
         for s in idlers:
             s.close()
     # once the idlers are gone, the daemon is back to its own descriptors
-    assert _poll(lambda: daemon.fds() <= base + 1), (base, daemon.fds())
+    assert poll(lambda: daemon.fds() <= base + 1), (base, daemon.fds())
     assert main(["--socket", str(daemon.socket), "reload"]) == 0

@@ -484,16 +484,9 @@ def _read_to_eof(s: socket.socket) -> bytes:
     return buf
 
 
-def _poll(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def test_idle_and_trickling_clients_cannot_hold_the_server(tmp_path: Path) -> None:
+def test_idle_and_trickling_clients_cannot_hold_the_server(
+    tmp_path: Path, poll: Callable[..., bool]
+) -> None:
     """Slowloris: clients that connect and send nothing (or part of a line) fill every
     slot; a real client is still answered because the longest-idle one makes room (the
     request deadline is too long to help here), the server never holds more than
@@ -502,7 +495,7 @@ def test_idle_and_trickling_clients_cannot_hold_the_server(tmp_path: Path) -> No
     with ServerThread(path, max_clients=4, request_timeout=60.0) as server:
         idlers = [_connect(path) for _ in range(8)]
         idlers[0].sendall(b'{"cmd": ')  # a trickler: part of a line, never the rest
-        assert _poll(lambda: server.connections == 4)
+        assert poll(lambda: server.connections == 4)
         reply = ControlClient(path, timeout=10).request("echo", n=1)
         assert reply == {"ok": True, "echo": {"n": 1}}
         assert server.connections <= 4
@@ -522,7 +515,7 @@ def test_idle_and_trickling_clients_cannot_hold_the_server(tmp_path: Path) -> No
                     closed.add(i)  # EOF
             return len(closed) >= 5
 
-        assert _poll(drained)
+        assert poll(drained)
         for s in idlers:
             s.close()
     busy = {"ok": False, "error": "server busy: closing this idle connection"}
@@ -533,19 +526,21 @@ def test_idle_and_trickling_clients_cannot_hold_the_server(tmp_path: Path) -> No
             assert data == b"", "a connection still held got nothing"
 
 
-def test_a_request_that_never_completes_times_out_with_one_line(tmp_path: Path) -> None:
+def test_a_request_that_never_completes_times_out_with_one_line(
+    tmp_path: Path, poll: Callable[..., bool]
+) -> None:
     path = tmp_path / "t.sock"
     with ServerThread(path, request_timeout=0.5) as server:
         s = _connect(path)
         s.sendall(b'{"cmd": "echo", "n": 1')  # no closing brace, no newline
         ending = _read_to_eof(s)  # on a server without a deadline this blocks (10 s timeout)
         s.close()
-        assert _poll(lambda: server.connections == 0)
+        assert poll(lambda: server.connections == 0)
         assert server.stats["timed_out"] == 1
     assert json.loads(ending) == {"ok": False, "error": "no complete request within 0.5 s"}
 
 
-def test_a_client_that_never_reads_is_dropped(tmp_path: Path) -> None:
+def test_a_client_that_never_reads_is_dropped(tmp_path: Path, poll: Callable[..., bool]) -> None:
     """Pipelined requests with big replies and no reads: once a reply stops draining
     for reply_timeout the connection is closed, not held forever (request_timeout is
     long here, so only the reply deadline can close it)."""
@@ -563,8 +558,8 @@ def test_a_client_that_never_reads_is_dropped(tmp_path: Path) -> None:
 
         sender = threading.Thread(target=flood, daemon=True)
         sender.start()
-        assert _poll(lambda: server.stats["timed_out"] >= 1)
-        assert _poll(lambda: server.connections == 0)
+        assert poll(lambda: server.stats["timed_out"] >= 1)
+        assert poll(lambda: server.connections == 0)
         sender.join(20)
         s.close()
         assert ControlClient(path).request("echo", n=3)["echo"] == {"n": 3}
