@@ -74,6 +74,25 @@ class Netns:
             run(["ip", "-n", ns, "addr", "add", addr, "dev", dev])
             run(["ip", "-n", ns, "link", "set", dev, "up"])
 
+    def switch(
+        self, name: str, members: Sequence[tuple[str, str]], mtu: int = 1500
+    ) -> dict[str, str]:
+        """One L2 segment (a bridge in namespace ``name``) joining ``members``, each a
+        (namespace, CIDR address); returns the device each member has on it."""
+        sw = self.add(name)
+        run(["ip", "-n", sw, "link", "add", "br0", "mtu", str(mtu), "type", "bridge"])
+        run(["ip", "-n", sw, "link", "set", "br0", "up"])
+        devs: dict[str, str] = {}
+        for i, (ns, addr) in enumerate(members):
+            dev, port = f"{self.prefix}w{i}", f"{self.prefix}p{i}"  # unique while created
+            run(["ip", "link", "add", dev, "mtu", str(mtu), "netns", ns, "type", "veth",
+                 "peer", port, "mtu", str(mtu), "netns", sw])  # fmt: skip
+            run(["ip", "-n", ns, "addr", "add", addr, "dev", dev])
+            run(["ip", "-n", ns, "link", "set", dev, "up"])
+            run(["ip", "-n", sw, "link", "set", port, "master", "br0", "up"])
+            devs[ns] = dev
+        return devs
+
     def route(self, ns: str, via: str) -> None:
         run(["ip", "-n", ns, "route", "add", "default", "via", via])
 

@@ -32,11 +32,11 @@ def _daemon(**kw: object) -> DaemonStatus:
     return DaemonStatus(**base)  # type: ignore[arg-type]
 
 
-def test_empty_status_has_the_five_top_level_keys_with_list_and_object_types() -> None:
+def test_empty_status_has_the_six_top_level_keys_with_list_and_object_types() -> None:
     doc = Status.merge(_daemon(last_reload=None), []).to_json()
-    assert set(doc) == {"daemon", "tunnels", "shunts", "engines", "dns"}
+    assert set(doc) == {"daemon", "tunnels", "shunts", "engines", "dns", "ike"}
     assert doc["tunnels"] == [] and doc["shunts"] == [] and doc["engines"] == []
-    assert doc["dns"] == {}
+    assert doc["dns"] == {} and doc["ike"] == {}
     d = doc["daemon"]
     assert {
         "version",
@@ -156,3 +156,13 @@ def test_documents_of_older_and_newer_daemons_both_read() -> None:
     back = Status.from_json(new)
     assert back.engines[0].transforms[0].rates[0].mbit_s == 1.0
     assert back.tunnels[0].peer == "p" and back.shunts[0].kind == "clear"
+
+
+def test_ike_counters_merge_round_trip_and_are_optional_in_older_documents() -> None:
+    part = StatusContribution(ike={"fragments_dropped": 3, "fragment_bytes": 1200})
+    status = Status.merge(_daemon(), [part, StatusContribution(ike={"fragment_bytes": 0})])
+    assert status.ike == {"fragments_dropped": 3, "fragment_bytes": 0}
+    doc = json.loads(json.dumps(status.to_json()))
+    assert Status.from_json(doc) == status
+    del doc["ike"]  # a daemon from before the IKE counters
+    assert Status.from_json(doc).ike == {}

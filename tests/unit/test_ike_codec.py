@@ -30,7 +30,8 @@ from oe_router.ike.constants import (
 )
 from oe_router.ike.crypto import sk_cipher
 from oe_router.ike.errors import IkeCryptoError, IkeDecodeError
-from oe_router.ike.message import FragmentReassembler, Message, decrypt
+from oe_router.ike.fragments import FragmentReassembler
+from oe_router.ike.message import Message, decrypt
 from oe_router.ike.payloads import (
     AUTH,
     CERT,

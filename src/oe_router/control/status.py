@@ -242,7 +242,8 @@ class DaemonStatus:
 
 @dataclass(frozen=True)
 class StatusContribution:
-    """What one service adds to the status; `dns` keys are merged into the `dns` object."""
+    """What one service adds to the status; `dns` and `ike` keys are merged into the
+    `dns` and `ike` objects."""
 
     tunnels: tuple[TunnelStatus, ...] = ()
     shunts: tuple[ShuntStatus, ...] = ()
@@ -251,30 +252,36 @@ class StatusContribution:
     datapath: str | None = None
     #: the datapath's own counters (first packets queued, held, released; worker drops)
     datapath_stats: JsonObject = field(default_factory=dict)
+    #: the IKE endpoint's counters (what it dropped and why; fragment bytes held now)
+    ike: JsonObject = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Status:
-    """The whole status document: four component sections plus `daemon`."""
+    """The whole status document: five component sections plus `daemon`."""
 
     daemon: DaemonStatus
     tunnels: tuple[TunnelStatus, ...] = ()
     shunts: tuple[ShuntStatus, ...] = ()
     engines: tuple[EngineStatus, ...] = ()
     dns: JsonObject = field(default_factory=dict)
+    ike: JsonObject = field(default_factory=dict)
 
     @classmethod
     def merge(cls, daemon: DaemonStatus, parts: list[StatusContribution]) -> Status:
         """Combine the daemon facts with every service's contribution, in service order."""
         dns: JsonObject = {}
+        ike: JsonObject = {}
         for part in parts:
             dns.update(part.dns)
+            ike.update(part.ike)
         return cls(
             daemon=daemon,
             tunnels=tuple(t for p in parts for t in p.tunnels),
             shunts=tuple(s for p in parts for s in p.shunts),
             engines=tuple(e for p in parts for e in p.engines),
             dns=dns,
+            ike=ike,
         )
 
     def to_json(self) -> JsonObject:
@@ -284,6 +291,7 @@ class Status:
             "shunts": [asdict(s) for s in self.shunts],
             "engines": [e.to_json() for e in self.engines],
             "dns": dict(self.dns),
+            "ike": dict(self.ike),
         }
 
     @classmethod
@@ -295,4 +303,5 @@ class Status:
             shunts=tuple(ShuntStatus(**_known(ShuntStatus, s)) for s in obj["shunts"]),
             engines=tuple(EngineStatus.from_json(e) for e in obj["engines"]),
             dns=dict(obj["dns"]),
+            ike=dict(obj.get("ike", {})),  # absent from an older daemon's document
         )

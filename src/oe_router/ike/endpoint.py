@@ -22,6 +22,11 @@ and does what RFC 7296 §2.23 / RFC 3948 leave to the transport:
   IKE answer UDP 500 that way; without this an OE negotiation waited out every
   retransmission while the kernel dropped the triggering flow's packets.
 
+Fragments (RFC 7383): each IKE SA bounds what it holds of a peer's incomplete fragmented
+messages; the endpoint keeps the sum over all of them under ``max_total_bytes`` (the
+biggest holder gives its messages up first), counts what was dropped and logs it at
+most once per ``fragments.FragmentBudget.log_interval``.
+
 A responder holding ``cookie_threshold`` IKE SAs that have not finished IKE_AUTH
 demands COOKIEs (RFC 7296 §2.6) and at ``half_open_limit`` drops new IKE_SA_INIT
 requests; both decisions are the stateless ``cookies.responder_precheck``.
@@ -52,6 +57,7 @@ from .constants import ExchangeType, HeaderFlag
 from .cookies import CookieJar, ResponderLimits, responder_precheck
 from .errors import IkeDecodeError, IkeError
 from .events import Event, IkeSaDeleted, IkeSaEstablished, IkeSaFailed, IkeSaRekeyed
+from .fragments import DEFAULT_FRAGMENT_LIMITS, FragmentBudget, FragmentLimits
 from .payloads import IkeHeader
 from .sa import IkeSa, IkeSaConfig
 from .wire import Reader
@@ -193,6 +199,8 @@ class EndpointCounters:
     floated: int = 0
     icmp_errors: int = 0  #: ICMP reports read from the sockets' error queues
     unreachable: int = 0  #: IKE SAs failed at once by an ICMP unreachable quoting our request
+    fragments_dropped: int = 0  #: RFC 7383 fragments refused (a limit, outside the window, forged)
+    fragment_messages_abandoned: int = 0  #: fragmented messages given up incomplete
 
 
 class _Proto(asyncio.DatagramProtocol):
@@ -242,6 +250,7 @@ class IkeEndpoint:
         xfrm: bool = True,
         random: Callable[[int], bytes] = os.urandom,
         socket_hooks: SocketHooks | None = None,
+        fragment_limits: FragmentLimits = DEFAULT_FRAGMENT_LIMITS,
     ) -> None:
         self.addresses = tuple(str(ipaddress.ip_address(a)) for a in addresses)
         if not self.addresses:
@@ -273,6 +282,8 @@ class IkeEndpoint:
         self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cookies: CookieJar | None = None
+        #: bytes of incomplete fragmented messages held by all SAs (``held``), and their limit
+        self.fragments: FragmentBudget[SaHandle] = FragmentBudget(fragment_limits)
 
     # ------------------------------------------------------------------ lifecycle
     def _make_socket(self, ip: str, port: int, natt: bool) -> socket.socket:
@@ -607,8 +618,34 @@ class IkeEndpoint:
             self._on_event(h, ev)
             if isinstance(ev, IkeSaFailed | IkeSaDeleted):
                 self._forget(h)
+        self._fragments(h)
         self._reschedule(h)
         self._arm()
+
+    # ------------------------------------------------------------------ fragments
+    def _fragments(self, h: SaHandle) -> None:
+        """Count what ``h`` dropped of its peer's fragments; take bytes back from the
+        biggest holders while all SAs together hold more than ``max_total_bytes``."""
+        self.fragments.hold(h, h.sa.fragment_bytes if h in self._handles else 0)
+        self._count_fragments(h)
+        while (victim := self.fragments.victim()) is not None:
+            limit = self.fragments.limits.max_total_bytes
+            victim.sa.drop_fragments(f"over {limit} bytes held for all IKE SAs")
+            self.fragments.hold(victim, 0)
+            self._count_fragments(victim)
+            self._reschedule(victim)
+
+    def _count_fragments(self, h: SaHandle) -> None:
+        stats = h.sa.take_fragment_stats()
+        self.counters.fragments_dropped += stats.dropped
+        self.counters.fragment_messages_abandoned += stats.abandoned
+        due = self.fragments.report(stats, self._clock())
+        if due is not None:
+            log.warning(
+                "IKE fragments from %s: %d dropped, %d incomplete messages abandoned since "
+                "the last report (latest: %s); %d bytes held now",
+                h.remote[0], due.dropped, due.abandoned, due.reason, self.fragments.held,
+            )  # fmt: skip
 
     def _index(self, h: SaHandle) -> None:
         """Point every SPI pair the SA answers for at ``h``; drop pairs it no longer has."""
@@ -633,6 +670,7 @@ class IkeEndpoint:
 
     def _forget(self, h: SaHandle) -> None:
         self._close_half_open(h)
+        self.fragments.hold(h, 0)
         for k in h.pairs:
             if self._by_pair.get(k) is h:
                 del self._by_pair[k]

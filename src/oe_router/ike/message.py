@@ -178,20 +178,35 @@ class Message:
         chunks = [inner[i : i + room] for i in range(0, len(inner), room)] or [b""]
         if len(chunks) > len(ivs):
             raise ValueError(f"{len(chunks)} fragments need as many IVs")
-        out = []
-        for n, chunk in enumerate(chunks, start=1):
-            sealed_len = cipher.sealed_len(len(chunk))
-            total = IKE_HEADER_LEN + GENERIC_HEADER_LEN + 4 + sealed_len
-            head = (
-                self._header(PayloadType.SKF, total)
-                + GenericHeader(
-                    first if n == 1 else 0, 0, GENERIC_HEADER_LEN + 4 + sealed_len
-                ).encode()
-                + n.to_bytes(2, "big")
-                + len(chunks).to_bytes(2, "big")
-            )
-            out.append(head + cipher.seal(sk_e, sk_a, ivs[n - 1], head, chunk))
-        return out
+        return [
+            self.encrypt_fragment(cipher, sk_e, sk_a, ivs[n - 1], chunk, n, len(chunks), first)
+            for n, chunk in enumerate(chunks, start=1)
+        ]
+
+    def encrypt_fragment(
+        self,
+        cipher: SkCipher,
+        sk_e: bytes,
+        sk_a: bytes,
+        iv: bytes,
+        chunk: bytes,
+        number: int,
+        total: int,
+        first_inner: int,
+    ) -> bytes:
+        """Seal one SKF fragment: ``chunk`` of the inner payload chain, fragment ``number``
+        of ``total`` (only fragment 1 names the first inner payload, RFC 7383 §2.5)."""
+        sealed_len = cipher.sealed_len(len(chunk))
+        length = IKE_HEADER_LEN + GENERIC_HEADER_LEN + 4 + sealed_len
+        head = (
+            self._header(PayloadType.SKF, length)
+            + GenericHeader(
+                first_inner if number == 1 else 0, 0, GENERIC_HEADER_LEN + 4 + sealed_len
+            ).encode()
+            + number.to_bytes(2, "big")
+            + total.to_bytes(2, "big")
+        )
+        return head + cipher.seal(sk_e, sk_a, iv, head, chunk)
 
 
 def decrypt(data: bytes, cipher: SkCipher, sk_e: bytes, sk_a: bytes) -> Message:
@@ -211,50 +226,7 @@ def decrypt(data: bytes, cipher: SkCipher, sk_e: bytes, sk_a: bytes) -> Message:
     return msg
 
 
-@dataclass
-class FragmentReassembler:
-    """Collects SKF fragments of one message (RFC 7383 §2.6) until all have arrived.
-
-    Each fragment is verified and decrypted on arrival; a forged fragment is
-    dropped without disturbing the ones already held.
-    """
-
-    cipher: SkCipher
-    sk_e: bytes
-    sk_a: bytes
-    _parts: dict[int, bytes] = field(default_factory=dict)
-    _total: int = 0
-    _first_inner: int = 0
-    _template: Message | None = None
-
-    def add(self, data: bytes) -> Message | None:
-        """Feed one fragment datagram; returns the whole decrypted message once complete."""
-        msg = Message.decode(data)
-        if len(msg.payloads) != 1 or not isinstance(msg.payloads[0], SKF):
-            raise IkeDecodeError("not an SKF fragment message")
-        skf = msg.payloads[0]
-        if self._total and skf.total_fragments != self._total:
-            if skf.total_fragments < self._total:
-                raise IkeDecodeError("fragment from an older fragmentation, ignored")
-            self._parts.clear()  # a retransmission re-fragmented smaller: start over
-        head_len = len(data) - len(skf.data)
-        plain = self.cipher.open(self.sk_e, self.sk_a, bytes(data[:head_len]), skf.data)
-        self._total = skf.total_fragments
-        self._parts[skf.fragment_number] = plain
-        if skf.fragment_number == 1:
-            self._first_inner = skf.first_inner
-            self._template = msg
-        if len(self._parts) < self._total or self._template is None:
-            return None
-        inner, _ = decode_chain(
-            b"".join(self._parts[i] for i in range(1, self._total + 1)), self._first_inner
-        )
-        t = self._template
-        return Message(t.spi_i, t.spi_r, t.exchange_type, t.flags, t.message_id, inner, t.version)
-
-
 __all__ = [
-    "FragmentReassembler",
     "IkeCryptoError",
     "Message",
     "decode_chain",

@@ -69,8 +69,9 @@ from .events import (
     InitialContact,
 )
 from .exchanges import create_child_initiator, create_child_responder
+from .fragments import DEFAULT_FRAGMENT_LIMITS, FragmentLimits, FragmentReassembler, FragmentStats
 from .keys import IkeSaKeys, Prf, ike_sa_keys, rekey_skeyseed, skeyseed
-from .message import FragmentReassembler, Message, decrypt
+from .message import Message, decrypt
 from .payloads import (
     AUTH,
     CP,
@@ -129,7 +130,8 @@ class IkeSaConfig:
     ``[L * (1 - rekey_margin - rekey_jitter), L * (1 - rekey_margin)]`` and
     deleted at ``L`` if the rekey did not happen. ``fragment_size`` is the
     largest encrypted IKE message (without the non-ESP marker) sent whole
-    when the peer supports RFC 7383 fragmentation.
+    when the peer supports RFC 7383 fragmentation; ``fragment_limits`` bound
+    what the peer's fragments may make us hold (``fragments``).
     """
 
     local_address: Address
@@ -156,6 +158,7 @@ class IkeSaConfig:
     retry_delay: tuple[float, float] = (1.0, 4.0)
     retry_tries: int = 5
     fragment_size: int = 1280
+    fragment_limits: FragmentLimits = DEFAULT_FRAGMENT_LIMITS
     # CP: ask the responder for inner addresses (CAT); as responder, hand these out
     request_internal_address: bool = False
     internal_addresses: tuple[str, ...] = ()
@@ -290,6 +293,7 @@ class IkeSa:
     _cached_response: list[bytes] = field(default_factory=list)
     _iv_counter: int = 0
     _reassembler: FragmentReassembler | None = None
+    _frag_stats: FragmentStats = field(default_factory=FragmentStats)  # not per link
     _local_auth_method: int = AuthMethod.NULL
     _children: dict[bytes, ChildRecord] = field(default_factory=dict)  # by our inbound SPI
     _queue: deque[Request] = field(default_factory=deque)
@@ -340,6 +344,8 @@ class IkeSa:
         """When ``handle_timer`` next has work: retransmission, rekey, expiry or a retry."""
         times = [self._retransmit_at, self._retire_at]
         times += [a.get_timer() for a in self._aux]
+        if self._reassembler is not None:
+            times.append(self._reassembler.deadline())
         if self.state == "established" and not self._retired:
             times += [self._ike_rekey_at, self._ike_expire_at]
             for c in self._children.values():
@@ -352,8 +358,11 @@ class IkeSa:
         return min((t for t in times if t is not None), default=None)
 
     def handle_timer(self, now: float) -> None:
-        """Retransmit with exponential back-off (or give up), rekey, expire, retry."""
+        """Retransmit with exponential back-off (or give up), rekey, expire, retry;
+        drop what is left of a fragmented message that never completed."""
         self._tick_aux(now)
+        if self._reassembler is not None:
+            self._reassembler.expire(now)
         if self._retire_at is not None and now >= self._retire_at and self._retired:
             self.state = "closed"
             self._retransmit_at = self._retire_at = None
@@ -396,6 +405,25 @@ class IkeSa:
     def half_open(self) -> bool:
         """True until IKE_AUTH completes: the endpoint counts these against its limits."""
         return self.state in ("idle", "init-sent", "auth-sent", "init-done")
+
+    @property
+    def fragment_bytes(self) -> int:
+        """Bytes of the peer's fragments held for messages not complete yet (RFC 7383)."""
+        held = self._reassembler.buffered if self._reassembler is not None else 0
+        return held + sum(a.fragment_bytes for a in self._aux)
+
+    def take_fragment_stats(self) -> FragmentStats:
+        """Fragments dropped and messages abandoned since the last call (the endpoint
+        adds them to its counters)."""
+        self._collect_aux_stats()
+        return self._frag_stats.take()
+
+    def drop_fragments(self, reason: str) -> None:
+        """Abandon every incomplete fragmented message held (the endpoint is over its
+        total limit); counted in ``take_fragment_stats``."""
+        for link in (self, *self._aux):
+            if link._reassembler is not None:
+                link._reassembler.abandon_all(reason)
 
     def spis(self) -> list[tuple[bytes, bytes]]:
         """Every (SPIi, SPIr) this object answers for: the current SA, then replaced ones."""
@@ -539,6 +567,7 @@ class IkeSa:
     def _fail(self, reason: str, notify: int | None = None, *, unanswered: bool = False) -> None:
         self.state = "failed"
         self._retransmit_at = None
+        self._reassembler = None
         self._events.append(IkeSaFailed(reason, notify, unanswered))
 
     def _send_request(self, datagrams: list[bytes], now: float) -> None:
@@ -575,18 +604,23 @@ class IkeSa:
         ivs = [self._iv(self._neg.cipher) for _ in range(len(whole) // (size // 2) + 2)]
         return msg.encrypt_fragments(self._neg.cipher, ke, ka, ivs, size)
 
-    def _open(self, data: bytes, first: Message) -> Message | None:
+    def _open(self, data: bytes, first: Message, now: float) -> Message | None:
+        """Decrypt an in-window message, or add a fragment of one (None until complete)."""
         assert self._neg is not None
         k = self._neg.keys
         ke, ka = (k.sk_er, k.sk_ar) if self.is_initiator else (k.sk_ei, k.sk_ai)
         if first.payloads and isinstance(first.payloads[-1], SKF):
             if self._reassembler is None:
-                self._reassembler = FragmentReassembler(self._neg.cipher, ke, ka)
-            whole = self._reassembler.add(data)
-            if whole is not None:
-                self._reassembler = None
-            return whole
+                self._reassembler = FragmentReassembler(
+                    self._neg.cipher, ke, ka, self.config.fragment_limits, self._frag_stats
+                )
+            return self._reassembler.add(data, now, first)
         return decrypt(data, self._neg.cipher, ke, ka)
+
+    def _stray(self, msg: Message, why: str) -> None:
+        """Count a fragment for a message ID outside the window: never buffered."""
+        if msg.payloads and isinstance(msg.payloads[-1], SKF):
+            self._frag_stats.drop(f"fragment of message {msg.message_id}: {why}")
 
     def _nat_notifies(self, spi_r: bytes) -> list[Payload]:
         c = self.config
@@ -815,8 +849,13 @@ class IkeSa:
             a.handle_timer(now)
         self._collect_aux()
 
+    def _collect_aux_stats(self) -> None:
+        for a in self._aux:
+            self._frag_stats.add(a.take_fragment_stats())
+
     def _collect_aux(self) -> None:
         """Forward what replaced/redundant IKE SAs send; forget them once closed."""
+        self._collect_aux_stats()
         for a in self._aux:
             self._out += a.datagrams_to_send()
             while a.next_event() is not None:
@@ -899,18 +938,21 @@ class IkeSa:
 
     def _receive(self, msg: Message, data: bytes, now: float, remote: Address) -> None:
         if msg.is_response:
-            if msg.message_id != self._next_mid - 1 or self._retransmit_at is None:
+            if msg.message_id != self._next_mid - 1:
+                self._stray(msg, f"outside the window (our request is {self._next_mid - 1})")
                 return
+            if self._retransmit_at is None:
+                return  # a late copy of a response already taken
             if self.is_initiator and msg.exchange_type == ExchangeType.IKE_SA_INIT:
                 if self.state == "init-sent":
                     self._initiator_got_init(msg, data, now, remote)
             elif self.is_initiator and msg.exchange_type == ExchangeType.IKE_AUTH:
                 if self.state == "auth-sent" and self._neg is not None:
-                    inner = self._open(data, msg)
+                    inner = self._open(data, msg, now)
                     if inner is not None:
                         self._initiator_got_auth(inner, now)
             elif self._inflight is not None and self._neg is not None:
-                inner = self._open(data, msg)
+                inner = self._open(data, msg, now)
                 if inner is not None:
                     self._got_response(inner, now)
             return
@@ -921,6 +963,7 @@ class IkeSa:
                 self._out += self._cached_response
             return
         if msg.message_id != self._expect_mid:
+            self._stray(msg, f"outside the window (expecting {self._expect_mid})")
             return
         if not self.is_initiator and msg.exchange_type == ExchangeType.IKE_SA_INIT:
             if self.state == "idle":
@@ -930,11 +973,11 @@ class IkeSa:
             return
         if msg.exchange_type == ExchangeType.IKE_AUTH:
             if not self.is_initiator and self.state == "init-done":
-                inner = self._open(data, msg)
+                inner = self._open(data, msg, now)
                 if inner is not None:
                     self._responder_got_auth(inner, now)
         elif self.state in ("established", "deleting"):
-            inner = self._open(data, msg)
+            inner = self._open(data, msg, now)
             if inner is None:
                 return
             if msg.exchange_type == ExchangeType.INFORMATIONAL:
@@ -1191,6 +1234,7 @@ class IkeSa:
     def _closed(self, reason: str) -> None:
         self.state = "closed"
         self._retransmit_at = None
+        self._reassembler = None
         self._queue.clear()
         self._events.append(IkeSaDeleted(self.spi_i, self.spi_r, reason))
 

@@ -900,7 +900,15 @@ class IkeService:
         return tuple(out)
 
     def status(self) -> StatusContribution:
-        return StatusContribution(tunnels=self.rows())
+        return StatusContribution(tunnels=self.rows(), ike=self.counters())
+
+    def counters(self) -> dict[str, object]:
+        """The endpoint's counters (``oe status`` "ike"): what it dropped and why, and
+        the bytes of incomplete fragmented messages held now."""
+        if self.endpoint is None:
+            return {}
+        ep = self.endpoint
+        return {**asdict(ep.counters), "fragment_bytes": ep.fragments.held}
 
     # ------------------------------------------------------------------ control
     def register_commands(self, commands: CommandTable) -> None:
