@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
 import dns.query
 import dns.rcode
+import dns.rdata
 import dns.rdatatype
 import pytest
 from bench.bench_dns_front import free_port
@@ -440,3 +442,109 @@ def test_only_upstream_times_out_servfail_at_once(make_front: Any, blackhole: Bl
     assert answer.elapsed < 0.3 + AT_ONCE
     assert front.tunnels.calls == []
     assert front.status()["timeouts"] == 1
+
+
+# --------------------------------------------------------------------------- tampered A records
+
+
+class TamperingUpstream:
+    """A man in the middle between the front and knotd (UDP): every reply for ``name``/A
+    gets its address rdata replaced by ``forged``; the RRSIGs are passed on untouched.
+
+    ``plain_only``: only replies to queries without the DO bit (the LAN client's own)
+    are tampered, so the validator's DO+CD queries see knotd's honest records.
+    """
+
+    def __init__(self, knot_port: int, name: str, forged: str, plain_only: bool) -> None:
+        self.knot_port, self.forged, self.plain_only = knot_port, forged, plain_only
+        self.name = dns.name.from_text(name)
+        self.tampered = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.running:
+            try:
+                data, client = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(data)
+            try:
+                reply = dns.query.udp(query, KNOT_HOST, port=self.knot_port, timeout=2)
+            except (dns.exception.Timeout, OSError):
+                continue  # as a lost packet: the front's own timeout handles it
+            q = query.question[0]
+            spared = self.plain_only and bool(query.ednsflags & dns.flags.DO)
+            if q.name == self.name and q.rdtype == dns.rdatatype.A and not spared:
+                for rrset in reply.answer:
+                    if rrset.rdtype == dns.rdatatype.A:
+                        rrset.clear()
+                        rrset.add(dns.rdata.from_text("IN", "A", self.forged))
+                        self.tampered += 1
+            self.sock.sendto(reply.to_wire(), client)
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def tampering(lab: Lab) -> Iterator[Any]:
+    made: list[TamperingUpstream] = []
+
+    def make(plain_only: bool) -> TamperingUpstream:
+        mitm = TamperingUpstream(lab.port, "sw.example.test.", "198.51.100.66", plain_only)
+        made.append(mitm)
+        return mitm
+
+    yield make
+    for mitm in made:
+        mitm.close()
+
+
+@pytest.mark.parametrize("plain_only", [False, True], ids=["every-reply", "client-reply-only"])
+def test_tampered_a_of_signed_name_is_servfail_and_never_tunnelled(
+    make_front: Any, tampering: Any, plain_only: bool
+) -> None:
+    """Issue 11.3: sw.example.test (signed, keyed) answered with a forged A through a
+    middlebox: the client gets SERVFAIL, no tunnel is asked for with sw's key (so no IKE
+    starts) to any address; plain.example.test through the same box still works."""
+    mitm = tampering(plain_only)
+    front = make_front(  # a generous hold: the box may be loaded, the hold is not under test
+        RecordingTunnels(delay=0.3), upstreams=(("127.0.0.1", mitm.port),), hold_limit=5.0
+    )
+    answer = ask(front.port, "sw.example.test.")
+    assert mitm.tampered >= 1
+    assert answer.msg.rcode() == dns.rcode.SERVFAIL and not answer.msg.answer
+    assert front.tunnels.calls == []
+    key = front.lookup("sw.example.test.")
+    assert key.usable_key is not None and key.v4 is not None  # the key itself is fine
+    assert key.check_addresses(_ips("198.51.100.66"))[0] is KeyStatus.BOGUS
+    assert front.status()["servfail"] == 1
+    # untampered names through the same middlebox are unaffected
+    other = ask(front.port, "null.example.test.")
+    assert other.addresses() == {"203.0.113.10"}
+    [call] = front.tunnels.calls
+    assert call.addresses == _ips("203.0.113.10")
+
+
+def test_tampered_a_with_bogus_action_insecure_is_released_without_the_key(
+    make_front: Any, tampering: Any
+) -> None:
+    """bogus_action=insecure: the (forged) answer goes out as if unsigned; the key is
+    never bound to the forged address."""
+    mitm = tampering(True)
+    front = make_front(
+        RecordingTunnels(), upstreams=(("127.0.0.1", mitm.port),), bogus_action="insecure"
+    )
+    answer = ask(front.port, "sw.example.test.")
+    assert answer.msg.rcode() == dns.rcode.NOERROR
+    assert answer.addresses() == {"198.51.100.66"}
+    assert front.tunnels.calls == []
+    assert front.status()["released_clear"] == 1

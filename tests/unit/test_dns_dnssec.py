@@ -37,6 +37,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oe_router.dns.dnssec import (
+    MAX_KEYS_PER_TAG,
+    MAX_SIGNATURE_CHECKS,
+    MAX_SIGNATURE_FAILURES,
     Denial,
     Query,
     Result,
@@ -899,3 +902,273 @@ def test_nsec3_iterations_above_limit_is_insecure(keys: dict[str, PrivKey]) -> N
     assert "iterations 200" in result.reason
     # The cut below n3.test cannot be disproven cheaply, so its data is insecure too.
     assert validate(world, "host.n3.test.", "A").status is Status.INSECURE
+
+
+# --------------------------------------------------------------------------- work bounds (KeyTrap)
+
+EX = N("example.test.")
+HOST = N("host.example.test.")
+
+
+@pytest.fixture
+def pk_ops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts public-key operations where dnspython performs them, one per (RRSIG, DNSKEY)."""
+    count = [0]
+    real = dns.dnssec._validate_signature
+
+    def counting(sig: bytes, data: bytes, key: Any) -> None:
+        count[0] += 1
+        real(sig, data, key)
+
+    monkeypatch.setattr(dns.dnssec, "_validate_signature", counting)
+    return count
+
+
+def colliding_rsa_keys(modulus: int, count: int) -> list[Any]:
+    """`count` RSA zone keys (algorithm 8) sharing one key tag, as a KeyTrap zone has.
+
+    The key tag (RFC 4034 appendix B) adds rdata bytes at even offsets as high and at
+    odd offsets as low bytes; the 4-byte exponent sits at offsets 5-8, so exponents
+    whose bytes keep e0 + e2 and e1 + e3 constant share the tag. Each key is a real
+    RSA key: checking a signature with it costs a modular exponentiation.
+    """
+    out: list[Any] = []
+    for e0 in range(1, 0x80):
+        for e3 in range(1, 0x80, 2):
+            exponent = bytes([e0, 0x81 - e3, 0x80 - e0, e3])
+            key = bytes([4]) + exponent + modulus.to_bytes(256, "big")
+            out.append(dns.rdata.from_wire(IN, T.DNSKEY, b"\x01\x00\x03\x08" + key, 0, 260 + 4))
+            if len(out) == count:
+                assert len({dns.dnssec.key_id(k) for k in out}) == 1
+                return out
+    raise ValueError(count)
+
+
+def _resign(
+    msg: dns.message.Message,
+    section: Any,
+    owner: dns.name.Name,
+    rdtype: int,
+    key: PrivKey,
+    signer: dns.name.Name,
+    alg: int,
+) -> dns.rrset.RRset:
+    """Re-sign owner/rdtype in `section` with `key` (the zone owner publishing its own data)."""
+    rrset = msg.find_rrset(section, owner, IN, rdtype)
+    section[:] = [r for r in section if not (r.rdtype == T.RRSIG and r.covers == rdtype)]
+    sig = dns.dnssec.sign(
+        rrset, key, signer, _dnskey(key, alg), inception=NOW - DAY, expiration=NOW + DAY
+    )
+    section.append(dns.rrset.from_rdata(owner, 3600, sig))
+    return rrset
+
+
+def keytrap_world(keys: dict[str, PrivKey], n_keys: int, n_sigs: int) -> World:
+    """example.test (its owner is the attacker) publishes `n_keys` DNSKEYs with one key tag
+    and answers host.example.test/A with `n_sigs` RRSIGs naming that tag, none valid.
+    n_keys 0: the RRSIGs name the zone's real key (a signature flood on one key)."""
+    world = make_world(keys, ex_alg=8)
+    ksk = keys["ex8"]
+    colliding = colliding_rsa_keys(ksk.public_key().public_numbers().n, n_keys) if n_keys else []
+    tag = dns.dnssec.key_id(colliding[0] if colliding else _dnskey(ksk, 8))
+
+    def mutate(q: Query, msg: dns.message.Message) -> dns.message.Message:
+        if q.qname == EX and q.rdtype == T.DNSKEY and colliding:
+            rrset = msg.find_rrset(msg.answer, EX, IN, T.DNSKEY)
+            for k in colliding:
+                rrset.add(k)
+            _resign(msg, msg.answer, EX, T.DNSKEY, ksk, EX, 8)
+        if q.qname == HOST and q.rdtype == T.A:
+            sigs = msg.find_rrset(msg.answer, HOST, IN, T.RRSIG, T.A)
+            real = next(iter(sigs))
+            sigs.clear()
+            for i in range(n_sigs):
+                junk = bytearray(real.signature)
+                junk[-2:] = i.to_bytes(2, "big")
+                sigs.add(real.replace(key_tag=tag, signature=bytes(junk)))
+        msg.request_payload = 65535
+        return msg
+
+    world.mutate = mutate
+    return world
+
+
+#: Successful checks on the way to host.example.test's answer: DNSKEY of ., DS and DNSKEY
+#: of test. and example.test., the NSEC denying a DS at host.example.test.
+CHAIN_CHECKS = 6
+
+
+@pytest.mark.parametrize(
+    ("n_keys", "n_sigs", "before"),
+    [(64, 64, 64 * 64), (4, 64, 4 * 64), (0, 200, 200)],
+    ids=["keys-and-signatures", "tag-limit-keys", "signature-flood"],
+)
+def test_keytrap_zone_ends_bogus_within_the_work_bound(
+    keys: dict[str, PrivKey], pk_ops: list[int], n_keys: int, n_sigs: int, before: int
+) -> None:
+    """Issue 11.1: `before` public-key operations before the bound; now a few, then BOGUS."""
+    world = keytrap_world(keys, n_keys, n_sigs)
+    result = validate(world, "host.example.test.", "A")
+    assert result.status is Status.BOGUS and result.limited, result.reason
+    assert "validation work limit" in result.reason
+    assert result.sig_checks == pk_ops[0]
+    assert pk_ops[0] <= CHAIN_CHECKS + MAX_SIGNATURE_FAILURES < before
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["bogus-junk", "signed-junk"])
+def test_junk_denial_records_are_bounded_per_validation(
+    keys: dict[str, PrivKey], pk_ops: list[int], signed: bool
+) -> None:
+    """Many NSEC RRsets in one denial (signed by the zone or not) cost at most the bound."""
+    world = make_world(keys)
+    zone = world.zones[EX]
+    junk: list[dns.rrset.RRset] = []
+    for i in range(100):
+        owner = N(f"junk{i:03d}.example.test.")
+        rd = dns.rdata.from_text(IN, T.NSEC, f"junk{i:03d}a.example.test. A RRSIG NSEC")
+        rrset = dns.rrset.from_rdata(owner, 300, rd)
+        key = keys["ex13"] if signed else keys["rogue"]
+        sig = dns.dnssec.sign(
+            rrset, key, EX, _dnskey(keys["ex13"], 13), inception=NOW - DAY, expiration=NOW + DAY
+        )
+        junk += [rrset, dns.rrset.from_rdata(owner, 300, sig)]
+    assert zone is not None
+
+    def mutate(q: Query, msg: dns.message.Message) -> dns.message.Message:
+        if str(q) == "host.example.test./AAAA":
+            msg.authority[:0] = junk
+            msg.request_payload = 65535
+        return msg
+
+    world.mutate = mutate
+    result = validate(world, "host.example.test.", "AAAA")
+    assert result.status is Status.BOGUS and result.limited, result.reason
+    assert result.sig_checks == pk_ops[0]
+    bound = MAX_SIGNATURE_CHECKS if signed else CHAIN_CHECKS + MAX_SIGNATURE_FAILURES
+    assert pk_ops[0] <= bound < 100
+
+
+@pytest.mark.parametrize(
+    ("n_keys", "status"), [(4, Status.SECURE), (64, Status.BOGUS)], ids=["4-keys", "64-keys"]
+)
+def test_ds_digests_are_bounded_by_keys_not_ds_times_keys(
+    keys: dict[str, PrivKey], monkeypatch: pytest.MonkeyPatch, n_keys: int, status: Status
+) -> None:
+    """300 DS records with the colliding keys' tag: each key hashed at most once per digest
+    type (before: once per DS and key); past MAX_KEYS_PER_TAG keys the DS step is BOGUS."""
+    world = make_world(keys, ex_alg=8)
+    colliding = colliding_rsa_keys(keys["ex8"].public_key().public_numbers().n, n_keys)
+    tag = dns.dnssec.key_id(colliding[0])
+
+    def mutate(q: Query, msg: dns.message.Message) -> dns.message.Message:
+        if q.qname == EX and q.rdtype == T.DNSKEY:
+            rrset = msg.find_rrset(msg.answer, EX, IN, T.DNSKEY)
+            for k in colliding:
+                rrset.add(k)
+            _resign(msg, msg.answer, EX, T.DNSKEY, keys["ex8"], EX, 8)
+        if q.qname == EX and q.rdtype == T.DS:
+            rrset = msg.find_rrset(msg.answer, EX, IN, T.DS)
+            for i in range(300):
+                rrset.add(dns.rdata.from_text(IN, T.DS, f"{tag} 8 2 {i:064x}"))
+            _resign(msg, msg.answer, EX, T.DS, keys["test"], N("test."), 13)
+        msg.request_payload = 65535
+        return msg
+
+    world.mutate = mutate
+    digests = [0]
+    real = dns.dnssec.make_ds
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        digests[0] += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dns.dnssec, "make_ds", counting)
+    result = validate(world, "host.example.test.", "A")
+    assert result.status is status, result.reason
+    assert result.limited == (status is Status.BOGUS)
+    # ., test. and example.test.'s own KSK once each, plus each colliding key once
+    assert digests[0] <= 3 + min(n_keys, MAX_KEYS_PER_TAG) < 300
+
+
+@pytest.mark.parametrize(
+    ("name", "rdtype"),
+    [
+        ("host.example.test.", "IPSECKEY"),
+        ("host.example.test.", "AAAA"),
+        ("nothere.n3.test.", "A"),
+        ("x.wild.example.test.", "A"),
+        ("www.example.test.", "IPSECKEY"),
+    ],
+)
+def test_honest_validations_stay_far_below_the_bound(
+    keys: dict[str, PrivKey], pk_ops: list[int], name: str, rdtype: str
+) -> None:
+    result = validate(make_world(keys), name, rdtype)
+    assert result.status is Status.SECURE and not result.limited, result.reason
+    assert result.sig_checks == pk_ops[0] <= 16 < MAX_SIGNATURE_CHECKS
+
+
+# ---------------------------------------------------------------- wildcards (RFC 4035 5.3.4)
+
+#: *.wild has an empty non-terminal ent.wild beside it (b.ent.wild exists); *.cw likewise.
+WILD_TEXT = (
+    "ns 3600 IN A 192.0.2.53\n"
+    "host 3600 IN A 192.0.2.10\n"
+    "*.wild 3600 IN A 192.0.2.14\n"
+    "b.ent.wild 3600 IN A 192.0.2.15\n"
+    "*.cw 3600 IN CNAME host.example.test.\n"
+    "b.ent.cw 3600 IN A 192.0.2.16\n"
+)
+
+
+def _forge_wildcard(world: World, qname: str, wildcard: str, rdtype: int) -> None:
+    """An attacker replays `wildcard`'s signed records as an answer for `qname`, with the
+    signed NSEC (or NSEC3) that covers `qname`: all genuine data, but the wrong proof."""
+    zone = world.zone_for(N(qname), False)
+    name, wild = N(qname), N(wildcard)
+    nsec3 = zone.get_rdataset(zone.origin, T.NSEC3PARAM) is not None
+
+    def mutate(q: Query, msg: dns.message.Message) -> dns.message.Message:
+        if q.qname != name or q.rdtype != T.A:
+            return msg
+        forged = dns.message.make_response(dns.message.make_query(name, T.A, want_dnssec=True))
+        forged.flags |= dns.flags.CD
+        World._add(forged, forged.answer, zone, wild, rdtype, as_name=name)
+        if rdtype == T.CNAME:  # the CNAME's target, honestly signed
+            World._add(forged, forged.answer, zone, N("host.example.test."), T.A)
+        if nsec3:
+            owner = world._nsec3_for(zone, name, False)
+            World._add(forged, forged.authority, zone, owner, T.NSEC3)
+        else:
+            World._add(forged, forged.authority, zone, world._nsec_for(zone, name, False), T.NSEC)
+        return forged
+
+    world.mutate = mutate
+
+
+@pytest.mark.parametrize(
+    ("qname", "wildcard", "rdtype", "honest"),
+    [
+        ("x.ent.wild.example.test.", "*.wild.example.test.", T.A, Denial.NXDOMAIN),
+        ("ent.wild.example.test.", "*.wild.example.test.", T.A, Denial.NODATA),
+        ("x.ent.cw.example.test.", "*.cw.example.test.", T.CNAME, Denial.NXDOMAIN),
+        ("x.ent.wild.n3.test.", "*.wild.n3.test.", T.A, Denial.NXDOMAIN),
+    ],
+    ids=["below-ent", "at-ent", "cname-below-ent", "nsec3-below-ent"],
+)
+def test_wildcard_answer_needs_its_parent_as_closest_encloser(
+    keys: dict[str, PrivKey], qname: str, wildcard: str, rdtype: int, honest: Denial
+) -> None:
+    """Issue 11.2: a wildcard expansion for a name under (or at) an empty non-terminal is
+    BOGUS; the honest answer is a denial. (NSEC3 already got this right.)"""
+    world = make_world(keys, example={"text": WILD_TEXT}, n3={"text": WILD_TEXT})
+    truth = validate(world, qname, "A")
+    assert truth.status is Status.SECURE and truth.denial is honest, truth.reason
+    _forge_wildcard(world, qname, wildcard, rdtype)
+    result = validate(world, qname, "A")
+    assert result.status is Status.BOGUS, result.reason
+    assert "wildcard" in result.reason and "closer" in result.reason
+    if rdtype == T.A:  # a genuine expansion next to it still validates
+        world.mutate = None
+        sibling = validate(world, wildcard.replace("*", "y"), "A")
+        assert sibling.status is Status.SECURE and "wildcard" in sibling.reason, sibling.reason

@@ -20,13 +20,25 @@ import dns.rrset
 import pytest
 
 from oe_router.dns.front import AnswerCache, Question, Resolver, client_udp_limit, fit_to_limit
-from oe_router.dns.hold import HoldPolicy, IPAddress, KeyResult, KeyStatus
+from oe_router.dns.hold import AddressProof, HoldPolicy, IPAddress, KeyResult, KeyStatus
 from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.dns.upstream import UpstreamError, parse_resolv_conf
 from oe_router.dns.wire import read_reply, rewrite_ttls
 
 NAME = dns.name.from_text("host.example.")
 KEY = PeerKey(kind=KeyKind.NONE, public_key=None, precedence=1, owner=NAME, algorithm=0)
+#: What the validator proves of host.example's A and AAAA RRsets (Upstream's answers).
+PROVEN_A = AddressProof(
+    KeyStatus.SECURE, frozenset(ipaddress.ip_address(f"192.0.2.{i}") for i in range(1, 61))
+)
+NO_AAAA = AddressProof(KeyStatus.SECURE, frozenset(), "NODATA")
+
+
+def signed(
+    keys: tuple[PeerKey, ...] = (KEY,), reason: str = "", a: AddressProof = PROVEN_A
+) -> KeyResult:
+    """A SECURE lookup result: the zone is signed, its A RRset validated."""
+    return KeyResult(KeyStatus.SECURE, keys, reason, v4=a, v6=NO_AAAA)
 
 
 def reply_for(wire: bytes, n_addresses: int = 1, ttl: int = 3600) -> bytes:
@@ -192,7 +204,7 @@ def test_secure_key_answer_released_after_tunnel_with_capped_ttl() -> None:
         r = Resolver(
             Upstream(n=2),
             HoldPolicy(ttl_cap=60),
-            key_lookup=Keys(KeyResult(KeyStatus.SECURE, (KEY,), "ok")),
+            key_lookup=Keys(signed(reason="ok")),
             tunnels=tunnels,
         )
         t0 = loop.time()
@@ -212,7 +224,7 @@ def test_secure_key_answer_released_after_tunnel_with_capped_ttl() -> None:
 def test_concurrent_queries_share_one_tunnel_request() -> None:
     async def main() -> None:
         tunnels = Tunnels(delay=0.1)
-        keys = Keys(KeyResult(KeyStatus.SECURE, (KEY,)), delay=0.02)
+        keys = Keys(signed(), delay=0.02)
         r = Resolver(Upstream(), HoldPolicy(), key_lookup=keys, tunnels=tunnels)
         outs = await asyncio.gather(*(r.handle(query(), ("192.0.2.9", i), 512) for i in range(8)))
         assert all(o is not None for o in outs)
@@ -229,7 +241,7 @@ def test_hold_limit_releases_clear_while_tunnel_is_slow() -> None:
         r = Resolver(
             Upstream(),
             HoldPolicy(hold_limit=0.3),
-            key_lookup=Keys(KeyResult(KeyStatus.SECURE, (KEY,))),
+            key_lookup=Keys(signed()),
             tunnels=tunnels,
         )
         t0 = loop.time()
@@ -316,7 +328,7 @@ def test_answer_now_serves_cached_keyless_names_and_defers_the_rest() -> None:
 
     async def main() -> None:
         up = Upstream()
-        clear = RememberedKeys(KeyResult(KeyStatus.SECURE, (), "nodata"))
+        clear = RememberedKeys(signed((), "nodata"))
         r = Resolver(up, HoldPolicy(ttl_cap=60), key_lookup=clear, cache=AnswerCache())
         wire = query(use_edns=0, payload=1232)
         assert r.answer_now(wire, 512) is None  # not cached yet: the task path
@@ -329,9 +341,9 @@ def test_answer_now_serves_cached_keyless_names_and_defers_the_rest() -> None:
         assert [str(a.address) for a in msg.answer[0]] == ["192.0.2.1"]
         assert r.stats.cache_hits == 1 and r.stats.released_clear == 2 and up.calls == 1
         # a usable key, an unknown status or a malformed query never take the fast path
-        r.key_lookup = RememberedKeys(KeyResult(KeyStatus.SECURE, (KEY,), "key"))
+        r.key_lookup = RememberedKeys(signed(reason="key"))
         assert r.answer_now(wire, 512) is None
-        r.key_lookup = Keys(KeyResult(KeyStatus.SECURE, (), ""))
+        r.key_lookup = Keys(signed(()))
         assert r.answer_now(wire, 512) is None
         assert r.answer_now(wire[:-3], 512) is None
 
@@ -340,11 +352,46 @@ def test_answer_now_serves_cached_keyless_names_and_defers_the_rest() -> None:
 
 def test_remembered_key_releases_after_tunnel_without_lookup() -> None:
     async def main() -> None:
-        keys = RememberedKeys(KeyResult(KeyStatus.SECURE, (KEY,), "key"))
+        keys = RememberedKeys(signed(reason="key"))
         tunnels = Tunnels(delay=0.05)
         r = Resolver(Upstream(), HoldPolicy(), key_lookup=keys, tunnels=tunnels)
         out = await r.handle(query(), ("192.0.2.9", 1), 512)
         assert out is not None and keys.calls == 0 and len(tunnels.calls) == 1
         assert r.stats.released_protected == 1
+
+    run(main)
+
+
+def test_signed_zone_tampered_address_is_servfail_and_never_reaches_the_tunnel() -> None:
+    """The upstream's A is not the validated one: SERVFAIL, no tunnel to it (issue 11.3)."""
+
+    async def main() -> None:
+        elsewhere = AddressProof(KeyStatus.SECURE, frozenset({ipaddress.ip_address("192.0.2.99")}))
+        tunnels = Tunnels(delay=0.0)
+        r = Resolver(
+            Upstream(), HoldPolicy(), key_lookup=Keys(signed(a=elsewhere)), tunnels=tunnels
+        )
+        out = await r.handle(query(), ("192.0.2.9", 1), 512)
+        assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.SERVFAIL
+        assert tunnels.calls == [] and r.stats.servfail == 1
+
+    run(main)
+
+
+def test_answer_now_never_serves_an_unproven_cached_answer_of_a_signed_zone() -> None:
+    """The synchronous path checks a cached answer against the remembered proof too."""
+
+    async def main() -> None:
+        elsewhere = AddressProof(KeyStatus.SECURE, frozenset({ipaddress.ip_address("192.0.2.99")}))
+        keys = RememberedKeys(signed((), "nodata", a=elsewhere))
+        r = Resolver(Upstream(), HoldPolicy(), key_lookup=keys, cache=AnswerCache())
+        wire = query(use_edns=0, payload=1232)
+        first = await r.handle(wire, ("192.0.2.9", 1), 512)
+        assert first is not None and dns.message.from_wire(first).rcode() == dns.rcode.SERVFAIL
+        assert r.answer_now(wire, 512) is None  # cached, but its address is unproven
+        again = await r.handle(wire, ("192.0.2.9", 1), 512)
+        assert again is not None and dns.message.from_wire(again).rcode() == dns.rcode.SERVFAIL
+        r.key_lookup = RememberedKeys(signed((), "nodata"))  # now the cached A is proven
+        assert r.answer_now(wire, 512) is not None
 
     run(main)

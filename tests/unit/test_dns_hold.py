@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from oe_router.config.schema import DnsConfig
 from oe_router.dns.hold import (
     Action,
+    AddressProof,
     EnsureTunnel,
     HoldCore,
     HoldPolicy,
@@ -28,7 +29,9 @@ A1 = ipaddress.ip_address("192.0.2.1")
 A2 = ipaddress.ip_address("192.0.2.2")
 V6 = ipaddress.ip_address("2001:db8::1")
 KEY = PeerKey(kind=KeyKind.NONE, public_key=None, precedence=10, owner=NAME, algorithm=0)
-SECURE = KeyResult(KeyStatus.SECURE, (KEY,), "signed by example.")
+V4_PROVEN = AddressProof(KeyStatus.SECURE, frozenset({A1, A2}), "A signed by example.")
+V6_PROVEN = AddressProof(KeyStatus.SECURE, frozenset({V6}), "AAAA signed by example.")
+SECURE = KeyResult(KeyStatus.SECURE, (KEY,), "signed by example.", v4=V4_PROVEN, v6=V6_PROVEN)
 
 
 def only(actions: list[Action], kind: type) -> list:  # type: ignore[type-arg]
@@ -166,6 +169,85 @@ def test_bogus_action_insecure_releases_clear_without_key() -> None:
     assert rel.outcome is Outcome.CLEAR and "bogus" in rel.reason
 
 
+# ------------------------------------------------------------------ signed zones: proven addresses
+
+A3 = ipaddress.ip_address("198.51.100.66")  # in no validated RRset: a tampered answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "proof", "why"),
+    [
+        ((A3,), V4_PROVEN, "198.51.100.66 not in the validated A RRset"),
+        ((A1, A3), V4_PROVEN, "198.51.100.66 not in the validated A RRset"),
+        ((A1,), AddressProof(KeyStatus.SECURE, frozenset(), "NODATA"), "192.0.2.1 not in"),
+        ((A1,), AddressProof(KeyStatus.BOGUS, frozenset(), "RRSIG fails"), "RRSIG fails"),
+    ],
+    ids=["swapped", "added", "denied", "bogus-rrset"],
+)
+@pytest.mark.parametrize("key", [(KEY,), ()], ids=["keyed", "secure-no-key"])
+def test_signed_zone_unproven_address_is_servfail_and_never_bound(
+    answer: tuple[ipaddress.IPv4Address, ...],
+    proof: AddressProof,
+    why: str,
+    key: tuple[PeerKey, ...],
+) -> None:
+    """A signed zone's A answer must match its validated RRset, key or no key (issue 11.3)."""
+    for order in ("answer-first", "key-first"):
+        core = HoldCore(HoldPolicy())
+        core.query(1, NAME, 0.0)
+        result = KeyResult(KeyStatus.SECURE, key, "signed", v4=proof, v6=V6_PROVEN)
+        if order == "answer-first":
+            core.answer(1, answer, 0.01)
+            actions = core.key_result(NAME, result, 0.02)
+        else:
+            core.key_result(NAME, result, 0.01)
+            actions = core.answer(1, answer, 0.02)
+        assert not only(actions, EnsureTunnel), order
+        rel = release_of(actions, 1)
+        assert rel.outcome is Outcome.BOGUS and rel.outcome.servfail, order
+        assert why in rel.reason, rel.reason
+
+
+def test_signed_zone_unproven_address_with_bogus_action_insecure_is_clear_unbound() -> None:
+    core = HoldCore(HoldPolicy(bogus_action="insecure"))
+    core.query(1, NAME, 0.0)
+    core.answer(1, (A3,), 0.01)
+    actions = core.key_result(NAME, SECURE, 0.02)
+    assert not only(actions, EnsureTunnel)
+    rel = release_of(actions, 1)
+    assert rel.outcome is Outcome.CLEAR and "bogus_action" in rel.reason
+
+
+@pytest.mark.parametrize(
+    "proof",
+    [None, AddressProof(KeyStatus.INDETERMINATE, frozenset(), "no answer from upstream")],
+    ids=["not-validated", "indeterminate"],
+)
+def test_signed_zone_unvalidated_addresses_are_released_clear_without_the_key(
+    proof: AddressProof | None,
+) -> None:
+    core = HoldCore(HoldPolicy())
+    core.query(1, NAME, 0.0)
+    core.answer(1, (A1,), 0.01)
+    actions = core.key_result(NAME, KeyResult(KeyStatus.SECURE, (KEY,), "k", v4=proof), 0.02)
+    assert not only(actions, EnsureTunnel)
+    rel = release_of(actions, 1)
+    assert rel.outcome is Outcome.CLEAR
+    assert "not validated" in rel.reason or "indeterminate" in rel.reason, rel.reason
+
+
+def test_key_is_bound_only_to_the_answers_proven_addresses() -> None:
+    """The tunnel request names exactly the answer's addresses, each one proven."""
+    core = HoldCore(HoldPolicy())
+    core.query(1, NAME, 0.0)
+    core.query(2, NAME, 0.0)
+    core.answer(1, (A2,), 0.01)
+    core.answer(2, (V6,), 0.01)
+    (v4_req, v6_req) = only(core.key_result(NAME, SECURE, 0.02), EnsureTunnel)
+    assert v4_req.addresses == (A2,) and v6_req.addresses == (V6,)
+    assert set(v4_req.addresses) <= V4_PROVEN.addresses
+
+
 def test_concurrent_queries_share_one_lookup_and_one_tunnel() -> None:
     core = HoldCore(HoldPolicy())
     lookups = []
@@ -255,7 +337,8 @@ _EVENTS = st.lists(
 def test_random_event_orders_keep_the_invariants(
     events: list[tuple[str, int, KeyStatus, str]],
 ) -> None:
-    """Whatever the order: keys only from SECURE results, each query released once."""
+    """Whatever the order: keys only from SECURE results and for proven addresses only,
+    each query released once (query 5's answer is a tampered address)."""
     names = [dns.name.from_text(f"h{i}.example.") for i in range(3)]
     core = HoldCore(HoldPolicy(hold_limit=1.0))
     statuses: dict[dns.name.Name, KeyStatus] = {}
@@ -271,10 +354,11 @@ def test_random_event_orders_keep_the_invariants(
             started.add(n)
             actions = core.query(n, names[n % 3], now)
         elif kind == "answer":
-            actions = core.answer(n, (A1, V6), now)
+            actions = core.answer(n, (A3,) if n == 5 else (A1, V6), now)
         elif kind == "key":
             statuses[name.canonicalize()] = status
-            actions = core.key_result(name, KeyResult(status, (KEY,), "x"), now)
+            result = KeyResult(status, (KEY,), "x", v4=V4_PROVEN, v6=V6_PROVEN)
+            actions = core.key_result(name, result, now)
         elif kind in ("tunnel_ok", "tunnel_fail") and requests:
             actions = core.tunnel_done(requests.pop(0), kind == "tunnel_ok", now)
         elif kind == "tick":
@@ -284,10 +368,12 @@ def test_random_event_orders_keep_the_invariants(
         for action in actions:
             if isinstance(action, EnsureTunnel):
                 assert statuses[action.name] is KeyStatus.SECURE
+                assert set(action.addresses) <= V4_PROVEN.addresses | V6_PROVEN.addresses
                 requests.append(action.request)
             if isinstance(action, Release):
                 assert action.query not in released
                 released.append(action.query)
                 if action.outcome is Outcome.PROTECTED:
                     assert statuses[names[action.query % 3]] is KeyStatus.SECURE
+                    assert action.query != 5  # its answer was never proven
     assert core.in_flight == len(started) - len(released)

@@ -8,6 +8,8 @@ move to the next upstream with real I/O, through ``upstream.UpstreamClient``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -17,7 +19,9 @@ from typing import Any
 import dns.flags
 import dns.message
 import dns.name
+import dns.rdata
 import dns.rdatatype
+import pytest
 
 from oe_router.config.schema import Endpoint
 from oe_router.dns.dnssec import Query, Status, Validator, load_trust_anchors
@@ -198,3 +202,98 @@ def test_key_lookup_bogus_has_no_keys_and_is_remembered(keys: dict[str, Any]) ->
     for r in (first, second, third):
         assert r.status is KeyStatus.BOGUS and r.keys == () and r.usable_key is None
     assert q1 > 0 and q2 == 0 and q3 > 0  # remembered for 5 s, then asked again
+
+
+# --------------------------------------------------------------------------- A/AAAA in signed zones
+
+
+def _swap_a(address: str) -> Any:
+    """A tampering upstream: host.example.test's A rdata replaced, its RRSIGs kept."""
+
+    def mutate(q: Query, msg: dns.message.Message) -> dns.message.Message:
+        if str(q) == "host.example.test./A":
+            for rrset in msg.answer:
+                if rrset.rdtype == dns.rdatatype.A:
+                    rrset.clear()
+                    rrset.add(dns.rdata.from_text("IN", "A", address))
+        return msg
+
+    return mutate
+
+
+def test_key_lookup_brings_the_validated_addresses_of_a_signed_name(
+    keys: dict[str, Any],  # noqa: F811
+) -> None:
+    """SECURE results carry the name's validated A/AAAA; a tampered A comes out BOGUS."""
+    world = make_world(keys)
+    got: dict[str, KeyResult] = {}
+
+    async def main() -> None:
+        async with serve(world, set(), []) as port:
+            kl = ValidatingKeyLookup(
+                load_trust_anchors(world.anchor), _client([port], 0.5), clock=lambda: NOW
+            )
+            for name in ("host.example.test.", "nokey.example.test.", "host.insecure.test."):
+                got[name] = await kl.lookup(dns.name.from_text(name))
+            world.mutate = _swap_a("198.51.100.66")
+            kl = ValidatingKeyLookup(
+                load_trust_anchors(world.anchor), _client([port], 0.5), clock=lambda: NOW
+            )
+            got["tampered"] = await kl.lookup(dns.name.from_text("host.example.test."))
+
+    asyncio.run(main())
+    host = got["host.example.test."]
+    assert host.v4 is not None and host.v4.status is KeyStatus.SECURE
+    assert host.v4.addresses == {
+        ipaddress.ip_address("192.0.2.10"),
+        ipaddress.ip_address("192.0.2.11"),
+    }
+    assert host.v6 is not None and host.v6.status is KeyStatus.SECURE and not host.v6.addresses
+    assert host.check_addresses(tuple(host.v4.addresses)) == (KeyStatus.SECURE, "")
+    nokey = got["nokey.example.test."]  # secure denial of IPSECKEY: A still validated
+    assert nokey.v4 is not None and nokey.v4.addresses == {ipaddress.ip_address("192.0.2.12")}
+    assert got["host.insecure.test."].v4 is None  # unsigned zone: nothing to prove
+    tampered = got["tampered"]
+    assert tampered.status is KeyStatus.SECURE and tampered.usable_key is not None
+    assert tampered.v4 is not None and tampered.v4.status is KeyStatus.BOGUS
+    verdict, why = tampered.check_addresses((ipaddress.ip_address("198.51.100.66"),))
+    assert verdict is KeyStatus.BOGUS and "A RRset is bogus" in why
+
+
+class _Direct:
+    """``Resolving`` over the World without sockets (the driver's logging is under test)."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    async def resolve(self, message: dns.message.Message) -> dns.message.Message:
+        return _reply(self.world, message)
+
+
+def test_work_limit_is_logged_once_per_validation(
+    keys: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Many failed signature checks: BOGUS with one log line, not one per signature."""
+    world = make_world(keys)
+
+    def junk_sigs(q: Query, msg: dns.message.Message) -> dns.message.Message:
+        if str(q) == "host.example.test./A":
+            for rrset in msg.answer:
+                if rrset.rdtype == dns.rdatatype.RRSIG:
+                    real = next(iter(rrset))
+                    rrset.clear()
+                    for i in range(20):
+                        sig = bytearray(real.signature)
+                        sig[-1] ^= i + 1
+                        rrset.add(real.replace(signature=bytes(sig)))
+            msg.request_payload = 65535
+        return msg
+
+    world.mutate = junk_sigs
+    v = Validator(load_trust_anchors(world.anchor))
+    with caplog.at_level(logging.WARNING, logger="oe_router.dns.keylookup"):
+        result = asyncio.run(validate(v, _Direct(world), "host.example.test.", "A", lambda: NOW))
+    assert result.status is Status.BOGUS and result.limited
+    lines = [r for r in caplog.records if r.name == "oe_router.dns.keylookup"]
+    assert len(lines) == 1 and "work limit" in lines[0].getMessage()

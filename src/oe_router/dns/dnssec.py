@@ -21,6 +21,12 @@ Scope: DS -> DNSKEY -> RRSIG chains from the anchor through every zone cut
 denials, wildcard answers, CNAME chains, signature windows with clock skew, TTL
 clamping, and a cache of validated keys, cuts and answers. DNAME is not
 followed (a DNAME-synthesized CNAME in a signed zone comes out BOGUS).
+
+Work is bounded (KeyTrap, CVE-2023-50387): every (RRSIG, DNSKEY) check is one
+public-key operation counted against the run (`MAX_SIGNATURE_CHECKS`,
+`MAX_SIGNATURE_FAILURES`), and at most `MAX_KEYS_PER_TAG` keys may share one
+key tag with an RRSIG or a DS. Past a limit the run ends BOGUS with
+`Result.limited` set; the asyncio driver logs that once.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import dns.dnssec
 import dns.exception
@@ -48,6 +55,9 @@ import dns.zonefile
 from dns.rdatatype import RdataType
 
 __all__ = [
+    "MAX_KEYS_PER_TAG",
+    "MAX_SIGNATURE_CHECKS",
+    "MAX_SIGNATURE_FAILURES",
     "SUPPORTED_ALGORITHMS",
     "SUPPORTED_DIGESTS",
     "Denial",
@@ -69,6 +79,29 @@ __all__ = [
 SUPPORTED_ALGORITHMS = frozenset({8, 13, 15})
 #: SHA-256 and SHA-384 DS digests.
 SUPPORTED_DIGESTS = frozenset({2, 4})
+#: Failed (RRSIG, DNSKEY) verifications one validation run may spend before it is BOGUS.
+#: Why: KeyTrap (CVE-2023-50387) makes a validator try every signature with every
+#: key that carries its key tag; a 64 KB reply holds thousands of each. The fixed
+#: resolvers stop early: BIND 9.16.48/9.18.24 give up on the first failed
+#: verification, BIND 9.20 made that `max-validation-failures-per-fetch` (default 1);
+#: unbound 1.19.1 allows `MAX_VALIDATE_RRSIGS` 8 attempts per RRset and
+#: `MAX_DS_MATCH_FAILURES` 4. A run here spans the whole chain (up to
+#: `Validator.max_queries` replies), so it gets 8: an honest chain fails none.
+MAX_SIGNATURE_FAILURES = 8
+#: Public-key operations (successful or not) one validation run may spend.
+#: Why: validly signed junk (hundreds of NSEC RRsets in one reply) costs as much
+#: as bogus signatures. Knot Resolver 5.7.1 bounds crypto validations per request
+#: (`vld_limit_crypto`), BIND 9.20 per fetch (`max-validations-per-fetch`, 16),
+#: unbound 1.19.1 validates `MAX_VALIDATE_AT_ONCE` 8 RRsets before suspending, at
+#: most `MAX_VALIDATION_SUSPENDS` 16 times. An honest run here costs 2 per zone
+#: cut, 1-3 per denial and 1 per answer or CNAME: a few to a few dozen.
+MAX_SIGNATURE_CHECKS = 64
+#: DNSKEYs that may share one (algorithm, key tag) with an RRSIG or a DS; more is
+#: BOGUS. Why: a key tag is a 16-bit checksum, so a zone can publish any number of
+#: colliding keys and make each RRSIG (or DS digest) try all of them. Honest zones
+#: collide by accident only, and rarely (RFC 4034 appendix B); unbound's 8 checks
+#: per RRset and its 4 DS match failures allow about the same.
+MAX_KEYS_PER_TAG = 4
 _NSEC3_SHA1 = 1
 _OPT_OUT = 0x01
 _REVOKE = 0x0080
@@ -120,6 +153,8 @@ class Result:
     denial: Denial | None = None  #: set for proven (or insecure) negative answers
     zone: Name | None = None  #: zone that signed the answer, or where insecurity starts
     ttl: int = 0  #: seconds this result stays valid (clamped to TTLs and RRSIG expiry)
+    sig_checks: int = 0  #: public-key operations this run spent (0 for a cached result)
+    limited: bool = False  #: BOGUS because a work limit (MAX_SIGNATURE_*) was reached
 
     @property
     def secure(self) -> bool:
@@ -238,11 +273,14 @@ class ValidationCache:
 class _Abort(Exception):
     """Ends a validation early with a final status (never escapes the module)."""
 
-    def __init__(self, status: Status, reason: str, zone: Name | None = None) -> None:
+    def __init__(
+        self, status: Status, reason: str, zone: Name | None = None, limit: bool = False
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.zone = zone
+        self.limit = limit  #: a work limit ended the run: never caught and retried
 
 
 @dataclass(frozen=True)
@@ -254,6 +292,11 @@ class _Zone:
     keys: dns.rdataset.Rdataset | None = None
     reason: str = ""
     expires: float = math.inf
+
+    @cached_property
+    def by_tag(self) -> dict[tuple[int, int], tuple[Any, ...]]:
+        """Zone keys by (algorithm, key tag): tags computed once per key set, not per RRSIG."""
+        return _index_keys(self.keys or ())
 
 
 class _Step(enum.Enum):
@@ -282,6 +325,15 @@ class _ProofResult:
     kind: _Proof
     has_ns: bool = False  #: NODATA at a delegation point (NS without SOA)
     note: str = ""
+
+
+def _index_keys(keys: Iterable[Any]) -> dict[tuple[int, int], tuple[Any, ...]]:
+    """Zone keys (protocol 3) grouped by (algorithm, key tag)."""
+    out: dict[tuple[int, int], list[Any]] = {}
+    for k in keys:
+        if k.flags & _ZONE and k.protocol == 3:
+            out.setdefault((k.algorithm, key_tag(k)), []).append(k)
+    return {tag: tuple(found) for tag, found in out.items()}
 
 
 def _tname(rdtype: int) -> str:
@@ -335,6 +387,8 @@ class _Engine:
         self.now = now
         self.queries = 0
         self.expires = math.inf
+        self.sig_checks = 0  #: public-key operations spent (MAX_SIGNATURE_CHECKS)
+        self.sig_failures = 0  #: of which failed (MAX_SIGNATURE_FAILURES)
 
     # -- helpers ----------------------------------------------------------------
 
@@ -385,13 +439,6 @@ class _Engine:
             )
         owner_labels = _label_count(rrset.name)
         problems: list[str] = []
-        keys = [
-            k
-            for k in zone.keys
-            if k.flags & _ZONE
-            and not (k.flags & _REVOKE and rrset.rdtype != dns.rdatatype.DNSKEY)
-            and k.protocol == 3
-        ]
         skew = self.v.clock_skew
         for sig in by_zone:
             if sig.type_covered != rrset.rdtype:
@@ -408,22 +455,56 @@ class _Engine:
             if sig.inception - skew > self.now:
                 problems.append(f"RRSIG (key {sig.key_tag}) not valid before {sig.inception}")
                 continue
-            cands = [k for k in keys if k.algorithm == sig.algorithm and key_tag(k) == sig.key_tag]
+            cands = [
+                k
+                for k in zone.by_tag.get((sig.algorithm, sig.key_tag), ())
+                if not (k.flags & _REVOKE and rrset.rdtype != dns.rdatatype.DNSKEY)
+            ]
             if not cands:
                 problems.append(f"no DNSKEY {sig.key_tag}/alg {sig.algorithm} in {zone.name}")
                 continue
-            keyset = dns.rdataset.from_rdata_list(0, cands)
+            if len(cands) > self.v.max_keys_per_tag:
+                self._limit(
+                    f"{len(cands)} DNSKEYs of {zone.name} share key tag {sig.key_tag} "
+                    f"(limit {self.v.max_keys_per_tag})",
+                    zone.name,
+                )
             inside = min(max(self.now, float(sig.inception)), float(sig.expiration))
-            try:
-                dns.dnssec.validate_rrsig(rrset, sig, {zone.name: keyset}, now=inside)
-            except (dns.exception.DNSException, ValueError) as exc:
-                problems.append(f"signature by key {sig.key_tag} does not verify ({exc})")
-                continue
-            ttl = min(rrset.ttl, sig.original_ttl)
-            self._clamp(min(self.now + ttl, float(sig.expiration)))
-            return sig
+            failed = ""
+            for key in cands:
+                failed = self._check(rrset, sig, key, zone.name, inside)
+                if not failed:
+                    ttl = min(rrset.ttl, sig.original_ttl)
+                    self._clamp(min(self.now + ttl, float(sig.expiration)))
+                    return sig
+            problems.append(f"signature by key {sig.key_tag} does not verify ({failed})")
+        if len(problems) > 3:
+            problems[3:] = [f"{len(problems) - 3} more"]
         detail = "; ".join(problems) if problems else "no RRSIG covers the type"
         raise _Abort(Status.BOGUS, f"{label} in zone {zone.name}: {detail}", zone.name)
+
+    def _check(self, rrset: dns.rrset.RRset, sig: Any, key: Any, signer: Name, when: float) -> str:
+        """One public-key operation within the run's budget: "" if `key` made `sig`, else why."""
+        if self.sig_checks >= self.v.max_signature_checks:
+            self._limit(f"{self.sig_checks} signature checks", signer)
+        self.sig_checks += 1
+        keyset = dns.rdataset.from_rdata_list(0, [key])
+        try:
+            dns.dnssec.validate_rrsig(rrset, sig, {signer: keyset}, now=when)
+        except (dns.exception.DNSException, ValueError) as exc:
+            self.sig_failures += 1
+            if self.sig_failures >= self.v.max_signature_failures:
+                self._limit(f"{self.sig_failures} failed signature checks", signer)
+            return str(exc) or type(exc).__name__
+        return ""
+
+    def _limit(self, what: str, zone: Name | None) -> NoReturn:
+        raise _Abort(
+            Status.BOGUS,
+            f"validation work limit reached validating {self.qname}/{_tname(self.rdtype)}: {what}",
+            zone,
+            limit=True,
+        )
 
     # -- chain of trust ---------------------------------------------------------
 
@@ -461,7 +542,7 @@ class _Engine:
         if rrset is None or len(rrset) == 0:
             raise _Abort(Status.BOGUS, f"zone {name}: no DNSKEY set returned", name)
         if ds:
-            trusted = [k for k in rrset if any(self._ds_matches(name, d, k) for d in usable_ds)]
+            trusted = self._ds_trusted(name, rrset, usable_ds)
             if not trusted:
                 tags = ", ".join(str(d.key_tag) for d in usable_ds)
                 raise _Abort(
@@ -481,16 +562,31 @@ class _Engine:
         zone = _Zone(name, True, keys=rrset.to_rdataset(), expires=expires)
         return zone
 
-    def _ds_matches(self, name: Name, ds: Any, key: Any) -> bool:
-        if key.algorithm != ds.algorithm or key_tag(key) != ds.key_tag:
-            return False
-        if not key.flags & _ZONE or key.flags & _REVOKE or key.protocol != 3:
-            return False
-        try:
-            made = dns.dnssec.make_ds(name, key, ds.digest_type)
-        except (dns.exception.DNSException, ValueError):
-            return False
-        return bool(made.digest == ds.digest)
+    def _ds_trusted(
+        self, name: Name, rrset: dns.rrset.RRset, usable_ds: Sequence[Any]
+    ) -> list[Any]:
+        """The DNSKEYs some DS matches; each key is hashed at most once per digest type."""
+        by_tag = _index_keys(k for k in rrset if not k.flags & _REVOKE)
+        digests: dict[tuple[int, int], bytes | None] = {}
+        trusted: dict[int, Any] = {}
+        for d in usable_ds:
+            cands = by_tag.get((d.algorithm, d.key_tag), ())
+            if len(cands) > self.v.max_keys_per_tag:
+                self._limit(
+                    f"{len(cands)} DNSKEYs of {name} share DS key tag {d.key_tag} "
+                    f"(limit {self.v.max_keys_per_tag})",
+                    name,
+                )
+            for key in cands:
+                memo = (id(key), d.digest_type)
+                if memo not in digests:
+                    try:
+                        digests[memo] = dns.dnssec.make_ds(name, key, d.digest_type).digest
+                    except (dns.exception.DNSException, ValueError):
+                        digests[memo] = None
+                if digests[memo] == d.digest:
+                    trusted[id(key)] = key
+        return list(trusted.values())
 
     def anchor_zone(self, name: Name) -> Generator[Query, Any, _Zone]:
         anchor = self.v.anchors.closest(name)
@@ -600,6 +696,8 @@ class _Engine:
             try:
                 self.verify(rrset, sigs, zone, _tname(rrset.rdtype))
             except _Abort as exc:
+                if exc.limit:
+                    raise
                 failures.append(exc.reason)
                 continue
             target = nsecs if rrset.rdtype == dns.rdatatype.NSEC else nsec3s
@@ -638,17 +736,20 @@ class _Engine:
 
     def run(self) -> Generator[Query, Any, Result]:
         try:
-            return (yield from self._run())
+            result = yield from self._run()
         except _Abort as exc:
-            return Result(exc.status, self.qname, self.rdtype, exc.reason, zone=exc.zone)
+            result = Result(
+                exc.status, self.qname, self.rdtype, exc.reason, zone=exc.zone, limited=exc.limit
+            )
         except Exception as exc:  # malformed input that slipped past the checks
-            return Result(
+            result = Result(
                 Status.BOGUS,
                 self.qname,
                 self.rdtype,
                 f"malformed DNS data while validating {self.qname}/{_tname(self.rdtype)}: "
                 f"{type(exc).__name__}: {exc}",
             )
+        return replace(result, sig_checks=self.sig_checks)
 
     def _final(self, result: Result) -> Result:
         ttl = max(0, int(self.expires - self.now)) if self.expires != math.inf else 0
@@ -757,11 +858,25 @@ class _Engine:
     def _wildcard_check(
         self, msg: dns.message.Message, rrset: dns.rrset.RRset, sig: Any, zone: _Zone
     ) -> bool:
-        """For an answer synthesized from a wildcard, prove no closer name exists."""
+        """For an answer synthesized from a wildcard, prove no closer name exists.
+
+        RFC 4035 section 5.3.4, RFC 7129 section 5.3, RFC 5155 section 8.8: the
+        RRSIG's labels name the wildcard (*.closest); the denial must show that
+        `closest` is the closest encloser of the owner, i.e. that the owner does
+        not exist and neither does any name between it and `closest` (an empty
+        non-terminal counts as existing).
+        """
         owner = rrset.name
         if sig.labels >= _label_count(owner):
             return False
         closest = Name(owner.labels[len(owner.labels) - sig.labels - 1 :])
+        if not closest.is_subdomain(zone.name):
+            raise _Abort(
+                Status.BOGUS,
+                f"wildcard answer for {owner}: RRSIG labels {sig.labels} put the wildcard "
+                f"above zone {zone.name}",
+                zone.name,
+            )
         nsecs: list[tuple[Name, Any]] = []
         nsec3s: list[tuple[Name, Any]] = []
         for rr in msg.authority:
@@ -772,24 +887,35 @@ class _Engine:
             )
             try:
                 self.verify(rr, sigs, zone, _tname(rr.rdtype))
-            except _Abort:
+            except _Abort as exc:
+                if exc.limit:
+                    raise
                 continue
             (nsecs if rr.rdtype == dns.rdatatype.NSEC else nsec3s).extend(
                 (rr.name, rd) for rd in rr
             )
-        for nsec_owner, rd in nsecs:
-            if _covers(nsec_owner, rd.next, owner):
-                return True
+        why = "no signed NSEC or NSEC3 records"
+        if nsecs:
+            found, why = _nsec_name_error(nsecs, owner, zone.name)
+            if found is not None:
+                nsec_owner, encloser = found
+                if encloser == closest:
+                    return True
+                why = (
+                    f"NSEC {nsec_owner} makes {encloser} the closest encloser, "
+                    f"not the wildcard's parent {closest}"
+                )
         if nsec3s:
             hashes = _Nsec3Set(nsec3s, zone.name, self.v.nsec3_max_iterations)
             depth = len(closest) + 1
             next_closer = Name(owner.labels[len(owner.labels) - depth :])
             if hashes.usable and hashes.cover(next_closer) is not None:
                 return True
+            why = f"no NSEC3 covers the next closer name {next_closer}"
         raise _Abort(
             Status.BOGUS,
-            f"wildcard answer for {owner} (from *.{closest}) lacks proof that "
-            f"{owner} does not exist",
+            f"wildcard answer for {owner} (from *.{closest}) lacks proof that no closer "
+            f"name exists: {why}",
             zone.name,
         )
 
@@ -823,30 +949,10 @@ def _nsec_proof(
         for owner, rd in nsecs:
             if _covers(owner, rd.next, qname) and rd.next.is_subdomain(qname) and rd.next != qname:
                 return _ProofResult(_Proof.NODATA, note=f"empty non-terminal, NSEC {owner}"), ""
-    cover = None
-    for owner, rd in nsecs:
-        if _covers(owner, rd.next, qname):
-            types = _types(rd)
-            if (
-                qname.is_subdomain(owner)
-                and owner != zone
-                and (
-                    (dns.rdatatype.NS in types and dns.rdatatype.SOA not in types)
-                    or dns.rdatatype.DNAME in types
-                )
-            ):
-                return None, f"NSEC at {owner} is a delegation/DNAME above {qname}"
-            if rd.next.is_subdomain(qname) and rd.next != qname:
-                return None, f"NSEC {owner} shows {qname} is an empty non-terminal"
-            cover = (owner, rd)
-            break
-    if cover is None:
-        return None, f"no NSEC covers {qname}"
-    owner, rd = cover
-    a, b = _common(qname, owner), _common(qname, rd.next)
-    encloser = a if len(a) >= len(b) else b
-    if not encloser.is_subdomain(zone):
-        encloser = zone
+    found, why = _nsec_name_error(nsecs, qname, zone)
+    if found is None:
+        return None, why
+    owner, encloser = found
     wildcard = Name((b"*", *encloser.labels))
     for w_owner, w_rd in nsecs:
         if w_owner == wildcard:
@@ -862,6 +968,41 @@ def _nsec_proof(
                 _Proof.NXDOMAIN, note=f"NSEC {owner} covers the name, NSEC {w_owner} the wildcard"
             ), ""
     return None, f"no NSEC proves that wildcard {wildcard} does not exist"
+
+
+def _nsec_name_error(
+    nsecs: list[tuple[Name, Any]], qname: Name, zone: Name
+) -> tuple[tuple[Name, Name] | None, str]:
+    """The NSEC proving that `qname` does not exist, and the closest encloser it implies.
+
+    RFC 4035 section 5.4, RFC 7129 section 5: the NSEC covers `qname`; it is no
+    delegation or DNAME above `qname` (that proves nothing below the cut); its
+    next name is not below `qname` (then `qname` is an empty non-terminal, which
+    exists). The closest encloser is the longer of the names `qname` shares with
+    the NSEC's owner and with its next name. Returns ((owner, encloser), "") or
+    (None, why).
+    """
+    for owner, rd in nsecs:
+        if not _covers(owner, rd.next, qname):
+            continue
+        types = _types(rd)
+        if (
+            qname.is_subdomain(owner)
+            and owner != zone
+            and (
+                (dns.rdatatype.NS in types and dns.rdatatype.SOA not in types)
+                or dns.rdatatype.DNAME in types
+            )
+        ):
+            return None, f"NSEC at {owner} is a delegation/DNAME above {qname}"
+        if rd.next.is_subdomain(qname) and rd.next != qname:
+            return None, f"NSEC {owner} shows {qname} is an empty non-terminal"
+        a, b = _common(qname, owner), _common(qname, rd.next)
+        encloser = a if len(a) >= len(b) else b
+        if not encloser.is_subdomain(zone):
+            encloser = zone
+        return (owner, encloser), ""
+    return None, f"no NSEC covers {qname}"
 
 
 class _Nsec3Set:
@@ -1037,6 +1178,9 @@ class Validator:
     max_queries: int = 48  #: per validation, against amplification loops
     max_cname: int = 8
     nsec3_max_iterations: int = 150  #: RFC 9276: more is treated as insecure
+    max_signature_checks: int = MAX_SIGNATURE_CHECKS  #: public-key operations per validation
+    max_signature_failures: int = MAX_SIGNATURE_FAILURES  #: failed ones per validation
+    max_keys_per_tag: int = MAX_KEYS_PER_TAG  #: keys one RRSIG or DS may have to try
 
     def start(self, qname: Name | str, rdtype: RdataType | int | str, now: float) -> Validation:
         if isinstance(qname, str):

@@ -317,6 +317,7 @@ class Resolver:
             return None
         question = Question.of_view(view)
         holds = self._holds(question)
+        key: KeyResult | None = None
         if holds:
             assert self.key_lookup is not None
             key = self.key_lookup.cached(question.name)
@@ -331,6 +332,12 @@ class Resolver:
         reply = hit[0]
         if len(reply) > (limit if limit == _TCP_LIMIT else question.udp_limit):
             return None  # the truncation path is in handle
+        if (
+            key is not None
+            and key.status is KeyStatus.SECURE
+            and key.check_addresses(hit[1].addresses)[0] is not KeyStatus.SECURE
+        ):
+            return None  # signed zone, unproven address: the hold core decides
         self.stats.queries += 1
         self.stats.cache_hits += 1
         if holds:

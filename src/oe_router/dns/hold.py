@@ -10,6 +10,12 @@ One ``_Negotiation`` per name is shared by every concurrent query for it (A and 
 of one browser tab arrive together): one key lookup, one tunnel request per new set
 of addresses. A key reaches ``EnsureTunnel`` only from a SECURE result; a BOGUS,
 INSECURE or INDETERMINATE result never passes its keys on, whatever it carries.
+
+A SECURE result also proves the name's zone is signed, so the upstream's A/AAAA
+answer must be signed too: a key protects only its host's own proven addresses.
+The lookup brings the name's validated A and AAAA RRsets (``AddressProof``); an
+answer holding an address they do not prove is bogus (SERVFAIL, or clear per
+``bogus_action``), and ``EnsureTunnel`` carries only proven addresses.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from oe_router.dns.ipseckey import PeerKey
 
 __all__ = [
     "Action",
+    "AddressProof",
     "EnsureTunnel",
     "HoldCore",
     "HoldPolicy",
@@ -49,12 +56,30 @@ KeyStatus = Status
 
 
 @dataclass(frozen=True)
+class AddressProof:
+    """The name's A (or AAAA) RRset as validated from the trust anchor.
+
+    SECURE with no addresses is a proven denial (NODATA or NXDOMAIN).
+    """
+
+    status: KeyStatus
+    addresses: frozenset[IPAddress] = frozenset()
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class KeyResult:
-    """What the IPSECKEY lookup found. ``keys`` are best first; empty means no key."""
+    """What the IPSECKEY lookup found. ``keys`` are best first; empty means no key.
+
+    ``v4``/``v6`` are the name's validated A/AAAA RRsets, looked up when the zone
+    is signed (``status`` SECURE); None means they were not validated.
+    """
 
     status: KeyStatus
     keys: tuple[PeerKey, ...] = ()
     reason: str = ""
+    v4: AddressProof | None = None
+    v6: AddressProof | None = None
 
     @property
     def usable_key(self) -> PeerKey | None:
@@ -62,6 +87,28 @@ class KeyResult:
         if self.status is KeyStatus.SECURE and self.keys:
             return self.keys[0]
         return None
+
+    def check_addresses(self, addresses: tuple[IPAddress, ...]) -> tuple[KeyStatus, str]:
+        """May an upstream answer's ``addresses`` be trusted? (SECURE, "") or (status, why).
+
+        Only meaningful for a SECURE result (a signed zone). BOGUS: the validated
+        RRset is bogus or lacks one of the addresses (a tampered answer). Any other
+        status: that family's RRset could not be validated.
+        """
+        for version, proof in ((4, self.v4), (6, self.v6)):
+            mine = {a for a in addresses if a.version == version}
+            if not mine:
+                continue
+            rrtype = "A" if version == 4 else "AAAA"
+            if proof is None:
+                return KeyStatus.INDETERMINATE, f"{rrtype} RRset was not validated"
+            if proof.status is not KeyStatus.SECURE:
+                return proof.status, f"{rrtype} RRset is {proof.status.value}: {proof.reason}"
+            unproven = mine - proof.addresses
+            if unproven:
+                listed = ", ".join(sorted(str(a) for a in unproven))
+                return KeyStatus.BOGUS, f"{rrtype} {listed} not in the validated {rrtype} RRset"
+        return KeyStatus.SECURE, ""
 
 
 class KeyLookup(Protocol):
@@ -103,7 +150,7 @@ class Outcome(enum.Enum):
 
     PROTECTED = "released_protected"  #: tunnel up before the answer went out
     CLEAR = "released_clear"  #: no usable key, tunnel failed, or hold limit reached
-    BOGUS = "servfail"  #: IPSECKEY failed validation and bogus_action is servfail
+    BOGUS = "servfail"  #: IPSECKEY or A/AAAA failed validation, bogus_action servfail
     UPSTREAM_FAILED = "timeouts"  #: no upstream answered the A/AAAA query
 
     @property
@@ -304,6 +351,15 @@ class HoldCore:
             if now >= q.deadline:
                 return [self._release(qid, Outcome.CLEAR, "hold limit: key lookup unfinished", now)]
             return []
+        if key.status is KeyStatus.SECURE:  # signed zone: only proven addresses
+            verdict, why = key.check_addresses(q.addresses)
+            if verdict is KeyStatus.BOGUS:
+                if self.policy.bogus_action == "servfail":
+                    return [self._release(qid, Outcome.BOGUS, f"bogus answer: {why}", now)]
+                why = f"bogus answer treated as insecure (bogus_action): {why}"
+                return [self._release(qid, Outcome.CLEAR, why, now)]
+            if verdict is not KeyStatus.SECURE:
+                return [self._release(qid, Outcome.CLEAR, f"no key used: {why}", now)]
         peer_key = key.usable_key
         if peer_key is None:
             return [self._release(qid, Outcome.CLEAR, _clear_reason(key), now)]

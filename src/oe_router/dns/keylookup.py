@@ -6,7 +6,9 @@ driver: it sends the validator's queries through the front's own
 ``upstream.UpstreamClient`` (same upstreams, same resolv_file, same timeouts, one
 forwarding client in the whole package). ``ValidatingKeyLookup`` turns the
 validated IPSECKEY RRset into ``PeerKey``s. Keys are only extracted from a SECURE
-answer; every other status comes back with no keys at all.
+answer; every other status comes back with no keys at all. A SECURE result (the
+zone is signed) also carries the name's validated A and AAAA RRsets, so the hold
+core binds a key only to its host's proven addresses.
 
 Failures (BOGUS, INDETERMINATE) are remembered for ``failure_ttl`` seconds, as RFC
 9520 asks (at least 1 s): a broken zone must not cost an upstream round trip for
@@ -15,6 +17,8 @@ every A query of every LAN client. SECURE/INSECURE results are remembered by TTL
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -27,7 +31,7 @@ import dns.name
 import dns.rdatatype
 
 from oe_router.dns.dnssec import Query, Result, TrustAnchors, ValidationCache, Validator
-from oe_router.dns.hold import KeyResult, KeyStatus
+from oe_router.dns.hold import AddressProof, IPAddress, KeyResult, KeyStatus
 from oe_router.dns.ipseckey import DEFAULT_MIN_RSA_BITS, interpret_rrset
 from oe_router.dns.upstream import UpstreamError
 
@@ -71,6 +75,8 @@ async def validate(
             log.info("validator query %s: %s", action, exc)
             reply = None
         action = validation.feed(reply, now=clock())
+    if action.limited:  # one line per validation; failures are remembered for a while
+        log.warning("DNSSEC: %s", action.reason)
     return action
 
 
@@ -133,14 +139,33 @@ class ValidatingKeyLookup:
         status, ttl = result.status, float(result.ttl)
         if status is not KeyStatus.SECURE:
             return KeyResult(status, (), result.reason), ttl
+        # The zone is signed: its A/AAAA answers must be too (the chain is cached now).
+        (v4, ttl4), (v6, ttl6) = await asyncio.gather(
+            self._addresses(name, dns.rdatatype.A), self._addresses(name, dns.rdatatype.AAAA)
+        )
+        ttl = min(ttl, ttl4, ttl6)
         if result.rrset is None or result.rrset.rdtype != dns.rdatatype.IPSECKEY:
             denial = result.denial.value if result.denial is not None else "no IPSECKEY"
-            return KeyResult(KeyStatus.SECURE, (), f"{denial}: {result.reason}"), ttl
+            reason = f"{denial}: {result.reason}"
+            return KeyResult(KeyStatus.SECURE, (), reason, v4=v4, v6=v6), ttl
         keys = interpret_rrset(result.rrset, owner=name, min_rsa_bits=self._min_rsa_bits)
         for error in keys.errors:
             log.warning("%s", error.message)
         for warning in keys.warnings:
             log.warning("%s", warning.message)
         if not keys.keys:
-            return KeyResult(KeyStatus.SECURE, (), f"no usable IPSECKEY at {name}"), ttl
-        return KeyResult(KeyStatus.SECURE, keys.keys, result.reason), ttl
+            reason = f"no usable IPSECKEY at {name}"
+            return KeyResult(KeyStatus.SECURE, (), reason, v4=v4, v6=v6), ttl
+        return KeyResult(KeyStatus.SECURE, keys.keys, result.reason, v4=v4, v6=v6), ttl
+
+    async def _addresses(
+        self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType
+    ) -> tuple[AddressProof, float]:
+        """The name's validated A or AAAA RRset, and how long that stays valid."""
+        result = await validate(self.validator, self.upstream, name, rdtype, self._clock)
+        if result.status is not KeyStatus.SECURE:
+            return AddressProof(result.status, frozenset(), result.reason), self._failure_ttl
+        found: set[IPAddress] = set()
+        if result.rrset is not None and result.rrset.rdtype == rdtype:
+            found = {ipaddress.ip_address(rd.address) for rd in result.rrset}
+        return AddressProof(KeyStatus.SECURE, frozenset(found), result.reason), float(result.ttl)
