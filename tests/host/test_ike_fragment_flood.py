@@ -87,13 +87,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     daemons: list[OeDaemon] = []
     try:
         ra, rb, h = net.add("ra"), net.add("rb"), net.add("h")
-        # jumbo frames: each 8 KB IKE fragment travels in one IP packet. IP fragments of
-        # it would not all arrive: once A holds a Child SA with the hostile peer, the
-        # userspace datapath's inbound chain accepts "udp dport 500" only in the first IP
-        # fragment and drops the others as cleartext from a peer that must use ESP
-        # (no conntrack, so no defragmentation, in A's namespace).
+        # a 1500-byte MTU: each 8 KB IKE fragment travels as IP fragments, and once A
+        # holds a Child SA with the hostile peer only the first carries "udp dport 500";
+        # the userspace datapath's inbound chain must let the later ones reach local
+        # reassembly (no conntrack in A's namespace to reassemble them earlier)
         members = [(ra, f"{A}/24"), (rb, f"{B}/24"), (h, f"{H}/24")]
-        devs = net.switch("sw", members, mtu=9000)
+        devs = net.switch("sw", members, mtu=1500)
         a, b = (
             OeDaemon(ra, work / "a", _config(devs[ra])),
             OeDaemon(rb, work / "b", _config(devs[rb])),

@@ -423,3 +423,14 @@ def test_empty_table_accepts_everything() -> None:
     f = N.Flow(WAN4, ipaddress.ip_address("8.8.8.8"), 6, 1, 2)
     assert all(N.evaluate(spd, d, f) is N.Verdict.ACCEPT for d in Direction)
     assert "chain out_policies {\n\t}" in N.render(spd)
+
+
+def test_later_ip_fragments_to_a_local_address_reach_reassembly() -> None:
+    """Only an IKE datagram's first IP fragment has the UDP port: the rest pass to local
+    reassembly (which judges the datagram by its first fragment), v4 and v6."""
+    text = N.render(compile_(real_policies(shunts=1)))
+    inbound = text[text.index("chain inbound {") :]
+    inbound = inbound[: inbound.index("\n\t}")]
+    assert "ip frag-off & 0x1fff != 0 fib daddr type local accept" in inbound
+    assert "frag frag-off != 0 fib daddr type local accept" in inbound
+    assert inbound.index("frag-off") < inbound.index("goto")

@@ -495,6 +495,15 @@ def render(
     if spd.ike_ports:
         ports = ", ".join(str(p) for p in spd.ike_ports)
         lines.append(f"\t\tmeta l4proto udp th dport {{ {ports} }} fib daddr type local accept")
+    # A large IKE message (IKE_AUTH with a certificate, before RFC 7383 fragmentation
+    # is agreed) may come IP-fragmented. Only the first fragment carries the UDP port;
+    # with no conntrack here nothing reassembles before this hook, so the rest would
+    # meet the peer's inbound SPD as cleartext and be dropped. Local delivery
+    # reassembles after this hook, and the datagram is then judged by its first
+    # fragment (checked above or by the SPD below; the kernel discards overlapping
+    # fragments), so later fragments to a local address may pass.
+    lines.append("\t\tip frag-off & 0x1fff != 0 fib daddr type local accept")
+    lines.append("\t\tfrag frag-off != 0 fib daddr type local accept")
     lines.append(
         f"\t\tfib daddr type {{ local, broadcast, multicast }} goto {_CHAIN[Direction.IN]}"
     )
