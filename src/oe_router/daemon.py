@@ -35,6 +35,7 @@ from oe_router.control import (
 )
 from oe_router.control.ubus import UbusShim
 from oe_router.datapath.base import Datapath
+from oe_router.dns.access import LanAccess
 from oe_router.dns.hold import TunnelRequester
 from oe_router.dns.service import DnsService, dns_wanted
 from oe_router.esp_offer import EspOffer
@@ -515,7 +516,13 @@ def build_services(
             registry.add(StatusOnly(f"none ({plat.datapath_reason}; SAs are not installed)"))
             registry.add(ike)
     if dns_wanted(config):
-        registry.add(DnsService(tunnels=tunnels if tunnels is not None else oe))
+        access = LanAccess(
+            lan=plat.lan,
+            wan_addresses=plat.wan_addresses or tuple(plat.wan.values()),
+            lan_interface=config.lan_interface,
+            wan_interface=config.wan_interface,
+        )
+        registry.add(DnsService(tunnels=tunnels if tunnels is not None else oe, access=access))
     else:
         log.info(
             "DNS front off: no trust anchor at %s (oe.dns.trust_anchor)", config.dns.trust_anchor

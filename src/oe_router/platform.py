@@ -48,6 +48,8 @@ class Platform:
     dns_upstream: tuple[IPAddress, ...] = ()
     #: "kernel" (XFRM), "userspace" (ESP workers over TUN) or "none" (OE off)
     datapath: str = "none"
+    #: every global address of the WAN interface (``wan`` keeps one per version)
+    wan_addresses: tuple[IPAddress, ...] = ()
 
 
 def read_interface(ifname: str) -> tuple[list[IPAddress], list[IPNetwork], str]:
@@ -199,4 +201,5 @@ def probe_platform(config: OeConfig) -> Platform:
         reason,
         upstream_addresses(config),
         datapath,
+        tuple(wan_addrs),
     )

@@ -40,13 +40,24 @@ class OeDaemon:
     def logfile(self) -> Path:
         return self.workdir / "oe-routerd.log"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def _write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "oe.conf"
         text = self.config.replace(
             "config oe 'global'", f"config oe 'global'\n\toption control_socket '{self.socket}'", 1
         )
         cfg.write_text(text)
+        return cfg
+
+    def reconfigure(self, config: str) -> subprocess.CompletedProcess[str]:
+        """Write ``config`` (UCI text as for the constructor) and ``oe reload``; the result
+        says whether the daemon took it (exit 0) or refused it (1, with its reasons)."""
+        self.config = config
+        self._write_config()
+        return self.oe("reload", check=False)
+
+    def start(self, timeout: float = 30.0) -> None:
+        cfg = self._write_config()
         self.socket.unlink(missing_ok=True)
         log = self.logfile.open("ab")
         self.proc = subprocess.Popen(

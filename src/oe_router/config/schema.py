@@ -175,6 +175,8 @@ class DnsConfig:
     ttl_cap: float = 300.0
     trust_anchor: str = "/etc/oe/root.key"
     bogus_action: BogusAction = "servfail"
+    #: A TCP client gets this long to send each query and to read each reply.
+    tcp_timeout: float = 10.0
 
 
 @dataclass(frozen=True)

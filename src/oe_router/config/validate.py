@@ -104,6 +104,7 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "ttl_cap": Opt("ttl_cap", _dur(0.0, 24 * HOUR)),
         "trust_anchor": Opt("trust_anchor", parse_abs_path),
         "bogus_action": Opt("bogus_action", _choice(*BOGUS_ACTIONS)),
+        "tcp_timeout": Opt("tcp_timeout", _dur(1.0, 300.0)),
     },
     "ike": {
         "ike_lifetime": Opt("ike_lifetime", _dur(60.0, 24 * HOUR)),

@@ -16,13 +16,16 @@ line naming the client when it cannot even be answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import itertools
 import logging
+import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import dns.exception
 import dns.flags
@@ -34,6 +37,7 @@ import dns.rdataclass
 import dns.rdatatype
 
 from oe_router.config.schema import Endpoint
+from oe_router.dns.access import LanAccess, Verdict, client_address
 from oe_router.dns.hold import (
     Action,
     EnsureTunnel,
@@ -52,6 +56,7 @@ from oe_router.dns.wire import QueryView, ReplyView, read_query, read_reply, rew
 
 __all__ = [
     "AnswerCache",
+    "Arrival",
     "DnsFront",
     "Forwarder",
     "FrontBindError",
@@ -62,6 +67,7 @@ __all__ = [
     "client_udp_limit",
     "error_reply",
     "fit_to_limit",
+    "refused_reply",
 ]
 
 log = logging.getLogger("oe_router.dns.front")
@@ -140,6 +146,16 @@ class FrontStats:
     formerr: int = 0
     notimp: int = 0
     dropped: int = 0
+    #: from a client outside the LAN prefixes: REFUSED over UDP, TCP connection closed
+    refused_not_lan: int = 0
+    #: came in over the WAN interface or to a WAN address: never answered
+    dropped_wan: int = 0
+    #: TCP connection refused: every TCP slot in use
+    tcp_refused: int = 0
+    #: TCP connection closed: no complete query within the TCP timeout
+    tcp_idle_timeouts: int = 0
+    #: TCP connection aborted: the client did not read its replies within the TCP timeout
+    tcp_write_timeouts: int = 0
 
     def to_json(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -148,8 +164,15 @@ class FrontStats:
 class LogLimiter:
     """At most ``burst`` lines per ``window`` seconds, so a flood of junk cannot fill logd."""
 
-    def __init__(self, clock: Callable[[], float], burst: int = 10, window: float = 10.0) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        burst: int = 10,
+        window: float = 10.0,
+        what: str = "bad-query",
+    ) -> None:
         self._clock = clock
+        self._what = what
         self._burst = burst
         self._window = window
         self._start = -1e18
@@ -160,7 +183,7 @@ class LogLimiter:
         now = self._clock()
         if now - self._start >= self._window:
             if self.suppressed:
-                log.warning("%d more bad-query log lines were suppressed", self.suppressed)
+                log.warning("%d more %s log lines were suppressed", self.suppressed, self._what)
             self._start, self._count, self.suppressed = now, 0, 0
         self._count += 1
         if self._count <= self._burst:
@@ -572,31 +595,177 @@ def _fmt(client: Client) -> str:
 
 # --------------------------------------------------------------------------- sockets
 
+#: struct in_pktinfo (IPv4): ifindex, spec_dst (our address for the reply), addr (header dst)
+_PKTINFO4 = struct.Struct("=i4s4s")
+#: struct in6_pktinfo (IPv6): addr (header dst), ifindex
+_PKTINFO6 = struct.Struct("=16si")
+_IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)  # Linux's value; Python 3.11 lacks it
+_CMSG_ROOM = socket.CMSG_SPACE(max(_PKTINFO4.size, _PKTINFO6.size))
+_UDP_BATCH = 32  #: datagrams read per wakeup, so one busy socket cannot starve the rest
+_GATE_TTL = 30.0  #: verdicts and interface names are looked up again after this long
+_GATE_MAX = 4096  #: remembered verdicts; a spray of sources empties it, costing only time
+_LINGER_RESET = struct.pack("ii", 1, 0)  #: struct linger: on, 0 s: close() sends RST
+#: Longest a query's answer takes (upstream budget, key lookup, hold): a safety net only
+_ANSWER_CAP = 30.0
+
 
 class FrontBindError(OSError):
     """A listen address cannot be bound; the message names it."""
 
 
-class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, front: DnsFront) -> None:
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """Where a datagram came in (IP_PKTINFO/IPV6_PKTINFO): our address and the interface."""
+
+    local: bytes  #: the header's destination address, packed
+    source: bytes  #: our address to answer from (IPv4 spec_dst; IPv6: ``local``)
+    ifindex: int
+
+
+def refused_reply(wire: bytes) -> bytes | None:
+    """REFUSED with the query's question; None when it cannot be answered (a response)."""
+    try:
+        query = dns.message.from_wire(wire)
+    except (dns.exception.DNSException, ValueError, IndexError):
+        return header_only_reply(wire, dns.rcode.REFUSED)
+    if query.flags & dns.flags.QR:
+        return None
+    return error_reply(query, dns.rcode.REFUSED)
+
+
+class _Gate:
+    """``LanAccess`` per packet at the cost of a dict lookup.
+
+    Verdicts are remembered by (client, local address, interface index) and interface
+    names by index, both for ``_GATE_TTL`` seconds: a PPP WAN device that comes back
+    gets a new index, and a remembered verdict must not outlive a renamed one for long.
+    """
+
+    def __init__(self, access: LanAccess, clock: Callable[[], float]) -> None:
+        self.access = access
+        self._clock = clock
+        self._verdicts: dict[tuple[str, bytes | None, int | None], Verdict] = {}
+        self._names: dict[int, str | None] = {}
+        self._renew = -1e18
+
+    def verdict(self, host: str, local: bytes | None, ifindex: int | None) -> Verdict:
+        key = (host, local, ifindex)
+        now = self._clock()
+        if now >= self._renew:
+            self._verdicts.clear()
+            self._names.clear()
+            self._renew = now + _GATE_TTL
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._judge(host, local, ifindex)
+            if len(self._verdicts) >= _GATE_MAX:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict
+
+    def _judge(self, host: str, local: bytes | None, ifindex: int | None) -> Verdict:
+        client = client_address(host)
+        if client is None:
+            return Verdict.REFUSE
+        ours = ipaddress.ip_address(local) if local else None
+        return self.access.verdict(client, ours, self._ifname(ifindex) if ifindex else None)
+
+    def _ifname(self, ifindex: int) -> str | None:
+        if ifindex not in self._names:
+            try:
+                self._names[ifindex] = socket.if_indextoname(ifindex)
+            except OSError:  # gone since the packet came in: judged by addresses alone
+                self._names[ifindex] = None
+        return self._names[ifindex]
+
+
+class _UdpListener:
+    """One UDP socket. Where the access rules need them (a non-loopback address), each
+    datagram's arrival interface and local address come with it, and a wildcard
+    socket answers from the address it was asked on."""
+
+    def __init__(self, front: DnsFront, endpoint: Endpoint, checked: bool) -> None:
         self._front = front
-        self.transport: asyncio.DatagramTransport | None = None
+        self.checked = checked
+        self.v6 = endpoint.family == 6
+        self.wildcard = ipaddress.ip_address(endpoint.host).is_unspecified
+        sock = socket.socket(socket.AF_INET6 if self.v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            if self.v6:  # [::] is IPv6 only: 0.0.0.0 is its own listen entry
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if checked and self.v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            elif checked:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+            sock.setblocking(False)
+            sock.bind((endpoint.host, endpoint.port))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.port = int(sock.getsockname()[1])
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+        self.closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        if self.transport is None:
+    def _readable(self) -> None:
+        for _ in range(_UDP_BATCH):
+            arrival: Arrival | None = None
+            try:
+                if self.checked:
+                    data, ancillary, _flags, addr = self.sock.recvmsg(65535, _CMSG_ROOM)
+                    arrival = self._arrival(ancillary)
+                else:
+                    data, addr = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("UDP socket error: %s", exc)
+                return
+            self._front.datagram(self, data, addr, arrival)
+            if self.closed:
+                return
+
+    def _arrival(self, ancillary: list[tuple[int, int, bytes]]) -> Arrival | None:
+        for level, kind, data in ancillary:
+            if level == socket.IPPROTO_IP and kind == _IP_PKTINFO:
+                ifindex, spec_dst, local = _PKTINFO4.unpack_from(data)
+                return Arrival(local, spec_dst, ifindex)
+            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+                local, ifindex = _PKTINFO6.unpack_from(data)
+                return Arrival(local, local, ifindex)
+        return None
+
+    def send(self, reply: bytes, addr: Any, arrival: Arrival | None) -> None:
+        if self.closed:
             return
-        reply = self._front.answer_now(data, _MIN_UDP)
-        if reply is not None:
-            self.transport.sendto(reply, addr)
-            return
-        client = (str(addr[0]), int(addr[1]))
-        self._front.spawn(self._front.serve_udp(self.transport, data, client))
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("UDP socket error: %s", exc)
+        try:
+            if self.wildcard and arrival is not None:
+                if self.v6:
+                    info = (
+                        socket.IPPROTO_IPV6,
+                        socket.IPV6_PKTINFO,
+                        _PKTINFO6.pack(arrival.source, arrival.ifindex),
+                    )
+                else:
+                    info = (
+                        socket.IPPROTO_IP,
+                        _IP_PKTINFO,
+                        _PKTINFO4.pack(0, arrival.source, bytes(4)),
+                    )
+                self.sock.sendmsg([reply], [info], 0, addr)
+            else:
+                self.sock.sendto(reply, addr)
+        except (BlockingIOError, InterruptedError):
+            pass  # the socket buffer is full: UDP, the client asks again
+        except OSError as exc:
+            log.debug("UDP reply to %s: %s", addr, exc)
 
 
 class DnsFront:
@@ -604,6 +773,11 @@ class DnsFront:
 
     ``fast`` (optional) may answer a UDP datagram synchronously, without a task;
     when it returns None the query goes to ``handler``.
+    ``access`` decides who is answered on a non-loopback listener (access.py); None
+    answers everyone (tests). Every wait on a TCP client's behalf is bounded: a query
+    must arrive within ``tcp_idle``, a reply must find room in the connection (the
+    client reads) within ``tcp_write``, else the connection is aborted and its slot
+    comes back.
     A port of 0 binds UDP to a free port and TCP to the same number (tests).
     """
 
@@ -614,39 +788,49 @@ class DnsFront:
         max_tcp_clients: int = 128,
         max_tcp_pipeline: int = 32,
         fast: FastHandler | None = None,
+        access: LanAccess | None = None,
+        stats: FrontStats | None = None,
+        tcp_write: float | None = None,
     ) -> None:
         self._handler = handler
         self._fast = fast
-        self._tcp_idle = tcp_idle
+        self.tcp_idle = tcp_idle
+        self.tcp_write = tcp_idle if tcp_write is None else tcp_write
         self._max_tcp = max_tcp_clients
         self._max_pipeline = max_tcp_pipeline
-        self._udp: list[asyncio.DatagramTransport] = []
+        self._access = access
+        self._gate: _Gate | None = None
+        self.stats = stats or FrontStats()
+        self._udp: list[_UdpListener] = []
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._tcp_clients = 0
+        self._tcp_tasks: set[asyncio.Task[Any]] = set()
+        self.tcp_clients = 0
+        self._limiter: LogLimiter | None = None
         self.bound: tuple[Endpoint, ...] = ()
 
     async def start(self, listen: Sequence[Endpoint]) -> None:
         """Bind every endpoint; on any failure close what was bound and raise FrontBindError."""
         loop = asyncio.get_running_loop()
+        self._limiter = LogLimiter(loop.time, what="DNS client")
+        if self._access is not None:
+            self._gate = _Gate(self._access, loop.time)
         bound: list[Endpoint] = []
         try:
             for endpoint in listen:
+                checked = self._access is not None and not self._access.open_listener(endpoint.host)
                 try:
-                    transport, _ = await loop.create_datagram_endpoint(
-                        lambda: _UdpProtocol(self), local_addr=(endpoint.host, endpoint.port)
-                    )
-                    self._udp.append(transport)
-                    port = int(transport.get_extra_info("sockname")[1])
+                    udp = _UdpListener(self, endpoint, checked)
+                    self._udp.append(udp)
                     server = await asyncio.start_server(
-                        self._serve_tcp, endpoint.host, port, reuse_address=True
+                        self._serve_tcp, endpoint.host, udp.port, reuse_address=True
                     )
                     self._tcp.append(server)
                 except OSError as exc:
                     raise FrontBindError(
                         exc.errno, f"cannot listen on {endpoint}: {exc.strerror or exc}"
                     ) from None
-                bound.append(Endpoint(endpoint.host, port))
+                bound.append(Endpoint(endpoint.host, udp.port))
         except BaseException:
             await self.stop()
             raise
@@ -654,14 +838,14 @@ class DnsFront:
         log.info("DNS front listening on %s (UDP and TCP)", ", ".join(map(str, bound)))
 
     async def stop(self) -> None:
-        for transport in self._udp:
-            transport.close()
+        for udp in self._udp:
+            udp.close()
         for server in self._tcp:
             server.close()
         for server in self._tcp:
             await server.wait_closed()
         self._udp, self._tcp = [], []
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._tcp_tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -681,60 +865,193 @@ class DnsFront:
             log.error("fast path: %s: %s", type(exc).__name__, exc)
             return None
 
+    # ------------------------------------------------------------------ UDP
+    def datagram(
+        self, listener: _UdpListener, data: bytes, addr: Any, arrival: Arrival | None
+    ) -> None:
+        """One datagram from ``listener``: judged, then answered now or by a task."""
+        if listener.checked and self._gate is not None:
+            verdict = self._gate.verdict(
+                str(addr[0]),
+                arrival.local if arrival else None,
+                arrival.ifindex if arrival else None,
+            )
+            if verdict is not Verdict.ANSWER:
+                self._turn_away(verdict, (str(addr[0]), int(addr[1])), "UDP")
+                reply = refused_reply(data) if verdict is Verdict.REFUSE else None
+                if reply is not None:
+                    listener.send(reply, addr, arrival)
+                return
+        reply = self.answer_now(data, _MIN_UDP)
+        if reply is not None:
+            listener.send(reply, addr, arrival)
+            return
+        client = (str(addr[0]), int(addr[1]))
+        self.spawn(self.serve_udp(listener, data, client, addr, arrival))
+
     async def serve_udp(
-        self, transport: asyncio.DatagramTransport, data: bytes, client: Client
+        self,
+        listener: _UdpListener,
+        data: bytes,
+        client: Client,
+        addr: Any,
+        arrival: Arrival | None,
     ) -> None:
         try:
             reply = await self._handler(data, client, _MIN_UDP)
         except Exception as exc:  # never let one datagram end the listener
             log.error("UDP query from %s: %s: %s", _fmt(client), type(exc).__name__, exc)
             return
-        if reply is not None and not transport.is_closing():
-            transport.sendto(reply, client)
+        if reply is not None:
+            listener.send(reply, addr, arrival)
+
+    def _turn_away(self, verdict: Verdict, client: Client, proto: str) -> None:
+        if verdict is Verdict.DROP:
+            self.stats.dropped_wan += 1
+            what = "dropped: it came over the WAN"
+        else:
+            self.stats.refused_not_lan += 1
+            what = "REFUSED: not a LAN or loopback address"
+        if self._limiter is not None and self._limiter.allow():
+            log.warning("DNS client %s (%s): %s", _fmt(client), proto, what)
+
+    # ------------------------------------------------------------------ TCP
+    def _tcp_verdict(self, writer: asyncio.StreamWriter, peer: Any) -> Verdict:
+        if self._gate is None:
+            return Verdict.ANSWER
+        local = writer.get_extra_info("sockname")
+        if local is None or self._access is None or self._access.open_listener(str(local[0])):
+            return Verdict.ANSWER
+        ours = client_address(str(local[0]))
+        scope = int(peer[3]) if len(peer) > 3 and peer[3] else None  # IPv6 link-local
+        return self._gate.verdict(str(peer[0]), ours.packed if ours else None, scope)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         client = (str(peer[0]), int(peer[1]))
-        if self._tcp_clients >= self._max_tcp:
-            log.warning(
-                "DNS client %s: TCP refused, %d clients connected", _fmt(client), self._tcp_clients
-            )
-            writer.close()
+        verdict = self._tcp_verdict(writer, peer)
+        if verdict is not Verdict.ANSWER:
+            self._turn_away(verdict, client, "TCP")
+            _reset(writer.transport)
             return
-        self._tcp_clients += 1
-        inflight: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(self._max_pipeline)
+        if self.tcp_clients >= self._max_tcp:
+            self.stats.tcp_refused += 1
+            if self._limiter is not None and self._limiter.allow():
+                log.warning(
+                    "DNS client %s: TCP refused, %d clients connected",
+                    _fmt(client),
+                    self.tcp_clients,
+                )
+            _reset(writer.transport)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tcp_tasks.add(task)
+        self.tcp_clients += 1
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(self._tcp_idle):
-                        (size,) = _LEN.unpack(await reader.readexactly(2))
-                        data = await reader.readexactly(size)
-                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                    break
-                await slots.acquire()
-                task = asyncio.ensure_future(self._tcp_one(writer, data, client, slots))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-            if inflight:
-                await asyncio.wait(inflight, timeout=self._tcp_idle)
+            await _TcpClient(self, reader, writer, client).serve()
         finally:
-            self._tcp_clients -= 1
-            for task in inflight:
-                task.cancel()
-            writer.close()
+            self.tcp_clients -= 1
+            self._tcp_tasks.discard(task)
 
-    async def _tcp_one(
-        self, writer: asyncio.StreamWriter, data: bytes, client: Client, slots: asyncio.Semaphore
+
+def _reset(transport: asyncio.WriteTransport) -> None:
+    """Abort with an RST (SO_LINGER 0), so the kernel drops what the client never read
+    too, instead of keeping the socket to deliver it."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
+class _TcpClient:
+    """One RFC 7766 connection: pipelined queries, replies in any order, every wait bounded."""
+
+    def __init__(
+        self,
+        front: DnsFront,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client: Client,
     ) -> None:
+        self.front = front
+        self.reader = reader
+        self.writer = writer
+        self.client = client
+        self.slots = asyncio.Semaphore(front._max_pipeline)
+        self.inflight: set[asyncio.Task[None]] = set()
+        #: the client did not take its replies off the wire within ``tcp_write``
+        self.stalled = False
+
+    async def serve(self) -> None:
+        front, transport = self.front, self.writer.transport
         try:
-            reply = await self._handler(data, client, _TCP_LIMIT)
-            if reply is not None and not writer.is_closing():
+            while not transport.is_closing():
+                try:
+                    async with asyncio.timeout(front.tcp_idle):
+                        head = await self.reader.readexactly(2)
+                except TimeoutError:
+                    if self.inflight:  # idle counts from the last answer (RFC 7766 6.2.3)
+                        continue  # a partial prefix stays buffered for the next try
+                    front.stats.tcp_idle_timeouts += 1
+                    break
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                try:
+                    async with asyncio.timeout(front.tcp_idle):
+                        data = await self.reader.readexactly(_LEN.unpack(head)[0])
+                except TimeoutError:
+                    front.stats.tcp_idle_timeouts += 1
+                    break
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                try:
+                    async with asyncio.timeout(front.tcp_write):
+                        await self.slots.acquire()  # pipeline full: replies are not read
+                except TimeoutError:
+                    self.stalled = True
+                    break
+                task = asyncio.ensure_future(self._one(data))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
+            if self.inflight and not self.stalled:  # each answer is bounded on its own
+                await asyncio.wait(self.inflight, timeout=_ANSWER_CAP + front.tcp_write)
+            if not self.stalled and not transport.is_closing():
+                self.writer.close()
+                try:  # what is still buffered goes out, if the client reads it in time
+                    async with asyncio.timeout(front.tcp_write):
+                        await self.writer.wait_closed()
+                except TimeoutError:
+                    self.stalled = True
+                except OSError:
+                    pass
+        finally:
+            for task in self.inflight:
+                task.cancel()
+            if self.stalled:
+                front.stats.tcp_write_timeouts += 1
+            if self.stalled or not transport.is_closing():
+                _reset(transport)
+
+    async def _one(self, data: bytes) -> None:
+        front, writer = self.front, self.writer
+        try:
+            reply = await front._handler(data, self.client, _TCP_LIMIT)
+            if reply is None or writer.transport.is_closing():
+                return
+            try:  # room first, so one connection buffers at most a reply past the high mark
+                async with asyncio.timeout(front.tcp_write):
+                    await writer.drain()
+            except TimeoutError:
+                self.stalled = True
+                _reset(writer.transport)
+                return
+            if not writer.transport.is_closing():
                 writer.write(_LEN.pack(len(reply)) + reply)
-                await writer.drain()
         except ConnectionError:
             pass
         except Exception as exc:
-            log.error("TCP query from %s: %s: %s", _fmt(client), type(exc).__name__, exc)
+            log.error("TCP query from %s: %s: %s", _fmt(self.client), type(exc).__name__, exc)
         finally:
-            slots.release()
+            self.slots.release()

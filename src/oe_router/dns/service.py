@@ -8,6 +8,7 @@ new ones are bound (a refused reload keeps the old ones running).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 from oe_router.config.schema import DnsConfig, Endpoint, OeConfig
 from oe_router.control.status import StatusContribution
+from oe_router.dns.access import LanAccess
 from oe_router.dns.dnssec import TrustAnchorError, load_trust_anchor_file
 from oe_router.dns.front import AnswerCache, DnsFront, FrontBindError, FrontStats, Resolver
 from oe_router.dns.hold import HoldPolicy, KeyLookup, TunnelRequester
@@ -72,7 +74,9 @@ class DnsService:
 
     ``tunnels`` is the OE manager (None until it exists: keyed answers go out
     clear). ``key_lookup_factory`` defaults to DNSSEC validation from the trust
-    anchor; tests pass their own.
+    anchor; tests pass their own. ``access`` is what the daemon's platform probe
+    found of the LAN and the WAN (access.py); the default knows neither, so a
+    non-loopback listener answers loopback clients only.
     """
 
     name = "dns"
@@ -84,8 +88,10 @@ class DnsService:
         upstream_settings: UpstreamSettings | None = None,
         cache_entries: int = 4096,
         clock: Callable[[], float] = time.monotonic,
+        access: LanAccess | None = None,
     ) -> None:
         self._tunnels = tunnels
+        self.access = access or LanAccess()
         self._factory = key_lookup_factory
         self._settings = upstream_settings or UpstreamSettings()
         self._cache_entries = cache_entries
@@ -121,10 +127,31 @@ class DnsService:
             stats=self.stats,
         )
 
+    def _new_front(self, config: DnsConfig) -> DnsFront:
+        for endpoint in config.listen:
+            problem = self.access.listen_problem(endpoint)
+            if problem is not None:
+                raise _service_error(f"oe.dns.listen: {problem}")
+        if not self.access.lan and any(
+            not self.access.open_listener(e.host) for e in config.listen
+        ):
+            log.warning(
+                "oe.dns.listen: no LAN prefixes known (oe.global.lan_interface %r has no"
+                " global address): only loopback clients are answered",
+                self.access.lan_interface,
+            )
+        return DnsFront(
+            self._handle,
+            tcp_idle=config.tcp_timeout,
+            fast=self._fast,
+            access=self.access,
+            stats=self.stats,
+        )
+
     async def start(self, config: OeConfig) -> None:
         dns_config = config.dns
         resolver = self._build(dns_config)
-        front = DnsFront(self._handle, fast=self._fast)
+        front = self._new_front(dns_config)
         self.resolver = resolver
         try:
             await front.start(dns_config.listen)
@@ -142,14 +169,19 @@ class DnsService:
             return
         upstream, key_lookup = self._parts(new)  # refuses before anything changes
         if new.listen != old.listen:
-            front = DnsFront(self._handle, fast=self._fast)
+            front = self._new_front(new)
             try:
                 await front.start(new.listen)
             except FrontBindError as exc:
-                raise _service_error(f"oe.dns.listen: {exc.strerror}") from None
-            previous, self._front = self._front, front
-            if previous is not None:
-                await previous.stop()
+                if exc.errno != errno.EADDRINUSE or self._front is None:
+                    raise _service_error(f"oe.dns.listen: {exc.strerror}") from None
+                await self._hand_over(front, new.listen, old.listen)
+            else:
+                previous, self._front = self._front, front
+                if previous is not None:
+                    await previous.stop()
+        elif self._front is not None:
+            self._front.tcp_idle = self._front.tcp_write = new.tcp_timeout
         resolver = self.resolver
         if resolver is not None:
             # in place: answers held right now keep their negotiation and timers
@@ -159,6 +191,24 @@ class DnsService:
             resolver.cache = AnswerCache(self._cache_entries, max_ttl=_cache_ttl(new))
         self._config = new
         log.info("DNS front reloaded")
+
+    async def _hand_over(
+        self, front: DnsFront, listen: tuple[Endpoint, ...], previous: tuple[Endpoint, ...]
+    ) -> None:
+        """The new listen addresses overlap the old ones (``0.0.0.0:53`` after
+        ``192.168.1.1:53``: the kernel refuses both at once), so the old listeners go
+        first; if the new ones still cannot be bound, the old ones come back."""
+        assert self._front is not None
+        await self._front.stop()
+        try:
+            await front.start(listen)
+        except FrontBindError as exc:
+            try:
+                await self._front.start(previous)
+            except FrontBindError as again:
+                log.error("DNS front: cannot listen again on the old addresses: %s", again)
+            raise _service_error(f"oe.dns.listen: {exc.strerror}") from None
+        self._front = front
 
     async def stop(self) -> None:
         if self._front is not None:
@@ -195,6 +245,8 @@ class DnsService:
         if config is not None and self.resolver is not None:
             upstream = self.resolver.upstream
             doc["listen"] = [str(e) for e in self.bound]
+            doc["lan_prefixes"] = [str(n) for n in self.access.lan]
+            doc["tcp_clients_now"] = self._front.tcp_clients if self._front is not None else 0
             if isinstance(upstream, UpstreamClient):
                 doc["upstreams"] = [str(e) for e in upstream.servers()]
                 doc["upstream_source"] = upstream.source.describe()

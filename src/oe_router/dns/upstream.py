@@ -33,6 +33,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamSettings",
     "UpstreamStats",
+    "answers",
     "parse_resolv_conf",
 ]
 
@@ -43,6 +44,7 @@ _TC = 0x0200  # header flag bit: truncated
 _QR = 0x8000
 _LEN = struct.Struct("!H")  # RFC 7766 two-octet length prefix
 _ID = struct.Struct("!H")  # the header's first field
+_QTAIL = 4  # QTYPE and QCLASS after a question's name
 
 
 class UpstreamError(Exception):
@@ -68,6 +70,8 @@ class UpstreamStats:
     errors: int = 0
     fallbacks: int = 0
     failed: int = 0
+    #: replies ignored because their ID or question is not the query's (spoofing, or late)
+    mismatched: int = 0
     per_server: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
@@ -78,6 +82,7 @@ class UpstreamStats:
             "upstream_errors": self.errors,
             "upstream_fallbacks": self.fallbacks,
             "upstream_failed": self.failed,
+            "upstream_mismatched": self.mismatched,
         }
 
 
@@ -190,6 +195,25 @@ def _question_end(wire: bytes) -> int:
     return -1
 
 
+def answers(query: bytes, reply: bytes, qend: int) -> bool:
+    """Whether ``reply`` is the response to ``query`` (whose question ends at ``qend``).
+
+    Same ID, QR set, same question count, and the first question echoed: the name
+    equal ignoring ASCII case (servers may echo a 0x20-mixed name), QTYPE and QCLASS
+    equal byte for byte (lower-casing those turned type 65 into 97).
+    """
+    if len(reply) < qend or reply[:2] != query[:2]:
+        return False
+    if not _LEN.unpack_from(reply, 2)[0] & _QR or reply[4:6] != query[4:6]:
+        return False
+    name_end = qend - _QTAIL
+    if reply[name_end:qend] != query[name_end:qend]:
+        return False
+    # label lengths of a query's name are below 0x40, never a letter, so only the
+    # labels' letters are folded
+    return reply[_HEADER:name_end].lower() == query[_HEADER:name_end].lower()
+
+
 class UpstreamClient:
     """Sends one query to the upstreams and returns the first usable response.
 
@@ -276,14 +300,6 @@ class UpstreamClient:
             reply = await self._tcp(server, wire, qend, min(self.settings.tcp_timeout, left))
         return reply
 
-    def _matches(self, query: bytes, reply: bytes, qend: int) -> bool:
-        if len(reply) < qend or reply[:2] != query[:2]:
-            return False
-        if not _LEN.unpack_from(reply, 2)[0] & _QR or reply[4:6] != query[4:6]:
-            return False
-        # servers echo the question; names compare case-insensitively
-        return reply[_HEADER:qend].lower() == query[_HEADER:qend].lower()
-
     async def _udp(self, server: Endpoint, wire: bytes, qend: int, timeout: float) -> bytes:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if server.family == 6 else socket.AF_INET
@@ -298,8 +314,9 @@ class UpstreamClient:
                 if left <= 0:
                     raise TimeoutError
                 reply = await asyncio.wait_for(loop.sock_recv(sock, 65535), left)
-                if self._matches(wire, reply, qend):
+                if answers(wire, reply, qend):
                     return reply
+                self.stats.mismatched += 1
                 log.debug("upstream %s: ignored a reply that does not match the query", server)
         except TimeoutError:
             self.stats.udp_timeouts += 1
@@ -320,8 +337,9 @@ class UpstreamClient:
                     while True:
                         (size,) = _LEN.unpack(await reader.readexactly(2))
                         reply = await reader.readexactly(size)
-                        if self._matches(wire, reply, qend):
+                        if answers(wire, reply, qend):
                             return reply
+                        self.stats.mismatched += 1
                 finally:
                     writer.close()
         except TimeoutError:
