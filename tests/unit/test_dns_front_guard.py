@@ -75,6 +75,17 @@ async def legit_answer(port: int, qid: int) -> bytes | None:
         return None
 
 
+async def answered_within(port: int, qid: int) -> bytes | None:
+    """``legit_answer`` asked again every 0.1 s until it is answered or DEADLINE passes."""
+    start = time.monotonic()
+    while time.monotonic() - start < DEADLINE:
+        got = await legit_answer(port, qid)
+        if got is not None:
+            return got
+        await asyncio.sleep(0.1)
+    return None
+
+
 def test_tcp_clients_that_never_read_give_their_slots_back() -> None:
     """As many never-reading clients as there are TCP slots, each pipelining more
     queries than the pipeline holds: today they are aborted after the timeout and
@@ -88,12 +99,7 @@ def test_tcp_clients_that_never_read_give_their_slots_back() -> None:
         try:
             burst = b"".join(framed(i) for i in range(PIPELINED))
             await asyncio.gather(*(send_all(s, burst) for s in socks))
-            start = time.monotonic()
-            got = None
-            while got is None and time.monotonic() - start < DEADLINE:
-                got = await legit_answer(port, 0x4242)
-                if got is None:
-                    await asyncio.sleep(0.1)
+            got = await answered_within(port, 0x4242)
             assert got is not None and got[:2] == b"\x42\x42", "slots never came back"
             stats = getattr(front, "stats", None)
             assert stats is not None and stats.tcp_write_timeouts == 3
@@ -120,13 +126,7 @@ def test_silent_and_slow_tcp_clients_time_out() -> None:
         silent, slow = hostile(port), hostile(port)
         try:
             await send_all(slow, b"\x00")
-            start = time.monotonic()
-            got = None
-            while got is None and time.monotonic() - start < DEADLINE:
-                got = await legit_answer(port, 7)
-                if got is None:
-                    await asyncio.sleep(0.1)
-            assert got is not None
+            assert await answered_within(port, 7) is not None
             assert front.stats.tcp_idle_timeouts == 2
         finally:
             silent.close()
