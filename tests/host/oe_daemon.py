@@ -60,6 +60,7 @@ class OeDaemon:
         cfg = self._write_config()
         self.socket.unlink(missing_ok=True)
         log = self.logfile.open("ab")
+        seen = len(self.log())  # a restart appends: only this run's lines say it is ready
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, sys.executable, "-m", "oe_router.daemon",
              "--config", str(cfg)],
@@ -72,7 +73,7 @@ class OeDaemon:
                 raise RuntimeError(f"oe-routerd in {self.ns} exited: {self.log()[-3000:]}")
             # every service has started once the daemon says it runs (the control socket
             # answers before that)
-            if " running (pid " in self.log() and self.socket.exists():
+            if " running (pid " in self.log()[seen:] and self.socket.exists():
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"oe-routerd in {self.ns} not ready: {self.log()[-3000:]}")
