@@ -153,3 +153,11 @@ def netns_run(ns: str, cmd: Sequence[str], timeout: float = 60, check: bool = Tr
     if check and p.returncode != 0:
         raise RuntimeError(f"{ns}: {' '.join(cmd)} failed ({p.returncode}): {p.stdout}{p.stderr}")
     return p.stdout
+
+
+def device_with(ns: str, address: str) -> str:
+    """The device of namespace ``ns`` that has the IPv4 ``address`` (for wan_interface)."""
+    for line in netns_run(ns, ["ip", "-o", "-4", "addr", "show"]).splitlines():
+        if f" {address}/" in line:
+            return line.split()[1]
+    raise RuntimeError(f"no device with {address} in {ns}")

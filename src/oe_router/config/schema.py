@@ -198,6 +198,10 @@ class IkeConfig:
     #: 0 turns liveness checks off.
     dpd_delay: float = 30.0
     half_open_limit: int = 64
+    #: RFC 8019: half-open IKE SAs one address (that answered a COOKIE) may hold ...
+    half_open_per_source: int = 4
+    #: ... and one /24 (IPv4) or /64 (IPv6) of peers without an IKE SA with us.
+    half_open_per_prefix: int = 8
     #: 0 turns IKE fragmentation (RFC 7383) off.
     fragment_size: int = 1280
     #: Ask OE peers for an inner address (CP) and translate LAN flows to it (CAT).

@@ -116,6 +116,8 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "retransmit_tries": Opt("retransmit_tries", _int(1, 20)),
         "dpd_delay": Opt("dpd_delay", _dur(0.0, HOUR)),
         "half_open_limit": Opt("half_open_limit", _int(1, 65535)),
+        "half_open_per_source": Opt("half_open_per_source", _int(1, 65535)),
+        "half_open_per_prefix": Opt("half_open_per_prefix", _int(1, 65535)),
         "fragment_size": Opt("fragment_size", _fragment_size),
         "cat": Opt("cat", parse_bool),
         "esp_proposal": Opt("esp_proposals", _choice(*ESP_PROPOSALS), is_list=True),

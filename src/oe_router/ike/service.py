@@ -301,6 +301,31 @@ def child_sa_spec(
 REKEY_REFUSED = "the peer refused the rekey"
 
 
+# --------------------------------------------------------------------------- logging
+
+
+class _Throttle:
+    """At most one line per ``window`` seconds for what anyone can cause with a packet
+    (a refused IKE_SA_INIT, a responder IKE SA failing before IKE_AUTH); the next line
+    that gets out says how many were left out meanwhile."""
+
+    def __init__(self, clock: Callable[[], float], window: float = 10.0) -> None:
+        self._clock, self._window = clock, window
+        self._next = float("-inf")
+        self.left_out = 0
+
+    def __call__(self, level: int, msg: str, *args: object) -> None:
+        now = self._clock()
+        if now < self._next:
+            self.left_out += 1
+            return
+        if self.left_out:
+            msg += " (and %d more like it in the last %.0fs)"
+            args += (self.left_out, self._window)
+        log.log(level, msg, *args)
+        self._next, self.left_out = now + self._window, 0
+
+
 # --------------------------------------------------------------------------- per-peer state
 
 
@@ -397,6 +422,8 @@ class IkeService:
         self.key_note = ""
         self.endpoint: IkeEndpoint | None = None
         self.sas: list[PeerSa] = []
+        self._refusals = _Throttle(clock)  # one line per 10 s, however many requests
+        self._early_failures = _Throttle(clock)
 
     @property
     def name(self) -> str:
@@ -436,6 +463,8 @@ class IkeService:
             ike_port=self._ports[0],
             natt_port=self._ports[1],
             half_open_limit=ike.half_open_limit,
+            half_open_per_source=ike.half_open_per_source,
+            half_open_per_prefix=ike.half_open_per_prefix,
             keepalive_interval=self.keepalive_interval,
             dpd_delay=ike.dpd_delay,
             netns=self._netns,
@@ -446,7 +475,8 @@ class IkeService:
         await self.endpoint.start()
 
     async def reload(self, config: OeConfig) -> None:
-        """New timers and identity apply to IKE SAs created from now on."""
+        """New timers and identity apply to IKE SAs created from now on; the endpoint's
+        half-open limits to the next IKE_SA_INIT request, its liveness delay at once."""
         old = self.config
         self.config = config
         try:
@@ -455,6 +485,14 @@ class IkeService:
             self.config = old
             self._load_key(old)
             raise
+        if self.endpoint is not None:
+            ike = config.ike
+            self.endpoint.configure(
+                half_open_limit=ike.half_open_limit,
+                half_open_per_source=ike.half_open_per_source,
+                half_open_per_prefix=ike.half_open_per_prefix,
+                dpd_delay=ike.dpd_delay,
+            )
 
     async def stop(self) -> None:
         if self.endpoint is None:
@@ -599,7 +637,7 @@ class IkeService:
         if self.inbound_filter is not None:
             reason = self.inbound_filter(remote[0])
             if reason is not None:
-                log.info("IKE_SA_INIT from %s refused: %s", remote[0], reason)
+                self._refusals(logging.INFO, "IKE_SA_INIT from %s refused: %s", remote[0], reason)
                 return None
         peer_key = self.peer_keys.get(remote[0])
         local_id = self._id_override or self.config.identity.local_id
@@ -814,6 +852,11 @@ class IkeService:
             dead = ev.unanswered and p.ike is not None
             if dead:
                 log.warning("peer %s stopped answering its IKE SA: %s", p.peer, ev.reason)
+            elif p.ike is None and not handle.sa.is_initiator:
+                # a request that failed at once (a proposal we refuse, a bad body): a
+                # spoofed flood of them must not become a line each
+                why = ev.reason
+                self._early_failures(logging.WARNING, "IKE SA with %s failed: %s", p.peer, why)
             else:
                 log.warning("IKE SA with %s failed: %s", p.peer, ev.reason)
             p.error = ev.reason
@@ -903,12 +946,12 @@ class IkeService:
         return StatusContribution(tunnels=self.rows(), ike=self.counters())
 
     def counters(self) -> dict[str, object]:
-        """The endpoint's counters (``oe status`` "ike"): what it dropped and why, and
-        the bytes of incomplete fragmented messages held now."""
+        """The endpoint's counters (``oe status`` "ike"): what it dropped and why, the
+        bytes of incomplete fragmented messages held now, and the half-open table."""
         if self.endpoint is None:
             return {}
         ep = self.endpoint
-        return {**asdict(ep.counters), "fragment_bytes": ep.fragments.held}
+        return {**asdict(ep.counters), "fragment_bytes": ep.fragments.held, **ep.load_status()}
 
     # ------------------------------------------------------------------ control
     def register_commands(self, commands: CommandTable) -> None:
