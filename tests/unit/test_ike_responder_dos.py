@@ -156,6 +156,28 @@ def test_garbage_never_raises_and_offsets_stay_inside(data: bytes) -> None:
     assert gate.check(data, "192.0.2.1", 0.0) in (DROP, DEMAND, VALID)
 
 
+@given(before=st.integers(0, 17))
+def test_a_cookie_in_front_never_pushes_the_nonce_out_of_reach(before: int) -> None:
+    """Ni is looked for among the first 16 payloads; a request that gets an answer still
+    gets in when it comes back with the cookie in front (one payload more)."""
+    payloads: list[Payload] = [VendorID(bytes([i])) for i in range(before)]
+    payloads.append(Nonce(b"n" * 32))
+
+    def request(first: list[Payload]) -> bytes:
+        return Message(
+            b"s" * 8, bytes(8), ExchangeType.IKE_SA_INIT, HeaderFlag.INITIATOR, 0,
+            first + payloads,
+        ).encode()  # fmt: skip
+
+    gate = CookieGate(CookieJar(b"k" * 32))
+    verdict = gate.check(request([]), "192.0.2.1", 0.0)
+    assert verdict is (DEMAND if before < 16 else DROP)
+    if verdict is DEMAND:
+        cookie = Message.decode(bytes(gate.reply)).payloads[0]
+        assert isinstance(cookie, Notify)
+        assert gate.check(request([cookie]), "192.0.2.1", 1.0) is VALID
+
+
 def test_a_request_without_a_nonce_is_dropped_not_answered() -> None:
     no_nonce = Message(
         b"i" * 8, bytes(8), ExchangeType.IKE_SA_INIT, HeaderFlag.INITIATOR, 0,

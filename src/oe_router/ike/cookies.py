@@ -151,7 +151,8 @@ def scan_init_request(data: bytes) -> tuple[int, int, int, int] | None:
     if length != end:
         return None
     pos, c0, c1 = IKE_HEADER_LEN, 0, 0
-    for index in range(_MAX_PAYLOADS_BEFORE_NONCE):
+    index, budget = 0, _MAX_PAYLOADS_BEFORE_NONCE  # a leading COOKIE does not count
+    while index < budget:
         if ptype == _NONE or pos + _GENERIC_LEN > end:
             return None
         nxt, _, plen = GENERIC_HEADER.unpack_from(data, pos)
@@ -162,9 +163,10 @@ def scan_init_request(data: bytes) -> tuple[int, int, int, int] | None:
         if index == 0 and ptype == _NOTIFY and plen >= 8:
             _, spi_size, notify = NOTIFY_HEADER.unpack_from(data, pos + _GENERIC_LEN)
             if notify == _COOKIE and 8 + spi_size <= plen:
-                c0, c1 = pos + 8 + spi_size, pos + plen
+                c0, c1, budget = pos + 8 + spi_size, pos + plen, budget + 1
         pos += plen
         ptype = nxt
+        index += 1
     return None
 
 
