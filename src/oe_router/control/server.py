@@ -30,6 +30,7 @@ from oe_router.control.protocol import (
     error_reply,
     one_line,
 )
+from oe_router.ratelimit import RateLimit
 
 log = logging.getLogger("oe_router.control")
 
@@ -92,7 +93,7 @@ class ControlServer:
         self._inode: tuple[int, int] | None = None
         self._clients: set[_Client] = set()
         self._changed = asyncio.Event()
-        self._last_accept_warning = -ACCEPT_WARN_INTERVAL
+        self._accept_log = RateLimit(ACCEPT_WARN_INTERVAL)
 
     @property
     def connections(self) -> int:
@@ -218,9 +219,7 @@ class ControlServer:
         self.stats["accept_errors"] += 1
         if exc.errno == errno.ECONNABORTED:
             return
-        now = time.monotonic()
-        if now - self._last_accept_warning >= ACCEPT_WARN_INTERVAL:
-            self._last_accept_warning = now
+        if self._accept_log.allow(time.monotonic()):
             log.warning(
                 "control socket: accept failed: %s (%d failure(s) so far)",
                 exc.strerror or exc,

@@ -53,6 +53,7 @@ from oe_router.dns.hold import (
 )
 from oe_router.dns.upstream import UpstreamError
 from oe_router.dns.wire import QueryView, ReplyView, read_query, read_reply, rewrite_ttls
+from oe_router.ratelimit import RateLimit
 
 __all__ = [
     "AnswerCache",
@@ -61,7 +62,6 @@ __all__ = [
     "Forwarder",
     "FrontBindError",
     "FrontStats",
-    "LogLimiter",
     "Question",
     "Resolver",
     "client_udp_limit",
@@ -161,35 +161,14 @@ class FrontStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class LogLimiter:
-    """At most ``burst`` lines per ``window`` seconds, so a flood of junk cannot fill logd."""
-
-    def __init__(
-        self,
-        clock: Callable[[], float],
-        burst: int = 10,
-        window: float = 10.0,
-        what: str = "bad-query",
-    ) -> None:
-        self._clock = clock
-        self._what = what
-        self._burst = burst
-        self._window = window
-        self._start = -1e18
-        self._count = 0
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        now = self._clock()
-        if now - self._start >= self._window:
-            if self.suppressed:
-                log.warning("%d more %s log lines were suppressed", self.suppressed, self._what)
-            self._start, self._count, self.suppressed = now, 0, 0
-        self._count += 1
-        if self._count <= self._burst:
-            return True
-        self.suppressed += 1
+def _may_log(limit: RateLimit, now: float, what: str) -> bool:
+    """Whether a line about a client may go out (``limit`` keeps a flood of junk from
+    filling logd); the first one after a quiet spell says how many were left out."""
+    if not limit.allow(now):
         return False
+    if suppressed := limit.take_suppressed():
+        log.warning("%d more %s log lines were suppressed", suppressed, what)
+    return True
 
 
 class AnswerCache:
@@ -304,7 +283,7 @@ class Resolver:
         self._waiting: dict[int, asyncio.Future[Release]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._limiter = LogLimiter(lambda: asyncio.get_running_loop().time())
+        self._log_limit = RateLimit(burst=10)  # lines about bad queries
         self._warned_no_tunnels = False
 
     @property
@@ -574,7 +553,7 @@ class Resolver:
                 self.stats.timeouts += 1
 
     def _bad(self, client: Client, what: str) -> None:
-        if self._limiter.allow():
+        if _may_log(self._log_limit, asyncio.get_running_loop().time(), "bad-query"):
             log.warning("DNS client %s: %s", _fmt(client), what)
 
     async def close(self) -> None:
@@ -806,13 +785,12 @@ class DnsFront:
         self._tasks: set[asyncio.Task[None]] = set()
         self._tcp_tasks: set[asyncio.Task[Any]] = set()
         self.tcp_clients = 0
-        self._limiter: LogLimiter | None = None
+        self._log_limit = RateLimit(burst=10)  # lines about clients
         self.bound: tuple[Endpoint, ...] = ()
 
     async def start(self, listen: Sequence[Endpoint]) -> None:
         """Bind every endpoint; on any failure close what was bound and raise FrontBindError."""
         loop = asyncio.get_running_loop()
-        self._limiter = LogLimiter(loop.time, what="DNS client")
         if self._access is not None:
             self._gate = _Gate(self._access, loop.time)
         bound: list[Endpoint] = []
@@ -905,6 +883,9 @@ class DnsFront:
         if reply is not None:
             listener.send(reply, addr, arrival)
 
+    def _log_allowed(self) -> bool:
+        return _may_log(self._log_limit, asyncio.get_running_loop().time(), "DNS client")
+
     def _turn_away(self, verdict: Verdict, client: Client, proto: str) -> None:
         if verdict is Verdict.DROP:
             self.stats.dropped_wan += 1
@@ -912,7 +893,7 @@ class DnsFront:
         else:
             self.stats.refused_not_lan += 1
             what = "REFUSED: not a LAN or loopback address"
-        if self._limiter is not None and self._limiter.allow():
+        if self._log_allowed():
             log.warning("DNS client %s (%s): %s", _fmt(client), proto, what)
 
     # ------------------------------------------------------------------ TCP
@@ -936,7 +917,7 @@ class DnsFront:
             return
         if self.tcp_clients >= self._max_tcp:
             self.stats.tcp_refused += 1
-            if self._limiter is not None and self._limiter.allow():
+            if self._log_allowed():
                 log.warning(
                     "DNS client %s: TCP refused, %d clients connected",
                     _fmt(client),

@@ -25,7 +25,7 @@ and does what RFC 7296 §2.23 / RFC 3948 leave to the transport:
 Fragments (RFC 7383): each IKE SA bounds what it holds of a peer's incomplete fragmented
 messages; the endpoint keeps the sum over all of them under ``max_total_bytes`` (the
 biggest holder gives its messages up first), counts what was dropped and logs it at
-most once per ``fragments.FragmentBudget.log_interval``.
+most once per ``log_interval`` (``fragments.FragmentBudget``).
 
 A new IKE_SA_INIT request takes the cheapest path there is, checked from the fixed
 header before anything else: a responder holding ``cookie_threshold`` IKE SAs that have
@@ -56,6 +56,7 @@ from typing import Any, Final, NamedTuple, Protocol
 from oe_router.datapath.base import DatapathError
 from oe_router.datapath.kernel import bypass_socket, enable_esp_in_udp
 from oe_router.datapath.netns import in_netns
+from oe_router.ratelimit import RateLimit
 
 from .constants import ExchangeType, HeaderFlag
 from .cookies import (
@@ -326,7 +327,7 @@ class IkeEndpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gate: CookieGate | None = None
         self._peers: dict[str, int] = {}  # address -> established IKE SAs with it
-        self._load_report_at = 0.0
+        self._load_log = RateLimit(LOAD_REPORT_INTERVAL)
         self._load_reported = EndpointCounters()
         #: bytes of incomplete fragmented messages held by all SAs (``held``), and their limit
         self.fragments: FragmentBudget[SaHandle] = FragmentBudget(fragment_limits)
@@ -681,7 +682,7 @@ class IkeEndpoint:
     def _report_load(self, now: float) -> None:
         """While COOKIEs are demanded or requests refused: one summary line at most every
         ``LOAD_REPORT_INTERVAL`` seconds, never one per packet."""
-        if now < self._load_report_at:
+        if not self._load_log.allow(now):
             return
         c, last = self.counters, self._load_reported
         log.warning(
@@ -700,7 +701,6 @@ class IkeEndpoint:
             self._book.limits.half_open_limit,
         )
         self._load_reported = replace(c)
-        self._load_report_at = now + LOAD_REPORT_INTERVAL
 
     # ------------------------------------------------------------------ send, events
     def _send(

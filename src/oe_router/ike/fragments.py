@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from oe_router.ratelimit import RateLimit
+
 from .crypto import SkCipher
 from .errors import IkeCryptoError, IkeDecodeError
 from .message import Message, decode_chain
@@ -237,11 +239,10 @@ class FragmentBudget(Generic[H]):
 
     def __init__(self, limits: FragmentLimits, log_interval: float = 10.0) -> None:
         self.limits = limits
-        self.log_interval = log_interval
         self.held = 0
         self._by: dict[H, int] = {}
         self._unlogged = FragmentStats()
-        self._logged_at = float("-inf")
+        self._log = RateLimit(log_interval)
 
     def hold(self, who: H, size: int) -> None:
         """``who`` holds ``size`` bytes now (0: nothing, or it is gone)."""
@@ -260,7 +261,4 @@ class FragmentBudget(Generic[H]):
         if not stats:
             return None
         self._unlogged.add(stats)
-        if now < self._logged_at + self.log_interval:
-            return None
-        self._logged_at = now
-        return self._unlogged.take()
+        return self._unlogged.take() if self._log.allow(now) else None

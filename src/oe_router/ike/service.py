@@ -35,6 +35,7 @@ from oe_router.config.schema import OeConfig
 from oe_router.control.protocol import CommandError, CommandTable, Request
 from oe_router.control.status import ChildSaStatus, StatusContribution, TunnelStatus
 from oe_router.datapath import base as dp
+from oe_router.ratelimit import RateLimit
 
 from .auth import PrivateKey, PublicKey
 from .child import ChildSaInfo
@@ -301,31 +302,6 @@ def child_sa_spec(
 REKEY_REFUSED = "the peer refused the rekey"
 
 
-# --------------------------------------------------------------------------- logging
-
-
-class _Throttle:
-    """At most one line per ``window`` seconds for what anyone can cause with a packet
-    (a refused IKE_SA_INIT, a responder IKE SA failing before IKE_AUTH); the next line
-    that gets out says how many were left out meanwhile."""
-
-    def __init__(self, clock: Callable[[], float], window: float = 10.0) -> None:
-        self._clock, self._window = clock, window
-        self._next = float("-inf")
-        self.left_out = 0
-
-    def __call__(self, level: int, msg: str, *args: object) -> None:
-        now = self._clock()
-        if now < self._next:
-            self.left_out += 1
-            return
-        if self.left_out:
-            msg += " (and %d more like it in the last %.0fs)"
-            args += (self.left_out, self._window)
-        log.log(level, msg, *args)
-        self._next, self.left_out = now + self._window, 0
-
-
 # --------------------------------------------------------------------------- per-peer state
 
 
@@ -422,8 +398,8 @@ class IkeService:
         self.key_note = ""
         self.endpoint: IkeEndpoint | None = None
         self.sas: list[PeerSa] = []
-        self._refusals = _Throttle(clock)  # one line per 10 s, however many requests
-        self._early_failures = _Throttle(clock)
+        self._refusals = RateLimit()  # one line per 10 s, however many requests
+        self._early_failures = RateLimit()
 
     @property
     def name(self) -> str:
@@ -432,6 +408,17 @@ class IkeService:
     def now(self) -> float:
         """The service's clock (what ``IkeSa`` commands take as ``now``)."""
         return self._clock()
+
+    def _log_limited(self, limit: RateLimit, level: int, msg: str, *args: object) -> None:
+        """Log what anyone can cause with a packet (a refused IKE_SA_INIT, a responder IKE
+        SA failing before IKE_AUTH) as ``limit`` allows; the next line that gets out says
+        how many were left out meanwhile."""
+        if not limit.allow(self._clock()):
+            return
+        if left_out := limit.take_suppressed():
+            msg += " (and %d more like it in the last %.0fs)"
+            args += (left_out, limit.window)
+        log.log(level, msg, *args)
 
     # ------------------------------------------------------------------ lifecycle
     def _load_key(self, config: OeConfig) -> None:
@@ -637,7 +624,8 @@ class IkeService:
         if self.inbound_filter is not None:
             reason = self.inbound_filter(remote[0])
             if reason is not None:
-                self._refusals(logging.INFO, "IKE_SA_INIT from %s refused: %s", remote[0], reason)
+                msg = "IKE_SA_INIT from %s refused: %s"
+                self._log_limited(self._refusals, logging.INFO, msg, remote[0], reason)
                 return None
         peer_key = self.peer_keys.get(remote[0])
         local_id = self._id_override or self.config.identity.local_id
@@ -855,8 +843,8 @@ class IkeService:
             elif p.ike is None and not handle.sa.is_initiator:
                 # a request that failed at once (a proposal we refuse, a bad body): a
                 # spoofed flood of them must not become a line each
-                why = ev.reason
-                self._early_failures(logging.WARNING, "IKE SA with %s failed: %s", p.peer, why)
+                msg, why = "IKE SA with %s failed: %s", ev.reason
+                self._log_limited(self._early_failures, logging.WARNING, msg, p.peer, why)
             else:
                 log.warning("IKE SA with %s failed: %s", p.peer, ev.reason)
             p.error = ev.reason
