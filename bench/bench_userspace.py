@@ -88,13 +88,6 @@ def _pair(tag: str) -> Iterator[tuple[Any, str, str]]:
         net.close()
 
 
-def _dev(ns: str, addr: str) -> str:
-    for line in _run(ns, ["ip", "-o", "-4", "addr", "show"]).splitlines():
-        if f" {addr}/" in line:
-            return line.split()[1]
-    raise RuntimeError(f"no {addr} in {ns}")
-
-
 # --------------------------------------------------------------------------- ours
 def _ours_config(wan: str, esp: str, work: Path) -> str:
     return f"""package oe
@@ -135,13 +128,13 @@ def _worker_pids(log: str) -> list[int]:
 
 
 def _ours(esp: str, work: Path) -> tuple[list[float], dict[str, Any]]:
-    from tests.host.oe_daemon import OeDaemon
+    from tests.host.oe_daemon import OeDaemon, device_with
 
     speeds: list[float] = []
     detail: dict[str, Any] = {}
     with _pair("bu") as (_, a, b):
-        da = OeDaemon(a, work / f"ours-a-{esp}", _ours_config(_dev(a, A), esp, work))
-        db = OeDaemon(b, work / f"ours-b-{esp}", _ours_config(_dev(b, B), esp, work))
+        da = OeDaemon(a, work / f"ours-a-{esp}", _ours_config(device_with(a, A), esp, work))
+        db = OeDaemon(b, work / f"ours-b-{esp}", _ours_config(device_with(b, B), esp, work))
         try:
             da.start()
             db.start()

@@ -39,7 +39,7 @@ from bench.bench_dns_front import Knot, unrelated_anchor
 from oe_router.datapath.netns import in_netns
 
 from .charon import Netns
-from .oe_daemon import OeDaemon, netns_run
+from .oe_daemon import OeDaemon, device_with, netns_run
 
 pytestmark = pytest.mark.host
 
@@ -106,13 +106,6 @@ config dns 'dns'
         assert res.returncode == 0, res.stdout + res.stderr
 
 
-def _dev_with(ns: str, addr: str) -> str:
-    for line in netns_run(ns, ["ip", "-o", "addr", "show"]).splitlines():
-        if f" {addr}/" in line:
-            return line.split()[1]
-    raise RuntimeError(f"no device with {addr} in {ns}")
-
-
 def _add6(ns: str, dev: str, addr: str) -> None:
     netns_run(ns, ["ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
 
@@ -131,11 +124,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         net.link(client, f"{CLIENT4}/24", router, f"{LAN4}/24")
         net.link(guest, f"{GUEST}/24", router, f"{GUEST_GW}/24")
         net.link(outsider, f"{OUT4}/24", router, f"{WAN4}/24")
-        lan_dev, wan_dev = _dev_with(router, LAN4), _dev_with(router, WAN4)
+        lan_dev, wan_dev = device_with(router, LAN4), device_with(router, WAN4)
         _add6(router, lan_dev, LAN6)
-        _add6(client, _dev_with(client, CLIENT4), CLIENT6)
+        _add6(client, device_with(client, CLIENT4), CLIENT6)
         _add6(router, wan_dev, WAN6)
-        out_dev = _dev_with(outsider, OUT4)
+        out_dev = device_with(outsider, OUT4)
         _add6(outsider, out_dev, OUT6)
         netns_run(outsider, ["ip", "addr", "add", f"{SPOOFED}/32", "dev", out_dev])
         netns_run(outsider, ["ip", "route", "add", f"{LAN4}/32", "via", WAN4])

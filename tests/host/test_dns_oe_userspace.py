@@ -49,7 +49,7 @@ import pytest
 from oe_router.datapath.netns import in_netns
 
 from .charon import Netns
-from .oe_daemon import OeDaemon, netns_run
+from .oe_daemon import OeDaemon, device_with, netns_run
 from .wire import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN, Packet, Wire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "qemu"))
@@ -203,7 +203,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         net.link(client, f"{CLIENT}/24", router, f"{ROUTER_LAN}/24")
         net.route(client, ROUTER_LAN)
         netns_run(router, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        lan_dev = _dev_with(router, ROUTER_LAN)
+        lan_dev = device_with(router, ROUTER_LAN)
         with KnotServer(hier, KNOT, 53, work / "knot", netns=ns):
             r = OeDaemon(router, work / "r", _router_config("dw0", lan_dev, hier.trust_anchor_ds))
             p = OeDaemon(peer, work / "p", _peer_config("dw1", peer_key, work))
@@ -222,13 +222,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         for d in daemons:
             d.stop()
         net.close()
-
-
-def _dev_with(ns: str, addr: str) -> str:
-    for line in netns_run(ns, ["ip", "-o", "-4", "addr", "show"]).splitlines():
-        if f" {addr}/" in line:
-            return line.split()[1]
-    raise RuntimeError(f"no device with {addr} in {ns}")
 
 
 @dataclass

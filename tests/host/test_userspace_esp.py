@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .charon import Charon, Netns, available
-from .oe_daemon import OeDaemon, netns_run
+from .oe_daemon import OeDaemon, device_with, netns_run
 
 pytestmark = pytest.mark.host
 
@@ -129,8 +129,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         net.link(c, f"{CLIENT}/24", r, f"{LAN_R}/24")
         net.route(c, LAN_R)
         netns_run(r, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        wan_dev = _dev_with(r, WAN_R)
-        lan_dev = _dev_with(r, LAN_R)
+        wan_dev = device_with(r, WAN_R)
+        lan_dev = device_with(r, LAN_R)
         charon = Charon(
             p,
             work / "charon",
@@ -172,18 +172,10 @@ config identity 'identity'
         net.close()
 
 
-def _dev_with(ns: str, addr: str) -> str:
-    out = netns_run(ns, ["ip", "-o", "-4", "addr", "show"])
-    for line in out.splitlines():
-        if f" {addr}/" in line:
-            return line.split()[1]
-    raise RuntimeError(f"no device with {addr} in {ns}")
-
-
 def _diag(lab: Lab) -> str:
     """What the router's kernel and daemon hold, for a failure message."""
     out = []
-    lan = _dev_with(lab.router, LAN_R)
+    lan = device_with(lab.router, LAN_R)
     for cmd in (
         ["ip", "route", "get", WAN_P, "from", CLIENT, "iif", lan],
         [
@@ -329,7 +321,7 @@ def _capture_inbound_esp(lab: Lab, timeout: float = 5.0) -> bytes:
     """One ESP-in-UDP datagram the peer sent us, as it crossed the router's WAN link."""
     from oe_router.datapath.netns import in_netns
 
-    wan = _dev_with(lab.router, WAN_R)
+    wan = device_with(lab.router, WAN_R)
     with in_netns(lab.router):
         sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
     try:

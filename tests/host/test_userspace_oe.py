@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from .charon import Netns
-from .oe_daemon import OeDaemon, netns_run
+from .oe_daemon import OeDaemon, device_with, netns_run
 
 pytestmark = pytest.mark.host
 
@@ -127,13 +127,6 @@ class Lab:
     a_wan_dev: str
 
 
-def _dev_with(ns: str, addr: str) -> str:
-    for line in netns_run(ns, ["ip", "-o", "-4", "addr", "show"]).splitlines():
-        if f" {addr}/" in line:
-            return line.split()[1]
-    raise RuntimeError(f"no device with {addr} in {ns}")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     work = tmp_path_factory.mktemp("usoe")
@@ -155,12 +148,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         net.link(c, f"{CLIENT}/24", ra, f"{A_LAN}/24")
         net.route(c, A_LAN)
         netns_run(ra, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        a = OeDaemon(ra, work / "a", _config(_dev_with(ra, A_WAN), _dev_with(ra, A_LAN), work))
-        b = OeDaemon(rb, work / "b", _config(_dev_with(rb, B_WAN), "lo", work))
+        a = OeDaemon(ra, work / "a", _config(device_with(ra, A_WAN), device_with(ra, A_LAN), work))
+        b = OeDaemon(rb, work / "b", _config(device_with(rb, B_WAN), "lo", work))
         for d in (a, b):
             daemons.append(d)
             d.start()
-        yield Lab(net, ra, rb, plain, c, a, b, _dev_with(ra, A_WAN))
+        yield Lab(net, ra, rb, plain, c, a, b, device_with(ra, A_WAN))
     finally:
         for d in daemons:
             d.stop()
