@@ -5,7 +5,7 @@ WAN 198.51.100.1) and W (the world: 203.0.113.7 private-or-clear, 192.0.2.7
 private). A forwarded LAN packet is trapped only because SNAT rewrote its source to
 the WAN address: the kernel repeats the XFRM lookup after NAT and the trap's
 selector (source = WAN address) matches. The IKE seam is the probe negotiator of
-test_oe_service.py (no IKE responder in W, so negotiations fail for real).
+tests/host/probe.py (no IKE responder in W, so negotiations fail for real).
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ import pytest
 from oe_router.datapath.netns import in_netns
 from oe_router.oe.lan import LanError, LanGateway, apply_nft, nft_script
 from oe_router.oe.service import OeService, kernel_datapath
-from tests.host.test_oe_service import PORT, PRIV, WAN, ProbeNegotiator, _config
+from tests.host.probe import POC, PORT, PRIV, WAN, ProbeNegotiator, probe_config
 
 pytestmark = pytest.mark.host
-
-POC = "203.0.113.7"
 
 
 def _ip(*args: str) -> str:
@@ -123,7 +121,7 @@ def test_lan_flow_is_natted_then_trapped_then_shunted(nets: tuple[str, str, str]
             wan={4: WAN},
             lan=[ipaddress.ip_network("192.168.1.0/24")],
         )
-        await svc.start(_config())
+        await svc.start(probe_config())
         try:
             tx.sendto(b"first", (POC, PORT))  # LAN -> SNAT -> trap (post-NAT lookup)
             deadline = time.monotonic() + 5
@@ -171,7 +169,7 @@ def test_without_snat_a_lan_flow_is_not_trapped(nets: tuple[str, str, str]) -> N
     async def body() -> None:
         neg = ProbeNegotiator(r)
         svc = OeService(datapath_factory=kernel_datapath(r), negotiator=neg, wan={4: WAN})
-        await svc.start(_config())
+        await svc.start(probe_config())
         try:
             tx.sendto(b"clear", (POC, PORT))
             await asyncio.sleep(0.5)

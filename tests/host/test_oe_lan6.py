@@ -33,12 +33,10 @@ from dataclasses import replace
 import pytest
 
 from oe_router.config.schema import OeConfig, PolicyConfig, parse_policy_entry
-from oe_router.datapath.base import ChildSaSpec, IPAddress
-from oe_router.datapath.kernel import bypass_socket
 from oe_router.datapath.netns import in_netns
 from oe_router.oe.lan import apply_nft
-from oe_router.oe.manager import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService, kernel_datapath
+from tests.host.probe import PORT, ProbeNegotiator
 
 pytestmark = pytest.mark.host
 
@@ -46,46 +44,10 @@ WAN6 = ipaddress.IPv6Address("2001:db8:1::2")
 POC6 = "2001:db8:9::7"
 PRIV6 = "2001:db8:5::7"
 LAN_DEV = "fd00:1::2"
-PORT = 9999
 
 
 def _ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
-class Probe6:
-    """IKE seam: one datagram to the peer's UDP 500 (bypassed from XFRM); no responder."""
-
-    def __init__(self, netns: str) -> None:
-        self.netns = netns
-        self.requests: list[ChildRequest] = []
-
-    async def negotiate(self, request: ChildRequest, now: float) -> NegotiationResult:
-        self.requests.append(request)
-        with in_netns(self.netns):
-            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        try:
-            bypass_socket(s)
-            s.setblocking(False)
-            s.connect((str(request.peer), 500))
-            loop = asyncio.get_running_loop()
-            for _ in range(3):
-                s.send(bytes(28))
-                try:
-                    await asyncio.wait_for(loop.sock_recv(s, 2048), 0.5)
-                except ConnectionRefusedError:
-                    return NegotiationResult(None, f"no IKE responder at {request.peer}:500")
-                except TimeoutError:
-                    continue
-            return NegotiationResult(None, f"no answer from {request.peer}:500")
-        finally:
-            s.close()
-
-    async def rekey(self, peer: IPAddress, child: ChildSaSpec, now: float) -> NegotiationResult:
-        return NegotiationResult(None, "rekey not supported by the probe")
-
-    async def delete(self, peer: IPAddress, child: ChildSaSpec | None) -> None:
-        return None
 
 
 @pytest.fixture
@@ -160,7 +122,7 @@ def test_lan_ipv6_private_flow_is_natted_trapped_and_dropped(
     tx = _udp(lan)
 
     async def body() -> None:
-        neg = Probe6(r)
+        neg = ProbeNegotiator(r)
         svc = OeService(
             datapath_factory=kernel_datapath(r),
             negotiator=neg,
@@ -229,7 +191,7 @@ def test_without_the_private6_rule_the_private_flow_would_leak(
     tx = _udp(lan)
 
     async def body() -> None:
-        neg = Probe6(r)
+        neg = ProbeNegotiator(r)
         svc = OeService(
             datapath_factory=kernel_datapath(r),
             negotiator=neg,

@@ -4,11 +4,11 @@ Topology: netns R (the router, WAN 198.51.100.1 on veth r0) and netns W (the wor
 198.51.100.2, with the destinations 203.0.113.7 and 192.0.2.7 on its loopback).
 Groups: 192.0.2.0/24 private, 198.18.0.0/15 block, the rest private-or-clear.
 
-The IKE engine is not plugged in yet; ``ProbeNegotiator`` stands at that seam. It does
-what an initiator does first, over the network: it sends a datagram to the peer's UDP
-500 from a socket bypassed from XFRM; W runs no IKE responder, so W's kernel answers
-ICMP port unreachable and the negotiation fails for real ("no peer"). Everything else
-(ACQUIRE, shunts, drops, packets arriving) is the real kernel.
+The IKE engine is not plugged in here; ``ProbeNegotiator`` (tests/host/probe.py) stands
+at that seam. It does what an initiator does first, over the network: it sends a datagram
+to the peer's UDP 500 from a socket bypassed from XFRM; W runs no IKE responder, so W's
+kernel answers ICMP port unreachable and the negotiation fails for real ("no peer").
+Everything else (ACQUIRE, shunts, drops, packets arriving) is the real kernel.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from pathlib import Path
 import dns.name
 import pytest
 
-from oe_router.config.schema import OeConfig, PolicyConfig, parse_policy_entry
 from oe_router.datapath.base import (
     ChildSaSpec,
     IPAddress,
@@ -40,81 +39,20 @@ from oe_router.datapath.base import (
     SaKeys,
     encr_algorithm,
 )
-from oe_router.datapath.kernel import Ownership, XfrmDatapath, bypass_socket
+from oe_router.datapath.kernel import Ownership, XfrmDatapath
 from oe_router.datapath.netns import in_netns
 from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.oe.manager import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService, kernel_datapath
+from tests.host.probe import POC, PORT, PRIV, WAN, ProbeNegotiator, probe_config, probe_service
 
 pytestmark = pytest.mark.host
 
-WAN = ipaddress.IPv4Address("198.51.100.1")
-POC = "203.0.113.7"  # private-or-clear
-PRIV = "192.0.2.7"  # private
-PORT = 9999
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
-class ProbeNegotiator:
-    """IKE seam stand-in: probes UDP 500 of the peer; no responder there -> failure."""
-
-    def __init__(self, netns: str) -> None:
-        self.netns = netns
-        self.requests: list[ChildRequest] = []
-
-    async def negotiate(self, request: ChildRequest, now: float) -> NegotiationResult:
-        self.requests.append(request)
-        with in_netns(self.netns):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            bypass_socket(s)  # as the IKE endpoint does, or the trap captures IKE itself
-            s.setblocking(False)
-            s.connect((str(request.peer), 500))
-            loop = asyncio.get_running_loop()
-            for _ in range(3):
-                s.send(bytes(28))  # IKE header-sized; nobody parses it
-                try:
-                    await asyncio.wait_for(loop.sock_recv(s, 2048), 0.5)
-                except ConnectionRefusedError:
-                    return NegotiationResult(None, f"no IKE responder at {request.peer}:500")
-                except TimeoutError:
-                    continue
-            return NegotiationResult(None, f"no answer from {request.peer}:500")
-        finally:
-            s.close()
-
-    async def rekey(self, peer: IPAddress, child: ChildSaSpec, now: float) -> NegotiationResult:
-        return NegotiationResult(None, "rekey not supported by the probe")
-
-    async def delete(self, peer: IPAddress, child: ChildSaSpec | None) -> None:
-        return None
-
-
-def _config(shunt_lifetime: float = 900.0) -> OeConfig:
-    return OeConfig(
-        shunt_lifetime=shunt_lifetime,
-        policy=replace(
-            PolicyConfig(),
-            private=(parse_policy_entry("192.0.2.0/24"),),
-            block=(parse_policy_entry("198.18.0.0/15"),),
-        ),
-    )
-
-
-def _service(netns: str) -> tuple[OeService, ProbeNegotiator]:
-    neg = ProbeNegotiator(netns)
-    svc = OeService(
-        datapath_factory=kernel_datapath(netns),
-        negotiator=neg,
-        wan={4: WAN},
-        lan=[ipaddress.ip_network("192.168.1.0/24")],
-        dns_upstream=[ipaddress.ip_address("9.9.9.9")],
-    )
-    return svc, neg
 
 
 @pytest.fixture
@@ -220,8 +158,8 @@ def test_group_policies_install_and_read_back(nets: tuple[str, str]) -> None:
     r, _ = nets
 
     async def body() -> None:
-        svc, _ = _service(r)
-        await svc.start(_config())
+        svc, _ = probe_service(r)
+        await svc.start(probe_config())
         try:
             own = Ownership()
             text = _ip("-n", r, "xfrm", "policy")
@@ -268,8 +206,8 @@ def test_private_or_clear_failure_passes_and_private_failure_drops(nets: tuple[s
     tx = _sender(r)
 
     async def body() -> None:
-        svc, neg = _service(r)
-        await svc.start(_config())
+        svc, neg = probe_service(r)
+        await svc.start(probe_config())
         try:
             # private-or-clear: the first packet is trapped (ACQUIRE), the probe finds no
             # IKE responder, a PASS shunt with the configured lifetime appears
@@ -322,8 +260,8 @@ def test_shunt_expiry_lets_the_next_packet_negotiate_again(nets: tuple[str, str]
     tx = _sender(r)
 
     async def body() -> None:
-        svc, neg = _service(r)
-        await svc.start(_config(shunt_lifetime=2))
+        svc, neg = probe_service(r)
+        await svc.start(probe_config(shunt_lifetime=2))
         try:
             _send(tx, POC, b"1")
             await _until(lambda: "action allow" in _policy(r, POC))
@@ -343,10 +281,10 @@ def test_shunt_expiry_lets_the_next_packet_negotiate_again(nets: tuple[str, str]
 
 SERVICE_RUN = """
 import asyncio, sys
-from tests.host.test_oe_service import _config, _service
+from tests.host.probe import probe_config, probe_service
 async def main():
-    svc, _ = _service(sys.argv[1])
-    await svc.start(_config())
+    svc, _ = probe_service(sys.argv[1])
+    await svc.start(probe_config())
     print("ready", flush=True)
     await asyncio.Event().wait()
 asyncio.run(main())
@@ -457,7 +395,7 @@ def test_ensure_tunnel_install_fails_on_kernel_without_esp_and_falls_back(
     async def body() -> None:
         neg = HandsOutSpecNegotiator(r)
         svc = OeService(datapath_factory=kernel_datapath(r), negotiator=neg, wan={4: WAN})
-        await svc.start(_config())
+        await svc.start(probe_config())
         try:
             key = PeerKey(KeyKind.NONE, None, 10, dns.name.from_text("www.example"), 0)
             ok = await asyncio.wait_for(

@@ -21,11 +21,9 @@ import pytest
 from oe_router.config import parse_config
 from oe_router.oe.lan import apply_nft
 from oe_router.oe.service import OeService, kernel_datapath
-from tests.host.test_oe_service import ProbeNegotiator
+from tests.host.probe import WAN, ProbeNegotiator
 
 pytestmark = pytest.mark.host
-
-WAN = ipaddress.IPv4Address("198.51.100.1")
 
 
 @pytest.fixture

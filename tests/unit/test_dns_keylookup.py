@@ -29,14 +29,7 @@ from oe_router.dns.hold import KeyResult, KeyStatus
 from oe_router.dns.ipseckey import KeyKind
 from oe_router.dns.keylookup import ValidatingKeyLookup, query_message, validate
 from oe_router.dns.upstream import StaticSource, UpstreamClient, UpstreamSettings
-from tests.unit.test_dns_dnssec import (  # noqa: F401
-    NOW,
-    World,
-    _strip,
-    base_world,
-    keys,
-    make_world,
-)
+from tests.dnssec_world import NOW, World, make_world, strip_records
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -108,7 +101,7 @@ def _silent_port() -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
-def test_udp_tc_fallback_and_dead_upstream(base_world: World) -> None:  # noqa: F811
+def test_udp_tc_fallback_and_dead_upstream(base_world: World) -> None:
     seen: list[str] = []
     silent, dead_port = _silent_port()
 
@@ -128,7 +121,7 @@ def test_udp_tc_fallback_and_dead_upstream(base_world: World) -> None:  # noqa: 
     assert "tcp host.example.test." in seen
 
 
-def test_all_upstreams_silent_is_indeterminate(base_world: World) -> None:  # noqa: F811
+def test_all_upstreams_silent_is_indeterminate(base_world: World) -> None:
     silent, dead_port = _silent_port()
 
     async def main() -> None:
@@ -153,9 +146,9 @@ def test_query_message_sets_do_cd_and_edns() -> None:
     assert msg.edns == 0 and msg.payload == 1232
 
 
-def test_key_lookup_secure_key_nodata_and_cname(keys: dict[str, Any]) -> None:  # noqa: F811
+def test_key_lookup_secure_key_nodata_and_cname(zone_keys: dict[str, Any]) -> None:
     """Keys only from a SECURE RRset; secure NODATA is SECURE without keys."""
-    world = make_world(keys)
+    world = make_world(zone_keys)
     got: dict[str, KeyResult] = {}
 
     async def main() -> None:
@@ -178,10 +171,10 @@ def test_key_lookup_secure_key_nodata_and_cname(keys: dict[str, Any]) -> None:  
     assert via_cname.keys[0].owner == dns.name.from_text("www.example.test.")
 
 
-def test_key_lookup_bogus_has_no_keys_and_is_remembered(keys: dict[str, Any]) -> None:  # noqa: F811
+def test_key_lookup_bogus_has_no_keys_and_is_remembered(zone_keys: dict[str, Any]) -> None:
     """A bogus IPSECKEY yields no key; the failure is remembered failure_ttl (5 s)."""
-    world = make_world(keys)
-    world.mutate = _strip("answer", dns.rdatatype.RRSIG, dns.rdatatype.IPSECKEY)
+    world = make_world(zone_keys)
+    world.mutate = strip_records("answer", dns.rdatatype.RRSIG, dns.rdatatype.IPSECKEY)
     clock = [NOW]
     seen: list[str] = []
     results = []
@@ -222,10 +215,10 @@ def _swap_a(address: str) -> Any:
 
 
 def test_key_lookup_brings_the_validated_addresses_of_a_signed_name(
-    keys: dict[str, Any],  # noqa: F811
+    zone_keys: dict[str, Any],
 ) -> None:
     """SECURE results carry the name's validated A/AAAA; a tampered A comes out BOGUS."""
-    world = make_world(keys)
+    world = make_world(zone_keys)
     got: dict[str, KeyResult] = {}
 
     async def main() -> None:
@@ -271,11 +264,11 @@ class _Direct:
 
 
 def test_work_limit_is_logged_once_per_validation(
-    keys: dict[str, Any],  # noqa: F811
+    zone_keys: dict[str, Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Many failed signature checks: BOGUS with one log line, not one per signature."""
-    world = make_world(keys)
+    world = make_world(zone_keys)
 
     def junk_sigs(q: Query, msg: dns.message.Message) -> dns.message.Message:
         if str(q) == "host.example.test./A":

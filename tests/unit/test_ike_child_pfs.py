@@ -17,8 +17,7 @@ from oe_router.ike.events import ChildSaDeleted, ChildSaRekeyed
 from oe_router.ike.exchanges import create_child_responder
 from oe_router.ike.payloads import KE, SA
 from oe_router.ike.proposals import select_child_proposal
-
-from .test_ike_sa_exchanges import (
+from tests.ike_pair import (
     I_ADDR,
     assert_mirror,
     configs,

@@ -60,7 +60,7 @@ from oe_router.ike.payloads import (
     decode_uint16_list,
     ike_proposal,
 )
-from tests.unit.test_ike_crypto import RFC7634_KEY, RFC7634_MESSAGE
+from tests.ike_vectors import RFC7634_KEY, RFC7634_MESSAGE
 
 WIRESHARK_IKE_SA_INIT = bytes.fromhex(
     "89922c915f35570e000000000000000021202208000000000000012c2200002800000024010100030300000c"

@@ -8,64 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import socket
 import time
-from collections.abc import Callable, Coroutine
-from functools import wraps
-from typing import Any
 
 import pytest
 
-from oe_router.ike.endpoint import NON_ESP_MARKER, Address, IkeEndpoint, SaHandle
+from oe_router.ike.endpoint import NON_ESP_MARKER, Address, IkeEndpoint
 from oe_router.ike.events import (
     ChildSaEstablished,
-    Event,
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
 )
-from oe_router.ike.payloads import TrafficSelector
 from oe_router.ike.sa import IkeSaConfig
-
-
-def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
-    """No pytest-asyncio here: each test runs its own loop."""
-
-    @wraps(fn)
-    def wrapper() -> None:
-        asyncio.run(fn())
-
-    return wrapper
-
-
-def host_ts(addr: str) -> TrafficSelector:
-    a = ipaddress.ip_address(addr)
-    return TrafficSelector.from_range(a, a)
-
+from tests.ike_loop import Recorder, run_async
+from tests.ike_pair import host_ts
 
 #: An IKE_AUTH request header (SPIs nobody holds), length 36 incl. 8 bytes of payload.
 UNKNOWN_SA_REQUEST = b"\x01" * 8 + b"\x02" * 8 + b"\x00\x20\x23\x08" + bytes(4) + bytes(12)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[tuple[SaHandle, Event]] = []
-        self.changed = asyncio.Event()
-
-    def __call__(self, handle: SaHandle, event: Event) -> None:
-        self.events.append((handle, event))
-        self.changed.set()
-
-    def of(self, cls: type[Event]) -> list[Event]:
-        return [e for _, e in self.events if isinstance(e, cls)]
-
-    async def wait_for(self, cls: type[Event], n: int = 1, timeout: float = 5.0) -> list[Event]:
-        async with asyncio.timeout(timeout):
-            while len(self.of(cls)) < n:
-                self.changed.clear()
-                await self.changed.wait()
-        return self.of(cls)
 
 
 def responder_policy(seen: list[tuple[Address, Address]]):  # type: ignore[no-untyped-def]

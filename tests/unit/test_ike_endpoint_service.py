@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import wraps
 from typing import Any
 
 import pytest
@@ -24,16 +23,9 @@ from oe_router.control.protocol import CommandTable
 from oe_router.control.status import Status, TunnelStatus
 from oe_router.datapath import base as dp
 from oe_router.ike.service import IkeService, IkeUpError, RecordingSink, child_sa_spec
+from tests.ike_loop import run_async
 
 LO = "127.0.0.1"
-
-
-def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
-    @wraps(fn)
-    def wrapper() -> None:
-        asyncio.run(fn())
-
-    return wrapper
 
 
 @asynccontextmanager

@@ -17,8 +17,8 @@ import time
 from oe_router.ike.endpoint import IkeEndpoint, SockExtendedErr
 from oe_router.ike.events import IkeSaFailed
 from oe_router.ike.sa import IkeSaConfig
-
-from .test_ike_endpoint import Recorder, host_ts, run_async
+from tests.ike_loop import Recorder, run_async
+from tests.ike_pair import host_ts
 
 
 def closed_port(family: int, addr: str) -> int:

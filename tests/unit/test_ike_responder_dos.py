@@ -13,8 +13,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import time
-from collections.abc import Callable, Coroutine
-from functools import wraps
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import given
@@ -48,16 +47,9 @@ from oe_router.ike.payloads import KE, Nonce, Notify, Payload, TrafficSelector, 
 from oe_router.ike.sa import IkeProposalSpec, IkeSa, IkeSaConfig
 from oe_router.ike.service import IkeService
 from tests.ike_flood import Flood, request_template, with_cookie
+from tests.ike_loop import run_async
 
 LO = "127.0.0.1"
-
-
-def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
-    @wraps(fn)
-    def wrapper() -> None:
-        asyncio.run(fn())
-
-    return wrapper
 
 
 def host_ts(addr: str) -> tuple[TrafficSelector, ...]:

@@ -5,10 +5,6 @@ No sockets: each side is fed the other's datagrams, as the endpoint would.
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-from typing import Any
-
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
@@ -28,24 +24,7 @@ from oe_router.ike.events import (
 from oe_router.ike.message import Message
 from oe_router.ike.payloads import TrafficSelector
 from oe_router.ike.sa import DEFAULT_IKE_PROPOSALS, IkeProposalSpec, IkeSa, IkeSaConfig
-
-I_ADDR = ("192.0.2.1", 500)
-R_ADDR = ("198.51.100.7", 500)
-
-
-def host_ts(addr: str) -> TrafficSelector:
-    a = ipaddress.ip_address(addr)
-    return TrafficSelector.from_range(a, a)
-
-
-def configs() -> tuple[IkeSaConfig, IkeSaConfig]:
-    ini = IkeSaConfig(I_ADDR, R_ADDR, (host_ts(I_ADDR[0]),), (host_ts(R_ADDR[0]),))
-    res = IkeSaConfig(R_ADDR, I_ADDR, (host_ts(R_ADDR[0]),), (host_ts(I_ADDR[0]),))
-    return ini, res
-
-
-def replace(cfg: IkeSaConfig, **kw: Any) -> IkeSaConfig:
-    return dataclasses.replace(cfg, **kw)
+from tests.ike_pair import I_ADDR, R_ADDR, configs, events, replace
 
 
 def shuttle(ini: IkeSa, res: IkeSa, now: float = 0.0, drop: int = 0) -> int:
@@ -64,13 +43,6 @@ def shuttle(ini: IkeSa, res: IkeSa, now: float = 0.0, drop: int = 0) -> int:
         rounds += 1
         if not a and not b:
             return rounds
-
-
-def events(sa: IkeSa) -> list[Event]:
-    out = []
-    while (e := sa.next_event()) is not None:
-        out.append(e)
-    return out
 
 
 def establish(

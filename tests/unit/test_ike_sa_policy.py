@@ -26,7 +26,7 @@ from oe_router.ike.message import Message
 from oe_router.ike.payloads import SKF, Notify
 from oe_router.ike.sa import IkeSa
 from oe_router.ike.selectors import NO_CONTAINMENT, ContainmentPolicy
-from tests.unit.test_ike_sa_exchanges import (
+from tests.ike_pair import (
     I_ADDR,
     R_ADDR,
     assert_mirror,

@@ -47,7 +47,7 @@ from oe_router.oe.manager import (
 )
 from oe_router.oe.negotiator import cat_result
 from oe_router.oe.policy import PolicyTable
-from tests.unit.test_ike_sa_exchanges import configs, establish, events, host_ts, net, shuttle
+from tests.ike_pair import configs, establish, events, host_ts, net, shuttle
 
 WAN = ipaddress.IPv4Address("198.51.100.1")
 CAT_PEER = ipaddress.IPv4Address("192.0.2.13")

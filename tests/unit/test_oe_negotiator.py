@@ -11,35 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from oe_router.config.schema import IkeConfig, OeConfig
-from oe_router.datapath.base import ChildSaSpec, IPAddress, TrafficSelector
+from oe_router.datapath.base import ChildSaSpec, IPAddress
 from oe_router.ike.service import IkeService
-from oe_router.oe.manager import ChildRequest, PeerAuth
 from oe_router.oe.negotiator import IkeNegotiator
-
-LO = ipaddress.ip_address("127.0.0.1")
-
-
-class Inbound:
-    """Records what the negotiator hands to the OE service."""
-
-    def __init__(self) -> None:
-        self.adopted: list[tuple[IPAddress, ChildSaSpec]] = []
-        self.deleted: list[tuple[IPAddress, list[int] | None]] = []
-        self.dead: list[IPAddress] = []
-
-    async def adopt_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> None:
-        self.adopted.append((peer, spec))
-
-    async def peer_deleted(self, peer: IPAddress, spis: Iterable[int] | None) -> None:
-        self.deleted.append((peer, None if spis is None else list(spis)))
-
-    async def liveness_failed(self, peer: IPAddress) -> None:
-        self.dead.append(peer)
+from tests.oe_loopback import LO, Inbound, request
 
 
 @asynccontextmanager
@@ -60,11 +39,6 @@ async def pair(config_a: OeConfig | None = None) -> Any:
         await b.stop()
         await na.stop()
         await nb.stop()
-
-
-def request() -> ChildRequest:
-    host = TrafficSelector(ipaddress.ip_network("127.0.0.1/32"))
-    return ChildRequest(LO, LO, PeerAuth(), host, host)
 
 
 def test_negotiate_returns_a_complete_spec_once_and_the_peer_adopts_its_side() -> None:

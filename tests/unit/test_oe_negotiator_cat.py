@@ -17,7 +17,7 @@ from oe_router.ike.sa import Address, IkeSaConfig
 from oe_router.ike.selectors import ContainmentPolicy
 from oe_router.ike.service import IkeService
 from oe_router.oe.negotiator import IkeNegotiator
-from tests.unit.test_oe_negotiator import LO, Inbound, request
+from tests.oe_loopback import LO, Inbound, request
 
 
 class Responder(IkeService):
