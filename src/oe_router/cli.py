@@ -116,6 +116,7 @@ def render_status(status: Status) -> str:
             ],
         )
     out += _render_ike(status)
+    out += _render_ike_endpoint(status.ike)
     out += ["", f"shunts ({len(status.shunts)})"]
     if status.shunts:
         out += _table(
@@ -186,6 +187,59 @@ def _render_ike(status: Status) -> list[str]:
                     ],
                 )
             ]  # fmt: skip
+    return out
+
+
+#: The "ike" object's counters by line of the text view: (label, ((key, words), ...)). A
+#: line shows its non-zero counters only and is left out when all are zero; the non-zero
+#: counters no line names (a newer daemon's too) go on a last "counters" line.
+_IKE_COUNTER_LINES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("refused", (("half_open_refused_source", "per source"),
+                 ("half_open_refused_prefix", "per prefix"),
+                 ("half_open_refused_global", "no slot"),
+                 ("refused", "by policy"))),
+    ("given up", (("half_open_displaced", "displaced"), ("half_open_expired", "expired"))),
+    ("cookies", (("cookies_sent", "demanded"), ("cookies_accepted", "accepted"))),
+    ("fragments", (("fragments_dropped", "dropped"),
+                   ("fragment_messages_abandoned", "messages abandoned"),
+                   ("fragment_bytes", "bytes held"))),
+)  # fmt: skip
+#: keys of the "ike" object the half-open and limits lines show (gauges and settings), and
+#: the sum of the refusals by reason
+_IKE_TABLE_KEYS = frozenset({
+    "half_open", "half_open_known", "half_open_unverified", "half_open_sources",
+    "half_open_prefixes", "half_open_largest_prefix", "peers_with_sa", "half_open_limit",
+    "half_open_per_source", "half_open_per_prefix", "half_open_reserve", "cookie_threshold",
+    "cookies_demanded", "half_open_dropped",
+})  # fmt: skip
+
+
+def _render_ike_endpoint(ike: dict[str, Any]) -> list[str]:
+    """The IKE endpoint under attack or not: its half-open table against its limits, then
+    what it refused, gave up, answered with a COOKIE and dropped (non-zero counts only)."""
+    out = ["", "ike endpoint"]
+    if not ike:
+        return [*out, "  (no IKE endpoint running)"]
+    g = ike.get
+    if "half_open" in ike:  # absent from a daemon older than the half-open table
+        out.append(
+            f"  half-open  {g('half_open')}/{g('half_open_limit')}: {g('half_open_known')} known,"
+            f" {g('half_open_unverified')} unverified, from {g('half_open_sources')} sources in"
+            f" {g('half_open_prefixes')} prefixes (largest {g('half_open_largest_prefix')});"
+            f" {g('peers_with_sa')} peers with an IKE SA"
+        )
+        out.append(
+            f"  limits     per source {g('half_open_per_source')}, per prefix"
+            f" {g('half_open_per_prefix')}, reserve {g('half_open_reserve')} for known peers,"
+            f" COOKIEs from {g('cookie_threshold')} half-open"
+            + (" (demanded now)" if g("cookies_demanded") else "")
+        )
+    named = _IKE_TABLE_KEYS.union(k for _, keys in _IKE_COUNTER_LINES for k, _ in keys)
+    rest = tuple((k, k) for k in ike if k not in named)
+    for label, keys in (*_IKE_COUNTER_LINES, ("counters", rest)):
+        shown = [f"{words} {g(k)}" for k, words in keys if isinstance(g(k), int) and g(k)]
+        if shown:
+            out.append(f"  {label:<10} {', '.join(shown)}")
     return out
 
 

@@ -28,6 +28,11 @@ from oe_router.control import (
 )
 
 GOOD = "config oe 'global'\n\toption enabled '1'\n\toption log_level 'info'\n"
+#: ``oe status --json`` of a real oe-routerd in a netns (kernel datapath without ESP), read
+#: while 500 addresses flooded its IKE port with IKE_SA_INIT requests (tests.ike_flood,
+#: 3,000 a second, answering COOKIEs) and after a junk DNS query, one its upstream never
+#: answered, and a TCP client that sent nothing within the 1 s tcp_timeout
+FLOODED_STATUS = Path(__file__).parent / "data" / "status_ike_flood.json"
 
 
 def _rates(*mbit: float) -> list[dict[str, float]]:
@@ -327,6 +332,42 @@ def test_render_status_of_an_idle_daemon_shows_empty_sections() -> None:
     assert "last reload: none since start" in text
     for section in ("tunnels (0)", "shunts (0)", "engines (0)", "(no DNS front running)"):
         assert section in text
+    assert "ike endpoint\n  (no IKE endpoint running)" in text
+
+
+def test_status_shows_ike_endpoint_and_dns_front_counters_of_a_recorded_document() -> None:
+    doc = json.loads(FLOODED_STATUS.read_text())
+    lines = render_status(Status.from_json(doc)).splitlines()
+    start = lines.index("ike endpoint")
+    assert lines[start + 1 : start + 6] == [
+        "  half-open  26/64: 0 known, 10 unverified, from 16 sources in 2 prefixes (largest 8);"
+        " 0 peers with an IKE SA",
+        "  limits     per source 4, per prefix 8, reserve 8 for known peers, COOKIEs from 10"
+        " half-open (demanded now)",
+        "  refused    per prefix 16749",  # zero counts (per source, no slot) are left out
+        "  cookies    demanded 16988, accepted 16765",
+        "  counters   received 33763, sent 17014",
+    ]
+    assert lines[start + 6] == ""  # no "given up" nor "fragments" line: all zero
+    # the DNS front's counters are rows of the dns table, zero or not
+    dns = {line.split()[0]: line.split()[1:] for line in lines[lines.index("dns") + 2 :]}
+    for key in ("tcp_refused", "tcp_write_timeouts", "tcp_clients_now", "upstream_mismatched",
+                "dropped_wan", "refused_not_lan"):  # fmt: skip
+        assert dns[key] == ["0"], key
+    assert dns["tcp_idle_timeouts"] == ["1"] and dns["lan_prefixes"] == ["-"]
+
+    # the same endpoint after an IKE fragment flood (figures of docs/oe-gateway.md §7), and
+    # a counter this oe does not know yet
+    doc["ike"].update(fragments_dropped=3552, fragment_messages_abandoned=352,
+                      fragment_bytes=258048, half_open_expired=5, puzzles_sent=7)  # fmt: skip
+    lines = render_status(Status.from_json(doc)).splitlines()
+    start = lines.index("ike endpoint")
+    assert lines[start + 4 : start + 8] == [
+        "  given up   expired 5",
+        "  cookies    demanded 16988, accepted 16765",
+        "  fragments  dropped 3552, messages abandoned 352, bytes held 258048",
+        "  counters   received 33763, sent 17014, puzzles_sent 7",
+    ]
 
 
 def test_socket_comes_from_the_config_file_unless_given(
