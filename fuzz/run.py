@@ -79,8 +79,23 @@ class Outcome:
     artifacts: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     log: str = ""
+    source: str = ""  #: the commit fuzzed, "+uncommitted" when src/ had local changes
     python: str = platform.python_version()
     machine: str = f"{platform.machine()} {os.cpu_count()} cpus"
+
+
+def source_version() -> str:
+    """``git`` commit of this checkout, marked when src/ differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return ""
+    return head + ("+uncommitted" if dirty else "")
 
 
 def parse_log(text: str, out: Outcome) -> None:
@@ -154,6 +169,7 @@ def run_target(
         )
     out = Outcome(name, False, proc.returncode, round(time.monotonic() - start, 1))
     out.flags = flags
+    out.source = source_version()
     out.seeds = sum(1 for p in seeds.iterdir() if p.is_file()) if seeds.is_dir() else 0
     out.log = str(log_path.relative_to(ROOT) if log_path.is_relative_to(ROOT) else log_path)
     parse_log(log_path.read_text(errors="replace"), out)
