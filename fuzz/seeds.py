@@ -167,22 +167,18 @@ QUESTIONS = [
 
 
 def dns_seeds() -> None:
-    """Sign the unit test's zones (tests/unit/test_dns_dnssec.py's make_world) once and
-    record every reply a validation of QUESTIONS needs."""
+    """Sign the unit tests' zones (tests/dnssec_world.py's make_world) once and record
+    every reply a validation of QUESTIONS needs."""
     import json
 
     import dns.flags
     import dns.message
-    from tests.unit import test_dns_dnssec as unit
+    from tests import dnssec_world as unit
 
     from fuzz.targets import dns_validate as t
     from oe_router.dns.dnssec import Query, Validator, drive, load_trust_anchors
 
-    keys = {
-        "root": 13, "test": 13, "ex8": 8, "ex13": 13, "ex15": 15,
-        "other": 15, "n3": 13, "rogue": 13, "p384": 14,
-    }  # fmt: skip
-    world = unit.make_world({k: unit._keygen(alg) for k, alg in keys.items()})
+    world = unit.make_world(unit.make_keys())
     replies: dict[str, str] = {}
     order: dict[tuple[str, str], list[tuple[Query, bytes]]] = {}
 
