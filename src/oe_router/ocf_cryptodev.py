@@ -13,8 +13,9 @@ userlands. MIPS, PowerPC, SPARC and Alpha also encode ``_IOC`` differently (thre
 bits, 13 size bits) from asm-generic (x86, ARM, AArch64, RISC-V). ``layout(abi)`` lays out each
 table the way the C compiler does for that ABI (natural alignment, a __u64's alignment taken
 from the ABI: 4 on i386, 8 on ARM EABI and MIPS o32), with explicit padding and ``_pack_ = 1``,
-so the result never depends on the host's own ctypes. None of these structures holds a __u64
-today, so in practice only the pointer size and the ioctl encoding differ between ABIs.
+so the result never depends on the host's own ctypes (``oe_router.cabi``). None of these
+structures holds a __u64 today, so in practice only the pointer size and the ioctl encoding
+differ between ABIs.
 
 Supported ABIs: ``ABIS`` (x86_64, i386, aarch64, arm EABI, mips/mipsel o32 and n32, mips64 n64,
 powerpc, powerpc64, riscv64). tests/unit/test_ocf_cryptodev.py compares each layout's offsets,
@@ -36,12 +37,26 @@ import enum
 import errno as errno_mod
 import fcntl
 import os
-import sys
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
+
+from oe_router.cabi import (
+    ABIS,
+    PTR,
+    U16,
+    U32,
+    U64,
+    Abi,
+    Char,
+    IocEncoding,
+    StructTable,
+    field_offsets,
+    host_abi,
+)
+from oe_router.cabi import struct_type as _struct
 
 __all__ = [
     "ABIS",
@@ -50,16 +65,22 @@ __all__ = [
     "DEVICE",
     "HOST_ABI",
     "HOST_LAYOUT",
+    "PTR",
     "SIOP_FLAG_KERNEL_DRIVER_ONLY",
     "TABLES",
+    "U16",
+    "U32",
+    "U64",
     "Abi",
     "Alg",
+    "Char",
     "Cryptodev",
     "CryptodevError",
     "IocEncoding",
     "Layout",
     "Session",
     "SessionInfo",
+    "StructTable",
     "host_abi",
     "layout",
 ]
@@ -115,95 +136,8 @@ SIOP_FLAG_KERNEL_DRIVER_ONLY = 1
 CRYPTODEV_MAX_ALG_NAME = 64
 AALG_MAX_RESULT_LEN = 64
 
-# ------------------------------------------------------------------------------------ the ABIs
-
-
-class IocEncoding(enum.Enum):
-    """How _IOC packs direction and size: asm-generic, or the MIPS/PowerPC/SPARC/Alpha way."""
-
-    GENERIC = "generic"  # dir bits 30-31 (write 1, read 2), size bits 16-29
-    THREE_BIT_DIR = "three-bit-dir"  # dir bits 29-31 (none 1, read 2, write 4), size 16-28
-
-
-@dataclass(frozen=True)
-class Abi:
-    """What a userland ABI changes in the structures and ioctl numbers."""
-
-    name: str
-    pointer_size: int
-    u64_align: int
-    ioc: IocEncoding
-    byteorder: Literal["little", "big"]
-
-
-_G, _M = IocEncoding.GENERIC, IocEncoding.THREE_BIT_DIR
-
-#: The ABIs OpenWrt targets, by the name ``host_abi`` gives them.
-ABIS: Mapping[str, Abi] = MappingProxyType(
-    {
-        a.name: a
-        for a in (
-            Abi("x86_64", 8, 8, _G, "little"),
-            Abi("i386", 4, 4, _G, "little"),
-            Abi("aarch64", 8, 8, _G, "little"),
-            Abi("arm", 4, 8, _G, "little"),  # EABI: __u64 8-aligned
-            Abi("mips", 4, 8, _M, "big"),  # o32 (and n32: same pointers and alignment)
-            Abi("mipsel", 4, 8, _M, "little"),
-            Abi("mips64", 8, 8, _M, "big"),  # n64
-            Abi("mips64el", 8, 8, _M, "little"),
-            Abi("powerpc", 4, 8, _M, "big"),
-            Abi("powerpc64", 8, 8, _M, "big"),
-            Abi("powerpc64le", 8, 8, _M, "little"),
-            Abi("riscv64", 8, 8, _G, "little"),
-        )
-    }
-)
-
-
-def host_abi(machine: str | None = None, pointer_size: int | None = None) -> Abi:
-    """This process's ABI from ``uname -m`` and its own pointer size (a 32-bit Python on a
-    64-bit kernel is the 32-bit ABI). An unknown machine is assumed asm-generic."""
-    m = machine if machine is not None else os.uname().machine
-    p = pointer_size if pointer_size is not None else ctypes.sizeof(ctypes.c_void_p)
-    little = sys.byteorder == "little"
-    if m in ("x86_64", "amd64") or (m.startswith("i") and m.endswith("86")):
-        return ABIS["x86_64" if p == 8 else "i386"]
-    if m in ("aarch64", "arm64") or m.startswith("arm"):
-        return ABIS["aarch64" if p == 8 else "arm"]
-    if m.startswith("mips"):
-        return ABIS[("mips64" if p == 8 else "mips") + ("el" if little else "")]
-    if m.startswith(("ppc", "powerpc")):
-        return ABIS["powerpc" if p == 4 else "powerpc64le" if little else "powerpc64"]
-    if m == "riscv64":
-        return ABIS["riscv64"]
-    u64 = ctypes.alignment(ctypes.c_uint64)
-    return Abi(f"{m} (assumed asm-generic ioctl)", p, u64, _G, "little" if little else "big")
-
-
 # ----------------------------------------------------------------------------- the structures
-
-
-class _Ptr:
-    """A user-space pointer field: 4 or 8 bytes by ABI (held as an address integer)."""
-
-
-PTR = _Ptr()
-U16, U32, U64 = ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
-
-
-@dataclass(frozen=True)
-class Char:
-    """A char array field (``char name[n]``)."""
-
-    n: int
-
-
-@dataclass(frozen=True)
-class StructTable:
-    """One C structure of cryptodev.h as a table of (field, type), in header order."""
-
-    name: str
-    fields: tuple[tuple[str, Any], ...]
+# (the ABIs and the layout machinery: oe_router.cabi)
 
 
 ALG_INFO = StructTable("alg_info", (("cra_name", Char(CRYPTODEV_MAX_ALG_NAME)),
@@ -257,52 +191,6 @@ def ioc(abi: Abi, direction: str, type_: int, nr: int, size: int) -> int:
     return (bits << shift) | (size << 16) | (type_ << 8) | nr
 
 
-def _struct(table: StructTable, abi: Abi, done: dict[str, type[ctypes.Structure]]) -> type[Any]:
-    """The ctypes class of ``table`` laid out for ``abi`` (natural alignment, explicit pads)."""
-    if table.name in done:
-        return done[table.name]
-    native = abi.byteorder == sys.byteorder
-    base: type[Any] = (
-        ctypes.Structure
-        if native
-        else ctypes.BigEndianStructure
-        if abi.byteorder == "big"
-        else ctypes.LittleEndianStructure
-    )
-    fields: list[tuple[str, Any]] = []
-    offset, max_align = 0, 1
-    for name, kind in table.fields:
-        ctype: Any
-        if isinstance(kind, _Ptr):
-            ctype = U64 if abi.pointer_size == 8 else U32
-            size = align = abi.pointer_size
-        elif isinstance(kind, Char):
-            ctype, size, align = ctypes.c_char * kind.n, kind.n, 1
-        elif isinstance(kind, StructTable):
-            ctype = _struct(kind, abi, done)
-            size, align = ctypes.sizeof(ctype), ctype._c_align_
-        else:
-            ctype, size = kind, ctypes.sizeof(kind)
-            align = abi.u64_align if size == 8 else size
-        pad = -offset % align
-        if pad:
-            fields.append((f"_pad{offset}", ctypes.c_uint8 * pad))
-            offset += pad
-        fields.append((name, ctype))
-        offset += size
-        max_align = max(max_align, align)
-    tail = -offset % max_align
-    if tail:
-        fields.append((f"_pad{offset}", ctypes.c_uint8 * tail))
-    cls: type[Any] = type(
-        f"{table.name}_{abi.name}",
-        (base,),
-        {"_pack_": 1, "_fields_": fields, "_c_align_": max_align},
-    )
-    done[table.name] = cls
-    return cls
-
-
 @dataclass(frozen=True)
 class Layout:
     """The structures and ioctl numbers of one ABI."""
@@ -313,24 +201,12 @@ class Layout:
 
     def offsets(self, table: StructTable) -> dict[str, int]:
         """Every field's offset, nested ones as ``outer.inner`` (what offsetof reports)."""
-        out: dict[str, int] = {}
-
-        def walk(cls: Any, prefix: str, base: int) -> None:
-            for name, kind in cls._fields_:
-                if name.startswith("_pad"):
-                    continue
-                off = base + getattr(cls, name).offset
-                out[prefix + name] = off
-                if isinstance(kind, type) and issubclass(kind, ctypes.Structure):
-                    walk(kind, f"{prefix}{name}.", off)
-
-        walk(self.structs[table.name], "", 0)
-        return out
+        return field_offsets(self.structs[table.name])
 
 
 def layout(abi: Abi) -> Layout:
     """Structures and ioctl numbers for ``abi``."""
-    done: dict[str, type[ctypes.Structure]] = {}
+    done: dict[str, type[Any]] = {}
     structs = {t.name: _struct(t, abi, done) for t in TABLES}
     ioctls = {}
     for name, (direction, nr, arg) in IOCTLS.items():

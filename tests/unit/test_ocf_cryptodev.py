@@ -13,6 +13,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from oe_router import ocf_cryptodev as oc
+from oe_router.cabi import struct_type
 
 REPO = Path(__file__).resolve().parents[2]
 TARBALL = "cryptodev-linux-08644db.tar.gz"
@@ -158,10 +160,10 @@ def test_host_abi_from_uname(machine: str, ptr: int, name: str) -> None:
 
 
 def test_host_abi_mips_follows_byte_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(oc.sys, "byteorder", "big")
+    monkeypatch.setattr(sys, "byteorder", "big")
     assert oc.host_abi("mips", 4).name == "mips"
     assert oc.host_abi("mips64", 8).name == "mips64"
-    monkeypatch.setattr(oc.sys, "byteorder", "little")
+    monkeypatch.setattr(sys, "byteorder", "little")
     assert oc.host_abi("mips", 4).name == "mipsel"
     unknown = oc.host_abi("loongarch64", 8)
     assert unknown.ioc is oc.IocEncoding.GENERIC and "assumed" in unknown.name
@@ -171,7 +173,7 @@ def test_layout_independent_of_host_alignment() -> None:
     """A u64 in a table follows the ABI, not the host: 4-aligned on i386, 8 on ARM EABI."""
     table = oc.StructTable("t", (("a", oc.U32), ("b", oc.U64), ("p", oc.PTR)))
     for abi, (b_off, p_off, size) in {"i386": (4, 12, 16), "arm": (8, 16, 24)}.items():
-        cls = oc._struct(table, oc.ABIS[abi], {})
+        cls = struct_type(table, oc.ABIS[abi])
         assert (cls.b.offset, cls.p.offset, ctypes.sizeof(cls)) == (b_off, p_off, size)
 
 
