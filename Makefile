@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest
 RESULTS := test-results
-LINT_DIRS := $(wildcard src tests qemu bench fuzz)
+LINT_DIRS := $(wildcard src tests qemu bench fuzz package)
 
 .PHONY: setup test test-unit test-fuzz test-host test-qemu lint demo demo-host image bench fuzz package clean
 
@@ -58,6 +58,11 @@ FUZZ_TIME ?= 600
 FUZZ_TARGETS ?=
 fuzz: setup
 	$(PY) -m fuzz.run --time $(FUZZ_TIME) $(if $(FUZZ_TARGETS),--targets $(FUZZ_TARGETS))
+
+# The .ipk opkg installs (dist/python3-oe_<version>_all.ipk) and the sdist it is built
+# from, out of package/python-oe/Makefile without the OpenWrt SDK: package/ipk.py, docs/package.md.
+package: setup
+	$(PY) package/ipk.py --out dist
 
 clean:
 	rm -rf $(RESULTS) build dist src/*.egg-info
