@@ -146,6 +146,15 @@ def render_status(status: Status) -> str:
         out += _table(["key", "value"], [[k, _dns_value(v)] for k, v in status.dns.items()])
     else:
         out.append("  (no DNS front running)")
+    if status.trust_anchors:
+        out += ["", f"trust anchors ({len(status.trust_anchors)})"]
+        out += _table(
+            ["zone", "key", "alg", "state", "since", "until"],
+            [
+                [a.zone, str(a.key_tag), str(a.algorithm), a.state, a.since, a.until or "-"]
+                for a in status.trust_anchors
+            ],
+        )
     return "\n".join(out)
 
 
@@ -234,6 +243,11 @@ def _render_ike_endpoint(ike: dict[str, Any]) -> list[str]:
             f" COOKIEs from {g('cookie_threshold')} half-open"
             + (" (demanded now)" if g("cookies_demanded") else "")
         )
+    ident = g("identity")
+    if isinstance(ident, dict):  # absent from a daemon older than first-start keys
+        key = f", key {ident['key']}" if ident.get("key") else ", no key"
+        publish = f", IPSECKEY {ident['ipseckey']}" if ident.get("ipseckey") else ""
+        out.append(f"  identity   {ident.get('local_id', '-')}{key}{publish}")
     named = _IKE_TABLE_KEYS.union(k for _, keys in _IKE_COUNTER_LINES for k, _ in keys)
     rest = tuple((k, k) for k in ike if k not in named)
     for label, keys in (*_IKE_COUNTER_LINES, ("counters", rest)):
@@ -445,6 +459,12 @@ def cmd_down(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_flush(args: argparse.Namespace, out: TextIO) -> int:
+    reply = ControlClient(args.socket).request("flush")
+    out.write(f"{reply.get('flushed', 0)} shunt(s) removed: the next flows negotiate again\n")
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
     path = Path(args.file)
     problems = check_config(path)
@@ -527,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="delete the IKE SAs with a peer (telling it)")
     down.add_argument("peer", metavar="ADDRESS|NAME")
     down.set_defaults(func=cmd_down)
+
+    flush = sub.add_parser("flush", help="remove every pass and drop shunt (negotiate again)")
+    flush.set_defaults(func=cmd_flush)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -33,6 +33,7 @@ from oe_router.control import (
     Status,
     StatusContribution,
 )
+from oe_router.control.events import Events
 from oe_router.control.ubus import UbusShim
 from oe_router.datapath.base import Datapath
 from oe_router.dns.access import LanAccess
@@ -40,6 +41,7 @@ from oe_router.dns.hold import TunnelRequester
 from oe_router.dns.service import DnsService, dns_wanted
 from oe_router.esp_offer import EspOffer
 from oe_router.ike.service import IkeService
+from oe_router.ike.tunnel_events import TunnelEvents
 from oe_router.oe.lan import apply_nft
 from oe_router.oe.negotiator import IkeNegotiator
 from oe_router.oe.service import DatapathFactory, OeService, kernel_datapath
@@ -170,7 +172,8 @@ class Daemon:
         self._clock = clock
         self._started_at = clock()
         self._pid = os.getpid() if pid is None else pid
-        self._ubus = ubus
+        #: the ubus object ``oe`` (started after the services, stopped before them)
+        self.ubus = ubus
         self._on_config = on_config
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -284,8 +287,6 @@ class Daemon:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-            if self._ubus is not None:
-                log.info("%s", self._ubus.probe().detail)
             if self.config.enabled:
                 try:
                     await self.registry.start_all(self.config)
@@ -294,6 +295,8 @@ class Daemon:
                     return 1
             else:
                 log.info("oe disabled in %s: services not started", self.config_path)
+            if self.ubus is not None:
+                await self.ubus.start()  # never fails: without ubus, one line
             log.info(
                 "%s %s running (pid %d, config %s, services: %s)",
                 PROG,
@@ -310,6 +313,8 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             for task in list(self._tasks):
                 task.cancel()
+            if self.ubus is not None:
+                await self.ubus.stop()
             await self.registry.stop_all()
             await self._server.stop()
             log.info("stopped")
@@ -462,6 +467,7 @@ def build_services(
     config: OeConfig,
     tunnels: TunnelRequester | None = None,
     platform: Platform | None = None,
+    events: Events | None = None,
 ) -> ServiceRegistry:
     """The daemon's services in start order: oe (datapath + OE manager), ike, dns.
 
@@ -469,7 +475,8 @@ def build_services(
     WAN address means no IKE and no OE; no kernel ESP means IKE without a datapath
     (SAs are negotiated, not installed). Either way ``oe status`` names the reason.
     ``tunnels`` overrides the DNS front's tunnel requester (tests); by default it is
-    the OE service.
+    the OE service. ``events`` gets ``oe.tunnel.up``/``down`` (every Child SA of the IKE
+    service) and ``oe.shunt`` (the OE service's shunts).
     """
     plat = probe_platform(config) if platform is None else platform
     registry = ServiceRegistry()
@@ -515,6 +522,10 @@ def build_services(
         else:
             registry.add(StatusOnly(f"none ({plat.datapath_reason}; SAs are not installed)"))
             registry.add(ike)
+        if events is not None:
+            ike.sink = TunnelEvents(ike.sink, events)
+            if oe is not None:
+                oe.events = events
     if dns_wanted(config):
         access = LanAccess(
             lan=plat.lan,
@@ -523,9 +534,15 @@ def build_services(
             wan_interface=config.wan_interface,
         )
         registry.add(DnsService(tunnels=tunnels if tunnels is not None else oe, access=access))
-    else:
+    elif config.dns.trust_anchor:
         log.info(
             "DNS front off: no trust anchor at %s (oe.dns.trust_anchor)", config.dns.trust_anchor
+        )
+    else:
+        log.warning(
+            "DNS front off: no trust anchor: neither %s (oe.dns.auto_trust_anchor) nor the"
+            " IANA root anchors shipped with oe-router exist",
+            config.dns.auto_trust_anchor,
         )
     return registry
 
@@ -553,6 +570,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--socket-mode", type=_octal, default=0o600, metavar="MODE", help="octal, default 0600"
     )
+    parser.add_argument(
+        "--ubus-socket",
+        metavar="PATH",
+        help="ubusd's socket for the ubus object oe (default: libubus's, /var/run/ubus/ubus.sock)",
+    )
+    parser.add_argument("--no-ubus", action="store_true", help="do not register the ubus object oe")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser.parse_args(argv)
 
@@ -581,16 +604,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     root.setLevel(level_from_name(config.log_level))
     socket_path = args.socket if args.socket is not None else Path(config.control_socket)
-    registry = build_services(config)
+    events = Events()
+    registry = build_services(config, events=events)
     daemon = Daemon(
         config_path=config_path,
         config=config,
         registry=registry,
         socket_path=socket_path,
         socket_mode=args.socket_mode,
-        ubus=UbusShim(),
         on_config=lambda c: root.setLevel(level_from_name(c.log_level)),
     )
+    if not args.no_ubus:
+        daemon.ubus = UbusShim(daemon.commands, args.ubus_socket, events=events)
     for service in registry:
         register = getattr(service, "register_commands", None)
         if register is not None:

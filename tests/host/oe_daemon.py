@@ -31,6 +31,8 @@ class OeDaemon:
     config: str
     env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
+    #: more oe-routerd arguments (``--ubus-socket PATH``)
+    args: Sequence[str] = ()
 
     @property
     def socket(self) -> Path:
@@ -63,7 +65,7 @@ class OeDaemon:
         seen = len(self.log())  # a restart appends: only this run's lines say it is ready
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, sys.executable, "-m", "oe_router.daemon",
-             "--config", str(cfg)],
+             "--config", str(cfg), *self.args],
             stdout=log, stderr=log, start_new_session=True,
             env={**os.environ, **(self.env or {})},
         )  # fmt: skip

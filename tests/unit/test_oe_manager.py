@@ -500,3 +500,25 @@ def test_a_failed_install_of_the_peers_child_sa_negotiates_for_the_held_answer(
     assert neg.request.peer == P1 and neg.request.auth.key == _key()
     _, _, out, _ = _negotiate_ok(mgr, [neg], P1, 0x1000, 0.5)
     assert only(out, TunnelResult) == [TunnelResult(5, True)]
+
+
+def test_flush_removes_every_shunt_and_the_next_flows_negotiate_again(mgr: OeManager) -> None:
+    mgr.start()
+    fails = {}
+    for peer in (P1, PRIV):  # private-or-clear: a pass shunt; private: a drop shunt
+        (neg,) = only(mgr.acquire(_acq(peer), 0.0), Negotiate)
+        (inst,) = mgr.negotiated(neg.ticket, NegotiationResult(None, "timeout"), 1.0)
+        fails[peer] = inst.policy  # type: ignore[union-attr]
+        assert mgr.shunt_status(inst.policy, 1.0) == mgr.shunts(1.0)[-1]  # type: ignore[union-attr]
+    assert {s.kind for s in mgr.shunts(2.0)} == {"pass", "drop"}
+    # a group's own policy is not a shunt
+    group = next(p for p in mgr.group_policies() if p.action is PolicyAction.DROP)
+    assert mgr.shunt_status(group, 2.0) is None
+    n, acts = mgr.flush_shunts()
+    assert n == 2 and acts == [RemovePolicy(fails[P1]), RemovePolicy(fails[PRIV])]
+    assert mgr.shunts(3.0) == () and mgr.flush_shunts() == (0, [])
+    assert len(only(mgr.acquire(_acq(P1), 4.0), Negotiate)) == 1
+    # the private peer's drop back-off starts over: its next shunt lasts 5 s again
+    (neg,) = only(mgr.acquire(_acq(PRIV), 4.0), Negotiate)
+    (inst,) = mgr.negotiated(neg.ticket, NegotiationResult(None, "timeout"), 5.0)
+    assert inst.policy.lifetime.hard_seconds == 5  # type: ignore[union-attr]

@@ -133,6 +133,7 @@ COMMAND_ARGS: dict[str, ArgSpec] = {
         "peer_key": Arg(max_len=16 * 1024),  # a PEM public key (RSA-8192 is ~1.5 KiB)
     },
     "down": {"peer": PEER},
+    "flush": {},
 }
 
 
@@ -314,22 +315,37 @@ class CommandTable:
     def help(self) -> dict[str, str]:
         return {name: text for name, (_, text, _) in sorted(self._handlers.items())}
 
+    def has(self, name: str) -> bool:
+        return name in self._handlers
+
+    async def invoke(self, request: Request) -> JsonObject:
+        """Check ``request``'s arguments against its command's table and run the handler:
+        the reply body (without ``ok``). Raises ProtocolError (unknown command, bad
+        arguments) or CommandError (the handler refused); a handler's bug raises as is.
+        The control socket and the ubus object both come through here."""
+        entry = self._handlers.get(request.cmd)
+        if entry is None:
+            known = ", ".join(self.names())
+            raise ProtocolError(f"unknown command {shown(request.cmd)} (known: {known})")
+        handler, _, spec = entry
+        try:
+            check_args(request, spec)
+            return await handler(request)
+        except ProtocolError as exc:
+            raise ProtocolError(f"{request.cmd}: {exc}") from None
+        except CommandError as exc:
+            raise CommandError(f"{request.cmd}: {exc}") from None
+
     async def dispatch(self, line: bytes) -> JsonObject:
         """Handle one request line and always return a reply (never raises for bad input)."""
         try:
             request = decode_request(line)
         except ProtocolError as exc:
             return error_reply(str(exc))
-        entry = self._handlers.get(request.cmd)
-        if entry is None:
-            known = ", ".join(self.names())
-            return error_reply(f"unknown command {shown(request.cmd)} (known: {known})")
-        handler, _, spec = entry
         try:
-            check_args(request, spec)
-            body = await handler(request)
+            body = await self.invoke(request)
         except (ProtocolError, CommandError) as exc:
-            return error_reply(f"{request.cmd}: {exc}")
+            return error_reply(str(exc))
         except Exception as exc:
             # A bug in a handler must not take the control socket down with it.
             what = one_line(f"{type(exc).__name__}: {exc}", 200)

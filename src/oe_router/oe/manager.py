@@ -1150,15 +1150,40 @@ class OeManager:
         return tuple(out)
 
     def shunts(self, now: float) -> tuple[ShuntStatus, ...]:
-        return tuple(
-            ShuntStatus(
-                destination=_describe(s.policy.dst),
-                kind=s.policy.action.value,
-                reason=f"{s.group.value}: {s.reason}",
-                expires_s=round(max(0.0, s.expires - now), 3),
-            )
-            for s in self._shunts.values()
-        )
+        return tuple(_shunt_row(s, now) for s in self._shunts.values())
+
+    def shunt_status(self, policy: PolicySpec, now: float) -> ShuntStatus | None:
+        """``policy``'s status row if it is one of the shunts (the ``oe.shunt`` event's
+        body), else None (a group's or a tunnel's policy)."""
+        s = self._shunts.get(_pkey(policy))
+        return None if s is None or s.policy != policy else _shunt_row(s, now)
+
+    def flush_shunts(self) -> tuple[int, list[Action]]:
+        """Remove every pass and drop shunt (``oe flush``): the next flow to each of those
+        destinations meets its group's trap and negotiates again, and a drop shunt's
+        back-off starts over. Returns how many shunt policies go, and the actions."""
+        actions: list[Action] = []
+        gone = [
+            k
+            for k, s in self._shunts.items()
+            if s.policy.action in (PolicyAction.PASS, PolicyAction.DROP)
+        ]
+        for k in gone:
+            actions.append(RemovePolicy(self._shunts.pop(k).policy))
+            actions += self._restore([k])
+        self._drop_failures.clear()
+        if gone:
+            log.info("flush: %d shunt(s) removed; the next flows negotiate again", len(gone))
+        return len(gone), actions
+
+
+def _shunt_row(s: _Shunt, now: float) -> ShuntStatus:
+    return ShuntStatus(
+        destination=_describe(s.policy.dst),
+        kind=s.policy.action.value,
+        reason=f"{s.group.value}: {s.reason}",
+        expires_s=round(max(0.0, s.expires - now), 3),
+    )
 
 
 def _read(

@@ -16,12 +16,14 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Protocol
 
 import dns.name
 
 from oe_router.config.schema import OeConfig
+from oe_router.control.events import Events
+from oe_router.control.protocol import CommandError, CommandTable, Request
 from oe_router.control.status import StatusContribution
 from oe_router.datapath.base import (
     Acquire,
@@ -132,6 +134,8 @@ class OeService:
         #: the ESP offer (the daemon sets it): negotiations wait for a first transform,
         #: and Child SAs move off withdrawn ones (``offer_changed``)
         self.offer: EspOfferHooks | None = None
+        #: where ``oe.shunt`` goes when a shunt is installed (the daemon sets it)
+        self.events: Events | None = None
         self._dp: Datapath | None = None
         self._mgr: OeManager | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -261,6 +265,24 @@ class OeService:
             datapath=f"{self._dp.name} ({self._dp.reason})",
             datapath_stats=self._dp.stats(),
         )
+
+    # ------------------------------------------------------------------ control
+    def register_commands(self, commands: CommandTable) -> None:
+        """Add ``flush`` to the daemon's control commands."""
+        commands.register(
+            "flush", self._cmd_flush, "remove every pass and drop shunt: the next flows negotiate"
+        )
+
+    async def _cmd_flush(self, request: Request) -> dict[str, object]:
+        if self._mgr is None:
+            raise CommandError("the oe service is not running")
+        return {"flushed": await self.flush()}
+
+    async def flush(self) -> int:
+        """Remove every pass and drop shunt now; how many shunt policies went."""
+        n, actions = self.manager.flush_shunts()
+        await self._perform(actions)
+        return n
 
     # ------------------------------------------------------------------ DNS front entry
     async def ensure_tunnel(
@@ -470,6 +492,10 @@ class OeService:
             if action.nat_first:
                 await self._sync_peers6()
             await dp.install_policy(action.policy)
+            if self.events is not None:
+                shunt = mgr.shunt_status(action.policy, self._clock())
+                if shunt is not None:
+                    self.events.publish("oe.shunt", asdict(shunt))
         elif isinstance(action, RemovePolicy):
             await dp.remove_policy(action.policy)
         elif isinstance(action, Negotiate):
