@@ -51,9 +51,18 @@ def _dnsmasq(lab: Lab, server: str, cache: int) -> None:
     ).check()
 
 
+#: The shipped config's commented fixed trust anchor, switched on: the lab's root is not
+#: IANA's, so the router validates from the lab root's DS (start_daemon puts it there)
+#: instead of the managed IANA anchors of the default.
+_LAB_ANCHOR = ("#option trust_anchor '/etc/oe/root.key'", "option trust_anchor '/etc/oe/root.key'")
+
+
 def router_config(local_id: str = "%null") -> str:
-    """The shipped /etc/config/oe with the router's IKE identity set."""
+    """The shipped /etc/config/oe with the router's IKE identity and the lab's anchor set."""
     text = (REPO / "files" / "etc" / "config" / "oe").read_text()
+    if _LAB_ANCHOR[0] not in text:
+        raise LabError(f"files/etc/config/oe has no {_LAB_ANCHOR[0]!r} line to switch on")
+    text = text.replace(*_LAB_ANCHOR)
     return text.replace("option local_id '%null'", f"option local_id '{local_id}'")
 
 

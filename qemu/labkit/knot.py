@@ -140,6 +140,17 @@ class KnotServer:
             1 for line in res.stdout.splitlines() if "serial:" in line and "serial: -" not in line
         )
 
+    def reload(self, origin: str) -> None:
+        """Serve ``origin``'s zone file again, after it was rewritten (zones.resign_zone)."""
+        res = subprocess.run(
+            ["knotc", "-c", str(self.conf_path), "-t", "5", "zone-reload", origin],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise KnotError(f"knotc zone-reload {origin}: {res.stdout}{res.stderr}{self._log()}")
+
     def _log(self) -> str:
         try:
             return self.log_path.read_text()[-4000:]

@@ -535,3 +535,55 @@ def ipseckey(algorithm: int, public_key: bytes, precedence: int = 10) -> str:
     """IPSECKEY rdata text with no gateway (the key is for the owner name's own
     addresses only) and ``public_key`` in the algorithm's DNS wire format."""
     return f"{precedence} 0 {algorithm} . {base64.b64encode(public_key).decode()}"
+
+
+def resign_zone(
+    built: BuiltZone,
+    dnskeys: Sequence[dns.rdtypes.ANY.DNSKEY.DNSKEY],
+    dnskey_signers: Sequence[tuple[PrivateKey, dns.rdtypes.ANY.DNSKEY.DNSKEY]],
+    data_signer: ZoneKey,
+    now: dt.datetime | None = None,
+    lifetime: dt.timedelta = dt.timedelta(days=14),
+) -> None:
+    """One step of a key rollover: rewrite ``built``'s zone file in place.
+
+    Its DNSKEY RRset becomes ``dnskeys`` (a revoked key is its DNSKEY with flag 0x0080,
+    RFC 5011), signed by each of ``dnskey_signers``: (private key, the DNSKEY it signs
+    as; a revoked key signs as its revoked form, which proves the revocation). Every
+    other RRset is signed by ``data_signer`` only, and the SOA serial goes up by one.
+    The NSEC/NSEC3 chain stays (the apex keeps its types). Serve it with
+    ``knotc zone-reload``. No breakage is applied.
+    """
+    origin = _name(built.origin)
+    zone = dns.zone.from_file(str(built.path), origin=origin, relativize=False)
+    now = now or dt.datetime.now(dt.UTC)
+    inception, expiration = now - dt.timedelta(hours=1), now + lifetime
+    old_keys = zone.get_rdataset(origin, dns.rdatatype.DNSKEY)
+    ttl = old_keys.ttl if old_keys is not None else 300
+    for name, node in list(zone.nodes.items()):
+        for rds in list(node.rdatasets):
+            if rds.rdtype == dns.rdatatype.RRSIG:
+                zone.delete_rdataset(name, rds.rdtype, rds.covers)
+    zone.delete_rdataset(origin, dns.rdatatype.DNSKEY)
+    for key in dnskeys:
+        _add(zone, origin, ttl, key)
+    soa_rds = zone.find_rdataset(origin, dns.rdatatype.SOA)
+    soa = soa_rds[0]
+    soa_ttl = soa_rds.ttl
+    zone.delete_rdataset(origin, dns.rdatatype.SOA)
+    _add(zone, origin, soa_ttl, soa.replace(serial=soa.serial + 1))
+    rrsigs: list[tuple[dns.name.Name, int, dns.rdtypes.ANY.RRSIG.RRSIG]] = []
+    for rrset in _signed_rrsets(zone):
+        if rrset.rdtype == dns.rdatatype.DNSKEY:
+            signers = list(dnskey_signers)
+        else:
+            signers = [(data_signer.private, data_signer.dnskey)]
+        for private, dnskey in signers:
+            sig = dns.dnssec.sign(
+                rrset, private, origin, dnskey, inception=inception, expiration=expiration,
+                origin=origin,
+            )  # fmt: skip
+            rrsigs.append((rrset.name, rrset.ttl, sig))
+    for name, ttl_, rrsig in rrsigs:
+        _add(zone, name, ttl_, rrsig)
+    built.path.write_text(_render(zone))

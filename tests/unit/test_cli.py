@@ -219,7 +219,7 @@ def test_status_table_and_json_from_a_running_server(
     assert "shunts (1)" in table and "no IPSECKEY" in table
     assert "engines (1)" in table and "cbc-aes-aesni" in table
     assert "generation 2" in table and "datapath  userspace-esp" in table
-    assert {"tunnels", "shunts", "engines", "dns", "ike", "daemon"} == set(doc)
+    assert {"tunnels", "shunts", "engines", "dns", "ike", "trust_anchors", "daemon"} == set(doc)
     assert isinstance(doc["tunnels"], list) and isinstance(doc["dns"], dict)
     assert doc["tunnels"][0]["peer"] == "www.example.org"
     # the Child SA's counters: bytes and packets per direction, in the table and the JSON

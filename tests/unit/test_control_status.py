@@ -13,7 +13,7 @@ from oe_router.control import (
     StatusContribution,
     TunnelStatus,
 )
-from oe_router.control.status import EngineRate, EngineTransformStatus
+from oe_router.control.status import EngineRate, EngineTransformStatus, TrustAnchorStatus
 
 
 def _daemon(**kw: object) -> DaemonStatus:
@@ -32,10 +32,11 @@ def _daemon(**kw: object) -> DaemonStatus:
     return DaemonStatus(**base)  # type: ignore[arg-type]
 
 
-def test_empty_status_has_the_six_top_level_keys_with_list_and_object_types() -> None:
+def test_empty_status_has_the_seven_top_level_keys_with_list_and_object_types() -> None:
     doc = Status.merge(_daemon(last_reload=None), []).to_json()
-    assert set(doc) == {"daemon", "tunnels", "shunts", "engines", "dns", "ike"}
+    assert set(doc) == {"daemon", "tunnels", "shunts", "engines", "dns", "ike", "trust_anchors"}
     assert doc["tunnels"] == [] and doc["shunts"] == [] and doc["engines"] == []
+    assert doc["trust_anchors"] == []
     assert doc["dns"] == {} and doc["ike"] == {}
     d = doc["daemon"]
     assert {
@@ -166,3 +167,15 @@ def test_ike_counters_merge_round_trip_and_are_optional_in_older_documents() -> 
     assert Status.from_json(doc) == status
     del doc["ike"]  # a daemon from before the IKE counters
     assert Status.from_json(doc).ike == {}
+
+
+def test_trust_anchors_merge_round_trip_and_are_optional_in_older_documents() -> None:
+    row = TrustAnchorStatus(
+        ".", 38696, 8, "addpend", "2026-12-06T06:25:15Z", "2027-01-05T06:25:15Z"
+    )
+    status = Status.merge(_daemon(), [StatusContribution(trust_anchors=(row,))])
+    doc = json.loads(json.dumps(status.to_json()))
+    assert doc["trust_anchors"][0]["key_tag"] == 38696
+    assert Status.from_json(doc) == status
+    del doc["trust_anchors"]  # a daemon from before RFC 5011
+    assert Status.from_json(doc).trust_anchors == ()

@@ -209,12 +209,18 @@ def test_installed_files_exist_and_entry_points_are_the_project_scripts() -> Non
         "files/etc/config/oe",
         "files/etc/init.d/oe",
         "files/etc/uci-defaults/90_oe-firewall",
+        "files/lib/upgrade/keep.d/python3-oe",
     ]
     for rel in sources:
         assert (REPO / rel).is_file(), f"{rel} is installed by the package but does not exist"
     assert "$(INSTALL_BIN) $(CURDIR)/../../files/etc/init.d/oe" in body
     assert "$(INSTALL_CONF) $(CURDIR)/../../files/etc/config/oe" in body
     assert "$(INSTALL_BIN) $(CURDIR)/../../files/etc/uci-defaults/90_oe-firewall" in body
+    # sysupgrade keeps /etc/oe: the RFC 5011 anchor state and the identity key
+    keep = "$(INSTALL_DATA) $(CURDIR)/../../files/lib/upgrade/keep.d/python3-oe"
+    assert keep in body
+    kept = (REPO / "files/lib/upgrade/keep.d/python3-oe").read_text().splitlines()
+    assert [line for line in kept if line and not line.startswith("#")] == ["/etc/oe/"]
     wrappers = set(re.findall(r"\$\(PKG_INSTALL_DIR\)/usr/bin/(\S+)", body))
     assert wrappers == set(PYPROJECT["project"]["scripts"])
 

@@ -173,7 +173,12 @@ class DnsConfig:
     resolv_file: str = "/tmp/resolv.conf.d/resolv.conf.auto"
     hold_limit: float = 3.0
     ttl_cap: float = 300.0
-    trust_anchor: str = "/etc/oe/root.key"
+    #: A fixed anchor file (DS/DNSKEY records), used as is. Empty (not set): the managed
+    #: anchors of ``auto_trust_anchor``.
+    trust_anchor: str = ""
+    #: The root's trust anchors kept current by RFC 5011, seeded from the IANA anchors
+    #: shipped with the package.
+    auto_trust_anchor: str = "/etc/oe/root.anchors"
     bogus_action: BogusAction = "servfail"
     #: A TCP client gets this long to send each query and to read each reply.
     tcp_timeout: float = 10.0

@@ -103,6 +103,7 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "hold_limit": Opt("hold_limit", _dur(0.0, 10.0)),
         "ttl_cap": Opt("ttl_cap", _dur(0.0, 24 * HOUR)),
         "trust_anchor": Opt("trust_anchor", parse_abs_path),
+        "auto_trust_anchor": Opt("auto_trust_anchor", parse_abs_path),
         "bogus_action": Opt("bogus_action", _choice(*BOGUS_ACTIONS)),
         "tcp_timeout": Opt("tcp_timeout", _dur(1.0, 300.0)),
     },

@@ -168,6 +168,29 @@ class EngineStatus:
 
 
 @dataclass(frozen=True)
+class TrustAnchorStatus:
+    """One key of a managed trust point (RFC 5011): which key, its state and since when.
+
+    ``state`` is ``start``, ``addpend`` (``until``: when its add hold-down ends),
+    ``valid``, ``missing`` (both trusted), ``revoked`` or ``removed``; ``since`` and
+    ``until`` are UTC times (``2026-12-06T06:25:15Z``); ``form`` is ``dnskey`` once the
+    key was seen, ``ds`` for a seed not seen yet.
+    """
+
+    zone: str
+    key_tag: int
+    algorithm: int
+    state: str
+    since: str
+    until: str = ""
+    form: str = ""
+
+    @classmethod
+    def from_json(cls, obj: JsonObject) -> TrustAnchorStatus:
+        return cls(**_known(cls, obj))
+
+
+@dataclass(frozen=True)
 class ReloadResult:
     """Outcome of one reload attempt; `problems` are one-line messages naming the option."""
 
@@ -254,11 +277,13 @@ class StatusContribution:
     datapath_stats: JsonObject = field(default_factory=dict)
     #: the IKE endpoint's counters (what it dropped and why; fragment bytes held now)
     ike: JsonObject = field(default_factory=dict)
+    #: the DNS front's RFC 5011-managed trust anchors
+    trust_anchors: tuple[TrustAnchorStatus, ...] = ()
 
 
 @dataclass(frozen=True)
 class Status:
-    """The whole status document: five component sections plus `daemon`."""
+    """The whole status document: six component sections plus `daemon`."""
 
     daemon: DaemonStatus
     tunnels: tuple[TunnelStatus, ...] = ()
@@ -266,6 +291,7 @@ class Status:
     engines: tuple[EngineStatus, ...] = ()
     dns: JsonObject = field(default_factory=dict)
     ike: JsonObject = field(default_factory=dict)
+    trust_anchors: tuple[TrustAnchorStatus, ...] = ()
 
     @classmethod
     def merge(cls, daemon: DaemonStatus, parts: list[StatusContribution]) -> Status:
@@ -282,6 +308,7 @@ class Status:
             engines=tuple(e for p in parts for e in p.engines),
             dns=dns,
             ike=ike,
+            trust_anchors=tuple(a for p in parts for a in p.trust_anchors),
         )
 
     def to_json(self) -> JsonObject:
@@ -292,6 +319,7 @@ class Status:
             "engines": [e.to_json() for e in self.engines],
             "dns": dict(self.dns),
             "ike": dict(self.ike),
+            "trust_anchors": [asdict(a) for a in self.trust_anchors],
         }
 
     @classmethod
@@ -304,4 +332,7 @@ class Status:
             engines=tuple(EngineStatus.from_json(e) for e in obj["engines"]),
             dns=dict(obj["dns"]),
             ike=dict(obj.get("ike", {})),  # absent from an older daemon's document
+            trust_anchors=tuple(
+                TrustAnchorStatus.from_json(a) for a in obj.get("trust_anchors", ())
+            ),
         )

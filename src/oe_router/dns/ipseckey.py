@@ -23,6 +23,7 @@ libreswan's showhostkey/pluto):
 
 from __future__ import annotations
 
+import base64
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import dns.rdatatype
 import dns.rrset
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_der_public_key
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
 from dns.rdtypes.IN.IPSECKEY import IPSECKEY
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "PublicKey",
     "interpret",
     "interpret_rrset",
+    "rdata_text",
 ]
 
 ALG_NONE = 0
@@ -290,3 +292,27 @@ def interpret_rrset(
 def is_ipseckey_rrset(rrset: dns.rrset.RRset) -> bool:
     """True if the RRset holds IPSECKEY records (helper for callers)."""
     return rrset.rdtype == dns.rdatatype.IPSECKEY
+
+
+def _rsa_to_rfc3110(key: rsa.RSAPublicKey) -> bytes:
+    numbers = key.public_numbers()
+    exponent = numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")
+    modulus = numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")
+    length = bytes([len(exponent)]) if len(exponent) < 256 else b"\0" + len(exponent).to_bytes(2)
+    return length + exponent + modulus
+
+
+def rdata_text(key: PublicKey, precedence: int = 10) -> str:
+    """Our own public key as IPSECKEY rdata, no gateway: what to publish for our identity
+    (``10 0 3 . <base64>``), in the form ``interpret`` reads back (RFC 4025 section 2.1,
+    algorithm 3 raw X || Y, 4 raw Ed25519, 2 RFC 3110)."""
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        algorithm = ALG_ECDSA
+        blob = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)[1:]
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        algorithm, blob = ALG_EDDSA, key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    elif isinstance(key, rsa.RSAPublicKey):
+        algorithm, blob = ALG_RSA, _rsa_to_rfc3110(key)
+    else:
+        raise ValueError(f"{type(key).__name__} keys cannot be published in IPSECKEY here")
+    return f"{precedence} {GATEWAY_NONE} {algorithm} . {base64.b64encode(blob).decode()}"

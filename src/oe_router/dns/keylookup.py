@@ -106,6 +106,13 @@ class ValidatingKeyLookup:
         self._max_remembered = max_remembered
         self._memo: OrderedDict[dns.name.Name, tuple[float, KeyResult]] = OrderedDict()
 
+    def set_anchors(self, anchors: TrustAnchors) -> None:
+        """Validate from ``anchors`` from now on (RFC 5011 moved a key). What was proven
+        from the old ones is forgotten: a revoked key must not vouch for a cached chain."""
+        self.validator.anchors = anchors
+        self.validator.cache.clear()
+        self._memo.clear()
+
     def cached(self, name: dns.name.Name) -> KeyResult | None:
         """The remembered result for ``name`` if still valid, else None (then ``lookup``)."""
         item = self._memo.get(name)  # Name hashes and compares case-insensitively

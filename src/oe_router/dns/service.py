@@ -13,14 +13,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from oe_router.config.schema import DnsConfig, Endpoint, OeConfig
-from oe_router.control.status import StatusContribution
+from oe_router.control.status import StatusContribution, TrustAnchorStatus
 from oe_router.dns.access import LanAccess
-from oe_router.dns.dnssec import TrustAnchorError, load_trust_anchor_file
+from oe_router.dns.anchors import Timers
+from oe_router.dns.autotrust import ManagedAnchors, seed_exists, timers_from_environ
+from oe_router.dns.dnssec import TrustAnchorError, TrustAnchors, load_trust_anchor_file
 from oe_router.dns.front import AnswerCache, DnsFront, FrontBindError, FrontStats, Resolver
 from oe_router.dns.hold import HoldPolicy, KeyLookup, TunnelRequester
-from oe_router.dns.keylookup import ValidatingKeyLookup
+from oe_router.dns.keylookup import Resolving, ValidatingKeyLookup
 from oe_router.dns.upstream import (
     ResolvConfSource,
     StaticSource,
@@ -38,19 +41,25 @@ KeyLookupFactory = Callable[[DnsConfig, UpstreamClient], KeyLookup | None]
 
 
 def dns_wanted(config: OeConfig) -> bool:
-    """Whether the daemon runs the DNS front: only once a trust anchor file is in place.
+    """Whether the daemon runs the DNS front: whenever it has a trust anchor.
 
-    Why: without an anchor not one IPSECKEY can be validated, and a router without
-    ``oe.dns.trust_anchor`` on disk has not been set up for DNS-triggered OE (the
-    packet-triggered path still works). ``config dns`` has no ``enabled`` option
-    yet; when it gets one, it decides here. Once started, a missing anchor on
-    reload is a ServiceError naming ``oe.dns.trust_anchor``.
+    Why: without an anchor not one IPSECKEY can be validated. A fixed
+    ``oe.dns.trust_anchor`` must be a file (a router pointed at a missing one has not
+    been set up for DNS-triggered OE; the packet-triggered path still works). Not set
+    (the default), the managed anchors of ``oe.dns.auto_trust_anchor`` are used, seeded
+    from the IANA anchors shipped with the package: the front runs out of the box.
+    ``config dns`` has no ``enabled`` option yet; when it gets one, it decides here.
+    Once started, a missing fixed anchor on reload is a ServiceError naming
+    ``oe.dns.trust_anchor``.
     """
-    return os.path.isfile(config.dns.trust_anchor)
+    dns = config.dns
+    if dns.trust_anchor:
+        return os.path.isfile(dns.trust_anchor)
+    return os.path.isfile(dns.auto_trust_anchor) or seed_exists()
 
 
 def validating_key_lookup(config: DnsConfig, upstream: UpstreamClient) -> KeyLookup:
-    """The production KeyLookup: DNSSEC from ``oe.dns.trust_anchor``."""
+    """The KeyLookup of a fixed anchor: DNSSEC from the file ``oe.dns.trust_anchor``."""
     if not os.path.isfile(config.trust_anchor):
         raise ValueError(
             f"oe.dns.trust_anchor: {config.trust_anchor} does not exist; install the root"
@@ -74,9 +83,11 @@ class DnsService:
 
     ``tunnels`` is the OE manager (None until it exists: keyed answers go out
     clear). ``key_lookup_factory`` defaults to DNSSEC validation from the trust
-    anchor; tests pass their own. ``access`` is what the daemon's platform probe
-    found of the LAN and the WAN (access.py); the default knows neither, so a
-    non-loopback listener answers loopback clients only.
+    anchor: the fixed file ``trust_anchor``, or else the RFC 5011-managed anchors of
+    ``auto_trust_anchor`` (``managed``: probed on this loop, ``anchor_timers`` from the
+    environment by default, see autotrust.py); tests pass their own. ``access`` is what
+    the daemon's platform probe found of the LAN and the WAN (access.py); the default
+    knows neither, so a non-loopback listener answers loopback clients only.
     """
 
     name = "dns"
@@ -84,15 +95,21 @@ class DnsService:
     def __init__(
         self,
         tunnels: TunnelRequester | None = None,
-        key_lookup_factory: KeyLookupFactory = validating_key_lookup,
+        key_lookup_factory: KeyLookupFactory | None = None,
         upstream_settings: UpstreamSettings | None = None,
         cache_entries: int = 4096,
         clock: Callable[[], float] = time.monotonic,
         access: LanAccess | None = None,
+        anchor_timers: Timers | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._tunnels = tunnels
         self.access = access or LanAccess()
         self._factory = key_lookup_factory
+        self._anchor_timers = anchor_timers
+        self._wall_clock = wall_clock
+        #: the RFC 5011 trust point in use (None: a fixed anchor file, or a test's lookup)
+        self.managed: ManagedAnchors | None = None
         self._settings = upstream_settings or UpstreamSettings()
         self._cache_entries = cache_entries
         self._clock = clock
@@ -108,17 +125,54 @@ class DnsService:
         """Where the front listens (the real ports when the config said 0)."""
         return self._front.bound if self._front is not None else ()
 
-    def _parts(self, config: DnsConfig) -> tuple[UpstreamClient, KeyLookup | None]:
+    def _parts(
+        self, config: DnsConfig
+    ) -> tuple[UpstreamClient, KeyLookup | None, ManagedAnchors | None]:
         upstream = UpstreamClient(_source(config), self._settings, self.upstream_stats)
+        managed: ManagedAnchors | None = None
         try:
-            key_lookup = self._factory(config, upstream)
+            if self._factory is not None:
+                key_lookup = self._factory(config, upstream)
+            elif config.trust_anchor:
+                key_lookup = validating_key_lookup(config, upstream)
+            else:
+                managed = self._managed_for(config)
+                key_lookup = ValidatingKeyLookup(managed.anchors, upstream)
         except ValueError as exc:
             raise _service_error(str(exc)) from None
-        return upstream, key_lookup
+        return upstream, key_lookup, managed
 
-    def _build(self, config: DnsConfig) -> Resolver:
-        upstream, key_lookup = self._parts(config)
-        return Resolver(
+    def _managed_for(self, config: DnsConfig) -> ManagedAnchors:
+        """The trust point kept in ``auto_trust_anchor``: the running one if it is that file."""
+        if self.managed is not None and self.managed.path == Path(config.auto_trust_anchor):
+            return self.managed
+        timers = self._anchor_timers or timers_from_environ()
+        return ManagedAnchors(config.auto_trust_anchor, timers, clock=self._wall_clock)
+
+    async def _use_anchors(self, managed: ManagedAnchors | None) -> None:
+        """Probe ``managed`` from now on (and no longer the one before)."""
+        if managed is self.managed:
+            return
+        previous, self.managed = self.managed, managed
+        if previous is not None:
+            await previous.stop()
+        if managed is not None:
+            managed.listeners.append(self._anchors_changed)
+            managed.start(self._current_upstream)
+
+    def _current_upstream(self) -> Resolving | None:
+        upstream = self.resolver.upstream if self.resolver is not None else None
+        return upstream if isinstance(upstream, UpstreamClient) else None
+
+    def _anchors_changed(self, anchors: TrustAnchors) -> None:
+        """RFC 5011 moved a key: the key lookup validates from the new trusted keys."""
+        lookup = self.resolver.key_lookup if self.resolver is not None else None
+        if isinstance(lookup, ValidatingKeyLookup):
+            lookup.set_anchors(anchors)
+
+    def _build(self, config: DnsConfig) -> tuple[Resolver, ManagedAnchors | None]:
+        upstream, key_lookup, managed = self._parts(config)
+        resolver = Resolver(
             upstream,
             HoldPolicy.from_config(config),
             key_lookup=key_lookup,
@@ -126,6 +180,7 @@ class DnsService:
             cache=AnswerCache(self._cache_entries, max_ttl=_cache_ttl(config)),
             stats=self.stats,
         )
+        return resolver, managed
 
     def _new_front(self, config: DnsConfig) -> DnsFront:
         for endpoint in config.listen:
@@ -150,7 +205,7 @@ class DnsService:
 
     async def start(self, config: OeConfig) -> None:
         dns_config = config.dns
-        resolver = self._build(dns_config)
+        resolver, managed = self._build(dns_config)
         front = self._new_front(dns_config)
         self.resolver = resolver
         try:
@@ -161,13 +216,14 @@ class DnsService:
         self._front = front
         self._config = dns_config
         self._started_at = self._clock()
+        await self._use_anchors(managed)
 
     async def reload(self, config: OeConfig) -> None:
         new = config.dns
         old = self._config
         if old is None or new == old:
             return
-        upstream, key_lookup = self._parts(new)  # refuses before anything changes
+        upstream, key_lookup, managed = self._parts(new)  # refuses before anything changes
         if new.listen != old.listen:
             front = self._new_front(new)
             try:
@@ -189,6 +245,7 @@ class DnsService:
             resolver.key_lookup = key_lookup
             resolver.policy = HoldPolicy.from_config(new)
             resolver.cache = AnswerCache(self._cache_entries, max_ttl=_cache_ttl(new))
+        await self._use_anchors(managed)
         self._config = new
         log.info("DNS front reloaded")
 
@@ -211,6 +268,7 @@ class DnsService:
         self._front = front
 
     async def stop(self) -> None:
+        await self._use_anchors(None)
         if self._front is not None:
             await self._front.stop()
             self._front = None
@@ -258,7 +316,13 @@ class DnsService:
             doc["held_now"] = self.resolver.core.in_flight
             doc["negotiations_now"] = self.resolver.core.negotiations
             doc["cache_entries"] = len(self.resolver.cache) if self.resolver.cache else 0
-        return StatusContribution(dns=doc)
+            if self.managed is not None:
+                doc.update(self.managed.describe())
+            elif config.trust_anchor:
+                doc["trust_anchor"] = f"file {config.trust_anchor}"
+        rows = self.managed.point.rows() if self.managed is not None else []
+        anchors = tuple(TrustAnchorStatus.from_json(r) for r in rows)
+        return StatusContribution(dns=doc, trust_anchors=anchors)
 
 
 def _cache_ttl(config: DnsConfig) -> int:

@@ -35,6 +35,7 @@ from oe_router.config.schema import OeConfig
 from oe_router.control.protocol import CommandError, CommandTable, Request
 from oe_router.control.status import ChildSaStatus, StatusContribution, TunnelStatus
 from oe_router.datapath import base as dp
+from oe_router.dns.ipseckey import rdata_text
 from oe_router.ratelimit import RateLimit
 
 from .auth import PrivateKey, PublicKey
@@ -53,6 +54,7 @@ from .events import (
     IkeSaRekeyed,
     InitialContact,
 )
+from .hostkey import generate_key_file, publish_line
 from .payloads import TrafficSelector
 from .sa import (
     DEFAULT_ESP_PROPOSALS,
@@ -426,8 +428,12 @@ class IkeService:
             self.private_key, self.key_note = self._key_override, "given"
             return
         path = Path(config.identity.private_key)
+        local_id = config.identity.local_id
         try:
-            self.private_key = load_private_key(path.read_bytes(), str(path))
+            if local_id != "%null" and not path.exists():
+                self.private_key = self._first_key(path, local_id)
+            else:
+                self.private_key = load_private_key(path.read_bytes(), str(path))
             self.key_note = str(path)
         except OSError as exc:
             self.private_key = None
@@ -437,6 +443,21 @@ class IkeService:
                     f"identity.private_key {path}: {exc.strerror}; local_id "
                     f"{config.identity.local_id} needs a key (or set local_id %null)"
                 ) from None
+
+    @staticmethod
+    def _first_key(path: Path, local_id: str) -> PrivateKey:
+        """The identity needs a key and there is none yet: make it (hostkey.py)."""
+        try:
+            key = generate_key_file(path)
+        except FileExistsError:  # made meanwhile: take that one
+            return load_private_key(path.read_bytes(), str(path))
+        log.info(
+            "identity %s: no key at %s, made one (ECDSA P-256, mode 0600); publish: %s",
+            local_id,
+            path,
+            publish_line(local_id, key.public_key()),
+        )
+        return key
 
     async def start(self, config: OeConfig) -> None:
         self.config = config
@@ -931,7 +952,19 @@ class IkeService:
         return tuple(out)
 
     def status(self) -> StatusContribution:
-        return StatusContribution(tunnels=self.rows(), ike=self.counters())
+        return StatusContribution(
+            tunnels=self.rows(), ike={**self.counters(), "identity": self.identity()}
+        )
+
+    def identity(self) -> dict[str, object]:
+        """Who we say we are, and the public half of our key in the IPSECKEY form to
+        publish for that identity (``oe status`` "ike" -> "identity")."""
+        out: dict[str, object] = {"local_id": self._id_override or self.config.identity.local_id}
+        if self.private_key is not None:
+            out["key"] = f"{_key_kind(self.private_key)} {self.key_note}"
+            with contextlib.suppress(ValueError):
+                out["ipseckey"] = rdata_text(self.private_key.public_key())
+        return out
 
     def counters(self) -> dict[str, object]:
         """The endpoint's counters (``oe status`` "ike"): what it dropped and why, the
