@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oe_router.config.uci import UciPackage, UciSection, UciSyntaxError, dumps, parse, quote
+from oe_router.config.validate import validate_text
+from tests.uci_cases import LIBUCI_READS, LibuciRead
 
 
 def one(text: str) -> UciSection:
@@ -68,8 +70,8 @@ def test_comments_and_separators() -> None:
     sec = one(
         "# leading comment\nconfig t 'n' # trailing comment\n"
         "\toption a x#comment straight after a word\n"
-        "\toption b 'y'; option c z;list d 1 ; list d 2\n"
-        "   ;;  \n\t# indented comment\n"
+        "\toption b 'y'; option c \"z\";list d '1' ; list d 2\n"
+        "   \n\t# indented comment\n"
     )
     assert sec.name == "n"
     assert sec.options == {"a": "x", "b": "y", "c": "z"}
@@ -84,14 +86,45 @@ def test_short_command_words_and_anonymous_sections() -> None:
 
 
 def test_option_semantics_follow_libuci() -> None:
-    # uci_set: a re-set option moves to the end; an empty value deletes.
+    # uci_set: a value set again keeps its place; in a file an empty value does nothing
+    # (libuci has not looked the option up completely there, so it does not delete).
     sec = one("config t\n option a 1\n option b 2\n option a 3\n option b ''\n option c\n")
-    assert list(sec.options.items()) == [("a", "3")]
-    # uci_add_list turns an option into a list; a later option replaces the list.
+    assert list(sec.options.items()) == [("a", "3"), ("b", "2")]
+    # uci_add_list turns an option into a list in its place; a later option replaces it.
     sec = one("config t\n option x 1\n list x 2\n list y 1\n option y 9\n list z ''\n")
     assert sec.lists == {"x": ["1", "2"], "z": [""]}
     assert sec.options == {"y": "9"}
     assert sec.list_lines["x"] == [2, 3]
+    # Programmatic set_option (what `uci set` does) still deletes with an empty value.
+    sec.set_option("y", "")
+    assert sec.options == {}
+
+
+@pytest.mark.parametrize("case", LIBUCI_READS, ids=lambda c: repr(c.text)[:48])
+def test_reads_files_as_libuci_does(case: LibuciRead) -> None:
+    """Regressions: where libuci (tests/host/test_uci_libuci.py) read these otherwise."""
+    if case.sections is None:
+        with pytest.raises(UciSyntaxError) as info:
+            parse(case.text)
+        assert info.value.reason == case.our_error
+        return
+    pkg = parse(case.text)
+    assert [(s.type, s.name, s.options, s.lists) for s in pkg.sections] == case.sections
+    for sec, (_, _, options, lists) in zip(pkg.sections, case.sections, strict=True):
+        assert list(sec.options) == list(options) and list(sec.lists) == list(lists)
+
+
+def test_sections_named_again_are_merged_and_remembered() -> None:
+    pkg = parse("config t n\n option a 1\nconfig t m\nconfig t n\n option b 2\n")
+    assert [s.name for s in pkg.sections] == ["n", "m"]
+    assert pkg.sections[0].options == {"a": "1", "b": "2"}
+    assert (pkg.sections[0].line, pkg.sections[0].reopened) == (1, [4])
+    assert pkg.sections[0].option_lines == {"a": 2, "b": 5}
+
+
+def test_the_first_package_statement_names_the_file() -> None:
+    pkg = parse("package oe\nconfig t\npackage other\n")
+    assert (pkg.name, pkg.package_line) == ("oe", 1)
 
 
 @pytest.mark.parametrize(
@@ -123,12 +156,6 @@ def test_option_semantics_follow_libuci() -> None:
         ("config t\n\n   frob\n", 3, 4, "invalid command 'frob'"),
         ("package\n", 1, 1, "package: missing package name"),
         ("package a.b\n", 1, 9, "invalid character in package name 'a.b'"),
-        (
-            "config t\npackage x\n",
-            2,
-            1,
-            "package must come once, before the first config statement",
-        ),
         ("config t\n option a 'x\0y'\n", 2, 13, "NUL byte in file"),
     ],
 )
@@ -198,7 +225,8 @@ def sections(draw: st.DrawFn) -> UciSection:
 PACKAGES = st.builds(
     UciPackage,
     st.none() | st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True),
-    st.lists(sections(), max_size=5),
+    # unique names: libuci (and so the parser) merges sections that share one
+    st.lists(sections(), max_size=5, unique_by=lambda s: s.name or object()),
 )
 
 
@@ -255,3 +283,19 @@ def test_fuzz_regression_non_c_whitespace_inside_a_statement() -> None:
         sec = one("config t\n\toption a x\x1fy\n\tlist b '1'\x1c\u00a0\u2028\n")
     assert sec.options == {"a": "x\x1fy"} and sec.lists == {"b": ["1\x1c\u00a0\u2028"]}
     assert parse(dumps(UciPackage(None, [sec]))) == UciPackage(None, [sec])
+
+
+def test_checker_refuses_a_section_named_again() -> None:
+    """The parser merges, as libuci does; the checker still says where, for both kinds."""
+    _, problems = validate_text("config oe 'g'\nconfig dns 'd'\nconfig oe 'g'\n", "oe")
+    assert [str(p) for p in problems] == [
+        "oe:3: oe.g: section 'g' is defined twice (first at line 1); "
+        "libuci would merge them, so write it once"
+    ]
+    text = "config policy\n option group clear\nconfig policy cfg016ff5\n"
+    _, problems = validate_text(text, "oe")
+    assert (
+        3,
+        "this names the unnamed section of line 1 (by the name libuci makes up for it); "
+        "give that section a name instead",
+    ) in [(p.line, p.message) for p in problems]

@@ -1,29 +1,44 @@
 """The UCI file grammar, read the way libuci (openwrt/uci, file.c) reads it, and written back.
 
-Why our own parser: libuci is not installable here and the daemon must be able to check
-a file before it replaces the running config.  The grammar rules below follow libuci's
-``uci_parse_line`` / ``parse_str`` / ``parse_single_quote`` / ``parse_double_quote``:
+Why our own parser: the daemon must check a file before it replaces the running config, on
+any host. On a router libuci reads the same file for every other tool, so this parser
+follows libuci to the letter, quirks included; tests/host/test_uci_libuci.py holds it
+against the real libuci (built from source) on fixtures and generated files.
+
+libuci reads a line at a time and parses it in place:
 
 * statements ``package NAME``, ``config TYPE [NAME]``, ``option NAME [VALUE]``,
-  ``list NAME [VALUE]``; libuci also accepts the one-letter forms ``p``, ``c``, ``o``, ``l``;
+  ``list NAME [VALUE]``, also as ``p``, ``c``, ``o``, ``l``. The command word ends at a
+  space or tab only and is taken as written: ``'config'``, ``config\\vx``, a lone ``;`` or
+  a backslash at the start of a statement are invalid commands;
 * an argument is made of adjacent pieces that concatenate: unquoted text, ``'single'``
-  and ``"double"`` quoted text (``'a'"b"c`` is ``abc``);
+  and ``"double"`` quoted text (``'a'"b"c`` is ``abc``); arguments are separated by C
+  isspace() characters (space, tab, CR, VT, FF);
 * a backslash escapes the next character in unquoted text and inside double quotes; it is
   NOT decoded (``\\n`` is the letter ``n``, libuci has a "FIXME: decode" there); a backslash
   at the end of a line joins the next line; inside single quotes a backslash is literal;
 * quoted text may span lines (the newline is part of the value);
 * ``#`` outside quotes starts a comment to the end of the line, even inside a word;
-* ``;`` outside quotes ends a statement (libuci's unquoted ``b;`` case drops the following
-  statement through a buffer-aliasing quirk; we keep the statement, as the grammar intends);
+* ``;`` ends a statement, the libuci way: a ``;`` where an argument would start fills
+  that argument with nothing (so ``config t ; option a b`` has one argument too many);
+  after quoted or escaped text it ends the argument; straight after plain unquoted text
+  it ends the whole line, the rest being lost (libuci writes the word's terminator over
+  it: ``option a b;option c d`` sets only ``a``); a line may not end in ``;``;
 * section, option and package names are letters, digits and ``_`` (package names may
   also contain ``-``); section types are printable ASCII without spaces;
-* ``option NAME ''`` deletes the option (libuci's ``uci_set`` with an empty value), so an
-  option value is never empty; ``list`` items may be empty;
-* ``list`` after ``option`` of the same name turns it into a list (``uci_add_list``),
-  ``option`` after ``list`` replaces the list; a re-set option moves to the end.
+* ``option NAME ''`` (or no value) does nothing in a file: it neither sets nor deletes;
+  ``list`` items may be empty;
+* ``list`` after ``option`` of the same name turns it into a list in the option's place
+  (``uci_add_list``), ``option`` after ``list`` replaces the list; a value set again keeps
+  its place;
+* a ``config`` statement with a name seen before continues that section (refused with a
+  different type, as strict libuci does), also when the name is the one libuci makes up
+  for an unnamed section (``cfg`` + its number + a hash of its type); the section records
+  the lines that named it again (``reopened``) and the schema refuses them;
+* a ``package`` statement may come anywhere; the first one names the package.
 
-The model is the file as written: two ``config`` statements with the same name stay two
-sections here (libuci merges them at load time); the schema layer refuses that.
+One deliberate difference: a NUL byte is refused. libuci reads lines with fgets() and
+strlen(), so it silently loses the rest of the line after a NUL.
 """
 
 from __future__ import annotations
@@ -78,10 +93,12 @@ class UciSyntaxError(Exception):
 
 @dataclass
 class UciSection:
-    """One ``config`` statement with its options and lists, in file order.
+    """One section with its options and lists, as libuci holds it after loading.
 
-    ``line``, ``option_lines`` and ``list_lines`` say where things were written, so the
-    schema can point at them; they take no part in equality.
+    ``line``, ``option_lines``, ``list_lines`` and ``reopened`` (lines where a ``config``
+    statement named this section again) say where things were written, so the schema can
+    point at them; they take no part in equality. Options and lists are kept in libuci's
+    order: a value set again, or an option turned into a list, keeps its place.
     """
 
     type: str
@@ -91,6 +108,9 @@ class UciSection:
     line: int | None = field(default=None, compare=False)
     option_lines: dict[str, int] = field(default_factory=dict, compare=False)
     list_lines: dict[str, list[int]] = field(default_factory=dict, compare=False)
+    reopened: list[int] = field(default_factory=list, compare=False)
+    #: option and list names in libuci's one order (options and lists share it)
+    _order: list[str] = field(default_factory=list, compare=False, repr=False)
 
     def __eq__(self, other: object) -> bool:
         # Dict equality ignores order; the model promises order, so compare item lists.
@@ -105,27 +125,52 @@ class UciSection:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def _sync_order(self) -> None:
+        """Names set through the constructor join the order (options first, then lists)."""
+        known = set(self._order)
+        if len(known) != len(self.options) + len(self.lists):
+            live = self.options.keys() | self.lists.keys()
+            self._order = [n for n in self._order if n in live]
+            self._order += [n for n in [*self.options, *self.lists] if n not in known]
+
+    def _regroup(self) -> None:
+        """Rebuild both dicts in the shared order after an option became a list or back."""
+        self.options = {n: self.options[n] for n in self._order if n in self.options}
+        self.lists = {n: self.lists[n] for n in self._order if n in self.lists}
+
     def set_option(self, name: str, value: str, line: int | None = None) -> None:
-        """libuci uci_set: empty deletes, a re-set option moves to the end."""
-        self.options.pop(name, None)
-        self.option_lines.pop(name, None)
+        """libuci uci_set: an empty value deletes; a value set again keeps its place."""
+        self._sync_order()
         if value == "":
+            self.options.pop(name, None)
+            self.option_lines.pop(name, None)
             self.lists.pop(name, None)
             self.list_lines.pop(name, None)
+            if name in self._order:
+                self._order.remove(name)
             return
-        self.lists.pop(name, None)
+        was_list = self.lists.pop(name, None) is not None
         self.list_lines.pop(name, None)
+        if name not in self._order:
+            self._order.append(name)
         self.options[name] = value
         if line is not None:
             self.option_lines[name] = line
+        if was_list:
+            self._regroup()
 
     def add_list(self, name: str, value: str, line: int | None = None) -> None:
-        """libuci uci_add_list: an existing plain option becomes the list's first item."""
+        """libuci uci_add_list: an existing plain option becomes the list's first item,
+        in the option's place."""
+        self._sync_order()
         if name in self.options:
             first = self.options.pop(name)
             first_line = self.option_lines.pop(name, line or 0)
             self.lists[name] = [first]
             self.list_lines[name] = [first_line]
+            self._regroup()
+        elif name not in self._order:
+            self._order.append(name)
         self.lists.setdefault(name, []).append(value)
         self.list_lines.setdefault(name, []).append(line or 0)
 
@@ -139,13 +184,20 @@ class UciPackage:
     package_line: int | None = field(default=None, compare=False)
 
 
-class _Reader:
-    """Cursor over the text that knows line and column of every offset."""
+class _Buffer:
+    """libuci's line buffer, over the whole text.
+
+    libuci reads one line at a time and parses it in place: ``[pos, end)`` is what is left
+    of the current line. A backslash-newline or a quote left open appends the next line
+    (``extend``); a ``#`` outside quotes, or a ``;`` straight after unquoted text (libuci
+    writes the word's terminating NUL over it), ends the line early (``cut``). ``line_end``
+    is where the next line starts whatever was cut.
+    """
 
     def __init__(self, text: str, filename: str) -> None:
         self.text = text
         self.filename = filename
-        self.pos = 0
+        self.pos = self.end = self.line_end = 0
         self._starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
 
     def where(self, pos: int) -> tuple[int, int]:
@@ -156,21 +208,32 @@ class _Reader:
         line, col = self.where(pos)
         return UciSyntaxError(self.filename, line, col, reason)
 
+    def _line_after(self, start: int) -> int:
+        nl = self.text.find("\n", start)
+        return len(self.text) if nl < 0 else nl + 1
+
+    def next_line(self) -> bool:
+        """Start on the next line; False at the end of the text."""
+        self.pos = self.line_end
+        if self.pos >= len(self.text):
+            return False
+        self.end = self.line_end = self._line_after(self.pos)
+        return True
+
+    def extend(self) -> bool:
+        """Append the next line (pos is at the end of this one); False at the end of text."""
+        if self.line_end >= len(self.text):
+            return False
+        self.pos = self.line_end
+        self.end = self.line_end = self._line_after(self.pos)
+        return True
+
+    def cut(self) -> None:
+        self.end = self.pos
+
     def peek(self, ahead: int = 0) -> str:
         i = self.pos + ahead
-        return self.text[i] if i < len(self.text) else ""
-
-    def at_line_continuation(self) -> int:
-        """Length of a backslash-newline (1 + 1 or 1 + 2 for CRLF) at pos, else 0."""
-        if self.peek() != "\\":
-            return 0
-        if self.peek(1) == "\n":
-            return 2
-        if self.peek(1) == "\r" and self.peek(2) == "\n":
-            return 3
-        if self.peek(1) == "":
-            return 1
-        return 0
+        return self.text[i] if i < self.end else ""
 
 
 @dataclass
@@ -179,88 +242,106 @@ class _Arg:
     pos: int
 
 
-_BLANK = " \t\r\v\f"
 #: C isspace() in libuci's C locale; str.isspace() also takes \x1c-\x1f and Unicode
-#: spaces, which libuci keeps inside words (and which once stopped ``_read_arg`` without
-#: ``_skip_blanks`` passing them: an endless loop on ``config x\x1fy``)
-_SPACE = _BLANK + "\n"
+#: spaces, which libuci keeps inside words (and which once stopped the argument reader
+#: without the blank skipper passing them: an endless loop on ``config x\x1fy``)
+_SPACE = " \t\n\r\v\f"
 
 
-def _skip_blanks(r: _Reader) -> None:
-    """Skip spaces and tabs and backslash-newline joins; stop at a newline."""
+def _skip_space(b: _Buffer) -> None:
+    while (c := b.peek()) and c in _SPACE:
+        b.pos += 1
+
+
+def _backslash(b: _Buffer) -> bool:
+    """Step over a backslash: True if the next character is to be taken as it is, False
+    if the backslash ended the line and so joined the next one."""
+    b.pos += 1
+    c = b.peek()
+    if c == "\n" or c == "" or (c == "\r" and b.peek(1) == "\n" and b.peek(2) == ""):
+        b.pos = b.end
+        b.extend()
+        return False
+    return True
+
+
+def _single_quote(b: _Buffer, out: list[str]) -> None:
+    """'text': literal up to the next quote, across lines."""
+    close = b.text.find("'", b.pos + 1)
+    if close < 0:
+        raise b.error(b.pos, "unterminated ' quote")
+    out.append(b.text[b.pos + 1 : close])
+    b.pos = close + 1
+    if close >= b.end:
+        b.end = b.line_end = b._line_after(close)
+
+
+def _double_quote(b: _Buffer, out: list[str]) -> None:
+    """ "text": a backslash takes the next character as it is (not decoded) or joins lines."""
+    opened = b.pos
+    b.pos += 1
     while True:
-        c = r.peek()
-        if c and c in _BLANK:
-            r.pos += 1
-        elif (n := r.at_line_continuation()) != 0:
-            r.pos += n
-        else:
+        c = b.peek()
+        if c == '"':
+            b.pos += 1
             return
-
-
-def _read_arg(r: _Reader) -> _Arg:
-    """One argument: adjacent unquoted and quoted pieces, as libuci's parse_str."""
-    start = r.pos
-    out: list[str] = []
-    while True:
-        c = r.peek()
-        if c == "" or c in _SPACE or c in ";#":
-            return _Arg("".join(out), start)
-        if c == "'":
-            opened = r.pos
-            end = r.text.find("'", r.pos + 1)
-            if end < 0:
-                raise r.error(opened, "unterminated ' quote")
-            out.append(r.text[r.pos + 1 : end])
-            r.pos = end + 1
-        elif c == '"':
-            opened = r.pos
-            r.pos += 1
-            while True:
-                d = r.peek()
-                if d == "":
-                    raise r.error(opened, 'unterminated " quote')
-                if d == '"':
-                    r.pos += 1
-                    break
-                if d == "\\":
-                    n = r.at_line_continuation()
-                    if n:
-                        r.pos += n
-                        continue
-                    out.append(r.peek(1))
-                    r.pos += 2
-                    continue
-                out.append(d)
-                r.pos += 1
+        if c == "":
+            if not b.extend():
+                raise b.error(opened, 'unterminated " quote')
         elif c == "\\":
-            n = r.at_line_continuation()
-            if n:
-                r.pos += n
-                continue
-            out.append(r.peek(1))
-            r.pos += 2
+            if _backslash(b):
+                out.append(b.peek())
+                b.pos += 1
         else:
             out.append(c)
-            r.pos += 1
+            b.pos += 1
 
 
-def _read_statement_args(r: _Reader) -> list[_Arg]:
-    """Arguments up to the end of the statement (newline, ';', '#' or end of text)."""
-    args: list[_Arg] = []
+def _read_str(b: _Buffer) -> str:
+    """One argument: adjacent unquoted and quoted pieces, up to a space, ``;``, ``#`` or
+    the end of the line (libuci's parse_str)."""
+    out: list[str] = []
+    plain = True  # nothing quoted or escaped yet: libuci's output still overlays its input
     while True:
-        _skip_blanks(r)
-        c = r.peek()
-        if c == "" or c == "\n":
-            return args
-        if c == ";":
-            r.pos += 1
-            return args
-        if c == "#":
-            end = r.text.find("\n", r.pos)
-            r.pos = len(r.text) if end < 0 else end
-            return args
-        args.append(_read_arg(r))
+        c = b.peek()
+        if c == "'":
+            plain = False
+            _single_quote(b, out)
+        elif c == '"':
+            plain = False
+            _double_quote(b, out)
+        elif c == "#":
+            b.cut()
+            return "".join(out)
+        elif c == "":
+            return "".join(out)
+        elif c == ";":
+            if plain:
+                b.cut()  # overwritten by the terminator: the rest of the line is lost
+            return "".join(out)
+        elif c == "\\":
+            plain = False
+            if _backslash(b):
+                out.append(b.peek())
+                b.pos += 1
+        else:
+            out.append(c)
+            b.pos += 1
+        c = b.peek()
+        if c == "" or c in _SPACE:
+            if c:
+                b.pos += 1
+            return "".join(out)
+
+
+def _next_arg(b: _Buffer) -> _Arg:
+    """The next argument; a ``;`` where one starts is taken as an empty one."""
+    _skip_space(b)
+    start = b.pos
+    if b.peek() == ";":
+        b.pos += 1
+        return _Arg("", start)
+    return _Arg(_read_str(b), start)
 
 
 _COMMANDS = {
@@ -275,87 +356,141 @@ _COMMANDS = {
 }
 
 
+@dataclass
+class _State:
+    pkg: UciPackage
+    section: UciSection | None = None
+    #: sections by name, the first of a name winning, as libuci's lookup finds them;
+    #: unnamed ones under the name libuci makes up for them
+    named: dict[str, UciSection] = field(default_factory=dict)
+    count: int = 0  # sections made so far (libuci's n_section)
+
+
+def _made_up_name(count: int, stype: str) -> str:
+    """libuci's name for the count-th section when it has none: ``cfg``, the count and a
+    djb hash of the type (the section has no options yet when it is named)."""
+    h = 5381
+    for byte in stype.encode():
+        h = (h * 33 + byte) & 0xFFFFFFFF
+    return f"cfg{count:02x}{(h & 0x7FFFFFFF) % 65536:04x}"
+
+
 def parse(text: str, filename: str = "<string>") -> UciPackage:
     """Parse UCI text into a UciPackage; raises UciSyntaxError (file, line, column)."""
-    r = _Reader(text, filename)
+    b = _Buffer(text, filename)
     nul = text.find("\0")
     if nul >= 0:
-        raise r.error(nul, "NUL byte in file")
+        raise b.error(nul, "NUL byte in file")
     pkg = UciPackage()
-    section: UciSection | None = None
-    while True:
-        # Skip blank space, newlines, empty statements and comments between statements.
-        c = r.peek()
-        if c == "":
-            return pkg
-        if c in _SPACE or c == ";":
-            r.pos += 1
-            continue
-        if (n := r.at_line_continuation()) != 0:
-            r.pos += n
-            continue
-        if c == "#":
-            end = r.text.find("\n", r.pos)
-            r.pos = len(text) if end < 0 else end
-            continue
-        stmt_pos = r.pos
-        args = _read_statement_args(r)
-        word = args[0]
-        command = _COMMANDS.get(word.value)
-        if command is None:
-            raise r.error(word.pos, f"invalid command {word.value!r}")
-        rest = args[1:]
-        line = r.where(stmt_pos)[0]
+    state = _State(pkg)
+    while b.next_line():
+        _skip_space(b)
+        while _statement(b, state):
+            pass
+    return pkg
 
-        def need(index: int, what: str, _rest: list[_Arg] = rest, _w: _Arg = word) -> _Arg:
-            if index >= len(_rest) or _rest[index].value == "":
-                at = _rest[index].pos if index < len(_rest) else _w.pos
-                raise r.error(at, f"{_w.value}: missing {what}")
-            return _rest[index]
 
-        def at_most(count: int, _rest: list[_Arg] = rest, _w: _Arg = word) -> None:
-            if len(_rest) > count:
-                raise r.error(_rest[count].pos, f"{_w.value}: too many arguments")
+def _statement(b: _Buffer, state: _State) -> bool:
+    """One statement from the current line (libuci's uci_parse_line loop); False at its end.
 
-        if command == "package":
-            name = need(0, "package name")
-            at_most(1)
-            if not valid_package_name(name.value):
-                raise r.error(name.pos, f"invalid character in package name {name.value!r}")
-            if pkg.sections or pkg.name is not None:
-                raise r.error(word.pos, "package must come once, before the first config statement")
-            pkg.name = name.value
-            pkg.package_line = line
-        elif command == "config":
-            stype = need(0, "section type")
-            at_most(2)
-            if not valid_type(stype.value):
-                raise r.error(stype.pos, f"invalid character in section type {stype.value!r}")
-            sname: str | None = None
-            if len(rest) > 1 and rest[1].value != "":
-                sname = rest[1].value
-                if not valid_name(sname):
-                    raise r.error(
-                        rest[1].pos,
-                        f"invalid character in section name {sname!r} (use letters, digits and _)",
-                    )
-            section = UciSection(type=stype.value, name=sname, line=line)
-            pkg.sections.append(section)
+    The command word is split off at a space or tab only (libuci's strtok), so it is taken
+    as written: no quotes, escapes or other blanks.
+    """
+    while (c := b.peek()) and c in " \t":
+        b.pos += 1
+    start = b.pos
+    if start >= b.end:
+        return False
+    stop = start
+    while stop < b.end and b.text[stop] not in " \t":
+        stop += 1
+    word = b.text[start:stop]
+    if word.startswith("#"):
+        return False
+    bare = word.rstrip("\r\n")  # a word that ends the line has no argument after it
+    command = _COMMANDS.get(bare)
+    if command is None:
+        if bare == "":  # libuci's strtok hands it the newline as a word
+            raise b.error(start, "a ';' must be followed by a statement on the same line")
+        raise b.error(start, f"invalid command {bare!r}")
+    if command in ("option", "list") and state.section is None:
+        raise b.error(start, f"{bare} found before the first config section")
+    line = b.where(start)[0]
+    if stop >= b.end or bare != word:
+        raise b.error(start, f"{bare}: missing {_FIRST[command]}")
+    b.pos = stop + 1
+    first = _next_arg(b)
+    if first.value == "":
+        at = first.pos if first.pos < b.end else start
+        raise b.error(at, f"{word}: missing {_FIRST[command]}")
+    if command == "package":
+        if not valid_package_name(first.value):
+            raise b.error(first.pos, f"invalid character in package name {first.value!r}")
+        _end_of_statement(b, word)
+        if state.pkg.name is None:
+            state.pkg.name = first.value
+            state.pkg.package_line = line
+        return True
+    if command == "config":
+        if not valid_type(first.value):
+            raise b.error(first.pos, f"invalid character in section type {first.value!r}")
+    elif not valid_name(first.value):
+        raise b.error(
+            first.pos,
+            f"invalid character in option name {first.value!r} (use letters, digits and _)",
+        )
+    second = _next_arg(b)
+    if command == "config" and second.value and not valid_name(second.value):
+        raise b.error(
+            second.pos,
+            f"invalid character in section name {second.value!r} (use letters, digits and _)",
+        )
+    _end_of_statement(b, word)
+    if command == "config":
+        _open_section(b, state, first, second.value or None, line)
+    elif state.section is not None:
+        if command == "option":
+            # In a file libuci's uci_set gets an empty value for an option it has not
+            # looked up completely, and so does nothing: no delete (``uci set`` deletes).
+            if second.value:
+                state.section.set_option(first.value, second.value, line)
         else:
-            if section is None:
-                raise r.error(word.pos, f"{word.value} found before the first config section")
-            oname = need(0, "option name")
-            at_most(2)
-            if not valid_name(oname.value):
-                raise r.error(
-                    oname.pos,
-                    f"invalid character in option name {oname.value!r} (use letters, digits and _)",
-                )
-            value = rest[1].value if len(rest) > 1 else ""
-            if command == "option":
-                section.set_option(oname.value, value, line)
-            else:
-                section.add_list(oname.value, value, line)
+            state.section.add_list(first.value, second.value, line)
+    return True
+
+
+_FIRST = {
+    "package": "package name",
+    "config": "section type",
+    "option": "option name",
+    "list": "option name",
+}
+
+
+def _end_of_statement(b: _Buffer, word: str) -> None:
+    extra = _next_arg(b)
+    if extra.value:
+        raise b.error(extra.pos, f"{word}: too many arguments")
+
+
+def _open_section(b: _Buffer, state: _State, stype: _Arg, name: str | None, line: int) -> None:
+    """A new section, or, for a name seen before, that section again (libuci merges them;
+    in its default strict mode only when the type is the same). The name may also be the
+    one libuci made up for an unnamed section: that section is continued too."""
+    if name is not None and (seen := state.named.get(name)) is not None:
+        if seen.type != stype.value:
+            raise b.error(
+                stype.pos,
+                f"section {name!r} was opened as {seen.type!r} at line {seen.line}; "
+                f"libuci refuses another type for the same name",
+            )
+        seen.reopened.append(line)
+        state.section = seen
+        return
+    state.section = UciSection(type=stype.value, name=name, line=line)
+    state.pkg.sections.append(state.section)
+    state.count += 1
+    state.named.setdefault(name or _made_up_name(state.count, stype.value), state.section)
 
 
 def quote(value: str) -> str:

@@ -246,22 +246,21 @@ def validate_package(pkg: UciPackage, filename: str) -> tuple[OeConfig, list[Con
         c.add(pkg.package_line, None, pkg.name, f"package {pkg.name!r} is not {PACKAGE!r}")
     labels = _labels(pkg, package)
 
-    named: dict[str, UciSection] = {}
     first_of_type: dict[str, UciSection] = {}
     singles: dict[str, dict[str, Any]] = {t: {} for t in SINGLETONS}
     policy_sections: list[tuple[UciSection, str, dict[str, Any]]] = []
     for sec, label in zip(pkg.sections, labels, strict=True):
-        if sec.name is not None:
-            if sec.name in named:
-                c.add(
-                    sec.line,
-                    label,
-                    None,
-                    f"section {sec.name!r} is defined twice (first at line "
-                    f"{named[sec.name].line}); libuci would merge them, so write it once",
-                )
-            else:
-                named[sec.name] = sec
+        for again in sec.reopened:  # the parser merged them, as libuci does
+            c.add(
+                again,
+                label,
+                None,
+                f"section {sec.name!r} is defined twice (first at line {sec.line}); "
+                "libuci would merge them, so write it once"
+                if sec.name is not None
+                else f"this names the unnamed section of line {sec.line} (by the name "
+                "libuci makes up for it); give that section a name instead",
+            )
         if sec.type not in OPTIONS:
             c.add(
                 sec.line,
