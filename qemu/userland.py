@@ -329,9 +329,13 @@ class UserlandBuild:
         return data
 
 
+#: other names the components go by (the program or OpenWrt package name)
+ALIASES = {"opkg": "opkg-lede", "jsonfilter": "jsonpath", "fw4": "firewall4"}
+
+
 def select(components: Sequence[str] | None) -> list[str]:
     """The components asked for plus those they need, in build order."""
-    wanted = set(DEFAULT if components is None else components)
+    wanted = {ALIASES.get(c, c) for c in (DEFAULT if components is None else components)}
     unknown = sorted(wanted - set(COMPONENTS))
     if unknown:
         raise BuildError(
@@ -738,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = result.stamp()
     for name, info in stamp.get("components", {}).items():
         log(f"{name:10} {info['seconds']:5.1f}s  {info['source']}")
-    log(f"built in {stamp.get('total_seconds')}s (cached: {stamp.get('built_at')}): {result.root}")
+    log(f"built in {stamp.get('total_seconds')}s at {stamp.get('built_at')}: {result.root}")
     return 0
 
 
