@@ -265,6 +265,13 @@ def _backslash(b: _Buffer) -> bool:
     return True
 
 
+def _take(b: _Buffer, out: list[str]) -> None:
+    """The character at pos; a backslash takes the one after it as it is, or joins lines."""
+    if b.peek() != "\\" or _backslash(b):
+        out.append(b.peek())
+        b.pos += 1
+
+
 def _single_quote(b: _Buffer, out: list[str]) -> None:
     """'text': literal up to the next quote, across lines."""
     close = b.text.find("'", b.pos + 1)
@@ -288,13 +295,8 @@ def _double_quote(b: _Buffer, out: list[str]) -> None:
         if c == "":
             if not b.extend():
                 raise b.error(opened, 'unterminated " quote')
-        elif c == "\\":
-            if _backslash(b):
-                out.append(b.peek())
-                b.pos += 1
         else:
-            out.append(c)
-            b.pos += 1
+            _take(b, out)
 
 
 def _read_str(b: _Buffer) -> str:
@@ -319,14 +321,9 @@ def _read_str(b: _Buffer) -> str:
             if plain:
                 b.cut()  # overwritten by the terminator: the rest of the line is lost
             return "".join(out)
-        elif c == "\\":
-            plain = False
-            if _backslash(b):
-                out.append(b.peek())
-                b.pos += 1
         else:
-            out.append(c)
-            b.pos += 1
+            plain = plain and c != "\\"
+            _take(b, out)
         c = b.peek()
         if c == "" or c in _SPACE:
             if c:
