@@ -493,8 +493,11 @@ def test_idle_and_trickling_clients_cannot_hold_the_server(
     max_clients, and each idler it let go got one error line, then EOF."""
     path = tmp_path / "s.sock"
     with ServerThread(path, max_clients=4, request_timeout=60.0) as server:
-        idlers = [_connect(path) for _ in range(8)]
+        idlers = [_connect(path)]
         idlers[0].sendall(b'{"cmd": ')  # a trickler: part of a line, never the rest
+        # (sent before the others queue up: once they wait, the server may let the
+        # trickler go at once as the longest idle, and a late send would meet EPIPE)
+        idlers += [_connect(path) for _ in range(7)]
         assert poll(lambda: server.connections == 4)
         reply = ControlClient(path, timeout=10).request("echo", n=1)
         assert reply == {"ok": True, "echo": {"n": 1}}
