@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
 import re
 import signal
 import subprocess
@@ -100,8 +101,13 @@ class Lab:
     r_ns: str
 
     def ubus(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return self.ubus_at(self.sock, *args, timeout=timeout)
+
+    def ubus_at(
+        self, sock: Path, *args: str, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(self.userland.tool("ubus")), "-s", str(self.sock), *args],
+            [str(self.userland.tool("ubus")), "-s", str(sock), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -435,6 +441,74 @@ def test_the_live_self_test_refuses_layouts_that_do_not_match(lab: Lab) -> None:
         logger.removeHandler(handler)
     assert len(records) == 1, records
     assert "self-test against ubusd" in records[0] and "i386 layouts do not match" in records[0]
+
+
+def test_a_stalled_ubusd_never_holds_the_loop(lab: Lab, tmp_path: Path) -> None:
+    """A ubusd that stops reading (SIGSTOP) while events pour out: libubus would wait
+    for room in the socket with no timeout, so the shim only writes what fits; the
+    rest is dropped and counted, the loop keeps its pace, and after SIGCONT calls are
+    answered again. (A shim of this process on a ubusd of its own.)"""
+    import asyncio
+
+    from oe_router.control.events import Events
+    from oe_router.control.protocol import CommandTable, Request
+    from oe_router.control.ubus import UbusShim
+
+    lib = str(lab.userland.root / "usr" / "lib" / "libubus.so")
+    _load(lab.userland, "libubus.so")
+    sock = tmp_path / "stalled.sock"
+    ubusd = subprocess.Popen(
+        [str(lab.userland.tool("ubusd")), "-s", str(sock)], env=lab.userland.env()
+    )
+    table = CommandTable()
+
+    async def status(request: Request) -> dict[str, Any]:
+        return {"status": {"pong": True}}
+
+    table.register("status", status)
+    hub = Events()
+    result: dict[str, Any] = {}
+
+    async def body() -> None:
+        shim = UbusShim(table, str(sock), events=hub, candidates=lambda: [lib])
+        await shim.start()
+        deadline = time.monotonic() + 10
+        while not shim.connected:
+            assert time.monotonic() < deadline, "no connection to the second ubusd"
+            await asyncio.sleep(0.05)
+        lags: list[float] = []
+
+        async def heartbeat() -> None:
+            while True:
+                t0 = time.monotonic()
+                await asyncio.sleep(0.01)
+                lags.append(time.monotonic() - t0)
+
+        beat = asyncio.get_running_loop().create_task(heartbeat())
+        os.kill(ubusd.pid, signal.SIGSTOP)
+        try:
+            for i in range(3000):  # 3000 events of 2 KB: 6 MB against a 2 MiB buffer
+                hub.publish("oe.shunt", {"destination": f"{i}", "reason": "x" * 2000})
+                if i % 50 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0.2)
+        finally:
+            os.kill(ubusd.pid, signal.SIGCONT)
+        result.update(shim.stats, max_lag=max(lags))
+        reply = await asyncio.to_thread(lambda: lab.ubus_at(sock, "call", "oe", "status").stdout)
+        result["reply"] = json.loads(reply)
+        beat.cancel()
+        await shim.stop()
+
+    try:
+        asyncio.run(body())
+    finally:
+        ubusd.kill()
+        ubusd.wait()
+    assert result["events_sent"] > 100 and result["events_dropped"] > 100, result
+    assert result["events_sent"] + result["events_dropped"] == 3000
+    assert result["max_lag"] < 1.0, result  # the loop never waited on ubusd
+    assert result["reply"] == {"pong": True}
 
 
 class _BlobmsgJson:

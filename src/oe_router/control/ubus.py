@@ -11,10 +11,13 @@ How it is driven: no uloop. The ubus socket's fd is on the asyncio loop
 inline ``ubus_handle_event`` does), in which libubus calls the method handler. The
 handler only parses the call and defers it (a copy of ``ubus_request_data``, what the
 static inline ``ubus_defer_request`` does); the command runs as an asyncio task, and its
-reply goes out when it is done and the socket can take it. So a slow command or caller
-never holds the loop, and IKE, DNS and the datapath go on. Events go out with the
+reply goes out when it is done and the socket has room for it. So a slow command or
+caller never holds the loop, and IKE, DNS and the datapath go on. Events go out with the
 asynchronous invoke of ubusd's event object (``ubus_send_event`` would wait for ubusd's
-status with no timeout), and are dropped (counted) when the socket cannot take them.
+status with no timeout), and are dropped (counted) when the socket has no room for them.
+Room matters because libubus writes a message whole, polling without a timeout while the
+send buffer is full: the shim asks for a 2 MiB buffer and writes only what fits
+(``TIOCOUTQ``), so a ubusd that stops reading never holds the loop.
 
 Only the handshake is synchronous in libubus (``ubus_connect``, ``ubus_add_object``,
 ``ubus_lookup``: each waits for ubusd without a timeout), so it runs in a short-lived
@@ -43,13 +46,15 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import glob
 import logging
 import os
-import select
 import signal
 import socket
 import stat
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,6 +70,7 @@ from oe_router.control.ubus_abi import (
     HANDLER,
     HOST_LAYOUT,
     LOOKUP_CALLBACK,
+    MAX_MSGLEN,
     REQUIRED,
     UBUS_SYSTEM_OBJECT_EVENT,
     ULOOP_READ,
@@ -84,6 +90,16 @@ MAX_IN_FLIGHT = 32
 CONNECT_TIMEOUT = 10.0
 REPLY_TIMEOUT = 10.0
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+#: The send buffer asked for on the ubus socket: room for the largest message twice over
+SEND_BUFFER = 2 * MAX_MSGLEN
+#: How often a reply waiting for room in the send buffer looks again (ubusd not reading)
+ROOM_POLL = 0.05
+
+
+def _needed(size: int) -> int:
+    """Send-buffer room a message of ``size`` bytes takes without blocking (its bytes and
+    the kernel's per-buffer overhead, generously)."""
+    return size + size // 2 + 4096
 
 
 class UbusUnavailable(Exception):
@@ -243,6 +259,7 @@ class UbusShim:
         self._ctx: int | None = None
         self._ctx_struct: Any = None
         self._fd = -1
+        self._sndbuf = 0
         self._sock_cb: Any = None
         self._sock_addr = 0
         #: the connection a call belongs to: its reply goes out only on that one
@@ -481,6 +498,7 @@ class UbusShim:
         self._fd = c.sock.fd
         self._sock_cb = FD_CALLBACK(c.sock.cb)
         self._sock_addr = ctx + self._layout["ubus_context"].sock.offset
+        self._sndbuf = _grow_send_buffer(self._fd)
         self.stats["connects"] += 1
         self._loop.add_reader(self._fd, self._on_readable)
         self._on_readable()  # what came during the handshake (the socket is non-blocking)
@@ -504,26 +522,29 @@ class UbusShim:
             self._detach()
             self._lost.set()
 
-    def _writable(self) -> bool:
-        p = select.poll()
-        p.register(self._fd, select.POLLOUT)
-        return any(ev & select.POLLOUT for _, ev in p.poll(0))
+    def _has_room(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes goes into the socket now without blocking:
+        libubus writes a message whole, waiting (poll without a timeout) while the send
+        buffer is full, so a ubusd that stopped reading would hold the loop."""
+        try:
+            raw = fcntl.ioctl(self._fd, termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return False
+        queued: int = struct.unpack("i", raw)[0]
+        return self._sndbuf - queued >= min(_needed(size), self._sndbuf)
 
-    async def _wait_writable(self, conn: object) -> bool:
-        """Until the socket of connection ``conn`` can take a message (or False)."""
+    async def _wait_room(self, conn: object, size: int) -> bool:
+        """Until the socket of connection ``conn`` has room for ``size`` bytes (or False
+        after ``reply_timeout``, or when the connection is gone)."""
+        assert self._loop is not None
+        deadline = self._loop.time() + self.reply_timeout
         while conn is self._conn:
-            if self._writable():
+            if self._has_room(size):
                 return True
-            assert self._loop is not None
-            ready: asyncio.Future[None] = self._loop.create_future()
-            self._loop.add_writer(self._fd, _wake, ready)
-            try:
-                await asyncio.wait_for(ready, self.reply_timeout)
-            except TimeoutError:
+            left = deadline - self._loop.time()
+            if left <= 0:
                 return False
-            finally:
-                if conn is self._conn:
-                    self._loop.remove_writer(self._fd)
+            await asyncio.sleep(min(ROOM_POLL, left))
         return False
 
     # ------------------------------------------------------------------ calls
@@ -582,7 +603,7 @@ class UbusShim:
 
     async def _answer(self, saved: Any, method: str, args: bytes, conn: object | None) -> None:
         answer = await ubus_api.answer(self.commands, method, args)
-        if conn is None or not await self._wait_writable(conn):
+        if conn is None or not await self._wait_room(conn, len(answer.data) + 256):
             return  # ubusd went away or stopped reading: the caller gets ubusd's timeout
         assert self._lib is not None and self._ctx is not None
         buf = ctypes.create_string_buffer(answer.data, len(answer.data))
@@ -600,7 +621,7 @@ class UbusShim:
         self._loop.call_soon(self._send_event, name, body)
 
     def _send_event(self, name: str, body: dict[str, Any]) -> None:
-        if self._ctx is None or self._lib is None or self._obj is None or not self._writable():
+        if self._ctx is None or self._lib is None or self._obj is None:
             self.stats["events_dropped"] += 1
             return
         try:
@@ -609,6 +630,9 @@ class UbusShim:
         except BlobmsgError as exc:
             self.stats["events_dropped"] += 1
             self._log_error("event %s", f"{name} not sent: {exc}")
+            return
+        if not self._has_room(2 * len(event) + 512):  # the event and its notification
+            self.stats["events_dropped"] += 1
             return
         fn = self._lib.fn
         buf = ctypes.create_string_buffer(event, len(event))
@@ -636,9 +660,16 @@ def _read_message(address: int) -> Any:
     return decode(ctypes.string_at(address, size))
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+def _grow_send_buffer(fd: int) -> int:
+    """Ask for SEND_BUFFER on the ubus socket (as root beyond wmem_max); what it got."""
+    with socket.socket(fileno=os.dup(fd)) as s:
+        for option in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, option, SEND_BUFFER // 2)  # Linux doubles it
+                break
+            except OSError:
+                continue
+        return int(s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
 
 def _same_file(a: str, b: str) -> bool:
