@@ -353,6 +353,7 @@ def test_a_malformed_blob_from_a_raw_client_is_invalid_argument(lab: Lab) -> Non
     try:
         assert client.call("down", bad_lengths) == 2  # UBUS_STATUS_INVALID_ARGUMENT
         assert client.call("down", bytes(no_nul)) == 2
+        assert client.call("down", encode({"peer": "x" * 70000})) == 2  # over 64 KiB
         assert client.call("status", encode({})) == 0
     finally:
         client.close()
@@ -596,6 +597,15 @@ config login
 """
 
 
+#: What OpenWrt's rpcd package grants the anonymous session (so that it can log in)
+UNAUTHENTICATED = {
+    "unauthenticated": {
+        "description": "Access controls for unauthenticated requests",
+        "read": {"ubus": {"session": ["access", "login"]}},
+    }
+}
+
+
 @pytest.fixture
 def rpcd(lab: Lab, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """rpcd on the lab's ubusd, in a mount namespace where /etc/config/rpcd and
@@ -609,6 +619,7 @@ def rpcd(lab: Lab, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     acl = tmp_path / "share-up" / "rpcd" / "acl.d"
     acl.mkdir(parents=True)
     (acl / "oe.json").write_text((REPO / "files/usr/share/rpcd/acl.d/oe.json").read_text())
+    (acl / "unauthenticated.json").write_text(json.dumps(UNAUTHENTICATED))
     script = (
         f"mount -t overlay overlay -o lowerdir=/etc,upperdir={tmp_path}/etc-up,"
         f"workdir={tmp_path}/etc-work /etc && "
@@ -647,3 +658,68 @@ def test_rpcd_grants_read_and_write_separately(lab: Lab, rpcd: Any) -> None:
     assert [access(v, f) for f in writes] == [False] * 4  # an unprivileged session
     assert [access(a, f) for f in (*reads, *writes)] == [True] * 8
     assert access(a, "offload-bench") is False  # not a method of the object
+
+
+def _json_rpc(ns: str, port: int, params: list[Any]) -> dict[str, Any]:
+    """One JSON-RPC ``call`` to uhttpd's /ubus, from inside namespace ``ns``."""
+    import http.client
+    import socket
+
+    from oe_router.datapath.netns import in_netns
+
+    with in_netns(ns):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.sock = sock
+    body = {"jsonrpc": "2.0", "id": 1, "method": "call", "params": params}
+    conn.request("POST", "/ubus", json.dumps(body), {"Content-Type": "application/json"})
+    reply: dict[str, Any] = json.loads(conn.getresponse().read())
+    conn.close()
+    return reply
+
+
+def _login(ns: str, port: int, user: str) -> dict[str, Any]:
+    return _json_rpc(
+        ns, port, ["0" * 32, "session", "login", {"username": user, "password": "secret"}]
+    )
+
+
+def test_uhttpd_json_rpc_refuses_write_methods_to_a_read_only_login(
+    lab: Lab, rpcd: Any, tmp_path: Path
+) -> None:
+    """The whole LuCI path: uhttpd's /ubus JSON-RPC asks rpcd whether the session may
+    call the method, then calls the daemon's object. The read-only login reads the
+    status and is refused flush; the admin flushes."""
+    docroot = tmp_path / "www"
+    docroot.mkdir()
+    port = 8080
+    uhttpd = subprocess.Popen(
+        ["ip", "netns", "exec", lab.r_ns, str(lab.userland.tool("uhttpd")), "-f",
+         "-p", f"127.0.0.1:{port}", "-h", str(docroot), "-u", "/ubus", "-U", str(lab.sock)],
+        env=lab.userland.env(),
+    )  # fmt: skip
+    try:
+        anonymous = "0" * 32
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                login = _login(lab.r_ns, port, "viewer")
+                break
+            except OSError:
+                assert uhttpd.poll() is None and time.monotonic() < deadline, "uhttpd not up"
+                time.sleep(0.1)
+        viewer = login["result"][1]["ubus_rpc_session"]
+        admin_sid = _login(lab.r_ns, port, "admin")["result"][1]["ubus_rpc_session"]
+
+        status = _json_rpc(lab.r_ns, port, [viewer, "oe", "status", {}])
+        assert status["result"][0] == 0, status
+        assert status["result"][1]["daemon"]["pid"] > 0
+        refused = _json_rpc(lab.r_ns, port, [viewer, "oe", "flush", {}])
+        assert refused["error"] == {"code": -32002, "message": "Access denied"}
+        flushed = _json_rpc(lab.r_ns, port, [admin_sid, "oe", "flush", {}])
+        assert flushed["result"][0] == 0 and "flushed" in flushed["result"][1]
+        denied = _json_rpc(lab.r_ns, port, [anonymous, "oe", "status", {}])
+        assert denied["error"]["code"] == -32002  # no login, no status
+    finally:
+        uhttpd.terminate()
+        uhttpd.wait(5)

@@ -110,6 +110,18 @@ def test_status_tunnels_and_shunts_are_the_status_document_and_its_parts(
     assert [r.cmd for r in seen] == ["status"] * 3
 
 
+def test_the_session_uhttpd_adds_is_not_an_argument(
+    commands: tuple[CommandTable, list[Request]],
+) -> None:
+    table, seen = commands
+    sid = {"ubus_rpc_session": "0123456789abcdef0123456789abcdef"}
+    assert _call(table, "status", sid).status is Status.OK
+    assert _call(table, "up", {"peer": "192.0.2.7", **sid}).status is Status.OK
+    assert seen[-1] == Request("up", {"peer": "192.0.2.7"})
+    bad = _call(table, "status", {"ubus_rpc_session": 7})  # not uhttpd's: an argument
+    assert bad.status is Status.INVALID_ARGUMENT
+
+
 def test_write_methods_pass_their_arguments_through_the_command_table(
     commands: tuple[CommandTable, list[Request]],
 ) -> None:

@@ -34,6 +34,9 @@ log = logging.getLogger("oe_router.control")
 
 JsonObject = dict[str, Any]
 OBJECT = "oe"
+#: What uhttpd's /ubus (LuCI's JSON-RPC) adds to every call's arguments: the caller's
+#: rpcd session, after rpcd said it may call the method (a client cannot set it itself).
+SESSION_ARG = "ubus_rpc_session"
 #: A reply bigger than this is refused with a pointer to the control socket (ubusd drops
 #: messages over MAX_MSGLEN; the rest is room for libubus's own attributes).
 MAX_REPLY = MAX_MSGLEN - 4096
@@ -147,9 +150,12 @@ async def answer(commands: CommandTable, method: str, args: bytes) -> Answer:
     if spec is None:
         return failure(Status.METHOD_NOT_FOUND, f"no method {method[:40]!r}")
     try:
-        request = Request(spec.command, decode(args, max_size=MAX_LINE, max_depth=MAX_DEPTH))
+        fields = decode(args, max_size=MAX_LINE, max_depth=MAX_DEPTH)
     except BlobmsgError as exc:
         return failure(Status.INVALID_ARGUMENT, f"{method}: malformed arguments: {exc}")
+    if isinstance(fields.get(SESSION_ARG), str):
+        del fields[SESSION_ARG]  # the HTTP gateway's, not an argument of the command
+    request = Request(spec.command, fields)
     if not commands.has(spec.command):
         why = "this daemon runs without the service that answers it"
         return failure(Status.NOT_SUPPORTED, f"{method}: not available ({why})")
