@@ -512,6 +512,71 @@ def test_a_stalled_ubusd_never_holds_the_loop(lab: Lab, tmp_path: Path) -> None:
     assert result["reply"] == {"pong": True}
 
 
+def test_a_ubusd_that_never_answers_costs_a_thread_not_the_loop(lab: Lab, tmp_path: Path) -> None:
+    """A socket that accepts and never says HELLO: libubus's connect waits for it with no
+    timeout. The handshake thread is given up after connect_timeout (one line), no second
+    one starts while it hangs, the loop keeps its pace, and the thread ends once the
+    socket closes, after the shim stopped."""
+    import asyncio
+    import logging
+    import socket
+
+    from oe_router.control.ubus import UbusShim
+
+    lib = str(lab.userland.root / "usr" / "lib" / "libubus.so")
+    _load(lab.userland, "libubus.so")
+    path = tmp_path / "hung.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    records: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Catch()
+    logger = logging.getLogger("oe_router.control")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    lags: list[float] = []
+    threads: list[int] = []
+
+    def handshakes() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "ubus-handshake"]
+
+    async def body() -> None:
+        shim = UbusShim(
+            socket_path=str(path), candidates=lambda: [lib], connect_timeout=1.0,
+            retry_first=0.2, retry_max=0.2,
+        )  # fmt: skip
+        await shim.start()
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - t0)
+            threads.append(len(handshakes()))
+        assert not shim.connected
+        await shim.stop()
+
+    try:
+        asyncio.run(body())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        server.close()  # the hung read in libubus returns: the thread frees its context
+    assert max(threads) == 1  # the retries found the first one hanging
+    deadline = time.monotonic() + 10
+    while handshakes():
+        assert time.monotonic() < deadline, "the handshake thread never ended"
+        time.sleep(0.05)
+    assert records == [
+        f"ubus: ubusd at {path} did not answer within 1 s; trying again in the background"
+    ]
+    assert max(lags) < 0.5
+
+
 class _BlobmsgJson:
     """libblobmsg_json and libubox in this process: JSON <-> blobmsg the C way."""
 

@@ -269,8 +269,6 @@ class UbusShim:
         self._lost = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._thread: threading.Thread | None = None
-        self._attempt: object | None = None
-        self._attempt_lock = threading.Lock()
         self._errors = RateLimit(60.0)
 
     @property
@@ -356,26 +354,31 @@ class UbusShim:
         """Connect, register and self-test in a thread; the context, or UbusUnavailable.
 
         A call that libubus hands the handler during the handshake (in that thread)
-        belongs to ``conn``, the connection the context becomes once attached.
+        belongs to ``conn``, the connection the context becomes once attached. A
+        handshake given up (timeout, or the shim stopping) frees its own context when it
+        ends: whoever of the thread and the loop comes second does it.
         """
         if self._thread is not None and self._thread.is_alive():
             raise UbusUnavailable(f"an earlier handshake with ubusd at {self.where} still hangs")
         self._handshake_conn = conn
         loop = asyncio.get_running_loop()
         done: asyncio.Future[int] = loop.create_future()
-        attempt = object()
-        self._attempt = attempt
+        state = {"claimed": False, "abandoned": False}
+        lock = threading.Lock()
 
-        def deliver(ctx: int | None, err: BaseException | None) -> None:
-            if done.done():
-                return
-            if err is not None:
+        def free(ctx: int | None) -> None:
+            if ctx is not None and self._lib is not None:
+                self._lib.fn["ubus_free"](ctx)
+
+        def deliver(ctx: int | None, err: BaseException | None) -> None:  # on the loop
+            if state["abandoned"] or done.done():
+                free(ctx)
+            elif err is not None:
                 done.set_exception(err)
             else:
-                assert ctx is not None
-                done.set_result(ctx)
+                done.set_result(int(ctx or 0))
 
-        def run() -> None:
+        def run() -> None:  # the handshake thread
             ctx: int | None = None
             err: BaseException | None = None
             try:
@@ -384,31 +387,34 @@ class UbusShim:
                 err = exc
             except Exception as exc:
                 err = UbusUnavailable(f"handshake failed: {type(exc).__name__}: {exc}")
-            with self._attempt_lock:
-                claimed = self._attempt is attempt
-                self._attempt = None if claimed else self._attempt
+            with lock:
+                state["claimed"] = not state["abandoned"]
+            if not state["claimed"]:
+                free(ctx)
+                return
             try:
-                if not claimed:
-                    raise RuntimeError("abandoned")
                 loop.call_soon_threadsafe(deliver, ctx, err)
-            except RuntimeError:  # abandoned, or the loop is gone: this thread cleans up
-                if ctx is not None and self._lib is not None:
-                    self._lib.fn["ubus_free"](ctx)
+            except RuntimeError:  # the loop is gone
+                free(ctx)
 
         self._thread = threading.Thread(target=run, name="ubus-handshake", daemon=True)
         self._thread.start()
         try:
             return await asyncio.wait_for(asyncio.shield(done), self.connect_timeout)
         except TimeoutError:
-            with self._attempt_lock:
-                abandoned = self._attempt is attempt
-                if abandoned:
-                    self._attempt = None
-            if not abandoned:  # the thread claimed the result just now
+            with lock:
+                state["abandoned"] = not state["claimed"]
+            if not state["abandoned"]:  # the thread finished just now: its result comes
                 return await done
             raise UbusUnavailable(
                 f"ubusd at {self.where} did not answer within {self.connect_timeout:g} s"
             ) from None
+        except asyncio.CancelledError:  # the shim stops
+            with lock:
+                state["abandoned"] = True
+            if done.done() and not done.cancelled() and done.exception() is None:
+                free(done.result())
+            raise
         finally:
             _restore_signals()
 
