@@ -18,6 +18,7 @@ libblobmsg_json, and rpcd granting the ACL's read and write methods separately.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -406,7 +407,6 @@ def test_ubusd_killed_is_one_line_and_the_object_comes_back(lab: Lab) -> None:
 def test_the_live_self_test_refuses_layouts_that_do_not_match(lab: Lab) -> None:
     """The i386 layouts in this x86_64 process: ubus_context.sock is not where they say,
     the handshake finds it out against the live ubusd, one line, no object."""
-    import asyncio
     import logging
 
     from oe_router.cabi import ABIS
@@ -444,23 +444,102 @@ def test_the_live_self_test_refuses_layouts_that_do_not_match(lab: Lab) -> None:
     assert "self-test against ubusd" in records[0] and "i386 layouts do not match" in records[0]
 
 
-def test_a_stalled_ubusd_never_holds_the_loop(lab: Lab, tmp_path: Path) -> None:
+@pytest.fixture
+def own_ubusd(lab: Lab, tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """A ubusd of its own (socket, process), for a shim in this process: the lab's ubusd
+    already has the daemon's object oe."""
+    _load(lab.userland, "libubus.so")
+    sock = tmp_path / "own.sock"
+    proc = subprocess.Popen(
+        [str(lab.userland.tool("ubusd")), "-s", str(sock)], env=lab.userland.env()
+    )
+    try:
+        yield sock, proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+async def _connected(shim: Any) -> None:
+    deadline = time.monotonic() + 10
+    while not shim.connected:
+        assert time.monotonic() < deadline, "the shim did not connect to its ubusd"
+        await asyncio.sleep(0.05)
+
+
+def test_calls_beyond_the_in_flight_limit_are_busy(
+    lab: Lab, own_ubusd: tuple[Path, subprocess.Popen[bytes]]
+) -> None:
+    """With two slow calls running (the limit, here), a third is refused at once with
+    UNKNOWN_ERROR and says busy; the two complete when their command does."""
+    from oe_router.control.protocol import CommandTable, Request
+    from oe_router.control.ubus import UbusShim
+
+    sock, _ = own_ubusd
+    lib = str(lab.userland.root / "usr" / "lib" / "libubus.so")
+    table = CommandTable()
+    running: list[Request] = []
+    release = asyncio.Event()
+
+    async def up(request: Request) -> dict[str, Any]:
+        running.append(request)
+        await release.wait()
+        return {"ike": None}
+
+    async def status(request: Request) -> dict[str, Any]:
+        return {"status": {}}
+
+    table.register("up", up)
+    table.register("status", status)
+    got: dict[str, Any] = {}
+
+    async def ubus(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            str(lab.userland.tool("ubus")), "-s", str(sock), *args,
+            stdout=asyncio.subprocess.PIPE, env=lab.userland.env(),
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        return int(proc.returncode or 0), out.decode()
+
+    async def body() -> None:
+        shim = UbusShim(table, str(sock), candidates=lambda: [lib], max_in_flight=2)
+        await shim.start()
+        await _connected(shim)
+        slow = [
+            asyncio.create_task(ubus("call", "oe", "up", json.dumps({"peer": f"192.0.2.{i}"})))
+            for i in (1, 2)
+        ]
+        deadline = time.monotonic() + 10
+        while len(running) < 2:
+            assert time.monotonic() < deadline, "the slow calls did not arrive"
+            await asyncio.sleep(0.05)
+        got["third"] = await ubus("call", "oe", "status")
+        release.set()
+        got["slow"] = await asyncio.gather(*slow)
+        got["busy"] = shim.stats["busy"]
+        await shim.stop()
+
+    asyncio.run(body())
+    rc, out = got["third"]
+    assert rc == 247 and "busy (2 calls in progress)" in json.loads(out)["error"]
+    assert [rc for rc, _ in got["slow"]] == [0, 0] and got["busy"] == 1
+
+
+def test_a_stalled_ubusd_never_holds_the_loop(
+    lab: Lab, own_ubusd: tuple[Path, subprocess.Popen[bytes]]
+) -> None:
     """A ubusd that stops reading (SIGSTOP) while events pour out: libubus would wait
     for room in the socket with no timeout, so the shim only writes what fits; the
     rest is dropped and counted, the loop keeps its pace, and after SIGCONT calls are
     answered again. (A shim of this process on a ubusd of its own.)"""
-    import asyncio
-
     from oe_router.control.events import Events
     from oe_router.control.protocol import CommandTable, Request
     from oe_router.control.ubus import UbusShim
 
     lib = str(lab.userland.root / "usr" / "lib" / "libubus.so")
-    _load(lab.userland, "libubus.so")
-    sock = tmp_path / "stalled.sock"
-    ubusd = subprocess.Popen(
-        [str(lab.userland.tool("ubusd")), "-s", str(sock)], env=lab.userland.env()
-    )
+    sock, ubusd = own_ubusd
     table = CommandTable()
 
     async def status(request: Request) -> dict[str, Any]:
@@ -473,10 +552,7 @@ def test_a_stalled_ubusd_never_holds_the_loop(lab: Lab, tmp_path: Path) -> None:
     async def body() -> None:
         shim = UbusShim(table, str(sock), events=hub, candidates=lambda: [lib])
         await shim.start()
-        deadline = time.monotonic() + 10
-        while not shim.connected:
-            assert time.monotonic() < deadline, "no connection to the second ubusd"
-            await asyncio.sleep(0.05)
+        await _connected(shim)
         lags: list[float] = []
 
         async def heartbeat() -> None:
@@ -501,11 +577,7 @@ def test_a_stalled_ubusd_never_holds_the_loop(lab: Lab, tmp_path: Path) -> None:
         beat.cancel()
         await shim.stop()
 
-    try:
-        asyncio.run(body())
-    finally:
-        ubusd.kill()
-        ubusd.wait()
+    asyncio.run(body())
     assert result["events_sent"] > 100 and result["events_dropped"] > 100, result
     assert result["events_sent"] + result["events_dropped"] == 3000
     assert result["max_lag"] < 1.0, result  # the loop never waited on ubusd
@@ -517,7 +589,6 @@ def test_a_ubusd_that_never_answers_costs_a_thread_not_the_loop(lab: Lab, tmp_pa
     timeout. The handshake thread is given up after connect_timeout (one line), no second
     one starts while it hangs, the loop keeps its pace, and the thread ends once the
     socket closes, after the shim stopped."""
-    import asyncio
     import logging
     import socket
 
