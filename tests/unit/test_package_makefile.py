@@ -210,6 +210,7 @@ def test_installed_files_exist_and_entry_points_are_the_project_scripts() -> Non
         "files/etc/init.d/oe",
         "files/etc/uci-defaults/90_oe-firewall",
         "files/lib/upgrade/keep.d/python3-oe",
+        "files/usr/share/rpcd/acl.d/oe.json",
     ]
     for rel in sources:
         assert (REPO / rel).is_file(), f"{rel} is installed by the package but does not exist"
@@ -221,6 +222,8 @@ def test_installed_files_exist_and_entry_points_are_the_project_scripts() -> Non
     assert keep in body
     kept = (REPO / "files/lib/upgrade/keep.d/python3-oe").read_text().splitlines()
     assert [line for line in kept if line and not line.startswith("#")] == ["/etc/oe/"]
+    # rpcd's ACL for the ubus object: read and write granted separately
+    assert "$(INSTALL_DATA) $(CURDIR)/../../files/usr/share/rpcd/acl.d/oe.json" in body
     wrappers = set(re.findall(r"\$\(PKG_INSTALL_DIR\)/usr/bin/(\S+)", body))
     assert wrappers == set(PYPROJECT["project"]["scripts"])
 
