@@ -301,6 +301,36 @@ def test_upstream_failure_is_servfail_and_counted() -> None:
     run(main)
 
 
+def test_a_flood_of_failing_queries_logs_a_few_lines_and_counts_every_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any client can make every query fail (a dead or bogus zone): lines are rate-limited."""
+
+    async def main() -> None:
+        failing = Resolver(
+            Upstream(fail=True), HoldPolicy(), key_lookup=Keys(KeyResult(KeyStatus.INSECURE))
+        )
+        bogus = Resolver(
+            Upstream(),
+            HoldPolicy(),
+            key_lookup=Keys(KeyResult(KeyStatus.BOGUS, (KEY,), "bad RRSIG")),
+            tunnels=Tunnels(delay=0.0),
+        )
+        for i in range(200):
+            for r in (failing, bogus):
+                out = await r.handle(query(f"h{i}.example."), ("192.0.2.9", 1), 512)
+                assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.SERVFAIL
+        assert (failing.stats.timeouts, failing.stats.servfail) == (200, 200)
+        assert bogus.stats.servfail == 200
+
+    with caplog.at_level("INFO", logger="oe_router.dns.front"):
+        run(main)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("no upstream answered" in line for line in lines)
+    assert any("SERVFAIL to the client" in line for line in lines)
+    assert 2 <= len(lines) <= 2 * 20, lines  # 10 per window and resolver, not 1200
+
+
 def test_large_answer_over_udp_is_truncated_but_not_over_tcp() -> None:
     async def main() -> None:
         r = Resolver(Upstream(n=60), HoldPolicy())

@@ -284,6 +284,9 @@ class Resolver:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._log_limit = RateLimit(burst=10)  # lines about bad queries
+        #: lines about one query's answer (upstream failed, bogus, SERVFAIL): any client
+        #: or zone can cause one per query, and the stats count each
+        self._answer_log = RateLimit(burst=10)
         self._warned_no_tunnels = False
 
     @property
@@ -427,8 +430,9 @@ class Resolver:
                 try:
                     reply = await self.upstream.query(wire)
                 except UpstreamError as exc:
-                    rdtype = dns.rdatatype.to_text(dns.rdatatype.RdataType.make(question.rdtype))
-                    log.info("%s/%s: %s", question.name, rdtype, exc)
+                    if self._may_log_answer():
+                        rdtype = dns.rdatatype.RdataType.make(question.rdtype)
+                        log.info("%s/%s: %s", question.name, dns.rdatatype.to_text(rdtype), exc)
                     if hold_id is not None:
                         self._apply(self.core.upstream_failed(hold_id, str(exc), loop.time()))
                         self._count(await self._waiting[hold_id])
@@ -452,7 +456,8 @@ class Resolver:
     ) -> bytes:
         loop = asyncio.get_running_loop()
         if view is None:
-            log.warning("%s: unparsable upstream reply passed on as is", question.name)
+            if self._may_log_answer():
+                log.warning("%s: unparsable upstream reply passed on as is", question.name)
             self._apply(self.core.answer(hold_id, (), loop.time()))
             self._count(await self._waiting[hold_id])
             return reply
@@ -460,7 +465,8 @@ class Resolver:
         release = await self._waiting[hold_id]
         self._count(release)
         if release.outcome.servfail:
-            log.warning("%s: SERVFAIL to the client: %s", question.name, release.reason)
+            if self._may_log_answer():
+                log.warning("%s: SERVFAIL to the client: %s", question.name, release.reason)
             return error_reply(dns.message.from_wire(wire), dns.rcode.SERVFAIL)
         return rewrite_ttls(reply, question.id, view.ttl_offsets, cap=self._cap())
 
@@ -505,7 +511,7 @@ class Resolver:
         except Exception as exc:
             log.error("IPSECKEY lookup for %s failed: %s: %s", action.name, type(exc).__name__, exc)
             result = KeyResult(KeyStatus.INDETERMINATE, (), f"lookup failed: {exc}")
-        if result.status is KeyStatus.BOGUS:
+        if result.status is KeyStatus.BOGUS and self._may_log_answer():
             log.warning("IPSECKEY for %s is bogus: %s", action.name, result.reason)
         self._apply(self.core.key_result(action.name, result, asyncio.get_running_loop().time()))
 
@@ -551,6 +557,9 @@ class Resolver:
             self.stats.servfail += 1
             if release.outcome is Outcome.UPSTREAM_FAILED:
                 self.stats.timeouts += 1
+
+    def _may_log_answer(self) -> bool:
+        return _may_log(self._answer_log, asyncio.get_running_loop().time(), "answer")
 
     def _bad(self, client: Client, what: str) -> None:
         if _may_log(self._log_limit, asyncio.get_running_loop().time(), "bad-query"):
