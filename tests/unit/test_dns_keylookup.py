@@ -28,7 +28,7 @@ from oe_router.dns.dnssec import Query, Status, Validator, load_trust_anchors
 from oe_router.dns.hold import KeyResult, KeyStatus
 from oe_router.dns.ipseckey import KeyKind
 from oe_router.dns.keylookup import ValidatingKeyLookup, query_message, validate
-from oe_router.dns.upstream import StaticSource, UpstreamClient, UpstreamSettings
+from oe_router.dns.upstream import StaticSource, UpstreamClient, UpstreamError, UpstreamSettings
 from tests.dnssec_world import NOW, World, make_world, strip_records
 
 
@@ -290,3 +290,35 @@ def test_work_limit_is_logged_once_per_validation(
     assert result.status is Status.BOGUS and result.limited
     lines = [r for r in caplog.records if r.name == "oe_router.dns.keylookup"]
     assert len(lines) == 1 and "work limit" in lines[0].getMessage()
+
+
+class _Dead:
+    """``Resolving`` whose every query fails, as when the client's names lead nowhere."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def resolve(self, message: dns.message.Message) -> dns.message.Message:
+        self.calls += 1
+        raise UpstreamError("no upstream answered (192.0.2.53:53: no UDP reply)")
+
+
+def test_a_stream_of_new_names_logs_a_few_lines(
+    zone_keys: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Names are the client's choice: each new one fails anew, the lines stay few."""
+    world = make_world(zone_keys)
+    dead = _Dead()
+    kl = ValidatingKeyLookup(load_trust_anchors(world.anchor), dead, clock=lambda: NOW)
+
+    async def main() -> list[KeyResult]:
+        return [await kl.lookup(dns.name.from_text(f"h{i}.example.test.")) for i in range(200)]
+
+    with caplog.at_level(logging.INFO, logger="oe_router.dns.keylookup"):
+        results = asyncio.run(main())
+    assert all(r.status is KeyStatus.INDETERMINATE for r in results)
+    assert dead.calls >= 200  # every name was really looked up, none answered from memory
+    lines = [r.getMessage() for r in caplog.records if r.name == "oe_router.dns.keylookup"]
+    assert lines and "no upstream answered" in lines[0]
+    assert len(lines) <= 10, lines

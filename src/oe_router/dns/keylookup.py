@@ -34,6 +34,7 @@ from oe_router.dns.dnssec import Query, Result, TrustAnchors, ValidationCache, V
 from oe_router.dns.hold import AddressProof, IPAddress, KeyResult, KeyStatus
 from oe_router.dns.ipseckey import DEFAULT_MIN_RSA_BITS, interpret_rrset
 from oe_router.dns.upstream import UpstreamError
+from oe_router.ratelimit import RateLimit
 
 __all__ = ["Resolving", "ValidatingKeyLookup", "query_message", "validate"]
 
@@ -64,20 +65,37 @@ async def validate(
     qname: dns.name.Name | str,
     rdtype: dns.rdatatype.RdataType | str,
     clock: Callable[[], float] = time.time,
+    log_limit: RateLimit | None = None,
 ) -> Result:
-    """Run one validation to completion; a query no upstream answers is fed as None."""
+    """Run one validation to completion; a query no upstream answers is fed as None.
+
+    ``log_limit``: how many of its lines may go out (names are the client's choice, so a
+    stream of new ones would otherwise write a line each); None: every one."""
     validation = validator.start(qname, rdtype, clock())
     action = validation.action
     while isinstance(action, Query):
         try:
             reply: dns.message.Message | None = await upstream.resolve(query_message(action))
         except UpstreamError as exc:
-            log.info("validator query %s: %s", action, exc)
+            if _may_log(log_limit, clock()):
+                log.info("validator query %s: %s", action, exc)
             reply = None
         action = validation.feed(reply, now=clock())
-    if action.limited:  # one line per validation; failures are remembered for a while
+    # one line per validation at most; failures are remembered for a while
+    if action.limited and _may_log(log_limit, clock()):
         log.warning("DNSSEC: %s", action.reason)
     return action
+
+
+def _may_log(limit: RateLimit | None, now: float) -> bool:
+    """Whether a line may go out; the first after a quiet spell says how many did not."""
+    if limit is None:
+        return True
+    if not limit.allow(now):
+        return False
+    if suppressed := limit.take_suppressed():
+        log.warning("%d more key lookup log lines were suppressed", suppressed)
+    return True
 
 
 class ValidatingKeyLookup:
@@ -105,6 +123,7 @@ class ValidatingKeyLookup:
         self._failure_ttl = failure_ttl
         self._max_remembered = max_remembered
         self._memo: OrderedDict[dns.name.Name, tuple[float, KeyResult]] = OrderedDict()
+        self._log_limit = RateLimit(burst=10)
 
     def set_anchors(self, anchors: TrustAnchors) -> None:
         """Validate from ``anchors`` from now on (RFC 5011 moved a key). What was proven
@@ -141,7 +160,12 @@ class ValidatingKeyLookup:
     async def _validate(self, name: dns.name.Name) -> tuple[KeyResult, float]:
         """The key result and how long the validation said it stays valid."""
         result = await validate(
-            self.validator, self.upstream, name, dns.rdatatype.IPSECKEY, self._clock
+            self.validator,
+            self.upstream,
+            name,
+            dns.rdatatype.IPSECKEY,
+            self._clock,
+            self._log_limit,
         )
         status, ttl = result.status, float(result.ttl)
         if status is not KeyStatus.SECURE:
@@ -156,10 +180,10 @@ class ValidatingKeyLookup:
             reason = f"{denial}: {result.reason}"
             return KeyResult(KeyStatus.SECURE, (), reason, v4=v4, v6=v6), ttl
         keys = interpret_rrset(result.rrset, owner=name, min_rsa_bits=self._min_rsa_bits)
-        for error in keys.errors:
-            log.warning("%s", error.message)
-        for warning in keys.warnings:
-            log.warning("%s", warning.message)
+        problems = [e.message for e in keys.errors] + [w.message for w in keys.warnings]
+        for message in problems:
+            if _may_log(self._log_limit, self._clock()):
+                log.warning("%s", message)
         if not keys.keys:
             reason = f"no usable IPSECKEY at {name}"
             return KeyResult(KeyStatus.SECURE, (), reason, v4=v4, v6=v6), ttl
@@ -169,7 +193,9 @@ class ValidatingKeyLookup:
         self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType
     ) -> tuple[AddressProof, float]:
         """The name's validated A or AAAA RRset, and how long that stays valid."""
-        result = await validate(self.validator, self.upstream, name, rdtype, self._clock)
+        result = await validate(
+            self.validator, self.upstream, name, rdtype, self._clock, self._log_limit
+        )
         if result.status is not KeyStatus.SECURE:
             return AddressProof(result.status, frozenset(), result.reason), self._failure_ttl
         found: set[IPAddress] = set()
