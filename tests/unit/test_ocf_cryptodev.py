@@ -22,6 +22,7 @@ import pytest
 
 from oe_router import ocf_cryptodev as oc
 from oe_router.cabi import struct_type
+from tests.c_layout import gcc_numbers
 
 REPO = Path(__file__).resolve().parents[2]
 TARBALL = "cryptodev-linux-08644db.tar.gz"
@@ -77,22 +78,8 @@ PRELUDE = "#include <stddef.h>\n#include <linux/ioctl.h>\n#include <crypto/crypt
 
 @pytest.mark.parametrize(("flag", "abi"), [("-m64", "x86_64"), ("-m32", "i386")])
 def test_layout_matches_gcc(header_root: Path, tmp_path: Path, flag: str, abi: str) -> None:
-    gcc = _tool("gcc", "gcc-multilib")
     want = _expected(oc.layout(oc.ABIS[abi]))
-    lines = [f'    printf("%s %lu\\n", "{k}", (unsigned long){_c_expr(k)});' for k in want]
-    src = tmp_path / "layout.c"
-    src.write_text(
-        "#include <stdio.h>\n" + PRELUDE + "int main(void) {\n" + "\n".join(lines) + "\n}\n"
-    )
-    exe = tmp_path / "layout"
-    res = subprocess.run(
-        [gcc, flag, "-Wall", "-I", str(header_root), str(src), "-o", str(exe)],
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, f"gcc {flag} failed (gcc-multilib installed?):\n{res.stderr}"
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    got = {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in out.splitlines()}
+    got = gcc_numbers({k: _c_expr(k) for k in want}, PRELUDE, [header_root], flag, tmp_path)
     assert got == want
     # and the sizes the module's authors care about, spelled out once
     if abi == "x86_64":

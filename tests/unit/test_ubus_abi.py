@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 
 from oe_router.cabi import ABIS, field_offsets
 from oe_router.control import ubus_abi
+from tests.c_layout import gcc_numbers
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = {"libubox": "libubox-1aa36ee.tar.gz", "ubus": "ubus-3cc98db.tar.gz"}
@@ -70,25 +69,9 @@ def _c_expr(key: str) -> str:
 
 @pytest.mark.parametrize(("flag", "abi"), [("-m64", "x86_64"), ("-m32", "i386")])
 def test_layout_matches_gcc(include_dir: Path, tmp_path: Path, flag: str, abi: str) -> None:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.fail("gcc is not installed (scripts/apt-packages.txt lists gcc-multilib)")
     want = _expected(ubus_abi.layout(ABIS[abi]))
-    lines = [f'    printf("%s %lu\\n", "{k}", (unsigned long){_c_expr(k)});' for k in want]
-    src = tmp_path / "layout.c"
-    src.write_text(
-        "#include <stdio.h>\n#include <stddef.h>\n#include <libubus.h>\n"
-        "int main(void) {\n" + "\n".join(lines) + "\n}\n"
-    )
-    exe = tmp_path / "layout"
-    res = subprocess.run(
-        [gcc, flag, "-Wall", "-I", str(include_dir), str(src), "-o", str(exe)],
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, f"gcc {flag} failed (gcc-multilib installed?):\n{res.stderr}"
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    got = {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in out.splitlines()}
+    prelude = "#include <stddef.h>\n#include <libubus.h>\n"
+    got = gcc_numbers({k: _c_expr(k) for k in want}, prelude, [include_dir], flag, tmp_path)
     assert got == want
     # the numbers the shim's authors reason with, spelled out once
     if abi == "x86_64":
