@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
 
 from oe_router import __version__
 from oe_router.config import DEFAULT_CONFIG_PATH, ConfigInvalid, OeConfig, load_config
@@ -47,34 +46,11 @@ from oe_router.oe.negotiator import IkeNegotiator
 from oe_router.oe.service import DatapathFactory, OeService, kernel_datapath
 from oe_router.offload.service import OffloadService
 from oe_router.platform import Platform, probe_platform
+from oe_router.services import Service, ServiceError
 
 log = logging.getLogger("oe_router.daemon")
 
 PROG = "oe-routerd"
-
-
-class Service(Protocol):
-    """A long-lived part of the daemon (IKE endpoint, datapath, DNS front, OE manager).
-
-    `start` and `reload` raise `ServiceError` to refuse a config; `reload` must
-    leave the service running its previous config when it refuses. `status`
-    is cheap and synchronous: it is called for every `oe status`.
-    """
-
-    @property
-    def name(self) -> str: ...
-
-    async def start(self, config: OeConfig) -> None: ...
-
-    async def reload(self, config: OeConfig) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def status(self) -> StatusContribution: ...
-
-
-class ServiceError(Exception):
-    """A service refuses a config or cannot start; the message names the culprit."""
 
 
 class ServiceRegistry:

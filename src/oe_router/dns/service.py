@@ -31,6 +31,7 @@ from oe_router.dns.upstream import (
     UpstreamSettings,
     UpstreamStats,
 )
+from oe_router.services import ServiceError
 
 __all__ = ["DnsService", "KeyLookupFactory", "dns_wanted", "validating_key_lookup"]
 
@@ -139,7 +140,7 @@ class DnsService:
                 managed = self._managed_for(config)
                 key_lookup = ValidatingKeyLookup(managed.anchors, upstream)
         except ValueError as exc:
-            raise _service_error(str(exc)) from None
+            raise ServiceError(str(exc)) from None
         return upstream, key_lookup, managed
 
     def _managed_for(self, config: DnsConfig) -> ManagedAnchors:
@@ -186,7 +187,7 @@ class DnsService:
         for endpoint in config.listen:
             problem = self.access.listen_problem(endpoint)
             if problem is not None:
-                raise _service_error(f"oe.dns.listen: {problem}")
+                raise ServiceError(f"oe.dns.listen: {problem}")
         if not self.access.lan and any(
             not self.access.open_listener(e.host) for e in config.listen
         ):
@@ -212,7 +213,7 @@ class DnsService:
             await front.start(dns_config.listen)
         except FrontBindError as exc:
             self.resolver = None
-            raise _service_error(f"oe.dns.listen: {exc.strerror}") from None
+            raise ServiceError(f"oe.dns.listen: {exc.strerror}") from None
         self._front = front
         self._config = dns_config
         self._started_at = self._clock()
@@ -230,7 +231,7 @@ class DnsService:
                 await front.start(new.listen)
             except FrontBindError as exc:
                 if exc.errno != errno.EADDRINUSE or self._front is None:
-                    raise _service_error(f"oe.dns.listen: {exc.strerror}") from None
+                    raise ServiceError(f"oe.dns.listen: {exc.strerror}") from None
                 await self._hand_over(front, new.listen, old.listen)
             else:
                 previous, self._front = self._front, front
@@ -264,7 +265,7 @@ class DnsService:
                 await self._front.start(previous)
             except FrontBindError as again:
                 log.error("DNS front: cannot listen again on the old addresses: %s", again)
-            raise _service_error(f"oe.dns.listen: {exc.strerror}") from None
+            raise ServiceError(f"oe.dns.listen: {exc.strerror}") from None
         self._front = front
 
     async def stop(self) -> None:
@@ -327,9 +328,3 @@ class DnsService:
 
 def _cache_ttl(config: DnsConfig) -> int:
     return int(config.ttl_cap) if config.ttl_cap > 0 else 86400
-
-
-def _service_error(message: str) -> Exception:
-    from oe_router.daemon import ServiceError  # daemon imports services, not the reverse
-
-    return ServiceError(message)
