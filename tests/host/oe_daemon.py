@@ -163,3 +163,19 @@ def device_with(ns: str, address: str) -> str:
         if f" {address}/" in line:
             return line.split()[1]
     raise RuntimeError(f"no device with {address} in {ns}")
+
+
+def bare_config(wan: str, anchor: str | Path, *, datapath: str = "kernel", extra: str = "") -> str:
+    """A daemon on ``wan`` with no LAN, no offload and its DNS front off (``anchor`` does
+    not exist): IKE and the datapath only. ``extra`` appends UCI sections."""
+    return f"""package oe
+
+config oe 'global'
+\toption datapath '{datapath}'
+\toption wan_interface '{wan}'
+\toption lan_interface 'lo'
+\toption offload 'off'
+
+config dns 'dns'
+\toption trust_anchor '{anchor}'
+{extra}"""

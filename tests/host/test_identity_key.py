@@ -29,7 +29,7 @@ from oe_router.dns.ipseckey import PeerKey, interpret, rdata_text
 from oe_router.ike.service import load_private_key
 
 from .charon import Netns
-from .oe_daemon import OeDaemon, device_with
+from .oe_daemon import OeDaemon, bare_config, device_with
 
 pytestmark = pytest.mark.host
 
@@ -38,21 +38,12 @@ ROUTER_ID = "@router.example.test"
 
 
 def _config(wan: str, local_id: str, key: Path, work: Path) -> str:
-    return f"""package oe
-
-config oe 'global'
-\toption datapath 'kernel'
-\toption wan_interface '{wan}'
-\toption lan_interface 'lo'
-\toption offload 'off'
-
-config dns 'dns'
-\toption trust_anchor '{work}/no-anchor'
-
+    identity = f"""
 config identity 'identity'
 \toption local_id '{local_id}'
 \toption private_key '{key}'
 """
+    return bare_config(wan, work / "no-anchor", extra=identity)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from .charon import Netns, available
-from .oe_daemon import OeDaemon, device_with, netns_run
+from .oe_daemon import OeDaemon, bare_config, device_with, netns_run
 
 pytestmark = pytest.mark.host
 
@@ -48,19 +48,13 @@ PEER_IKE = "\toption retransmit_tries '5'\n"
 
 
 def daemon_config(wan: str, work: Path, ike: str = "") -> str:
-    return f"""package oe
-
-config oe 'global'
-\toption datapath 'kernel'
-\toption wan_interface '{wan}'
-\toption lan_interface 'lo'
-\toption offload 'off'
-
-config dns 'dns'
-\toption trust_anchor '{work}/no-anchor'
-
+    return bare_config(
+        wan,
+        work / "no-anchor",
+        extra=f"""
 config ike 'ike'
-{ike}"""
+{ike}""",
+    )
 
 
 @dataclass

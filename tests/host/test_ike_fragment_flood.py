@@ -41,7 +41,7 @@ from oe_router.ike.sa import IkeSa, IkeSaConfig
 from tests.ike_peer import sealed_fragment
 
 from .charon import Netns, available
-from .oe_daemon import OeDaemon
+from .oe_daemon import OeDaemon, bare_config
 
 pytestmark = pytest.mark.host
 
@@ -60,17 +60,7 @@ def _need_netns() -> None:
 
 
 def _config(wan: str) -> str:
-    return f"""package oe
-
-config oe 'global'
-\toption datapath 'userspace'
-\toption wan_interface '{wan}'
-\toption lan_interface 'lo'
-\toption offload 'off'
-
-config dns 'dns'
-\toption trust_anchor '/nonexistent/oe-fragment-flood-anchor'
-"""
+    return bare_config(wan, "/nonexistent/oe-fragment-flood-anchor", datapath="userspace")
 
 
 @dataclass
