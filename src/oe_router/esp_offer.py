@@ -39,6 +39,7 @@ from oe_router.ike.proposals import ESP_KEYWORDS, esp_offer
 from oe_router.ike.service import REKEY_REFUSED, IkeService
 from oe_router.offload.engine import transform
 from oe_router.offload.service import OffloadService, OffloadUpdate
+from oe_router.tasks import spawn_tracked
 
 log = logging.getLogger("oe_router.daemon")
 
@@ -196,16 +197,7 @@ class EspOffer:
         return StatusContribution(engines=(self.engine_row(),))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("esp-offer task failed: %s: %s", type(exc).__name__, exc)
+        return spawn_tracked(self._tasks, coro, log, "esp-offer")
 
     # -- the offer ------------------------------------------------------------------
     def on_update(self, update: OffloadUpdate) -> None:

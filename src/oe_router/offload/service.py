@@ -48,6 +48,7 @@ from oe_router.control.status import (
     StatusContribution,
 )
 
+from ..tasks import spawn_tracked
 from .chooser import (
     SOFTWARE,
     ChoiceTable,
@@ -289,16 +290,7 @@ class OffloadService:
         self._phase = "stopped"
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("offload task failed: %s: %s", type(exc).__name__, exc)
+        return spawn_tracked(self._tasks, coro, log, "offload")
 
     # -- subscribers ------------------------------------------------------------------
     @property
