@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
+import json
 import lzma
 import os
 import re
@@ -29,11 +30,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = "3"  # bump when this file changes what goes into an image
+FORMAT = "4"  # bump when this file changes what goes into an image
 SUITE = "bookworm"
 QEMU_DIR = Path(__file__).resolve().parent
 REPO = QEMU_DIR.parent
 GUEST = QEMU_DIR / "guest"
+# The router's own boot files (procd's /sbin/init hand-over, /etc/preinit stand-in, logd and
+# the lab agent as rc.d services), laid over the image as they are.
+ROUTER_FILES = GUEST / "router"
+# userland.py does `from build import ...`: run as a script, this module is that module too.
+sys.modules.setdefault("build", sys.modules[__name__])
 DPKG_EXCLUDES = (
     "/usr/share/man/*",
     "/usr/share/doc/*",
@@ -575,11 +581,63 @@ def build_wheels(cache: Path, log: Log) -> tuple[list[Path], str]:
 BANNER = """\
 oe-router QEMU lab image
 ------------------------
-This image is built to OpenWrt's file layout (/etc/config/oe, /etc/init.d/oe,
-/usr/lib/python3.*/site-packages/oe_router) from Debian parts: Debian's kernel,
-python3, iproute2, nftables and dnsmasq. OpenWrt's own userland (procd, ubusd,
-uci, fw4) cannot be installed here, so this is not OpenWrt.
+OpenWrt's userland built from source on Debian's kernel and libc (glibc, not musl).
+procd is PID 1 and runs /etc/rc.d/S*; ubusd, logd, rpcd, uci, ucode, firewall4's fw4,
+opkg and base-files' shell libraries come from pinned upstream snapshots (what was built
+and from which commit: /etc/oe-lab/userland.json). The kernel, python3, iproute2,
+nftables, dnsmasq and /bin/busybox (ash is /bin/sh) are Debian bookworm's.
+This is not an OpenWrt release: no netifd, no LuCI, no musl.
 """
+#: rc.d links the boot runs (as `/etc/init.d/X enable` makes them): START number, script
+RC_D = ((12, "log"), (12, "rpcd"), (99, "oe-lab"))
+#: the unprivileged user procd starts ubusd as (OpenWrt's base-files passwd entry)
+UBUS_USER = ("ubus:x:81:81:ubus:/var/run/ubus:/bin/false\n", "ubus:x:81:\n")
+#: what the router image does not need from the userland stage (build-time files)
+STAGE_SKIP = ("usr/include", "usr/lib/pkgconfig", "usr/share/cmake", "usr/lib/cmake")
+
+
+def _merge_tree(src: Path, dest: Path) -> None:
+    """Copy ``src`` over ``dest``, through dest's own links (Debian's /bin -> usr/bin)."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        if any(str(rel) == s or str(rel).startswith(s + "/") for s in STAGE_SKIP):
+            dirnames[:] = []
+            continue
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for name in filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
+            s, d = Path(dirpath) / name, dest / rel / name
+            if name.endswith(".a"):
+                continue
+            if d.is_symlink() or d.is_file():
+                d.unlink()
+            shutil.copy2(s, d, follow_symlinks=False)
+
+
+def _openwrt_overlay(root: Path, stage: Path, stamp: dict[str, object]) -> None:
+    """OpenWrt's userland into the router root: procd as init, busybox ash as /bin/sh."""
+    _merge_tree(stage, root)
+    _merge_tree(ROUTER_FILES, root)
+    busybox = Path("/bin/busybox")  # Debian's busybox-static (scripts/apt-packages.txt)
+    if not busybox.is_file():
+        raise BuildError("router: /bin/busybox missing on the build host (busybox-static)")
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    for name in ("sh", "ash"):
+        (root / "bin" / name).unlink(missing_ok=True)
+        (root / "bin" / name).symlink_to("busybox")
+    rcd = root / "etc" / "rc.d"
+    rcd.mkdir(exist_ok=True)
+    for start, script in RC_D:
+        if not (root / "etc" / "init.d" / script).is_file():
+            raise BuildError(f"router: /etc/init.d/{script} missing for /etc/rc.d")
+        (rcd / f"S{start:02d}{script}").symlink_to(f"../init.d/{script}")
+    for path, line in zip(("passwd", "group"), UBUS_USER, strict=True):
+        f = root / "etc" / path
+        if "\nubus:" not in "\n" + f.read_text():
+            f.write_text(f.read_text() + line)
+    # the stage's libraries sit in /usr/lib, as on OpenWrt, without rpath
+    (root / "etc" / "ld.so.conf.d" / "openwrt.conf").write_text("/usr/lib\n")
+    _run(["ldconfig", "-r", str(root)])
+    (root / "etc" / "oe-lab" / "userland.json").write_text(json.dumps(stamp, indent=2) + "\n")
 
 
 def _router_overlay(root: Path, wheels: list[Path]) -> None:
@@ -631,11 +689,16 @@ def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) ->
     base = ensure_base(cache, "router", packages, log, force)
     wheels, wheel_hash = build_wheels(cache, log)
     cryptodev_ko = ensure_cryptodev(cache, kernel, log, force)
+    import userland  # imports this module: not at the top
+
+    stage = userland.build(log=log, force=force)
+    stamp = stage.stamp()
     files = [p for p in (REPO / "files").rglob("*")]
     key = _sha(
         [FORMAT, base.name, kernel.version, wheel_hash, project_version(),
          (REPO / "requirements.txt").read_bytes(), *_files_digest(files),
          *_files_digest([GUEST / "init", GUEST / "modules.txt"]),
+         *_files_digest(ROUTER_FILES.rglob("*")), str(stamp.get("key")),
          cryptodev_ko.read_bytes(), (cryptodev_ko.parent / "BUILT").read_bytes()]
     )  # fmt: skip
     image = cache / "images" / f"router-{key}.ext4"
@@ -649,6 +712,7 @@ def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) ->
         _extract(base, root)
         _common_overlay(root, kernel)
         _router_overlay(root, wheels)
+        _openwrt_overlay(root, stage.root, stamp)
         _install_cryptodev(root, kernel, cryptodev_ko)
         _mke2fs(root, image, log)
     _replace_old(image)
