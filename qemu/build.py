@@ -38,6 +38,9 @@ GUEST = QEMU_DIR / "guest"
 # The router's own boot files (procd's /sbin/init hand-over, /etc/preinit stand-in, logd and
 # the lab agent as rc.d services), laid over the image as they are.
 ROUTER_FILES = GUEST / "router"
+sys.path.insert(0, str(REPO / "package"))
+import ipk  # noqa: E402  (package/ipk.py: the .ipk `make package` builds)
+
 # userland.py does `from build import ...`: run as a script, this module is that module too.
 sys.modules.setdefault("build", sys.modules[__name__])
 DPKG_EXCLUDES = (
@@ -589,7 +592,7 @@ nftables, dnsmasq and /bin/busybox (ash is /bin/sh) are Debian bookworm's.
 This is not an OpenWrt release: no netifd, no LuCI, no musl.
 """
 #: rc.d links the boot runs (as `/etc/init.d/X enable` makes them): START number, script
-RC_D = ((12, "log"), (12, "rpcd"), (99, "oe-lab"))
+RC_D = ((10, "uci-defaults"), (12, "log"), (12, "rpcd"), (19, "firewall"), (99, "oe-lab"))
 #: the unprivileged user procd starts ubusd as (OpenWrt's base-files passwd entry)
 UBUS_USER = ("ubus:x:81:81:ubus:/var/run/ubus:/bin/false\n", "ubus:x:81:\n")
 #: what the router image does not need from the userland stage (build-time files)
@@ -640,48 +643,96 @@ def _openwrt_overlay(root: Path, stage: Path, stamp: dict[str, object]) -> None:
     (root / "etc" / "oe-lab" / "userland.json").write_text(json.dumps(stamp, indent=2) + "\n")
 
 
+#: opkg's python3-* names of the pinned runtime libraries -> their distribution (wheel) names
+RUNTIME_DISTS = {
+    "python3-cryptography": "cryptography",
+    "python3-dns": "dnspython",
+    "python3-pyroute2": "pyroute2",
+}
+
+
+def _wheel_version(wheels: list[Path], dist: str) -> str:
+    for w in wheels:
+        name, version = w.name.split("-")[:2]
+        if name.lower().replace("_", "-") == dist:
+            return version
+    raise BuildError(f"router: no {dist} wheel among the pinned runtime wheels")
+
+
+def _debian_version(root: Path, package: str) -> str:
+    """The upstream version of a Debian package installed in root (dpkg's status file)."""
+    for para in (root / "var" / "lib" / "dpkg" / "status").read_text().split("\n\n"):
+        fields = ipk.control_fields(para)
+        if fields.get("Package") == package and "Version" in fields:
+            return fields["Version"].split(":")[-1].split("-")[0]
+    raise BuildError(f"router: Debian package {package} is not installed in the base root")
+
+
+def provided_by_image(
+    depends: list[str], wheels: list[Path], kernel: str, python: str
+) -> dict[str, str]:
+    """The package's Depends with the versions the image's Debian parts carry: python3 and
+    its modules are Debian's python3 (``python``), the libraries are the pinned wheels,
+    kmod-* are in or beside Debian's kernel."""
+    out = {}
+    for name in depends:
+        if name in RUNTIME_DISTS:
+            out[name] = _wheel_version(wheels, RUNTIME_DISTS[name])
+        elif name.startswith("python3-"):
+            out[name] = python
+        elif name.startswith("kmod-"):
+            out[name] = kernel
+        else:
+            raise BuildError(f"router: the package depends on {name}, which the image lacks")
+    return out
+
+
 def _router_overlay(root: Path, wheels: list[Path]) -> None:
+    """The pinned runtime libraries (the package's python3-* dependencies) into site-packages;
+    the project itself comes from its .ipk (``_opkg_install``)."""
     pydirs = sorted((root / "usr" / "lib").glob("python3.[0-9]*"))
     if not pydirs:
         raise BuildError("router: no /usr/lib/python3.X in the base root")
     site = pydirs[-1] / "site-packages"
     site.mkdir(exist_ok=True)
+    deps = [w for w in wheels if not w.name.startswith("python_oe-")]
     _run(
         [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
          "--no-deps", "--no-index", "--no-warn-script-location", "--target", str(site),
-         *map(str, wheels)],
+         *map(str, deps)],
     )  # fmt: skip
     shutil.rmtree(site / "bin", ignore_errors=True)
     # Debian's python3 only searches dist-packages: point it at OpenWrt's site-packages.
     (root / "usr" / "lib" / "python3" / "dist-packages" / "openwrt-layout.pth").write_text(
         f"/usr/lib/{pydirs[-1].name}/site-packages\n"
     )
-    eps = next(site.glob("python_oe-*.dist-info"), None)
-    scripts: dict[str, str] = {}
-    if eps and (eps / "entry_points.txt").exists():
-        section = ""
-        for line in (eps / "entry_points.txt").read_text().splitlines():
-            if line.startswith("["):
-                section = line.strip("[]")
-            elif section == "console_scripts" and "=" in line:
-                name, target = (x.strip() for x in line.split("=", 1))
-                scripts[name] = target
-    for name, target in scripts.items():
-        mod, func = target.split(":")
-        f = root / "usr" / "bin" / name
-        f.write_text(
-            f"#!/usr/bin/python3\nimport sys\nfrom {mod} import {func}\nsys.exit({func}())\n"
-        )
-        f.chmod(0o755)
-    for rel in ("etc/config/oe", "etc/init.d/oe"):
-        src = REPO / "files" / rel
-        if src.is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
-            if rel.startswith("etc/init.d"):
-                (root / rel).chmod(0o755)
     (root / "etc" / "banner").write_text(BANNER)
     (root / "etc" / "oe-lab" / "role").write_text("router\n")
+
+
+def _opkg_install(root: Path, opkg: Path, env: dict[str, str], package: Path,
+                  provided: dict[str, str]) -> str:  # fmt: skip
+    """`opkg install` the .ipk into the image root, as OpenWrt's image builder does (offline
+    root, IPKG_INSTROOT, maintainer scripts forced): default_postinst enables the service and
+    leaves the uci-defaults for the first boot. Returns opkg's output."""
+    (root / "etc" / "opkg.conf").write_text(ipk.OPKG_CONF)
+    for folder in ("usr/lib/opkg", "var/opkg-lists"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    ipk.declare_provided(root, provided)
+    res = subprocess.run(
+        [str(opkg), "--offline-root", str(root), "--force-postinstall", "install", str(package)],
+        env={**env, "IPKG_INSTROOT": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if res.returncode != 0 or not (root / "usr" / "bin" / "oe-routerd").is_file():
+        raise BuildError(f"router: opkg install {package.name} failed:\n{res.stdout}{res.stderr}")
+    # The lab brings the network up after boot (no netifd), so the lab starts the service
+    # (/etc/init.d/oe start) once the router has its addresses: not at boot.
+    for link in (root / "etc" / "rc.d").glob("[SK][0-9][0-9]oe"):
+        link.unlink()
+    return res.stdout + res.stderr
 
 
 def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) -> Path:
@@ -693,12 +744,18 @@ def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) ->
 
     stage = userland.build(log=log, force=force)
     stamp = stage.stamp()
+    package = ipk.build(cache / "ipk")
+    for old in (cache / "ipk").glob("*"):
+        if old not in (package.path, package.sdist):
+            old.unlink()
     files = [p for p in (REPO / "files").rglob("*")]
     key = _sha(
         [FORMAT, base.name, kernel.version, wheel_hash, project_version(),
          (REPO / "requirements.txt").read_bytes(), *_files_digest(files),
          *_files_digest([GUEST / "init", GUEST / "modules.txt"]),
          *_files_digest(ROUTER_FILES.rglob("*")), str(stamp.get("key")),
+         *_files_digest([QEMU_DIR / "build.py"]),  # the router recipe is this file
+         package.path.read_bytes(),
          cryptodev_ko.read_bytes(), (cryptodev_ko.parent / "BUILT").read_bytes()]
     )  # fmt: skip
     image = cache / "images" / f"router-{key}.ext4"
@@ -713,6 +770,11 @@ def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) ->
         _common_overlay(root, kernel)
         _router_overlay(root, wheels)
         _openwrt_overlay(root, stage.root, stamp)
+        depends = ipk.control_fields(package.control)["Depends"].split(", ")
+        python = _debian_version(root, "python3-minimal")
+        provided = provided_by_image(depends, wheels, kernel.version, python)
+        out = _opkg_install(root, stage.tool("opkg"), stage.env(), package.path, provided)
+        (root / "etc" / "oe-lab" / "opkg-install.log").write_text(out)
         _install_cryptodev(root, kernel, cryptodev_ko)
         _mke2fs(root, image, log)
     _replace_old(image)

@@ -436,7 +436,8 @@ def _rename_by_mac(mac: str, name: str) -> str:
 
 
 def router_setup_script(plan: Plan) -> str:
-    """Router networking as OpenWrt's netifd + fw4 + dnsmasq would set it up."""
+    """Router networking as OpenWrt's netifd + dnsmasq would set it up (netifd does not build
+    here); the firewall is fw4's, from the image's /etc/config/firewall."""
     return _shell_lines(
         "set -e",
         _rename_by_mac(plan.mac_router_wan, "wan"),
@@ -451,25 +452,15 @@ def router_setup_script(plan: Plan) -> str:
         "ip link set lan up",
         f"ip addr add {plan.router_lan4}/24 dev lan",
         f"ip -6 addr add {plan.router_lan6}/64 dev lan nodad",
-        "nft -f - <<'EOF'",
-        "table inet fw4 {",
-        "  chain input { type filter hook input priority filter; policy accept; }",
-        "  chain forward {",
-        "    type filter hook forward priority filter; policy drop;",
-        "    ct state established,related accept",
-        # oe-esp0 (the userspace datapath's TUN) is in the wan zone, as the package's
-        # uci-defaults put it on OpenWrt (files/etc/uci-defaults/90_oe-firewall)
-        '    iifname "lan" oifname { "wan", "oe-esp0" } accept',
-        "    meta l4proto { icmp, icmpv6 } accept",
-        "  }",
-        "  chain srcnat {",
-        "    type nat hook postrouting priority srcnat; policy accept;",
-        '    meta nfproto ipv4 oifname { "wan", "oe-esp0" } masquerade',
-        "  }",
-        "}",
-        "EOF",
+        # fw4 rendered table inet fw4 from /etc/config/firewall at boot (S19firewall); the
+        # zones match the device names just given
+        "nft list table inet fw4 >/dev/null || "
+        "{ echo 'router: no table inet fw4: fw4 did not load at boot' >&2; exit 1; }",
         "echo 'nameserver 127.0.0.1' > /etc/resolv.conf",
         "mkdir -p /lab/logs",
+        # procd sends the daemon's output to logd: the lab keeps its lines in the run's logs
+        'setsid sh -c \'logread -f | grep --line-buffered "oe-routerd\\[" '
+        ">>/lab/logs/oe-routerd.log' </dev/null >/dev/null 2>&1 &",
         "dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
         f"--server={plan.resolver} --domain-needed --proxy-dnssec --cache-size=150 "
         "--pid-file=/run/dnsmasq.pid --user=root --log-queries "

@@ -128,10 +128,21 @@ def start_daemon(
         f"install -m 600 /lab/bundle/{key} /etc/oe/private.pem; "
         "cp /lab/oe.conf /etc/config/oe"
     ).check()
-    lab.router(
-        f"{prefix}{daemon_env}nohup oe-routerd --config /etc/config/oe >>{LOG} 2>&1 </dev/null & "
-        "echo $! > /run/oe-routerd.pid"
-    ).check()
+    if prefix or daemon_env:
+        # a development copy of src/ or a fault injected through the environment: started
+        # by hand, as procd's instance takes neither
+        lab.router(
+            f"{prefix}{daemon_env}nohup oe-routerd --config /etc/config/oe >>{LOG} 2>&1 "
+            "</dev/null & echo $! > /run/oe-routerd.pid"
+        ).check()
+    else:
+        # the package's init script under procd; its output reaches LOG through logd
+        # (router_setup_script's logread follower)
+        lab.router(
+            "/etc/init.d/oe start && for i in $(seq 100); do "
+            "pid=$(pgrep -x oe-routerd) && break; sleep 0.1; done; "
+            '[ -n "$pid" ] && echo $pid > /run/oe-routerd.pid'
+        ).check()
     status: dict[str, Any] | None = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -176,6 +187,7 @@ def stop_daemon(lab: Lab) -> None:
     and what the daemon keeps on purpose after a stop (the "private" drops: XFRM policies,
     or the userspace datapath's nftables projection) removed, so the next test starts clean."""
     lab.router(
+        "/etc/init.d/oe stop 2>/dev/null; "
         "pid=$(cat /run/oe-routerd.pid) && kill -TERM $pid; for i in $(seq 50); do "
         "kill -0 $pid 2>/dev/null || break; sleep 0.1; done; rm -f /run/oe-routerd.pid"
     )

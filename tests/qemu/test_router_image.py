@@ -39,7 +39,7 @@ def test_procd_is_pid_1_and_runs_openwrts_services(lab: Lab) -> None:
     """procd's /sbin/init handed over to procd, which started ubusd and ran /etc/rc.d/S*."""
     res = lab.router(
         "cat /proc/1/comm; readlink /proc/1/exe; readlink /bin/sh; "
-        "for p in ubusd logd rpcd; do echo $p=$(pidof $p); done; ubus list"
+        "for p in ubusd logd rpcd; do echo $p=$(pgrep -x $p); done; ubus list"
     ).check()
     lines = res.stdout.splitlines()
     assert lines[0] == "procd" and lines[1].endswith("/sbin/procd"), lines
@@ -71,6 +71,59 @@ def test_image_carries_the_pinned_runtime_dependencies(lab: Lab) -> None:
     )
     got = json.loads(lab.router(f'python3 -c "{code}"').check().stdout)
     assert got == pins
+
+
+def test_the_package_came_from_opkg_with_debians_parts_declared(lab: Lab) -> None:
+    """The project is opkg's python3-oe (from `make package`'s .ipk); what it depends on is
+    Debian's python3 and kernel, declared provided in opkg's status file."""
+    res = lab.router("opkg list-installed; echo ==; opkg files python3-oe; echo ==; uname -r")
+    installed_text, files, kernel = res.check().stdout.split("==\n")
+    installed = dict(ln.split(" - ", 1) for ln in installed_text.splitlines() if " - " in ln)
+    assert installed["python3-oe"] == build.project_version() + "-r1", installed
+    status = lab.router("cat /usr/lib/opkg/status").check().stdout
+    oe = next(p for p in status.split("\n\n") if p.startswith("Package: python3-oe\n"))
+    depends = oe.split("Depends: ", 1)[1].split("\n", 1)[0].split(", ")
+    python = lab.router("python3 -c 'import platform; print(platform.python_version())'")
+    for name in depends:  # each dependency is the Debian part's, at its version
+        if name.startswith("kmod-"):
+            assert installed[name] == kernel.strip(), name
+        elif name in ("python3-light", "python3-asyncio", "python3-logging", "python3-ctypes"):
+            assert installed[name] == python.check().stdout.strip(), name
+        else:
+            assert name in installed, name
+    assert "/usr/bin/oe-routerd" in files and "/etc/init.d/oe" in files
+
+
+def test_fw4_renders_the_firewall_from_uci(lab: Lab) -> None:
+    """table inet fw4 is fw4's rendering of /etc/config/firewall: zones by device, LAN
+    masqueraded to WAN, and the package's first-boot uci-defaults put oe-esp0 in wan."""
+    res = lab.router(
+        "ls /etc/uci-defaults; echo ==; uci get firewall.@zone[1].name; "
+        "uci get firewall.@zone[1].device; echo ==; nft list table inet fw4"
+    ).check()
+    pending, zone, ruleset = res.stdout.split("==\n")
+    assert pending.strip() == ""  # ran at the first boot and deleted
+    assert zone.split() == ["wan", "wan", "oe-esp0"], zone
+    assert "!fw4: Masquerade IPv4 wan traffic" in ruleset
+    srcnat = next(ln for ln in ruleset.splitlines() if "jump srcnat_wan" in ln)
+    assert '"oe-esp0"' in srcnat and '"wan"' in srcnat, srcnat
+    assert 'iifname "lan" jump forward_lan' in ruleset
+
+
+def test_the_daemon_runs_under_procd(lab: Lab) -> None:
+    """/etc/init.d/oe start: procd's instance, its output in logd."""
+    import oelab
+
+    oelab.start_daemon(lab)
+    try:
+        svc = json.loads(lab.router('ubus call service list \'{"name": "oe"}\'').check().stdout)
+        inst = svc["oe"]["instances"]["oe-routerd"]
+        pid = lab.router("cat /run/oe-routerd.pid").check().stdout.strip()
+        assert inst["running"] and str(inst["pid"]) == pid, inst
+        assert lab.router(f"cat /proc/{pid}/status | grep PPid").stdout.split()[1] == "1"
+        assert f"oe-routerd[{pid}]" in lab.router("logread").check().stdout
+    finally:
+        oelab.stop_daemon(lab)
 
 
 @pytest.fixture(scope="module")
