@@ -248,6 +248,9 @@ def _render_ike_endpoint(ike: dict[str, Any]) -> list[str]:
         key = f", key {ident['key']}" if ident.get("key") else ", no key"
         publish = f", IPSECKEY {ident['ipseckey']}" if ident.get("ipseckey") else ""
         out.append(f"  identity   {ident.get('local_id', '-')}{key}{publish}")
+    addresses = g("addresses")
+    if isinstance(addresses, list):  # absent from a daemon older than WAN re-learning
+        out.append(f"  addresses  {', '.join(map(str, addresses)) or 'none'}")
     named = _IKE_TABLE_KEYS.union(k for _, keys in _IKE_COUNTER_LINES for k, _ in keys)
     rest = tuple((k, k) for k in ike if k not in named)
     for label, keys in (*_IKE_COUNTER_LINES, ("counters", rest)):

@@ -45,7 +45,7 @@ from oe_router.oe.lan import apply_nft
 from oe_router.oe.negotiator import IkeNegotiator
 from oe_router.oe.service import DatapathFactory, OeService, kernel_datapath
 from oe_router.offload.service import OffloadService
-from oe_router.platform import Platform, probe_platform
+from oe_router.platform import Platform, network_change, probe_network, probe_platform
 from oe_router.services import Service, ServiceError
 
 log = logging.getLogger("oe_router.daemon")
@@ -135,6 +135,9 @@ class Daemon:
         pid: int | None = None,
         ubus: UbusShim | None = None,
         on_config: Callable[[OeConfig], None] | None = None,
+        platform: Platform | None = None,
+        network: Callable[[OeConfig, Platform], Platform] | None = None,
+        build: Callable[[OeConfig, Platform], ServiceRegistry] | None = None,
     ) -> None:
         self.config_path = config_path
         self.config = config
@@ -151,6 +154,12 @@ class Daemon:
         #: the ubus object ``oe`` (started after the services, stopped before them)
         self.ubus = ubus
         self._on_config = on_config
+        #: what ``registry`` was built for; with ``network`` and ``build`` a reload looks at
+        #: the addresses again and rebuilds the services when they changed
+        self.platform = platform
+        self._network = network
+        self._build = build
+        self._service_commands: list[str] = []
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[ReloadResult]] = set()
@@ -211,6 +220,52 @@ class Daemon:
             self.last_reload = result
             return result
 
+    def adopt_commands(self) -> None:
+        """Register the services' own control commands (oe up/down, flush), replacing those
+        of the registry before, so the control socket and ubus reach the running services."""
+        for name in self._service_commands:
+            self.commands.unregister(name)
+        before = set(self.commands.names())
+        for service in self.registry:
+            register = getattr(service, "register_commands", None)
+            if register is not None:
+                register(self.commands)
+        self._service_commands = sorted(set(self.commands.names()) - before)
+
+    def _rebuild_reason(self, new: OeConfig) -> tuple[Platform, str] | None:
+        """The platform as it is now, and why the services must be rebuilt for it, or None
+        to reload them in place: the addresses changed, or a trust anchor appeared for a
+        daemon that started without its DNS front (a vanished one stays a refused reload)."""
+        if self._network is None or self._build is None or self.platform is None:
+            return None
+        fresh = self._network(new, self.platform)
+        change = network_change(self.platform, fresh)
+        if change:
+            return fresh, f"network changed ({change})"
+        if dns_wanted(new) and "dns" not in self.registry.names:
+            return fresh, "DNS front: a trust anchor is there now"
+        return None
+
+    async def _rebuild(self, new: OeConfig, fresh: Platform, reason: str) -> list[str]:
+        """Stop the services, build them again for ``fresh`` and start them with ``new``.
+
+        Why a rebuild, not a reload: every part was made for the addresses it was given
+        (IKE's sockets and identities, the LAN's SNAT table, the DNS front's access list),
+        and the SAs of an old WAN address are dead anyway. The "private" drops stay in
+        place across the stop (keep_private_on_stop), so nothing leaks meanwhile.
+        """
+        assert self._build is not None
+        log.warning("%s: restarting the services", reason)
+        await self.registry.stop_all()
+        self.platform = fresh
+        self.registry = self._build(new, fresh)
+        self.adopt_commands()
+        try:
+            await self.registry.start_all(new)
+        except ServiceError as exc:
+            return [str(exc)]
+        return []
+
     async def _try_reload(self) -> list[str]:
         try:
             new = self._loader(self.config_path)
@@ -221,18 +276,23 @@ class Daemon:
         except Exception as exc:  # a bug in the config layer must not kill the daemon
             return [f"{self.config_path}: internal error ({type(exc).__name__}: {exc})"]
         old = self.config
-        if old.enabled and new.enabled:
+        rebuild = self._rebuild_reason(new) if new.enabled else None
+        if rebuild is not None:
+            problems = await self._rebuild(new, *rebuild)
+            if problems:
+                return problems
+        elif new.enabled and self.registry.running:
             problems = await self.registry.reload_all(old, new)
             if problems:
                 return problems
-        elif old.enabled:
-            log.info("oe disabled in %s: stopping services", self.config_path)
-            await self.registry.stop_all()
-        elif new.enabled:
+        elif new.enabled:  # enabled again, or after a rebuild whose start failed
             try:
                 await self.registry.start_all(new)
             except ServiceError as exc:
                 return [str(exc)]
+        elif self.registry.running:
+            log.info("oe disabled in %s: stopping services", self.config_path)
+            await self.registry.stop_all()
         if new.control_socket != old.control_socket:
             log.warning(
                 "control_socket changed to %s: it takes effect at the next restart",
@@ -581,21 +641,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.setLevel(level_from_name(config.log_level))
     socket_path = args.socket if args.socket is not None else Path(config.control_socket)
     events = Events()
-    registry = build_services(config, events=events)
+
+    def build(cfg: OeConfig, plat: Platform) -> ServiceRegistry:
+        return build_services(cfg, platform=plat, events=events)
+
+    platform = probe_platform(config)
     daemon = Daemon(
         config_path=config_path,
         config=config,
-        registry=registry,
+        registry=build(config, platform),
         socket_path=socket_path,
         socket_mode=args.socket_mode,
         on_config=lambda c: root.setLevel(level_from_name(c.log_level)),
+        platform=platform,
+        network=probe_network,
+        build=build,
     )
     if not args.no_ubus:
         daemon.ubus = UbusShim(daemon.commands, args.ubus_socket, events=events)
-    for service in registry:
-        register = getattr(service, "register_commands", None)
-        if register is not None:
-            register(daemon.commands)  # oe up / oe down
+    daemon.adopt_commands()  # oe up / oe down, flush
     try:
         return asyncio.run(daemon.run())
     except SocketBindError as exc:

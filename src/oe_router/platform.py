@@ -9,6 +9,7 @@ pass a ``Platform`` they made themselves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -26,6 +27,8 @@ __all__ = [
     "Platform",
     "choose_datapath",
     "kernel_esp",
+    "network_change",
+    "probe_network",
     "probe_platform",
     "read_interface",
     "upstream_addresses",
@@ -178,6 +181,23 @@ def upstream_addresses(config: OeConfig) -> tuple[IPAddress, ...]:
 
 def probe_platform(config: OeConfig) -> Platform:
     """Look at the machine: WAN and LAN interfaces from the config, kernel ESP."""
+    esp = kernel_esp() if config.datapath != "userspace" else (False, "")
+    userspace = userspace_esp() if config.datapath != "kernel" and not esp[0] else (False, "")
+    datapath, reason = choose_datapath(config.datapath, esp, userspace)
+    if datapath == "kernel":
+        warmed = warm_kernel_crypto()
+        log.info("kernel AEADs instantiated: %s", ", ".join(warmed) or "none (no AF_ALG)")
+    found = Platform(esp=datapath == "kernel", datapath_reason=reason, datapath=datapath)
+    return probe_network(config, found)
+
+
+def probe_network(config: OeConfig, platform: Platform) -> Platform:
+    """``platform`` with the addresses as they are now: WAN, LAN prefixes, DNS upstreams.
+
+    Why apart from the datapath probe: addresses change under a running daemon (a new
+    DHCP lease, a PPPoE reconnect, netifd bringing WAN up after the daemon started), the
+    kernel's ESP does not. A reload looks again at these and only these.
+    """
     wan_addrs, _, wan_reason = read_interface(config.wan_interface)
     wan: dict[int, IPAddress] = {}
     for a in wan_addrs:
@@ -187,19 +207,26 @@ def probe_platform(config: OeConfig) -> Platform:
     _, lan_nets, lan_reason = read_interface(config.lan_interface)
     if lan_reason:
         log.info("oe.global.lan_interface: %s (no LAN exclusion)", lan_reason)
-    esp = kernel_esp() if config.datapath != "userspace" else (False, "")
-    userspace = userspace_esp() if config.datapath != "kernel" and not esp[0] else (False, "")
-    datapath, reason = choose_datapath(config.datapath, esp, userspace)
-    if datapath == "kernel":
-        warmed = warm_kernel_crypto()
-        log.info("kernel AEADs instantiated: %s", ", ".join(warmed) or "none (no AF_ALG)")
-    return Platform(
-        wan,
-        wan_reason,
-        tuple(lan_nets),
-        datapath == "kernel",
-        reason,
-        upstream_addresses(config),
-        datapath,
-        tuple(wan_addrs),
+    return dataclasses.replace(
+        platform,
+        wan=wan,
+        wan_reason=wan_reason,
+        lan=tuple(lan_nets),
+        dns_upstream=upstream_addresses(config),
+        wan_addresses=tuple(wan_addrs),
     )
+
+
+def network_change(old: Platform, new: Platform) -> str:
+    """What differs between two probes' addresses, for the log line; "" if nothing."""
+    parts = []
+    for label, a, b in (
+        ("WAN", old.wan_addresses, new.wan_addresses),
+        ("LAN", old.lan, new.lan),
+        ("DNS upstream", old.dns_upstream, new.dns_upstream),
+    ):
+        if set(a) != set(b):
+            before = ", ".join(map(str, a)) or "none"
+            after = ", ".join(map(str, b)) or "none"
+            parts.append(f"{label} {before} -> {after}")
+    return "; ".join(parts)

@@ -369,6 +369,10 @@ def test_status_shows_ike_endpoint_and_dns_front_counters_of_a_recorded_document
         "  counters   received 33763, sent 17014, puzzles_sent 7",
     ]
 
+    # the WAN addresses IKE uses now (a reload looks at them again)
+    doc["ike"]["addresses"] = ["192.0.2.1", "2001:db8::1"]
+    assert "  addresses  192.0.2.1, 2001:db8::1" in render_status(Status.from_json(doc))
+
 
 def test_socket_comes_from_the_config_file_unless_given(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

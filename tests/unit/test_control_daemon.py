@@ -8,7 +8,10 @@ UCI files read by the real config layer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,12 @@ import pytest
 
 from oe_router.config import OeConfig, load_config
 from oe_router.control import ShuntStatus, StatusContribution
+from oe_router.control.protocol import CommandTable, Request
 from oe_router.daemon import Daemon, Service, ServiceError, ServiceRegistry
+from oe_router.datapath.base import IPAddress
+from oe_router.dns.service import dns_wanted
 from oe_router.ike.service import IkeService
+from oe_router.platform import Platform
 
 GOOD = "config oe 'global'\n\toption enabled '1'\n\toption log_level 'info'\n"
 
@@ -256,3 +263,171 @@ def test_down_and_up_with_hostile_names_are_refused_by_the_table_not_the_resolve
         assert reply["ok"] is False, case
         assert str(reply["error"]).startswith(error) or error in reply["error"], reply
         assert "internal error" not in reply["error"]
+
+
+# -- a reload looks at the addresses again (netifd's interface trigger) --------------------
+
+WAN_A = ipaddress.ip_address("192.0.2.10")
+WAN_B = ipaddress.ip_address("198.51.100.7")
+
+
+class Network:
+    """The addresses a reload's probe finds: tests move the WAN between calls."""
+
+    def __init__(self, wan: tuple[IPAddress, ...]) -> None:
+        self.wan = wan
+        self.calls = 0
+
+    def __call__(self, config: OeConfig, platform: Platform) -> Platform:
+        self.calls += 1
+        return dataclasses.replace(
+            platform,
+            wan={a.version: a for a in reversed(self.wan)},
+            wan_addresses=self.wan,
+            wan_reason="" if self.wan else "oe.global.wan_interface: no global address",
+        )
+
+
+def _rebuilding_daemon(
+    tmp_path: Path, wan: tuple[IPAddress, ...], journal: list[str]
+) -> tuple[Daemon, Network, list[Platform]]:
+    """A daemon whose registry is built per platform: "ike@<WAN>" when there is a WAN, and
+    a service that registers a command, as IkeService registers up/down."""
+    network = Network(wan)
+    built: list[Platform] = []
+
+    class WithCommand(Recorder):
+        def register_commands(self, commands: CommandTable) -> None:
+            async def handler(request: Request) -> dict[str, object]:
+                return {"served_by": self.name}
+
+            commands.register("flush", handler)
+
+    def build(config: OeConfig, platform: Platform) -> ServiceRegistry:
+        built.append(platform)
+        names = [f"ike@{a}" for a in platform.wan_addresses] or ["status-only"]
+        services: list[Service] = [WithCommand(names[0], journal)]
+        if dns_wanted(config):
+            services.append(Recorder("dns", journal))
+        return ServiceRegistry(services)
+
+    path = tmp_path / "oe"
+    # a fixed trust anchor that is not there: no DNS front, so only addresses matter here
+    path.write_text(GOOD + f"config dns 'dns'\n\toption trust_anchor '{tmp_path}/none.key'\n")
+    config = load_config(path)
+    platform = network(config, Platform())
+    daemon = Daemon(
+        config_path=path,
+        config=config,
+        registry=build(config, platform),
+        socket_path=tmp_path / "unused.sock",
+        platform=platform,
+        network=network,
+        build=build,
+    )
+    daemon.adopt_commands()
+    return daemon, network, built
+
+
+async def _flush_reply(daemon: Daemon) -> object:
+    return (await daemon.commands.dispatch(b'{"cmd": "flush"}\n')).get("served_by")
+
+
+def test_reload_with_the_same_addresses_reloads_in_place(tmp_path: Path) -> None:
+    journal: list[str] = []
+    daemon, network, built = _rebuilding_daemon(tmp_path, (WAN_A,), journal)
+
+    async def go() -> bool:
+        await daemon.registry.start_all(daemon.config)
+        return (await daemon.reload()).accepted
+
+    assert asyncio.run(go())
+    assert network.calls == 2 and len(built) == 1
+    assert journal == [f"start ike@{WAN_A}", f"reload ike@{WAN_A} info"]
+
+
+def test_a_new_wan_address_rebuilds_the_services_for_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal: list[str] = []
+    daemon, network, built = _rebuilding_daemon(tmp_path, (WAN_A,), journal)
+
+    async def go() -> tuple[bool, object]:
+        await daemon.registry.start_all(daemon.config)
+        network.wan = (WAN_B,)
+        result = await daemon.reload()
+        return result.accepted, await _flush_reply(daemon)
+
+    with caplog.at_level(logging.WARNING, logger="oe_router.daemon"):
+        ok, served_by = asyncio.run(go())
+    assert ok and daemon.generation == 2
+    assert journal == [f"start ike@{WAN_A}", f"stop ike@{WAN_A}", f"start ike@{WAN_B}"]
+    assert daemon.registry.names == (f"ike@{WAN_B}",)
+    assert daemon.platform is not None and daemon.platform.wan_addresses == (WAN_B,)
+    assert built[-1].wan == {4: WAN_B}
+    # the control commands now reach the new services, not the stopped ones
+    assert served_by == f"ike@{WAN_B}"
+    assert f"network changed (WAN {WAN_A} -> {WAN_B}): restarting the services" in caplog.text
+
+
+def test_a_wan_that_comes_up_after_start_brings_oe_up(tmp_path: Path) -> None:
+    """START=90 on a slow PPPoE or DHCP link: no WAN address at start, then netifd's trigger."""
+    journal: list[str] = []
+    daemon, network, _ = _rebuilding_daemon(tmp_path, (), journal)
+
+    async def go() -> bool:
+        await daemon.registry.start_all(daemon.config)
+        network.wan = (WAN_A,)
+        return (await daemon.reload()).accepted
+
+    assert asyncio.run(go())
+    assert journal == ["start status-only", "stop status-only", f"start ike@{WAN_A}"]
+
+
+def test_a_rebuild_whose_start_fails_is_refused_and_the_next_reload_starts_it(
+    tmp_path: Path,
+) -> None:
+    journal: list[str] = []
+    daemon, network, _ = _rebuilding_daemon(tmp_path, (WAN_A,), journal)
+    refuse = [True]
+    original = Recorder.start
+
+    async def start(self: Recorder, config: OeConfig) -> None:
+        if refuse[0] and self.name == f"ike@{WAN_B}":
+            raise ServiceError("port 500 is in use")
+        await original(self, config)
+
+    async def go() -> tuple[Any, Any]:
+        await daemon.registry.start_all(daemon.config)
+        network.wan = (WAN_B,)
+        first = await daemon.reload()
+        refuse[0] = False
+        second = await daemon.reload()
+        return first, second
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Recorder, "start", start)
+        first, second = asyncio.run(go())
+    assert not first.accepted and "port 500 is in use" in first.problems[0]
+    assert second.accepted and daemon.registry.running and daemon.generation == 2
+    assert journal == [f"start ike@{WAN_A}", f"stop ike@{WAN_A}", f"start ike@{WAN_B}"]
+
+
+def test_a_trust_anchor_that_appears_starts_the_dns_front_on_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal: list[str] = []
+    daemon, _, built = _rebuilding_daemon(tmp_path, (WAN_A,), journal)
+
+    async def go() -> tuple[bool, bool]:
+        await daemon.registry.start_all(daemon.config)
+        (tmp_path / "none.key").write_text(". IN DS 20326 8 2 E06D44B8\n")
+        first = (await daemon.reload()).accepted
+        return first, (await daemon.reload()).accepted
+
+    with caplog.at_level(logging.WARNING, logger="oe_router.daemon"):
+        assert asyncio.run(go()) == (True, True)
+    assert daemon.registry.names == (f"ike@{WAN_A}", "dns")
+    assert len(built) == 2  # the second reload found nothing new: in place
+    assert journal[-3:] == ["start dns", f"reload ike@{WAN_A} info", "reload dns info"]
+    assert "DNS front: a trust anchor is there now: restarting the services" in caplog.text

@@ -71,6 +71,7 @@ procd_set_param() {
 }
 procd_close_instance() { rec "procd_close_instance"; }
 procd_add_reload_trigger() { rec "procd_add_reload_trigger $*"; }
+procd_add_reload_interface_trigger() { rec "procd_add_reload_interface_trigger $*"; }
 procd_send_signal() { rec "procd_send_signal $*"; }
 procd_kill() { rec "procd_kill $*"; }
 

@@ -309,6 +309,10 @@ class CommandTable:
             raise ValueError(f"control command {name!r} has no argument table (COMMAND_ARGS)")
         self._handlers[name] = (handler, help_text, spec)
 
+    def unregister(self, name: str) -> None:
+        """Drop a command (its service went away); an unknown name is ignored."""
+        self._handlers.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._handlers)
 

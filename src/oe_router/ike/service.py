@@ -953,7 +953,12 @@ class IkeService:
 
     def status(self) -> StatusContribution:
         return StatusContribution(
-            tunnels=self.rows(), ike={**self.counters(), "identity": self.identity()}
+            tunnels=self.rows(),
+            ike={
+                **self.counters(),
+                "identity": self.identity(),
+                "addresses": list(self.addresses),
+            },
         )
 
     def identity(self) -> dict[str, object]:
