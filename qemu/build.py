@@ -588,7 +588,7 @@ OpenWrt's userland built from source on Debian's kernel and libc (glibc, not mus
 procd is PID 1 and runs /etc/rc.d/S*; ubusd, logd, rpcd, uci, ucode, firewall4's fw4,
 opkg and base-files' shell libraries come from pinned upstream snapshots (what was built
 and from which commit: /etc/oe-lab/userland.json). The kernel, python3, iproute2,
-nftables, dnsmasq and bash (/bin/sh) are Debian bookworm's.
+nftables, dnsmasq and busybox (/bin/sh) are Debian bookworm's.
 This is not an OpenWrt release: no netifd, no LuCI, no musl.
 """
 #: rc.d links the boot runs (as `/etc/init.d/X enable` makes them): START number, script
@@ -617,20 +617,20 @@ def _merge_tree(src: Path, dest: Path) -> None:
 
 
 def _openwrt_overlay(root: Path, stage: Path, stamp: dict[str, object]) -> None:
-    """OpenWrt's userland into the router root: procd as init, bash as /bin/sh."""
+    """OpenWrt's userland into the router root: procd as init, busybox ash as /bin/sh."""
     _merge_tree(stage, root)
     _merge_tree(ROUTER_FILES, root)
-    # procd.sh needs ash or bash (`let`, `&>`), not Debian's dash. Debian's busybox-static is
-    # built to prefer its own applets (FEATURE_SH_STANDALONE): its ash ran busybox's ps,
-    # logread and ip instead of procps', ubox's and iproute2's. So /bin/sh is Debian's bash
-    # (POSIX mode as sh); /bin/ash, which OpenWrt's inittab names, is that busybox.
-    busybox = Path("/bin/busybox")  # Debian's busybox-static (scripts/apt-packages.txt)
+    # /bin/sh and /bin/ash are busybox's ash, as on OpenWrt (procd.sh needs ash or bash:
+    # `let`, `&>`; not Debian's dash). It is Debian's dynamic busybox (router.packages), not
+    # the host's busybox-static, which is built to prefer its own applets
+    # (FEATURE_SH_STANDALONE): that ash ran busybox's ps, logread and ip instead of procps',
+    # ubox's and iproute2's. This one finds commands on PATH.
+    busybox = root / "bin" / "busybox"
     if not busybox.is_file():
-        raise BuildError("router: /bin/busybox missing on the build host (busybox-static)")
-    shutil.copy2(busybox, root / "bin" / "busybox")
-    for name, target in (("sh", "bash"), ("ash", "busybox")):
+        raise BuildError("router: no /bin/busybox in the base root (busybox in router.packages)")
+    for name in ("sh", "ash"):
         (root / "bin" / name).unlink(missing_ok=True)
-        (root / "bin" / name).symlink_to(target)
+        (root / "bin" / name).symlink_to("busybox")
     rcd = root / "etc" / "rc.d"
     rcd.mkdir(exist_ok=True)
     for start, script in RC_D:

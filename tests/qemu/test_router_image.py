@@ -43,7 +43,7 @@ def test_procd_is_pid_1_and_runs_openwrts_services(lab: Lab) -> None:
     ).check()
     lines = res.stdout.splitlines()
     assert lines[0] == "procd" and lines[1].endswith("/sbin/procd"), lines
-    assert lines[2] == "bash", lines  # see build._openwrt_overlay: not busybox-static's ash
+    assert lines[2] == "busybox", lines  # ash, as on OpenWrt (build._openwrt_overlay)
     pids = dict(line.split("=", 1) for line in lines[3:6])
     assert all(p.strip().isdigit() for p in pids.values()), pids
     objects = set(lines[6:])
