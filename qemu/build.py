@@ -593,6 +593,9 @@ This is not an OpenWrt release: no netifd, no LuCI, no musl.
 """
 #: rc.d links the boot runs (as `/etc/init.d/X enable` makes them): START number, script
 RC_D = ((10, "uci-defaults"), (12, "log"), (12, "rpcd"), (19, "firewall"), (99, "oe-lab"))
+#: the package's rc.d links (as its default_postinst made them) that the image leaves out,
+#: one "NAME TARGET" a line: qemu/guest/router/usr/lib/oe-lab/first-boot restores them
+RC_D_DEFERRED = "etc/oe-lab/rc.d-deferred"
 #: the unprivileged user procd starts ubusd as (OpenWrt's base-files passwd entry)
 UBUS_USER = ("ubus:x:81:81:ubus:/var/run/ubus:/bin/false\n", "ubus:x:81:\n")
 #: what the router image does not need from the userland stage (build-time files)
@@ -732,10 +735,14 @@ def _opkg_install(root: Path, opkg: Path, env: dict[str, str], package: Path,
     )
     if res.returncode != 0 or not (root / "usr" / "bin" / "oe-routerd").is_file():
         raise BuildError(f"router: opkg install {package.name} failed:\n{res.stdout}{res.stderr}")
-    # The lab brings the network up after boot (no netifd), so the lab starts the service
-    # (/etc/init.d/oe start) once the router has its addresses: not at boot.
-    for link in (root / "etc" / "rc.d").glob("[SK][0-9][0-9]oe"):
+    # The lab brings the network up after boot (no netifd), so the session lab starts the
+    # service (/etc/init.d/oe start) once the router has its addresses: not at boot. The
+    # links are recorded (name, target): the lab's first-boot mode puts them back.
+    deferred = []
+    for link in sorted((root / "etc" / "rc.d").glob("[SK][0-9][0-9]oe")):
+        deferred.append(f"{link.name} {os.readlink(link)}\n")
         link.unlink()
+    (root / RC_D_DEFERRED).write_text("".join(deferred))
     return res.stdout + res.stderr
 
 

@@ -232,6 +232,7 @@ class VMSpec:
     cpu: str
     nics: list[tuple[str, str, Path, Path]]  # (netdev id, mac, local socket, remote socket)
     crypto: bool = False
+    cmdline: str = ""  # added to the kernel command line
 
 
 def _die_with_parent() -> None:
@@ -261,7 +262,7 @@ class VM:
             "-smp", str(s.smp), "-m", str(s.memory_mb),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(self._kernel.vmlinux), "-initrd", str(self._kernel.initramfs),
-            "-append", f"console=ttyS0 quiet panic=-1 oe.hostname={s.name}",
+            "-append", f"console=ttyS0 quiet panic=-1 oe.hostname={s.name} {s.cmdline}".strip(),
             "-chardev", f"file,id=con0,path={self.console}", "-serial", "chardev:con0",
             "-drive", f"file={s.image},format=raw,if=virtio,cache=unsafe,snapshot=on",
             "-virtfs", f"local,path={self._run_dir},mount_tag=lab,security_model=none,id=lab",
@@ -404,6 +405,19 @@ class Capture:
             raise LabError(f"reading {self.path} with filter {bpf!r}: {res.stderr.strip()}")
         return len([ln for ln in res.stdout.splitlines() if ln.strip()])
 
+    def packets(self, bpf: str) -> list[tuple[float, str]]:
+        """(epoch seconds, tcpdump line) of every packet matching ``bpf``: captures in the
+        world VM share its clock, so their timestamps order events across cables."""
+        res = subprocess.run(
+            ["tcpdump", "-tt", "-n", "-r", str(self.path), bpf],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise LabError(f"reading {self.path} with filter {bpf!r}: {res.stderr.strip()}")
+        return [(float(ln.split()[0]), ln) for ln in res.stdout.splitlines() if ln.strip()]
+
     def esp(self) -> int:
         """ESP packets, raw (IP proto 50) or UDP-encapsulated on port 4500 (non-IKE marker)."""
         return self.count("esp or (udp port 4500 and udp[8:4] != 0)")
@@ -435,9 +449,50 @@ def _rename_by_mac(mac: str, name: str) -> str:
     )
 
 
-def router_setup_script(plan: Plan) -> str:
+#: the lab's own dnsmasq switches (pid file for oelab's restarts, the run's query log)
+LAB_DNSMASQ = (
+    "--pid-file=/run/dnsmasq.pid --user=root --log-queries "
+    "--log-facility=/lab/logs/router-dnsmasq.log"
+)
+#: the first-boot router's firmware customisation (laid over its root before procd starts)
+FIRST_BOOT_FILES = build.GUEST / "first-boot-files"
+#: where the first-boot router finds the lab root's DS (its uci-defaults points oe at it)
+FIRST_BOOT_ANCHOR = "etc/oe/lab-root.ds"
+
+
+def _netifd_event(interface: str) -> str:
+    """What netifd's ubus notify on network.interface gives procd's trigger_event."""
+    event = {"type": "interface.update", "data": {"interface": interface}}
+    return f"ubus call service event {shlex.quote(json.dumps(event))}"
+
+
+def router_setup_script(plan: Plan, first_boot: bool = False) -> str:
     """Router networking as OpenWrt's netifd + dnsmasq would set it up (netifd does not build
-    here); the firewall is fw4's, from the image's /etc/config/firewall."""
+    here); the firewall is fw4's, from the image's /etc/config/firewall.
+
+    The session lab starts dnsmasq with switches of its own (oelab points it at the DNS
+    front when it starts the daemon). ``first_boot`` plays the rest of what the router's
+    own boot does: dnsmasq from /etc/config/dhcp (the lab's stand-in for its init script),
+    the WAN's resolver in /tmp/resolv.conf.d/resolv.conf.auto as netifd writes it from
+    DHCP, then netifd's interface.update events for lan and wan, which fire the procd
+    triggers of the services that started before the network was up (oe's reload).
+    """
+    if first_boot:
+        auto = "/tmp/resolv.conf.d/resolv.conf.auto"
+        dns = (
+            "mkdir -p /tmp/resolv.conf.d",
+            f"echo 'nameserver {plan.resolver}' > {auto}.tmp",
+            f"mv {auto}.tmp {auto}",
+            f"/usr/lib/oe-lab/dnsmasq-uci {LAB_DNSMASQ}",
+            _netifd_event("lan"),
+            _netifd_event("wan"),
+        )
+    else:
+        dns = (
+            "dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
+            f"--server={plan.resolver} --domain-needed --proxy-dnssec --cache-size=150 "
+            f"{LAB_DNSMASQ}",
+        )
     return _shell_lines(
         "set -e",
         _rename_by_mac(plan.mac_router_wan, "wan"),
@@ -461,10 +516,7 @@ def router_setup_script(plan: Plan) -> str:
         # procd sends the daemon's output to logd: the lab keeps its lines in the run's logs
         'setsid sh -c \'logread -f | grep --line-buffered "oe-routerd\\[" '
         ">>/lab/logs/oe-routerd.log' </dev/null >/dev/null 2>&1 &",
-        "dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
-        f"--server={plan.resolver} --domain-needed --proxy-dnssec --cache-size=150 "
-        "--pid-file=/run/dnsmasq.pid --user=root --log-queries "
-        "--log-facility=/lab/logs/router-dnsmasq.log",
+        *dns,
     )
 
 
@@ -545,7 +597,14 @@ def hosts_from_world_json(data: dict[str, Any], plan: Plan) -> tuple[Host, ...]:
 
 
 class Lab:
-    """The booted lab. Use as a context manager; everything is powered off on exit."""
+    """The booted lab. Use as a context manager; everything is powered off on exit.
+
+    ``first_boot``: the router boots as a user flashes it: the package's rc.d links in
+    place, so procd starts oe-routerd at boot, and the shipped configuration changed only
+    by the run's firmware customisation (the trust anchor pointed at the lab's root); the
+    network set-up then plays netifd's events and starts dnsmasq from /etc/config/dhcp.
+    The default (the session lab) leaves the daemon to the tests (oelab.start_daemon).
+    """
 
     def __init__(
         self,
@@ -558,6 +617,7 @@ class Lab:
         log: Log = print,
         bundle: bool = True,
         keep_run_dir: bool | None = None,
+        first_boot: bool = False,
     ) -> None:
         self.images = images
         self.plan = plan
@@ -570,6 +630,7 @@ class Lab:
         # With -cpu max the guest has AES-NI, which outranks virtio-crypto for cbc(aes).
         self.cpu = cpu or ("qemu64" if crypto else "max")
         self.want_bundle = bundle
+        self.first_boot = first_boot
         self.world_info: dict[str, Any] = {}
         self.hosts: tuple[Host, ...] = plan.hosts
         self.timings = LabTimings()
@@ -619,11 +680,28 @@ class Lab:
             self.world_info = json.loads(wj.read_text())
             self.hosts = hosts_from_world_json(self.world_info, self.plan)
 
+    def _first_boot_files(self) -> None:
+        """The run's firmware customisation for the first-boot router (/lab/first-boot/files,
+        laid over its root before procd starts): the uci-defaults of FIRST_BOOT_FILES and
+        the lab root's DS from the bundle."""
+        ta = self.world_info.get("router", {}).get("trust_anchor_ds")
+        if not ta:
+            raise LabError("first boot: the world bundle names no router trust anchor")
+        out = self.run_dir / "first-boot" / "files"
+        shutil.copytree(FIRST_BOOT_FILES, out, dirs_exist_ok=True)
+        (out / FIRST_BOOT_ANCHOR).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.run_dir / "bundle" / ta, out / FIRST_BOOT_ANCHOR)
+
     def start(self, timeout: float = 120) -> Lab:
         t0 = time.monotonic()
         shutil.copytree(build.GUEST, self.run_dir / "guest", dirs_exist_ok=True)
         for d in ("logs", "pcap"):
             (self.run_dir / d).mkdir(exist_ok=True)
+        if self.first_boot:
+            # the router reads its customisation, made from the bundle, before procd starts:
+            # the bundle first (well under a second), not beside the boot
+            self._prepare_bundle()
+            self._first_boot_files()
         wan, lan = self._links()
         img = self.images
         specs = [
@@ -632,7 +710,8 @@ class Lab:
                     ("lan", self.plan.mac_world_lan, lan.b, lan.a)]),
             VMSpec("router", img.router, 768, 2, self.cpu,
                    [("wan", self.plan.mac_router_wan, wan.a, wan.b),
-                    ("lan", self.plan.mac_router_lan, lan.a, lan.b)], crypto=self.crypto),
+                    ("lan", self.plan.mac_router_lan, lan.a, lan.b)], crypto=self.crypto,
+                   cmdline="oe.firstboot=1" if self.first_boot else ""),
         ]  # fmt: skip
         deadline = time.monotonic() + timeout
         for spec in specs:
@@ -644,7 +723,8 @@ class Lab:
 
         def make_bundle() -> None:
             try:
-                self._prepare_bundle()
+                if not self.first_boot:
+                    self._prepare_bundle()
             except BaseException as exc:
                 bundle_error.append(exc)
 
@@ -661,7 +741,9 @@ class Lab:
             results[name] = self._vms[name].run(script, timeout=60)
 
         threads = [
-            threading.Thread(target=setup, args=("router", router_setup_script(self.plan))),
+            threading.Thread(
+                target=setup, args=("router", router_setup_script(self.plan, self.first_boot))
+            ),
             threading.Thread(
                 target=setup, args=("world", world_setup_script(self.plan, self.hosts))
             ),
@@ -862,10 +944,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Boot the QEMU lab and print how long it took.")
     ap.add_argument("--crypto", action="store_true", help="give the router a virtio-crypto device")
     ap.add_argument("--shell", action="store_true", help="after boot, read commands: VM CMD")
+    ap.add_argument(
+        "--first-boot", action="store_true", help="the router as flashed: oe started by procd"
+    )
     args = ap.parse_args(argv)
     images = build.build_all(log=lambda m: print(f"[build] {m}", flush=True))
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
     t0 = time.monotonic()
-    with Lab(images, crypto=args.crypto, log=lambda m: print(m, flush=True)) as lab:
+    with Lab(images, crypto=args.crypto, first_boot=args.first_boot, log=log) as lab:
         print(f"warm boot to all-ready: {time.monotonic() - t0:.1f}s (run dir {lab.run_dir})")
         print(f"timings: {lab.timings}")
         for m in lab.missing:

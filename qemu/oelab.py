@@ -18,6 +18,8 @@ engine table as figures), the virtio-crypto device and its interrupt count, and
 ``act_and_watch`` (do something in the router, time the daemon's reaction from its log).
 The policy matrix (``matrix_*``, ``MATRIX_EXPECTED``): libreswan's expected outcome per cell,
 one traffic window for many cells, and the verdict per cell, shared by the matrix modules.
+``first_flow``: the LAN client's TCP flow to a keyed host on its cable and the WAN's, and
+how it differs from "its one SYN left the router as ESP, nothing in the clear".
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lab import LAB_STATE, Lab, LabError
+from lab import LAB_DNSMASQ, LAB_STATE, Capture, Lab, LabError
 from labkit import peers, world
 from oe_router.config import uci
 
@@ -46,8 +48,7 @@ def _dnsmasq(lab: Lab, server: str, cache: int) -> None:
     lab.router(
         "kill $(cat /run/dnsmasq.pid) 2>/dev/null; sleep 0.3; "
         f"dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
-        f"--server={server} --proxy-dnssec --cache-size={cache} --pid-file=/run/dnsmasq.pid "
-        "--user=root --log-queries --log-facility=/lab/logs/router-dnsmasq.log"
+        f"--server={server} --proxy-dnssec --cache-size={cache} {LAB_DNSMASQ}"
     ).check()
 
 
@@ -294,6 +295,49 @@ def offload_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         for t in e["transforms"]
         if t["kat"] != "unsupported"
     ]
+
+
+Packets = list[tuple[float, str]]  # (epoch seconds, tcpdump line), as Capture.packets
+
+
+@dataclass
+class FirstFlow:
+    """The LAN client's TCP flow to a keyed host, as the two cables saw it."""
+
+    syns: Packets  # the client's SYNs to the host, on its own cable
+    clear: Packets  # TCP with the host on the WAN
+    esp_out: Packets
+    esp_in: Packets
+
+    def problems(self) -> list[str]:
+        """How the flow differs from "its one SYN left the router as ESP, nothing in the
+        clear": a retransmitted (lost) SYN, cleartext TCP, fewer than 4 ESP packets a way,
+        a first ESP packet that is not the SA's first (seq 1)."""
+        out = []
+        if len(self.syns) != 1:
+            out.append("SYN retransmitted (first SYN lost):\n" + _lines(self.syns))
+        if self.clear:
+            out.append("cleartext TCP on the WAN:\n" + _lines(self.clear))
+        if len(self.esp_out) < 4 or len(self.esp_in) < 4:
+            out.append(f"ESP out/in {len(self.esp_out)}/{len(self.esp_in)}, not >= 4 each")
+        elif "seq=0x1)" not in self.esp_out[0][1]:
+            out.append(f"first ESP packet is not seq 1: {self.esp_out[0][1]}")
+        return out
+
+
+def _lines(packets: Packets) -> str:
+    return "\n".join(line for _, line in packets)
+
+
+def first_flow(lab: Lab, lan: Capture, wan: Capture, peer: str, wan4: str) -> FirstFlow:
+    """The client's TCP flow to ``peer`` from ``lan`` (the client's cable) and ``wan``
+    (the router's WAN cable, where the router is ``wan4``)."""
+    return FirstFlow(
+        syns=lan.packets(f"src {lab.plan.client4} and dst {peer} and tcp[tcpflags] == tcp-syn"),
+        clear=wan.packets(f"host {peer} and tcp"),
+        esp_out=wan.packets(f"esp and src {wan4} and dst {peer}"),
+        esp_in=wan.packets(f"esp and src {peer} and dst {wan4}"),
+    )
 
 
 def wait_until(what: str, probe: Callable[[], T | None], timeout: float, pause: float = 0.5) -> T:

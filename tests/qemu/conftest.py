@@ -78,12 +78,29 @@ def lab(pytestconfig: pytest.Config, lab_images: build.Images) -> Iterator[Lab]:
     AES-NI still outranks virtio for the kernel's own pick of ``cbc(aes)``, so every
     scenario sees the CPU drivers it always did, and the offload tests bind the virtio
     driver by name (or unbind the device to see it go)."""
-    log = _printer(pytestconfig)
-    the_lab = Lab(lab_images, crypto=True, cpu="max", log=log)
+    yield from _booted(
+        Lab(lab_images, crypto=True, cpu="max", log=_printer(pytestconfig)), "lab-start"
+    )
+
+
+@pytest.fixture(scope="module")
+def first_boot_lab(pytestconfig: pytest.Config, lab_images: build.Images) -> Iterator[Lab]:
+    """A lab of its own whose router boots as a user flashes it (``Lab(first_boot=True)``):
+    procd starts oe-routerd at boot, the shipped configuration but for the trust anchor.
+    One boot per module that uses it; powered off at the module's end."""
+    yield from _booted(
+        Lab(lab_images, first_boot=True, log=_printer(pytestconfig)), "first-boot-lab-start"
+    )
+
+
+def _booted(the_lab: Lab, artifacts: str) -> Iterator[Lab]:
+    """Start ``the_lab`` (a failure fails the test with its artifacts kept under
+    ``artifacts``), yield it, power it off."""
+    log = the_lab.log
     try:
         the_lab.start()
     except (LabError, OSError) as exc:
-        dest = the_lab.collect_artifacts(ARTIFACTS / "lab-start")
+        dest = the_lab.collect_artifacts(ARTIFACTS / artifacts)
         the_lab.close()
         pytest.fail(f"the lab did not start: {exc}\n(artifacts in {dest})", pytrace=False)
     log(
@@ -98,14 +115,21 @@ def lab(pytestconfig: pytest.Config, lab_images: build.Images) -> Iterator[Lab]:
         the_lab.close()
 
 
+#: the fixtures that hold a booted lab, whose state a failed test keeps
+LAB_FIXTURES = ("lab", "first_boot_lab")
+
+
 @pytest.fixture(autouse=True)
 def _lab_artifacts(request: pytest.FixtureRequest) -> Iterator[None]:
     """On a failed lab test, copy consoles, pcaps, daemon logs and VM state to test-results."""
     yield
-    if "lab" in request.fixturenames and request.node.stash.get(_FAILED, False):
-        the_lab: Lab = request.getfixturevalue("lab")
-        dest = the_lab.collect_artifacts(ARTIFACTS / _safe(request.node.nodeid))
-        _printer(request.config)(f"artifacts of {request.node.nodeid}: {dest}")
+    if not request.node.stash.get(_FAILED, False):
+        return
+    for name in LAB_FIXTURES:
+        if name in request.fixturenames:
+            the_lab: Lab = request.getfixturevalue(name)
+            dest = the_lab.collect_artifacts(ARTIFACTS / _safe(request.node.nodeid))
+            _printer(request.config)(f"artifacts of {request.node.nodeid}: {dest}")
 
 
 @pytest.fixture(scope="module")

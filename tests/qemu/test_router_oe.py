@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +26,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import oelab
-from lab import Capture, Lab
+from lab import Lab
 
 pytestmark = pytest.mark.qemu
 
 ROUTER_ID = "@router.example.test"
 RESULTS = Path(__file__).resolve().parents[2] / "test-results" / "qemu-oe.json"
-
-
-def packets(cap: Capture, bpf: str) -> list[tuple[float, str]]:
-    """(epoch seconds, tcpdump line) of every packet matching ``bpf``."""
-    res = subprocess.run(
-        ["tcpdump", "-tt", "-n", "-r", str(cap.path), bpf],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert res.returncode == 0, res.stderr
-    return [(float(ln.split()[0]), ln) for ln in res.stdout.splitlines() if ln.strip()]
 
 
 def ike_row(lab: Lab, addr: str) -> dict[str, Any]:
@@ -98,20 +85,15 @@ def test_keyed_name_tunnel_before_answer_first_syn_is_esp(
     assert code == "200", res.stdout
     assert remote_ip == a, f"curl went to {remote_ip}, not the host's IPv4 {a}"
 
-    syns = packets(lan, f"src {lab.plan.client4} and dst {a} and tcp[tcpflags] == tcp-syn")
-    assert len(syns) == 1, "SYN retransmitted (first SYN lost):\n" + "\n".join(s for _, s in syns)
-    clear = packets(wan, f"host {a} and tcp")
-    assert not clear, "cleartext TCP on the WAN:\n" + "\n".join(s for _, s in clear)
-    esp_out = packets(wan, f"esp and src {WAN4} and dst {a}")
-    esp_in = packets(wan, f"esp and src {a} and dst {WAN4}")
-    assert len(esp_out) >= 4 and len(esp_in) >= 4, (len(esp_out), len(esp_in))
-    assert "seq=0x1)" in esp_out[0][1], f"first ESP packet is not seq 1: {esp_out[0][1]}"
-    ike = packets(wan, f"host {a} and (udp port 500 or (udp port 4500 and udp[8:4] = 0))")
+    flow = oelab.first_flow(lab, lan, wan, a, WAN4)
+    assert not flow.problems(), flow.problems()
+    syns, esp_out, esp_in = flow.syns, flow.esp_out, flow.esp_in
+    ike = wan.packets(f"host {a} and (udp port 500 or (udp port 4500 and udp[8:4] = 0))")
     assert ike, f"no IKE with {a} on the WAN: the tunnel was not built for this query"
-    answers = packets(lan, f"src {lab.plan.router_lan4} and udp src port 53")
+    answers = lan.packets(f"src {lab.plan.router_lan4} and udp src port 53")
     answer_a = [t for t, ln in answers if " A " in ln and a in ln]
     assert answer_a, "no A answer on the LAN:\n" + "\n".join(ln for _, ln in answers)
-    queries = packets(lan, f"dst {lab.plan.router_lan4} and udp dst port 53")
+    queries = lan.packets(f"dst {lab.plan.router_lan4} and udp dst port 53")
     ike_done = max(t for t, ln in ike if f"{a}." in ln.split(">")[0])  # last IKE from the peer
     assert ike_done < answer_a[0] < syns[0][0] <= esp_out[0][0], (
         f"order: IKE done {ike_done:.3f}, answer {answer_a[0]:.3f}, SYN {syns[0][0]:.3f}, "

@@ -1,0 +1,162 @@
+"""Out of the box: the router boots with the package installed by opkg and nothing else set.
+
+Why: a user flashes the package and changes nothing. The lab's own session leaves the
+daemon to the tests (oelab.start_daemon writes a config, starts it, points dnsmasq at it);
+this module boots a lab of its own in first-boot mode (``Lab(first_boot=True)``, the
+``first_boot_lab`` fixture) where none of that happens: the package's rc.d links are as
+its default_postinst left them, procd starts oe-routerd at boot (S90, before the network
+is up), the package's uci-defaults put the DNS front behind dnsmasq, and the one change to
+the shipped /etc/config/oe is the trust anchor pointed at the lab's root (the lab's DNS
+root is not IANA's), delivered as firmware customisation: a uci-defaults script. The lab
+then does what netifd does (addresses, resolv.conf.auto, interface.update events for lan
+and wan) and starts dnsmasq from /etc/config/dhcp.
+
+Observable: procd's instance and its pid (started before the lab's agent was), the uci
+state of oe and dhcp, the running dnsmasq's command line, and the LAN client's first query
+for a keyed name answered and its TCP leaving the router as ESP, none in the clear, on the
+WAN cable. Issue 12 ("A first-boot test", "DNS mode").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import oelab
+from lab import FIRST_BOOT_ANCHOR, Lab
+from oe_router.config import uci
+
+pytestmark = pytest.mark.qemu
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "test-results" / "qemu-first-boot.json"
+SHIPPED = REPO / "files" / "etc" / "config" / "oe"
+ANCHOR = "/" + FIRST_BOOT_ANCHOR
+FRONT = oelab.DNS_FRONT
+KEYED = ("oe-null", "null.example.test")
+
+
+def _model(text: str) -> list[tuple[str, str | None, dict[str, str], dict[str, list[str]]]]:
+    """A UCI file as its sections in order: type, name, options, lists (comments gone)."""
+    return [
+        (s.type, s.name, dict(s.options), {k: list(v) for k, v in s.lists.items()})
+        for s in uci.parse(text, "oe").sections
+    ]
+
+
+def _pid_start(lab: Lab, pid: str) -> int:
+    """A process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
+    stat = lab.router(f"cat /proc/{pid}/stat").check().stdout
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def test_procd_started_the_daemon_at_boot_with_the_shipped_config(
+    first_boot_lab: Lab, figures: dict[str, Any]
+) -> None:
+    lab = first_boot_lab
+    figures["boot_to_all_ready_s"] = round(lab.timings.all_ready, 1)
+    figures["boot_to_agents_s"] = round(lab.timings.boot_to_agents, 1)
+    links = lab.router("ls /etc/rc.d").check().stdout.split()
+    assert "S90oe" in links and "K10oe" in links, links
+
+    services = json.loads(lab.router('ubus call service list \'{"name":"oe"}\'').check().stdout)
+    instance = services["oe"]["instances"]["oe-routerd"]
+    assert instance["running"], instance
+    pid = lab.router("pgrep -x oe-routerd").check().stdout.split()
+    assert pid == [str(instance["pid"])], (pid, instance)
+    triggers = json.dumps(services["oe"].get("triggers", []))
+    assert "interface.*" in triggers, triggers
+    # started by the boot (S90), before the lab's agent (S99) and so before any address
+    agent = lab.router("pgrep -o -f /lab/guest/agent.py").check().stdout.split()[0]
+    assert _pid_start(lab, pid[0]) < _pid_start(lab, agent)
+
+    # the shipped config, but for the trust anchor the lab's uci-defaults pointed
+    expected = _model(SHIPPED.read_text())
+    for _, name, options, _ in expected:
+        if name == "dns":
+            options["trust_anchor"] = ANCHOR
+    got = _model(lab.router("uci export oe").check().stdout)
+    assert got == expected
+    ta = lab.run_dir / "bundle" / lab.world_info["router"]["trust_anchor_ds"]
+    assert lab.router(f"cat {ANCHOR}").check().stdout == ta.read_text()
+
+
+def test_dns_mode_puts_the_front_behind_dnsmasq(first_boot_lab: Lab) -> None:
+    lab = first_boot_lab
+    servers = lab.router("uci get 'dhcp.@dnsmasq[0].server'").check().stdout.split()
+    assert servers == [FRONT], servers
+    assert lab.router("uci get 'dhcp.@dnsmasq[0].noresolv'").check().stdout.strip() == "1"
+    # the running dnsmasq took it from /etc/config/dhcp
+    args = lab.router("tr '\\0' '\\n' </proc/$(cat /run/dnsmasq.pid)/cmdline").check().stdout
+    argv = args.split()
+    assert f"--server={FRONT}" in argv and "--no-resolv" in argv, argv
+    assert not [a for a in argv if a.startswith("--resolv-file")], argv
+
+
+def test_first_query_for_a_keyed_name_leaves_as_esp(
+    first_boot_lab: Lab, figures: dict[str, Any]
+) -> None:
+    """The LAN client's first query, through dnsmasq to the front: answered once the
+    tunnel is up, and the client's TCP to the address leaves the router as ESP only."""
+    lab = first_boot_lab
+    plan = lab.plan
+    netns, name = KEYED
+    assert netns not in lab.failed_hosts, lab.failed_hosts
+    a = plan.host(netns).ipv4
+
+    def learned() -> dict[str, Any] | None:
+        res = lab.router("oe status --json", timeout=20)
+        if not res.ok:
+            return None
+        doc: dict[str, Any] = json.loads(res.stdout)
+        dns = doc.get("dns", {})
+        if plan.router_wan4 not in doc.get("ike", {}).get("addresses", []):
+            return None
+        if not any(plan.resolver in u for u in dns.get("upstreams", [])):
+            return None
+        return doc if dns.get("ipseckey_trigger") == "on" else None
+
+    # procd's interface trigger reloads the daemon after the lab's netifd events
+    doc = oelab.wait_until("the daemon to learn the WAN and its resolver", learned, timeout=120)
+    dns = doc["dns"]
+    assert dns["trust_anchor"] == f"file {ANCHOR}", dns
+    assert doc["ike"]["identity"]["local_id"] == "%null", doc["ike"]["identity"]
+    assert dns["queries"] == 0, "the front saw queries before the client's first one"
+
+    with (
+        lab.capture("eth0", netns="client", label="lan-first") as lan,
+        lab.capture_wan(label="wan-first") as wan,
+    ):
+        res = lab.client(
+            "curl -s -m 20 -o /dev/null -w '%{http_code} %{remote_ip} %{time_namelookup}' "
+            f"http://{name}/",
+            timeout=40,
+        ).check()
+    code, remote_ip, t_dns = res.stdout.split()
+    assert (code, remote_ip) == ("200", a), res.stdout
+
+    queries = lan.packets(f"dst {plan.router_lan4} and udp dst port 53")
+    answers = [t for t, ln in lan.packets(f"src {plan.router_lan4} and udp src port 53") if a in ln]
+    assert queries and answers, "no A query and answer on the LAN"
+    flow = oelab.first_flow(lab, lan, wan, a, plan.router_wan4)
+    assert not flow.problems(), flow.problems()
+    assert answers[0] < flow.syns[0][0] <= flow.esp_out[0][0]
+
+    # the query went client -> dnsmasq -> the front, never from dnsmasq to the resolver
+    dnsmasq_log = (lab.run_dir / "logs" / "router-dnsmasq.log").read_text(errors="replace")
+    forwarded = re.findall(rf"forwarded {re.escape(name)} to (\S+)", dnsmasq_log)
+    assert forwarded and set(forwarded) == {FRONT}, forwarded
+    after = oelab.status(lab)
+    assert after["dns"]["queries"] >= 1, after["dns"]
+    rows = [t for t in after["tunnels"] if t.get("source") == "ike" and t["peer"] == a]
+    assert rows and rows[0]["local_auth"] == "null", after["tunnels"]
+    figures[name] = {
+        "answer_ms": round((answers[0] - queries[0][0]) * 1000, 1),
+        "curl_namelookup_s": float(t_dns),
+        "esp_out": len(flow.esp_out),
+        "esp_in": len(flow.esp_in),
+    }
