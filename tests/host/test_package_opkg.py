@@ -11,8 +11,9 @@ opkg runs maintainer scripts in an offline root only with --force-postinstall, w
 IPKG_INSTROOT naming the root (OpenWrt's image build does the same): then default_postinst
 enables the service (rc.d links) but leaves uci-defaults to the first boot, and the
 recipe's prerm undoes them with uci working on the root's /etc/config. The first boot's
-uci-defaults run is done here as /etc/init.d/boot does it, with the real uci pointed at
-the root's config.
+uci-defaults run is done here as /etc/init.d/boot does it, with the root's /etc mounted
+over /etc (tests/host/router_etc.py), so the real uci and the scripts' own paths (/etc/oe)
+are the root's. tests/host/test_package_uci_defaults.py tests those scripts in detail.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ sys.path.insert(0, str(REPO / "package"))
 
 import ipk  # noqa: E402
 
+from .router_etc import OPENWRT_DHCP, RouterEtc  # noqa: E402
+
 pytestmark = pytest.mark.host
 
 #: What the root takes from the userland build: base-files and firewall4's config.
@@ -45,8 +48,8 @@ ROOT_PARTS = ("etc", "lib", "usr/share/libubox")
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> ipk.Ipk:
-    return ipk.build(tmp_path_factory.mktemp("dist"))
+def package(oe_ipk: ipk.Ipk) -> ipk.Ipk:
+    return oe_ipk
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,7 @@ class Root:
     path: Path
     env: Mapping[str, str]
     opkg_bin: Path
-    uci_bin: Path
+    etc: RouterEtc
 
     def opkg(self, *args: str) -> subprocess.CompletedProcess[str]:
         argv = [str(self.opkg_bin), "--offline-root", str(self.path), "--force-postinstall"]
@@ -103,26 +106,15 @@ class Root:
         )
 
     def uci(self, *args: str) -> str:
-        argv = [str(self.uci_bin), "-c", str(self.path / "etc/config"), *args]
-        return subprocess.run(argv, env=self.env, capture_output=True, text=True, check=True).stdout
+        return self.etc.uci(*args)
 
     def installed(self) -> dict[str, str]:
         out = self.opkg("list-installed").stdout
         return dict(line.split(" - ", 1) for line in out.splitlines() if " - " in line)
 
-    def first_boot(self, shim_dir: Path) -> None:
-        """/etc/init.d/boot's uci-defaults step: source each script in its folder in a
-        subshell, delete it when it succeeded. `uci` is the real one, on this root."""
-        shim_dir.mkdir(exist_ok=True)
-        shim = shim_dir / "uci"
-        shim.write_text(f'#!/bin/sh\nexec {self.uci_bin} -c {self.path}/etc/config "$@"\n')
-        shim.chmod(0o755)
-        script = (
-            'cd "$1/etc/uci-defaults" || exit 0\n'
-            'for f in *; do [ -f "$f" ] || continue; ( . "./$f" ) && rm -f "$f"; done\n'
-        )
-        env = {**self.env, "PATH": f"{shim_dir}:{self.env['PATH']}"}
-        subprocess.run(["sh", "-c", script, "sh", str(self.path)], env=env, check=True)
+    def first_boot(self) -> None:
+        """/etc/init.d/boot's uci-defaults step, with this root's /etc as /etc."""
+        self.etc.apply_defaults()
 
 
 @pytest.fixture
@@ -133,8 +125,12 @@ def root(openwrt_userland: Any, tmp_path: Path) -> Root:
     for folder in ("etc/rc.d", "tmp", "var/lock", "usr/lib/opkg"):
         (path / folder).mkdir(parents=True, exist_ok=True)
     (path / "etc/opkg.conf").write_text(ipk.OPKG_CONF)
+    (path / "etc/config/dhcp").write_text(OPENWRT_DHCP)  # dnsmasq's, on a real router
     return Root(
-        path, openwrt_userland.env(), openwrt_userland.tool("opkg"), openwrt_userland.tool("uci")
+        path,
+        openwrt_userland.env(),
+        openwrt_userland.tool("opkg"),
+        RouterEtc(path / "etc", openwrt_userland),
     )
 
 
@@ -157,11 +153,11 @@ def test_install_first_boot_and_remove(
     root: Root,
     package: ipk.Ipk,
     payload: dict[str, tarfile.TarInfo | bytes],
-    tmp_path: Path,
 ) -> None:
     provided = provided_by_debian(_depends(package))
     ipk.declare_provided(root.path, provided)
     firewall_before = root.uci("show", "firewall")
+    exported = root.etc.export("firewall", "dhcp")
 
     done = root.opkg("install", str(package.path))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -188,26 +184,32 @@ def test_install_first_boot_and_remove(
     # the uci-defaults left for the first boot
     assert os.readlink(root.path / "etc/rc.d/S90oe") == "../init.d/oe"
     assert os.readlink(root.path / "etc/rc.d/K10oe") == "../init.d/oe"
-    assert (root.path / "etc/uci-defaults/90_oe-firewall").is_file()
-    assert root.uci("show", "firewall") == firewall_before
+    assert root.etc.pending_defaults() == ["90_oe-firewall", "91_oe-dns"]
+    assert root.etc.export("firewall", "dhcp") == exported
 
-    # first boot: the uci-defaults put the userspace datapath's device in the wan zone
-    root.first_boot(tmp_path / "shim")
-    assert not (root.path / "etc/uci-defaults/90_oe-firewall").exists()
+    # first boot: the uci-defaults open IKE and ESP on wan, put the userspace datapath's
+    # device in the wan zone and dnsmasq in front of the DNS front
+    root.first_boot()
+    assert root.etc.pending_defaults() == []
     after_boot = root.uci("show", "firewall").splitlines()
     added = sorted(set(after_boot) - set(firewall_before.splitlines()))
-    assert added == ["firewall.@zone[1].device='oe-esp0'"]
+    assert "firewall.@zone[1].device='oe-esp0'" in added
+    assert {"firewall.oe_ike=rule", "firewall.oe_esp=rule"} <= set(added)
     assert root.uci("get", "firewall.@zone[1].name").strip() == "wan"
+    assert root.uci("get", "dhcp.@dnsmasq[0].server") == "127.0.0.1#5335\n"
+    assert root.uci("get", "dhcp.@dnsmasq[0].noresolv") == "1\n"
+    assert (root.path / "etc/oe/dnsmasq.undo").is_file()
 
     # the user changes the package's config: a conffile opkg must keep
-    root.uci("set", "oe.global.enabled=0")
-    root.uci("commit", "oe")
+    root.etc.sh("uci set oe.global.enabled=0 && uci commit oe")
 
     gone = root.opkg("remove", "python3-oe")
     assert gone.returncode == 0, gone.stdout + gone.stderr
     assert "Not deleting modified conffile" in gone.stdout + gone.stderr
     # the prerm undid the uci-defaults, default_prerm disabled the service
     assert root.uci("show", "firewall") == firewall_before
+    assert root.etc.export("firewall", "dhcp") == exported
+    assert not (root.path / "etc/oe").exists()
     assert not list((root.path / "etc/rc.d").iterdir())
     # nothing of the package is left but the modified conffile, not even its folders
     left = sorted(name for name in files if (root.path / name.lstrip("/")).exists())

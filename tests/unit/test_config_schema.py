@@ -48,6 +48,7 @@ def test_defaults_a_user_relies_on() -> None:
     assert (cfg.wan_interface, cfg.lan_interface) == ("wan", "lan")
     assert cfg.dns.hold_limit == 3.0
     assert cfg.dns.bogus_action == "servfail"
+    assert cfg.dns.mode == "dnsmasq"  # the package puts the front behind dnsmasq
     assert cfg.identity.local_id == "%null"
     groups = cfg.policy.groups()
     assert [str(e) for e in groups["private-or-clear"]] == ["0.0.0.0/0", "::/0"]
@@ -124,6 +125,7 @@ def test_everything_fixture_sets_every_field() -> None:
     assert cfg.dns.upstream == (Endpoint("192.0.2.53", 53),)
     assert cfg.dns.hold_limit == 0 and cfg.dns.ttl_cap == 0
     assert cfg.dns.bogus_action == "insecure"
+    assert cfg.dns.mode == "manual"
     assert cfg.ike.ike_lifetime == 86400 and cfg.ike.child_lifetime == 7200
     assert cfg.ike.rekey_margin == 300 and cfg.ike.rekey_jitter == 0
     assert cfg.ike.idle_timeout == 90

@@ -237,6 +237,7 @@ def test_data_is_exactly_the_install_section(tree: Path, members: dict[str, byte
         "/etc/config/oe",
         "/etc/init.d/oe",
         "/etc/uci-defaults/90_oe-firewall",
+        "/etc/uci-defaults/91_oe-dns",
     }
     assert set(files) == set(install) | _expected_python(tree, SITE)
     for dest, (_mode, src) in install.items():

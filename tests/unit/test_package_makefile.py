@@ -209,6 +209,7 @@ def test_installed_files_exist_and_entry_points_are_the_project_scripts() -> Non
         "files/etc/config/oe",
         "files/etc/init.d/oe",
         "files/etc/uci-defaults/90_oe-firewall",
+        "files/etc/uci-defaults/91_oe-dns",
         "files/lib/upgrade/keep.d/python3-oe",
         "files/usr/share/rpcd/acl.d/oe.json",
     ]
@@ -216,7 +217,8 @@ def test_installed_files_exist_and_entry_points_are_the_project_scripts() -> Non
         assert (REPO / rel).is_file(), f"{rel} is installed by the package but does not exist"
     assert "$(INSTALL_BIN) $(CURDIR)/../../files/etc/init.d/oe" in body
     assert "$(INSTALL_CONF) $(CURDIR)/../../files/etc/config/oe" in body
-    assert "$(INSTALL_BIN) $(CURDIR)/../../files/etc/uci-defaults/90_oe-firewall" in body
+    for script in ("90_oe-firewall", "91_oe-dns"):
+        assert f"$(INSTALL_BIN) $(CURDIR)/../../files/etc/uci-defaults/{script}" in body
     # sysupgrade keeps /etc/oe: the RFC 5011 anchor state and the identity key
     keep = "$(INSTALL_DATA) $(CURDIR)/../../files/lib/upgrade/keep.d/python3-oe"
     assert keep in body
@@ -283,3 +285,39 @@ def test_uci_defaults_put_the_userspace_tun_device_in_the_wan_zone() -> None:
     assert 'uci add_list "firewall.$zone.device=$dev"' in script
     assert "name='wan'" in script and "uci commit firewall" in script
     assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
+
+
+def test_uci_defaults_open_ike_and_esp_on_wan_and_prerm_deletes_those_rules() -> None:
+    """The firewall rules are sections the package names (found again on a re-run); the
+    prerm deletes exactly those. tests/host/test_package_uci_defaults.py runs both."""
+    script = (REPO / "files/etc/uci-defaults/90_oe-firewall").read_text()
+    created = re.findall(r"^\s*set firewall\.(\w+)=rule$", script, re.M)
+    assert created == ["oe_ike", "oe_esp"]
+    for name in created:
+        assert f"set firewall.{name}.src='wan'" in script
+        assert f"set firewall.{name}.target='ACCEPT'" in script
+        assert f"set firewall.{name}.family='any'" in script
+    assert "add_list firewall.oe_ike.dest_port='500'" in script
+    assert "add_list firewall.oe_ike.dest_port='4500'" in script
+    assert "set firewall.oe_esp.proto='esp'" in script
+    prerm = _define("Package/python3-oe/prerm")
+    assert f"for rule in {' '.join(created)}; do" in prerm
+
+
+def test_dns_uci_defaults_and_prerm_share_the_record_and_the_defaults() -> None:
+    """91_oe-dns and the prerm name the same record (under /etc/oe, which sysupgrade keeps);
+    its fallback listen address and its modes are the config schema's."""
+    from oe_router.config.schema import DNS_MODES, DnsConfig
+
+    script = (REPO / "files/etc/uci-defaults/91_oe-dns").read_text()
+    prerm = _define("Package/python3-oe/prerm").replace("$$", "$")
+    assert "record=/etc/oe/dnsmasq.undo\n" in script
+    assert 'record="${IPKG_INSTROOT}/etc/oe/dnsmasq.undo"' in prerm
+    kept = (REPO / "files/lib/upgrade/keep.d/python3-oe").read_text().split()
+    assert "/etc/oe/" in kept
+    default = DnsConfig()
+    assert default.mode == "dnsmasq" and DNS_MODES == ("dnsmasq", "manual")
+    assert f"listen=$(uci -q get oe.dns.listen) || listen={default.listen[0]}\n" in script
+    assert 'case "${mode:-dnsmasq}" in\ndnsmasq) ;;\nmanual) exit 0 ;;' in script
+    for text in (script, prerm):
+        assert subprocess.run(["sh", "-n", "-c", text]).returncode == 0

@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_CLEAR",
     "DEFAULT_ESP_PROPOSALS",
     "DEFAULT_PRIVATE_OR_CLEAR",
+    "DNS_MODES",
     "ESP_PROPOSALS",
     "LOG_LEVELS",
     "POLICY_GROUPS",
@@ -44,10 +45,12 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LogLevel = Literal["debug", "info", "notice", "warning", "error"]
 Datapath = Literal["auto", "kernel", "userspace"]
 BogusAction = Literal["servfail", "insecure"]
+DnsMode = Literal["dnsmasq", "manual"]
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "notice", "warning", "error")
 DATAPATHS: tuple[str, ...] = ("auto", "kernel", "userspace")
 BOGUS_ACTIONS: tuple[str, ...] = ("servfail", "insecure")
+DNS_MODES: tuple[str, ...] = ("dnsmasq", "manual")
 POLICY_GROUPS: tuple[str, ...] = (
     "private",
     "private-or-clear",
@@ -167,6 +170,10 @@ DEFAULT_CLEAR: tuple[PolicyEntry, ...] = _nets(
 class DnsConfig:
     """``config dns 'dns'``: the DNS front that holds answers until a tunnel is up."""
 
+    #: How LAN queries reach the front. The daemon does not act on it: the package's
+    #: uci-defaults (files/etc/uci-defaults/91_oe-dns) point dnsmasq at the front at
+    #: install when it is "dnsmasq"; "manual" leaves the resolver set-up to the user.
+    mode: DnsMode = "dnsmasq"
     listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 5335), Endpoint("::1", 5335))
     #: Empty: take the resolvers from ``resolv_file`` (OpenWrt's WAN DNS servers).
     upstream: tuple[Endpoint, ...] = ()

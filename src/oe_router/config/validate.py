@@ -16,6 +16,7 @@ from .problems import ConfigProblem
 from .schema import (
     BOGUS_ACTIONS,
     DATAPATHS,
+    DNS_MODES,
     ESP_PROPOSALS,
     LOG_LEVELS,
     POLICY_GROUPS,
@@ -97,6 +98,7 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "lan_interface": Opt("lan_interface", parse_ifname),
     },
     "dns": {
+        "mode": Opt("mode", _choice(*DNS_MODES)),
         "listen": Opt("listen", parse_endpoint, is_list=True),
         "upstream": Opt("upstream", parse_endpoint, is_list=True),
         "resolv_file": Opt("resolv_file", parse_abs_path),
