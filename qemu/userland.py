@@ -151,6 +151,20 @@ SNAPSHOTS = {
             "a6d6c0425e110cb6be1d769e32139185534bf9a3da1760459095e4f5fb5682dd",
         ),
         Snapshot(
+            "libnl-tiny",
+            "openwrt/libnl-tiny",
+            "feca1d341d4baa9579ec62762672aa0f20edf564",
+            "1d05accdb2f4ff72b088c3a5a2f8f0ff8937fe8beba10d4db1a8ff9572e6502e",
+            "53905aaf383c4fbfbbf8a523449be091c37e6c7d264c0297aac3815d3cb0f671",
+        ),
+        Snapshot(
+            "netifd",
+            "openwrt/netifd",
+            "e97e36f9b5b545866c40d9803bd39e257389647e",
+            "9514f271c87fb0c1dbb33f9f280293d62bfed4f981c3759c2282a8e6063ae0ef",
+            "45cf480643b169b9d5b19f7052f5a1ad289a0ba592f2b943df469e01fa9182d4",
+        ),
+        Snapshot(
             "firewall4",
             "openwrt/firewall4",
             "b6e5157527d361f99ad52eaa6da273cb0f2dfd59",
@@ -172,7 +186,10 @@ class Component:
 
     ``cflags`` hold the glibc/gcc-12 fixes BUILD-NOTES.md measured; ``layout`` moves what
     cmake installed under /usr to the path OpenWrt's package puts it (scripts name
-    /sbin/uci, /sbin/validate_data, /usr/bin/jsonfilter ...).
+    /sbin/uci, /sbin/validate_data, /usr/bin/jsonfilter ...). ``stage_includes`` are
+    folders below the stage's usr/include (a library's .pc names the router's
+    /usr/include/X, not the stage's); ``compat_includes`` are folders of userland-files
+    searched before the system headers (names of newer kernel uapi headers than the host's).
     """
 
     name: str
@@ -180,6 +197,8 @@ class Component:
     cmake: tuple[str, ...] = ()
     cflags: tuple[str, ...] = ()
     strl_compat: bool = False
+    stage_includes: tuple[str, ...] = ()
+    compat_includes: tuple[str, ...] = ()
     patches: tuple[str, ...] = ()
     in_source: bool = False
     layout: tuple[tuple[str, str], ...] = ()
@@ -277,6 +296,18 @@ COMPONENTS = {
             patches=("jsonpath-stdin.patch",),
             in_source=True,  # lemon writes contrib/lemon and parser.c beside the sources
             layout=(("usr/bin/jsonpath", "usr/bin/jsonfilter"),),
+        ),
+        Component("libnl-tiny"),
+        Component(
+            "netifd",
+            ("libubox", "ubus", "uci", "ucode", "udebug", "libnl-tiny"),
+            # ucode's util.h needs vasprintf, as for rpcd; the C33 PSE names of Linux >= 6.11
+            # uapi that Debian 12's 6.1 headers lack; libnl-tiny.pc names /usr/include/libnl-tiny
+            cflags=("-D_GNU_SOURCE=",),
+            stage_includes=("libnl-tiny",),
+            compat_includes=("uapi-compat",),
+            in_source=True,  # its cmake runs ./make_ethtool_modes_h.sh in the build folder
+            layout=(("usr/sbin/netifd", "sbin/netifd"),),
         ),
         Component("firewall4", files="root"),
         Component("base-files"),
@@ -378,6 +409,7 @@ def _recipe_parts(names: Sequence[str], host: dict[str, str]) -> list[bytes | st
         parts.append(repr(comp))
         parts.append(BASE_FILES_SHA256 if name == "base-files" else SNAPSHOTS[name].tree_sha256)
         parts += [(FILES / p).read_bytes() for p in comp.patches]
+        parts += [dir_sha256(FILES / d) for d in comp.compat_includes]
         if comp.strl_compat:
             parts.append((FILES / "strl-compat.h").read_bytes())
     return parts
@@ -547,7 +579,9 @@ def _build_one(
         _run(["patch", "-p1", "--forward", "-i", str(FILES / patch)], log_file, cwd=src)
     bdir = src if comp.in_source else work / "build" / comp.name
     usr = stage / "usr"
-    cflags = [f"-I{usr}/include", *comp.cflags]
+    cflags = [f"-I{FILES / d}" for d in comp.compat_includes]
+    cflags += [f"-I{usr}/include", *(f"-I{usr}/include/{d}" for d in comp.stage_includes)]
+    cflags += comp.cflags
     if comp.strl_compat and strl:
         cflags += ["-include", str(FILES / "strl-compat.h")]
     ldflags = f"-L{usr}/lib -Wl,-rpath-link,{usr}/lib"
@@ -703,7 +737,9 @@ def _build_locked(
                     "source": srcs[name][1],
                     "seconds": round(seconds[name], 1),
                     "cmake": list(COMPONENTS[name].cmake),
-                    "cflags": list(COMPONENTS[name].cflags)
+                    "cflags": [f"-I{FILES.name}/{d}" for d in COMPONENTS[name].compat_includes]
+                    + [f"-I/usr/include/{d}" for d in COMPONENTS[name].stage_includes]
+                    + list(COMPONENTS[name].cflags)
                     + (["-include strl-compat.h"] if COMPONENTS[name].strl_compat and strl else []),
                     "patches": list(COMPONENTS[name].patches),
                 }
