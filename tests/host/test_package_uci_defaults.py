@@ -28,6 +28,8 @@ from typing import Any
 import ipk
 import pytest
 
+from tests import wan_input
+
 from .router_etc import OPENWRT_DHCP, RouterEtc
 
 pytestmark = pytest.mark.host
@@ -285,16 +287,7 @@ def test_fw4_accepts_ike_and_esp_on_wan_input_only_through_the_package(
     assert [line for line in after if line not in (ike, esp)] == before
     assert after[-1] == "jump reject_from_wan"  # the rest of wan's input is rejected
     accepted = {re.sub(r'.*"!fw4: (.*)"$', r"\1", line) for line in after if " accept " in line}
-    assert accepted == {
-        "Allow-DHCP-Renew",
-        "Allow-Ping",
-        "Allow-IGMP",
-        "Allow-DHCPv6",
-        "Allow-MLD",
-        "Allow-ICMPv6-Input",
-        "Allow-OE-IKE",
-        "Allow-OE-ESP",
-    }
+    assert accepted == wan_input.ACCEPTED
     assert not re.search(r"\b(500|4500|esp)\b", "\n".join(before))
     assert 'iifname { "wan", "oe-esp0" } jump input_wan' in "\n".join(chain(opened, "input"))
     assert chain(opened, "reject_from_wan") == [
