@@ -9,6 +9,8 @@ plainly (banner) what the image is.
 from __future__ import annotations
 
 import json
+import shlex
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 
 import build
 from lab import Lab
+from tests import wan_input
 
 pytestmark = pytest.mark.qemu
 
@@ -108,6 +111,123 @@ def test_fw4_renders_the_firewall_from_uci(lab: Lab) -> None:
     srcnat = next(ln for ln in ruleset.splitlines() if "jump srcnat_wan" in ln)
     assert '"oe-esp0"' in srcnat and '"wan"' in srcnat, srcnat
     assert 'iifname "lan" jump forward_lan' in ruleset
+
+
+#: On the router: one listener on every address for TCP 8080, UDP 4500 (IKE's NAT-T port)
+#: and UDP 5001 (no rule opens it), each arrival a line in /tmp/fw-probe.log.
+ROUTER_LISTENER = r"""
+import select, socket, time
+log = open("/tmp/fw-probe.log", "a", buffering=1)
+tcp = socket.create_server(("::", 8080), family=socket.AF_INET6, dualstack_ipv6=True)
+udp = []
+for port in (4500, 5001):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port))
+    udp.append(s)
+log.write("ready\n")
+end = time.monotonic() + 300
+while time.monotonic() < end:
+    for s in select.select([tcp, *udp], [], [], 1)[0]:
+        if s is tcp:
+            conn, peer = s.accept()
+            log.write(f"tcp {peer[0]}\n")
+            conn.close()
+        else:
+            data, peer = s.recvfrom(2048)
+            log.write(f"udp {s.getsockname()[1]} {peer[0]} {data.decode()}\n")
+"""
+
+#: From a world host to the router's WAN addresses (argv), IPv4 then IPv6: a TCP connect to
+#: 8080, a datagram to 5001, then one to 4500, then an ESP packet (SPI 42, no SA for it).
+WORLD_PROBE = r"""
+import socket, sys
+for family, addr in ((socket.AF_INET, sys.argv[1]), (socket.AF_INET6, sys.argv[2])):
+    try:
+        socket.create_connection((addr, 8080), timeout=5).close()
+        print("tcp", addr, "connected")
+    except OSError as exc:
+        print("tcp", addr, type(exc).__name__)
+    with socket.socket(family, socket.SOCK_DGRAM) as u:
+        u.sendto(b"closed-port", (addr, 5001))
+        u.sendto(b"ike-port", (addr, 4500))
+    with socket.socket(family, socket.SOCK_RAW, 50) as esp:
+        esp.sendto(bytes([0, 0, 0, 42, 0, 0, 0, 1]) + bytes(32), (addr, 0))
+"""
+
+
+def _rule_packets(chain: str, comment: str) -> int:
+    """The packet counter of the rule with this fw4 comment in `nft list chain` output."""
+    line = next(ln for ln in chain.splitlines() if f'comment "!fw4: {comment}"' in ln)
+    return int(line.split("counter packets ")[1].split()[0])
+
+
+def test_wan_input_accepts_ike_and_esp_from_the_package_and_rejects_the_rest(lab: Lab) -> None:
+    """The lab router's firewall is OpenWrt's default (guest/router/etc/config/firewall):
+    WAN input rejected. The package's first-boot uci-defaults added the rules oe_ike and
+    oe_esp, so fw4's wan input chain accepts UDP 500/4500 and ESP and nothing else beyond
+    OpenWrt's default ICMP/DHCP rules. On the wire: a listener on all of the router's
+    addresses is reached from the LAN; from a world host its TCP port is refused (fw4's
+    TCP reset) and its UDP 5001 gets nothing, while UDP 4500 and ESP get in."""
+    rules = lab.router("uci show firewall.oe_ike; uci show firewall.oe_esp").check().stdout
+    assert "firewall.oe_ike.dest_port='500' '4500'" in rules, rules
+    assert "firewall.oe_esp.proto='esp'" in rules, rules
+    chain = lab.router("nft list chain inet fw4 input_wan").check().stdout
+    lines = [ln.strip() for ln in chain.splitlines() if "comment" in ln or "jump" in ln]
+    assert any(ln.startswith("udp dport { 500, 4500 } counter") for ln in lines), chain
+    assert any(ln.startswith("meta l4proto esp counter") for ln in lines), chain
+    assert lines[-1] == "jump reject_from_wan", chain
+    accepted = {ln.split('"!fw4: ')[1].rstrip('"') for ln in lines if " accept " in ln}
+    assert accepted == wan_input.ACCEPTED, chain
+    esp_before = _rule_packets(chain, "Allow-OE-ESP")
+
+    plan = lab.plan
+    started = lab.router(
+        "rm -f /tmp/fw-probe.log; "
+        f"setsid python3 -c {shlex.quote(ROUTER_LISTENER)} >/tmp/fw-probe.err 2>&1 </dev/null "
+        "& echo $!"
+    ).check()
+    pid = started.stdout.strip().splitlines()[-1]
+    try:
+        deadline = time.monotonic() + 30
+        while "ready" not in lab.router("cat /tmp/fw-probe.log 2>/dev/null").stdout:
+            err = lab.router("cat /tmp/fw-probe.err").stdout
+            assert time.monotonic() < deadline and not err, f"listener did not start: {err}"
+            time.sleep(0.2)
+        # the listener answers on the LAN (the lan zone accepts input)
+        lan = lab.client(
+            "python3 -c 'import socket, sys; "
+            "socket.create_connection((sys.argv[1], 8080), timeout=5).close()' "
+            f"{plan.router_lan4}"
+        )
+        assert lan.ok, lan.stdout + lan.stderr
+        world = plan.host("plain")
+        probe = lab.host(
+            world.netns,
+            f"python3 -c {shlex.quote(WORLD_PROBE)} {plan.router_wan4} {plan.router_wan6}",
+        ).check()
+        assert probe.stdout.splitlines() == [
+            f"tcp {plan.router_wan4} ConnectionRefusedError",
+            f"tcp {plan.router_wan6} ConnectionRefusedError",
+        ], probe.stdout
+        # the 4500 datagrams were sent after the 5001 ones: once both arrived, so would have
+        # those to 5001 had the firewall let them in
+        deadline = time.monotonic() + 30
+        while True:
+            log = lab.router("cat /tmp/fw-probe.log").check().stdout
+            if log.count(" ike-port") >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        arrived = log.splitlines()
+        assert f"udp 4500 ::ffff:{world.ipv4} ike-port" in arrived, log
+        assert f"udp 4500 {world.ipv6} ike-port" in arrived, log
+        assert not [ln for ln in arrived if "closed-port" in ln], log
+        assert not [ln for ln in arrived if ln.startswith("tcp") and "192.168.1." not in ln], log
+        assert f"tcp ::ffff:{plan.client4}" in arrived, log
+    finally:  # gone before anything else binds 4500 (the daemon does)
+        lab.router(f"kill {pid}; while kill -0 {pid} 2>/dev/null; do sleep 0.1; done")
+    chain = lab.router("nft list chain inet fw4 input_wan").check().stdout
+    assert _rule_packets(chain, "Allow-OE-ESP") >= esp_before + 2, chain
 
 
 def test_the_daemon_runs_under_procd(lab: Lab) -> None:
