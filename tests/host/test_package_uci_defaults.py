@@ -203,6 +203,27 @@ def test_removal_leaves_what_the_user_changed_since(router: RouterEtc, shipped: 
     assert FRONT not in router.uci("show", "dhcp")  # the package's server, gone
 
 
+def test_a_running_dnsmasq_is_restarted_after_each_change(
+    router: RouterEtc, shipped: Shipped
+) -> None:
+    """Installed on a live router (not at the first boot), dnsmasq must read the change, and
+    again after removal: both restart it when its init script says it runs, and only after
+    a change. /etc/init.d/dnsmasq here is a stand-in that says it runs and records each
+    command it is given (dnsmasq is not among the built userland)."""
+    init = router.etc / "init.d" / "dnsmasq"
+    init.parent.mkdir()
+    init.write_text('#!/bin/sh\necho "$1" >>/etc/dnsmasq-calls\n')
+    init.chmod(0o755)
+    calls = router.etc / "dnsmasq-calls"
+    router.apply_defaults()
+    assert calls.read_text().split() == ["running", "restart"]
+    install_scripts(router, shipped)
+    router.apply_defaults()  # nothing to change: dnsmasq is left alone
+    assert calls.read_text().split() == ["running", "restart"]
+    prerm(router, shipped)
+    assert calls.read_text().split() == ["running", "restart", "running", "restart"]
+
+
 # (uci commands on oe before the first boot, the server dnsmasq gets or None, the message)
 LISTEN = ["delete oe.dns.listen", "add_list oe.dns.listen"]
 DNS_SETTINGS = {
