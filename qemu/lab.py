@@ -514,7 +514,8 @@ def router_setup_script(plan: Plan, first_boot: bool = False) -> str:
         "echo 'nameserver 127.0.0.1' > /etc/resolv.conf",
         "mkdir -p /lab/logs",
         # procd sends the daemon's output to logd: the lab keeps its lines in the run's logs
-        'setsid sh -c \'logread -f | grep --line-buffered "oe-routerd\\[" '
+        # "[o]e-routerd": the follower's own command line must not match `pgrep -f oe-routerd`
+        'setsid sh -c \'logread -f | grep --line-buffered "[o]e-routerd\\[" '
         ">>/lab/logs/oe-routerd.log' </dev/null >/dev/null 2>&1 &",
         *dns,
     )
