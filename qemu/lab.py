@@ -458,6 +458,9 @@ LAB_DNSMASQ = (
 FIRST_BOOT_FILES = build.GUEST / "first-boot-files"
 #: where the first-boot router finds the lab root's DS (its uci-defaults points oe at it)
 FIRST_BOOT_ANCHOR = "etc/oe/lab-root.ds"
+#: the daemon's control socket (files/etc/config/oe's default): the first-boot router's
+#: WAN comes up once it exists
+OE_CONTROL = "/var/run/oe/control.sock"
 
 
 def _netifd_event(interface: str) -> str:
@@ -472,26 +475,50 @@ def router_setup_script(plan: Plan, first_boot: bool = False) -> str:
 
     The session lab starts dnsmasq with switches of its own (oelab points it at the DNS
     front when it starts the daemon). ``first_boot`` plays the rest of what the router's
-    own boot does: dnsmasq from /etc/config/dhcp (the lab's stand-in for its init script),
-    the WAN's resolver in /tmp/resolv.conf.d/resolv.conf.auto as netifd writes it from
-    DHCP, then netifd's interface.update events for lan and wan, which fire the procd
-    triggers of the services that started before the network was up (oe's reload).
+    own boot does, in a real router's order: the LAN (static) and dnsmasq from
+    /etc/config/dhcp (the lab's stand-in for its init script), netifd's interface.update
+    for lan; then, once oe-routerd (started by procd at S90) has opened its control socket,
+    the WAN as a DHCP lease brings it: addresses, the lease's resolver in
+    /tmp/resolv.conf.d/resolv.conf.auto, the interface.update for wan, on which procd's
+    interface trigger reloads the daemon and it learns the WAN.
     """
+    wan = (
+        "ip link set wan up",
+        f"ip addr add {plan.router_wan4}/24 dev wan",
+        f"ip -6 addr add {plan.router_wan6}/64 dev wan nodad",
+        f"ip route add default via {plan.inet_gw4}",
+        f"ip -6 route add default via {plan.inet_gw6}",
+    )
+    lan = (
+        "ip link set lan up",
+        f"ip addr add {plan.router_lan4}/24 dev lan",
+        f"ip -6 addr add {plan.router_lan6}/64 dev lan nodad",
+    )
     if first_boot:
         auto = "/tmp/resolv.conf.d/resolv.conf.auto"
-        dns = (
-            "mkdir -p /tmp/resolv.conf.d",
-            f"echo 'nameserver {plan.resolver}' > {auto}.tmp",
-            f"mv {auto}.tmp {auto}",
-            f"/usr/lib/oe-lab/dnsmasq-uci {LAB_DNSMASQ}",
-            _netifd_event("lan"),
-            _netifd_event("wan"),
+        first, dns = (
+            lan,
+            (
+                f"/usr/lib/oe-lab/dnsmasq-uci {LAB_DNSMASQ}",
+                _netifd_event("lan"),
+                f"i=0; until [ -S {OE_CONTROL} ]; do i=$((i + 1)); [ $i -le 900 ] || "
+                "{ echo 'router: oe-routerd did not open its control socket in 90 s' >&2; "
+                "exit 1; }; sleep 0.1; done",
+                *wan,
+                "mkdir -p /tmp/resolv.conf.d",
+                f"echo 'nameserver {plan.resolver}' > {auto}.tmp",
+                f"mv {auto}.tmp {auto}",
+                _netifd_event("wan"),
+            ),
         )
     else:
-        dns = (
-            "dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
-            f"--server={plan.resolver} --domain-needed --proxy-dnssec --cache-size=150 "
-            f"{LAB_DNSMASQ}",
+        first, dns = (
+            wan + lan,
+            (
+                "dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
+                f"--server={plan.resolver} --domain-needed --proxy-dnssec --cache-size=150 "
+                f"{LAB_DNSMASQ}",
+            ),
         )
     return _shell_lines(
         "set -e",
@@ -499,14 +526,7 @@ def router_setup_script(plan: Plan, first_boot: bool = False) -> str:
         _rename_by_mac(plan.mac_router_lan, "lan"),
         "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
         "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0",
-        "ip link set wan up",
-        f"ip addr add {plan.router_wan4}/24 dev wan",
-        f"ip -6 addr add {plan.router_wan6}/64 dev wan nodad",
-        f"ip route add default via {plan.inet_gw4}",
-        f"ip -6 route add default via {plan.inet_gw6}",
-        "ip link set lan up",
-        f"ip addr add {plan.router_lan4}/24 dev lan",
-        f"ip -6 addr add {plan.router_lan6}/64 dev lan nodad",
+        *first,
         # fw4 rendered table inet fw4 from /etc/config/firewall at boot (S19firewall); the
         # zones match the device names just given
         "nft list table inet fw4 >/dev/null || "
@@ -739,7 +759,8 @@ class Lab:
         results: dict[str, Result] = {}
 
         def setup(name: str, script: str) -> None:
-            results[name] = self._vms[name].run(script, timeout=60)
+            # first boot: the router's waits for the daemon's start before its WAN
+            results[name] = self._vms[name].run(script, timeout=150 if self.first_boot else 60)
 
         threads = [
             threading.Thread(
@@ -919,7 +940,8 @@ class Lab:
                 with contextlib.suppress(LabError, OSError):
                     r = vm.run(
                         "ip -d addr; ip route; ip xfrm state; ip xfrm policy; nft list ruleset; "
-                        "ps axww; dmesg | tail -200; for n in $(ip netns list | cut -d' ' -f1); "
+                        "ps axww; dmesg | tail -200; logread 2>/dev/null | tail -300; "
+                        "for n in $(ip netns list | cut -d' ' -f1); "
                         'do echo "== netns $n"; ip -n $n addr; ip netns exec $n ip xfrm state; '
                         "done",
                         timeout=30,

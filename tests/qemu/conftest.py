@@ -87,18 +87,21 @@ def lab(pytestconfig: pytest.Config, lab_images: build.Images) -> Iterator[Lab]:
 def first_boot_lab(pytestconfig: pytest.Config, lab_images: build.Images) -> Iterator[Lab]:
     """A lab of its own whose router boots as a user flashes it (``Lab(first_boot=True)``):
     procd starts oe-routerd at boot, the shipped configuration but for the trust anchor.
-    One boot per module that uses it; powered off at the module's end."""
+    One boot per module that uses it; powered off at the module's end. Its router's WAN
+    comes up only once the daemon has started, so the boot gets a longer deadline."""
     yield from _booted(
-        Lab(lab_images, first_boot=True, log=_printer(pytestconfig)), "first-boot-lab-start"
+        Lab(lab_images, first_boot=True, log=_printer(pytestconfig)),
+        "first-boot-lab-start",
+        timeout=240,
     )
 
 
-def _booted(the_lab: Lab, artifacts: str) -> Iterator[Lab]:
-    """Start ``the_lab`` (a failure fails the test with its artifacts kept under
-    ``artifacts``), yield it, power it off."""
+def _booted(the_lab: Lab, artifacts: str, timeout: float = 120) -> Iterator[Lab]:
+    """Start ``the_lab`` within ``timeout`` seconds (a failure fails the test with its
+    artifacts kept under ``artifacts``), yield it, power it off."""
     log = the_lab.log
     try:
-        the_lab.start()
+        the_lab.start(timeout)
     except (LabError, OSError) as exc:
         dest = the_lab.collect_artifacts(ARTIFACTS / artifacts)
         the_lab.close()

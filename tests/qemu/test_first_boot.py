@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,21 +59,32 @@ def test_procd_started_the_daemon_at_boot_with_the_shipped_config(
     first_boot_lab: Lab, figures: dict[str, Any]
 ) -> None:
     lab = first_boot_lab
-    figures["boot_to_all_ready_s"] = round(lab.timings.all_ready, 1)
-    figures["boot_to_agents_s"] = round(lab.timings.boot_to_agents, 1)
+    t = lab.timings
+    figures["boot_s"] = {
+        "agents": round(t.boot_to_agents, 1),
+        "network_ready": round(t.network_ready, 1),
+        "all_ready": round(t.all_ready, 1),
+        **{k: round(v, 1) for k, v in t.steps.items()},
+    }
     links = lab.router("ls /etc/rc.d").check().stdout.split()
     assert "S90oe" in links and "K10oe" in links, links
 
-    services = json.loads(lab.router('ubus call service list \'{"name":"oe"}\'').check().stdout)
+    query = json.dumps({"name": "oe", "verbose": True})  # verbose: with the triggers
+    services = json.loads(lab.router(f"ubus call service list '{query}'").check().stdout)
     instance = services["oe"]["instances"]["oe-routerd"]
     assert instance["running"], instance
     pid = lab.router("pgrep -x oe-routerd").check().stdout.split()
     assert pid == [str(instance["pid"])], (pid, instance)
     triggers = json.dumps(services["oe"].get("triggers", []))
     assert "interface.*" in triggers, triggers
-    # started by the boot (S90), before the lab's agent (S99) and so before any address
+    # started by the boot (S90), before the lab's agent (S99) and so before any address,
+    # and still that process: not one procd respawned after the boot's instance died
     agent = lab.router("pgrep -o -f /lab/guest/agent.py").check().stdout.split()[0]
-    assert _pid_start(lab, pid[0]) < _pid_start(lab, agent)
+    started, agent_started = _pid_start(lab, pid[0]), _pid_start(lab, agent)
+    assert started < agent_started, (
+        f"oe-routerd (pid {pid[0]}) started {(started - agent_started) / 100:.1f} s after the "
+        "lab's agent: procd respawned it, the instance S90oe started at boot is gone"
+    )
 
     # the shipped config, but for the trust anchor the lab's uci-defaults pointed
     expected = _model(SHIPPED.read_text())
@@ -121,7 +133,10 @@ def test_first_query_for_a_keyed_name_leaves_as_esp(
         return doc if dns.get("ipseckey_trigger") == "on" else None
 
     # procd's interface trigger reloads the daemon after the lab's netifd events
+    t0 = time.monotonic()
     doc = oelab.wait_until("the daemon to learn the WAN and its resolver", learned, timeout=120)
+    figures["wan_learned_wait_s"] = round(time.monotonic() - t0, 1)
+    assert "network changed" in oelab.daemon_log(lab), oelab.daemon_log(lab)[-3000:]
     dns = doc["dns"]
     assert dns["trust_anchor"] == f"file {ANCHOR}", dns
     assert doc["ike"]["identity"]["local_id"] == "%null", doc["ike"]["identity"]
