@@ -1,5 +1,5 @@
 """`python -m oe_router` runs the daemon, as `oe-routerd` does."""
 
-from oe_router.daemon import main
+from oe_router.routerd import main
 
 raise SystemExit(main())

@@ -135,6 +135,7 @@ class Daemon:
         pid: int | None = None,
         ubus: UbusShim | None = None,
         on_config: Callable[[OeConfig], None] | None = None,
+        early_hups: list[int] | None = None,
         platform: Platform | None = None,
         network: Callable[[OeConfig, Platform], Platform] | None = None,
         build: Callable[[OeConfig, Platform], ServiceRegistry] | None = None,
@@ -154,6 +155,8 @@ class Daemon:
         #: the ubus object ``oe`` (started after the services, stopped before them)
         self.ubus = ubus
         self._on_config = on_config
+        #: SIGHUPs that came before the loop's handler (start-up): one reload once running
+        self._early_hups = early_hups if early_hups is not None else []
         #: what ``registry`` was built for; with ``network`` and ``build`` a reload looks at
         #: the addresses again and rebuilds the services when they changed
         self.platform = platform
@@ -341,6 +344,10 @@ class Daemon:
                 self.config_path,
                 ", ".join(self.registry.names) or "none yet",
             )
+            if self._early_hups:
+                log.info("SIGHUP during start-up: reloading once")
+                self._early_hups.clear()
+                self._on_sighup()
             await self._stop.wait()
             log.info("stopping")
             return 0
@@ -616,10 +623,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # procd may send HUP (reload_service) right after starting us: until the loop's
-    # handler is installed, a HUP must not kill the process (its default action).
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def main(argv: Sequence[str] | None = None, hups: list[int] | None = None) -> int:
+    """Run the daemon; ``hups`` holds the SIGHUPs taken before this module was imported
+    (oe_router.routerd, the entry point). Until the loop's handler is installed, a HUP
+    (procd's reload right after starting us) is remembered, never the default action that
+    ends the process, and becomes a reload once the services run."""
+    early: list[int] = [] if hups is None else hups
+    signal.signal(signal.SIGHUP, lambda signum, frame: early.append(signum))
     args = parse_args(argv)
     root = configure_logging()
     config_path: Path = args.config.absolute()
@@ -653,6 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         socket_path=socket_path,
         socket_mode=args.socket_mode,
         on_config=lambda c: root.setLevel(level_from_name(c.log_level)),
+        early_hups=early,
         platform=platform,
         network=probe_network,
         build=build,

@@ -221,3 +221,45 @@ def test_second_daemon_on_the_same_socket_is_refused(
     assert second.returncode == 1
     assert "another daemon is serving it" in second.stderr
     assert status(sock)["daemon"]["pid"] == proc.pid, "the first daemon is untouched"
+
+
+def _catches_sighup(pid: int) -> bool:
+    """Whether the process has a handler for SIGHUP yet (SigCgt bit 0 in /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(line for line in f if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_a_sighup_during_start_up_is_a_reload_not_the_end(tmp_path: Path) -> None:
+    """procd reloads right after START (an interface trigger, reload_config): the HUP comes
+    while the daemon still imports its modules (about 11 s on a TCG router). It must not
+    end the process (the signal's default action), and the change it announced is applied
+    once the daemon runs: one reload, config generation 2."""
+    config = tmp_path / "oe"
+    config.write_text(GOOD)
+    sock = tmp_path / "control.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oe_router.routerd", "--config", str(config), "--socket", str(sock)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    tail = LogTail(proc.stderr)
+    try:
+        deadline = time.monotonic() + 10
+        while not _catches_sighup(proc.pid):
+            assert time.monotonic() < deadline, "the entry point never took SIGHUP"
+            time.sleep(0.005)
+        config.write_text(FIXED)
+        os.kill(proc.pid, signal.SIGHUP)
+        assert not any("running (pid" in line for line in tail.lines), "HUP came too late"
+        tail.wait_for(lambda line: "SIGHUP during start-up: reloading once" in line)
+        tail.wait_for(lambda line: "reload accepted: config generation 2" in line)
+        assert proc.poll() is None
+        assert status(sock)["daemon"]["config_generation"] == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        tail.join()
