@@ -1,0 +1,103 @@
+"""`opkg remove` and `opkg install` of python3-oe on the running router.
+
+Why: the image installs the package offline (as an image builder does), where the
+package's uci-defaults wait for the first boot and nothing is running. An admin removes
+and installs it on a live router: then base-files' default_prerm/default_postinst run the
+package's own scripts at once, and what they change (fw4's live rules, dnsmasq's server)
+must take effect and be undone then, not at the next reboot. The host tier checks the
+same scripts against an offline root; this is the live half.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import ipk  # package/ipk.py (on sys.path since conftest imported qemu/build.py)
+import pytest
+
+import build
+from lab import Lab
+
+pytestmark = pytest.mark.qemu
+
+IPK = "/lab/ipk/" + "python3-oe_{version}-r1_all.ipk"
+
+
+@dataclass(frozen=True)
+class State:
+    """What the package changes, as read from the router."""
+
+    installed: str
+    ike_rule: bool
+    esp_rule: bool
+    server: list[str]
+    noresolv: str
+    rcd: list[str]
+    files: list[str]
+    running: bool
+
+
+def _state(lab: Lab) -> State:
+    """What the package changes, read from the router."""
+    out = lab.router(
+        "opkg list-installed python3-oe; echo ==; "
+        "nft list chain inet fw4 input_wan; echo ==; "
+        "uci -q get dhcp.@dnsmasq[0].server; echo ==; uci -q get dhcp.@dnsmasq[0].noresolv; "
+        "echo ==; ls /etc/rc.d; echo ==; "
+        "ls /usr/bin/oe-routerd /usr/lib/python3.11/site-packages/oe_router/daemon.py "
+        "/etc/oe/dnsmasq.undo /etc/config/oe 2>/dev/null; echo ==; pgrep -x oe-routerd"
+    ).stdout
+    installed, chain, server, noresolv, rcd, files, pids = out.split("==\n")
+    return State(
+        installed=installed.strip(),
+        ike_rule="Allow-OE-IKE" in chain,
+        esp_rule="Allow-OE-ESP" in chain,
+        server=server.split(),
+        noresolv=noresolv.strip(),
+        rcd=[n for n in rcd.split() if n.endswith("oe")],
+        files=files.split(),
+        running=bool(pids.strip()),
+    )
+
+
+def test_remove_then_install_on_the_running_router(lab: Lab) -> None:
+    version = build.project_version()
+    built = ipk.build(lab.run_dir / "ipk")  # reproducible: the bytes the image installed
+    assert built.path.name == IPK.format(version=version).rsplit("/", 1)[1]
+    before = _state(lab)
+    assert before.ike_rule and before.esp_rule, before
+    assert "127.0.0.1#5335" in before.server and before.noresolv == "1", before
+
+    try:
+        removed = lab.router("opkg remove python3-oe", timeout=120)
+        assert removed.ok, removed.stdout + removed.stderr
+        gone = _state(lab)
+        assert gone.installed == "", gone
+        # fw4 reloaded by the prerm: the live table no longer accepts IKE/ESP on wan
+        assert not gone.ike_rule and not gone.esp_rule, gone
+        # dnsmasq back to its own resolvers: the package's server and noresolv are undone
+        assert "127.0.0.1#5335" not in gone.server and gone.noresolv == "", gone
+        # the program and its modules are gone; what stays is the config the admin changed
+        # (the lab wrote its own /etc/config/oe: a modified conffile opkg keeps)
+        assert set(gone.files) <= {"/etc/config/oe"}, gone
+        assert not gone.running, gone
+
+        installed = lab.router(f"opkg install {IPK.format(version=version)}", timeout=300)
+        assert installed.ok, installed.stdout + installed.stderr
+        back = _state(lab)
+        assert back.installed == f"python3-oe - {version}-r1", back
+        assert back.ike_rule and back.esp_rule, back  # fw4 reloaded by 90_oe-firewall
+        assert "127.0.0.1#5335" in back.server and back.noresolv == "1", back
+        # default_postinst enabled and started the service, under procd
+        assert back.rcd == ["K10oe", "S90oe"], back
+        svc = json.loads(lab.router('ubus call service list \'{"name": "oe"}\'').check().stdout)
+        assert svc["oe"]["instances"]["oe-routerd"].running, svc
+    finally:
+        # the session lab starts the daemon itself: stopped, and no boot links, as built
+        lab.router(
+            f"opkg list-installed python3-oe | grep -q . || opkg install "
+            f"{IPK.format(version=version)}; /etc/init.d/oe stop; /etc/init.d/oe disable; "
+            "ip xfrm state flush; ip xfrm policy flush",
+            timeout=300,
+        )
