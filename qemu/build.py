@@ -585,14 +585,18 @@ BANNER = """\
 oe-router QEMU lab image
 ------------------------
 OpenWrt's userland built from source on Debian's kernel and libc (glibc, not musl).
-procd is PID 1 and runs /etc/rc.d/S*; ubusd, logd, rpcd, uci, ucode, firewall4's fw4,
-opkg and base-files' shell libraries come from pinned upstream snapshots (what was built
-and from which commit: /etc/oe-lab/userland.json). The kernel, python3, iproute2,
-nftables, dnsmasq and busybox (/bin/sh) are Debian bookworm's.
-This is not an OpenWrt release: no netifd, no LuCI, no musl.
+procd is PID 1 and runs /etc/rc.d/S*; ubusd, logd, rpcd, netifd, uci, ucode, firewall4's
+fw4, opkg and base-files' shell libraries come from pinned upstream snapshots (what was
+built and from which commit: /etc/oe-lab/userland.json). netifd sets the static wan and
+lan from /etc/config/network, started by the lab's own /etc/init.d/network. The kernel,
+python3, iproute2, nftables, dnsmasq and busybox (/bin/sh) are Debian bookworm's.
+This is not an OpenWrt release: no LuCI, no wireless, no DHCP client, no musl.
 """
 #: rc.d links the boot runs (as `/etc/init.d/X enable` makes them): START number, script
-RC_D = ((10, "uci-defaults"), (12, "log"), (12, "rpcd"), (19, "firewall"), (99, "oe-lab"))
+RC_D = (
+    (10, "uci-defaults"), (12, "log"), (12, "rpcd"), (19, "firewall"), (20, "network"),
+    (99, "oe-lab"),
+)  # fmt: skip
 #: the package's rc.d links (as its default_postinst made them) that the image leaves out,
 #: one "NAME TARGET" a line: qemu/guest/router/usr/lib/oe-lab/first-boot restores them
 RC_D_DEFERRED = "etc/oe-lab/rc.d-deferred"
@@ -637,8 +641,10 @@ def _openwrt_overlay(root: Path, stage: Path, stamp: dict[str, object]) -> None:
     rcd = root / "etc" / "rc.d"
     rcd.mkdir(exist_ok=True)
     for start, script in RC_D:
-        if not (root / "etc" / "init.d" / script).is_file():
-            raise BuildError(f"router: /etc/init.d/{script} missing for /etc/rc.d")
+        init = root / "etc" / "init.d" / script
+        if not init.is_file() or not os.access(init, os.X_OK):
+            # procd runs the rc.d links as programs: a script without x is skipped silently
+            raise BuildError(f"router: /etc/init.d/{script} missing or not executable")
         (rcd / f"S{start:02d}{script}").symlink_to(f"../init.d/{script}")
     for path, line in zip(("passwd", "group"), UBUS_USER, strict=True):
         f = root / "etc" / path
@@ -735,9 +741,9 @@ def _opkg_install(root: Path, opkg: Path, env: dict[str, str], package: Path,
     )
     if res.returncode != 0 or not (root / "usr" / "bin" / "oe-routerd").is_file():
         raise BuildError(f"router: opkg install {package.name} failed:\n{res.stdout}{res.stderr}")
-    # The lab brings the network up after boot (no netifd), so the session lab starts the
-    # service (/etc/init.d/oe start) once the router has its addresses: not at boot. The
-    # links are recorded (name, target): the lab's first-boot mode puts them back.
+    # The session lab's tests start the service themselves (/etc/init.d/oe start), each
+    # with the configuration it needs (the lab root's anchor, an identity): not at boot.
+    # The links are recorded (name, target): the lab's first-boot mode puts them back.
     deferred = []
     for link in sorted((root / "etc" / "rc.d").glob("[SK][0-9][0-9]oe")):
         deferred.append(f"{link.name} {os.readlink(link)}\n")

@@ -463,80 +463,100 @@ FIRST_BOOT_ANCHOR = "etc/oe/lab-root.ds"
 OE_CONTROL = "/var/run/oe/control.sock"
 
 
-def _netifd_event(interface: str) -> str:
-    """What netifd's ubus notify on network.interface gives procd's trigger_event."""
-    event = {"type": "interface.update", "data": {"interface": interface}}
-    return f"ubus call service event {shlex.quote(json.dumps(event))}"
+def router_kernel_args(plan: Plan) -> str:
+    """The router's kernel command line for its devices' names: /sbin/oe-lab-init names
+    them before procd starts, so netifd (S20) finds the devices /etc/config/network names."""
+    return f"oe.ifname=wan,{plan.mac_router_wan} oe.ifname=lan,{plan.mac_router_lan}"
+
+
+def _netifd_up(plan: Plan, *interfaces: str) -> tuple[str, ...]:
+    """Wait until netifd has ``interfaces`` (wan, lan) up with the plan's addresses (and,
+    for wan, its default routes), none of them tentative; fail naming what differs (the
+    image's /etc/config/network and the plan are two copies of the same addresses)."""
+    addresses = {
+        "wan": (f"{plan.router_wan4}/24", f"{plan.router_wan6}/64"),
+        "lan": (f"{plan.router_lan4}/24", f"{plan.router_lan6}/64"),
+    }
+    routes = {
+        "wan": (f"-4 route show default via {plan.inet_gw4} dev wan",
+                f"-6 route show default via {plan.inet_gw6} dev wan"),
+        "lan": (),
+    }  # fmt: skip
+    checks = []
+    for i in interfaces:
+        checks.append(
+            f'[ "$(ubus call network.interface.{i} status | jsonfilter -e @.up)" = true ]'
+        )
+        checks += [f"ip -o addr show dev {i} | grep -q ' {a} '" for a in addresses[i]]
+        checks += [f'[ -n "$(ip {r})" ]' for r in routes[i]]
+    checks.append('[ -z "$(ip -o addr show tentative)" ]')
+    names = " and ".join(interfaces)
+    return (
+        f"ubus -t 30 wait_for {' '.join(f'network.interface.{i}' for i in interfaces)} || "
+        f"{{ echo 'router: netifd has no ubus object for {names} after 30 s' >&2; exit 1; }}",
+        "i=0",
+        f"until {' && '.join(checks)}; do",
+        "  i=$((i + 1))",
+        "  if [ $i -gt 300 ]; then",
+        f"    echo 'router: netifd did not set up {names} as the lab plan says "
+        "(/etc/config/network):' >&2",
+        "    ip -o addr >&2; ip route >&2; ip -6 route >&2; exit 1",
+        "  fi",
+        "  sleep 0.1",
+        "done",
+    )
 
 
 def router_setup_script(plan: Plan, first_boot: bool = False) -> str:
-    """Router networking as OpenWrt's netifd + dnsmasq would set it up (netifd does not build
-    here); the firewall is fw4's, from the image's /etc/config/firewall.
+    """What the lab adds to the router's own boot: netifd (S20network) sets up wan and lan
+    from /etc/config/network and fw4 (S19firewall) rendered /etc/config/firewall; this
+    waits for netifd, checks the addresses against the plan, turns on forwarding and
+    starts dnsmasq.
 
     The session lab starts dnsmasq with switches of its own (oelab points it at the DNS
-    front when it starts the daemon). ``first_boot`` plays the rest of what the router's
-    own boot does, in a real router's order: the LAN (static) and dnsmasq from
-    /etc/config/dhcp (the lab's stand-in for its init script), netifd's interface.update
-    for lan; then, once oe-routerd (started by procd at S90) has opened its control socket,
-    the WAN as a DHCP lease brings it: addresses, the lease's resolver in
-    /tmp/resolv.conf.d/resolv.conf.auto, the interface.update for wan, on which procd's
-    interface trigger reloads the daemon and it learns the WAN.
+    front when it starts the daemon). ``first_boot`` follows a real router's order with a
+    WAN that comes late, as a DHCP lease does: netifd brings up the LAN at boot, but not
+    the WAN (``auto 0``, set by the first-boot files' uci-defaults 96_oe-lab-late-wan);
+    dnsmasq starts from /etc/config/dhcp (the lab's stand-in for its init script); once
+    oe-routerd (started by procd at S90) has opened its control socket, the lab brings the
+    WAN up through netifd (``ifup``), which sets its addresses, writes its resolver into
+    /tmp/resolv.conf.d/resolv.conf.auto and sends interface.update, on which procd's
+    interface trigger reloads the daemon.
     """
-    wan = (
-        "ip link set wan up",
-        f"ip addr add {plan.router_wan4}/24 dev wan",
-        f"ip -6 addr add {plan.router_wan6}/64 dev wan nodad",
-        f"ip route add default via {plan.inet_gw4}",
-        f"ip -6 route add default via {plan.inet_gw6}",
-    )
-    lan = (
-        "ip link set lan up",
-        f"ip addr add {plan.router_lan4}/24 dev lan",
-        f"ip -6 addr add {plan.router_lan6}/64 dev lan nodad",
-    )
     if first_boot:
-        auto = "/tmp/resolv.conf.d/resolv.conf.auto"
-        first, dns = (
-            lan,
-            (
-                f"/usr/lib/oe-lab/dnsmasq-uci {LAB_DNSMASQ}",
-                _netifd_event("lan"),
-                f"i=0; until [ -S {OE_CONTROL} ]; do i=$((i + 1)); [ $i -le 900 ] || "
-                "{ echo 'router: oe-routerd did not open its control socket in 90 s' >&2; "
-                "exit 1; }; sleep 0.1; done",
-                *wan,
-                "mkdir -p /tmp/resolv.conf.d",
-                f"echo 'nameserver {plan.resolver}' > {auto}.tmp",
-                f"mv {auto}.tmp {auto}",
-                _netifd_event("wan"),
-            ),
+        first = _netifd_up(plan, "lan")
+        dns: tuple[str, ...] = (
+            f"/usr/lib/oe-lab/dnsmasq-uci {LAB_DNSMASQ}",
+            f"i=0; until [ -S {OE_CONTROL} ]; do i=$((i + 1)); [ $i -le 900 ] || "
+            "{ echo 'router: oe-routerd did not open its control socket in 90 s' >&2; "
+            "exit 1; }; sleep 0.1; done",
+            "ubus call network.interface.wan up",
+            *_netifd_up(plan, "wan"),
         )
     else:
-        first, dns = (
-            wan + lan,
-            (
-                "dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
-                f"--server={plan.resolver} --domain-needed --proxy-dnssec --cache-size=150 "
-                f"{LAB_DNSMASQ}",
-            ),
+        first = _netifd_up(plan, "wan", "lan")
+        dns = (
+            "dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
+            f"--server={plan.resolver} --domain-needed --proxy-dnssec --cache-size=150 "
+            f"{LAB_DNSMASQ}",
         )
     return _shell_lines(
         "set -e",
-        _rename_by_mac(plan.mac_router_wan, "wan"),
-        _rename_by_mac(plan.mac_router_lan, "lan"),
         "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
         "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0",
         *first,
         # fw4 rendered table inet fw4 from /etc/config/firewall at boot (S19firewall); the
-        # zones match the device names just given
+        # zones name the devices oe-lab-init named
         "nft list table inet fw4 >/dev/null || "
         "{ echo 'router: no table inet fw4: fw4 did not load at boot' >&2; exit 1; }",
         "echo 'nameserver 127.0.0.1' > /etc/resolv.conf",
         "mkdir -p /lab/logs",
         # procd sends the daemon's output to logd: the lab keeps its lines in the run's logs
-        # "[o]e-routerd": the follower's own command line must not match `pgrep -f oe-routerd`
-        'setsid sh -c \'logread -f | grep --line-buffered "[o]e-routerd\\[" '
-        ">>/lab/logs/oe-routerd.log' </dev/null >/dev/null 2>&1 &",
+        # the follower's own command lines must not match `pgrep -f oe-routerd`: "[o]e-routerd"
+        # in grep's, the log file's name in the environment, not in sh's
+        "OE_LAB_LOG=/lab/logs/oe-routerd.log setsid sh -c "
+        '\'logread -f | grep --line-buffered "[o]e-routerd\\[" >>"$OE_LAB_LOG"\' '
+        "</dev/null >/dev/null 2>&1 &",
         *dns,
     )
 
@@ -623,7 +643,8 @@ class Lab:
     ``first_boot``: the router boots as a user flashes it: the package's rc.d links in
     place, so procd starts oe-routerd at boot, and the shipped configuration changed only
     by the run's firmware customisation (the trust anchor pointed at the lab's root); the
-    network set-up then plays netifd's events and starts dnsmasq from /etc/config/dhcp.
+    lab's set-up then starts dnsmasq from /etc/config/dhcp and, once the daemon runs,
+    brings the WAN up through netifd (a WAN that comes late, as a DHCP lease does).
     The default (the session lab) leaves the daemon to the tests (oelab.start_daemon).
     """
 
@@ -732,7 +753,8 @@ class Lab:
             VMSpec("router", img.router, 768, 2, self.cpu,
                    [("wan", self.plan.mac_router_wan, wan.a, wan.b),
                     ("lan", self.plan.mac_router_lan, lan.a, lan.b)], crypto=self.crypto,
-                   cmdline="oe.firstboot=1" if self.first_boot else ""),
+                   cmdline=router_kernel_args(self.plan)
+                   + (" oe.firstboot=1" if self.first_boot else "")),
         ]  # fmt: skip
         deadline = time.monotonic() + timeout
         for spec in specs:

@@ -190,6 +190,8 @@ class Component:
     folders below the stage's usr/include (a library's .pc names the router's
     /usr/include/X, not the stage's); ``compat_includes`` are folders of userland-files
     searched before the system headers (names of newer kernel uapi headers than the host's).
+    ``copies`` are folders of the source tree that OpenWrt's package copies into the root
+    beside what cmake installs (netifd's shell helpers into /lib/netifd).
     """
 
     name: str
@@ -202,6 +204,7 @@ class Component:
     patches: tuple[str, ...] = ()
     in_source: bool = False
     layout: tuple[tuple[str, str], ...] = ()
+    copies: tuple[tuple[str, str], ...] = ()
     files: str | None = None  # not built: this folder of the snapshot is copied into the root
 
 
@@ -308,6 +311,9 @@ COMPONENTS = {
             compat_includes=("uapi-compat",),
             in_source=True,  # its cmake runs ./make_ethtool_modes_h.sh in the build folder
             layout=(("usr/sbin/netifd", "sbin/netifd"),),
+            # netifd-proto.sh, utils.sh ...: what protocol handlers source (package Makefile:
+            # $(CP) $(PKG_BUILD_DIR)/scripts/* $(1)/lib/netifd/)
+            copies=(("scripts", "lib/netifd"),),
         ),
         Component("firewall4", files="root"),
         Component("base-files"),
@@ -605,6 +611,8 @@ def _build_one(
     )
     _run(["make", "-C", str(bdir), f"-j{jobs}"], log_file)
     _run(["make", "-C", str(bdir), "install", f"DESTDIR={stage}"], log_file)
+    for folder, dest in comp.copies:
+        _copy_tree(src / folder, stage / dest)
     return time.monotonic() - t0
 
 

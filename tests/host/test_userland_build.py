@@ -128,6 +128,8 @@ def test_the_root_has_openwrts_layout(openwrt_userland: Any) -> None:
         "usr/bin/jsonfilter",
         "usr/sbin/uhttpd",
         "sbin/netifd",
+        "lib/netifd/netifd-proto.sh",  # netifd's scripts/, where its package puts them
+        "lib/netifd/utils.sh",
         "usr/lib/libnl-tiny.so",
         "usr/lib/libubus.so",
         "usr/include/libubus.h",

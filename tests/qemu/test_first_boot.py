@@ -7,9 +7,10 @@ this module boots a lab of its own in first-boot mode (``Lab(first_boot=True)``,
 its default_postinst left them, procd starts oe-routerd at boot (S90, before the network
 is up), the package's uci-defaults put the DNS front behind dnsmasq, and the one change to
 the shipped /etc/config/oe is the trust anchor pointed at the lab's root (the lab's DNS
-root is not IANA's), delivered as firmware customisation: a uci-defaults script. The lab
-then does what netifd does (addresses, resolv.conf.auto, interface.update events for lan
-and wan) and starts dnsmasq from /etc/config/dhcp.
+root is not IANA's), delivered as firmware customisation: a uci-defaults script. netifd
+brings up the LAN at boot and the WAN late, once the daemon runs (the lab's ifup, as a
+DHCP lease would): its addresses, resolv.conf.auto and interface.update notification;
+the lab starts dnsmasq from /etc/config/dhcp.
 
 Observable: procd's instance and its pid (started before the lab's agent was), the uci
 state of oe and dhcp, the running dnsmasq's command line, and the LAN client's first query
@@ -132,7 +133,7 @@ def test_first_query_for_a_keyed_name_leaves_as_esp(
             return None
         return doc if dns.get("ipseckey_trigger") == "on" else None
 
-    # procd's interface trigger reloads the daemon after the lab's netifd events
+    # procd's interface trigger reloads the daemon on netifd's interface.update for wan
     t0 = time.monotonic()
     doc = oelab.wait_until("the daemon to learn the WAN and its resolver", learned, timeout=120)
     figures["wan_learned_wait_s"] = round(time.monotonic() - t0, 1)

@@ -13,6 +13,7 @@ import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,56 @@ def test_procd_is_pid_1_and_runs_openwrts_services(lab: Lab) -> None:
     # logd owns /dev/log: a line sent to syslog comes back from its ring buffer
     logged = lab.router("logger -t oe-lab-check marker-$$ && sleep 0.5 && logread").check()
     assert "oe-lab-check" in logged.stdout, logged.stdout[-2000:]
+
+
+def test_netifd_runs_under_procd_and_set_up_wan_and_lan(lab: Lab) -> None:
+    """netifd is procd's instance of the network service (S20network, respawned if it
+    dies) and set up wan and lan from /etc/config/network: its ubus status has them up
+    with the lab plan's addresses and gateways, the kernel's addresses are those, usable at
+    once (dadtransmits 0: no DAD), and it wrote the WAN's resolver for dnsmasq and oe."""
+    plan = lab.plan
+    services = json.loads(
+        lab.router('ubus call service list \'{"name":"network"}\'').check().stdout
+    )
+    (instance,) = services["network"]["instances"].values()
+    assert instance["running"] and instance["command"] == ["/sbin/netifd"], instance
+    assert "respawn" in instance, instance
+    pid = lab.router("pgrep -x netifd").check().stdout.split()
+    assert pid == [str(instance["pid"])], (pid, instance)
+    ppid = lab.router(f"cut -d' ' -f4 /proc/{pid[0]}/stat").check().stdout.strip()
+    assert ppid == "1", ppid  # procd's child
+
+    def status(interface: str) -> dict[str, Any]:
+        res = lab.router(f"ubus call network.interface.{interface} status").check()
+        doc: dict[str, Any] = json.loads(res.stdout)
+        return doc
+
+    def addresses(doc: dict[str, Any], family: str) -> list[tuple[str, int]]:
+        return [(a["address"], a["mask"]) for a in doc[f"ipv{family}-address"]]
+
+    wan, lan = status("wan"), status("lan")
+    assert wan["up"] and wan["proto"] == "static" and wan["l3_device"] == "wan", wan
+    assert addresses(wan, "4") == [(plan.router_wan4, 24)], wan
+    assert addresses(wan, "6") == [(plan.router_wan6, 64)], wan
+    gateways = {r["nexthop"] for r in wan["route"] if r["mask"] == 0}
+    assert gateways == {plan.inet_gw4, plan.inet_gw6}, wan["route"]
+    assert wan["dns-server"] == [plan.resolver], wan
+    assert lan["up"] and lan["l3_device"] == "lan", lan
+    assert addresses(lan, "4") == [(plan.router_lan4, 24)], lan
+    assert addresses(lan, "6") == [(plan.router_lan6, 64)], lan
+
+    kernel = lab.router(
+        "ip -o addr show dev wan; ip -o addr show dev lan; echo ==; ip -o addr show tentative; "
+        "echo ==; cat /proc/sys/net/ipv6/conf/wan/dad_transmits; "
+        "cat /tmp/resolv.conf.d/resolv.conf.auto"
+    ).check()
+    addrs, tentative, rest = kernel.stdout.split("==\n")
+    for addr in (f"{plan.router_wan4}/24", f"{plan.router_wan6}/64",
+                 f"{plan.router_lan4}/24", f"{plan.router_lan6}/64"):  # fmt: skip
+        assert f" {addr} " in addrs, (addr, addrs)
+    assert tentative.strip() == "", tentative
+    dad, *resolv = rest.splitlines()
+    assert dad == "0" and f"nameserver {plan.resolver}" in resolv, rest
 
 
 def test_image_records_the_userland_it_was_built_from(lab: Lab) -> None:
