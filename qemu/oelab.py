@@ -123,8 +123,7 @@ def start_daemon(
         prefix = "PYTHONPATH=/lab/src "
     daemon_env = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
     lab.router(
-        "mkdir -p /etc/oe /tmp/resolv.conf.d /var/run/oe; "
-        f"echo 'nameserver {lab.plan.resolver}' > /tmp/resolv.conf.d/resolv.conf.auto; "
+        "mkdir -p /etc/oe /var/run/oe; "  # resolv.conf.auto is netifd's (the WAN's dns)
         f"cp /lab/bundle/{ta} /etc/oe/root.key; "
         f"install -m 600 /lab/bundle/{key} /etc/oe/private.pem; "
         "cp /lab/oe.conf /etc/config/oe"
