@@ -185,7 +185,8 @@ def daemon_log(lab: Lab) -> str:
 def stop_daemon(lab: Lab) -> None:
     """SIGTERM oe-routerd (it removes its SAs and policies), dnsmasq back to the resolver,
     and what the daemon keeps on purpose after a stop (the "private" drops: XFRM policies,
-    or the userspace datapath's nftables projection) removed, so the next test starts clean."""
+    or the userspace datapath's nftables projection, and the LAN's SNAT they rely on)
+    removed, so the next test starts clean."""
     lab.router(
         "/etc/init.d/oe stop 2>/dev/null; "
         "pid=$(cat /run/oe-routerd.pid) && kill -TERM $pid; for i in $(seq 50); do "
@@ -193,7 +194,8 @@ def stop_daemon(lab: Lab) -> None:
     )
     _dnsmasq(lab, lab.plan.resolver, 150)
     lab.router(
-        "ip xfrm state flush; ip xfrm policy flush; nft delete table inet oe_spd 2>/dev/null; true"
+        "ip xfrm state flush; ip xfrm policy flush; "
+        "for t in oe_spd oe_router oe_cat; do nft delete table inet $t 2>/dev/null; done; true"
     )
 
 

@@ -119,6 +119,13 @@ def test_tunnel_counters_count_the_traffic_and_grow(live: Lab, figures: dict[str
     """``oe status`` carries each Child SA's bytes and packets both ways as the kernel counts
     them: non-zero once traffic flowed, and 5 more echo requests out after 5 more pings."""
     lab = live
+    # the first packets wait for the packet-triggered negotiation (and are dropped meanwhile,
+    # issue 16): ping until the tunnel answers, then count
+    oelab.wait_until(
+        f"a reply from {POC_PEER} through its tunnel",
+        lambda: lab.client(f"ping -n -c 1 -W 1 {POC_PEER}", timeout=30).ok,
+        timeout=60,
+    )
     lab.client(f"ping -n -c 3 -i 0.3 -W 2 {POC_PEER}", timeout=30).check()
     first = tunnel_row(status(lab), POC_PEER)
     assert first is not None, status(lab)["tunnels"]

@@ -92,12 +92,13 @@ def test_remove_then_install_on_the_running_router(lab: Lab) -> None:
         # default_postinst enabled and started the service, under procd
         assert back.rcd == ["K10oe", "S90oe"], back
         svc = json.loads(lab.router('ubus call service list \'{"name": "oe"}\'').check().stdout)
-        assert svc["oe"]["instances"]["oe-routerd"].running, svc
+        assert svc["oe"]["instances"]["oe-routerd"]["running"], svc
     finally:
         # the session lab starts the daemon itself: stopped, and no boot links, as built
         lab.router(
             f"opkg list-installed python3-oe | grep -q . || opkg install "
             f"{IPK.format(version=version)}; /etc/init.d/oe stop; /etc/init.d/oe disable; "
-            "ip xfrm state flush; ip xfrm policy flush",
+            "ip xfrm state flush; ip xfrm policy flush; "
+            "for t in oe_spd oe_router oe_cat; do nft delete table inet $t 2>/dev/null; done",
             timeout=300,
         )

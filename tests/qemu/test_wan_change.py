@@ -73,6 +73,12 @@ def moved_wan(lab: Lab) -> Iterator[Lab]:
         try:
             _set_wan4(lab, old)
             _wait_wan4(lab, old)
+            # and the daemon back on it (its SNAT table with it) before it stops
+            oelab.wait_until(
+                "oe status to list the lab's WAN address again",
+                lambda: old in _addresses(lab) and NEW_WAN4 not in _addresses(lab),
+                timeout=90,
+            )
         finally:
             oelab.stop_daemon(lab)
 
