@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from oe_router.config import DEFAULT_CONFIG_PATH, ConfigInvalid, check_config, load_config
+from oe_router.config import DEFAULT_CONFIG_PATH, check_config, control_socket_of
 from oe_router.control import (
     DEFAULT_CONTROL_SOCKET,
     ControlClient,
@@ -565,15 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_socket(explicit: Path | None, config_path: Path) -> Path:
     """--socket wins; else the daemon's config names it; else the built-in default.
 
-    A config that does not load (missing, invalid) falls back to the default:
-    `oe status` must still work when someone is halfway through editing the file.
+    The config is read leniently (``control_socket_of``): a file halfway through an edit,
+    with errors anywhere else, still gives the socket of the daemon running from it, so
+    that `oe reload` reaches it and prints its problems.
     """
     if explicit is not None:
         return explicit
-    try:
-        return Path(load_config(config_path).control_socket)
-    except (ConfigInvalid, OSError):
-        return Path(DEFAULT_CONTROL_SOCKET)
+    return Path(control_socket_of(config_path) or DEFAULT_CONTROL_SOCKET)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

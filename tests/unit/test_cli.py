@@ -391,6 +391,53 @@ def test_socket_comes_from_the_config_file_unless_given(
     assert "no socket at /var/run/oe/control.sock" in capsys.readouterr().err
 
 
+def test_socket_of_a_config_with_errors_is_still_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A custom control_socket is read from a file that does not validate (bad values,
+    unknown options, or a syntax error after it), so `oe status` and `oe reload` reach the
+    daemon running from it; an unusable or unreachable option falls back to the default."""
+    custom = tmp_path / "custom" / "ctl.sock"
+    head = f"config oe 'global'\n\toption control_socket '{custom}'\n"
+    cases = {
+        "bad values": head + "\toption log_level 'loud'\n\toption bogus 'x'\n",
+        "syntax error below": head + "\nconfig dns 'dns'\n\toption hold_limit 'unterminated\n",
+        "a second oe section": head + "\nconfig oe 'again'\n\toption control_socket '/x'\n",
+    }
+    for what, text in cases.items():
+        conf = tmp_path / "oe"
+        conf.write_text(text)
+        assert main(["--config", str(conf), "status"]) == 2, what
+        assert capsys.readouterr().err == f"oe: daemon not running (no socket at {custom})\n"
+    default = "no socket at /var/run/oe/control.sock"
+    for what, text in {
+        "syntax error above": "config oe 'global\n" + head,
+        "relative path": head.replace(f"'{custom}'", "'run/ctl.sock'"),
+        "longer than sun_path": head.replace(str(custom), "/" + "s" * 120),
+    }.items():
+        conf = tmp_path / "oe"
+        conf.write_text(text)
+        assert main(["--config", str(conf), "status"]) == 2, what
+        assert default in capsys.readouterr().err, what
+
+
+def test_reload_with_a_broken_config_reaches_the_daemon_and_prints_its_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock = tmp_path / "custom.sock"
+    conf = tmp_path / "oe"
+    conf.write_text(
+        f"config oe 'global'\n\toption control_socket '{sock}'\n\toption log_level 'loud'\n"
+    )
+    problem = f"{conf}:3: oe.global.log_level: 'loud' is not one of debug, info"
+    with FakeDaemon(sock, ReloadResult(False, 4, (problem,))):
+        assert main(["--config", str(conf), "reload"]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        problem,
+        "reload refused: 1 problem(s); config generation 4 keeps running",
+    ]
+
+
 def test_status_shows_the_engine_per_tunnel_and_the_richer_engines_table() -> None:
     text = render_status(_status())
     header = next(line for line in text.splitlines() if line.lstrip().startswith("peer "))

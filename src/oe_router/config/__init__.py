@@ -5,6 +5,7 @@ Public API (other modules code against exactly these names)::
     load_config(path) -> OeConfig            # raises ConfigInvalid
     parse_config(text, filename) -> OeConfig # raises ConfigInvalid
     check_config(path) -> list[ConfigProblem]  # never raises for bad or missing files
+    control_socket_of(path) -> str | None      # even from a file with errors (the CLI)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 
 from .problems import ConfigInvalid, ConfigProblem
 from .schema import (
+    BadValue,
     DnsConfig,
     Endpoint,
     IdentityConfig,
@@ -21,7 +23,8 @@ from .schema import (
     PolicyConfig,
     PolicyEntry,
 )
-from .validate import validate_text
+from .uci import UciSyntaxError, parse
+from .validate import OPTIONS, validate_text
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -35,6 +38,7 @@ __all__ = [
     "PolicyConfig",
     "PolicyEntry",
     "check_config",
+    "control_socket_of",
     "load_config",
     "parse_config",
 ]
@@ -85,3 +89,34 @@ def parse_config(text: str, filename: str = "<string>") -> OeConfig:
     if problems or config is None:
         raise ConfigInvalid(problems)
     return config
+
+
+def control_socket_of(path: str | os.PathLike[str]) -> str | None:
+    """``control_socket`` of the file's ``config oe`` section, read leniently: None when
+    the file cannot be read or does not set a usable one.
+
+    Why: ``oe reload`` is most needed when the file has errors, and a daemon started with
+    a custom socket is only found through the file. So nothing but UCI syntax is
+    required (a bad value anywhere else does not matter), and at a syntax error the
+    statements before its line are used. The option itself must be a valid path.
+    """
+    text, _ = _read(path)
+    if text is None:
+        return None
+    try:
+        pkg = parse(text, os.fspath(path))
+    except UciSyntaxError as exc:
+        before = "".join(text.splitlines(keepends=True)[: exc.line - 1])
+        try:
+            pkg = parse(before, os.fspath(path))
+        except UciSyntaxError:
+            return None
+    section = next((s for s in pkg.sections if s.type == "oe"), None)
+    value = section.options.get("control_socket") if section is not None else None
+    if value is None:
+        return None
+    try:
+        socket: str = OPTIONS["oe"]["control_socket"].parse(value)
+    except BadValue:
+        return None
+    return socket
