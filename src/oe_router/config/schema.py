@@ -189,6 +189,9 @@ class DnsConfig:
     bogus_action: BogusAction = "servfail"
     #: A TCP client gets this long to send each query and to read each reply.
     tcp_timeout: float = 10.0
+    #: Answer Mozilla's DoH canary domain (use-application-dns.net) NXDOMAIN, so
+    #: Firefox's default DNS over HTTPS stands down and its queries reach the front.
+    doh_canary: bool = True
 
 
 @dataclass(frozen=True)

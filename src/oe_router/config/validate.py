@@ -108,6 +108,7 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "auto_trust_anchor": Opt("auto_trust_anchor", parse_abs_path),
         "bogus_action": Opt("bogus_action", _choice(*BOGUS_ACTIONS)),
         "tcp_timeout": Opt("tcp_timeout", _dur(1.0, 300.0)),
+        "doh_canary": Opt("doh_canary", parse_bool),
     },
     "ike": {
         "ike_lifetime": Opt("ike_lifetime", _dur(60.0, 24 * HOUR)),

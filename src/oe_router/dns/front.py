@@ -79,6 +79,12 @@ _MIN_UDP = 512  # RFC 1035 limit without EDNS
 _TCP_LIMIT = 65535
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 _ZONE_TRANSFERS = (dns.rdatatype.AXFR, dns.rdatatype.IXFR)
+#: Mozilla's canary domain (support.mozilla.org, "Canary domain - use-application-dns.net"):
+#: NXDOMAIN for it makes Firefox's default DNS over HTTPS stand down and use the system
+#: resolver, so its queries reach the front (the DNS trigger). The exact name only.
+DOH_CANARY = dns.name.from_text("use-application-dns.net.")
+_CANARY_LABELS = tuple(DOH_CANARY.labels[:-1])
+_IN = dns.rdataclass.IN
 
 Client = tuple[str, int]
 Handler = Callable[[bytes, Client, int], Awaitable[bytes | None]]
@@ -156,6 +162,8 @@ class FrontStats:
     tcp_idle_timeouts: int = 0
     #: TCP connection aborted: the client did not read its replies within the TCP timeout
     tcp_write_timeouts: int = 0
+    #: queries for the DoH canary domain answered NXDOMAIN by the front (``doh_canary``)
+    doh_canary: int = 0
 
     def to_json(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -259,7 +267,8 @@ class Resolver:
 
     ``key_lookup`` None turns the IPSECKEY trigger off (a plain forwarder).
     ``tunnels`` None means no OE manager: a secure key's tunnel counts as failed and
-    the answer goes out in the clear at once.
+    the answer goes out in the clear at once. ``doh_canary`` answers the DoH canary
+    domain NXDOMAIN itself (``oe.dns.doh_canary``) instead of forwarding it.
     """
 
     def __init__(
@@ -271,8 +280,10 @@ class Resolver:
         cache: AnswerCache | None = None,
         stats: FrontStats | None = None,
         key_timeout: float = 10.0,
+        doh_canary: bool = False,
     ) -> None:
         self.upstream = upstream
+        self.doh_canary = doh_canary
         self.core = HoldCore(policy)
         self.key_lookup = key_lookup
         self.tunnels = tunnels
@@ -313,12 +324,20 @@ class Resolver:
 
         Why: most LAN queries repeat a name. A cached answer whose name's key
         status is known and gives no tunnel goes out from here, without a task,
-        the hold core or dnspython. Counts the query only when it answers it.
+        the hold core or dnspython. Counts the query only when it answers it. The DoH
+        canary is answered here too.
         """
-        if self.cache is None:
+        if self.cache is None and not self.doh_canary:
             return None
         view = read_query(wire)
         if view is None or view.qtype in _ZONE_TRANSFERS:
+            return None
+        if self.doh_canary and view.labels == _CANARY_LABELS and view.qclass == _IN:
+            canary = self._canary_reply(wire, None)
+            if canary is not None:
+                self.stats.queries += 1
+            return canary
+        if self.cache is None:
             return None
         question = Question.of_view(view)
         holds = self._holds(question)
@@ -362,6 +381,10 @@ class Resolver:
                 return parsed
             query = parsed
             question = Question.of_message(query)
+        if self.doh_canary and question.name == DOH_CANARY and question.rdclass == _IN:
+            canary = self._canary_reply(wire, query)
+            if canary is not None:
+                return canary
         if limit != _TCP_LIMIT:
             limit = question.udp_limit
         try:
@@ -380,6 +403,15 @@ class Resolver:
         if truncated:
             self.stats.truncated += 1
         return out
+
+    def _canary_reply(self, wire: bytes, query: dns.message.Message | None) -> bytes | None:
+        """NXDOMAIN for the DoH canary, any type, without asking an upstream."""
+        try:
+            reply = error_reply(query or dns.message.from_wire(wire), dns.rcode.NXDOMAIN)
+        except (dns.exception.DNSException, ValueError, IndexError):
+            return None  # read_query took it, dnspython does not: the slow path decides
+        self.stats.doh_canary += 1
+        return reply
 
     def _check(self, wire: bytes, client: Client) -> dns.message.Message | bytes | None:
         """dnspython's judgement of an unusual query: the query, or the reply/None to send."""

@@ -180,6 +180,7 @@ class DnsService:
             tunnels=self._tunnels,
             cache=AnswerCache(self._cache_entries, max_ttl=_cache_ttl(config)),
             stats=self.stats,
+            doh_canary=config.doh_canary,
         )
         return resolver, managed
 
@@ -246,6 +247,7 @@ class DnsService:
             resolver.key_lookup = key_lookup
             resolver.policy = HoldPolicy.from_config(new)
             resolver.cache = AnswerCache(self._cache_entries, max_ttl=_cache_ttl(new))
+            resolver.doh_canary = new.doh_canary
         await self._use_anchors(managed)
         self._config = new
         log.info("DNS front reloaded")
