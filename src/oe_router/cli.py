@@ -7,13 +7,19 @@ daemon answered with an error), 2 the daemon cannot be reached.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from oe_router.config import DEFAULT_CONFIG_PATH, check_config, control_socket_of
+from oe_router.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigProblem,
+    control_socket_of,
+    validate_file,
+)
 from oe_router.control import (
     DEFAULT_CONTROL_SOCKET,
     ControlClient,
@@ -469,14 +475,26 @@ def cmd_flush(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
+    """Every problem of the file, then (once it is valid) what the files its options name
+    hold: a missing trust anchor or key is a problem, or a notice where the daemon makes
+    it itself (filecheck.py). Exit 1 for problems only."""
     path = Path(args.file)
-    problems = check_config(path)
+    config, problems = validate_file(path)
+    notices: list[ConfigProblem] = []
+    if config is not None:
+        from oe_router.filecheck import check_files
+
+        found = check_files(config, path)
+        problems, notices = found.problems, found.notices
     for problem in problems:
         out.write(f"{problem}\n")
+    for notice in notices:
+        out.write(f"{dataclasses.replace(notice, message='notice: ' + notice.message)}\n")
+    noted = f" ({len(notices)} notice(s))" if notices else ""
     if problems:
-        out.write(f"{path}: {len(problems)} problem(s)\n")
+        out.write(f"{path}: {len(problems)} problem(s){noted}\n")
         return EXIT_REFUSED
-    out.write(f"{path}: OK\n")
+    out.write(f"{path}: OK{noted}\n")
     return EXIT_OK
 
 

@@ -6,6 +6,7 @@ Public API (other modules code against exactly these names)::
     parse_config(text, filename) -> OeConfig # raises ConfigInvalid
     check_config(path) -> list[ConfigProblem]  # never raises for bad or missing files
     control_socket_of(path) -> str | None      # even from a file with errors (the CLI)
+    validate_file(path) -> (OeConfig | None, list[ConfigProblem])  # both in one pass
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "control_socket_of",
     "load_config",
     "parse_config",
+    "validate_file",
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/config/oe"
@@ -63,7 +65,9 @@ def _read(path: str | os.PathLike[str]) -> tuple[str | None, list[ConfigProblem]
         return None, [ConfigProblem(name, line, None, None, msg, col)]
 
 
-def _check(path: str | os.PathLike[str]) -> tuple[OeConfig | None, list[ConfigProblem]]:
+def validate_file(path: str | os.PathLike[str]) -> tuple[OeConfig | None, list[ConfigProblem]]:
+    """The typed config of the file at ``path`` (None unless it is free of problems) and
+    every problem; never raises for bad or missing files."""
     text, problems = _read(path)
     if text is None:
         return None, problems
@@ -72,12 +76,12 @@ def _check(path: str | os.PathLike[str]) -> tuple[OeConfig | None, list[ConfigPr
 
 def check_config(path: str | os.PathLike[str]) -> list[ConfigProblem]:
     """Every problem of the file at ``path``; empty means it would load."""
-    return _check(path)[1]
+    return validate_file(path)[1]
 
 
 def load_config(path: str | os.PathLike[str]) -> OeConfig:
     """The typed config of the file at ``path``; raises ConfigInvalid listing all problems."""
-    config, problems = _check(path)
+    config, problems = validate_file(path)
     if problems or config is None:
         raise ConfigInvalid(problems)
     return config

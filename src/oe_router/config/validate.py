@@ -42,7 +42,7 @@ from .schema import (
 )
 from .uci import UciPackage, UciSection, UciSyntaxError, parse
 
-__all__ = ["OPTIONS", "SECTION_TYPES", "validate_package", "validate_text"]
+__all__ = ["OPTIONS", "SECTION_TYPES", "option_location", "validate_package", "validate_text"]
 
 PACKAGE = "oe"
 HOUR = 3600.0
@@ -367,6 +367,17 @@ def _cross_checks(
             f"({format_duration(worst)}) must be shorter than the shortest lifetime "
             f"({format_duration(shortest)})",
         )
+
+
+def option_location(pkg: UciPackage, stype: str, name: str) -> tuple[str, int | None]:
+    """The UCI path (``oe.dns.trust_anchor``) and line of option ``name`` in the first
+    section of type ``stype``: where a problem with its value is shown. An option left
+    at its default points at its section's line, or at no line without a section."""
+    package = pkg.name or PACKAGE
+    for sec, label in zip(pkg.sections, _labels(pkg, package), strict=True):
+        if sec.type == stype:
+            return f"{label}.{name}", sec.option_lines.get(name, sec.line)
+    return f"{package}.{SINGLETONS.get(stype, stype)}.{name}", None
 
 
 def validate_text(text: str, filename: str) -> tuple[OeConfig | None, list[ConfigProblem]]:
