@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from oe_router.dns.service import DnsService, dns_wanted
 from oe_router.esp_offer import EspOffer
 from oe_router.ike.service import IkeService
 from oe_router.ike.tunnel_events import TunnelEvents
+from oe_router.logs import DEV_LOG, NOTICE, configure_logging, level_from_name
 from oe_router.oe.lan import apply_nft
 from oe_router.oe.negotiator import IkeNegotiator
 from oe_router.oe.service import DatapathFactory, OeService, kernel_datapath
@@ -218,7 +218,7 @@ class Daemon:
                 )
                 result = ReloadResult(False, self.generation, tuple(problems), self.uptime())
             else:
-                log.info("reload accepted: config generation %d", self.generation)
+                log.log(NOTICE, "reload accepted: config generation %d", self.generation)
                 result = ReloadResult(True, self.generation, (), self.uptime())
             self.last_reload = result
             return result
@@ -294,7 +294,7 @@ class Daemon:
             except ServiceError as exc:
                 return [str(exc)]
         elif self.registry.running:
-            log.info("oe disabled in %s: stopping services", self.config_path)
+            log.log(NOTICE, "oe disabled in %s: stopping services", self.config_path)
             await self.registry.stop_all()
         if new.control_socket != old.control_socket:
             log.warning(
@@ -333,10 +333,11 @@ class Daemon:
                     log.error("cannot start: %s", exc)
                     return 1
             else:
-                log.info("oe disabled in %s: services not started", self.config_path)
+                log.log(NOTICE, "oe disabled in %s: services not started", self.config_path)
             if self.ubus is not None:
                 await self.ubus.start()  # never fails: without ubus, one line
-            log.info(
+            log.log(
+                NOTICE,
                 "%s %s running (pid %d, config %s, services: %s)",
                 PROG,
                 __version__,
@@ -360,66 +361,7 @@ class Daemon:
                 await self.ubus.stop()
             await self.registry.stop_all()
             await self._server.stop()
-            log.info("stopped")
-
-
-# logging ------------------------------------------------------------------
-
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "notice": logging.INFO,
-    "warn": logging.WARNING,
-    "warning": logging.WARNING,
-    "err": logging.ERROR,
-    "error": logging.ERROR,
-    "crit": logging.CRITICAL,
-}
-_NAMES = {
-    logging.DEBUG: "debug",
-    logging.INFO: "info",
-    logging.WARNING: "warning",
-    logging.ERROR: "err",
-    logging.CRITICAL: "crit",
-}
-
-
-class SyslogLineFormatter(logging.Formatter):
-    """`<level> oe-routerd[<component>]: <message>` on one line, no timestamp (logd adds it)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        parts = record.name.split(".")
-        component = parts[1] if parts[0] == "oe_router" and len(parts) > 1 else parts[0]
-        level = _NAMES.get(record.levelno, record.levelname.lower())
-        message = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            message = f"{message}: {type(exc).__name__}: {exc}"
-        message = " | ".join(line for line in message.splitlines() if line) or message
-        return f"{level} {PROG}[{component}]: {message}"
-
-
-def level_from_name(name: str) -> int:
-    """Map a UCI log level to a logging level; unknown names mean info."""
-    return _LEVELS.get(str(name).strip().lower(), logging.INFO)
-
-
-def configure_logging(stream: object = None) -> logging.Logger:
-    """Send the package's logs to stderr, one line each (procd passes them to logd).
-
-    asyncio's own reports (an exception nobody caught in a task or callback) go the
-    same way: one line naming the exception, never a multi-line traceback in logd.
-    """
-    root = logging.getLogger("oe_router")
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)  # type: ignore[arg-type]
-    handler.setFormatter(SyslogLineFormatter())
-    root.handlers[:] = [handler]
-    root.propagate = False
-    root.setLevel(logging.INFO)
-    aio = logging.getLogger("asyncio")
-    aio.handlers[:] = [handler]
-    aio.propagate = False
-    return root
+            log.log(NOTICE, "stopped")
 
 
 # entry point ---------------------------------------------------------------
@@ -578,7 +520,7 @@ def build_services(
         )
         registry.add(DnsService(tunnels=tunnels if tunnels is not None else oe, access=access))
     elif config.dns.trust_anchor:
-        log.info(
+        log.warning(
             "DNS front off: no trust anchor at %s (oe.dns.trust_anchor)", config.dns.trust_anchor
         )
     else:
@@ -619,6 +561,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="ubusd's socket for the ubus object oe (default: libubus's, /var/run/ubus/ubus.sock)",
     )
     parser.add_argument("--no-ubus", action="store_true", help="do not register the ubus object oe")
+    parser.add_argument(
+        "--syslog",
+        nargs="?",
+        const=DEV_LOG,
+        metavar="PATH",
+        help=f"log to syslog (logd) at each line's priority through PATH (default {DEV_LOG});"
+        " without it, lines go to stderr",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser.parse_args(argv)
 
@@ -631,7 +581,7 @@ def main(argv: Sequence[str] | None = None, hups: list[int] | None = None) -> in
     early: list[int] = [] if hups is None else hups
     signal.signal(signal.SIGHUP, lambda signum, frame: early.append(signum))
     args = parse_args(argv)
-    root = configure_logging()
+    root = configure_logging(syslog=args.syslog)
     config_path: Path = args.config.absolute()
     try:
         config = load_config(config_path)

@@ -206,7 +206,7 @@ def probe_network(config: OeConfig, platform: Platform) -> Platform:
         wan_reason = f"oe.global.wan_interface: {wan_reason}"
     _, lan_nets, lan_reason = read_interface(config.lan_interface)
     if lan_reason:
-        log.info("oe.global.lan_interface: %s (no LAN exclusion)", lan_reason)
+        log.warning("oe.global.lan_interface: %s (no LAN exclusion)", lan_reason)
     return dataclasses.replace(
         platform,
         wan=wan,

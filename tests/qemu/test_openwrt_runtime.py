@@ -32,10 +32,12 @@ pytestmark = pytest.mark.qemu
 
 RESULTS = Path(__file__).resolve().parents[2] / "test-results" / "qemu-openwrt-runtime.json"
 INITSCRIPT = "/etc/init.d/oe"
-COMMAND = ["/usr/bin/oe-routerd", "--config", "/etc/config/oe"]
+COMMAND = ["/usr/bin/oe-routerd", "--config", "/etc/config/oe", "--syslog"]
 KEYED = "oe-null"  # null.example.test: IPSECKEY with NULL auth, libreswan answers
 NO_IKE = "plain"  # answers IKE with ICMP port unreachable: a pass shunt at once
 READS = ["status", "tunnels", "shunts", "offload"]
+#: logread's ctime() in front of each line: "Sun Dec  6 09:34:04 2026 "
+CTIME = re.compile(r"^\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4} ")
 WRITES = ["flush", "reload", "up", "down"]
 
 
@@ -70,9 +72,17 @@ def answering_pid(lab: Lab) -> int | None:
 
 
 def logread(lab: Lab, pid: int) -> list[str]:
-    """logd's lines of the daemon process ``pid`` (procd tags its output name[pid])."""
+    """logd's lines of the daemon process ``pid`` (tagged oe-routerd[pid] through
+    /dev/log), each without logread's ctime: ``daemon.info oe-routerd[pid]: dns: ...``."""
     text = lab.router("logread").check().stdout
-    return [ln for ln in text.splitlines() if f"oe-routerd[{pid}]:" in ln]
+    return [CTIME.sub("", ln) for ln in text.splitlines() if f"oe-routerd[{pid}]:" in ln]
+
+
+def xfrm_keys(lab: Lab) -> set[str]:
+    """The key bytes of every SA in the router's kernel (``ip xfrm state`` prints them in
+    hex), for checking that none reaches the log."""
+    out = lab.router("ip xfrm state").check().stdout
+    return {k.lower() for k in re.findall(r"0x([0-9a-fA-F]{32,})", out)}
 
 
 def uci_apply(lab: Lab, *changes: str) -> float:
@@ -183,18 +193,25 @@ def test_procd_holds_the_service_the_init_script_describes(rt: Lab) -> None:
     ]
 
 
-def test_logread_shows_the_daemons_lines_tagged_with_its_pid(rt: Lab) -> None:
-    """procd hands the daemon's stdout/stderr to logd as oe-routerd[pid]."""
+def test_logread_shows_the_daemons_lines_tagged_with_its_pid(
+    rt: Lab, figures: dict[str, Any]
+) -> None:
+    """The daemon (--syslog) logs through /dev/log: logd keeps each line at its priority,
+    facility daemon, tagged oe-routerd[pid], the component after the tag."""
     pid = running_pid(rt)
     assert pid is not None
     lines = logread(rt, pid)
+    figures["logread_start"] = lines[:12]
     text = "\n".join(lines)
+    tag = f"oe-routerd[{pid}]: "
+    version = oelab.status(rt)["daemon"]["version"]
+    assert f"daemon.notice {tag}daemon: oe-routerd {version} running (pid {pid}," in text, text
     assert (
-        f"oe-routerd[daemon]: oe-routerd {oelab.status(rt)['daemon']['version']} running "
-        f"(pid {pid}," in text
-    ), text[-3000:]
-    assert "oe-routerd[control]: ubus: object oe registered on /var/run/ubus/ubus.sock" in text
-    assert "oe-routerd[dns]: DNS front listening on 127.0.0.1:5335" in text
+        f"daemon.info {tag}control: ubus: object oe registered on /var/run/ubus/ubus.sock" in text
+    )
+    assert f"daemon.info {tag}dns: DNS front listening on 127.0.0.1:5335" in text
+    # procd's stderr capture files whatever it gets at daemon.err: nothing went that way
+    assert not [ln for ln in lines if ln.startswith("daemon.err") or " info oe-routerd[" in ln]
 
 
 # ------------------------------------------------------------------------------ ubus object
@@ -229,6 +246,19 @@ def test_a_tunnel_up_is_a_ubus_event_naming_the_peer(rt: Lab, figures: dict[str,
     rows = [t for t in ubus(rt, "oe", "tunnels")["tunnels"] if t["peer"] == peer]
     spis = {c["spi_in"] for t in rows for c in t.get("children", ())}
     assert ev["spi_in"] in spis, (ev, rows)
+    # one readable notice for the decision, without key bytes
+    pid = running_pid(rt)
+    assert pid is not None
+    up = f"daemon.notice oe-routerd[{pid}]: oe: {name} ({peer}): protected, NULL auth, "
+    lines = oelab.wait_until(
+        "the decision line", lambda: [ln for ln in logread(rt, pid) if ln.startswith(up)], 20
+    )
+    figures["logread_tunnel_up"] = lines
+    assert len(lines) == 1 and lines[0].endswith("(DNS)"), lines
+    keys = xfrm_keys(rt)
+    assert keys, "ip xfrm state shows no keys: nothing to look for"
+    text = rt.router("logread").check().stdout.lower()
+    assert not [k for k in keys if k in text or k[:16] in text]
 
 
 #: Numbers of the status document that move between two reads of an idle daemon, and why:
@@ -340,6 +370,10 @@ def test_ubus_flush_removes_the_shunts_and_the_next_flow_negotiates(rt: Lab) -> 
             20,
         )
     assert events[0]["kind"] == "pass" and "ICMP unreachable" in events[0]["reason"], events
+    pid = running_pid(rt)
+    assert pid is not None
+    clear = f"daemon.info oe-routerd[{pid}]: oe: {plain}: clear for "
+    assert [ln for ln in logread(rt, pid) if ln.startswith(clear)], logread(rt, pid)[-20:]
     shunts = ubus(rt, "oe", "shunts")["shunts"]
     assert f"{plain}/32" in [s["destination"] for s in shunts], shunts
     assert ubus(rt, "oe", "flush") == {"flushed": len(shunts)}
@@ -415,7 +449,11 @@ def test_a_broken_value_is_refused_and_the_last_good_config_keeps_serving(
         assert any("retransmit_tries" in p for p in last["problems"]), last
         assert refused["config_generation"] == gen and refused["pid"] == pid
         assert running_pid(rt) == pid
-        assert any("reload refused" in ln and "retransmit_tries" in ln for ln in logread(rt, pid))
+        refused_lines = [ln for ln in logread(rt, pid) if "reload refused" in ln]
+        figures["logread_refused"] = refused_lines
+        assert any("retransmit_tries" in ln for ln in refused_lines), refused_lines
+        warn = f"daemon.warn oe-routerd[{pid}]: daemon: reload refused: "
+        assert all(ln.startswith(warn) for ln in refused_lines), refused_lines
         assert ubus(rt, "oe", "status")["daemon"]["config_generation"] == gen
         peer, name = rt.plan.host(KEYED).ipv4, rt.plan.host(KEYED).name
         with rt.capture_wan(bpf=f"host {peer}", label="refused-reload") as wan:

@@ -34,7 +34,7 @@ CONFIG = """config oe 'global'
 \toption log_level 'debug'
 \toption control_socket '{socket}'
 """
-LOG_LINE = re.compile(r"(debug|info|warning|err|crit) oe-routerd\[[\w.-]+\]: \S")
+LOG_LINE = re.compile(r"(debug|info|notice|warning|err|crit) oe-routerd\[[\w.-]+\]: \S")
 
 
 @dataclass

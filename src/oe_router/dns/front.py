@@ -37,6 +37,7 @@ import dns.rdataclass
 import dns.rdatatype
 
 from oe_router.config.schema import Endpoint
+from oe_router.decisions import DecisionLog, subject
 from oe_router.dns.access import LanAccess, Verdict, client_address
 from oe_router.dns.hold import (
     Action,
@@ -298,6 +299,8 @@ class Resolver:
         #: lines about one query's answer (upstream failed, bogus, SERVFAIL): any client
         #: or zone can cause one per query, and the stats count each
         self._answer_log = RateLimit(burst=10)
+        #: "example.net (203.0.113.9): clear, no key (DNS)": once per name, rate-limited
+        self.decisions = DecisionLog(log)
         self._warned_no_tunnels = False
 
     @property
@@ -496,6 +499,10 @@ class Resolver:
         self._apply(self.core.answer(hold_id, view.addresses, loop.time()))
         release = await self._waiting[hold_id]
         self._count(release)
+        if release.summary and view.addresses:
+            who = subject(view.addresses, question.name)
+            now = loop.time()
+            self.decisions.decide(logging.INFO, who, release.summary, now, key=str(question.name))
         if release.outcome.servfail:
             if self._may_log_answer():
                 log.warning("%s: SERVFAIL to the client: %s", question.name, release.reason)

@@ -189,6 +189,9 @@ class Release:
     #: Seconds the answer waited after it arrived from upstream (0: not held).
     held_for: float = 0.0
     hold_expired: bool = False
+    #: the decision in a few words for the log ("clear, no key (DNS)"); "" when the
+    #: decision is another's to tell (the OE manager's, for a tunnel up or failed)
+    summary: str = ""
 
 
 Action = LookupKey | EnsureTunnel | Release
@@ -349,7 +352,9 @@ class HoldCore:
             return [self._release(qid, Outcome.CLEAR, "no addresses in the answer", now)]
         if key is None:
             if now >= q.deadline:
-                return [self._release(qid, Outcome.CLEAR, "hold limit: key lookup unfinished", now)]
+                why = "hold limit: key lookup unfinished"
+                late = f"clear, key lookup not done within hold_limit {self.policy.hold_limit:g}s"
+                return [self._release(qid, Outcome.CLEAR, why, now, summary=late)]
             return []
         if key.status is KeyStatus.SECURE:  # signed zone: only proven addresses
             verdict, why = key.check_addresses(q.addresses)
@@ -357,12 +362,16 @@ class HoldCore:
                 if self.policy.bogus_action == "servfail":
                     return [self._release(qid, Outcome.BOGUS, f"bogus answer: {why}", now)]
                 why = f"bogus answer treated as insecure (bogus_action): {why}"
-                return [self._release(qid, Outcome.CLEAR, why, now)]
+                words = "clear, bogus answer let through (bogus_action insecure)"
+                return [self._release(qid, Outcome.CLEAR, why, now, summary=words)]
             if verdict is not KeyStatus.SECURE:
-                return [self._release(qid, Outcome.CLEAR, f"no key used: {why}", now)]
+                words = "clear, key not used: addresses not validated (DNS)"
+                why = f"no key used: {why}"
+                return [self._release(qid, Outcome.CLEAR, why, now, summary=words)]
         peer_key = key.usable_key
         if peer_key is None:
-            return [self._release(qid, Outcome.CLEAR, _clear_reason(key), now)]
+            words = _clear_summary(key)
+            return [self._release(qid, Outcome.CLEAR, _clear_reason(key), now, summary=words)]
         actions: list[Action] = []
         wanted = set(q.addresses)
         missing = wanted - neg.requested
@@ -380,18 +389,28 @@ class HoldCore:
             failed = ", ".join(str(a) for a in sorted(wanted & neg.failed, key=str))
             actions.append(self._release(qid, Outcome.CLEAR, f"tunnel failed to {failed}", now))
         elif now >= q.deadline:
+            limit = self.policy.hold_limit
+            late = f"answer released after hold_limit {limit:g}s, tunnel not up yet"
             actions.append(
-                self._release(qid, Outcome.CLEAR, "hold limit: tunnel not up", now, expired=True)
+                self._release(
+                    qid, Outcome.CLEAR, "hold limit: tunnel not up", now, expired=True, summary=late
+                )
             )
         return actions
 
     def _release(
-        self, qid: int, outcome: Outcome, reason: str, now: float, expired: bool = False
+        self,
+        qid: int,
+        outcome: Outcome,
+        reason: str,
+        now: float,
+        expired: bool = False,
+        summary: str = "",
     ) -> Release:
         q = self._queries.pop(qid)
         held = now - q.answered_at if q.addresses is not None else 0.0
         self._forget(q.name, qid)
-        return Release(qid, outcome, reason, held_for=max(0.0, held), hold_expired=expired)
+        return Release(qid, outcome, reason, max(0.0, held), expired, summary)
 
     def _forget(self, name: dns.name.Name, qid: int) -> None:
         neg = self._negs.get(name)
@@ -405,6 +424,17 @@ class HoldCore:
             # The key and tunnel facts go too: KeyLookup caches by TTL and the OE
             # manager answers quickly for a tunnel it already has.
             del self._negs[name]
+
+
+def _clear_summary(key: KeyResult) -> str:
+    """The decision line's words for an answer released clear for want of a usable key."""
+    if key.status is KeyStatus.SECURE:
+        return "clear, no key (DNS)"
+    if key.status is KeyStatus.INSECURE:
+        return "clear, no key (DNS, unsigned zone)"
+    if key.status is KeyStatus.BOGUS:
+        return "clear, bogus key ignored (bogus_action insecure)"
+    return "clear, key unknown (DNS lookup failed)"
 
 
 def _clear_reason(key: KeyResult) -> str:

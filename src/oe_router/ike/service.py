@@ -866,6 +866,10 @@ class IkeService:
                 # spoofed flood of them must not become a line each
                 msg, why = "IKE SA with %s failed: %s", ev.reason
                 self._log_limited(self._early_failures, logging.WARNING, msg, p.peer, why)
+            elif p.ike is None:
+                # our attempt: the OE manager's decision line says what became of the
+                # flow ("clear for 15m, IKE refused (...)"), at the level that deserves
+                log.info("IKE SA with %s failed: %s", p.peer, ev.reason)
             else:
                 log.warning("IKE SA with %s failed: %s", p.peer, ev.reason)
             p.error = ev.reason

@@ -36,7 +36,9 @@ from oe_router.datapath.base import (
     PolicySpec,
     TrafficSelector,
 )
+from oe_router.decisions import DecisionLog, duration, subject
 from oe_router.dns.ipseckey import KeyKind, PeerKey
+from oe_router.logs import NOTICE
 from oe_router.oe.policy import Group, PolicyTable, Rule, flow_selector, selector_rank
 
 __all__ = [
@@ -105,6 +107,8 @@ class NegotiationResult:
     error: str | None = None
     #: CAT: the inner address the peer gave us (CP); the Child SA's local side is this
     inner: IPAddress | None = None
+    #: the failure in a few words for the decision line ("IKE refused (NO_PROPOSAL_CHOSEN)")
+    summary: str = ""
 
 
 class Negotiator(Protocol):
@@ -363,6 +367,8 @@ class OeManager:
         self._lan_pass: set[IPAddress] = set()  # IPv6 peers with the LAN PASS installed
         self._drop_failures: dict[IPAddress, int] = {}  # drop shunts in a row, per peer
         self._next = 1
+        #: "example.org (198.51.100.7): protected, ..." lines, rate-limited
+        self.decisions = DecisionLog(log)
 
     # ------------------------------------------------------------------ helpers
     def _id(self) -> int:
@@ -607,8 +613,8 @@ class OeManager:
             rule = self.table.lookup(addr)
             group = Group.CLEAR if rule is None else rule.group
             if rule is None or not group.initiates or addr.version not in self.wan:
-                why = "no WAN address" if addr.version not in self.wan else group.value
-                log.info("%s (%s): not initiating a tunnel (%s)", name, addr, why)
+                why = "no WAN address" if addr.version not in self.wan else f"group {group.value}"
+                self.decisions.decide(logging.INFO, subject([addr], name), f"clear, {why}", now)
                 w.ok = False
                 continue
             self._keys[addr] = PeerAuth(key, name)
@@ -646,19 +652,28 @@ class OeManager:
                 out.append(TunnelResult(waiter, w.ok))
         return out
 
-    def _fail(self, p: _Peer, want: _Want, reason: str, now: float) -> list[Action]:
+    def _fail(
+        self, p: _Peer, want: _Want, reason: str, now: float, summary: str = ""
+    ) -> list[Action]:
         """Negotiation failed: the group's failure shunt, waiters told, next in queue."""
         p.queue.pop(want.selector, None)
+        summary = summary or reason
         if want.cause:
             reason = f"{want.cause}, then {reason}"
         actions = self._drop_replaced(want)  # a broken driver's SA goes either way
-        actions += self._shunt(p.addr, want.selector, want.rule.group, reason, now)
+        actions += self._shunt(p.addr, want.selector, want.rule.group, reason, now, summary)
         actions += self._resolve(want, p.addr, False)
         p.in_flight = None
         return actions + self._start_next(p, now)
 
     def _shunt(
-        self, peer: IPAddress, selector: TrafficSelector, group: Group, reason: str, now: float
+        self,
+        peer: IPAddress,
+        selector: TrafficSelector,
+        group: Group,
+        reason: str,
+        now: float,
+        summary: str = "",
     ) -> list[Action]:
         action = group.failure_action
         local = self.wan.get(peer.version)
@@ -693,7 +708,7 @@ class OeManager:
             ]
         for pol in policies:
             self._shunts[_pkey(pol)] = _Shunt(pol, peer, group, reason, now + lifetime)
-        log.warning(
+        log.debug(
             "%s %s: %s shunt for %ds (%s)%s",
             group.value,
             _describe(selector),
@@ -702,7 +717,19 @@ class OeManager:
             reason,
             " (LAN flows too)" if len(policies) > 1 else "",
         )
+        verdict = "clear" if action is PolicyAction.PASS else "blocked"
+        level = logging.INFO if action is PolicyAction.PASS else logging.WARNING
+        line = f"{verdict} for {duration(lifetime)}, {summary or reason}"
+        if group is Group.PRIVATE:
+            line += f" (group {group.value})"
+        self.decisions.decide(level, self._who(peer, selector), line, now)
         return [InstallPolicy(pol) for pol in policies]
+
+    def _who(self, peer: IPAddress, selector: TrafficSelector | None = None) -> str:
+        """The decision line's subject: the DNS name that asked for ``peer`` (if one did),
+        the address, and the protocol and port when the flow selector narrows them."""
+        auth = self._keys.get(peer)
+        return subject([_target(selector) if selector else peer], auth and auth.name)
 
     def negotiated(self, ticket: int, result: NegotiationResult, now: float) -> list[Action]:
         """The negotiator answered a ``Negotiate`` or ``Rekey``."""
@@ -718,7 +745,8 @@ class OeManager:
         spec = result.child_sa
         if spec is None:
             del self._tickets[ticket]
-            return self._fail(p, t.want, result.error or "negotiation failed", now)
+            why = result.error or "negotiation failed"
+            return self._fail(p, t.want, why, now, result.summary)
         error = self.containment_error(t.peer, spec, result.inner)
         if error is not None:
             del self._tickets[ticket]
@@ -754,6 +782,12 @@ class OeManager:
                 inbound.active_at = prev.active_at
             actions = self._supersede(p, inbound.selector)
             p.children[inbound.id] = inbound
+            self.decisions.decide(
+                NOTICE,
+                self._who(t.peer, inbound.selector),
+                f"protected, {cipher_name(spec)} (the peer initiated)",
+                now,
+            )
             self._drop_failures.pop(t.peer, None)
             actions += self._add_lan_pass(t.peer)
             actions += self._settle(t.waiters, t.peer, inbound.selector, True)
@@ -783,6 +817,14 @@ class OeManager:
         superseded = self._supersede(p, want.selector)
         p.children[c.id] = c
         log.info("peer %s: Child SA up for %s", t.peer, _describe(want.selector))
+        auth = self._keys.get(t.peer, PeerAuth())
+        self.decisions.decide(
+            NOTICE,
+            self._who(t.peer, want.selector),
+            f"protected, {auth_words(auth)}, {cipher_name(spec)}"
+            f" ({'DNS' if want.waiters else 'packet'})",
+            now,
+        )
         actions = superseded + self._drop_shunts(self._child_keys(spec))
         if t.inner is not None and self._inner.get(t.peer) != t.inner:
             # before the waiters hear of the tunnel: their first packets need the SNAT
@@ -1197,6 +1239,37 @@ def _read(
         return counters(spec)
     except DatapathError:
         return None
+
+
+def _target(ts: TrafficSelector) -> str:
+    """``203.0.113.10``, or ``203.0.113.10 proto 6 port 443`` for a narrowed flow."""
+    net = ts.net
+    text = str(net.network_address if net.prefixlen == net.max_prefixlen else net)
+    if ts.proto:
+        text += f" proto {ts.proto}"
+    if ts.port is not None:
+        text += f" port {ts.port}"
+    return text
+
+
+#: IKE transform names as a person reads them
+_CIPHERS = {"AES_GCM_16": "AES-GCM", "CHACHA20_POLY1305": "ChaCha20-Poly1305", "AES_CBC": "AES-CBC"}
+
+
+def cipher_name(spec: ChildSaSpec) -> str:
+    """``AES-GCM-256``, ``ChaCha20-Poly1305``, ``AES-CBC-128 HMAC_SHA2_256_128``: the
+    algorithms and key size, never the keys (only their length is looked at)."""
+    name = _CIPHERS.get(spec.encr.ike_name, spec.encr.ike_name)
+    if name.startswith("AES"):
+        name += f"-{len(spec.outbound.encr_key) * 8 - spec.encr.salt_bits}"
+    return name if spec.integ is None else f"{name} {spec.integ.ike_name}"
+
+
+def auth_words(auth: PeerAuth) -> str:
+    """How the peer proved who it is: ``NULL auth`` or ``ED25519 key from DNSSEC``."""
+    if auth.null or auth.key is None:
+        return "NULL auth"
+    return f"{auth.key.kind.value.upper()} key from DNSSEC"
 
 
 def _describe(ts: TrafficSelector) -> str:

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from oe_router.datapath.base import ChildSaSpec, IPAddress
-from oe_router.ike.constants import NotifyType
+from oe_router.ike.constants import NotifyType, notify_name
 from oe_router.ike.errors import IkeError
 from oe_router.ike.events import ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed
 from oe_router.ike.service import (
@@ -48,7 +48,7 @@ from oe_router.ike.service import (
 )
 from oe_router.oe.manager import ChildRequest, NegotiationResult
 
-__all__ = ["IkeNegotiator", "InboundHandler", "cat_result"]
+__all__ = ["IkeNegotiator", "InboundHandler", "cat_result", "failure_summary"]
 
 log = logging.getLogger("oe_router.oe")
 
@@ -163,7 +163,7 @@ class IkeNegotiator:
             self._auth_ok[peer] = auth
             return cat_result(self.spec_for(p, ev), ev)
         except (IkeUpError, IkeError) as exc:
-            return NegotiationResult(None, str(exc))
+            return NegotiationResult(None, str(exc), summary=failure_summary(exc, peer))
 
     async def _first_child(
         self, peer: str, auth: AuthChoice, peer_key: Any
@@ -331,3 +331,14 @@ class IkeNegotiator:
                 await self._worker
         self._worker = None
         self._queue = None
+
+
+def failure_summary(exc: Exception, peer: str) -> str:
+    """A failed negotiation in a few words for the decision line: ``IKE refused
+    (NO_PROPOSAL_CHOSEN)`` when the peer said no, else the reason without the peer's
+    address (the line starts with it)."""
+    notify = getattr(exc, "notify", None)
+    if notify:
+        return f"IKE refused ({notify_name(notify)})"
+    text = str(exc).removeprefix(f"peer {peer}: ").replace(f" from {peer} ", " ")
+    return f"IKE: {text}"
