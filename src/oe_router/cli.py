@@ -86,7 +86,7 @@ def render_status(status: Status) -> str:
         f"oe-routerd {d.version}  pid {d.pid}  up {_duration(d.uptime_s)}"
         f"  {'enabled' if d.enabled else 'DISABLED'}",
         f"config    {d.config_path} (generation {d.config_generation}; last reload: {reload_text})",
-        f"datapath  {d.datapath}",
+        f"datapath  {d.datapath}" + _policy_count(d.datapath_stats),
         f"services  {', '.join(d.services) or 'none yet'}",
         "",
         f"tunnels ({len(tunnels)})",
@@ -162,6 +162,12 @@ def render_status(status: Status) -> str:
             ],
         )
     return "\n".join(out)
+
+
+def _policy_count(stats: dict[str, Any]) -> str:
+    """``; 40 policies`` from the datapath's count (absent from older daemons)."""
+    n = stats.get("policies")
+    return f"; {n} policies" if isinstance(n, int) else ""
 
 
 def _render_ike(status: Status) -> list[str]:

@@ -390,3 +390,49 @@ def test_counters_of_a_larval_sa(netns: str) -> None:
         assert _ip("-n", netns, "xfrm", "state").strip() == ""
 
     asyncio.run(body())
+
+
+def _kernel_policy_count(netns: str) -> int:
+    """Main-type policies in the namespace (``ip xfrm policy count``'s first SPD line)."""
+    words = _ipn(netns, "xfrm policy count").split()
+    return sum(int(words[i + 1]) for i, w in enumerate(words[:6]) if w in ("IN", "OUT", "FWD"))
+
+
+def test_stats_count_the_policies_the_kernel_holds(netns: str) -> None:
+    """``policies`` in ``oe status`` (the datapath's stats) is the kernel's own count of
+    our XFRM policies: a policy table's group policies installed, some removed, and the
+    "private" ones a stop keeps, adopted by the next run."""
+    from oe_router.config import parse_config
+    from oe_router.oe.policy import PolicyTable
+
+    clear = "".join(f"\tlist dest '203.0.113.{i}'\n" for i in range(20))
+    private = "".join(f"\tlist dest '198.51.100.{i}'\n" for i in range(5))
+    config = parse_config(
+        f"config policy\n\toption group 'clear'\n{clear}"
+        f"\nconfig policy\n\toption group 'private'\n{private}"
+    )
+    table = PolicyTable.from_config(config.policy, lan=[ipaddress.ip_network("10.0.0.0/24")])
+    specs = table.kernel_policies({4: LOCAL, 6: LOCAL6}, trap_reqid=1)
+    kept = [p for p in specs if p.persistent]
+
+    async def body() -> None:
+        dp = XfrmDatapath(netns=netns, keep_persistent_on_stop=True)
+        assert dp.stats() == {"policies": 0}
+        for p in specs:
+            await dp.install_policy(p)
+        assert dp.stats()["policies"] == len(specs) == _kernel_policy_count(netns) > 60
+        removed = [p for p in specs if not p.persistent][:9]
+        for p in removed:
+            await dp.remove_policy(p)
+        assert dp.stats()["policies"] == len(specs) - 9 == _kernel_policy_count(netns)
+        await dp.close()  # the "private" traps stay
+        assert _kernel_policy_count(netns) == len(kept) == 5
+
+        again = XfrmDatapath(netns=netns, keep_persistent_on_stop=False)
+        assert again.stats()["policies"] == 0
+        await again.reconcile(adopt_policy=lambda p: p.persistent)
+        assert again.stats()["policies"] == 5 == _kernel_policy_count(netns)
+        await again.close()
+        assert _kernel_policy_count(netns) == 0
+
+    asyncio.run(body())

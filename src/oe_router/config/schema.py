@@ -24,6 +24,7 @@ __all__ = [
     "ESP_PROPOSALS",
     "LOG_LEVELS",
     "POLICY_GROUPS",
+    "POLICY_LIMIT",
     "BadValue",
     "DnsConfig",
     "Endpoint",
@@ -250,6 +251,10 @@ class PolicyConfig:
         return {g: getattr(self, g.replace("-", "_")) for g in POLICY_GROUPS}
 
 
+#: The default of ``oe.global.policy_limit``: about 6 MB of a 128 MB router at most.
+POLICY_LIMIT = 1024
+
+
 @dataclass(frozen=True)
 class OeConfig:
     """The whole of /etc/config/oe, typed; ``OeConfig()`` is the built-in default."""
@@ -272,6 +277,10 @@ class OeConfig:
     #: prefixes never go into tunnels (OpenWrt names them after the network).
     wan_interface: str = "wan"
     lan_interface: str = "lan"
+    #: Most policy destinations (``dest`` entries of all policy groups) the file may hold:
+    #: each becomes up to three kernel XFRM policies of about 1 KiB, plus about 2.4 KB in
+    #: the daemon, and every lookup scans them (docs/config.md, "Limits").
+    policy_limit: int = POLICY_LIMIT
     dns: DnsConfig = field(default_factory=DnsConfig)
     ike: IkeConfig = field(default_factory=IkeConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)

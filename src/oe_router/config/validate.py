@@ -20,6 +20,7 @@ from .schema import (
     ESP_PROPOSALS,
     LOG_LEVELS,
     POLICY_GROUPS,
+    POLICY_LIMIT,
     BadValue,
     DnsConfig,
     IdentityConfig,
@@ -96,6 +97,7 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "keep_private_on_stop": Opt("keep_private_on_stop", parse_bool),
         "wan_interface": Opt("wan_interface", parse_ifname),
         "lan_interface": Opt("lan_interface", parse_ifname),
+        "policy_limit": Opt("policy_limit", _int(1, 1_000_000)),
     },
     "dns": {
         "mode": Opt("mode", _choice(*DNS_MODES)),
@@ -290,6 +292,17 @@ def validate_package(pkg: UciPackage, filename: str) -> tuple[OeConfig, list[Con
         singles[sec.type] = values
 
     policy = _policy(policy_sections, c)
+    oe_sec = first_of_type.get("oe")
+    limit_at = (
+        (
+            f"{labels[pkg.sections.index(oe_sec)]}.policy_limit",
+            oe_sec.option_lines.get("policy_limit", oe_sec.line),
+        )
+        if oe_sec is not None
+        else (f"{package}.global.policy_limit", None)
+    )
+    limit = singles["oe"].get("policy_limit", POLICY_LIMIT)
+    _policy_limit(policy, limit, policy_sections, limit_at, c)
     try:
         config = OeConfig(
             **singles["oe"],
@@ -339,6 +352,50 @@ def _policy(sections: list[tuple[UciSection, str, dict[str, Any]]], c: _Collecto
             owner[entry] = (group, label, line)
             groups[group].append(entry)
     return PolicyConfig(**{g.replace("-", "_"): tuple(v) for g, v in groups.items()})
+
+
+def _policy_limit(
+    policy: PolicyConfig,
+    limit: int,
+    sections: list[tuple[UciSection, str, dict[str, Any]]],
+    where: tuple[str, int | None],
+    c: _Collector,
+) -> None:
+    """More destinations than ``policy_limit``: one problem, at the first one too many
+    (``where``: the policy_limit option's path and line, for the built-in defaults).
+
+    Why a bound: every destination becomes up to three kernel XFRM policies (about 1 KiB
+    each) and some 2.4 KB in the daemon, every ACQUIRE and DNS answer scans them, and
+    the file is validated again at each reload; 50,000 of them do not fit a 128 MB router.
+    """
+    total = sum(len(entries) for entries in policy.groups().values())
+    if total <= limit:
+        return
+    seen = 0
+    for sec, label, values in sections:
+        dests = values.get("dest", ())
+        if seen + len(dests) > limit:
+            lines: list[int | None] = [*sec.list_lines.get("dest", [])] or [
+                sec.option_lines.get("dest", sec.line)
+            ]
+            c.bad(
+                lines[min(limit - seen, len(lines) - 1)],
+                f"{label}.dest",
+                str(dests[limit - seen]),
+                f"is policy destination {limit + 1} of {total}, over the limit of {limit} "
+                "(oe.global.policy_limit): each becomes up to 3 kernel policies (about 1 KiB "
+                "each) and takes about 2.4 KB in the daemon; use broader prefixes, or raise "
+                "policy_limit if the router has the memory",
+            )
+            return
+        seen += len(dests)
+    c.bad(
+        where[1],
+        where[0],
+        str(limit),
+        f"is less than the {total} built-in policy destinations (the file has no "
+        "'config policy' section)",
+    )
 
 
 def _cross_checks(

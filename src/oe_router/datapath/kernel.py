@@ -416,7 +416,10 @@ class XfrmDatapath:
         """Nothing to acquire: the netlink sockets are opened by the constructor."""
 
     def stats(self) -> dict[str, int]:
-        return {}  # the kernel keeps its own (/proc/net/xfrm_stat)
+        """``policies``: our XFRM policies in the kernel now (groups, exclusions, SAs,
+        shunts, and an earlier run's not yet released); the kernel keeps its own
+        counters (/proc/net/xfrm_stat)."""
+        return {"policies": len(self._policies)}
 
     # -- netlink plumbing --
     def _request(

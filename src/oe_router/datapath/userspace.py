@@ -730,7 +730,13 @@ class UserspaceDatapath:
                 "queue_verdict_errors": q.verdict_errors,
             }
         )
-        return {**self.queue_stats, "held_now": self._held_count, **nfq, **self.worker_drops()}
+        return {
+            **self.queue_stats,
+            "held_now": self._held_count,
+            "policies": len(self._spd),  # SPD entries, projected into nftables
+            **nfq,
+            **self.worker_drops(),
+        }
 
     def worker_drops(self) -> dict[str, int]:
         """The workers' own drop counters (no SA, selector mismatch, I/O errors)."""
