@@ -681,16 +681,28 @@ def _debian_version(root: Path, package: str) -> str:
     raise BuildError(f"router: Debian package {package} is not installed in the base root")
 
 
+#: opkg names of the package's other Depends -> the Debian package of the image that
+#: stands in for it (Debian's nft has JSON support too, as nftables-json's)
+DEBIAN_STANDINS = {"nftables-json": "nftables"}
+
+
 def provided_by_image(
-    depends: list[str], wheels: list[Path], kernel: str, python: str
+    depends: list[str],
+    wheels: list[Path],
+    kernel: str,
+    python: str,
+    debian: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The package's Depends with the versions the image's Debian parts carry: python3 and
     its modules are Debian's python3 (``python``), the libraries are the pinned wheels,
-    kmod-* are in or beside Debian's kernel."""
+    kmod-* are in or beside Debian's kernel, and ``debian`` gives the versions of the
+    DEBIAN_STANDINS (Debian's nftables for nftables-json)."""
     out = {}
     for name in depends:
         if name in RUNTIME_DISTS:
             out[name] = _wheel_version(wheels, RUNTIME_DISTS[name])
+        elif debian is not None and name in debian:
+            out[name] = debian[name]
         elif name.startswith("python3-"):
             out[name] = python
         elif name.startswith("kmod-"):
@@ -789,7 +801,8 @@ def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) ->
         _openwrt_overlay(root, stage.root, stamp)
         depends = ipk.control_fields(package.control)["Depends"].split(", ")
         python = _debian_version(root, "python3-minimal")
-        provided = provided_by_image(depends, wheels, kernel.version, python)
+        debian = {n: _debian_version(root, d) for n, d in DEBIAN_STANDINS.items() if n in depends}
+        provided = provided_by_image(depends, wheels, kernel.version, python, debian)
         out = _opkg_install(root, stage.tool("opkg"), stage.env(), package.path, provided)
         (root / "etc" / "oe-lab" / "opkg-install.log").write_text(out)
         _install_cryptodev(root, kernel, cryptodev_ko)

@@ -69,7 +69,8 @@ def payload(package: ipk.Ipk) -> dict[str, tarfile.TarInfo | bytes]:
 def provided_by_debian(depends: list[str]) -> dict[str, str]:
     """Every dependency with the version the lab's Debian parts carry: python3 and its
     modules are Debian's python3, the libraries the project's runtime pins, the kmod-*
-    modules built into or shipped with Debian's kernel."""
+    modules built into or shipped with Debian's kernel (and nftables-json, Debian's nft,
+    declared with the kernel's version too: only its presence matters here)."""
     libraries = {
         "python3-cryptography": "cryptography",
         "python3-dns": "dnspython",

@@ -164,7 +164,7 @@ def test_every_member_is_root_owned_with_the_fixed_time(members: dict[str, bytes
 def test_control_fields_are_the_makefiles(tree: Path, members: dict[str, bytes]) -> None:
     fields = ipk.control_fields(members["control/control"].decode())
     depends = [e[1:] for e in _package_var(tree, "DEPENDS").split() if not e.startswith("+@")]
-    assert depends and all(d.startswith(("python3-", "kmod-")) for d in depends)
+    assert depends and all(d.startswith(("python3-", "kmod-", "nftables-")) for d in depends)
     assert fields["Package"] == "python3-oe"
     assert fields["Version"] == f"{_var(tree, 'PKG_VERSION')}-r{_var(tree, 'PKG_RELEASE')}"
     assert fields["Depends"].split(", ") == depends

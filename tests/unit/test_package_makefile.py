@@ -26,8 +26,11 @@ MAKEFILE = REPO / "package" / "python-oe" / "Makefile"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 #: Hard dependencies beyond the Python ones: kernel ESP, AF_ALG (the KATs of the kernel's
-#: own drivers; crypto_user.ko for offload_demote), veth for the ESP self-test.
+#: own drivers; crypto_user.ko for offload_demote), veth for the ESP self-test, and nft
+#: with its NAT module for the LAN gateway's SNAT table (the daemon runs `nft -f`).
 KERNEL_DATAPATH = {
+    "nftables-json",
+    "kmod-nft-nat",
     "kmod-ipsec",
     "kmod-ipsec4",
     "kmod-ipsec6",
@@ -133,9 +136,9 @@ def test_depends_cover_every_runtime_dependency_with_feed_names() -> None:
 
 
 def test_hard_depends_are_exactly_what_the_kernel_datapath_uses() -> None:
-    """Python, its runtime libraries, kernel ESP, AF_ALG and the ESP self-test's veth and
-    network namespaces: nothing else lands on a router that never runs the userspace
-    datapath."""
+    """Python, its runtime libraries, kernel ESP, AF_ALG, the ESP self-test's veth and
+    network namespaces, nft and its NAT module (the LAN gateway's SNAT table): nothing
+    else lands on a router that never runs the userspace datapath."""
     depends, symbols = _depends()
     python = {"python3-light", "python3-asyncio", "python3-logging", "python3-ctypes"}
     python |= {_feed_name(r) for r in PYPROJECT["project"]["dependencies"]}
@@ -321,3 +324,15 @@ def test_dns_uci_defaults_and_prerm_share_the_record_and_the_defaults() -> None:
     assert 'case "${mode:-dnsmasq}" in\ndnsmasq) ;;\nmanual) exit 0 ;;' in script
     for text in (script, prerm):
         assert subprocess.run(["sh", "-n", "-c", text]).returncode == 0
+
+
+def test_nft_the_daemon_runs_is_the_variant_firewall4_uses() -> None:
+    """The daemon execs nft (datapath/nft.py, datapath/nft_spd.py): DEPENDS names the
+    nftables variant fw4 depends on (nftables-nojson conflicts with it), and says why."""
+    sources = "\n".join(
+        p.read_text() for p in (REPO / "src" / "oe_router" / "datapath").glob("nft*.py")
+    )
+    assert 'nft: str = "nft"' in sources
+    depends, _ = _depends()
+    assert "nftables-json" in depends and "nftables-nojson" not in depends
+    assert "firewall4" in _text() and "nftables-nojson conflicts" in _text()
