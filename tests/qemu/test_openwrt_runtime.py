@@ -357,7 +357,9 @@ def test_ubus_status_is_the_model_of_oe_status_json(rt: Lab, figures: dict[str, 
     assert offload["engines"] and "kernel_selftest.now_s" in moved, moved
 
 
-def test_ubus_flush_removes_the_shunts_and_the_next_flow_negotiates(rt: Lab) -> None:
+def test_ubus_flush_removes_the_shunts_and_the_next_flow_negotiates(
+    rt: Lab, figures: dict[str, Any]
+) -> None:
     """A host without IKE gets a pass shunt (and the event oe.shunt); `ubus call oe flush`
     removes it: `oe status` shows none, and the next flow there tries IKE again."""
     plain = rt.plan.host(NO_IKE).ipv4
@@ -373,7 +375,9 @@ def test_ubus_flush_removes_the_shunts_and_the_next_flow_negotiates(rt: Lab) -> 
     pid = running_pid(rt)
     assert pid is not None
     clear = f"daemon.info oe-routerd[{pid}]: oe: {plain}: clear for "
-    assert [ln for ln in logread(rt, pid) if ln.startswith(clear)], logread(rt, pid)[-20:]
+    shunt_lines = [ln for ln in logread(rt, pid) if ln.startswith(clear)]
+    figures["logread_pass_shunt"] = shunt_lines
+    assert shunt_lines, logread(rt, pid)[-20:]
     shunts = ubus(rt, "oe", "shunts")["shunts"]
     assert f"{plain}/32" in [s["destination"] for s in shunts], shunts
     assert ubus(rt, "oe", "flush") == {"flushed": len(shunts)}

@@ -322,7 +322,7 @@ class IkeNegotiator:
             try:
                 await job()
             except Exception as exc:  # one bad SA must not stop the others
-                log.error("oe: handling an IKE Child SA event failed: %s", exc)
+                log.error("handling an IKE Child SA event failed: %s", exc)
 
     async def stop(self) -> None:
         if self._worker is not None:

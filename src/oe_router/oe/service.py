@@ -183,7 +183,7 @@ class OeService:
         await self._perform(mgr.start())
         removed = await dp.release_adopted(keep=lambda p: p.persistent)
         log.info(
-            "oe: datapath %s (%s); earlier run: %d SAs removed, %d policies kept, %d removed",
+            "datapath %s (%s); earlier run: %d SAs removed, %d policies kept, %d removed",
             dp.name,
             dp.reason,
             report.removed_sas,
@@ -376,7 +376,7 @@ class OeService:
         try:
             await asyncio.to_thread(self._nft, script)
         except LanError as exc:
-            log.error("oe: LAN gateway: %s", exc)
+            log.error("LAN gateway: %s", exc)
             return False
         return True
 
@@ -398,7 +398,7 @@ class OeService:
             p6.failed()
         elif before is not None:
             now = ", ".join(str(a) for a in sorted(p6.applied or ())) or "none"
-            log.info("oe: LAN IPv6 flows NATed into tunnels to: %s", now)
+            log.info("LAN IPv6 flows NATed into tunnels to: %s", now)
 
     async def _stop_lan_gateway(self) -> None:
         """Empty ``oe_peers6`` (their SAs are gone); keep the IPv4 SNAT while "private"
@@ -421,14 +421,14 @@ class OeService:
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("oe: internal task failed: %r", task.exception())
+            log.error("internal task failed: %r", task.exception())
 
     async def _consume_events(self, dp: Datapath) -> None:
         async for event in dp.events():
             try:
                 await self._perform(self._event(event))
             except Exception as exc:  # one bad event must not stop OE
-                log.error("oe: handling %s failed: %s", type(event).__name__, exc)
+                log.error("handling %s failed: %s", type(event).__name__, exc)
 
     def _event(self, event: DatapathEvent) -> list[Action]:
         mgr, now = self.manager, self._clock()
@@ -481,7 +481,7 @@ class OeService:
             try:
                 await self._one(dp, action)
             except DatapathError as exc:
-                log.error("oe: %s", exc)
+                log.error("%s", exc)
         await self._sync_peers6()
         if any(isinstance(a, InstallPolicy) for a in actions):
             self._wake.set()  # a new shunt may expire before the timer's current deadline
@@ -567,7 +567,7 @@ class OeService:
         try:
             await self._negotiator.delete(action.peer, action.child)
         except Exception as exc:
-            log.warning("oe: DELETE to %s failed: %s", action.peer, exc)
+            log.warning("DELETE to %s failed: %s", action.peer, exc)
 
 
 def _private6(config: OeConfig) -> tuple[ipaddress.IPv6Network, ...]:
