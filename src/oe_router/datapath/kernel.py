@@ -670,7 +670,7 @@ class XfrmDatapath:
                 with in_netns(self._netns), open(f"/proc/sys/net/core/{name}", "w") as f:
                     f.write(f"{value}\n")
             except OSError as exc:
-                log.warning("datapath: cannot set net.core.%s=%d: %s", name, value, exc.strerror)
+                log.warning("cannot set net.core.%s=%d: %s", name, value, exc.strerror)
                 continue
             done[name] = value
         return done
@@ -680,9 +680,7 @@ class XfrmDatapath:
     ) -> ReconcileReport:
         set_ = self.apply_kernel_settings()
         if set_:
-            log.info(
-                "datapath: %s", ", ".join(f"net.core.{k}={v}" for k, v in sorted(set_.items()))
-            )
+            log.info("%s", ", ".join(f"net.core.{k}={v}" for k, v in sorted(set_.items())))
         removed_sas = adopted_sas = adopted_p = removed_p = 0
         for sa in self.dump_sas():
             stale = self._own.owns_reqid(sa.reqid) and (sa.dst, sa.spi) not in self._sas

@@ -241,7 +241,7 @@ class UserspaceDatapath:
         self._spawn_task(self._hold_timer())
         self._started = True
         log.info(
-            "datapath: userspace ESP on %s (mtu %d, workers %s)",
+            "userspace ESP on %s (mtu %d, workers %s)",
             s.tun_name,
             s.mtu,
             ", ".join(f"{r} pid {w.proc.pid}" for r, w in self._workers.items()),
@@ -283,7 +283,7 @@ class UserspaceDatapath:
             run_nft(script, netns=self._netns, what="egress drop of stolen packets")
         except DatapathError as exc:
             log.warning(
-                "datapath: %s; a first packet sent into its SA is dropped instead, and its "
+                "%s; a first packet sent into its SA is dropped instead, and its "
                 "connection's first reply may be lost (no netdev egress hook: Linux < 5.16, or "
                 "kmod-nft-netdev missing on OpenWrt)",
                 exc,
@@ -317,7 +317,7 @@ class UserspaceDatapath:
             with in_netns(self._netns), open(f"/proc/sys/{key}", "w") as f:
                 f.write(value)
         except OSError as exc:
-            log.warning("datapath: cannot set %s=%s: %s", key.replace("/", "."), value, exc)
+            log.warning("cannot set %s=%s: %s", key.replace("/", "."), value, exc)
 
     async def _spawn(self, role: str) -> _Worker:
         assert self._tun_fd is not None and self._counters is not None
@@ -361,12 +361,12 @@ class UserspaceDatapath:
             except (EOFError, ConnectionError, OSError):
                 asyncio.get_running_loop().remove_reader(w.ctl.fileno())
                 if self._started:
-                    log.error("datapath: ESP worker %s (pid %d) is gone", w.role, w.proc.pid)
+                    log.error("ESP worker %s (pid %d) is gone", w.role, w.proc.pid)
                 if not w.ready.done():
                     w.ready.set_exception(DatapathError(f"ESP worker {w.role} did not start"))
                 return
             except ControlError as exc:
-                log.error("datapath: ESP worker %s: %s", w.role, exc)
+                log.error("ESP worker %s: %s", w.role, exc)
                 continue
             for fd in fds:
                 os.close(fd)
@@ -379,7 +379,7 @@ class UserspaceDatapath:
                 w.ready.set_result(int(msg["pid"]))
             elif ev == "canary_failed":
                 log.error(
-                    "datapath: engine %s failed its canary for %s in the %s worker: %s; "
+                    "engine %s failed its canary for %s in the %s worker: %s; "
                     "its SAs moved to the next engine",
                     msg["engine"],
                     msg["transform"],
@@ -389,7 +389,7 @@ class UserspaceDatapath:
                 if self._on_canary_failure is not None:
                     self._on_canary_failure(msg["engine"], msg["transform"], msg["reason"])
             elif ev == "error":
-                log.error("datapath: ESP worker %s: %s", w.role, msg["text"])
+                log.error("ESP worker %s: %s", w.role, msg["text"])
 
     def _send(self, role: str, msg: Mapping[str, Any], fds: tuple[int, ...] = ()) -> None:
         w = self._workers.get(role)
@@ -439,7 +439,7 @@ class UserspaceDatapath:
             else:
                 await asyncio.to_thread(run_nft, remove_script(), netns=self._netns)
         except DatapathError as exc:
-            log.error("datapath: leaving the policy projection: %s", exc)
+            log.error("leaving the policy projection: %s", exc)
         for held in list(self._held.values()):
             for h in held:
                 self._verdict(h, False, "dropped")
@@ -942,7 +942,7 @@ class UserspaceDatapath:
         try:
             packets = q.read_packets()
         except NfQueueError as exc:
-            log.error("datapath: %s", exc)
+            log.error("%s", exc)
             return
         for p in packets:
             self.queue_stats["queued"] += 1
@@ -954,7 +954,7 @@ class UserspaceDatapath:
             try:
                 self._queue.verdict(held.packet_id, accept, mark=mark)
             except NfQueueError as exc:
-                log.warning("datapath: verdict for queued packet %d: %s", held.packet_id, exc)
+                log.warning("verdict for queued packet %d: %s", held.packet_id, exc)
 
     def _queued(self, p: QueuedPacket) -> None:
         try:
