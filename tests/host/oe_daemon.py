@@ -84,13 +84,7 @@ class OeDaemon:
     def oe(
         self, *args: str, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run(
-            [sys.executable, "-m", "oe_router.cli", "--socket", str(self.socket), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        p = cli("--socket", str(self.socket), *args, timeout=timeout)
         if check and p.returncode != 0:
             raise RuntimeError(
                 f"oe {' '.join(args)} failed ({p.returncode}): {p.stdout}{p.stderr}\n"
@@ -146,6 +140,17 @@ class OeDaemon:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=5)
         self.proc = None
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The `oe` CLI of this checkout (``python -m oe_router.cli``), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "oe_router.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def netns_run(ns: str, cmd: Sequence[str], timeout: float = 60, check: bool = True) -> str:

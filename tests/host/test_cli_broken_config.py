@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.host.oe_daemon import cli
+
 pytestmark = pytest.mark.host
 
 
@@ -30,13 +32,7 @@ def _config(sock: Path, log_level: str) -> str:
 
 def oe(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The CLI told only where the config file is (no --socket)."""
-    return subprocess.run(
-        [sys.executable, "-m", "oe_router.cli", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return cli("--config", str(config), *args)
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from typing import IO, Any
 
 import pytest
 
+from tests.host.oe_daemon import cli
+
 pytestmark = pytest.mark.host
 
 GOOD = "config oe 'global'\n\toption enabled '1'\n\toption log_level 'info'\n"
@@ -60,13 +62,7 @@ class LogTail:
 
 
 def oe(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "oe_router.cli", "--socket", str(sock), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return cli("--socket", str(sock), *args)
 
 
 def status(sock: Path) -> dict[str, Any]:
