@@ -144,7 +144,7 @@ def test_daemon_keeps_last_good_config_on_broken_sighup_and_stops_cleanly(
     # Every log line has the syslog-friendly one-line form.
     for line in tail.lines:
         level, _, rest = line.partition(" ")
-        assert level in {"debug", "info", "warning", "err", "crit"}, line
+        assert level in {"debug", "info", "notice", "warning", "err", "crit"}, line
         assert rest.startswith("oe-routerd["), line
     gone = oe(sock, "status")
     assert gone.returncode == 2
