@@ -34,7 +34,7 @@ def test_first_update_writes_the_whole_table() -> None:
     script = p.update([])
     assert script.startswith("table inet oe_router\ndelete table inet oe_router\n")
     assert "ip6 saddr { fd00:1::/64 } ip6 daddr @oe_peers6 snat ip6 to 2001:db8:1::2" in script
-    assert 'oifname "wan" ip saddr { 192.168.1.0/24 } masquerade' in script
+    assert "snat ip to 203.0.113.2" in script
     assert p.applied == frozenset()
 
 

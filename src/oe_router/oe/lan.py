@@ -7,11 +7,8 @@ kernel repeats the XFRM policy lookup (``nf_xfrm_me_harder``) and the packet the
 matches the peer's Child SA (or the trap that negotiates it), whose selectors are
 exactly WAN address <-> peer address. Without this SNAT no LAN packet ever matches.
 
-IPv4: every LAN -> WAN flow is masqueraded (what OpenWrt's fw4 does anyway; our rule
-sits just before fw4's srcnat so it also holds when masquerading is off), and flows into
-the userspace datapath's TUN are source-NATed to the WAN address. Masquerade, not a
-fixed address: the table outlives a stop (the "private" drops need it), and a WAN address
-that changes meanwhile must not leave LAN flows NATed to the old one.
+IPv4: every LAN -> WAN flow is source-NATed (what OpenWrt's masquerading does anyway;
+our rule sits just before fw4's srcnat so it also holds when masquerading is off).
 IPv6: LAN devices keep their global addresses; only flows to peers in the set
 ``oe_peers6`` (peers with a tunnel, kept current by the OE service) are NATed, and
 flows into the "private" group's IPv6 networks (set ``oe_private6``), so that they
@@ -105,13 +102,7 @@ def nft_script(gw: LanGateway, peers6: Iterable[ipaddress.IPv6Address] = ()) -> 
     devices = [gw.wan_ifname, *gw.tunnel_ifnames]
     wan = f'"{gw.wan_ifname}"' if len(devices) == 1 else _set(f'"{d}"' for d in devices)
     if gw.wan4 is not None and gw.lan4:
-        # masquerade on the WAN: the source is the WAN's address when the packet leaves,
-        # so a table kept across a stop (keep_private_on_stop) never NATs to an address
-        # the WAN no longer has, and the kernel drops the old address's NAT entries
-        lines.append(f'\t\toifname "{gw.wan_ifname}" ip saddr {_set(gw.lan4)} masquerade')
-        if gw.tunnel_ifnames:  # a TUN's own address is not the tunnels' source
-            tun = _set(f'"{d}"' for d in gw.tunnel_ifnames)
-            lines.append(f"\t\toifname {tun} ip saddr {_set(gw.lan4)} snat ip to {gw.wan4}")
+        lines.append(f"\t\toifname {wan} ip saddr {_set(gw.lan4)} snat ip to {gw.wan4}")
     if gw.wan6 is not None and gw.lan6:
         lines.append(
             f"\t\toifname {wan} ip6 saddr {_set(gw.lan6)} ip6 daddr @oe_peers6 "
