@@ -38,7 +38,7 @@ import pytest
 from oe_router.control.blobmsg import decode, encode, message_length
 
 from .charon import Netns
-from .oe_daemon import OeDaemon, device_with, netns_run
+from .oe_daemon import OeDaemon, bare_config, device_with, netns_run
 
 if TYPE_CHECKING:
     from userland import UserlandBuild
@@ -47,20 +47,6 @@ pytestmark = pytest.mark.host
 
 REPO = Path(__file__).resolve().parents[2]
 R_WAN, P_WAN, PLAIN, NOBODY = "198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.9"
-
-
-def _config(datapath: str, wan: str, work: Path) -> str:
-    return f"""package oe
-
-config oe 'global'
-\toption datapath '{datapath}'
-\toption wan_interface '{wan}'
-\toption lan_interface 'lo'
-\toption offload 'off'
-
-config dns 'dns'
-\toption trust_anchor '{work}/no-anchor'
-"""
 
 
 class Lines:
@@ -166,12 +152,17 @@ def lab(openwrt_userland: UserlandBuild, tmp_path_factory: pytest.TempPathFactor
         net.switch("sw", [(r, f"{R_WAN}/24"), (p, f"{P_WAN}/24"), (h, f"{PLAIN}/24")])
         sock = work / "ubus.sock"
         rd = OeDaemon(
-            r, work / "r", _config("userspace", device_with(r, R_WAN), work),
+            r,
+            work / "r",
+            bare_config(device_with(r, R_WAN), work / "no-anchor", datapath="userspace"),
             env={"LD_LIBRARY_PATH": _lib_path(openwrt_userland)},
             args=["--ubus-socket", str(sock)],
         )  # fmt: skip
         pd = OeDaemon(
-            p, work / "p", _config("kernel", device_with(p, P_WAN), work), args=["--no-ubus"]
+            p,
+            work / "p",
+            bare_config(device_with(p, P_WAN), work / "no-anchor"),
+            args=["--no-ubus"],
         )
         lab = Lab(openwrt_userland, net, work, sock, None, rd, pd, r)  # type: ignore[arg-type]
         lab.start_ubusd()
