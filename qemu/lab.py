@@ -461,12 +461,17 @@ FIRST_BOOT_ANCHOR = "etc/oe/lab-root.ds"
 #: the daemon's control socket (files/etc/config/oe's default): the first-boot router's
 #: WAN comes up once it exists
 OE_CONTROL = "/var/run/oe/control.sock"
+#: the router's devices, as OpenWrt's x86 layout names them (qemu/guest/router/etc/config/
+#: network): netifd's networks wan and wan6 on eth1, lan on the bridge br-lan over eth0
+ROUTER_WAN_DEV = "eth1"
+ROUTER_LAN_DEV = "br-lan"
+ROUTER_DEVICES = {"wan": ROUTER_WAN_DEV, "wan6": ROUTER_WAN_DEV, "lan": ROUTER_LAN_DEV}
 
 
 def router_kernel_args(plan: Plan) -> str:
     """The router's kernel command line for its devices' names: /sbin/oe-lab-init names
     them before procd starts, so netifd (S20) finds the devices /etc/config/network names."""
-    return f"oe.ifname=wan,{plan.mac_router_wan} oe.ifname=lan,{plan.mac_router_lan}"
+    return f"oe.ifname=eth1,{plan.mac_router_wan} oe.ifname=eth0,{plan.mac_router_lan}"
 
 
 def _netifd_up(plan: Plan, *interfaces: str) -> tuple[str, ...]:
@@ -474,20 +479,22 @@ def _netifd_up(plan: Plan, *interfaces: str) -> tuple[str, ...]:
     for wan, its default routes), none of them tentative; fail naming what differs (the
     image's /etc/config/network and the plan are two copies of the same addresses)."""
     addresses = {
-        "wan": (f"{plan.router_wan4}/24", f"{plan.router_wan6}/64"),
+        "wan": (f"{plan.router_wan4}/24",),
+        "wan6": (f"{plan.router_wan6}/64",),
         "lan": (f"{plan.router_lan4}/24", f"{plan.router_lan6}/64"),
     }
     routes = {
-        "wan": (f"-4 route show default via {plan.inet_gw4} dev wan",
-                f"-6 route show default via {plan.inet_gw6} dev wan"),
+        "wan": (f"-4 route show default via {plan.inet_gw4} dev {ROUTER_WAN_DEV}",),
+        "wan6": (f"-6 route show default via {plan.inet_gw6} dev {ROUTER_WAN_DEV}",),
         "lan": (),
-    }  # fmt: skip
+    }
     checks = []
     for i in interfaces:
         checks.append(
             f'[ "$(ubus call network.interface.{i} status | jsonfilter -e @.up)" = true ]'
         )
-        checks += [f"ip -o addr show dev {i} | grep -q ' {a} '" for a in addresses[i]]
+        dev = ROUTER_DEVICES[i]
+        checks += [f"ip -o addr show dev {dev} | grep -q ' {a} '" for a in addresses[i]]
         checks += [f'[ -n "$(ip {r})" ]' for r in routes[i]]
     checks.append('[ -z "$(ip -o addr show tentative)" ]')
     names = " and ".join(interfaces)
@@ -531,13 +538,14 @@ def router_setup_script(plan: Plan, first_boot: bool = False) -> str:
             "{ echo 'router: oe-routerd did not open its control socket in 90 s' >&2; "
             "exit 1; }; sleep 0.1; done",
             "ubus call network.interface.wan up",
-            *_netifd_up(plan, "wan"),
+            "ubus call network.interface.wan6 up",
+            *_netifd_up(plan, "wan", "wan6"),
         )
     else:
-        first = _netifd_up(plan, "wan", "lan")
+        first = _netifd_up(plan, "wan", "wan6", "lan")
         dns = (
-            "dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
-            f"--server={plan.resolver} --domain-needed --proxy-dnssec --cache-size=150 "
+            f"dnsmasq --conf-file=/dev/null --interface={ROUTER_LAN_DEV} --bind-dynamic "
+            f"--no-resolv --server={plan.resolver} --domain-needed --proxy-dnssec --cache-size=150 "
             f"{LAB_DNSMASQ}",
         )
     return _shell_lines(

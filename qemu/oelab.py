@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lab import LAB_DNSMASQ, LAB_STATE, Capture, Lab, LabError
+from lab import LAB_DNSMASQ, LAB_STATE, ROUTER_LAN_DEV, Capture, Lab, LabError
 from labkit import peers, world
 from oe_router.config import uci
 
@@ -47,7 +47,7 @@ T = TypeVar("T")
 def _dnsmasq(lab: Lab, server: str, cache: int) -> None:
     lab.router(
         "kill $(cat /run/dnsmasq.pid) 2>/dev/null; sleep 0.3; "
-        f"dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
+        f"dnsmasq --conf-file=/dev/null --interface={ROUTER_LAN_DEV} --bind-dynamic --no-resolv "
         f"--server={server} --proxy-dnssec --cache-size={cache} {LAB_DNSMASQ}"
     ).check()
 

@@ -71,6 +71,22 @@ def _traffic(nbytes: int, packets: int) -> str:
     return f"{nbytes}B/{packets}p"
 
 
+def _network_lines(network: dict[str, Any]) -> list[str]:
+    """``WAN  wan (eth1, netifd), wan6 (eth1, netifd): 203.0.113.2, 2001:db8:1::2``."""
+    out = []
+    for key, label, what in (("wan", "WAN", "addresses"), ("lan", "LAN", "prefixes")):
+        part = network.get(key)
+        if not isinstance(part, dict):
+            continue
+        names = ", ".join(part.get("networks", [])) or "?"
+        values = ", ".join(part.get(what, [])) or "none"
+        line = f"{label:<9} {names}: {values}"
+        if part.get("problem"):
+            line += f"  (OE off: {part['problem']})"
+        out.append(line)
+    return out
+
+
 def render_status(status: Status) -> str:
     """The human `oe status` view: daemon summary, then one table per section."""
     d = status.daemon
@@ -88,6 +104,7 @@ def render_status(status: Status) -> str:
         f"config    {d.config_path} (generation {d.config_generation}; last reload: {reload_text})",
         f"datapath  {d.datapath}" + _policy_count(d.datapath_stats),
         f"services  {', '.join(d.services) or 'none yet'}",
+        *_network_lines(d.network),
         "",
         f"tunnels ({len(tunnels)})",
     ]

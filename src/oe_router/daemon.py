@@ -200,6 +200,7 @@ class Daemon:
             last_reload=self.last_reload,
             services=self.registry.names,
             datapath_stats=stats,
+            network=self.platform.network_status() if self.platform is not None else {},
         )
         return Status.merge(daemon, parts)
 
@@ -433,7 +434,7 @@ def _userspace_datapath(
     from oe_router.datapath.userspace import UserspaceDatapath
 
     dp = UserspaceDatapath(
-        wan_ifname=config.wan_interface,
+        wan_ifname=plat.wan_devices[0] if plat.wan_devices else "wan",
         reason=plat.datapath_reason,
         on_canary_failure=offload.report_failure,
     )
@@ -496,6 +497,7 @@ def build_services(
                 lan=plat.lan,
                 dns_upstream=plat.dns_upstream,
                 nft=apply_nft,  # the LAN gateway's SNAT table (oe/lan.py)
+                wan_devices=plat.wan_devices,
             )
             negotiator.inbound = oe
             ike.inbound_filter = oe.refuses_peer
@@ -515,8 +517,8 @@ def build_services(
         access = LanAccess(
             lan=plat.lan,
             wan_addresses=plat.wan_addresses or tuple(plat.wan.values()),
-            lan_interface=config.lan_interface,
-            wan_interface=config.wan_interface,
+            lan_interface=plat.lan_device,
+            wan_devices=plat.wan_devices,
         )
         registry.add(DnsService(tunnels=tunnels if tunnels is not None else oe, access=access))
     elif config.dns.trust_anchor:

@@ -19,11 +19,15 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from oe_router.config.schema import OeConfig
+from oe_router.config.uci import UciPackage
 from oe_router.datapath.base import IPAddress, IPNetwork
+from oe_router.netnames import Resolved, link_names, netifd_dump, resolve, uci_network
 
 __all__ = [
+    "NetworkSources",
     "Platform",
     "choose_datapath",
     "kernel_esp",
@@ -51,8 +55,33 @@ class Platform:
     dns_upstream: tuple[IPAddress, ...] = ()
     #: "kernel" (XFRM), "userspace" (ESP workers over TUN) or "none" (OE off)
     datapath: str = "none"
-    #: every global address of the WAN interface (``wan`` keeps one per version)
+    #: every global address of the WAN networks (``wan`` keeps one per version)
     wan_addresses: tuple[IPAddress, ...] = ()
+    #: the Linux devices behind ``oe.global.wan_interface`` (the first: the IPv4 one)
+    wan_devices: tuple[str, ...] = ()
+    #: the Linux device behind ``oe.global.lan_interface`` ("" when none)
+    lan_device: str = ""
+    #: how each configured name resolved (``netnames.Resolved``), for ``oe status``
+    wan_names: tuple[Resolved, ...] = ()
+    lan_names: tuple[Resolved, ...] = ()
+    #: what the last look found wrong with the configured networks (each logged once)
+    network_problems: tuple[str, ...] = ()
+
+    def network_status(self) -> dict[str, object]:
+        """Which networks, devices and addresses are in use, and why none, for ``oe status``."""
+        return {
+            "wan": {
+                "networks": [r.describe() for r in self.wan_names],
+                "devices": list(self.wan_devices),
+                "addresses": [str(a) for a in self.wan_addresses],
+                "problem": self.wan_reason,
+            },
+            "lan": {
+                "networks": [r.describe() for r in self.lan_names],
+                "devices": [self.lan_device] if self.lan_device else [],
+                "prefixes": [str(n) for n in self.lan],
+            },
+        }
 
 
 def read_interface(ifname: str) -> tuple[list[IPAddress], list[IPNetwork], str]:
@@ -191,29 +220,70 @@ def probe_platform(config: OeConfig) -> Platform:
     return probe_network(config, found)
 
 
-def probe_network(config: OeConfig, platform: Platform) -> Platform:
+@dataclass(frozen=True)
+class NetworkSources:
+    """Where network names are looked up (``netnames``); tests pass their own."""
+
+    dump: Callable[[], dict[str, dict[str, Any]] | None] = netifd_dump
+    network: Callable[[], UciPackage | None] = uci_network
+    links: Callable[[], list[str]] = link_names
+    addresses: Callable[[str], tuple[list[IPAddress], list[IPNetwork], str]] = read_interface
+
+
+def probe_network(
+    config: OeConfig, platform: Platform, sources: NetworkSources | None = None
+) -> Platform:
     """``platform`` with the addresses as they are now: WAN, LAN prefixes, DNS upstreams.
 
     Why apart from the datapath probe: addresses change under a running daemon (a new
     DHCP lease, a PPPoE reconnect, netifd bringing WAN up after the daemon started), the
-    kernel's ESP does not. A reload looks again at these and only these.
+    kernel's ESP does not. A reload looks again at these and only these. The configured
+    names are OpenWrt networks, resolved to their devices each time (``netnames``): the
+    WAN's device changes with its protocol.
     """
-    wan_addrs, _, wan_reason = read_interface(config.wan_interface)
+    src = sources or NetworkSources()
+    dump, pkg, links = src.dump(), src.network(), src.links()
+    wan_names = resolve(config.wan_interface, "oe.global.wan_interface", dump, pkg, links)
+    (lan_name,) = resolve((config.lan_interface,), "oe.global.lan_interface", dump, pkg, links)
+    wan_addrs: list[IPAddress] = []
+    on_device: dict[str, list[IPAddress]] = {}
+    problems = [r.problem for r in wan_names if r.problem]
+    for r in wan_names:
+        if not r.device or r.device in on_device:
+            continue
+        addrs, _, why = src.addresses(r.device)
+        on_device[r.device] = addrs
+        wan_addrs += [a for a in addrs if a not in wan_addrs]
+        if why:
+            problems.append(f"oe.global.wan_interface: {r.name}: {why}")
     wan: dict[int, IPAddress] = {}
     for a in wan_addrs:
         wan.setdefault(a.version, a)
-    if wan_reason:
-        wan_reason = f"oe.global.wan_interface: {wan_reason}"
-    _, lan_nets, lan_reason = read_interface(config.lan_interface)
-    if lan_reason:
-        log.warning("oe.global.lan_interface: %s (no LAN exclusion)", lan_reason)
+    # the IPv4 address's device first: LAN flows are NATed out of it
+    devices = sorted(on_device, key=lambda d: wan.get(4) not in on_device[d])
+    lan_nets: list[IPNetwork] = []
+    lan_problems = []
+    if lan_name.problem:
+        lan_problems.append(f"{lan_name.problem} (no LAN exclusion)")
+    else:
+        _, lan_nets, lan_reason = src.addresses(lan_name.device)
+        if lan_reason:
+            lan_problems.append(f"oe.global.lan_interface: {lan_reason} (no LAN exclusion)")
+    for problem in (*problems, *lan_problems):  # once each, not at every look
+        if problem not in platform.network_problems:
+            log.warning("%s", problem)
     return dataclasses.replace(
         platform,
         wan=wan,
-        wan_reason=wan_reason,
+        wan_reason="" if wan else "; ".join(problems) or "no WAN address",
         lan=tuple(lan_nets),
         dns_upstream=upstream_addresses(config),
         wan_addresses=tuple(wan_addrs),
+        wan_devices=tuple(devices),
+        lan_device=lan_name.device,
+        wan_names=wan_names,
+        lan_names=(lan_name,),
+        network_problems=(*problems, *lan_problems),
     )
 
 
@@ -222,6 +292,8 @@ def network_change(old: Platform, new: Platform) -> str:
     parts = []
     for label, a, b in (
         ("WAN", old.wan_addresses, new.wan_addresses),
+        ("WAN devices", old.wan_devices, new.wan_devices),
+        ("LAN device", (old.lan_device,), (new.lan_device,)),
         ("LAN", old.lan, new.lan),
         ("DNS upstream", old.dns_upstream, new.dns_upstream),
     ):

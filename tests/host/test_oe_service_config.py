@@ -115,7 +115,11 @@ def test_lan_gateway_table_is_applied_at_start_and_kept_or_removed_at_stop(
             await svc.stop()
         after = _nft_list(netns)
         if keep:
-            assert "snat ip to 198.51.100.1" in after and "elements" not in after
+            # the stopped form: "private" flows keep the address their kept traps match,
+            # the rest is masqueraded (a WAN change meanwhile must not cut the LAN off)
+            assert "ip daddr @oe_private4 snat ip to 198.51.100.1" in after
+            assert 'oifname "wan" ip saddr 192.168.1.0/24 masquerade' in after
+            assert "elements" not in after
         else:
             assert after == ""
 
@@ -123,8 +127,8 @@ def test_lan_gateway_table_is_applied_at_start_and_kept_or_removed_at_stop(
 
 
 def test_reload_rewrites_oe_private6(netns: str) -> None:
-    """A reload that changes the "private" group's IPv6 networks changes oe_private6 (LAN
-    flows there are NATed into the trap); IPv4 entries do not go into it."""
+    """A reload that changes the "private" group's networks changes oe_private6 and
+    oe_private4 (LAN flows there are NATed into the trap), each with its own family."""
     wan6 = ipaddress.IPv6Address("2001:db8:1::2")
     first = parse_config(
         "config policy\n\toption group 'private'\n\tlist dest '2001:db8:5::/48'\n"
@@ -145,10 +149,12 @@ def test_reload_rewrites_oe_private6(netns: str) -> None:
         await svc.start(first)
         try:
             text = _nft_list(netns)
-            assert "elements = { 2001:db8:5::/48 }" in text and "192.0.2" not in text
+            assert "elements = { 2001:db8:5::/48 }" in text
+            assert "elements = { 192.0.2.0/24 }" in text
             await svc.reload(second)
             text = _nft_list(netns)
             assert "elements = { 2001:db8:7::/48 }" in text and "2001:db8:5::" not in text
+            assert "192.0.2" not in text
         finally:
             await svc.stop()
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import build
-from lab import Lab
+from lab import ROUTER_LAN_DEV, ROUTER_WAN_DEV, Lab
 from tests import wan_input
 
 pytestmark = pytest.mark.qemu
@@ -82,20 +82,23 @@ def test_netifd_runs_under_procd_and_set_up_wan_and_lan(lab: Lab) -> None:
     def addresses(doc: dict[str, Any], family: str) -> list[tuple[str, int]]:
         return [(a["address"], a["mask"]) for a in doc[f"ipv{family}-address"]]
 
-    wan, lan = status("wan"), status("lan")
-    assert wan["up"] and wan["proto"] == "static" and wan["l3_device"] == "wan", wan
+    # OpenWrt's layout: wan (IPv4) and wan6 (IPv6) on eth1, lan on the bridge br-lan
+    wan, wan6, lan = status("wan"), status("wan6"), status("lan")
+    assert wan["up"] and wan["proto"] == "static" and wan["l3_device"] == ROUTER_WAN_DEV, wan
+    assert wan6["up"] and wan6["l3_device"] == ROUTER_WAN_DEV, wan6
     assert addresses(wan, "4") == [(plan.router_wan4, 24)], wan
-    assert addresses(wan, "6") == [(plan.router_wan6, 64)], wan
-    gateways = {r["nexthop"] for r in wan["route"] if r["mask"] == 0}
-    assert gateways == {plan.inet_gw4, plan.inet_gw6}, wan["route"]
+    assert addresses(wan6, "6") == [(plan.router_wan6, 64)], wan6
+    gateways = {r["nexthop"] for r in wan["route"] + wan6["route"] if r["mask"] == 0}
+    assert gateways == {plan.inet_gw4, plan.inet_gw6}, (wan["route"], wan6["route"])
     assert wan["dns-server"] == [plan.resolver], wan
-    assert lan["up"] and lan["l3_device"] == "lan", lan
+    assert lan["up"] and lan["l3_device"] == ROUTER_LAN_DEV, lan
     assert addresses(lan, "4") == [(plan.router_lan4, 24)], lan
     assert addresses(lan, "6") == [(plan.router_lan6, 64)], lan
 
     kernel = lab.router(
-        "ip -o addr show dev wan; ip -o addr show dev lan; echo ==; ip -o addr show tentative; "
-        "echo ==; cat /proc/sys/net/ipv6/conf/wan/dad_transmits; "
+        f"ip -o addr show dev {ROUTER_WAN_DEV}; ip -o addr show dev {ROUTER_LAN_DEV}; echo ==; "
+        f"ip -o addr show tentative; echo ==; "
+        f"cat /proc/sys/net/ipv6/conf/{ROUTER_WAN_DEV}/dad_transmits; "
         "cat /tmp/resolv.conf.d/resolv.conf.auto"
     ).check()
     addrs, tentative, rest = kernel.stdout.split("==\n")
@@ -157,11 +160,11 @@ def test_fw4_renders_the_firewall_from_uci(lab: Lab) -> None:
     ).check()
     pending, zone, ruleset = res.stdout.split("==\n")
     assert pending.strip() == ""  # ran at the first boot and deleted
-    assert zone.split() == ["wan", "wan", "oe-esp0"], zone
+    assert zone.split() == ["wan", ROUTER_WAN_DEV, "oe-esp0"], zone
     assert "!fw4: Masquerade IPv4 wan traffic" in ruleset
     srcnat = next(ln for ln in ruleset.splitlines() if "jump srcnat_wan" in ln)
-    assert '"oe-esp0"' in srcnat and '"wan"' in srcnat, srcnat
-    assert 'iifname "lan" jump forward_lan' in ruleset
+    assert '"oe-esp0"' in srcnat and f'"{ROUTER_WAN_DEV}"' in srcnat, srcnat
+    assert f'iifname "{ROUTER_LAN_DEV}" jump forward_lan' in ruleset
 
 
 #: On the router: one listener on every address for TCP 8080, UDP 4500 (IKE's NAT-T port)

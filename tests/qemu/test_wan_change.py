@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 import oelab
-from lab import Lab
+from lab import ROUTER_WAN_DEV, Lab
 
 pytestmark = pytest.mark.qemu
 
@@ -41,7 +41,7 @@ def _netifd_wan4(lab: Lab) -> list[str] | None:
     """The WAN's IPv4 addresses as netifd's status gives them, when the kernel agrees."""
     status = json.loads(lab.router("ubus call network.interface.wan status").check().stdout)
     got = sorted(a["address"] for a in status.get("ipv4-address", []))
-    kernel = lab.router("ip -4 -o addr show dev wan").check().stdout
+    kernel = lab.router(f"ip -4 -o addr show dev {ROUTER_WAN_DEV}").check().stdout
     if not status.get("up") or any(f" {a}/24 " not in kernel for a in got):
         return None
     return got if kernel.count(" inet ") == len(got) else None
@@ -86,7 +86,8 @@ def moved_wan(lab: Lab) -> Iterator[Lab]:
 def test_the_daemon_learns_a_new_wan_address_from_the_interface_trigger(moved_wan: Lab) -> None:
     lab = moved_wan
     route = lab.router("ip -4 route show default").check().stdout
-    assert f"via {lab.plan.inet_gw4} dev wan" in route, route  # netifd kept the gateway
+    # netifd kept the gateway
+    assert f"via {lab.plan.inet_gw4} dev {ROUTER_WAN_DEV}" in route, route
 
     def moved() -> list[str] | None:
         got = _addresses(lab)

@@ -206,7 +206,7 @@ def _access() -> LanAccess:
         lan=(ipaddress.ip_network("192.168.1.0/24"), ipaddress.ip_network("fd00:1::/64")),
         wan_addresses=(ipaddress.ip_address("203.0.113.2"), ipaddress.ip_address("2001:db8::2")),
         lan_interface="br-lan",
-        wan_interface="wan",
+        wan_devices=("wan",),
     )
 
 
@@ -242,7 +242,7 @@ def test_lan_access_listen_addresses() -> None:
     access = _access()
     problem = access.listen_problem(Endpoint("203.0.113.2", 53))
     assert problem is not None and problem.startswith("203.0.113.2:53 is an address of the WAN")
-    assert "'wan'" in problem and "oe.global.wan_interface" in problem
+    assert "(wan; oe.global.wan_interface)" in problem
     assert access.listen_problem(Endpoint("192.168.1.1", 53)) is None
     assert access.listen_problem(Endpoint("0.0.0.0", 53)) is None
     assert access.open_listener("127.0.0.1") and access.open_listener("::1")
@@ -257,7 +257,7 @@ def test_service_refuses_to_listen_on_a_wan_address(tmp_path: Path) -> None:
     anchor = tmp_path / "root.key"
     anchor.write_text(". 3600 IN DS 20326 8 2 " + "E0" * 32 + "\n")
     wan = ipaddress.ip_address("127.0.0.1")  # stands in for the WAN address: bindable here
-    service = DnsService(access=LanAccess(wan_addresses=(wan,), wan_interface="wan"))
+    service = DnsService(access=LanAccess(wan_addresses=(wan,), wan_devices=("wan",)))
     config = OeConfig(dns=DnsConfig(listen=(Endpoint("127.0.0.1", 0),), trust_anchor=str(anchor)))
     with pytest.raises(ServiceError, match=r"^oe\.dns\.listen: 127\.0\.0\.1:0 is an address of"):
         asyncio.run(service.start(config))

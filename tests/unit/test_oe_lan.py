@@ -27,7 +27,12 @@ def test_script_replaces_the_table_atomically_and_nats_lan_to_wan() -> None:
     assert lines[:3] == ["table inet oe_router", "delete table inet oe_router",
                          "table inet oe_router {"]  # fmt: skip
     assert "elements = { 2001:db8::7 }" in lines
+    assert (
+        'oifname "wan" ip saddr { 192.168.1.0/24 } ip daddr @oe_private4 '
+        "snat ip to 198.51.100.1" in lines
+    )
     assert 'oifname "wan" ip saddr { 192.168.1.0/24 } snat ip to 198.51.100.1' in lines
+    assert "masquerade" not in s
     assert (
         'oifname "wan" ip6 saddr { 2001:db8:1::/64 } ip6 daddr @oe_peers6 '
         "snat ip6 to 2001:db8:ff::1" in lines
@@ -54,3 +59,19 @@ def test_peer_set_updates() -> None:
 def test_bad_interface_name_is_refused_naming_it() -> None:
     with pytest.raises(LanError, match=r"WAN interface name 'wan; flush ruleset'"):
         _gw(wan_ifname="wan; flush ruleset")
+
+
+def test_the_stopped_form_keeps_private_on_the_old_address_and_masquerades_the_rest() -> None:
+    """After a stop the table stays; the WAN may change before the daemon is back. Flows to
+    "private" networks keep the address their persistent traps match (dropped, never
+    clear); every other LAN flow follows the WAN's address of the moment."""
+    gw = _gw(private4=(ipaddress.IPv4Network("10.8.0.0/16"), ipaddress.IPv4Network("10.8.1.0/24")),
+             tunnel_ifnames=("oe-esp0",), stopped=True)  # fmt: skip
+    lines = [line.strip() for line in nft_script(gw).splitlines()]
+    assert "elements = { 10.8.0.0/16 }" in lines  # collapsed: nft refuses overlaps
+    assert (
+        'oifname "wan" ip saddr { 192.168.1.0/24 } ip daddr @oe_private4 '
+        "snat ip to 198.51.100.1" in lines
+    )
+    assert 'oifname "wan" ip saddr { 192.168.1.0/24 } masquerade' in lines
+    assert not any("oe-esp0" in line and "ip saddr" in line for line in lines)  # TUN gone

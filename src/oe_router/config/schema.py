@@ -273,9 +273,10 @@ class OeConfig:
     shunt_lifetime: float = 900.0
     #: Keep the ``private`` group's drop policies installed when the daemon stops.
     keep_private_on_stop: bool = True
-    #: Network devices: IKE and the tunnels use the WAN's addresses; the LAN's
-    #: prefixes never go into tunnels (OpenWrt names them after the network).
-    wan_interface: str = "wan"
+    #: OpenWrt networks (or, failing that, devices; ``netnames``): IKE and the tunnels use
+    #: the WAN networks' addresses (``wan6`` as well: a list); the LAN's prefixes never go
+    #: into tunnels.
+    wan_interface: tuple[str, ...] = ("wan", "wan6")
     lan_interface: str = "lan"
     #: Most policy destinations (``dest`` entries of all policy groups) the file may hold:
     #: each becomes up to three kernel XFRM policies of about 1 KiB, plus about 2.4 KB in
@@ -404,10 +405,13 @@ _IFNAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
 
 
 def parse_ifname(text: str) -> str:
-    """A Linux network device name (IFNAMSIZ: at most 15 bytes), e.g. ``wan``, ``eth0.2``."""
+    """An OpenWrt network name (``wan``) or a Linux device name (IFNAMSIZ: at most 15
+    bytes, e.g. ``eth0.2``, ``br-lan``)."""
     if _IFNAME_RE.fullmatch(text) and text not in (".", ".."):
         return text
-    raise BadValue("is not a network device name (1-15 of A-Z a-z 0-9 _ . @ -, e.g. wan)")
+    raise BadValue(
+        "is not a network or device name (1-15 of A-Z a-z 0-9 _ . @ -, e.g. wan or eth0.2)"
+    )
 
 
 def parse_endpoint(text: str, default_port: int = 53) -> Endpoint:

@@ -231,6 +231,8 @@ class DaemonStatus:
     last_reload: ReloadResult | None = None
     services: tuple[str, ...] = ()
     datapath_stats: JsonObject = field(default_factory=dict)
+    #: which networks, devices and addresses are in use (``Platform.network_status``)
+    network: JsonObject = field(default_factory=dict)
 
     def to_json(self) -> JsonObject:
         return {
@@ -244,6 +246,7 @@ class DaemonStatus:
             "last_reload": None if self.last_reload is None else self.last_reload.to_json(),
             "services": list(self.services),
             "datapath_stats": dict(self.datapath_stats),
+            "network": dict(self.network),
         }
 
     @classmethod
@@ -260,6 +263,7 @@ class DaemonStatus:
             last_reload=None if last is None else ReloadResult.from_json(last),
             services=tuple(str(s) for s in obj.get("services", [])),
             datapath_stats=dict(obj.get("datapath_stats", {})),
+            network=dict(obj.get("network", {})),
         )
 
 

@@ -63,16 +63,17 @@ class LanAccess:
 
     lan: tuple[IPNetwork, ...] = ()
     wan_addresses: tuple[IPAddress, ...] = ()
+    #: the LAN's and the WAN's Linux devices (``platform`` resolved the configured networks)
     lan_interface: str = ""
-    wan_interface: str = ""
+    wan_devices: tuple[str, ...] = ()
 
     def listen_problem(self, endpoint: Endpoint) -> str | None:
         """Why the front must not listen on ``endpoint`` (a WAN address), or None."""
         addr = client_address(endpoint.host)
         if addr is not None and addr in self.wan_addresses:
             return (
-                f"{endpoint} is an address of the WAN interface {self.wan_interface!r}"
-                " (oe.global.wan_interface); the DNS front answers the LAN only: listen on"
+                f"{endpoint} is an address of the WAN ({', '.join(self.wan_devices) or '?'};"
+                " oe.global.wan_interface); the DNS front answers the LAN only: listen on"
                 " a LAN or loopback address"
             )
         return None
@@ -84,7 +85,7 @@ class LanAccess:
 
     def verdict(self, client: IPAddress, local: IPAddress | None, ifname: str | None) -> Verdict:
         """The rules above for one query. ``local``/``ifname`` None: not known (TCP)."""
-        if ifname is not None and self.wan_interface and ifname == self.wan_interface:
+        if ifname is not None and ifname in self.wan_devices:
             return Verdict.DROP
         if local is not None and local in self.wan_addresses:
             return Verdict.DROP

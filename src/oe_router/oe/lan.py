@@ -7,8 +7,19 @@ kernel repeats the XFRM policy lookup (``nf_xfrm_me_harder``) and the packet the
 matches the peer's Child SA (or the trap that negotiates it), whose selectors are
 exactly WAN address <-> peer address. Without this SNAT no LAN packet ever matches.
 
-IPv4: every LAN -> WAN flow is source-NATed (what OpenWrt's masquerading does anyway;
-our rule sits just before fw4's srcnat so it also holds when masquerading is off).
+IPv4: every LAN -> WAN flow is source-NATed to the WAN address (what OpenWrt's
+masquerading does anyway; our rules sit just before fw4's srcnat so they also hold when
+masquerading is off). The table outlives the daemon's stop (the "private" drops need
+it), and the WAN address may change while the daemon is stopped. So at a stop the table
+is rewritten (``stopped``): flows into the "private" group's networks (set
+``oe_private4``) keep ``snat to <WAN4>``, the source their persistent traps were made
+for, and stay dropped until the daemon is back (fail closed: masqueraded to a new address
+they would match no trap and leave in the clear); every other flow is masqueraded, so it
+follows a new WAN address (a kept ``snat to <old address>`` cut the whole LAN off). While
+the daemon runs it rewrites the table on every address change, and LAN flows get a fixed
+``snat to <WAN4>``: masquerading them made the userspace datapath lose the packet after
+a held first one (tests/host/test_userspace_oe.py, 3 of 3 runs), and buys nothing while
+the daemon follows the address itself.
 IPv6: LAN devices keep their global addresses; only flows to peers in the set
 ``oe_peers6`` (peers with a tunnel, kept current by the OE service) are NATed, and
 flows into the "private" group's IPv6 networks (set ``oe_private6``), so that they
@@ -25,6 +36,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from oe_router.datapath.nft import NftError, run_nft
 
@@ -57,8 +69,14 @@ class LanGateway:
     lan6: tuple[IPv6Network, ...] = ()
     wan4: ipaddress.IPv4Address | None = None
     wan6: ipaddress.IPv6Address | None = None
-    #: The "private" group's IPv6 networks: LAN flows there must never bypass the trap.
+    #: The "private" group's networks: LAN flows there must never bypass the trap.
     private6: tuple[IPv6Network, ...] = ()
+    private4: tuple[IPv4Network, ...] = ()
+    #: Further WAN devices (a ``wan6`` network on a device of its own, e.g. 6in4-wan6).
+    extra_wan_ifnames: tuple[str, ...] = ()
+    #: the form kept after the daemon stopped (module doc): "private" flows keep the WAN
+    #: address, the rest is masqueraded
+    stopped: bool = False
     table: str = "oe_router"
     #: Devices that carry tunnelled flows besides the WAN (the userspace datapath's TUN):
     #: a LAN flow routed there is NATed as it would be on the WAN.
@@ -66,6 +84,7 @@ class LanGateway:
 
     def __post_init__(self) -> None:
         names = [(self.wan_ifname, "WAN interface"), (self.table, "nft table")]
+        names += [(n, "WAN interface") for n in self.extra_wan_ifnames]
         names += [(n, "tunnel interface") for n in self.tunnel_ifnames]
         for text, what in names:
             if not text or not all(c.isalnum() or c in "-_.@" for c in text) or len(text) > 31:
@@ -74,6 +93,12 @@ class LanGateway:
 
 def _set(items: Iterable[object]) -> str:
     return "{ " + ", ".join(str(i) for i in items) + " }"
+
+
+def _names(devices: Iterable[str]) -> str:
+    """``"wan"`` for one device, ``{ "wan", "oe-esp0" }`` for more (as nft lists them)."""
+    quoted = [f'"{d}"' for d in devices]
+    return quoted[0] if len(quoted) == 1 else _set(quoted)
 
 
 def nft_script(gw: LanGateway, peers6: Iterable[ipaddress.IPv6Address] = ()) -> str:
@@ -89,20 +114,31 @@ def nft_script(gw: LanGateway, peers6: Iterable[ipaddress.IPv6Address] = ()) -> 
     peers = sorted(set(peers6))
     if peers:
         lines.append(f"\t\telements = {_set(peers)}")
-    lines += ["\t}", "", "\tset oe_private6 {", "\t\ttype ipv6_addr", "\t\tflags interval"]
-    private = list(ipaddress.collapse_addresses(gw.private6))  # nft refuses overlaps
-    if private:
-        lines.append(f"\t\telements = {_set(private)}")
+    lines.append("\t}")
+    merged6 = list(ipaddress.collapse_addresses(gw.private6))  # nft refuses overlaps
+    merged4 = list(ipaddress.collapse_addresses(gw.private4))
+    sets: tuple[tuple[int, list[Any]], ...] = ((6, merged6), (4, merged4))
+    for v, merged in sets:
+        lines += ["", f"\tset oe_private{v} {{", f"\t\ttype ipv{v}_addr", "\t\tflags interval"]
+        if merged:
+            lines.append(f"\t\telements = {_set(merged)}")
+        lines.append("\t}")
     lines += [
-        "\t}",
         "",
         "\tchain srcnat {",
         "\t\ttype nat hook postrouting priority srcnat - 5; policy accept;",
     ]
-    devices = [gw.wan_ifname, *gw.tunnel_ifnames]
-    wan = f'"{gw.wan_ifname}"' if len(devices) == 1 else _set(f'"{d}"' for d in devices)
+    wans = [gw.wan_ifname, *gw.extra_wan_ifnames]
+    wan = _names([*wans, *gw.tunnel_ifnames])
     if gw.wan4 is not None and gw.lan4:
-        lines.append(f"\t\toifname {wan} ip saddr {_set(gw.lan4)} snat ip to {gw.wan4}")
+        out, lan4 = _names(wans), _set(gw.lan4)
+        to_private = f"ip daddr @oe_private4 snat ip to {gw.wan4}"
+        lines.append(f"\t\toifname {out} ip saddr {lan4} {to_private}")
+        if gw.tunnel_ifnames and not gw.stopped:
+            tun = _names(gw.tunnel_ifnames)
+            lines.append(f"\t\toifname {tun} ip saddr {lan4} snat ip to {gw.wan4}")
+        rest = "masquerade" if gw.stopped else f"snat ip to {gw.wan4}"
+        lines.append(f"\t\toifname {out} ip saddr {lan4} {rest}")
     if gw.wan6 is not None and gw.lan6:
         lines.append(
             f"\t\toifname {wan} ip6 saddr {_set(gw.lan6)} ip6 daddr @oe_peers6 "

@@ -113,9 +113,12 @@ class OeService:
         trap_reqid: int = Ownership().reqid_max,
         nft: NftRunner | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wan_devices: Iterable[str] = ("wan",),
     ) -> None:
         """``nft``: how to apply the LAN gateway's nftables table (``lan.py``); None
-        (tests, a router without LAN) leaves netfilter alone."""
+        (tests, a router without LAN) leaves netfilter alone. ``wan_devices``: the WAN's
+        Linux devices (the platform resolved the configured networks), IPv4's first."""
+        self._wan_devices = tuple(wan_devices) or ("wan",)
         self._factory = datapath_factory
         self._negotiator = negotiator
         self._wan = dict(wan)
@@ -222,9 +225,10 @@ class OeService:
         table = self._table(config)  # ValueError names the entry; the daemon rolls back
         mgr.shunt_lifetime = config.shunt_lifetime
         p6 = self._peers6
-        if p6 is not None and p6.gw.private6 != _private6(config):
-            p6.gw = replace(p6.gw, private6=_private6(config))
-            p6.failed()  # rewrite the whole table with the new oe_private6 at the next sync
+        private4, private6 = _private(config, 4), _private(config, 6)
+        if p6 is not None and (p6.gw.private4, p6.gw.private6) != (private4, private6):
+            p6.gw = replace(p6.gw, private4=private4, private6=private6)
+            p6.failed()  # rewrite the whole table with the new private sets at the next sync
         if config.ike.idle_timeout != self._idle_timeout:
             self._idle_timeout = mgr.idle_timeout = config.ike.idle_timeout
             self._repoll = True  # a shorter timeout needs the shorter poll period now
@@ -348,13 +352,15 @@ class OeService:
         lan6 = tuple(n for n in self._lan if isinstance(n, ipaddress.IPv6Network))
         wan4, wan6 = self._wan.get(4), self._wan.get(6)
         gw = LanGateway(
-            wan_ifname=config.wan_interface,
+            wan_ifname=self._wan_devices[0],
+            extra_wan_ifnames=self._wan_devices[1:],
             tunnel_ifnames=tuple(d for d in (self._tunnel_device(),) if d),
             lan4=lan4,
             lan6=lan6,
             wan4=wan4 if isinstance(wan4, ipaddress.IPv4Address) else None,
             wan6=wan6 if isinstance(wan6, ipaddress.IPv6Address) else None,
-            private6=_private6(config),
+            private6=_private(config, 6),
+            private4=_private(config, 4),
         )
         return Peers6(gw)
 
@@ -401,12 +407,14 @@ class OeService:
             log.info("LAN IPv6 flows NATed into tunnels to: %s", now)
 
     async def _stop_lan_gateway(self) -> None:
-        """Empty ``oe_peers6`` (their SAs are gone); keep the IPv4 SNAT while "private"
-        policies stay (keep_private_on_stop): they catch LAN flows only after SNAT."""
+        """Empty ``oe_peers6`` (their SAs are gone); keep the SNAT of "private" flows while
+        their policies stay (keep_private_on_stop): they catch LAN flows only after SNAT.
+        The rest is masqueraded from now on (``lan.py``): the WAN may change meanwhile."""
         p6, self._peers6 = self._peers6, None
         if p6 is None:
             return
         if self._keep_nat_on_stop:
+            p6.gw = replace(p6.gw, stopped=True, tunnel_ifnames=())
             p6.failed()
             await self._run_nft(p6.update(()))
         else:
@@ -570,12 +578,10 @@ class OeService:
             log.warning("DELETE to %s failed: %s", action.peer, exc)
 
 
-def _private6(config: OeConfig) -> tuple[ipaddress.IPv6Network, ...]:
-    """The "private" group's IPv6 networks (a proto/port entry NATs its whole network:
-    more flows NATed than needed, none that bypasses the trap)."""
-    return tuple(
-        e.network for e in config.policy.private if isinstance(e.network, ipaddress.IPv6Network)
-    )
+def _private(config: OeConfig, version: int) -> tuple[Any, ...]:
+    """The "private" group's networks of one IP version (a proto/port entry NATs its whole
+    network to the WAN address: more flows NATed than needed, none that bypasses the trap)."""
+    return tuple(e.network for e in config.policy.private if e.network.version == version)
 
 
 def kernel_datapath(netns: str | None = None, reason: str | None = None) -> DatapathFactory:
