@@ -18,9 +18,11 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from oe_router import __version__
 from oe_router.config import DEFAULT_CONFIG_PATH, ConfigInvalid, OeConfig, load_config
+from oe_router.conntrack import forget_address
 from oe_router.control import (
     CommandTable,
     ControlServer,
@@ -33,7 +35,7 @@ from oe_router.control import (
 )
 from oe_router.control.events import Events
 from oe_router.control.ubus import UbusShim
-from oe_router.datapath.base import Datapath
+from oe_router.datapath.base import Datapath, IPAddress
 from oe_router.dns.access import LanAccess
 from oe_router.dns.hold import TunnelRequester
 from oe_router.dns.service import DnsService, dns_wanted
@@ -41,6 +43,7 @@ from oe_router.esp_offer import EspOffer
 from oe_router.ike.service import IkeService
 from oe_router.ike.tunnel_events import TunnelEvents
 from oe_router.logs import DEV_LOG, NOTICE, configure_logging, level_from_name
+from oe_router.netwatch import NetlinkWatch
 from oe_router.oe.lan import apply_nft
 from oe_router.oe.negotiator import IkeNegotiator
 from oe_router.oe.service import DatapathFactory, OeService, kernel_datapath
@@ -139,6 +142,8 @@ class Daemon:
         platform: Platform | None = None,
         network: Callable[[OeConfig, Platform], Platform] | None = None,
         build: Callable[[OeConfig, Platform], ServiceRegistry] | None = None,
+        watch_network: bool = True,
+        forget_flows: Callable[[Iterable[IPAddress]], int] | None = None,
     ) -> None:
         self.config_path = config_path
         self.config = config
@@ -163,9 +168,15 @@ class Daemon:
         self._network = network
         self._build = build
         self._service_commands: list[str] = []
+        #: follow the kernel's address and link events (``netwatch``); with ``network``
+        self.watch_network = watch_network
+        #: deletes the conntrack entries of WAN addresses that went (``conntrack``); None
+        #: in tests that run no kernel
+        self.forget_flows = forget_flows
+        self._netwatch: NetlinkWatch | None = None
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[ReloadResult]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.commands.register("status", self._cmd_status, "the status document")
         self.commands.register("reload", self._cmd_reload, "re-read the config file")
         self.commands.register("help", self._cmd_help, "list the commands")
@@ -261,6 +272,11 @@ class Daemon:
         assert self._build is not None
         log.warning("%s: restarting the services", reason)
         await self.registry.stop_all()
+        lost = set(self.platform.wan_addresses if self.platform else ()) - set(fresh.wan_addresses)
+        if lost and self.forget_flows is not None:
+            gone = await asyncio.to_thread(self.forget_flows, sorted(lost, key=str))
+            log.info("conntrack: %d flow(s) of the old WAN address %s forgotten", gone,
+                     ", ".join(sorted(map(str, lost))))  # fmt: skip
         self.platform = fresh
         self.registry = self._build(new, fresh)
         self.adopt_commands()
@@ -311,6 +327,31 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    async def network_event(self) -> bool:
+        """The kernel said a link or address changed: look at the network again (the
+        config stays) and rebuild the services when their addresses or devices changed.
+        True when they were rebuilt."""
+        if self._network is None or self.platform is None:
+            return False
+        async with self._reload_lock:
+            fresh = self._network(self.config, self.platform)
+            change = network_change(self.platform, fresh)
+            if not change:
+                self.platform = fresh  # the status shows the latest look
+                return False
+            if not self.config.enabled:
+                self.platform = fresh
+                return False
+            problems = await self._rebuild(self.config, fresh, f"network changed ({change})")
+            for problem in problems:
+                log.warning("after the network change: %s", problem)
+            return True
+
+    def _on_network_event(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.network_event())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading %s", self.config_path)
         task = asyncio.get_running_loop().create_task(self.reload())
@@ -337,6 +378,9 @@ class Daemon:
                 log.log(NOTICE, "oe disabled in %s: services not started", self.config_path)
             if self.ubus is not None:
                 await self.ubus.start()  # never fails: without ubus, one line
+            if self.watch_network and self._network is not None:
+                self._netwatch = NetlinkWatch(self._on_network_event)
+                self._netwatch.start()  # never fails: without rtnetlink, one line
             log.log(
                 NOTICE,
                 "%s %s running (pid %d, config %s, services: %s)",
@@ -356,6 +400,8 @@ class Daemon:
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
+            if self._netwatch is not None:
+                self._netwatch.stop()
             for task in list(self._tasks):
                 task.cancel()
             if self.ubus is not None:
@@ -619,6 +665,7 @@ def main(argv: Sequence[str] | None = None, hups: list[int] | None = None) -> in
         platform=platform,
         network=probe_network,
         build=build,
+        forget_flows=forget_address,
     )
     if not args.no_ubus:
         daemon.ubus = UbusShim(daemon.commands, args.ubus_socket, events=events)

@@ -370,6 +370,24 @@ def test_a_new_wan_address_rebuilds_the_services_for_it(
     assert f"network changed (WAN {WAN_A} -> {WAN_B}): restarting the services" in caplog.text
 
 
+def test_an_address_event_rebuilds_only_when_the_network_changed(tmp_path: Path) -> None:
+    """The kernel's address events (netwatch) reach ``network_event``: the config stays, the
+    services are rebuilt for a new address, and an event that changed nothing is a look."""
+    journal: list[str] = []
+    daemon, network, _ = _rebuilding_daemon(tmp_path, (WAN_A,), journal)
+
+    async def go() -> list[bool]:
+        await daemon.registry.start_all(daemon.config)
+        same = await daemon.network_event()
+        network.wan = (WAN_B,)
+        return [same, await daemon.network_event()]
+
+    assert asyncio.run(go()) == [False, True]
+    assert journal == [f"start ike@{WAN_A}", f"stop ike@{WAN_A}", f"start ike@{WAN_B}"]
+    assert daemon.generation == 1  # not a reload
+    assert network.calls == 3
+
+
 def test_a_wan_that_comes_up_after_start_brings_oe_up(tmp_path: Path) -> None:
     """START=90 on a slow PPPoE or DHCP link: no WAN address at start, then netifd's trigger."""
     journal: list[str] = []
