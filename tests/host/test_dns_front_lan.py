@@ -280,9 +280,7 @@ def test_wildcard_listen_answers_the_lan_and_ignores_the_wan(lab: Lab) -> None:
 def test_listening_on_a_wan_address_is_refused(lab: Lab) -> None:
     res = lab.r.reconfigure(lab.config(listen=(f"{LAN4}:53", f"{WAN4}:53")))
     assert res.returncode == 1
-    assert f"oe.dns.listen: {WAN4}:53 is an address of the WAN interface '{lab.wan_dev}'" in (
-        res.stdout
-    )
+    assert f"oe.dns.listen: {WAN4}:53 is an address of the WAN ({lab.wan_dev};" in res.stdout
     assert lab.dns()["listen"] == [f"{LAN4}:53", f"[{LAN6}]:53"]  # the old ones kept running
     assert _a(udp_ask(lab.client, LAN4)) == ["192.0.2.1"]
     lab.reconfigure()
