@@ -567,3 +567,27 @@ def test_render_offload_shows_the_kernel_esp_self_test() -> None:
     assert rows[0][:4] == ["aes128gcm16", "failed", "rfc4106-gcm-aes-faulty", "no"]
     assert rows[1] == ["aes256gcm16", "passed", "rfc4106-gcm-aesni", "yes"]
     assert "  moved a Child SA with 203.0.113.10 off aes128gcm16: done in 0.9s" in lines
+
+
+def test_status_names_the_networks_devices_and_addresses_and_why_oe_is_off() -> None:
+    from dataclasses import replace
+
+    base = DaemonStatus("0.1.0", 1, 3.0, "/etc/config/oe", 1, True, "kernel", None, ())
+    up = replace(base, network={
+        "wan": {"networks": ["wan (eth1, netifd)", "wan6 (eth1, netifd)"], "devices": ["eth1"],
+                "addresses": ["203.0.113.2", "2001:db8:1::2"], "problem": ""},
+        "lan": {"networks": ["lan (br-lan, netifd)"], "devices": ["br-lan"],
+                "prefixes": ["192.168.1.0/24"]},
+    })  # fmt: skip
+    text = render_status(Status.merge(up, []))
+    assert "WAN       wan (eth1, netifd), wan6 (eth1, netifd): 203.0.113.2, 2001:db8:1::2" in text
+    assert "LAN       lan (br-lan, netifd): 192.168.1.0/24" in text
+    why = "oe.global.wan_interface: network 'wan' is down with no device yet (netifd)"
+    down = replace(base, network={"wan": {"networks": [f"wan (none: {why})"], "devices": [],
+                                          "addresses": [], "problem": why}})  # fmt: skip
+    line = next(
+        x for x in render_status(Status.merge(down, [])).splitlines() if x.startswith("WAN")
+    )
+    assert line.endswith(f": none  (OE off: {why})"), line
+    # the document round-trips through JSON (the CLI reads it from the socket)
+    assert Status.from_json(json.loads(json.dumps(Status.merge(up, []).to_json()))).daemon == up
