@@ -74,9 +74,8 @@ def test_an_unknown_network_turns_oe_off_with_a_clear_line(running: Lab) -> None
     assert not status.get("ike", {}).get("addresses"), status.get("ike")
     assert f"(OE off: {why})" in oelab.oe(lab, "status").check().stdout
     log = lab.router("logread -e oe-routerd").check().stdout
-    assert any("daemon.warn oe-routerd[" in ln and why in ln for ln in log.splitlines()), log[
-        -2000:
-    ]
+    warned = [ln for ln in log.splitlines() if "daemon.warn oe-routerd[" in ln and why in ln]
+    assert warned, log[-2000:]
     # the shipped names again: OE back on the WAN's addresses
     oelab.reload_daemon(lab)
     oelab.wait_until(
