@@ -35,6 +35,7 @@ __all__ = [
     "configure_logging",
     "level_from_name",
     "one_line",
+    "syslog_address",
     "syslog_datagram",
 ]
 
@@ -260,3 +261,13 @@ def configure_logging(stream: TextIO | None = None, syslog: str | None = None) -
     if problem is not None:
         logging.getLogger("oe_router.daemon").warning("%s", problem)
     return root
+
+
+def syslog_address() -> str | None:
+    """The /dev/log path this process logs to, or None (stderr): helper processes (the
+    userspace datapath's ESP workers) log the same way, not to a stderr that procd files
+    at LOG_ERR."""
+    for handler in logging.getLogger("oe_router").handlers:
+        if isinstance(handler, SyslogHandler):
+            return handler.address
+    return None

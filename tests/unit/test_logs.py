@@ -279,3 +279,18 @@ def test_the_real_daemon_with_syslog_sends_its_lines_at_their_priorities(
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_helper_processes_learn_where_the_daemon_logs(
+    tmp_path: Path, devlog: socket.socket
+) -> None:
+    """The userspace datapath's ESP workers are told the daemon's /dev/log (their stderr
+    would reach logd through procd at LOG_ERR)."""
+    from oe_router.logs import syslog_address
+
+    address = devlog.getsockname()
+    configure_logging(syslog=address)
+    assert syslog_address() == address
+    configure_logging(stream=io.StringIO())
+    assert syslog_address() is None

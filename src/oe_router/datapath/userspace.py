@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from oe_router.logs import syslog_address
 from oe_router.offload import EngineError, Transform, transform
 
 from .base import (
@@ -338,6 +339,7 @@ class UserspaceDatapath:
                 str(fds[1]),
                 "--counters-fd",
                 str(fds[2]),
+                *(("--syslog", dev_log) if (dev_log := syslog_address()) else ()),
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
                 env=env,

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from oe_router.logs import configure_logging
 from oe_router.offload import TRANSFORMS, Engine, EngineError, EspCipher, Transform
 
 from .esp import EspError, InboundSa, OutboundSa
@@ -562,12 +563,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--control-fd", type=int, required=True)
     ap.add_argument("--tun-fd", type=int, required=True)
     ap.add_argument("--counters-fd", type=int, required=True)
+    ap.add_argument("--syslog", metavar="PATH", help="log to syslog through PATH, as the daemon")
     args = ap.parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format=f"%(levelname)s oe-esp-{args.role}: %(message)s",
-    )
+    if args.syslog:
+        configure_logging(syslog=args.syslog)
+    else:
+        logging.basicConfig(
+            stream=sys.stderr,
+            level=logging.INFO,
+            format=f"%(levelname)s oe-esp-{args.role}: %(message)s",
+        )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     from oe_router.offload import make_engine
 
