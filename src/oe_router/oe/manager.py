@@ -1192,7 +1192,15 @@ class OeManager:
         return tuple(out)
 
     def shunts(self, now: float) -> tuple[ShuntStatus, ...]:
-        return tuple(_shunt_row(s, now) for s in self._shunts.values())
+        """One row per shunted destination: a shunt is a policy per direction (out, and in
+        and fwd for a pass), which an admin sees as one decision."""
+        rows: dict[tuple[str, str, str], ShuntStatus] = {}
+        for s in self._shunts.values():
+            row = _shunt_row(s, now)
+            key = (row.destination, row.kind, row.reason)
+            if key not in rows or row.expires_s > rows[key].expires_s:
+                rows[key] = row
+        return tuple(rows.values())
 
     def shunt_status(self, policy: PolicySpec, now: float) -> ShuntStatus | None:
         """``policy``'s status row if it is one of the shunts (the ``oe.shunt`` event's
