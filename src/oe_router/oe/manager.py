@@ -1197,8 +1197,8 @@ class OeManager:
         rows: dict[tuple[str, str, str], ShuntStatus] = {}
         for s in self._shunts.values():
             row = _shunt_row(s, now)
-            key = (row.destination, row.kind, row.reason)
-            if key not in rows or row.expires_s > rows[key].expires_s:
+            key = _row_key(row)
+            if key not in rows or (row.expires_s or 0.0) > (rows[key].expires_s or 0.0):
                 rows[key] = row
         return tuple(rows.values())
 
@@ -1211,20 +1211,27 @@ class OeManager:
     def flush_shunts(self) -> tuple[int, list[Action]]:
         """Remove every pass and drop shunt (``oe flush``): the next flow to each of those
         destinations meets its group's trap and negotiates again, and a drop shunt's
-        back-off starts over. Returns how many shunt policies go, and the actions."""
+        back-off starts over. Returns how many shunts go (as ``shunts`` lists them: one per
+        destination and decision, whatever its policies), and the actions."""
         actions: list[Action] = []
         gone = [
             k
             for k, s in self._shunts.items()
             if s.policy.action in (PolicyAction.PASS, PolicyAction.DROP)
         ]
+        rows = {_row_key(_shunt_row(self._shunts[k], 0.0)) for k in gone}
         for k in gone:
             actions.append(RemovePolicy(self._shunts.pop(k).policy))
             actions += self._restore([k])
         self._drop_failures.clear()
         if gone:
-            log.info("flush: %d shunt(s) removed; the next flows negotiate again", len(gone))
-        return len(gone), actions
+            log.info("flush: %d shunt(s) removed; the next flows negotiate again", len(rows))
+        return len(rows), actions
+
+
+def _row_key(row: ShuntStatus) -> tuple[str, str, str]:
+    """What makes two shunt policies one row of ``oe status``."""
+    return (row.destination, row.kind, row.reason)
 
 
 def _shunt_row(s: _Shunt, now: float) -> ShuntStatus:
