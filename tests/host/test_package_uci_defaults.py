@@ -292,8 +292,8 @@ def fw4_print(router: RouterEtc) -> str:
 def test_fw4_accepts_ike_and_esp_on_wan_input_only_through_the_package(
     router: RouterEtc, shipped: Shipped
 ) -> None:
-    """The lab router's firewall (OpenWrt's default, zones by device) rendered by the real
-    fw4 before the first boot, after it and after removal."""
+    """The lab router's firewall (OpenWrt's default, zones by device: the WAN is eth1)
+    rendered by the real fw4 before the first boot, after it and after removal."""
     shutil.copy(LAB_FIREWALL, router.etc / "config" / "firewall")
     for name in ("protocols", "services"):  # nft's names for protocols and ports
         shutil.copy(Path("/etc", name), router.etc / name)
@@ -310,9 +310,9 @@ def test_fw4_accepts_ike_and_esp_on_wan_input_only_through_the_package(
     accepted = {re.sub(r'.*"!fw4: (.*)"$', r"\1", line) for line in after if " accept " in line}
     assert accepted == wan_input.ACCEPTED
     assert not re.search(r"\b(500|4500|esp)\b", "\n".join(before))
-    assert 'iifname { "wan", "oe-esp0" } jump input_wan' in "\n".join(chain(opened, "input"))
+    assert 'iifname { "eth1", "oe-esp0" } jump input_wan' in "\n".join(chain(opened, "input"))
     assert chain(opened, "reject_from_wan") == [
-        'iifname { "wan", "oe-esp0" } counter jump handle_reject '
+        'iifname { "eth1", "oe-esp0" } counter jump handle_reject '
         'comment "!fw4: reject wan IPv4/IPv6 traffic"'
     ]
 
