@@ -79,8 +79,12 @@ def measure(lab: Any, rounds: int = ROUNDS) -> dict[str, Any]:
                 ours.append(_round(lab, wanlab, targets))
             finally:
                 oelab.stop_daemon(lab)
-            # libreswan on the keyed host forgets our SAs: its clear packets must pass
-            lab.host(KEYED, "ip xfrm state flush")
+            # pluto on the keyed host drops its states with the router's addresses (SAs
+            # whose Delete could not leave: their address was gone), whose inbound
+            # policies would drop the baseline's cleartext
+            ctl = f"{lab.state_dir(KEYED)}/run/pluto.ctl"
+            for addr in (lab.plan.router_wan4, NEW_WAN4):
+                lab.host(KEYED, f"ipsec whack --ctlsocket {ctl} --crash {addr}", timeout=30)
             base.append(_round(lab, wanlab, targets))
     return {"ours": ours, "baseline": base}
 
