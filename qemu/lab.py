@@ -514,7 +514,7 @@ def _netifd_up(plan: Plan, *interfaces: str) -> tuple[str, ...]:
     )
 
 
-def router_setup_script(plan: Plan, first_boot: bool = False) -> str:
+def router_setup_script(plan: Plan, first_boot: bool = False, wan_delay: float = 0) -> str:
     """What the lab adds to the router's own boot: netifd (S20network) sets up wan and lan
     from /etc/config/network and fw4 (S19firewall) rendered /etc/config/firewall; this
     waits for netifd, checks the addresses against the plan, turns on forwarding and
@@ -528,7 +528,10 @@ def router_setup_script(plan: Plan, first_boot: bool = False) -> str:
     oe-routerd (started by procd at S90) has opened its control socket, the lab brings the
     WAN up through netifd (``ifup``), which sets its addresses, writes its resolver into
     /tmp/resolv.conf.d/resolv.conf.auto and sends interface.update, on which procd's
-    interface trigger reloads the daemon.
+    interface trigger reloads the daemon. ``wan_delay``: seconds the WAN stays down after
+    that (a slow link); just before it comes up the lab keeps the daemon's `oe status`
+    (text and JSON) in /lab/logs/oe-status-wan-down.{txt,json} and the router's clock in
+    /lab/logs/wan-up-at.
     """
     if first_boot:
         first = _netifd_up(plan, "lan")
@@ -537,6 +540,16 @@ def router_setup_script(plan: Plan, first_boot: bool = False) -> str:
             f"i=0; until [ -S {OE_CONTROL} ]; do i=$((i + 1)); [ $i -le 900 ] || "
             "{ echo 'router: oe-routerd did not open its control socket in 90 s' >&2; "
             "exit 1; }; sleep 0.1; done",
+            *(
+                (
+                    f"sleep {wan_delay}",
+                    "oe status >/lab/logs/oe-status-wan-down.txt 2>&1 || true",
+                    "oe status --json >/lab/logs/oe-status-wan-down.json 2>&1 || true",
+                    "date +%s.%N >/lab/logs/wan-up-at",
+                )
+                if wan_delay
+                else ()
+            ),
             "ubus call network.interface.wan up",
             "ubus call network.interface.wan6 up",
             *_netifd_up(plan, "wan", "wan6"),
@@ -668,6 +681,7 @@ class Lab:
         bundle: bool = True,
         keep_run_dir: bool | None = None,
         first_boot: bool = False,
+        wan_delay: float = 0,
     ) -> None:
         self.images = images
         self.plan = plan
@@ -681,6 +695,7 @@ class Lab:
         self.cpu = cpu or ("qemu64" if crypto else "max")
         self.want_bundle = bundle
         self.first_boot = first_boot
+        self.wan_delay = wan_delay  # first boot: the WAN's extra seconds down
         self.world_info: dict[str, Any] = {}
         self.hosts: tuple[Host, ...] = plan.hosts
         self.timings = LabTimings()
@@ -790,11 +805,16 @@ class Lab:
 
         def setup(name: str, script: str) -> None:
             # first boot: the router's waits for the daemon's start before its WAN
-            results[name] = self._vms[name].run(script, timeout=150 if self.first_boot else 60)
+            limit = 150 + self.wan_delay if self.first_boot else 60
+            results[name] = self._vms[name].run(script, timeout=limit)
 
         threads = [
             threading.Thread(
-                target=setup, args=("router", router_setup_script(self.plan, self.first_boot))
+                target=setup,
+                args=(
+                    "router",
+                    router_setup_script(self.plan, self.first_boot, self.wan_delay),
+                ),
             ),
             threading.Thread(
                 target=setup, args=("world", world_setup_script(self.plan, self.hosts))

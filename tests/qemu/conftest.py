@@ -83,16 +83,26 @@ def lab(pytestconfig: pytest.Config, lab_images: build.Images) -> Iterator[Lab]:
     )
 
 
+#: seconds the first-boot router's WAN stays down after oe-routerd opened its socket
+FIRST_BOOT_WAN_DELAY = 30
+
+
 @pytest.fixture(scope="module")
 def first_boot_lab(pytestconfig: pytest.Config, lab_images: build.Images) -> Iterator[Lab]:
     """A lab of its own whose router boots as a user flashes it (``Lab(first_boot=True)``):
     procd starts oe-routerd at boot, the shipped configuration but for the trust anchor.
     One boot per module that uses it; powered off at the module's end. Its router's WAN
-    comes up only once the daemon has started, so the boot gets a longer deadline."""
+    comes up only FIRST_BOOT_WAN_DELAY seconds after the daemon has started (a slow link:
+    the daemon runs without a WAN address meanwhile), so the boot gets a longer deadline."""
     yield from _booted(
-        Lab(lab_images, first_boot=True, log=_printer(pytestconfig)),
+        Lab(
+            lab_images,
+            first_boot=True,
+            wan_delay=FIRST_BOOT_WAN_DELAY,
+            log=_printer(pytestconfig),
+        ),
         "first-boot-lab-start",
-        timeout=240,
+        timeout=240 + FIRST_BOOT_WAN_DELAY,
     )
 
 

@@ -16,10 +16,15 @@ Observable: procd's instance and its pid (started before the lab's agent was), t
 state of oe and dhcp, the running dnsmasq's command line, and the LAN client's first query
 for a keyed name answered and its TCP leaving the router as ESP, none in the clear, on the
 WAN cable. Issue 12 ("A first-boot test", "DNS mode").
+
+The WAN comes up 30 s after the daemon opened its socket (the fixture's wan_delay, issue
+13 "Boot with the WAN down"): before that `oe status` says OE is off and why; after it
+the daemon procd started at boot picks the WAN up by itself.
 """
 
 from __future__ import annotations
 
+import calendar
 import json
 import re
 import time
@@ -96,6 +101,53 @@ def test_procd_started_the_daemon_at_boot_with_the_shipped_config(
     assert got == expected
     ta = lab.run_dir / "bundle" / lab.world_info["router"]["trust_anchor_ds"]
     assert lab.router(f"cat {ANCHOR}").check().stdout == ta.read_text()
+
+
+def _logread_epoch(line: str) -> float:
+    """The epoch seconds of a line the lab's logread follower kept (its ctime prefix)."""
+    stamp = " ".join(line.split()[:5])
+    return calendar.timegm(time.strptime(stamp, "%a %b %d %H:%M:%S %Y"))
+
+
+def test_oe_waits_for_the_late_wan_and_starts_by_itself(
+    first_boot_lab: Lab, figures: dict[str, Any]
+) -> None:
+    """The WAN stays down for ``wan_delay`` (30) s after the daemon opened its socket (a
+    slow link). Just before netifd brings it up, `oe status` says OE is off and why (no
+    WAN address) and lists no address; afterwards the same process, started by procd at
+    boot and never restarted, lists the WAN's address with a datapath on (the keyed
+    host's ESP is test_first_query_for_a_keyed_name_leaves_as_esp's)."""
+    lab = first_boot_lab
+    assert lab.wan_delay >= 30
+    logs = lab.run_dir / "logs"
+    text = (logs / "oe-status-wan-down.txt").read_text()
+    down = json.loads((logs / "oe-status-wan-down.json").read_text())
+    daemon = down["daemon"]
+    reason = daemon["datapath"]
+    figures["wan_down_status"] = {"datapath": reason, "uptime_s": daemon["uptime_s"]}
+    assert re.fullmatch(r"none \(.*wan.*\)", reason, re.IGNORECASE), reason
+    assert f"datapath  {reason}" in text, text
+    assert not down.get("ike", {}).get("addresses"), down.get("ike")
+    # and the network part says which network and why: netifd has wan down, no device yet
+    why = daemon["network"]["wan"]["problem"]
+    assert "network 'wan' is down with no device yet (netifd)" in why, daemon["network"]
+    assert f"(OE off: {why})" in text, text
+    assert daemon["uptime_s"] >= lab.wan_delay * 0.9, daemon  # it ran without a WAN
+
+    def on() -> dict[str, Any] | None:
+        res = lab.router("oe status --json", timeout=20)
+        doc: dict[str, Any] = json.loads(res.stdout) if res.ok else {}
+        got = doc.get("ike", {}).get("addresses", [])
+        return doc if lab.plan.router_wan4 in got else None
+
+    now = oelab.wait_until("oe status to list the WAN address", on, timeout=120)
+    assert now["daemon"]["pid"] == daemon["pid"], (now["daemon"], daemon)
+    assert not now["daemon"]["datapath"].startswith("none"), now["daemon"]["datapath"]
+    wan_up_at = float((logs / "wan-up-at").read_text())
+    changed = [ln for ln in oelab.daemon_log(lab).splitlines() if "network changed (WAN" in ln]
+    assert changed, oelab.daemon_log(lab)[-3000:]
+    figures["wan_up_to_network_changed_s"] = round(_logread_epoch(changed[0]) - wan_up_at, 1)
+    figures["network_changed_line"] = changed[0]
 
 
 def test_dns_mode_puts_the_front_behind_dnsmasq(first_boot_lab: Lab) -> None:
