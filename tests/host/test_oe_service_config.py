@@ -106,7 +106,7 @@ def test_lan_gateway_table_is_applied_at_start_and_kept_or_removed_at_stop(
         await svc.start(config)
         try:
             text = _nft_list(netns)
-            assert 'oifname "wan" ip saddr 192.168.1.0/24 snat ip to 198.51.100.1' in text
+            assert 'oifname "wan" ip saddr 192.168.1.0/24 masquerade' in text
             assert (
                 'oifname "wan" ip6 saddr fd00:1::/64 ip6 daddr @oe_peers6 snat ip6 to 2001:db8:1::2'
             ) in text

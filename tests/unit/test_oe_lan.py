@@ -31,8 +31,13 @@ def test_script_replaces_the_table_atomically_and_nats_lan_to_wan() -> None:
         'oifname "wan" ip saddr { 192.168.1.0/24 } ip daddr @oe_private4 '
         "snat ip to 198.51.100.1" in lines
     )
-    assert 'oifname "wan" ip saddr { 192.168.1.0/24 } snat ip to 198.51.100.1' in lines
-    assert "masquerade" not in s
+    # the rest is masqueraded: the kernel drops its NAT when the WAN's address goes
+    assert 'oifname "wan" ip saddr { 192.168.1.0/24 } masquerade' in lines
+    # with the userspace datapath's TUN: a fixed SNAT there and on the WAN
+    tun = nft_script(_gw(tunnel_ifnames=("oe-esp0",)))
+    assert 'oifname "oe-esp0" ip saddr { 192.168.1.0/24 } snat ip to 198.51.100.1' in tun
+    assert 'oifname "wan" ip saddr { 192.168.1.0/24 } snat ip to 198.51.100.1' in tun
+    assert "masquerade" not in tun
     assert (
         'oifname "wan" ip6 saddr { 2001:db8:1::/64 } ip6 daddr @oe_peers6 '
         "snat ip6 to 2001:db8:ff::1" in lines

@@ -9,17 +9,19 @@ exactly WAN address <-> peer address. Without this SNAT no LAN packet ever match
 
 IPv4: every LAN -> WAN flow is source-NATed to the WAN address (what OpenWrt's
 masquerading does anyway; our rules sit just before fw4's srcnat so they also hold when
-masquerading is off). The table outlives the daemon's stop (the "private" drops need
-it), and the WAN address may change while the daemon is stopped. So at a stop the table
-is rewritten (``stopped``): flows into the "private" group's networks (set
-``oe_private4``) keep ``snat to <WAN4>``, the source their persistent traps were made
-for, and stay dropped until the daemon is back (fail closed: masqueraded to a new address
-they would match no trap and leave in the clear); every other flow is masqueraded, so it
-follows a new WAN address (a kept ``snat to <old address>`` cut the whole LAN off). While
-the daemon runs it rewrites the table on every address change, and LAN flows get a fixed
-``snat to <WAN4>``: masquerading them made the userspace datapath lose the packet after
-a held first one (tests/host/test_userspace_oe.py, 3 of 3 runs), and buys nothing while
-the daemon follows the address itself.
+masquerading is off). Flows into the "private" group's networks (set ``oe_private4``)
+get ``snat to <WAN4>``, the source their traps (persistent: they outlive the daemon)
+were made for: if the WAN address changes while the daemon is down they keep the old
+source, match the kept traps and stay dropped (fail closed; masqueraded to a new address
+they would match no trap and leave in the clear). Every other flow is masqueraded: it
+leaves from the address the WAN has at that moment, and when an address goes the kernel
+drops the NAT of the flows masqueraded to it (nf_nat_masquerade's notifier), so nothing
+leaves from an address the router lost, whether the daemon runs, is stopped (the table
+stays for the private drops) or died. The exception is the userspace datapath while it
+runs: LAN flows get a fixed ``snat to <WAN4>`` (into its TUN as well), because
+masquerading lost the packet after a held first one (tests/host/test_userspace_oe.py, 3
+of 3 runs); the daemon rewrites the table on every address event (``netwatch``), and
+at a stop (``stopped``) the table falls back to masquerading.
 IPv6: LAN devices keep their global addresses; only flows to peers in the set
 ``oe_peers6`` (peers with a tunnel, kept current by the OE service) are NATed, and
 flows into the "private" group's IPv6 networks (set ``oe_private6``), so that they
@@ -137,7 +139,8 @@ def nft_script(gw: LanGateway, peers6: Iterable[ipaddress.IPv6Address] = ()) -> 
         if gw.tunnel_ifnames and not gw.stopped:
             tun = _names(gw.tunnel_ifnames)
             lines.append(f"\t\toifname {tun} ip saddr {lan4} snat ip to {gw.wan4}")
-        rest = "masquerade" if gw.stopped else f"snat ip to {gw.wan4}"
+        fixed = gw.tunnel_ifnames and not gw.stopped  # the userspace datapath runs
+        rest = f"snat ip to {gw.wan4}" if fixed else "masquerade"
         lines.append(f"\t\toifname {out} ip saddr {lan4} {rest}")
     if gw.wan6 is not None and gw.lan6:
         lines.append(
