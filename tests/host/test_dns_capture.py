@@ -7,12 +7,14 @@ its real upstreams the moment it dies (capture.py, docs/dns.md "Deployment 2").
      mode 'dnsmasq')                                unbound 203.0.113.54, 2001:db8:1::54
                                                     (recursive, not validating)
 
-The world is the QEMU lab's own DNS (qemu/labkit: its signed hierarchy with the bogus
-zone ``bogus.test``), its trust anchor the daemon's fixed anchor. Queries are sent from
-this test process in the router's namespace, as dnsmasq's would be, to the world's
-servers on port 53. ``www.bogus.test`` tells who answered: the front says SERVFAIL (bad
-signature), both world servers give its address. The daemon's end is ``kill -9``: no
-handler runs, only the kernel's cleanup of the owned table.
+dnsmasq runs in the router on 127.0.0.53:53 with both world servers as its upstreams and
+no cache, as a router's dnsmasq with two WAN resolvers. The world is the QEMU lab's own
+DNS (qemu/labkit: its signed hierarchy with the bogus zone ``bogus.test``), its trust
+anchor the daemon's fixed anchor. Queries are sent from this test process in the
+router's namespace, as dnsmasq's would be, to the world's servers on port 53.
+``www.bogus.test`` tells who answered: the front says SERVFAIL (bad signature), both
+world servers give its address. The daemon's end is ``kill -9``: no handler runs, only
+the kernel's cleanup of the owned table.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from labkit.netns import in_ns
 pytestmark = pytest.mark.host
 
 NS4, RES4, NS6, RES6 = "203.0.113.53", "203.0.113.54", "2001:db8:1::53", "2001:db8:1::54"
+DNSMASQ = "127.0.0.53"  #: the router's dnsmasq
 BOGUS, BOGUS_A = "www.bogus.test.", "203.0.113.22"
 PLAIN = "a.example.test."  #: signed, no key, no trouble: the front needs its upstream to answer it
 DEADLINE = 10.0  #: generous: the table goes with the socket, in milliseconds when idle
@@ -79,7 +82,8 @@ def _table(ns: str) -> bool:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    missing = [t for t in ("knotd", "knotc", "unbound", "nft", "ip") if shutil.which(t) is None]
+    tools = ("knotd", "knotc", "unbound", "nft", "ip", "dnsmasq")
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.fail(
             f"missing host tools {missing}: apt-get install $(cat scripts/apt-packages.txt)"
@@ -90,6 +94,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     env = {"LAB_STATE": str(base / "state")}
     started: list[str] = []
     daemon: OeDaemon | None = None
+    dnsmasq: subprocess.Popen[bytes] | None = None
     try:
         router, outside = net.add("rt"), net.add("wd")
         net.link(router, "198.51.100.2/24", outside, "198.51.100.1/24")
@@ -137,8 +142,22 @@ config dns 'dns'
 """,
         )
         daemon.start()
+        dnsmasq = subprocess.Popen(
+            ["ip", "netns", "exec", router, "dnsmasq", "--keep-in-foreground",
+             "--conf-file=/dev/null", f"--listen-address={DNSMASQ}", "--bind-interfaces",
+             "--no-resolv", f"--server={RES4}", f"--server={NS4}", "--cache-size=0",
+             "--user=root", "--pid-file=", "--log-facility=-", "--log-queries"],
+            stdout=subprocess.DEVNULL, stderr=(base / "dnsmasq.log").open("wb"),
+        )  # fmt: skip
+        deadline = time.monotonic() + DEADLINE
+        while netns_run(router, ["ss", "-lnu"]).find(f"{DNSMASQ}:53 ") < 0:
+            assert dnsmasq.poll() is None and time.monotonic() < deadline, "dnsmasq did not start"
+            time.sleep(0.1)
         yield World(router, daemon)
     finally:
+        if dnsmasq is not None:
+            dnsmasq.terminate()
+            dnsmasq.wait(timeout=10)
         if daemon is not None:
             daemon.stop()
         for host in started:
@@ -158,9 +177,13 @@ def test_the_routers_own_queries_to_any_upstream_reach_the_front(lab: World) -> 
     for server, tcp in ((RES4, False), (NS4, False), (RES6, False), (NS6, False), (RES4, True)):
         reply = _ask(lab.router, server, BOGUS, tcp=tcp)
         assert reply.rcode() == dns.rcode.SERVFAIL, (server, tcp, reply)
+    # through dnsmasq with two upstreams, no cache: whichever it asks or retries, SERVFAIL
+    for _ in range(3):
+        reply = _ask(lab.router, DNSMASQ, BOGUS)
+        assert reply.rcode() == dns.rcode.SERVFAIL and not _a(reply), reply
     after = lab.daemon.status()["dns"]
-    assert after["queries"] >= before + 6, (before, after)
-    assert after["servfail"] >= 5, after
+    assert after["queries"] >= before + 9, (before, after)
+    assert after["servfail"] >= 8, after
 
 
 def test_after_kill_9_the_table_is_gone_and_queries_reach_the_real_upstream(lab: World) -> None:
@@ -172,7 +195,7 @@ def test_after_kill_9_the_table_is_gone_and_queries_reach_the_real_upstream(lab:
         assert time.monotonic() - t0 < DEADLINE, f"table inet oe_dns outlived oe-routerd {pid}"
         time.sleep(0.05)
     gone = time.monotonic() - t0
-    for server in (RES4, NS4, RES6):
+    for server in (DNSMASQ, RES4, NS4, RES6):
         reply = _ask(lab.router, server, BOGUS)
         assert reply.rcode() == dns.rcode.NOERROR and _a(reply) == [BOGUS_A], (server, reply)
     print(f"table gone {gone * 1000:.0f} ms after kill -9 (polled)")
