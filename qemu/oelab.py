@@ -47,10 +47,13 @@ LOG = "/lab/logs/oe-routerd.log"
 T = TypeVar("T")
 
 
-def restart_dnsmasq(lab: Lab, servers: Sequence[str] = (), cache: int = 150) -> None:
+def restart_dnsmasq(
+    lab: Lab, servers: Sequence[str] = (), cache: int = 150, extra: str = ""
+) -> None:
     """The session lab's dnsmasq again, with ``servers`` as its upstreams (default: the lab
-    resolver) and ``cache`` entries, as the lab's set-up starts it."""
+    resolver), ``cache`` entries and ``extra`` switches, as the lab's set-up starts it."""
     switches = " ".join(f"--server={s}" for s in (servers or (lab.plan.resolver,)))
+    switches += f" {extra}" if extra else ""
     lab.router(
         "kill $(cat /run/dnsmasq.pid) 2>/dev/null; sleep 0.3; "
         f"dnsmasq --conf-file=/dev/null --interface=lan --bind-dynamic --no-resolv "
