@@ -14,15 +14,15 @@ and deletes it when that socket closes. That socket belongs to this process (a
 libnftables context, loaded with ctypes), so any end of the daemon, ``kill -9``
 included, drops the capture at once, with nobody left to clean up. It is held in
 process rather than by a long-lived ``nft -i`` child because OpenWrt builds nft without
-its interactive CLI (``--without-cli``); libnftables.so.1 comes with the nftables
-package there as on Debian. A table with ``flags owner`` can be changed or deleted only
-by its owner, so another program's ``nft`` cannot take it away under us either.
+its interactive CLI (package/network/utils/nftables/Makefile: ``--without-cli``), while
+both its nftables-json and nftables-nojson packages install libnftables.so.1. A table
+with ``flags owner`` can be changed or deleted only by its owner, so another program's
+``nft`` cannot take it away under us either.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -162,7 +162,8 @@ class LibNftables:
     """A libnftables context (``nft_ctx_new``): one netlink socket, this process's own."""
 
     def __init__(self, library: str | None = None) -> None:
-        name = library or ctypes.util.find_library("nftables") or "libnftables.so.1"
+        # the soname, not find_library: that needs ldconfig or gcc, which OpenWrt has not
+        name = library or "libnftables.so.1"
         try:
             lib = ctypes.CDLL(name, use_errno=True)
         except OSError as exc:
