@@ -98,6 +98,13 @@ def test_remove_then_install_on_the_running_router(lab: Lab) -> None:
         # at once: LAN DNS answers from dnsmasq's own upstream, first try
         assert _bogus(lab) == ("NOERROR", [bogus])
         assert lab.router(f"nft list table inet {oelab.CAPTURE_TABLE}").rc != 0
+        # procd's stop (default_prerm) only signals: the daemon drops its capture first,
+        # then its SAs and policies, and exits
+        oelab.wait_until(
+            "oe-routerd to exit after opkg remove",
+            lambda: lab.router("pgrep -x oe-routerd").rc != 0 or None,
+            timeout=30,
+        )
         gone = _state(lab)
         assert gone.installed == "", gone
         # fw4 reloaded by the prerm: the live table no longer accepts IKE/ESP on wan
