@@ -1,5 +1,6 @@
-"""Turning the product on in a booted lab: oe-routerd on the router, dnsmasq pointed at its DNS
-front, the router's identity installed from the world bundle (never baked into the image).
+"""Turning the product on in a booted lab: oe-routerd on the router (its DNS front captures
+dnsmasq's forwards while it runs), the router's identity installed from the world bundle
+(never baked into the image).
 
 Used by demo.py and the tests in tests/qemu; each step fails with one message naming what is
 missing. ``source`` runs the daemon from a copy of src/ on the 9p share instead of the image's
@@ -39,16 +40,24 @@ from labkit import peers, world
 from oe_router.config import uci
 
 DNS_FRONT = "127.0.0.1#5335"  # the DNS front's default listen address in files/etc/config/oe
+#: the daemon's nftables table that redirects the router's own DNS to the front (capture.py)
+CAPTURE_TABLE = "oe_dns"
 REPO = Path(__file__).resolve().parents[1]
 LOG = "/lab/logs/oe-routerd.log"
 T = TypeVar("T")
 
 
-def _dnsmasq(lab: Lab, server: str, cache: int) -> None:
+def restart_dnsmasq(
+    lab: Lab, servers: Sequence[str] = (), cache: int = 150, extra: str = ""
+) -> None:
+    """The session lab's dnsmasq again, with ``servers`` as its upstreams (default: the lab
+    resolver), ``cache`` entries and ``extra`` switches, as the lab's set-up starts it."""
+    switches = " ".join(f"--server={s}" for s in (servers or (lab.plan.resolver,)))
+    switches += f" {extra}" if extra else ""
     lab.router(
         "kill $(cat /run/dnsmasq.pid) 2>/dev/null; sleep 0.3; "
         f"dnsmasq --conf-file=/dev/null --interface={ROUTER_LAN_DEV} --bind-dynamic --no-resolv "
-        f"--server={server} --proxy-dnssec --cache-size={cache} {LAB_DNSMASQ}"
+        f"{switches} --proxy-dnssec --cache-size={cache} {LAB_DNSMASQ}"
     ).check()
 
 
@@ -106,7 +115,7 @@ def start_daemon(
     extra_config: str = "",
     env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Install trust anchor and identity, start oe-routerd, switch dnsmasq to its DNS front.
+    """Install trust anchor and identity, start oe-routerd, wait for its DNS front and capture.
 
     ``options`` and ``extra_config`` change the configuration (see ``configure``); ``env``
     is added to the daemon's environment. Returns the first `oe status --json` document;
@@ -162,10 +171,43 @@ def start_daemon(
         if time.monotonic() > deadline:
             raise LabError("oe-routerd's DNS front does not listen on 127.0.0.1:5335")
         time.sleep(0.3)
-    # As OpenWrt does it: uci add_list dhcp.@dnsmasq[0].server='127.0.0.1#5335'. No cache:
-    # every query reaches the front, so every keyed name gets its tunnel before the answer.
-    _dnsmasq(lab, DNS_FRONT, 0)
+    # dnsmasq keeps the lab resolver as its upstream: the daemon's capture (table inet oe_dns)
+    # redirects its forwards to the front while the front runs
+    if (options or {}).get("dns.mode", "dnsmasq") == "dnsmasq":
+        while lab.router(f"nft list table inet {CAPTURE_TABLE} >/dev/null").rc != 0:
+            if time.monotonic() > deadline:
+                capture = status.get("dns", {}).get("capture")
+                raise LabError(f"oe-routerd's DNS capture is not on (oe status: {capture})")
+            time.sleep(0.3)
+    # No cache while the daemon runs: a cached answer never reaches the front, and the tests
+    # rely on every query for a keyed name getting its tunnel (and its hold) before the answer
+    restart_dnsmasq(lab, cache=0)
     return status
+
+
+@dataclass(frozen=True)
+class LanAnswer:
+    """One DNS answer the LAN client got from the router (``lan_query``)."""
+
+    status: str  #: NOERROR, SERVFAIL, NXDOMAIN, ... or "no answer"
+    addresses: list[str]
+    ms: int  #: dig's query time (-1 without an answer)
+    out: str
+
+
+def lan_query(lab: Lab, name: str, rdtype: str = "A") -> LanAnswer:
+    """``name`` asked by the LAN client at the router's LAN address (its dnsmasq), one try
+    with a 2 s timeout: an answer here is one the client got without retrying."""
+    res = lab.client(f"dig @{lab.plan.router_lan4} +tries=1 +time=2 {name} {rdtype}", timeout=30)
+    status = re.search(r"status: (\w+)", res.stdout)
+    took = re.search(r"Query time: (\d+) msec", res.stdout)
+    answer = res.stdout.split(";; ANSWER SECTION:", 1)[1] if "ANSWER SECTION" in res.stdout else ""
+    return LanAnswer(
+        status.group(1) if status else "no answer",
+        re.findall(rf"\sIN\s+{rdtype}\s+(\S+)", answer),
+        int(took.group(1)) if took else -1,
+        res.stdout + res.stderr,
+    )
 
 
 def oe(lab: Lab, args: str, source: bool = False, timeout: float = 60) -> Any:
@@ -183,7 +225,8 @@ def daemon_log(lab: Lab) -> str:
 
 
 def stop_daemon(lab: Lab) -> None:
-    """SIGTERM oe-routerd (it removes its SAs and policies), dnsmasq back to the resolver,
+    """SIGTERM oe-routerd (it removes its SAs and policies and its DNS capture), dnsmasq's
+    cache back,
     and what the daemon keeps on purpose after a stop (the "private" drops: XFRM policies,
     or the userspace datapath's nftables projection, and the LAN's SNAT they rely on)
     removed, so the next test starts clean."""
@@ -192,7 +235,7 @@ def stop_daemon(lab: Lab) -> None:
         "pid=$(cat /run/oe-routerd.pid) && kill -TERM $pid; for i in $(seq 50); do "
         "kill -0 $pid 2>/dev/null || break; sleep 0.1; done; rm -f /run/oe-routerd.pid"
     )
-    _dnsmasq(lab, lab.plan.resolver, 150)
+    restart_dnsmasq(lab)
     lab.router(
         "ip xfrm state flush; ip xfrm policy flush; "
         "for t in oe_spd oe_router oe_cat; do nft delete table inet $t 2>/dev/null; done; true"

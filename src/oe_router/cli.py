@@ -168,7 +168,7 @@ def render_status(status: Status) -> str:
     if status.dns:
         out += _table(["key", "value"], [[k, _dns_value(v)] for k, v in status.dns.items()])
     else:
-        out.append("  (no DNS front running)")
+        out.append("  (no DNS front running; capture off: dnsmasq asks its own upstreams)")
     if status.trust_anchors:
         out += ["", f"trust anchors ({len(status.trust_anchors)})"]
         out += _table(

@@ -37,6 +37,7 @@ from oe_router.control.events import Events
 from oe_router.control.ubus import UbusShim
 from oe_router.datapath.base import Datapath, IPAddress
 from oe_router.dns.access import LanAccess
+from oe_router.dns.capture import DnsCapture
 from oe_router.dns.hold import TunnelRequester
 from oe_router.dns.service import DnsService, dns_wanted
 from oe_router.esp_offer import EspOffer
@@ -500,6 +501,7 @@ def build_services(
     tunnels: TunnelRequester | None = None,
     platform: Platform | None = None,
     events: Events | None = None,
+    capture: DnsCapture | None = None,
 ) -> ServiceRegistry:
     """The daemon's services in start order: oe (datapath + OE manager), ike, dns.
 
@@ -508,7 +510,8 @@ def build_services(
     (SAs are negotiated, not installed). Either way ``oe status`` names the reason.
     ``tunnels`` overrides the DNS front's tunnel requester (tests); by default it is
     the OE service. ``events`` gets ``oe.tunnel.up``/``down`` (every Child SA of the IKE
-    service) and ``oe.shunt`` (the OE service's shunts).
+    service) and ``oe.shunt`` (the OE service's shunts). ``capture`` is the DNS front's
+    redirect of this machine's outgoing DNS (the daemon's own; tests leave it None).
     """
     plat = probe_platform(config) if platform is None else platform
     registry = ServiceRegistry()
@@ -566,7 +569,11 @@ def build_services(
             lan_interface=plat.lan_device,
             wan_devices=plat.wan_devices,
         )
-        registry.add(DnsService(tunnels=tunnels if tunnels is not None else oe, access=access))
+        registry.add(
+            DnsService(
+                tunnels=tunnels if tunnels is not None else oe, access=access, capture=capture
+            )
+        )
     elif config.dns.trust_anchor:
         log.warning(
             "DNS front off: no trust anchor at %s (oe.dns.trust_anchor)", config.dns.trust_anchor
@@ -651,7 +658,8 @@ def main(argv: Sequence[str] | None = None, hups: list[int] | None = None) -> in
     events = Events()
 
     def build(cfg: OeConfig, plat: Platform) -> ServiceRegistry:
-        return build_services(cfg, platform=plat, events=events)
+        # a new capture per build: the services they replace stop (and drop theirs) first
+        return build_services(cfg, platform=plat, events=events, capture=DnsCapture())
 
     platform = probe_platform(config)
     daemon = Daemon(

@@ -189,7 +189,7 @@ def test_install_first_boot_and_remove(
     assert root.etc.export("firewall", "dhcp") == exported
 
     # first boot: the uci-defaults open IKE and ESP on wan, put the userspace datapath's
-    # device in the wan zone and dnsmasq in front of the DNS front
+    # device in the wan zone
     root.first_boot()
     assert root.etc.pending_defaults() == []
     after_boot = root.uci("show", "firewall").splitlines()
@@ -197,9 +197,9 @@ def test_install_first_boot_and_remove(
     assert "firewall.@zone[1].device='oe-esp0'" in added
     assert {"firewall.oe_ike=rule", "firewall.oe_esp=rule"} <= set(added)
     assert root.uci("get", "firewall.@zone[1].name").strip() == "wan"
-    assert root.uci("get", "dhcp.@dnsmasq[0].server") == "127.0.0.1#5335\n"
-    assert root.uci("get", "dhcp.@dnsmasq[0].noresolv") == "1\n"
-    assert (root.path / "etc/oe/dnsmasq.undo").is_file()
+    # dnsmasq keeps its config (the daemon redirects its queries while the front runs)
+    assert root.etc.export("dhcp") == {"dhcp": exported["dhcp"]}
+    assert not (root.path / "etc/oe/dnsmasq.undo").exists()
 
     # the user changes the package's config: a conffile opkg must keep
     root.etc.sh("uci set oe.global.enabled=0 && uci commit oe")

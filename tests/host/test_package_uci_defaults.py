@@ -9,10 +9,12 @@ firewall4's default /etc/config/firewall (lan/wan zones), OpenWrt's default
 /etc/config/dhcp (a dnsmasq section) and the shipped /etc/config/oe.
 
 What must hold: the wan zone's input accepts IKE (UDP 500, 4500) and ESP because of the
-package's two rules, and nothing more; dnsmasq forwards to the DNS front
-(127.0.0.1#5335) and leaves the WAN's resolvers to it (noresolv); a second run changes
-nothing; the prerm gives both files back exactly as they were (`uci export`), leaving
-what was there before the package, and what the user changed since.
+package's two rules, and nothing more; dnsmasq's config is left as it was (the daemon
+redirects dnsmasq's queries itself while its front runs); a router set up by an older
+package (dnsmasq pointed at the front, its changes recorded in /etc/oe/dnsmasq.undo) gets
+them undone at the upgrade, or by the prerm at removal, leaving what was there before
+that package and what the user changed since; a second run changes nothing; the prerm
+gives both files back exactly as they were (`uci export`).
 """
 
 from __future__ import annotations
@@ -119,31 +121,23 @@ def record(router: RouterEtc) -> str | None:
     return path.read_text() if path.exists() else None
 
 
-def test_first_boot_opens_ike_and_esp_on_wan_and_puts_the_front_behind_dnsmasq(
+def test_first_boot_opens_ike_and_esp_on_wan_and_leaves_dnsmasq_alone(
     router: RouterEtc,
 ) -> None:
-    firewall, dhcp = show(router, "firewall"), show(router, "dhcp")
+    firewall, dhcp = show(router, "firewall"), router.export("dhcp")
     router.apply_defaults()
     assert router.pending_defaults() == []  # both succeeded, so both were deleted
     assert show(router, "firewall") - firewall == FIREWALL_ADDED
     assert firewall <= show(router, "firewall")
     assert router.uci("get", "firewall.@zone[1].name") == "wan\n"
-    # the contract the first-boot lab relies on, in its own words
-    assert router.uci("get", "dhcp.@dnsmasq[0].server") == f"{FRONT}\n"
-    assert router.uci("get", "dhcp.@dnsmasq[0].noresolv") == "1\n"
-    assert show(router, "dhcp") - dhcp == {
-        f"dhcp.@dnsmasq[0].server='{FRONT}'",
-        "dhcp.@dnsmasq[0].noresolv='1'",
-    }
-    assert dhcp <= show(router, "dhcp")
-    # what the undo will take back: the server it added, and that noresolv was not set
-    assert record(router) == f"server={FRONT}\nnoresolv_was=\n"
+    # dnsmasq keeps its own upstreams: the daemon redirects its queries while the front runs
+    assert router.export("dhcp") == dhcp
+    assert record(router) is None
 
 
 def test_running_the_scripts_again_changes_nothing(router: RouterEtc, shipped: Shipped) -> None:
     router.apply_defaults()
     files = [router.etc / "config" / name for name in ("firewall", "dhcp", "oe")]
-    files.append(router.etc / RECORD)
     first = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
     install_scripts(router, shipped)  # an upgrade's postinst runs them again
     router.apply_defaults()
@@ -152,117 +146,101 @@ def test_running_the_scripts_again_changes_nothing(router: RouterEtc, shipped: S
     assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == first
 
 
-# (`uci batch` commands that make the router's dhcp config before the package, what
-# 91_oe-dns adds to it, and its record). In a batch '#' starts a comment: quote it.
+# An older python3-oe pointed dnsmasq at the front and recorded what it changed. Each case:
+# `uci batch` commands that make the router's dhcp config before that package, what that
+# package then changed, and its record. In a batch '#' starts a comment: quote it.
 DNSMASQ = "dhcp.@dnsmasq[0]"
 OTHER = "/example.org/192.0.2.53"
-BEFORE_THE_PACKAGE = {
+OLD_PACKAGE = {
     "openwrt-default": (
         [],
-        {f"{DNSMASQ}.server='{FRONT}'", f"{DNSMASQ}.noresolv='1'"},
-        f"server={FRONT}\nnoresolv_was=\n",
-    ),
-    "front-and-noresolv-already-there": (
         [f"add_list {DNSMASQ}.server='{FRONT}'", f"set {DNSMASQ}.noresolv=1"],
-        set(),
-        None,
+        f"server={FRONT}\nnoresolv_was=\n",
     ),
     "noresolv-off-and-another-server": (
         [f"add_list {DNSMASQ}.server='{OTHER}'", f"set {DNSMASQ}.noresolv=0"],
-        {f"{DNSMASQ}.server='{OTHER}' '{FRONT}'", f"{DNSMASQ}.noresolv='1'"},
+        [f"add_list {DNSMASQ}.server='{FRONT}'", f"set {DNSMASQ}.noresolv=1"],
         f"server={FRONT}\nnoresolv_was=0\n",
+    ),
+    "front-and-noresolv-already-there": (
+        [f"add_list {DNSMASQ}.server='{FRONT}'", f"set {DNSMASQ}.noresolv=1"],
+        [],
+        None,
     ),
 }
 
 
-@pytest.mark.parametrize("case", BEFORE_THE_PACKAGE)
-def test_removal_gives_both_files_back_as_they_were(
+def old_package(router: RouterEtc, case: str) -> str:
+    """The router as the older package left it; returns `uci export dhcp` from before it."""
+    before, changes, recorded = OLD_PACKAGE[case]
+    if before:
+        router.sh('printf "%s\\n" "$@" commit | uci batch', *before)
+    dhcp = router.export("dhcp")
+    if changes:
+        router.sh('printf "%s\\n" "$@" commit | uci batch', *changes)
+    if recorded is not None:
+        (router.etc / "oe").mkdir(exist_ok=True)
+        (router.etc / RECORD).write_text(recorded)
+    return dhcp
+
+
+@pytest.mark.parametrize("case", OLD_PACKAGE)
+def test_an_upgrade_undoes_what_the_old_package_did_to_dnsmasq(
     router: RouterEtc, shipped: Shipped, case: str
 ) -> None:
-    commands, added, recorded = BEFORE_THE_PACKAGE[case]
-    if commands:
-        router.sh('printf "%s\\n" "$@" commit | uci batch', *commands)
-    before = router.export("firewall", "dhcp")
-    dhcp = show(router, "dhcp")
-    router.apply_defaults()
-    after = show(router, "dhcp")
-    assert {line for line in after - dhcp if "server" in line or "noresolv" in line} == added
-    assert record(router) == recorded
+    dhcp = old_package(router, case)
+    done = router.apply_defaults()
+    assert router.pending_defaults() == []
+    assert router.export("dhcp") == dhcp  # as before the old package
+    assert record(router) is None
+    migrated = OLD_PACKAGE[case][2] is not None
+    assert ("dnsmasq asks its own upstreams again" in done.stderr) == migrated, done.stderr
+    prerm(router, shipped)  # nothing left to undo
+    assert router.export("dhcp") == dhcp
+
+
+@pytest.mark.parametrize("case", OLD_PACKAGE)
+def test_removal_undoes_an_old_record_the_upgrade_never_saw(
+    router: RouterEtc, shipped: Shipped, case: str
+) -> None:
+    dhcp = old_package(router, case)
+    before = router.export("firewall")
     prerm(router, shipped)
-    assert router.export("firewall", "dhcp") == before
-    # what was there before the package stays: the front's server, noresolv
-    assert show(router, "dhcp") == dhcp
+    assert router.export("dhcp") == dhcp
+    assert router.export("firewall") == before
     assert not (router.etc / "oe").exists()  # the record went, and its empty folder
 
 
-def test_removal_leaves_what_the_user_changed_since(router: RouterEtc, shipped: Shipped) -> None:
-    router.apply_defaults()
+def test_the_migration_leaves_what_the_user_changed_since(router: RouterEtc) -> None:
+    old_package(router, "openwrt-default")
     router.sh("uci set dhcp.@dnsmasq[0].noresolv=0 && uci commit dhcp")
-    prerm(router, shipped)
+    router.apply_defaults()
     assert router.uci("get", "dhcp.@dnsmasq[0].noresolv") == "0\n"  # the user's, kept
-    assert FRONT not in router.uci("show", "dhcp")  # the package's server, gone
+    assert FRONT not in router.uci("show", "dhcp")  # the old package's server, gone
 
 
-def test_a_running_dnsmasq_is_restarted_after_each_change(
+def test_a_running_dnsmasq_is_restarted_only_after_a_migration(
     router: RouterEtc, shipped: Shipped
 ) -> None:
-    """Installed on a live router (not at the first boot), dnsmasq must read the change, and
-    again after removal: both restart it when its init script says it runs, and only after
-    a change. /etc/init.d/dnsmasq here is a stand-in that says it runs and records each
-    command it is given (dnsmasq is not among the built userland)."""
+    """Installed on a live router, dnsmasq must read the change: the migration restarts it
+    when its init script says it runs; a fresh install and a re-run leave it alone.
+    /etc/init.d/dnsmasq here is a stand-in that says it runs and records each command it
+    is given (dnsmasq is not among the built userland)."""
     init = router.etc / "init.d" / "dnsmasq"
     init.parent.mkdir()
     init.write_text('#!/bin/sh\necho "$1" >>/etc/dnsmasq-calls\n')
     init.chmod(0o755)
     calls = router.etc / "dnsmasq-calls"
+    router.apply_defaults()  # a fresh install: nothing of dnsmasq's changes
+    assert not calls.exists()
+    old_package(router, "openwrt-default")
+    install_scripts(router, shipped)
     router.apply_defaults()
     assert calls.read_text().split() == ["running", "restart"]
     install_scripts(router, shipped)
-    router.apply_defaults()  # nothing to change: dnsmasq is left alone
+    router.apply_defaults()
+    prerm(router, shipped)
     assert calls.read_text().split() == ["running", "restart"]
-    prerm(router, shipped)
-    assert calls.read_text().split() == ["running", "restart", "running", "restart"]
-
-
-# (uci commands on oe before the first boot, the server dnsmasq gets or None, the message)
-LISTEN = ["delete oe.dns.listen", "add_list oe.dns.listen"]
-DNS_SETTINGS = {
-    "mode-unset": (["delete oe.dns.mode"], FRONT, ""),
-    "listen-unset": (["delete oe.dns.listen"], FRONT, ""),
-    "other-loopback-port": (
-        [LISTEN[0], f"{LISTEN[1]}=[::1]:53", f"{LISTEN[1]}=127.0.0.53:5300"],
-        "127.0.0.53#5300",
-        "",
-    ),
-    "manual": (["set oe.dns.mode=manual"], None, ""),
-    "bad-mode": (["set oe.dns.mode=unbound"], None, "oe.dns.mode 'unbound' is neither"),
-    "no-ipv4-loopback": (
-        [LISTEN[0], f"{LISTEN[1]}=[::1]:5335", f"{LISTEN[1]}=0.0.0.0:53"],
-        None,
-        "oe.dns.listen has no IPv4 loopback address",
-    ),
-    "no-dnsmasq": ([f"delete {DNSMASQ}"], None, "no dnsmasq section in /etc/config/dhcp"),
-}
-
-
-@pytest.mark.parametrize("case", DNS_SETTINGS)
-def test_dns_mode_and_listen_decide_what_dnsmasq_gets(
-    router: RouterEtc, shipped: Shipped, case: str
-) -> None:
-    commands, server, message = DNS_SETTINGS[case]
-    router.sh('printf "%s\\n" "$@" commit | uci batch', *commands)
-    dhcp = router.export("dhcp")
-    done = router.apply_defaults()
-    assert router.pending_defaults() == []  # a skip is no failure: not run again
-    assert (message in done.stderr) if message else "python3-oe" not in done.stderr, done.stderr
-    if server is None:
-        assert router.export("dhcp") == dhcp
-        assert record(router) is None
-    else:
-        assert router.uci("get", "dhcp.@dnsmasq[0].server") == f"{server}\n"
-        assert router.uci("get", "dhcp.@dnsmasq[0].noresolv") == "1\n"
-    prerm(router, shipped)
-    assert router.export("dhcp") == dhcp
 
 
 # -- fw4 ------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ def _lab_artifacts(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def oe_lab(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Lab]:
-    """oe-routerd running (DNS front behind dnsmasq) with the module's ROUTER_ID, then stopped."""
+    """oe-routerd running (its DNS front capturing dnsmasq's forwards) with the module's
+    ROUTER_ID, then stopped."""
     import oelab
 
     oelab.start_daemon(lab, local_id=request.module.ROUTER_ID)

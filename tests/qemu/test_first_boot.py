@@ -5,7 +5,8 @@ daemon to the tests (oelab.start_daemon writes a config, starts it, points dnsma
 this module boots a lab of its own in first-boot mode (``Lab(first_boot=True)``, the
 ``first_boot_lab`` fixture) where none of that happens: the package's rc.d links are as
 its default_postinst left them, procd starts oe-routerd at boot (S90, before the network
-is up), the package's uci-defaults put the DNS front behind dnsmasq, and the one change to
+is up), dnsmasq keeps OpenWrt's own DNS set-up (the daemon's capture redirects its
+forwards to the front while the front runs), and the one change to
 the shipped /etc/config/oe is the trust anchor pointed at the lab's root (the lab's DNS
 root is not IANA's), delivered as firmware customisation: a uci-defaults script. netifd
 brings up the LAN at boot and the WAN late, once the daemon runs (the lab's ifup, as a
@@ -43,7 +44,6 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "test-results" / "qemu-first-boot.json"
 SHIPPED = REPO / "files" / "etc" / "config" / "oe"
 ANCHOR = "/" + FIRST_BOOT_ANCHOR
-FRONT = oelab.DNS_FRONT
 KEYED = ("oe-null", "null.example.test")
 
 
@@ -150,16 +150,24 @@ def test_oe_waits_for_the_late_wan_and_starts_by_itself(
     figures["network_changed_line"] = changed[0]
 
 
-def test_dns_mode_puts_the_front_behind_dnsmasq(first_boot_lab: Lab) -> None:
+def test_dnsmasq_keeps_its_upstreams_and_the_daemon_captures_them(first_boot_lab: Lab) -> None:
     lab = first_boot_lab
-    servers = lab.router("uci get 'dhcp.@dnsmasq[0].server'").check().stdout.split()
-    assert servers == [FRONT], servers
-    assert lab.router("uci get 'dhcp.@dnsmasq[0].noresolv'").check().stdout.strip() == "1"
-    # the running dnsmasq took it from /etc/config/dhcp
+    assert lab.router("uci -q get 'dhcp.@dnsmasq[0].server'").stdout.strip() == ""
+    assert lab.router("uci -q get 'dhcp.@dnsmasq[0].noresolv'").stdout.strip() == ""
+    assert lab.router("ls /etc/oe/dnsmasq.undo").rc != 0
+    # the running dnsmasq took it from /etc/config/dhcp: the WAN's resolvers, not the front
     args = lab.router("tr '\\0' '\\n' </proc/$(cat /run/dnsmasq.pid)/cmdline").check().stdout
     argv = args.split()
-    assert f"--server={FRONT}" in argv and "--no-resolv" in argv, argv
-    assert not [a for a in argv if a.startswith("--resolv-file")], argv
+    assert "--resolv-file=/tmp/resolv.conf.d/resolv.conf.auto" in argv, argv
+    assert not [a for a in argv if a.startswith("--server") or a == "--no-resolv"], argv
+    # the daemon's front runs, so its capture does
+    capture = oelab.wait_until(
+        "the DNS capture",
+        lambda: (oelab.status(lab).get("dns", {}).get("capture") or "").startswith("on:") or None,
+        timeout=60,
+    )
+    assert capture
+    assert lab.router(f"nft list table inet {oelab.CAPTURE_TABLE}").ok
 
 
 def test_first_query_for_a_keyed_name_leaves_as_esp(
@@ -214,10 +222,10 @@ def test_first_query_for_a_keyed_name_leaves_as_esp(
     assert not flow.problems(), flow.problems()
     assert answers[0] < flow.syns[0][0] <= flow.esp_out[0][0]
 
-    # the query went client -> dnsmasq -> the front, never from dnsmasq to the resolver
+    # dnsmasq forwarded the query to the WAN's resolver, and the capture took it to the front
     dnsmasq_log = (lab.run_dir / "logs" / "router-dnsmasq.log").read_text(errors="replace")
     forwarded = re.findall(rf"forwarded {re.escape(name)} to (\S+)", dnsmasq_log)
-    assert forwarded and set(forwarded) == {FRONT}, forwarded
+    assert forwarded and set(forwarded) == {plan.resolver}, forwarded
     after = oelab.status(lab)
     assert after["dns"]["queries"] >= 1, after["dns"]
     rows = [t for t in after["tunnels"] if t.get("source") == "ike" and t["peer"] == a]

@@ -330,7 +330,12 @@ def test_render_status_of_an_idle_daemon_shows_empty_sections() -> None:
     text = render_status(idle)
     assert "DISABLED" in text
     assert "last reload: none since start" in text
-    for section in ("tunnels (0)", "shunts (0)", "engines (0)", "(no DNS front running)"):
+    for section in (
+        "tunnels (0)",
+        "shunts (0)",
+        "engines (0)",
+        "(no DNS front running; capture off",
+    ):
         assert section in text
     assert "ike endpoint\n  (no IKE endpoint running)" in text
 

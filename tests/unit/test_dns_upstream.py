@@ -106,3 +106,72 @@ def test_only_forged_replies_time_out() -> None:
         reply, client = asyncio.run(_ask(genuine=False, rdtype=rdtype))
         assert isinstance(reply, UpstreamError), reply
         assert client.stats.mismatched == 1 and client.stats.udp_timeouts == 1
+
+
+class _Marking(socket.socket):
+    """A socket that records SO_MARK instead of setting it (that needs CAP_NET_ADMIN)."""
+
+    marks: list[tuple[int, int]] = []
+
+    def setsockopt(self, level: int, option: int, value: Any, *rest: Any) -> None:
+        if (level, option) == (socket.SOL_SOCKET, socket.SO_MARK):
+            _Marking.marks.append((self.type, value))
+            return
+        super().setsockopt(level, option, value, *rest)
+
+
+class _Truncating(asyncio.DatagramProtocol):
+    """Answers over UDP with TC set, so the client asks again over TCP."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        reply = bytearray(_reply(data))
+        reply[2] |= 0x02  # TC
+        self.transport.sendto(bytes(reply), addr)
+
+
+def test_a_mark_goes_on_every_upstream_socket_udp_and_tcp(monkeypatch: Any) -> None:
+    """The DNS capture lets the front's own queries through by their mark (capture.py):
+    the UDP socket and the TCP fallback's both carry it."""
+    from types import SimpleNamespace
+
+    from oe_router.dns import upstream
+
+    shim = SimpleNamespace(**{n: getattr(socket, n) for n in dir(socket) if n.isupper()})
+    shim.socket = _Marking
+    monkeypatch.setattr(upstream, "socket", shim)
+    _Marking.marks.clear()
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            size = struct.unpack("!H", await reader.readexactly(2))[0]
+            reply = _reply(await reader.readexactly(size))
+            writer.write(struct.pack("!H", len(reply)) + reply)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_datagram_endpoint(
+            _Truncating, local_addr=("127.0.0.1", port), family=socket.AF_INET
+        )
+        client = UpstreamClient(
+            StaticSource([Endpoint("127.0.0.1", port)]),
+            UpstreamSettings(timeout=1.0, tries=1, mark=0x4F000035),
+        )
+        try:
+            return await client.query(dns.message.make_query("host.example.", "A").to_wire())
+        finally:
+            transport.close()
+            server.close()
+
+    reply = asyncio.run(main())
+    assert not dns.message.from_wire(reply).flags & 0x0200  # the TCP answer, not truncated
+    assert _Marking.marks == [
+        (socket.SOCK_DGRAM, 0x4F000035),
+        (socket.SOCK_STREAM, 0x4F000035),
+    ]

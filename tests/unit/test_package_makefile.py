@@ -307,22 +307,18 @@ def test_uci_defaults_open_ike_and_esp_on_wan_and_prerm_deletes_those_rules() ->
     assert f"for rule in {' '.join(created)}; do" in prerm
 
 
-def test_dns_uci_defaults_and_prerm_share_the_record_and_the_defaults() -> None:
-    """91_oe-dns and the prerm name the same record (under /etc/oe, which sysupgrade keeps);
-    its fallback listen address and its modes are the config schema's."""
-    from oe_router.config.schema import DNS_MODES, DnsConfig
-
+def test_dns_uci_defaults_and_prerm_share_the_old_packages_record() -> None:
+    """91_oe-dns (the migration at upgrade) and the prerm (removal) undo the same record an
+    older package wrote (under /etc/oe, which sysupgrade keeps), and neither points dnsmasq
+    at the front any more: the daemon's DNS capture does that while the front runs."""
     script = (REPO / "files/etc/uci-defaults/91_oe-dns").read_text()
     prerm = _define("Package/python3-oe/prerm").replace("$$", "$")
     assert "record=/etc/oe/dnsmasq.undo\n" in script
     assert 'record="${IPKG_INSTROOT}/etc/oe/dnsmasq.undo"' in prerm
     kept = (REPO / "files/lib/upgrade/keep.d/python3-oe").read_text().split()
     assert "/etc/oe/" in kept
-    default = DnsConfig()
-    assert default.mode == "dnsmasq" and DNS_MODES == ("dnsmasq", "manual")
-    assert f"listen=$(uci -q get oe.dns.listen) || listen={default.listen[0]}\n" in script
-    assert 'case "${mode:-dnsmasq}" in\ndnsmasq) ;;\nmanual) exit 0 ;;' in script
     for text in (script, prerm):
+        assert "add_list" not in text and "noresolv=1" not in text
         assert subprocess.run(["sh", "-n", "-c", text]).returncode == 0
 
 

@@ -171,9 +171,9 @@ DEFAULT_CLEAR: tuple[PolicyEntry, ...] = _nets(
 class DnsConfig:
     """``config dns 'dns'``: the DNS front that holds answers until a tunnel is up."""
 
-    #: How LAN queries reach the front. The daemon does not act on it: the package's
-    #: uci-defaults (files/etc/uci-defaults/91_oe-dns) point dnsmasq at the front at
-    #: install when it is "dnsmasq"; "manual" leaves the resolver set-up to the user.
+    #: How LAN queries reach the front. "dnsmasq": while the front runs, the daemon
+    #: redirects the router's outgoing DNS (dnsmasq's forwards) to it (dns/capture.py);
+    #: "manual": no redirect, the resolver set-up is the user's.
     mode: DnsMode = "dnsmasq"
     listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 5335), Endpoint("::1", 5335))
     #: Empty: take the resolvers from ``resolv_file`` (OpenWrt's WAN DNS servers).

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from oe_router.config.schema import DnsConfig, Endpoint, OeConfig
@@ -20,6 +21,7 @@ from oe_router.control.status import StatusContribution, TrustAnchorStatus
 from oe_router.dns.access import LanAccess
 from oe_router.dns.anchors import Timers
 from oe_router.dns.autotrust import ManagedAnchors, seed_exists, timers_from_environ
+from oe_router.dns.capture import CAPTURE_MARK, DnsCapture
 from oe_router.dns.dnssec import TrustAnchorError, TrustAnchors, load_trust_anchor_file
 from oe_router.dns.front import AnswerCache, DnsFront, FrontBindError, FrontStats, Resolver
 from oe_router.dns.hold import HoldPolicy, KeyLookup, TunnelRequester
@@ -89,6 +91,8 @@ class DnsService:
     environment by default, see autotrust.py); tests pass their own. ``access`` is what
     the daemon's platform probe found of the LAN and the WAN (access.py); the default
     knows neither, so a non-loopback listener answers loopback clients only.
+    ``capture`` redirects this machine's outgoing DNS to the front while it runs, in
+    ``oe.dns.mode`` 'dnsmasq' (capture.py); None (tests, the default) never captures.
     """
 
     name = "dns"
@@ -103,8 +107,10 @@ class DnsService:
         access: LanAccess | None = None,
         anchor_timers: Timers | None = None,
         wall_clock: Callable[[], float] = time.time,
+        capture: DnsCapture | None = None,
     ) -> None:
         self._tunnels = tunnels
+        self.capture = capture
         self.access = access or LanAccess()
         self._factory = key_lookup_factory
         self._anchor_timers = anchor_timers
@@ -129,7 +135,10 @@ class DnsService:
     def _parts(
         self, config: DnsConfig
     ) -> tuple[UpstreamClient, KeyLookup | None, ManagedAnchors | None]:
-        upstream = UpstreamClient(_source(config), self._settings, self.upstream_stats)
+        settings = self._settings
+        if self._captures(config):
+            settings = replace(settings, mark=self.capture.mark if self.capture else CAPTURE_MARK)
+        upstream = UpstreamClient(_source(config), settings, self.upstream_stats)
         managed: ManagedAnchors | None = None
         try:
             if self._factory is not None:
@@ -142,6 +151,18 @@ class DnsService:
         except ValueError as exc:
             raise ServiceError(str(exc)) from None
         return upstream, key_lookup, managed
+
+    def _captures(self, config: DnsConfig) -> bool:
+        return self.capture is not None and config.mode == "dnsmasq"
+
+    def _update_capture(self, config: DnsConfig) -> None:
+        """Capture on (mode 'dnsmasq') at the listeners bound now, or off."""
+        if self.capture is None:
+            return
+        if self._captures(config):
+            self.capture.start(self.bound)
+        else:
+            self.capture.stop(f"oe.dns.mode is '{config.mode}'")
 
     def _managed_for(self, config: DnsConfig) -> ManagedAnchors:
         """The trust point kept in ``auto_trust_anchor``: the running one if it is that file."""
@@ -218,6 +239,7 @@ class DnsService:
         self._front = front
         self._config = dns_config
         self._started_at = self._clock()
+        self._update_capture(dns_config)  # the front answers: now its queries may come
         await self._use_anchors(managed)
 
     async def reload(self, config: OeConfig) -> None:
@@ -250,6 +272,7 @@ class DnsService:
             resolver.doh_canary = new.doh_canary
         await self._use_anchors(managed)
         self._config = new
+        self._update_capture(new)
         log.info("DNS front reloaded")
 
     async def _hand_over(
@@ -271,6 +294,8 @@ class DnsService:
         self._front = front
 
     async def stop(self) -> None:
+        if self.capture is not None:
+            self.capture.stop()  # first: dnsmasq's next query goes to its upstreams
         await self._use_anchors(None)
         if self._front is not None:
             await self._front.stop()
@@ -303,6 +328,10 @@ class DnsService:
         config = self._config
         doc: dict[str, object] = dict(self.stats.to_json())
         doc.update(self.upstream_stats.to_json())
+        if self.capture is not None:
+            doc["capture"] = self.capture.describe()
+        elif config is not None:
+            doc["capture"] = "off: not run by the daemon"
         if config is not None and self.resolver is not None:
             upstream = self.resolver.upstream
             doc["listen"] = [str(e) for e in self.bound]

@@ -60,6 +60,9 @@ class UpstreamSettings:
     tries: int = 2
     #: Stub resolvers give up after about 5 s; an answer later than that helps nobody.
     budget: float = 4.0
+    #: SO_MARK on every upstream socket (0: none): the DNS capture lets marked queries
+    #: through, so the front's own never loop back into it (capture.py).
+    mark: int = 0
 
 
 @dataclass
@@ -306,6 +309,7 @@ class UpstreamClient:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            self._mark(sock)
             sock.connect((server.host, server.port))
             sock.send(wire)
             deadline = loop.time() + timeout
@@ -327,10 +331,28 @@ class UpstreamClient:
         finally:
             sock.close()
 
+    def _mark(self, sock: socket.socket) -> None:
+        if self.settings.mark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.settings.mark)
+
+    async def _connect(self, server: Endpoint) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if not self.settings.mark:
+            return await asyncio.open_connection(server.host, server.port)
+        family = socket.AF_INET6 if server.family == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            self._mark(sock)
+            await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+
     async def _tcp(self, server: Endpoint, wire: bytes, qend: int, timeout: float) -> bytes:
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(server.host, server.port)
+                reader, writer = await self._connect(server)
                 try:
                     writer.write(_LEN.pack(len(wire)) + wire)
                     await writer.drain()
