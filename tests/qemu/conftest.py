@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "qemu"))
 
 import build  # noqa: E402
+import oelab  # noqa: E402
 from lab import Lab, LabError  # noqa: E402
 
 ARTIFACTS = REPO / "test-results" / "artifacts"
@@ -227,3 +228,14 @@ def crypto_user_module(lab: Lab) -> Iterator[None]:
     yield
     if not was:
         lab.router("rmmod crypto_user").check()
+
+
+@pytest.fixture
+def running_daemon(lab: Lab) -> Iterator[Lab]:
+    """oe-routerd with the shipped configuration on the session lab (``oelab.start_daemon``),
+    stopped afterwards with what it keeps on purpose (``oelab.stop_daemon``)."""
+    oelab.start_daemon(lab)
+    try:
+        yield lab
+    finally:
+        oelab.stop_daemon(lab)

@@ -8,9 +8,6 @@ the right names turns it on again."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-
-import pytest
 
 import oelab
 from lab import ROUTER_LAN_DEV, ROUTER_WAN_DEV, Lab
@@ -24,17 +21,8 @@ FILE_ONLY = (
 )
 
 
-@pytest.fixture
-def running(lab: Lab) -> Iterator[Lab]:
-    oelab.start_daemon(lab)
-    try:
-        yield lab
-    finally:
-        oelab.stop_daemon(lab)
-
-
-def test_network_names_resolve_to_the_routers_devices(running: Lab) -> None:
-    lab = running
+def test_network_names_resolve_to_the_routers_devices(running_daemon: Lab) -> None:
+    lab = running_daemon
     net = oelab.status(lab)["daemon"]["network"]
     assert net["wan"]["networks"] == [
         f"wan ({ROUTER_WAN_DEV}, netifd)",
@@ -58,8 +46,8 @@ def test_network_names_resolve_to_the_routers_devices(running: Lab) -> None:
     assert got[3][1] == "" and "no network or device named 'wan7'" in got[3][3], got
 
 
-def test_an_unknown_network_turns_oe_off_with_a_clear_line(running: Lab) -> None:
-    lab = running
+def test_an_unknown_network_turns_oe_off_with_a_clear_line(running_daemon: Lab) -> None:
+    lab = running_daemon
     oelab.reload_daemon(lab, options={"global.wan_interface": ["wan7"]})
     why = (
         "oe.global.wan_interface: no network or device named 'wan7' "

@@ -67,19 +67,10 @@ def _procd_pid(lab: Lab) -> int:
     return int(lab.router("pgrep -x oe-routerd").check().stdout.split()[0])
 
 
-@pytest.fixture
-def daemon(lab: Lab) -> Iterator[Lab]:
-    oelab.start_daemon(lab)
-    try:
-        yield lab
-    finally:
-        oelab.stop_daemon(lab)
-
-
 def test_reload_with_an_added_listen_address_answers_on_both(
-    daemon: Lab, figures: dict[str, Any]
+    running_daemon: Lab, figures: dict[str, Any]
 ) -> None:
-    lab = daemon
+    lab = running_daemon
     added = f"{lab.plan.router_lan4}:5335"
     pid = _procd_pid(lab)
     before = _status(lab)["daemon"]
