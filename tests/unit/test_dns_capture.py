@@ -193,3 +193,13 @@ def test_a_service_without_a_capture_never_captures(tmp_path: Path) -> None:
             await service.stop()
 
     asyncio.run(main())
+
+
+def test_the_capture_mark_shares_no_bit_with_the_userspace_datapaths_marks() -> None:
+    """The datapath matches its marks by mask (``meta mark & m == m``): a capture mark with
+    one of their bits made the WAN egress hook drop the front's upstream queries."""
+    from oe_router.datapath.userspace import UserspaceSettings
+
+    s = UserspaceSettings()
+    assert CAPTURE_MARK & (s.fwmark | s.stolen_mark) == 0
+    assert CAPTURE_MARK & (0x3F00 | 0x00FF0000) == 0  # mwan3's and pbr's default masks

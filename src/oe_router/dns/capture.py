@@ -48,11 +48,14 @@ log = logging.getLogger("oe_router.dns.capture")
 
 #: The table (family inet) that holds the redirect.
 CAPTURE_TABLE = "oe_dns"
-#: SO_MARK of the front's own upstream queries, which the capture lets through: "O"
-#: (0x4f) in the top byte, 53 in the low one. Chosen clear of the masks OpenWrt's
-#: policy-routing packages match with (mwan3 0x3f00, pbr 0x00ff0000), so it steers no
-#: route; only this table compares it, and only for equality.
-CAPTURE_MARK = 0x4F000035
+#: SO_MARK of the front's own upstream queries, which the capture lets through: bit 30 and
+#: 53 in the low byte. Chosen clear of the masks OpenWrt's policy-routing packages match
+#: with (mwan3 0x3f00, pbr 0x00ff0000) and of the userspace datapath's own bits
+#: (``UserspaceSettings.fwmark`` 0x1000000, ``stolen_mark`` 0x2000000, matched by mask:
+#: the first choice, 0x4f000035, carried both, and the WAN egress hook dropped the front's
+#: upstream queries as "stolen"), so it steers no route; only this table compares it, and
+#: only for equality.
+CAPTURE_MARK = 0x40000035
 #: ``nat`` output hook priority: NF_IP_PRI_NAT_DST (-100), as nft's ``dstnat`` keyword in
 #: prerouting (nft 1.0.6 accepts that keyword in output only for family ip/ip6).
 _PRIORITY = -100
