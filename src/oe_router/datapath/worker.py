@@ -172,6 +172,10 @@ class Worker:
         self.canary_interval = 0.0
         self.next_canary = 0.0
         self.lock = threading.Lock()  # control-thread writes vs. rx threads' reads of socks
+        #: one seal at a time: the tx loop and the control thread (``send``: held first
+        #: packets released into their SA) both send, and a cipher (its context, the SA's
+        #: sequence number) is not for two threads at once; cipher swaps take it too
+        self.send_lock = threading.Lock()
         self.stats = [0, 0, 0, 0]  # no SA, policy mismatch, send/write errors, other
         #: ESP for an SPI not installed yet, by SPI: a responder's peer may send its first
         #: packet the moment it has our IKE_AUTH answer, before our install is through
@@ -294,8 +298,9 @@ class Worker:
             if out is not None:
                 for k in [k for k, v in self.out_by_pair.items() if v is out]:
                     del self.out_by_pair[k]
-                for _, _, c in out.ciphers:
-                    c.close()
+                with self.send_lock:  # the tx loop may be sealing with them
+                    for _, _, c in out.ciphers:
+                        c.close()
             inb = self.in_by_slot.pop(slot, None)
             if inb is not None:
                 for k in [k for k, v in self.in_by_spi.items() if v is inb]:
@@ -335,12 +340,21 @@ class Worker:
         return [*self.out_by_slot.values(), *self.in_by_slot.values()]
 
     def _rebuild_ciphers(self) -> None:
+        """New ciphers for every SA from the engine plan. An outbound SA's are swapped under
+        ``send_lock`` and the old ones closed (no seal can hold them then); an inbound SA's
+        old ciphers are left to the garbage collector, as an rx thread may be opening a
+        packet with one right now (closing it under that thread killed the worker)."""
         for st in self._states():
-            old = st.ciphers
-            st.ciphers = self.engines.ciphers(st.transform, st.encr, st.integ)
-            st.sa.cipher = st.ciphers[-1][2]
-            for _, _, c in old:
-                c.close()
+            new = self.engines.ciphers(st.transform, st.encr, st.integ)
+            if isinstance(st, OutState):
+                with self.send_lock:
+                    old, st.ciphers = st.ciphers, new
+                    st.sa.cipher = new[-1][2]
+                for _, _, c in old:
+                    c.close()
+            else:
+                st.ciphers = new
+                st.sa.cipher = new[-1][2]
 
     def canary(self) -> None:
         """Re-run the quick KAT on every (engine, transform) in use; a failure moves the
@@ -380,18 +394,19 @@ class Worker:
 
     # ---------------------------------------------------------------- data loops
     def send_one(self, st: OutState, pkt: bytes) -> None:
-        ciphers = st.ciphers
-        if len(ciphers) > 1:
-            n = len(pkt)
-            for upto, _, c in ciphers:
-                if n <= upto:
-                    st.sa.cipher = c
-                    break
-        try:
-            esp = st.sa.seal(pkt, 4 if pkt[0] >> 4 == 4 else 41)
-        except EspError:
-            st.dropped += 1
-            return
+        with self.send_lock:
+            ciphers = st.ciphers
+            if len(ciphers) > 1:
+                n = len(pkt)
+                for upto, _, c in ciphers:
+                    if n <= upto:
+                        st.sa.cipher = c
+                        break
+            try:
+                esp = st.sa.seal(pkt, 4 if pkt[0] >> 4 == 4 else 41)
+            except EspError:
+                st.dropped += 1
+                return
         sock = st.sock
         if sock is None:
             st.dropped += 1
