@@ -337,11 +337,8 @@ class Daemon:
         async with self._reload_lock:
             fresh = self._network(self.config, self.platform)
             change = network_change(self.platform, fresh)
-            if not change:
+            if not change or not self.config.enabled:
                 self.platform = fresh  # the status shows the latest look
-                return False
-            if not self.config.enabled:
-                self.platform = fresh
                 return False
             problems = await self._rebuild(self.config, fresh, f"network changed ({change})")
             for problem in problems:
