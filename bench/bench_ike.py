@@ -22,10 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import cProfile
+import json
 import os
 import pstats
 import socket
+import statistics
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -353,12 +357,83 @@ def _charon(peer_cpu: int, driver_cpu: int) -> dict[str, float]:
             net.close()
 
 
+# --------------------------------------------------------------------------- reference
+
+
+REF_ENV = "OE_BENCH_IKE_REF"
+REF_ROUNDS = 3
+
+
+def _reference_tree(ref: str, dest: Path) -> str:
+    """Unpack ``ref``'s src/ and bench/ into ``dest``; return the commit it names.
+
+    A refactor of the IKE core must not cost handshake rate; comparing against a number
+    saved from another day measures the machine, not the change, so the reference runs
+    here, in this run, from its own sources (``git archive``, no worktree left behind).
+    """
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        git = ["git", "-C", str(repo)]
+        rev = [*git, "rev-parse", "--verify", f"{ref}^{{commit}}"]
+        commit = subprocess.run(rev, check=True, capture_output=True, text=True).stdout.strip()
+        archive = subprocess.run([*git, "archive", commit, "src", "bench"],
+                                 check=True, capture_output=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise Unavailable(f"reference {ref!r} for the same-run IKE comparison: {exc}") from exc
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit
+
+
+def _reference_ours(tree: Path, cpu: int) -> dict[str, float]:
+    """Our handshake loop at the reference revision, in a child process on its own sources."""
+    code = f"import json, sys; from bench.bench_ike import _ours; print(json.dumps(_ours({cpu})))"
+    env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}:{tree}"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    if proc.returncode != 0:
+        raise Unavailable(f"reference run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _versus_reference(cpu: int, head_rate: float) -> Result:
+    """Handshake rate at HEAD vs at ``$OE_BENCH_IKE_REF`` (default HEAD~1), interleaved."""
+    ref = os.environ.get(REF_ENV, "HEAD~1")
+    head_rates, ref_rates = [head_rate], []
+    with tempfile.TemporaryDirectory(prefix="oe-bench-ref-") as tmp:
+        commit = _reference_tree(ref, Path(tmp))
+        for i in range(REF_ROUNDS):
+            r = _reference_ours(Path(tmp), cpu)
+            if r["failed"] or not r["done"]:
+                raise Unavailable(f"reference handshakes failed: {r}")
+            ref_rates.append(r["done"] / r["wall"])
+            if i < REF_ROUNDS - 1:
+                h = _ours(cpu)
+                head_rates.append(h["done"] / h["wall"])
+    ours_med, ref_med = statistics.median(head_rates), statistics.median(ref_rates)
+    return Result(
+        name="ike_sa_per_s_vs_reference",
+        unit="IKE SAs/s (median of interleaved runs)",
+        ours=round(ours_med, 1),
+        baseline=round(ref_med, 1),
+        baseline_name=f"ours at {ref} ({commit[:12]}), same run, same CPU",
+        goal=">= 0.9 x the reference (a refactor costs at most 10 %)",
+        extra={
+            "reference": commit,
+            "ours_runs": [round(x, 1) for x in head_rates],
+            "reference_runs": [round(x, 1) for x in ref_rates],
+            "seconds_per_run": SECONDS,
+        },
+    )
+
+
 # --------------------------------------------------------------------------- entry
 
 
 def run() -> list[Result]:
     peer_cpu, driver_cpu = _cpus()
     ours = _ours(peer_cpu)
+    versus = _versus_reference(peer_cpu, ours["done"] / ours["wall"])
     theirs = _charon(peer_cpu, driver_cpu)
     prim = _primitives(peer_cpu)
     top = _profile_top(peer_cpu)
@@ -396,7 +471,8 @@ def run() -> list[Result]:
                 "note": "charon installs each Child SA into kernel-libipsec; ours hands it "
                 "to no datapath (the sink is not part of the handshake)",
             },
-        )
+        ),
+        versus,
     ]
 
 
