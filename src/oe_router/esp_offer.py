@@ -103,6 +103,9 @@ class EspOffer:
     ``offload_demote`` is on, and the transform comes back once it passes again. Live
     IKE SAs get every new offer, and Child SAs on a withdrawn transform are rekeyed onto
     it (``listeners`` -> ``OeService.offer_changed``, ``rekey_child``).
+
+    The self-test's schedule is ``esp_offer_selftest.KernelSelfTest`` (``selftest``) and
+    the demotions are ``esp_offer_demote.Demoter``; this class decides what is offered.
     """
 
     def __init__(
