@@ -14,9 +14,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from oe_router.config import OeConfig
@@ -30,11 +29,11 @@ from oe_router.datapath.base import ChildSaSpec, IPAddress
 from oe_router.datapath.selftest import (
     SelfTestGate,
     SelfTestResult,
-    demotion_targets,
     esp_selftest_all,
     kernel_picks,
-    summary,
 )
+from oe_router.esp_offer_demote import Demoter
+from oe_router.esp_offer_selftest import KernelSelfTest, SelfTestRunner
 from oe_router.ike.proposals import ESP_KEYWORDS, esp_offer
 from oe_router.ike.service import REKEY_REFUSED, IkeService
 from oe_router.offload.engine import transform
@@ -53,8 +52,6 @@ MOVE_TIMEOUT = 30.0
 #: TEMPORARY_FAILURE retry also puts it back for a while: taking that for a refusal only
 #: means a new Child SA replaces it instead, and the queued rekey then finds it gone.)
 MOVE_SETTLE = 0.3
-
-SelfTestRunner = Callable[[Sequence[str], Callable[[SelfTestResult], None]], Awaitable[object]]
 
 
 async def _run_selftests(
@@ -106,6 +103,9 @@ class EspOffer:
     ``offload_demote`` is on, and the transform comes back once it passes again. Live
     IKE SAs get every new offer, and Child SAs on a withdrawn transform are rekeyed onto
     it (``listeners`` -> ``OeService.offer_changed``, ``rekey_child``).
+
+    The self-test's schedule is ``esp_offer_selftest.KernelSelfTest`` (``selftest``) and
+    the demotions are ``esp_offer_demote.Demoter``; this class decides what is offered.
     """
 
     def __init__(
@@ -135,21 +135,34 @@ class EspOffer:
         self.listeners: list[Callable[[], None]] = []
         use_gate = datapath == "kernel" if selftest is None else selftest
         self.gate: SelfTestGate | None = SelfTestGate() if use_gate else None
-        self._run_selftests = run_selftests
-        self._read_picks = read_picks
-        self._demote = demote
         self._clock = clock
-        self._pick_interval = pick_interval
         self._started_at = clock()
         self._first_offer_s: float | None = None
-        self._first_round_s: float | None = None
-        self._kick = asyncio.Event()
         self._nonempty = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._checking = False
-        self._last_drivers: tuple[tuple[str, str], ...] | None = None
-        self._tried: dict[str, str] = {}  # driver -> what lowering it did ("" while running)
-        self.demotions: list[dict[str, Any]] = []
+        #: the self-test's schedule (None: the offer is not gated by it)
+        self.selftest: KernelSelfTest | None = None
+        if self.gate is not None:
+            self.selftest = KernelSelfTest(
+                self.gate,
+                run_selftests=run_selftests,
+                read_picks=read_picks,
+                pick_interval=pick_interval,
+                changed=self.apply,
+                failed=self._consider_demotion,
+                spawn=self._spawn,
+                clock=clock,
+                elapsed=self._elapsed,
+            )
+        self._demoter = Demoter(
+            self.gate,
+            demote=demote,
+            retest=self._retest,
+            rescan=offload.rescan,
+            changed=self.apply,
+            spawn=self._spawn,
+            elapsed=self._elapsed,
+        )
         #: the last rekeys onto a new offer (``rekey_child``): when, how long, the outcome
         self.moves: list[dict[str, Any]] = []
         offload.subscribe(self.on_update)
@@ -160,27 +173,35 @@ class EspOffer:
     def name(self) -> str:
         return "esp-offer"
 
+    @property
+    def demotions(self) -> list[dict[str, Any]]:
+        """What ``offload_demote`` lowered (or failed to), for ``oe offload --json``."""
+        return self._demoter.demotions
+
+    def _elapsed(self) -> float:
+        return round(self._clock() - self._started_at, 3)
+
+    def _retest(self) -> None:
+        if self.selftest is not None:
+            self.selftest.kick()
+
     def attach_userspace(self, dp: Any) -> None:
         self._userspace = dp
 
     async def start(self, config: OeConfig) -> None:
         self._config = config
         self._started_at = self._clock()
-        if self.gate is not None:
-            self.gate.want(self._base())
-            self._spawn(self._selftest_loop())
-            self._spawn(self._pick_loop())
-            self._kick.set()
+        if self.selftest is not None:
+            self.selftest.start(self._base())
         self.apply()
 
     async def reload(self, config: OeConfig) -> None:
         demote_on = config.offload_demote and not self._config.offload_demote
         self._config = config
-        if demote_on:  # failed attempts get another chance (crypto_user may be loaded now)
-            self._tried = {d: r for d, r in self._tried.items() if r.startswith("lowered")}
-        if self.gate is not None:
-            self.gate.want(self._base())
-            self._kick.set()
+        if demote_on:
+            self._demoter.retry_failed()
+        if self.selftest is not None:
+            self.selftest.want(self._base())
         self.apply()
         self._consider_demotion()
 
@@ -202,12 +223,8 @@ class EspOffer:
     # -- the offer ------------------------------------------------------------------
     def on_update(self, update: OffloadUpdate) -> None:
         self._update = update
-        if self.gate is not None:
-            self.gate.want(self._base())
-            if update.kernel_drivers != self._last_drivers:
-                self._last_drivers = update.kernel_drivers
-                self._check_picks_soon()
-            self._kick.set()
+        if self.selftest is not None:
+            self.selftest.offload_update(self._base(), update.kernel_drivers)
         self.apply()
         self._consider_demotion()
 
@@ -338,15 +355,7 @@ class EspOffer:
             why = "not usable"
         driver = self._failed_driver(name)
         if driver:
-            tried = [self._tried.get(d) for d in demotion_targets(driver)]
-            done = "; ".join(f"offload_demote: {t}" for t in tried if t)
-            if done:
-                why += f"; {done}"
-            elif not self._config.offload_demote:
-                why += (
-                    f"; offload_demote is off: {driver} keeps its priority "
-                    "(set oe.global.offload_demote 1 to rank it below the next implementation)"
-                )
+            why += self._demoter.note(driver, self._config.offload_demote)
         return why
 
     def _failed_driver(self, name: str) -> str:
@@ -395,141 +404,12 @@ class EspOffer:
             return f"the peer took none of the current offer ({', '.join(self.offer)})"
         return error
 
-    # -- the self-test ------------------------------------------------------------------
-    async def _selftest_loop(self) -> None:
-        gate = self.gate
-        assert gate is not None
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            while batch := gate.next_batch():
-                log.info("ESP self-test of %s on the kernel datapath", ", ".join(batch))
-                try:
-                    await self._run_selftests(batch, self._on_result)
-                except asyncio.CancelledError:
-                    gate.interrupted(batch)
-                    raise
-                except Exception as exc:
-                    why = f"the self-test could not run: {type(exc).__name__}: {exc}"
-                    log.error("ESP self-test of %s: %s", ", ".join(batch), why)
-                    for t in [r.transform for r in gate.rows() if r.state == "running"]:
-                        self._on_result(SelfTestResult(t, False, 0, 0, 0, why, inconclusive=True))
-                gate.interrupted(batch)
-                if self._first_round_s is None and not gate.busy:
-                    self._first_round_s = round(self._clock() - self._started_at, 3)
-                await self._check_picks()
-
-    def _on_result(self, result: SelfTestResult) -> None:
-        assert self.gate is not None
-        self.gate.finished(result, self._clock())
-        line = summary(result)
-        if result.passed:
-            log.info("%s", line)
-        elif result.inconclusive:
-            log.error("%s (offered on its known-answer test alone)", line)
-        else:
-            log.error("%s: not offered for kernel ESP", line)
-        self.apply()
-        if not result.passed and not result.inconclusive:
-            self._consider_demotion()
-
-    def _check_picks_soon(self) -> None:
-        if self.gate is not None and not self._checking:
-            self._spawn(self._check_picks())
-
-    async def _check_picks(self) -> None:
-        gate = self.gate
-        if gate is None or self._checking:
-            return
-        self._checking = True
-        try:
-            picks = await asyncio.to_thread(self._read_picks)
-        except Exception as exc:  # the self-test then keeps its results
-            log.warning("reading the kernel's crypto picks failed: %s", exc)
-            return
-        finally:
-            self._checking = False
-        moved = gate.picks(picks)
-        if moved:
-            log.info("the kernel's pick changed for %s: self-testing again", ", ".join(moved))
-            self.apply()
-            self._kick.set()
-
-    async def _pick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._pick_interval)
-            await self._check_picks()
-
     # -- offload_demote -------------------------------------------------------------------
     def _consider_demotion(self) -> None:
         """Lower each failing kernel pick once (``offload_demote``): KAT, canary or
         self-test failures of the driver the kernel picks now."""
-        if not self._config.offload_demote or self._datapath != "kernel":
-            return
-        failing: dict[str, tuple[list[str], str]] = {}  # driver -> (transforms, why)
-        up = self._update
-        for t, driver in up.kernel_failed if up is not None else ():
-            if driver:
-                failing.setdefault(driver, ([], "its known-answer test failed"))[0].append(t)
-        for t, r in (self.gate.failed() if self.gate is not None else {}).items():
-            if r.driver:
-                why = f"its ESP self-test failed: {r.detail}"
-                failing.setdefault(r.driver, ([], why))[0].append(t)
-        for driver, (names, why) in failing.items():
-            target = next((d for d in demotion_targets(driver) if d not in self._tried), None)
-            if target is not None:
-                self._tried[target] = ""
-                self._spawn(self._lower(target, driver, tuple(dict.fromkeys(names)), why))
-
-    async def _lower(self, target: str, driver: str, names: tuple[str, ...], why: str) -> None:
-        transform_name = names[0]
-        record: dict[str, Any] = {
-            "driver": target,
-            "kernel_pick": driver,
-            "transform": transform_name,
-            "transforms": list(names),
-            "why": why,
-            "at_s": round(self._clock() - self._started_at, 3),
-        }
-        try:
-            before, after = await asyncio.to_thread(self._demote, target)
-        except Exception as exc:
-            self._tried[target] = f"could not lower {target}: {exc}"
-            record["error"] = str(exc)
-            self.demotions.append(record)
-            log.error(
-                "offload_demote: %s failed %s (%s); lowering %s failed: %s",
-                driver,
-                transform_name,
-                why,
-                target,
-                exc,
-            )
-            self.apply()
-            return
-        record.update(priority_before=before, priority_after=after)
-        self.demotions.append(record)
-        self._tried[target] = f"lowered {target} from priority {before} to {after}"
-        log.warning(
-            "offload_demote: the kernel's pick %s failed %s (%s): lowered %s's priority "
-            "from %d to %d; testing what the kernel picks now",
-            driver,
-            transform_name,
-            why,
-            target,
-            before,
-            after,
-        )
-        if self.gate is not None:
-            affected = set(names)
-            for row in self.gate.rows():
-                used = row.result.driver if row.result is not None else None
-                if used and target in re.split(r"[(),]", used):
-                    affected.add(row.transform)
-            self.gate.invalidate(sorted(affected), f"{target}'s priority was lowered")
-            self._kick.set()
-        self._offload.rescan()  # the KATs run again on the new pick
-        self.apply()
+        if self._config.offload_demote and self._datapath == "kernel":
+            self._demoter.consider(self._update)
 
     # -- status ------------------------------------------------------------------------------
     def engine_row(self) -> EngineStatus:
@@ -586,7 +466,7 @@ class EspOffer:
         section = {
             "offer": list(self.offer),
             "first_offer_s": self._first_offer_s,
-            "first_round_s": self._first_round_s,
+            "first_round_s": self.selftest.first_round_s if self.selftest is not None else None,
             "busy": gate.busy,
             "offload_demote": self._config.offload_demote,
             "transforms": transforms,

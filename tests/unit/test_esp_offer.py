@@ -239,9 +239,9 @@ class Harness:
         """Until the self-test loop is idle and no pick check runs."""
         for _ in range(200):
             await asyncio.sleep(0.005)
-            gate = self.offer.gate
-            assert gate is not None
-            if not gate.busy and not self.offer._checking and not self.offer._kick.is_set():
+            gate, runner = self.offer.gate, self.offer.selftest
+            assert gate is not None and runner is not None
+            if not gate.busy and runner.idle:
                 await asyncio.sleep(0.01)
                 if not gate.busy:
                     return

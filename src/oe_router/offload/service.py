@@ -22,33 +22,33 @@ reaches a log line or a reason.
 Subscribers (``subscribe``) get an ``OffloadUpdate`` for every new table: the
 ChoiceTable (for the userspace datapath), the ESP proposal order (for IKE) and the
 transforms the kernel's own drivers run correctly (for the kernel datapath).
+
+The service decides when work happens and publishes the choice; the work and the record
+live in its collaborators: ``prover.EngineProver`` (the engines, their KATs and
+measurements on the service's thread), ``canary.Canary`` (the canary and reported
+failures) and ``roster`` (each engine's record, its ``oe status`` row, the event log).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
-import os
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from oe_router.config import OeConfig
 from oe_router.config.schema import DEFAULT_ESP_PROPOSALS
 from oe_router.control.protocol import CommandTable, Request
 from oe_router.control.status import (
-    EngineRate,
     EngineStatus,
-    EngineTransformStatus,
     StatusContribution,
 )
 
 from ..tasks import spawn_tracked
+from .canary import Canary
 from .chooser import (
     SOFTWARE,
     ChoiceTable,
@@ -58,29 +58,15 @@ from .chooser import (
     proposal_order,
     size_range,
 )
-from .engine import TRANSFORMS, Engine, EngineKind, Transform
-from .measure import SIZES, Measurement, MeasureReport, measure_engine
+from .engine import TRANSFORMS, Engine
+from .measure import SIZES, Measurement
 from .probe import EngineSpec, HostSnapshot, HotplugWatcher, discover, probe_host
+from .prover import EngineProver, KatRunner
+from .roster import EngineState, EventLog
 
 __all__ = ["KatRunner", "OffloadService", "OffloadUpdate"]
 
 log = logging.getLogger("oe_router.offload")
-
-
-class KatOutcome(Protocol):
-    """What ``kat.run_kat`` returns, as far as the service reads it."""
-
-    @property
-    def passed(self) -> bool: ...
-
-    @property
-    def failures(self) -> Sequence[object]: ...
-
-
-class KatRunner(Protocol):
-    def __call__(
-        self, engine: Engine, transform: Transform, *, quick: bool = False
-    ) -> KatOutcome: ...
 
 
 @dataclass(frozen=True)
@@ -129,40 +115,6 @@ class OffloadUpdate:
 Subscriber = Callable[[OffloadUpdate], None]
 
 
-class _EngineState:
-    """Everything known about one engine: the spec, the object, verdicts, numbers."""
-
-    def __init__(self, spec: EngineSpec) -> None:
-        self.spec = spec
-        self.engine: Engine | None = None
-        self.kind = spec.kind
-        self.why_not: dict[str, str] = {}  # transform -> why the engine cannot run it here
-        self.state = "proving"
-        self.reason = ""
-        self.transforms: tuple[Transform, ...] = ()
-        self.drivers: dict[str, str] = {}
-        self.verdicts: dict[str, Verdict] = {}
-        self.measurements: dict[tuple[str, int, str], Measurement] = {}
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-def _kat_reason(outcome: KatOutcome) -> str:
-    """The first failure (it names the vector) and how many more there were."""
-    failures = list(getattr(outcome, "failures", ()) or ())
-    if not failures:
-        return "known-answer test failed"
-    more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-    return f"known-answer test failed: {failures[0]}{more}"
-
-
-def _lower_priority() -> None:
-    with contextlib.suppress(OSError, AttributeError):  # per thread on Linux
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
 def _default_factory(name: str) -> Engine:
     from . import make_engine
 
@@ -200,80 +152,81 @@ class OffloadService:
         #: the kernel's own pick (``afalg``) for ESP, so measuring the others there would
         #: only burn a router's CPU; ``oe offload bench`` still measures every engine.
         self.measure_only = None if measure_only is None else tuple(measure_only)
-        #: engines the canary checks on every transform they passed, chosen by the table
-        #: or not: the kernel's own pick (``afalg``) runs kernel ESP, never the table's
-        self.canary_engines = tuple(canary_engines)
         #: more top-level sections of the ``oe offload`` document, from outside the service
         #: (the kernel datapath's ESP self-test, esp_offer.EspOffer)
         self.report_extras: list[Callable[[], dict[str, Any]]] = []
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._canary_fixed = canary_interval
-        self.canary_interval = 10.0 if canary_interval is None else canary_interval
-        self.measure_duration = measure_duration
-        self.sizes = tuple(sizes)
+        self._events = EventLog(clock)
+        self._prover = EngineProver(
+            factory=engine_factory,
+            kat=kat,
+            sizes=sizes,
+            measure_duration=measure_duration,
+            events=self._events,
+        )
+        self._canary = Canary(
+            self._prover,
+            self._events,
+            interval=canary_interval,
+            engines=canary_engines,
+            table=lambda: self.table,
+            publish=self._publish,
+            spawn=self._spawn,
+        )
         self._rescan_interval = rescan_interval
         self._watch = watch
         self._use_udev = use_udev
-        self._factory = engine_factory
         self._snapshot = snapshot
-        self._kat = kat
-        self._clock = clock
         self._offload = "auto"
         self._esp_proposals: tuple[str, ...] = ()
-        self._engines: dict[str, _EngineState] = {}
         self._subscribers: list[Subscriber] = []
         self._update: OffloadUpdate | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._work = asyncio.Lock()
         self._watcher: HotplugWatcher | None = None
-        self._canary: asyncio.Task[Any] | None = None
         self._phase = "stopped"
-        self._events: deque[str] = deque(maxlen=20)
-        self._started_at = clock()
 
     @property
     def name(self) -> str:
         return "offload"
 
+    @property
+    def canary_interval(self) -> float:
+        """Seconds between canary rounds (0: no canary)."""
+        return self._canary.interval
+
     # -- lifecycle ------------------------------------------------------------------
     async def start(self, config: OeConfig) -> None:
         """Software proven quickly and published; everything else in the background."""
         self._configure(config)
-        self._started_at = self._clock()
-        if self._kat is None:
+        self._events.restart()
+        if self._prover.kat is None:
             from .kat import run_kat
 
-            self._kat = run_kat
-        sw = _EngineState(discover(HostSnapshot("", False, False))[0])
-        self._engines = {SOFTWARE: sw}
-        await self._prove(sw, quick=True)
+            self._prover.kat = run_kat
+        sw = EngineState(discover(HostSnapshot("", False, False))[0])
+        self._prover.engines = {SOFTWARE: sw}
+        await self._prover.prove(sw, quick=True)
         for v in sw.verdicts.values():
             if not v.passed:  # the userspace datapath cannot run this transform at all
                 log.error("software engine fails %s at start: %s", v.transform, v.reason)
         self._phase = "probing"
         self._publish()
         self._spawn(self._first_round())
-        if self.canary_interval > 0:
-            self._canary = self._spawn(self._canary_loop())
+        self._canary.start()
 
     async def reload(self, config: OeConfig) -> None:
         before = (self._offload, self._esp_proposals, self.canary_interval)
         self._configure(config)
         if (self._offload, self._esp_proposals) != before[:2]:
-            self._event(f"offload {self._offload}: choice recomputed")
+            self._events.add(f"offload {self._offload}: choice recomputed")
             self._publish()
         if self.canary_interval != before[2]:
-            if self._canary is not None:
-                self._canary.cancel()
-                self._canary = None
-            if self.canary_interval > 0:
-                self._canary = self._spawn(self._canary_loop())
+            self._canary.start()
 
     def _configure(self, config: OeConfig) -> None:
         self._offload = config.offload
         self._esp_proposals = tuple(config.ike.esp_proposals)
-        if self._canary_fixed is None:
-            self.canary_interval = float(config.offload_canary)
+        self._canary.configure(config)
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -284,9 +237,7 @@ class OffloadService:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        self._prover.close()
         self._phase = "stopped"
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -322,18 +273,12 @@ class OffloadService:
         except Exception as exc:  # a subscriber's bug must not stop the others
             log.error("offload subscriber %r failed: %s: %s", callback, type(exc).__name__, exc)
 
-    def _verdicts(self) -> list[Verdict]:
-        return [v for s in self._engines.values() for v in s.verdicts.values()]
-
-    def _measurements(self) -> list[Measurement]:
-        return [m for s in self._engines.values() for m in s.measurements.values()]
-
     def _publish(self) -> None:
         """Recompute the choice; tell subscribers if it changed."""
-        verdicts = self._verdicts()
-        ms = self._measurements()
-        table = choose(self._offload, list(self._engines), verdicts, ms)
-        afalg = self._engines.get("afalg")
+        verdicts = self._prover.verdicts()
+        ms = self._prover.measurements()
+        table = choose(self._offload, list(self._prover.engines), verdicts, ms)
+        afalg = self._prover.engines.get("afalg")
         usable = frozenset(kernel_usable(verdicts))
         checked = (
             afalg is not None
@@ -382,7 +327,7 @@ class OffloadService:
         if explicit or self._offload != "auto":
             runs = {c.transform for c in table.choices if c.bands}
             return tuple(c for c in candidates if c in runs), kernel_ok
-        if "afalg" not in self._engines:
+        if "afalg" not in self._prover.engines:
             return proposal_order(table, ms, candidates), kernel_ok
         # ranked by the kernel's own pick only; transforms it has no verdict for go last
         mine = [v for v in verdicts if v.engine == "afalg"]
@@ -394,7 +339,7 @@ class OffloadService:
     # -- background work --------------------------------------------------------------
     async def _first_round(self) -> None:
         try:
-            snap = await self._thread(self._snapshot)
+            snap = await self._prover.thread(self._snapshot)
         except Exception as exc:  # the machine cannot be read: software alone, and watch
             log.error("cannot probe for crypto engines: %s: %s", type(exc).__name__, exc)
             snap = HostSnapshot("", False, False)
@@ -407,249 +352,76 @@ class OffloadService:
                 use_udev=self._use_udev,
             )
             await self._watcher.start(snap)
-            self._event(f"watching for engines ({self._watcher.mode})")
+            self._events.add(f"watching for engines ({self._watcher.mode})")
 
     def _on_hotplug(self, snap: HostSnapshot) -> None:
-        self._event("hotplug: the crypto drivers changed; probing again")
+        self._events.add("hotplug: the crypto drivers changed; probing again")
         self._drop_gone(discover(snap))
         self._spawn(self._apply(snap))
 
     def _drop_gone(self, specs: Sequence[EngineSpec]) -> list[EngineSpec]:
         """Drop engines no longer present (or whose spec moved) now; return the new ones."""
         wanted = {s.name: s for s in specs}
-        gone = [n for n, st in self._engines.items() if n != SOFTWARE and wanted.get(n) != st.spec]
+        engines = self._prover.engines
+        gone = [n for n, st in engines.items() if n != SOFTWARE and wanted.get(n) != st.spec]
         for name in gone:
-            del self._engines[name]
+            del engines[name]
             why = "is gone" if name not in wanted else "changed driver; proving it again"
             log.warning("engine %s %s", name, why)
-            self._event(f"{name} {why}")
+            self._events.add(f"{name} {why}")
         if gone:
             self._publish()
-        return [s for s in specs if s.name not in self._engines]
+        return [s for s in specs if s.name not in engines]
 
     async def _apply(self, snap: HostSnapshot, *, initial: bool = False) -> None:
         """Bring the engine list in line with ``snap``: prove and measure the new ones."""
         async with self._work:
             new = self._drop_gone(discover(snap))
-            states = [_EngineState(spec) for spec in new]
+            states = [EngineState(spec) for spec in new]
             for st in states:
-                self._engines[st.name] = st
+                self._prover.engines[st.name] = st
             self._phase = "proving"
             for st in states:
-                await self._prove(st, quick=False)
+                await self._prover.prove(st, quick=False)
                 self._publish()
             if initial:
                 # software was proven quickly at start; now with the full vectors
-                sw = self._engines[SOFTWARE]
-                await self._prove(sw, quick=False)
+                sw = self._prover.engines[SOFTWARE]
+                await self._prover.prove(sw, quick=False)
                 states.insert(0, sw)
                 self._publish()
             self._phase = "measuring"
             for st in sorted(states, key=lambda s: s.name != SOFTWARE):
                 if self.measure_only is not None and st.name not in self.measure_only:
                     continue
-                await self._measure(st)
+                await self._prover.measure(st)
                 self._publish()
             self._phase = "ready"
-
-    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run blocking engine work on the service's own thread, at a lower CPU priority
-        (nice 10): known-answer tests and measurements must never slow the daemon's
-        traffic and IKE on a small router."""
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="offload", initializer=_lower_priority
-            )
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    async def _prove(self, st: _EngineState, *, quick: bool) -> None:
-        """Make the engine (if not yet) and run the KATs of every transform it claims."""
-        st.state = "proving"
-        if st.engine is None:
-            try:
-                engine = await self._thread(self._factory, st.name)
-                info = await self._thread(_describe_engine, st.spec, engine)
-            except Exception as exc:
-                self._fail_engine(st, f"cannot open: {type(exc).__name__}: {exc}")
-                return
-            st.engine = engine
-            st.transforms, st.drivers, st.why_not, st.kind = info
-        for t in st.transforms:
-            if self._engines.get(st.name) is not st:
-                return  # unplugged meanwhile
-            verdict = await self._run_kat(st, t, quick=quick)
-            st.verdicts[t.name] = verdict
-            if not verdict.passed:
-                log.warning("engine %s fails %s: %s", st.name, t.name, verdict.reason)
-                self._event(f"{st.name} {t.name}: {verdict.reason}")
-        st.state = "ready" if st.verdicts else "failed"
-        if not st.transforms and not st.reason:
-            st.reason = "runs none of the ESP transforms here"
-            st.state = "failed"
-
-    async def _run_kat(self, st: _EngineState, t: Transform, *, quick: bool) -> Verdict:
-        assert st.engine is not None and self._kat is not None
-        kat, engine = self._kat, st.engine
-        try:
-            outcome = await self._thread(lambda: kat(engine, t, quick=quick))
-        except Exception as exc:
-            return Verdict(st.name, t.name, False, f"KAT raised {type(exc).__name__}: {exc}")
-        if outcome.passed:
-            return Verdict(st.name, t.name, True)
-        return Verdict(st.name, t.name, False, _kat_reason(outcome))
-
-    def _fail_engine(self, st: _EngineState, reason: str) -> None:
-        st.state, st.reason = "failed", reason
-        log.warning("engine %s: %s", st.name, reason)
-        self._event(f"{st.name}: {reason}")
-
-    async def _measure(self, st: _EngineState) -> None:
-        proven = [
-            t for t in st.transforms if st.verdicts.get(t.name, Verdict("", "", False)).passed
-        ]
-        if st.engine is None or not proven:
-            return
-        st.state = "measuring"
-        engine = st.engine
-        try:
-            sizes, duration = self.sizes, self.measure_duration
-            report: MeasureReport = await self._thread(
-                lambda: measure_engine(engine, proven, sizes=sizes, duration=duration)
-            )
-        except Exception as exc:
-            self._fail_engine(st, f"measurement failed: {type(exc).__name__}: {exc}")
-            return
-        if self._engines.get(st.name) is not st:
-            return
-        for m in report.measurements:
-            st.measurements[(m.transform, m.size, m.op)] = m
-        for tname, reason in report.errors:
-            # an engine that errors under load is not trusted with traffic
-            st.verdicts[tname] = Verdict(st.name, tname, False, f"failed while measured: {reason}")
-            log.warning("engine %s fails %s while measured: %s", st.name, tname, reason)
-        st.state = "ready"
 
     async def bench(self) -> None:
         """Measure every proven engine again now (``oe offload bench``) and republish."""
         async with self._work:
             self._phase = "measuring"
-            for st in sorted(self._engines.values(), key=lambda s: s.name != SOFTWARE):
-                await self._measure(st)
+            for st in sorted(self._prover.engines.values(), key=lambda s: s.name != SOFTWARE):
+                await self._prover.measure(st)
                 self._publish()
             self._phase = "ready"
-            self._event("bench: measured again on request")
+            self._events.add("bench: measured again on request")
 
-    # -- canary ------------------------------------------------------------------------
-    async def _canary_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.canary_interval)
-            try:
-                await self.canary_round()
-            except Exception as exc:
-                log.error("canary round failed: %s: %s", type(exc).__name__, exc)
-
+    # -- faults ------------------------------------------------------------------------
     async def canary_round(self) -> list[Verdict]:
-        """Quick KAT of every engine the table uses, per transform it is used for, and of
-        the ``canary_engines`` on every transform they passed; a failure takes the engine
-        off that transform and republishes at once."""
-        failed: list[Verdict] = []
-        checks = {e: [t for t, _, _ in u] for e, u in self.table.engines_in_use().items()}
-        for name in self.canary_engines:
-            if (extra := self._engines.get(name)) is not None:
-                passed = [t for t, v in extra.verdicts.items() if v.passed]
-                checks[name] = checks.get(name, []) + passed
-        for engine, tnames in checks.items():
-            st = self._engines.get(engine)
-            if st is None or st.engine is None:
-                continue
-            by_name = {t.name: t for t in st.transforms}
-            for tname in dict.fromkeys(tnames):
-                t = by_name.get(tname)
-                if t is None:
-                    continue
-                verdict = await self._run_kat(st, t, quick=True)
-                if verdict.passed or self._engines.get(engine) is not st:
-                    continue
-                self._record_failure(st, tname, f"canary: {verdict.reason}")
-                failed.append(st.verdicts[tname])
-                self._publish()
-        return failed
+        """One canary round now (see ``canary.Canary.round``)."""
+        return await self._canary.round()
 
     def report_failure(self, engine: str, transform: str, reason: str) -> None:
         """A datapath worker saw ``engine`` fail ``transform`` (call on the loop's thread):
         take it off that transform and republish now."""
-        st = self._engines.get(engine)
-        if st is None:
-            log.warning(
-                "failure reported for unknown engine %s (%s): %s", engine, transform, reason
-            )
-            return
-        self._record_failure(st, transform, f"reported by the datapath: {reason}")
-        self._publish()
-
-    def _record_failure(self, st: _EngineState, transform: str, reason: str) -> None:
-        st.verdicts[transform] = Verdict(st.name, transform, False, reason)
-        log.error("engine %s taken off %s: %s", st.name, transform, reason)
-        self._event(f"{st.name} off {transform}: {reason}")
+        self._canary.report_failure(engine, transform, reason)
 
     # -- status and control ------------------------------------------------------------
-    def _event(self, text: str) -> None:
-        self._events.append(f"+{self._clock() - self._started_at:.1f}s {text}")
-
     def engines_status(self) -> tuple[EngineStatus, ...]:
         table = self.table
-        out = []
-        for st in self._engines.values():
-            rows = []
-            best: float | None = None
-            for t in st.transforms:
-                v = st.verdicts.get(t.name)
-                rates = tuple(
-                    EngineRate(size, round(m.mbit_s, 1), round(m.ns_per_packet, 1))
-                    for size in self.sizes
-                    if (m := st.measurements.get((t.name, size, "seal"))) is not None
-                )
-                if rates and rates[-1].size == max(self.sizes):
-                    best = max(best or 0.0, rates[-1].mbit_s)
-                choice = table.choice(t.name)
-                uses = [
-                    size_range(lo, hi)
-                    for e, lo, hi in (choice.ranges() if choice else [])
-                    if e == st.name
-                ]
-                rows.append(
-                    EngineTransformStatus(
-                        transform=t.name,
-                        driver=st.drivers.get(t.name, ""),
-                        kat="pending" if v is None else "passed" if v.passed else "failed",
-                        reason="" if v is None else v.reason,
-                        rates=rates,
-                        in_use_for=",".join(uses),
-                    )
-                )
-            rows += [
-                EngineTransformStatus(transform=name, kat="unsupported", reason=why)
-                for name, why in st.why_not.items()
-            ]
-            in_use = table.in_use_for(st.name)
-            drivers = list(dict.fromkeys(d for d in st.drivers.values() if d))
-            hardware = st.kind is EngineKind.HARDWARE
-            out.append(
-                EngineStatus(
-                    name=st.name,
-                    driver=", ".join(drivers),
-                    kind="hardware" if hardware else "cpu",
-                    proven=any(v.passed for v in st.verdicts.values()),
-                    selected=bool(in_use),
-                    mbit_s=best,
-                    hardware=hardware,
-                    state=st.state,
-                    reason=st.reason,
-                    transforms=tuple(rows),
-                    in_use_for=in_use,
-                )
-            )
-        return tuple(out)
+        return tuple(st.status(table, self._prover.sizes) for st in self._prover.engines.values())
 
     def status(self) -> StatusContribution:
         return StatusContribution(engines=self.engines_status())
@@ -672,7 +444,7 @@ class OffloadService:
             "watch": self._watcher.mode if self._watcher is not None else "off",
             "engines": [e.to_json() for e in self.engines_status()],
             **(update.to_json() if update is not None else {"table": ChoiceTable().to_json()}),
-            "events": list(self._events),
+            "events": self._events.lines(),
             **sections,
         }
 
@@ -689,36 +461,6 @@ class OffloadService:
     async def _cmd_bench(self, request: Request) -> dict[str, object]:
         await self.bench()
         return {"offload": self.report()}
-
-
-def _describe_engine(
-    spec: EngineSpec, engine: Engine
-) -> tuple[tuple[Transform, ...], dict[str, str], dict[str, str], EngineKind]:
-    """What ``engine`` runs, on which drivers, why not the rest, and its kind.
-
-    Blocking (a thread): an AF_ALG engine binds each transform to find out, and its
-    ``kind`` reads /proc/crypto; ``oe status`` must not do either on the event loop.
-    """
-    transforms = tuple(engine.transforms())
-    drivers: dict[str, str] = {}
-    for t in transforms:
-        try:
-            drivers[t.name] = engine.driver(t)
-        except Exception:
-            drivers[t.name] = spec.driver(t.name)
-    runs = {t.name for t in transforms}
-    why = getattr(engine, "why_not", None)
-    why_not: dict[str, str] = {}
-    for name in spec.transforms:
-        if name not in runs:
-            reason = why(TRANSFORMS[name]) if callable(why) else ""
-            why_not[name] = str(reason or "this engine does not run it here")
-    try:
-        kind = engine.kind
-    except Exception:
-        kind = spec.kind
-    hardware = EngineKind.HARDWARE in (kind, spec.kind)
-    return transforms, drivers, why_not, EngineKind.HARDWARE if hardware else EngineKind.CPU
 
 
 def _describe(table: ChoiceTable) -> str:
