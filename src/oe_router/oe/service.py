@@ -35,7 +35,6 @@ from oe_router.datapath.base import (
     IPAddress,
     IPNetwork,
     PolicyExpire,
-    TrafficSelector,
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
 from oe_router.dns.ipseckey import PeerKey
@@ -201,23 +200,12 @@ class OeService:
         self._spawn(self._timers())
 
     def _orphaned_acquires(self, dp: Datapath) -> list[Action]:
-        """ACQUIREs the kernel sent to a dead predecessor, recovered from larval states.
-
-        A trapped packet leaves a larval SA (spi 0, our trap reqid) that holds further
-        packets to that destination and suppresses new ACQUIREs until
-        ``xfrm_acq_expires`` (30 s by default); it cannot be deleted by SPI. Without
-        this a private-or-clear destination stalls that long after a crash.
-        """
-        if not isinstance(dp, XfrmDatapath):
-            return []
-        actions: list[Action] = []
+        """ACQUIREs the datapath holds for a dead predecessor: answered now, or a
+        private-or-clear destination stalls until the datapath lets them go."""
         now = self._clock()
-        for sa in dp.dump_sas():
-            if sa.spi == 0 and sa.reqid == self._trap_reqid:
-                src = TrafficSelector(ipaddress.ip_network(sa.src))
-                dst = TrafficSelector(ipaddress.ip_network(sa.dst))
-                event = Acquire(sa.src, sa.dst, src, dst, sa.reqid, 0, 0, 0)
-                actions += self.manager.acquire(event, now)
+        actions: list[Action] = []
+        for event in dp.orphaned_acquires(self._trap_reqid):
+            actions += self.manager.acquire(event, now)
         return actions
 
     async def reload(self, config: OeConfig) -> None:
