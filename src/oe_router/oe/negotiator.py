@@ -136,7 +136,7 @@ class IkeNegotiator:
     async def negotiate(self, request: ChildRequest, now: float) -> NegotiationResult:
         """A Child SA for ``request``: on the peer's IKE SA if one is up, else a new one."""
         peer = str(request.peer)
-        peer_key = None if request.auth.null else request.auth.key.public_key  # type: ignore[union-attr]
+        peer_key = request.auth.key  # None: NULL auth
         try:
             p = self.ike.find(peer)
             if (

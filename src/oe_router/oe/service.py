@@ -37,7 +37,6 @@ from oe_router.datapath.base import (
     PolicyExpire,
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
-from oe_router.dns.ipseckey import PeerKey
 from oe_router.oe.lan import LanError, LanGateway, Peers6, cat_remove_script, cat_script
 from oe_router.oe.manager import (
     Action,
@@ -56,6 +55,7 @@ from oe_router.oe.manager import (
     TunnelResult,
     UpdateCat,
 )
+from oe_router.oe.peerauth import PublishedKey
 from oe_router.oe.policy import PolicyTable
 
 __all__ = ["DatapathFactory", "EspOfferHooks", "NftRunner", "OeService", "kernel_datapath"]
@@ -278,7 +278,7 @@ class OeService:
 
     # ------------------------------------------------------------------ DNS front entry
     async def ensure_tunnel(
-        self, name: dns.name.Name, addresses: tuple[IPAddress, ...], key: PeerKey
+        self, name: dns.name.Name, addresses: tuple[IPAddress, ...], key: PublishedKey
     ) -> bool:
         """``dns.hold.TunnelRequester``: True once every address is protected."""
         if self._mgr is None:
