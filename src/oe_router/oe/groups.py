@@ -20,7 +20,7 @@ __all__ = ["GroupPolicies"]
 
 
 class GroupPolicies:
-    """``PolicyTable.kernel_policies`` of the current table, and their restoring."""
+    """The current group table, its ``kernel_policies``, and their restoring."""
 
     def __init__(
         self,
@@ -30,6 +30,7 @@ class GroupPolicies:
         lan6: tuple[ipaddress.IPv6Network, ...],
     ) -> None:
         self._wan, self._trap_reqid, self._lan6 = dict(wan), trap_reqid, lan6
+        self.table = table
         self.policies: tuple[PolicySpec, ...] = ()
         self.by_key: dict[PolicyKey, PolicySpec] = {}
         self.load(table)
@@ -37,6 +38,7 @@ class GroupPolicies:
     def load(self, table: PolicyTable) -> dict[PolicyKey, PolicySpec]:
         """Take ``table``'s policies; returns the previous ones by identity."""
         old = self.by_key
+        self.table = table
         self.policies = table.kernel_policies(
             self._wan, trap_reqid=self._trap_reqid, lan6=self._lan6
         )

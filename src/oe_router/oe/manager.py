@@ -17,7 +17,7 @@ import ipaddress
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import dns.name
 
@@ -51,6 +51,8 @@ from oe_router.oe.actions import (
     TunnelResult,
     UpdateCat,
 )
+from oe_router.oe.admission import Admission
+from oe_router.oe.answers import HeldAnswers
 from oe_router.oe.groups import GroupPolicies
 from oe_router.oe.passes import Passes
 from oe_router.oe.peerauth import PeerAuth, PublishedKey, peer_auth
@@ -59,6 +61,7 @@ from oe_router.oe.policy import Group, PolicyTable, Rule, flow_selector, selecto
 from oe_router.oe.selectors import child_keys, describe, host_net, target
 from oe_router.oe.shunts import Shunts
 from oe_router.oe.tickets import InboundTicket, NegotiationTicket, RekeyTicket, Tickets
+from oe_router.oe.upkeep import Upkeep
 
 __all__ = [
     "Action",
@@ -83,14 +86,6 @@ __all__ = [
 log = logging.getLogger("oe_router.oe")
 
 
-@dataclass
-class _Waiter:
-    """A DNS answer held until every address it names is protected (or one is not)."""
-
-    pending: set[tuple[IPAddress, TrafficSelector]]
-    ok: bool = True
-
-
 class OeManager:
     """Policy groups, tunnels and shunts for packet- and DNS-triggered OE.
 
@@ -111,10 +106,8 @@ class OeManager:
         """``lan6``: the LAN IPv6 prefixes the LAN gateway NATs into tunnels (empty when
         there is no gateway, or no WAN IPv6 address): their flows get LAN-sourced traps
         (``PolicyTable.kernel_policies``), pass shunts and, while a peer has a Child SA,
-        a PASS towards it (``_lan_pass``)."""
-        self.table = table
+        a PASS towards it (``Passes``)."""
         self.wan = dict(wan)
-        self.idle_timeout = idle_timeout
         self.lan6 = tuple(lan6) if 6 in self.wan else ()
         #: "example.org (198.51.100.7): protected, ..." lines, rate-limited
         self.decisions = DecisionLog(log)
@@ -122,10 +115,25 @@ class OeManager:
         self._groups = GroupPolicies(table, self.wan, trap_reqid, self.lan6)
         self._shunts = Shunts(self.wan, self.lan6, shunt_lifetime, self._groups, self.decisions)
         self._passes = Passes(self.wan, self.lan6, self._shunts, self._groups)
-        self._peers = Peers()
+        self._admission = Admission(self.wan, self._groups, self._passes)
+        self._peers = Peers(self._groups, self._passes)
         self._tickets = Tickets(self._ids.__next__)
-        self._waiters: dict[int, _Waiter] = {}
-        self._keys: dict[IPAddress, PeerAuth] = {}  # how each peer DNS named must authenticate
+        self._upkeep = Upkeep(self._peers, self._tickets, self._admission, idle_timeout)
+        self._answers = HeldAnswers()
+
+    @property
+    def table(self) -> PolicyTable:
+        """The group table (``replace_table`` swaps it)."""
+        return self._groups.table
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds without traffic before a Child SA goes (a reload may change it)."""
+        return self._upkeep.idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, seconds: float) -> None:
+        self._upkeep.idle_timeout = seconds
 
     @property
     def shunt_lifetime(self) -> float:
@@ -144,43 +152,21 @@ class OeManager:
         """Install the group policies (replacing any adopted from an earlier run)."""
         return [InstallPolicy(p) for p in self._groups.policies]
 
-    # ------------------------------------------------------------------ containment
+    # ------------------------------------------------------------------ admission
     def containment_error(
         self, peer: IPAddress, spec: ChildSaSpec, inner: IPAddress | None = None
     ) -> str | None:
-        """Why ``spec`` may not be installed for ``peer`` (None: it may).
+        """Why ``spec`` may not be installed for ``peer`` (None: it may); ``inner``: the
+        CAT inner address the peer gives us with it (``Admission.containment_error``)."""
+        return self._admission.containment_error(peer, spec, inner)
 
-        A peer may protect only its own address, and only to our WAN address: any
-        other selector would let it capture traffic meant for someone else. With CAT
-        the local side is instead the inner address this very peer gave us (``inner``
-        for a new one, else the one it gave before).
-        """
-        local = self.wan.get(peer.version)
-        if inner is not None:
-            error = self._passes.inner_error(peer, inner)
-            if error is not None:
-                return error
-        if local is None:
-            return f"peer {peer}: no WAN address of IPv{peer.version} to protect traffic with"
-        if spec.remote != peer:
-            return f"peer {peer}: Child SA goes to {spec.remote}, not to the peer itself"
-        if spec.local != local:
-            return f"peer {peer}: Child SA starts at {spec.local}, not at our WAN address {local}"
-        for ts in spec.remote_ts:
-            if ts.net != host_net(peer):
-                return (
-                    f"peer {peer}: refused selector {ts.net}: "
-                    "a peer may only protect its own address"
-                )
-        inner = inner if inner is not None else self._passes.inner(peer)
-        mine = host_net(local) if inner is None else host_net(inner)
-        for ts in spec.local_ts:
-            if ts.net != mine:
-                return (
-                    f"peer {peer}: refused local selector {ts.net}: "
-                    f"only {mine.network_address} may be protected"
-                )
-        return None
+    def refuses_peer(self, peer: IPAddress) -> str | None:
+        """Before any IKE: why ``peer`` may not start IPsec with us, or None."""
+        return self._admission.refuses_peer(peer)
+
+    def authorize_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
+        """Responder side: may ``peer`` have this Child SA? None if yes, else why not."""
+        return self._admission.authorize_inbound(peer, spec)
 
     def cat_map(self) -> tuple[tuple[IPAddress, IPAddress], ...]:
         """CAT: (peer, inner address) for every peer whose Child SAs use one."""
@@ -195,7 +181,7 @@ class OeManager:
         inner = self._passes.inner(p.addr)  # CAT: the inner address the peer gave us
         local = self.wan[p.addr.version] if inner is None else inner
         p.in_flight = ticket = self._tickets.open(NegotiationTicket(p.addr, want))
-        auth = self._keys.get(p.addr, PeerAuth())
+        auth = self._answers.auth(p.addr)
         local_ts = TrafficSelector(host_net(local), want.selector.proto, None)
         request = ChildRequest(p.addr, local, auth, local_ts, want.selector)
         log.info(
@@ -249,7 +235,7 @@ class OeManager:
         """DNS front: protect every address of ``name`` with its DNSSEC-validated ``key``
         (OE's ``PeerAuth`` from here on); answer ``waiter``."""
         auth = peer_auth(key, name)
-        w = self._waiters[waiter] = _Waiter(set(), ok=bool(addresses))
+        self._answers.hold(waiter, ok=bool(addresses))
         actions: list[Action] = []
         for addr in addresses:
             rule = self.table.lookup(addr)
@@ -257,39 +243,19 @@ class OeManager:
             if rule is None or not group.initiates or addr.version not in self.wan:
                 why = "no WAN address" if addr.version not in self.wan else f"group {group.value}"
                 self.decisions.decide(logging.INFO, subject([addr], name), f"clear, {why}", now)
-                w.ok = False
+                self._answers.refuse(waiter)
                 continue
-            self._keys[addr] = auth
+            self._answers.learn(addr, auth)
             selector = flow_selector(addr, rule)
             if self._peers.child_for(addr, selector) is not None:
                 continue
-            w.pending.add((addr, selector))
+            self._answers.wait_for(waiter, addr, selector)
             installing = self._tickets.installing(addr, selector)
             if installing is not None:  # answered once the peer's Child SA is in
                 installing.waiters.add(waiter)
                 continue
             actions += self._want(addr, rule, waiter, now)
-        if not w.pending:
-            del self._waiters[waiter]
-            actions.append(TunnelResult(waiter, w.ok))
-        return actions
-
-    def _settle(
-        self, waiters: set[int], peer: IPAddress, selector: TrafficSelector, ok: bool
-    ) -> list[Action]:
-        """``peer``'s ``selector`` is protected (ok) or not: answer the waiters that
-        waited only for it."""
-        out: list[Action] = []
-        for waiter in sorted(waiters):
-            w = self._waiters.get(waiter)
-            if w is None:
-                continue
-            w.pending.discard((peer, selector))
-            w.ok = w.ok and ok
-            if not w.pending:
-                del self._waiters[waiter]
-                out.append(TunnelResult(waiter, w.ok))
-        return out
+        return actions + self._answers.release_if_done(waiter)
 
     def _fail(
         self, p: Peer, want: Want, reason: str, now: float, summary: str = ""
@@ -304,21 +270,20 @@ class OeManager:
         actions += self._shunts.add(
             p.addr, want.selector, want.rule.group, reason, now, summary, who
         )
-        actions += self._settle(want.waiters, p.addr, want.selector, False)
+        actions += self._answers.settle(want.waiters, p.addr, want.selector, False)
         p.in_flight = None
         return actions + self._start_next(p, now)
 
     def _who(self, peer: IPAddress, selector: TrafficSelector) -> str:
         """The decision line's subject: the DNS name that asked for ``peer`` (if one did),
         the address, and the protocol and port when the flow selector narrows them."""
-        auth = self._keys.get(peer)
-        return subject([target(selector)], auth and auth.name)
+        return subject([target(selector)], self._answers.name(peer))
 
     def negotiated(self, ticket: int, result: NegotiationResult, now: float) -> list[Action]:
         """The negotiator answered a ``Negotiate`` or ``Rekey``."""
         t = self._tickets.get(ticket)
         if isinstance(t, RekeyTicket):
-            return self._rekeyed(ticket, t, result, now)
+            return self._upkeep.rekeyed(ticket, t, result)
         p = None if t is None else self._peers.get(t.peer)
         if not isinstance(t, NegotiationTicket) or p is None:
             self._tickets.close(ticket)
@@ -346,7 +311,7 @@ class OeManager:
         if isinstance(t, InboundTicket):
             return self._inbound_installed(t, spec, error, now)
         if isinstance(t, RekeyTicket):
-            return self._rekey_installed(t, spec, error, now)
+            return self._upkeep.installed(t, spec, error, now)
         if t is None:
             return []
         p = self._peers.of(t.peer)
@@ -358,19 +323,19 @@ class OeManager:
         p.queue.pop(want.selector, None)
         c = Child(next(self._ids), t.peer, spec, want.selector, want.rule.group, now, active_at=now)
         log.info("peer %s: Child SA up for %s", t.peer, describe(want.selector))
-        auth = self._keys.get(t.peer, PeerAuth())
+        auth = self._answers.auth(t.peer)
         how = f"{auth.words}, {cipher_name(spec)} ({'DNS' if want.waiters else 'packet'})"
         private = t.inner is not None and self.table.group_of(t.peer, 0, None) is Group.PRIVATE
         actions = self._child_up(p, c, how, now)
         actions += self._passes.child_up(t.peer, t.inner, private)  # before the waiters
         actions += self._drop_replaced(want)  # (a same-selector one was superseded above)
-        actions += self._settle(want.waiters, t.peer, want.selector, True)
+        actions += self._answers.settle(want.waiters, t.peer, want.selector, True)
         return actions + self._start_next(p, now)
 
     def _child_up(self, p: Peer, c: Child, how: str, now: float) -> list[Action]:
         """``c`` is in: it supersedes an older Child SA of its flow and its policies
         replace the shunts of theirs; the peer's drop back-off starts over."""
-        actions = self._supersede(p, c.selector)
+        actions = self._peers.supersede(p, c.selector)
         p.children[c.id] = c
         self.decisions.decide(NOTICE, self._who(c.peer, c.selector), f"protected, {how}", now)
         self._shunts.succeeded(c.peer)
@@ -387,7 +352,7 @@ class OeManager:
             actions: list[Action] = [SendDelete(t.peer, inbound.spec)]
             rule = self.table.lookup(t.peer)
             for waiter in sorted(t.waiters):  # negotiate ours for the held answers
-                if rule is not None and waiter in self._waiters:
+                if rule is not None and self._answers.held(waiter):
                     actions += self._want(t.peer, rule, waiter, now)
             self._peers.gc(t.peer)
             return actions
@@ -398,68 +363,18 @@ class OeManager:
         how = f"{cipher_name(spec)} (the peer initiated)"
         actions = self._child_up(p, inbound, how, now)
         actions += self._passes.child_up(t.peer, None, private=False)
-        return actions + self._settle(t.waiters, t.peer, inbound.selector, True)
-
-    def _rekey_installed(
-        self, t: RekeyTicket, spec: ChildSaSpec | None, error: str | None, now: float
-    ) -> list[Action]:
-        c = self._peers.of(t.peer).children.get(t.child_id)
-        if c is None:
-            self._peers.gc(t.peer)
-            return [RemoveChild(spec)] if spec is not None else []
-        c.rekeying = False
-        if spec is None:
-            log.error("peer %s: installing the rekeyed Child SA failed: %s", t.peer, error)
-            return [SendDelete(t.peer, t.spec)]
-        old, c.spec, c.since = c.spec, spec, now
-        c.bytes_seen, c.active_at = 0, now  # counters start again with the new SA
-        log.info("peer %s: Child SA rekeyed", t.peer)
-        return [RemoveChild(old, remove_policies=False)]
+        return actions + self._answers.settle(t.waiters, t.peer, inbound.selector, True)
 
     def _drop_replaced(self, want: Want) -> list[Action]:
         actions: list[Action] = []
         for child_id in sorted(want.replaces):
             c = self._peers.child(child_id)
             if c is not None:
-                actions += self._remove_child(c, tell_peer=True)
+                actions += self._peers.remove(c, tell_peer=True)
         want.replaces.clear()
         return actions
 
-    def _supersede(self, p: Peer, selector: TrafficSelector) -> list[Action]:
-        """A new Child SA for a flow that already has one (both ends initiated, or the
-        peer restarted): the new one's policies replaced the old one's in the kernel,
-        so the old SAs go without their policies, and the peer is told."""
-        actions: list[Action] = []
-        for old in [c for c in p.children.values() if c.selector == selector]:
-            del p.children[old.id]
-            actions += [RemoveChild(old.spec, remove_policies=False), SendDelete(p.addr, old.spec)]
-        return actions
-
     # ------------------------------------------------------------------ inbound
-    def refuses_peer(self, peer: IPAddress) -> str | None:
-        """Before any IKE: why ``peer`` may not start IPsec with us, or None.
-
-        Refusing before IKE_SA_INIT is answered lets the peer's own fallback (its failure
-        shunt) take over, instead of an SA that is set up only to be deleted again.
-        """
-        group = self.table.group_of(peer, 0, None)
-        if not group.accepts_inbound:
-            return f"peer {peer} is in group {group.value}, which takes no IPsec"
-        return None
-
-    def authorize_inbound(self, peer: IPAddress, spec: ChildSaSpec) -> str | None:
-        """Responder side: may ``peer`` have this Child SA? None if yes, else why not."""
-        error = self.containment_error(peer, spec)
-        if error is not None:
-            log.error("%s; Child SA refused", error)
-            return error
-        proto = spec.remote_ts[0].proto if spec.remote_ts else 0
-        port = spec.remote_ts[0].port if spec.remote_ts else None
-        group = self.table.group_of(peer, proto, port)
-        if not group.accepts_inbound:
-            return f"peer {peer}: is in group {group.value}, which takes no IPsec"
-        return None
-
     def adopt_inbound(self, peer: IPAddress, spec: ChildSaSpec, now: float) -> list[Action]:
         """Responder side: install an authorized Child SA the peer initiated."""
         if self.authorize_inbound(peer, spec) is not None:
@@ -473,70 +388,13 @@ class OeManager:
         return [InstallChild(self._tickets.open(InboundTicket(peer, child)), spec)]
 
     # ------------------------------------------------------------------ lifecycle
-    def _remove_child(self, c: Child, *, tell_peer: bool) -> list[Action]:
-        p = self._peers.of(c.peer)
-        del p.children[c.id]
-        actions: list[Action] = [RemoveChild(c.spec)]
-        if tell_peer:
-            actions.append(SendDelete(c.peer, c.spec))
-        actions += self._groups.restore(child_keys(c.spec))
-        if not p.children:
-            actions += self._passes.last_child_gone(c.peer)
-        self._peers.gc(c.peer)
-        return actions
-
     def expired(self, ev: Expire, now: float) -> list[Action]:
         """An SA hit its lifetime: hard -> gone; soft -> rekey if it carried traffic."""
-        c = self._peers.child_by_spi(ev.dst, ev.spi)
-        if c is None:
-            return []
-        if ev.hard:
-            log.info("peer %s: Child SA expired (spi %#010x)", c.peer, ev.spi)
-            return self._remove_child(c, tell_peer=True)
-        if c.rekeying:
-            return []
-        return [CheckTraffic(c.id, c.spec, soft_expired=True)]
+        return self._upkeep.expired(ev)
 
     def traffic(self, child_id: int, total_bytes: int, now: float, soft: bool) -> list[Action]:
-        """Counters of a ``CheckTraffic``: an SA idle for ``idle_timeout`` goes (at any
-        check: the IKE core rekeys Child SAs on its own timer, so waiting for a soft
-        expiry would rekey idle SAs forever); at a soft expiry a busy one is rekeyed."""
-        c = self._peers.child(child_id)
-        if c is None:
-            return []
-        if total_bytes != c.bytes_seen:
-            c.bytes_seen = total_bytes
-            c.active_at = now
-        if c.rekeying:
-            return []
-        if now - c.active_at >= self.idle_timeout:
-            log.info("peer %s: idle Child SA not rekeyed; removed", c.peer)
-            return self._remove_child(c, tell_peer=True)
-        if not soft:
-            return []
-        c.rekeying = True
-        ticket = self._tickets.open(RekeyTicket(c.peer, c.id))
-        return [Rekey(ticket, c.peer, c.spec)]
-
-    def _rekeyed(
-        self, ticket: int, t: RekeyTicket, result: NegotiationResult, now: float
-    ) -> list[Action]:
-        c = self._peers.child(t.child_id)
-        if c is None:
-            self._tickets.close(ticket)
-            return [SendDelete(t.peer, result.child_sa)] if result.child_sa else []
-        spec = result.child_sa
-        error = result.error or "rekey failed"
-        if spec is not None:
-            error = self.containment_error(t.peer, spec) or ""
-        if spec is None or error:
-            self._tickets.close(ticket)
-            c.rekeying = False
-            log.warning("peer %s: %s; the Child SA lives until it expires", t.peer, error)
-            return [SendDelete(t.peer, spec)] if spec is not None else []
-        spec = replace(spec, policy_priority=c.spec.policy_priority)
-        t.spec = spec
-        return [InstallChild(ticket, spec)]
+        """Counters of a ``CheckTraffic`` (``Upkeep.traffic``)."""
+        return self._upkeep.traffic(child_id, total_bytes, now, soft)
 
     def withdraw(self, why: Callable[[ChildSaSpec], str | None], now: float) -> list[Action]:
         """The ESP offer lost transforms (their kernel driver failed a test): move every
@@ -579,7 +437,7 @@ class OeManager:
         rule = self.table.lookup(c.peer, c.selector.proto, c.selector.port)
         if rule is None or not rule.group.initiates or c.peer.version not in self.wan:
             log.warning("peer %s: moving its Child SA failed: %s; removing it", c.peer, error)
-            return self._remove_child(c, tell_peer=True)
+            return self._peers.remove(c, tell_peer=True)
         log.warning(
             "peer %s: the rekey was refused (%s); negotiating a new Child SA to replace it",
             c.peer,
@@ -591,7 +449,7 @@ class OeManager:
         if want is not None:
             want.replaces.add(c.id)
         else:  # nothing to replace it with: it goes
-            actions += self._remove_child(c, tell_peer=True)
+            actions += self._peers.remove(c, tell_peer=True)
         return actions
 
     def peer_deleted(self, peer: IPAddress, spis: Iterable[int] | None, now: float) -> list[Action]:
@@ -605,7 +463,7 @@ class OeManager:
         for c in list(p.children.values()):
             if wanted is None or c.spec.outbound.spi in wanted:
                 log.info("peer %s deleted its Child SA (spi %#010x)", peer, c.spec.outbound.spi)
-                actions += self._remove_child(c, tell_peer=False)
+                actions += self._peers.remove(c, tell_peer=False)
         return actions
 
     def liveness_failed(self, peer: IPAddress, now: float) -> list[Action]:
@@ -628,7 +486,7 @@ class OeManager:
         actions: list[Action] = []
         rules: list[Rule] = []
         for c in list(p.children.values()):
-            actions += self._remove_child(c, tell_peer=False)
+            actions += self._peers.remove(c, tell_peer=False)
             rule = self.table.lookup(peer, c.selector.proto, c.selector.port)
             if rule is not None and rule.group.initiates and peer.version in self.wan:
                 rules.append(rule)
@@ -646,11 +504,10 @@ class OeManager:
 
     def poll_traffic(self) -> list[Action]:
         """Read every Child SA's counters (periodically), so idleness is measured."""
-        return [CheckTraffic(c.id, c.spec, soft_expired=False) for c in self._peers.children()]
+        return self._upkeep.poll()
 
     def replace_table(self, table: PolicyTable) -> list[Action]:
         """A reload changed the groups: swap the group policies (tunnels stay)."""
-        self.table = table
         old = self._groups.load(table)
         new = self._groups.by_key
         live = self._shunts.keys() | self._passes.lan_keys()

@@ -1,8 +1,9 @@
 """The OE manager's peers: per peer, its Child SAs and the flows queued to negotiate.
 
 Why a table of its own: every event (an SA expiring, a DELETE, a counter reading, a
-status request) starts by finding a peer or one of its Child SAs; the lookups and the
-status rows belong with the state they read, apart from the decisions made on them.
+status request) starts by finding a peer or one of its Child SAs; the lookups, what a
+Child SA's coming and going does to the policies around it, and the status rows belong
+with the state they read, apart from the decisions made on them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from oe_router.datapath.base import (
     IPAddress,
     TrafficSelector,
 )
+from oe_router.oe.actions import Action, RemoveChild, SendDelete
+from oe_router.oe.groups import GroupPolicies
+from oe_router.oe.passes import Passes
 from oe_router.oe.policy import Group, Rule
-from oe_router.oe.selectors import describe
+from oe_router.oe.selectors import child_keys, describe
 
 __all__ = ["Child", "Peer", "Peers", "Want"]
 
@@ -70,8 +74,9 @@ class Peer:
 class Peers:
     """Every peer with work in flight, queued or installed, by address."""
 
-    def __init__(self) -> None:
+    def __init__(self, groups: GroupPolicies, passes: Passes) -> None:
         self._by_addr: dict[IPAddress, Peer] = {}
+        self._groups, self._passes = groups, passes
 
     def __iter__(self) -> Iterator[Peer]:
         return iter(self._by_addr.values())
@@ -108,6 +113,30 @@ class Peers:
             if (dst, spi) in ((s.local, s.inbound.spi), (s.remote, s.outbound.spi)):
                 return c
         return None
+
+    def supersede(self, p: Peer, selector: TrafficSelector) -> list[Action]:
+        """A new Child SA for a flow that already has one (both ends initiated, or the
+        peer restarted): the new one's policies replaced the old one's in the kernel,
+        so the old SAs go without their policies, and the peer is told."""
+        actions: list[Action] = []
+        for old in [c for c in p.children.values() if c.selector == selector]:
+            del p.children[old.id]
+            actions += [RemoveChild(old.spec, remove_policies=False), SendDelete(p.addr, old.spec)]
+        return actions
+
+    def remove(self, c: Child, *, tell_peer: bool) -> list[Action]:
+        """``c`` goes: the group's policies take its policies' place, and with the peer's
+        last Child SA its CAT inner address and passes go too."""
+        p = self.of(c.peer)
+        del p.children[c.id]
+        actions: list[Action] = [RemoveChild(c.spec)]
+        if tell_peer:
+            actions.append(SendDelete(c.peer, c.spec))
+        actions += self._groups.restore(child_keys(c.spec))
+        if not p.children:
+            actions += self._passes.last_child_gone(c.peer)
+        self.gc(c.peer)
+        return actions
 
     def tunnels(
         self,
