@@ -37,8 +37,7 @@ from oe_router.datapath.base import (
     PolicyExpire,
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
-from oe_router.oe.lan import LanError, LanGateway, Peers6, cat_remove_script, cat_script
-from oe_router.oe.manager import (
+from oe_router.oe.actions import (
     Action,
     CheckTraffic,
     InstallChild,
@@ -47,7 +46,6 @@ from oe_router.oe.manager import (
     Negotiate,
     NegotiationResult,
     Negotiator,
-    OeManager,
     Rekey,
     RemoveChild,
     RemovePolicy,
@@ -55,6 +53,8 @@ from oe_router.oe.manager import (
     TunnelResult,
     UpdateCat,
 )
+from oe_router.oe.lan import LanError, LanGateway, Peers6, cat_remove_script, cat_script
+from oe_router.oe.manager import OeManager
 from oe_router.oe.peerauth import PublishedKey
 from oe_router.oe.policy import PolicyTable
 
