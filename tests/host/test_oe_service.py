@@ -406,7 +406,7 @@ def test_ensure_tunnel_install_fails_on_kernel_without_esp_and_falls_back(
             )
             assert ok is False
             (req,) = neg.requests
-            assert req.auth.key == key
+            assert req.auth.key == key.public_key
             assert [(str(p), c is not None) for p, c in neg.deleted] == [(POC, True)]
             (shunt,) = svc.status().shunts
             assert shunt.kind == "pass"

@@ -583,6 +583,9 @@ class FakeDatapath:
     def stats(self) -> dict[str, int]:
         return {}
 
+    def orphaned_acquires(self, trap_reqid: int) -> list[Any]:
+        return []
+
     async def close(self) -> None: ...
 
 

@@ -383,7 +383,9 @@ def test_ensure_tunnel_uses_the_dns_key_and_answers_when_all_addresses_are_up(
     acts = mgr.ensure_tunnel(7, name, (P1, P2), _key(), 0.0)
     negs = only(acts, Negotiate)
     assert {n.request.peer for n in negs} == {P1, P2}
-    assert all(n.request.auth.key == _key() and n.request.auth.name == name for n in negs)
+    assert all(
+        n.request.auth.key == _key().public_key and n.request.auth.name == name for n in negs
+    )
     assert all(n.request.auth.null for n in negs)  # kind NONE: anonymous OE
     _, _, out1, _ = _negotiate_ok(mgr, [negs[0]], negs[0].request.peer, 0x1000, 0.5)
     assert only(out1, TunnelResult) == []
@@ -497,7 +499,7 @@ def test_a_failed_install_of_the_peers_child_sa_negotiates_for_the_held_answer(
     acts = mgr.installed(inst.ticket, None, "no room", 0.2)
     assert acts[0] == SendDelete(P1, inst.spec)  # type: ignore[union-attr]
     (neg,) = only(acts, Negotiate)
-    assert neg.request.peer == P1 and neg.request.auth.key == _key()
+    assert neg.request.peer == P1 and neg.request.auth.key == _key().public_key
     _, _, out, _ = _negotiate_ok(mgr, [neg], P1, 0x1000, 0.5)
     assert only(out, TunnelResult) == [TunnelResult(5, True)]
 

@@ -510,6 +510,17 @@ class Datapath(Protocol):
         """The datapath's own counters for ``oe status`` (cheap; may be empty)."""
         ...
 
+    def orphaned_acquires(self, trap_reqid: int) -> list[Acquire]:
+        """Packets an earlier run's traps (``trap_reqid``) caught and the datapath still
+        holds, as the ACQUIREs that run never answered; [] when the datapath keeps no such
+        state across runs.
+
+        Why: the kernel leaves a larval SA per trapped packet that holds further packets
+        and suppresses new ACQUIREs for its lifetime; unanswered, a destination stalls
+        that long after a crash.
+        """
+        ...
+
     async def close(self) -> None:
         """Clean stop: remove what we installed (persistent policies stay if configured)."""
         ...

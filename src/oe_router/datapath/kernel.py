@@ -578,6 +578,25 @@ class XfrmDatapath:
         replies = self._request(X.XFRM_MSG_GETSA, {}, [], "SA dump", flags=_REQ_DUMP)
         return [self._sa_info(m) for m in replies if m["header"]["type"] == X.XFRM_MSG_NEWSA]
 
+    def orphaned_acquires(self, trap_reqid: int) -> list[Acquire]:
+        """An earlier run's ACQUIREs, recovered from its larval states (spi 0, the trap's
+        reqid): they cannot be deleted by SPI and hold their destination's packets until
+        ``xfrm_acq_expires`` (30 s by default)."""
+        return [
+            Acquire(
+                sa.src,
+                sa.dst,
+                TrafficSelector(ipaddress.ip_network(sa.src)),
+                TrafficSelector(ipaddress.ip_network(sa.dst)),
+                sa.reqid,
+                0,
+                0,
+                0,
+            )
+            for sa in self.dump_sas()
+            if sa.spi == 0 and sa.reqid == trap_reqid
+        ]
+
     # -- policies --
     def _policy_id(self, pol: PolicySpec) -> dict[str, Any]:
         return {**_selector(pol.src, pol.dst, "sel_"), "dir": _DIRS[pol.direction]}

@@ -721,6 +721,10 @@ class UserspaceDatapath:
     async def counters(self, spec: ChildSaSpec) -> ChildSaCounters:
         return self.read_counters(spec)
 
+    def orphaned_acquires(self, trap_reqid: int) -> list[Acquire]:
+        """None: a trapped packet lives in this process's queue and died with it."""
+        return []
+
     def stats(self) -> dict[str, int]:
         q = self._queue
         nfq = (

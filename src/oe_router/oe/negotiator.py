@@ -46,7 +46,7 @@ from oe_router.ike.service import (
     child_sa_spec,
     host_selector,
 )
-from oe_router.oe.manager import ChildRequest, NegotiationResult
+from oe_router.oe.actions import ChildRequest, NegotiationResult
 
 __all__ = ["IkeNegotiator", "InboundHandler", "cat_result", "failure_summary"]
 
@@ -86,7 +86,7 @@ def cat_result(spec: ChildSaSpec, ev: ChildSaEstablished) -> NegotiationResult:
 
 
 class IkeNegotiator:
-    """``oe.manager.Negotiator`` on ``IkeService``, and the service's ``ChildSaSink``.
+    """``oe.actions.Negotiator`` on ``IkeService``, and the service's ``ChildSaSink``.
 
     Construct, set ``ike.sink = negotiator`` (done here) and ``inbound`` to the OE
     service before traffic flows. Sink callbacks are synchronous (they run inside the
@@ -136,7 +136,7 @@ class IkeNegotiator:
     async def negotiate(self, request: ChildRequest, now: float) -> NegotiationResult:
         """A Child SA for ``request``: on the peer's IKE SA if one is up, else a new one."""
         peer = str(request.peer)
-        peer_key = None if request.auth.null else request.auth.key.public_key  # type: ignore[union-attr]
+        peer_key = request.auth.key  # None: NULL auth
         try:
             p = self.ike.find(peer)
             if (

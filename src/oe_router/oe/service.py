@@ -35,12 +35,9 @@ from oe_router.datapath.base import (
     IPAddress,
     IPNetwork,
     PolicyExpire,
-    TrafficSelector,
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
-from oe_router.dns.ipseckey import PeerKey
-from oe_router.oe.lan import LanError, LanGateway, Peers6, cat_remove_script, cat_script
-from oe_router.oe.manager import (
+from oe_router.oe.actions import (
     Action,
     CheckTraffic,
     InstallChild,
@@ -49,7 +46,6 @@ from oe_router.oe.manager import (
     Negotiate,
     NegotiationResult,
     Negotiator,
-    OeManager,
     Rekey,
     RemoveChild,
     RemovePolicy,
@@ -57,6 +53,9 @@ from oe_router.oe.manager import (
     TunnelResult,
     UpdateCat,
 )
+from oe_router.oe.lan import LanError, LanGateway, Peers6, cat_remove_script, cat_script
+from oe_router.oe.manager import OeManager
+from oe_router.oe.peerauth import PublishedKey
 from oe_router.oe.policy import PolicyTable
 
 __all__ = ["DatapathFactory", "EspOfferHooks", "NftRunner", "OeService", "kernel_datapath"]
@@ -201,23 +200,12 @@ class OeService:
         self._spawn(self._timers())
 
     def _orphaned_acquires(self, dp: Datapath) -> list[Action]:
-        """ACQUIREs the kernel sent to a dead predecessor, recovered from larval states.
-
-        A trapped packet leaves a larval SA (spi 0, our trap reqid) that holds further
-        packets to that destination and suppresses new ACQUIREs until
-        ``xfrm_acq_expires`` (30 s by default); it cannot be deleted by SPI. Without
-        this a private-or-clear destination stalls that long after a crash.
-        """
-        if not isinstance(dp, XfrmDatapath):
-            return []
-        actions: list[Action] = []
+        """ACQUIREs the datapath holds for a dead predecessor: answered now, or a
+        private-or-clear destination stalls until the datapath lets them go."""
         now = self._clock()
-        for sa in dp.dump_sas():
-            if sa.spi == 0 and sa.reqid == self._trap_reqid:
-                src = TrafficSelector(ipaddress.ip_network(sa.src))
-                dst = TrafficSelector(ipaddress.ip_network(sa.dst))
-                event = Acquire(sa.src, sa.dst, src, dst, sa.reqid, 0, 0, 0)
-                actions += self.manager.acquire(event, now)
+        actions: list[Action] = []
+        for event in dp.orphaned_acquires(self._trap_reqid):
+            actions += self.manager.acquire(event, now)
         return actions
 
     async def reload(self, config: OeConfig) -> None:
@@ -290,7 +278,7 @@ class OeService:
 
     # ------------------------------------------------------------------ DNS front entry
     async def ensure_tunnel(
-        self, name: dns.name.Name, addresses: tuple[IPAddress, ...], key: PeerKey
+        self, name: dns.name.Name, addresses: tuple[IPAddress, ...], key: PublishedKey
     ) -> bool:
         """``dns.hold.TunnelRequester``: True once every address is protected."""
         if self._mgr is None:
