@@ -1,8 +1,14 @@
-"""Fixtures the host tier's package tests share."""
+"""Fixtures the host tier's tests share: the package build, the LAN/router/world
+network namespaces of the LAN gateway tests, and charon started for a test."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import subprocess
 import sys
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,8 +19,58 @@ if str(REPO / "package") not in sys.path:
 
 import ipk  # noqa: E402
 
+from tests.host.lan_lab import LRW_PLANS, LanRouterWorld, ip  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def oe_ipk(tmp_path_factory: pytest.TempPathFactory) -> ipk.Ipk:
     """`make package`'s .ipk of this tree (package/ipk.py; about 3 s), built once."""
     return ipk.build(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture
+def lan_router_world() -> Iterator[LanRouterWorld]:
+    """``lan_router_world(prefix, family=4, peers=(), sysctls=())``: three fresh network
+    namespaces L (a LAN device), R (the router, default route to W) and W (the world,
+    ``peers`` on its loopback) on the address plan ``LRW_PLANS[family]``, returned as
+    (L, R, W) and deleted at teardown. The LAN tests' shared topology (test_oe_lan,
+    test_oe_lan6, test_nft_spd)."""
+    if os.geteuid() != 0:
+        pytest.fail("the host tier needs root for network namespaces")
+    made: list[str] = []
+
+    def build(
+        prefix: str, family: int = 4, peers: Sequence[str] = (), sysctls: Sequence[str] = ()
+    ) -> tuple[str, str, str]:
+        tag = uuid.uuid4().hex[:8]
+        lan, r, w = (f"{prefix}{role}-{tag}" for role in ("l", "r", "w"))
+        for ns in (lan, r, w):
+            ip("netns", "add", ns)
+            made.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        (dev_addr, r_lan, r_wan, w_addr), forward = LRW_PLANS[family]
+        nodad = ("nodad",) if family == 6 else ()
+        ip("-n", r, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", lan)
+        ip("-n", r, "link", "add", "wan", "type", "veth", "peer", "name", "w0", "netns", w)
+        for ns, dev, addr in ((lan, "eth0", dev_addr), (r, "lan0", r_lan), (r, "wan", r_wan),
+                              (w, "w0", w_addr)):  # fmt: skip
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "addr", "add", addr, "dev", dev, *nodad)
+        fam = f"-{family}"
+        ip("-n", lan, fam, "route", "add", "default", "via", r_lan.split("/")[0])
+        ip("-n", r, fam, "route", "add", "default", "via", w_addr.split("/")[0])
+        if family == 6:
+            lan_net = str(ipaddress.ip_interface(dev_addr).network)
+            ip("-n", w, fam, "route", "add", lan_net, "via", r_wan.split("/")[0])
+        host = 32 if family == 4 else 128
+        for peer in peers:
+            ip("-n", w, "addr", "add", f"{peer}/{host}", "dev", "lo", *nodad)
+        for key in (forward, *sysctls):
+            subprocess.run(["ip", "netns", "exec", r, "sysctl", "-qw", key], check=True)
+        return lan, r, w
+
+    try:
+        yield build
+    finally:
+        for ns in reversed(made):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
