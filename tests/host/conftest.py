@@ -8,8 +8,9 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ if str(REPO / "package") not in sys.path:
 
 import ipk  # noqa: E402
 
+from tests.host.charon import Charon, available  # noqa: E402
 from tests.host.lan_lab import LRW_PLANS, LanRouterWorld, ip  # noqa: E402
 
 
@@ -74,3 +76,36 @@ def lan_router_world() -> Iterator[LanRouterWorld]:
     finally:
         for ns in reversed(made):
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def need_charon() -> None:
+    """Fail (never skip) a module that talks to charon where it cannot run; modules ask
+    for it with ``pytest.mark.usefixtures("need_charon")``."""
+    why = available()
+    if why is not None:
+        pytest.fail(f"charon interop cannot run (make setup installs it): {why}")
+
+
+StartCharon = Callable[..., Charon]
+
+
+@pytest.fixture
+def charon(tmp_path: Path, need_charon: None) -> Iterator[StartCharon]:
+    """``charon(ns, conns, **files)``: a charon started in namespace ``ns`` with the swanctl
+    ``conns`` (its files under tmp_path; ``files`` as ``Charon`` takes them), stopped at
+    teardown however the test ended (a test may stop or kill it first)."""
+    started: list[Charon] = []
+
+    def start(ns: str, conns: str, **kw: Any) -> Charon:
+        work = tmp_path / ("charon" if not started else f"charon{len(started)}")
+        ch = Charon(ns, work, conns, **kw)
+        started.append(ch)
+        ch.start()
+        return ch
+
+    try:
+        yield start
+    finally:
+        for ch in reversed(started):
+            ch.stop()

@@ -44,6 +44,7 @@ from oe_router.datapath.netns import in_netns
 from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.oe.manager import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService, kernel_datapath
+from tests.aio import running
 from tests.host.probe import POC, PORT, PRIV, WAN, ProbeNegotiator, probe_config, probe_service
 
 pytestmark = pytest.mark.host
@@ -159,8 +160,7 @@ def test_group_policies_install_and_read_back(nets: tuple[str, str]) -> None:
 
     async def body() -> None:
         svc, _ = probe_service(r)
-        await svc.start(probe_config())
-        try:
+        async with running(svc, probe_config()):
             own = Ownership()
             text = _ip("-n", r, "xfrm", "policy")
             mgr = svc.manager
@@ -190,8 +190,6 @@ def test_group_policies_install_and_read_back(nets: tuple[str, str]) -> None:
             assert dumped == {_normal(p) for p in mgr.group_policies()}
             assert svc.status().datapath is not None
             assert svc.status().datapath.startswith("kernel-xfrm")  # type: ignore[union-attr]
-        finally:
-            await svc.stop()
         after = _ip("-n", r, "xfrm", "policy")
         assert "dst 192.0.2.0/24" in after  # private: kept at a clean stop
         assert "dst 0.0.0.0/0 \n\tdir out priority" not in after
@@ -207,8 +205,7 @@ def test_private_or_clear_failure_passes_and_private_failure_drops(nets: tuple[s
 
     async def body() -> None:
         svc, neg = probe_service(r)
-        await svc.start(probe_config())
-        try:
+        async with running(svc, probe_config()):
             # private-or-clear: the first packet is trapped (ACQUIRE), the probe finds no
             # IKE responder, a PASS shunt with the configured lifetime appears
             before = _xfrm_stat(r)
@@ -238,8 +235,6 @@ def test_private_or_clear_failure_passes_and_private_failure_drops(nets: tuple[s
             assert [str(q.peer) for q in neg.requests] == [POC, PRIV]
             assert rx.got[PRIV] == []
             assert {s.kind for s in svc.status().shunts} == {"pass", "drop"}
-        finally:
-            await svc.stop()
         # the private drop shunt stays after a clean stop; the pass shunt is gone
         assert "action block" in _policy(r, PRIV)
         assert _policy(r, POC) == ""
@@ -261,8 +256,7 @@ def test_shunt_expiry_lets_the_next_packet_negotiate_again(nets: tuple[str, str]
 
     async def body() -> None:
         svc, neg = probe_service(r)
-        await svc.start(probe_config(shunt_lifetime=2))
-        try:
+        async with running(svc, probe_config(shunt_lifetime=2)):
             _send(tx, POC, b"1")
             await _until(lambda: "action allow" in _policy(r, POC))
             assert "hard 2(sec)" in _policy(r, POC)
@@ -270,8 +264,6 @@ def test_shunt_expiry_lets_the_next_packet_negotiate_again(nets: tuple[str, str]
             _send(tx, POC, b"2")
             await _until(lambda: len(neg.requests) == 2)
             await _until(lambda: "action allow" in _policy(r, POC))
-        finally:
-            await svc.stop()
 
     try:
         asyncio.run(body())
@@ -395,8 +387,7 @@ def test_ensure_tunnel_install_fails_on_kernel_without_esp_and_falls_back(
     async def body() -> None:
         neg = HandsOutSpecNegotiator(r)
         svc = OeService(datapath_factory=kernel_datapath(r), negotiator=neg, wan={4: WAN})
-        await svc.start(probe_config())
-        try:
+        async with running(svc, probe_config()):
             key = PeerKey(KeyKind.NONE, None, 10, dns.name.from_text("www.example"), 0)
             ok = await asyncio.wait_for(
                 svc.ensure_tunnel(
@@ -415,8 +406,6 @@ def test_ensure_tunnel_install_fails_on_kernel_without_esp_and_falls_back(
             assert _ip("-n", r, "xfrm", "state").strip() == ""  # nothing half-installed
             assert _send(tx, POC, b"clear") == "sent"
             await _until(lambda: rx.got[POC] == [b"clear"])
-        finally:
-            await svc.stop()
 
     try:
         asyncio.run(body())
