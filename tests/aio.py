@@ -2,8 +2,8 @@
 block ends, and ``asyncio.run`` with objects to close afterwards.
 
 Shared by every tier (unit, host) that starts an endpoint, a service or a daemon in an
-event loop; it replaces the ``start; try: ...; finally: stop`` and the ``try:
-asyncio.run(go()) finally: close`` wrappers each test used to spell out.
+event loop: it replaces the ``start; try: ...; finally: stop`` block, and the
+``asyncio.run`` wrapped in ``try: ... finally: close``, that each test spelled out.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from oe_router.datapath.netns import in_netns
 from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.oe.manager import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService, kernel_datapath
-from tests.aio import running
+from tests.aio import run, running
 from tests.host.probe import POC, PORT, PRIV, WAN, ProbeNegotiator, probe_config, probe_service
 
 pytestmark = pytest.mark.host
@@ -239,11 +239,7 @@ def test_private_or_clear_failure_passes_and_private_failure_drops(nets: tuple[s
         assert "action block" in _policy(r, PRIV)
         assert _policy(r, POC) == ""
 
-    try:
-        asyncio.run(body())
-    finally:
-        tx.close()
-        rx.close()
+    run(body(), tx, rx)
     # the larval drop: the packet that raised the ACQUIRE was lost (xfrm_larval_drop=1)
     assert rx.got[POC] == [b"second"]
 
@@ -265,10 +261,7 @@ def test_shunt_expiry_lets_the_next_packet_negotiate_again(nets: tuple[str, str]
             await _until(lambda: len(neg.requests) == 2)
             await _until(lambda: "action allow" in _policy(r, POC))
 
-    try:
-        asyncio.run(body())
-    finally:
-        tx.close()
+    run(body(), tx)
 
 
 SERVICE_RUN = """
@@ -407,8 +400,4 @@ def test_ensure_tunnel_install_fails_on_kernel_without_esp_and_falls_back(
             assert _send(tx, POC, b"clear") == "sent"
             await _until(lambda: rx.got[POC] == [b"clear"])
 
-    try:
-        asyncio.run(body())
-    finally:
-        tx.close()
-        rx.close()
+    run(body(), tx, rx)
