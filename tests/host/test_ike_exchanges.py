@@ -35,8 +35,9 @@ from oe_router.ike.cookies import ResponderLimits
 from oe_router.ike.events import ChildSaEstablished, ChildSaRekeyed
 from oe_router.ike.payloads import TrafficSelector
 from oe_router.ike.proposals import IkeProposalSpec
-from oe_router.ike.sa import IkeSa, IkeSaConfig
+from oe_router.ike.sa import IkeSa
 from oe_router.ike.service import IkeService, PeerSa, RecordingSink
+from tests import ike_pair
 from tests.aio import running
 
 from .charon import Charon, namespaces
@@ -690,7 +691,7 @@ def test_cookie_demanded_by_charon_honoured_by_our_initiator(
     ch = start_charon(ns, charon_conn("in", initiator=False), ec_keys, extra)
 
     def half_open() -> bytes:
-        cfg = IkeSaConfig((OURS, 0), (THEIRS, 500), (host_ts(OURS),), (host_ts(THEIRS),))
+        cfg = ike_pair.config((OURS, 0), (THEIRS, 500))
         request = IkeSa.initiator(cfg, 0.0).datagrams_to_send()[0]
         with in_netns(ours_ns):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

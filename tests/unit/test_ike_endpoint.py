@@ -25,7 +25,7 @@ from oe_router.ike.events import (
 from oe_router.ike.sa import IkeSaConfig
 from tests.aio import running
 from tests.ike_loop import Recorder, run_async
-from tests.ike_pair import host_ts
+from tests.ike_pair import config
 
 #: An IKE_AUTH request header (SPIs nobody holds), length 36 incl. 8 bytes of payload.
 UNKNOWN_SA_REQUEST = b"\x01" * 8 + b"\x02" * 8 + b"\x00\x20\x23\x08" + bytes(4) + bytes(12)
@@ -37,7 +37,7 @@ Pair = tuple[IkeEndpoint, IkeEndpoint, Recorder, Recorder, list[tuple[Address, A
 def responder_policy(seen: list[tuple[Address, Address]]):  # type: ignore[no-untyped-def]
     def policy(local: Address, remote: Address) -> IkeSaConfig:
         seen.append((local, remote))
-        return IkeSaConfig(local, remote, (host_ts(local[0]),), (host_ts(remote[0]),))
+        return config(local, remote)
 
     return policy
 
@@ -66,12 +66,7 @@ async def pair(**kw: object) -> AsyncIterator[Pair]:
 
 
 def ini_config(ini: IkeEndpoint, res: IkeEndpoint, local_ip: str = "127.0.0.1") -> IkeSaConfig:
-    return IkeSaConfig(
-        (local_ip, ini.ike_port),
-        ("127.0.0.1", res.ike_port),
-        (host_ts("127.0.0.1"),),
-        (host_ts("127.0.0.1"),),
-    )
+    return config((local_ip, ini.ike_port), ("127.0.0.1", res.ike_port))
 
 
 @run_async
@@ -154,11 +149,9 @@ async def test_retransmits_then_fails_against_silence() -> None:
     silent.bind(("127.0.0.1", 0))
     silent.setblocking(False)
     try:
-        cfg = IkeSaConfig(
+        cfg = config(
             ("127.0.0.1", ini.ike_port),
             ("127.0.0.1", silent.getsockname()[1]),
-            (host_ts("127.0.0.1"),),
-            (host_ts("127.0.0.1"),),
             retransmit_timeout=0.02,
             retransmit_tries=2,
         )

@@ -17,8 +17,8 @@ import time
 from oe_router.ike.endpoint import IkeEndpoint, SockExtendedErr
 from oe_router.ike.events import IkeSaFailed
 from oe_router.ike.sa import IkeSaConfig
+from tests import ike_pair
 from tests.ike_loop import Recorder, run_async
-from tests.ike_pair import host_ts
 
 
 def closed_port(family: int, addr: str) -> int:
@@ -31,11 +31,9 @@ def closed_port(family: int, addr: str) -> int:
 
 
 def config(ep: IkeEndpoint, addr: str, port: int, tries: int = 3) -> IkeSaConfig:
-    return IkeSaConfig(
+    return ike_pair.config(
         (addr, ep.ike_port),
         (addr, port),
-        (host_ts(addr),),
-        (host_ts(addr),),
         retransmit_timeout=5.0,
         retransmit_tries=tries,
     )
