@@ -34,6 +34,17 @@ async def running(service: S, *start_args: Any) -> AsyncIterator[S]:
         await svc.stop()
 
 
+@contextlib.asynccontextmanager
+async def stopping(*things: Any) -> AsyncIterator[None]:
+    """The block, then ``await thing.stop()`` for each of ``things`` in order, however the
+    block ended: for what starts itself (a negotiator's worker) but must be stopped."""
+    try:
+        yield
+    finally:
+        for thing in things:
+            await thing.stop()
+
+
 def run(main: Coroutine[Any, Any, T], *closing: _Closable) -> T:
     """``asyncio.run(main)``, then close every one of ``closing`` (sockets, mostly), even
     when ``main`` failed; an OSError from a close is ignored."""

@@ -24,7 +24,7 @@ from oe_router.control.status import Status, TunnelStatus
 from oe_router.datapath import base as dp
 from oe_router.ike.service import IkeService, IkeUpError, RecordingSink, child_sa_spec
 from tests.aio import running
-from tests.ike_loop import run_async
+from tests.ike_loop import linked, run_async
 
 LO = "127.0.0.1"
 
@@ -33,16 +33,8 @@ LO = "127.0.0.1"
 async def two(**kw: Any) -> AsyncIterator[tuple[IkeService, IkeService]]:
     a = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False, **kw.get("a", {}))
     b = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False, **kw.get("b", {}))
-    await a.start(OeConfig())
-    await b.start(OeConfig())
-    assert a.endpoint is not None and b.endpoint is not None
-    a.remote_ike_port, a.remote_natt_port = b.endpoint.ike_port, b.endpoint.natt_port
-    b.remote_ike_port, b.remote_natt_port = a.endpoint.ike_port, a.endpoint.natt_port
-    try:
+    async with linked(a, b):
         yield a, b
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 async def settle() -> None:
