@@ -21,7 +21,7 @@ if str(REPO / "package") not in sys.path:
 import ipk  # noqa: E402
 
 from tests.host.charon import Charon, available  # noqa: E402
-from tests.host.lan_lab import LRW_PLANS, LanRouterWorld, ip  # noqa: E402
+from tests.host.netlab import LRW_PLANS, LanRouterWorld, MakeNetns, ip  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,25 +31,40 @@ def oe_ipk(tmp_path_factory: pytest.TempPathFactory) -> ipk.Ipk:
 
 
 @pytest.fixture
-def lan_router_world() -> Iterator[LanRouterWorld]:
+def make_netns() -> Iterator[MakeNetns]:
+    """``make_netns(prefix)``: a fresh network namespace ``prefix-<random>`` with its
+    loopback up, deleted at teardown (after the fixtures and test that use it). The host
+    tier needs root: without it the test fails, it is never skipped."""
+    if os.geteuid() != 0:
+        pytest.fail("the host tier needs root for network namespaces")
+    made: list[str] = []
+
+    def make(prefix: str) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        ip("netns", "add", name)
+        made.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    try:
+        yield make
+    finally:
+        for name in reversed(made):
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def lan_router_world(make_netns: MakeNetns) -> LanRouterWorld:
     """``lan_router_world(prefix, family=4, peers=(), sysctls=())``: three fresh network
     namespaces L (a LAN device), R (the router, default route to W) and W (the world,
     ``peers`` on its loopback) on the address plan ``LRW_PLANS[family]``, returned as
     (L, R, W) and deleted at teardown. The LAN tests' shared topology (test_oe_lan,
     test_oe_lan6, test_nft_spd)."""
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    made: list[str] = []
 
     def build(
         prefix: str, family: int = 4, peers: Sequence[str] = (), sysctls: Sequence[str] = ()
     ) -> tuple[str, str, str]:
-        tag = uuid.uuid4().hex[:8]
-        lan, r, w = (f"{prefix}{role}-{tag}" for role in ("l", "r", "w"))
-        for ns in (lan, r, w):
-            ip("netns", "add", ns)
-            made.append(ns)
-            ip("-n", ns, "link", "set", "lo", "up")
+        lan, r, w = (make_netns(f"{prefix}{role}") for role in ("l", "r", "w"))
         (dev_addr, r_lan, r_wan, w_addr), forward = LRW_PLANS[family]
         nodad = ("nodad",) if family == 6 else ()
         ip("-n", r, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", lan)
@@ -71,11 +86,7 @@ def lan_router_world() -> Iterator[LanRouterWorld]:
             subprocess.run(["ip", "netns", "exec", r, "sysctl", "-qw", key], check=True)
         return lan, r, w
 
-    try:
-        yield build
-    finally:
-        for ns in reversed(made):
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    return build
 
 
 @pytest.fixture(scope="session")

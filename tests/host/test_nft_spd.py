@@ -43,7 +43,7 @@ from oe_router.datapath.nft_spd import (
 )
 from oe_router.oe.lan import LanGateway, nft_script
 from oe_router.oe.policy import PolicyTable, selector_rank
-from tests.host.lan_lab import LanRouterWorld, ip
+from tests.host.netlab import LanRouterWorld, ip
 
 pytestmark = pytest.mark.host
 

@@ -21,7 +21,7 @@ import pytest
 from oe_router.oe.lan import LanError, LanGateway, apply_nft, nft_script
 from oe_router.oe.service import OeService, kernel_datapath
 from tests.aio import run, running
-from tests.host.lan_lab import LanRouterWorld, ip, received, udp
+from tests.host.netlab import LanRouterWorld, ip, received, udp
 from tests.host.probe import POC, PORT, PRIV, WAN, ProbeNegotiator, probe_config
 
 pytestmark = pytest.mark.host

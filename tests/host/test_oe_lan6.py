@@ -31,7 +31,7 @@ from oe_router.config.schema import OeConfig, PolicyConfig, parse_policy_entry
 from oe_router.oe.lan import apply_nft
 from oe_router.oe.service import OeService, kernel_datapath
 from tests.aio import run, running
-from tests.host.lan_lab import LanRouterWorld, received, udp
+from tests.host.netlab import LanRouterWorld, received, udp
 from tests.host.probe import PORT, ProbeNegotiator
 
 pytestmark = pytest.mark.host

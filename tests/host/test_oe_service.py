@@ -23,8 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +43,8 @@ from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.oe.manager import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService, kernel_datapath
 from tests.aio import run, running
+from tests.host.netlab import MakeNetns
+from tests.host.netlab import ip as _ip
 from tests.host.probe import POC, PORT, PRIV, WAN, ProbeNegotiator, probe_config, probe_service
 
 pytestmark = pytest.mark.host
@@ -52,32 +52,18 @@ pytestmark = pytest.mark.host
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
 @pytest.fixture
-def nets() -> Iterator[tuple[str, str]]:
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    tag = uuid.uuid4().hex[:8]
-    r, w = f"oe-r-{tag}", f"oe-w-{tag}"
-    _ip("netns", "add", r)
-    _ip("netns", "add", w)
-    try:
-        _ip("-n", r, "link", "add", "r0", "type", "veth", "peer", "name", "w0", "netns", w)
-        for ns, dev, addr in ((r, "r0", "198.51.100.1/24"), (w, "w0", "198.51.100.2/24")):
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "addr", "add", addr, "dev", dev)
-        for dst in ("203.0.113.0/24", "192.0.2.0/24", "198.18.0.0/15"):
-            _ip("-n", r, "route", "add", dst, "via", "198.51.100.2")
-        for addr in (f"{POC}/32", f"{PRIV}/32"):
-            _ip("-n", w, "addr", "add", addr, "dev", "lo")
-        yield r, w
-    finally:
-        _ip("netns", "del", r)
-        _ip("netns", "del", w)
+def nets(make_netns: MakeNetns) -> tuple[str, str]:
+    r, w = make_netns("oe-r"), make_netns("oe-w")
+    _ip("-n", r, "link", "add", "r0", "type", "veth", "peer", "name", "w0", "netns", w)
+    for ns, dev, addr in ((r, "r0", "198.51.100.1/24"), (w, "w0", "198.51.100.2/24")):
+        _ip("-n", ns, "link", "set", dev, "up")
+        _ip("-n", ns, "addr", "add", addr, "dev", dev)
+    for dst in ("203.0.113.0/24", "192.0.2.0/24", "198.18.0.0/15"):
+        _ip("-n", r, "route", "add", dst, "via", "198.51.100.2")
+    for addr in (f"{POC}/32", f"{PRIV}/32"):
+        _ip("-n", w, "addr", "add", addr, "dev", "lo")
+    return r, w
 
 
 class Receiver:

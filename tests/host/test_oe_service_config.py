@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import subprocess
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -22,21 +19,15 @@ from oe_router.config import parse_config
 from oe_router.oe.lan import apply_nft
 from oe_router.oe.service import OeService, kernel_datapath
 from tests.aio import running
+from tests.host.netlab import MakeNetns
 from tests.host.probe import WAN, ProbeNegotiator
 
 pytestmark = pytest.mark.host
 
 
 @pytest.fixture
-def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    name = f"oe-cfg-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
+def netns(make_netns: MakeNetns) -> str:
+    return make_netns("oe-cfg")
 
 
 def test_idle_timeout_and_poll_period_follow_start_and_reload(netns: str) -> None:

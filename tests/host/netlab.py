@@ -1,6 +1,6 @@
-"""What the LAN gateway host tests (test_oe_lan, test_oe_lan6, test_nft_spd) share
-besides their namespaces (the ``lan_router_world`` fixture of conftest.py builds those):
-``ip``, the address plan, and the UDP sockets they send and receive with.
+"""What host tests share around their network namespaces (conftest.py's ``make_netns``
+and ``lan_router_world`` fixtures make those): ``ip``, the LAN/router/world address
+plan, and the UDP sockets a test sends and receives with from this process.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ LRW_PLANS: dict[int, tuple[tuple[str, str, str, str], str]] = {
     ),
 }
 
+#: conftest's ``make_netns`` fixture: a fresh namespace from a name prefix.
+MakeNetns = Callable[[str], str]
+#: conftest's ``lan_router_world`` fixture: (L, R, W) from a prefix, family, peers, sysctls.
 LanRouterWorld = Callable[..., tuple[str, str, str]]
 
 
