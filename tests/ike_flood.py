@@ -14,7 +14,6 @@ tests.ike_flood`` inside a network namespace, JSON counts on stdout).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import socket
@@ -26,8 +25,9 @@ from dataclasses import dataclass, field
 
 from oe_router.ike.constants import IKE_VERSION, ExchangeType, HeaderFlag, NotifyType, PayloadType
 from oe_router.ike.message import Message
-from oe_router.ike.payloads import GenericHeader, IkeHeader, Notify, TrafficSelector
-from oe_router.ike.sa import IkeSa, IkeSaConfig
+from oe_router.ike.payloads import GenericHeader, IkeHeader, Notify
+from oe_router.ike.sa import IkeSa
+from tests.ike_pair import config
 
 _IP_PKTINFO = 8  # linux/in.h
 _PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
@@ -36,14 +36,7 @@ _SPI = struct.Struct("!Q")
 
 def request_template(local: str, remote: str) -> bytes:
     """An IKE_SA_INIT request from our initiator (SA, KE, Ni, NAT-D ...), no cookie."""
-    lo, re = ipaddress.ip_address(local), ipaddress.ip_address(remote)
-    cfg = IkeSaConfig(
-        (local, 500),
-        (remote, 500),
-        (TrafficSelector.from_range(lo, lo),),
-        (TrafficSelector.from_range(re, re),),
-    )
-    (first,) = IkeSa.initiator(cfg, 0.0).datagrams_to_send()
+    (first,) = IkeSa.initiator(config((local, 500), (remote, 500)), 0.0).datagrams_to_send()
     return first
 
 

@@ -14,20 +14,7 @@ import os
 from oe_router.ike.constants import ExchangeType, HeaderFlag, PayloadType
 from oe_router.ike.crypto import sk_cipher
 from oe_router.ike.message import Message
-from oe_router.ike.sa import Address, IkeSa
-
-
-def converse(a: IkeSa, a_addr: Address, b: IkeSa, b_addr: Address, now: float = 0.0) -> None:
-    """Hand each side's datagrams to the other until both are quiet."""
-    for _ in range(100):
-        sent = 0
-        for src, dst, src_addr in ((a, b, a_addr), (b, a, b_addr)):
-            for d in src.datagrams_to_send():
-                dst.receive_datagram(d, now, src_addr)
-                sent += 1
-        if not sent:
-            return
-    raise AssertionError("the two IKE SAs never went quiet")
+from oe_router.ike.sa import IkeSa
 
 
 def sealed_fragment(

@@ -170,17 +170,26 @@ def device_with(ns: str, address: str) -> str:
     raise RuntimeError(f"no device with {address} in {ns}")
 
 
-def bare_config(wan: str, anchor: str | Path, *, datapath: str = "kernel", extra: str = "") -> str:
-    """A daemon on ``wan`` with no LAN, no offload and its DNS front off (``anchor`` does
-    not exist): IKE and the datapath only. ``extra`` appends UCI sections."""
+def bare_config(
+    wan: str,
+    anchor: str | Path,
+    *,
+    datapath: str = "kernel",
+    lan: str = "lo",
+    dns: str = "",
+    extra: str = "",
+) -> str:
+    """A daemon on ``wan`` with no offload and, unless given, no LAN (``lan``) and its DNS
+    front off (``anchor`` does not exist): IKE and the datapath only. ``dns`` adds options
+    to the dns section (a listen address, upstreams); ``extra`` appends UCI sections."""
     return f"""package oe
 
 config oe 'global'
 \toption datapath '{datapath}'
 \toption wan_interface '{wan}'
-\toption lan_interface 'lo'
+\toption lan_interface '{lan}'
 \toption offload 'off'
 
 config dns 'dns'
 \toption trust_anchor '{anchor}'
-{extra}"""
+{dns}{extra}"""

@@ -8,15 +8,15 @@ and addresses in use."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from oe_router.datapath.netns import in_netns
+from tests.host.netlab import MakeNetns
+from tests.host.netlab import ip as _ip
 from tests.host.oe_daemon import OeDaemon, bare_config, netns_run
 
 pytestmark = pytest.mark.host
@@ -33,17 +33,11 @@ def _flows_to(ns: str, address: str) -> int:
         return len(list(ct.dump_entries(tuple_reply=NFCTAttrTuple(daddr=address))))
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
-def router(tmp_path: Path) -> Iterator[OeDaemon]:
-    ns = f"oe-ae-{uuid.uuid4().hex[:8]}"
-    _ip("netns", "add", ns)
+def router(tmp_path: Path, make_netns: MakeNetns) -> Iterator[OeDaemon]:
+    ns = make_netns("oe-ae")
     daemon = None
     try:
-        _ip("-n", ns, "link", "set", "lo", "up")
         _ip("-n", ns, "link", "add", "eth1", "type", "veth", "peer", "name", "w0")
         _ip("-n", ns, "link", "set", "eth1", "up")
         _ip("-n", ns, "link", "set", "w0", "up")
@@ -54,7 +48,6 @@ def router(tmp_path: Path) -> Iterator[OeDaemon]:
     finally:
         if daemon is not None:
             daemon.stop()
-        _ip("netns", "del", ns)
 
 
 def test_a_new_wan_address_is_followed_without_a_reload(router: OeDaemon) -> None:

@@ -49,7 +49,7 @@ import pytest
 from oe_router.datapath.netns import in_netns
 
 from .charon import Netns
-from .oe_daemon import OeDaemon, device_with, netns_run
+from .oe_daemon import OeDaemon, bare_config, device_with, netns_run
 from .wire import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN, Packet, Wire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "qemu"))
@@ -81,38 +81,19 @@ HOLD_LIMIT = 8.0
 
 
 def _router_config(wan: str, lan: str, anchor: Path) -> str:
-    return f"""package oe
-
-config oe 'global'
-\toption datapath 'userspace'
-\toption wan_interface '{wan}'
-\toption lan_interface '{lan}'
-\toption offload 'off'
-
-config dns 'dns'
-\tlist listen '{ROUTER_LAN}:53'
-\tlist upstream '{KNOT}:53'
-\toption trust_anchor '{anchor}'
-\toption hold_limit '{HOLD_LIMIT:g}s'
-"""
+    dns = (
+        f"\tlist listen '{ROUTER_LAN}:53'\n\tlist upstream '{KNOT}:53'\n"
+        f"\toption hold_limit '{HOLD_LIMIT:g}s'\n"
+    )
+    return bare_config(wan, anchor, datapath="userspace", lan=lan, dns=dns)
 
 
 def _peer_config(wan: str, key: Path, work: Path, local_id: str = PEER_ID) -> str:
-    return f"""package oe
-
-config oe 'global'
-\toption datapath 'userspace'
-\toption wan_interface '{wan}'
-\toption lan_interface 'lo'
-\toption offload 'off'
-
-config dns 'dns'
-\toption trust_anchor '{work}/no-anchor'
-
-config identity 'identity'
-\toption local_id '{local_id}'
-\toption private_key '{key}'
-"""
+    identity = (
+        "\nconfig identity 'identity'\n"
+        f"\toption local_id '{local_id}'\n\toption private_key '{key}'\n"
+    )
+    return bare_config(wan, work / "no-anchor", datapath="userspace", extra=identity)
 
 
 class EchoServer:

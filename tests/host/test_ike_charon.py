@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,23 +25,17 @@ from oe_router.ike.constants import EncrId, IntegId
 from oe_router.ike.events import ChildSaEstablished
 from oe_router.ike.sa import EspProposalSpec
 from oe_router.ike.service import IkeService, RecordingSink
+from tests.aio import running
 
-from .charon import Charon, Netns, available
+from .charon import Charon, Netns
 
 SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP = 17, 100, 2  # <linux/udp.h>
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("need_charon")]
 
 KINDS = ("rsa", "ecdsa", "ed25519")
 ESP = "aes256gcm16, aes256-sha256"
 IKE = "aes256gcm16-prfsha256-ecp256-x25519-modp2048, aes256-sha256-prfsha256-ecp256"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_charon() -> None:
-    why = available()
-    if why is not None:
-        pytest.fail(f"charon interop cannot run (make setup installs it): {why}")
 
 
 @dataclass
@@ -200,8 +193,7 @@ def test_our_initiator_charon_responder_pubkey(
         svc = service(
             direct.ours, "10.0.0.1", private_key=ours.private, local_id=f"@router-{kind}.example"
         )
-        await svc.start(OeConfig())
-        try:
+        async with running(svc, OeConfig()):
             assert svc.endpoint is not None
             assert svc.endpoint.xfrm_note.startswith("bypass policies on"), svc.endpoint.xfrm_note
             p = await svc.up("10.0.0.2", "pubkey", theirs.public)
@@ -229,8 +221,6 @@ def test_our_initiator_charon_responder_pubkey(
             assert await svc.down("10.0.0.2") == 1
             sas = await asyncio.to_thread(direct.charon.list_sas)
             assert p.handle.sa.spi_i.hex() not in sas, "charon kept the IKE SA after our Delete"
-        finally:
-            await svc.stop()
 
     asyncio.run(go())
 
@@ -250,8 +240,7 @@ def test_our_initiator_charon_responder_aes_cbc_integrity_keys(
             local_id="@router-ecdsa.example",
             esp_proposals=(EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_256_128),),
         )
-        await svc.start(OeConfig())
-        try:
+        async with running(svc, OeConfig()):
             await svc.up("10.0.0.2", "pubkey", theirs.public)
             assert isinstance(svc.sink, RecordingSink)
             ((_, ev),) = svc.sink.established
@@ -261,8 +250,6 @@ def test_our_initiator_charon_responder_aes_cbc_integrity_keys(
             (child,) = svc.rows()[0].children
             assert child.transform == "AES_CBC_256/HMAC_SHA2_256_128"
             await svc.down("10.0.0.2")
-        finally:
-            await svc.stop()
 
     asyncio.run(go())
 
@@ -283,8 +270,7 @@ def test_charon_initiator_our_responder(direct: Direct, keys: dict[str, tuple[Ke
             local_id="@router-resp.example",
             peer_keys={"10.0.0.2": theirs.public},
         )
-        await svc.start(OeConfig())
-        try:
+        async with running(svc, OeConfig()):
             out = await asyncio.to_thread(direct.charon.initiate, "out-c")
             assert "initiate completed successfully" in out, out
             assert "authentication of 'router-resp.example' with ECDSA_WITH_SHA256_DER" in out
@@ -304,8 +290,6 @@ def test_charon_initiator_our_responder(direct: Direct, keys: dict[str, tuple[Ke
             assert (ev.spi_out.hex(), ev.spi_in.hex()) in charon_child_spis(sas), sas
             assert_keys_agree(direct.charon, ev, initiator=False)
             await svc.down("10.0.0.2")
-        finally:
-            await svc.stop()
 
     asyncio.run(go())
 
@@ -314,7 +298,7 @@ def test_charon_initiator_our_responder(direct: Direct, keys: dict[str, tuple[Ke
 
 
 def test_our_initiator_behind_masquerade_floats_to_4500(
-    tmp_path: Path, keys: dict[str, tuple[Key, Key]]
+    charon: Callable[..., Charon], keys: dict[str, tuple[Key, Key]]
 ) -> None:
     """ours 192.168.1.2 -> nft masquerade (192.168.1.1 | 10.0.1.1) -> charon 10.0.1.2.
 
@@ -328,54 +312,46 @@ def test_our_initiator_behind_masquerade_floats_to_4500(
         net.link(m, "10.0.1.1/24", c, "10.0.1.2/24")
         net.route(o, "192.168.1.1")
         net.masquerade(m, "10.0.1.0/24")
-        ch = Charon(
+        ch = charon(
             c,
-            tmp_path / "charon",
             conn("nat", "ecdsa", local="10.0.1.2", remote="%any",
                  local_id="charon-ecdsa.example", remote_id="router-ecdsa.example",
                  remote_ts="192.168.1.2/32"),
             **charon_files(keys),
         )  # fmt: skip
-        ch.start()
-        try:
 
-            async def go() -> None:
-                svc = service(
-                    o,
-                    "192.168.1.2",
-                    private_key=ours.private,
-                    local_id="@router-ecdsa.example",
-                    keepalive_interval=0.2,
-                )
-                await svc.start(OeConfig())
-                try:
-                    p = await svc.up("10.0.1.2", "pubkey", theirs.public)
-                    # nat_local: the masquerade really translated us (charon's
-                    # NAT_DETECTION_DESTINATION_IP hash of 192.168.1.2[500] mismatched);
-                    # nat_remote is charon's libipsec fake (see the direct tests).
-                    assert p.ike is not None and p.ike.nat_local
-                    assert p.handle.natt and p.handle.remote == ("10.0.1.2", 4500)
-                    assert svc.endpoint is not None and svc.endpoint.counters.floated == 1
-                    (row,) = svc.rows()
-                    assert row.nat == "local,remote" and row.local == "192.168.1.2[4500]"
-                    assert isinstance(svc.sink, RecordingSink)
-                    ((_, ev),) = svc.sink.established
-                    assert ev.udp_encap
-                    raw = await asyncio.to_thread(ch.list_sas, True)
-                    assert "nat-remote=yes" in raw and "nat-fake" not in raw, raw
-                    assert "encap=yes" in raw and "remote-ts=[192.168.1.2/32]" in raw, raw
-                    assert "remote-host=10.0.1.1 remote-port=" in raw, raw
-                    assert "local-port=4500" in raw, raw
-                    assert_keys_agree(ch, ev, initiator=True)
-                    await asyncio.sleep(0.5)  # we are the NATed side: keepalives flow
-                    assert svc.endpoint.counters.keepalives_out >= 2
-                    await svc.down("10.0.1.2")
-                finally:
-                    await svc.stop()
+        async def go() -> None:
+            svc = service(
+                o,
+                "192.168.1.2",
+                private_key=ours.private,
+                local_id="@router-ecdsa.example",
+                keepalive_interval=0.2,
+            )
+            async with running(svc, OeConfig()):
+                p = await svc.up("10.0.1.2", "pubkey", theirs.public)
+                # nat_local: the masquerade really translated us (charon's
+                # NAT_DETECTION_DESTINATION_IP hash of 192.168.1.2[500] mismatched);
+                # nat_remote is charon's libipsec fake (see the direct tests).
+                assert p.ike is not None and p.ike.nat_local
+                assert p.handle.natt and p.handle.remote == ("10.0.1.2", 4500)
+                assert svc.endpoint is not None and svc.endpoint.counters.floated == 1
+                (row,) = svc.rows()
+                assert row.nat == "local,remote" and row.local == "192.168.1.2[4500]"
+                assert isinstance(svc.sink, RecordingSink)
+                ((_, ev),) = svc.sink.established
+                assert ev.udp_encap
+                raw = await asyncio.to_thread(ch.list_sas, True)
+                assert "nat-remote=yes" in raw and "nat-fake" not in raw, raw
+                assert "encap=yes" in raw and "remote-ts=[192.168.1.2/32]" in raw, raw
+                assert "remote-host=10.0.1.1 remote-port=" in raw, raw
+                assert "local-port=4500" in raw, raw
+                assert_keys_agree(ch, ev, initiator=True)
+                await asyncio.sleep(0.5)  # we are the NATed side: keepalives flow
+                assert svc.endpoint.counters.keepalives_out >= 2
+                await svc.down("10.0.1.2")
 
-            asyncio.run(go())
-        finally:
-            ch.stop()
+        asyncio.run(go())
     finally:
         net.close()
 
@@ -416,9 +392,7 @@ def test_ours_with_ours_across_netns(
                 local_id="@b.example",
                 peer_keys={"10.0.2.1": ka.public},
             )
-        await a.start(OeConfig())
-        await b.start(OeConfig())
-        try:
+        async with running(a, OeConfig()), running(b, OeConfig()):
             assert a.endpoint is not None
             ike_sock, natt_sock = a.endpoint.sockets()
             assert natt_sock.getsockopt(SOL_UDP, UDP_ENCAP) == UDP_ENCAP_ESPINUDP
@@ -443,8 +417,5 @@ def test_ours_with_ours_across_netns(
             await a.down("10.0.2.2")
             await asyncio.sleep(0.05)
             assert b.sas == [] and len(b.sink.deleted) == 1
-        finally:
-            await a.stop()
-            await b.stop()
 
     asyncio.run(go())

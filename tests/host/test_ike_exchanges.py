@@ -21,7 +21,6 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,21 +35,16 @@ from oe_router.ike.cookies import ResponderLimits
 from oe_router.ike.events import ChildSaEstablished, ChildSaRekeyed
 from oe_router.ike.payloads import TrafficSelector
 from oe_router.ike.proposals import IkeProposalSpec
-from oe_router.ike.sa import IkeSa, IkeSaConfig
+from oe_router.ike.sa import IkeSa
 from oe_router.ike.service import IkeService, PeerSa, RecordingSink
+from tests import ike_pair
+from tests.aio import running
 
-from .charon import Charon, available, namespaces
+from .charon import Charon, namespaces
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("need_charon")]
 
 TCP, UDP, ICMP = 6, 17, 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_netns() -> None:
-    why = available()
-    if why is not None:
-        pytest.fail(f"IKE exchanges over netns cannot run: {why}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -140,9 +134,7 @@ def test_ours_with_ours_command_stream(pair_ns: tuple[str, str]) -> None:
 
     async def go() -> None:
         a, b = service(pair_ns[0], A), service(pair_ns[1], B)
-        await a.start(ike_config())
-        await b.start(ike_config())
-        try:
+        async with running(a, ike_config()), running(b, ike_config()):
             p = await a.up(B)
             sa = p.handle.sa
             for proto, port in ((TCP, 80), (UDP, 53), (ICMP, None)):
@@ -212,9 +204,6 @@ def test_ours_with_ours_command_stream(pair_ns: tuple[str, str]) -> None:
 
             assert await a.down(B) == 1
             await until("b saw the Delete", lambda: b.sas == [])
-        finally:
-            await a.stop()
-            await b.stop()
 
     asyncio.run(go())
 
@@ -225,9 +214,7 @@ def test_ours_with_ours_simultaneous_rekeys(pair_ns: tuple[str, str]) -> None:
 
     async def go() -> None:
         a, b = service(pair_ns[0], A), service(pair_ns[1], B)
-        await a.start(ike_config())
-        await b.start(ike_config())
-        try:
+        async with running(a, ike_config()), running(b, ike_config()):
             p = await a.up(B)
             await until("b has the Child SA", lambda: len(children(b)) == 1)
             q = only(b)
@@ -261,9 +248,6 @@ def test_ours_with_ours_simultaneous_rekeys(pair_ns: tuple[str, str]) -> None:
             # the IKE SA that lost the collision is deleted: only the winner answers
             assert len(p.handle.sa.spis()) == 1 and len(q.handle.sa.spis()) == 1
             await a.down(B)
-        finally:
-            await a.stop()
-            await b.stop()
 
     asyncio.run(go())
 
@@ -276,9 +260,7 @@ def test_ours_with_ours_equal_lifetimes(pair_ns: tuple[str, str]) -> None:
     async def go() -> None:
         cfg = ike_config(child_lifetime=3.0, ike_lifetime=4.5, rekey_margin=1.0, rekey_jitter=0)
         a, b = service(pair_ns[0], A), service(pair_ns[1], B)
-        await a.start(cfg)
-        await b.start(cfg)
-        try:
+        async with running(a, cfg), running(b, cfg):
             p = await a.up(B)
             t0 = time.monotonic()
             await until("b has the Child SA", lambda: len(children(b)) == 1)
@@ -300,9 +282,6 @@ def test_ours_with_ours_equal_lifetimes(pair_ns: tuple[str, str]) -> None:
             assert p.error is None and only(b).error is None
             assert all(s == "established" for s in (p.state, only(b).state))
             await a.down(B)
-        finally:
-            await a.stop()
-            await b.stop()
 
     asyncio.run(go())
 
@@ -381,20 +360,26 @@ def charon_conn(
   }}"""
 
 
-def start_charon(
-    tmp_path: Path, ns: str, conns: str, keys: tuple[Key, Key], extra: str = ""
-) -> Charon:
-    ours, theirs = keys
-    ch = Charon(
-        ns,
-        tmp_path / "charon",
-        conns,
-        pubkeys={"ours.pem": ours.spki(), "charon.pem": theirs.spki()},
-        privkeys={"charon.pem": theirs.pkcs8()},
-        extra_charon=extra,
-    )
-    ch.start()
-    return ch
+StartCharon = Callable[..., Charon]
+
+
+@pytest.fixture
+def start_charon(charon: StartCharon) -> StartCharon:
+    """``start_charon(ns, conns, keys, extra="")``: charon in ``ns`` with ``conns``, its
+    key and ours from ``keys`` (ours, charon's), ``extra`` in its strongswan.conf; stopped
+    at teardown (conftest's ``charon``)."""
+
+    def start(ns: str, conns: str, keys: tuple[Key, Key], extra: str = "") -> Charon:
+        ours, theirs = keys
+        return charon(
+            ns,
+            conns,
+            pubkeys={"ours.pem": ours.spki(), "charon.pem": theirs.spki()},
+            privkeys={"charon.pem": theirs.pkcs8()},
+            extra_charon=extra,
+        )
+
+    return start
 
 
 def our_service(ns: str, key: Key, **kw: Any) -> IkeService:
@@ -453,7 +438,7 @@ def rekeys(svc: IkeService) -> list[ChildSaRekeyed]:
 
 
 def test_charon_initiator_rekeys_child_we_rekey_ike(
-    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+    start_charon: StartCharon, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
 ) -> None:
     """charon initiates and rekeys its Child SA after 2 s (PFS: a KE in the request);
     our responder answers; we rekey the IKE SA after 3.4 s (ike_lifetime 4 s); charon
@@ -463,7 +448,7 @@ def test_charon_initiator_rekeys_child_we_rekey_ike(
     conns = charon_conn(
         "out", initiator=True, child_opts="rekey_time = 2s\n life_time = 20s\n rand_time = 0"
     )
-    ch = start_charon(tmp_path, ns, conns, ec_keys)
+    ch = start_charon(ns, conns, ec_keys)
 
     async def go() -> None:
         svc = our_service(
@@ -471,8 +456,7 @@ def test_charon_initiator_rekeys_child_we_rekey_ike(
             ec_keys[0],
             peer_keys={THEIRS: ec_keys[1].private.public_key()},
         )
-        await svc.start(ike_config(ike_lifetime=4.0, rekey_jitter=0))
-        try:
+        async with running(svc, ike_config(ike_lifetime=4.0, rekey_jitter=0)):
             out = await asyncio.to_thread(ch.initiate, "out-c")
             assert "initiate completed successfully" in out, out
             await until("our responder has the Child SA", lambda: len(children(svc)) == 1)
@@ -506,17 +490,12 @@ def test_charon_initiator_rekeys_child_we_rekey_ike(
             assert [d.spi_in for _, d in sink(svc).deleted][-1] == ev.spi_in
             assert await svc.down(THEIRS) == 1
             assert charon_ike_spis(await sas(ch)) == []
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 def test_our_initiator_rekeys_child_charon_rekeys_ike(
-    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+    start_charon: StartCharon, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
 ) -> None:
     """We initiate with child_lifetime 2.5 s (rekey at 2 s, PFS); charon accepts; charon
     rekeys the IKE SA after 3 s (its rekey_time) and our responder follows; we delete
@@ -525,12 +504,11 @@ def test_our_initiator_rekeys_child_charon_rekeys_ike(
     conns = charon_conn(
         "in", initiator=False, ike_opts="rekey_time = 3s\n over_time = 20s\n rand_time = 0"
     )
-    ch = start_charon(tmp_path, ns, conns, ec_keys)
+    ch = start_charon(ns, conns, ec_keys)
 
     async def go() -> None:
         svc = our_service(ours_ns, ec_keys[0])
-        await svc.start(ike_config(child_lifetime=2.5, rekey_margin=0.5, rekey_jitter=0))
-        try:
+        async with running(svc, ike_config(child_lifetime=2.5, rekey_margin=0.5, rekey_jitter=0)):
             p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
             (first,) = children(svc).values()
             assert_child_keys_logged(ch, first, initiator=True)
@@ -563,13 +541,8 @@ def test_our_initiator_rekeys_child_charon_rekeys_ike(
             await asyncio.to_thread(ch.swanctl, "--terminate", "--ike", "in")
             await until("charon's IKE SA Delete reached us", lambda: svc.sas == [])
             assert p.error is None
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 # --------------------------------------------------------------------------- INVALID_KE_PAYLOAD
@@ -580,7 +553,7 @@ def test_our_initiator_rekeys_child_charon_rekeys_ike(
     [("modp2048", "MODP_2048", DhId.MODP_2048), ("x25519", "CURVE_25519", DhId.CURVE25519)],
 )
 def test_invalid_ke_our_initiator_retries_with_charons_group(
-    tmp_path: Path,
+    start_charon: StartCharon,
     charon_ns: tuple[str, str],
     ec_keys: tuple[Key, Key],
     group: str,
@@ -591,7 +564,6 @@ def test_invalid_ke_our_initiator_retries_with_charons_group(
     we retry IKE_SA_INIT with its group and the IKE SA comes up with it."""
     ours_ns, ns = charon_ns
     ch = start_charon(
-        tmp_path,
         ns,
         charon_conn("in", initiator=False, ike=f"aes256gcm16-prfsha256-{group}"),
         ec_keys,
@@ -606,8 +578,7 @@ def test_invalid_ke_our_initiator_retries_with_charons_group(
 
     async def go() -> None:
         svc = our_service(ours_ns, ec_keys[0], ike_proposals=(ours,))
-        await svc.start(ike_config())
-        try:
+        async with running(svc, ike_config()):
             p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
             assert p.ike is not None and p.ike.dh_group == dh
             assert f"DH group ECP_256 unacceptable, requesting {want}" in ch.log()
@@ -625,23 +596,17 @@ def test_invalid_ke_our_initiator_retries_with_charons_group(
             assert f"AES_GCM_16-256/PRF_HMAC_SHA2_256/{want}" in listing, listing
             assert_ike_keys_logged(ch, p)
             await svc.down(THEIRS)
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 def test_invalid_ke_our_responder_asks_charon_for_our_group(
-    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+    start_charon: StartCharon, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
 ) -> None:
     """charon initiates guessing MODP-2048 (its first group); our responder only takes
     ECP-256 / X25519 and answers INVALID_KE_PAYLOAD(19); charon retries with ECP-256."""
     ours_ns, ns = charon_ns
     ch = start_charon(
-        tmp_path,
         ns,
         charon_conn("out", initiator=True, ike="aes256gcm16-prfsha256-modp2048-ecp256"),
         ec_keys,
@@ -657,8 +622,7 @@ def test_invalid_ke_our_responder_asks_charon_for_our_group(
             ike_proposals=(ours,),
             peer_keys={THEIRS: ec_keys[1].private.public_key()},
         )
-        await svc.start(ike_config())
-        try:
+        async with running(svc, ike_config()):
             out = await asyncio.to_thread(ch.initiate, "out-c")
             assert "initiate completed successfully" in out, out
             assert "peer didn't accept DH group MODP_2048, it requested ECP_256" in out, out
@@ -678,25 +642,20 @@ def test_invalid_ke_our_responder_asks_charon_for_our_group(
             assert nk is not None and nk.dh_group == DhId.ECP_256
             assert_ike_keys_logged(ch, p)
             await svc.down(THEIRS)
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 # --------------------------------------------------------------------------- COOKIE
 
 
 def test_cookie_demanded_by_our_responder_charon_retries(
-    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+    start_charon: StartCharon, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
 ) -> None:
     """Our responder with cookie threshold 0 answers charon's first IKE_SA_INIT with a
     COOKIE only; charon repeats the request with it and the IKE SA comes up."""
     ours_ns, ns = charon_ns
-    ch = start_charon(tmp_path, ns, charon_conn("out", initiator=True), ec_keys)
+    ch = start_charon(ns, charon_conn("out", initiator=True), ec_keys)
 
     async def go() -> None:
         svc = our_service(ours_ns, ec_keys[0], peer_keys={THEIRS: ec_keys[1].private.public_key()})
@@ -718,24 +677,21 @@ def test_cookie_demanded_by_our_responder_charon_retries(
         finally:
             await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 def test_cookie_demanded_by_charon_honoured_by_our_initiator(
-    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+    start_charon: StartCharon, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
 ) -> None:
     """charon with dos_protection and cookie_threshold 1, one half-open IKE SA already
     (a bare IKE_SA_INIT we never continue): it answers our IKE_SA_INIT with a COOKIE;
     our initiator repeats it with the cookie and gets the IKE SA."""
     ours_ns, ns = charon_ns
     extra = "dos_protection = yes\n  cookie_threshold = 1\n  block_threshold = 100"
-    ch = start_charon(tmp_path, ns, charon_conn("in", initiator=False), ec_keys, extra)
+    ch = start_charon(ns, charon_conn("in", initiator=False), ec_keys, extra)
 
     def half_open() -> bytes:
-        cfg = IkeSaConfig((OURS, 0), (THEIRS, 500), (host_ts(OURS),), (host_ts(THEIRS),))
+        cfg = ike_pair.config((OURS, 0), (THEIRS, 500))
         request = IkeSa.initiator(cfg, 0.0).datagrams_to_send()[0]
         with in_netns(ours_ns):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -749,8 +705,7 @@ def test_cookie_demanded_by_charon_honoured_by_our_initiator(
         answer = await asyncio.to_thread(half_open)
         assert len(answer) > 100, "charon did not answer the half-open IKE_SA_INIT"
         svc = our_service(ours_ns, ec_keys[0])
-        await svc.start(ike_config())
-        try:
+        async with running(svc, ike_config()):
             p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
             log = ch.log()
             assert re.search(r"generating IKE_SA_INIT response 0 \[ N\(COOKIE\) \]", log), log
@@ -762,13 +717,8 @@ def test_cookie_demanded_by_charon_honoured_by_our_initiator(
             assert_child_keys_logged(ch, ev, initiator=True)
             assert p.error is None
             await svc.down(THEIRS)
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 # --------------------------------------------------------------------------- fragmentation
@@ -787,7 +737,7 @@ FRAGMENT_SPLIT = r"splitting IKE message \((\d+) bytes\) into (\d+) fragments"
 
 
 def test_fragmented_ike_auth_both_ways_with_rsa_4096(
-    tmp_path: Path, charon_ns: tuple[str, str], rsa_keys: tuple[Key, Key]
+    start_charon: StartCharon, charon_ns: tuple[str, str], rsa_keys: tuple[Key, Key]
 ) -> None:
     """RSA-4096 signatures make IKE_AUTH about 900 bytes: our request goes as RFC 7383
     fragments of at most 300 bytes, which charon reassembles; charon (fragment_size
@@ -795,7 +745,7 @@ def test_fragmented_ike_auth_both_ways_with_rsa_4096(
     ours_ns, ns = charon_ns
     keys = rsa_keys
     conns = charon_conn("in", initiator=False, ike_opts="fragmentation = yes")
-    ch = start_charon(tmp_path, ns, conns, keys, "fragment_size = 600")
+    ch = start_charon(ns, conns, keys, "fragment_size = 600")
 
     async def go() -> None:
         svc = our_service(ours_ns, keys[0])
@@ -825,21 +775,18 @@ def test_fragmented_ike_auth_both_ways_with_rsa_4096(
         finally:
             await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 def test_fragmented_ike_auth_charon_initiator_our_responder(
-    tmp_path: Path, charon_ns: tuple[str, str], rsa_keys: tuple[Key, Key]
+    start_charon: StartCharon, charon_ns: tuple[str, str], rsa_keys: tuple[Key, Key]
 ) -> None:
     """The other roles: charon's IKE_AUTH request in fragments (fragment_size 600),
     reassembled by our responder; our response in fragments of at most 300 bytes,
     reassembled by charon."""
     ours_ns, ns = charon_ns
     conns = charon_conn("out", initiator=True, ike_opts="fragmentation = yes")
-    ch = start_charon(tmp_path, ns, conns, rsa_keys, "fragment_size = 600")
+    ch = start_charon(ns, conns, rsa_keys, "fragment_size = 600")
 
     async def go() -> None:
         svc = our_service(
@@ -871,28 +818,26 @@ def test_fragmented_ike_auth_charon_initiator_our_responder(
         finally:
             await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 # --------------------------------------------------------------------------- liveness
 
 
 def test_liveness_check_fails_when_charon_dies(
-    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+    start_charon: StartCharon, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
 ) -> None:
     """dpd_delay 1 s: while charon lives it answers our empty INFORMATIONAL and the SA
     stays; once charon is killed (SIGKILL, no Delete) the next check goes unanswered,
     the IKE SA fails and its Child SA is reported with the dead peer (``peer_dead``)."""
     ours_ns, ns = charon_ns
-    ch = start_charon(tmp_path, ns, charon_conn("in", initiator=False), ec_keys)
+    ch = start_charon(ns, charon_conn("in", initiator=False), ec_keys)
 
     async def go() -> None:
         svc = our_service(ours_ns, ec_keys[0])
-        await svc.start(ike_config(dpd_delay=1.0, retransmit_timeout=0.2, retransmit_tries=2))
-        try:
+        async with running(
+            svc, ike_config(dpd_delay=1.0, retransmit_timeout=0.2, retransmit_tries=2)
+        ):
             p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
             (ev,) = children(svc).values()
             await until(
@@ -915,13 +860,8 @@ def test_liveness_check_fails_when_charon_dies(
             assert dead[0] == THEIRS and [d.spi_in for d in dead[1]] == [ev.spi_in]
             assert sink(svc).deleted == []
             assert took < 4.0, took
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 # --------------------------------------------------------------------------- collision with charon
@@ -940,7 +880,7 @@ HOLD_REQUESTS = """table inet hold {
 
 @pytest.mark.parametrize("what", ["child", "ike"])
 def test_rekey_collision_with_charon(
-    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key], what: str
+    start_charon: StartCharon, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key], what: str
 ) -> None:
     """Both ends rekey the same Child SA (or the IKE SA) at once: charon's request is
     held back (its outgoing requests are dropped for 0.3 s, so it retransmits after
@@ -948,7 +888,7 @@ def test_rekey_collision_with_charon(
     collision. Afterwards exactly one consistent Child SA and IKE SA remain, with keys
     equal to charon's log."""
     ours_ns, ns = charon_ns
-    ch = start_charon(tmp_path, ns, charon_conn("in", initiator=False), ec_keys)
+    ch = start_charon(ns, charon_conn("in", initiator=False), ec_keys)
     task = {"child": "CHILD_REKEY", "ike": "IKE_REKEY"}[what]
 
     def nft(script: str) -> None:
@@ -958,8 +898,7 @@ def test_rekey_collision_with_charon(
 
     async def go() -> None:
         svc = our_service(ours_ns, ec_keys[0])
-        await svc.start(ike_config())
-        try:
+        async with running(svc, ike_config()):
             p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
             (first,) = children(svc).values()
             old_ike = ike_spis(svc)
@@ -1004,13 +943,8 @@ def test_rekey_collision_with_charon(
                 assert_ike_keys_logged(ch, p)
             assert p.error is None and p.state == "established"
             await svc.down(THEIRS)
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 # --------------------------------------------------------------------------- PFS group
@@ -1019,7 +953,7 @@ def test_rekey_collision_with_charon(
 @pytest.mark.parametrize("rekeyer", ["ours", "charon"])
 @pytest.mark.parametrize("charon_esp", ["aes256gcm16-modp2048", "aes256gcm16"])
 def test_child_rekey_pfs_group_other_than_the_ike_sas(
-    tmp_path: Path,
+    start_charon: StartCharon,
     charon_ns: tuple[str, str],
     ec_keys: tuple[Key, Key],
     rekeyer: str,
@@ -1035,12 +969,11 @@ def test_child_rekey_pfs_group_other_than_the_ike_sas(
     conns = charon_conn("in", initiator=False).replace(
         f"esp_proposals = {ESP}", f"esp_proposals = {charon_esp}"
     )
-    ch = start_charon(tmp_path, ns, conns, ec_keys)
+    ch = start_charon(ns, conns, ec_keys)
 
     async def go() -> None:
         svc = our_service(ours_ns, ec_keys[0])
-        await svc.start(ike_config())
-        try:
+        async with running(svc, ike_config()):
             p = await svc.up(THEIRS, "pubkey", ec_keys[1].private.public_key())
             assert p.ike is not None and p.ike.dh_group == DhId.CURVE25519
             (first,) = children(svc).values()
@@ -1071,20 +1004,15 @@ def test_child_rekey_pfs_group_other_than_the_ike_sas(
                     )
             assert p.error is None
             await svc.down(THEIRS)
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())
 
 
 # --------------------------------------------------------------------------- more Child SAs
 
 
 def test_charon_adds_a_child_sa_on_our_responders_ike_sa(
-    tmp_path: Path, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
+    start_charon: StartCharon, charon_ns: tuple[str, str], ec_keys: tuple[Key, Key]
 ) -> None:
     """After its first Child SA charon asks for a second one (TCP to our port 80 only)
     with CREATE_CHILD_SA; our responder narrows nothing away, both sides list both,
@@ -1095,12 +1023,11 @@ def test_charon_adds_a_child_sa_on_our_responders_ike_sa(
         "mode = tunnel }\n    out-web { local_ts = dynamic[tcp]\n"
         f"      remote_ts = dynamic[tcp/80]\n      esp_proposals = {ESP}",
     )
-    ch = start_charon(tmp_path, ns, conns, ec_keys)
+    ch = start_charon(ns, conns, ec_keys)
 
     async def go() -> None:
         svc = our_service(ours_ns, ec_keys[0], peer_keys={THEIRS: ec_keys[1].private.public_key()})
-        await svc.start(ike_config())
-        try:
+        async with running(svc, ike_config()):
             out = await asyncio.to_thread(ch.initiate, "out-c")
             assert "initiate completed successfully" in out, out
             await until("the first Child SA", lambda: len(children(svc)) == 1)
@@ -1123,10 +1050,5 @@ def test_charon_adds_a_child_sa_on_our_responders_ike_sa(
             await until("charon's Delete of the second", lambda: len(children(svc)) == 1)
             assert web.spi_in not in children(svc)
             await svc.down(THEIRS)
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(go())
-    finally:
-        ch.stop()
+    asyncio.run(go())

@@ -36,8 +36,8 @@ import pytest
 from oe_router.datapath.netns import in_netns
 from oe_router.ike.constants import ExchangeType
 from oe_router.ike.fragments import DEFAULT_FRAGMENT_LIMITS as LIMITS
-from oe_router.ike.payloads import TrafficSelector
 from oe_router.ike.sa import IkeSa, IkeSaConfig
+from tests import ike_pair
 from tests.ike_peer import sealed_fragment
 
 from .charon import Netns, available
@@ -131,10 +131,7 @@ class HostilePeer:
         self.sock.close()
 
     def config(self) -> IkeSaConfig:
-        def host(addr: str) -> TrafficSelector:
-            return TrafficSelector.for_network(f"{addr}/32")
-
-        return IkeSaConfig((H, H_PORT), (A, 500), (host(H),), (host(A),), retransmit_timeout=1.0)
+        return ike_pair.config((H, H_PORT), (A, 500), retransmit_timeout=1.0)
 
     def send(self, datagrams: list[bytes]) -> None:
         for d in datagrams:

@@ -10,12 +10,9 @@ does not (this CI host: CONFIG_NFT_QUEUE unset), the same choice datapath.nft_sp
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -23,16 +20,14 @@ import pytest
 from oe_router.datapath.netns import in_netns
 from oe_router.datapath.nfqueue import NfQueue, NfQueueError
 from oe_router.datapath.nft_spd import apply_script, insert_xt_queue, queue_backend
+from tests.host.netlab import MakeNetns
+from tests.host.netlab import ip as _ip
 
 pytestmark = pytest.mark.host
 
 QNUM = 11
 PORT = 9000
 S_ADDR, P_ADDR = "10.77.0.1", "10.77.0.2"
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
 @dataclass
@@ -71,25 +66,15 @@ class Pair:
 
 
 @pytest.fixture
-def pair() -> Iterator[Pair]:
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    tag = uuid.uuid4().hex[:8]
-    s, p = f"oe-nqs-{tag}", f"oe-nqp-{tag}"
-    for ns in (s, p):
-        _ip("netns", "add", ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
-    try:
-        _ip("-n", s, "link", "add", "v0", "type", "veth", "peer", "name", "v0", "netns", p)
-        for ns, addr in ((s, S_ADDR), (p, P_ADDR)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "v0")
-            _ip("-n", ns, "link", "set", "v0", "up")
-        pr = Pair(s, p, queue_backend(netns=s))
-        pr.queue_rule()
-        yield pr
-    finally:
-        for ns in (s, p):
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+def pair(make_netns: MakeNetns) -> Pair:
+    s, p = make_netns("oe-nqs"), make_netns("oe-nqp")
+    _ip("-n", s, "link", "add", "v0", "type", "veth", "peer", "name", "v0", "netns", p)
+    for ns, addr in ((s, S_ADDR), (p, P_ADDR)):
+        _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "v0")
+        _ip("-n", ns, "link", "set", "v0", "up")
+    pr = Pair(s, p, queue_backend(netns=s))
+    pr.queue_rule()
+    return pr
 
 
 def _read(q: NfQueue, n: int, timeout: float = 2.0) -> list:  # type: ignore[type-arg]

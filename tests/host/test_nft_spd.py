@@ -18,8 +18,6 @@ import socket
 import struct
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -45,6 +43,7 @@ from oe_router.datapath.nft_spd import (
 )
 from oe_router.oe.lan import LanGateway, nft_script
 from oe_router.oe.policy import PolicyTable, selector_rank
+from tests.host.netlab import LanRouterWorld, ip
 
 pytestmark = pytest.mark.host
 
@@ -54,10 +53,6 @@ WAN = ipaddress.IPv4Address("198.51.100.1")
 TRAPPED, PASSED, DROPPED, SA_PEER = "203.0.113.7", "203.0.113.8", "203.0.113.9", "203.0.113.10"
 BYPASS_MARK = 0x4000
 SO_MARK = 36
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
 @dataclass
@@ -75,38 +70,16 @@ class Lab:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    tag = uuid.uuid4().hex[:8]
-    lan, r, w = f"oe-sl-{tag}", f"oe-sr-{tag}", f"oe-sw-{tag}"
-    for ns in (lan, r, w):
-        _ip("netns", "add", ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
-    try:
-        _ip("-n", r, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", lan)
-        _ip("-n", r, "link", "add", "wan", "type", "veth", "peer", "name", "w0", "netns", w)
-        for ns, dev, addr in (
-            (lan, "eth0", "192.168.1.2/24"),
-            (r, "lan0", "192.168.1.1/24"),
-            (r, "wan", f"{WAN}/24"),
-            (w, "w0", "198.51.100.2/24"),
-        ):
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "addr", "add", addr, "dev", dev)
-        _ip("-n", r, "tuntap", "add", "oetun", "mode", "tun")
-        _ip("-n", r, "addr", "add", "10.255.0.1/32", "dev", "oetun")
-        _ip("-n", r, "link", "set", "oetun", "up")
-        _ip("-n", lan, "route", "add", "default", "via", "192.168.1.1")
-        _ip("-n", r, "route", "add", "default", "via", "198.51.100.2")
-        for peer in (TRAPPED, PASSED, DROPPED, SA_PEER):
-            _ip("-n", w, "addr", "add", f"{peer}/32", "dev", "lo")
-        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"):
-            subprocess.run(["ip", "netns", "exec", r, "sysctl", "-qw", key], check=True)
-        yield Lab(lan, r, w)
-    finally:
-        for ns in (lan, r, w):
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+def lab(lan_router_world: LanRouterWorld) -> Lab:
+    lan, r, w = lan_router_world(
+        "oe-s",
+        peers=(TRAPPED, PASSED, DROPPED, SA_PEER),
+        sysctls=("net.ipv4.conf.all.rp_filter=0",),
+    )
+    ip("-n", r, "tuntap", "add", "oetun", "mode", "tun")
+    ip("-n", r, "addr", "add", "10.255.0.1/32", "dev", "oetun")
+    ip("-n", r, "link", "set", "oetun", "up")
+    return Lab(lan, r, w)
 
 
 def _host(addr: str | ipaddress.IPv4Address) -> TrafficSelector:
@@ -294,8 +267,8 @@ def test_two_thousand_shunts_load_fast_and_update_by_element(lab: Lab) -> None:
     assert len(rules) < 40
     rx = lab.udp(lab.w, ("0.0.0.0", PORT))
     tx = lab.udp(lab.r, (str(WAN), 0))
-    _ip("-n", lab.w, "addr", "add", "50.0.7.207/32", "dev", "lo")
-    _ip("-n", lab.w, "addr", "add", "50.0.7.206/32", "dev", "lo")
+    ip("-n", lab.w, "addr", "add", "50.0.7.207/32", "dev", "lo")
+    ip("-n", lab.w, "addr", "add", "50.0.7.206/32", "dev", "lo")
     tx.sendto(b"shunt 1999 passes", ("50.0.7.207", PORT))  # 0x32000000 + 1999: odd, PASS
     with pytest.raises(PermissionError):
         tx.sendto(b"shunt 1998 drops", ("50.0.7.206", PORT))

@@ -20,10 +20,8 @@ import os
 import re
 import socket
 import struct
-import subprocess
 import time
-import uuid
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 
 import pytest
 
@@ -38,6 +36,8 @@ from oe_router.datapath.base import (
 from oe_router.datapath.kernel import XfrmDatapath
 from oe_router.datapath.netns import in_netns
 from oe_router.oe.policy import LINK_EXCLUSIONS, ND_TYPES, Group, PolicyTable, selector_rank
+from tests.host.netlab import MakeNetns
+from tests.host.netlab import ip as _ip
 
 pytestmark = pytest.mark.host
 
@@ -46,30 +46,16 @@ NEIGHBOUR = ipaddress.IPv6Address("2001:db8:77::2")
 ECHO_REQUEST, ECHO_REPLY = 128, 129
 
 
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
 @pytest.fixture
-def link() -> Iterator[tuple[str, str]]:
+def link(make_netns: MakeNetns) -> tuple[str, str]:
     """(router netns, neighbour netns) joined by a veth, global addresses without DAD."""
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    tag = uuid.uuid4().hex[:8]
-    router, neighbour = f"oe-nd-r-{tag}", f"oe-nd-n-{tag}"
-    _ip("netns", "add", router)
-    _ip("netns", "add", neighbour)
-    try:
-        _ip("-n", router, "link", "add", "wan", "type", "veth", "peer", "name", "nb")
-        _ip("-n", router, "link", "set", "nb", "netns", neighbour)
-        for ns, dev, addr in ((router, "wan", ROUTER), (neighbour, "nb", NEIGHBOUR)):
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad")
-            _ip("-n", ns, "link", "set", dev, "up")
-        yield router, neighbour
-    finally:
-        _ip("netns", "del", router)
-        _ip("netns", "del", neighbour)
+    router, neighbour = make_netns("oe-nd-r"), make_netns("oe-nd-n")
+    _ip("-n", router, "link", "add", "wan", "type", "veth", "peer", "name", "nb")
+    _ip("-n", router, "link", "set", "nb", "netns", neighbour)
+    for ns, dev, addr in ((router, "wan", ROUTER), (neighbour, "nb", NEIGHBOUR)):
+        _ip("-n", ns, "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad")
+        _ip("-n", ns, "link", "set", dev, "up")
+    return router, neighbour
 
 
 def _table(*, nd_exclusions: bool) -> PolicyTable:

@@ -11,84 +11,29 @@ tests/host/probe.py (no IKE responder in W, so negotiations fail for real).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
-import os
-import socket
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
 
-from oe_router.datapath.netns import in_netns
 from oe_router.oe.lan import LanError, LanGateway, apply_nft, nft_script
 from oe_router.oe.service import OeService, kernel_datapath
+from tests.aio import run, running
+from tests.host.netlab import LanRouterWorld, ip, received, udp
 from tests.host.probe import POC, PORT, PRIV, WAN, ProbeNegotiator, probe_config
 
 pytestmark = pytest.mark.host
 
 
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
 @pytest.fixture
-def nets() -> Iterator[tuple[str, str, str]]:
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    tag = uuid.uuid4().hex[:8]
-    lan, r, w = f"oe-l-{tag}", f"oe-r-{tag}", f"oe-w-{tag}"
-    for ns in (lan, r, w):
-        _ip("netns", "add", ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
-    try:
-        _ip("-n", r, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", lan)
-        _ip("-n", r, "link", "add", "wan", "type", "veth", "peer", "name", "w0", "netns", w)
-        for ns, dev, addr in (
-            (lan, "eth0", "192.168.1.2/24"),
-            (r, "lan0", "192.168.1.1/24"),
-            (r, "wan", "198.51.100.1/24"),
-            (w, "w0", "198.51.100.2/24"),
-        ):
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "addr", "add", addr, "dev", dev)
-        _ip("-n", lan, "route", "add", "default", "via", "192.168.1.1")
-        _ip("-n", r, "route", "add", "default", "via", "198.51.100.2")
-        for addr in (f"{POC}/32", f"{PRIV}/32"):
-            _ip("-n", w, "addr", "add", addr, "dev", "lo")
-        subprocess.run(
-            ["ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True
-        )
-        yield lan, r, w
-    finally:
-        for ns in (lan, r, w):
-            _ip("netns", "del", ns)
+def nets(lan_router_world: LanRouterWorld) -> tuple[str, str, str]:
+    return lan_router_world("oe-", peers=(POC, PRIV))
 
 
 def _gateway() -> LanGateway:
     return LanGateway(wan_ifname="wan", lan4=(ipaddress.IPv4Network("192.168.1.0/24"),), wan4=WAN)
-
-
-def _udp(netns: str, bind: tuple[str, int] | None = None) -> socket.socket:
-    with in_netns(netns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    if bind is not None:
-        s.bind(bind)
-    s.setblocking(False)
-    return s
-
-
-def _recv(s: socket.socket) -> list[tuple[bytes, str]]:
-    out = []
-    while True:
-        try:
-            data, (addr, _) = s.recvfrom(2048)
-        except BlockingIOError:
-            return out
-        out.append((data, addr))
 
 
 def test_nft_script_applies_and_reads_back(nets: tuple[str, str, str]) -> None:
@@ -116,18 +61,18 @@ def test_a_kept_table_follows_a_new_wan_address(nets: tuple[str, str, str]) -> N
     lan, r, w = nets
     gw = replace(_gateway(), private4=(ipaddress.IPv4Network(f"{PRIV}/32"),), stopped=True)
     apply_nft(nft_script(gw), netns=r)
-    rx = _udp(w, (POC, PORT))
-    rx_private = _udp(w, (PRIV, PORT))
-    _udp(lan).sendto(b"before", (POC, PORT))
-    _ip("-n", r, "addr", "del", "198.51.100.1/24", "dev", "wan")  # takes the route along
-    _ip("-n", r, "addr", "add", "198.51.100.9/24", "dev", "wan")
-    _ip("-n", r, "route", "replace", "default", "via", "198.51.100.2")
-    _udp(lan).sendto(b"after", (POC, PORT))  # a new flow (new source port)
-    _udp(lan).sendto(b"private", (PRIV, PORT))
+    rx = udp(w, (POC, PORT))
+    rx_private = udp(w, (PRIV, PORT))
+    udp(lan).sendto(b"before", (POC, PORT))
+    ip("-n", r, "addr", "del", "198.51.100.1/24", "dev", "wan")  # takes the route along
+    ip("-n", r, "addr", "add", "198.51.100.9/24", "dev", "wan")
+    ip("-n", r, "route", "replace", "default", "via", "198.51.100.2")
+    udp(lan).sendto(b"after", (POC, PORT))  # a new flow (new source port)
+    udp(lan).sendto(b"private", (PRIV, PORT))
     got: list[tuple[bytes, str]] = []
     deadline = time.monotonic() + 5
     while len(got) < 3 and time.monotonic() < deadline:
-        got += _recv(rx) + _recv(rx_private)
+        got += received(rx) + received(rx_private)
         time.sleep(0.02)
     assert sorted(got) == [
         (b"after", "198.51.100.9"),
@@ -139,9 +84,9 @@ def test_a_kept_table_follows_a_new_wan_address(nets: tuple[str, str, str]) -> N
 def test_lan_flow_is_natted_then_trapped_then_shunted(nets: tuple[str, str, str]) -> None:
     lan, r, w = nets
     apply_nft(nft_script(_gateway()), netns=r)
-    rx_poc = _udp(w, (POC, PORT))
-    rx_priv = _udp(w, (PRIV, PORT))
-    tx = _udp(lan)
+    rx_poc = udp(w, (POC, PORT))
+    rx_priv = udp(w, (PRIV, PORT))
+    tx = udp(lan)
 
     async def body() -> None:
         neg = ProbeNegotiator(r)
@@ -151,8 +96,7 @@ def test_lan_flow_is_natted_then_trapped_then_shunted(nets: tuple[str, str, str]
             wan={4: WAN},
             lan=[ipaddress.ip_network("192.168.1.0/24")],
         )
-        await svc.start(probe_config())
-        try:
+        async with running(svc, probe_config()):
             tx.sendto(b"first", (POC, PORT))  # LAN -> SNAT -> trap (post-NAT lookup)
             deadline = time.monotonic() + 5
             while not svc.status().shunts:
@@ -164,7 +108,7 @@ def test_lan_flow_is_natted_then_trapped_then_shunted(nets: tuple[str, str, str]
             got: list[tuple[bytes, str]] = []
             while not got:
                 assert time.monotonic() < deadline + 2, "the pass shunt let nothing through"
-                got += _recv(rx_poc)
+                got += received(rx_poc)
                 await asyncio.sleep(0.02)
             # the world sees the router's WAN address, and the trapped first packet is lost
             assert got == [(b"second", "198.51.100.1")]
@@ -176,40 +120,26 @@ def test_lan_flow_is_natted_then_trapped_then_shunted(nets: tuple[str, str, str]
             for _ in range(5):
                 tx.sendto(b"p2", (PRIV, PORT))
             await asyncio.sleep(0.3)
-            assert _recv(rx_priv) == []
+            assert received(rx_priv) == []
             assert {s.kind for s in svc.status().shunts} == {"pass", "drop"}
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(body())
-    finally:
-        for s in (rx_poc, rx_priv, tx):
-            with contextlib.suppress(OSError):
-                s.close()
+    run(body(), rx_poc, rx_priv, tx)
 
 
 def test_without_snat_a_lan_flow_is_not_trapped(nets: tuple[str, str, str]) -> None:
     """The control: with no SNAT the LAN source never matches a trap, so nothing is
     negotiated and the packet leaves in the clear with its LAN source address."""
     lan, r, w = nets
-    rx = _udp(w, (POC, PORT))
-    tx = _udp(lan)
+    rx = udp(w, (POC, PORT))
+    tx = udp(lan)
 
     async def body() -> None:
         neg = ProbeNegotiator(r)
         svc = OeService(datapath_factory=kernel_datapath(r), negotiator=neg, wan={4: WAN})
-        await svc.start(probe_config())
-        try:
+        async with running(svc, probe_config()):
             tx.sendto(b"clear", (POC, PORT))
             await asyncio.sleep(0.5)
             assert neg.requests == []
-            assert _recv(rx) == [(b"clear", "192.168.1.2")]
-        finally:
-            await svc.stop()
+            assert received(rx) == [(b"clear", "192.168.1.2")]
 
-    try:
-        asyncio.run(body())
-    finally:
-        rx.close()
-        tx.close()
+    run(body(), rx, tx)

@@ -20,22 +20,18 @@ fails for real); the host kernel has no ESP, so tunnels themselves are the QEMU 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
-import os
 import socket
-import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
 
 from oe_router.config.schema import OeConfig, PolicyConfig, parse_policy_entry
-from oe_router.datapath.netns import in_netns
 from oe_router.oe.lan import apply_nft
 from oe_router.oe.service import OeService, kernel_datapath
+from tests.aio import run, running
+from tests.host.netlab import LanRouterWorld, received, udp
 from tests.host.probe import PORT, ProbeNegotiator
 
 pytestmark = pytest.mark.host
@@ -46,62 +42,13 @@ PRIV6 = "2001:db8:5::7"
 LAN_DEV = "fd00:1::2"
 
 
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
 @pytest.fixture
-def nets() -> Iterator[tuple[str, str, str]]:
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    tag = uuid.uuid4().hex[:8]
-    lan, r, w = f"oe-l6-{tag}", f"oe-r6-{tag}", f"oe-w6-{tag}"
-    for ns in (lan, r, w):
-        _ip("netns", "add", ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
-    try:
-        _ip("-n", r, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", lan)
-        _ip("-n", r, "link", "add", "wan", "type", "veth", "peer", "name", "w0", "netns", w)
-        for ns, dev, addr in (
-            (lan, "eth0", f"{LAN_DEV}/64"),
-            (r, "lan0", "fd00:1::1/64"),
-            (r, "wan", f"{WAN6}/64"),
-            (w, "w0", "2001:db8:1::1/64"),
-        ):
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "addr", "add", addr, "dev", dev, "nodad")
-        _ip("-n", lan, "-6", "route", "add", "default", "via", "fd00:1::1")
-        _ip("-n", r, "-6", "route", "add", "default", "via", "2001:db8:1::1")
-        _ip("-n", w, "-6", "route", "add", "fd00:1::/64", "via", str(WAN6))
-        for addr in (POC6, PRIV6):
-            _ip("-n", w, "addr", "add", f"{addr}/128", "dev", "lo", "nodad")
-        subprocess.run(
-            ["ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
-            check=True,
-        )
-        yield lan, r, w
-    finally:
-        for ns in (lan, r, w):
-            _ip("netns", "del", ns)
+def nets(lan_router_world: LanRouterWorld) -> tuple[str, str, str]:
+    return lan_router_world("oe6", family=6, peers=(POC6, PRIV6))
 
 
 def _udp(netns: str, bind: tuple[str, int] | None = None) -> socket.socket:
-    with in_netns(netns):
-        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    if bind is not None:
-        s.bind(bind)
-    s.setblocking(False)
-    return s
-
-
-def _recv(s: socket.socket) -> list[tuple[bytes, str]]:
-    out = []
-    while True:
-        try:
-            data, addr = s.recvfrom(2048)
-        except BlockingIOError:
-            return out
-        out.append((data, addr[0]))
+    return udp(netns, bind, socket.AF_INET6)
 
 
 def _config() -> OeConfig:
@@ -130,8 +77,7 @@ def test_lan_ipv6_private_flow_is_natted_trapped_and_dropped(
             lan=[ipaddress.ip_network("fd00:1::/64")],
             nft=lambda script: apply_nft(script, netns=r),
         )
-        await svc.start(_config())
-        try:
+        async with running(svc, _config()):
             # private-or-clear, no tunnel: the LAN trap catches the packet before NAT
             # (dropped while the ACQUIRE is pending), the negotiation WAN6 <-> peer fails,
             # pass shunts for WAN6 and the LAN prefix follow, and the next packet reaches
@@ -152,7 +98,7 @@ def test_lan_ipv6_private_flow_is_natted_trapped_and_dropped(
                 assert time.monotonic() < deadline, "the passed IPv6 LAN flow did not arrive"
                 tx.sendto(b"clear", (POC6, PORT))
                 await asyncio.sleep(0.1)
-                got += _recv(rx_poc)
+                got += received(rx_poc)
             assert set(got) == {(b"clear", LAN_DEV)}  # never the trapped one, never NATed
             assert len(neg.requests) == 1  # the LAN shunt stops further ACQUIREs
 
@@ -169,16 +115,9 @@ def test_lan_ipv6_private_flow_is_natted_trapped_and_dropped(
             for _ in range(5):
                 tx.sendto(b"p2", (PRIV6, PORT))
             await asyncio.sleep(0.3)
-            assert _recv(rx_priv) == []
-        finally:
-            await svc.stop()
+            assert received(rx_priv) == []
 
-    try:
-        asyncio.run(body())
-    finally:
-        for s in (rx_poc, rx_priv, tx):
-            with contextlib.suppress(OSError):
-                s.close()
+    run(body(), rx_poc, rx_priv, tx)
 
 
 def test_without_the_private6_rule_the_private_flow_would_leak(
@@ -200,23 +139,16 @@ def test_without_the_private6_rule_the_private_flow_would_leak(
             lan=[ipaddress.ip_network("fd00:1::/64")],
             nft=lambda script: apply_nft(script, netns=r),
         )
-        await svc.start(_config())
-        try:
+        async with running(svc, _config()):
             apply_nft("flush set inet oe_router oe_private6\n", netns=r)
             tx.sendto(b"leak", (PRIV6, PORT))
             deadline = time.monotonic() + 3  # a fresh veth may need a second solicitation
             got: list[tuple[bytes, str]] = []
             while not got:
                 assert time.monotonic() < deadline, "the unNATed flow did not arrive either"
-                got += _recv(rx)
+                got += received(rx)
                 await asyncio.sleep(0.02)
             assert neg.requests == []
             assert got == [(b"leak", LAN_DEV)]
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(body())
-    finally:
-        rx.close()
-        tx.close()
+    run(body(), rx, tx)

@@ -23,8 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +42,9 @@ from oe_router.datapath.netns import in_netns
 from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.oe.manager import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService, kernel_datapath
+from tests.aio import run, running
+from tests.host.netlab import MakeNetns
+from tests.host.netlab import ip as _ip
 from tests.host.probe import POC, PORT, PRIV, WAN, ProbeNegotiator, probe_config, probe_service
 
 pytestmark = pytest.mark.host
@@ -51,32 +52,18 @@ pytestmark = pytest.mark.host
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
 @pytest.fixture
-def nets() -> Iterator[tuple[str, str]]:
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    tag = uuid.uuid4().hex[:8]
-    r, w = f"oe-r-{tag}", f"oe-w-{tag}"
-    _ip("netns", "add", r)
-    _ip("netns", "add", w)
-    try:
-        _ip("-n", r, "link", "add", "r0", "type", "veth", "peer", "name", "w0", "netns", w)
-        for ns, dev, addr in ((r, "r0", "198.51.100.1/24"), (w, "w0", "198.51.100.2/24")):
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "addr", "add", addr, "dev", dev)
-        for dst in ("203.0.113.0/24", "192.0.2.0/24", "198.18.0.0/15"):
-            _ip("-n", r, "route", "add", dst, "via", "198.51.100.2")
-        for addr in (f"{POC}/32", f"{PRIV}/32"):
-            _ip("-n", w, "addr", "add", addr, "dev", "lo")
-        yield r, w
-    finally:
-        _ip("netns", "del", r)
-        _ip("netns", "del", w)
+def nets(make_netns: MakeNetns) -> tuple[str, str]:
+    r, w = make_netns("oe-r"), make_netns("oe-w")
+    _ip("-n", r, "link", "add", "r0", "type", "veth", "peer", "name", "w0", "netns", w)
+    for ns, dev, addr in ((r, "r0", "198.51.100.1/24"), (w, "w0", "198.51.100.2/24")):
+        _ip("-n", ns, "link", "set", dev, "up")
+        _ip("-n", ns, "addr", "add", addr, "dev", dev)
+    for dst in ("203.0.113.0/24", "192.0.2.0/24", "198.18.0.0/15"):
+        _ip("-n", r, "route", "add", dst, "via", "198.51.100.2")
+    for addr in (f"{POC}/32", f"{PRIV}/32"):
+        _ip("-n", w, "addr", "add", addr, "dev", "lo")
+    return r, w
 
 
 class Receiver:
@@ -159,8 +146,7 @@ def test_group_policies_install_and_read_back(nets: tuple[str, str]) -> None:
 
     async def body() -> None:
         svc, _ = probe_service(r)
-        await svc.start(probe_config())
-        try:
+        async with running(svc, probe_config()):
             own = Ownership()
             text = _ip("-n", r, "xfrm", "policy")
             mgr = svc.manager
@@ -190,8 +176,6 @@ def test_group_policies_install_and_read_back(nets: tuple[str, str]) -> None:
             assert dumped == {_normal(p) for p in mgr.group_policies()}
             assert svc.status().datapath is not None
             assert svc.status().datapath.startswith("kernel-xfrm")  # type: ignore[union-attr]
-        finally:
-            await svc.stop()
         after = _ip("-n", r, "xfrm", "policy")
         assert "dst 192.0.2.0/24" in after  # private: kept at a clean stop
         assert "dst 0.0.0.0/0 \n\tdir out priority" not in after
@@ -207,8 +191,7 @@ def test_private_or_clear_failure_passes_and_private_failure_drops(nets: tuple[s
 
     async def body() -> None:
         svc, neg = probe_service(r)
-        await svc.start(probe_config())
-        try:
+        async with running(svc, probe_config()):
             # private-or-clear: the first packet is trapped (ACQUIRE), the probe finds no
             # IKE responder, a PASS shunt with the configured lifetime appears
             before = _xfrm_stat(r)
@@ -238,17 +221,11 @@ def test_private_or_clear_failure_passes_and_private_failure_drops(nets: tuple[s
             assert [str(q.peer) for q in neg.requests] == [POC, PRIV]
             assert rx.got[PRIV] == []
             assert {s.kind for s in svc.status().shunts} == {"pass", "drop"}
-        finally:
-            await svc.stop()
         # the private drop shunt stays after a clean stop; the pass shunt is gone
         assert "action block" in _policy(r, PRIV)
         assert _policy(r, POC) == ""
 
-    try:
-        asyncio.run(body())
-    finally:
-        tx.close()
-        rx.close()
+    run(body(), tx, rx)
     # the larval drop: the packet that raised the ACQUIRE was lost (xfrm_larval_drop=1)
     assert rx.got[POC] == [b"second"]
 
@@ -261,8 +238,7 @@ def test_shunt_expiry_lets_the_next_packet_negotiate_again(nets: tuple[str, str]
 
     async def body() -> None:
         svc, neg = probe_service(r)
-        await svc.start(probe_config(shunt_lifetime=2))
-        try:
+        async with running(svc, probe_config(shunt_lifetime=2)):
             _send(tx, POC, b"1")
             await _until(lambda: "action allow" in _policy(r, POC))
             assert "hard 2(sec)" in _policy(r, POC)
@@ -270,13 +246,8 @@ def test_shunt_expiry_lets_the_next_packet_negotiate_again(nets: tuple[str, str]
             _send(tx, POC, b"2")
             await _until(lambda: len(neg.requests) == 2)
             await _until(lambda: "action allow" in _policy(r, POC))
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(body())
-    finally:
-        tx.close()
+    run(body(), tx)
 
 
 SERVICE_RUN = """
@@ -395,8 +366,7 @@ def test_ensure_tunnel_install_fails_on_kernel_without_esp_and_falls_back(
     async def body() -> None:
         neg = HandsOutSpecNegotiator(r)
         svc = OeService(datapath_factory=kernel_datapath(r), negotiator=neg, wan={4: WAN})
-        await svc.start(probe_config())
-        try:
+        async with running(svc, probe_config()):
             key = PeerKey(KeyKind.NONE, None, 10, dns.name.from_text("www.example"), 0)
             ok = await asyncio.wait_for(
                 svc.ensure_tunnel(
@@ -415,11 +385,5 @@ def test_ensure_tunnel_install_fails_on_kernel_without_esp_and_falls_back(
             assert _ip("-n", r, "xfrm", "state").strip() == ""  # nothing half-installed
             assert _send(tx, POC, b"clear") == "sent"
             await _until(lambda: rx.got[POC] == [b"clear"])
-        finally:
-            await svc.stop()
 
-    try:
-        asyncio.run(body())
-    finally:
-        tx.close()
-        rx.close()
+    run(body(), tx, rx)

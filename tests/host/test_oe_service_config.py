@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import subprocess
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -21,21 +18,16 @@ import pytest
 from oe_router.config import parse_config
 from oe_router.oe.lan import apply_nft
 from oe_router.oe.service import OeService, kernel_datapath
+from tests.aio import running
+from tests.host.netlab import MakeNetns
 from tests.host.probe import WAN, ProbeNegotiator
 
 pytestmark = pytest.mark.host
 
 
 @pytest.fixture
-def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    name = f"oe-cfg-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
+def netns(make_netns: MakeNetns) -> str:
+    return make_netns("oe-cfg")
 
 
 def test_idle_timeout_and_poll_period_follow_start_and_reload(netns: str) -> None:
@@ -45,8 +37,7 @@ def test_idle_timeout_and_poll_period_follow_start_and_reload(netns: str) -> Non
         svc = OeService(
             datapath_factory=kernel_datapath(netns), negotiator=ProbeNegotiator(netns), wan={4: WAN}
         )
-        await svc.start(base)
-        try:
+        async with running(svc, base):
             assert svc.manager.idle_timeout == 10.0
             assert svc.poll_period == 2.5  # a quarter: activity known to within 2.5 s
             await svc.reload(replace(base, ike=replace(base.ike, idle_timeout=2.0)))
@@ -55,8 +46,6 @@ def test_idle_timeout_and_poll_period_follow_start_and_reload(netns: str) -> Non
             await svc.reload(replace(base, ike=replace(base.ike, idle_timeout=3600.0)))
             assert svc.manager.idle_timeout == 3600.0
             assert svc.poll_period == 60.0  # ceiling: a long timeout still polls each minute
-        finally:
-            await svc.stop()
 
     asyncio.run(body())
 
@@ -66,12 +55,9 @@ def test_default_idle_timeout_is_five_minutes(netns: str) -> None:
         svc = OeService(
             datapath_factory=kernel_datapath(netns), negotiator=ProbeNegotiator(netns), wan={4: WAN}
         )
-        await svc.start(parse_config(""))
-        try:
+        async with running(svc, parse_config("")):
             assert svc.manager.idle_timeout == 300.0
             assert svc.poll_period == 60.0
-        finally:
-            await svc.stop()
 
     asyncio.run(body())
 
@@ -103,16 +89,13 @@ def test_lan_gateway_table_is_applied_at_start_and_kept_or_removed_at_stop(
             lan=[ipaddress.ip_network("192.168.1.0/24"), ipaddress.ip_network("fd00:1::/64")],
             nft=lambda script: apply_nft(script, netns=netns),
         )
-        await svc.start(config)
-        try:
+        async with running(svc, config):
             text = _nft_list(netns)
             assert 'oifname "wan" ip saddr 192.168.1.0/24 masquerade' in text
             assert (
                 'oifname "wan" ip6 saddr fd00:1::/64 ip6 daddr @oe_peers6 snat ip6 to 2001:db8:1::2'
             ) in text
             assert "elements" not in text  # no IPv6 tunnel yet, so no IPv6 peer is NATed
-        finally:
-            await svc.stop()
         after = _nft_list(netns)
         if keep:
             # the stopped form: "private" flows keep the address their kept traps match,
@@ -146,8 +129,7 @@ def test_reload_rewrites_oe_private6(netns: str) -> None:
             lan=[ipaddress.ip_network("fd00:1::/64")],
             nft=lambda script: apply_nft(script, netns=netns),
         )
-        await svc.start(first)
-        try:
+        async with running(svc, first):
             text = _nft_list(netns)
             assert "elements = { 2001:db8:5::/48 }" in text
             assert "elements = { 192.0.2.0/24 }" in text
@@ -155,7 +137,5 @@ def test_reload_rewrites_oe_private6(netns: str) -> None:
             text = _nft_list(netns)
             assert "elements = { 2001:db8:7::/48 }" in text and "2001:db8:5::" not in text
             assert "192.0.2" not in text
-        finally:
-            await svc.stop()
 
     asyncio.run(body())

@@ -31,10 +31,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .charon import Charon, Netns, available
+from .charon import Charon, Netns
 from .oe_daemon import OeDaemon, device_with, netns_run
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("need_charon")]
 
 WAN_R, WAN_P = "198.51.100.1", "198.51.100.2"  # TEST-NET-2: not in the default clear group
 LAN_R, CLIENT = "192.168.77.1", "192.168.77.100"
@@ -42,13 +42,6 @@ IKE = "aes256gcm16-prfsha256-ecp256-x25519, aes256-sha256-prfsha256-ecp256"
 #: every ESP transform the project negotiates, as charon names them
 TRANSFORMS = ("aes256gcm16", "aes128gcm16", "chacha20poly1305", "aes256-sha256", "aes128-sha256")
 PYTHON = "python3"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_charon() -> None:
-    why = available()
-    if why is not None:
-        pytest.fail(f"charon interop cannot run (make setup installs it): {why}")
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from .charon import Netns
-from .oe_daemon import OeDaemon, device_with, netns_run
+from .oe_daemon import OeDaemon, bare_config, device_with, netns_run
 
 pytestmark = pytest.mark.host
 
@@ -37,17 +37,7 @@ A_LAN, CLIENT = "192.168.60.1", "192.168.60.100"
 
 
 def _config(wan: str, lan: str, work: Path) -> str:
-    return f"""package oe
-
-config oe 'global'
-\toption datapath 'userspace'
-\toption wan_interface '{wan}'
-\toption lan_interface '{lan}'
-\toption offload 'off'
-
-config dns 'dns'
-\toption trust_anchor '{work}/no-anchor'
-"""
+    return bare_config(wan, work / "no-anchor", datapath="userspace", lan=lan)
 
 
 @dataclass

@@ -15,8 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -38,6 +36,8 @@ from oe_router.datapath.base import (
 )
 from oe_router.datapath.kernel import XfrmDatapath, bypass_socket, enable_esp_in_udp
 from oe_router.datapath.netns import in_netns
+from tests.host.netlab import MakeNetns
+from tests.host.netlab import ip as _ip
 
 pytestmark = pytest.mark.host
 
@@ -47,34 +47,23 @@ LOCAL6 = ipaddress.ip_address("2001:db8:1::1")
 PEER6 = ipaddress.ip_address("2001:db8:2::7")
 
 
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
 def _ipn(netns: str, command: str) -> str:
     """Run `ip -n NETNS <command words>`."""
     return _ip("-n", netns, *command.split())
 
 
 @pytest.fixture
-def netns() -> Iterator[str]:
+def netns(make_netns: MakeNetns) -> str:
     """A fresh namespace with a veth whose routes reach the documentation prefixes."""
-    if os.geteuid() != 0:
-        pytest.fail("the host tier needs root for network namespaces")
-    name = f"oe-xfrm-{uuid.uuid4().hex[:8]}"
-    _ip("netns", "add", name)
-    try:
-        _ip("-n", name, "link", "set", "lo", "up")
-        _ip("-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
-        _ip("-n", name, "link", "set", "v0", "up")
-        _ip("-n", name, "link", "set", "v1", "up")
-        _ip("-n", name, "addr", "add", "10.0.0.1/24", "dev", "v0")
-        _ip("-n", name, "route", "add", "192.0.2.0/24", "dev", "v0")
-        _ip("-n", name, "-6", "addr", "add", "2001:db8:1::1/64", "dev", "v0", "nodad")
-        _ip("-n", name, "-6", "route", "add", "2001:db8:2::/64", "dev", "v0")
-        yield name
-    finally:
-        _ip("netns", "del", name)
+    name = make_netns("oe-xfrm")
+    _ip("-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+    _ip("-n", name, "link", "set", "v0", "up")
+    _ip("-n", name, "link", "set", "v1", "up")
+    _ip("-n", name, "addr", "add", "10.0.0.1/24", "dev", "v0")
+    _ip("-n", name, "route", "add", "192.0.2.0/24", "dev", "v0")
+    _ip("-n", name, "-6", "addr", "add", "2001:db8:1::1/64", "dev", "v0", "nodad")
+    _ip("-n", name, "-6", "route", "add", "2001:db8:2::/64", "dev", "v0")
+    return name
 
 
 def _ts(net: str, proto: int = 0, port: int | None = None) -> TrafficSelector:

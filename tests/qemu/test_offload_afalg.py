@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from lab import Lab
+from tests.qemu.offload_guest import SEAL_BOTH
 
 pytestmark = pytest.mark.qemu
 
@@ -30,7 +31,10 @@ ALL = ["aes128gcm16", "aes256gcm16", "chacha20poly1305", *CBC]
 RESULTS = Path(__file__).resolve().parents[2] / "test-results" / "qemu-offload-afalg.json"
 
 # Runs inside the router VM with the image's oe_router; the last stdout line is JSON.
-GUEST = r'''
+# SEAL_BOTH (offload_guest.py) defines seal_both(), the round trip's shared first step.
+GUEST = (
+    SEAL_BOTH
+    + r'''
 import json, secrets, sys, time
 from dataclasses import asdict
 from oe_router.offload.afalg import AfAlgEngine
@@ -73,11 +77,7 @@ def roundtrip(driver):
         cases = 0
         for n in (20, 64, 512, 1400):
             for seq_hi in (None, 0x01020304):
-                ek, ik = secrets.token_bytes(t.encr_key_len), secrets.token_bytes(t.auth_key_len)
-                hdr, iv, pt = _packet(t, n)
-                a, b = e.cipher(t, ek, ik), sw.cipher(t, ek, ik)
-                where = f"{t.name} n={len(pt)} esn={seq_hi is not None}"
-                ca, cb = a.seal(hdr, seq_hi, iv, pt), b.seal(hdr, seq_hi, iv, pt)
+                a, b, hdr, iv, pt, where, ca, cb = seal_both(e, sw, t, n, seq_hi, _packet)
                 if ca != cb:
                     errors.append(f"{where}: AF_ALG seal differs from software")
                 if b.open(hdr, seq_hi, iv, ca) != pt:
@@ -152,6 +152,7 @@ elif op == "bench":
     res = bench(float(args[0]))
 print(json.dumps(res))
 '''
+)
 
 
 def guest(lab: Lab, op: str, *args: str, timeout: float = 180) -> Any:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from lab import Lab
+from tests.qemu.offload_guest import SEAL_BOTH
 
 pytestmark = pytest.mark.qemu
 
@@ -34,7 +35,10 @@ SIZES = (64, 512, 1400)
 RESULTS = Path(__file__).resolve().parents[2] / "test-results" / "qemu-offload-cryptodev.json"
 
 # Runs inside the router VM with the image's oe_router; the last stdout line is JSON.
-GUEST = r'''
+# SEAL_BOTH (offload_guest.py) defines seal_both(), the round trip's shared first step.
+GUEST = (
+    SEAL_BOTH
+    + r'''
 import json, os, secrets, sys, time
 from dataclasses import asdict
 from oe_router import ocf_cryptodev as oc
@@ -90,11 +94,7 @@ def roundtrip(driver):
         cases = 0
         for n in (16, 64, 512, 1400, 4096):
             for seq_hi in (None, 0x01020304):
-                ek, ik = secrets.token_bytes(t.encr_key_len), secrets.token_bytes(t.auth_key_len)
-                hdr, iv, pt = _packet(t, n)
-                a, b = e.cipher(t, ek, ik), sw.cipher(t, ek, ik)
-                where = f"{t.name} n={len(pt)} esn={seq_hi is not None}"
-                ca, cb = a.seal(hdr, seq_hi, iv, pt), b.seal(hdr, seq_hi, iv, pt)
+                a, b, hdr, iv, pt, where, ca, cb = seal_both(e, sw, t, n, seq_hi, _packet)
                 if ca != cb:
                     errors.append(f"{where}: seal differs from software")
                 if a.open(hdr, seq_hi, iv, cb) != pt or b.open(hdr, seq_hi, iv, ca) != pt:
@@ -195,6 +195,7 @@ elif op == "priority":
     res = crypto_user.set_priority(args[0], int(args[1])).priority
 print(json.dumps(res))
 '''
+)
 
 
 def guest(lab: Lab, op: str, *args: str, timeout: float = 120) -> Any:

@@ -25,6 +25,7 @@ from oe_router.datapath.base import IPAddress
 from oe_router.dns.service import dns_wanted
 from oe_router.ike.service import IkeService
 from oe_router.platform import Platform
+from tests.aio import running
 
 GOOD = "config oe 'global'\n\toption enabled '1'\n\toption log_level 'info'\n"
 
@@ -253,11 +254,8 @@ def test_down_and_up_with_hostile_names_are_refused_by_the_table_not_the_resolve
     ]
 
     async def go() -> list[dict[str, Any]]:
-        await ike.start(OeConfig())
-        try:
+        async with running(ike, OeConfig()):
             return [await daemon.commands.dispatch(json.dumps(c).encode()) for c, _ in cases]
-        finally:
-            await ike.stop()
 
     for (case, error), reply in zip(cases, asyncio.run(go()), strict=True):
         assert reply["ok"] is False, case

@@ -39,6 +39,7 @@ from oe_router.control.protocol import (
     encode_request,
     parse_request,
 )
+from tests.aio import running
 
 ECHO_ARGS = {"peer": Arg(), "n": Arg(kind=int), "pad": Arg(max_len=2 * MAX_LINE)}
 
@@ -121,16 +122,13 @@ def test_server_survives_bad_requests_on_one_connection_and_sets_modes(tmp_path:
 
     async def go() -> tuple[list[dict[str, object]], dict[str, object], int, int]:
         server = ControlServer(path, _table())
-        await server.start()
-        try:
+        async with running(server):
             sock_mode = stat.S_IMODE(os.stat(path).st_mode)
             dir_mode = stat.S_IMODE(os.stat(path.parent).st_mode)
             payload = b'{oops\n{"cmd": "nope"}\n\n{"cmd": "echo", "n": 1}\n'
             replies = await asyncio.to_thread(_raw_exchange, path, payload, 3)
             # A fresh client after the bad ones is served too.
             again = await asyncio.to_thread(ControlClient(path).request, "echo", n=2)
-        finally:
-            await server.stop()
         return replies, again, sock_mode, dir_mode
 
     replies, again, sock_mode, dir_mode = asyncio.run(go())
@@ -149,14 +147,11 @@ def test_client_raises_control_error_with_the_daemon_message(tmp_path: Path) -> 
 
     async def go() -> str:
         server = ControlServer(path, _table(), mode=0o660)
-        await server.start()
-        try:
+        async with running(server):
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
             with pytest.raises(ControlError) as info:
                 await asyncio.to_thread(ControlClient(path).request, "refuse")
             return str(info.value)
-        finally:
-            await server.stop()
 
     assert asyncio.run(go()) == "refuse: peer 'x' is not known"
 
@@ -215,13 +210,10 @@ def test_server_answers_an_overlong_line_with_an_error_and_keeps_serving(tmp_pat
 
     async def go() -> tuple[list[dict[str, object]], dict[str, object]]:
         server = ControlServer(path, _table())
-        await server.start()
-        try:
+        async with running(server):
             huge = b'{"cmd": "echo", "pad": "' + b"x" * (MAX_LINE + 100) + b'"}\n'
             replies = await asyncio.to_thread(_raw_exchange, path, huge, 1)
             after = await asyncio.to_thread(ControlClient(path).request, "echo")
-        finally:
-            await server.stop()
         return replies, after
 
     replies, after = asyncio.run(go())

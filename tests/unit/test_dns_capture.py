@@ -22,6 +22,7 @@ from oe_router.dns.capture import (
 )
 from oe_router.dns.service import DnsService
 from oe_router.dns.upstream import UpstreamClient
+from tests.aio import running
 
 DEFAULT_LISTEN = (Endpoint("127.0.0.1", 5335), Endpoint("::1", 5335))
 ANCHOR = ". 3600 IN DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D\n"
@@ -154,8 +155,7 @@ def test_the_service_captures_in_dnsmasq_mode_only_while_the_front_runs(tmp_path
 
     async def main() -> None:
         service = DnsService(capture=capture)
-        await service.start(_service_config(anchor))
-        try:
+        async with running(service, _service_config(anchor)):
             port = service.bound[0].port
             assert service.status().dns["capture"] == f"on: udp/tcp 53 -> 127.0.0.1:{port} " + (
                 "(IPv6 DNS not captured: oe.dns.listen has no IPv6 loopback address)"
@@ -172,8 +172,6 @@ def test_the_service_captures_in_dnsmasq_mode_only_while_the_front_runs(tmp_path
             assert isinstance(upstream, UpstreamClient) and upstream.settings.mark == 0
             await service.reload(_service_config(anchor))
             assert capture.on and len(sessions) == 2
-        finally:
-            await service.stop()
         assert service.status().dns["capture"] == "off: DNS front stopped"
         assert sessions[1].closed
 
@@ -186,11 +184,8 @@ def test_a_service_without_a_capture_never_captures(tmp_path: Path) -> None:
 
     async def main() -> None:
         service = DnsService()
-        await service.start(_service_config(anchor))
-        try:
+        async with running(service, _service_config(anchor)):
             assert service.status().dns["capture"] == "off: not run by the daemon"
-        finally:
-            await service.stop()
 
     asyncio.run(main())
 

@@ -23,6 +23,7 @@ import pytest
 
 from oe_router.config.schema import DnsConfig, Endpoint, OeConfig
 from oe_router.dns.front import DnsFront
+from tests.aio import running
 
 if TYPE_CHECKING:  # imported where used, so item 4's tests run against a tree without it
     from oe_router.dns.access import LanAccess
@@ -175,8 +176,7 @@ def test_a_held_answer_outlives_the_idle_timeout() -> None:
 
     async def main() -> None:
         front = DnsFront(slow, tcp_idle=0.3)
-        await front.start([Endpoint("127.0.0.1", 0)])
-        try:
+        async with running(front, [Endpoint("127.0.0.1", 0)]):
             reader, writer = await asyncio.open_connection("127.0.0.1", front.bound[0].port)
             writer.write(framed(1))
             await asyncio.sleep(0.5)
@@ -190,8 +190,6 @@ def test_a_held_answer_outlives_the_idle_timeout() -> None:
             writer.close()
             assert got == [b"\x00\x01", b"\x00\x02"]
             assert front.stats.tcp_idle_timeouts == 1 and front.stats.tcp_write_timeouts == 0
-        finally:
-            await front.stop()
 
     asyncio.run(main())
 

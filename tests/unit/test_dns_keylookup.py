@@ -29,6 +29,7 @@ from oe_router.dns.hold import KeyResult, KeyStatus
 from oe_router.dns.ipseckey import KeyKind
 from oe_router.dns.keylookup import ValidatingKeyLookup, query_message, validate
 from oe_router.dns.upstream import StaticSource, UpstreamClient, UpstreamError, UpstreamSettings
+from tests.aio import run
 from tests.dnssec_world import NOW, World, make_world, strip_records
 
 
@@ -113,10 +114,7 @@ def test_udp_tc_fallback_and_dead_upstream(base_world: World) -> None:
             assert result.status is Status.SECURE, result.reason
             assert result.rrset is not None
 
-    try:
-        asyncio.run(main())
-    finally:
-        silent.close()
+    run(main(), silent)
     assert "udp host.example.test./IPSECKEY" in seen
     assert "tcp host.example.test." in seen
 
@@ -131,10 +129,7 @@ def test_all_upstreams_silent_is_indeterminate(base_world: World) -> None:
         assert result.status is Status.INDETERMINATE
         assert "no answer from upstream" in result.reason
 
-    try:
-        asyncio.run(main())
-    finally:
-        silent.close()
+    run(main(), silent)
 
 
 # --------------------------------------------------------------------------- ValidatingKeyLookup

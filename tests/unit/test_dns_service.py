@@ -12,6 +12,7 @@ from oe_router.daemon import ServiceError, build_services
 from oe_router.dns.service import DnsService, dns_wanted
 from oe_router.dns.upstream import UpstreamSettings
 from oe_router.platform import Platform
+from tests.aio import running
 
 ANCHOR = ". 3600 IN DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D\n"
 
@@ -45,15 +46,12 @@ def test_reload_to_a_missing_anchor_is_refused_and_the_old_one_keeps_running(
 
     async def main() -> None:
         service = DnsService()
-        await service.start(_config(anchor))
-        try:
+        async with running(service, _config(anchor)):
             port = service.bound[0].port
             with pytest.raises(ServiceError, match=r"^oe\.dns\.trust_anchor: "):
                 await service.reload(_config(tmp_path / "gone.key"))
             assert service.bound[0].port == port
             assert service.status().dns["ipseckey_trigger"] == "on"
-        finally:
-            await service.stop()
 
     asyncio.run(main())
 
@@ -78,8 +76,7 @@ def test_out_of_the_box_the_front_runs_from_the_shipped_iana_anchors(tmp_path: P
 
     async def main() -> None:
         service = DnsService(upstream_settings=UpstreamSettings(timeout=0.2, tries=1))
-        await service.start(_managed(state))
-        try:
+        async with running(service, _managed(state)):
             status = service.status()
             assert status.dns["ipseckey_trigger"] == "on"
             assert status.dns["trust_anchor"] == f"rfc5011 {state}"
@@ -104,8 +101,6 @@ def test_out_of_the_box_the_front_runs_from_the_shipped_iana_anchors(tmp_path: P
             assert service.managed is None
             assert service.status().dns["trust_anchor"] == f"file {tmp_path / 'root.key'}"
             assert service.status().trust_anchors == ()
-        finally:
-            await service.stop()
         assert service.managed is None
 
     asyncio.run(main())

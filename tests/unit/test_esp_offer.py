@@ -46,6 +46,7 @@ from oe_router.offload.chooser import ChoiceTable
 from oe_router.offload.crypto_user import CryptoUserError
 from oe_router.offload.engine import TRANSFORMS
 from oe_router.offload.service import OffloadUpdate
+from tests.aio import running
 
 WAN = ipaddress.IPv4Address("198.51.100.1")
 PEER = ipaddress.IPv4Address("192.0.2.7")
@@ -648,14 +649,11 @@ def test_negotiations_wait_for_an_offer_and_fail_with_why_when_none_comes() -> N
     async def main() -> tuple[bool, FakeOffer, FakeNegotiator, OeService]:
         offer = FakeOffer()
         svc, _dp, neg = _oe(offer)
-        await svc.start(_config())
-        try:
+        async with running(svc, _config()):
             assert svc.refuses_peer(str(PEER)) == offer.empty  # inbound IKE: retransmit later
             ok = await svc.ensure_tunnel(dns.name.from_text("h.test"), (PEER,), KEY)
             shunts = svc.status().shunts
             assert shunts and offer.empty in shunts[0].reason  # type: ignore[operator]
-        finally:
-            await svc.stop()
         return ok, offer, neg, svc
 
     ok, offer, neg, _ = asyncio.run(main())
@@ -667,8 +665,7 @@ def test_a_withdrawn_transform_moves_the_child_sa_through_the_ike_rekey() -> Non
         offer = FakeOffer()
         offer.empty = None
         svc, dp, _neg = _oe(offer)
-        await svc.start(_config())
-        try:
+        async with running(svc, _config()):
             assert await svc.ensure_tunnel(dns.name.from_text("h.test"), (PEER,), KEY)
             svc.offer_changed()  # nothing withdrawn: nothing moves
             await asyncio.sleep(0.02)
@@ -681,8 +678,6 @@ def test_a_withdrawn_transform_moves_the_child_sa_through_the_ike_rekey() -> Non
                     break
             await asyncio.sleep(0.02)
             return offer, [t.state for t in svc.status().tunnels], dp
-        finally:
-            await svc.stop()
 
     offer, states, dp = asyncio.run(main())
     assert [D.esp_keyword(s) for s in offer.rekeyed] == ["aes256gcm16"]
@@ -696,8 +691,7 @@ def test_a_move_that_fails_renegotiates_with_the_new_offer() -> None:
         offer.empty = None
         offer.rekey_error = "the peer took none of the current offer"
         svc, dp, neg = _oe(offer)
-        await svc.start(_config())
-        try:
+        async with running(svc, _config()):
             assert await svc.ensure_tunnel(dns.name.from_text("h.test"), (PEER,), KEY)
             neg.spec = _spec("chacha20poly1305", 0x200)
             offer.gone.add("aes256gcm16")
@@ -707,8 +701,6 @@ def test_a_move_that_fails_renegotiates_with_the_new_offer() -> None:
                 if len(neg.requests) == 2 and len(dp.installed) == 2:
                     break
             await asyncio.sleep(0.02)
-        finally:
-            await svc.stop()
         return offer, neg, dp
 
     offer, neg, dp = asyncio.run(main())

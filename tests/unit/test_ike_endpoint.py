@@ -7,9 +7,11 @@ root); the XFRM bypass and ESP-in-UDP setup are exercised by the host tier.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,22 +23,29 @@ from oe_router.ike.events import (
     IkeSaFailed,
 )
 from oe_router.ike.sa import IkeSaConfig
+from tests.aio import running
 from tests.ike_loop import Recorder, run_async
-from tests.ike_pair import host_ts
+from tests.ike_pair import config
 
 #: An IKE_AUTH request header (SPIs nobody holds), length 36 incl. 8 bytes of payload.
 UNKNOWN_SA_REQUEST = b"\x01" * 8 + b"\x02" * 8 + b"\x00\x20\x23\x08" + bytes(4) + bytes(12)
 
 
+Pair = tuple[IkeEndpoint, IkeEndpoint, Recorder, Recorder, list[tuple[Address, Address]]]
+
+
 def responder_policy(seen: list[tuple[Address, Address]]):  # type: ignore[no-untyped-def]
     def policy(local: Address, remote: Address) -> IkeSaConfig:
         seen.append((local, remote))
-        return IkeSaConfig(local, remote, (host_ts(local[0]),), (host_ts(remote[0]),))
+        return config(local, remote)
 
     return policy
 
 
-async def pair(**kw: object) -> tuple[IkeEndpoint, IkeEndpoint, Recorder, Recorder, list]:  # type: ignore[type-arg]
+@contextlib.asynccontextmanager
+async def pair(**kw: object) -> AsyncIterator[Pair]:
+    """Two endpoints on loopback (initiator, responder with ``kw``), their recorders and
+    the responder policy's calls; both started for the block and stopped after it."""
     ri, rr = Recorder(), Recorder()
     seen: list[tuple[Address, Address]] = []
     ini = IkeEndpoint(
@@ -52,24 +61,17 @@ async def pair(**kw: object) -> tuple[IkeEndpoint, IkeEndpoint, Recorder, Record
         xfrm=False,
         **kw,  # type: ignore[arg-type]
     )
-    await ini.start()
-    await res.start()
-    return ini, res, ri, rr, seen
+    async with running(ini), running(res):
+        yield ini, res, ri, rr, seen
 
 
 def ini_config(ini: IkeEndpoint, res: IkeEndpoint, local_ip: str = "127.0.0.1") -> IkeSaConfig:
-    return IkeSaConfig(
-        (local_ip, ini.ike_port),
-        ("127.0.0.1", res.ike_port),
-        (host_ts("127.0.0.1"),),
-        (host_ts("127.0.0.1"),),
-    )
+    return config((local_ip, ini.ike_port), ("127.0.0.1", res.ike_port))
 
 
 @run_async
 async def test_null_auth_over_udp_then_delete() -> None:
-    ini, res, ri, rr, seen = await pair()
-    try:
+    async with pair() as (ini, res, ri, rr, seen):
         h = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
         (ci,) = await ri.wait_for(ChildSaEstablished)
         (cr,) = await rr.wait_for(ChildSaEstablished)
@@ -83,17 +85,13 @@ async def test_null_auth_over_udp_then_delete() -> None:
         await ri.wait_for(IkeSaDeleted)
         await rr.wait_for(IkeSaDeleted)
         assert ini.handles() == [] and res.handles() == []
-    finally:
-        await ini.stop()
-        await res.stop()
 
 
 @run_async
 async def test_nat_detected_floats_to_natt_port_with_marker() -> None:
     """The initiator claims a private source address (as if behind a NAT): both see the
     NAT_DETECTION mismatch, IKE_AUTH goes out on the NAT-T sockets with the marker."""
-    ini, res, ri, rr, _ = await pair()
-    try:
+    async with pair() as (ini, res, ri, rr, _):
         cfg = dataclasses.replace(ini_config(ini, res), local_address=("10.9.9.9", ini.ike_port))
         h = ini.initiate(cfg, remote_natt_port=res.natt_port, via="127.0.0.1")
         (ev,) = await ri.wait_for(IkeSaEstablished)
@@ -109,15 +107,11 @@ async def test_nat_detected_floats_to_natt_port_with_marker() -> None:
         ini.tick(h.keepalive_at)
         await asyncio.sleep(0.05)
         assert ini.counters.keepalives_out == 1 and res.counters.keepalives_in == 1
-    finally:
-        await ini.stop()
-        await res.stop()
 
 
 @run_async
 async def test_garbage_esp_and_unknown_spis_are_counted_not_fatal() -> None:
-    ini, res, ri, _, _ = await pair()
-    try:
+    async with pair() as (ini, res, ri, _, _):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for data, port in (
             (b"\x01\x02\x03", res.ike_port),  # too short
@@ -133,22 +127,15 @@ async def test_garbage_esp_and_unknown_spis_are_counted_not_fatal() -> None:
         h = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
         await ri.wait_for(ChildSaEstablished)
         assert h.sa.state == "established"
-    finally:
-        await ini.stop()
-        await res.stop()
 
 
 @run_async
 async def test_half_open_limit_drops_new_initiators_without_cookie_support() -> None:
-    ini, res, _, _, seen = await pair(half_open_limit=0)
-    try:
+    async with pair(half_open_limit=0) as (ini, res, _, _, seen):
         h = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
         await asyncio.sleep(0.2)
         assert seen == [] and h.sa.state == "init-sent"
         assert res.counters.half_open_dropped >= 1 or res.counters.cookies_sent >= 1
-    finally:
-        await ini.stop()
-        await res.stop()
 
 
 @run_async
@@ -162,11 +149,9 @@ async def test_retransmits_then_fails_against_silence() -> None:
     silent.bind(("127.0.0.1", 0))
     silent.setblocking(False)
     try:
-        cfg = IkeSaConfig(
+        cfg = config(
             ("127.0.0.1", ini.ike_port),
             ("127.0.0.1", silent.getsockname()[1]),
-            (host_ts("127.0.0.1"),),
-            (host_ts("127.0.0.1"),),
             retransmit_timeout=0.02,
             retransmit_tries=2,
         )
@@ -204,22 +189,17 @@ async def test_address_in_use_is_one_clear_error() -> None:
 
 @run_async
 async def test_cookie_demanded_above_threshold_and_honoured() -> None:
-    ini, res, ri, _, seen = await pair(cookie_threshold=0, half_open_limit=5)
-    try:
+    async with pair(cookie_threshold=0, half_open_limit=5) as (ini, res, ri, _, seen):
         h = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
         await ri.wait_for(ChildSaEstablished)
         assert h.sa.state == "established"
         assert res.counters.cookies_sent == 1 and len(seen) == 1
-    finally:
-        await ini.stop()
-        await res.stop()
 
 
 @run_async
 async def test_liveness_checks_on_a_quiet_peer_then_failure_when_it_is_gone() -> None:
-    ini, res, ri, _, _ = await pair()
-    ini.dpd_delay = 0.05
-    try:
+    async with pair() as (ini, res, ri, _, _):
+        ini.dpd_delay = 0.05
         cfg = dataclasses.replace(ini_config(ini, res), retransmit_timeout=0.02, retransmit_tries=1)
         h = ini.initiate(cfg, remote_natt_port=res.natt_port)
         await ri.wait_for(ChildSaEstablished)
@@ -229,16 +209,13 @@ async def test_liveness_checks_on_a_quiet_peer_then_failure_when_it_is_gone() ->
         await res.stop()
         (f,) = await ri.wait_for(IkeSaFailed)
         assert isinstance(f, IkeSaFailed) and "no answer" in f.reason
-    finally:
-        await ini.stop()
 
 
 @run_async
 async def test_forged_datagram_with_known_spis_moves_nothing() -> None:
     """A packet with the right SPIs but no valid integrity (from another port, on the
     NAT-T socket) must not make the responder float or follow the new source."""
-    ini, res, _, rr, _ = await pair()
-    try:
+    async with pair() as (ini, res, _, rr, _):
         h = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
         await rr.wait_for(ChildSaEstablished)
         (rh,) = res.handles()
@@ -254,6 +231,3 @@ async def test_forged_datagram_with_known_spis_moves_nothing() -> None:
         await asyncio.sleep(0.1)
         assert res.counters.received >= 3 and (rh.remote, rh.natt) == (where, natt)
         assert res.counters.floated == 0
-    finally:
-        await ini.stop()
-        await res.stop()

@@ -23,7 +23,8 @@ from oe_router.control.protocol import CommandTable
 from oe_router.control.status import Status, TunnelStatus
 from oe_router.datapath import base as dp
 from oe_router.ike.service import IkeService, IkeUpError, RecordingSink, child_sa_spec
-from tests.ike_loop import run_async
+from tests.aio import running
+from tests.ike_loop import linked, run_async
 
 LO = "127.0.0.1"
 
@@ -32,16 +33,8 @@ LO = "127.0.0.1"
 async def two(**kw: Any) -> AsyncIterator[tuple[IkeService, IkeService]]:
     a = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False, **kw.get("a", {}))
     b = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False, **kw.get("b", {}))
-    await a.start(OeConfig())
-    await b.start(OeConfig())
-    assert a.endpoint is not None and b.endpoint is not None
-    a.remote_ike_port, a.remote_natt_port = b.endpoint.ike_port, b.endpoint.natt_port
-    b.remote_ike_port, b.remote_natt_port = a.endpoint.ike_port, a.endpoint.natt_port
-    try:
+    async with linked(a, b):
         yield a, b
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 async def settle() -> None:
@@ -236,18 +229,13 @@ async def test_responder_confines_a_peer_to_its_own_address() -> None:
 async def test_ipv6_up_and_down() -> None:
     a = IkeService(["::1"], ike_port=0, natt_port=0, xfrm=False)
     b = IkeService(["::1"], ike_port=0, natt_port=0, xfrm=False)
-    await a.start(OeConfig())
-    await b.start(OeConfig())
-    try:
+    async with running(a, OeConfig()), running(b, OeConfig()):
         assert a.endpoint is not None and b.endpoint is not None
         a.remote_ike_port, a.remote_natt_port = b.endpoint.ike_port, b.endpoint.natt_port
         p = await a.up("::1")
         (row,) = a.rows()
         assert row.children[0].ts_remote == "::1/128" and row.remote.startswith("::1[")
         assert await a.down("::1") == 1 and p.state != "established"
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 @run_async

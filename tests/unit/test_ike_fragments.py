@@ -23,31 +23,14 @@ from oe_router.ike.endpoint import IkeEndpoint
 from oe_router.ike.errors import IkeCryptoError
 from oe_router.ike.fragments import FragmentBudget, FragmentLimits, FragmentReassembler
 from oe_router.ike.message import Message
-from oe_router.ike.payloads import IDi, Nonce, Notify, Payload, TrafficSelector
+from oe_router.ike.payloads import IDi, Nonce, Notify, Payload
 from oe_router.ike.sa import IkeSa, IkeSaConfig
-from tests.ike_peer import converse, sealed_fragment
+from tests.ike_pair import I_ADDR, R_ADDR, config, configs, establish, host_ts, shuttle
+from tests.ike_peer import sealed_fragment
 
-I_ADDR, R_ADDR = ("192.0.2.1", 500), ("198.51.100.7", 500)
 CIPHER = sk_cipher(EncrId.AES_GCM_16, 256, None)
 KE = bytes(range(36))
 LIMITS = FragmentLimits()
-
-
-def ts(addr: str) -> TrafficSelector:
-    return TrafficSelector.for_network(f"{addr}/32")
-
-
-def config(local: tuple[str, int], remote: tuple[str, int], **kw: object) -> IkeSaConfig:
-    return IkeSaConfig(local, remote, (ts(local[0]),), (ts(remote[0]),), **kw)  # type: ignore[arg-type]
-
-
-def established(**kw: object) -> tuple[IkeSa, IkeSa]:
-    """Our initiator and our responder, IKE SA and first Child SA up, at t=0."""
-    ini = IkeSa.initiator(config(I_ADDR, R_ADDR, **kw), 0.0)
-    res = IkeSa.responder(config(R_ADDR, I_ADDR, **kw))
-    converse(ini, I_ADDR, res, R_ADDR)
-    assert ini.state == res.state == "established"
-    return ini, res
 
 
 def fragments(mid: int, flags: int, payloads: list[Payload], size: int = 200) -> list[bytes]:
@@ -138,8 +121,8 @@ def test_a_forged_fragment_disturbs_nothing_held() -> None:
 def test_an_incomplete_message_on_an_established_sa_is_freed_after_the_timeout() -> None:
     """A CREATE_CHILD_SA request in fragments, the last one lost: held, with a timer at
     first fragment + timeout; then dropped and counted. The retransmission completes."""
-    ini, res = established(fragment_size=256)
-    ini.create_child((ts(I_ADDR[0]),), (ts(R_ADDR[0]),), now=1.0)
+    ini, res, _, _ = establish(*configs(fragment_size=256))
+    ini.create_child((host_ts(I_ADDR[0]),), (host_ts(R_ADDR[0]),), now=1.0)
     frags = ini.datagrams_to_send()
     assert len(frags) > 2
     for f in frags[:-1]:
@@ -153,13 +136,13 @@ def test_an_incomplete_message_on_an_established_sa_is_freed_after_the_timeout()
     stats = res.take_fragment_stats()
     assert (stats.dropped, stats.abandoned) == (0, 1) and "incomplete after 30 s" in stats.reason
     ini.handle_timer(40.0)  # the initiator retransmits every fragment
-    converse(ini, I_ADDR, res, R_ADDR, 40.0)
+    shuttle(ini, res, 40.0)
     assert len(ini.child_sas()) == 2 and res.fragment_bytes == 0
 
 
 def test_a_retransmitted_fragment_set_of_an_answered_request_rebuilds_nothing() -> None:
-    ini, res = established(fragment_size=256)
-    ini.create_child((ts(I_ADDR[0]),), (ts(R_ADDR[0]),), now=1.0)
+    ini, res, _, _ = establish(*configs(fragment_size=256))
+    ini.create_child((host_ts(I_ADDR[0]),), (host_ts(R_ADDR[0]),), now=1.0)
     frags = ini.datagrams_to_send()
     for f in frags:
         res.receive_datagram(f, 1.0, I_ADDR)
@@ -175,7 +158,7 @@ def test_a_retransmitted_fragment_set_of_an_answered_request_rebuilds_nothing() 
 def test_fragments_outside_the_window_are_dropped_and_counted() -> None:
     """Authentic fragments for message IDs the window does not hold: a request ahead of
     the next one expected, a response to a request we never sent."""
-    ini, res = established()
+    ini, res, _, _ = establish(*configs())
     for mid, response in ((7, False), (3, True)):
         for n in (1, 2):
             frag = sealed_fragment(ini, mid, n, 3, bytes(100), response=response)
@@ -189,8 +172,8 @@ def test_a_half_open_flood_stays_bounded_and_the_handshake_still_completes() -> 
     """The peer finished IKE_SA_INIT and sends 3000 authentic IKE_AUTH fragments (1 KB
     each, 255 announced, never the last) instead of its IKE_AUTH: what the responder holds
     stays under the IKE SA's limit. Its real IKE_AUTH afterwards still establishes."""
-    ini = IkeSa.initiator(config(I_ADDR, R_ADDR), 0.0)
-    res = IkeSa.responder(config(R_ADDR, I_ADDR))
+    ini_cfg, res_cfg = configs()
+    ini, res = IkeSa.initiator(ini_cfg, 0.0), IkeSa.responder(res_cfg)
     (init,) = ini.datagrams_to_send()
     res.receive_datagram(init, 0.0, I_ADDR)
     for d in res.datagrams_to_send():

@@ -13,12 +13,15 @@ import asyncio
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from oe_router.ike.endpoint import IkeEndpoint, SockExtendedErr
 from oe_router.ike.events import IkeSaFailed
 from oe_router.ike.sa import IkeSaConfig
+from tests import ike_pair
+from tests.aio import running
 from tests.ike_loop import Recorder, run_async
-from tests.ike_pair import host_ts
 
 
 def closed_port(family: int, addr: str) -> int:
@@ -31,28 +34,27 @@ def closed_port(family: int, addr: str) -> int:
 
 
 def config(ep: IkeEndpoint, addr: str, port: int, tries: int = 3) -> IkeSaConfig:
-    return IkeSaConfig(
+    return ike_pair.config(
         (addr, ep.ike_port),
         (addr, port),
-        (host_ts(addr),),
-        (host_ts(addr),),
         retransmit_timeout=5.0,
         retransmit_tries=tries,
     )
 
 
-async def endpoint(addr: str) -> tuple[IkeEndpoint, Recorder]:
+@asynccontextmanager
+async def endpoint(addr: str) -> AsyncIterator[tuple[IkeEndpoint, Recorder]]:
+    """An endpoint on ``addr`` and its recorder, started for the block."""
     rec = Recorder()
     ep = IkeEndpoint(
         [addr], on_event=rec, clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False
     )
-    await ep.start()
-    return ep, rec
+    async with running(ep):
+        yield ep, rec
 
 
 async def fails_fast(family: int, addr: str) -> None:
-    ep, rec = await endpoint(addr)
-    try:
+    async with endpoint(addr) as (ep, rec):
         t0 = time.monotonic()
         ep.initiate(config(ep, addr, closed_port(family, addr)))
         (f,) = await rec.wait_for(IkeSaFailed, timeout=1.0)
@@ -61,8 +63,6 @@ async def fails_fast(family: int, addr: str) -> None:
         assert took < 1.0, took
         assert ep.counters.unreachable == 1 and ep.counters.icmp_errors >= 1
         assert ep.handles() == []
-    finally:
-        await ep.stop()
 
 
 @run_async
@@ -80,29 +80,27 @@ async def test_icmp_for_one_peer_leaves_another_negotiation_alone() -> None:
     """Two SAs started back to back: the ICMP about the first may be pending on the socket
     when the second is sent (it would fail that sendto); the second still goes out and
     keeps waiting for its silent peer."""
-    ep, rec = await endpoint("127.0.0.1")
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    silent.setblocking(False)
-    try:
-        dead = ep.initiate(config(ep, "127.0.0.1", closed_port(socket.AF_INET, "127.0.0.1")))
-        await asyncio.sleep(0.05)  # the ICMP is queued; nothing has read it yet or just did
-        alive = ep.initiate(config(ep, "127.0.0.1", silent.getsockname()[1]))
-        (f,) = await rec.wait_for(IkeSaFailed, timeout=1.0)
-        await asyncio.sleep(0.1)
-        assert [h for h, e in rec.events if isinstance(e, IkeSaFailed)] == [dead], f
-        assert ep.handles() == [alive]
-        assert silent.recv(4096)[:8] == alive.sa.spi_i  # its IKE_SA_INIT was not lost
-    finally:
-        silent.close()
-        await ep.stop()
+    async with endpoint("127.0.0.1") as (ep, rec):
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 0))
+        silent.setblocking(False)
+        try:
+            dead = ep.initiate(config(ep, "127.0.0.1", closed_port(socket.AF_INET, "127.0.0.1")))
+            await asyncio.sleep(0.05)  # the ICMP is queued; nothing has read it yet or just did
+            alive = ep.initiate(config(ep, "127.0.0.1", silent.getsockname()[1]))
+            (f,) = await rec.wait_for(IkeSaFailed, timeout=1.0)
+            await asyncio.sleep(0.1)
+            assert [h for h, e in rec.events if isinstance(e, IkeSaFailed)] == [dead], f
+            assert ep.handles() == [alive]
+            assert silent.recv(4096)[:8] == alive.sa.spi_i  # its IKE_SA_INIT was not lost
+        finally:
+            silent.close()
 
 
 @run_async
 async def test_icmp_quoting_another_spi_or_port_fails_nothing() -> None:
     """An unreachable must quote our SPI and come for the SA's own peer address and port."""
-    ep, rec = await endpoint("127.0.0.1")
-    try:
+    async with endpoint("127.0.0.1") as (ep, rec):
         h = ep.initiate(config(ep, "127.0.0.1", 4999))
         unreach = SockExtendedErr(111, 2, 3, 3, 0, 0, 0)
         ep._icmp_error(False, b"\x07" * 8 + bytes(20), ("127.0.0.1", 4999), unreach)
@@ -113,8 +111,6 @@ async def test_icmp_quoting_another_spi_or_port_fails_nothing() -> None:
         assert ep.handles() == [h] and rec.of(IkeSaFailed) == []
         ep._icmp_error(False, h.sa.spi_i + bytes(20), ("127.0.0.1", 4999), unreach)
         assert ep.handles() == [] and len(rec.of(IkeSaFailed)) == 1
-    finally:
-        await ep.stop()
 
 
 def test_sock_extended_err_table() -> None:

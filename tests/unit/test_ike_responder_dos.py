@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,29 +42,21 @@ from oe_router.ike.endpoint import Address, IkeEndpoint, SaHandle
 from oe_router.ike.events import ChildSaEstablished, Event, IkeSaFailed
 from oe_router.ike.halfopen import HalfOpenBook, prefix_of
 from oe_router.ike.message import Message
-from oe_router.ike.payloads import KE, Nonce, Notify, Payload, TrafficSelector, VendorID
+from oe_router.ike.payloads import KE, Nonce, Notify, Payload, VendorID
 from oe_router.ike.sa import IkeProposalSpec, IkeSa, IkeSaConfig
 from oe_router.ike.service import IkeService
 from tests.ike_flood import Flood, request_template, with_cookie
 from tests.ike_loop import run_async
+from tests.ike_pair import config
 
 LO = "127.0.0.1"
-
-
-def host_ts(addr: str) -> tuple[TrafficSelector, ...]:
-    a = ipaddress.ip_address(addr)
-    return (TrafficSelector.from_range(a, a),)
-
-
-def sa_config(local: Address, remote: Address) -> IkeSaConfig:
-    return IkeSaConfig(local, remote, host_ts(local[0]), host_ts(remote[0]))
 
 
 # --------------------------------------------------------------------------- COOKIEs
 
 
 def test_cookie_demand_is_the_codecs_own_encoding_and_the_cookie_comes_back_valid() -> None:
-    ini = IkeSa.initiator(sa_config(("192.0.2.1", 500), ("192.0.2.2", 500)), 0.0)
+    ini = IkeSa.initiator(config(("192.0.2.1", 500), ("192.0.2.2", 500)), 0.0)
     (request,) = ini.datagrams_to_send()
     assert is_new_init_request(request)
     jar = CookieJar(b"k" * 32, period=60.0)
@@ -330,7 +321,7 @@ async def until(what: str, cond: Callable[[], object], timeout: float) -> None:
 
 async def responder(**kw: Any) -> IkeEndpoint:
     ep = IkeEndpoint(
-        [LO], on_event=Events(), responder_policy=sa_config, clock=time.monotonic,
+        [LO], on_event=Events(), responder_policy=config, clock=time.monotonic,
         ike_port=0, natt_port=0, xfrm=False, **kw,
     )  # fmt: skip
     await ep.start()
@@ -347,7 +338,7 @@ async def initiator(ip: str, events: Events) -> IkeEndpoint:
 def initiate(ini: IkeEndpoint, res: IkeEndpoint, tries: int = 8) -> SaHandle:
     ip = ini.addresses[0]
     cfg = dataclasses.replace(
-        sa_config((ip, ini.ike_port), (LO, res.ike_port)), retransmit_timeout=0.3,
+        config((ip, ini.ike_port), (LO, res.ike_port)), retransmit_timeout=0.3,
         retransmit_tries=tries,
     )  # fmt: skip
     return ini.initiate(cfg, remote_natt_port=res.natt_port)
@@ -434,7 +425,7 @@ async def test_a_flood_of_requests_that_fail_at_once_still_meets_cookies() -> No
     )
 
     def policy(local: Address, remote: Address) -> IkeSaConfig:
-        return dataclasses.replace(sa_config(local, remote), ike_proposals=(ecp384_only,))
+        return dataclasses.replace(config(local, remote), ike_proposals=(ecp384_only,))
 
     res = IkeEndpoint(
         [LO], on_event=events, responder_policy=policy, clock=time.monotonic, ike_port=0,
@@ -500,7 +491,7 @@ async def test_reload_applies_half_open_limits_and_liveness_delay() -> None:
 
 def test_with_cookie_helper_is_what_our_initiator_sends() -> None:
     """The flood helper answers COOKIEs exactly as our initiator does (same bytes)."""
-    ini = IkeSa.initiator(sa_config(("192.0.2.1", 500), ("192.0.2.2", 500)), 0.0)
+    ini = IkeSa.initiator(config(("192.0.2.1", 500), ("192.0.2.2", 500)), 0.0)
     (request,) = ini.datagrams_to_send()
     gate = CookieGate(CookieJar(b"k" * 32))
     assert gate.check(request, "192.0.2.1", 0.0) is DEMAND

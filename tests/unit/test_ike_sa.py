@@ -23,35 +23,8 @@ from oe_router.ike.events import (
 )
 from oe_router.ike.message import Message
 from oe_router.ike.payloads import TrafficSelector
-from oe_router.ike.sa import DEFAULT_IKE_PROPOSALS, IkeProposalSpec, IkeSa, IkeSaConfig
-from tests.ike_pair import I_ADDR, R_ADDR, configs, events, replace
-
-
-def shuttle(ini: IkeSa, res: IkeSa, now: float = 0.0, drop: int = 0) -> int:
-    """Pass datagrams both ways until both are quiet; drop the first ``drop`` responses."""
-    rounds = 0
-    while True:
-        a = ini.datagrams_to_send()
-        for d in a:
-            res.receive_datagram(d, now, I_ADDR)
-        b = res.datagrams_to_send()
-        for d in b:
-            if drop:
-                drop -= 1
-                continue
-            ini.receive_datagram(d, now, R_ADDR)
-        rounds += 1
-        if not a and not b:
-            return rounds
-
-
-def establish(
-    ini_cfg: IkeSaConfig, res_cfg: IkeSaConfig
-) -> tuple[list[Event], list[Event], IkeSa, IkeSa]:
-    ini = IkeSa.initiator(ini_cfg, now=0.0)
-    res = IkeSa.responder(res_cfg)
-    shuttle(ini, res)
-    return events(ini), events(res), ini, res
+from oe_router.ike.sa import DEFAULT_IKE_PROPOSALS, IkeProposalSpec, IkeSa
+from tests.ike_pair import I_ADDR, R_ADDR, configs, events, handshake, replace, shuttle
 
 
 def assert_pair(ie: list[Event], re: list[Event]) -> tuple[ChildSaEstablished, ChildSaEstablished]:
@@ -74,7 +47,7 @@ def assert_pair(ie: list[Event], re: list[Event]) -> tuple[ChildSaEstablished, C
 
 def test_null_auth_both_ways() -> None:
     ini_cfg, res_cfg = configs()
-    ie, re, ini, res = establish(ini_cfg, res_cfg)
+    ini, res, ie, re = handshake(ini_cfg, res_cfg)
     ic, rc = assert_pair(ie, re)
     i_ike, r_ike = ie[0], re[0]
     assert isinstance(i_ike, IkeSaEstablished) and isinstance(r_ike, IkeSaEstablished)
@@ -101,7 +74,7 @@ def test_null_auth_both_ways() -> None:
 def test_every_ike_transform_set_and_group(spec: IkeProposalSpec, group: int) -> None:
     one = IkeProposalSpec(spec.encr, spec.key_bits, spec.prf, spec.integ, (group,))
     ini_cfg, res_cfg = configs()
-    ie, re, _, _ = establish(replace(ini_cfg, ike_proposals=(one,)), res_cfg)
+    _, _, ie, re = handshake(replace(ini_cfg, ike_proposals=(one,)), res_cfg)
     assert_pair(ie, re)
     ike = ie[0]
     assert isinstance(ike, IkeSaEstablished)
@@ -172,7 +145,7 @@ def test_asymmetric_null_initiator_signature_responder(kind: str) -> None:
     ini_cfg, res_cfg = configs()
     ini_cfg = replace(ini_cfg, peer_public_key=key.public_key())
     res_cfg = replace(res_cfg, private_key=key, local_id=(IdType.ID_FQDN, b"server.example"))
-    ie, re, _, _ = establish(ini_cfg, res_cfg)
+    _, _, ie, re = handshake(ini_cfg, res_cfg)
     assert_pair(ie, re)
     i_ike, r_ike = ie[0], re[0]
     assert isinstance(i_ike, IkeSaEstablished) and isinstance(r_ike, IkeSaEstablished)
@@ -184,7 +157,7 @@ def test_asymmetric_null_initiator_signature_responder(kind: str) -> None:
 def test_signature_both_ways() -> None:
     ki, kr = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
     ini_cfg, res_cfg = configs()
-    ie, re, _, _ = establish(
+    _, _, ie, re = handshake(
         replace(ini_cfg, private_key=ki, peer_public_key=kr.public_key()),
         replace(res_cfg, private_key=kr, peer_public_key=ki.public_key()),
     )
@@ -194,7 +167,7 @@ def test_signature_both_ways() -> None:
 def test_wrong_key_fails_authentication() -> None:
     key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ini_cfg, res_cfg = configs()
-    ie, _re, ini, _res = establish(
+    ini, _res, ie, _re = handshake(
         replace(ini_cfg, peer_public_key=other.public_key()), replace(res_cfg, private_key=key)
     )
     assert isinstance(ie[-1], IkeSaFailed) and ie[-1].notify == NotifyType.AUTHENTICATION_FAILED
@@ -204,14 +177,14 @@ def test_wrong_key_fails_authentication() -> None:
 def test_responder_demanding_signature_refuses_null_initiator() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     ini_cfg, res_cfg = configs()
-    ie, re, _, res = establish(ini_cfg, replace(res_cfg, peer_public_key=key.public_key()))
+    _, res, ie, re = handshake(ini_cfg, replace(res_cfg, peer_public_key=key.public_key()))
     assert isinstance(re[-1], IkeSaFailed) and res.state == "failed"
     assert isinstance(ie[-1], IkeSaFailed) and ie[-1].notify == NotifyType.AUTHENTICATION_FAILED
 
 
 def test_transport_mode() -> None:
     ini_cfg, res_cfg = configs()
-    ie, re, _, _ = establish(
+    _, _, ie, re = handshake(
         replace(ini_cfg, transport_mode=True), replace(res_cfg, transport_mode=True)
     )
     ic, rc = assert_pair(ie, re)
@@ -221,7 +194,7 @@ def test_transport_mode() -> None:
 def test_responder_narrows_selectors() -> None:
     ini_cfg, res_cfg = configs()
     wide = (TrafficSelector.for_network("0.0.0.0/0"),)
-    ie, re, _, _ = establish(replace(ini_cfg, local_ts=wide, remote_ts=wide), res_cfg)
+    _, _, ie, re = handshake(replace(ini_cfg, local_ts=wide, remote_ts=wide), res_cfg)
     ic, _rc = assert_pair(ie, re)
     assert [(str(t.start), str(t.end)) for t in ic.ts_local] == [(I_ADDR[0], I_ADDR[0])]
     assert [(str(t.start), str(t.end)) for t in ic.ts_remote] == [(R_ADDR[0], R_ADDR[0])]
@@ -230,7 +203,7 @@ def test_responder_narrows_selectors() -> None:
 def test_ts_unacceptable_keeps_ike_sa() -> None:
     ini_cfg, res_cfg = configs()
     elsewhere = (TrafficSelector.for_network("203.0.113.0/24"),)
-    ie, re, ini, _ = establish(replace(ini_cfg, local_ts=elsewhere), res_cfg)
+    ini, _, ie, re = handshake(replace(ini_cfg, local_ts=elsewhere), res_cfg)
     assert [type(e) for e in ie] == [IkeSaEstablished, ChildSaFailed]
     assert isinstance(ie[1], ChildSaFailed) and ie[1].notify == NotifyType.TS_UNACCEPTABLE
     assert [type(e) for e in re] == [IkeSaEstablished, ChildSaFailed]
@@ -273,7 +246,7 @@ def test_unanswered_liveness_check_marks_the_peer_dead() -> None:
     """An established SA whose liveness check is never answered fails with ``unanswered``:
     the owner tears its Child SAs down as a dead peer's (the OE liveness fallback)."""
     ini_cfg, res_cfg = configs()
-    _, _, ini, _ = establish(replace(ini_cfg, retransmit_tries=1), res_cfg)
+    ini, _, _, _ = handshake(replace(ini_cfg, retransmit_tries=1), res_cfg)
     ini.send_liveness_check(10.0)
     t = 10.0
     for _ in range(5):
@@ -298,7 +271,7 @@ def test_nat_detected_when_addresses_are_translated() -> None:
 
 def test_liveness_check_answered() -> None:
     ini_cfg, res_cfg = configs()
-    _, _, ini, res = establish(ini_cfg, res_cfg)
+    ini, res, _, _ = handshake(ini_cfg, res_cfg)
     ini.send_liveness_check(10.0)
     (req,) = ini.datagrams_to_send()
     assert Message.decode(req).exchange_type == ExchangeType.INFORMATIONAL
@@ -332,7 +305,7 @@ def test_mutated_datagrams_never_raise(data: st.DataObject) -> None:
 
 def test_responder_liveness_check_answered_by_initiator() -> None:
     ini_cfg, res_cfg = configs()
-    _, _, ini, res = establish(ini_cfg, res_cfg)
+    ini, res, _, _ = handshake(ini_cfg, res_cfg)
     res.send_liveness_check(5.0)
     (req,) = res.datagrams_to_send()
     m = Message.decode(req)
@@ -348,7 +321,7 @@ def test_responder_liveness_check_answered_by_initiator() -> None:
 @pytest.mark.parametrize("who", ["initiator", "responder"])
 def test_delete_ike_sa(who: str) -> None:
     ini_cfg, res_cfg = configs()
-    _, _, ini, res = establish(ini_cfg, res_cfg)
+    ini, res, _, _ = handshake(ini_cfg, res_cfg)
     (ini if who == "initiator" else res).delete(3.0)
     shuttle(ini, res, 3.0)
     for sa in (ini, res):
@@ -359,7 +332,7 @@ def test_delete_ike_sa(who: str) -> None:
 
 def test_delete_child_sa() -> None:
     ini_cfg, res_cfg = configs()
-    ie, re, ini, res = establish(ini_cfg, res_cfg)
+    ini, res, ie, re = handshake(ini_cfg, res_cfg)
     ic, rc = assert_pair(ie, re)
     ini.delete_child(ic.spi_in, 4.0)
     shuttle(ini, res, 4.0)
@@ -374,7 +347,7 @@ def test_delete_child_sa() -> None:
 
 def test_window_size_one() -> None:
     ini_cfg, res_cfg = configs()
-    _, _, ini, _ = establish(ini_cfg, res_cfg)
+    ini, _, _, _ = handshake(ini_cfg, res_cfg)
     ini.send_liveness_check(1.0)
     with pytest.raises(IkeError):
         ini.send_liveness_check(1.1)
@@ -389,7 +362,7 @@ def test_forced_udp_encap_makes_both_sides_encapsulate(forcing: str) -> None:
         ini_cfg = replace(ini_cfg, force_udp_encap=True)
     else:
         res_cfg = replace(res_cfg, force_udp_encap=True)
-    ie, re, _, _ = establish(ini_cfg, res_cfg)
+    _, _, ie, re = handshake(ini_cfg, res_cfg)
     ic, rc = assert_pair(ie, re)
     i_ike, r_ike = ie[0], re[0]
     assert isinstance(i_ike, IkeSaEstablished) and isinstance(r_ike, IkeSaEstablished)

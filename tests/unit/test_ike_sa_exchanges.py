@@ -135,12 +135,7 @@ def test_simultaneous_child_rekey_leaves_one_sa(seed: int) -> None:
     ini, res, ic, rc = establish(*configs(), seed=seed)
     ini.rekey_child(ic.spi_in, 5.0)
     res.rekey_child(rc.spi_in, 5.0)
-    a, b = ini.datagrams_to_send(), res.datagrams_to_send()
-    for d in a:
-        res.receive_datagram(d, 5.0, I_ADDR)
-    for d in b:
-        ini.receive_datagram(d, 5.0, R_ADDR)
-    shuttle(ini, res, 5.0)
+    shuttle(ini, res, 5.0, crossed=True)  # both requests cross on the wire
     ie, re = events(ini), events(res)
     for evs in (ie, re):
         rekeyed = [e for e in evs if isinstance(e, ChildSaRekeyed)]
@@ -167,12 +162,7 @@ def test_simultaneous_child_rekey_both_outcomes_occur() -> None:
         ini, res, ic, rc = establish(*configs(), seed=seed)
         ini.rekey_child(ic.spi_in, 5.0)
         res.rekey_child(rc.spi_in, 5.0)
-        a, b = ini.datagrams_to_send(), res.datagrams_to_send()
-        for d in a:
-            res.receive_datagram(d, 5.0, I_ADDR)
-        for d in b:
-            ini.receive_datagram(d, 5.0, R_ADDR)
-        shuttle(ini, res, 5.0)
+        shuttle(ini, res, 5.0, crossed=True)  # both requests cross on the wire
         first = next(e for e in events(ini) if isinstance(e, ChildSaEstablished))
         (survivor,) = ini.child_sas()
         ours_won = isinstance(first, ChildSaRekeyed)
@@ -248,12 +238,7 @@ def test_simultaneous_ike_rekey(seed: int) -> None:
     old = (ini.spi_i, ini.spi_r)
     ini.rekey(7.0)
     res.rekey(7.0)
-    a, b = ini.datagrams_to_send(), res.datagrams_to_send()
-    for d in a:
-        res.receive_datagram(d, 7.0, I_ADDR)
-    for d in b:
-        ini.receive_datagram(d, 7.0, R_ADDR)
-    shuttle(ini, res, 7.0)
+    shuttle(ini, res, 7.0, crossed=True)  # both requests cross on the wire
     ie, re = events(ini), events(res)
     assert [type(e) for e in ie] == [IkeSaRekeyed] == [type(e) for e in re]
     assert (ini.spi_i, ini.spi_r) == (res.spi_i, res.spi_r) != old

@@ -33,6 +33,7 @@ from tests.ike_pair import (
     configs,
     establish,
     events,
+    handshake,
     host_ts,
     mirrored,
     net,
@@ -186,10 +187,8 @@ def test_cp_without_pool_replies_without_addresses() -> None:
 def test_responder_confines_null_peer(tsi: str, narrowing: bool, outcome: str | None) -> None:
     ini_cfg, res_cfg = configs()
     policy = ContainmentPolicy(narrow=narrowing)
-    ini = IkeSa.initiator(replace(ini_cfg, local_ts=(net(tsi),)), 0.0)
-    res = IkeSa.responder(replace(res_cfg, containment=policy, remote_ts=(net("0.0.0.0/0"),)))
-    shuttle(ini, res)
-    ie, re = events(ini), events(res)
+    res_cfg = replace(res_cfg, containment=policy, remote_ts=(net("0.0.0.0/0"),))
+    _, _, ie, re = handshake(replace(ini_cfg, local_ts=(net(tsi),)), res_cfg)
     if outcome is None:
         assert isinstance(re[1], ChildSaFailed) and re[1].notify == NotifyType.TS_UNACCEPTABLE
         assert isinstance(ie[1], ChildSaFailed) and ie[1].notify == NotifyType.TS_UNACCEPTABLE
@@ -212,10 +211,10 @@ def test_responder_does_not_confine_signature_peer_unless_key_is_address_bound()
 
 def test_initiator_refuses_confined_responder_claiming_more_and_deletes_it() -> None:
     ini_cfg, res_cfg = configs()
-    ini = IkeSa.initiator(replace(ini_cfg, remote_ts=(net("0.0.0.0/0"),)), 0.0)
-    res = IkeSa.responder(replace(res_cfg, local_ts=(net("198.51.100.0/24"),)))
-    shuttle(ini, res)
-    ie, re = events(ini), events(res)
+    ini, res, ie, re = handshake(
+        replace(ini_cfg, remote_ts=(net("0.0.0.0/0"),)),
+        replace(res_cfg, local_ts=(net("198.51.100.0/24"),)),
+    )
     assert isinstance(ie[1], ChildSaFailed) and ie[1].notify == NotifyType.TS_UNACCEPTABLE
     assert [type(e) for e in re] == [IkeSaEstablished, ChildSaEstablished, ChildSaDeleted]
     assert ini.child_sas() == [] == res.child_sas()
@@ -248,10 +247,9 @@ def test_initiator_tells_responder_authentication_failed() -> None:
     """§2.21.2: the responder believed the SA was up; the initiator's note tears it down."""
     key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ini_cfg, res_cfg = configs()
-    ini = IkeSa.initiator(replace(ini_cfg, peer_public_key=other.public_key()), 0.0)
-    res = IkeSa.responder(replace(res_cfg, private_key=key))
-    shuttle(ini, res)
-    ie, re = events(ini), events(res)
+    _, res, ie, re = handshake(
+        replace(ini_cfg, peer_public_key=other.public_key()), replace(res_cfg, private_key=key)
+    )
     assert isinstance(ie[-1], IkeSaFailed) and ie[-1].notify == NotifyType.AUTHENTICATION_FAILED
     assert [type(e) for e in re] == [IkeSaEstablished, ChildSaEstablished, IkeSaFailed]
     assert isinstance(re[-1], IkeSaFailed) and re[-1].notify == NotifyType.AUTHENTICATION_FAILED

@@ -30,7 +30,6 @@ from oe_router.datapath.base import encr_algorithm as encr
 from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.ike.child import cp_request
 from oe_router.ike.events import ChildSaEstablished, ChildSaFailed
-from oe_router.ike.sa import IkeSa
 from oe_router.ike.selectors import NO_CONTAINMENT
 from oe_router.ike.service import any_selector
 from oe_router.oe.lan import cat_remove_script, cat_script
@@ -47,7 +46,7 @@ from oe_router.oe.manager import (
 )
 from oe_router.oe.negotiator import cat_result
 from oe_router.oe.policy import PolicyTable
-from tests.ike_pair import configs, establish, events, host_ts, net, shuttle
+from tests.ike_pair import configs, establish, handshake, host_ts, net
 
 WAN = ipaddress.IPv4Address("198.51.100.1")
 CAT_PEER = ipaddress.IPv4Address("192.0.2.13")
@@ -151,11 +150,9 @@ def test_a_peer_narrowing_our_side_to_an_address_it_did_not_give_is_refused() ->
     ini_cfg = replace(ini_cfg, request_internal_address=True, local_ts=wide)
     # a responder that narrows a NULL peer anywhere it likes (ours would not)
     res_cfg = replace(res_cfg, remote_ts=(net("10.0.0.0/24"),), containment=NO_CONTAINMENT)
-    ini = IkeSa.initiator(ini_cfg, 0.0)
-    res = IkeSa.responder(res_cfg)
-    shuttle(ini, res)
-    failed = [e for e in events(ini) if isinstance(e, ChildSaFailed)]
-    assert not [e for e in events(ini) if isinstance(e, ChildSaEstablished)]
+    _, _, ie, _ = handshake(ini_cfg, res_cfg)
+    failed = [e for e in ie if isinstance(e, ChildSaFailed)]
+    assert not [e for e in ie if isinstance(e, ChildSaEstablished)]
     assert len(failed) == 1 and "neither our address nor an inner address" in failed[0].reason
 
 

@@ -18,6 +18,8 @@ from oe_router.config.schema import IkeConfig, OeConfig
 from oe_router.datapath.base import ChildSaSpec, IPAddress
 from oe_router.ike.service import IkeService
 from oe_router.oe.negotiator import IkeNegotiator
+from tests.aio import stopping
+from tests.ike_loop import linked
 from tests.oe_loopback import LO, Inbound, request
 
 
@@ -27,18 +29,8 @@ async def pair(config_a: OeConfig | None = None) -> Any:
     b = IkeService([str(LO)], ike_port=0, natt_port=0, xfrm=False)
     ia, ib = Inbound(), Inbound()
     na, nb = IkeNegotiator(a, ia), IkeNegotiator(b, ib)
-    await a.start(config_a or OeConfig())
-    await b.start(OeConfig())
-    assert a.endpoint is not None and b.endpoint is not None
-    a.remote_ike_port, a.remote_natt_port = b.endpoint.ike_port, b.endpoint.natt_port
-    b.remote_ike_port, b.remote_natt_port = a.endpoint.ike_port, a.endpoint.natt_port
-    try:
+    async with stopping(na, nb), linked(a, b, config_a):
         yield na, nb, ia, ib
-    finally:
-        await a.stop()
-        await b.stop()
-        await na.stop()
-        await nb.stop()
 
 
 def test_negotiate_returns_a_complete_spec_once_and_the_peer_adopts_its_side() -> None:

@@ -12,11 +12,12 @@ import ipaddress
 from contextlib import asynccontextmanager
 from typing import Any
 
-from oe_router.config.schema import OeConfig
 from oe_router.ike.sa import Address, IkeSaConfig
 from oe_router.ike.selectors import ContainmentPolicy
 from oe_router.ike.service import IkeService
 from oe_router.oe.negotiator import IkeNegotiator
+from tests.aio import stopping
+from tests.ike_loop import linked
 from tests.oe_loopback import LO, Inbound, request
 
 
@@ -42,19 +43,8 @@ async def pair(responder: Responder, cat: bool = True) -> Any:
     ia = Inbound()
     na = IkeNegotiator(a, ia, cat=cat)
     IkeNegotiator(responder, Inbound())
-    await a.start(OeConfig())
-    await responder.start(OeConfig())
-    assert a.endpoint is not None and responder.endpoint is not None
-    a.remote_ike_port, a.remote_natt_port = (
-        responder.endpoint.ike_port,
-        responder.endpoint.natt_port,
-    )
-    try:
+    async with stopping(na), linked(a, responder, mutual=False):
         yield na, a
-    finally:
-        await a.stop()
-        await responder.stop()
-        await na.stop()
 
 
 def test_a_pool_peer_gives_an_inner_address_and_narrows_our_side_to_it() -> None:

@@ -22,6 +22,7 @@ from oe_router.offload.faults import FaultyEngine
 from oe_router.offload.probe import HostSnapshot
 from oe_router.offload.service import OffloadService
 from oe_router.offload.software import SoftwareEngine
+from tests.aio import running
 
 PROC = (
     "name         : rfc4106(gcm(aes))\ndriver       : rfc4106-gcm-aesni\n"
@@ -85,8 +86,7 @@ def _breaks(flag: Path, **kw: Any) -> tuple[set[str], list[tuple[str, str]], dic
     async def go() -> tuple[set[str], list[tuple[str, str]], dict[str, Any]]:
         svc = _service(flag, **kw)
         svc.report_extras.append(lambda: {"kernel_selftest": {"offer": ["x"]}})
-        await svc.start(OeConfig())
-        try:
+        async with running(svc, OeConfig()):
             await _until(lambda: svc.report()["phase"] == "ready")
             up = svc.update
             assert up is not None and up.kernel_checked and set(GCM) <= up.kernel_usable
@@ -102,8 +102,6 @@ def _breaks(flag: Path, **kw: Any) -> tuple[set[str], list[tuple[str, str]], dic
             up = svc.update
             assert up is not None
             return set(up.kernel_usable), list(up.kernel_failed), svc.report()
-        finally:
-            await svc.stop()
 
     return asyncio.run(go())
 
