@@ -39,9 +39,7 @@ def responder_policy(seen: list[tuple[Address, Address]]):  # type: ignore[no-un
 async def pair(**kw: object) -> tuple[IkeEndpoint, IkeEndpoint, Recorder, Recorder, list]:  # type: ignore[type-arg]
     ri, rr = Recorder(), Recorder()
     seen: list[tuple[Address, Address]] = []
-    ini = IkeEndpoint(
-        ["127.0.0.1"], on_event=ri, clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False
-    )
+    ini = IkeEndpoint(["127.0.0.1"], on_event=ri, clock=time.monotonic, ike_port=0, natt_port=0)
     res = IkeEndpoint(
         ["127.0.0.1"],
         on_event=rr,
@@ -49,7 +47,6 @@ async def pair(**kw: object) -> tuple[IkeEndpoint, IkeEndpoint, Recorder, Record
         clock=time.monotonic,
         ike_port=0,
         natt_port=0,
-        xfrm=False,
         **kw,  # type: ignore[arg-type]
     )
     await ini.start()
@@ -154,9 +151,7 @@ async def test_half_open_limit_drops_new_initiators_without_cookie_support() -> 
 @run_async
 async def test_retransmits_then_fails_against_silence() -> None:
     ri = Recorder()
-    ini = IkeEndpoint(
-        ["127.0.0.1"], on_event=ri, clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False
-    )
+    ini = IkeEndpoint(["127.0.0.1"], on_event=ri, clock=time.monotonic, ike_port=0, natt_port=0)
     await ini.start()
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
@@ -192,9 +187,7 @@ async def test_address_in_use_is_one_clear_error() -> None:
     blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     blocker.bind(("127.0.0.1", 0))
     port = blocker.getsockname()[1]
-    ep = IkeEndpoint(
-        ["127.0.0.1"], on_event=Recorder(), clock=time.monotonic, ike_port=port, xfrm=False
-    )
+    ep = IkeEndpoint(["127.0.0.1"], on_event=Recorder(), clock=time.monotonic, ike_port=port)
     try:
         with pytest.raises(Exception, match=f"cannot open IKE sockets on 127.0.0.1 ports {port}"):
             await ep.start()

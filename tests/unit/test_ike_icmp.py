@@ -43,9 +43,7 @@ def config(ep: IkeEndpoint, addr: str, port: int, tries: int = 3) -> IkeSaConfig
 
 async def endpoint(addr: str) -> tuple[IkeEndpoint, Recorder]:
     rec = Recorder()
-    ep = IkeEndpoint(
-        [addr], on_event=rec, clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False
-    )
+    ep = IkeEndpoint([addr], on_event=rec, clock=time.monotonic, ike_port=0, natt_port=0)
     await ep.start()
     return ep, rec
 

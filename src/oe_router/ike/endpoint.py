@@ -13,9 +13,10 @@ and does what RFC 7296 §2.23 / RFC 3948 leave to the transport:
   address and port it came from;
 * with ``dpd_delay``, an established IKE SA the peer stayed quiet on that long
   gets a liveness check (empty INFORMATIONAL); no answer fails the SA;
-* the 4500 socket gets UDP_ENCAP_ESPINUDP and both sockets per-socket XFRM
-  bypass policies, so OE trap policies never capture IKE itself. Where the
-  kernel has no XFRM (a container, a test box) this is logged once and IKE runs;
+* a datapath does what it needs to the sockets through the injected
+  ``SocketHooks``: the XFRM datapath's (``datapath.kernel.XfrmSocketHooks``) gives
+  the 4500 socket UDP_ENCAP_ESPINUDP and both sockets per-socket bypass policies,
+  so OE trap policies never capture IKE itself; the composition root injects them;
 * both sockets have IP_RECVERR/IPV6_RECVERR: an ICMP destination unreachable
   that quotes our own IKE_SA_INIT/IKE_AUTH (our SPI, sent to that peer's address
   and port) fails that not yet established IKE SA at once. Most hosts without
@@ -49,13 +50,11 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple, Protocol
 
-from oe_router.datapath.base import DatapathError
-from oe_router.datapath.kernel import bypass_socket, enable_esp_in_udp
-from oe_router.datapath.netns import in_netns
+from oe_router.netns import in_netns
 from oe_router.ratelimit import RateLimit
 
 from .constants import ExchangeType, HeaderFlag
@@ -288,9 +287,8 @@ class IkeEndpoint:
         keepalive_interval: float = 20.0,
         dpd_delay: float = 0.0,
         netns: str | None = None,
-        xfrm: bool = True,
         random: Callable[[int], bytes] = os.urandom,
-        socket_hooks: SocketHooks | None = None,
+        socket_hooks: Sequence[SocketHooks] = (),
         fragment_limits: FragmentLimits = DEFAULT_FRAGMENT_LIMITS,
     ) -> None:
         self.addresses = tuple(str(ipaddress.ip_address(a)) for a in addresses)
@@ -309,11 +307,9 @@ class IkeEndpoint:
         self.keepalive_interval = keepalive_interval
         self.dpd_delay = dpd_delay
         self._netns = netns
-        self._xfrm = xfrm
         self._random = random
-        self._hooks = socket_hooks
+        self._hooks = tuple(socket_hooks)
         self.counters = EndpointCounters()
-        self.xfrm_note = "not started"
         self._socks: dict[str, _Sockets] = {}
         self._by_pair: dict[tuple[bytes, bytes], SaHandle] = {}  # (SPIi, SPIr) -> SA
         self._by_ispi: dict[bytes, SaHandle] = {}  # SPIi of IKE SAs we initiated
@@ -339,14 +335,12 @@ class IkeEndpoint:
             sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self._hooks is not None:
-                self._hooks.before_bind(sock, natt)
+            for hooks in self._hooks:
+                hooks.before_bind(sock, natt)
             sock.bind((ip, port))
             sock.setblocking(False)
-            if self._xfrm:
-                self._kernel_setup(sock, natt)
-            if self._hooks is not None:
-                self._hooks.after_bind(sock, natt, ip)
+            for hooks in self._hooks:
+                hooks.after_bind(sock, natt, ip)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
             else:
@@ -356,25 +350,10 @@ class IkeEndpoint:
             raise
         return sock
 
-    def _kernel_setup(self, sock: socket.socket, natt: bool) -> None:
-        try:
-            bypass_socket(sock)
-            if natt:
-                enable_esp_in_udp(sock)
-        except DatapathError as exc:
-            if self.xfrm_note != f"XFRM unavailable: {exc}":
-                log.warning("IKE sockets run without kernel IPsec hooks: %s", exc)
-            self.xfrm_note = f"XFRM unavailable: {exc}"
-            self._xfrm = False
-
     async def start(self) -> None:
         """Bind every address's 500/4500 pair; an address in use is a clear error."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        if self._xfrm:
-            self.xfrm_note = "bypass policies on, UDP_ENCAP_ESPINUDP on the NAT-T socket"
-        else:
-            self.xfrm_note = "XFRM hooks disabled by configuration"
         try:
             for ip in self.addresses:
                 ike = self._make_socket(ip, self.ike_port, False)
@@ -404,9 +383,9 @@ class IkeEndpoint:
             self._timer.cancel()
             self._timer = None
         for ip, socks in self._socks.items():
-            if self._hooks is not None:
+            for hooks in self._hooks:
                 with contextlib.suppress(Exception):  # a failing hook must not keep sockets
-                    self._hooks.closing(ip)
+                    hooks.closing(ip)
             for fd in socks.readers:
                 if self._loop is not None:
                     self._loop.remove_reader(fd)

@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -34,7 +34,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from oe_router.config.schema import OeConfig
 from oe_router.control.protocol import CommandError, CommandTable, Request
 from oe_router.control.status import ChildSaStatus, StatusContribution, TunnelStatus
-from oe_router.datapath import base as dp
 from oe_router.dns.ipseckey import rdata_text
 from oe_router.ratelimit import RateLimit
 
@@ -72,7 +71,6 @@ __all__ = [
     "IkeUpError",
     "PeerSa",
     "RecordingSink",
-    "child_sa_spec",
     "load_private_key",
     "load_public_key",
     "parse_identity",
@@ -256,50 +254,6 @@ def any_selector(address: str) -> TrafficSelector:
     return TrafficSelector.for_network(f"{ip}/0")
 
 
-# --------------------------------------------------------------------------- datapath adapter
-
-
-def _dp_selectors(ts: Iterable[TrafficSelector]) -> tuple[dp.TrafficSelector, ...]:
-    out: list[dp.TrafficSelector] = []
-    for t in ts:
-        full = (t.start_port, t.end_port) == (0, 65535)
-        if not full and t.start_port != t.end_port:
-            raise dp.DatapathError(f"port range {t.start_port}-{t.end_port} has no XFRM selector")
-        port = None if full else t.start_port
-        for net in ipaddress.summarize_address_range(t.start, t.end):
-            out.append(dp.TrafficSelector(net, t.ip_protocol, port))
-    return tuple(out)
-
-
-def child_sa_spec(
-    child: ChildSaEstablished,
-    local: str,
-    remote: str,
-    *,
-    local_natt_port: int = 4500,
-    remote_natt_port: int = 4500,
-) -> dp.ChildSaSpec:
-    """The datapath's install request for an established Child SA (keys, selectors, encap)."""
-    integ = dp.integ_algorithm(child.integ) if child.integ is not None else None
-    return dp.ChildSaSpec(
-        local=ipaddress.ip_address(local),
-        remote=ipaddress.ip_address(remote),
-        inbound=dp.SaKeys(
-            int.from_bytes(child.spi_in, "big"), child.encr_key_in, child.integ_key_in
-        ),
-        outbound=dp.SaKeys(
-            int.from_bytes(child.spi_out, "big"), child.encr_key_out, child.integ_key_out
-        ),
-        encr=dp.encr_algorithm(child.encr),
-        integ=integ,
-        mode=dp.Mode.TRANSPORT if child.mode == "transport" else dp.Mode.TUNNEL,
-        local_ts=_dp_selectors(child.ts_local),
-        remote_ts=_dp_selectors(child.ts_remote),
-        encap=dp.NatTEncap(local_natt_port, remote_natt_port) if child.udp_encap else None,
-        esn=child.esn,
-    )
-
-
 #: ``IkeService.rekey_child``: the peer answered the rekey with a refusal
 REKEY_REFUSED = "the peer refused the rekey"
 
@@ -365,10 +319,9 @@ class IkeService:
         esp_proposals: tuple[EspProposalSpec, ...] = DEFAULT_ESP_PROPOSALS,
         keepalive_interval: float = 20.0,
         netns: str | None = None,
-        xfrm: bool = True,
         up_timeout: float = 30.0,
         random: Callable[[int], bytes] = os.urandom,
-        socket_hooks: SocketHooks | None = None,
+        socket_hooks: Sequence[SocketHooks] = (),
         force_udp_encap: bool = False,
     ) -> None:
         self.addresses = tuple(str(ipaddress.ip_address(a)) for a in addresses)
@@ -388,11 +341,11 @@ class IkeService:
         self.esp_proposals = esp_proposals
         self.keepalive_interval = keepalive_interval
         self._netns = netns
-        self._xfrm = xfrm
         self.up_timeout = up_timeout
         self._random = random
-        #: the datapath's hooks on our sockets (the userspace datapath shares UDP 4500)
-        self.socket_hooks = socket_hooks
+        #: the datapaths' hooks on our sockets, applied in order (XFRM bypass and
+        #: ESP-in-UDP; the userspace datapath shares UDP 4500): the composition root's
+        self.socket_hooks: tuple[SocketHooks, ...] = tuple(socket_hooks)
         #: ESP always in UDP 4500 (a datapath that only receives ESP there needs it)
         self.force_udp_encap = force_udp_encap
         self.config = OeConfig()
@@ -476,7 +429,6 @@ class IkeService:
             keepalive_interval=self.keepalive_interval,
             dpd_delay=ike.dpd_delay,
             netns=self._netns,
-            xfrm=self._xfrm,
             random=self._random,
             socket_hooks=self.socket_hooks,
         )
