@@ -14,9 +14,10 @@ import socket
 import sys
 import time
 
-from oe_router.ike.endpoint import IkeEndpoint, SockExtendedErr
+from oe_router.ike.endpoint import IkeEndpoint
 from oe_router.ike.events import IkeSaFailed
 from oe_router.ike.sa import IkeSaConfig
+from oe_router.ike.sockets import SockExtendedErr
 from tests.ike_loop import Recorder, run_async
 from tests.ike_pair import host_ts
 
