@@ -66,7 +66,6 @@ __all__ = [
     "IkeEndpoint",
     "ResponderPolicy",
     "SaHandle",
-    "SocketHooks",
 ]
 
 log = logging.getLogger("oe_router.ike")

@@ -37,7 +37,7 @@ from oe_router.ratelimit import RateLimit
 from .auth import PrivateKey, PublicKey
 from .commands import IkeCommands
 from .constants import IdType
-from .endpoint import Address, IkeEndpoint, SocketHooks
+from .endpoint import Address, IkeEndpoint
 from .errors import IkeError
 from .identity import LocalIdentity, load_private_key, load_public_key, parse_identity
 from .payloads import TrafficSelector
@@ -49,6 +49,7 @@ from .sa import (
     IkeProposalSpec,
     IkeSaConfig,
 )
+from .sockets import SocketHooks
 from .status_view import tunnel_rows
 
 __all__ = [
