@@ -49,6 +49,7 @@ from .sa import (
     IkeProposalSpec,
     IkeSaConfig,
 )
+from .selectors import host_selector
 from .sockets import SocketHooks
 from .status_view import tunnel_rows
 
@@ -60,6 +61,8 @@ __all__ = [
     "IkeUpError",
     "PeerSa",
     "RecordingSink",
+    "any_selector",
+    "host_selector",
     "load_private_key",
     "load_public_key",
     "parse_identity",
@@ -68,11 +71,6 @@ __all__ = [
 log = logging.getLogger("oe_router.ike")
 
 AuthChoice = Literal["null", "pubkey"]
-
-
-def host_selector(address: str) -> TrafficSelector:
-    ip = ipaddress.ip_address(address)
-    return TrafficSelector.from_range(ip, ip)
 
 
 def any_selector(address: str) -> TrafficSelector:
