@@ -73,7 +73,7 @@ def ts(a):
 async def main():
     ep = IkeEndpoint(["127.0.0.1"], on_event=lambda h, e: None,
                      responder_policy=lambda l, r: IkeSaConfig(l, r, ts(l), ts(r)),
-                     clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False,
+                     clock=time.monotonic, ike_port=0, natt_port=0,
                      half_open_limit=1000, cookie_threshold=0)
     await ep.start()
     print(json.dumps({"port": ep.ike_port, "natt_port": ep.natt_port,
@@ -268,7 +268,7 @@ async def _handshakes(port: int, natt_port: int, n: int) -> list[float]:
             ini.forget(h)
 
     ini = IkeEndpoint(["127.0.0.1"], on_event=on_event, clock=time.monotonic, ike_port=0,
-                      natt_port=0, xfrm=False)  # fmt: skip
+                      natt_port=0)  # fmt: skip
     await ini.start()
     times = []
     try:

@@ -82,9 +82,9 @@ class IkePair:
             return IkeSaConfig(local, remote, (_host_ts(local[0]),), (_host_ts(remote[0]),))
 
         common: dict[str, Any] = {"clock": time.monotonic, "ike_port": 0, "natt_port": 0}
-        self.initiator = IkeEndpoint([IKE_I], on_event=on_event, xfrm=False, **common)
+        self.initiator = IkeEndpoint([IKE_I], on_event=on_event, **common)
         self.responder = IkeEndpoint(
-            [IKE_R], on_event=lambda h, e: None, responder_policy=respond, xfrm=False, **common
+            [IKE_R], on_event=lambda h, e: None, responder_policy=respond, **common
         )
         self.established = 0
 

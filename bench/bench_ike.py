@@ -108,7 +108,7 @@ async def _ours_run(seconds: float, profile: cProfile.Profile | None = None) -> 
             state.res.forget(h)
 
     ini = IkeEndpoint(["127.0.0.1"], on_event=on_ini, clock=time.monotonic, ike_port=0,
-                      natt_port=0, xfrm=False)  # fmt: skip
+                      natt_port=0)  # fmt: skip
     res_holder: list[IkeEndpoint] = []
 
     def policy(local: tuple[str, int], remote: tuple[str, int]) -> IkeSaConfig:
@@ -117,7 +117,7 @@ async def _ours_run(seconds: float, profile: cProfile.Profile | None = None) -> 
                            private_key=kb, peer_public_key=ka.public_key())  # fmt: skip
 
     res = IkeEndpoint(["127.0.0.1"], on_event=on_res, responder_policy=policy,
-                      clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False,
+                      clock=time.monotonic, ike_port=0, natt_port=0,
                       half_open_limit=10 * WINDOW, cookie_threshold=10 * WINDOW)  # fmt: skip
     res_holder.append(res)
     await ini.start()

@@ -138,6 +138,7 @@ class Endpoint(IkeEndpoint):
     def __init__(self, **kw: Any) -> None:
         super().__init__([R_IP], **kw)
         self.sent: list[tuple[bytes, bool, tuple[str, int]]] = []  # data, raw, to
+        self._sockets.send = self._send  # type: ignore[method-assign]
 
     def _send(
         self,
@@ -164,7 +165,6 @@ class Run:
             responder_policy=lambda local, remote: res_cfg,
             clock=lambda: self.now,
             random=Stream(b"responder"),
-            xfrm=False,
             half_open_limit=HALF_OPEN_LIMIT,
             cookie_threshold=2,
             dpd_delay=30.0 if option & 0x10 else 0.0,

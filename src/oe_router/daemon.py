@@ -36,6 +36,7 @@ from oe_router.control import (
 from oe_router.control.events import Events
 from oe_router.control.ubus import UbusShim
 from oe_router.datapath.base import Datapath, IPAddress
+from oe_router.datapath.kernel import XfrmSocketHooks
 from oe_router.dns.access import LanAccess
 from oe_router.dns.capture import DnsCapture
 from oe_router.dns.hold import TunnelRequester
@@ -482,7 +483,7 @@ def _userspace_datapath(
         reason=plat.datapath_reason,
         on_canary_failure=offload.report_failure,
     )
-    ike.socket_hooks = dp
+    ike.socket_hooks += (dp,)
     ike.force_udp_encap = True
     offer.attach_userspace(dp)
 
@@ -526,7 +527,7 @@ def build_services(
     if not plat.wan:
         registry.add(StatusOnly(f"none ({plat.wan_reason or 'no WAN address'})"))
     else:
-        ike = IkeService([str(a) for a in plat.wan.values()])
+        ike = IkeService([str(a) for a in plat.wan.values()], socket_hooks=(XfrmSocketHooks(),))
         if plat.datapath in ("kernel", "userspace"):
             offer = EspOffer(ike, offload, plat.datapath)
             factory: DatapathFactory

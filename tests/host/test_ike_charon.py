@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from oe_router.config.schema import OeConfig
+from oe_router.datapath.kernel import XfrmSocketHooks
 from oe_router.ike.auth import PrivateKey, PublicKey
 from oe_router.ike.constants import EncrId, IntegId
 from oe_router.ike.events import ChildSaEstablished
@@ -147,6 +148,8 @@ def direct(
 
 
 def service(ns: str, address: str, **kw: Any) -> IkeService:
+    """Our IKE service in ``ns`` with the XFRM socket hooks, as the daemon wires it."""
+    kw.setdefault("socket_hooks", (XfrmSocketHooks(),))
     return IkeService([address], netns=ns, **kw)
 
 
@@ -190,12 +193,17 @@ def test_our_initiator_charon_responder_pubkey(
     ours, theirs = keys[kind]
 
     async def go() -> None:
+        hooks = XfrmSocketHooks()
         svc = service(
-            direct.ours, "10.0.0.1", private_key=ours.private, local_id=f"@router-{kind}.example"
+            direct.ours,
+            "10.0.0.1",
+            private_key=ours.private,
+            local_id=f"@router-{kind}.example",
+            socket_hooks=(hooks,),
         )
         async with running(svc, OeConfig()):
             assert svc.endpoint is not None
-            assert svc.endpoint.xfrm_note.startswith("bypass policies on"), svc.endpoint.xfrm_note
+            assert hooks.note.startswith("bypass policies on"), hooks.note
             p = await svc.up("10.0.0.2", "pubkey", theirs.public)
             (row,) = svc.rows()
             expect = {"rsa": "RSA-2048", "ecdsa": "ECDSA-P256", "ed25519": "Ed25519"}[kind]

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from oe_router.config.schema import IkeConfig, OeConfig
+from oe_router.datapath.kernel import XfrmSocketHooks
 from oe_router.datapath.netns import in_netns
 from oe_router.ike.auth import PrivateKey
 from oe_router.ike.constants import DhId, EncrId, PrfId
@@ -66,6 +67,8 @@ def ike_config(**kw: Any) -> OeConfig:
 
 
 def service(ns: str, address: str, **kw: Any) -> IkeService:
+    """Our IKE service in ``ns`` with the XFRM socket hooks, as the daemon wires it."""
+    kw.setdefault("socket_hooks", (XfrmSocketHooks(),))
     return IkeService([address], netns=ns, **kw)
 
 

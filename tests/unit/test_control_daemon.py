@@ -240,7 +240,7 @@ def test_down_and_up_with_hostile_names_are_refused_by_the_table_not_the_resolve
     resolver's IDNA encoder raised UnicodeError). The real IKE service's commands, on
     loopback, behind the daemon's command table."""
     daemon, _ = _daemon(tmp_path, [])
-    ike = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False)
+    ike = IkeService(["127.0.0.1"], ike_port=0, natt_port=0)
     ike.register_commands(daemon.commands)
     long = "a" * 60_000
     cases = [

@@ -48,9 +48,7 @@ async def pair(**kw: object) -> AsyncIterator[Pair]:
     the responder policy's calls; both started for the block and stopped after it."""
     ri, rr = Recorder(), Recorder()
     seen: list[tuple[Address, Address]] = []
-    ini = IkeEndpoint(
-        ["127.0.0.1"], on_event=ri, clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False
-    )
+    ini = IkeEndpoint(["127.0.0.1"], on_event=ri, clock=time.monotonic, ike_port=0, natt_port=0)
     res = IkeEndpoint(
         ["127.0.0.1"],
         on_event=rr,
@@ -58,7 +56,6 @@ async def pair(**kw: object) -> AsyncIterator[Pair]:
         clock=time.monotonic,
         ike_port=0,
         natt_port=0,
-        xfrm=False,
         **kw,  # type: ignore[arg-type]
     )
     async with running(ini), running(res):
@@ -141,9 +138,7 @@ async def test_half_open_limit_drops_new_initiators_without_cookie_support() -> 
 @run_async
 async def test_retransmits_then_fails_against_silence() -> None:
     ri = Recorder()
-    ini = IkeEndpoint(
-        ["127.0.0.1"], on_event=ri, clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False
-    )
+    ini = IkeEndpoint(["127.0.0.1"], on_event=ri, clock=time.monotonic, ike_port=0, natt_port=0)
     await ini.start()
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
@@ -177,9 +172,7 @@ async def test_address_in_use_is_one_clear_error() -> None:
     blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     blocker.bind(("127.0.0.1", 0))
     port = blocker.getsockname()[1]
-    ep = IkeEndpoint(
-        ["127.0.0.1"], on_event=Recorder(), clock=time.monotonic, ike_port=port, xfrm=False
-    )
+    ep = IkeEndpoint(["127.0.0.1"], on_event=Recorder(), clock=time.monotonic, ike_port=port)
     try:
         with pytest.raises(Exception, match=f"cannot open IKE sockets on 127.0.0.1 ports {port}"):
             await ep.start()

@@ -31,12 +31,11 @@ class Lab:
 
     def __init__(self, tmp: Path, peer_key: ec.EllipticCurvePrivateKey) -> None:
         self.sock = tmp / "control.sock"
-        self.ours = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False)
+        self.ours = IkeService(["127.0.0.1"], ike_port=0, natt_port=0)
         self.peer = IkeService(
             ["127.0.0.1"],
             ike_port=0,
             natt_port=0,
-            xfrm=False,
             private_key=peer_key,
             local_id="@peer.example",
         )

@@ -22,7 +22,8 @@ from oe_router.config.schema import OeConfig
 from oe_router.control.protocol import CommandTable
 from oe_router.control.status import Status, TunnelStatus
 from oe_router.datapath import base as dp
-from oe_router.ike.service import IkeService, IkeUpError, RecordingSink, child_sa_spec
+from oe_router.ike.service import IkeService, IkeUpError, RecordingSink
+from oe_router.oe.sa_spec import child_sa_spec
 from tests.aio import running
 from tests.ike_loop import linked, run_async
 
@@ -31,8 +32,8 @@ LO = "127.0.0.1"
 
 @asynccontextmanager
 async def two(**kw: Any) -> AsyncIterator[tuple[IkeService, IkeService]]:
-    a = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False, **kw.get("a", {}))
-    b = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, xfrm=False, **kw.get("b", {}))
+    a = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, **kw.get("a", {}))
+    b = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, **kw.get("b", {}))
     async with linked(a, b):
         yield a, b
 
@@ -227,8 +228,8 @@ async def test_responder_confines_a_peer_to_its_own_address() -> None:
 
 @run_async
 async def test_ipv6_up_and_down() -> None:
-    a = IkeService(["::1"], ike_port=0, natt_port=0, xfrm=False)
-    b = IkeService(["::1"], ike_port=0, natt_port=0, xfrm=False)
+    a = IkeService(["::1"], ike_port=0, natt_port=0)
+    b = IkeService(["::1"], ike_port=0, natt_port=0)
     async with running(a, OeConfig()), running(b, OeConfig()):
         assert a.endpoint is not None and b.endpoint is not None
         a.remote_ike_port, a.remote_natt_port = b.endpoint.ike_port, b.endpoint.natt_port

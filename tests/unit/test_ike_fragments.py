@@ -235,11 +235,11 @@ def test_endpoint_keeps_all_sas_under_the_total_and_counts_what_it_dropped(
 
         res = IkeEndpoint(
             ["127.0.0.1"], on_event=lambda h, e: None, responder_policy=policy,
-            clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False, fragment_limits=limits,
+            clock=time.monotonic, ike_port=0, natt_port=0, fragment_limits=limits,
         )  # fmt: skip
         ini = IkeEndpoint(
             ["127.0.0.1"], on_event=lambda h, e: None,
-            clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False,
+            clock=time.monotonic, ike_port=0, natt_port=0,
         )  # fmt: skip
         await res.start()
         await ini.start()

@@ -99,7 +99,7 @@ def test_first_start_makes_the_key_an_fqdn_identity_needs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "oe" / "private.pem"
-    service = IkeService(["127.0.0.1"], xfrm=False)
+    service = IkeService(["127.0.0.1"])
     caplog.set_level(logging.INFO, "oe_router.ike")
     service._load_key(_config(path))
     assert path.is_file() and _mode(path) == 0o600
@@ -119,7 +119,7 @@ def test_first_start_makes_the_key_an_fqdn_identity_needs(
     }
     # the next start loads it, and says nothing new
     caplog.clear()
-    again = IkeService(["127.0.0.1"], xfrm=False)
+    again = IkeService(["127.0.0.1"])
     again._load_key(_config(path))
     assert again.private_key is not None and "made one" not in caplog.text
     assert rdata_text(again.private_key.public_key()) == publish
@@ -127,7 +127,7 @@ def test_first_start_makes_the_key_an_fqdn_identity_needs(
 
 def test_null_identity_makes_no_key(tmp_path: Path) -> None:
     path = tmp_path / "private.pem"
-    service = IkeService(["127.0.0.1"], xfrm=False)
+    service = IkeService(["127.0.0.1"])
     service._load_key(_config(path, "%null"))
     assert not path.exists() and service.private_key is None
 
@@ -135,6 +135,6 @@ def test_null_identity_makes_no_key(tmp_path: Path) -> None:
 def test_key_that_cannot_be_written_is_one_error_naming_the_option(tmp_path: Path) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where the key's directory should be
-    service = IkeService(["127.0.0.1"], xfrm=False)
+    service = IkeService(["127.0.0.1"])
     with pytest.raises(IkeError, match=r"^identity\.private_key .*file/private\.pem: "):
         service._load_key(_config(blocked / "private.pem"))

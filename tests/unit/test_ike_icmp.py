@@ -16,9 +16,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from oe_router.ike.endpoint import IkeEndpoint, SockExtendedErr
+from oe_router.ike.endpoint import IkeEndpoint
 from oe_router.ike.events import IkeSaFailed
 from oe_router.ike.sa import IkeSaConfig
+from oe_router.ike.sockets import SockExtendedErr
 from tests import ike_pair
 from tests.aio import running
 from tests.ike_loop import Recorder, run_async
@@ -46,9 +47,7 @@ def config(ep: IkeEndpoint, addr: str, port: int, tries: int = 3) -> IkeSaConfig
 async def endpoint(addr: str) -> AsyncIterator[tuple[IkeEndpoint, Recorder]]:
     """An endpoint on ``addr`` and its recorder, started for the block."""
     rec = Recorder()
-    ep = IkeEndpoint(
-        [addr], on_event=rec, clock=time.monotonic, ike_port=0, natt_port=0, xfrm=False
-    )
+    ep = IkeEndpoint([addr], on_event=rec, clock=time.monotonic, ike_port=0, natt_port=0)
     async with running(ep):
         yield ep, rec
 

@@ -322,15 +322,14 @@ async def until(what: str, cond: Callable[[], object], timeout: float) -> None:
 async def responder(**kw: Any) -> IkeEndpoint:
     ep = IkeEndpoint(
         [LO], on_event=Events(), responder_policy=config, clock=time.monotonic,
-        ike_port=0, natt_port=0, xfrm=False, **kw,
+        ike_port=0, natt_port=0, **kw,
     )  # fmt: skip
     await ep.start()
     return ep
 
 
 async def initiator(ip: str, events: Events) -> IkeEndpoint:
-    ep = IkeEndpoint([ip], on_event=events, clock=time.monotonic, ike_port=0, natt_port=0,
-                     xfrm=False)  # fmt: skip
+    ep = IkeEndpoint([ip], on_event=events, clock=time.monotonic, ike_port=0, natt_port=0)
     await ep.start()
     return ep
 
@@ -429,7 +428,7 @@ async def test_a_flood_of_requests_that_fail_at_once_still_meets_cookies() -> No
 
     res = IkeEndpoint(
         [LO], on_event=events, responder_policy=policy, clock=time.monotonic, ike_port=0,
-        natt_port=0, xfrm=False,
+        natt_port=0,
     )  # fmt: skip
     await res.start()
     sources = [f"127.0.{i}.9" for i in range(60, 80)]
@@ -455,8 +454,8 @@ async def test_reload_applies_half_open_limits_and_liveness_delay() -> None:
     settings) is applied, not only accepted: the status shows it, the next requests
     meet it, and an established IKE SA starts liveness checks at the new delay."""
     base = IkeConfig(dpd_delay=0.0, half_open_limit=64)
-    a = IkeService([LO], ike_port=0, natt_port=0, xfrm=False)
-    b = IkeService([LO], ike_port=0, natt_port=0, xfrm=False)
+    a = IkeService([LO], ike_port=0, natt_port=0)
+    b = IkeService([LO], ike_port=0, natt_port=0)
     await a.start(OeConfig(ike=base))
     await b.start(OeConfig(ike=base))
     ep_a, ep_b = a.endpoint, b.endpoint

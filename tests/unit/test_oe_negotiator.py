@@ -25,8 +25,8 @@ from tests.oe_loopback import LO, Inbound, request
 
 @asynccontextmanager
 async def pair(config_a: OeConfig | None = None) -> Any:
-    a = IkeService([str(LO)], ike_port=0, natt_port=0, xfrm=False)
-    b = IkeService([str(LO)], ike_port=0, natt_port=0, xfrm=False)
+    a = IkeService([str(LO)], ike_port=0, natt_port=0)
+    b = IkeService([str(LO)], ike_port=0, natt_port=0)
     ia, ib = Inbound(), Inbound()
     na, nb = IkeNegotiator(a, ia), IkeNegotiator(b, ib)
     async with stopping(na, nb), linked(a, b, config_a):
@@ -113,7 +113,7 @@ def test_a_dead_ike_sa_beside_a_live_one_only_deletes_its_own_child_sas() -> Non
     from oe_router.ike.events import ChildSaDeleted
 
     async def go() -> None:
-        ike = IkeService([str(LO)], ike_port=0, natt_port=0, xfrm=False)
+        ike = IkeService([str(LO)], ike_port=0, natt_port=0)
         inbound = Inbound()
         neg = IkeNegotiator(ike, inbound)
 

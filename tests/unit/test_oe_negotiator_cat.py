@@ -25,7 +25,7 @@ class Responder(IkeService):
     """Our IKE service as a responder with an address pool or strict selectors."""
 
     def __init__(self, pool: tuple[str, ...] = (), strict: bool = False, **kw: Any) -> None:
-        super().__init__([str(LO)], ike_port=0, natt_port=0, xfrm=False, **kw)
+        super().__init__([str(LO)], ike_port=0, natt_port=0, **kw)
         self.pool, self.strict = pool, strict
 
     def _responder_config(self, local: Address, remote: Address) -> IkeSaConfig | None:
@@ -39,7 +39,7 @@ class Responder(IkeService):
 
 @asynccontextmanager
 async def pair(responder: Responder, cat: bool = True) -> Any:
-    a = IkeService([str(LO)], ike_port=0, natt_port=0, xfrm=False)
+    a = IkeService([str(LO)], ike_port=0, natt_port=0)
     ia = Inbound()
     na = IkeNegotiator(a, ia, cat=cat)
     IkeNegotiator(responder, Inbound())

@@ -44,7 +44,7 @@ def test_refused_ike_sa_init_floods_give_one_line_per_10_s(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     now = [0.0]
-    svc = IkeService(["127.0.0.1"], clock=lambda: now[0], xfrm=False)
+    svc = IkeService(["127.0.0.1"], clock=lambda: now[0])
     svc.inbound_filter = lambda ip: "in the clear group"
     caplog.set_level(logging.INFO, "oe_router.ike")
     for now[0] in (0.0, 1.0, 5.0, 9.5, 10.0, 11.0):

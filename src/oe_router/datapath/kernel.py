@@ -49,7 +49,7 @@ from oe_router.datapath.base import (
     TrafficSelector,
     child_policies,
 )
-from oe_router.datapath.netns import in_netns
+from oe_router.netns import in_netns
 
 IP_XFRM_POLICY: Final = 17
 IPV6_XFRM_POLICY: Final = 35
@@ -351,6 +351,44 @@ def enable_esp_in_udp(sock: socket.socket) -> None:
         raise FeatureMissing(
             f"kernel refused UDP_ENCAP_ESPINUDP on the NAT-T socket: {exc.strerror}"
         ) from None
+
+
+class XfrmSocketHooks:
+    """The XFRM side of the IKE endpoint's ``SocketHooks`` (strongSwan's kernel_ipsec
+    ``bypass_socket`` and ``enable_udp_decap``): every IKE socket bypasses all policies
+    (OE traps must never capture IKE itself), the NAT-T socket decapsulates ESP-in-UDP.
+
+    Where the kernel has no XFRM (a container, a test box) this is logged once and IKE
+    runs on; the remaining sockets of that start are left alone. ``note`` says which.
+    """
+
+    def __init__(self) -> None:
+        self.note = "not started"
+        self._failed = False
+
+    def before_bind(self, sock: socket.socket, natt: bool) -> None:
+        """Nothing: both options apply to a bound socket."""
+
+    def after_bind(self, sock: socket.socket, natt: bool, ip: str) -> None:
+        if self._failed:
+            return
+        try:
+            bypass_socket(sock)
+            if natt:
+                enable_esp_in_udp(sock)
+        except DatapathError as exc:
+            if self.note != f"XFRM unavailable: {exc}":
+                logging.getLogger("oe_router.ike").warning(
+                    "IKE sockets run without kernel IPsec hooks: %s", exc
+                )
+            self.note = f"XFRM unavailable: {exc}"
+            self._failed = True
+            return
+        self.note = "bypass policies on, UDP_ENCAP_ESPINUDP on the NAT-T socket"
+
+    def closing(self, ip: str) -> None:
+        """The endpoint stops: its next start tries the kernel again."""
+        self._failed = False
 
 
 def _iter_messages(data: bytes) -> Iterator[Any]:

@@ -37,7 +37,7 @@ from typing import Any, Final
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_QUEUE, nfgen_msg
 
-from oe_router.datapath.netns import in_netns
+from oe_router.netns import in_netns
 
 __all__ = [
     "NFQA_CFG_F_CONNTRACK",

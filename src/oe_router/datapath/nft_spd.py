@@ -105,7 +105,7 @@ from oe_router.datapath.base import (
     PolicyAction,
     PolicySpec,
 )
-from oe_router.datapath.netns import in_netns
+from oe_router.netns import in_netns
 
 __all__ = [
     "DEFAULT_TABLE",

@@ -59,7 +59,7 @@ from oe_router.datapath.base import (
     encr_algorithm,
     integ_algorithm,
 )
-from oe_router.datapath.netns import in_netns
+from oe_router.netns import in_netns
 from oe_router.offload.engine import TRANSFORMS, Transform
 
 __all__ = [

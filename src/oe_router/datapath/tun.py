@@ -14,7 +14,7 @@ import os
 import struct
 from typing import Final
 
-from .netns import in_netns
+from oe_router.netns import in_netns
 
 __all__ = ["TUN_MTU", "TunError", "open_tun"]
 

@@ -1,9 +1,12 @@
-"""The asyncio edge of IKE: UDP 500 and 4500 sockets, SPI demultiplexing, timers, NAT-T.
+"""The asyncio edge of IKE: SPI demultiplexing, NAT-T, liveness, the SA table.
 
 Why a thin layer: every protocol decision lives in the sans-IO ``IkeSa``; this
-module only moves datagrams between sockets and SAs, keeps the one timer the
-loop needs (the earliest of all SA deadlines, read from the injected clock),
-and does what RFC 7296 §2.23 / RFC 3948 leave to the transport:
+module only moves datagrams between sockets and SAs and does what RFC 7296 §2.23 /
+RFC 3948 leave to the transport. Its collaborators each own one concern:
+``sockets.IkeSockets`` the UDP 500/4500 pairs (datapath ``SocketHooks``, batched
+reads, ICMP reports), ``deadlines.Deadlines`` the one timer the loop needs (the
+earliest of all SA deadlines, read from the injected clock), and
+``admission.ResponderAdmission`` who may open a half-open IKE SA (COOKIEs, RFC 8019).
 
 * port 4500 carries IKE behind a 4-byte non-ESP marker; a lone 0xFF byte is a
   NAT keepalive; anything else there is ESP the kernel did not take;
@@ -13,27 +16,19 @@ and does what RFC 7296 §2.23 / RFC 3948 leave to the transport:
   address and port it came from;
 * with ``dpd_delay``, an established IKE SA the peer stayed quiet on that long
   gets a liveness check (empty INFORMATIONAL); no answer fails the SA;
-* the 4500 socket gets UDP_ENCAP_ESPINUDP and both sockets per-socket XFRM
-  bypass policies, so OE trap policies never capture IKE itself. Where the
-  kernel has no XFRM (a container, a test box) this is logged once and IKE runs;
-* both sockets have IP_RECVERR/IPV6_RECVERR: an ICMP destination unreachable
-  that quotes our own IKE_SA_INIT/IKE_AUTH (our SPI, sent to that peer's address
-  and port) fails that not yet established IKE SA at once. Most hosts without
-  IKE answer UDP 500 that way; without this an OE negotiation waited out every
-  retransmission while the kernel dropped the triggering flow's packets.
+* an ICMP destination unreachable that quotes our own IKE_SA_INIT/IKE_AUTH (our
+  SPI, sent to that peer's address and port) fails that not yet established IKE SA
+  at once. Most hosts without IKE answer UDP 500 that way; without this an OE
+  negotiation waited out every retransmission while the kernel dropped the
+  triggering flow's packets.
 
 Fragments (RFC 7383): each IKE SA bounds what it holds of a peer's incomplete fragmented
 messages; the endpoint keeps the sum over all of them under ``max_total_bytes`` (the
 biggest holder gives its messages up first), counts what was dropped and logs it at
 most once per ``log_interval`` (``fragments.FragmentBudget``).
 
-A new IKE_SA_INIT request takes the cheapest path there is, checked from the fixed
-header before anything else: a responder holding ``cookie_threshold`` IKE SAs that have
-not finished IKE_AUTH demands COOKIEs (RFC 7296 §2.6) with ``cookies.CookieGate``, which
-reads payload headers only and answers from a template; who may then hold a half-open
-IKE SA (per address, per prefix, known peers first, at most ``half_open_limit``) is
-``halfopen.HalfOpenBook``'s rule (RFC 8019). Nothing on that path logs per packet: it
-counts, and says so in one line at most every ``LOAD_REPORT_INTERVAL`` seconds.
+A new IKE_SA_INIT request takes the cheapest path there is (``admission``), checked
+from the fixed header before anything else, and nothing on it logs per packet.
 IKE SAs are found by their SPI pair (``IkeSa.spis()``, which follows IKE SA
 rekeys); a response to our IKE_SA_INIT by our initiator SPI.
 """
@@ -42,37 +37,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import heapq
 import ipaddress
 import logging
 import os
 import socket
-import struct
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from typing import Any, Final, NamedTuple, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from oe_router.datapath.base import DatapathError
-from oe_router.datapath.kernel import bypass_socket, enable_esp_in_udp
-from oe_router.datapath.netns import in_netns
-from oe_router.ratelimit import RateLimit
-
+from .admission import ResponderAdmission
 from .constants import ExchangeType, HeaderFlag
-from .cookies import (
-    DEMAND,
-    DROP,
-    CookieGate,
-    CookieJar,
-    ResponderLimits,
-    is_new_init_request,
-)
+from .cookies import ResponderLimits, is_new_init_request
+from .counters import EndpointCounters
+from .deadlines import Deadlines
 from .errors import IkeDecodeError, IkeError
 from .events import Event, IkeSaDeleted, IkeSaEstablished, IkeSaFailed, IkeSaRekeyed
 from .fragments import DEFAULT_FRAGMENT_LIMITS, FragmentBudget, FragmentLimits
-from .halfopen import HalfOpenBook
 from .payloads import IkeHeader
 from .sa import IkeSa, IkeSaConfig
+from .sockets import NON_ESP_MARKER, Address, IkeSockets, SocketHooks, SockExtendedErr
 from .wire import Reader
 
 __all__ = [
@@ -83,65 +66,12 @@ __all__ = [
     "IkeEndpoint",
     "ResponderPolicy",
     "SaHandle",
-    "SocketHooks",
 ]
 
 log = logging.getLogger("oe_router.ike")
 
-Address = tuple[str, int]
-NON_ESP_MARKER = b"\x00\x00\x00\x00"
 NAT_KEEPALIVE = b"\xff"
 _IKE_HEADER_LEN = 28
-#: seconds between two "under load" summary lines (COOKIE demands, refusals)
-LOAD_REPORT_INTERVAL: Final = 10.0
-#: datagrams read from a socket per wake-up (``_Reader``)
-READ_BATCH: Final = 64
-
-# linux/in.h, linux/in6.h, linux/errqueue.h (socket exposes none of these)
-_IP_RECVERR: Final = 11
-_IPV6_RECVERR: Final = 25
-_SO_EE_ORIGIN_ICMP: Final = 2
-_SO_EE_ORIGIN_ICMP6: Final = 3
-_ICMP_DEST_UNREACH: Final = 3  # ICMPv4 type; code 4 (fragmentation needed) is not "unreachable"
-_ICMP_FRAG_NEEDED: Final = 4
-_ICMPV6_DEST_UNREACH: Final = 1
-# errors a pending ICMP report makes the next sendto() return instead of sending
-_REPORTED_ERRNOS: Final = frozenset(
-    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EACCES}
-)
-
-
-_EE_WIRE: Final = struct.Struct("=IBBBBII")  # the fields of SockExtendedErr, in order
-
-
-class SockExtendedErr(NamedTuple):
-    """``struct sock_extended_err`` (linux/errqueue.h): the IP_RECVERR control message."""
-
-    ee_errno: int
-    ee_origin: int
-    ee_type: int
-    ee_code: int
-    ee_pad: int
-    ee_info: int
-    ee_data: int
-
-    @classmethod
-    def parse(cls, raw: bytes) -> SockExtendedErr | None:
-        if len(raw) < _EE_WIRE.size:
-            return None
-        return cls(*_EE_WIRE.unpack_from(raw))
-
-    @property
-    def unreachable(self) -> bool:
-        """An ICMP/ICMPv6 destination unreachable (not "fragmentation needed")."""
-        if self.ee_origin == _SO_EE_ORIGIN_ICMP:
-            return self.ee_type == _ICMP_DEST_UNREACH and self.ee_code != _ICMP_FRAG_NEEDED
-        return self.ee_origin == _SO_EE_ORIGIN_ICMP6 and self.ee_type == _ICMPV6_DEST_UNREACH
-
-    def describe(self) -> str:
-        fam = "ICMPv6" if self.ee_origin == _SO_EE_ORIGIN_ICMP6 else "ICMP"
-        why = os.strerror(self.ee_errno)
-        return f"{fam} unreachable (type {self.ee_type} code {self.ee_code}, {why})"
 
 
 class ResponderPolicy(Protocol):
@@ -152,22 +82,6 @@ class ResponderPolicy(Protocol):
     """
 
     def __call__(self, local: Address, remote: Address, /) -> IkeSaConfig | None: ...
-
-
-class SocketHooks(Protocol):
-    """What a datapath does to the IKE sockets (strongSwan's kernel_ipsec ``bypass_socket``
-    and ``enable_udp_decap``), injected so the IKE layer never imports a datapath.
-
-    ``before_bind`` runs on every new socket before ``bind`` (options that must precede
-    it: SO_REUSEPORT, SO_MARK), ``after_bind`` once it is bound, ``closing`` before the
-    sockets of ``ip`` close. ``natt`` marks the UDP 4500 socket.
-    """
-
-    def before_bind(self, sock: socket.socket, natt: bool) -> None: ...
-
-    def after_bind(self, sock: socket.socket, natt: bool, ip: str) -> None: ...
-
-    def closing(self, ip: str) -> None: ...
 
 
 class EventListener(Protocol):
@@ -200,74 +114,6 @@ class SaHandle:
     known_as: str | None = None  #: counted as a peer holding an IKE SA (RFC 8019 preference)
 
 
-@dataclass
-class EndpointCounters:
-    """What the endpoint dropped and why; shown by ``oe status`` and asserted by tests."""
-
-    received: int = 0
-    sent: int = 0
-    malformed: int = 0
-    unknown_spi: int = 0
-    esp_dropped: int = 0
-    keepalives_in: int = 0
-    keepalives_out: int = 0
-    refused: int = 0
-    half_open_dropped: int = 0  #: new IKE_SA_INIT requests refused: the three below
-    half_open_refused_source: int = 0  #: its address held ``per_source`` half-open SAs
-    half_open_refused_prefix: int = 0  #: its /24 or /64 held ``per_prefix``
-    half_open_refused_global: int = 0  #: no slot free nor displaceable
-    half_open_displaced: int = 0  #: half-open SAs dropped to make room (RFC 8019 preference)
-    half_open_expired: int = 0  #: half-open SAs that never finished IKE_AUTH in time
-    cookies_accepted: int = 0  #: requests that came back with a valid COOKIE
-    cookies_sent: int = 0
-    floated: int = 0
-    icmp_errors: int = 0  #: ICMP reports read from the sockets' error queues
-    unreachable: int = 0  #: IKE SAs failed at once by an ICMP unreachable quoting our request
-    fragments_dropped: int = 0  #: RFC 7383 fragments refused (a limit, outside the window, forged)
-    fragment_messages_abandoned: int = 0  #: fragmented messages given up incomplete
-
-
-class _Reader:
-    """Reads one IKE socket: up to ``READ_BATCH`` datagrams per wake-up, into one buffer.
-
-    Why not asyncio's datagram transport: it runs an event-loop turn per datagram and
-    allocates a 256 KiB buffer for each; that cost 15 µs a datagram here, several times
-    what answering a COOKIE costs. Other work still runs between two batches.
-    """
-
-    def __init__(self, ep: IkeEndpoint, sock: socket.socket, local_ip: str, natt: bool) -> None:
-        self.ep, self.sock, self.local_ip, self.natt = ep, sock, local_ip, natt
-        self.buf = bytearray(65535)  # the largest UDP payload: nothing is truncated
-        self.view = memoryview(self.buf)
-
-    def __call__(self) -> None:
-        sock, ep, view = self.sock, self.ep, self.view
-        for _ in range(READ_BATCH):
-            try:
-                n, addr = sock.recvfrom_into(self.buf)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # a reported error (IP_RECVERR) failed recvfrom(): read the reports behind it
-                log.debug("IKE socket %s: %s", self.local_ip, exc)
-                try:
-                    ep._drain_errors(sock, self.local_ip, self.natt)
-                except Exception:
-                    log.exception("IKE: error handling an ICMP report on %s", self.local_ip)
-                return
-            try:
-                ep._datagram(self.local_ip, self.natt, bytes(view[:n]), (addr[0], addr[1]))
-            except Exception:  # one bad datagram must never kill the socket
-                log.exception("IKE: error handling a datagram from %s", addr[0])
-
-
-@dataclass
-class _Sockets:
-    ike: socket.socket
-    natt: socket.socket
-    readers: list[int] = field(default_factory=list)  # file descriptors the loop watches
-
-
 class IkeEndpoint:
     """Owns the IKE sockets on ``addresses`` and every IKE SA that uses them."""
 
@@ -288,9 +134,8 @@ class IkeEndpoint:
         keepalive_interval: float = 20.0,
         dpd_delay: float = 0.0,
         netns: str | None = None,
-        xfrm: bool = True,
         random: Callable[[int], bytes] = os.urandom,
-        socket_hooks: SocketHooks | None = None,
+        socket_hooks: Sequence[SocketHooks] = (),
         fragment_limits: FragmentLimits = DEFAULT_FRAGMENT_LIMITS,
     ) -> None:
         self.addresses = tuple(str(ipaddress.ip_address(a)) for a in addresses)
@@ -299,130 +144,68 @@ class IkeEndpoint:
         self._on_event = on_event
         self._policy = responder_policy
         self._clock = clock
-        self.ike_port = ike_port
-        self.natt_port = natt_port
         self._cookie_threshold = cookie_threshold
-        self._book: HalfOpenBook[SaHandle] = HalfOpenBook(
-            self._limits(half_open_limit, half_open_per_source, half_open_per_prefix)
-        )
         self.half_open_timeout = half_open_timeout
         self.keepalive_interval = keepalive_interval
         self.dpd_delay = dpd_delay
-        self._netns = netns
-        self._xfrm = xfrm
         self._random = random
-        self._hooks = socket_hooks
         self.counters = EndpointCounters()
-        self.xfrm_note = "not started"
-        self._socks: dict[str, _Sockets] = {}
+        self._sockets = IkeSockets(
+            self.addresses,
+            ike_port=ike_port,
+            natt_port=natt_port,
+            netns=netns,
+            hooks=socket_hooks,
+            counters=self.counters,
+            on_datagram=self._datagram,
+            on_icmp=self._icmp_error,
+        )
+        self._admission: ResponderAdmission[SaHandle] = ResponderAdmission(
+            self._limits(half_open_limit, half_open_per_source, half_open_per_prefix),
+            self.counters,
+            random,
+        )
+        self._deadlines: Deadlines[SaHandle] = Deadlines(clock, self.tick)
         self._by_pair: dict[tuple[bytes, bytes], SaHandle] = {}  # (SPIi, SPIr) -> SA
         self._by_ispi: dict[bytes, SaHandle] = {}  # SPIi of IKE SAs we initiated
         self._half_open: dict[tuple[bytes, Address], SaHandle] = {}  # (SPIi, peer) -> SA
         self._handles: dict[SaHandle, None] = {}  # insertion-ordered set
-        self._heap: list[tuple[float, int, SaHandle]] = []  # lazy: stale entries skipped
-        self._due: dict[SaHandle, float] = {}  # each SA's current deadline
-        self._seq = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._gate: CookieGate | None = None
         self._peers: dict[str, int] = {}  # address -> established IKE SAs with it
-        self._load_log = RateLimit(LOAD_REPORT_INTERVAL)
-        self._load_reported = EndpointCounters()
         #: bytes of incomplete fragmented messages held by all SAs (``held``), and their limit
         self.fragments: FragmentBudget[SaHandle] = FragmentBudget(fragment_limits)
 
+    @property
+    def ike_port(self) -> int:
+        """Our IKE port (the kernel's choice once started, when 0 was asked for)."""
+        return self._sockets.ike_port
+
+    @property
+    def natt_port(self) -> int:
+        return self._sockets.natt_port
+
     # ------------------------------------------------------------------ lifecycle
-    def _make_socket(self, ip: str, port: int, natt: bool) -> socket.socket:
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        with in_netns(self._netns):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self._hooks is not None:
-                self._hooks.before_bind(sock, natt)
-            sock.bind((ip, port))
-            sock.setblocking(False)
-            if self._xfrm:
-                self._kernel_setup(sock, natt)
-            if self._hooks is not None:
-                self._hooks.after_bind(sock, natt, ip)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-    def _kernel_setup(self, sock: socket.socket, natt: bool) -> None:
-        try:
-            bypass_socket(sock)
-            if natt:
-                enable_esp_in_udp(sock)
-        except DatapathError as exc:
-            if self.xfrm_note != f"XFRM unavailable: {exc}":
-                log.warning("IKE sockets run without kernel IPsec hooks: %s", exc)
-            self.xfrm_note = f"XFRM unavailable: {exc}"
-            self._xfrm = False
-
     async def start(self) -> None:
         """Bind every address's 500/4500 pair; an address in use is a clear error."""
         loop = asyncio.get_running_loop()
-        self._loop = loop
-        if self._xfrm:
-            self.xfrm_note = "bypass policies on, UDP_ENCAP_ESPINUDP on the NAT-T socket"
-        else:
-            self.xfrm_note = "XFRM hooks disabled by configuration"
+        self._deadlines.start(loop)
         try:
-            for ip in self.addresses:
-                ike = self._make_socket(ip, self.ike_port, False)
-                try:
-                    natt = self._make_socket(ip, self.natt_port, True)
-                except OSError:
-                    ike.close()
-                    raise
-                socks = _Sockets(ike, natt)
-                self._socks[ip] = socks
-                for sock, is_natt in ((ike, False), (natt, True)):
-                    loop.add_reader(sock.fileno(), _Reader(self, sock, ip, is_natt))
-                    socks.readers.append(sock.fileno())
-        except OSError as exc:
+            self._sockets.open(loop)
+        except IkeError:
             await self.stop()
-            raise IkeError(
-                f"cannot open IKE sockets on {ip} ports {self.ike_port}/{self.natt_port}: "
-                f"{exc.strerror or exc}"
-            ) from None
-        if self.ike_port == 0 or self.natt_port == 0:  # tests: learn the kernel's choice
-            first = self._socks[self.addresses[0]]
-            self.ike_port = first.ike.getsockname()[1]
-            self.natt_port = first.natt.getsockname()[1]
+            raise
 
     async def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for ip, socks in self._socks.items():
-            if self._hooks is not None:
-                with contextlib.suppress(Exception):  # a failing hook must not keep sockets
-                    self._hooks.closing(ip)
-            for fd in socks.readers:
-                if self._loop is not None:
-                    self._loop.remove_reader(fd)
-            for s in (socks.ike, socks.natt):
-                s.close()
-        self._socks.clear()
+        self._deadlines.stop()
+        self._sockets.close()
 
     def sockets(self, ip: str | None = None) -> tuple[socket.socket, socket.socket]:
         """The (IKE, NAT-T) sockets of ``ip`` (default: the first address), for inspection."""
-        socks = self._socks[ip or self.addresses[0]]
-        return socks.ike, socks.natt
+        return self._sockets.pair(ip)
 
     def bound(self, ip: str | None = None) -> tuple[Address, Address]:
         """(IKE, NAT-T) addresses actually bound for ``ip`` (default: the first)."""
-        socks = self._socks[ip or self.addresses[0]]
-        a, b = socks.ike.getsockname(), socks.natt.getsockname()
+        ike, natt = self._sockets.pair(ip)
+        a, b = ike.getsockname(), natt.getsockname()
         return (a[0], a[1]), (b[0], b[1])
 
     # ------------------------------------------------------------------ SAs
@@ -436,11 +219,11 @@ class IkeEndpoint:
     def limits(self) -> ResponderLimits:
         """Who may hold a half-open IKE SA. Assigning new limits applies them from the next
         IKE_SA_INIT request on; half-open SAs already held finish or time out."""
-        return self._book.limits
+        return self._admission.book.limits
 
     @limits.setter
     def limits(self, limits: ResponderLimits) -> None:
-        self._book.limits = limits
+        self._admission.book.limits = limits
 
     def _limits(
         self, half_open_limit: int, per_source: int | None, per_prefix: int | None
@@ -462,21 +245,11 @@ class IkeEndpoint:
         self.dpd_delay = dpd_delay
         for h in self._handles:
             self._reschedule(h)
-        self._arm()
+        self._deadlines.arm()
 
     def load_status(self) -> dict[str, object]:
         """The half-open table and its limits, for ``oe status`` (gauges, not counters)."""
-        lim = self._book.limits
-        return {
-            **self._book.summary(),
-            "half_open_limit": lim.half_open_limit,
-            "half_open_per_source": lim.per_source,
-            "half_open_per_prefix": lim.per_prefix,
-            "half_open_reserve": lim.reserve,
-            "cookie_threshold": lim.cookie_threshold,
-            "cookies_demanded": self._book.cookies_demanded(self._clock()),
-            "peers_with_sa": len(self._peers),
-        }
+        return {**self._admission.status(self._clock()), "peers_with_sa": len(self._peers)}
 
     def initiate(
         self, config: IkeSaConfig, *, remote_natt_port: int = 4500, via: str | None = None
@@ -484,8 +257,9 @@ class IkeEndpoint:
         """Start an IKE SA as initiator from ``config.local_address`` (or the socket of
         ``via``, when the address IKE hashes differs from the bound one); returns its handle."""
         ip = str(ipaddress.ip_address(via or config.local_address[0]))
-        if ip not in self._socks:
-            raise IkeError(f"local address {ip} has no IKE socket (have {', '.join(self._socks)})")
+        if ip not in self._sockets:
+            have = ", ".join(self._sockets.names())
+            raise IkeError(f"local address {ip} has no IKE socket (have {have})")
         now = self._clock()
         sa = IkeSa.initiator(config, now, self._random)
         h = SaHandle(sa, (ip, self.ike_port), config.remote_address, remote_natt_port, now)
@@ -571,26 +345,6 @@ class IkeEndpoint:
                 return
         self._feed(h, natt, data, remote, now, False)
 
-    def _drain_errors(self, sock: socket.socket, local_ip: str, natt: bool) -> None:
-        """Read every report queued on ``sock`` (IP_RECVERR) and act on unreachables."""
-        while True:
-            try:
-                data, anc, _flags, dest = sock.recvmsg(2048, 1024, socket.MSG_ERRQUEUE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("IKE socket %s: reading the error queue: %s", local_ip, exc)
-                return
-            for level, kind, raw in anc:
-                if (level, kind) in (
-                    (socket.IPPROTO_IP, _IP_RECVERR),
-                    (socket.IPPROTO_IPV6, _IPV6_RECVERR),
-                ):
-                    ee = SockExtendedErr.parse(raw)
-                    if ee is not None and dest:
-                        self.counters.icmp_errors += 1
-                        self._icmp_error(natt, data, (str(dest[0]), int(dest[1])), ee)
-
     def _icmp_error(self, natt: bool, quoted: bytes, dest: Address, ee: SockExtendedErr) -> None:
         """An ICMP report about a datagram we sent to ``dest`` (``quoted``: its UDP payload,
         as much as the ICMP message carried). Only a destination unreachable that quotes an
@@ -624,35 +378,16 @@ class IkeEndpoint:
         self, local_ip: str, natt: bool, data: bytes, remote: Address, now: float
     ) -> SaHandle | None:
         """COOKIE when demanded, then the half-open rules, then the responder policy."""
-        c, book, ip = self.counters, self._book, remote[0]
+        c, ip = self.counters, remote[0]
         if self._policy is None:
             c.refused += 1
             return None
-        verified = False
-        if book.cookies_demanded(now):
-            gate = self._cookie_gate()
-            verdict = gate.check(data, ip, now)
-            if verdict is DEMAND:
-                c.cookies_sent += 1
-                self._send(local_ip, natt, gate.reply, remote)
-                self._report_load(now)
-                return None
-            if verdict is DROP:
-                c.malformed += 1
-                return None
-            c.cookies_accepted += 1
-            verified = True
-        known = ip in self._peers
-        refusal, victim = book.admit(ip, known=known, verified=verified, now=now)
-        if refusal:
-            c.half_open_dropped += 1
-            if refusal == "source":
-                c.half_open_refused_source += 1
-            elif refusal == "prefix":
-                c.half_open_refused_prefix += 1
-            else:
-                c.half_open_refused_global += 1
-            self._report_load(now)
+
+        def demand(reply: bytes | bytearray) -> None:
+            self._sockets.send(local_ip, natt, reply, remote)
+
+        admitted = self._admission.admit(data, ip, now, ip in self._peers, demand)
+        if admitted is None:
             return None
         local = (local_ip, self.natt_port if natt else self.ike_port)
         config = self._policy(local, remote)
@@ -662,75 +397,18 @@ class IkeEndpoint:
             # shunt (pass for private-or-clear), which is the fallback both sides want.
             c.refused += 1
             return None
-        if victim is not None:
-            c.half_open_displaced += 1
-            self._forget(victim)
+        if admitted.victim is not None:
+            self._forget(admitted.victim)
         sa = IkeSa.responder(config, self._random)
         h = SaHandle(
             sa, local, remote, remote[1], now, natt=natt, half_open=True, original_initiator=False
         )
         self._handles[h] = None
         self._half_open[(data[:8], remote)] = h
-        book.add(h, ip, known=known, verified=verified, now=now)
+        self._admission.hold(h, ip, admitted, now)
         return h
 
-    def _cookie_gate(self) -> CookieGate:
-        if self._gate is None:
-            self._gate = CookieGate(CookieJar(self._random(32)))
-        return self._gate
-
-    def _report_load(self, now: float) -> None:
-        """While COOKIEs are demanded or requests refused: one summary line at most every
-        ``LOAD_REPORT_INTERVAL`` seconds, never one per packet."""
-        if not self._load_log.allow(now):
-            return
-        c, last = self.counters, self._load_reported
-        log.warning(
-            "IKE responder under load: %d COOKIE demands, %d valid cookies, %d IKE_SA_INIT "
-            "refused (%d per source, %d per prefix, %d no slot), %d half-open displaced, "
-            "%d expired since the last report; %d/%d half-open",
-            c.cookies_sent - last.cookies_sent,
-            c.cookies_accepted - last.cookies_accepted,
-            c.half_open_dropped - last.half_open_dropped,
-            c.half_open_refused_source - last.half_open_refused_source,
-            c.half_open_refused_prefix - last.half_open_refused_prefix,
-            c.half_open_refused_global - last.half_open_refused_global,
-            c.half_open_displaced - last.half_open_displaced,
-            c.half_open_expired - last.half_open_expired,
-            len(self._book),
-            self._book.limits.half_open_limit,
-        )
-        self._load_reported = replace(c)
-
-    # ------------------------------------------------------------------ send, events
-    def _send(
-        self,
-        local_ip: str,
-        natt: bool,
-        data: bytes | bytearray,
-        remote: Address,
-        *,
-        raw: bool = False,
-    ) -> None:
-        socks = self._socks.get(local_ip)
-        if socks is None:
-            return
-        payload = NON_ESP_MARKER + data if natt and not raw else data
-        sock = socks.natt if natt else socks.ike
-        for attempt in (1, 2):
-            try:
-                sock.sendto(payload, remote)
-                self.counters.sent += 1
-                return
-            except OSError as exc:
-                if attempt == 1 and exc.errno in _REPORTED_ERRNOS:
-                    # an ICMP report (perhaps about another peer) was pending on the
-                    # socket and failed this send instead: handle it, send again
-                    self._drain_errors(sock, local_ip, natt)
-                    continue
-                log.debug("IKE: send to %s failed: %s", remote[0], exc)
-                return
-
+    # ------------------------------------------------------------------ events
     def _after(
         self,
         h: SaHandle,
@@ -764,7 +442,7 @@ class IkeEndpoint:
             log.info("IKE SA with %s: NAT detected, floating to port 4500", h.remote[0])
         out += sa.datagrams_to_send()
         for d in out:
-            self._send(h.local[0], h.natt, d, reply_to or h.remote)
+            self._sockets.send(h.local[0], h.natt, d, reply_to or h.remote)
         self._index(h)
         for ev in events:
             if isinstance(ev, IkeSaEstablished):
@@ -780,7 +458,7 @@ class IkeEndpoint:
                 self._forget(h)
         self._fragments(h)
         self._reschedule(h)
-        self._arm()
+        self._deadlines.arm()
 
     # ------------------------------------------------------------------ fragments
     def _fragments(self, h: SaHandle) -> None:
@@ -824,7 +502,7 @@ class IkeEndpoint:
     def _close_half_open(self, h: SaHandle) -> None:
         if h.half_open:
             h.half_open = False
-            self._book.remove(h)
+            self._admission.book.remove(h)
             for k, v in list(self._half_open.items()):
                 if v is h:
                     del self._half_open[k]
@@ -850,7 +528,7 @@ class IkeEndpoint:
         for spi in [k for k, v in self._by_ispi.items() if v is h]:
             del self._by_ispi[spi]
         self._handles.pop(h, None)
-        self._due.pop(h, None)
+        self._deadlines.set(h, None)
 
     # ------------------------------------------------------------------ timers
     def _deadline(self, h: SaHandle) -> float | None:
@@ -862,45 +540,14 @@ class IkeEndpoint:
         return min(times) if times else None
 
     def _reschedule(self, h: SaHandle) -> None:
-        d = self._deadline(h) if h in self._handles else None
-        if d is None:
-            self._due.pop(h, None)
-        elif self._due.get(h) != d:
-            self._due[h] = d
-            self._seq += 1
-            heapq.heappush(self._heap, (d, self._seq, h))
+        self._deadlines.set(h, self._deadline(h) if h in self._handles else None)
 
     def next_deadline(self) -> float | None:
-        heap = self._heap
-        while heap and self._due.get(heap[0][2]) != heap[0][0]:
-            heapq.heappop(heap)  # stale: the SA moved its deadline or is gone
-        return heap[0][0] if heap else None
-
-    def _arm(self) -> None:
-        if self._loop is None:
-            return
-        at = self.next_deadline()
-        if at == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = at
-        if at is not None:
-            self._timer = self._loop.call_later(max(0.0, at - self._clock()), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer, self._timer_at = None, None
-        self.tick(self._clock())
+        return self._deadlines.next()
 
     def tick(self, now: float) -> None:
         """Run every deadline due at ``now``: retransmits, keepalives, half-open expiry."""
-        due: list[SaHandle] = []
-        while (at := self.next_deadline()) is not None and at <= now:
-            h = heapq.heappop(self._heap)[2]
-            del self._due[h]
-            due.append(h)
-        for h in due:
+        for h in self._deadlines.pop_due(now):
             if h not in self._handles:
                 continue
             if h.half_open and now >= h.created + self.half_open_timeout:
@@ -923,8 +570,8 @@ class IkeEndpoint:
                     h.sa.send_liveness_check(now)
                     self._after(h)
             if h.keepalive_at is not None and now >= h.keepalive_at and h.natt:
-                self._send(h.local[0], True, NAT_KEEPALIVE, h.remote, raw=True)
+                self._sockets.send(h.local[0], True, NAT_KEEPALIVE, h.remote, raw=True)
                 self.counters.keepalives_out += 1
                 h.keepalive_at = now + self.keepalive_interval
             self._reschedule(h)
-        self._arm()
+        self._deadlines.arm()

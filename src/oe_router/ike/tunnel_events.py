@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from oe_router.control.events import Events, JsonObject
 from oe_router.ike.events import ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed
-from oe_router.ike.service import ChildSaSink, PeerSa, _ts_text
+from oe_router.ike.service import ChildSaSink, PeerSa
+from oe_router.ike.status_view import ts_text
 
 
 def up_body(peer: PeerSa, child: ChildSaEstablished) -> JsonObject:
@@ -21,8 +22,8 @@ def up_body(peer: PeerSa, child: ChildSaEstablished) -> JsonObject:
         "spi_in": child.spi_in.hex(),
         "spi_out": child.spi_out.hex(),
         "mode": child.mode,
-        "ts_local": _ts_text(child.ts_local),
-        "ts_remote": _ts_text(child.ts_remote),
+        "ts_local": ts_text(child.ts_local),
+        "ts_remote": ts_text(child.ts_remote),
         "udp_encap": child.udp_encap,
         "rekey_of": child.old_spi_in.hex() if isinstance(child, ChildSaRekeyed) else "",
     }

@@ -43,10 +43,10 @@ from oe_router.ike.service import (
     IkeService,
     IkeUpError,
     PeerSa,
-    child_sa_spec,
     host_selector,
 )
 from oe_router.oe.actions import ChildRequest, NegotiationResult
+from oe_router.oe.sa_spec import child_sa_spec
 
 __all__ = ["IkeNegotiator", "InboundHandler", "cat_result", "failure_summary"]
 
