@@ -178,8 +178,7 @@ class FirstPackets:
             log.error("%s", exc)
             return
         for p in packets:
-            self.stats["queued"] += 1
-            self._queued(p)
+            self.queued(p)
 
     def _verdict(self, held: _Held, accept: bool, stat: str, mark: int | None = None) -> None:
         self.stats[stat] += 1
@@ -189,7 +188,9 @@ class FirstPackets:
             except NfQueueError as exc:
                 log.warning("verdict for queued packet %d: %s", held.packet_id, exc)
 
-    def _queued(self, p: QueuedPacket) -> None:
+    def queued(self, p: QueuedPacket) -> None:
+        """A packet the kernel queued: decided now, or held."""
+        self.stats["queued"] += 1
         try:
             f = flow(p.payload)
         except MalformedPacket:
