@@ -8,10 +8,11 @@ encrypts or releases them. Inbound cleartext whose IN/FWD policy requires IPsec 
 dropped unless it came decrypted out of the datapath's TUN device.
 
 Everything here but the edge (``apply_script``, ``install``, ``queue_backend``,
-``insert_xt_queue``) is pure: policies in, an intermediate rule form (``SpdTable``) out,
-rendered to one atomic ``nft -f`` script for ``table inet oe_spd`` (create-if-missing,
-delete, recreate, like oe/lan.py); ``update`` turns policy changes into map element
-changes when it can; ``evaluate`` runs the intermediate form for tests.
+``insert_xt_queue``, and ``SpdProjection``, which keeps what the kernel holds) is pure:
+policies in, an intermediate rule form (``SpdTable``) out, rendered to one atomic
+``nft -f`` script for ``table inet oe_spd`` (create-if-missing, delete, recreate, like
+oe/lan.py); ``update`` turns policy changes into map element changes when it can;
+``evaluate`` runs the intermediate form for tests.
 
 Semantics (XFRM's): among the policies of a direction that match a packet, the one with
 the LOWEST priority value wins; ties go to the earlier policy (input order). A packet no
@@ -88,11 +89,12 @@ Thousands of host shunts or SA entries of one shape and priority (OE's ranks put
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import struct
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -105,6 +107,7 @@ from oe_router.datapath.base import (
     PolicyAction,
     PolicySpec,
 )
+from oe_router.datapath.nft import run_nft
 from oe_router.netns import in_netns
 
 __all__ = [
@@ -113,6 +116,7 @@ __all__ = [
     "Entry",
     "Flow",
     "NftSpdError",
+    "SpdProjection",
     "SpdTable",
     "Verdict",
     "apply_script",
@@ -809,3 +813,92 @@ def install(
     if xt and not ours:
         insert_xt_queue(spd.queue_num, table=spd.table, netns=netns)
     return backend
+
+
+class SpdProjection:
+    """The policy set as ``table inet oe_spd`` holds it, kept in step by one process.
+
+    Why an object: the table this process wrote last (so a change is a few map elements,
+    not a new table), the queue backend probed once, and whether writing has begun at
+    all: nothing is written before the first complete policy set (``go_live``), since a
+    half-built table could let a "private" packet out while an earlier run's complete
+    one still holds it.
+    """
+
+    def __init__(
+        self,
+        *,
+        wan: str,
+        tun: str,
+        queue_num: int,
+        bypass_mark: int,
+        ike_ports: tuple[int, ...],
+        netns: str | None = None,
+    ) -> None:
+        self._wan = wan
+        self._tun = tun
+        self._queue_num = queue_num
+        self._bypass_mark = bypass_mark
+        self._ike_ports = ike_ports
+        self._netns = netns
+        self._table: SpdTable | None = None  # what the kernel holds (None: not written yet)
+        self._backend: str | None = None
+        self.live = False  # False until the first complete policy set (go_live)
+
+    async def probe(self) -> None:
+        """Ask the kernel once how it queues (nft's queue expression or xt's target)."""
+        self._backend = await asyncio.to_thread(queue_backend, netns=self._netns)
+
+    def _write(self, policies: list[PolicySpec]) -> None:
+        table = compile_spd(
+            policies,
+            wan=self._wan,
+            tun=self._tun,
+            queue_num=self._queue_num,
+            bypass_mark=self._bypass_mark,
+            ike_ports=self._ike_ports,
+        )
+        self._backend = install(
+            table, netns=self._netns, backend=self._backend, previous=self._table
+        )
+        self._table = table
+
+    async def go_live(self, policies: list[PolicySpec]) -> None:
+        """The first complete policy set: write it (replacing an earlier run's table
+        atomically), and follow every change from now on."""
+        self.live = True
+        await asyncio.to_thread(self._write, policies)
+
+    async def project(
+        self,
+        policies: Callable[[], list[PolicySpec]],
+        add: Sequence[PolicySpec] = (),
+        remove: Sequence[PolicySpec] = (),
+    ) -> None:
+        """Bring the kernel's table to ``policies()``: element changes when they suffice,
+        else the whole table (atomic either way)."""
+        if not self.live:
+            return
+        try:
+            if self._table is not None:
+                step = update(self._table, add=add, remove=remove)
+                if step is not None:
+                    table, script = step
+                    if script:
+                        await asyncio.to_thread(
+                            run_nft, script, netns=self._netns, what="policy projection"
+                        )
+                    self._table = table
+                    return
+            await asyncio.to_thread(self._write, policies())
+        except DatapathError as exc:  # NftSpdError too
+            self._table = None  # unknown now: the next change writes the whole table
+            raise DatapathError(f"policy projection into nftables: {exc}") from None
+
+    async def leave(self, keep: list[PolicySpec]) -> None:
+        """At stop: only ``keep`` stays (queueing to nobody, which the kernel turns into
+        drops: fail closed), or the table goes."""
+        if keep:
+            await asyncio.to_thread(self._write, keep)
+        else:
+            await asyncio.to_thread(run_nft, remove_script(), netns=self._netns)

@@ -10,17 +10,35 @@ inbound SA (and its replay window) belongs to exactly one receiving worker.
 
 For a reuseport group the kernel runs the program on the UDP payload (the UDP header is
 pulled first), and a load past the end returns 0, which is the IKE socket.
+
+``EspSockets`` is the userspace datapath's side of IKE's socket hooks: it marks IKE's
+sockets, binds an ESP socket beside each NAT-T socket, steers, and hands the ESP
+socket to the workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import socket
 from typing import Final
 
-__all__ = ["SO_ATTACH_REUSEPORT_CBPF", "SockFilter", "attach_steering", "steering_program"]
+from oe_router.netns import in_netns
+
+from .base import DatapathError
+from .workerpool import WorkerPool
+
+__all__ = [
+    "SO_ATTACH_REUSEPORT_CBPF",
+    "EspSockets",
+    "SockFilter",
+    "attach_steering",
+    "steering_program",
+]
 
 SO_ATTACH_REUSEPORT_CBPF: Final = 51  # asm-generic/socket.h
+_SO_MARK: Final = 36
+_BUFFER: Final = 4 << 20  # ESP socket buffers: a burst of 1400-byte packets at line rate
 
 
 class SockFilter(ctypes.Structure):
@@ -71,3 +89,61 @@ def attach_steering(sock: socket.socket, esp_sockets: int) -> None:
     insns = (SockFilter * len(prog))(*(SockFilter(*i) for i in prog))
     fprog = SockFprog(len(prog), insns)
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+
+
+class EspSockets:
+    """The ESP sockets beside IKE's NAT-T sockets, one per local address, held by the
+    workers of ``pool`` (IKE's socket hooks: ``before_bind``, ``after_bind``, ``closing``)."""
+
+    def __init__(self, pool: WorkerPool, *, fwmark: int, netns: str | None = None) -> None:
+        self._pool = pool
+        self._fwmark = fwmark
+        self._netns = netns
+        self._socks: dict[str, socket.socket] = {}
+
+    def before_bind(self, sock: socket.socket, natt: bool) -> None:
+        """Mark IKE's packets (they must never enter the TUN routes); the NAT-T socket
+        joins a reuseport group with our ESP sockets."""
+        sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, self._fwmark)
+        if natt:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+    def after_bind(self, sock: socket.socket, natt: bool, ip: str) -> None:
+        """IKE's NAT-T socket is bound (index 0 of the group): bind the ESP socket beside
+        it, steer ESP to it, hand it to the workers."""
+        if not natt:
+            return
+        port = sock.getsockname()[1]
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with in_netns(self._netns):
+            esp = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            esp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            esp.setsockopt(socket.SOL_SOCKET, _SO_MARK, self._fwmark)
+            for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+                try:
+                    esp.setsockopt(socket.SOL_SOCKET, force, _BUFFER)  # *BUFFORCE (root)
+                except OSError:
+                    esp.setsockopt(socket.SOL_SOCKET, opt, _BUFFER)
+            esp.bind((ip, port))
+            attach_steering(esp, 1)
+        except OSError as exc:
+            esp.close()
+            raise DatapathError(f"ESP socket on {ip} port {port}: {exc.strerror or exc}") from None
+        old = self._socks.pop(ip, None)
+        if old is not None:
+            old.close()
+        self._socks[ip] = esp
+        self._pool.broadcast({"op": "socket", "ip": ip}, (esp.fileno(),))
+
+    def closing(self, ip: str) -> None:
+        sock = self._socks.pop(ip, None)
+        with contextlib.suppress(DatapathError):
+            self._pool.broadcast({"op": "close_socket", "ip": ip})
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()

@@ -5,18 +5,31 @@ Why a TUN (as strongSwan's kernel-libipsec): a packet routed to the device is re
 the worker as a whole IP packet after routing and source NAT, and a packet written to
 it is received by the kernel as if it had arrived on that interface, so conntrack
 undoes the NAT and forwards it to the LAN like any other reply.
+
+``TunDevice`` is the device with what leads into it: a route per remote selector of
+the Child SAs (counted: two SAs of a rekey share one), in a table of ours that a "not
+fwmark" rule puts before the main table, so our own IKE and ESP sockets (marked) never
+loop back in. Everything goes when its descriptor closes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
+import logging
 import os
+import socket
 import struct
-from typing import Final
+from typing import Any, Final
 
 from oe_router.netns import in_netns
 
-__all__ = ["TUN_MTU", "TunError", "open_tun"]
+from .base import DatapathError, IPNetwork
+
+__all__ = ["TUN_MTU", "TunDevice", "TunError", "open_tun"]
+
+log = logging.getLogger("oe_router.datapath")
 
 # linux/if_tun.h
 _TUNSETIFF: Final = 0x400454CA
@@ -57,3 +70,115 @@ def open_tun(name: str, *, netns: str | None = None, multi_queue: bool = False) 
             os.close(fd)
             raise TunError(f"TUN device {name}: TUNSETIFF: {exc.strerror}") from None
     return fd
+
+
+class TunDevice:
+    """The TUN device ``name``, its routing rule and its routes (one netns)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        mtu: int,
+        table: int,
+        rule_priority: int,
+        fwmark: int,
+        netns: str | None = None,
+    ) -> None:
+        self.name = name
+        self._mtu = mtu
+        self._table = table
+        self._rule_priority = rule_priority
+        self._fwmark = fwmark
+        self._netns = netns
+        self.fd: int | None = None
+        self._index = 0
+        self._routes: dict[IPNetwork, int] = {}  # remote selector -> Child SAs using it
+
+    def open(self) -> int:
+        """Create the device (TunError if the kernel cannot); returns its descriptor."""
+        self.fd = open_tun(self.name, netns=self._netns)
+        return self.fd
+
+    def _ipr(self) -> Any:
+        from pyroute2 import IPRoute
+
+        with in_netns(self._netns):
+            return IPRoute()
+
+    def setup(self) -> None:
+        """Up with our MTU, the "not fwmark -> our table" rule, no reverse-path filter
+        (decrypted packets arrive from anywhere). Blocking: run it in a thread."""
+        with self._ipr() as ipr:
+            idx = ipr.link_lookup(ifname=self.name)
+            if not idx:
+                raise DatapathError(f"TUN device {self.name} vanished after creation")
+            self._index = idx[0]
+            ipr.link("set", index=self._index, mtu=self._mtu, state="up")
+            for family in (socket.AF_INET, socket.AF_INET6):
+                self._rule(ipr, "del", family, missing_ok=True)  # an earlier run's
+                self._rule(ipr, "add", family)
+        self._sysctl(f"net/ipv4/conf/{self.name}/rp_filter", "0")
+
+    def _rule(self, ipr: Any, cmd: str, family: int, *, missing_ok: bool = False) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            ipr.rule(
+                cmd,
+                family=family,
+                table=self._table,
+                priority=self._rule_priority,
+                fwmark=self._fwmark,
+                fwmask=self._fwmark,
+                flags=0x2,  # FIB_RULE_INVERT: "not fwmark"
+            )
+        except NetlinkError as exc:
+            if not missing_ok:
+                raise DatapathError(
+                    f"routing rule 'not fwmark {self._fwmark:#x} lookup {self._table}': {exc}"
+                ) from None
+
+    def _sysctl(self, key: str, value: str) -> None:
+        try:
+            with in_netns(self._netns), open(f"/proc/sys/{key}", "w") as f:
+                f.write(value)
+        except OSError as exc:
+            log.warning("cannot set %s=%s: %s", key.replace("/", "."), value, exc)
+
+    async def route_ref(self, net: IPNetwork, delta: int) -> None:
+        """Route ``net`` into the device while at least one Child SA needs it (``delta``
+        +1 or -1)."""
+        n = self._routes.get(net, 0) + delta
+        if n > 0:
+            self._routes[net] = n
+        else:
+            self._routes.pop(net, None)
+        if (delta > 0 and n == 1) or (delta < 0 and n <= 0):
+            await asyncio.to_thread(self._route, "replace" if delta > 0 else "del", net)
+
+    def _route(self, cmd: str, net: IPNetwork) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            with self._ipr() as ipr:
+                ipr.route(
+                    cmd,
+                    dst=str(net),
+                    oif=self._index,
+                    table=self._table,
+                    family=socket.AF_INET6 if net.version == 6 else socket.AF_INET,
+                )
+        except NetlinkError as exc:
+            if cmd != "del":
+                raise DatapathError(f"route {net} dev {self.name}: {exc}") from None
+
+    def close(self) -> None:
+        """The rule goes, and with the descriptor the device and every route through it."""
+        with contextlib.suppress(Exception), self._ipr() as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                self._rule(ipr, "del", family, missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self._routes.clear()

@@ -1,0 +1,315 @@
+"""First packets of the userspace datapath: queued, held, and decided when their SA is in.
+
+Why its own object: without XFRM there is no ACQUIRE and no larval state holding a
+packet. The projection (``nft_spd.py``) queues over NFQUEUE (``nfqueue.py``) what a
+TRAP, HOLD or IPSEC policy covers; here each queued packet raises an ACQUIRE (at most
+once a second per destination and reqid, like xfrm_acq_expires=1) and waits, within
+per-destination and total limits and a deadline, until a policy or an SA decides it:
+into its SA (the tx worker seals it), in the clear (a pass shunt), or dropped. A
+packet sent into its SA by us is accepted with the stolen mark, so conntrack confirms
+its connection and NAT binding, and dropped by a WAN egress chain before the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .base import (
+    ICMP_PROTOS,
+    Acquire,
+    DatapathError,
+    DatapathEvent,
+    Direction,
+    PolicyAction,
+    PolicySpec,
+    TrafficSelector,
+)
+from .nfqueue import NfQueue, NfQueueError, QueuedPacket
+from .nft import run_nft
+from .packet import Flow, MalformedPacket, flow
+from .policies import PolicyTable
+from .sa_table import SaTable
+
+__all__ = ["FirstPackets", "HoldLimits"]
+
+log = logging.getLogger("oe_router.datapath")
+
+
+@dataclass(frozen=True)
+class HoldLimits:
+    """How long first packets are held, and how many (per destination, in total)."""
+
+    seconds: float
+    per_destination: int
+    total: int
+
+
+@dataclass(eq=False)
+class _Held:
+    """A queued first packet waiting for its destination's SA or shunt."""
+
+    packet_id: int
+    payload: bytes = field(repr=False)
+    flow: Flow
+    deadline: float
+
+
+class FirstPackets:
+    """The NFQUEUE of first packets, the packets held from it, and their verdicts."""
+
+    def __init__(
+        self,
+        *,
+        queue_num: int,
+        limits: HoldLimits,
+        policies: PolicyTable,
+        sas: SaTable,
+        emit: Callable[[DatapathEvent], None],
+        stolen_mark: int,
+        wan: str,
+        egress_table: str,
+        netns: str | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self._queue_num = queue_num
+        self._limits = limits
+        self._policies = policies
+        self._sas = sas
+        self._emit = emit
+        self._stolen_mark = stolen_mark
+        self._wan = wan
+        self._egress_table = egress_table
+        self._netns = netns
+        self._clock = clock
+        self._queue: NfQueue | None = None
+        self._egress_drop = False  # the WAN egress chain that drops stolen packets is in
+        self._held: dict[tuple[int, int], list[_Held]] = {}  # (version, dst) -> packets
+        self._held_count = 0
+        self._acquired: dict[tuple[int, int, int], float] = {}  # (version, dst, reqid) -> when
+        self._acq_seq = 0
+        self.stats = {
+            "queued": 0,
+            "held": 0,
+            "released_into_sa": 0,
+            "accepted": 0,
+            "dropped": 0,
+            "hold_overflow": 0,
+            "hold_expired": 0,
+        }
+
+    @property
+    def held_now(self) -> int:
+        return self._held_count
+
+    def queue_stats(self) -> dict[str, int]:
+        """The NFQUEUE binding's own trouble counters (empty while it is closed)."""
+        q = self._queue
+        if q is None:
+            return {}
+        return {
+            "queue_malformed": q.malformed,
+            "queue_overruns": q.overruns,
+            "queue_verdict_errors": q.verdict_errors,
+        }
+
+    # ------------------------------------------------------------------ kernel side
+    async def open(self) -> None:
+        """The egress drop chain, then the queue binding (``close`` undoes a half-done open)."""
+        await asyncio.to_thread(self._setup_egress)
+        self._queue = NfQueue(self._queue_num, netns=self._netns, maxlen=4 * self._limits.total)
+        await asyncio.to_thread(self._queue.open)
+        asyncio.get_running_loop().add_reader(self._queue.fileno(), self._on_queue)
+
+    def _setup_egress(self) -> None:
+        """The WAN device's egress chain dropping what we sealed into an SA ourselves."""
+        t, m = self._egress_table, self._stolen_mark
+        script = (
+            f"table netdev {t}\ndelete table netdev {t}\n"
+            f"table netdev {t} {{\n\tchain stolen {{\n"
+            f'\t\ttype filter hook egress device "{self._wan}" priority 0; policy accept;\n'
+            f"\t\tmeta mark & {m:#x} == {m:#x} counter drop\n\t}}\n}}\n"
+        )
+        try:
+            run_nft(script, netns=self._netns, what="egress drop of stolen packets")
+        except DatapathError as exc:
+            log.warning(
+                "%s; a first packet sent into its SA is dropped instead, and its "
+                "connection's first reply may be lost (no netdev egress hook: Linux < 5.16, or "
+                "kmod-nft-netdev missing on OpenWrt)",
+                exc,
+            )
+            self._egress_drop = False
+        else:
+            self._egress_drop = True
+
+    def drop_all(self) -> None:
+        """At stop: every held packet is dropped."""
+        for held in list(self._held.values()):
+            for h in held:
+                self._verdict(h, False, "dropped")
+        self._held.clear()
+
+    def close(self) -> None:
+        """The queue binding and the egress chain go."""
+        if self._queue is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._queue.fileno())
+            self._queue.close()
+            self._queue = None
+        if self._egress_drop:
+            t = self._egress_table
+            with contextlib.suppress(DatapathError):
+                run_nft(f"table netdev {t}\ndelete table netdev {t}\n", netns=self._netns)
+            self._egress_drop = False
+
+    # ------------------------------------------------------------------ packets
+    def _on_queue(self) -> None:
+        q = self._queue
+        if q is None:
+            return
+        try:
+            packets = q.read_packets()
+        except NfQueueError as exc:
+            log.error("%s", exc)
+            return
+        for p in packets:
+            self.queued(p)
+
+    def _verdict(self, held: _Held, accept: bool, stat: str, mark: int | None = None) -> None:
+        self.stats[stat] += 1
+        if self._queue is not None:
+            try:
+                self._queue.verdict(held.packet_id, accept, mark=mark)
+            except NfQueueError as exc:
+                log.warning("verdict for queued packet %d: %s", held.packet_id, exc)
+
+    def queued(self, p: QueuedPacket) -> None:
+        """A packet the kernel queued: decided now, or held."""
+        self.stats["queued"] += 1
+        try:
+            f = flow(p.payload)
+        except MalformedPacket:
+            h = _Held(p.id, b"", Flow(0, 0, 0, 0), 0.0)
+            self._verdict(h, False, "dropped")
+            return
+        h = _Held(p.id, p.payload, f, self._clock() + self._limits.seconds)
+        if not self._policies.projection.live or not self._decide(h):
+            self._hold(h)
+
+    def _decide(self, h: _Held) -> bool:
+        """Settle a queued packet by the policy that covers it now; False: keep holding."""
+        pol = self._policies.lookup(Direction.OUT, h.flow)
+        action = None if pol is None else pol.action
+        if action is None or action is PolicyAction.PASS:
+            if self._sas.covers(h.flow):
+                self._verdict(h, False, "dropped")  # its tunnel exists, un-NATed: never clear
+            else:
+                self._verdict(h, True, "accepted")
+            return True
+        if action is PolicyAction.DROP:
+            self._verdict(h, False, "dropped")
+            return True
+        if action is PolicyAction.IPSEC:
+            child = self._sas.for_policy(pol)
+            if child is None:
+                return False  # policy ahead of its SA: a moment more
+            # the verdict first: the peer's answer may be back before a late verdict, and
+            # must find the connection (and its NAT binding) confirmed by conntrack
+            if self._egress_drop:  # into conntrack, not onto the wire
+                self._verdict(h, True, "released_into_sa", mark=self._stolen_mark)
+            else:
+                self._verdict(h, False, "released_into_sa")
+            self._sas.send(child, [h.payload])
+            return True
+        if action is PolicyAction.TRAP and pol is not None:
+            self._acquire(pol, h.flow)
+        return False  # TRAP, HOLD: wait for the SA or a shunt
+
+    def _acquire(self, pol: PolicySpec, f: Flow) -> None:
+        """The kernel's ACQUIRE, for a trapped packet (at most once a second per flow's
+        destination and reqid while it stays trapped, like xfrm_acq_expires=1)."""
+        t = pol.templates[0]
+        key = (f.version, f.dst, t.reqid)
+        now = self._clock()
+        if now - self._acquired.get(key, -10.0) < 1.0:
+            return
+        self._acquired[key] = now
+        src, dst = f.src_address, f.dst_address
+        host = 32 if f.version == 4 else 128
+        if f.proto in ICMP_PROTOS:
+            sel_dst = TrafficSelector(
+                ipaddress.ip_network(f"{dst}/{host}"), f.proto, icmp_type=f.sport
+            )
+            sel_src = TrafficSelector(ipaddress.ip_network(f"{src}/{host}"), f.proto)
+        else:
+            ports = f.proto in (6, 17, 132)
+            sel_dst = TrafficSelector(
+                ipaddress.ip_network(f"{dst}/{host}"), f.proto, f.dport if ports else None
+            )
+            sel_src = TrafficSelector(
+                ipaddress.ip_network(f"{src}/{host}"), f.proto, f.sport if ports else None
+            )
+        self._acq_seq += 1
+        self._emit(
+            Acquire(
+                src=t.src if not t.src.is_unspecified else src,
+                dst=t.dst if not t.dst.is_unspecified else dst,
+                selector_src=sel_src,
+                selector_dst=sel_dst,
+                reqid=t.reqid,
+                seq=self._acq_seq,
+                policy_priority=pol.priority,
+                policy_index=0,
+            )
+        )
+
+    def _hold(self, h: _Held) -> None:
+        key = (h.flow.version, h.flow.dst)
+        bucket = self._held.setdefault(key, [])
+        lim = self._limits
+        if len(bucket) >= lim.per_destination or self._held_count >= lim.total:
+            self._verdict(h, False, "hold_overflow")
+            if not bucket:
+                del self._held[key]
+            return
+        bucket.append(h)
+        self._held_count += 1
+        self.stats["held"] += 1
+
+    def release(self) -> None:
+        """Decide again every held packet (a policy or an SA changed)."""
+        if not self._policies.projection.live or not self._held:
+            return
+        for key, bucket in list(self._held.items()):
+            keep = [h for h in bucket if not self._decide(h)]
+            self._held_count -= len(bucket) - len(keep)
+            if keep:
+                self._held[key] = keep
+            else:
+                del self._held[key]
+
+    async def expire(self) -> None:
+        """Forever: drop what waited past its deadline, forget old ACQUIRE times."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = self._clock()
+            for key, bucket in list(self._held.items()):
+                keep = []
+                for h in bucket:
+                    if h.deadline <= now:
+                        self._verdict(h, False, "hold_expired")
+                        self._held_count -= 1
+                    else:
+                        keep.append(h)
+                if keep:
+                    self._held[key] = keep
+                else:
+                    del self._held[key]
+            stale = [k for k, t in self._acquired.items() if now - t > 60]
+            for k in stale:
+                del self._acquired[k]
