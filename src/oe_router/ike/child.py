@@ -19,6 +19,7 @@ from .keys import Prf, child_keymat, split_child_keymat
 from .message import Message
 from .payloads import CP, CfgAttribute, IpAddress, Notify, Payload, TrafficSelector
 from .proposals import EspChoice, esp_key_lengths
+from .states import ChildState, log_change
 
 if TYPE_CHECKING:
     from .sa import IkeSa
@@ -36,7 +37,7 @@ class ChildSaInfo:
     established_at: float
     rekey_at: float | None
     expire_at: float | None
-    state: str  # installed | rekeying | rekeyed | redundant | deleting
+    state: ChildState
 
 
 @dataclass
@@ -66,9 +67,14 @@ class ChildRecord:
     created: float
     rekey_at: float | None
     expire_at: float | None
-    state: str = "installed"
+    state: ChildState = ChildState.INSTALLED
     reported: bool = True
     collision: Collision | None = None
+
+    def set_state(self, new: ChildState) -> None:
+        """The one way a Child SA's state changes (logged at debug)."""
+        log_change(f"Child SA {self.spi_in.hex()}", self.state, new)
+        self.state = new
 
     @property
     def spi_in(self) -> bytes:
@@ -87,7 +93,7 @@ class ChildRecord:
             e.ts_local,
             e.ts_remote,
             self.created,
-            self.rekey_at if self.state == "installed" else None,
+            self.rekey_at if self.state == ChildState.INSTALLED else None,
             self.expire_at,
             self.state,
         )

@@ -106,6 +106,7 @@ from .proposals import (
     single,
 )
 from .selectors import ContainmentPolicy, covered, host_selector, narrow
+from .states import ChildState, IkeState, log_change
 
 Address = tuple[str, int]
 
@@ -215,7 +216,7 @@ class NegotiatedKeys:
     integ: int | None
     prf: int
     dh_group: int
-    keys: IkeSaKeys
+    keys: IkeSaKeys = field(repr=False)
 
 
 # --------------------------------------------------------------------------- the state machine
@@ -225,8 +226,8 @@ class NegotiatedKeys:
 class _Negotiated:
     choice: IkeChoice
     prf: Prf
-    cipher: SkCipher
-    keys: IkeSaKeys
+    cipher: SkCipher = field(repr=False)
+    keys: IkeSaKeys = field(repr=False)
 
 
 # Fields that make up one IKE SA "link" (SPIs, keys, message IDs, retransmission
@@ -253,18 +254,19 @@ _LINK_FIELDS = (
 _BYTES_NONE = bytes(8)
 
 
-@dataclass
+@dataclass(repr=False)
 class IkeSa:
     """One IKE SA with a peer, as initiator or responder.
 
     Create with :meth:`initiator` / :meth:`responder`. ``is_initiator`` is our
     role in the *current* IKE SA (after a rekey it is whoever sent the rekey).
+    No dataclass repr: the object holds SK_* keys, and a logged repr must not.
     """
 
     config: IkeSaConfig
     is_initiator: bool
     random: Callable[[int], bytes] = os.urandom
-    state: str = "idle"
+    state: IkeState = IkeState.IDLE
     spi_i: bytes = _BYTES_NONE
     spi_r: bytes = _BYTES_NONE
     established_at: float | None = None
@@ -308,6 +310,18 @@ class IkeSa:
     _retire_at: float | None = None
     _early_deletes: set[bytes] = field(default_factory=set)  # peer SPIs deleted before known
 
+    def __repr__(self) -> str:
+        role = "initiator" if self.is_initiator else "responder"
+        return (
+            f"IkeSa({self.config.remote_address[0]} {role} {self.spi_i.hex()}/"
+            f"{self.spi_r.hex()} {self.state.value})"
+        )
+
+    def set_state(self, new: IkeState) -> None:
+        """The one way the IKE SA's state changes (logged at debug)."""
+        log_change(f"IKE SA {self.spi_i.hex()}/{self.spi_r.hex()}", self.state, new)
+        self.state = new
+
     # ---------------------------------------------------------------- construction
 
     @classmethod
@@ -346,12 +360,12 @@ class IkeSa:
         times += [a.get_timer() for a in self._aux]
         if self._reassembler is not None:
             times.append(self._reassembler.deadline())
-        if self.state == "established" and not self._retired:
+        if self.state == IkeState.ESTABLISHED and not self._retired:
             times += [self._ike_rekey_at, self._ike_expire_at]
             for c in self._children.values():
-                if c.state == "installed":
+                if c.state == ChildState.INSTALLED:
                     times.append(c.rekey_at)
-                if c.state != "deleting":
+                if c.state != ChildState.DELETING:
                     times.append(c.expire_at)
             if self._inflight is None:
                 times += [r.not_before for r in self._queue]
@@ -364,26 +378,26 @@ class IkeSa:
         if self._reassembler is not None:
             self._reassembler.expire(now)
         if self._retire_at is not None and now >= self._retire_at and self._retired:
-            self.state = "closed"
+            self.set_state(IkeState.CLOSED)
             self._retransmit_at = self._retire_at = None
             return
         if self._retransmit_at is not None and now >= self._retransmit_at:
             if self._tries >= self.config.retransmit_tries:
                 self._fail(
                     f"no answer from {self.config.remote_address[0]} after {self._tries} tries",
-                    unanswered=self.state == "established",
+                    unanswered=self.state == IkeState.ESTABLISHED,
                 )
                 return
             self._tries += 1
             self._out += self._last_request
             self._retransmit_at = now + self.config.retransmit_timeout * (2**self._tries)
-        if self.state == "established" and not self._retired:
+        if self.state == IkeState.ESTABLISHED and not self._retired:
             self._lifetimes(now)
         self._pump(now)
 
     def receive_datagram(self, data: bytes, now: float, remote: Address | None = None) -> None:
         """Process one IKE datagram (no non-ESP marker). Garbage is dropped silently."""
-        if self.state in ("failed", "closed"):
+        if self.state in (IkeState.FAILED, IkeState.CLOSED):
             return
         try:
             msg = Message.decode(bytes(data))
@@ -404,7 +418,7 @@ class IkeSa:
     @property
     def half_open(self) -> bool:
         """True until IKE_AUTH completes: the endpoint counts these against its limits."""
-        return self.state in ("idle", "init-sent", "auth-sent", "init-done")
+        return self.state.half_open
 
     @property
     def fragment_bytes(self) -> int:
@@ -475,7 +489,7 @@ class IkeSa:
         ChildSaFailed carries. May be called before the IKE SA is up: the
         request waits for it (window size 1 queues the rest).
         """
-        if self.state in ("failed", "closed", "deleting") or self._delete_requested:
+        if self.state.over or self.state == IkeState.DELETING or self._delete_requested:
             raise IkeError(f"IKE SA with {self._peer_ip} is {self.state}: no new Child SAs")
         rid = self._next_request_id
         self._next_request_id += 1
@@ -489,7 +503,7 @@ class IkeSa:
         """Rekey one Child SA (by our inbound SPI); ChildSaRekeyed follows, then
         ChildSaDeleted for the old pair."""
         c = self._children.get(spi_in)
-        if self.state != "established" or c is None or c.state != "installed":
+        if self.state != IkeState.ESTABLISHED or c is None or c.state != ChildState.INSTALLED:
             raise IkeError(f"no installed Child SA with inbound SPI {spi_in.hex()}")
         if any(r.kind == "rekey-child" and r.child == spi_in for r in self._queue):
             return
@@ -498,7 +512,7 @@ class IkeSa:
 
     def rekey(self, now: float) -> None:
         """Rekey the IKE SA itself (§2.18); IkeSaRekeyed follows."""
-        if self.state != "established" or self._retired:
+        if self.state != IkeState.ESTABLISHED or self._retired:
             raise IkeError("only an established IKE SA can be rekeyed")
         if any(r.kind == "rekey-ike" for r in self._queue) or (
             self._inflight is not None and self._inflight.kind == "rekey-ike"
@@ -509,7 +523,7 @@ class IkeSa:
 
     def send_liveness_check(self, now: float) -> None:
         """Empty INFORMATIONAL request (RFC 7296 §1.4); no answer after the retries fails the SA."""
-        if self.state != "established":
+        if self.state != IkeState.ESTABLISHED:
             raise IkeError("liveness checks need an established IKE SA")
         if self._inflight is not None:
             raise IkeError("a request is still outstanding (window size 1)")
@@ -519,7 +533,7 @@ class IkeSa:
     def delete_child(self, spi_in: bytes, now: float) -> None:
         """Delete one Child SA by our inbound SPI; ChildSaDeleted follows the peer's answer."""
         c = self._children.get(spi_in)
-        if self.state != "established" or c is None or c.state == "deleting":
+        if self.state != IkeState.ESTABLISHED or c is None or c.state == ChildState.DELETING:
             raise IkeError(f"no Child SA with inbound SPI {spi_in.hex()}")
         self._queue_delete(c, "deleted by us", now)
         self._pump(now)
@@ -528,12 +542,12 @@ class IkeSa:
         """Fail now, before establishment: the transport learned that the peer cannot be
         reached (an ICMP unreachable quoting our own request), so retransmitting would
         only delay the caller's fallback. IkeSaFailed follows; a no-op once established."""
-        if self.state in ("init-sent", "init-done", "auth-sent"):
+        if self.state in (IkeState.INIT_SENT, IkeState.INIT_DONE, IkeState.AUTH_SENT):
             self._fail(reason)
 
     def delete(self, now: float) -> None:
         """Delete the IKE SA and its Child SAs (RFC 7296 §1.4.1); IkeSaDeleted follows."""
-        if self.state != "established" or self._delete_requested:
+        if self.state != IkeState.ESTABLISHED or self._delete_requested:
             raise IkeError("only an established IKE SA can be deleted")
         self._delete_requested = True
         for r in list(self._queue):
@@ -565,7 +579,7 @@ class IkeSa:
         )
 
     def _fail(self, reason: str, notify: int | None = None, *, unanswered: bool = False) -> None:
-        self.state = "failed"
+        self.set_state(IkeState.FAILED)
         self._retransmit_at = None
         self._reassembler = None
         self._events.append(IkeSaFailed(reason, notify, unanswered))
@@ -755,7 +769,7 @@ class IkeSa:
         return now + rekey, now + lifetime
 
     def _established(self, now: float) -> None:
-        self.state = "established"
+        self.set_state(IkeState.ESTABLISHED)
         self.established_at = now
         self._ike_rekey_at, self._ike_expire_at = self._lifetime(self.config.ike_lifetime, now)
 
@@ -820,7 +834,7 @@ class IkeSa:
             self._events.append(ChildSaDeleted(child.spi_in, child.spi_out, reason))
 
     def _queue_delete(self, child: ChildRecord, reason: str, now: float) -> None:
-        child.state = "deleting"
+        child.set_state(ChildState.DELETING)
         self._queue.appendleft(
             Request("delete-child", child=child.spi_in, reason=reason, not_before=now)
         )
@@ -835,10 +849,10 @@ class IkeSa:
             self._ike_rekey_at = None
             self.rekey(now)
         for c in list(self._children.values()):
-            if c.expire_at is not None and now >= c.expire_at and c.state != "deleting":
+            if c.expire_at is not None and now >= c.expire_at and c.state != ChildState.DELETING:
                 c.expire_at = None
                 self._queue_delete(c, "lifetime expired", now)
-            elif c.rekey_at is not None and now >= c.rekey_at and c.state == "installed":
+            elif c.rekey_at is not None and now >= c.rekey_at and c.state == ChildState.INSTALLED:
                 c.rekey_at = None
                 self.rekey_child(c.spi_in, now)
 
@@ -860,14 +874,14 @@ class IkeSa:
             self._out += a.datagrams_to_send()
             while a.next_event() is not None:
                 pass  # their deletion is internal: the Child SAs live on in this object
-        self._aux = [a for a in self._aux if a.state not in ("closed", "failed")]
+        self._aux = [a for a in self._aux if a.state not in (IkeState.CLOSED, IkeState.FAILED)]
 
     def _route(self, msg: Message) -> IkeSa | None:
         for a in self._aux:
             if (msg.spi_i, msg.spi_r) == (a.spi_i, a.spi_r):
                 return a
         if msg.spi_i != self.spi_i:
-            return self if (not self.is_initiator and self.state == "idle") else None
+            return self if (not self.is_initiator and self.state == IkeState.IDLE) else None
         if msg.spi_r not in (self.spi_r, _BYTES_NONE) and self.spi_r != _BYTES_NONE:
             return None
         return self
@@ -876,7 +890,7 @@ class IkeSa:
         """A bare IKE SA link sharing our config: a rekeyed, replaced or redundant SA."""
         link = IkeSa(self.config, initiator, self.random)
         link.spi_i, link.spi_r, link._neg = spi_i, spi_r, neg
-        link.state = "established"
+        link.set_state(IkeState.ESTABLISHED)
         link._retired = True
         link._peer_frag, link._peer_ip = self._peer_frag, self._peer_ip
         link._nat_local, link._nat_remote = self._nat_local, self._nat_remote
@@ -924,8 +938,8 @@ class IkeSa:
             # sent on the replaced SA, which will not complete it: redo it on the new one
             old._retransmit_at = None
             c = self._children.get(pending.child)
-            if pending.kind == "rekey-child" and c is not None and c.state == "rekeying":
-                c.state = "installed"
+            if pending.kind == "rekey-child" and c is not None and c.state == ChildState.REKEYING:
+                c.set_state(ChildState.INSTALLED)
             self._queue.appendleft(pending)
         self._aux.append(old)
         self._ike_rekey_at, self._ike_expire_at = self._lifetime(self.config.ike_lifetime, now)
@@ -944,10 +958,10 @@ class IkeSa:
             if self._retransmit_at is None:
                 return  # a late copy of a response already taken
             if self.is_initiator and msg.exchange_type == ExchangeType.IKE_SA_INIT:
-                if self.state == "init-sent":
+                if self.state == IkeState.INIT_SENT:
                     self._initiator_got_init(msg, data, now, remote)
             elif self.is_initiator and msg.exchange_type == ExchangeType.IKE_AUTH:
-                if self.state == "auth-sent" and self._neg is not None:
+                if self.state == IkeState.AUTH_SENT and self._neg is not None:
                     inner = self._open(data, msg, now)
                     if inner is not None:
                         self._initiator_got_auth(inner, now)
@@ -966,17 +980,17 @@ class IkeSa:
             self._stray(msg, f"outside the window (expecting {self._expect_mid})")
             return
         if not self.is_initiator and msg.exchange_type == ExchangeType.IKE_SA_INIT:
-            if self.state == "idle":
+            if self.state == IkeState.IDLE:
                 self._responder_got_init(msg, data, remote)
             return
         if self._neg is None:
             return
         if msg.exchange_type == ExchangeType.IKE_AUTH:
-            if not self.is_initiator and self.state == "init-done":
+            if not self.is_initiator and self.state == IkeState.INIT_DONE:
                 inner = self._open(data, msg, now)
                 if inner is not None:
                     self._responder_got_auth(inner, now)
-        elif self.state in ("established", "deleting"):
+        elif self.state in (IkeState.ESTABLISHED, IkeState.DELETING):
             inner = self._open(data, msg, now)
             if inner is None:
                 return
@@ -1009,7 +1023,7 @@ class IkeSa:
         """Start the next queued exchange when the window is free."""
         while (
             self._inflight is None
-            and self.state == "established"
+            and self.state == IkeState.ESTABLISHED
             and not self._retired
             and self._queue
         ):
@@ -1026,9 +1040,9 @@ class IkeSa:
         if req.kind in ("create", "rekey-child"):
             old = self._children.get(req.child) if req.kind == "rekey-child" else None
             if req.kind == "rekey-child":
-                if old is None or old.state != "installed":
+                if old is None or old.state != ChildState.INSTALLED:
                     return  # deleted or rekeyed by the peer meanwhile
-                old.state = "rekeying"
+                old.set_state(ChildState.REKEYING)
                 req.ts_local, req.ts_remote = old.event.ts_local, old.event.ts_remote
                 req.transport = old.transport
             payloads = self._child_request(req, old)
@@ -1049,7 +1063,7 @@ class IkeSa:
                     return
                 payloads = [Delete(ProtocolId.ESP, 4, [req.child])]
             elif req.kind == "delete-ike":
-                self.state = "deleting"
+                self.set_state(IkeState.DELETING)
                 payloads = [Delete(ProtocolId.IKE, 0, [])]
             else:
                 payloads = req.payloads
@@ -1218,10 +1232,10 @@ class IkeSa:
                     ):
                         self._early_deletes.add(peer_spi)  # made by our exchange, still unseen
                     continue
-                if c.state != "deleting":  # both deleting: answer without it (§1.4.1)
+                if c.state != ChildState.DELETING:  # both deleting: answer without it (§1.4.1)
                     gone.append(c.spi_in)
                 if (
-                    c.state == "rekeying"
+                    c.state == ChildState.REKEYING
                     and self._inflight is not None
                     and self._inflight.child == c.spi_in
                 ):
@@ -1232,7 +1246,7 @@ class IkeSa:
         self._respond_encrypted(request, reply)
 
     def _closed(self, reason: str) -> None:
-        self.state = "closed"
+        self.set_state(IkeState.CLOSED)
         self._retransmit_at = None
         self._reassembler = None
         self._queue.clear()
@@ -1256,7 +1270,7 @@ class IkeSa:
         )
         self._init_request = msg.encode()
         self._next_mid = 1
-        self.state = "init-sent"
+        self.set_state(IkeState.INIT_SENT)
         self._send_request([self._init_request], now)
 
     def _initiator_got_init(self, msg: Message, raw: bytes, now: float, remote: Address) -> None:
@@ -1359,7 +1373,7 @@ class IkeSa:
             self.spi_i, self.spi_r, ExchangeType.IKE_AUTH, self._flags(False), 1, payloads
         )
         self._next_mid = 2
-        self.state = "auth-sent"
+        self.set_state(IkeState.AUTH_SENT)
         self._send_request(self._protect(msg), now)
 
     def _initiator_got_auth(self, msg: Message, now: float) -> None:
@@ -1514,7 +1528,7 @@ class IkeSa:
         self._derive(choice, shared)
         self._cached_mid, self._cached_response = 0, [self._init_response]
         self._expect_mid = 1
-        self.state = "init-done"
+        self.set_state(IkeState.INIT_DONE)
         self._out.append(self._init_response)
 
     def _responder_got_auth(self, msg: Message, now: float) -> None:

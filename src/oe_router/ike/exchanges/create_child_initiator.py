@@ -16,6 +16,7 @@ from ..events import ChildSaFailed
 from ..message import Message
 from ..payloads import KE, SA, Nonce, Notify, TSi, TSr
 from ..proposals import select_child_proposal, select_ike_proposal, single
+from ..states import ChildState, IkeState
 
 if TYPE_CHECKING:
     from ..sa import IkeSa
@@ -28,11 +29,11 @@ def child_failed(
         if old.collision is not None and old.collision.child is not None:
             winner = old.collision.child  # our rekey failed: the peer's wins
             old.collision = None
-            old.state = "rekeyed"
+            old.set_state(ChildState.REKEYED)
             sa._report(winner, old)
             return
-        if old.state == "rekeying":
-            old.state = "installed"
+        if old.state == ChildState.REKEYING:
+            old.set_state(ChildState.INSTALLED)
     sa._events.append(ChildSaFailed(reason, notify, req.request_id, old.spi_in if old else None))
 
 
@@ -42,14 +43,14 @@ def child_response(sa: IkeSa, req: Request, msg: Message, now: float) -> None:
     if errors:
         n = errors[0]
         if n.notify_type == NotifyType.TEMPORARY_FAILURE:
-            if old is not None and old.state == "rekeying" and old.collision is None:
-                old.state = "installed"
+            if old is not None and old.state == ChildState.REKEYING and old.collision is None:
+                old.set_state(ChildState.INSTALLED)
                 req.not_before = now  # re-checked at send time
             if (old is None or old.collision is None) and sa._retry_later(req, now):
                 return
         elif n.notify_type == NotifyType.INVALID_KE_PAYLOAD and sa._retry_group(req, n):
-            if old is not None and old.state == "rekeying":
-                old.state = "installed"
+            if old is not None and old.state == ChildState.REKEYING:
+                old.set_state(ChildState.INSTALLED)
             return
         elif n.notify_type == NotifyType.NO_PROPOSAL_CHOSEN and req.ke is not None and req.pfs:
             # a peer without PFS in its Child SA proposals (strongSwan's default
@@ -57,8 +58,8 @@ def child_response(sa: IkeSa, req: Request, msg: Message, now: float) -> None:
             # PFS rather than let the Child SA expire (the IKE SA is authenticated,
             # so only the peer itself can refuse)
             req.pfs = False
-            if old is not None and old.state == "rekeying":
-                old.state = "installed"
+            if old is not None and old.state == ChildState.REKEYING:
+                old.set_state(ChildState.INSTALLED)
             sa._queue.appendleft(req)
             return
         elif n.notify_type == NotifyType.CHILD_SA_NOT_FOUND and old is not None:
@@ -76,8 +77,8 @@ def child_response(sa: IkeSa, req: Request, msg: Message, now: float) -> None:
         child_failed(sa, req, old, str(e), e.notify)
         return
     if child is None:
-        if old is not None and old.state == "rekeying":
-            old.state = "installed"
+        if old is not None and old.state == ChildState.REKEYING:
+            old.set_state(ChildState.INSTALLED)
         return
     if req.kind == "create":
         sa._report(child)
@@ -94,11 +95,11 @@ def child_response(sa: IkeSa, req: Request, msg: Message, now: float) -> None:
             sa._report(child)
             sa._queue_delete(child, "redundant after a rekey collision", now)
             sa._report(theirs, old)
-            old.state = "rekeyed"  # the peer, who made the survivor, deletes it
+            old.set_state(ChildState.REKEYED)  # the peer, who made the survivor, deletes it
         else:
             sa._report(child, old)
             sa._report(theirs)
-            theirs.state = "redundant"  # the peer deletes it
+            theirs.set_state(ChildState.REDUNDANT)  # the peer deletes it
             sa._queue_delete(old, "rekeyed", now)
         return
     sa._report(child, old)
@@ -209,7 +210,7 @@ def ike_rekey_response(sa: IkeSa, req: Request, msg: Message, now: float) -> Non
             sa._switch_to(theirs.link, now)
             sa._aux.append(ours)
             ours._retired = True
-            ours.state = "established"
+            ours.set_state(IkeState.ESTABLISHED)
             ours._start(Request("delete-ike"), now)
         else:
             old = sa._switch_to(ours, now)

@@ -15,6 +15,7 @@ from ..events import ChildSaFailed
 from ..message import Message
 from ..payloads import KE, SA, Nonce, Notify, Payload, TSi, TSr
 from ..proposals import select_child_proposal, select_ike_proposal
+from ..states import ChildState, IkeState
 
 if TYPE_CHECKING:
     from ..sa import IkeSa
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 def got_create_child(sa: IkeSa, msg: Message, now: float) -> None:
     """Answer a peer's CREATE_CHILD_SA: new Child SA, Child rekey or IKE rekey."""
-    if sa._retired or sa.state == "deleting" or sa._delete_requested:
+    if sa._retired or sa.state == IkeState.DELETING or sa._delete_requested:
         sa._refuse(msg, NotifyType.TEMPORARY_FAILURE)  # §2.25.2: SA being closed
         return
     sa_p = msg.first(SA)
@@ -53,7 +54,7 @@ def got_create_child(sa: IkeSa, msg: Message, now: float) -> None:
         if old is None:
             sa._refuse(msg, NotifyType.CHILD_SA_NOT_FOUND, spi=rekey.spi)
             return
-        if old.state not in ("installed", "rekeying"):
+        if old.state not in (ChildState.INSTALLED, ChildState.REKEYING):
             sa._refuse(msg, NotifyType.TEMPORARY_FAILURE)  # §2.25.1: being closed
             return
     try:
@@ -66,12 +67,12 @@ def got_create_child(sa: IkeSa, msg: Message, now: float) -> None:
     sa._respond_encrypted(msg, payloads)
     if old is None:
         sa._report(child)
-    elif old.state == "rekeying":  # simultaneous rekey (§2.8.1): decided when ours ends
+    elif old.state == ChildState.REKEYING:  # simultaneous rekey (§2.8.1): decided when ours ends
         nonce = msg.first(Nonce)
         assert isinstance(nonce, Nonce)
         old.collision = Collision(nonce.data, nr, child)
     else:
-        old.state = "rekeyed"  # the peer deletes it
+        old.set_state(ChildState.REKEYED)  # the peer deletes it
         sa._report(child, old)
 
 
