@@ -63,6 +63,7 @@ from .sa import (
     IkeProposalSpec,
     IkeSaConfig,
 )
+from .states import ChildState, IkeState
 
 __all__ = [
     "REKEY_REFUSED",
@@ -330,9 +331,9 @@ class PeerSa:
     pending: dict[int, asyncio.Future[str | None]] = field(default_factory=dict)  # create_child
 
     @property
-    def state(self) -> str:
+    def state(self) -> IkeState:
         if self.error is not None:
-            return "failed"
+            return IkeState.FAILED
         return self.handle.sa.state
 
 
@@ -506,7 +507,7 @@ class IkeService:
         if self.endpoint is None:
             return
         for p in list(self.sas):
-            if p.state == "established":
+            if p.state == IkeState.ESTABLISHED:
                 with contextlib.suppress(IkeError):
                     self.endpoint.delete(p.handle)
         await asyncio.sleep(0)
@@ -555,22 +556,22 @@ class IkeService:
             return f"no IKE SA with {peer} carries this Child SA"
         sa = p.handle.sa
 
-        def state() -> str | None:
+        def state() -> ChildState | None:
             return next((c.state for c in sa.child_sas() if c.spi_in == spi_in), None)
 
         try:
             sa.rekey_child(spi_in, self.now())
         except IkeError as exc:
-            if state() != "rekeying":  # the core's own rekey may be on its way
+            if state() != ChildState.REKEYING:  # the core's own rekey may be on its way
                 return f"cannot rekey it: {exc}"
         ep.flush(p.handle)
-        seen, since = state() == "rekeying", None
+        seen, since = state() == ChildState.REKEYING, None
         deadline = now() + timeout
         while now() < deadline:
             current = state()
-            if p not in self.sas or current not in ("installed", "rekeying"):
+            if p not in self.sas or current not in (ChildState.INSTALLED, ChildState.REKEYING):
                 return None
-            if current == "rekeying":
+            if current == ChildState.REKEYING:
                 seen, since = True, None
             elif seen:
                 since = now() if since is None else since
@@ -657,8 +658,8 @@ class IkeService:
     # ------------------------------------------------------------------ commands
     def find(self, peer: str) -> PeerSa | None:
         """The best IKE SA with ``peer``: established first, then one in progress."""
-        live = [p for p in self.sas if p.peer == peer and p.state not in ("failed", "closed")]
-        live.sort(key=lambda p: p.state != "established")
+        live = [p for p in self.sas if p.peer == peer and not p.state.over]
+        live.sort(key=lambda p: p.state != IkeState.ESTABLISHED)
         return live[0] if live else None
 
     async def resolve(self, peer: str) -> str:
@@ -703,7 +704,7 @@ class IkeService:
         else:
             peer_key = self.peer_keys.get(addr)
         p = self.find(addr)
-        if p is not None and p.state == "established" and not p.children:
+        if p is not None and p.state == IkeState.ESTABLISHED and not p.children:
             return await self._more_children(p, peer, transport)
         if p is None:
             local = self._local_for(addr)
@@ -720,7 +721,7 @@ class IkeService:
             except IkeError as exc:
                 raise IkeUpError(f"peer {peer}: {exc}") from None
             p = self._track(handle, addr, cfg)
-        if p.state == "established" and p.children:
+        if p.state == IkeState.ESTABLISHED and p.children:
             return p
         assert p.done is not None
         try:
@@ -763,7 +764,7 @@ class IkeService:
         mine = [p for p in self.sas if p.peer == addr]
         waits = []
         for p in mine:
-            if p.state == "established":
+            if p.state == IkeState.ESTABLISHED:
                 p.done = asyncio.get_running_loop().create_future()
                 ep.delete(p.handle)
                 waits.append(p.done)
@@ -888,7 +889,7 @@ class IkeService:
             h, ev = p.handle, p.ike
             since = h.established_at
             age = None if since is None else round(now - since, 3)
-            at = h.sa.ike_rekey_at if h.sa.state == "established" else None
+            at = h.sa.ike_rekey_at if h.sa.state == IkeState.ESTABLISHED else None
             rekey = None if at is None else round(at - now, 3)
             infos = {c.spi_in: c for c in h.sa.child_sas()}
             transform = ""

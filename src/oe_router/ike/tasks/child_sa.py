@@ -247,6 +247,7 @@ class RekeyChildTask(CreateChildTask):
         self.child = child
         self.orphaned = False  # the SA being rekeyed was deleted by the peer meanwhile
         self.collision: ChildResponder | None = None  # the peer's rekey of the same SA
+        self.result: ChildRecord | None = None  # our new SA, once answered
 
     def old(self) -> ChildRecord | None:
         return self.sa.children.get(self.child)
@@ -272,7 +273,7 @@ class RekeyChildTask(CreateChildTask):
 
     def failed(self, old: ChildRecord | None, reason: str, notify: int | None) -> None:
         if old is not None and self.collision is not None:
-            self.collide(self.collision, None, old, 0.0)  # ours failed: the peer's wins
+            self.collide(self.collision, 0.0)  # ours failed: the peer's wins
             return
         super().failed(old, reason, notify)
 
@@ -282,20 +283,20 @@ class RekeyChildTask(CreateChildTask):
             self.sa.queue_delete(child, "replaced SA is gone", now)
             return
         if self.collision is not None:
-            self.collide(self.collision, child, old, now)
+            self.result = child
+            self.collide(self.collision, now)
             return
         self.sa.report(child, old)
         self.sa.queue_delete(old, "rekeyed", now)
 
-    def collide(
-        self, passive: ChildResponder, ours: ChildRecord | None, old: ChildRecord, now: float
-    ) -> None:
-        """Settle a simultaneous rekey of ``old`` (§2.8.1), once our exchange is over:
-        if ours failed the peer's SA replaces it; otherwise the exchange with the
-        lowest of the four nonces made the redundant SA, which its maker deletes."""
-        sa, theirs = self.sa, passive.child
+    def collide(self, passive: ChildResponder, now: float) -> None:
+        """Settle a simultaneous rekey of our Child SA (§2.8.1), once our exchange is
+        over: if ours failed (no ``result``) the peer's SA replaces it; otherwise the
+        exchange with the lowest of the four nonces made the redundant SA, which its
+        maker deletes, and the survivor's maker deletes the old SA."""
+        sa, theirs, ours, old = self.sa, passive.child, self.result, self.old()
         self.collision = None
-        assert theirs is not None
+        assert theirs is not None and old is not None
         if ours is None:
             old.set_state(ChildState.REKEYED)
             sa.report(theirs, old)
