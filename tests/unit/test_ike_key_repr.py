@@ -48,6 +48,8 @@ def test_no_key_bytes_in_any_formatted_event_or_sa() -> None:
     objects: list[object] = [*seen, ini, res, ini.negotiated_keys(), res.negotiated_keys()]
     objects += ini.child_sas() + res.child_sas()
     objects += [*ini._children.values(), *res._children.values()]  # the records themselves
+    for sa in (ini, res):  # the link, its key contexts, retired links, the handshake
+        objects += [sa.link, sa.link.keys, sa.handshake, sa.peer, *sa._retired]
     for obj in objects:
         for text in _texts(obj):
             for k in keys:
