@@ -14,9 +14,9 @@ import pytest
 
 from oe_router.ike.constants import DhId, TransformType
 from oe_router.ike.events import ChildSaDeleted, ChildSaRekeyed
-from oe_router.ike.exchanges import create_child_responder
 from oe_router.ike.payloads import KE, SA
 from oe_router.ike.proposals import select_child_proposal
+from oe_router.ike.tasks import child_sa
 from tests.ike_pair import (
     I_ADDR,
     assert_mirror,
@@ -54,7 +54,7 @@ def test_rekey_without_pfs_when_the_peer_refuses_dh(monkeypatch: pytest.MonkeyPa
         )
 
     ini, res, ic, rc = establish(*configs())
-    monkeypatch.setattr(create_child_responder, "select_child_proposal", no_dh)
+    monkeypatch.setattr(child_sa, "select_child_proposal", no_dh)
     ini.rekey_child(ic.spi_in, 5.0)
     (first,) = ini.datagrams_to_send()
     assert isinstance(open_request(ini, first).first(KE), KE)

@@ -1,4 +1,4 @@
-"""Child SA bookkeeping for one IKE SA: records, pending exchanges, CP helpers.
+"""Child SA bookkeeping for one IKE SA: records, the table of them, CP helpers.
 
 Why apart from ``sa``: these are plain data and pure helpers shared by every
 exchange handler (IKE_AUTH, CREATE_CHILD_SA in both roles, INFORMATIONAL
@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections import deque
+from dataclasses import dataclass
 
 from .constants import CfgAttrType, CfgType
-from .crypto import KeyExchange
-from .events import ChildSaEstablished, ChildSaRekeyed
+from .events import ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, Event
 from .keys import Prf, child_keymat, split_child_keymat
 from .message import Message
-from .payloads import CP, CfgAttribute, IpAddress, Notify, Payload, TrafficSelector
+from .payloads import CP, CfgAttribute, IpAddress, Notify, TrafficSelector
 from .proposals import EspChoice, esp_key_lengths
-
-if TYPE_CHECKING:
-    from .sa import IkeSa
+from .states import ChildState, log_change
 
 
 @dataclass(frozen=True)
@@ -36,17 +33,7 @@ class ChildSaInfo:
     established_at: float
     rekey_at: float | None
     expire_at: float | None
-    state: str  # installed | rekeying | rekeyed | redundant | deleting
-
-
-@dataclass
-class Collision:
-    """The peer's rekey of a Child or IKE SA that we were rekeying too (RFC 7296 §2.8.1/2)."""
-
-    ni: bytes
-    nr: bytes
-    child: ChildRecord | None = None
-    link: IkeSa | None = None  # the peer's new IKE SA link, for an IKE SA collision
+    state: ChildState
 
 
 @dataclass
@@ -66,9 +53,13 @@ class ChildRecord:
     created: float
     rekey_at: float | None
     expire_at: float | None
-    state: str = "installed"
+    state: ChildState = ChildState.INSTALLED
     reported: bool = True
-    collision: Collision | None = None
+
+    def set_state(self, new: ChildState) -> None:
+        """The one way a Child SA's state changes (logged at debug)."""
+        log_change(f"Child SA {self.spi_in.hex()}", self.state, new)
+        self.state = new
 
     @property
     def spi_in(self) -> bytes:
@@ -87,7 +78,7 @@ class ChildRecord:
             e.ts_local,
             e.ts_remote,
             self.created,
-            self.rekey_at if self.state == "installed" else None,
+            self.rekey_at if self.state == ChildState.INSTALLED else None,
             self.expire_at,
             self.state,
         )
@@ -99,32 +90,35 @@ class ChildRecord:
         return ChildSaRekeyed(**kw, old_spi_in=old.spi_in, old_spi_out=old.spi_out)
 
 
-@dataclass
-class Request:
-    """One exchange we initiate; queued until the window (size 1) is free.
+class ChildTable(dict[bytes, ChildRecord]):
+    """The Child SAs one IKE SA carries, by our inbound SPI; reports what the owner
+    hears about them on ``events``."""
 
-    ``kind``: create | rekey-child | rekey-ike | delete-child | delete-ike | info.
-    """
+    def __init__(self, events: deque[Event]) -> None:
+        super().__init__()
+        self._events = events
 
-    kind: str
-    request_id: int | None = None
-    ts_local: tuple[TrafficSelector, ...] = ()
-    ts_remote: tuple[TrafficSelector, ...] = ()
-    transport: bool = False
-    child: bytes = b""  # our inbound SPI of the Child SA being rekeyed or deleted
-    payloads: list[Payload] = field(default_factory=list)
-    reason: str = ""
-    not_before: float = 0.0
-    temp_failures: int = 0
-    group: int | None = None  # DH group to use (after INVALID_KE_PAYLOAD)
-    ke_retried: bool = False
-    pfs: bool = True  # cleared when the peer refused our PFS proposals (NO_PROPOSAL_CHOSEN)
-    orphaned: bool = False  # the SA being rekeyed was deleted by the peer meanwhile
-    # filled when sent / answered
-    ni: bytes = b""
-    nr: bytes = b""
-    ke: KeyExchange | None = None
-    new_spi: bytes = b""
+    def by_peer_spi(self, spi_out: bytes) -> ChildRecord | None:
+        return next((c for c in self.values() if c.spi_out == spi_out), None)
+
+    def report(self, child: ChildRecord, old: ChildRecord | None = None) -> None:
+        """Announce ``child`` (as the replacement of ``old`` after a rekey)."""
+        child.reported = True
+        self._events.append(child.event if old is None else child.rekeyed_event(old))
+
+    def remove(self, child: ChildRecord, reason: str) -> None:
+        if self.pop(child.spi_in, None) is not None and child.reported:
+            self._events.append(ChildSaDeleted(child.spi_in, child.spi_out, reason))
+
+    def timers(self) -> list[float | None]:
+        """Rekey times of installed SAs and expiry times of those not being deleted."""
+        times: list[float | None] = []
+        for c in self.values():
+            if c.state == ChildState.INSTALLED:
+                times.append(c.rekey_at)
+            if c.state != ChildState.DELETING:
+                times.append(c.expire_at)
+        return times
 
 
 def child_keys(
@@ -199,8 +193,7 @@ def has_notify(msg: Message, notify_type: int) -> bool:
 __all__ = [
     "ChildRecord",
     "ChildSaInfo",
-    "Collision",
-    "Request",
+    "ChildTable",
     "child_keys",
     "cp_reply",
     "cp_reply_addresses",

@@ -56,6 +56,7 @@ from .fragments import DEFAULT_FRAGMENT_LIMITS, FragmentBudget, FragmentLimits
 from .payloads import IkeHeader
 from .sa import IkeSa, IkeSaConfig
 from .sockets import NON_ESP_MARKER, Address, IkeSockets, SocketHooks, SockExtendedErr
+from .states import IkeState
 from .wire import Reader
 
 __all__ = [
@@ -278,7 +279,7 @@ class IkeEndpoint:
 
     def delete(self, handle: SaHandle) -> None:
         """Delete an IKE SA with its peer; a half-open or failed one is just forgotten."""
-        if handle.sa.state == "established":
+        if handle.sa.state == IkeState.ESTABLISHED:
             handle.sa.delete(self._clock())
             self._after(handle)
         else:
@@ -435,7 +436,12 @@ class IkeEndpoint:
                     h.natt = True  # the peer floated (RFC 7296 §2.23): follow it
                 if not h.original_initiator and reply_to is not None:
                     h.remote = source  # a NATed initiator's mapping may change
-        if sa.is_initiator and not h.natt and sa.state == "auth-sent" and any(sa.nat_detected):
+        if (
+            sa.is_initiator
+            and not h.natt
+            and sa.state == IkeState.AUTH_SENT
+            and any(sa.nat_detected)
+        ):
             h.natt = True
             h.remote = (h.remote[0], h.remote_natt_port)
             self.counters.floated += 1
@@ -487,7 +493,7 @@ class IkeEndpoint:
 
     def _index(self, h: SaHandle) -> None:
         """Point every SPI pair the SA answers for at ``h``; drop pairs it no longer has."""
-        if h.sa.state in ("failed", "closed"):
+        if h.sa.state.over:
             return
         pairs = {p for p in h.sa.spis() if p[1] != bytes(8)}
         if pairs == h.pairs:
@@ -563,7 +569,7 @@ class IkeEndpoint:
                 self.dpd_delay > 0
                 and h.established_at is not None
                 and now >= max(h.last_rx, h.established_at) + self.dpd_delay
-                and h.sa.state == "established"
+                and h.sa.state == IkeState.ESTABLISHED
             ):
                 h.last_rx = now  # one check per quiet period; no answer fails the SA
                 with contextlib.suppress(IkeError):  # a request in flight checks already

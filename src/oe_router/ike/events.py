@@ -6,7 +6,7 @@ Why events: the sans-IO core never calls out; its owner polls
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .payloads import IpAddress, TrafficSelector
 
@@ -53,10 +53,10 @@ class ChildSaEstablished(Event):
     encr_key_bits: int | None
     integ: int | None
     esn: bool
-    encr_key_in: bytes
-    integ_key_in: bytes
-    encr_key_out: bytes
-    integ_key_out: bytes
+    encr_key_in: bytes = field(repr=False)
+    integ_key_in: bytes = field(repr=False)
+    encr_key_out: bytes = field(repr=False)
+    integ_key_out: bytes = field(repr=False)
     ts_local: tuple[TrafficSelector, ...]
     ts_remote: tuple[TrafficSelector, ...]
     udp_encap: bool  # NAT detected: ESP goes in UDP 4500 (RFC 3948)

@@ -6,7 +6,7 @@ vectors (NIST SP 800-135 IKEv2 KDF) and against a peer's key log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
@@ -65,13 +65,15 @@ def rekey_skeyseed(prf: Prf, sk_d_old: bytes, shared_new: bytes, ni: bytes, nr: 
 
 @dataclass(frozen=True)
 class IkeSaKeys:
-    sk_d: bytes
-    sk_ai: bytes
-    sk_ar: bytes
-    sk_ei: bytes
-    sk_er: bytes
-    sk_pi: bytes
-    sk_pr: bytes
+    """SK_* of one IKE SA; never in a repr (a logged object must not leak them)."""
+
+    sk_d: bytes = field(repr=False)
+    sk_ai: bytes = field(repr=False)
+    sk_ar: bytes = field(repr=False)
+    sk_ei: bytes = field(repr=False)
+    sk_er: bytes = field(repr=False)
+    sk_pi: bytes = field(repr=False)
+    sk_pr: bytes = field(repr=False)
 
 
 def ike_sa_keys(
@@ -112,10 +114,10 @@ def child_keymat(
 class ChildSaKeys:
     """ESP keys per direction: *_i protect initiator->responder traffic."""
 
-    encr_i: bytes
-    integ_i: bytes
-    encr_r: bytes
-    integ_r: bytes
+    encr_i: bytes = field(repr=False)
+    integ_i: bytes = field(repr=False)
+    encr_r: bytes = field(repr=False)
+    integ_r: bytes = field(repr=False)
 
 
 def split_child_keymat(keymat: bytes, encr_key_len: int, integ_key_len: int) -> ChildSaKeys:

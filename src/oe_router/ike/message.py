@@ -8,12 +8,15 @@ ends the chain and names the first inner payload.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .constants import GENERIC_HEADER_LEN, IKE_HEADER_LEN, IKE_VERSION, HeaderFlag, PayloadType
 from .crypto import SkCipher
 from .errors import IkeCryptoError, IkeDecodeError
 from .payloads import PAYLOAD_CLASSES, SK, SKF, GenericHeader, IkeHeader, Payload, UnknownPayload
 from .wire import Reader
+
+P = TypeVar("P", bound=Payload)
 
 CRITICAL = 0x80
 
@@ -104,9 +107,12 @@ class Message:
     def get(self, cls: type[Payload]) -> list[Payload]:
         return [p for p in self.payloads if type(p) is cls]
 
-    def first(self, cls: type[Payload]) -> Payload | None:
-        found = self.get(cls)
-        return found[0] if found else None
+    def first(self, cls: type[P]) -> P | None:
+        """The first payload of type ``cls``, typed as such (None when absent)."""
+        for p in self.payloads:
+            if type(p) is cls:  # exact type, as ``get``: IDi is not IDr
+                return p
+        return None
 
     def _header(self, next_payload: int, length: int) -> bytes:
         return IkeHeader(

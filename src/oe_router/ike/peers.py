@@ -32,6 +32,7 @@ from .events import (
     InitialContact,
 )
 from .sa import IkeSaConfig
+from .states import IkeState
 from .status_view import identity_text
 
 __all__ = [
@@ -136,9 +137,9 @@ class PeerSa:
     pending: dict[int, asyncio.Future[str | None]] = field(default_factory=dict)  # create_child
 
     @property
-    def state(self) -> str:
+    def state(self) -> IkeState:
         if self.error is not None:
-            return "failed"
+            return IkeState.FAILED
         return self.handle.sa.state
 
 
@@ -166,8 +167,8 @@ class PeerTable:
 
     def find(self, peer: str) -> PeerSa | None:
         """The best IKE SA with ``peer``: established first, then one in progress."""
-        live = [p for p in self.sas if p.peer == peer and p.state not in ("failed", "closed")]
-        live.sort(key=lambda p: p.state != "established")
+        live = [p for p in self.sas if p.peer == peer and not p.state.over]
+        live.sort(key=lambda p: p.state != IkeState.ESTABLISHED)
         return live[0] if live else None
 
     def track(self, handle: SaHandle, addr: str, cfg: IkeSaConfig) -> PeerSa:

@@ -51,6 +51,7 @@ from .sa import (
 )
 from .selectors import host_selector
 from .sockets import SocketHooks
+from .states import ChildState, IkeState
 from .status_view import tunnel_rows
 
 __all__ = [
@@ -231,7 +232,7 @@ class IkeService:
         if self.endpoint is None:
             return
         for p in list(self.sas):
-            if p.state == "established":
+            if p.state == IkeState.ESTABLISHED:
                 with contextlib.suppress(IkeError):
                     self.endpoint.delete(p.handle)
         await asyncio.sleep(0)
@@ -280,22 +281,22 @@ class IkeService:
             return f"no IKE SA with {peer} carries this Child SA"
         sa = p.handle.sa
 
-        def state() -> str | None:
+        def state() -> ChildState | None:
             return next((c.state for c in sa.child_sas() if c.spi_in == spi_in), None)
 
         try:
             sa.rekey_child(spi_in, self.now())
         except IkeError as exc:
-            if state() != "rekeying":  # the core's own rekey may be on its way
+            if state() != ChildState.REKEYING:  # the core's own rekey may be on its way
                 return f"cannot rekey it: {exc}"
         ep.flush(p.handle)
-        seen, since = state() == "rekeying", None
+        seen, since = state() == ChildState.REKEYING, None
         deadline = now() + timeout
         while now() < deadline:
             current = state()
-            if p not in self.sas or current not in ("installed", "rekeying"):
+            if p not in self.sas or current not in (ChildState.INSTALLED, ChildState.REKEYING):
                 return None
-            if current == "rekeying":
+            if current == ChildState.REKEYING:
                 seen, since = True, None
             elif seen:
                 since = now() if since is None else since
@@ -426,7 +427,7 @@ class IkeService:
         else:
             peer_key = self.peer_keys.get(addr)
         p = self.find(addr)
-        if p is not None and p.state == "established" and not p.children:
+        if p is not None and p.state == IkeState.ESTABLISHED and not p.children:
             return await self._more_children(p, peer, transport)
         if p is None:
             local = self._local_for(addr)
@@ -443,7 +444,7 @@ class IkeService:
             except IkeError as exc:
                 raise IkeUpError(f"peer {peer}: {exc}") from None
             p = self.peers.track(handle, addr, cfg)
-        if p.state == "established" and p.children:
+        if p.state == IkeState.ESTABLISHED and p.children:
             return p
         assert p.done is not None
         try:
@@ -486,7 +487,7 @@ class IkeService:
         mine = [p for p in self.sas if p.peer == addr]
         waits = []
         for p in mine:
-            if p.state == "established":
+            if p.state == IkeState.ESTABLISHED:
                 p.done = asyncio.get_running_loop().create_future()
                 ep.delete(p.handle)
                 waits.append(p.done)

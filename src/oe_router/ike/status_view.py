@@ -19,6 +19,7 @@ from .auth import PrivateKey, PublicKey
 from .child import ChildSaInfo
 from .constants import AuthMethod, DhId, EncrId, IdType, IntegId, PrfId
 from .payloads import TrafficSelector
+from .states import IkeState
 
 if TYPE_CHECKING:
     from .peers import PeerSa
@@ -97,7 +98,7 @@ def tunnel_rows(sas: Iterable[PeerSa], now: float, natt_port: int) -> tuple[Tunn
         h, ev = p.handle, p.ike
         since = h.established_at
         age = None if since is None else round(now - since, 3)
-        at = h.sa.ike_rekey_at if h.sa.state == "established" else None
+        at = h.sa.ike_rekey_at if h.sa.state == IkeState.ESTABLISHED else None
         rekey = None if at is None else round(at - now, 3)
         infos = {c.spi_in: c for c in h.sa.child_sas()}
         transform = ""

@@ -45,6 +45,7 @@ from oe_router.ike.service import (
     PeerSa,
     host_selector,
 )
+from oe_router.ike.states import IkeState
 from oe_router.oe.actions import ChildRequest, NegotiationResult
 from oe_router.oe.sa_spec import child_sa_spec
 
@@ -141,7 +142,7 @@ class IkeNegotiator:
             p = self.ike.find(peer)
             if (
                 p is not None
-                and p.state == "established"
+                and p.state == IkeState.ESTABLISHED
                 and (peer_key is None or _keys_equal(p.peer_key, peer_key))
             ):
                 return await self._create_child(p, request)
@@ -178,7 +179,7 @@ class IkeNegotiator:
             # SA. Then one more Child SA, host-to-host, on that IKE SA; and no more CP
             # requests to this peer.
             p_up = self.ike.find(peer)
-            if not inner or p_up is None or p_up.state != "established" or p_up.children:
+            if not inner or p_up is None or p_up.state != IkeState.ESTABLISHED or p_up.children:
                 raise
             log.info("%s; host-to-host Child SA instead, no CAT", exc)
             self._no_pool.add(peer)
@@ -287,7 +288,8 @@ class IkeNegotiator:
             return
         handler = self.inbound
         alive = any(
-            o is not peer and o.peer == peer.peer and o.state == "established" for o in self.ike.sas
+            o is not peer and o.peer == peer.peer and o.state == IkeState.ESTABLISHED
+            for o in self.ike.sas
         )
         if alive:
             spis = [int.from_bytes(c.spi_out, "big") for c in children]

@@ -1,1 +1,0 @@
-"""Exchange handlers of ``IkeSa``, one role per module."""
