@@ -58,6 +58,24 @@ def test_read_query_leaves_unusual_queries_to_dnspython() -> None:
     assert read_query(compressed) is None
 
 
+def _query_for_labels(sizes: list[int]) -> bytes:
+    """A one-question A query whose name has labels of ``sizes`` octets (built by hand:
+    dnspython refuses to make an over-long name)."""
+    qname = b"".join(bytes([n]) + b"a" * n for n in sizes) + b"\x00"
+    return b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + qname + b"\x00\x01\x00\x01"
+
+
+def test_read_query_name_length_limit_is_255_octets_with_the_root() -> None:
+    """RFC 1035 §3.1: 255 octets in all, the root label's byte included. A name one octet
+    longer is left to dnspython (which refuses it), never handed on as a question the
+    front cannot name (the fuzzer's dns_wire crash: NameTooLong from Question.of_view)."""
+    longest = [63, 63, 63, 61]  # 64+64+64+62 = 254 octets, + the root = 255
+    view = read_query(_query_for_labels(longest))
+    assert view is not None
+    assert len(dns.name.Name((*view.labels, b"")).to_wire()) == 255
+    assert read_query(_query_for_labels([63, 63, 63, 62])) is None  # 256 octets
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=5),

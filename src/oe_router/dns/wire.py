@@ -92,7 +92,7 @@ def read_query(wire: bytes) -> QueryView | None:
             return None
         labels.append(wire[pos + 1 : pos + 1 + length].lower())
         pos += 1 + length
-        if pos - HEADER.size > _MAX_NAME:
+        if pos - HEADER.size + 1 > _MAX_NAME:  # with the root label still to come
             return None
     if pos + QUESTION.size > len(wire):
         return None
