@@ -40,6 +40,7 @@ from fuzz.common import Records, Stream, fuzz_main, instrumented
 with instrumented():
     from oe_router.ike import crypto
     from oe_router.ike.constants import ExchangeType, HeaderFlag, PayloadType
+    from oe_router.ike.crypto import SkCipher
     from oe_router.ike.endpoint import NON_ESP_MARKER, IkeEndpoint, SaHandle
     from oe_router.ike.errors import IkeError
     from oe_router.ike.events import Event
@@ -171,6 +172,7 @@ class Run:
         )
         self.ini = IkeSa.initiator(self.ini_cfg, self.now, Stream(b"initiator"))
         self.natt = False
+        self._forged = 0  # forged messages so far (their IVs)
 
     def _event(self, handle: SaHandle, event: Event) -> None:
         self.events.append(event)
@@ -210,23 +212,30 @@ class Run:
         self.ep._datagram(R_IP, natt, body[1:], (I_ADDR[0], 4500 if natt else 500))
         self.check_sent()
 
+    def forged_iv(self, cipher: SkCipher) -> bytes:
+        """An IV for a forged message, deterministic per input: counters from the top
+        half of the range, so they never meet the initiator's AEAD counters (which
+        count up from 1 under the same key)."""
+        self._forged += 1
+        return (2 ** (8 * cipher.iv_len - 1) + self._forged).to_bytes(cipher.iv_len, "big")
+
     def sealed(self, body: bytes, response: bool) -> None:
         """A message sealed with the initiator's current keys around a fuzzed chain."""
-        neg = self.ini._neg
-        if neg is None or len(body) < 5:
+        link = self.ini.link
+        keys = link.keys
+        if keys is None or len(body) < 5:
             return
         exch = EXCHANGES[body[0] & 3] if body[0] < 0xF0 else body[0]
         flags = (body[1] & 0x38) | HeaderFlag.INITIATOR
         if response:
             flags |= HeaderFlag.RESPONSE
-            mid = max(0, self.ini._expect_mid - 1 + struct.unpack("b", body[2:3])[0])
+            mid = max(0, link.expect_mid - 1 + struct.unpack("b", body[2:3])[0])
         else:
             flags &= ~HeaderFlag.RESPONSE
-            mid = max(0, self.ini._next_mid + struct.unpack("b", body[2:3])[0])
+            mid = max(0, link.next_mid + struct.unpack("b", body[2:3])[0])
         first, frag, chain = body[3], body[4], body[5:]
-        sk_e, sk_a = self.ini._out_keys()
-        cipher = neg.cipher
-        iv = self.ini._iv(cipher)
+        cipher, sk_e, sk_a = keys.send.cipher, keys.send.sk_e, keys.send.sk_a
+        iv = self.forged_iv(cipher)
         if frag:  # SKF: fragment frag>>4 of frag&15
             num, total = frag >> 4, frag & 15
             extra = SKF_HEAD.pack(num, total)
@@ -240,8 +249,8 @@ class Run:
         )
         head = hdr.encode() + GenericHeader(first, 0, body_len).encode() + extra
         self.to_endpoint(head + cipher.seal(sk_e, sk_a, iv, head, chain))
-        if not response and not frag and mid == self.ini._next_mid:
-            self.ini._next_mid += 1  # that message ID is used up: the honest side moves on
+        if not response and not frag and mid == link.next_mid:
+            link.next_mid += 1  # that message ID is used up: the honest side moves on
         self.check_sent()
 
     def init(self, body: bytes) -> None:
