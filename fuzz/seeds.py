@@ -51,21 +51,21 @@ def _ike_messages() -> tuple[dict[str, bytes], dict[str, bytes], Seeds]:
             return None
         for i, d in enumerate(out):
             datagrams[name + (f"-fragment-{i + 1}" if len(out) > 1 else "")] = d
-        neg = run.ini._neg
-        if neg is None:
+        keys = run.ini.link.keys
+        if keys is None:
             return None
-        sk_e, sk_a = run.ini._out_keys()
+        cipher, sk_e, sk_a = keys.send.cipher, keys.send.sk_e, keys.send.sk_a
         if len(out) > 1:  # SKF fragments: open each, join, parse (RFC 7383 §2.6)
             plain, first_inner = b"", 0
             for d in out:
                 skf = Message.decode(d).payloads[-1]
                 assert isinstance(skf, SKF)
                 first_inner = first_inner or skf.first_inner
-                plain += neg.cipher.open(sk_e, sk_a, d[: len(d) - len(skf.data)], skf.data)
+                plain += cipher.open(sk_e, sk_a, d[: len(d) - len(skf.data)], skf.data)
             msg = Message.decode(out[0])
             msg.payloads, _ = decode_chain(plain, first_inner)
         else:
-            msg = decrypt(out[0], neg.cipher, sk_e, sk_a)
+            msg = decrypt(out[0], cipher, sk_e, sk_a)
         first = payload_type(msg.payloads[0]) if msg.payloads else 0
         chain = encode_chain(msg.payloads)
         chains[name] = bytes([first]) + chain
