@@ -84,6 +84,32 @@ def esp_keyword(spec: Any) -> str | None:
     return None
 
 
+class ConfiguredEspOffer:
+    """IKE's ESP offer where no datapath runs ESP (SAs are negotiated, not installed): the
+    ``esp_proposal`` list as written, or the default one. Why a service: without it the
+    IKE service kept its built-in list and the option did nothing there."""
+
+    name = "esp-offer"
+
+    def __init__(self, ike: IkeService) -> None:
+        self._ike = ike
+
+    def _apply(self, config: OeConfig) -> None:
+        self._ike.set_esp_proposals(esp_offer(config.ike.esp_proposals or DEFAULT_ESP_PROPOSALS))
+
+    async def start(self, config: OeConfig) -> None:
+        self._apply(config)
+
+    async def reload(self, config: OeConfig) -> None:
+        self._apply(config)
+
+    async def stop(self) -> None:
+        return None
+
+    def status(self) -> StatusContribution:
+        return StatusContribution()
+
+
 class EspOffer:
     """Keeps IKE's ESP offer and the userspace datapath's engines in step with offload.
 

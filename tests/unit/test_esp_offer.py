@@ -822,3 +822,39 @@ def test_every_esp_proposal_keyword_is_a_transform_the_engines_know() -> None:
         assert (spec.encr, spec.key_bits, spec.integ) == (
             t.ike_encr, None if t.ike_encr == 28 else t.cipher_key_len * 8, t.ike_integ
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("offload", ["off", "auto"])
+def test_the_kernel_datapath_offers_an_explicit_list_in_its_order(offload: str) -> None:
+    """Kernel ESP: the explicit list, self-tested, in the UCI order, though the kernel's
+    pick ranks another transform first (``kernel_proposal``)."""
+    explicit = ("aes128-sha384", "aes256gcm16", "aes256-sha512")
+
+    async def main() -> Harness:
+        h = Harness(_cfg(offload, explicit))
+        await h.offer.start(h.config)
+        h.offload.publish(replace(_update(), kernel_proposal=FAST_FIRST))
+        await h.settle()
+        return h
+
+    h = asyncio.run(main())
+    assert h.bench.batches == [explicit]  # only what is listed is self-tested, in order
+    assert h.offer.offer == explicit
+    assert h.ike.esp_proposals == esp_offer(explicit)
+
+
+def test_without_a_datapath_ike_still_offers_the_configured_list() -> None:
+    """No ESP anywhere (SAs negotiated, not installed): the daemon's IKE service offers
+    the esp_proposal list, not its built-in one, and follows a reload."""
+    from oe_router.daemon import build_services
+    from oe_router.platform import Platform
+
+    plat = Platform(wan={4: WAN}, datapath="none", datapath_reason="the kernel lacks ESP")
+    registry = build_services(_cfg("off", ("aes128-sha384", "aes256gcm16")), platform=plat)
+    assert registry.names[1:4] == ("oe", "esp-offer", "ike")  # the offer before IKE starts
+    offer, ike = [s for s in registry if s.name in ("esp-offer", "ike")]
+    assert isinstance(ike, IkeService)
+    asyncio.run(offer.start(_cfg("off", ("aes128-sha384", "aes256gcm16"))))
+    assert ike.esp_proposals == esp_offer(("aes128-sha384", "aes256gcm16"))
+    asyncio.run(offer.reload(_cfg("off")))
+    assert ike.esp_proposals == esp_offer(DEFAULT_ESP_PROPOSALS)
