@@ -21,7 +21,9 @@ Sources (``VENDOR_DIR`` or ../shared/vendor for Wycheproof):
   patterns (invalid tag XOR the valid one) that the runner applies to ESP vectors.
   HMAC-SHA256's own vectors do not fit the layout (no message of 24 + 16k bytes with a
   256-bit key and a 128-bit tag but the empty-ciphertext one), so only their patterns
-  are used.
+  are used. HMAC-SHA384-192 and HMAC-SHA512-256 (RFC 4868) get the same AES-CBC
+  payloads with ICVs from the ``cryptography`` library's HMAC, itself checked against
+  RFC 4231 Test Case 2 each run; their tag patterns are Wycheproof's HMAC-SHA512 ones.
 * draft-mcgrew-gcm-test-01 §4 (AES-GCM ESP packets, 128- and 256-bit keys; the 192-bit
   one is skipped), RFC 7634 Appendix A (ChaCha20-Poly1305 ESP packet).
 * The Linux kernel's ESP, recorded in the lab's router VM by scripts/record_esp_vectors.py
@@ -76,6 +78,15 @@ SOURCES: dict[str, dict[str, str]] = {
         "what": "the ICV of a Wycheproof AES-CBC vector: HMAC-SHA256 (Python's hmac) "
         "over SPI || seq_lo || IV || C [|| seq_hi], truncated to 16 bytes, with the "
         "integrity key below",
+        "url": "scripts/make_kat_vectors.py",
+        "licence": "-",
+    },
+    "generator-sha2": {
+        "what": "the ICV of a Wycheproof AES-CBC vector: HMAC-SHA384 or HMAC-SHA512 "
+        "(the cryptography library, checked against RFC 4231 Test Case 2 first) over "
+        "SPI || seq_lo || IV || C [|| seq_hi], truncated to 24 or 32 bytes (RFC 4868), "
+        "with the integrity key below; the modified-tag patterns are Wycheproof's "
+        "HMAC-SHA512 ones cut to the ICV length",
         "url": "scripts/make_kat_vectors.py",
         "licence": "-",
     },
@@ -306,8 +317,72 @@ def chacha() -> dict[str, Any]:
     return {"modified_tags": _modified_tags("chacha"), "vectors": vectors}
 
 
-def cbc() -> dict[str, Any]:
-    vectors = _recorded(("aes128-sha256", "aes256-sha256"))
+#: RFC 4231 §4.3 (Test Case 2: key "Jefe"), the generator's HMAC checked before any ICV
+#: it computes for SHA-384 and SHA-512 (RFC 4868 §2.7 points to these values).
+RFC4231_TC2 = {
+    "sha256": "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
+    "sha384": "af45d2e376484031617f78d2b58a6b1b9c7ef464f5a01b47e42ec3736322445e"
+    "8e2240ca5e69e2c78b3239ecfab21649",
+    "sha512": "164b7a7bfcf819e2e395fbe73b56e0a387bd64222e831fd610270cd7ea250554"
+    "9758bf75c05a994a6d034f65f8f0e6fdcaeab1a34d4a6b4b636e070a38bce737",
+}
+#: RFC 4868 §2.3: the integrity key is the hash's full output, the ICV half of it.
+HMAC_SIZES = {"sha256": (32, 16), "sha384": (48, 24), "sha512": (64, 32)}
+
+
+def _hmac_icv(hash_name: str, key: bytes, data: bytes) -> bytes:
+    """The ICV through ``cryptography``'s HMAC (checked against RFC 4231 first)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import hmac as chmac
+
+    algo = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}[hash_name]
+    check = chmac.HMAC(b"Jefe", algo())
+    check.update(b"what do ya want for nothing?")
+    assert check.finalize().hex() == RFC4231_TC2[hash_name], f"HMAC-{hash_name} is not RFC 4231's"
+    mac = chmac.HMAC(key, algo())
+    mac.update(data)
+    return mac.finalize()[: HMAC_SIZES[hash_name][1]]
+
+
+def _truncated_tags(hash_name: str) -> list[dict[str, str]]:
+    """Wycheproof's HMAC-SHA512 ModifiedTag patterns (256-bit tags) cut to this ICV's
+    length: bit flips at the tag's start, end and middle, whichever hash made the tag."""
+    icv = HMAC_SIZES[hash_name][1]
+    out: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for g, t in _tests(_wycheproof("hmac_sha512_test.json")):
+        if "ModifiedTag" not in t["flags"] or g.get("tagSize") != 256:
+            continue
+        key, msg = bytes.fromhex(t["key"]), bytes.fromhex(t["msg"])
+        right = hmac.new(key, msg, "sha512").digest()[:32]
+        bad = bytes.fromhex(t["tag"])
+        xor = bytes(a ^ b for a, b in zip(bad, right, strict=True))[:icv]
+        if not any(xor) or xor.hex() in seen:
+            continue
+        seen.add(xor.hex())
+        out.append(
+            {
+                "id": f"wycheproof hmac_sha512_test.json tcId {t['tcId']} (first {icv} bytes)",
+                "source": "wycheproof",
+                "comment": t["comment"],
+                "xor": xor.hex(),
+            }
+        )
+    return out
+
+
+def cbc(hash_name: str = "sha256") -> dict[str, Any]:
+    """AES-CBC ESP payloads from Wycheproof with HMAC-``hash_name`` ICVs (and, for
+    SHA-256, the kernel's recorded packets)."""
+    key_len, _ = HMAC_SIZES[hash_name]
+    if hash_name == "sha256":
+        vectors = _recorded(("aes128-sha256", "aes256-sha256"))
+        integ_key = CBC_INTEG_KEY
+    else:
+        vectors = []
+        integ_key = hashlib.sha512(
+            f"oe-router KAT: {hash_name} integrity key for Wycheproof AES-CBC".encode()
+        ).digest()[:key_len]
     for g, t in _tests(_wycheproof("aes_cbc_pkcs5_test.json")):
         msg = bytes.fromhex(t["msg"])
         if g["keySize"] not in (128, 256) or t["result"] != "valid":
@@ -320,30 +395,36 @@ def cbc() -> dict[str, Any]:
         tc = t["tcId"]
         hdr = (0x1000 + tc).to_bytes(4, "big") + tc.to_bytes(4, "big")
         seq_hi = 0x00ABCD00 + tc if tc % 2 else None  # every other one with ESN
-        mac = hmac.new(CBC_INTEG_KEY, hdr + iv + ct, "sha256")
-        if seq_hi is not None:
-            mac.update(seq_hi.to_bytes(4, "big"))
+        tail = b"" if seq_hi is None else seq_hi.to_bytes(4, "big")
+        if hash_name == "sha256":  # as the files were first made (Python's hmac)
+            icv = hmac.new(integ_key, hdr + iv + ct + tail, "sha256").digest()[:16]
+            assert icv == _hmac_icv("sha256", integ_key, hdr + iv + ct + tail)
+        else:
+            icv = _hmac_icv(hash_name, integ_key, hdr + iv + ct + tail)
         vectors.append(
             {
                 "id": f"wycheproof aes_cbc_pkcs5_test.json tcId {tc} (ICV by the generator)",
                 "source": "wycheproof",
-                "transform": f"aes{g['keySize']}-sha256",
+                "transform": f"aes{g['keySize']}-{hash_name}",
                 "encr_key": t["key"],
-                "integ_key": CBC_INTEG_KEY.hex(),
+                "integ_key": integ_key.hex(),
                 "hdr": hdr.hex(),
                 "seq_hi": seq_hi,
                 "iv": iv.hex(),
                 "plaintext": pt.hex(),
-                "sealed": (ct + mac.digest()[:16]).hex(),
+                "sealed": (ct + icv).hex(),
             }
         )
-    return {"modified_tags": _modified_tags("hmac"), "vectors": vectors}
+    tags = _modified_tags("hmac") if hash_name == "sha256" else _truncated_tags(hash_name)
+    return {"modified_tags": tags, "vectors": vectors}
 
 
 FAMILIES = {
     "esp_aes_gcm.json": (gcm, ("wycheproof", "draft-mcgrew-gcm-test-01", "linux-esp")),
     "esp_chacha20_poly1305.json": (chacha, ("wycheproof", "rfc7634", "linux-esp")),
     "esp_aes_cbc_hmac_sha256.json": (cbc, ("wycheproof", "generator", "linux-esp")),
+    "esp_aes_cbc_hmac_sha384.json": (lambda: cbc("sha384"), ("wycheproof", "generator-sha2")),
+    "esp_aes_cbc_hmac_sha512.json": (lambda: cbc("sha512"), ("wycheproof", "generator-sha2")),
 }
 
 

@@ -41,7 +41,7 @@ from oe_router.dns.access import LanAccess
 from oe_router.dns.capture import DnsCapture
 from oe_router.dns.hold import TunnelRequester
 from oe_router.dns.service import DnsService, dns_wanted
-from oe_router.esp_offer import EspOffer
+from oe_router.esp_offer import ConfiguredEspOffer, EspOffer
 from oe_router.ike.service import IkeService
 from oe_router.ike.tunnel_events import TunnelEvents
 from oe_router.logs import DEV_LOG, NOTICE, configure_logging, level_from_name
@@ -555,6 +555,7 @@ def build_services(
             registry.add(_IkeWithNegotiator(ike, negotiator))
         else:
             registry.add(StatusOnly(f"none ({plat.datapath_reason}; SAs are not installed)"))
+            registry.add(ConfiguredEspOffer(ike))  # esp_proposal still says what IKE offers
             registry.add(ike)
         if events is not None:
             ike.sink = TunnelEvents(ike.sink, events)

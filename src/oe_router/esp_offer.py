@@ -38,6 +38,7 @@ from oe_router.ike.proposals import ESP_KEYWORDS, esp_offer
 from oe_router.ike.service import REKEY_REFUSED, IkeService
 from oe_router.offload.engine import transform
 from oe_router.offload.service import OffloadService, OffloadUpdate
+from oe_router.services import ServiceError
 from oe_router.tasks import spawn_tracked
 
 log = logging.getLogger("oe_router.daemon")
@@ -81,6 +82,32 @@ def esp_keyword(spec: Any) -> str | None:
         if p.encr == encr and p.integ == integ and p.key_bits in (None, bits):
             return name
     return None
+
+
+class ConfiguredEspOffer:
+    """IKE's ESP offer where no datapath runs ESP (SAs are negotiated, not installed): the
+    ``esp_proposal`` list as written, or the default one. Why a service: without it the
+    IKE service kept its built-in list and the option did nothing there."""
+
+    name = "esp-offer"
+
+    def __init__(self, ike: IkeService) -> None:
+        self._ike = ike
+
+    def _apply(self, config: OeConfig) -> None:
+        self._ike.set_esp_proposals(esp_offer(config.ike.esp_proposals or DEFAULT_ESP_PROPOSALS))
+
+    async def start(self, config: OeConfig) -> None:
+        self._apply(config)
+
+    async def reload(self, config: OeConfig) -> None:
+        self._apply(config)
+
+    async def stop(self) -> None:
+        return None
+
+    def status(self) -> StatusContribution:
+        return StatusContribution()
 
 
 class EspOffer:
@@ -131,6 +158,8 @@ class EspOffer:
         self._update: OffloadUpdate | None = None
         self._userspace: Any = None
         self.offer: tuple[str, ...] = ()
+        #: explicit ``esp_proposal`` entries last warned about (the datapath cannot run them)
+        self._dropped: tuple[str, ...] = ()
         #: called (no arguments) whenever the offer changed
         self.listeners: list[Callable[[], None]] = []
         use_gate = datapath == "kernel" if selftest is None else selftest
@@ -197,7 +226,12 @@ class EspOffer:
 
     async def reload(self, config: OeConfig) -> None:
         demote_on = config.offload_demote and not self._config.offload_demote
-        self._config = config
+        old, self._config = self._config, config
+        dropped = self._unrunnable()
+        if dropped and len(dropped) == len(config.ike.esp_proposals):
+            self._config = old
+            why = self._dropped_text(dropped)
+            raise ServiceError(f"esp_proposal: {why}; nothing left to offer")
         if demote_on:
             self._demoter.retry_failed()
         if self.selftest is not None:
@@ -264,6 +298,40 @@ class EspOffer:
         fast = [n for n in ranked if n in runnable and n in base]
         return tuple(fast + [n for n in base if n in runnable and n not in fast])
 
+    def _unrunnable(self) -> tuple[str, ...]:
+        """Explicit ``esp_proposal`` entries the active datapath cannot run (known once the
+        offload layer has published; the self-test's pending verdicts are no reason)."""
+        explicit = self._config.ike.esp_proposals
+        if not explicit or self._update is None:
+            return ()
+        ranked = set(self._ranked())
+        return tuple(n for n in dict.fromkeys(explicit) if n not in ranked)
+
+    def _dropped_text(self, names: Sequence[str]) -> str:
+        why = "; ".join(f"{n} ({self._why_unrunnable(n)})" for n in names)
+        return f"the {self._datapath} datapath cannot run {why}"
+
+    def _why_unrunnable(self, name: str) -> str:
+        failure = self._failure(name)
+        if failure:
+            return failure
+        if self._datapath == "userspace":
+            return "no crypto engine here passed its known-answer test"
+        return "the kernel's crypto API has no implementation that passed its known-answer test"
+
+    def _warn_dropped(self) -> None:
+        """One warning per change of what an explicit list loses (never per packet)."""
+        dropped = self._unrunnable()
+        if dropped == self._dropped:
+            return
+        self._dropped = dropped
+        if not dropped:
+            return
+        if len(dropped) == len(self._config.ike.esp_proposals):
+            log.error("esp_proposal: %s; nothing is offered", self._dropped_text(dropped))
+        else:
+            log.warning("esp_proposal: %s; left out of the offer", self._dropped_text(dropped))
+
     def names(self) -> tuple[str, ...]:
         """The keywords offered, in order."""
         ranked = self._ranked()
@@ -272,6 +340,7 @@ class EspOffer:
         return tuple(n for n in ranked if self.gate.allows(n))
 
     def apply(self) -> None:
+        self._warn_dropped()
         names = self.names()
         changed = names != self.offer
         if changed:
@@ -338,10 +407,10 @@ class EspOffer:
             return ""
         up = self._update
         if name not in self._ranked():
-            why = self._failure(name)
-            if why is None and up is not None and self._datapath == "userspace":
-                why = "no proven engine runs it"
-            why = why or "not in the ESP proposal list"
+            if name in self._base() and up is not None:
+                why = self._why_unrunnable(name)
+            else:
+                why = self._failure(name) or "not in the ESP proposal list"
         elif self.gate is not None:
             r = self.gate.result(name)
             row = next((x for x in self.gate.rows() if x.transform == name), None)

@@ -25,6 +25,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 CHARON = "/usr/lib/ipsec/charon"
 PLUGINS = (
     "random nonce kdf openssl pem pkcs1 pkcs8 pubkey x509 hmac sha2 sha1 aes gcm "
@@ -42,6 +45,46 @@ def available() -> str | None:
     if not Path(CHARON).exists():
         return f"{CHARON} not installed (strongswan-charon)"
     return None
+
+
+def pubkey_conn(local: str, remote: str, ike: str, esp: str) -> str:
+    """A swanctl connection ``ours`` for a host-to-host test: charon at ``local`` signs with
+    ``charon.pem``, the peer at ``remote`` with ``ours.pem`` (raw public keys, IP
+    identities); one tunnel-mode child ``ours-c`` with the ESP proposals ``esp``; no
+    rekeying on charon's side."""
+    return f"""
+  ours {{
+    version = 2
+    local_addrs = {local}
+    remote_addrs = {remote}
+    proposals = {ike}
+    unique = never
+    rekey_time = 0
+    local {{ auth = pubkey
+      pubkeys = charon.pem
+      id = {local} }}
+    remote {{ auth = pubkey
+      pubkeys = ours.pem
+      id = {remote} }}
+    children {{ ours-c {{ local_ts = dynamic
+      remote_ts = dynamic
+      esp_proposals = {esp}
+      rekey_time = 0
+      mode = tunnel }} }}
+  }}"""
+
+
+def ec_pem(key: ec.EllipticCurvePrivateKey, private: bool) -> bytes:
+    """PEM of ``key`` (PKCS#8, unencrypted) or of its public half (SubjectPublicKeyInfo)."""
+    if private:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def run(cmd: Sequence[str], timeout: float = 20, check: bool = True) -> str:
@@ -244,6 +287,17 @@ swanctl {{
             return self.logfile.read_text(errors="replace")
         except OSError:
             return ""
+
+    def esp_proposals_received(self) -> list[list[str]]:
+        """The ESP proposals of each SA payload charon received, in the peer's order, as
+        charon logs them at cfg level 2 ("received proposals: ESP:AES_CBC_256/
+        HMAC_SHA2_512_256/NO_EXT_SEQ, ESP:..."): one list per SA payload, oldest first."""
+        out = []
+        for line in self.log().splitlines():
+            m = re.search(r"received proposals: (ESP:.*)$", line)
+            if m:
+                out.append([p.strip() for p in m.group(1).split(", ")])
+        return out
 
     def key_log(self) -> list[dict[str, bytes]]:
         """Every key charon logged at level 4, grouped per IKE SA / Child SA derivation.

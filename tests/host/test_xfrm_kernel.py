@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -365,6 +366,39 @@ def test_esp_sa_install_fails_clearly_on_kernel_without_esp(netns: str) -> None:
         await dp.close()
 
     asyncio.run(body())
+
+
+@pytest.mark.skipif(_esp_in_kernel(), reason="this kernel has ESP; see tests/qemu")
+@pytest.mark.parametrize(("integ_id", "key_bytes"), [(13, 48), (14, 64)])
+def test_hmac_sha384_sha512_pass_the_kernels_algorithm_checks(
+    netns: str, integ_id: int, key_bytes: int
+) -> None:
+    """HMAC-SHA2-384-192 / -512-256 (RFC 4868) as XFRMA_ALG_AUTH_TRUNC: the kernel finds
+    the algorithm and takes the truncation (it refuses one longer than the hash, proven
+    below), so the only thing missing here is ESP itself, as for every SA on this host."""
+    integ = integ_algorithm(integ_id)
+    keys = (
+        SaKeys(0x1001, bytes(32), bytes(key_bytes)),
+        SaKeys(0x2002, bytes(32), bytes(key_bytes)),
+    )
+
+    async def install(spec: ChildSaSpec) -> str:
+        dp = XfrmDatapath(netns=netns)
+        try:
+            with pytest.raises(DatapathError) as info:
+                await dp.install_child_sa(spec)
+            assert dp.dump_sas() == []
+        finally:
+            await dp.close()
+        return str(info.value)
+
+    ok = ChildSaSpec(LOCAL, PEER, *keys, encr_algorithm(12), integ)
+    msg = asyncio.run(install(ok))
+    assert msg.startswith("kernel lacks ESP (esp4/esp6 module)"), msg
+    assert "Requested type not found" in msg  # the ESP type: the algorithm was found
+    too_long = replace(integ, trunc_bits=integ.key_bits + 64)
+    msg = asyncio.run(install(ChildSaSpec(LOCAL, PEER, *keys, encr_algorithm(12), too_long)))
+    assert "EINVAL (kernel says: Invalid length requested for truncated ICV)" in msg, msg
 
 
 def test_counters_of_a_larval_sa(netns: str) -> None:

@@ -35,7 +35,9 @@ from lab import Lab
 pytestmark = pytest.mark.qemu
 
 RESULTS = Path(__file__).resolve().parents[2] / "test-results" / "qemu-kernel-esp-selftest.json"
-TRANSFORMS = ("aes128gcm16", "aes256gcm16", "chacha20poly1305", "aes128-sha256", "aes256-sha256")
+#: offload/engine.py's TRANSFORMS, in its order (AES-CBC with HMAC-SHA2-256/384/512)
+TRANSFORMS = ("aes128gcm16", "aes256gcm16", "chacha20poly1305", "aes128-sha256", "aes256-sha256",
+              "aes128-sha384", "aes256-sha384", "aes128-sha512", "aes256-sha512")  # fmt: skip
 VIRTIO = "virtio_crypto_aes_cbc"
 AESNI_CBC = "cbc-aes-aesni"
 FAULTY = "rfc4106-gcm-aes-faulty"

@@ -5,7 +5,8 @@ device (virtio_crypto_aes_cbc, priority 150, which AES-NI's 400 outranks). This 
 runs, with the project as the image installed it:
 
 * what ``AfAlgEngine()`` and ``AfAlgEngine("virtio_crypto_aes_cbc")`` run and on which
-  kernel drivers (virtio: exactly the CBC transforms, inside authenc/authencesn);
+  kernel drivers (virtio: exactly the CBC transforms, HMAC-SHA2-256/384/512, inside
+  authenc/authencesn);
 * offload.kat's whole-ESP known answers and forgeries on both, full and quick;
 * byte equality with the software engine both ways, with and without ESN, batches too;
 * the cost of one seal at 64 and 1400 bytes (printed, and kept in test-results).
@@ -26,7 +27,9 @@ from tests.qemu.offload_guest import SEAL_BOTH
 pytestmark = pytest.mark.qemu
 
 VIRTIO = "virtio_crypto_aes_cbc"
-CBC = ["aes128-sha256", "aes256-sha256"]
+#: AES-CBC with HMAC-SHA2-256/384/512 (RFC 4868), as offload/engine.py lists them
+CBC = ["aes128-sha256", "aes256-sha256", "aes128-sha384", "aes256-sha384", "aes128-sha512",
+       "aes256-sha512"]  # fmt: skip
 ALL = ["aes128gcm16", "aes256gcm16", "chacha20poly1305", *CBC]
 RESULTS = Path(__file__).resolve().parents[2] / "test-results" / "qemu-offload-afalg.json"
 
@@ -181,9 +184,10 @@ def test_kernel_pick_runs_every_transform(lab: Lab, figures: dict[str, Any]) -> 
     d = got["drivers"]
     assert d["aes128gcm16"] == d["aes256gcm16"] == "rfc4106-gcm-aesni"
     assert d["chacha20poly1305"].startswith("rfc7539esp(")
-    assert d["aes128-sha256"] == d["aes256-sha256"]
-    assert d["aes128-sha256"].startswith("authenc(hmac(sha256-")
-    assert d["aes128-sha256"].endswith(",cbc-aes-aesni)")  # AES-NI's 400 beats virtio's 150
+    for bits in (256, 384, 512):
+        assert d[f"aes128-sha{bits}"] == d[f"aes256-sha{bits}"]
+        assert d[f"aes128-sha{bits}"].startswith(f"authenc(hmac(sha{bits}-")
+        assert d[f"aes128-sha{bits}"].endswith(",cbc-aes-aesni)")  # AES-NI's 400 > virtio's 150
 
 
 def test_virtio_engine_runs_exactly_cbc(lab: Lab, figures: dict[str, Any]) -> None:
@@ -194,7 +198,8 @@ def test_virtio_engine_runs_exactly_cbc(lab: Lab, figures: dict[str, Any]) -> No
     assert got["transforms"] == CBC
     for t in CBC:
         drv = got["drivers"][t]
-        assert drv.startswith("authenc(hmac(sha256-") and drv.endswith(f",{VIRTIO})"), drv
+        hmac = f"authenc(hmac({t.split('-')[1]}-"  # its own HMAC's instance, never sha256's
+        assert drv.startswith(hmac) and drv.endswith(f",{VIRTIO})"), drv
     assert set(got["why_not"]) == {"aes128gcm16", "aes256gcm16", "chacha20poly1305"}
     assert all("skcipher cbc(aes)) is no AEAD driver" in w for w in got["why_not"].values())
 

@@ -30,6 +30,9 @@ from tests.qemu.offload_guest import SEAL_BOTH
 
 pytestmark = pytest.mark.qemu
 
+#: AES-CBC with HMAC-SHA2-256/384/512 (RFC 4868), in offload/engine.py's order
+CBC = ["aes128-sha256", "aes256-sha256", "aes128-sha384", "aes256-sha384", "aes128-sha512",
+       "aes256-sha512"]  # fmt: skip
 VIRTIO = "virtio_crypto_aes_cbc"
 SIZES = (64, 512, 1400)
 RESULTS = Path(__file__).resolve().parents[2] / "test-results" / "qemu-offload-cryptodev.json"
@@ -264,9 +267,10 @@ def test_engine_lists_what_cryptodev_can_run(devcrypto: Lab) -> None:
     got = guest(devcrypto, "engine")
     print(f"\n{json.dumps(got, indent=1)}")
     assert got["name"] == "cryptodev" and got["kind"] == "cpu"
-    assert got["transforms"] == ["aes128gcm16", "aes256gcm16", "aes128-sha256", "aes256-sha256"]
+    assert got["transforms"] == ["aes128gcm16", "aes256gcm16", *CBC]
     assert "no algorithm id" in got["unavailable"]["chacha20poly1305"]
-    assert got["drivers"]["aes128-sha256"].startswith("cbc-aes-aesni+hmac(sha256-")
+    for t in CBC:  # CRYPTO_SHA2_{256,384,512}_HMAC sessions on the hash's own driver
+        assert got["drivers"][t].startswith(f"cbc-aes-aesni+hmac({t.split('-')[1]}-")
     assert not any(got["hardware"].values()) and not any(got["flagged"].values())
 
 
@@ -275,16 +279,15 @@ def test_driver_engine_reports_where_sessions_land(devcrypto: Lab) -> None:
     got = guest(devcrypto, "engine", VIRTIO)
     print(f"\n{json.dumps(got, indent=1)}")
     assert got["name"] == f"cryptodev:{VIRTIO}" and got["transforms"] == []
-    for t in ("aes128-sha256", "aes256-sha256"):
-        assert "land on cbc-aes-aesni+hmac(sha256-" in got["unavailable"][t]
+    for t in CBC:
+        assert f"land on cbc-aes-aesni+hmac({t.split('-')[1]}-" in got["unavailable"][t]
         assert f"not {VIRTIO}" in got["unavailable"][t]
 
 
 def test_seal_open_equal_software(devcrypto: Lab) -> None:
     got = guest(devcrypto, "roundtrip", timeout=300)
     assert got["errors"] == []
-    assert set(got["transforms"]) == {"aes128gcm16", "aes256gcm16", "aes128-sha256",
-                                      "aes256-sha256"}  # fmt: skip
+    assert set(got["transforms"]) == {"aes128gcm16", "aes256gcm16", *CBC}
     assert all(v["cases"] == 10 for v in got["transforms"].values())
 
 
@@ -295,7 +298,7 @@ def test_kat_through_dev_crypto(devcrypto: Lab, figures: dict[str, Any]) -> None
     print("\nKAT through /dev/crypto")
     for name, r in got.items():
         print(f"  {name:14} {r['driver']:40} passed={r['passed']} cases={r['cases']}")
-    assert set(got) == {"aes128gcm16", "aes256gcm16", "aes128-sha256", "aes256-sha256"}
+    assert set(got) == {"aes128gcm16", "aes256gcm16", *CBC}
     for r in got.values():
         assert r["passed"] and r["cases"] > 0 and r["failures"] == [], r
 
@@ -321,7 +324,7 @@ def test_virtio_when_it_outranks_aesni(devcrypto: Lab, figures: dict[str, Any]) 
     # virtio_crypto does not set CRYPTO_ALG_KERN_DRIVER_ONLY, so cryptodev's flag is clear;
     # the engine still calls it hardware from /proc/crypto (module virtio_crypto)
     assert cbc["flags"] == 0 and not cbc["hardware"]
-    assert eng["transforms"] == ["aes128-sha256", "aes256-sha256"]
+    assert eng["transforms"] == CBC
     assert eng["drivers"]["aes128-sha256"].startswith(f"{VIRTIO}+hmac(sha256-")
     assert eng["kind"] == "hardware" and all(eng["hardware"].values())
     assert not any(eng["flagged"].values())

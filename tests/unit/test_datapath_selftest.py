@@ -48,6 +48,10 @@ def counting_rng() -> Callable[[int], bytes]:
         ("chacha20poly1305", "rfc7539esp(chacha20,poly1305)", None, 36),
         ("aes128-sha256", "cbc(aes)", "hmac(sha256)", 16),
         ("aes256-sha256", "cbc(aes)", "hmac(sha256)", 32),
+        ("aes128-sha384", "cbc(aes)", "hmac(sha384)", 16),
+        ("aes256-sha384", "cbc(aes)", "hmac(sha384)", 32),
+        ("aes128-sha512", "cbc(aes)", "hmac(sha512)", 16),
+        ("aes256-sha512", "cbc(aes)", "hmac(sha512)", 32),
     ],
 )
 def test_every_transform_maps_to_the_kernel_datapath(
@@ -57,7 +61,9 @@ def test_every_transform_maps_to_the_kernel_datapath(
     assert encr.kernel_name == kernel
     assert (ia.kernel_name if ia else None) == integ
     if ia is not None:
-        assert ia.trunc_bits == 128  # RFC 4868, never the 96-bit XFRMA_ALG_AUTH default
+        # RFC 4868: half the hash (128/192/256), never the 96-bit XFRMA_ALG_AUTH default
+        assert ia.trunc_bits == {"hmac(sha256)": 128, "hmac(sha384)": 192}.get(integ, 256)
+        assert ia.key_bits == 8 * TRANSFORMS[name].auth_key_len
     plan = S.plan_selftest(name, rng=counting_rng())
     assert len(plan.spec_a.inbound.encr_key) == key_bytes
 
@@ -69,6 +75,10 @@ def test_every_transform_is_covered() -> None:
         "chacha20poly1305",
         "aes128-sha256",
         "aes256-sha256",
+        "aes128-sha384",
+        "aes256-sha384",
+        "aes128-sha512",
+        "aes256-sha512",
     }
 
 

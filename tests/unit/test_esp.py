@@ -50,7 +50,8 @@ NAMES = sorted(TRANSFORMS)
 
 def keys(t: Transform, seed: int = 1) -> tuple[bytes, bytes]:
     rnd = hashlib.sha512(f"{t.name}/{seed}".encode()).digest()
-    return rnd[: t.encr_key_len], rnd[32 : 32 + t.auth_key_len]
+    more = hashlib.sha512(f"{t.name}/{seed}/integ".encode()).digest()  # HMAC-SHA384/512 keys
+    return rnd[: t.encr_key_len], (rnd[32:] + more)[: t.auth_key_len]
 
 
 def pair(

@@ -51,6 +51,8 @@ from tests.aio import running
 WAN = ipaddress.IPv4Address("198.51.100.1")
 PEER = ipaddress.IPv4Address("192.0.2.7")
 GCM_PICK = "rfc4106-gcm-aesni"
+#: the default offer's AES-CBC + HMAC-SHA2 entries, in order (after the AEADs)
+CBC_DEFAULTS = tuple(n for n in DEFAULT_ESP_PROPOSALS if "-sha" in n)
 FAULTY = "rfc4106-gcm-aes-faulty"
 PICKS: dict[str, str | None] = {
     "aes256gcm16": GCM_PICK,
@@ -58,6 +60,10 @@ PICKS: dict[str, str | None] = {
     "chacha20poly1305": "rfc7539esp(chacha20-simd,poly1305-simd)",
     "aes256-sha256": "authenc(hmac(sha256-generic),cbc-aes-aesni)",
     "aes128-sha256": "authenc(hmac(sha256-generic),cbc-aes-aesni)",
+    "aes256-sha512": "authenc(hmac(sha512-generic),cbc-aes-aesni)",
+    "aes256-sha384": "authenc(hmac(sha384-generic),cbc-aes-aesni)",
+    "aes128-sha512": "authenc(hmac(sha512-generic),cbc-aes-aesni)",
+    "aes128-sha384": "authenc(hmac(sha384-generic),cbc-aes-aesni)",
 }
 
 
@@ -69,9 +75,9 @@ def _result(t: str, ok: bool = True, driver: str | None = None, **kw: Any) -> Se
 
 def test_gate_tests_the_preferred_first_and_allows_only_what_passed() -> None:
     g = SelfTestGate()
-    g.want(["chacha20poly1305", "aes256gcm16", "aes256-sha512"])
+    g.want(["chacha20poly1305", "aes256gcm16", "aes256-sha1"])
     assert g.busy and not g.allows("chacha20poly1305")
-    assert g.allows("aes256-sha512")  # no self-test for it: its KAT verdict alone
+    assert g.allows("aes256-sha1")  # no self-test for it (no such transform): its KAT verdict alone
     assert g.next_batch() == ("chacha20poly1305", "aes256gcm16")
     assert g.next_batch() == ()  # running
     g.finished(_result("chacha20poly1305"), 1.0)
@@ -82,7 +88,7 @@ def test_gate_tests_the_preferred_first_and_allows_only_what_passed() -> None:
     assert rows == {
         "chacha20poly1305": "passed",
         "aes256gcm16": "failed",
-        "aes256-sha512": "untestable",
+        "aes256-sha1": "untestable",
     }
 
 
@@ -290,14 +296,15 @@ def test_the_offer_starts_empty_and_grows_preferred_first() -> None:
 
     h = asyncio.run(main())
     assert h.bench.batches == [DEFAULT_ESP_PROPOSALS]  # one bench, the preferred first
-    assert h.bench.offers == [DEFAULT_ESP_PROPOSALS[: i + 1] for i in range(5)]
+    n = len(DEFAULT_ESP_PROPOSALS)
+    assert h.bench.offers == [DEFAULT_ESP_PROPOSALS[: i + 1] for i in range(n)]
     assert h.offer.offer == DEFAULT_ESP_PROPOSALS
     assert h.ike.esp_proposals == esp_offer(DEFAULT_ESP_PROPOSALS)
     section = h.offer.report_extra()["kernel_selftest"]
     assert section["first_offer_s"] is not None and section["first_round_s"] is not None
     assert all(t["state"] == "passed" and t["offered"] for t in section["transforms"].values())
     row = h.offer.engine_row()
-    assert row.name == "kernel-esp" and [t.kat for t in row.transforms] == ["passed"] * 5
+    assert row.name == "kernel-esp" and [t.kat for t in row.transforms] == ["passed"] * n
     assert h.offload.report_extras == [h.offer.report_extra]
 
 
@@ -310,7 +317,8 @@ def test_a_transform_that_fails_its_self_test_is_never_offered() -> None:
         return h
 
     h = asyncio.run(main())
-    assert "aes128gcm16" not in h.offer.offer and len(h.offer.offer) == 4
+    assert "aes128gcm16" not in h.offer.offer
+    assert len(h.offer.offer) == len(DEFAULT_ESP_PROPOSALS) - 1
     why = h.offer.why_not("aes128gcm16")
     assert f"its ESP self-test failed on {FAULTY}: tunnel: A->B: 0 of 12" in why
     assert f"offload_demote is off: {FAULTY} keeps its priority" in why
@@ -348,7 +356,7 @@ def test_a_kat_failure_withdraws_live_child_sas_and_tells_listeners() -> None:
         return h
 
     h = asyncio.run(main())
-    assert h.offer.offer == ("chacha20poly1305", "aes256-sha256", "aes128-sha256")
+    assert h.offer.offer == ("chacha20poly1305", *CBC_DEFAULTS)
     assert h.offer.withdrawn(_spec("aes256gcm16")) == (
         f"aes256gcm16 was withdrawn: the kernel's pick {FAULTY} failed its known-answer test"
     )
@@ -375,7 +383,7 @@ def test_a_moved_pick_is_tested_again_before_it_is_offered() -> None:
 
     h, during = asyncio.run(main())
     assert h.bench.batches[1] == ("aes256gcm16", "aes128gcm16")
-    assert during == ("chacha20poly1305", "aes256-sha256", "aes128-sha256")
+    assert during == ("chacha20poly1305", *CBC_DEFAULTS)
     assert h.offer.offer == DEFAULT_ESP_PROPOSALS
     rows = {t.transform: t.driver for t in h.offer.engine_row().transforms}
     assert rows["aes256gcm16"] == FAULTY
@@ -707,3 +715,146 @@ def test_a_move_that_fails_renegotiates_with_the_new_offer() -> None:
     assert len(offer.rekeyed) == 1 and len(neg.requests) == 2
     assert [D.esp_keyword(s) for s in dp.installed] == ["aes256gcm16", "chacha20poly1305"]
     assert D.esp_keyword(dp.removed[0]) == "aes256gcm16"
+
+
+# --- esp_proposal from UCI x offload (issue 15) ----------------------------------------------
+#: what ``offload auto`` ranks first on this made-up box: AES-128-CBC/SHA-256 is fastest
+FAST_FIRST = ("aes128-sha256", "aes256gcm16", "aes128gcm16", "chacha20poly1305", "aes256-sha256",
+              "aes256-sha512", "aes256-sha384", "aes128-sha512", "aes128-sha384")  # fmt: skip
+
+
+def _userspace_update(failed: Sequence[str] = ()) -> OffloadUpdate:
+    """The software engine proven for every transform but ``failed``; ``offload auto``'s
+    ranking is FAST_FIRST."""
+    from oe_router.offload.chooser import Verdict, choose
+
+    verdicts = [Verdict("software", t, t not in failed) for t in TRANSFORMS]
+    return OffloadUpdate(
+        table=choose("off", ["software"], verdicts, []),
+        proposal=tuple(t for t in FAST_FIRST if t not in failed),
+        kernel_usable=frozenset(),
+    )
+
+
+def _cfg(offload: str, esp: tuple[str, ...] = ()) -> OeConfig:
+    base = OeConfig()
+    return replace(base, offload=offload, ike=replace(base.ike, esp_proposals=esp))
+
+
+def _userspace_offer(config: OeConfig, failed: Sequence[str] = ()) -> tuple[D.EspOffer, IkeService]:
+    ike, offload = IkeService([str(WAN)]), FakeOffload()
+    offer = D.EspOffer(ike, offload, "userspace")  # type: ignore[arg-type]
+    asyncio.run(offer.start(config))
+    offload.publish(_userspace_update(failed))
+    return offer, ike
+
+
+def _first_on_the_wire(ike: IkeService) -> tuple[int, int | None, int | None]:
+    """(encryption id, key bits, integrity id) of the first proposal of the SA payload a
+    new IKE SA of this service sends (``ike/proposals.esp_proposals``)."""
+    from oe_router.ike.constants import TransformType
+    from oe_router.ike.proposals import esp_proposals
+
+    first = esp_proposals(ike.esp_proposals, b"\x00\x00\x00\x01")[0]
+    (encr,) = first.of_type(TransformType.ENCR)
+    integ = first.of_type(TransformType.INTEG)
+    return encr.transform_id, encr.key_length, integ[0].transform_id if integ else None
+
+
+@pytest.mark.parametrize("offload", ["off", "auto"])
+def test_an_explicit_esp_proposal_is_offered_in_its_uci_order(offload: str) -> None:
+    """``offload off`` and ``auto`` alike: the UCI list, in its order, is the offer (auto
+    never reorders an explicit list), and its first entry leads the SA payload."""
+    explicit = ("aes256-sha512", "aes256-sha256", "aes256gcm16")
+    offer, ike = _userspace_offer(_cfg(offload, explicit))
+    assert offer.offer == explicit
+    assert ike.esp_proposals == esp_offer(explicit)
+    assert _first_on_the_wire(ike) == (12, 256, 14)  # ENCR_AES_CBC 256, AUTH_HMAC_SHA2_512_256
+
+
+@pytest.mark.parametrize(
+    ("offload", "first"), [("off", DEFAULT_ESP_PROPOSALS[0]), ("auto", FAST_FIRST[0])]
+)
+def test_the_default_offer_is_reordered_only_by_offload_auto(offload: str, first: str) -> None:
+    offer, ike = _userspace_offer(_cfg(offload))
+    assert offer.offer[0] == first and set(offer.offer) == set(DEFAULT_ESP_PROPOSALS)
+    if offload == "off":
+        assert offer.offer == DEFAULT_ESP_PROPOSALS
+    assert ike.esp_proposals == esp_offer(offer.offer)
+
+
+def test_an_explicit_entry_the_datapath_cannot_run_is_dropped_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("WARNING", "oe_router.daemon")
+    offer, _ = _userspace_offer(
+        _cfg("off", ("aes256-sha384", "aes256-sha256")), failed=("aes256-sha384",)
+    )
+    assert offer.offer == ("aes256-sha256",)
+    offer.apply()  # again: no second warning
+    lines = [r.getMessage() for r in caplog.records if "esp_proposal" in r.getMessage()]
+    assert len(lines) == 1 and "aes256-sha384" in lines[0] and "aes256-sha256" not in lines[0]
+    assert "left out of the offer" in lines[0]
+    assert "no crypto engine here passed" in offer.why_not("aes256-sha384")
+
+
+def test_an_explicit_list_with_nothing_runnable_is_refused_at_reload() -> None:
+    offer, _ = _userspace_offer(_cfg("off", ("aes256-sha256",)), failed=("aes256-sha384",))
+    with pytest.raises(D.ServiceError, match=r"^esp_proposal: the userspace datapath cannot run "
+                       r"aes256-sha384 \(.*\); nothing left to offer$"):  # fmt: skip
+        asyncio.run(offer.reload(_cfg("off", ("aes256-sha384",))))
+    assert offer.offer == ("aes256-sha256",)  # the old config still rules
+    asyncio.run(offer.reload(_cfg("off", ("aes256-sha384", "aes128-sha512"))))
+    assert offer.offer == ("aes128-sha512",)
+
+
+def test_every_esp_proposal_keyword_is_a_transform_the_engines_know() -> None:
+    """The schema accepts no keyword the IKE layer or the engines lack (the old
+    ``aes256-sha512``: accepted, then silently never offered)."""
+    from oe_router.config.schema import ESP_PROPOSALS
+    from oe_router.ike.proposals import ESP_KEYWORDS
+
+    assert set(ESP_PROPOSALS) == set(ESP_KEYWORDS) == set(TRANSFORMS)
+    assert set(DEFAULT_ESP_PROPOSALS) <= set(ESP_PROPOSALS)
+    assert DEFAULT_ESP_PROPOSALS[:3] == ("aes256gcm16", "aes128gcm16", "chacha20poly1305")
+    for name, spec in ESP_KEYWORDS.items():
+        t = TRANSFORMS[name]
+        assert (spec.encr, spec.key_bits, spec.integ) == (
+            t.ike_encr, None if t.ike_encr == 28 else t.cipher_key_len * 8, t.ike_integ
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("offload", ["off", "auto"])
+def test_the_kernel_datapath_offers_an_explicit_list_in_its_order(offload: str) -> None:
+    """Kernel ESP: the explicit list, self-tested, in the UCI order, though the kernel's
+    pick ranks another transform first (``kernel_proposal``)."""
+    explicit = ("aes128-sha384", "aes256gcm16", "aes256-sha512")
+
+    async def main() -> Harness:
+        h = Harness(_cfg(offload, explicit))
+        await h.offer.start(h.config)
+        h.offload.publish(replace(_update(), kernel_proposal=FAST_FIRST))
+        await h.settle()
+        return h
+
+    h = asyncio.run(main())
+    assert h.bench.batches == [explicit]  # only what is listed is self-tested, in order
+    assert h.offer.offer == explicit
+    assert h.ike.esp_proposals == esp_offer(explicit)
+
+
+def test_without_a_datapath_ike_still_offers_the_configured_list() -> None:
+    """No ESP anywhere (SAs negotiated, not installed): the daemon's IKE service offers
+    the esp_proposal list, not its built-in one, and follows a reload."""
+    from oe_router.daemon import build_services
+    from oe_router.platform import Platform
+
+    plat = Platform(wan={4: WAN}, datapath="none", datapath_reason="the kernel lacks ESP")
+    registry = build_services(_cfg("off", ("aes128-sha384", "aes256gcm16")), platform=plat)
+    assert registry.names[1:4] == ("oe", "esp-offer", "ike")  # the offer before IKE starts
+    offer, ike = [s for s in registry if s.name in ("esp-offer", "ike")]
+    assert isinstance(ike, IkeService)
+    asyncio.run(offer.start(_cfg("off", ("aes128-sha384", "aes256gcm16"))))
+    assert ike.esp_proposals == esp_offer(("aes128-sha384", "aes256gcm16"))
+    asyncio.run(offer.reload(_cfg("off")))
+    assert ike.esp_proposals == esp_offer(DEFAULT_ESP_PROPOSALS)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import hmac
 import itertools
 import os
@@ -39,6 +38,8 @@ from oe_router.offload.software import SoftwareEngine
 
 IOCTL = {v: k for k, v in oc.HOST_LAYOUT.ioctls.items()}
 GCM, CBC = TRANSFORMS["aes128gcm16"], TRANSFORMS["aes256-sha256"]
+#: AES-CBC with HMAC-SHA2-256/384/512 (RFC 4868): two sessions each
+CBC_NAMES = [n for n, t in TRANSFORMS.items() if t.hmac_hash is not None]
 PROC_CRYPTO = """\
 name         : cbc(aes)
 driver       : virtio_crypto_aes_cbc
@@ -52,6 +53,14 @@ module       : aesni_intel
 priority     : 400
 type         : skcipher
 """
+
+
+#: the HMAC algorithm ids the fake kernel serves -> hashlib names
+_HASHES = {
+    oc.Alg.SHA2_256_HMAC: "sha256",
+    oc.Alg.SHA2_384_HMAC: "sha384",
+    oc.Alg.SHA2_512_HMAC: "sha512",
+}
 
 
 @dataclass
@@ -72,6 +81,8 @@ class FakeKernel:
             "gcm(aes)": ("generic-gcm-aesni", 0),
             "cbc(aes)": ("cbc-aes-aesni", 0),
             "hmac(sha256)": ("hmac(sha256-generic)", 0),
+            "hmac(sha384)": ("hmac(sha384-generic)", 0),
+            "hmac(sha512)": ("hmac(sha512-generic)", 0),
         }
         self.sessions: dict[int, _Ses] = {}
         self.calls: list[str] = []
@@ -93,7 +104,7 @@ class FakeKernel:
     def CIOCGSESSION(self, sop: Any) -> None:
         if sop.cipher not in (0, oc.Alg.AES_GCM, oc.Alg.AES_CBC) or sop.mac not in (
             0,
-            oc.Alg.SHA2_256_HMAC,
+            *_HASHES,
         ):
             raise OSError(errno.EINVAL, "bad algorithm")
         if sop.cipher and sop.keylen not in (16, 24, 32):
@@ -109,7 +120,7 @@ class FakeKernel:
 
     def _names(self, s: _Ses) -> tuple[str, str]:
         names = {oc.Alg.AES_GCM: "gcm(aes)", oc.Alg.AES_CBC: "cbc(aes)"}
-        return names.get(s.cipher, ""), "hmac(sha256)" if s.mac else ""
+        return names.get(s.cipher, ""), f"hmac({_HASHES[s.mac]})" if s.mac else ""
 
     def CIOCGSESSINFO(self, siop: Any) -> None:
         s = self.sessions[siop.ses]
@@ -126,7 +137,8 @@ class FakeKernel:
         s = self.sessions[cop.ses]
         data = self._read(cop.src, cop.len)
         if s.mac:  # hash-only session: the digest at cop.mac
-            ctypes.memmove(cop.mac, hmac.new(s.mackey, data, hashlib.sha256).digest(), 32)
+            digest = hmac.new(s.mackey, data, _HASHES[s.mac]).digest()
+            ctypes.memmove(cop.mac, digest, len(digest))
             return
         if cop.len % 16:
             raise OSError(errno.EINVAL, "not a multiple of the block size")
@@ -172,7 +184,7 @@ def test_transforms_drivers_and_kind() -> None:
     e = engine(k)
     assert e.name == "cryptodev"
     assert [t.name for t in e.transforms()] == [
-        "aes128gcm16", "aes256gcm16", "aes128-sha256", "aes256-sha256",
+        "aes128gcm16", "aes256gcm16", *CBC_NAMES,
     ]  # fmt: skip
     assert "no algorithm id" in e.unavailable()["chacha20poly1305"]
     assert e.driver(GCM) == "generic-gcm-aesni"
@@ -188,7 +200,7 @@ def test_probe_runs_once_per_transform() -> None:
     e = engine(k)
     e.transforms()
     n = k.calls.count("CIOCGSESSION")
-    assert n == 2 + 2 * 2  # GCM: one session each; CBC+HMAC: two each
+    assert n == 2 + 2 * len(CBC_NAMES)  # GCM: one session each; CBC+HMAC: two each
     e.transforms()
     e.driver(GCM)
     _ = e.kind
@@ -196,7 +208,7 @@ def test_probe_runs_once_per_transform() -> None:
 
 
 @given(
-    name=st.sampled_from(["aes128gcm16", "aes256gcm16", "aes128-sha256", "aes256-sha256"]),
+    name=st.sampled_from([n for n in TRANSFORMS if n != "chacha20poly1305"]),
     blocks=st.integers(1, 100),  # ESP's plaintext is never empty (pad length, next header)
     seq_hi=st.none() | st.integers(0, 2**32 - 1),
     data=st.data(),
@@ -266,7 +278,7 @@ def test_driver_engine_on_an_engine_without_the_flag_is_hardware() -> None:
     k = FakeKernel()
     k.drivers["cbc(aes)"] = ("virtio_crypto_aes_cbc", 0)
     e = engine(k, "virtio_crypto_aes_cbc")
-    assert [t.name for t in e.transforms()] == ["aes128-sha256", "aes256-sha256"]
+    assert [t.name for t in e.transforms()] == CBC_NAMES
     assert e.driver(CBC) == "virtio_crypto_aes_cbc+hmac(sha256-generic)"
     assert e.kind is EngineKind.HARDWARE and e.probe(CBC).hardware and not e.probe(CBC).flagged
     assert "land on generic-gcm-aesni" in e.unavailable()["aes128gcm16"]
@@ -300,7 +312,7 @@ def test_ioctl_errors_name_ioctl_algorithm_errno_and_never_keys() -> None:
     why = e.unavailable()["aes128gcm16"]
     assert "trial seal failed" in why
     assert "CIOCAUTHCRYPT for gcm(aes): Invalid argument (EINVAL)" in why
-    assert [t.name for t in e.transforms()] == ["aes128-sha256", "aes256-sha256"]
+    assert [t.name for t in e.transforms()] == CBC_NAMES
     key = b"K3Y!" * 4 + b"SALT"
     k2 = FakeKernel()
     c = engine(k2).cipher(GCM, key)

@@ -63,7 +63,8 @@ PROC = "".join(
 )  # fmt: skip
 
 ALL = tuple(TRANSFORMS)
-CBC = ("aes128-sha256", "aes256-sha256")
+#: AES-CBC with HMAC-SHA2-256/384/512: what a cbc(aes) driver serves through authenc
+CBC = tuple(n for n, t in TRANSFORMS.items() if t.hmac_hash is not None)
 GCM = ("aes128gcm16", "aes256gcm16")
 
 

@@ -38,6 +38,7 @@ KERNEL_DATAPATH = {
     "kmod-crypto-gcm",
     "kmod-crypto-seqiv",
     "kmod-crypto-sha256",
+    "kmod-crypto-sha512",
     "kmod-veth",
 }
 #: Kernel config the ESP self-test needs (network namespaces), selected with "+@".

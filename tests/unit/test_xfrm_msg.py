@@ -377,6 +377,27 @@ def test_cbc_sha256_uses_auth_trunc_with_rfc4868_length() -> None:
     assert (encap["encap_sport"], encap["encap_dport"]) == (31337, 4500)
 
 
+@pytest.mark.parametrize(
+    ("integ_id", "name", "key_bytes", "trunc"),
+    [(13, "hmac(sha384)", 48, 192), (14, "hmac(sha512)", 64, 256)],
+)
+def test_cbc_sha384_sha512_auth_trunc_lengths(
+    integ_id: int, name: str, key_bytes: int, trunc: int
+) -> None:
+    """RFC 4868: HMAC-SHA2-384-192 and -512-256 in ALG_AUTH_TRUNC with the hash's full key
+    and half of it as the ICV, as the kernel's ESP must truncate them."""
+    key = bytes(range(key_bytes))
+    out = SaKeys(0x2002, bytes(range(64, 96)), key)
+    spec = _cbc_spec(integ=integ_algorithm(integ_id), outbound=out,
+                     inbound=SaKeys(0x1001, bytes(32), bytes(key_bytes)))  # fmt: skip
+    fields, attrs = sa_request(spec, spec.local, spec.remote, spec.outbound)
+    msg = X.decode(X.encode(X.XFRM_MSG_NEWSA, fields, attrs))
+    assert "XFRMA_ALG_AUTH" not in [a[0] for a in msg["attrs"]]
+    auth = msg.get_attr("XFRMA_ALG_AUTH_TRUNC")
+    assert (auth["alg_name"], auth["alg_trunc_len"]) == (name, trunc)
+    assert (auth["alg_key_len"], auth["alg_key"]) == (key_bytes * 8, key)
+
+
 def test_esn_and_wide_window_use_replay_esn_attr() -> None:
     spec = _cbc_spec(esn=True, replay_window=128)
     fields, attrs = sa_request(spec, spec.remote, spec.local, spec.inbound)

@@ -67,15 +67,24 @@ ESP_PROPOSALS: tuple[str, ...] = (
     "aes256-sha256",
     "aes128-sha256",
     "aes256-sha512",
+    "aes256-sha384",
+    "aes128-sha512",
+    "aes128-sha384",
 )
 
-#: The ESP offer when ``esp_proposal`` is not set, before offload reorders it.
+#: The ESP offer when ``esp_proposal`` is not set, before offload reorders it: the AEADs
+#: first, then AES-CBC with HMAC-SHA2 (RFC 4868; SHA-384/512 for peers such as OpenIKED
+#: whose default Child SA offer has no SHA-256). No SHA-1: docs/config.md says why.
 DEFAULT_ESP_PROPOSALS: tuple[str, ...] = (
     "aes256gcm16",
     "aes128gcm16",
     "chacha20poly1305",
     "aes256-sha256",
     "aes128-sha256",
+    "aes256-sha512",
+    "aes256-sha384",
+    "aes128-sha512",
+    "aes128-sha384",
 )
 
 #: IP protocol names accepted in policy entries (IANA numbers).

@@ -52,6 +52,10 @@ DEFAULT_ESP_PROPOSALS: tuple[EspProposalSpec, ...] = (
     EspProposalSpec(EncrId.CHACHA20_POLY1305, None, None, (EsnId.NO_ESN, EsnId.ESN)),
     EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_256_128, (EsnId.NO_ESN, EsnId.ESN)),
     EspProposalSpec(EncrId.AES_CBC, 128, IntegId.HMAC_SHA2_256_128, (EsnId.NO_ESN, EsnId.ESN)),
+    EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_512_256, (EsnId.NO_ESN, EsnId.ESN)),
+    EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_384_192, (EsnId.NO_ESN, EsnId.ESN)),
+    EspProposalSpec(EncrId.AES_CBC, 128, IntegId.HMAC_SHA2_512_256, (EsnId.NO_ESN, EsnId.ESN)),
+    EspProposalSpec(EncrId.AES_CBC, 128, IntegId.HMAC_SHA2_384_192, (EsnId.NO_ESN, EsnId.ESN)),
 )
 
 
@@ -66,6 +70,9 @@ ESP_KEYWORDS: dict[str, EspProposalSpec] = {
     "aes256-sha256": EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_256_128, _BOTH_ESN),
     "aes128-sha256": EspProposalSpec(EncrId.AES_CBC, 128, IntegId.HMAC_SHA2_256_128, _BOTH_ESN),
     "aes256-sha512": EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_512_256, _BOTH_ESN),
+    "aes256-sha384": EspProposalSpec(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_384_192, _BOTH_ESN),
+    "aes128-sha512": EspProposalSpec(EncrId.AES_CBC, 128, IntegId.HMAC_SHA2_512_256, _BOTH_ESN),
+    "aes128-sha384": EspProposalSpec(EncrId.AES_CBC, 128, IntegId.HMAC_SHA2_384_192, _BOTH_ESN),
 }
 
 
@@ -261,7 +268,12 @@ def esp_key_lengths(encr: int, key_bits: int | None, integ: int | None) -> tuple
         e = 36
     else:
         e = (key_bits or 0) // 8
-    sizes: dict[int | None, int] = {IntegId.HMAC_SHA2_256_128: 32, IntegId.HMAC_SHA2_512_256: 64}
+    # RFC 4868 §2.1.1: the HMAC key is the hash's full output size
+    sizes: dict[int | None, int] = {
+        IntegId.HMAC_SHA2_256_128: 32,
+        IntegId.HMAC_SHA2_384_192: 48,
+        IntegId.HMAC_SHA2_512_256: 64,
+    }
     a = sizes.get(integ, 0)
     return e, a
 

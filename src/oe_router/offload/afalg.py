@@ -374,9 +374,9 @@ class AfAlgEngine:
             return None
         key = _dummy_key(t)
         names = []
-        for name in (cand.name, cand.esn_name):
+        for name, generic in ((cand.name, t.aead), (cand.esn_name, _esn_name(t.aead))):
             try:
-                bound = _resolve(name, key, t.icv_len, self.proc_crypto, self.driver_name)
+                bound = _resolve(name, generic, key, t.icv_len, self.proc_crypto, self.driver_name)
             except EngineError as exc:  # no AF_ALG at all
                 self._why[t.name] = str(exc)
                 return None
@@ -424,8 +424,11 @@ class AfAlgEngine:
         return _Cipher(self, transform, b, key, HARDWARE_LANES if b.hardware else 1)
 
 
-def _resolve(name: str, key: bytes, icv_len: int, proc: str, driver: str | None) -> str | OSError:
-    """The name that binds ``name``'s implementation, or the kernel's error.
+def _resolve(
+    name: str, generic: str, key: bytes, icv_len: int, proc: str, driver: str | None
+) -> str | OSError:
+    """The name that binds ``name``'s implementation (the algorithm ``generic``), or the
+    kernel's error.
 
     A template around a driver name ("authenc(hmac(sha256),virtio_crypto_aes_cbc)") is
     instantiated by a bind, but that bind still fails (ENOENT): the kernel matches the
@@ -433,10 +436,11 @@ def _resolve(name: str, key: bytes, icv_len: int, proc: str, driver: str | None)
     ("authenc(hmac(sha256-generic),virtio_crypto_aes_cbc)"). So an instance holding the
     driver is looked up in /proc/crypto first and bound by its driver name; only when
     there is none is the template bound, which registers one (and self-tests it: every
-    needless bind of the template would add another instance).
+    needless bind of the template would add another instance). The instance must be of
+    ``generic`` too: an ``authenc(hmac(sha256-generic),<driver>)`` is no HMAC-SHA384 one.
     """
     if driver is not None and "(" in name:
-        found = _instance(name, key, icv_len, proc, driver)
+        found = _instance(name, generic, key, icv_len, proc, driver)
         if found:
             return found
     try:
@@ -445,16 +449,18 @@ def _resolve(name: str, key: bytes, icv_len: int, proc: str, driver: str | None)
     except OSError as exc:
         if exc.errno != errno.ENOENT or driver is None or "(" not in name:
             return exc
-        return _instance(name, key, icv_len, proc, driver) or exc
+        return _instance(name, generic, key, icv_len, proc, driver) or exc
 
 
-def _instance(name: str, key: bytes, icv_len: int, proc: str, driver: str) -> str:
-    """The driver name of a bindable instance of ``name``'s template around ``driver``."""
+def _instance(name: str, generic: str, key: bytes, icv_len: int, proc: str, driver: str) -> str:
+    """The driver name of a bindable instance of ``name``'s template around ``driver``
+    that implements ``generic``."""
     outer = name.split("(", 1)[0] + "("
     found = [
         a
         for a in read_proc_crypto(proc)
         if a.type == "aead"
+        and a.name == generic
         and a.driver.startswith(outer)
         and driver in re.split(r"[(),]", a.driver[len(outer) :])
     ]

@@ -383,8 +383,7 @@ def proposal_order(
     least ``1/(1+tolerance)`` as fast as the fastest remaining, so run-to-run noise does
     not reshuffle near-equals (under TCG GCM and CBC came out at 90 and 89 Mbit/s).
     Transforms not measured yet keep their configured order after the measured ones;
-    transforms no verified engine runs (or unknown to the engines, such as
-    ``aes256-sha512``) are left out.
+    transforms no verified engine runs (or unknown to the engines) are left out.
     """
     rate: dict[tuple[str, str], float] = {}
     for m in measurements:

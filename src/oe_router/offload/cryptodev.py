@@ -10,8 +10,8 @@ How each transform maps onto cryptodev-linux's algorithms (ioctl.c, authenc.c at
   with CIOCAUTHCRYPT in plain AEAD mode: IV = salt || ESP IV, auth_src = the ESP AAD
   (SPI || seq_lo, or SPI || seq_hi || seq_lo with ESN), C || tag in the output. A bad tag is
   EBADMSG, which becomes ``AuthenticationFailed``.
-* AES-CBC + HMAC-SHA256 (RFC 4303/4868): two sessions, ``CRYPTO_AES_CBC`` and
-  ``CRYPTO_SHA2_256_HMAC``, both through CIOCCRYPT on one buffer laid out as
+* AES-CBC + HMAC-SHA2-256/384/512 (RFC 4303/4868): two sessions, ``CRYPTO_AES_CBC`` and
+  ``CRYPTO_SHA2_{256,384,512}_HMAC``, both through CIOCCRYPT on one buffer laid out as
   SPI || seq_lo || IV || C [|| seq_hi]: CBC runs in place on C, the HMAC over the whole of
   it. cryptodev's composite modes do not fit ESP: CIOCCRYPT with a cipher and a MAC in one
   session hashes the plaintext, COP_FLAG_AEAD_TLS_TYPE is MAC-then-encrypt with TLS padding,
@@ -64,7 +64,9 @@ __all__ = ["CryptodevEngine", "Probe", "aead_aad", "cbc_mac_input"]
 
 #: The kernel cipher name of a transform -> cryptodev's algorithm id.
 _CIPHERS: Mapping[str, Alg] = MappingProxyType({"gcm(aes)": Alg.AES_GCM, "cbc(aes)": Alg.AES_CBC})
-_HMACS: Mapping[str, Alg] = MappingProxyType({"sha256": Alg.SHA2_256_HMAC})
+_HMACS: Mapping[str, Alg] = MappingProxyType(
+    {"sha256": Alg.SHA2_256_HMAC, "sha384": Alg.SHA2_384_HMAC, "sha512": Alg.SHA2_512_HMAC}
+)
 _NOT_IN_CRYPTODEV = "cryptodev-linux has no algorithm id for {cipher}"
 
 
@@ -148,7 +150,7 @@ class _GcmCipher:
 
 
 class _CbcHmacCipher:
-    """RFC 4303/4868 AES-CBC + HMAC-SHA256-128 on two sessions (CIOCCRYPT each).
+    """RFC 4303/4868 AES-CBC + HMAC-SHA2 (the ICV half the hash) on two sessions (CIOCCRYPT).
 
     One buffer holds SPI || seq_lo || IV || C [|| seq_hi]: CBC runs in place on C and the
     HMAC reads the whole buffer, so the ICV input is never assembled in Python.

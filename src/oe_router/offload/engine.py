@@ -78,7 +78,7 @@ class Transform:
     cipher_key_len: int
     salt_len: int
     auth_key_len: int
-    hmac_hash: str | None  # "sha256" for HMAC transforms, None for AEADs
+    hmac_hash: str | None  # "sha256"/"sha384"/"sha512" for HMAC transforms, None for AEADs
     iv_len: int
     icv_len: int
     block_size: int  # the plaintext is padded to a multiple of this (at least 4)
@@ -118,11 +118,14 @@ def _t(
 
 
 # IKE IDs: ENCR_AES_CBC 12, ENCR_AES_GCM_16 20, ENCR_CHACHA20_POLY1305 28;
-# AUTH_HMAC_SHA2_256_128 12 (RFC 4868: 128-bit ICV).
+# AUTH_HMAC_SHA2_256_128 12, _384_192 13, _512_256 14 (RFC 4868: the ICV is half the
+# hash, the key its full output size).
 _GCM = "rfc4106(gcm(aes))"
 _CBC = "authenc(hmac(sha256),cbc(aes))"
+_CBC384 = "authenc(hmac(sha384),cbc(aes))"
+_CBC512 = "authenc(hmac(sha512),cbc(aes))"
 _CHACHA = "rfc7539esp(chacha20,poly1305)"
-_SHA256 = 12
+_SHA256, _SHA384, _SHA512 = 12, 13, 14
 
 #: The ESP transforms the project negotiates, by strongSwan keyword.
 TRANSFORMS: Mapping[str, Transform] = MappingProxyType(
@@ -135,6 +138,14 @@ TRANSFORMS: Mapping[str, Transform] = MappingProxyType(
                16, 4, 28, None),
             _t("aes128-sha256", _CBC, "cbc(aes)", 16, 0, 32, "sha256", 16, 16, 16, 12, _SHA256),
             _t("aes256-sha256", _CBC, "cbc(aes)", 32, 0, 32, "sha256", 16, 16, 16, 12, _SHA256),
+            _t("aes128-sha384", _CBC384, "cbc(aes)", 16, 0, 48, "sha384", 16, 24, 16, 12,
+               _SHA384),
+            _t("aes256-sha384", _CBC384, "cbc(aes)", 32, 0, 48, "sha384", 16, 24, 16, 12,
+               _SHA384),
+            _t("aes128-sha512", _CBC512, "cbc(aes)", 16, 0, 64, "sha512", 16, 32, 16, 12,
+               _SHA512),
+            _t("aes256-sha512", _CBC512, "cbc(aes)", 32, 0, 64, "sha512", 16, 32, 16, 12,
+               _SHA512),
         )
     }
 )  # fmt: skip

@@ -37,6 +37,8 @@ _FILES = {
     "rfc4106(gcm(aes))": "esp_aes_gcm.json",
     "rfc7539esp(chacha20,poly1305)": "esp_chacha20_poly1305.json",
     "authenc(hmac(sha256),cbc(aes))": "esp_aes_cbc_hmac_sha256.json",
+    "authenc(hmac(sha384),cbc(aes))": "esp_aes_cbc_hmac_sha384.json",
+    "authenc(hmac(sha512),cbc(aes))": "esp_aes_cbc_hmac_sha512.json",
 }
 
 

@@ -80,7 +80,7 @@ class OffloadUpdate:
     fastest first by the table's 1400-byte engine (``offload auto``; other settings keep
     the default order). ``kernel_proposal``: the same for the kernel datapath, ranked by
     the kernel's own pick (engine ``afalg``) and without transforms whose kernel driver
-    failed. Transforms no engine here implements (``aes256-sha512``) stay in the kernel's
+    failed. Transforms no engine here implements (none today) would stay in the kernel's
     list: the kernel runs them and nothing here tested them.
 
     ``kernel_usable``: transforms whose kernel-picked driver passed its KAT (engine
