@@ -338,3 +338,22 @@ def test_delete_from_either_side(iked_lab: Lab) -> None:
     fetch(lab, name, netns)
     ike_row(lab, a)
     assert not assert_same_sas(lab, netns, a) & (first | second)
+
+
+def test_iked_default_proposals(iked_lab: Lab, iked: Callable[..., None]) -> None:
+    """iked with its built-in proposals for both SAs (no ikesa, no childsa): its Child SA
+    offer is AES-CBC with HMAC-SHA2-384/512 or SHA-1 and no ESN (what PF_KEY can run); we
+    agree on one of the SHA-2 ones, and the page crosses the WAN as ESP only."""
+    lab = iked_lab
+    netns, name, _ = KEYS["ecdsa"]
+    a = ikedlab.host(lab, netns).ipv4
+    fresh(lab, a)
+    iked(netns, ikesa=None, childsa=None)
+    with lab.capture_wan(label="wan-iked-defaults") as wan:
+        fetch(lab, name, netns)
+        ping = lab.client(f"ping -n -c 3 -W 2 {a}", timeout=30)
+    row = ike_row(lab, a)
+    assert ping.ok, ping.stdout + ping.stderr
+    assert row["children"][0]["transform"] in IKED_DEFAULT_ESP, row  # no "/ESN"
+    assert_esp_only(wan, a)
+    assert_same_sas(lab, netns, a)
