@@ -110,3 +110,46 @@ lab_pluto() {
 lab_knot_loaded() {
     [ "$(knotc -c "$STATE/knot.conf" zone-status 2>/dev/null | grep -c 'serial: [0-9]')" -ge "$1" ]
 }
+
+# lab_iked_stop: stop the OpenIKED of $STATE (TERM, then KILL after 5 s) and flush the
+# netns's SAs and policies (iked's PF_KEY SAs are XFRM states), so the next start is clean.
+lab_iked_stop() {
+    if [ -f "$STATE/iked.pid" ]; then
+        _pid=$(cat "$STATE/iked.pid")
+        kill "$_pid" 2>/dev/null || true
+        _i=50
+        while kill -0 "$_pid" 2>/dev/null && [ $_i -gt 0 ]; do sleep 0.1; _i=$((_i - 1)); done
+        kill -9 "$_pid" 2>/dev/null || true
+        rm -f "$STATE/iked.pid" "$STATE/iked.sock"
+    fi
+    [ -f "$STATE/iked.log" ] && cat "$STATE/iked.log" >>"$STATE/iked-before.log"
+    rm -f "$STATE/iked.log"
+    ip xfrm state flush
+    ip xfrm policy flush
+}
+
+# lab_iked [CONF]: start OpenIKED (iked -dvv, log $STATE/iked.log, control socket
+# $STATE/iked.sock) with CONF (default $STATE/iked.conf) and wait for its control socket.
+# iked reads its keys from the compiled-in /etc/iked only, so it runs in a private mount
+# namespace with $STATE/iked bind-mounted there: each host keeps its own keys. Its one
+# kernel interface is PF_KEY (af_key, loaded at boot from modules.txt).
+lab_iked() {
+    _conf=${1:-$STATE/iked.conf}
+    [ -e /proc/net/pfkey ] || lab_fail "no PF_KEY in this kernel (af_key not loaded)"
+    chmod 600 "$_conf"  # iked refuses a configuration others may read
+    mkdir -p "$STATE/iked/ca" "$STATE/iked/certs" "$STATE/iked/crls" "$STATE/iked/private" \
+        "$STATE/iked/pubkeys/fqdn" "$STATE/iked/pubkeys/ipv4" "$STATE/iked/pubkeys/ipv6" \
+        "$STATE/iked/pubkeys/ufqdn"
+    chmod -R go-rwx "$STATE/iked/private"
+    rm -f "$STATE/iked.sock"
+    lab_afalg_warm
+    setsid unshare --mount --propagation private sh -c \
+        'mount --bind "$1/iked" /etc/iked && exec iked -dvv -f "$2" -s "$1/iked.sock"' \
+        iked "$STATE" "$_conf" >"$STATE/iked.log" 2>&1 </dev/null &
+    echo $! >"$STATE/iked.pid"
+    lab_wait 20 "iked control socket" "$STATE/iked.log" test -S "$STATE/iked.sock"
+    # the socket comes first; IKE messages are dropped until the ikev2 process has its
+    # policies and UDP sockets, after which iked -v logs its static settings
+    lab_wait 20 "iked policies and sockets" "$STATE/iked.log" \
+        grep -q "config_getstatic: nattport" "$STATE/iked.log"
+}

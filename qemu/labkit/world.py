@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from labkit import keys as labkeys
 from labkit import peers
 from labkit.knot import render_knot_conf
@@ -54,6 +56,8 @@ ROUTER_FQDN = "router.example.test"
 NS_FQDN = "ns.test."
 SW_FQDN = "sw.example.test"
 RSA_FQDN = "rsa.example.test"
+IKED_FQDN = "iked.example.test"  # OpenIKED, ECDSA P-256 raw key
+IKED_RSA_FQDN = "iked-rsa.example.test"  # OpenIKED, RSA-2048 raw key
 CAT_POOL = "100.64.13.1-100.64.13.200"  # oe-cat's inner addresses (libreswan rightaddresspool)
 
 
@@ -63,6 +67,7 @@ class Host:
 
     ``expected`` is what the LAN client should see when it talks to ``dns_name``
     through the router running OE: protected-null, protected-rsa, protected-sw,
+    protected-iked (OpenIKED, FQDN identity and raw key),
     protected-cat (the router gets an inner address from its pool), clear, servfail;
     "infra" for ns/resolver.  ``ike_id`` is the IKE identity the peer presents (None:
     ID_NULL or no IKE).
@@ -164,6 +169,26 @@ HOSTS: tuple[Host, ...] = (
     _h("oe-cat", 13, "oe-cat", None, "protected-cat", services=("pluto", "http")),
     # The policy-matrix peer: its group for the router is switched at run time (set-group.sh).
     _h("ls-m", 32, "oe-matrix", None, "matrix", services=("pluto", "http")),
+    # OpenIKED (a third IKEv2 implementation, PF_KEY): raw ECDSA and RSA keys, FQDN ids;
+    # iked.sh restarts it with another iked.conf (tests/qemu/test_iked_interop.py)
+    _h(
+        "oe-iked",
+        14,
+        "oe-iked",
+        IKED_FQDN,
+        "protected-iked",
+        ike_id=f"@{IKED_FQDN}",
+        services=("iked", "http"),
+    ),
+    _h(
+        "oe-iked-rsa",
+        15,
+        "oe-iked",
+        IKED_RSA_FQDN,
+        "protected-iked",
+        ike_id=f"@{IKED_RSA_FQDN}",
+        services=("iked", "http"),
+    ),
 )
 
 
@@ -174,10 +199,13 @@ class WorldKeys:
     rsa: labkeys.RsaIdentity
     sw: labkeys.EcIdentity
     router: labkeys.EcIdentity
+    iked: labkeys.EcIdentity
+    iked_rsa: labkeys.RsaIdentity
 
     @staticmethod
     def generate() -> WorldKeys:
-        return WorldKeys(labkeys.new_rsa(), labkeys.new_ec(), labkeys.new_ec())
+        ec, rsa = labkeys.new_ec, labkeys.new_rsa
+        return WorldKeys(rsa(), ec(), ec(), ec(), rsa())
 
 
 def _addr(octet: int) -> tuple[str, str]:
@@ -206,12 +234,16 @@ def zone_spec(keys: WorldKeys, ns_addresses: Sequence[str]) -> HierarchySpec:
     rsa_key = "IPSECKEY " + ipseckey(labkeys.IPSECKEY_ALG_RSA, keys.rsa.dns_key)
     sw_key = "IPSECKEY " + ipseckey(labkeys.IPSECKEY_ALG_ECDSA, keys.sw.dns_key)
     router_key = "IPSECKEY " + ipseckey(labkeys.IPSECKEY_ALG_ECDSA, keys.router.dns_key)
+    iked_key = "IPSECKEY " + ipseckey(labkeys.IPSECKEY_ALG_ECDSA, keys.iked.dns_key)
+    iked_rsa_key = "IPSECKEY " + ipseckey(labkeys.IPSECKEY_ALG_RSA, keys.iked_rsa.dns_key)
     www_bogus = ["www A 203.0.113.22", "www AAAA 2001:db8:1::22", f"www {none}"]
     bogus_targets = (("www", "A"), ("www", "AAAA"), ("www", "IPSECKEY"))
     example = [
         *_host_records("null", 10, none),
         *_host_records("rsa", 11, rsa_key),
         *_host_records("sw", 12, sw_key),
+        *_host_records("iked", 14, iked_key),
+        *_host_records("iked-rsa", 15, iked_rsa_key),
         *_host_records("plain", 20),
         *_host_records("a", 30),
         *_host_records("b", 31),
@@ -291,6 +323,8 @@ def dns_names() -> tuple[DnsName, ...]:
         DnsName("null.example.test", "secure", a4(10), 0, "protected-null"),
         DnsName("rsa.example.test", "secure", a4(11), 2, "protected-rsa"),
         DnsName("sw.example.test", "secure", a4(12), 3, "protected-sw"),
+        DnsName(IKED_FQDN, "secure", a4(14), 3, "protected-iked"),
+        DnsName(IKED_RSA_FQDN, "secure", a4(15), 2, "protected-iked"),
         DnsName("plain.example.test", "secure", a4(20), None, "clear", "NODATA via NSEC"),
         DnsName("a.example.test", "secure", a4(30), None, "clear"),
         DnsName("b.example.test", "secure", a4(31), None, "clear"),
@@ -392,6 +426,48 @@ def _libreswan_host(
         files["hostkey.pub"] = rsa.libreswan_pubkey + "\n"
     groups = " ".join(g for g in peers.OE_GROUPS if policies.get(g) and g not in ("clear", "block"))
     _write_host(outdir, host, f"lab_pluto {groups}\n", files)
+
+
+def _iked_host(
+    outdir: Path,
+    host: Host,
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+    router_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """An OpenIKED host: its /etc/iked tree under iked/ (bind-mounted over /etc/iked in
+    iked's own mount namespace, so each host has its own keys) and iked.conf, a passive
+    responder for the router (IKE SA: AES-GCM-256, ECP-256 or Curve25519; Child SA: iked's
+    defaults, all that PF_KEY lets it install; peers.IKED_*).
+    ``iked.sh start [CONF] | stop`` restarts or stops it (labkit/README.md)."""
+    if not host.dns_name:
+        raise ValueError(f"iked host {host.netns} needs a DNS name (its srcid)")
+    files: dict[str, str | bytes] = {
+        "iked.conf": peers.render_iked_conf(host.v4, ROUTER_WAN4, host.dns_name, ROUTER_FQDN),
+        "iked/private/local.key": labkeys.private_pem(key),
+        "iked/local.pub": labkeys.public_pem(key),
+        f"iked/pubkeys/fqdn/{ROUTER_FQDN}": labkeys.public_pem(router_key),
+    }
+    _write_host(outdir, host, "lab_iked\n", files)
+    _write(outdir / "hosts" / host.netns / "iked.sh", _IKED_SH, 0o755)
+
+
+# iked.sh for the OpenIKED hosts: run INSIDE the host's netns with LAB_STATE set, like start.sh.
+_IKED_SH = """#!/bin/sh
+# iked.sh start [CONF] | stop: stop the host's iked (flushing the netns's SAs and policies),
+# then start it again with CONF (default: the host's own iked.conf) unless asked to stop.
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/../../lib/common.sh"
+LAB_HOST=$(basename "$HERE")
+STATE="${LAB_STATE:-/run/lab}/$LAB_HOST"
+export STATE LAB_HOST
+lab_iked_stop
+case "${1:-}" in
+start) lab_iked "${2:-$STATE/iked.conf}" ;;
+stop) ;;
+*) echo "iked.sh: start [CONF] | stop" >&2; exit 2 ;;
+esac
+"""
 
 
 # set-group.sh for the matrix peer: run INSIDE its netns with LAB_STATE set, like start.sh.
@@ -552,6 +628,8 @@ def build(
             "swanctl/pubkey/router.pub": labkeys.public_pem(keys.router.key),
         },
     )
+    _iked_host(outdir, hosts["oe-iked"], keys.iked.key, keys.router.key)
+    _iked_host(outdir, hosts["oe-iked-rsa"], keys.iked_rsa.key, keys.router.key)
     for name in ("plain", "insecure", "bogus"):
         _write_host(outdir, hosts[name], "", {})
 

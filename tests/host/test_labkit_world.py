@@ -33,7 +33,7 @@ def test_world_json_describes_every_host(bundle: world.WorldInfo) -> None:
     hosts = {h["netns"]: h for h in data["hosts"]}
     assert set(hosts) == {
         "ns", "resolver", "oe-null", "oe-rsa", "oe-sw", "plain", "insecure", "bogus",
-        "ls-a", "ls-b", "ls-m", "oe-cat",
+        "ls-a", "ls-b", "ls-m", "oe-cat", "oe-iked", "oe-iked-rsa",
     }  # fmt: skip
     assert hosts["oe-rsa"]["expected"] == "protected-rsa"
     assert hosts["bogus"]["expected"] == "servfail"
@@ -46,7 +46,8 @@ def test_world_json_describes_every_host(bundle: world.WorldInfo) -> None:
 
 def test_shell_scripts_parse(bundle: world.WorldInfo) -> None:
     scripts = [*bundle.outdir.glob("hosts/*/*.sh"), bundle.outdir / "lib" / "common.sh"]
-    assert len(scripts) == 26  # start.sh + stop.sh per host, ls-m's set-group.sh, common.sh
+    # start.sh + stop.sh per host, ls-m's set-group.sh, the iked hosts' iked.sh, common.sh
+    assert len(scripts) == 32
     for script in scripts:
         res = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, check=False)
         assert res.returncode == 0, f"{script}: {res.stderr}"
