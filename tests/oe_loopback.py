@@ -7,7 +7,8 @@ import ipaddress
 from collections.abc import Iterable
 
 from oe_router.datapath.base import ChildSaSpec, IPAddress, TrafficSelector
-from oe_router.oe.manager import ChildRequest, PeerAuth
+from oe_router.oe.actions import ChildRequest
+from oe_router.oe.peerauth import PeerAuth
 
 LO = ipaddress.ip_address("127.0.0.1")
 

@@ -19,7 +19,7 @@ from oe_router.config.schema import OeConfig, PolicyConfig, parse_policy_entry
 from oe_router.datapath.base import ChildSaSpec, IPAddress
 from oe_router.datapath.kernel import bypass_socket
 from oe_router.datapath.netns import in_netns
-from oe_router.oe.manager import ChildRequest, NegotiationResult
+from oe_router.oe.actions import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService, kernel_datapath
 
 WAN = ipaddress.IPv4Address("198.51.100.1")

@@ -40,7 +40,7 @@ from oe_router.datapath.base import (
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
 from oe_router.datapath.netns import in_netns
 from oe_router.dns.ipseckey import KeyKind, PeerKey
-from oe_router.oe.manager import ChildRequest, NegotiationResult
+from oe_router.oe.actions import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService, kernel_datapath
 from tests.aio import run, running
 from tests.host.netlab import MakeNetns

@@ -39,12 +39,8 @@ from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.ike.constants import NotifyType
 from oe_router.ike.service import IkeUpError
 from oe_router.logs import NOTICE
-from oe_router.oe.manager import (
-    InstallChild,
-    Negotiate,
-    NegotiationResult,
-    OeManager,
-)
+from oe_router.oe.actions import InstallChild, Negotiate, NegotiationResult
+from oe_router.oe.manager import OeManager
 from oe_router.oe.negotiator import failure_summary
 from oe_router.oe.policy import PolicyTable
 

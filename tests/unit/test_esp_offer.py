@@ -40,7 +40,7 @@ from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.ike.proposals import esp_offer
 from oe_router.ike.sa import IkeSaConfig
 from oe_router.ike.service import IkeService
-from oe_router.oe.manager import ChildRequest, NegotiationResult
+from oe_router.oe.actions import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService
 from oe_router.offload.chooser import ChoiceTable
 from oe_router.offload.crypto_user import CryptoUserError

@@ -32,18 +32,18 @@ from oe_router.ike.child import cp_request
 from oe_router.ike.events import ChildSaEstablished, ChildSaFailed
 from oe_router.ike.selectors import NO_CONTAINMENT
 from oe_router.ike.service import any_selector
-from oe_router.oe.lan import cat_remove_script, cat_script
-from oe_router.oe.manager import (
+from oe_router.oe.actions import (
     Action,
     InstallChild,
     InstallPolicy,
     Negotiate,
     NegotiationResult,
-    OeManager,
     RemovePolicy,
     TunnelResult,
     UpdateCat,
 )
+from oe_router.oe.lan import cat_remove_script, cat_script
+from oe_router.oe.manager import OeManager
 from oe_router.oe.negotiator import cat_result
 from oe_router.oe.policy import PolicyTable
 from tests.ike_pair import configs, establish, handshake, host_ts, net

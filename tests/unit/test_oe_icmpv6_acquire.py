@@ -12,7 +12,8 @@ import ipaddress
 
 from oe_router.config.schema import PolicyConfig, PolicyEntry
 from oe_router.datapath.base import Acquire, Direction, PolicyAction, TrafficSelector
-from oe_router.oe.manager import Action, InstallPolicy, Negotiate, NegotiationResult, OeManager
+from oe_router.oe.actions import Action, InstallPolicy, Negotiate, NegotiationResult
+from oe_router.oe.manager import OeManager
 from oe_router.oe.policy import PolicyTable, selector_rank
 
 WAN6 = ipaddress.IPv6Address("2001:db8:ffff::1")

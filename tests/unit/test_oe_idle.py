@@ -26,17 +26,17 @@ from oe_router.datapath.base import (
     TrafficSelector,
     encr_algorithm,
 )
-from oe_router.oe.manager import (
+from oe_router.oe.actions import (
     Action,
     CheckTraffic,
     InstallPolicy,
     Negotiate,
     NegotiationResult,
-    OeManager,
     Rekey,
     RemoveChild,
     SendDelete,
 )
+from oe_router.oe.manager import OeManager
 from oe_router.oe.policy import PolicyTable
 
 WAN = ipaddress.IPv4Address("198.51.100.1")

@@ -25,15 +25,15 @@ from oe_router.datapath.base import (
     encr_algorithm,
 )
 from oe_router.datapath.kernel import Ownership
-from oe_router.oe.manager import (
+from oe_router.oe.actions import (
     Action,
     InstallChild,
     InstallPolicy,
     Negotiate,
     NegotiationResult,
-    OeManager,
     RemovePolicy,
 )
+from oe_router.oe.manager import OeManager
 from oe_router.oe.policy import PolicyTable, selector_rank
 
 WAN4 = ipaddress.IPv4Address("198.51.100.1")

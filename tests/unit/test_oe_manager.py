@@ -25,20 +25,20 @@ from oe_router.datapath.base import (
     encr_algorithm,
 )
 from oe_router.dns.ipseckey import KeyKind, PeerKey
-from oe_router.oe.manager import (
+from oe_router.oe.actions import (
     Action,
     CheckTraffic,
     InstallChild,
     InstallPolicy,
     Negotiate,
     NegotiationResult,
-    OeManager,
     Rekey,
     RemoveChild,
     RemovePolicy,
     SendDelete,
     TunnelResult,
 )
+from oe_router.oe.manager import OeManager
 from oe_router.oe.policy import PolicyTable, selector_rank
 
 WAN = ipaddress.IPv4Address("198.51.100.1")

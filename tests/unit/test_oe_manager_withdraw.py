@@ -24,17 +24,17 @@ from oe_router.datapath.base import (
     encr_algorithm,
     integ_algorithm,
 )
-from oe_router.oe.manager import (
+from oe_router.oe.actions import (
     Action,
     InstallChild,
     InstallPolicy,
     MoveChild,
     Negotiate,
     NegotiationResult,
-    OeManager,
     RemoveChild,
     SendDelete,
 )
+from oe_router.oe.manager import OeManager
 from oe_router.oe.policy import PolicyTable
 
 WAN = ipaddress.IPv4Address("198.51.100.1")

@@ -36,26 +36,20 @@ from oe_router.decisions import DecisionLog, subject
 from oe_router.logs import NOTICE
 from oe_router.oe.actions import (
     Action,
-    CheckTraffic,
     ChildRequest,
     InstallChild,
     InstallPolicy,
     MoveChild,
     Negotiate,
     NegotiationResult,
-    Negotiator,
-    Rekey,
-    RemoveChild,
     RemovePolicy,
     SendDelete,
-    TunnelResult,
-    UpdateCat,
 )
 from oe_router.oe.admission import Admission
 from oe_router.oe.answers import HeldAnswers
 from oe_router.oe.groups import GroupPolicies
 from oe_router.oe.passes import Passes
-from oe_router.oe.peerauth import PeerAuth, PublishedKey, peer_auth
+from oe_router.oe.peerauth import PublishedKey, peer_auth
 from oe_router.oe.peers import Child, Peer, Peers, Want
 from oe_router.oe.policy import Group, PolicyTable, Rule, flow_selector, selector_rank
 from oe_router.oe.selectors import child_keys, describe, host_net, target
@@ -63,25 +57,7 @@ from oe_router.oe.shunts import Shunts
 from oe_router.oe.tickets import InboundTicket, NegotiationTicket, RekeyTicket, Tickets
 from oe_router.oe.upkeep import Upkeep
 
-__all__ = [
-    "Action",
-    "CheckTraffic",
-    "ChildRequest",
-    "InstallChild",
-    "InstallPolicy",
-    "MoveChild",
-    "Negotiate",
-    "NegotiationResult",
-    "Negotiator",
-    "OeManager",
-    "PeerAuth",
-    "Rekey",
-    "RemoveChild",
-    "RemovePolicy",
-    "SendDelete",
-    "TunnelResult",
-    "UpdateCat",
-]
+__all__ = ["OeManager"]
 
 log = logging.getLogger("oe_router.oe")
 
