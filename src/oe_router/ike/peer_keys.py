@@ -72,7 +72,7 @@ class PeerKeyLookups:
             except Exception as exc:  # the lookup's fault must not stop the responder
                 why = f"lookup failed: {exc!r}"
         peer = handle.remote[0]
-        msg = "IKE_AUTH from %s as %s: " + ("key found (%s)" if key else "refused: %s")
+        msg = "IKE_AUTH from %s as %s: " + ("key found (%s)" if key is not None else "refused: %s")
         log_limited(self._lines, self._clock(), logging.INFO, msg, peer, ev.name, why)
         if not self._alive(handle):
             return
