@@ -46,6 +46,8 @@ async def _run(
             result: object = await alice.up("127.0.0.1", "pubkey")
         except IkeUpError as exc:
             result = exc
+        # the key authenticated that SA's identity only: nothing is known by address now
+        assert ours.peer_keys == {}
         return [p.ike for p in ours.sas if p.ike is not None], result
     finally:
         await alice.stop()
