@@ -39,7 +39,8 @@ from oe_router.datapath.base import Datapath, IPAddress
 from oe_router.datapath.kernel import XfrmSocketHooks
 from oe_router.dns.access import LanAccess
 from oe_router.dns.capture import DnsCapture
-from oe_router.dns.hold import TunnelRequester
+from oe_router.dns.hold import KeyLookup, TunnelRequester
+from oe_router.dns.identity_keys import IdentityKeys
 from oe_router.dns.service import DnsService, dns_wanted
 from oe_router.esp_offer import ConfiguredEspOffer, EspOffer
 from oe_router.ike.service import IkeService
@@ -514,6 +515,8 @@ def build_services(
     plat = probe_platform(config) if platform is None else platform
     registry = ServiceRegistry()
     oe: OeService | None = None
+    ike: IkeService | None = None
+    dns_service: DnsService | None = None
     # first: software is proven (a quick KAT) before any SA; the rest comes in the background
     # reads offload_canary at start and at every reload; on the kernel datapath only the
     # kernel's own pick is measured (the proposal order), the rest on request
@@ -568,11 +571,10 @@ def build_services(
             lan_interface=plat.lan_device,
             wan_devices=plat.wan_devices,
         )
-        registry.add(
-            DnsService(
-                tunnels=tunnels if tunnels is not None else oe, access=access, capture=capture
-            )
+        dns_service = DnsService(
+            tunnels=tunnels if tunnels is not None else oe, access=access, capture=capture
         )
+        registry.add(dns_service)
     elif config.dns.trust_anchor:
         log.warning(
             "DNS front off: no trust anchor at %s (oe.dns.trust_anchor)", config.dns.trust_anchor
@@ -583,6 +585,16 @@ def build_services(
             " IANA root anchors shipped with oe-router exist",
             config.dns.auto_trust_anchor,
         )
+    if ike is not None:
+        # A signing initiator we hold no key for: its FQDN identity's IPSECKEY, through
+        # the DNS front's validator, cache and bogus memory (none without a trust anchor).
+        front = dns_service
+
+        def key_lookup() -> KeyLookup | None:
+            resolver = front.resolver if front is not None else None
+            return resolver.key_lookup if resolver is not None else None
+
+        ike.peer_key_lookup = IdentityKeys(key_lookup)
     return registry
 
 

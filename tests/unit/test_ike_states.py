@@ -26,6 +26,7 @@ HANDLED = {
     (X.IKE_SA_INIT, False, S.IDLE),  # the peer opens an IKE SA with us
     (X.IKE_SA_INIT, True, S.INIT_SENT),
     (X.IKE_AUTH, False, S.INIT_DONE),
+    (X.IKE_AUTH, False, S.AUTH_PENDING),  # a retransmission while the key is looked up
     (X.IKE_AUTH, True, S.AUTH_SENT),
     *((x, r, s) for x in (X.CREATE_CHILD_SA, X.INFORMATIONAL) for r in (False, True) for s in UP),
 }
@@ -52,6 +53,7 @@ def test_dispatch_table(exchange: X, response: bool, state: IkeState) -> None:
         (S.INIT_SENT, True, False),
         (S.INIT_DONE, True, False),
         (S.AUTH_SENT, True, False),
+        (S.AUTH_PENDING, True, False),
         (S.ESTABLISHED, False, False),
         (S.DELETING, False, False),
         (S.FAILED, False, True),

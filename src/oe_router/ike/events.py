@@ -36,6 +36,19 @@ class IkeSaEstablished(Event):
 
 
 @dataclass(frozen=True)
+class PeerKeyNeeded(Event):
+    """As responder: the initiator signs as ``name`` (ID_FQDN) and we hold no key for it.
+
+    The IKE_AUTH request waits (state AUTH_PENDING) until the owner answers with
+    ``IkeSa.peer_key_found`` (the DNSSEC-validated key of that name, or None); the
+    SA fails by itself if no answer comes within ``IkeSaConfig.peer_key_timeout``.
+    """
+
+    identity: tuple[int, bytes]  # (ID type, data) as the initiator sent it
+    name: str  # the FQDN, as text
+
+
+@dataclass(frozen=True)
 class ChildSaEstablished(Event):
     """An ESP SA pair is ready for the datapath.
 

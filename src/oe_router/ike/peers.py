@@ -213,6 +213,7 @@ class PeerTable:
         now = self._clock()
         if isinstance(ev, IkeSaEstablished):
             p.ike = ev
+            p.peer_key = p.peer_key or handle.sa.peer.public_key  # one looked up by its name
             log.info(
                 "IKE SA with %s established (%s, peer id %s)",
                 p.peer,

@@ -130,6 +130,11 @@ class IkeSaConfig:
     internal_addresses: tuple[str, ...] = ()
     containment: ContainmentPolicy = DEFAULT_CONTAINMENT
     peer_key_address_bound: bool = False  # the peer's key came from DNS for its address
+    # As responder without peer_public_key: a signing initiator with an FQDN identity is
+    # not refused at once; its IKE_AUTH waits (PeerKeyNeeded) for the owner to look its
+    # key up (``IkeSa.peer_key_found``), at most peer_key_timeout seconds.
+    lookup_peer_key: bool = False
+    peer_key_timeout: float = 10.0
     initial_contact: bool = False  # send INITIAL_CONTACT in our IKE_AUTH request
     retire_timeout: float = 30.0  # how long a replaced IKE SA waits for its Delete
     # Pretend to be behind a NAT (RFC 7296 §2.23 allows it): ESP then always travels in
@@ -191,6 +196,10 @@ class PeerFacts:
     nat_remote: bool = False
     auth_method: int = AuthMethod.NULL
     local_auth_method: int = AuthMethod.NULL
+    #: the key the peer must prove: the config's, or one looked up for its identity
+    public_key: ike_auth.PublicKey | None = field(default=None, repr=False)
+    #: ``public_key`` was looked up for the identity it sent, not known in advance
+    key_by_identity: bool = False
 
 
 class IkeSa:
@@ -208,7 +217,8 @@ class IkeSa:
         self.config, self.random = config, random
         self.state = IkeState.IDLE
         self.established_at: float | None = None
-        self.peer = PeerFacts(config.remote_address[0])
+        self.peer = PeerFacts(config.remote_address[0], public_key=config.peer_public_key)
+        self.pending_auth: IkeAuthResponder | None = None  # IKE_AUTH held for a key lookup
         self.handshake = Handshake()
         self.active: Task | None = None  # the exchange we initiated, awaiting its answer
         self.delete_requested = False
@@ -279,6 +289,8 @@ class IkeSa:
     def get_timer(self) -> float | None:
         """When ``handle_timer`` next has work: retransmission, rekey, expiry or a retry."""
         times = [self.link.get_timer(), *(r.get_timer() for r in self._retired)]
+        if self.pending_auth is not None:
+            times.append(self.pending_auth.deadline)
         if self.state == IkeState.ESTABLISHED:
             times += [self._ike_rekey_at, self._ike_expire_at, *self._children.timers()]
             if self.active is None:
@@ -292,6 +304,10 @@ class IkeSa:
             r.handle_timer(now)
         self._retired = [r for r in self._retired if not r.over]
         self.link.expire_fragments(now)
+        held = self.pending_auth
+        if held is not None and now >= held.deadline:
+            self.peer_key_found(None, now, f"no key within {self.config.peer_key_timeout:g}s")
+            return
         if not self.link.retransmit(now):
             self.fail(
                 f"no answer from {self.config.remote_address[0]} after {self.link.tries} tries",
@@ -394,6 +410,22 @@ class IkeSa:
         )
 
     # ---------------------------------------------------------------- public API: commands
+
+    def peer_key_found(self, key: ike_auth.PublicKey | None, now: float, why: str = "") -> None:
+        """The owner's answer to PeerKeyNeeded: the validated key of the identity the
+        initiator sent, or None (``why``: what the lookup found). The held IKE_AUTH is
+        checked with it and answered; no key fails the SA with AUTHENTICATION_FAILED.
+        A late answer (the SA gave up or moved on) is ignored."""
+        held, self.pending_auth = self.pending_auth, None
+        if held is None or self.state != IkeState.AUTH_PENDING:
+            return
+        try:
+            held.resume(key, now, why)
+        except Exception as e:
+            log.warning("IKE SA with %s: internal error: %r", self.peer.ip, e)
+            self.fail(f"internal error resuming IKE_AUTH from {self.peer.ip}: {e!r}")
+            return
+        self._pump(now)
 
     def create_child(
         self,
@@ -498,6 +530,7 @@ class IkeSa:
         self._out.append(datagram)
 
     def fail(self, reason: str, notify: int | None = None, *, unanswered: bool = False) -> None:
+        self.pending_auth = None
         self.set_state(IkeState.FAILED)
         self.link.close()
         self.emit(IkeSaFailed(reason, notify, unanswered))
@@ -539,9 +572,10 @@ class IkeSa:
         self.link.respond(request, [Notify(proto, notify, spi, data)])
 
     def ts_policy(self) -> TsPolicy:
-        confined = self.config.containment.confines(
-            self.peer.auth_method == AuthMethod.NULL, self.config.peer_key_address_bound
-        )
+        # A key looked up for the peer's name is confined as one looked up for its
+        # address: the name proves who it is, not which addresses it may speak for.
+        bound = self.config.peer_key_address_bound or self.peer.key_by_identity
+        confined = self.config.containment.confines(self.peer.auth_method == AuthMethod.NULL, bound)
         return TsPolicy(self.config, self.peer.ip, confined)
 
     def new_child(
@@ -724,6 +758,11 @@ def _request(make: Callable[[IkeSa, Message], Responder | None]) -> Handler:
     return handle
 
 
+def _held(sa: IkeSa, msg: Message, raw: bytes, now: float, remote: Address) -> None:
+    """The initiator retransmitted the IKE_AUTH held for its key lookup: the first copy
+    is answered when the key comes (nothing to replay yet, nothing to do twice)."""
+
+
 _X = ExchangeType
 _S = IkeState
 _UP = (_S.ESTABLISHED, _S.DELETING)
@@ -738,6 +777,7 @@ DISPATCH: dict[tuple[int, bool, IkeState], Handler] = {
     **{(x, True, s): _response for x in (_X.CREATE_CHILD_SA, _X.INFORMATIONAL) for s in _UP},
     (_X.IKE_SA_INIT, False, _S.IDLE): _init_request,
     (_X.IKE_AUTH, False, _S.INIT_DONE): _AUTH,
+    (_X.IKE_AUTH, False, _S.AUTH_PENDING): _held,
     **{(_X.INFORMATIONAL, False, s): _INFO for s in _UP},
     **{(_X.CREATE_CHILD_SA, False, s): _CREATE for s in _UP},
 }

@@ -37,10 +37,12 @@ from oe_router.ratelimit import RateLimit
 from .auth import PrivateKey, PublicKey
 from .commands import IkeCommands
 from .constants import IdType
-from .endpoint import Address, IkeEndpoint
+from .endpoint import Address, IkeEndpoint, SaHandle
 from .errors import IkeError
+from .events import Event, PeerKeyNeeded
 from .identity import LocalIdentity, load_private_key, load_public_key, parse_identity
 from .payloads import TrafficSelector
+from .peer_keys import PeerKeyLookup, PeerKeyLookups
 from .peers import ChildSaSink, IkeUpError, PeerSa, PeerTable, RecordingSink, log_limited
 from .sa import (
     DEFAULT_ESP_PROPOSALS,
@@ -127,6 +129,16 @@ class IkeService:
         self.peer_keys: dict[str, PublicKey] = dict(peer_keys or {})
         # Who may start IKE with us: peer address -> None, or why not (the OE policy groups).
         self.inbound_filter: Callable[[str], str | None] | None = None
+        #: the key of a signing initiator's FQDN identity when we hold none for its
+        #: address (daemon.py: the DNS front's DNSSEC validator); None: refuse it
+        self.peer_key_lookup: PeerKeyLookup | None = None
+        self.key_lookups = PeerKeyLookups(
+            lambda: self.peer_key_lookup,
+            lambda h: self._ep().flush(h),
+            lambda h: self.endpoint is not None and h in self.endpoint.handles(),
+            clock,
+            timeout=10.0,
+        )
         self.ike_proposals = ike_proposals
         #: ESP transforms in preference order; the offload layer may replace them
         #: (new IKE SAs and Child SAs use the new order).
@@ -192,7 +204,7 @@ class IkeService:
         ike = config.ike
         self.endpoint = IkeEndpoint(
             self.addresses,
-            on_event=self.peers.on_event,
+            on_event=self._on_event,
             responder_policy=self._responder_config,
             clock=self._clock,
             ike_port=self._ports[0],
@@ -229,6 +241,7 @@ class IkeService:
             )
 
     async def stop(self) -> None:
+        await self.key_lookups.stop()
         if self.endpoint is None:
             return
         for p in list(self.sas):
@@ -240,6 +253,13 @@ class IkeService:
         for p in list(self.sas):
             self.peers.drop(p, "IKE service stopped")
         self.endpoint = None
+
+    def _on_event(self, handle: SaHandle, ev: Event) -> None:
+        """The endpoint's listener: key lookups here, everything else to the peer table."""
+        if isinstance(ev, PeerKeyNeeded):
+            self.key_lookups.needed(handle, ev)
+        else:
+            self.peers.on_event(handle, ev)
 
     def _ep(self) -> IkeEndpoint:
         if self.endpoint is None:
@@ -378,6 +398,9 @@ class IkeService:
         local_id = self._identity.local_id(self.config)
         sign = self.private_key is not None and (peer_key is not None or local_id != "%null")
         cfg = self._sa_config(local, remote, "pubkey" if sign else "null", peer_key, True)
+        if peer_key is None:  # a signing initiator's key may be looked up by its name
+            timeout = self.key_lookups.timeout
+            cfg = dataclasses.replace(cfg, lookup_peer_key=True, peer_key_timeout=timeout)
         return cfg
 
     # ------------------------------------------------------------------ commands

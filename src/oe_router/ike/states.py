@@ -22,6 +22,7 @@ class IkeState(StrEnum):
     INIT_SENT = "init-sent"  # initiator: IKE_SA_INIT request out
     INIT_DONE = "init-done"  # responder: IKE_SA_INIT answered, waiting for IKE_AUTH
     AUTH_SENT = "auth-sent"  # initiator: IKE_AUTH request out
+    AUTH_PENDING = "auth-pending"  # responder: IKE_AUTH held while the peer's key is looked up
     ESTABLISHED = "established"
     DELETING = "deleting"  # our Delete of the IKE SA is in flight
     FAILED = "failed"
@@ -38,7 +39,15 @@ class IkeState(StrEnum):
         return self in (IkeState.FAILED, IkeState.CLOSED)
 
 
-_HALF_OPEN = frozenset({IkeState.IDLE, IkeState.INIT_SENT, IkeState.AUTH_SENT, IkeState.INIT_DONE})
+_HALF_OPEN = frozenset(
+    {
+        IkeState.IDLE,
+        IkeState.INIT_SENT,
+        IkeState.AUTH_SENT,
+        IkeState.INIT_DONE,
+        IkeState.AUTH_PENDING,
+    }
+)
 
 
 class ChildState(StrEnum):

@@ -2,6 +2,10 @@
 (NULL auth, RFC 7427 and RSA signatures, asymmetric), INITIAL_CONTACT, the first
 Child SA with its selectors and CP inner addresses, and AUTHENTICATION_FAILED
 (§2.21.2).
+
+A responder that holds no key for a signing initiator with an FQDN identity may
+look it up (``IkeSaConfig.lookup_peer_key``): the request is held in AUTH_PENDING,
+PeerKeyNeeded goes to the owner, and ``IkeSa.peer_key_found`` resumes it here.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from typing import TYPE_CHECKING
 
 from .. import auth as ike_auth
 from ..child import ChildRecord, cp_reply, cp_reply_addresses, cp_request, has_notify
-from ..constants import ExchangeType, NotifyType, TransformType
+from ..constants import AuthMethod, ExchangeType, IdType, NotifyType, TransformType
 from ..errors import IkeProtocolError
-from ..events import ChildSaFailed, IkeSaEstablished, InitialContact
+from ..events import ChildSaFailed, IkeSaEstablished, InitialContact, PeerKeyNeeded
 from ..message import Message
 from ..payloads import AUTH, CP, SA, IDi, IDr, IpAddress, Notify, Payload, TSi, TSr
 from ..proposals import esp_proposals, select_esp_proposal
@@ -54,10 +58,10 @@ def make_auth(sa: IkeSa, ident: IDi | IDr) -> AUTH:
 def verify_auth(sa: IkeSa, auth: AUTH, ident: IDi | IDr) -> None:
     assert sa.link.keys is not None
     octets, sk_p = _octets(sa, False, ident)
-    if sa.config.peer_public_key is None:
+    if sa.peer.public_key is None:
         ike_auth.verify_null_auth(auth, sa.link.keys.prf, sk_p, octets)
     else:
-        ike_auth.verify_signature_auth(auth, sa.config.peer_public_key, octets)
+        ike_auth.verify_signature_auth(auth, sa.peer.public_key, octets)
     sa.peer.auth_method = auth.method
 
 
@@ -176,12 +180,78 @@ class IkeAuthTask(Task):
         sa.report(child)
 
 
+_SIGNATURES = (AuthMethod.DIGITAL_SIGNATURE, AuthMethod.RSA_DIGITAL_SIGNATURE)
+
+
+def fqdn_text(data: bytes) -> str | None:
+    """An ID_FQDN's data as a host name (letters, digits, '-', '.'), or None."""
+    try:
+        text = data.decode("ascii").rstrip(".")
+    except UnicodeDecodeError:
+        return None
+    labels = text.split(".")
+    if not text or len(text) > 253 or any(not 0 < len(x) < 64 for x in labels):
+        return None
+    if not all(c.isalnum() or c in "-_" for x in labels for c in x):
+        return None
+    return text
+
+
 class IkeAuthResponder(Responder):
-    """The initiator's IKE_AUTH: check it, answer with ours and the first Child SA."""
+    """The initiator's IKE_AUTH: check it, answer with ours and the first Child SA.
+
+    When the initiator's key must first be looked up, this object holds the request
+    (``deadline``: when to give up) until ``resume``.
+    """
+
+    def __init__(self, sa: IkeSa) -> None:
+        super().__init__(sa)
+        self.deadline = 0.0
+        self._held: tuple[Message, IDi, AUTH, str] | None = None
 
     def process(self, msg: Message, now: float) -> None:
         sa = self.sa
         ident, auth = msg.first(IDi), msg.first(AUTH)
+        name = self._lookup_name(ident, auth)
+        if name is not None and ident is not None and auth is not None:
+            self._held = (msg, ident, auth, name)
+            self.deadline = now + sa.config.peer_key_timeout
+            sa.pending_auth = self
+            sa.set_state(IkeState.AUTH_PENDING)
+            sa.emit(PeerKeyNeeded((ident.id_type, ident.data), name))
+            return
+        self._answer(msg, ident, auth, now)
+
+    def resume(self, key: ike_auth.PublicKey | None, now: float, why: str) -> None:
+        """The looked-up key of the held request's identity (None: there is none)."""
+        assert self._held is not None
+        msg, ident, auth, name = self._held
+        self._held = None
+        sa = self.sa
+        if key is None:
+            e = IkeProtocolError(
+                NotifyType.AUTHENTICATION_FAILED, f"no key for {name}" + (f": {why}" if why else "")
+            )
+            self._refuse(msg, e)
+            return
+        sa.peer.public_key, sa.peer.key_by_identity = key, True
+        self._answer(msg, ident, auth, now)
+
+    def _lookup_name(self, ident: IDi | None, auth: AUTH | None) -> str | None:
+        """The FQDN to look the initiator's key up under, when we must; else None."""
+        sa = self.sa
+        if not sa.config.lookup_peer_key or sa.peer.public_key is not None:
+            return None
+        if ident is None or auth is None or ident.id_type != IdType.ID_FQDN:
+            return None
+        return fqdn_text(ident.data) if auth.method in _SIGNATURES else None
+
+    def _refuse(self, msg: Message, e: IkeProtocolError) -> None:
+        self.sa.respond(msg, [Notify.status(e.notify, e.data)])
+        self.sa.fail(f"initiator authentication failed: {e}", e.notify)
+
+    def _answer(self, msg: Message, ident: IDi | None, auth: AUTH | None, now: float) -> None:
+        sa = self.sa
         try:
             if ident is None or auth is None:
                 raise IkeProtocolError(
@@ -189,8 +259,7 @@ class IkeAuthResponder(Responder):
                 )
             verify_auth(sa, auth, ident)
         except IkeProtocolError as e:
-            sa.respond(msg, [Notify.status(e.notify, e.data)])
-            sa.fail(f"initiator authentication failed: {e}", e.notify)
+            self._refuse(msg, e)
             return
         t, d = sa.config.local_id
         my_id = IDr(t, d)
@@ -247,4 +316,4 @@ class IkeAuthResponder(Responder):
         return child, extra
 
 
-__all__ = ["IkeAuthResponder", "IkeAuthTask", "make_auth", "verify_auth"]
+__all__ = ["IkeAuthResponder", "IkeAuthTask", "fqdn_text", "make_auth", "verify_auth"]
