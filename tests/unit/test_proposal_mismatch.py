@@ -41,8 +41,10 @@ from oe_router.ike.proposals import (
     ike_proposals,
     proposal_text,
 )
+from oe_router.ike.service import IkeService, IkeUpError
 from oe_router.ike.status_view import mismatch_rows
 from oe_router.ike.tasks.ike_auth import IkeAuthResponder
+from tests.ike_loop import linked, run_async
 from tests.ike_pair import configs, establish, events, handshake, host_ts, shuttle
 
 #: our defaults as keywords: what a refused peer is told we accept
@@ -275,3 +277,29 @@ def test_oe_status_text_shows_both_sides_offers() -> None:
         "    we offered   ESP aes256gcm16-noesn-esn, aes256-sha512-noesn-esn\n"
         "    peer offered (not known: the peer only said NO_PROPOSAL_CHOSEN)"
     ) in text
+
+
+@run_async
+async def test_two_services_on_loopback_both_show_the_esp_mismatch() -> None:
+    """``up`` fails saying what we offered; each side's ``oe status`` "ike" object lists
+    the mismatch from its side (the responder's: what the initiator offered)."""
+    a = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, esp_proposals=SHA384_ONLY)
+    b = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, esp_proposals=GCM_ONLY)
+    async with linked(a, b):
+        with pytest.raises(IkeUpError) as err:
+            await a.up("127.0.0.1")
+        assert err.value.offers == ProposalMismatch("ESP", "peer", ("aes128-sha384-noesn-esn",))
+        assert "IKE SA up but the Child SA failed: peer refused the Child SA" in str(err.value)
+        (ours,) = a.status().ike["proposal_mismatches"]
+        assert (ours["peer"], ours["refused_by"], ours["ours"], ours["theirs"]) == (
+            "127.0.0.1",
+            "peer",
+            ["aes128-sha384-noesn-esn"],
+            None,
+        )
+        (theirs,) = b.status().ike["proposal_mismatches"]
+        assert (theirs["refused_by"], theirs["ours"], theirs["theirs"]) == (
+            "us",
+            ["aes256gcm16-noesn-esn"],
+            ["aes128-sha384-noesn-esn"],
+        )
