@@ -26,6 +26,7 @@ from oe_router.control import (
     ControlError,
     DaemonUnreachable,
     EngineStatus,
+    ProposalOffers,
     ReloadResult,
     Status,
     TunnelStatus,
@@ -140,12 +141,16 @@ def render_status(status: Status) -> str:
         )
     out += _render_ike(status)
     out += _render_ike_endpoint(status.ike)
+    out += _render_mismatches(status.ike.get("proposal_mismatches"))
     out += ["", f"shunts ({len(status.shunts)})"]
     if status.shunts:
         out += _table(
             ["destination", "kind", "expires", "reason"],
             [[s.destination, s.kind, _opt(s.expires_s), s.reason] for s in status.shunts],
         )
+        for s in status.shunts:
+            if s.offers is not None:
+                out += [f"  {s.destination}:", *_offers_lines(s.offers)]
     out += ["", f"engines ({len(status.engines)})"]
     if status.engines:
         out += _table(
@@ -286,6 +291,33 @@ def _render_ike_endpoint(ike: dict[str, Any]) -> list[str]:
         shown = [f"{words} {g(k)}" for k, words in keys if isinstance(g(k), int) and g(k)]
         if shown:
             out.append(f"  {label:<10} {', '.join(shown)}")
+    return out
+
+
+def _offers_lines(o: ProposalOffers) -> list[str]:
+    """Both sides' proposals of a NO_PROPOSAL_CHOSEN, ours and theirs, one line each."""
+    ours = ", ".join(o.ours) or "nothing"
+    if o.theirs is None:
+        return [
+            f"    we offered   {o.protocol} {ours}",
+            "    peer offered (not known: the peer only said NO_PROPOSAL_CHOSEN)",
+        ]
+    return [
+        f"    peer offered {o.protocol} {', '.join(o.theirs) or 'nothing'}",
+        f"    we accept    {o.protocol} {ours}",
+    ]
+
+
+def _render_mismatches(rows: Any) -> list[str]:
+    """The IKE service's latest NO_PROPOSAL_CHOSEN per peer (absent from older daemons)."""
+    if not isinstance(rows, list) or not rows:
+        return []
+    out = ["", f"proposal mismatches ({len(rows)})"]
+    for r in rows:
+        o = ProposalOffers.from_json(r)
+        who = "the peer" if o.refused_by == "peer" else "us"
+        out.append(f"  {r.get('peer')}  {o.protocol} refused by {who}, {_opt(r.get('age_s'))} ago")
+        out += _offers_lines(o)
     return out
 
 

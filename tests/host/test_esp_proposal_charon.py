@@ -7,7 +7,8 @@ our daemon (``datapath userspace``: this host's kernel has no ESP) initiates to 
 order: the UCI order with ``offload off`` and with ``offload auto``. Then charon offers
 only ``aes256-sha512-noesn`` (or ``aes128-sha384-noesn``), as OpenIKED would, and the
 daemon's default offer must meet it: the tunnel comes up on that transform and a LAN
-client's echoes cross it.
+client's echoes cross it. Last, charon takes only ``aes128-sha1``: the proposal mismatch,
+both ways, is in ``oe status`` and the log (issue 15 item 4).
 
     client (192.168.78.100) -- lan -- router: oe-routerd (wan 198.51.100.1)
                                           -- wan -- peer: charon (198.51.100.2)
@@ -15,10 +16,13 @@ client's echoes cross it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from .charon import pubkey_conn
 from .charon_lab import CharonLab, charon_lab
 
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("need_charon")]
@@ -91,3 +95,40 @@ def test_default_offer_meets_a_sha2_384_512_only_peer(
     after = lab.daemon.tunnels()[0]
     assert after["packets_out"] >= before["packets_out"] + 5
     assert after["packets_in"] >= before["packets_in"] + 5
+
+
+def test_a_proposal_mismatch_shows_both_sides_offers_in_oe_status(lab: CharonLab) -> None:
+    """charon takes only ``aes128-sha1`` (SHA-1 we never offer). Our ``oe up`` fails and
+    ``oe status`` says what ESP we offered and that charon's choice is not known; then
+    charon initiates and we refuse its proposal: ``oe status`` names it (charon's
+    ``aes128-sha1-noesn``) and what we accept. Each refusal's log line says the same."""
+    d, peer = lab.daemon, lab.wan[1]
+    d.oe("down", peer, check=False)
+    d.wait_for("tunnel gone", lambda: not d.tunnels(), 15)
+    lab.charon.conns = pubkey_conn(peer, lab.wan[0], lab.ike, "aes128-sha1")
+    lab.charon._write()
+    lab.charon.swanctl("--load-all", "--file", str(lab.charon.workdir / "swanctl/swanctl.conf"))
+    p = d.oe("up", peer, "--auth", "pubkey", "--peer-key", str(lab.workdir / "charon.pem"),
+             check=False)  # fmt: skip
+    assert p.returncode != 0, p.stdout + p.stderr
+
+    def mismatch(side: str) -> dict[str, Any] | None:
+        rows = d.status()["ike"].get("proposal_mismatches", [])
+        return next((r for r in rows if r["peer"] == peer and r["refused_by"] == side), None)
+
+    ours = d.wait_for("our offer refused", lambda: mismatch("peer"), 15)
+    assert ours["protocol"] == "ESP" and ours["theirs"] is None, ours
+    assert ours["ours"] and not any("sha1" in o for o in ours["ours"]), ours
+    assert "ESP:AES_CBC_128/HMAC_SHA1_96" not in str(lab.charon.esp_proposals_received()[-1])
+    with contextlib.suppress(RuntimeError):  # charon's initiate fails: that is the point
+        lab.charon.initiate("ours-c", timeout=10)
+    theirs = d.wait_for("charon's offer refused", lambda: mismatch("us"), 15)
+    assert theirs["protocol"] == "ESP", theirs
+    assert theirs["theirs"] == ["aes128-sha1-noesn"], theirs
+    assert theirs["ours"] == ours["ours"], (theirs, ours)
+    text = d.oe("status").stdout
+    assert "peer offered (not known: the peer only said NO_PROPOSAL_CHOSEN)" in text, text
+    assert "    peer offered ESP aes128-sha1-noesn\n" in text, text
+    log = d.log()
+    assert f"we offered ESP {', '.join(ours['ours'])}; the peer did not say" in log, log[-3000:]
+    assert "no acceptable ESP proposal (the peer offered ESP aes128-sha1-noesn; we accept" in log

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from oe_router.config.schema import PolicyConfig, parse_policy_entry
+from oe_router.control.status import ProposalOffers
 from oe_router.datapath.base import (
     Acquire,
     ChildSaSpec,
@@ -37,7 +38,9 @@ from oe_router.dns.front import Resolver
 from oe_router.dns.hold import AddressProof, HoldPolicy, KeyResult, KeyStatus
 from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.ike.constants import NotifyType
+from oe_router.ike.proposals import ProposalMismatch
 from oe_router.ike.service import IkeUpError
+from oe_router.ike.status_view import offers_status
 from oe_router.logs import NOTICE
 from oe_router.oe.actions import InstallChild, Negotiate, NegotiationResult
 from oe_router.oe.manager import OeManager
@@ -280,3 +283,32 @@ def test_an_answer_released_clear_is_one_line_per_name_not_per_query(
 def test_notice_is_a_level_of_its_own() -> None:
     assert logging.INFO < NOTICE < logging.WARNING
     assert logging.getLevelName(NOTICE) == "NOTICE"
+
+
+def test_a_proposal_mismatch_says_what_each_side_offered_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Peer refused our ESP: the one decision line keeps its words and adds our offer and
+    that the peer's is unknown; the shunt's status row carries both sides."""
+    mgr = _mgr()
+    caplog.set_level(logging.INFO, logger="oe_router")
+    neg = _acquire(mgr, REFUSER, 1.0)
+    offers = ProposalMismatch("ESP", "peer", ("aes256gcm16-noesn-esn", "aes256-sha512-noesn-esn"))
+    error = f"peer {REFUSER}: IKE SA up but the Child SA failed: peer refused the Child SA"
+    exc = IkeUpError(error, NotifyType.NO_PROPOSAL_CHOSEN, offers)
+    result = NegotiationResult(
+        None, error, summary=failure_summary(exc, str(REFUSER)), offers=offers_status(offers)
+    )
+    mgr.negotiated(neg.ticket, result, 2.0)
+    decisions = [(lv, m) for lv, m in _lines(caplog) if DECISION.match(m)]
+    assert decisions == [
+        (
+            "INFO",
+            "192.0.2.10: clear for 15m, IKE refused (NO_PROPOSAL_CHOSEN): we offered ESP"
+            " aes256gcm16-noesn-esn, aes256-sha512-noesn-esn; the peer did not say what it"
+            " accepts",
+        )
+    ]
+    (row,) = mgr.shunts(3.0)
+    assert row.reason == f"private-or-clear: {error}"
+    assert row.offers == ProposalOffers("ESP", "peer", offers.ours, None)

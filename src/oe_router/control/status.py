@@ -88,13 +88,48 @@ class TunnelStatus:
 
 
 @dataclass(frozen=True)
+class ProposalOffers:
+    """What each side offered when no proposal matched (NO_PROPOSAL_CHOSEN).
+
+    ``protocol`` is ``IKE`` or ``ESP``; ``refused_by`` ``peer`` (it refused ``ours``;
+    ``theirs`` is None: a peer does not say what it accepts) or ``us`` (we refused
+    ``theirs``; ``ours`` is what we accept). Each proposal is in strongSwan's keyword
+    form (``aes256gcm16-prfsha256-ecp256``, ``aes256-sha512-noesn``).
+    """
+
+    protocol: str
+    refused_by: str
+    ours: tuple[str, ...] = ()
+    theirs: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_json(cls, obj: JsonObject) -> ProposalOffers:
+        kw = _known(cls, obj)
+        kw["ours"] = tuple(str(p) for p in kw.get("ours", ()))
+        theirs = kw.get("theirs")
+        kw["theirs"] = None if theirs is None else tuple(str(p) for p in theirs)
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
 class ShuntStatus:
-    """A pass/hold/drop shunt installed for a destination without a tunnel."""
+    """A pass/hold/drop shunt installed for a destination without a tunnel.
+
+    ``offers``: the negotiation failed with NO_PROPOSAL_CHOSEN; what each side offered.
+    """
 
     destination: str
     kind: str
     reason: str = ""
     expires_s: float | None = None
+    offers: ProposalOffers | None = None
+
+    @classmethod
+    def from_json(cls, obj: JsonObject) -> ShuntStatus:
+        kw = _known(cls, obj)
+        offers = kw.get("offers")
+        kw["offers"] = None if offers is None else ProposalOffers.from_json(offers)
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -332,7 +367,7 @@ class Status:
         return cls(
             daemon=DaemonStatus.from_json(obj["daemon"]),
             tunnels=tuple(TunnelStatus.from_json(t) for t in obj["tunnels"]),
-            shunts=tuple(ShuntStatus(**_known(ShuntStatus, s)) for s in obj["shunts"]),
+            shunts=tuple(ShuntStatus.from_json(s) for s in obj["shunts"]),
             engines=tuple(EngineStatus.from_json(e) for e in obj["engines"]),
             dns=dict(obj["dns"]),
             ike=dict(obj.get("ike", {})),  # absent from an older daemon's document

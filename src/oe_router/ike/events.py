@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .payloads import IpAddress, TrafficSelector
+from .proposals import ProposalMismatch
 
 
 class Event:
@@ -106,6 +107,8 @@ class IkeSaFailed(Event):
     reason: str
     notify: int | None = None
     unanswered: bool = False
+    #: NO_PROPOSAL_CHOSEN either way: what each side offered (``oe status``, the log)
+    offers: ProposalMismatch | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class ChildSaFailed(Event):
     notify: int | None = None
     request_id: int | None = None  # what ``IkeSa.create_child`` returned
     rekey_of: bytes | None = None  # our inbound SPI of the Child SA whose rekey failed
+    #: NO_PROPOSAL_CHOSEN either way: what each side offered (``oe status``, the log)
+    offers: ProposalMismatch | None = None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .events import (
     IkeSaRekeyed,
     InitialContact,
 )
+from .proposals import ProposalMismatch
 from .sa import IkeSaConfig
 from .states import IkeState
 from .status_view import identity_text
@@ -38,10 +39,12 @@ from .status_view import identity_text
 __all__ = [
     "ChildSaSink",
     "IkeUpError",
+    "Mismatch",
     "PeerSa",
     "PeerTable",
     "RecordingSink",
     "log_limited",
+    "with_offers",
 ]
 
 log = logging.getLogger("oe_router.ike")
@@ -54,9 +57,13 @@ class IkeUpError(Exception):
     the OE negotiator retry with the other authentication).
     """
 
-    def __init__(self, message: str, notify: int | None = None) -> None:
+    def __init__(
+        self, message: str, notify: int | None = None, offers: ProposalMismatch | None = None
+    ) -> None:
         super().__init__(message)
         self.notify = notify
+        #: NO_PROPOSAL_CHOSEN: what each side offered
+        self.offers = offers
 
 
 def log_limited(limit: RateLimit, now: float, level: int, msg: str, *args: object) -> None:
@@ -133,6 +140,9 @@ class PeerSa:
     error: str | None = None
     notify: int | None = None  #: the notify of the failure, if the peer sent one
     child_error: str | None = None  #: why the first Child SA failed (the IKE SA stays up)
+    offers: ProposalMismatch | None = None  #: the failure's proposals (NO_PROPOSAL_CHOSEN)
+    #: create_child requests refused with NO_PROPOSAL_CHOSEN: what each side offered
+    child_offers: dict[int, ProposalMismatch] = field(default_factory=dict)
     done: asyncio.Future[None] | None = None
     pending: dict[int, asyncio.Future[str | None]] = field(default_factory=dict)  # create_child
 
@@ -141,6 +151,25 @@ class PeerSa:
         if self.error is not None:
             return IkeState.FAILED
         return self.handle.sa.state
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A recent NO_PROPOSAL_CHOSEN with a peer, either way (``oe status``)."""
+
+    peer: str
+    at: float
+    offers: ProposalMismatch
+
+
+#: how many peers' latest proposal mismatches ``oe status`` keeps (a table anyone can
+#: write to with an IKE_SA_INIT must stay small)
+MISMATCHES_KEPT = 16
+
+
+def with_offers(reason: str, offers: ProposalMismatch | None) -> str:
+    """A failure's reason, and what each side offered when no proposal matched."""
+    return reason if offers is None else f"{reason} ({offers.text()})"
 
 
 # --------------------------------------------------------------------------- the table
@@ -164,6 +193,8 @@ class PeerTable:
         self._clock = clock
         self._forget = forget
         self._early_failures = RateLimit()
+        #: the latest proposal mismatch per (peer, protocol, who refused), oldest first
+        self.mismatches: dict[tuple[str, str, str], Mismatch] = {}
 
     def find(self, peer: str) -> PeerSa | None:
         """The best IKE SA with ``peer``: established first, then one in progress."""
@@ -202,6 +233,16 @@ class PeerTable:
             p.error = reason
         self.settle(p)
 
+    def mismatch(self, peer: str, offers: ProposalMismatch | None, now: float) -> None:
+        """Remember the latest NO_PROPOSAL_CHOSEN with ``peer`` for ``oe status``."""
+        if offers is None:
+            return
+        key = (peer, offers.protocol, offers.refused_by)
+        self.mismatches.pop(key, None)
+        self.mismatches[key] = Mismatch(peer, now, offers)
+        while len(self.mismatches) > MISMATCHES_KEPT:
+            del self.mismatches[next(iter(self.mismatches))]
+
     def on_event(self, handle: SaHandle, ev: Event) -> None:
         """The endpoint's listener: an IKE SA a peer initiated is tracked from its first event."""
         p = handle.owner
@@ -230,12 +271,17 @@ class PeerTable:
                 self.settle(p, ev.request_id)
             self.settle(p)
         elif isinstance(ev, ChildSaFailed):
-            log.warning("peer %s: Child SA refused: %s", p.peer, ev.reason)
+            self.mismatch(p.peer, ev.offers, now)
+            why = with_offers(ev.reason, ev.offers)
+            log.warning("peer %s: Child SA refused: %s", p.peer, why)
             if ev.request_id is not None:
+                if ev.offers is not None:
+                    p.child_offers[ev.request_id] = ev.offers
                 self.settle(p, ev.request_id, f"Child SA refused: {ev.reason}")
             elif ev.rekey_of is None and not p.children:
                 p.child_error = f"IKE SA up but the Child SA failed: {ev.reason}"
                 p.notify = ev.notify
+                p.offers = ev.offers
                 self.settle(p)
         elif isinstance(ev, ChildSaDeleted):
             gone = p.children.pop(ev.spi_in, None)
@@ -251,22 +297,25 @@ class PeerTable:
                 self._forget(old.handle)
                 self.drop(old, "replaced: the peer sent INITIAL_CONTACT")
         elif isinstance(ev, IkeSaFailed):
+            self.mismatch(p.peer, ev.offers, now)
+            why = with_offers(ev.reason, ev.offers)
             dead = ev.unanswered and p.ike is not None
             if dead:
                 log.warning("peer %s stopped answering its IKE SA: %s", p.peer, ev.reason)
             elif p.ike is None and not handle.sa.is_initiator:
                 # a request that failed at once (a proposal we refuse, a bad body): a
                 # spoofed flood of them must not become a line each
-                msg, why = "IKE SA with %s failed: %s", ev.reason
+                msg = "IKE SA with %s failed: %s"
                 log_limited(self._early_failures, now, logging.WARNING, msg, p.peer, why)
             elif p.ike is None:
                 # our attempt: the OE manager's decision line says what became of the
                 # flow ("clear for 15m, IKE refused (...)"), at the level that deserves
-                log.info("IKE SA with %s failed: %s", p.peer, ev.reason)
+                log.info("IKE SA with %s failed: %s", p.peer, why)
             else:
-                log.warning("IKE SA with %s failed: %s", p.peer, ev.reason)
+                log.warning("IKE SA with %s failed: %s", p.peer, why)
             p.error = ev.reason
             p.notify = ev.notify
+            p.offers = ev.offers
             self.drop(p, ev.reason, dead=dead)
         elif isinstance(ev, IkeSaDeleted):
             log.info("IKE SA with %s deleted: %s", p.peer, ev.reason)

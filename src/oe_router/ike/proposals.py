@@ -81,6 +81,143 @@ def esp_offer(names: tuple[str, ...]) -> tuple[EspProposalSpec, ...]:
     return tuple(ESP_KEYWORDS[n] for n in dict.fromkeys(names) if n in ESP_KEYWORDS)
 
 
+# --------------------------------------------------------------------------- keywords
+
+#: strongSwan's proposal keywords per transform (``{}`` takes the key length): how
+#: ``oe status`` and the log say what each side offered when no proposal matched.
+_ENCR_WORDS: dict[int, str] = {
+    EncrId.TRIPLE_DES: "3des",
+    EncrId.NULL: "null",
+    EncrId.AES_CBC: "aes{}",
+    EncrId.AES_CTR: "aes{}ctr",
+    EncrId.AES_CCM_8: "aes{}ccm8",
+    EncrId.AES_CCM_12: "aes{}ccm12",
+    EncrId.AES_CCM_16: "aes{}ccm16",
+    EncrId.AES_GCM_8: "aes{}gcm8",
+    EncrId.AES_GCM_12: "aes{}gcm12",
+    EncrId.AES_GCM_16: "aes{}gcm16",
+    EncrId.NULL_AUTH_AES_GMAC: "aes{}gmac",
+    EncrId.CHACHA20_POLY1305: "chacha20poly1305",
+}
+_WORDS: dict[int, dict[int, str]] = {
+    TransformType.INTEG: {
+        IntegId.HMAC_MD5_96: "md5",
+        IntegId.HMAC_SHA1_96: "sha1",
+        IntegId.AES_XCBC_96: "aesxcbc",
+        IntegId.HMAC_SHA2_256_128: "sha256",
+        IntegId.HMAC_SHA2_384_192: "sha384",
+        IntegId.HMAC_SHA2_512_256: "sha512",
+    },
+    TransformType.PRF: {
+        PrfId.HMAC_MD5: "prfmd5",
+        PrfId.HMAC_SHA1: "prfsha1",
+        PrfId.AES128_XCBC: "prfaesxcbc",
+        PrfId.HMAC_SHA2_256: "prfsha256",
+        PrfId.HMAC_SHA2_384: "prfsha384",
+        PrfId.HMAC_SHA2_512: "prfsha512",
+        PrfId.AES128_CMAC: "prfaescmac",
+    },
+    TransformType.DH: {
+        DhId.MODP_1024: "modp1024",
+        DhId.MODP_2048: "modp2048",
+        DhId.MODP_3072: "modp3072",
+        DhId.ECP_256: "ecp256",
+        DhId.ECP_384: "ecp384",
+        DhId.ECP_521: "ecp521",
+        DhId.CURVE25519: "curve25519",
+        DhId.CURVE448: "curve448",
+    },
+    TransformType.ESN: {EsnId.NO_ESN: "noesn", EsnId.ESN: "esn"},
+}
+_UNKNOWN: dict[int, str] = {
+    TransformType.ENCR: "encr",
+    TransformType.PRF: "prf",
+    TransformType.INTEG: "integ",
+    TransformType.DH: "dh",
+    TransformType.ESN: "esn",
+}
+#: at most this many of a peer's proposals are told (anyone can send an IKE_SA_INIT)
+MAX_TOLD = 12
+
+
+def _word(t: Transform) -> str:
+    if t.transform_type == TransformType.ENCR and t.transform_id in _ENCR_WORDS:
+        return _ENCR_WORDS[t.transform_id].format(t.key_length or "")
+    known = _WORDS.get(t.transform_type, {})
+    if t.transform_id in known:
+        return known[t.transform_id]
+    return f"{_UNKNOWN.get(t.transform_type, f'type{t.transform_type}:')}{t.transform_id}"
+
+
+def proposal_text(p: Proposal) -> str:
+    """A proposal in strongSwan's keyword form (``aes256gcm16-prfsha256-ecp256``,
+    ``aes256-sha512-noesn``): encryption, integrity, PRF, DH groups, ESN, in that order;
+    INTEG NONE and DH NONE are left out, as strongSwan's own proposals leave them."""
+    words = []
+    for ttype in (
+        TransformType.ENCR,
+        TransformType.INTEG,
+        TransformType.PRF,
+        TransformType.DH,
+        TransformType.ESN,
+    ):
+        for t in p.of_type(ttype):
+            if ttype in (TransformType.INTEG, TransformType.DH) and t.transform_id == 0:
+                continue
+            words.append(_word(t))
+    text = "-".join(dict.fromkeys(words)) or "empty"
+    if p.protocol_id not in (ProtocolId.IKE, ProtocolId.ESP):
+        text = f"protocol{p.protocol_id}:{text}"
+    return text[:200]
+
+
+def proposals_text(proposals: list[Proposal]) -> tuple[str, ...]:
+    """Each proposal's keywords (``proposal_text``), at most ``MAX_TOLD`` of them."""
+    out = tuple(proposal_text(p) for p in proposals[:MAX_TOLD])
+    if len(proposals) > MAX_TOLD:
+        out += (f"(and {len(proposals) - MAX_TOLD} more)",)
+    return out
+
+
+@dataclass(frozen=True)
+class ProposalMismatch:
+    """What each side offered when no proposal matched (NO_PROPOSAL_CHOSEN).
+
+    ``refused_by`` is ``peer`` (it refused ours; ``theirs`` is None, for a peer only
+    says NO_PROPOSAL_CHOSEN) or ``us`` (we refused the peer's ``theirs``; ``ours`` is
+    what we accept). ``protocol`` is ``IKE`` or ``ESP``. Proposals are keyword texts
+    (``proposal_text``), so an admin can compare them with a peer's configuration.
+    """
+
+    protocol: str
+    refused_by: str
+    ours: tuple[str, ...]
+    theirs: tuple[str, ...] | None = None
+
+    @classmethod
+    def peer_refused(cls, protocol: str, ours: list[Proposal]) -> ProposalMismatch:
+        return cls(protocol, "peer", proposals_text(ours))
+
+    @classmethod
+    def we_refused(
+        cls, protocol: str, theirs: list[Proposal], ours: list[Proposal]
+    ) -> ProposalMismatch:
+        return cls(protocol, "us", proposals_text(ours), proposals_text(theirs))
+
+    def text(self) -> str:
+        """One clause for a log line: both sides' offers, or ours and that theirs is unknown."""
+        ours = ", ".join(self.ours) or "nothing"
+        if self.theirs is None:
+            return f"we offered {self.protocol} {ours}; the peer did not say what it accepts"
+        theirs = ", ".join(self.theirs) or "nothing"
+        return f"the peer offered {self.protocol} {theirs}; we accept {ours}"
+
+
+def esp_accepted(specs: tuple[EspProposalSpec, ...]) -> list[Proposal]:
+    """Our ESP specs as proposals (no PFS groups), for telling what we accept."""
+    return esp_proposals(specs, b"\x00" * 4)
+
+
 # --------------------------------------------------------------------------- IKE
 
 
@@ -286,11 +423,15 @@ __all__ = [
     "EspProposalSpec",
     "IkeChoice",
     "IkeProposalSpec",
+    "ProposalMismatch",
     "encr_matches",
+    "esp_accepted",
     "esp_key_lengths",
     "esp_offer",
     "esp_proposals",
     "ike_proposals",
+    "proposal_text",
+    "proposals_text",
     "select_child_proposal",
     "select_esp_proposal",
     "select_ike_proposal",

@@ -51,6 +51,7 @@ from .proposals import (
     EspProposalSpec,
     IkeChoice,
     IkeProposalSpec,
+    ProposalMismatch,
     esp_key_lengths,
     select_esp_proposal,
     select_ike_proposal,
@@ -529,11 +530,18 @@ class IkeSa:
         """An unprotected datagram outside the window (an IKE_SA_INIT refusal)."""
         self._out.append(datagram)
 
-    def fail(self, reason: str, notify: int | None = None, *, unanswered: bool = False) -> None:
+    def fail(
+        self,
+        reason: str,
+        notify: int | None = None,
+        *,
+        unanswered: bool = False,
+        offers: ProposalMismatch | None = None,
+    ) -> None:
         self.pending_auth = None
         self.set_state(IkeState.FAILED)
         self.link.close()
-        self.emit(IkeSaFailed(reason, notify, unanswered))
+        self.emit(IkeSaFailed(reason, notify, unanswered, offers))
 
     def close(self, reason: str) -> None:
         self.set_state(IkeState.CLOSED)

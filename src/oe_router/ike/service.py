@@ -54,7 +54,7 @@ from .sa import (
 from .selectors import host_selector
 from .sockets import SocketHooks
 from .states import ChildState, IkeState
-from .status_view import tunnel_rows
+from .status_view import mismatch_rows, tunnel_rows
 
 __all__ = [
     "REKEY_REFUSED",
@@ -476,9 +476,9 @@ class IkeService:
         except TimeoutError:
             raise IkeUpError(f"peer {peer}: no IKE SA after {self.up_timeout:.0f}s") from None
         if p.error is not None:
-            raise IkeUpError(f"peer {peer}: {p.error}", p.notify)
+            raise IkeUpError(f"peer {peer}: {p.error}", p.notify, p.offers)
         if not p.children and p.child_error is not None:
-            raise IkeUpError(f"peer {peer}: {p.child_error}", p.notify)
+            raise IkeUpError(f"peer {peer}: {p.child_error}", p.notify, p.offers)
         return p
 
     async def _more_children(self, p: PeerSa, peer: str, transport: bool) -> PeerSa:
@@ -500,7 +500,7 @@ class IkeService:
         finally:
             p.pending.pop(rid, None)
         if error is not None:
-            raise IkeUpError(f"peer {peer}: {error}")
+            raise IkeUpError(f"peer {peer}: {error}", None, p.child_offers.pop(rid, None))
         return p
 
     async def down(self, peer: str, timeout: float = 3.0) -> int:
@@ -541,6 +541,7 @@ class IkeService:
                 **self.counters(),
                 "identity": self.identity(),
                 "addresses": list(self.addresses),
+                "proposal_mismatches": mismatch_rows(self.peers.mismatches.values(), self._clock()),
             },
         )
 

@@ -13,18 +13,51 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from oe_router.control.status import ChildSaStatus, TunnelStatus
+from oe_router.control.status import ChildSaStatus, ProposalOffers, TunnelStatus
 
 from .auth import PrivateKey, PublicKey
 from .child import ChildSaInfo
 from .constants import AuthMethod, DhId, EncrId, IdType, IntegId, PrfId
 from .payloads import TrafficSelector
+from .proposals import ProposalMismatch
 from .states import IkeState
 
 if TYPE_CHECKING:
-    from .peers import PeerSa
+    from .peers import Mismatch, PeerSa
 
-__all__ = ["auth_text", "identity_text", "key_kind", "ts_text", "tunnel_rows"]
+__all__ = [
+    "auth_text",
+    "identity_text",
+    "key_kind",
+    "mismatch_rows",
+    "offers_status",
+    "ts_text",
+    "tunnel_rows",
+]
+
+
+def offers_status(m: ProposalMismatch) -> ProposalOffers:
+    """A proposal mismatch as the status model shows it."""
+    return ProposalOffers(m.protocol, m.refused_by, m.ours, m.theirs)
+
+
+def mismatch_rows(mismatches: Iterable[Mismatch], now: float) -> list[dict[str, object]]:
+    """``oe status`` "ike" -> "proposal_mismatches": the latest NO_PROPOSAL_CHOSEN per
+    peer, protocol and side, newest first, with its age."""
+    rows: list[dict[str, object]] = []
+    for m in sorted(mismatches, key=lambda m: m.at, reverse=True):
+        o = m.offers
+        rows.append(
+            {
+                "peer": m.peer,
+                "age_s": round(now - m.at, 3),
+                "protocol": o.protocol,
+                "refused_by": o.refused_by,
+                "ours": list(o.ours),
+                "theirs": None if o.theirs is None else list(o.theirs),
+            }
+        )
+    return rows
 
 
 def identity_text(ident: tuple[int, bytes]) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
+from oe_router.control.status import ProposalOffers
 from oe_router.datapath.base import ChildSaSpec, IPAddress, PolicySpec, TrafficSelector
 from oe_router.oe.peerauth import PeerAuth
 
@@ -61,6 +62,8 @@ class NegotiationResult:
     inner: IPAddress | None = None
     #: the failure in a few words for the decision line ("IKE refused (NO_PROPOSAL_CHOSEN)")
     summary: str = ""
+    #: NO_PROPOSAL_CHOSEN either way: what each side offered (the shunt's status row)
+    offers: ProposalOffers | None = None
 
 
 class Negotiator(Protocol):

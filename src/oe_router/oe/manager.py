@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import dns.name
 
-from oe_router.control.status import ShuntStatus, TunnelStatus
+from oe_router.control.status import ProposalOffers, ShuntStatus, TunnelStatus
 from oe_router.datapath.base import (
     Acquire,
     ChildSaCounters,
@@ -234,7 +234,13 @@ class OeManager:
         return actions + self._answers.release_if_done(waiter)
 
     def _fail(
-        self, p: Peer, want: Want, reason: str, now: float, summary: str = ""
+        self,
+        p: Peer,
+        want: Want,
+        reason: str,
+        now: float,
+        summary: str = "",
+        offers: ProposalOffers | None = None,
     ) -> list[Action]:
         """Negotiation failed: the group's failure shunt, waiters told, next in queue."""
         p.queue.pop(want.selector, None)
@@ -244,7 +250,7 @@ class OeManager:
         actions = self._drop_replaced(want)  # a broken driver's SA goes either way
         who = self._who(p.addr, want.selector)
         actions += self._shunts.add(
-            p.addr, want.selector, want.rule.group, reason, now, summary, who
+            p.addr, want.selector, want.rule.group, reason, now, summary, who, offers
         )
         actions += self._answers.settle(want.waiters, p.addr, want.selector, False)
         p.in_flight = None
@@ -268,7 +274,7 @@ class OeManager:
         if spec is None:
             self._tickets.close(ticket)
             why = result.error or "negotiation failed"
-            return self._fail(p, t.want, why, now, result.summary)
+            return self._fail(p, t.want, why, now, result.summary, result.offers)
         error = self.containment_error(t.peer, spec, result.inner)
         if error is not None:
             self._tickets.close(ticket)

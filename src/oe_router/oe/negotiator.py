@@ -46,6 +46,7 @@ from oe_router.ike.service import (
     host_selector,
 )
 from oe_router.ike.states import IkeState
+from oe_router.ike.status_view import offers_status
 from oe_router.oe.actions import ChildRequest, NegotiationResult
 from oe_router.oe.sa_spec import child_sa_spec
 
@@ -164,7 +165,10 @@ class IkeNegotiator:
             self._auth_ok[peer] = auth
             return cat_result(self.spec_for(p, ev), ev)
         except (IkeUpError, IkeError) as exc:
-            return NegotiationResult(None, str(exc), summary=failure_summary(exc, peer))
+            m = getattr(exc, "offers", None)
+            offers = None if m is None else offers_status(m)
+            summary = failure_summary(exc, peer)
+            return NegotiationResult(None, str(exc), summary=summary, offers=offers)
 
     async def _first_child(
         self, peer: str, auth: AuthChoice, peer_key: Any
@@ -222,8 +226,9 @@ class IkeNegotiator:
             p.pending.pop(rid, None)
             self._requests.discard(key)
         ev = self._created.pop(key, None)
+        offers = p.child_offers.pop(rid, None)
         if error is not None or ev is None:
-            raise IkeUpError(f"peer {p.peer}: {error or 'Child SA gone'}")
+            raise IkeUpError(f"peer {p.peer}: {error or 'Child SA gone'}", None, offers)
         return ev
 
     async def rekey(self, peer: IPAddress, child: ChildSaSpec, now: float) -> NegotiationResult:
@@ -338,9 +343,13 @@ class IkeNegotiator:
 def failure_summary(exc: Exception, peer: str) -> str:
     """A failed negotiation in a few words for the decision line: ``IKE refused
     (NO_PROPOSAL_CHOSEN)`` when the peer said no, else the reason without the peer's
-    address (the line starts with it)."""
+    address (the line starts with it). When no proposal matched, what each side offered
+    follows (``: we offered ESP aes256gcm16-noesn-esn, ...; the peer did not say ...``)."""
     notify = getattr(exc, "notify", None)
+    offers = getattr(exc, "offers", None)
     if notify:
-        return f"IKE refused ({notify_name(notify)})"
-    text = str(exc).removeprefix(f"peer {peer}: ").replace(f" from {peer} ", " ")
-    return f"IKE: {text}"
+        summary = f"IKE refused ({notify_name(notify)})"
+    else:
+        text = str(exc).removeprefix(f"peer {peer}: ").replace(f" from {peer} ", " ")
+        summary = f"IKE: {text}"
+    return summary if offers is None else f"{summary}: {offers.text()}"

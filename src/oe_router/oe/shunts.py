@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from oe_router.control.status import ShuntStatus
+from oe_router.control.status import ProposalOffers, ShuntStatus
 from oe_router.datapath.base import (
     Direction,
     IPAddress,
@@ -46,6 +46,7 @@ class Shunt:
     group: Group
     reason: str
     expires: float
+    offers: ProposalOffers | None = None
 
 
 class Shunts:
@@ -75,9 +76,11 @@ class Shunts:
         now: float,
         summary: str,
         who: str,
+        offers: ProposalOffers | None = None,
     ) -> list[Action]:
         """The group's failure shunt for ``peer``'s flow; ``who`` is the decision line's
-        subject, ``summary`` its reason in a few words (default ``reason``)."""
+        subject, ``summary`` its reason in a few words (default ``reason``); ``offers``
+        what each side offered when no proposal matched (its status row)."""
         action = group.failure_action
         local = self._wan.get(peer.version)
         if action is None or local is None:
@@ -111,7 +114,7 @@ class Shunts:
                 for net in self._lan6
             ]
         for pol in policies:
-            self._shunts[key_of(pol)] = Shunt(pol, peer, group, reason, now + lifetime)
+            self._shunts[key_of(pol)] = Shunt(pol, peer, group, reason, now + lifetime, offers)
         log.debug(
             "%s %s: %s shunt for %ds (%s)%s",
             group.value,
@@ -213,4 +216,5 @@ def _row(s: Shunt, now: float) -> ShuntStatus:
         kind=s.policy.action.value,
         reason=f"{s.group.value}: {s.reason}",
         expires_s=round(max(0.0, s.expires - now), 3),
+        offers=s.offers,
     )

@@ -16,8 +16,14 @@ from ..crypto import SUPPORTED_DH_GROUPS, KeyExchange, dh_group
 from ..errors import IkeProtocolError
 from ..events import ChildSaFailed
 from ..message import Message
-from ..payloads import KE, SA, Nonce, Notify, Payload, TrafficSelector, TSi, TSr
-from ..proposals import esp_proposals, select_child_proposal, single
+from ..payloads import KE, SA, Nonce, Notify, Payload, Proposal, TrafficSelector, TSi, TSr
+from ..proposals import (
+    ProposalMismatch,
+    esp_accepted,
+    esp_proposals,
+    select_child_proposal,
+    single,
+)
 from ..states import ChildState
 from .base import Responder, Task
 
@@ -42,6 +48,7 @@ class RetryingTask(Task):
         self.ke: KeyExchange | None = None
         self.ni = self.nr = b""
         self.new_spi = b""
+        self.offered: list[Proposal] = []  # the SA payload of our last request
 
     def retry_later(self, now: float) -> bool:
         """TEMPORARY_FAILURE (§2.25): requeue after a random delay, a few times."""
@@ -119,7 +126,8 @@ class CreateChildTask(RetryingTask):
             payloads.append(Notify(ProtocolId.ESP, NotifyType.REKEY_SA, old.spi_in))
         if self.transport:
             payloads.append(Notify.status(NotifyType.USE_TRANSPORT_MODE))
-        payloads += [SA(esp_proposals(sa.config.esp_proposals, self.new_spi, groups))]
+        self.offered = esp_proposals(sa.config.esp_proposals, self.new_spi, groups)
+        payloads += [SA(self.offered)]
         payloads.append(Nonce(self.ni))
         if self.ke is not None:
             payloads.append(KE(self.ke.group, self.ke.public_bytes))
@@ -158,7 +166,10 @@ class CreateChildTask(RetryingTask):
                 sa.enqueue(CreateChildTask(sa, 0.0, None, ts, self.transport))
                 return
             why = f"peer refused the Child SA: {notify_name(n.notify_type)}"
-            self.failed(old, why, n.notify_type)
+            offers = None
+            if n.notify_type == NotifyType.NO_PROPOSAL_CHOSEN:
+                offers = ProposalMismatch.peer_refused("ESP", self.offered)
+            self.failed(old, why, n.notify_type, offers)
             return
         try:
             child = self.accept(msg, now)
@@ -179,10 +190,16 @@ class CreateChildTask(RetryingTask):
         if old is not None and old.state == ChildState.REKEYING:
             old.set_state(ChildState.INSTALLED)
 
-    def failed(self, old: ChildRecord | None, reason: str, notify: int | None) -> None:
+    def failed(
+        self,
+        old: ChildRecord | None,
+        reason: str,
+        notify: int | None,
+        offers: ProposalMismatch | None = None,
+    ) -> None:
         self._unmark(old)
         spi = old.spi_in if old is not None else None
-        self.sa.emit(ChildSaFailed(reason, notify, self.request_id, spi))
+        self.sa.emit(ChildSaFailed(reason, notify, self.request_id, spi, offers))
 
     def concluded(self, child: ChildRecord, old: ChildRecord | None, now: float) -> None:
         self.sa.report(child)
@@ -271,11 +288,17 @@ class RekeyChildTask(CreateChildTask):
     def migrate(self) -> None:
         self._unmark(self.old())
 
-    def failed(self, old: ChildRecord | None, reason: str, notify: int | None) -> None:
+    def failed(
+        self,
+        old: ChildRecord | None,
+        reason: str,
+        notify: int | None,
+        offers: ProposalMismatch | None = None,
+    ) -> None:
         if old is not None and self.collision is not None:
             self.collide(self.collision, 0.0)  # ours failed: the peer's wins
             return
-        super().failed(old, reason, notify)
+        super().failed(old, reason, notify, offers)
 
     def concluded(self, child: ChildRecord, old: ChildRecord | None, now: float) -> None:
         if old is None or self.orphaned:
@@ -320,6 +343,7 @@ class ChildResponder(Responder):
         self.sa_p, self.old = sa_p, old
         self.ni = self.nr = b""
         self.child: ChildRecord | None = None
+        self.offers: ProposalMismatch | None = None  # set when no proposal matched
 
     def process(self, msg: Message, now: float) -> None:
         sa, old = self.sa, self.old
@@ -328,7 +352,8 @@ class ChildResponder(Responder):
         except IkeProtocolError as e:
             sa.refuse(msg, e.notify, e.data)
             if old is None:
-                sa.emit(ChildSaFailed(f"refused the peer's Child SA: {e}", e.notify))
+                why = f"refused the peer's Child SA: {e}"
+                sa.emit(ChildSaFailed(why, e.notify, offers=self.offers))
             return
         sa.respond(msg, payloads)
         assert self.child is not None
@@ -356,6 +381,8 @@ class ChildResponder(Responder):
         ke_group = ke.group if ke is not None else None
         picked = select_child_proposal(self.sa_p.proposals, sa.config.esp_proposals, ke_group)
         if picked is None:
+            ours = esp_accepted(sa.config.esp_proposals)
+            self.offers = ProposalMismatch.we_refused("ESP", self.sa_p.proposals, ours)
             raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "no acceptable ESP proposal")
         number, choice = picked
         shared: bytes | None = None

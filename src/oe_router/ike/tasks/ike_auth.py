@@ -19,8 +19,8 @@ from ..constants import AuthMethod, ExchangeType, IdType, NotifyType, TransformT
 from ..errors import IkeProtocolError
 from ..events import ChildSaFailed, IkeSaEstablished, InitialContact, PeerKeyNeeded
 from ..message import Message
-from ..payloads import AUTH, CP, SA, IDi, IDr, IpAddress, Notify, Payload, TSi, TSr
-from ..proposals import esp_proposals, select_esp_proposal
+from ..payloads import AUTH, CP, SA, IDi, IDr, IpAddress, Notify, Payload, Proposal, TSi, TSr
+from ..proposals import ProposalMismatch, esp_accepted, esp_proposals, select_esp_proposal
 from ..states import IkeState
 from .base import Responder, Task
 
@@ -102,6 +102,7 @@ class IkeAuthTask(Task):
     def __init__(self, sa: IkeSa) -> None:
         super().__init__(sa)
         self.child_spi = b""
+        self.offered: list[Proposal] = []  # our ESP proposals for the first Child SA
 
     def build(self, now: float) -> list[Payload] | None:
         sa, c = self.sa, self.sa.config
@@ -115,8 +116,9 @@ class IkeAuthTask(Task):
             payloads.append(cp_request(ipaddress.ip_address(c.local_address[0]).version))
         if c.transport_mode:
             payloads.append(Notify.status(NotifyType.USE_TRANSPORT_MODE))
+        self.offered = esp_proposals(c.esp_proposals, self.child_spi)
         payloads += [
-            SA(esp_proposals(c.esp_proposals, self.child_spi)),
+            SA(self.offered),
             TSi(list(c.local_ts)),
             TSr(list(c.remote_ts)),
         ]
@@ -129,7 +131,9 @@ class IkeAuthTask(Task):
         ident, auth = msg.first(IDr), msg.first(AUTH)
         if ident is None or auth is None:
             n = errors[0].notify_type if errors else None
-            sa.fail("peer refused IKE_AUTH" + (f" with notify {n}" if n else ": no IDr/AUTH"), n)
+            why = "peer refused IKE_AUTH" + (f" with notify {n}" if n else ": no IDr/AUTH")
+            # a peer that refuses our ESP proposals may refuse the whole IKE_AUTH (OpenIKED)
+            sa.fail(why, n, offers=self._refused(n))
             return
         try:
             verify_auth(sa, auth, ident)
@@ -141,10 +145,17 @@ class IkeAuthTask(Task):
         _authenticated(sa, msg, ident, now)
         self._first_child(msg, errors, now)
 
+    def _refused(self, notify: int | None) -> ProposalMismatch | None:
+        """Our ESP offer, when the peer said NO_PROPOSAL_CHOSEN."""
+        if notify != NotifyType.NO_PROPOSAL_CHOSEN:
+            return None
+        return ProposalMismatch.peer_refused("ESP", self.offered)
+
     def _first_child(self, msg: Message, errors: list[Notify], now: float) -> None:
         sa = self.sa
         if errors:
-            sa.emit(ChildSaFailed("peer refused the Child SA", errors[0].notify_type))
+            n = errors[0].notify_type
+            sa.emit(ChildSaFailed("peer refused the Child SA", n, offers=self._refused(n)))
             return
         sa_p, tsi, tsr = msg.first(SA), msg.first(TSi), msg.first(TSr)
         if sa_p is None or tsi is None or tsr is None or len(sa_p.proposals) != 1:
@@ -281,7 +292,10 @@ class IkeAuthResponder(Responder):
             return None, []  # childless IKE SA (RFC 6023)
         picked = select_esp_proposal(sa_p.proposals, sa.config.esp_proposals)
         if picked is None:
-            refused = ChildSaFailed("no acceptable ESP proposal", NotifyType.NO_PROPOSAL_CHOSEN)
+            ours = esp_accepted(sa.config.esp_proposals)
+            offers = ProposalMismatch.we_refused("ESP", sa_p.proposals, ours)
+            why = "no acceptable ESP proposal"
+            refused = ChildSaFailed(why, NotifyType.NO_PROPOSAL_CHOSEN, offers=offers)
             return refused, [Notify.status(NotifyType.NO_PROPOSAL_CHOSEN)]
         extra: list[Payload] = []
         assigned: tuple[IpAddress, ...] = ()

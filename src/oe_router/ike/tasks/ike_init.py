@@ -19,7 +19,7 @@ from ..errors import IkeDecodeError, IkeProtocolError
 from ..link import ZERO_SPI
 from ..message import Message
 from ..payloads import KE, SA, Nonce, Notify, Payload, decode_uint16_list, encode_uint16_list
-from ..proposals import IkeChoice, ike_proposals, select_ike_proposal, single
+from ..proposals import IkeChoice, ProposalMismatch, ike_proposals, select_ike_proposal, single
 from ..states import IkeState
 from .base import Responder, Task
 from .ike_auth import IkeAuthTask
@@ -154,7 +154,12 @@ class IkeInitTask(Task):
                     sa.fail(f"peer wants DH group {group}, which we do not offer", n.notify_type)
                 return
             if n.is_error:
-                sa.fail(f"peer refused IKE_SA_INIT: {notify_name(n.notify_type)}", n.notify_type)
+                offers = None
+                if n.notify_type == NotifyType.NO_PROPOSAL_CHOSEN:
+                    offered = ike_proposals(sa.config.ike_proposals)
+                    offers = ProposalMismatch.peer_refused("IKE", offered)
+                why = f"peer refused IKE_SA_INIT: {notify_name(n.notify_type)}"
+                sa.fail(why, n.notify_type, offers=offers)
                 return
         try:
             choice, nonce, shared = self._accept(msg)
@@ -202,6 +207,7 @@ class IkeInitResponder(Responder):
     def process_init(self, msg: Message, raw: bytes, remote: Address) -> None:
         sa = self.sa
         sa_p, ke, nonce = msg.first(SA), msg.first(KE), msg.first(Nonce)
+        offers: ProposalMismatch | None = None
         try:
             if sa_p is None or ke is None or nonce is None:
                 raise IkeProtocolError(
@@ -213,6 +219,8 @@ class IkeInitResponder(Responder):
                 )
             choice = select_ike_proposal(sa_p.proposals, sa.config.ike_proposals, ke.group)
             if choice is None:
+                ours = ike_proposals(sa.config.ike_proposals)
+                offers = ProposalMismatch.we_refused("IKE", sa_p.proposals, ours)
                 raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "no acceptable IKE proposal")
             if choice.dh != ke.group:
                 raise IkeProtocolError(
@@ -227,7 +235,7 @@ class IkeInitResponder(Responder):
             flags = HeaderFlag.RESPONSE
             reply = Message(msg.spi_i, ZERO_SPI, ExchangeType.IKE_SA_INIT, flags, 0, refusal)
             sa.send_plain(reply.encode())
-            sa.fail(f"refused IKE_SA_INIT from {remote[0]}: {e}", e.notify)
+            sa.fail(f"refused IKE_SA_INIT from {remote[0]}: {e}", e.notify, offers=offers)
             return
         link = sa.link
         link.spi_i, link.spi_r = msg.spi_i, sa.spi8()
