@@ -319,6 +319,13 @@ def test_the_canary_catches_a_corrupting_engine_within_its_interval() -> None:
         seen = len(updates)
         faulty.corrupt_after = faulty.seals  # from now on every seal is corrupt
         took = await _until(lambda: svc.table.engine_for("aes256-sha256", 1400) != HW, 5.0)
+
+        def all_failed() -> bool:
+            hw = next(e for e in svc.status().engines if e.name == HW)
+            return all(t.kat == "failed" for t in hw.transforms)
+
+        # one round checks each transform in turn (six CBC ones): let it finish
+        await _until(all_failed, 5.0)
         await svc.stop()
         assert took <= 0.2 + 1.0
         assert svc.table.engine_for("aes256-sha256", 1400) == "software"
