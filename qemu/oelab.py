@@ -652,3 +652,68 @@ def matrix_problems(ours: str, theirs: str, c: MatrixCell) -> list[str]:
         if c.clear_out or c.clear_in:
             out.append("cleartext on the WAN")
     return [f"{p} (expected {wire}: {why})" for p in out]
+
+
+#: IKEv2 implementations in the world VM: the peer host -> its name and how to ask its version
+PEER_IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
+    "libreswan": ("libreswan (pluto)", "dpkg-query -W -f '${Version}' libreswan"),
+    "strongswan": (
+        "strongSwan (charon)",
+        "chroot /opt/swroot dpkg-query -W -f '${Version}' strongswan-charon",
+    ),
+    "openiked": ("OpenIKED (iked)", "dpkg-query -W -f '${Version}' openiked"),
+}
+
+
+class Interop:
+    """The IKEv2 pairs this run established with other implementations (issue 15's table):
+    per pair, who initiated, the IKE and ESP transforms and the authentication each side
+    used, as our `oe status` reported them for an SA the test proved with traffic.
+    Written as JSON to ``path`` and, as a Markdown table, next to it (``.md``)."""
+
+    def __init__(self, lab: Lab, path: Path) -> None:
+        self.lab = lab
+        self.path = path
+        self.rows: list[dict[str, str]] = []
+
+    def record(self, test: str, peer: str, host: str, row: Mapping[str, Any]) -> None:
+        """``row``: our `oe status` tunnel row of the IKE SA with ``host`` (a ``peer`` of
+        PEER_IMPLEMENTATIONS), established and carrying a Child SA."""
+        if peer not in PEER_IMPLEMENTATIONS:
+            raise LabError(f"unknown IKEv2 implementation {peer!r}")
+        child = row["children"][0]
+        self.rows.append(
+            {
+                "peer": peer,
+                "host": host,
+                "initiator": "router" if row["role"] == "initiator" else peer,
+                "ike": row["transform"],
+                "esp": child["transform"],
+                "router_auth": row["local_auth"],
+                "peer_auth": row["remote_auth"],
+                "router_id": row["local_id"],
+                "peer_id": row["remote_id"],
+                "test": test,
+            }
+        )
+
+    def write(self) -> None:
+        """The JSON document and the table, each peer named with its package version."""
+        if not self.rows:
+            return
+        versions: dict[str, str] = {}
+        for peer, (name, cmd) in PEER_IMPLEMENTATIONS.items():
+            res = self.lab.world(cmd)
+            versions[peer] = f"{name} {res.stdout.strip()}" if res.ok else name
+        self.path.parent.mkdir(exist_ok=True)
+        doc = {"peers": versions, "pairs": self.rows}
+        self.path.write_text(json.dumps(doc, indent=2) + "\n")
+        head = "| peer | initiator | IKE SA | Child SA | router auth | peer auth | test |"
+        lines = [head, "|" + "---|" * 7]
+        for r in self.rows:
+            who = "router" if r["initiator"] == "router" else "peer"
+            lines.append(
+                f"| {versions[r['peer']]} ({r['host']}) | {who} | {r['ike']} | {r['esp']} "
+                f"| {r['router_auth']} | {r['peer_auth']} | {r['test'].split('/')[-1]} |"
+            )
+        self.path.with_suffix(".md").write_text("\n".join(lines) + "\n")

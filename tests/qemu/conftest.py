@@ -159,6 +159,18 @@ def oe_lab(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Lab]:
         oelab.stop_daemon(lab)
 
 
+INTEROP = REPO / "test-results" / "interop.json"
+
+
+@pytest.fixture(scope="session")
+def interop(lab: Lab) -> Iterator[oelab.Interop]:
+    """The run's interop table (oelab.Interop), written to test-results/interop.json and
+    interop.md when the session ends."""
+    table = oelab.Interop(lab, INTEROP)
+    yield table
+    table.write()
+
+
 @pytest.fixture(scope="module")
 def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """Numbers a module saw in this run, written as JSON to its RESULTS path."""

@@ -123,6 +123,8 @@ class Cell:
     clear_out: int = 0
     clear_in: int = 0
     ike: int = 0
+    #: our `oe status` row of an established IKE SA with the cell's address, if any
+    tunnel: dict[str, Any] | None = None
 
 
 _LINE = re.compile(r"IP (\d+\.\d+\.\d+\.\d+)(?:\.(\d+))? > (\d+\.\d+\.\d+\.\d+)(?:\.(\d+))?: (.*)")
@@ -179,6 +181,10 @@ def matrix(lab: Lab) -> Iterator[dict[str, Cell]]:
             out = lab.client(script, timeout=120).check().stdout
         cells = parse_client(out)
         classify(cap.text(), cells)
+        for t in oelab.status(lab)["tunnels"]:
+            cell = cells.get(t["peer"])
+            if cell and t.get("source") == "ike" and t["state"] == "established":
+                cell.tunnel = t if t.get("children") else cell.tunnel
         yield cells
     finally:
         oelab.stop_daemon(lab)
@@ -209,7 +215,11 @@ def parse_client(out: str) -> dict[str, Cell]:
     ("ours", "theirs"), list(EXPECTED), ids=[f"{o}-x-{t}" for o, t in EXPECTED]
 )
 def test_policy_matrix_cell(
-    matrix: dict[str, Cell], ours: str, theirs: str, request: pytest.FixtureRequest
+    matrix: dict[str, Cell],
+    ours: str,
+    theirs: str,
+    request: pytest.FixtureRequest,
+    interop: oelab.Interop,
 ) -> None:
     passes, wire, why = EXPECTED[(ours, theirs)]
     if (ours, theirs) in KNOWN_DEVIATIONS:
@@ -231,6 +241,8 @@ def test_policy_matrix_cell(
     elif wire == "esp-late":
         assert c.esp_out > 0 and c.esp_in > 0, where
         assert c.clear_in == 0, f"the peer replied in the clear: {where}"
+        assert c.tunnel is not None and c.tunnel["role"] == "responder", where
+        interop.record(request.node.nodeid, "libreswan", "ls-m", c.tunnel)
     elif wire == "clear":
         assert c.esp_out == 0 and c.esp_in == 0, f"ESP on WAN: {where}"
         assert c.clear_out > 0 and c.clear_in > 0, where

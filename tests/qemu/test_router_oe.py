@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 import oelab
 from lab import Lab
+from labkit import peers, world
 
 pytestmark = pytest.mark.qemu
 
@@ -57,10 +58,70 @@ KEYED = [
 ]
 
 
+def swanctl(lab: Lab, args: str, timeout: float = 40) -> str:
+    """`swanctl <args>` against oe-sw's charon (chrooted in its own mount namespace)."""
+    st = lab.state_dir("oe-sw")
+    res = lab.host(
+        "oe-sw",
+        f"nsenter -t $(cat {st}/charon.pid) -m chroot /opt/swroot "
+        f"swanctl {args} --uri unix://{st}/charon.vici",
+        timeout=timeout,
+    )
+    assert res.ok, f"swanctl {args}: {res.stdout}{res.stderr}"
+    return res.stdout
+
+
+def test_charon_initiates_to_router_key_found_by_its_name(
+    oe_lab: Lab, interop: oelab.Interop, request: pytest.FixtureRequest
+) -> None:
+    """Issue 15 item 3: strongSwan's charon (ID_FQDN sw.example.test, ECDSA key) initiates
+    to our WAN address. This runs first in the module, so the daemon holds no key for the
+    address: our responder holds IKE_AUTH, validates sw.example.test's IPSECKEY through the
+    DNS front (knot's signed zone, the lab's trust anchor), verifies charon's signature with
+    it and answers; a ping from the host to the router crosses the WAN as ESP only."""
+    lab = oe_lab
+    assert "oe-sw" not in lab.failed_hosts, lab.failed_hosts
+    a = lab.plan.host("oe-sw").ipv4
+    st = lab.state_dir("oe-sw")
+    conf = peers.render_swanctl_initiator(
+        a, WAN4, world.SW_FQDN, world.ROUTER_FQDN, "sw.pub", "router.pub"
+    )
+    lab.host("oe-sw", f"cat > {st}/swanctl/initiate.conf <<'EOF'\n{conf}EOF").check()
+    try:
+        swanctl(lab, f"--load-conns --file {st}/swanctl/initiate.conf")
+        with lab.capture_wan(label="wan-charon-initiates") as wan:
+            swanctl(lab, "--initiate --child to-router --timeout 30", timeout=60)
+            ping = lab.host("oe-sw", f"ping -n -c 3 -W 2 {WAN4}", timeout=30)
+        row = ike_row(lab, a)
+        said = [ln for ln in oelab.daemon_log(lab).splitlines() if f"IKE_AUTH from {a} as" in ln]
+    finally:
+        lab.host(
+            "oe-sw",
+            f"nsenter -t $(cat {st}/charon.pid) -m chroot /opt/swroot swanctl --terminate "
+            f"--ike to-router --uri unix://{st}/charon.vici; "
+            f"nsenter -t $(cat {st}/charon.pid) -m chroot /opt/swroot swanctl --load-conns "
+            f"--file {st}/swanctl/swanctl.conf --uri unix://{st}/charon.vici",
+            timeout=40,
+        )
+        oelab.oe(lab, f"down {a}")
+    assert ping.ok, ping.stdout + ping.stderr
+    assert said and f"as {world.SW_FQDN}: key found" in said[0], said
+    assert row["role"] == "responder", row
+    ecdsa = "digital_signature(ECDSA-P256)"
+    assert (row["local_auth"], row["remote_auth"]) == (ecdsa, ecdsa), row
+    assert row["remote_id"] == f"@{world.SW_FQDN}", row
+    assert row["children"][0]["ts_remote"] == f"{a}/32", row
+    assert wan.count(f"host {a} and icmp") == 0, wan.text(f"host {a} and icmp")
+    assert wan.count(f"esp and src {a}") >= 3 and wan.count(f"esp and dst {a}") >= 3
+    interop.record(request.node.nodeid, "strongswan", "oe-sw", row)
+
+
 @pytest.mark.parametrize(("netns", "name", "local_auth", "remote_auth"), KEYED)
 def test_keyed_name_tunnel_before_answer_first_syn_is_esp(
     oe_lab: Lab,
     figures: dict[str, Any],
+    interop: oelab.Interop,
+    request: pytest.FixtureRequest,
     netns: str,
     name: str,
     local_auth: str,
@@ -123,6 +184,8 @@ def test_keyed_name_tunnel_before_answer_first_syn_is_esp(
         "esp": row["children"][0]["transform"],
         "auth": f"{row['local_auth']}/{row['remote_auth']}",
     }
+    peer = "strongswan" if netns == "oe-sw" else "libreswan"
+    interop.record(request.node.nodeid, peer, netns, row)
 
 
 def test_plain_name_is_fetched_in_the_clear(oe_lab: Lab, figures: dict[str, Any]) -> None:
@@ -213,7 +276,9 @@ def _up_and_traffic(lab: Lab, netns: str, up_args: str) -> tuple[dict[str, Any],
     return ike_row(lab, a), wan.count(f"esp and host {a}")
 
 
-def test_oe_up_libreswan_null(oe_lab: Lab, figures: dict[str, Any]) -> None:
+def test_oe_up_libreswan_null(
+    oe_lab: Lab, figures: dict[str, Any], interop: oelab.Interop, request: pytest.FixtureRequest
+) -> None:
     """Issue 4: `oe up` with NULL auth to libreswan's authby=null OE host; both sides list
     the SA (our `oe status`, pluto's --trafficstatus) and traffic to it is ESP."""
     row, esp = _up_and_traffic(oe_lab, "oe-null", "--auth null")
@@ -222,9 +287,12 @@ def test_oe_up_libreswan_null(oe_lab: Lab, figures: dict[str, Any]) -> None:
     assert WAN4 in status and "ID_NULL" in status, status
     assert esp >= 8
     figures["oe up oe-null"] = {"ike": row["transform"], "esp_packets": esp}
+    interop.record(request.node.nodeid, "libreswan", "oe-null", row)
 
 
-def test_oe_up_libreswan_rsa(oe_lab: Lab, figures: dict[str, Any]) -> None:
+def test_oe_up_libreswan_rsa(
+    oe_lab: Lab, figures: dict[str, Any], interop: oelab.Interop, request: pytest.FixtureRequest
+) -> None:
     """Issue 4: libreswan's IPSECKEY-RSA host. Its OE conn takes only NULL auth from an
     initiator (rightauth=null), so `--auth pubkey` is refused with AUTHENTICATION_FAILED;
     `--auth null` with its RSA key verifies the peer's RFC 7427 signature."""
@@ -240,6 +308,7 @@ def test_oe_up_libreswan_rsa(oe_lab: Lab, figures: dict[str, Any]) -> None:
     assert WAN4 in trafficstatus(lab, "oe-rsa")
     assert esp >= 8
     figures["oe up oe-rsa"] = {"ike": row["transform"], "esp_packets": esp}
+    interop.record(request.node.nodeid, "libreswan", "oe-rsa", row)
 
 
 def test_oe_status_says_which_datapath_and_why(oe_lab: Lab) -> None:
