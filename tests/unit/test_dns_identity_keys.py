@@ -220,3 +220,12 @@ def test_daemon_hands_ike_the_dns_fronts_lookup(tmp_path: Path, base_world: Worl
         "IPSECKEY of host.example.test. is indeterminate"
     ), during
     assert during[1] != NO_ANCHOR, during
+
+
+def test_a_cname_is_followed_like_the_fronts_own_lookup(
+    base_world: World, zone_keys: dict[str, Any]
+) -> None:
+    """www.example.test is a signed CNAME to host.other.test: the key at the end of the
+    validated chain is the name's key (docs/dns.md, "Keys of IKE initiators")."""
+    key, why = asyncio.run(IdentityKeys(lambda: _lookup(base_world))("www.example.test"))
+    assert key is not None and _raw(key) == _raw(zone_keys["other"].public_key()), why
