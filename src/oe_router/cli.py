@@ -243,6 +243,8 @@ _IKE_COUNTER_LINES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
                  ("refused", "by policy"))),
     ("given up", (("half_open_displaced", "displaced"), ("half_open_expired", "expired"))),
     ("cookies", (("cookies_sent", "demanded"), ("cookies_accepted", "accepted"))),
+    ("key lookup", (("peer_key_lookups_found", "initiator keys found"),
+                    ("peer_key_lookups_refused", "refused"))),
     ("fragments", (("fragments_dropped", "dropped"),
                    ("fragment_messages_abandoned", "messages abandoned"),
                    ("fragment_bytes", "bytes held"))),

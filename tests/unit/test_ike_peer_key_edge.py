@@ -27,9 +27,10 @@ OTHER = ec.generate_private_key(ec.SECP256R1())
 
 async def _run(
     lookup: PeerKeyLookup | None, timeout: float = 3.0
-) -> tuple[list[IkeSaEstablished], object]:
+) -> tuple[list[IkeSaEstablished], object, tuple[object, object]]:
     """Alice (signing as alice.example) brings an IKE SA up with us: what our side
-    established, and what her ``up`` gave (the PeerSa, or the IkeUpError)."""
+    established, what her ``up`` gave (the PeerSa, or the IkeUpError), and our `oe
+    status` counts of initiator keys found and refused."""
     ours = IkeService(["127.0.0.1"], ike_port=0, natt_port=0)
     alice = IkeService(
         ["127.0.0.1"], ike_port=0, natt_port=0, private_key=ALICE, local_id="@alice.example"
@@ -48,7 +49,9 @@ async def _run(
             result = exc
         # the key authenticated that SA's identity only: nothing is known by address now
         assert ours.peer_keys == {}
-        return [p.ike for p in ours.sas if p.ike is not None], result
+        ike = ours.status().ike
+        counts = (ike["peer_key_lookups_found"], ike["peer_key_lookups_refused"])
+        return [p.ike for p in ours.sas if p.ike is not None], result, counts
     finally:
         await alice.stop()
         await ours.stop()
@@ -70,8 +73,9 @@ def test_found_key_brings_the_sa_up(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="oe_router.ike")
     # 0.6 s: longer than the first retransmission of IKE_AUTH (0.4 s), which is absorbed
     lookup = _answer(ALICE.public_key(), "IPSECKEY of alice.example, DNSSEC secure", 0.6)
-    ours, result = asyncio.run(_run(lookup))
+    ours, result, counts = asyncio.run(_run(lookup))
     assert not isinstance(result, IkeUpError), result
+    assert counts == (1, 0)
     assert lookup.asked == ["alice.example"]  # type: ignore[attr-defined]  # once, despite resends
     lines = [r.getMessage() for r in caplog.records if "IKE_AUTH from" in r.getMessage()]
     assert lines == [
@@ -97,8 +101,9 @@ def test_no_or_wrong_key_fails_with_authentication_failed(
     lookup: PeerKeyLookup | None, why: str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="oe_router.ike")
-    ours, result = asyncio.run(_run(lookup, timeout=0.5))
+    ours, result, counts = asyncio.run(_run(lookup, timeout=0.5))
     assert ours == []
+    assert counts == ((1, 0) if why is None else (0, 1))  # a wrong key was found, then failed
     assert isinstance(result, IkeUpError), result
     assert result.notify == NotifyType.AUTHENTICATION_FAILED
     lines = [r.getMessage() for r in caplog.records if "IKE_AUTH from 127.0.0.1" in r.getMessage()]

@@ -51,6 +51,8 @@ class PeerKeyLookups:
         self.timeout = timeout
         self._tasks: set[asyncio.Task[None]] = set()
         self._lines = RateLimit()  # anyone who completes IKE_SA_INIT may cause a line
+        #: lookups that gave a key, and those refused (bogus, none, no anchor, timeout)
+        self.found = self.refused = 0
 
     def needed(self, handle: SaHandle, ev: PeerKeyNeeded) -> None:
         """The endpoint's event: start the lookup (never inside the endpoint's call)."""
@@ -72,6 +74,10 @@ class PeerKeyLookups:
             except Exception as exc:  # the lookup's fault must not stop the responder
                 why = f"lookup failed: {exc!r}"
         peer = handle.remote[0]
+        if key is None:
+            self.refused += 1
+        else:
+            self.found += 1
         msg = "IKE_AUTH from %s as %s: " + ("key found (%s)" if key is not None else "refused: %s")
         log_limited(self._lines, self._clock(), logging.INFO, msg, peer, ev.name, why)
         if not self._alive(handle):

@@ -539,6 +539,8 @@ class IkeService:
             tunnels=self.rows(),
             ike={
                 **self.counters(),
+                "peer_key_lookups_found": self.key_lookups.found,
+                "peer_key_lookups_refused": self.key_lookups.refused,
                 "identity": self.identity(),
                 "addresses": list(self.addresses),
                 "proposal_mismatches": mismatch_rows(self.peers.mismatches.values(), self._clock()),
