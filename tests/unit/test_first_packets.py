@@ -24,7 +24,7 @@ from oe_router.datapath.base import (
     Template,
     TrafficSelector,
 )
-from oe_router.datapath.firstpackets import FirstPackets, HoldLimits
+from oe_router.datapath.firstpackets import FirstPackets, HoldLimits, SpdDecider
 from oe_router.datapath.nfqueue import QueuedPacket
 from oe_router.datapath.nft_spd import SpdProjection
 from oe_router.datapath.policies import PolicyTable
@@ -62,8 +62,8 @@ class _Rig:
         self.first = FirstPackets(
             queue_num=1,
             limits=limits,
-            policies=self.policies,
-            sas=sas,
+            decider=SpdDecider(self.policies, sas),
+            seal=sas.send,
             emit=self.events.append,
             stolen_mark=0x2000000,
             wan="wan",

@@ -1,27 +1,34 @@
-"""First packets of the userspace datapath: queued, held, and decided when their SA is in.
+"""First packets, for both datapaths: queued, held, and decided when their SA is in.
 
-Why its own object: without XFRM there is no ACQUIRE and no larval state holding a
-packet. The projection (``nft_spd.py``) queues over NFQUEUE (``nfqueue.py``) what a
-TRAP, HOLD or IPSEC policy covers; here each queued packet raises an ACQUIRE (at most
-once a second per destination and reqid, like xfrm_acq_expires=1) and waits, within
-per-destination and total limits and a deadline, until a policy or an SA decides it:
-into its SA (the tx worker seals it), in the clear (a pass shunt), or dropped. A
-packet sent into its SA by us is accepted with the stolen mark, so conntrack confirms
-its connection and NAT binding, and dropped by a WAN egress chain before the wire.
+Why its own object: a first packet that meets no SA is lost unless someone holds it.
+The userspace datapath has no ACQUIRE and no larval state: its projection
+(``nft_spd.py``) queues over NFQUEUE (``nfqueue.py``) what a TRAP, HOLD or IPSEC policy
+covers. The kernel datapath drops a source-NATed LAN packet that meets a trap after NAT
+(``kernel_hold.py`` queues it before NAT instead). Either way each queued packet is
+ruled by a ``Decider`` (the datapath's policies and SAs, as XFRM would decide it), raises
+an ACQUIRE when a trap covers it (at most once a second per destination and reqid, like
+xfrm_acq_expires=1), and waits, within per-destination and total limits and a deadline,
+until a policy or an SA decides it: into its SA, in the clear (a pass shunt), or
+dropped. On the userspace datapath a packet sealed by us is accepted with the stolen
+mark, so conntrack confirms its connection and NAT binding, and dropped by a WAN egress
+chain before the wire; on the kernel datapath it is simply accepted (XFRM seals it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .base import (
     ICMP_PROTOS,
     Acquire,
+    ChildSaSpec,
     DatapathError,
     DatapathEvent,
     Direction,
@@ -35,7 +42,7 @@ from .packet import Flow, MalformedPacket, flow
 from .policies import PolicyTable
 from .sa_table import SaTable
 
-__all__ = ["FirstPackets", "HoldLimits"]
+__all__ = ["Decider", "FirstPackets", "HoldLimits", "Outcome", "Ruling", "SpdDecider"]
 
 log = logging.getLogger("oe_router.datapath")
 
@@ -47,6 +54,81 @@ class HoldLimits:
     seconds: float
     per_destination: int
     total: int
+
+
+class Outcome(enum.Enum):
+    """What a queued packet's rule says."""
+
+    HOLD = "hold"
+    CLEAR = "clear"  # no policy, or a pass: in the clear
+    DROP = "drop"
+    SEAL = "seal"  # into its SA, sealed by us (userspace)
+    SA_UP = "sa_up"  # accepted: the kernel seals it into its SA (XFRM)
+
+    @property
+    def stat(self) -> str:
+        """The counter a packet so decided adds to."""
+        return _OUTCOME_STAT[self]
+
+
+_OUTCOME_STAT: dict[Outcome, str] = {
+    Outcome.HOLD: "held",
+    Outcome.CLEAR: "accepted",
+    Outcome.DROP: "dropped",
+    Outcome.SEAL: "released_into_sa",
+    Outcome.SA_UP: "released_into_sa",
+}
+
+
+@dataclass(frozen=True)
+class Ruling:
+    """A ``Decider``'s answer for one flow: the outcome, and what it needs."""
+
+    outcome: Outcome
+    trap: PolicySpec | None = None  # HOLD: the trap whose ACQUIRE the packet raises
+    flow: Flow | None = None  # HOLD: the flow as the trap sees it (after source NAT)
+    child: ChildSaSpec | None = None  # SEAL: the Child SA to seal it into
+
+
+class Decider(Protocol):
+    """The policies and SAs a queued packet is decided by (XFRM's order of checks)."""
+
+    @property
+    def live(self) -> bool:
+        """False until the policy set is complete: queued packets wait until then."""
+        ...
+
+    def rule(self, f: Flow) -> Ruling: ...
+
+
+class SpdDecider:
+    """The userspace datapath's rule: its SPD (``PolicyTable``) and SAs (``SaTable``)."""
+
+    def __init__(self, policies: PolicyTable, sas: SaTable) -> None:
+        self._policies = policies
+        self._sas = sas
+
+    @property
+    def live(self) -> bool:
+        return self._policies.projection.live
+
+    def rule(self, f: Flow) -> Ruling:
+        pol = self._policies.lookup(Direction.OUT, f)
+        action = None if pol is None else pol.action
+        if action is None or action is PolicyAction.PASS:
+            if self._sas.covers(f):
+                return Ruling(Outcome.DROP)  # its tunnel exists, un-NATed: never clear
+            return Ruling(Outcome.CLEAR)
+        if action is PolicyAction.DROP:
+            return Ruling(Outcome.DROP)
+        if action is PolicyAction.IPSEC:
+            child = self._sas.for_policy(pol)
+            if child is None:
+                return Ruling(Outcome.HOLD)  # policy ahead of its SA: a moment more
+            return Ruling(Outcome.SEAL, child=child)
+        if action is PolicyAction.TRAP:
+            return Ruling(Outcome.HOLD, trap=pol, flow=f)
+        return Ruling(Outcome.HOLD)  # HOLD: wait for the SA or a shunt
 
 
 @dataclass(eq=False)
@@ -67,19 +149,25 @@ class FirstPackets:
         *,
         queue_num: int,
         limits: HoldLimits,
-        policies: PolicyTable,
-        sas: SaTable,
+        decider: Decider,
         emit: Callable[[DatapathEvent], None],
-        stolen_mark: int,
-        wan: str,
-        egress_table: str,
         netns: str | None,
         clock: Callable[[], float],
+        seal: Callable[[ChildSaSpec, list[bytes]], None] | None = None,
+        stolen_mark: int = 0,
+        wan: str = "",
+        egress_table: str | None = None,
+        on_rule: Callable[[Flow, Ruling], None] | None = None,
     ) -> None:
+        """``seal``, ``stolen_mark``, ``wan``, ``egress_table``: the userspace datapath's
+        sealing of a packet into its SA (None: the kernel seals what we accept).
+        ``on_rule``: told every final ruling (the kernel hold's set of known
+        destinations)."""
         self._queue_num = queue_num
         self._limits = limits
-        self._policies = policies
-        self._sas = sas
+        self._decider = decider
+        self._seal = seal
+        self._on_rule = on_rule
         self._emit = emit
         self._stolen_mark = stolen_mark
         self._wan = wan
@@ -120,7 +208,8 @@ class FirstPackets:
     # ------------------------------------------------------------------ kernel side
     async def open(self) -> None:
         """The egress drop chain, then the queue binding (``close`` undoes a half-done open)."""
-        await asyncio.to_thread(self._setup_egress)
+        if self._egress_table is not None:
+            await asyncio.to_thread(self._setup_egress)
         self._queue = NfQueue(self._queue_num, netns=self._netns, maxlen=4 * self._limits.total)
         await asyncio.to_thread(self._queue.open)
         asyncio.get_running_loop().add_reader(self._queue.fileno(), self._on_queue)
@@ -128,6 +217,7 @@ class FirstPackets:
     def _setup_egress(self) -> None:
         """The WAN device's egress chain dropping what we sealed into an SA ourselves."""
         t, m = self._egress_table, self._stolen_mark
+        assert t is not None
         script = (
             f"table netdev {t}\ndelete table netdev {t}\n"
             f"table netdev {t} {{\n\tchain stolen {{\n"
@@ -161,7 +251,7 @@ class FirstPackets:
                 asyncio.get_running_loop().remove_reader(self._queue.fileno())
             self._queue.close()
             self._queue = None
-        if self._egress_drop:
+        if self._egress_drop and self._egress_table is not None:
             t = self._egress_table
             with contextlib.suppress(DatapathError):
                 run_nft(f"table netdev {t}\ndelete table netdev {t}\n", netns=self._netns)
@@ -198,37 +288,30 @@ class FirstPackets:
             self._verdict(h, False, "dropped")
             return
         h = _Held(p.id, p.payload, f, self._clock() + self._limits.seconds)
-        if not self._policies.projection.live or not self._decide(h):
+        if not self._decider.live or not self._decide(h):
             self._hold(h)
 
     def _decide(self, h: _Held) -> bool:
-        """Settle a queued packet by the policy that covers it now; False: keep holding."""
-        pol = self._policies.lookup(Direction.OUT, h.flow)
-        action = None if pol is None else pol.action
-        if action is None or action is PolicyAction.PASS:
-            if self._sas.covers(h.flow):
-                self._verdict(h, False, "dropped")  # its tunnel exists, un-NATed: never clear
-            else:
-                self._verdict(h, True, "accepted")
-            return True
-        if action is PolicyAction.DROP:
-            self._verdict(h, False, "dropped")
-            return True
-        if action is PolicyAction.IPSEC:
-            child = self._sas.for_policy(pol)
-            if child is None:
-                return False  # policy ahead of its SA: a moment more
+        """Settle a queued packet by the rule that covers it now; False: keep holding."""
+        r = self._decider.rule(h.flow)
+        if r.outcome is Outcome.HOLD:
+            if r.trap is not None:
+                self._acquire(r.trap, r.flow or h.flow)
+            return False
+        if self._on_rule is not None:
+            self._on_rule(h.flow, r)
+        if r.outcome is Outcome.SEAL and r.child is not None and self._seal is not None:
             # the verdict first: the peer's answer may be back before a late verdict, and
             # must find the connection (and its NAT binding) confirmed by conntrack
             if self._egress_drop:  # into conntrack, not onto the wire
                 self._verdict(h, True, "released_into_sa", mark=self._stolen_mark)
             else:
                 self._verdict(h, False, "released_into_sa")
-            self._sas.send(child, [h.payload])
+            self._seal(r.child, [h.payload])
             return True
-        if action is PolicyAction.TRAP and pol is not None:
-            self._acquire(pol, h.flow)
-        return False  # TRAP, HOLD: wait for the SA or a shunt
+        accept = r.outcome in (Outcome.CLEAR, Outcome.SA_UP)
+        self._verdict(h, accept, r.outcome.stat)
+        return True
 
     def _acquire(self, pol: PolicySpec, f: Flow) -> None:
         """The kernel's ACQUIRE, for a trapped packet (at most once a second per flow's
@@ -283,7 +366,7 @@ class FirstPackets:
 
     def release(self) -> None:
         """Decide again every held packet (a policy or an SA changed)."""
-        if not self._policies.projection.live or not self._held:
+        if not self._decider.live or not self._held:
             return
         for key, bucket in list(self._held.items()):
             keep = [h for h in bucket if not self._decide(h)]

@@ -54,7 +54,7 @@ from .base import (
     ReconcileReport,
     child_policies,
 )
-from .firstpackets import FirstPackets, HoldLimits
+from .firstpackets import FirstPackets, HoldLimits, SpdDecider
 from .nft_spd import SpdProjection
 from .policies import PolicyTable
 from .sa_table import SaTable, expire_events, transform_of
@@ -132,8 +132,8 @@ class UserspaceDatapath:
         self._first = FirstPackets(
             queue_num=s.queue_num,
             limits=HoldLimits(s.hold_limit, s.hold_per_destination, s.hold_total),
-            policies=self._policies,
-            sas=self._sas,
+            decider=SpdDecider(self._policies, self._sas),
+            seal=self._sas.send,
             emit=emit,
             stolen_mark=s.stolen_mark,
             wan=wan_ifname,
