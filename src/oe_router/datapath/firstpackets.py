@@ -88,6 +88,7 @@ class Ruling:
     trap: PolicySpec | None = None  # HOLD: the trap whose ACQUIRE the packet raises
     flow: Flow | None = None  # HOLD: the flow as the trap sees it (after source NAT)
     child: ChildSaSpec | None = None  # SEAL: the Child SA to seal it into
+    policy: PolicySpec | None = None  # the policy that decided it (its lifetime bounds the answer)
 
 
 class Decider(Protocol):

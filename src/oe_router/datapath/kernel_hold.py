@@ -1,0 +1,450 @@
+"""First packets of the kernel datapath: held over NFQUEUE before source NAT, released into
+their SA.
+
+Why: a forwarded LAN packet is source-NATed at postrouting to the WAN address; nf_nat's
+out hook then repeats the XFRM lookup with that source (nf_xfrm_me_harder), meets the
+trap policy (its selector's source is the WAN address, ``oe/policy.py``) with no SA, and
+the kernel drops it whatever xfrm_larval_drop says: that lookup never queues. So the
+first SYN of every packet-triggered flow was lost (a 1 s retransmission).
+
+Here a chain at the forward hook, after the firewall's filter chains and before srcnat,
+queues a LAN flow's new packets leaving through the WAN when their destination is in a
+trap (``trap4``: the TRAP policies' destinations, a superset) and not in ``known4`` (the
+destinations already decided: SA up, pass or drop shunt, clear). ``FirstPackets`` holds
+them and raises the ACQUIRE the kernel would have raised after NAT; once the SA (or a
+shunt) is in, the destination becomes known and the held packets are accepted in order:
+they go on to srcnat, and the lookup after NAT finds the SA, so the first SYN leaves as
+ESP. A destination known to be clear adds no userspace hop to later flows.
+
+Fail closed: the queue has no bypass, so with the daemon dead (even after kill -9) the
+kernel drops what would have been queued; and whatever we accept still meets XFRM after
+NAT, so a wrong answer here can only cost a packet, never leak a "private" one.
+
+IPv4 only: LAN IPv6 flows are not source-NATed, so the traps (source = the WAN address)
+never cover them.
+
+The nft text is pure (``render_table``, ``trap_script``, ``known_script``); the edge is
+``HeldXfrmDatapath`` (an ``XfrmDatapath`` that keeps a mirror of what it installs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from oe_router.tasks import spawn_tracked
+
+from .base import (
+    ChildSaSpec,
+    DatapathError,
+    DatapathEvent,
+    Direction,
+    Expire,
+    PolicyAction,
+    PolicyExpire,
+    PolicySpec,
+    child_policies,
+)
+from .firstpackets import FirstPackets, HoldLimits, Outcome, Ruling
+from .kernel import XfrmDatapath
+from .nft import run_nft
+from .nft_spd import NftSpdError, insert_xt_queue, queue_backend
+from .packet import Flow
+from .spd import Spd
+
+__all__ = [
+    "HeldXfrmDatapath",
+    "HoldSettings",
+    "KernelDecider",
+    "known_script",
+    "render_table",
+    "trap_networks",
+    "trap_script",
+]
+
+log = logging.getLogger("oe_router.datapath")
+
+QUEUE_CHAIN: Final = "first"
+_END: Final = object()  # the kernel's event stream ended
+
+
+@dataclass(frozen=True)
+class HoldSettings:
+    """The hold's nft table, queue and bounds (``config oe``: ``packet_hold``)."""
+
+    table: str = "oe_hold"
+    queue_num: int = 4501
+    priority: int = 10  # after fw4's filter chains (priority filter = 0): what they allow
+    limits: HoldLimits = field(default_factory=lambda: HoldLimits(4.0, 64, 1024))
+    known_seconds: int = 600  # a clear or no-lifetime answer is asked again after this
+    known_size: int = 65536
+
+
+# --- the pure part: nft text from data ------------------------------------------------
+def trap_networks(policies: Iterable[PolicySpec]) -> list[ipaddress.IPv4Network]:
+    """The IPv4 destinations any outbound TRAP covers, merged (an nft interval set
+    refuses overlapping elements)."""
+    nets = [
+        p.dst.net
+        for p in policies
+        if p.direction is Direction.OUT
+        and p.action is PolicyAction.TRAP
+        and isinstance(p.dst.net, ipaddress.IPv4Network)
+    ]
+    return list(ipaddress.collapse_addresses(nets))
+
+
+def _elements(items: Sequence[str]) -> str:
+    return ", ".join(items)
+
+
+def render_table(
+    s: HoldSettings, wan_devices: Sequence[str], traps: Sequence[ipaddress.IPv4Network]
+) -> str:
+    """The whole ``inet <table>`` (replacing an old one) as one atomic ``nft -f`` script.
+
+    The queue chain holds only ``drop``: ``queue`` goes ahead of it (``queue_rule``, or
+    the xt NFQUEUE target where the kernel lacks nft's queue), so a packet meets a drop,
+    never an accept, if the queue rule is missing.
+    """
+    t = s.table
+    devs = _elements([f'"{d}"' for d in wan_devices])
+    trap = f"\t\telements = {{ {_elements([str(n) for n in traps])} }}\n" if traps else ""
+    return (
+        f"table inet {t}\ndelete table inet {t}\n"
+        f"table inet {t} {{\n"
+        f"\tset trap4 {{\n\t\ttype ipv4_addr\n\t\tflags interval\n{trap}\t}}\n"
+        f"\tset known4 {{\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t\tsize {s.known_size}\n\t}}\n"
+        f"\tchain hold {{\n"
+        f"\t\ttype filter hook forward priority filter + {s.priority}; policy accept;\n"
+        f"\t\tmeta nfproto ipv4 oifname {{ {devs} }} ct state new ip daddr @trap4 "
+        f"ip daddr != @known4 counter jump {QUEUE_CHAIN}\n"
+        f"\t}}\n"
+        f"\tchain {QUEUE_CHAIN} {{\n\t\tcounter drop\n\t}}\n"
+        f"}}\n"
+    )
+
+
+def queue_rule(s: HoldSettings) -> str:
+    """nft's own queue rule, at the head of the queue chain (no bypass: fail closed)."""
+    return f"insert rule inet {s.table} {QUEUE_CHAIN} queue num {s.queue_num}\n"
+
+
+def trap_script(s: HoldSettings, traps: Sequence[ipaddress.IPv4Network]) -> str:
+    """Replace ``trap4`` (one atomic step: no moment without it); forget ``known4``,
+    whose answers were given under the old traps."""
+    t = s.table
+    out = f"flush set inet {t} trap4\nflush set inet {t} known4\n"
+    if traps:
+        out += f"add element inet {t} trap4 {{ {_elements([str(n) for n in traps])} }}\n"
+    return out
+
+
+def known_script(
+    s: HoldSettings,
+    add: Iterable[tuple[ipaddress.IPv4Address, int]] = (),
+    remove: Iterable[ipaddress.IPv4Address] = (),
+    flush: bool = False,
+) -> str:
+    """Changes to ``known4``: (address, timeout seconds) in, addresses out (each delete
+    its own script line: nft fails the whole script on an absent element, so the caller
+    runs removals one by one)."""
+    t = s.table
+    out = f"flush set inet {t} known4\n" if flush else ""
+    rm = [f"delete element inet {t} known4 {{ {a} }}\n" for a in remove]
+    adds = [f"{a} timeout {max(1, secs)}s" for a, secs in add]
+    if adds:
+        out += f"add element inet {t} known4 {{ {_elements(adds)} }}\n"
+    return out + "".join(rm)
+
+
+# --- the rule: a mirror of the kernel's policies, looked up as after source NAT --------
+class KernelDecider:
+    """What XFRM will do with a held packet once it is NATed: the policies we installed
+    (a mirror: an ``Spd``), looked up with the source replaced by the WAN address."""
+
+    def __init__(self, wan4: ipaddress.IPv4Address | None) -> None:
+        self.spd = Spd()
+        self.live = False  # True once this run's policy set is complete (release_adopted)
+        self._wan4 = None if wan4 is None else int(wan4)
+
+    @property
+    def has_wan4(self) -> bool:
+        return self._wan4 is not None
+
+    def natted(self, f: Flow) -> Flow:
+        if f.version == 4 and self._wan4 is not None:
+            return f._replace(src=self._wan4)
+        return f
+
+    def install(self, policy: PolicySpec) -> None:
+        try:
+            self.spd.install(policy)
+        except DatapathError as exc:  # more than one template: not ours to hold for
+            log.debug("hold mirror: %s", exc)
+
+    def remove(self, policy: PolicySpec) -> None:
+        self.spd.remove(policy)
+
+    def rule(self, f: Flow) -> Ruling:
+        nf = self.natted(f)
+        pol = self.spd.lookup(Direction.OUT, nf)
+        action = None if pol is None else pol.action
+        if action is None or action is PolicyAction.PASS:
+            return Ruling(Outcome.CLEAR, policy=pol)
+        if action is PolicyAction.DROP:
+            return Ruling(Outcome.DROP, policy=pol)
+        if action is PolicyAction.IPSEC:
+            return Ruling(Outcome.SA_UP, policy=pol)  # its SA went in before its policy
+        if action is PolicyAction.TRAP:
+            return Ruling(Outcome.HOLD, trap=pol, flow=nf)
+        return Ruling(Outcome.HOLD)
+
+
+def _host4(p: PolicySpec) -> ipaddress.IPv4Address | None:
+    net = p.dst.net
+    if isinstance(net, ipaddress.IPv4Network) and net.prefixlen == 32:
+        return net.network_address
+    return None
+
+
+# --- the edge ------------------------------------------------------------------------
+class HeldXfrmDatapath(XfrmDatapath):
+    """``XfrmDatapath`` whose LAN flows' first packets wait for their SA (module doc).
+
+    If the hold cannot be set up (no nftables, no NFQUEUE in the kernel), the datapath
+    runs without it, as before, and says so once in the log and in ``stats``."""
+
+    def __init__(
+        self,
+        *,
+        wan_devices: Sequence[str],
+        wan4: ipaddress.IPv4Address | None,
+        hold: HoldSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._hold = hold or HoldSettings()
+        self._wan_devices = tuple(wan_devices)
+        self._decider = KernelDecider(wan4)
+        self._events_q: asyncio.Queue[Any] = asyncio.Queue()
+        self._first = FirstPackets(
+            queue_num=self._hold.queue_num,
+            limits=self._hold.limits,
+            decider=self._decider,
+            emit=self._events_q.put_nowait,
+            netns=self._netns,
+            clock=clock,
+            on_rule=self._ruled,
+        )
+        self._holding = False
+        self._traps: list[ipaddress.IPv4Network] = []
+        self._known: dict[ipaddress.IPv4Address, float] = {}  # -> until (clock)
+        self._clock = clock
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._nft_errors = 0
+
+    # -- lifecycle --
+    async def start(self) -> None:
+        await super().start()
+        if not self._wan_devices or not self._decider.has_wan4:
+            log.warning("packet hold off: no WAN device or IPv4 WAN address")
+            return
+        try:
+            await asyncio.to_thread(self._setup)
+            await self._first.open()
+        except (DatapathError, OSError) as exc:
+            log.warning(
+                "packet hold off (first packets of LAN flows are lost while their SA is "
+                "negotiated): %s",
+                exc,
+            )
+            self._first.close()
+            await asyncio.to_thread(self._teardown)
+            return
+        self._holding = True
+        spawn_tracked(self._tasks, self._first.expire(), log, "kernel held packets")
+        log.info(
+            "packet hold on: new LAN flows to trapped destinations wait in NFQUEUE %d",
+            self._hold.queue_num,
+        )
+
+    def _setup(self) -> None:
+        s = self._hold
+        backend = queue_backend(netns=self._netns)
+        run_nft(
+            render_table(s, self._wan_devices, self._traps),
+            netns=self._netns,
+            what="packet hold table",
+        )
+        if backend == "nft":
+            run_nft(queue_rule(s), netns=self._netns, what="packet hold queue rule")
+        else:
+            try:
+                insert_xt_queue(s.queue_num, table=s.table, chain=QUEUE_CHAIN, netns=self._netns)
+            except NftSpdError as exc:
+                raise DatapathError(str(exc)) from None
+
+    def _teardown(self) -> None:
+        t = self._hold.table
+        with contextlib.suppress(DatapathError):
+            run_nft(f"table inet {t}\ndelete table inet {t}\n", netns=self._netns)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        self._first.drop_all()
+        self._first.close()
+        if self._holding:
+            await asyncio.to_thread(self._teardown)
+            self._holding = False
+        await super().close()
+
+    def stats(self) -> dict[str, int]:
+        """The XFRM policies, and (with the hold on) what became of held first packets:
+        the same counters as the userspace datapath's, ``known_now`` destinations."""
+        out = super().stats()
+        if self._holding:
+            out.update(self._first.stats)
+            out["held_now"] = self._first.held_now
+            out["known_now"] = len(self._known)
+            out["hold_nft_errors"] = self._nft_errors
+            out.update(self._first.queue_stats())
+        return out
+
+    # -- the mirror --
+    async def install_policy(self, policy: PolicySpec) -> None:
+        await super().install_policy(policy)
+        self._decider.install(policy)
+        self._changed([policy])
+
+    async def remove_policy(self, policy: PolicySpec) -> None:
+        await super().remove_policy(policy)
+        self._decider.remove(policy)
+        self._changed([policy])
+
+    async def install_child_sa(self, spec: ChildSaSpec) -> ChildSaSpec:
+        spec = await super().install_child_sa(spec)
+        if spec.install_policies:
+            pols = child_policies(spec)
+            for p in pols:
+                self._decider.install(p)
+            self._changed(pols)
+        return spec
+
+    async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
+        await super().remove_child_sa(spec, remove_policies=remove_policies)
+        if remove_policies and spec.install_policies:
+            pols = child_policies(spec)
+            for p in pols:
+                self._decider.remove(p)
+            self._changed(pols)
+        else:  # its policies stay (a rekey): its peer is asked again
+            self._forget([ipaddress.ip_address(spec.remote)])
+
+    async def release_adopted(self, keep: Callable[[PolicySpec], bool]) -> int:
+        n = await super().release_adopted(keep)
+        self._decider.live = True
+        self._retrap()
+        self._first.release()
+        return n
+
+    def _changed(self, policies: Sequence[PolicySpec]) -> None:
+        """Outbound policies changed: their destinations are asked again, the trap set
+        follows the traps, and held packets are decided again."""
+        out = [p for p in policies if p.direction is Direction.OUT]
+        if not out:
+            return
+        if any(p.action is PolicyAction.TRAP for p in out):
+            self._retrap()
+        hosts = [_host4(p) for p in out]
+        if any(h is None for h in hosts):
+            self._forget_all()
+        else:
+            self._forget([h for h in hosts if h is not None])
+        self._first.release()
+
+    def _retrap(self) -> None:
+        if not self._holding or not self._decider.live:
+            return
+        traps = trap_networks(self._decider.spd.policies(Direction.OUT))
+        if traps == self._traps:
+            return
+        self._traps = traps
+        self._known.clear()
+        self._nft(trap_script(self._hold, traps))
+
+    def _forget(self, addrs: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
+        for a in addrs:
+            if isinstance(a, ipaddress.IPv4Address) and self._known.pop(a, None) is not None:
+                self._nft(known_script(self._hold, remove=[a]), quiet=True)
+
+    def _forget_all(self) -> None:
+        if self._known:
+            self._known.clear()
+            self._nft(known_script(self._hold, flush=True))
+
+    def _ruled(self, f: Flow, r: Ruling) -> None:
+        """A held or queued packet was decided: its destination needs no queue for a while
+        (the answer's lifetime, or ``known_seconds``)."""
+        if not self._holding or f.version != 4:
+            return
+        dst = ipaddress.IPv4Address(f.dst)
+        now = self._clock()
+        if self._known.get(dst, 0.0) > now:
+            return
+        lft = r.policy.lifetime.hard_seconds if r.policy is not None else 0
+        secs = min(lft, self._hold.known_seconds) if lft else self._hold.known_seconds
+        self._known[dst] = now + secs
+        if len(self._known) > self._hold.known_size:
+            self._known = {a: u for a, u in self._known.items() if u > now}
+        self._nft(known_script(self._hold, add=[(dst, secs)]))
+
+    def _nft(self, script: str, *, quiet: bool = False) -> None:
+        """Run ``script`` off the event loop (a known-set change is not on the packet's
+        path: a packet that comes meanwhile is queued and decided the same way)."""
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(run_nft, script, netns=self._netns, what="packet hold")
+            except DatapathError as exc:
+                if not quiet:
+                    self._nft_errors += 1
+                    log.warning("%s", exc)
+
+        spawn_tracked(self._tasks, run(), log, "packet hold nft")
+
+    # -- events: the kernel's, and the ACQUIREs synthesized for held packets --
+    async def events(self) -> AsyncIterator[DatapathEvent]:
+        pump = asyncio.create_task(self._pump())
+        try:
+            while True:
+                ev = await self._events_q.get()
+                if ev is _END:
+                    pump.result()  # the kernel stream's error, if it had one
+                    return
+                yield ev
+        finally:
+            pump.cancel()
+
+    async def _pump(self) -> None:
+        try:
+            async for ev in super().events():
+                if isinstance(ev, PolicyExpire) and ev.hard and ev.direction is Direction.OUT:
+                    net = ev.dst.net
+                    if isinstance(net, ipaddress.IPv4Network) and net.prefixlen == 32:
+                        self._forget([net.network_address])
+                    else:
+                        self._forget_all()
+                elif isinstance(ev, Expire) and ev.hard:
+                    self._forget([ev.dst])
+                self._events_q.put_nowait(ev)
+        finally:
+            self._events_q.put_nowait(_END)
