@@ -323,12 +323,12 @@ class HeldXfrmDatapath(XfrmDatapath):
     async def install_policy(self, policy: PolicySpec) -> None:
         await super().install_policy(policy)
         self._decider.install(policy)
-        self._changed([policy])
+        await self._changed([policy])
 
     async def remove_policy(self, policy: PolicySpec) -> None:
         await super().remove_policy(policy)
         self._decider.remove(policy)
-        self._changed([policy])
+        await self._changed([policy])
 
     async def install_child_sa(self, spec: ChildSaSpec) -> ChildSaSpec:
         spec = await super().install_child_sa(spec)
@@ -336,7 +336,7 @@ class HeldXfrmDatapath(XfrmDatapath):
             pols = child_policies(spec)
             for p in pols:
                 self._decider.install(p)
-            self._changed(pols)
+            await self._changed(pols)
         return spec
 
     async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
@@ -345,25 +345,26 @@ class HeldXfrmDatapath(XfrmDatapath):
             pols = child_policies(spec)
             for p in pols:
                 self._decider.remove(p)
-            self._changed(pols)
+            await self._changed(pols)
         else:  # its policies stay (a rekey): its peer is asked again
             self._forget([ipaddress.ip_address(spec.remote)])
 
     async def release_adopted(self, keep: Callable[[PolicySpec], bool]) -> int:
         n = await super().release_adopted(keep)
         self._decider.live = True
-        self._retrap()
+        await self._retrap()
         self._first.release()
         return n
 
-    def _changed(self, policies: Sequence[PolicySpec]) -> None:
+    async def _changed(self, policies: Sequence[PolicySpec]) -> None:
         """Outbound policies changed: their destinations are asked again, the trap set
-        follows the traps, and held packets are decided again."""
+        follows the traps (in the kernel before this returns), and held packets are
+        decided again."""
         out = [p for p in policies if p.direction is Direction.OUT]
         if not out:
             return
         if any(p.action is PolicyAction.TRAP for p in out):
-            self._retrap()
+            await self._retrap()
         hosts = [_host4(p) for p in out]
         if any(h is None for h in hosts):
             self._forget_all()
@@ -371,7 +372,7 @@ class HeldXfrmDatapath(XfrmDatapath):
             self._forget([h for h in hosts if h is not None])
         self._first.release()
 
-    def _retrap(self) -> None:
+    async def _retrap(self) -> None:
         if not self._holding or not self._decider.live:
             return
         traps = trap_networks(self._decider.spd.policies(Direction.OUT))
@@ -379,7 +380,13 @@ class HeldXfrmDatapath(XfrmDatapath):
             return
         self._traps = traps
         self._known.clear()
-        self._nft(trap_script(self._hold, traps))
+        try:
+            await asyncio.to_thread(
+                run_nft, trap_script(self._hold, traps), netns=self._netns, what="packet hold"
+            )
+        except DatapathError as exc:
+            self._nft_errors += 1
+            log.warning("%s", exc)
 
     def _forget(self, addrs: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
         for a in addrs:
