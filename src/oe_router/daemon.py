@@ -537,7 +537,11 @@ def build_services(
             if plat.datapath == "userspace":
                 factory = _userspace_datapath(config, plat, ike, offload, offer)
             else:
-                factory = kernel_datapath(reason=plat.datapath_reason)
+                factory = kernel_datapath(
+                    reason=plat.datapath_reason,
+                    wan_devices=plat.wan_devices,
+                    wan4=plat.wan.get(4),
+                )
             registry.add(offer)
             negotiator = IkeNegotiator(ike)
             oe = OeService(

@@ -95,6 +95,7 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "offload_demote": Opt("offload_demote", parse_bool),
         "shunt_lifetime": Opt("shunt_lifetime", _dur(1.0, 24 * HOUR)),
         "keep_private_on_stop": Opt("keep_private_on_stop", parse_bool),
+        "packet_hold": Opt("packet_hold", parse_bool),
         "wan_interface": Opt("wan_interface", parse_ifname, is_list=True),
         "lan_interface": Opt("lan_interface", parse_ifname),
         "policy_limit": Opt("policy_limit", _int(1, 1_000_000)),

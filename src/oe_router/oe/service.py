@@ -572,11 +572,29 @@ def _private(config: OeConfig, version: int) -> tuple[Any, ...]:
     return tuple(e.network for e in config.policy.private if e.network.version == version)
 
 
-def kernel_datapath(netns: str | None = None, reason: str | None = None) -> DatapathFactory:
+def kernel_datapath(
+    netns: str | None = None,
+    reason: str | None = None,
+    wan_devices: Iterable[str] = (),
+    wan4: IPAddress | None = None,
+) -> DatapathFactory:
     """The XFRM datapath, keeping "private" policies at stop as the config says;
-    ``reason`` is why it was chosen (``oe status``)."""
+    ``reason`` is why it was chosen (``oe status``). With ``packet_hold`` (and a WAN
+    device and IPv4 address) LAN flows' first packets wait for their SA
+    (``datapath.kernel_hold``, imported only then)."""
+    devices = tuple(wan_devices)
 
     def make(config: OeConfig) -> Datapath:
+        if config.packet_hold and devices and isinstance(wan4, ipaddress.IPv4Address):
+            from oe_router.datapath.kernel_hold import HeldXfrmDatapath
+
+            return HeldXfrmDatapath(
+                wan_devices=devices,
+                wan4=wan4,
+                keep_persistent_on_stop=config.keep_private_on_stop,
+                netns=netns,
+                reason=reason or "kernel has ESP and XFRM netlink",
+            )
         if reason is None:
             return XfrmDatapath(keep_persistent_on_stop=config.keep_private_on_stop, netns=netns)
         return XfrmDatapath(
