@@ -238,7 +238,8 @@ def stop_daemon(lab: Lab) -> None:
     restart_dnsmasq(lab)
     lab.router(
         "ip xfrm state flush; ip xfrm policy flush; "
-        "for t in oe_spd oe_router oe_cat; do nft delete table inet $t 2>/dev/null; done; true"
+        "for t in oe_spd oe_router oe_cat oe_hold; do "
+        "nft delete table inet $t 2>/dev/null; done; true"
     )
 
 

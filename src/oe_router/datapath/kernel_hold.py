@@ -403,6 +403,9 @@ class HeldXfrmDatapath(XfrmDatapath):
         (the answer's lifetime, or ``known_seconds``)."""
         if not self._holding or f.version != 4:
             return
+        p = r.policy
+        if p is not None and (p.dst.proto or p.src.proto):
+            return  # a protocol's or port's answer (a resolver's udp/53): not the address's
         dst = ipaddress.IPv4Address(f.dst)
         now = self._clock()
         if self._known.get(dst, 0.0) > now:
