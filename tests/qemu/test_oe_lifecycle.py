@@ -57,10 +57,12 @@ def source() -> bool:
     return os.environ.get("OE_LAB_SOURCE") == "1"
 
 
-def start(lab: Lab, options: oelab.Options | None = None) -> dict[str, Any]:
+def start(lab: Lab, options: oelab.Options | None = None, extra_config: str = "") -> dict[str, Any]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(oelab, "router_config", lifecycle_config)
-        return oelab.start_daemon(lab, local_id="%null", source=source(), options=options)
+        return oelab.start_daemon(
+            lab, local_id="%null", source=source(), options=options, extra_config=extra_config
+        )
 
 
 def set_group(lab: Lab, variant: str) -> None:
@@ -146,11 +148,19 @@ def test_packet_hold_loses_no_first_packet(life: Lab, figures: dict[str, Any]) -
     """Issue 16 item 1, kernel datapath: with ``packet_hold`` the daemon holds the LAN
     flow's first packets before source NAT (docs/oe-gateway.md section 4.3) and releases
     them into the SA. The same pings every 50 ms as above lose none; the cold TCP connect
-    sends one SYN (the LAN capture), which leaves as ESP (no cleartext TCP on the WAN)."""
+    sends one SYN (the LAN capture), which leaves as ESP (no cleartext TCP on the WAN).
+    Failure paths, with hosts that answer IKE with ICMP port unreachable: plain .20
+    (private-or-clear) gets the held SYN in the clear after the pass shunt, not resent;
+    bogus .22 (made "private" here) gets no cleartext packet on the WAN at all."""
     lab = life
+    plain, bogus = lab.plan.host("plain").ipv4, lab.plan.host("bogus").ipv4
     oelab.stop_daemon(lab)
     try:
-        doc = start(lab, options={"global.packet_hold": "1"})
+        doc = start(
+            lab,
+            options={"global.packet_hold": "1"},
+            extra_config=f"\nconfig policy\n\toption group 'private'\n\tlist dest '{bogus}/32'\n",
+        )
         deadline = time.monotonic() + 30
         while "queued" not in doc["daemon"]["datapath_stats"] and time.monotonic() < deadline:
             time.sleep(0.5)  # the OE service (the datapath) may start after the control socket
@@ -186,6 +196,32 @@ def test_packet_hold_loses_no_first_packet(life: Lab, figures: dict[str, Any]) -
         assert wan.count("esp") >= 2, figures["packet_hold"]
         assert 0 < float(curl.stdout) < 3.0, figures["packet_hold"]  # no 1 s resend
         assert stats["released_into_sa"] >= 2 and stats["hold_overflow"] == 0, stats
+        # failure paths: no IKE at the host (ICMP port unreachable fails the SA at once)
+        with (
+            lab.capture("eth0", netns="client", label="hold-lan-fail") as lan,
+            lab.capture_wan(bpf=f"host {plain} or host {bogus}", label="hold-wan-fail") as wan,
+        ):
+            clear = lab.client(
+                f"curl -4 -s -o /dev/null -m 20 -w '%{{time_connect}}' http://{plain}/",
+                timeout=40,
+            )
+            private = lab.client(f"curl -4 -s -o /dev/null -m 4 http://{bogus}/", timeout=30)
+        after = oelab.status(lab, source())["daemon"]["datapath_stats"]
+        fail = {
+            "plain_rc": clear.rc,
+            "plain_connect_s": float(clear.stdout or 0),
+            "plain_client_syns": lan.count(f"dst {plain} and tcp[tcpflags] == tcp-syn"),
+            "plain_wan_syns": wan.count(f"dst {plain} and tcp[tcpflags] == tcp-syn"),
+            "private_rc": private.rc,
+            "private_wan_tcp": wan.count(f"host {bogus} and tcp"),
+            "accepted": after["accepted"] - stats["accepted"],
+            "dropped": after["dropped"] - stats["dropped"],
+        }
+        figures["packet_hold_failure"] = fail
+        assert fail["plain_rc"] == 0 and fail["plain_client_syns"] == 1, fail
+        assert fail["plain_wan_syns"] == 1 and fail["accepted"] >= 1, fail
+        assert fail["private_rc"] != 0 and fail["private_wan_tcp"] == 0, fail
+        assert fail["dropped"] >= 1, fail
     finally:
         oelab.stop_daemon(lab)
         start(lab)
