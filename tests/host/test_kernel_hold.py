@@ -31,6 +31,7 @@ from oe_router.datapath.base import (
     Template,
     TrafficSelector,
 )
+from oe_router.datapath.firstpackets import HoldLimits
 from oe_router.datapath.kernel import XfrmDatapath
 from oe_router.datapath.kernel_hold import HeldXfrmDatapath, HoldSettings
 from oe_router.datapath.nft import run_nft
@@ -217,3 +218,46 @@ def test_held_first_packets_follow_the_shunt_and_known_destinations_skip_the_que
         asyncio.run(body())
     finally:
         sink.close()
+
+
+def test_a_flood_of_new_destinations_is_held_within_the_bound_and_counted(
+    lan_router_world: LanRouterWorld,
+) -> None:
+    """2,000 first datagrams to 2,000 unknown destinations: 1,024 held (the total bound),
+    the rest dropped at once and counted in ``hold_overflow``; the held ones are dropped
+    at their deadline (``hold_expired``); one ACQUIRE per destination held."""
+    lan, r, _w = _world(lan_router_world)
+    ip_of = [str(ipaddress.IPv4Address("10.200.0.0") + i) for i in range(2000)]
+
+    async def body() -> None:
+        hold = HoldSettings(
+            table=SETTINGS.table, queue_num=SETTINGS.queue_num, limits=HoldLimits(2.0, 64, 1024)
+        )
+        dp = HeldXfrmDatapath(netns=r, reason="test", wan_devices=["wan"], wan4=WAN, hold=hold)
+        events: list[DatapathEvent] = []
+        task = asyncio.create_task(_collect(dp, events))
+        try:
+            await dp.start()
+            await dp.install_policy(_trap(dp))
+            await dp.release_adopted(lambda p: False)
+            s = udp(lan)
+            try:
+                for i, dst in enumerate(ip_of):
+                    s.sendto(b"x", (dst, PORT))
+                    if i % 100 == 99:
+                        await asyncio.sleep(0)  # let the queue be read as it fills
+            finally:
+                s.close()
+            assert await _until(lambda: dp.stats()["queued"] == 2000), dp.stats()
+            st = dp.stats()
+            assert st["held_now"] == 1024 and st["hold_overflow"] == 976, st
+            assert st.get("queue_overruns", 0) == 0, st
+            assert await _until(lambda: dp.stats()["hold_expired"] == 1024), dp.stats()
+            assert dp.stats()["held_now"] == 0
+            acquires = [e for e in events if isinstance(e, Acquire)]
+            assert len({str(a.dst) for a in acquires}) == len(acquires) >= 1024
+        finally:
+            task.cancel()
+            await dp.close()
+
+    asyncio.run(body())
