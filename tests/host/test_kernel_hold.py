@@ -40,7 +40,7 @@ from tests.host.netlab import LanRouterWorld, received, udp
 pytestmark = pytest.mark.host
 
 WAN = ipaddress.IPv4Address("198.51.100.1")
-OPEN, PRIVATE, SPARE = "203.0.113.7", "203.0.113.8", "203.0.113.9"
+OPEN, PRIVATE, SPARE, PINGED = "203.0.113.7", "203.0.113.8", "203.0.113.9", "203.0.113.10"
 PORT = 9000
 SETTINGS = HoldSettings(table="oe_hold_test", queue_num=4601)
 
@@ -63,7 +63,7 @@ def _shunt(action: PolicyAction, dst: str) -> PolicySpec:
 
 
 def _world(lan_router_world: LanRouterWorld) -> tuple[str, str, str]:
-    lan, r, w = lan_router_world("kh", peers=(OPEN, PRIVATE, SPARE))
+    lan, r, w = lan_router_world("kh", peers=(OPEN, PRIVATE, SPARE, PINGED))
     run_nft(
         "table ip kh_nat {\n\tchain post {\n"
         "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
@@ -170,25 +170,39 @@ def test_held_first_packets_follow_the_shunt_and_known_destinations_skip_the_que
             await dp.release_adopted(lambda p: False)
             assert "queued" in dp.stats(), "the hold did not come up"
             # private-or-clear, negotiation failed: held, then released in the clear
-            _send(lan, OPEN, b"first")
+            burst = [b"first", b"first-2", b"first-3"]  # one flow: one socket, one tuple
+            s = udp(lan)
+            try:
+                for d in burst:
+                    s.sendto(d, (OPEN, PORT))
+            finally:
+                s.close()
             assert await _until(lambda: _acquired(events, OPEN)), events
             acq = next(e for e in events if isinstance(e, Acquire))
             assert acq.src == WAN and acq.selector_src.net == ipaddress.ip_network(f"{WAN}/32")
-            assert dp.stats()["held_now"] == 1 and arrived() == [], (
-                dp.stats(),
-                events,
-                _chain_packets(r, "hold"),
-            )
+            assert await _until(lambda: dp.stats()["held_now"] == 3), dp.stats()
+            assert arrived() == []
             await dp.install_policy(_shunt(PolicyAction.PASS, OPEN))
-            assert await _until(lambda: arrived() == [b"first"]), arrived()
-            assert dp.stats()["accepted"] == 1
+            assert await _until(lambda: arrived() == burst), arrived()
+            assert dp.stats()["accepted"] == 3
+            # pings every 50 ms (one ICMP id: one conntrack tuple) held, then all answered
+            ping = await asyncio.create_subprocess_exec(
+                *("ip", "netns", "exec", lan, "ping", "-n", "-c", "5", "-i", "0.05", "-W", "5"),
+                *(PINGED,),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert await _until(lambda: dp.stats()["held_now"] >= 3), dp.stats()
+            await dp.install_policy(_shunt(PolicyAction.PASS, PINGED))
+            out, _ = await asyncio.wait_for(ping.communicate(), 20)
+            assert out.decode().count("bytes from") == 5, out.decode()
             # the destination is known now: a new flow passes without a userspace hop
-            assert await _until(lambda: OPEN in _known(r)) and dp.stats()["known_now"] == 1
-            queued = dp.stats()["queued"]
-            assert queued == 1 and _chain_packets(r, "hold") == 1
+            assert await _until(lambda: OPEN in _known(r) and PINGED in _known(r))
+            assert dp.stats()["known_now"] == 2
+            queued, counted = dp.stats()["queued"], _chain_packets(r, "hold")
+            assert queued == counted >= 3 + 3, (queued, counted)
             _send(lan, OPEN, b"second")
-            assert await _until(lambda: arrived() == [b"first", b"second"]), arrived()
-            assert dp.stats()["queued"] == queued and _chain_packets(r, "hold") == 1
+            assert await _until(lambda: arrived() == [*burst, b"second"]), arrived()
+            assert dp.stats()["queued"] == queued and _chain_packets(r, "hold") == counted
             # private, negotiation failed: held, then dropped; nothing reaches the world
             _send(lan, PRIVATE, b"secret")
             assert await _until(lambda: _acquired(events, PRIVATE)), events

@@ -73,13 +73,14 @@ def test_trap_networks_merge_outbound_ipv4_traps_only() -> None:
     assert trap_networks(two) == [ipaddress.IPv4Network("198.51.100.0/24")]
 
 
-def test_the_table_queues_new_wan_flows_to_unknown_trapped_destinations_and_fails_closed() -> None:
+def test_the_table_queues_wan_bound_packets_to_unknown_trapped_hosts_failing_closed() -> None:
     text = render_table(S, ["wan", "pppoe-wan"], [ipaddress.IPv4Network("0.0.0.0/0")])
     assert text.startswith("table inet oe_hold\ndelete table inet oe_hold\n")
-    assert "type filter hook forward priority filter + 10; policy accept;" in text
+    # before conntrack: held packets of one flow find its entry when released one by one
+    assert "type filter hook prerouting priority raw; policy accept;" in text
     assert (
-        'oifname { "wan", "pppoe-wan" } ct state new ip daddr @trap4 '
-        "ip daddr != @known4 counter jump first"
+        'iifname != { "wan", "pppoe-wan" } ip daddr @trap4 ip daddr != @known4 '
+        'fib daddr oifname { "wan", "pppoe-wan" } counter jump first'
     ) in text
     assert "elements = { 0.0.0.0/0 }" in text
     # the queue chain holds a drop only: the queue rule goes ahead of it, never a bypass

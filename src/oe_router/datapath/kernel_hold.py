@@ -7,10 +7,16 @@ trap policy (its selector's source is the WAN address, ``oe/policy.py``) with no
 the kernel drops it whatever xfrm_larval_drop says: that lookup never queues. So the
 first SYN of every packet-triggered flow was lost (a 1 s retransmission).
 
-Here a chain at the forward hook, after the firewall's filter chains and before srcnat,
-queues a LAN flow's new packets leaving through the WAN when their destination is in a
-trap (``trap4``: the TRAP policies' destinations, a superset) and not in ``known4`` (the
-destinations already decided: SA up, pass or drop shunt, clear). ``FirstPackets`` holds
+Here a chain at the prerouting hook, before conntrack, queues the packets arriving from
+anywhere but the WAN and routed out of it whose destination is in a trap (``trap4``:
+the TRAP policies' destinations, a superset) and not in ``known4`` (the destinations
+already decided: SA up, pass or drop shunt, clear). Before conntrack, because a held
+packet carries the conntrack entry it was given on arrival: the second echo request of a
+ping held beside the first got its own unconfirmed entry with the same tuple, which
+clashes with the first's when both are released and is dropped (ICMP and TCP allow no
+clash; measured on the host, tests/host/test_kernel_hold.py). Released one by one before
+conntrack, each later packet finds its flow's entry the first one confirmed.
+The firewall (fw4's forward chains) judges the released packets as any other. ``FirstPackets`` holds
 them and raises the ACQUIRE the kernel would have raised after NAT; once the SA (or a
 shunt) is in, the destination becomes known and the held packets are accepted in order:
 they go on to srcnat, and the lookup after NAT finds the SA, so the first SYN leaves as
@@ -80,7 +86,6 @@ class HoldSettings:
 
     table: str = "oe_hold"
     queue_num: int = 4501
-    priority: int = 10  # after fw4's filter chains (priority filter = 0): what they allow
     limits: HoldLimits = field(default_factory=lambda: HoldLimits(4.0, 64, 1024))
     known_seconds: int = 600  # a clear or no-lifetime answer is asked again after this
     known_size: int = 65536
@@ -115,6 +120,7 @@ def render_table(
     """
     t = s.table
     devs = _elements([f'"{d}"' for d in wan_devices])
+    # prerouting at priority raw: after defragmentation (-400), before conntrack (-200)
     trap = f"\t\telements = {{ {_elements([str(n) for n in traps])} }}\n" if traps else ""
     return (
         f"table inet {t}\ndelete table inet {t}\n"
@@ -122,9 +128,9 @@ def render_table(
         f"\tset trap4 {{\n\t\ttype ipv4_addr\n\t\tflags interval\n{trap}\t}}\n"
         f"\tset known4 {{\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t\tsize {s.known_size}\n\t}}\n"
         f"\tchain hold {{\n"
-        f"\t\ttype filter hook forward priority filter + {s.priority}; policy accept;\n"
-        f"\t\tmeta nfproto ipv4 oifname {{ {devs} }} ct state new ip daddr @trap4 "
-        f"ip daddr != @known4 counter jump {QUEUE_CHAIN}\n"
+        f"\t\ttype filter hook prerouting priority raw; policy accept;\n"
+        f"\t\tmeta nfproto ipv4 iifname != {{ {devs} }} ip daddr @trap4 ip daddr != @known4 "
+        f"fib daddr oifname {{ {devs} }} counter jump {QUEUE_CHAIN}\n"
         f"\t}}\n"
         f"\tchain {QUEUE_CHAIN} {{\n\t\tcounter drop\n\t}}\n"
         f"}}\n"
