@@ -16,11 +16,13 @@ ping held beside the first got its own unconfirmed entry with the same tuple, wh
 clashes with the first's when both are released and is dropped (ICMP and TCP allow no
 clash; measured on the host, tests/host/test_kernel_hold.py). Released one by one before
 conntrack, each later packet finds its flow's entry the first one confirmed.
-The firewall (fw4's forward chains) judges the released packets as any other. ``FirstPackets`` holds
-them and raises the ACQUIRE the kernel would have raised after NAT; once the SA (or a
-shunt) is in, the destination becomes known and the held packets are accepted in order:
-they go on to srcnat, and the lookup after NAT finds the SA, so the first SYN leaves as
-ESP. A destination known to be clear adds no userspace hop to later flows.
+
+``FirstPackets`` holds them and raises the ACQUIRE the kernel would have raised after
+NAT; once the SA (or a shunt) is in, the destination becomes known and the held packets
+are accepted in order: they go on through conntrack, the firewall's forward chains (which
+judge them as any other packet) and srcnat, and the lookup after NAT finds the SA, so the
+first SYN leaves as ESP. A destination known to be clear adds no userspace hop to later
+flows.
 
 Fail closed: the queue has no bypass, so with the daemon dead (even after kill -9) the
 kernel drops what would have been queued; and whatever we accept still meets XFRM after
