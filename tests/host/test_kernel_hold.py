@@ -18,6 +18,7 @@ import ipaddress
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -35,6 +36,10 @@ from oe_router.datapath.firstpackets import HoldLimits
 from oe_router.datapath.kernel import XfrmDatapath
 from oe_router.datapath.kernel_hold import HeldXfrmDatapath, HoldSettings
 from oe_router.datapath.nft import run_nft
+from oe_router.oe.lan import LanGateway, apply_nft, nft_script
+from oe_router.oe.service import OeService, kernel_datapath
+from tests.aio import run, running
+from tests.host import probe
 from tests.host.netlab import LanRouterWorld, received, udp
 
 pytestmark = pytest.mark.host
@@ -275,3 +280,52 @@ def test_a_flood_of_new_destinations_is_held_within_the_bound_and_counted(
             await dp.close()
 
     asyncio.run(body())
+
+
+def test_the_oe_service_with_packet_hold_releases_or_drops_per_group(
+    lan_router_world: LanRouterWorld,
+) -> None:
+    """The whole path with the OE manager: ``packet_hold`` makes the kernel datapath a
+    held one, the synthesized ACQUIRE starts a negotiation (the probe negotiator: no IKE
+    in the world, it fails for real), the manager's pass shunt releases the held
+    private-or-clear datagram (it arrives, once, from the WAN address), and its drop
+    shunt drops the private one."""
+    lan, r, w = lan_router_world("kho", peers=(probe.POC, probe.PRIV))
+    apply_nft(
+        nft_script(
+            LanGateway(wan_ifname="wan", lan4=(ipaddress.IPv4Network("192.168.1.0/24"),), wan4=WAN)
+        ),
+        netns=r,
+    )
+    rx_poc, rx_priv = udp(w, (probe.POC, probe.PORT)), udp(w, (probe.PRIV, probe.PORT))
+    tx = udp(lan)
+
+    async def body() -> None:
+        neg = probe.ProbeNegotiator(r)
+        svc = OeService(
+            datapath_factory=kernel_datapath(r, wan_devices=["wan"], wan4=WAN),
+            negotiator=neg,
+            wan={4: WAN},
+            lan=[ipaddress.ip_network("192.168.1.0/24")],
+        )
+        async with running(svc, replace(probe.probe_config(), packet_hold=True)):
+            tx.sendto(b"first", (probe.POC, probe.PORT))
+            got: list[tuple[bytes, str]] = []
+
+            def arrived() -> bool:
+                got.extend(received(rx_poc))
+                return bool(got)
+
+            assert await _until(arrived), "the held datagram never arrived"
+            assert got == [(b"first", str(WAN))], got
+            (req,) = neg.requests
+            assert (str(req.peer), req.local) == (probe.POC, WAN)
+            tx.sendto(b"p1", (probe.PRIV, probe.PORT))
+            assert await _until(lambda: len(svc.status().shunts) == 2), svc.status().shunts
+            assert {s.kind for s in svc.status().shunts} == {"pass", "drop"}
+            tx.sendto(b"p2", (probe.PRIV, probe.PORT))
+            tx.sendto(b"second", (probe.POC, probe.PORT))
+            assert await _until(lambda: arrived() and len(got) == 2), got
+            assert got[1] == (b"second", str(WAN)) and received(rx_priv) == []
+
+    run(body(), rx_poc, rx_priv, tx)
