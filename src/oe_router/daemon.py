@@ -541,6 +541,7 @@ def build_services(
                     reason=plat.datapath_reason,
                     wan_devices=plat.wan_devices,
                     wan4=plat.wan.get(4),
+                    lan=plat.lan,
                 )
             registry.add(offer)
             negotiator = IkeNegotiator(ike)

@@ -303,7 +303,9 @@ def test_the_oe_service_with_packet_hold_releases_or_drops_per_group(
     async def body() -> None:
         neg = probe.ProbeNegotiator(r)
         svc = OeService(
-            datapath_factory=kernel_datapath(r, wan_devices=["wan"], wan4=WAN),
+            datapath_factory=kernel_datapath(
+                r, wan_devices=["wan"], wan4=WAN, lan=[ipaddress.ip_network("192.168.1.0/24")]
+            ),
             negotiator=neg,
             wan={4: WAN},
             lan=[ipaddress.ip_network("192.168.1.0/24")],

@@ -87,6 +87,11 @@ def test_the_table_queues_wan_bound_packets_to_unknown_trapped_hosts_failing_clo
     first = text[text.index("chain first") :]
     assert "counter drop" in first and "accept" not in first and "bypass" not in text
     assert "elements" not in render_table(S, ["wan"], [])
+    lan = [ipaddress.IPv4Network("192.168.1.0/24"), ipaddress.IPv4Network("10.1.0.0/16")]
+    only_lan = render_table(S, ["wan"], [], lan)
+    assert (
+        'iifname != { "wan" } ip saddr { 192.168.1.0/24, 10.1.0.0/16 } ip daddr @trap4' in only_lan
+    )
 
 
 def test_trap_and_known_scripts() -> None:

@@ -112,17 +112,23 @@ def _elements(items: Sequence[str]) -> str:
 
 
 def render_table(
-    s: HoldSettings, wan_devices: Sequence[str], traps: Sequence[ipaddress.IPv4Network]
+    s: HoldSettings,
+    wan_devices: Sequence[str],
+    traps: Sequence[ipaddress.IPv4Network],
+    sources: Sequence[ipaddress.IPv4Network] = (),
 ) -> str:
     """The whole ``inet <table>`` (replacing an old one) as one atomic ``nft -f`` script.
 
     The queue chain holds only ``drop``: ``queue`` goes ahead of it (``queue_rule``, or
     the xt NFQUEUE target where the kernel lacks nft's queue), so a packet meets a drop,
-    never an accept, if the queue rule is missing.
+    never an accept, if the queue rule is missing. ``sources``: the LAN prefixes the LAN
+    gateway NATs to the WAN address (``oe/lan.py``); only their packets meet the traps
+    after NAT, so only theirs are held (empty: any source).
     """
     t = s.table
     devs = _elements([f'"{d}"' for d in wan_devices])
     # prerouting at priority raw: after defragmentation (-400), before conntrack (-200)
+    src = f"ip saddr {{ {_elements([str(n) for n in sources])} }} " if sources else ""
     trap = f"\t\telements = {{ {_elements([str(n) for n in traps])} }}\n" if traps else ""
     return (
         f"table inet {t}\ndelete table inet {t}\n"
@@ -131,7 +137,7 @@ def render_table(
         f"\tset known4 {{\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t\tsize {s.known_size}\n\t}}\n"
         f"\tchain hold {{\n"
         f"\t\ttype filter hook prerouting priority raw; policy accept;\n"
-        f"\t\tmeta nfproto ipv4 iifname != {{ {devs} }} ip daddr @trap4 ip daddr != @known4 "
+        f"\t\tmeta nfproto ipv4 iifname != {{ {devs} }} {src}ip daddr @trap4 ip daddr != @known4 "
         f"fib daddr oifname {{ {devs} }} counter jump {QUEUE_CHAIN}\n"
         f"\t}}\n"
         f"\tchain {QUEUE_CHAIN} {{\n\t\tcounter drop\n\t}}\n"
@@ -234,6 +240,7 @@ class HeldXfrmDatapath(XfrmDatapath):
         *,
         wan_devices: Sequence[str],
         wan4: ipaddress.IPv4Address | None,
+        lan4: Sequence[ipaddress.IPv4Network] = (),
         hold: HoldSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
         **kwargs: Any,
@@ -241,6 +248,7 @@ class HeldXfrmDatapath(XfrmDatapath):
         super().__init__(**kwargs)
         self._hold = hold or HoldSettings()
         self._wan_devices = tuple(wan_devices)
+        self._lan4 = tuple(lan4)
         self._decider = KernelDecider(wan4)
         self._events_q: asyncio.Queue[Any] = asyncio.Queue()
         self._first = FirstPackets(
@@ -288,7 +296,7 @@ class HeldXfrmDatapath(XfrmDatapath):
         s = self._hold
         backend = queue_backend(netns=self._netns)
         run_nft(
-            render_table(s, self._wan_devices, self._traps),
+            render_table(s, self._wan_devices, self._traps, self._lan4),
             netns=self._netns,
             what="packet hold table",
         )

@@ -577,12 +577,14 @@ def kernel_datapath(
     reason: str | None = None,
     wan_devices: Iterable[str] = (),
     wan4: IPAddress | None = None,
+    lan: Iterable[IPNetwork] = (),
 ) -> DatapathFactory:
     """The XFRM datapath, keeping "private" policies at stop as the config says;
     ``reason`` is why it was chosen (``oe status``). With ``packet_hold`` (and a WAN
     device and IPv4 address) LAN flows' first packets wait for their SA
     (``datapath.kernel_hold``, imported only then)."""
     devices = tuple(wan_devices)
+    lan4 = tuple(n for n in lan if isinstance(n, ipaddress.IPv4Network))
 
     def make(config: OeConfig) -> Datapath:
         if config.packet_hold and devices and isinstance(wan4, ipaddress.IPv4Address):
@@ -591,6 +593,7 @@ def kernel_datapath(
             return HeldXfrmDatapath(
                 wan_devices=devices,
                 wan4=wan4,
+                lan4=lan4,
                 keep_persistent_on_stop=config.keep_private_on_stop,
                 netns=netns,
                 reason=reason or "kernel has ESP and XFRM netlink",
