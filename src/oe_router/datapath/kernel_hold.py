@@ -266,6 +266,8 @@ class HeldXfrmDatapath(XfrmDatapath):
         self._clock = clock
         self._tasks: set[asyncio.Task[Any]] = set()
         self._nft_errors = 0
+        self._ops: list[tuple[str, bool]] = []  # known-set scripts waiting for the writer
+        self._writing = False
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -434,18 +436,31 @@ class HeldXfrmDatapath(XfrmDatapath):
         self._nft(known_script(self._hold, add=[(dst, secs)]))
 
     def _nft(self, script: str, *, quiet: bool = False) -> None:
-        """Run ``script`` off the event loop (a known-set change is not on the packet's
-        path: a packet that comes meanwhile is queued and decided the same way)."""
+        """Queue ``script`` for the known-set writer, off the event loop (a known-set change
+        is not on the packet's path: a packet that comes meanwhile is queued and decided
+        the same way). One writer, in order: a removal never overtakes the addition it
+        undoes. ``quiet``: a failure is expected (deleting an element already gone)."""
+        self._ops.append((script, quiet))
+        if not self._writing:
+            self._writing = True
+            spawn_tracked(self._tasks, self._write(), log, "packet hold nft")
 
-        async def run() -> None:
-            try:
-                await asyncio.to_thread(run_nft, script, netns=self._netns, what="packet hold")
-            except DatapathError as exc:
-                if not quiet:
-                    self._nft_errors += 1
-                    log.warning("%s", exc)
-
-        spawn_tracked(self._tasks, run(), log, "packet hold nft")
+    async def _write(self) -> None:
+        """Run the queued scripts in order; consecutive additions go in one nft run (a
+        flood of decided destinations costs a few runs, not one each)."""
+        try:
+            while self._ops:
+                script, quiet = self._ops.pop(0)
+                while not quiet and self._ops and not self._ops[0][1]:
+                    script += self._ops.pop(0)[0]
+                try:
+                    await asyncio.to_thread(run_nft, script, netns=self._netns, what="packet hold")
+                except DatapathError as exc:
+                    if not quiet:
+                        self._nft_errors += 1
+                        log.warning("%s", exc)
+        finally:
+            self._writing = False
 
     # -- events: the kernel's, and the ACQUIREs synthesized for held packets --
     async def events(self) -> AsyncIterator[DatapathEvent]:
