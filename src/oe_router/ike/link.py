@@ -24,7 +24,7 @@ from .proposals import IkeChoice
 ZERO_SPI = bytes(8)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class KeyContext:
     """What protects one direction of an IKE SA: the SK cipher with SK_e and SK_a."""
 
@@ -36,7 +36,7 @@ class KeyContext:
         return f"KeyContext({type(self.cipher).__name__})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkKeys:
     """The transforms and SK_* keys of one IKE SA, with the send/receive contexts
     of our role made once at derivation."""
