@@ -87,7 +87,7 @@ class Platform:
 def read_interface(ifname: str) -> tuple[list[IPAddress], list[IPNetwork], str]:
     """Global addresses and their prefixes on ``ifname`` (pyroute2); ``reason`` if none."""
     try:
-        from pyroute2 import IPRoute
+        from pyroute2.iproute.linux import IPRoute
     except ImportError:  # pragma: no cover - a runtime dependency
         return [], [], "pyroute2 is not installed"
     addrs: list[IPAddress] = []
