@@ -93,6 +93,8 @@ class ChildTable(dict[bytes, ChildRecord]):
     """The Child SAs one IKE SA carries, by our inbound SPI; reports what the owner
     hears about them on ``events``."""
 
+    __slots__ = ("_events",)  # one per IKE SA: no instance dict
+
     def __init__(self, events: list[Event]) -> None:
         super().__init__()
         self._events = events

@@ -551,6 +551,9 @@ class IkeSa:
     def established(self, now: float) -> None:
         self.set_state(IkeState.ESTABLISHED)
         self.established_at = now
+        # both ends' AUTH are done: IKE_SA_INIT's bytes are signed nowhere else (~600 B)
+        self.handshake.ours = self.handshake.theirs = b""
+        self.handshake.peer_hashes = None
         self._ike_rekey_at, self._ike_expire_at = self._lifetime(self.config.ike_lifetime, now)
 
     def enqueue(self, task: Task, front: bool = False) -> None:
