@@ -83,7 +83,7 @@ class LinkKeys:
         return self.send.cipher
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkSettings:
     """The parts of the IKE SA's configuration a link works by."""
 
@@ -255,6 +255,7 @@ class IkeLink:
 
     def answered(self) -> None:
         self.retransmit_at = None
+        self._last_request = []  # never resent now: an idle IKE SA holds no old request
 
     # ------------------------------------------------------------------ the peer's requests
 
