@@ -127,7 +127,9 @@ def _daemon_idle(work: Path) -> dict[str, Any]:
                 raise Unavailable(f"the daemon runs without {want}: {services}")
         pid = daemon.proc.pid
         modules = _modules_of(pid)
-        return {**smaps(pid), "ready_s": ready, "services": services, **modules}
+        datapath = status["daemon"].get("datapath", "")
+        return {**smaps(pid), "ready_s": ready, "services": services, "datapath": datapath,
+                **modules}  # fmt: skip
     finally:
         if daemon is not None:
             daemon.stop()
@@ -335,6 +337,8 @@ def run() -> list[Result]:
                 "charon_pss_idle_kb": charon["pss_kb"],
                 "charon_private_idle_kb": charon["private_kb"],
                 "services": idle["services"],
+                # on a host kernel without ESP the oe service only reports why (no datapath)
+                "datapath": idle["datapath"],
                 "libssl_mapped": idle["libssl_mapped"],
                 "import_only_rss_kb": imported["rss_kb"],
                 "import_only_pss_kb": imported["pss_kb"],
