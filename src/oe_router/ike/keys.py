@@ -17,6 +17,8 @@ from .constants import PrfId
 class Prf:
     """An HMAC-based IKE PRF; ``output_len`` is also its preferred key length."""
 
+    __slots__ = ("_hash", "output_len", "prf_id")  # two per IKE SA
+
     _HASHES: dict[int, type[hashes.HashAlgorithm]] = {
         PrfId.HMAC_SHA1: hashes.SHA1,
         PrfId.HMAC_SHA2_256: hashes.SHA256,

@@ -102,6 +102,30 @@ class IkeLink:
     Datagrams go to ``sink``, the owner's output list.
     """
 
+    # one per IKE SA (and per retired one): no instance dict (docs/footprint.md)
+    __slots__ = (
+        "_cached_mid",
+        "_cached_response",
+        "_iv_counter",
+        "_last_request",
+        "_random",
+        "_reassembler",
+        "_sink",
+        "_stats",
+        "expect_mid",
+        "is_initiator",
+        "keys",
+        "next_mid",
+        "ni",
+        "nr",
+        "peer_frag",
+        "retransmit_at",
+        "settings",
+        "spi_i",
+        "spi_r",
+        "tries",
+    )
+
     def __init__(
         self,
         spi_i: bytes,

@@ -211,6 +211,29 @@ class IkeSa:
     the exchange tasks work in.
     """
 
+    # one per peer: no instance dict (docs/footprint.md)
+    __slots__ = (
+        "_children",
+        "_events",
+        "_frag_stats",
+        "_ike_expire_at",
+        "_ike_rekey_at",
+        "_next_request_id",
+        "_out",
+        "_queue",
+        "_retired",
+        "active",
+        "config",
+        "delete_requested",
+        "established_at",
+        "handshake",
+        "link",
+        "peer",
+        "pending_auth",
+        "random",
+        "state",
+    )
+
     def __init__(
         self, config: IkeSaConfig, is_initiator: bool, random: Callable[[int], bytes] = os.urandom
     ) -> None:
