@@ -13,10 +13,12 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import select
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from pyroute2.netlink import NETLINK_XFRM, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
@@ -49,9 +51,18 @@ from oe_router.datapath.base import (
     TrafficSelector,
     child_policies,
 )
+from oe_router.datapath.xfrm_batch import Ack, Batch, Path, Prototype, prototype, read_acks
 from oe_router.netns import in_netns
 
 IP_XFRM_POLICY: Final = 17
+SOL_NETLINK: Final = 270
+NETLINK_CAP_ACK: Final = 10  # error ACKs without the echoed request (which holds keys)
+NETLINK_EXT_ACK: Final = 11  # error ACKs with the kernel's reason in words
+#: Messages per send: their ACKs (about 1 KiB of socket buffer each) must fit the default
+#: receive buffer, or the kernel drops some and the outcome of those is unknown.
+MAX_PER_SEND: Final = 64
+#: The kernel answers inside send(); this bounds the wait if it somehow did not.
+ACK_TIMEOUT: Final = 2.0
 IPV6_XFRM_POLICY: Final = 35
 UDP_ENCAP: Final = 100
 SOL_UDP: Final = 17
@@ -289,7 +300,7 @@ def _explain(err: NetlinkError, what: str, alg: str) -> DatapathError:
     if code == errno.EPERM:
         return DatapathError(f"{what}: permission denied, XFRM needs CAP_NET_ADMIN{kmsg}")
     if code == errno.EEXIST:
-        return DatapathError(f"{what}: already exists in the kernel{kmsg}")
+        return DatapathError(f"{what}: already exists in the kernel (EEXIST){kmsg}")
     return DatapathError(f"{what}: kernel refused: {errno.errorcode.get(code, code)}{kmsg}")
 
 
@@ -402,6 +413,245 @@ def _iter_messages(data: bytes) -> Iterator[Any]:
         offset += (length + 3) & ~3
 
 
+def _open_batch_socket(netns: str | None) -> socket.socket:
+    """The persistent raw NETLINK_XFRM socket that installs and deletes go out on."""
+    try:
+        with in_netns(netns):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
+    except OSError as exc:
+        if exc.errno in (errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT):
+            raise FeatureMissing(
+                "kernel lacks XFRM netlink (xfrm_user module): cannot use the kernel datapath"
+            ) from None
+        raise DatapathError(f"opening the XFRM netlink socket failed: {exc}") from None
+    try:
+        sock.bind((0, 0))
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        with contextlib.suppress(OSError):  # older kernels: ACKs without the reason
+            sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise DatapathError(f"setting up the XFRM netlink socket failed: {exc}") from None
+    return sock
+
+
+# --- prepared messages: one prototype per shape, patched per install -------------------
+_PROTOTYPES: dict[tuple[Any, ...], Prototype] = {}
+_MAX_PROTOTYPES: Final = 256  # shapes are few (algorithms x families x flags); a bound anyway
+
+
+def _prepared(
+    shape: tuple[Any, ...],
+    make: Callable[[], tuple[int, dict[str, Any], list[tuple[str, Any]]]],
+    paths: Sequence[Path],
+) -> Prototype:
+    proto = _PROTOTYPES.get(shape)
+    if proto is None:
+        if len(_PROTOTYPES) >= _MAX_PROTOTYPES:
+            _PROTOTYPES.clear()
+        msg_type, fields, attrs = make()
+        proto = _PROTOTYPES[shape] = prototype(msg_type, fields, attrs, paths)
+    return proto
+
+
+def _sa_variables(
+    spec: ChildSaSpec, src: IPAddress, dst: IPAddress, keys: SaKeys, transport_sel: bool
+) -> list[tuple[Path, Any]]:
+    """The fields of an SA message that differ between Child SAs of one shape, with
+    the values ``sa_request`` gives them (tests/unit/test_xfrm_batch.py checks both agree)."""
+    out: list[tuple[Path, Any]] = [
+        ("id_daddr", dst.packed),
+        ("saddr", src.packed),
+        ("id_spi", keys.spi),
+        ("reqid", spec.reqid),
+    ]
+    if spec.encr.aead:
+        out.append(((X.XFRMA_ALG_AEAD, 0, "alg_key"), keys.encr_key))
+    else:
+        out.append(((X.XFRMA_ALG_CRYPT, 0, "alg_key"), keys.encr_key))
+        out.append(((X.XFRMA_ALG_AUTH_TRUNC, 0, "alg_key"), keys.integ_key))
+    if spec.encap is not None:
+        is_out = src == spec.local
+        lp, rp = spec.encap.local_port, spec.encap.remote_port
+        out.append(((X.XFRMA_ENCAP, 0, "encap_sport"), lp if is_out else rp))
+        out.append(((X.XFRMA_ENCAP, 0, "encap_dport"), rp if is_out else lp))
+    if transport_sel:
+        lts, rts = spec.local_ts[0], spec.remote_ts[0]
+        a, b = (lts, rts) if src == spec.local else (rts, lts)
+        out.extend(_selector(a, b, "sel_").items())
+    return out
+
+
+def add_sa(
+    batch: Batch,
+    spec: ChildSaSpec,
+    src: IPAddress,
+    dst: IPAddress,
+    keys: SaKeys,
+    update: bool,
+    tag: Any,
+) -> None:
+    """Append one direction of a Child SA (NEWSA, or UPDSA over an allocated SPI)."""
+    transport_sel = spec.mode is Mode.TRANSPORT and bool(spec.local_ts and spec.remote_ts)
+    shape = (
+        "sa",
+        update,
+        src.version,
+        spec.mode,
+        spec.encr,
+        spec.integ,
+        len(keys.encr_key),
+        len(keys.integ_key),
+        spec.esn,
+        spec.replay_window,
+        spec.encap is not None,
+        transport_sel,
+        spec.lifetime,
+        spec.mark,
+    )
+    variables = _sa_variables(spec, src, dst, keys, transport_sel)
+
+    def make() -> tuple[int, dict[str, Any], list[tuple[str, Any]]]:
+        zero = SaKeys(keys.spi, bytes(len(keys.encr_key)), bytes(len(keys.integ_key)))
+        fields, attrs = sa_request(spec, src, dst, zero)
+        return (X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA), fields, attrs
+
+    proto = _prepared(shape, make, [p for p, _ in variables])
+    batch.add(proto, [v for _, v in variables], tag)
+
+
+def policy_request(
+    policy: PolicySpec, own: Ownership
+) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """UPDPOLICY fields and attributes for one policy."""
+    block = policy.action in (PolicyAction.DROP, PolicyAction.HOLD)
+    fields = {
+        **_selector(policy.src, policy.dst, "sel_"),
+        "dir": _DIRS[policy.direction],
+        **_lifetime(policy.lifetime, "lft_"),
+        "priority": own.kernel_priority(policy.priority, policy.persistent),
+        "action": X.XFRM_POLICY_BLOCK if block else X.XFRM_POLICY_ALLOW,
+    }
+    attrs: list[tuple[str, Any]] = []
+    if policy.templates:
+        attrs.append(("XFRMA_TMPL", [_template(t) for t in policy.templates]))
+    if policy.mark is not None:
+        attrs.append(("XFRMA_MARK", {"v": policy.mark.value, "m": policy.mark.mask}))
+    return fields, attrs
+
+
+_TMPL_VARIABLE: Final = ("id_daddr", "saddr", "reqid", "id_spi")
+
+
+def add_policy(batch: Batch, policy: PolicySpec, own: Ownership, tag: Any) -> None:
+    """Append an UPDPOLICY (install or replace) for ``policy``."""
+    block = policy.action in (PolicyAction.DROP, PolicyAction.HOLD)
+    shape = (
+        "policy",
+        policy.src.net.version,
+        block,
+        tuple((t.dst.version, t.mode) for t in policy.templates),
+        policy.lifetime,
+        policy.mark,
+    )
+    variables: list[tuple[Path, Any]] = list(_selector(policy.src, policy.dst, "sel_").items())
+    variables.append(("dir", _DIRS[policy.direction]))
+    variables.append(("priority", own.kernel_priority(policy.priority, policy.persistent)))
+    for i, t in enumerate(policy.templates):
+        tmpl = _template(t)
+        variables.extend(((X.XFRMA_TMPL, i, name), tmpl[name]) for name in _TMPL_VARIABLE)
+
+    def make() -> tuple[int, dict[str, Any], list[tuple[str, Any]]]:
+        return (X.XFRM_MSG_UPDPOLICY, *policy_request(policy, own))
+
+    proto = _prepared(shape, make, [p for p, _ in variables])
+    batch.add(proto, [v for _, v in variables], tag)
+
+
+def add_delete_sa(
+    batch: Batch, src: IPAddress, dst: IPAddress, spi: int, proto_: int, tag: Any
+) -> None:
+    """Append a DELSA for (dst, spi, proto) from src."""
+    fields = {"daddr": _addr_bytes(dst), "spi": spi, "family": _family(dst), "proto": proto_}
+
+    def make() -> tuple[int, dict[str, Any], list[tuple[str, Any]]]:
+        return X.XFRM_MSG_DELSA, fields, [("XFRMA_SRCADDR", _addr_bytes(src))]
+
+    paths: list[Path] = ["daddr", "spi", (X.XFRMA_SRCADDR, 0, "value")]
+    proto = _prepared(("delsa", dst.version, proto_), make, paths)
+    batch.add(proto, [dst.packed, spi, src.packed], tag)
+
+
+def add_delete_policy(batch: Batch, policy: PolicySpec, tag: Any) -> None:
+    """Append a DELPOLICY for the policy's selector, direction and mark."""
+    sel = _selector(policy.src, policy.dst, "sel_")
+    mark = policy.mark
+
+    def make() -> tuple[int, dict[str, Any], list[tuple[str, Any]]]:
+        attrs: list[tuple[str, Any]] = []
+        if mark is not None:
+            attrs.append(("XFRMA_MARK", {"v": mark.value, "m": mark.mask}))
+        return X.XFRM_MSG_DELPOLICY, {**sel, "dir": _DIRS[policy.direction]}, attrs
+
+    paths: list[Path] = [*sel, "dir"]
+    proto = _prepared(("delpolicy", policy.src.net.version, mark), make, paths)
+    batch.add(proto, [*sel.values(), _DIRS[policy.direction]], tag)
+
+
+@dataclass(frozen=True)
+class _SaTag:
+    """What a batch message installs or deletes, for error messages and rollback."""
+
+    direction: str  # "in" / "out" ("" for a plain delete)
+    src: IPAddress
+    dst: IPAddress
+    spi: int
+    proto: int = X.IPPROTO_ESP
+    spec: ChildSaSpec | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        d = f"{self.direction} " if self.direction else ""
+        enc = f" ({self.spec.encr.ike_name})" if self.spec is not None else ""
+        return f"SA {d}{self.src}->{self.dst} spi {self.spi:#010x}{enc}"
+
+
+@dataclass(frozen=True)
+class _PolicyTag:
+    policy: PolicySpec
+    previous: PolicySpec | None = None  # ours, replaced by this install (rollback restores it)
+
+    def describe(self) -> str:
+        return f"policy {self.policy.describe()}"
+
+
+def _alg_of(tag: object) -> str:
+    spec = tag.spec if isinstance(tag, _SaTag) else None
+    if spec is None:
+        return ""
+    return spec.encr.kernel_name + (f" + {spec.integ.kernel_name}" if spec.integ else "")
+
+
+def batch_error(batch: Batch, acks: Sequence[Ack], verb: str = "") -> DatapathError | None:
+    """One error for a batch's refusals: the first refused object named with the kernel's
+    reason (``explain``), then how many more were refused and which; None if all went in."""
+    failed = [a for a in acks if a.errno]
+    if not failed:
+        return None
+    first = failed[0]
+    tag = batch.tags[first.index]
+    what = f"{verb}{tag.describe()}"
+    err = NetlinkError(first.errno, first.message or None)
+    exc = explain(err, what, _alg_of(tag))
+    if len(failed) > 1:
+        more = ", ".join(
+            f"{batch.tags[a.index].describe()} ({errno.errorcode.get(a.errno, a.errno)})"
+            for a in failed[1:]
+        )
+        exc.args = (f"{exc} [also refused: {more}]",)
+    return exc
+
+
 # --- the datapath ---------------------------------------------------------------------
 class XfrmDatapath:
     """The Datapath over kernel XFRM.  Construct, optionally reconcile(), use, close()."""
@@ -423,6 +673,9 @@ class XfrmDatapath:
         self._reason = reason
         self._spi_range = spi_range
         self._sock = _open_xfrm_socket(netns)
+        self._nl = _open_batch_socket(netns)
+        self._rbuf = bytearray(1 << 16)
+        self._seq = 1
         self._events_sock = _open_xfrm_socket(
             netns, (X.XFRMNLGRP_ACQUIRE, X.XFRMNLGRP_EXPIRE, X.XFRMNLGRP_MAPPING)
         )
@@ -511,39 +764,106 @@ class XfrmDatapath:
                 return reqid
         raise DatapathError("no free reqid left in the owned range")
 
-    # -- SAs --
-    def _install_sa(self, spec: ChildSaSpec, src: IPAddress, dst: IPAddress, keys: SaKeys) -> None:
-        fields, attrs = sa_request(spec, src, dst, keys)
-        update = (dst, keys.spi) in self._allocated
-        what = f"SA {src}->{dst} spi {keys.spi:#010x} ({spec.encr.ike_name})"
-        alg = spec.encr.kernel_name + (f" + {spec.integ.kernel_name}" if spec.integ else "")
-        self._request(
-            X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA, fields, attrs, what, alg=alg
-        )
-        self._allocated.discard((dst, keys.spi))
-        self._sas[(dst, keys.spi)] = spec.reqid
+    # -- batches: one send, every ACK checked --
+    def _batch(self) -> Batch:
+        return Batch(self._seq)
 
+    def _commit(self, batch: Batch) -> list[Ack]:
+        """Send the batch (in sends of at most MAX_PER_SEND messages) and collect one Ack
+        per message; a message whose ACK never came gets ETIMEDOUT (outcome unknown)."""
+        n = len(batch)
+        self._seq = (self._seq + n) & 0xFFFFFFFF or 1
+        acks: list[Ack | None] = [None] * n
+        view = memoryview(batch.buf)
+        try:
+            for first, last, start, end in batch.chunks(MAX_PER_SEND):
+                try:
+                    self._nl.send(view[start:end])
+                except OSError as exc:
+                    for i in range(first, n):
+                        acks[i] = Ack(i, exc.errno or errno.EIO, f"not sent: {exc.strerror}")
+                    break
+                self._collect(batch, acks, first, last)
+        finally:
+            view.release()
+            batch.wipe()
+        return [a if a is not None else Ack(i, errno.ETIMEDOUT) for i, a in enumerate(acks)]
+
+    def _collect(self, batch: Batch, acks: list[Ack | None], first: int, last: int) -> None:
+        left = last - first
+        deadline = 0.0
+        lost = False
+        rbuf = self._rbuf
+        while left:
+            try:
+                size = self._nl.recv_into(rbuf)
+            except BlockingIOError:
+                if lost:
+                    break  # ACKs dropped (ENOBUFS): the rest will not come
+                now = time.monotonic()
+                deadline = deadline or now + ACK_TIMEOUT
+                if now >= deadline or not select.select([self._nl], [], [], deadline - now)[0]:
+                    break
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    lost = True
+                    continue
+                raise DatapathError(f"reading XFRM netlink ACKs failed: {exc}") from None
+            for ack in read_acks(memoryview(rbuf)[:size], batch.seq0, len(batch)):
+                if first <= ack.index < last and acks[ack.index] is None:
+                    acks[ack.index] = ack
+                    left -= 1
+
+    def _rollback(self, batch: Batch, acks: Sequence[Ack]) -> str:
+        """Undo what a failed install batch put in: delete the SAs that went in, and give
+        each policy that went in back its earlier version of ours (a rekey's) or delete
+        it. Objects the kernel refused are left alone (a refused NEWSA's SPI may belong to
+        someone else). Returns "" or words on what could not be undone."""
+        undo = self._batch()
+        for ack in acks:
+            if ack.errno and ack.errno != errno.ETIMEDOUT:
+                continue  # refused: nothing of ours went in (unknown outcome: undo anyway)
+            tag = batch.tags[ack.index]
+            if isinstance(tag, _SaTag):
+                add_delete_sa(undo, tag.src, tag.dst, tag.spi, tag.proto, tag)
+            elif isinstance(tag, _PolicyTag):
+                if tag.previous is not None:
+                    add_policy(undo, tag.previous, self._own, _PolicyTag(tag.previous))
+                else:
+                    add_delete_policy(undo, tag.policy, tag)
+        if not len(undo):
+            return ""
+        bad = [
+            a for a in self._commit(undo) if a.errno and a.errno not in (errno.ENOENT, errno.ESRCH)
+        ]
+        if not bad:
+            return ""
+        words = ", ".join(
+            f"{undo.tags[a.index].describe()} ({errno.errorcode.get(a.errno, a.errno)})"
+            for a in bad
+        )
+        log.error("rolling back a failed install left behind: %s", words)
+        return words
+
+    # -- SAs --
     def _delete_sa(
         self, src: IPAddress, dst: IPAddress, spi: int, proto: int = X.IPPROTO_ESP
     ) -> bool:
-        fields = {"daddr": _addr_bytes(dst), "spi": spi, "family": _family(dst), "proto": proto}
-        try:
-            self._request(
-                X.XFRM_MSG_DELSA,
-                fields,
-                [("XFRMA_SRCADDR", _addr_bytes(src))],
-                f"delete SA {src}->{dst} spi {spi:#010x}",
-            )
-        except DatapathError as exc:
-            if exc.errno in (errno.ENOENT, errno.ESRCH):
-                return False
-            raise
-        finally:
-            self._sas.pop((dst, spi), None)
-            self._allocated.discard((dst, spi))
+        batch = self._batch()
+        add_delete_sa(batch, src, dst, spi, proto, _SaTag("", src, dst, spi, proto))
+        (ack,) = self._commit(batch)
+        self._sas.pop((dst, spi), None)
+        self._allocated.discard((dst, spi))
+        if ack.errno in (errno.ENOENT, errno.ESRCH):
+            return False
+        exc = batch_error(batch, [ack], "delete ")
+        if exc is not None:
+            raise exc
         return True
 
     async def install_child_sa(self, spec: ChildSaSpec) -> ChildSaSpec:
+        """Both SAs and the policies in one send; all in, or nothing of it (rolled back)."""
         if spec.reqid == 0:
             spec = replace(spec, reqid=self.allocate_reqid())
         elif not self._own.owns_reqid(spec.reqid):
@@ -551,27 +871,69 @@ class XfrmDatapath:
                 f"Child SA {spec.local}<->{spec.remote}: reqid {spec.reqid:#x} is outside the "
                 f"owned range {self._own.reqid_min:#x}-{self._own.reqid_max:#x}"
             )
-        self._install_sa(spec, spec.remote, spec.local, spec.inbound)
-        try:
-            self._install_sa(spec, spec.local, spec.remote, spec.outbound)
-        except DatapathError:
-            self._delete_sa(spec.remote, spec.local, spec.inbound.spi)
-            raise
-        if spec.install_policies:
-            try:
-                for pol in child_policies(spec):
-                    await self.install_policy(pol)
-            except DatapathError:
-                await self.remove_child_sa(spec)  # no half-installed Child SA
-                raise
-        return spec
+        batch = self._batch()
+        local, remote = spec.local, spec.remote
+        ins, outs = spec.inbound.spi, spec.outbound.spi
+        add_sa(
+            batch,
+            spec,
+            remote,
+            local,
+            spec.inbound,
+            (local, ins) in self._allocated,
+            _SaTag("in", remote, local, ins, spec=spec),
+        )
+        add_sa(
+            batch,
+            spec,
+            local,
+            remote,
+            spec.outbound,
+            (remote, outs) in self._allocated,
+            _SaTag("out", local, remote, outs, spec=spec),
+        )
+        pols = child_policies(spec) if spec.install_policies else []
+        for pol in pols:
+            add_policy(batch, pol, self._own, _PolicyTag(pol, self._policies.get(self._key(pol))))
+        acks = self._commit(batch)
+        exc = batch_error(batch, acks)
+        if exc is None:
+            for dst, spi in ((local, ins), (remote, outs)):
+                self._allocated.discard((dst, spi))
+                self._sas[(dst, spi)] = spec.reqid
+            for pol in pols:
+                self._policies[self._key(pol)] = pol
+                self._adopted.discard(self._key(pol))
+            return spec
+        left = self._rollback(batch, acks)
+        for ack in acks:
+            tag = batch.tags[ack.index]
+            if isinstance(tag, _SaTag) and (not ack.errno or ack.errno == errno.ETIMEDOUT):
+                self._sas.pop((tag.dst, tag.spi), None)  # deleted, an allocated SPI too
+                self._allocated.discard((tag.dst, tag.spi))
+        if left:
+            exc.args = (f"{exc}; rollback left: {left}",)
+        raise exc
 
     async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
+        """Policies (unless kept for a rekeyed SA) and both SAs in one send; objects
+        already gone are fine."""
+        batch = self._batch()
         if remove_policies and spec.install_policies:
             for pol in child_policies(spec):
-                await self.remove_policy(pol)
-        self._delete_sa(spec.local, spec.remote, spec.outbound.spi)
-        self._delete_sa(spec.remote, spec.local, spec.inbound.spi)
+                self._policies.pop(self._key(pol), None)
+                add_delete_policy(batch, pol, _PolicyTag(pol))
+        for src, dst, spi in (
+            (spec.local, spec.remote, spec.outbound.spi),
+            (spec.remote, spec.local, spec.inbound.spi),
+        ):
+            add_delete_sa(batch, src, dst, spi, X.IPPROTO_ESP, _SaTag("", src, dst, spi))
+            self._sas.pop((dst, spi), None)
+            self._allocated.discard((dst, spi))
+        acks = [a for a in self._commit(batch) if a.errno not in (errno.ENOENT, errno.ESRCH)]
+        exc = batch_error(batch, acks, "delete ")
+        if exc is not None:
+            raise exc
 
     def get_sa(self, src: IPAddress, dst: IPAddress, spi: int) -> SaInfo:
         """One ESP SA with its counters; DatapathError if the kernel has none."""
@@ -636,27 +998,16 @@ class XfrmDatapath:
         ]
 
     # -- policies --
-    def _policy_id(self, pol: PolicySpec) -> dict[str, Any]:
-        return {**_selector(pol.src, pol.dst, "sel_"), "dir": _DIRS[pol.direction]}
-
     @staticmethod
     def _key(pol: PolicySpec) -> tuple[Any, ...]:
         return (pol.src, pol.dst, pol.direction, pol.mark)
 
     async def install_policy(self, policy: PolicySpec) -> None:
-        block = policy.action in (PolicyAction.DROP, PolicyAction.HOLD)
-        fields = {
-            **self._policy_id(policy),
-            **_lifetime(policy.lifetime, "lft_"),
-            "priority": self._own.kernel_priority(policy.priority, policy.persistent),
-            "action": X.XFRM_POLICY_BLOCK if block else X.XFRM_POLICY_ALLOW,
-        }
-        attrs: list[tuple[str, Any]] = []
-        if policy.templates:
-            attrs.append(("XFRMA_TMPL", [_template(t) for t in policy.templates]))
-        if policy.mark is not None:
-            attrs.append(("XFRMA_MARK", {"v": policy.mark.value, "m": policy.mark.mask}))
-        self._request(X.XFRM_MSG_UPDPOLICY, fields, attrs, f"policy {policy.describe()}")
+        batch = self._batch()
+        add_policy(batch, policy, self._own, _PolicyTag(policy))
+        exc = batch_error(batch, self._commit(batch))
+        if exc is not None:
+            raise exc
         self._policies[self._key(policy)] = policy
         self._adopted.discard(self._key(policy))
 
@@ -664,21 +1015,15 @@ class XfrmDatapath:
         self._delete_policy(policy)
 
     def _delete_policy(self, policy: PolicySpec) -> bool:
-        attrs: list[tuple[str, Any]] = []
-        if policy.mark is not None:
-            attrs.append(("XFRMA_MARK", {"v": policy.mark.value, "m": policy.mark.mask}))
         self._policies.pop(self._key(policy), None)
-        try:
-            self._request(
-                X.XFRM_MSG_DELPOLICY,
-                self._policy_id(policy),
-                attrs,
-                f"delete policy {policy.describe()}",
-            )
-        except DatapathError as exc:
-            if exc.errno in (errno.ENOENT, errno.ESRCH):
-                return False
-            raise
+        batch = self._batch()
+        add_delete_policy(batch, policy, _PolicyTag(policy))
+        (ack,) = self._commit(batch)
+        if ack.errno in (errno.ENOENT, errno.ESRCH):
+            return False
+        exc = batch_error(batch, [ack], "delete ")
+        if exc is not None:
+            raise exc
         return True
 
     def dump_policies(self) -> list[tuple[int, PolicySpec | None]]:
@@ -785,6 +1130,7 @@ class XfrmDatapath:
                         self._delete_sa(sa.src, sa.dst, sa.spi, sa.proto)
         finally:
             self._sock.close()
+            self._nl.close()
             self._events_sock.close()
 
     # -- events --
