@@ -438,7 +438,8 @@ def _open_batch_socket(netns: str | None) -> socket.socket:
 
 # --- prepared messages: one prototype per shape, patched per install -------------------
 _PROTOTYPES: dict[tuple[Any, ...], Prototype] = {}
-_MAX_PROTOTYPES: Final = 256  # shapes are few (algorithms x families x flags); a bound anyway
+_MAX_PROTOTYPES: Final = 1024  # shapes are few (algorithms x families x ranks); a bound anyway
+_NO_LIFETIME: Final = Lifetime()
 
 
 def _prepared(
@@ -507,7 +508,7 @@ def add_sa(
         spec.replay_window,
         spec.encap is not None,
         transport_sel,
-        spec.lifetime,
+        None if spec.lifetime == _NO_LIFETIME else spec.lifetime,
         spec.mark,
     )
     variables = _sa_variables(spec, src, dst, keys, transport_sel)
@@ -541,32 +542,69 @@ def policy_request(
     return fields, attrs
 
 
-_TMPL_VARIABLE: Final = ("id_daddr", "saddr", "reqid", "id_spi")
+_TMPL_VARIABLE: Final = ("id_daddr", "saddr", "reqid")
+_BLOCKING: Final = (PolicyAction.DROP, PolicyAction.HOLD)
+
+
+def _selector_parts(
+    src: TrafficSelector, dst: TrafficSelector
+) -> tuple[tuple[Any, ...], list[Path], list[Any]]:
+    """``_selector`` split into what goes into a prototype's shape (family, prefix lengths,
+    protocol, which ports are set) and the fields patched per message (addresses, and
+    the ports that are set), with their values."""
+    icmp = src.icmp_type if src.icmp_type is not None else dst.icmp_type
+    sport = src.port if icmp is None else icmp
+    dnet, snet = dst.net, src.net
+    shape = (
+        snet.version,
+        dnet.prefixlen,
+        snet.prefixlen,
+        dst.proto or src.proto,
+        dst.port is not None,
+        sport is not None,
+    )
+    paths: list[Path] = ["sel_daddr", "sel_saddr"]
+    values: list[Any] = [dnet.network_address.packed, snet.network_address.packed]
+    if dst.port is not None:
+        paths.append("sel_dport")
+        values.append(dst.port)
+    if sport is not None:
+        paths.append("sel_sport")
+        values.append(sport)
+    return shape, paths, values
 
 
 def add_policy(batch: Batch, policy: PolicySpec, own: Ownership, tag: Any) -> None:
-    """Append an UPDPOLICY (install or replace) for ``policy``."""
-    block = policy.action in (PolicyAction.DROP, PolicyAction.HOLD)
+    """Append an UPDPOLICY (install or replace) for ``policy``.
+
+    The shape holds what varies little (direction, rank, template SPIs, lifetime, mark);
+    addresses, ports and reqids are patched: a few stores per message."""
+    sel_shape, sel_paths, values = _selector_parts(policy.src, policy.dst)
+    tmpls = policy.templates
+    lft = policy.lifetime
     shape = (
         "policy",
-        policy.src.net.version,
-        block,
-        tuple((t.dst.version, t.mode) for t in policy.templates),
-        policy.lifetime,
+        sel_shape,
+        policy.direction,
+        own.kernel_priority(policy.priority, policy.persistent),
+        policy.action in _BLOCKING,
+        tuple((t.dst.version, t.mode, t.spi) for t in tmpls),
+        None if lft == _NO_LIFETIME else lft,
         policy.mark,
     )
-    variables: list[tuple[Path, Any]] = list(_selector(policy.src, policy.dst, "sel_").items())
-    variables.append(("dir", _DIRS[policy.direction]))
-    variables.append(("priority", own.kernel_priority(policy.priority, policy.persistent)))
-    for i, t in enumerate(policy.templates):
-        tmpl = _template(t)
-        variables.extend(((X.XFRMA_TMPL, i, name), tmpl[name]) for name in _TMPL_VARIABLE)
+    for t in tmpls:
+        values += (t.dst.packed, t.src.packed, t.reqid)
+    proto = _PROTOTYPES.get(shape)
+    if proto is None:
+        paths = sel_paths + [
+            (X.XFRMA_TMPL, i, name) for i in range(len(tmpls)) for name in _TMPL_VARIABLE
+        ]
 
-    def make() -> tuple[int, dict[str, Any], list[tuple[str, Any]]]:
-        return (X.XFRM_MSG_UPDPOLICY, *policy_request(policy, own))
+        def make() -> tuple[int, dict[str, Any], list[tuple[str, Any]]]:
+            return (X.XFRM_MSG_UPDPOLICY, *policy_request(policy, own))
 
-    proto = _prepared(shape, make, [p for p, _ in variables])
-    batch.add(proto, [v for _, v in variables], tag)
+        proto = _prepared(shape, make, paths)
+    batch.add(proto, values, tag)
 
 
 def add_delete_sa(
@@ -639,13 +677,13 @@ def batch_error(batch: Batch, acks: Sequence[Ack], verb: str = "") -> DatapathEr
     if not failed:
         return None
     first = failed[0]
-    tag = batch.tags[first.index]
+    tag = batch.tags[first.item]
     what = f"{verb}{tag.describe()}"
     err = NetlinkError(first.errno, first.message or None)
     exc = explain(err, what, _alg_of(tag))
     if len(failed) > 1:
         more = ", ".join(
-            f"{batch.tags[a.index].describe()} ({errno.errorcode.get(a.errno, a.errno)})"
+            f"{batch.tags[a.item].describe()} ({errno.errorcode.get(a.errno, a.errno)})"
             for a in failed[1:]
         )
         exc.args = (f"{exc} [also refused: {more}]",)
@@ -774,20 +812,24 @@ class XfrmDatapath:
         n = len(batch)
         self._seq = (self._seq + n) & 0xFFFFFFFF or 1
         acks: list[Ack | None] = [None] * n
-        view = memoryview(batch.buf)
         try:
             for first, last, start, end in batch.chunks(MAX_PER_SEND):
                 try:
-                    self._nl.send(view[start:end])
+                    if n <= MAX_PER_SEND:
+                        self._nl.send(batch.buf)
+                    else:
+                        with memoryview(batch.buf) as view:
+                            self._nl.send(view[start:end])
                 except OSError as exc:
                     for i in range(first, n):
                         acks[i] = Ack(i, exc.errno or errno.EIO, f"not sent: {exc.strerror}")
                     break
                 self._collect(batch, acks, first, last)
         finally:
-            view.release()
             batch.wipe()
-        return [a if a is not None else Ack(i, errno.ETIMEDOUT) for i, a in enumerate(acks)]
+        if None in acks:
+            return [a if a is not None else Ack(i, errno.ETIMEDOUT) for i, a in enumerate(acks)]
+        return acks  # type: ignore[return-value]  # no None left
 
     def _collect(self, batch: Batch, acks: list[Ack | None], first: int, last: int) -> None:
         left = last - first
@@ -810,9 +852,9 @@ class XfrmDatapath:
                     lost = True
                     continue
                 raise DatapathError(f"reading XFRM netlink ACKs failed: {exc}") from None
-            for ack in read_acks(memoryview(rbuf)[:size], batch.seq0, len(batch)):
-                if first <= ack.index < last and acks[ack.index] is None:
-                    acks[ack.index] = ack
+            for ack in read_acks(rbuf, batch.seq0, len(batch), size):
+                if first <= ack.item < last and acks[ack.item] is None:
+                    acks[ack.item] = ack
                     left -= 1
 
     def _rollback(self, batch: Batch, acks: Sequence[Ack]) -> str:
@@ -824,7 +866,7 @@ class XfrmDatapath:
         for ack in acks:
             if ack.errno and ack.errno != errno.ETIMEDOUT:
                 continue  # refused: nothing of ours went in (unknown outcome: undo anyway)
-            tag = batch.tags[ack.index]
+            tag = batch.tags[ack.item]
             if isinstance(tag, _SaTag):
                 add_delete_sa(undo, tag.src, tag.dst, tag.spi, tag.proto, tag)
             elif isinstance(tag, _PolicyTag):
@@ -840,7 +882,7 @@ class XfrmDatapath:
         if not bad:
             return ""
         words = ", ".join(
-            f"{undo.tags[a.index].describe()} ({errno.errorcode.get(a.errno, a.errno)})"
+            f"{undo.tags[a.item].describe()} ({errno.errorcode.get(a.errno, a.errno)})"
             for a in bad
         )
         log.error("rolling back a failed install left behind: %s", words)
@@ -871,6 +913,32 @@ class XfrmDatapath:
                 f"Child SA {spec.local}<->{spec.remote}: reqid {spec.reqid:#x} is outside the "
                 f"owned range {self._own.reqid_min:#x}-{self._own.reqid_max:#x}"
             )
+        batch, pols = self._child_sa_batch(spec)
+        acks = self._commit(batch)
+        exc = batch_error(batch, acks)
+        if exc is None:
+            for dst, spi in ((spec.local, spec.inbound.spi), (spec.remote, spec.outbound.spi)):
+                self._allocated.discard((dst, spi))
+                self._sas[(dst, spi)] = spec.reqid
+            for pol in pols:
+                key = self._key(pol)
+                self._policies[key] = pol
+                if self._adopted:
+                    self._adopted.discard(key)
+            return spec
+        left = self._rollback(batch, acks)
+        for ack in acks:
+            tag = batch.tags[ack.item]
+            if isinstance(tag, _SaTag) and (not ack.errno or ack.errno == errno.ETIMEDOUT):
+                self._sas.pop((tag.dst, tag.spi), None)  # deleted, an allocated SPI too
+                self._allocated.discard((tag.dst, tag.spi))
+        if left:
+            exc.args = (f"{exc}; rollback left: {left}",)
+        raise exc
+
+    def _child_sa_batch(self, spec: ChildSaSpec) -> tuple[Batch, list[PolicySpec]]:
+        """The install batch of a Child SA: SA in, SA out, then its policies (each tagged
+        with the version of ours it replaces). bench/bench_xfrm_host.py sends it alone."""
         batch = self._batch()
         local, remote = spec.local, spec.remote
         ins, outs = spec.inbound.spi, spec.outbound.spi
@@ -895,25 +963,7 @@ class XfrmDatapath:
         pols = child_policies(spec) if spec.install_policies else []
         for pol in pols:
             add_policy(batch, pol, self._own, _PolicyTag(pol, self._policies.get(self._key(pol))))
-        acks = self._commit(batch)
-        exc = batch_error(batch, acks)
-        if exc is None:
-            for dst, spi in ((local, ins), (remote, outs)):
-                self._allocated.discard((dst, spi))
-                self._sas[(dst, spi)] = spec.reqid
-            for pol in pols:
-                self._policies[self._key(pol)] = pol
-                self._adopted.discard(self._key(pol))
-            return spec
-        left = self._rollback(batch, acks)
-        for ack in acks:
-            tag = batch.tags[ack.index]
-            if isinstance(tag, _SaTag) and (not ack.errno or ack.errno == errno.ETIMEDOUT):
-                self._sas.pop((tag.dst, tag.spi), None)  # deleted, an allocated SPI too
-                self._allocated.discard((tag.dst, tag.spi))
-        if left:
-            exc.args = (f"{exc}; rollback left: {left}",)
-        raise exc
+        return batch, pols
 
     async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
         """Policies (unless kept for a rekeyed SA) and both SAs in one send; objects

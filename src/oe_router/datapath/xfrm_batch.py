@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from oe_router.datapath import xfrm_msg as X
 
@@ -151,21 +151,22 @@ class Batch:
         self.buf[:] = bytes(len(self.buf))
 
 
-@dataclass(frozen=True)
-class Ack:
-    """The kernel's answer to message ``index`` of a batch: errno 0 is success."""
+class Ack(NamedTuple):
+    """The kernel's answer to message ``item`` of a batch: errno 0 is success."""
 
-    index: int
+    item: int
     errno: int
     message: str = ""  # the kernel's extended ACK text, if it gave one
 
 
-def read_acks(data: bytes | memoryview, seq0: int, count: int) -> Iterator[Ack]:
-    """The ACKs in one received datagram that answer messages ``seq0 .. seq0+count-1``.
-
-    Anything else (a stale ACK of an earlier batch, a truncated message) is skipped.
+def read_acks(
+    data: bytes | bytearray | memoryview, seq0: int, count: int, size: int | None = None
+) -> Iterator[Ack]:
+    """The ACKs in one received datagram (``data[:size]``) that answer messages
+    ``seq0 .. seq0+count-1``. Anything else (a stale ACK of an earlier batch, a
+    truncated message) is skipped.
     """
-    end = len(data)
+    end = len(data) if size is None else size
     off = 0
     while off + _HDR.size <= end:
         length, mtype, flags, seq, _pid = _HDR.unpack_from(data, off)
@@ -185,7 +186,7 @@ def read_acks(data: bytes | memoryview, seq0: int, count: int) -> Iterator[Ack]:
         off += (length + 3) & ~3
 
 
-def _ext_ack_text(data: bytes | memoryview, off: int, end: int) -> str:
+def _ext_ack_text(data: bytes | bytearray | memoryview, off: int, end: int) -> str:
     while off + NLATTR.size <= end:
         alen, atype = _ATTR.unpack_from(data, off)
         if alen < NLATTR.size or off + alen > end:
