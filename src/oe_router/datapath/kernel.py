@@ -458,30 +458,47 @@ def _prepared(
 
 def _sa_variables(
     spec: ChildSaSpec, src: IPAddress, dst: IPAddress, keys: SaKeys, transport_sel: bool
-) -> list[tuple[Path, Any]]:
-    """The fields of an SA message that differ between Child SAs of one shape, with
-    the values ``sa_request`` gives them (tests/unit/test_xfrm_batch.py checks both agree)."""
-    out: list[tuple[Path, Any]] = [
-        ("id_daddr", dst.packed),
-        ("saddr", src.packed),
-        ("id_spi", keys.spi),
-        ("reqid", spec.reqid),
-    ]
+) -> tuple[list[Path], list[Any]]:
+    """The fields of an SA message that differ between Child SAs of one shape, and the
+    values ``sa_request`` gives them (tests/unit/test_xfrm_batch.py checks both agree)."""
+    paths: list[Path] = ["id_daddr", "saddr", "id_spi", "reqid"]
+    values: list[Any] = [dst.packed, src.packed, keys.spi, spec.reqid]
     if spec.encr.aead:
-        out.append(((X.XFRMA_ALG_AEAD, 0, "alg_key"), keys.encr_key))
+        paths.append((X.XFRMA_ALG_AEAD, 0, "alg_key"))
+        values.append(keys.encr_key)
     else:
-        out.append(((X.XFRMA_ALG_CRYPT, 0, "alg_key"), keys.encr_key))
-        out.append(((X.XFRMA_ALG_AUTH_TRUNC, 0, "alg_key"), keys.integ_key))
+        paths += ((X.XFRMA_ALG_CRYPT, 0, "alg_key"), (X.XFRMA_ALG_AUTH_TRUNC, 0, "alg_key"))
+        values += (keys.encr_key, keys.integ_key)
     if spec.encap is not None:
         is_out = src == spec.local
         lp, rp = spec.encap.local_port, spec.encap.remote_port
-        out.append(((X.XFRMA_ENCAP, 0, "encap_sport"), lp if is_out else rp))
-        out.append(((X.XFRMA_ENCAP, 0, "encap_dport"), rp if is_out else lp))
+        paths += ((X.XFRMA_ENCAP, 0, "encap_sport"), (X.XFRMA_ENCAP, 0, "encap_dport"))
+        values += (lp, rp) if is_out else (rp, lp)
     if transport_sel:
         lts, rts = spec.local_ts[0], spec.remote_ts[0]
         a, b = (lts, rts) if src == spec.local else (rts, lts)
-        out.extend(_selector(a, b, "sel_").items())
-    return out
+        for name, value in _selector(a, b, "sel_").items():
+            paths.append(name)
+            values.append(value)
+    return paths, values
+
+
+def _sa_shape(spec: ChildSaSpec, keys: SaKeys) -> tuple[Any, ...]:
+    """What both SAs of a Child SA share in their prototypes' shapes."""
+    return (
+        spec.local.version,
+        spec.mode,
+        spec.encr,
+        spec.integ,
+        len(keys.encr_key),
+        len(keys.integ_key),
+        spec.esn,
+        spec.replay_window,
+        spec.encap is not None,
+        spec.mode is Mode.TRANSPORT and bool(spec.local_ts and spec.remote_ts),
+        None if spec.lifetime == _NO_LIFETIME else spec.lifetime,
+        spec.mark,
+    )
 
 
 def add_sa(
@@ -492,34 +509,19 @@ def add_sa(
     keys: SaKeys,
     update: bool,
     tag: Any,
+    shape: tuple[Any, ...] | None = None,
 ) -> None:
-    """Append one direction of a Child SA (NEWSA, or UPDSA over an allocated SPI)."""
-    transport_sel = spec.mode is Mode.TRANSPORT and bool(spec.local_ts and spec.remote_ts)
-    shape = (
-        "sa",
-        update,
-        src.version,
-        spec.mode,
-        spec.encr,
-        spec.integ,
-        len(keys.encr_key),
-        len(keys.integ_key),
-        spec.esn,
-        spec.replay_window,
-        spec.encap is not None,
-        transport_sel,
-        None if spec.lifetime == _NO_LIFETIME else spec.lifetime,
-        spec.mark,
-    )
-    variables = _sa_variables(spec, src, dst, keys, transport_sel)
+    """Append one direction of a Child SA (NEWSA, or UPDSA over an allocated SPI);
+    ``shape`` is ``_sa_shape(spec, keys)`` if the caller has it already."""
+    base = shape or _sa_shape(spec, keys)
+    paths, values = _sa_variables(spec, src, dst, keys, base[9])
 
     def make() -> tuple[int, dict[str, Any], list[tuple[str, Any]]]:
         zero = SaKeys(keys.spi, bytes(len(keys.encr_key)), bytes(len(keys.integ_key)))
         fields, attrs = sa_request(spec, src, dst, zero)
         return (X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA), fields, attrs
 
-    proto = _prepared(shape, make, [p for p, _ in variables])
-    batch.add(proto, [v for _, v in variables], tag)
+    batch.add(_prepared(("sa", update, base), make, paths), values, tag)
 
 
 def policy_request(
@@ -882,8 +884,7 @@ class XfrmDatapath:
         if not bad:
             return ""
         words = ", ".join(
-            f"{undo.tags[a.item].describe()} ({errno.errorcode.get(a.errno, a.errno)})"
-            for a in bad
+            f"{undo.tags[a.item].describe()} ({errno.errorcode.get(a.errno, a.errno)})" for a in bad
         )
         log.error("rolling back a failed install left behind: %s", words)
         return words
@@ -942,6 +943,11 @@ class XfrmDatapath:
         batch = self._batch()
         local, remote = spec.local, spec.remote
         ins, outs = spec.inbound.spi, spec.outbound.spi
+        shape = _sa_shape(spec, spec.inbound)
+        sizes = len(spec.inbound.encr_key), len(spec.inbound.integ_key)
+        out_shape = (
+            shape if sizes == (len(spec.outbound.encr_key), len(spec.outbound.integ_key)) else None
+        )
         add_sa(
             batch,
             spec,
@@ -950,6 +956,7 @@ class XfrmDatapath:
             spec.inbound,
             (local, ins) in self._allocated,
             _SaTag("in", remote, local, ins, spec=spec),
+            shape,
         )
         add_sa(
             batch,
@@ -959,6 +966,7 @@ class XfrmDatapath:
             spec.outbound,
             (remote, outs) in self._allocated,
             _SaTag("out", local, remote, outs, spec=spec),
+            out_shape,
         )
         pols = child_policies(spec) if spec.install_policies else []
         for pol in pols:
