@@ -9,6 +9,7 @@ sans-IO cores (ike/, oe/) can build specs without touching sockets.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -339,11 +340,17 @@ def _host_network(addr: IPAddress) -> IPNetwork:
     return ipaddress.IPv6Network(int(addr))
 
 
+@functools.lru_cache(maxsize=4096)
+def _host_selector(addr: IPAddress) -> TrafficSelector:
+    """The selector of one host; cached (immutable): the WAN address is in every Child SA."""
+    return TrafficSelector(_host_network(addr))
+
+
 def child_policies(spec: ChildSaSpec) -> list[PolicySpec]:
     """The IPSEC policies of a Child SA: out local->remote, in and (tunnel) fwd
     remote->local for every selector pair; what every datapath installs with it."""
-    lts = spec.local_ts or (TrafficSelector(_host_network(spec.local)),)
-    rts = spec.remote_ts or (TrafficSelector(_host_network(spec.remote)),)
+    lts = spec.local_ts or (_host_selector(spec.local),)
+    rts = spec.remote_ts or (_host_selector(spec.remote),)
     out_t = Template(spec.local, spec.remote, spec.reqid, spec.mode)
     in_t = Template(spec.remote, spec.local, spec.reqid, spec.mode)
     pols = []

@@ -18,8 +18,8 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from dataclasses import dataclass, replace
+from typing import Any, Final, NamedTuple
 
 from pyroute2.netlink import NETLINK_XFRM, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
@@ -639,16 +639,16 @@ def add_delete_policy(batch: Batch, policy: PolicySpec, tag: Any) -> None:
     batch.add(proto, [*sel.values(), _DIRS[policy.direction]], tag)
 
 
-@dataclass(frozen=True)
-class _SaTag:
-    """What a batch message installs or deletes, for error messages and rollback."""
+class _SaTag(NamedTuple):
+    """What a batch message installs or deletes, for error messages and rollback
+    (tuples: made five times per install, and a dataclass costs several times more)."""
 
     direction: str  # "in" / "out" ("" for a plain delete)
     src: IPAddress
     dst: IPAddress
     spi: int
     proto: int = X.IPPROTO_ESP
-    spec: ChildSaSpec | None = field(default=None, repr=False)
+    spec: ChildSaSpec | None = None
 
     def describe(self) -> str:
         d = f"{self.direction} " if self.direction else ""
@@ -656,8 +656,7 @@ class _SaTag:
         return f"SA {d}{self.src}->{self.dst} spi {self.spi:#010x}{enc}"
 
 
-@dataclass(frozen=True)
-class _PolicyTag:
+class _PolicyTag(NamedTuple):
     policy: PolicySpec
     previous: PolicySpec | None = None  # ours, replaced by this install (rollback restores it)
 
@@ -921,8 +920,7 @@ class XfrmDatapath:
             for dst, spi in ((spec.local, spec.inbound.spi), (spec.remote, spec.outbound.spi)):
                 self._allocated.discard((dst, spi))
                 self._sas[(dst, spi)] = spec.reqid
-            for pol in pols:
-                key = self._key(pol)
+            for key, pol in pols:
                 self._policies[key] = pol
                 if self._adopted:
                     self._adopted.discard(key)
@@ -937,9 +935,12 @@ class XfrmDatapath:
             exc.args = (f"{exc}; rollback left: {left}",)
         raise exc
 
-    def _child_sa_batch(self, spec: ChildSaSpec) -> tuple[Batch, list[PolicySpec]]:
+    def _child_sa_batch(
+        self, spec: ChildSaSpec
+    ) -> tuple[Batch, list[tuple[tuple[Any, ...], PolicySpec]]]:
         """The install batch of a Child SA: SA in, SA out, then its policies (each tagged
-        with the version of ours it replaces). bench/bench_xfrm_host.py sends it alone."""
+        with the version of ours it replaces), and the policies with their keys.
+        bench/bench_xfrm_host.py sends it alone."""
         batch = self._batch()
         local, remote = spec.local, spec.remote
         ins, outs = spec.inbound.spi, spec.outbound.spi
@@ -969,9 +970,12 @@ class XfrmDatapath:
             out_shape,
         )
         pols = child_policies(spec) if spec.install_policies else []
+        keys = []
         for pol in pols:
-            add_policy(batch, pol, self._own, _PolicyTag(pol, self._policies.get(self._key(pol))))
-        return batch, pols
+            key = self._key(pol)
+            keys.append(key)
+            add_policy(batch, pol, self._own, _PolicyTag(pol, self._policies.get(key)))
+        return batch, list(zip(keys, pols, strict=True))
 
     async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
         """Policies (unless kept for a rekeyed SA) and both SAs in one send; objects
