@@ -712,8 +712,12 @@ class XfrmDatapath:
         self._reason = reason
         self._spi_range = spi_range
         self._sock = _open_xfrm_socket(netns)
-        self._nl = _open_batch_socket(netns)
-        self._rbuf = bytearray(1 << 16)
+        try:
+            self._nl = _open_batch_socket(netns)
+        except DatapathError:
+            self._sock.close()
+            raise
+        self._rbuf = bytearray(1 << 14)  # ACKs are capped (NETLINK_CAP_ACK): small
         self._seq = 1
         self._events_sock = _open_xfrm_socket(
             netns, (X.XFRMNLGRP_ACQUIRE, X.XFRMNLGRP_EXPIRE, X.XFRMNLGRP_MAPPING)
