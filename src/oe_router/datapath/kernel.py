@@ -28,6 +28,7 @@ from pyroute2.netlink.nlsocket import NetlinkSocket
 from oe_router.datapath import xfrm_msg as X
 from oe_router.datapath.base import (
     ICMP_PROTOS,
+    NO_LIFETIME,
     Acquire,
     ChildSaCounters,
     ChildSaSpec,
@@ -51,7 +52,15 @@ from oe_router.datapath.base import (
     TrafficSelector,
     child_policies,
 )
-from oe_router.datapath.xfrm_batch import Ack, Batch, Path, Prototype, prototype, read_acks
+from oe_router.datapath.xfrm_batch import (
+    Ack,
+    Batch,
+    Path,
+    Prototype,
+    prototype,
+    read_acks,
+    success_ack,
+)
 from oe_router.netns import in_netns
 
 IP_XFRM_POLICY: Final = 17
@@ -439,7 +448,7 @@ def _open_batch_socket(netns: str | None) -> socket.socket:
 # --- prepared messages: one prototype per shape, patched per install -------------------
 _PROTOTYPES: dict[tuple[Any, ...], Prototype] = {}
 _MAX_PROTOTYPES: Final = 1024  # shapes are few (algorithms x families x ranks); a bound anyway
-_NO_LIFETIME: Final = Lifetime()
+_NO_LIFETIME: Final = NO_LIFETIME
 
 
 def _prepared(
@@ -496,7 +505,7 @@ def _sa_shape(spec: ChildSaSpec, keys: SaKeys) -> tuple[Any, ...]:
         spec.replay_window,
         spec.encap is not None,
         spec.mode is Mode.TRANSPORT and bool(spec.local_ts and spec.remote_ts),
-        None if spec.lifetime == _NO_LIFETIME else spec.lifetime,
+        None if spec.lifetime is _NO_LIFETIME or spec.lifetime == _NO_LIFETIME else spec.lifetime,
         spec.mark,
     )
 
@@ -590,8 +599,8 @@ def add_policy(batch: Batch, policy: PolicySpec, own: Ownership, tag: Any) -> No
         policy.direction,
         own.kernel_priority(policy.priority, policy.persistent),
         policy.action in _BLOCKING,
-        tuple((t.dst.version, t.mode, t.spi) for t in tmpls),
-        None if lft == _NO_LIFETIME else lft,
+        tuple([(t.dst.version, t.mode, t.spi) for t in tmpls]),
+        None if lft is _NO_LIFETIME or lft == _NO_LIFETIME else lft,
         policy.mark,
     )
     for t in tmpls:
@@ -857,6 +866,12 @@ class XfrmDatapath:
                     lost = True
                     continue
                 raise DatapathError(f"reading XFRM netlink ACKs failed: {exc}") from None
+            item = success_ack(rbuf, size, batch.seq0, len(batch))
+            if item >= 0:
+                if first <= item < last and acks[item] is None:
+                    acks[item] = Ack(item, 0)
+                    left -= 1
+                continue
             for ack in read_acks(rbuf, batch.seq0, len(batch), size):
                 if first <= ack.item < last and acks[ack.item] is None:
                     acks[ack.item] = ack

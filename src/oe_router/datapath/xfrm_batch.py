@@ -159,6 +159,21 @@ class Ack(NamedTuple):
     message: str = ""  # the kernel's extended ACK text, if it gave one
 
 
+_ACK_HEAD: Final = struct.Struct("=IHHIIi")  # nlmsghdr + nlmsgerr.error
+
+
+def success_ack(data: bytes | bytearray | memoryview, size: int, seq0: int, count: int) -> int:
+    """The message a datagram answers if it is one plain success ACK (the common case,
+    read without building anything), else -1: then ``read_acks`` reads it."""
+    if size < _ACK_HEAD.size:
+        return -1
+    length, mtype, _flags, seq, _pid, err = _ACK_HEAD.unpack_from(data, 0)
+    if mtype != NLMSG_ERROR or err or length != size:
+        return -1
+    item = (seq - seq0) & 0xFFFFFFFF
+    return item if item < count else -1
+
+
 def read_acks(
     data: bytes | bytearray | memoryview, seq0: int, count: int, size: int | None = None
 ) -> Iterator[Ack]:
