@@ -18,13 +18,18 @@ of charon's kernel-libipsec: both keep the ESP SAs in userspace (ours in two wor
 processes, which acknowledge each install), route the peer into a TUN device and keep
 their own SPD; ours also projects the SPD into nftables as the daemon does.
 
-Same shape as charon's side of bench_ike: two network namespaces joined by a veth,
-IKE from one namespace to the other, ESP in UDP (``force_udp_encap``, as
-kernel-libipsec needs), identical host-to-host selectors for every Child SA (so both
-stacks find the policies in place after the first one and refresh them), nothing
-deleted during the run (charon deletes nothing either). Pinning: this process, its
-datapath workers and any nft it runs on one CPU, as charon's two daemons share one
-CPU; charon's vici driver runs on the other one (it is not part of charon's work).
+Same shape as charon's side of bench_ike: two network namespaces joined by a veth and
+one process per end in its namespace (``_Side``: its IKE endpoint and its datapath, as
+a daemon runs; inside the namespace its nft runs need no ``ip netns exec``), IKE from
+one to the other, ESP in UDP (``force_udp_encap``, as kernel-libipsec needs),
+identical host-to-host selectors for every Child SA (so both stacks find the policies
+in place after the first one and refresh them), nothing deleted during a phase
+(charon deletes nothing either; ours are removed between phases, untimed, because the
+userspace SA table holds 1,023 Child SAs). Pinning as for charon: both ends, their
+datapath workers and their nft runs on one CPU, as charon's two daemons share one
+CPU; this process only drives them from the other CPU, as charon's vici driver does.
+CPU time per handshake (both ends, workers and nft included) is reported beside the
+rate, because it does not depend on what else the shared machine runs.
 
 The same run also measures today's unfair pair (bench_ike's ``_ours`` loop on
 loopback, installing nothing, against the same charon figure), so the report shows the
@@ -38,15 +43,21 @@ import asyncio
 import contextlib
 import cProfile
 import ipaddress
+import json
 import os
 import pstats
+import select
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.bench_ike import ESP_SPEC, IKE_SPEC, SECONDS, WARMUP, WINDOW, _charon, _cpu_of, _cpus
@@ -82,6 +93,7 @@ class Tally:
     responder_failed: int = 0
     pending_initiator: int = 0
     pending_responder: int = 0
+    last_done: float = 0.0  # clock of the last install through (the end of the phase)
     install_ms: dict[str, list[float]] = field(default_factory=lambda: {"ini": [], "res": []})
 
     def child_up(self, side: str) -> None:
@@ -90,7 +102,8 @@ class Tally:
         else:
             self.pending_responder += 1
 
-    def installed(self, side: str, ok: bool, ms: float) -> None:
+    def installed(self, side: str, ok: bool, ms: float, now: float) -> None:
+        self.last_done = max(self.last_done, now)
         if side == "ini":
             self.pending_initiator -= 1
             if ok:
@@ -150,6 +163,11 @@ def fair_result(
             k: round(1000 * v / installing["done"], 3) for k, v in installing["cpu_split"].items()
         },
         "charon_cpu_ms_per_handshake": round(1000 * charon["cpu"] / charon["done"], 3),
+        "unfair_ours_cpu_ms_per_handshake": round(1000 * plain["cpu"] / plain["done"], 3),
+        # CPU per handshake does not depend on what else the shared machine runs
+        "cpu_ratio_same_run": round(
+            (charon["cpu"] / charon["done"]) / (installing["cpu"] / installing["done"]), 4
+        ),
         **installing["medians"],
         "install_profile_top": installing.get("profile", []),
         "note": "both sides install every Child SA they negotiate (SAs + policies + route); "
@@ -169,25 +187,25 @@ def fair_result(
 # --------------------------------------------------------------------------- ours, installing
 
 
-def _children_cpu() -> dict[int, float]:
-    """CPU seconds of this process's live children (the datapath workers) by pid."""
-    me, out = os.getpid(), {}
+def _children_cpu() -> float:
+    """CPU seconds of this process's live children (the datapath workers)."""
+    me, total = os.getpid(), 0.0
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
             if int(fields[1]) == me:
-                out[int(d.name)] = _cpu_of(int(d.name))
-    return out
+                total += _cpu_of(int(d.name))
+    return total
 
 
 def _cpu_now() -> dict[str, float]:
     t = os.times()
     return {
         "process": time.process_time(),
-        "reaped_children": t.children_user + t.children_system,  # nft, ip netns exec
-        "workers": sum(_children_cpu().values()),
+        "reaped_children": t.children_user + t.children_system,  # the nft runs
+        "workers": _children_cpu(),
     }
 
 
@@ -196,122 +214,169 @@ def _ts(addr: str) -> tuple[TrafficSelector, ...]:
     return (TrafficSelector.from_range(a, a),)
 
 
-async def _installing_phases(ns_a: str, ns_b: str, wan_a: str, wan_b: str) -> dict[str, Any]:
-    from oe_router.datapath.base import DatapathError
-    from oe_router.datapath.userspace import UserspaceDatapath
-    from oe_router.oe.sa_spec import child_sa_spec
+def _pem_private(k: ec.EllipticCurvePrivateKey) -> str:
+    fmt = serialization.PrivateFormat.PKCS8
+    return k.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()).decode()
 
-    ka, kb = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    dps = {
-        "ini": UserspaceDatapath(wan_ifname=wan_a, netns=ns_a, keep_persistent_on_stop=False),
-        "res": UserspaceDatapath(wan_ifname=wan_b, netns=ns_b, keep_persistent_on_stop=False),
-    }
-    tally = Tally(stop_at=0.0)
-    finished = asyncio.Event()
-    tasks: set[asyncio.Task[None]] = set()
-    eps: dict[str, IkeEndpoint] = {}
-    cfg: IkeSaConfig | None = None
-    installed: dict[str, list[Any]] = {"ini": [], "res": []}
 
-    def check_end() -> None:
-        if tally.finished(len(eps["ini"].handles())):
-            finished.set()
+def _pem_public(k: ec.EllipticCurvePrivateKey) -> str:
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    return k.public_key().public_bytes(serialization.Encoding.PEM, fmt).decode()
 
-    async def install(side: str, spec: Any) -> None:
+
+class _Side:
+    """One end (``ini`` or ``res``) in its own process, inside its own namespace, as a
+    daemon runs: its IKE endpoint and its userspace datapath, installing each Child SA
+    it negotiates. Driven over stdin/stdout, one JSON line per command and answer."""
+
+    def __init__(self, args: dict[str, str]) -> None:
+        self.role, self.local, self.remote = args["role"], args["local"], args["remote"]
+        self.args = args
+        self.tally = Tally(stop_at=0.0)
+        self.finished = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.installed: list[Any] = []
+        self.cfg: IkeSaConfig | None = None
+        self.c0: dict[str, float] = {}
+        self.prof: cProfile.Profile | None = None
+
+    def _config(self, local: tuple[str, int], remote: tuple[str, int]) -> IkeSaConfig:
+        key = serialization.load_pem_private_key(self.args["key"].encode(), None)
+        peer = serialization.load_pem_public_key(self.args["peer_key"].encode())
+        return IkeSaConfig(local, remote, _ts(self.local), _ts(self.remote),
+                           ike_proposals=(IKE_SPEC,), esp_proposals=(ESP_SPEC,),
+                           local_id=(IdType.ID_FQDN, f"{self.role}.example".encode()),
+                           private_key=key, peer_public_key=peer,  # type: ignore[arg-type]
+                           force_udp_encap=True)  # fmt: skip
+
+    async def main(self) -> None:
+        from oe_router.datapath.userspace import UserspaceDatapath
+
+        self.dp = UserspaceDatapath(wan_ifname=self.args["wan"], keep_persistent_on_stop=False)
+        await self.dp.start()
+        try:
+            await self.dp.release_adopted(lambda _p: True)  # the projection goes live
+            res = self.role == "res"
+            self.ep = IkeEndpoint([self.local], on_event=self._event, clock=time.monotonic,
+                                  socket_hooks=(self.dp,),
+                                  responder_policy=self._config if res else None,
+                                  half_open_limit=10 * WINDOW,
+                                  cookie_threshold=10 * WINDOW)  # fmt: skip
+            await self.ep.start()
+            try:
+                self.cfg = self._config((self.local, 500), (self.remote, 500))
+                await self._serve()
+            finally:
+                await self.ep.stop()
+        finally:
+            await self.dp.close()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str] = asyncio.Queue()
+
+        def reader() -> None:
+            for line in sys.stdin:
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+            loop.call_soon_threadsafe(lines.put_nowait, '{"cmd": "stop"}')
+
+        threading.Thread(target=reader, daemon=True).start()
+        print(json.dumps({"ready": True}), flush=True)
+        while True:
+            cmd = json.loads(await lines.get())
+            if cmd["cmd"] == "stop":
+                return
+            answer = await getattr(self, f"_cmd_{cmd['cmd']}")(cmd)
+            print(json.dumps(answer), flush=True)
+
+    async def _cmd_phase(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Count afresh; the initiator runs the phase's handshakes and answers at its end."""
+        self.tally = Tally(stop_at=time.monotonic() + float(cmd["seconds"]))
+        self.finished.clear()
+        self.c0 = _cpu_now()
+        self.prof = cProfile.Profile() if cmd["profile"] else None
+        if self.prof is not None:
+            self.prof.enable()
+        if self.role == "res":
+            return {}
+        t0 = time.monotonic()
+        for _ in range(WINDOW):
+            self._initiate()
+        async with asyncio.timeout(float(cmd["seconds"]) + 60):
+            await self.finished.wait()
+        return {"t0": t0, **self._summary()}
+
+    async def _cmd_settle(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """The responder's installs of the phase are all through: its counts."""
+        async with asyncio.timeout(60):
+            while self.tally.pending_responder:
+                await asyncio.sleep(0.005)
+        return self._summary()
+
+    async def _cmd_clear(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Between phases, untimed: every Child SA out again, so no run fills the
+        datapath's table (1,023 Child SAs)."""
+        for spec in self.installed:
+            await self.dp.remove_child_sa(spec)
+        self.installed.clear()
+        return {}
+
+    def _summary(self) -> dict[str, Any]:
+        c1 = _cpu_now()
+        out: dict[str, Any] = {
+            "t_end": self.tally.last_done,
+            "done": self.tally.done,
+            "failed": self.tally.failed,
+            "responder_installed": self.tally.responder_installed,
+            "responder_failed": self.tally.responder_failed,
+            "cpu_split": {k: c1[k] - self.c0[k] for k in c1},
+            "medians": self.tally.medians(),
+        }
+        if self.prof is not None:
+            self.prof.disable()
+            out["profile"] = _profile_top(self.prof)
+            self.prof = None
+        return out
+
+    def _initiate(self) -> None:
+        assert self.cfg is not None
+        self.ep.initiate(self.cfg)
+
+    def _event(self, h: SaHandle, ev: Event) -> None:
+        from oe_router.oe.sa_spec import child_sa_spec
+
+        if isinstance(ev, ChildSaEstablished):
+            spec = child_sa_spec(ev, self.local, self.remote, local_natt_port=self.ep.natt_port)
+            self.tally.child_up(self.role)
+            self.ep.forget(h)
+            task = asyncio.get_running_loop().create_task(self._install(spec))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        elif isinstance(ev, IkeSaFailed):
+            self.ep.forget(h)
+            if self.role == "ini":
+                self.tally.handshake_failed()
+                self._next()
+
+    async def _install(self, spec: Any) -> None:
+        from oe_router.datapath.base import DatapathError
+
         t0 = time.perf_counter()
         ok = True
         try:
-            installed[side].append(await dps[side].install_child_sa(spec))
-        except DatapathError:
+            self.installed.append(await self.dp.install_child_sa(spec))
+        except DatapathError as exc:
+            print(f"install failed: {exc}", file=sys.stderr)
             ok = False
-        tally.installed(side, ok, 1000 * (time.perf_counter() - t0))
-        if side == "ini" and tally.start_another(time.monotonic()):
-            assert cfg is not None
-            eps["ini"].initiate(cfg)
-        check_end()
+        self.tally.installed(self.role, ok, 1000 * (time.perf_counter() - t0), time.monotonic())
+        if self.role == "ini":
+            self._next()
 
-    def on_child(side: str, local: str, remote: str) -> Callable[[SaHandle, Event], None]:
-        def handler(h: SaHandle, ev: Event) -> None:
-            if isinstance(ev, ChildSaEstablished):
-                ep = eps[side]
-                spec = child_sa_spec(ev, local, remote, local_natt_port=ep.natt_port)
-                tally.child_up(side)
-                ep.forget(h)
-                task = asyncio.get_running_loop().create_task(install(side, spec))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            elif isinstance(ev, IkeSaFailed):
-                eps[side].forget(h)
-                if side == "ini":
-                    tally.handshake_failed()
-                    if tally.start_another(time.monotonic()):
-                        assert cfg is not None
-                        eps["ini"].initiate(cfg)
-                    check_end()
-
-        return handler
-
-    def policy(local: tuple[str, int], remote: tuple[str, int]) -> IkeSaConfig:
-        return IkeSaConfig(local, remote, _ts(B), _ts(A), ike_proposals=(IKE_SPEC,),
-                           esp_proposals=(ESP_SPEC,), local_id=(IdType.ID_FQDN, b"b.example"),
-                           private_key=kb, peer_public_key=ka.public_key(),
-                           force_udp_encap=True)  # fmt: skip
-
-    started: list[Any] = []
-    try:
-        for dp in dps.values():
-            await dp.start()
-            started.append(dp)
-            await dp.release_adopted(lambda _p: True)  # the projection goes live, as at start
-        eps["ini"] = IkeEndpoint([A], on_event=on_child("ini", A, B), clock=time.monotonic,
-                                 netns=ns_a, socket_hooks=(dps["ini"],))  # fmt: skip
-        eps["res"] = IkeEndpoint([B], on_event=on_child("res", B, A), responder_policy=policy,
-                                 clock=time.monotonic, netns=ns_b, socket_hooks=(dps["res"],),
-                                 half_open_limit=10 * WINDOW,
-                                 cookie_threshold=10 * WINDOW)  # fmt: skip
-        for ep in eps.values():
-            await ep.start()
-        cfg = IkeSaConfig((A, 500), (B, 500), _ts(A), _ts(B), ike_proposals=(IKE_SPEC,),
-                          esp_proposals=(ESP_SPEC,), local_id=(IdType.ID_FQDN, b"a.example"),
-                          private_key=ka, peer_public_key=kb.public_key(),
-                          force_udp_encap=True)  # fmt: skip
-        out: dict[str, Any] = {}
-        for phase, length in (("warmup", WARMUP), ("run", SECONDS), ("profile", PROFILE_SECONDS)):
-            tally = Tally(stop_at=time.monotonic() + length)
-            finished.clear()
-            prof = cProfile.Profile() if phase == "profile" else None
-            c0, t0 = _cpu_now(), time.monotonic()
-            if prof is not None:
-                prof.enable()
-            for _ in range(WINDOW):
-                eps["ini"].initiate(cfg)
-            async with asyncio.timeout(length + 60):
-                await finished.wait()
-            if prof is not None:
-                prof.disable()
-                out["profile"] = _profile_top(prof)
-            wall, c1 = time.monotonic() - t0, _cpu_now()
-            await _clear(dps, installed)  # untimed: the datapath's 1,023-SA table stays free
-            if phase == "run":
-                split = {k: c1[k] - c0[k] for k in c0}
-                out.update(done=tally.done, failed=tally.failed, wall=wall,
-                           responder_installed=tally.responder_installed,
-                           responder_failed=tally.responder_failed, cpu=sum(split.values()),
-                           cpu_split=split, medians=tally.medians())  # fmt: skip
-        return out
-    finally:
-        for ep in eps.values():
-            await ep.stop()
-        for dp in started:
-            await dp.close()
-
-
-async def _clear(dps: dict[str, Any], installed: dict[str, list[Any]]) -> None:
-    """Between phases: every Child SA out again (so a long run never fills the table)."""
-    for side, specs in installed.items():
-        for spec in specs:
-            await dps[side].remove_child_sa(spec)
-        specs.clear()
+    def _next(self) -> None:
+        if self.tally.start_another(time.monotonic()):
+            self._initiate()
+        elif self.tally.finished(len(self.ep.handles())):
+            self.finished.set()
 
 
 def _profile_top(prof: cProfile.Profile, n: int = 12) -> list[str]:
@@ -321,14 +386,58 @@ def _profile_top(prof: cProfile.Profile, n: int = 12) -> list[str]:
     top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:n]
     lines = [f"own {Path(k[0]).name}:{k[2]} {100 * v[2] / total:.1f}%" for k, v in top]
     for k, v in stats.items():
-        if k[2] in {"install_child_sa", "install", "project", "run_nft", "route_ref"} and (
-            "datapath" in k[0]
-        ):
+        if k[2] in INSTALL_PATH and "datapath" in k[0]:
             lines.append(f"cum {Path(k[0]).name}:{k[2]} {v[1]} calls {1000 * v[3]:.1f} ms")
     return lines
 
 
-def _ours_installing(cpu: int) -> dict[str, Any]:
+INSTALL_PATH = frozenset({"install_child_sa", "install", "project", "run_nft", "route_ref"})
+
+
+class _Driver:
+    """The parent's handle on one side's process (JSON lines, with a deadline)."""
+
+    def __init__(self, ns: str, args: dict[str, str], log: Path) -> None:
+        self.log = log
+        repo = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.bench_ike_installing",
+             "side", json.dumps(args)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+            cwd=repo,
+        )  # fmt: skip
+        self._answer(60)
+
+    def _answer(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            tail = self.log.read_text().strip().splitlines()[-3:]
+            raise Unavailable(f"our bench side stopped answering: {tail}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def ask(self, cmd: str, timeout: float = 120, **kw: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+        return self._answer(timeout)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _ours_installing(cpu: int, driver_cpu: int) -> dict[str, Any]:
+    """Both ends as two processes in two namespaces on one CPU (as charon's two daemons);
+    this process only drives them, from the other CPU (as charon's vici driver)."""
     try:
         from tests.host.charon import Netns
         from tests.host.oe_daemon import device_with
@@ -336,18 +445,60 @@ def _ours_installing(cpu: int) -> dict[str, Any]:
         raise Unavailable(f"tests.host helpers not importable: {exc}") from None
     if os.geteuid() != 0:
         raise Unavailable("needs root (network namespaces, TUN, nftables)")
+    ka, kb = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     old = os.sched_getaffinity(0)
     net = Netns("f")
-    try:
-        na, nb = net.add("a"), net.add("b")
-        net.link(na, f"{A}/24", nb, f"{B}/24")
-        os.sched_setaffinity(0, {cpu})  # before the workers start: they inherit it
-        return asyncio.run(
-            _installing_phases(na, nb, device_with(na, A), device_with(nb, B)),
-        )
-    finally:
-        os.sched_setaffinity(0, old)
-        net.close()
+    sides: list[_Driver] = []
+    with tempfile.TemporaryDirectory(prefix="oe-bench-install-") as tmp:
+        try:
+            na, nb = net.add("a"), net.add("b")
+            net.link(na, f"{A}/24", nb, f"{B}/24")
+            os.sched_setaffinity(0, {cpu})  # the sides and their workers inherit it
+            common = {"key": "", "peer_key": ""}
+            res = _Driver(nb, {**common, "role": "res", "local": B, "remote": A,
+                               "wan": device_with(nb, B), "key": _pem_private(kb),
+                               "peer_key": _pem_public(ka)}, Path(tmp) / "res.log")  # fmt: skip
+            sides.append(res)
+            ini = _Driver(na, {**common, "role": "ini", "local": A, "remote": B,
+                               "wan": device_with(na, A), "key": _pem_private(ka),
+                               "peer_key": _pem_public(kb)}, Path(tmp) / "ini.log")  # fmt: skip
+            sides.append(ini)
+            os.sched_setaffinity(0, {driver_cpu})
+            out: dict[str, Any] = {}
+            phases = (("warmup", WARMUP), ("run", SECONDS), ("profile", PROFILE_SECONDS))
+            for phase, length in phases:
+                profile = phase == "profile"
+                res.ask("phase", seconds=length, profile=profile)
+                i = ini.ask("phase", seconds=length, profile=profile)
+                r = res.ask("settle")
+                ini.ask("clear")
+                res.ask("clear")
+                if profile:
+                    out["profile"] = [f"ini {x}" for x in i.get("profile", [])] + [
+                        f"res {x}" for x in r.get("profile", [])
+                    ]
+                if phase != "run":
+                    continue
+                split = {k: i["cpu_split"][k] + r["cpu_split"][k] for k in i["cpu_split"]}
+                out.update(
+                    done=i["done"], failed=i["failed"],
+                    wall=max(i["t_end"], r["t_end"]) - i["t0"],
+                    responder_installed=r["responder_installed"],
+                    responder_failed=r["responder_failed"],
+                    cpu=sum(split.values()), cpu_split=split,
+                    medians={"ini_install_ms_median": i["medians"]["ini_install_ms_median"],
+                             "res_install_ms_median": r["medians"]["res_install_ms_median"]},
+                )  # fmt: skip
+            return out
+        finally:
+            for side in reversed(sides):
+                side.stop()
+            os.sched_setaffinity(0, old)
+            net.close()
+
+
+def _side_main(raw: str) -> None:
+    asyncio.run(_Side(json.loads(raw)).main())
 
 
 # --------------------------------------------------------------------------- entry
@@ -356,7 +507,7 @@ def _ours_installing(cpu: int) -> dict[str, Any]:
 def run() -> list[Result]:
     peer_cpu, driver_cpu = _cpus()
     plain = _ours_plain(peer_cpu)
-    installing = _ours_installing(peer_cpu)
+    installing = _ours_installing(peer_cpu, driver_cpu)
     theirs = _charon(peer_cpu, driver_cpu)
     if installing["failed"] or not installing["done"] or installing["responder_failed"]:
         raise Unavailable(f"our installing handshakes failed: {installing}")
@@ -368,5 +519,8 @@ def run() -> list[Result]:
 
 
 if __name__ == "__main__":
-    for r in run():
-        print(r.to_json())
+    if sys.argv[1:2] == ["side"]:
+        _side_main(sys.argv[2])
+    else:
+        for r in run():
+            print(r.to_json())
