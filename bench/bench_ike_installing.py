@@ -33,8 +33,11 @@ rate, because it does not depend on what else the shared machine runs.
 
 The same run also measures today's unfair pair (bench_ike's ``_ours`` loop on
 loopback, installing nothing, against the same charon figure), so the report shows the
-fair ratio next to the unfair one; and a cProfile of a short installing phase says
-where our install time goes (``install_profile_top``).
+fair ratio next to the unfair one. The three measurements are interleaved for
+``ROUNDS`` rounds and the medians count (the 2 cores are shared with other work, and a
+burst of it should not land on one side only); a cProfile of a short installing phase
+in the first round, in CPU time, says where our install time goes
+(``install_profile_top``; nft and the workers are in ``ours_cpu_split_ms``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +75,7 @@ from oe_router.ike.sa import IkeSaConfig
 
 A, B = "10.0.19.1", "10.0.19.2"
 PROFILE_SECONDS = 2.0
+ROUNDS = 3
 BASELINE_NAME = "charon<->charon 5.9.8 (kernel-libipsec, installing each Child SA), one CPU"
 
 
@@ -137,51 +142,66 @@ class Tally:
         }
 
 
+def _rate(r: Mapping[str, Any]) -> float:
+    return float(r["done"]) / float(r["wall"])
+
+
+def _cpu_ms(rounds: Sequence[Mapping[str, Any]]) -> float:
+    """CPU ms per handshake over all rounds (both ends)."""
+    return 1000 * sum(r["cpu"] for r in rounds) / sum(r["done"] for r in rounds)
+
+
 def fair_result(
-    installing: dict[str, Any],
-    plain: dict[str, float],
-    charon: dict[str, float],
+    installing: Sequence[Mapping[str, Any]],
+    plain: Sequence[Mapping[str, Any]],
+    charon: Sequence[Mapping[str, Any]],
     load: tuple[float, ...] = (),
 ) -> Result:
-    """The JSON of the fair comparison, with today's unfair ratio of the same run beside it."""
-    ours_rate = installing["done"] / installing["wall"]
-    plain_rate = plain["done"] / plain["wall"]
-    charon_rate = charon["done"] / charon["wall"]
+    """The fair comparison (medians of the interleaved rounds), with the same rounds'
+    unfair ratio beside it."""
+    ours_rate = statistics.median(_rate(r) for r in installing)
+    plain_rate = statistics.median(_rate(r) for r in plain)
+    charon_rate = statistics.median(_rate(r) for r in charon)
+    done = sum(r["done"] for r in installing)
+    split = {k: sum(r["cpu_split"][k] for r in installing) for k in installing[0]["cpu_split"]}
+    profiled = next((r for r in installing if r.get("profile")), {})
     extra: dict[str, Any] = {
         "unfair_ratio_same_run": round(plain_rate / charon_rate, 4),
         "unfair_ours_not_installing": round(plain_rate, 1),
+        "rounds": len(installing),
+        "ours_runs": [round(_rate(r), 1) for r in installing],
+        "charon_runs": [round(_rate(r), 1) for r in charon],
+        "unfair_ours_runs": [round(_rate(r), 1) for r in plain],
         "datapath": "userspace-esp (SaTable + 2 worker processes, TUN routes, SPD + nft "
         "projection); kernel XFRM has no ESP on this host",
         "auth": "ECDSA P-256 both ways, DH group 19, AES_GCM_16_256/PRF_HMAC_SHA2_256",
         "in_flight": WINDOW,
-        "seconds": SECONDS,
-        "ours_handshakes": installing["done"],
-        "ours_failed": installing["failed"],
-        "ours_responder_installs": installing["responder_installed"],
-        "ours_responder_install_failures": installing["responder_failed"],
-        "charon_handshakes": charon["done"],
-        "charon_failed": charon["failed"],
-        "ours_cpu_ms_per_handshake": round(1000 * installing["cpu"] / installing["done"], 3),
-        "ours_cpu_split_ms": {
-            k: round(1000 * v / installing["done"], 3) for k, v in installing["cpu_split"].items()
+        "seconds_per_run": SECONDS,
+        "ours_handshakes": done,
+        "ours_failed": sum(r["failed"] for r in installing),
+        "ours_responder_installs": sum(r["responder_installed"] for r in installing),
+        "ours_responder_install_failures": sum(r["responder_failed"] for r in installing),
+        "charon_handshakes": sum(r["done"] for r in charon),
+        "charon_failed": sum(r["failed"] for r in charon),
+        # CPU per handshake depends less than the rates on what else the machine runs
+        "ours_cpu_ms_per_handshake": round(_cpu_ms(installing), 3),
+        "ours_cpu_split_ms": {k: round(1000 * v / done, 3) for k, v in split.items()},
+        "charon_cpu_ms_per_handshake": round(_cpu_ms(charon), 3),
+        "unfair_ours_cpu_ms_per_handshake": round(_cpu_ms(plain), 3),
+        "cpu_ratio_same_run": round(_cpu_ms(charon) / _cpu_ms(installing), 4),
+        **{
+            k: round(statistics.median(r["medians"][k] for r in installing), 3)
+            for k in installing[0]["medians"]
         },
-        "charon_cpu_ms_per_handshake": round(1000 * charon["cpu"] / charon["done"], 3),
-        "unfair_ours_cpu_ms_per_handshake": round(1000 * plain["cpu"] / plain["done"], 3),
-        # CPU per handshake does not depend on what else the shared machine runs
-        "cpu_ratio_same_run": round(
-            (charon["cpu"] / charon["done"]) / (installing["cpu"] / installing["done"]), 4
-        ),
-        **installing["medians"],
-        "install_profile_handshakes": installing.get("profile_handshakes", 0),
-        "install_profile_top": installing.get("profile", []),
-        # the machine is shared: the rates depend on what else ran, CPU per handshake less
+        "install_profile_handshakes": profiled.get("profile_handshakes", 0),
+        "install_profile_top": profiled.get("profile", []),
         "loadavg_1min_before_after": [round(x, 2) for x in load],
         "note": "both sides install every Child SA they negotiate (SAs + policies + route); "
-        "nothing is deleted during the run",
+        "nothing is deleted during a run",
     }
     return Result(
         name="ike_sa_per_s_installing",
-        unit="IKE SAs/s",
+        unit="IKE SAs/s (median of interleaved runs)",
         ours=round(ours_rate, 1),
         baseline=round(charon_rate, 1),
         baseline_name=BASELINE_NAME,
@@ -207,9 +227,10 @@ def _children_cpu() -> float:
 
 
 def _cpu_now() -> dict[str, float]:
-    t = os.times()
+    t, main = os.times(), time.thread_time()  # called on the event loop's thread
     return {
-        "process": time.process_time(),
+        "event_loop_thread": main,
+        "other_threads": time.process_time() - main,  # forking nft, the stdin reader
         "reaped_children": t.children_user + t.children_system,  # the nft runs
         "workers": _children_cpu(),
     }
@@ -445,7 +466,7 @@ class _Driver:
             self.proc.wait()
 
 
-def _ours_installing(cpu: int, driver_cpu: int) -> dict[str, Any]:
+def _ours_installing(cpu: int, driver_cpu: int, *, profile: bool = False) -> dict[str, Any]:
     """Both ends as two processes in two namespaces on one CPU (as charon's two daemons);
     this process only drives them, from the other CPU (as charon's vici driver)."""
     try:
@@ -475,7 +496,9 @@ def _ours_installing(cpu: int, driver_cpu: int) -> dict[str, Any]:
             sides.append(ini)
             os.sched_setaffinity(0, {driver_cpu})
             out: dict[str, Any] = {}
-            phases = (("warmup", WARMUP), ("run", SECONDS), ("profile", PROFILE_SECONDS))
+            phases = [("warmup", WARMUP), ("run", SECONDS)]
+            if profile:
+                phases.append(("profile", PROFILE_SECONDS))
             for phase, length in phases:
                 profile = phase == "profile"
                 res.ask("phase", seconds=length, profile=profile)
@@ -518,15 +541,17 @@ def _side_main(raw: str) -> None:
 def run() -> list[Result]:
     peer_cpu, driver_cpu = _cpus()
     load_before = os.getloadavg()[0]
-    plain = _ours_plain(peer_cpu)
-    installing = _ours_installing(peer_cpu, driver_cpu)
-    theirs = _charon(peer_cpu, driver_cpu)
-    if installing["failed"] or not installing["done"] or installing["responder_failed"]:
-        raise Unavailable(f"our installing handshakes failed: {installing}")
-    if plain["failed"] or not plain["done"]:
-        raise Unavailable(f"our handshakes failed: {plain}")
-    if not theirs["done"]:
-        raise Unavailable(f"charon handshakes all failed: {theirs}")
+    plain, installing, theirs = [], [], []
+    for i in range(ROUNDS):  # interleaved: a burst of the shared machine's load hits all
+        plain.append(_ours_plain(peer_cpu))
+        installing.append(_ours_installing(peer_cpu, driver_cpu, profile=i == 0))
+        theirs.append(_charon(peer_cpu, driver_cpu))
+        if installing[-1]["failed"] or installing[-1]["responder_failed"]:
+            raise Unavailable(f"our installing handshakes failed: {installing[-1]}")
+        if plain[-1]["failed"] or not plain[-1]["done"] or not installing[-1]["done"]:
+            raise Unavailable(f"our handshakes failed: {plain[-1]}, {installing[-1]}")
+        if not theirs[-1]["done"]:
+            raise Unavailable(f"charon handshakes all failed: {theirs[-1]}")
     return [fair_result(installing, plain, theirs, (load_before, os.getloadavg()[0]))]
 
 

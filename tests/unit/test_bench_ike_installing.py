@@ -34,24 +34,37 @@ def test_failed_installs_and_handshakes_are_counted_not_done() -> None:
     assert math.isnan(t.medians()["ini_install_ms_median"])  # no install went through
 
 
-def test_result_carries_fair_and_unfair_ratio_of_the_same_run() -> None:
-    installing = {
-        "done": 300, "failed": 0, "wall": 6.0, "responder_installed": 300,
-        "responder_failed": 0, "cpu": 3.0,
-        "cpu_split": {"process": 2.0, "reaped_children": 0.6, "workers": 0.4},
-        "medians": {"ini_install_ms_median": 4.0, "res_install_ms_median": 5.0},
-        "profile": ["ini own x.py:f 10.0%"],
-    }  # fmt: skip
-    plain = {"done": 900, "failed": 0, "wall": 6.0, "cpu": 5.4}
-    charon = {"done": 420, "failed": 0, "wall": 6.0, "cpu": 8.4}
-    d = fair_result(installing, plain, charon).to_json()
+def test_result_carries_fair_and_unfair_ratio_of_the_same_rounds() -> None:
+    def installing(done: int, profile: list[str]) -> dict[str, object]:
+        return {
+            "done": done, "failed": 0, "wall": 6.0, "responder_installed": done,
+            "responder_failed": 0, "cpu": done / 100,
+            "cpu_split": {"event_loop_thread": done / 200, "other_threads": 0.0,
+                          "reaped_children": done / 400, "workers": done / 400},
+            "medians": {"ini_install_ms_median": done / 100, "res_install_ms_median": 5.0},
+            "profile": profile, "profile_handshakes": 60 if profile else 0,
+        }  # fmt: skip
+
+    ours = [installing(300, ["ini own x.py:f 10.0%"]), installing(240, []), installing(360, [])]
+    plain = [{"done": d, "failed": 0, "wall": 6.0, "cpu": 0.2 * d / 100} for d in (900, 60, 870)]
+    charon = [{"done": d, "failed": 0, "wall": 6.0, "cpu": d / 50} for d in (420, 400, 450)]
+    d = fair_result(ours, plain, charon, (6.0, 8.0)).to_json()
     assert d["name"] == "ike_sa_per_s_installing"
+    # medians: 300/6 against 420/6, and the unfair 870/6 against the same 420/6
     assert (d["ours"], d["baseline"], d["ratio"]) == (50.0, 70.0, round(50 / 70, 4))
     assert d["goal"] == ">= 1.0"
-    assert d["unfair_ratio_same_run"] == round(150 / 70, 4)
+    assert d["unfair_ratio_same_run"] == round(145 / 70, 4)
+    assert d["ours_runs"] == [50.0, 40.0, 60.0] and d["rounds"] == 3
     assert d["ours_cpu_ms_per_handshake"] == 10.0
     assert d["charon_cpu_ms_per_handshake"] == 20.0
+    assert d["unfair_ours_cpu_ms_per_handshake"] == 2.0
     assert d["cpu_ratio_same_run"] == 2.0
-    assert d["ours_cpu_split_ms"] == {"process": 6.667, "reaped_children": 2.0, "workers": 1.333}
+    assert d["ours_cpu_split_ms"] == {
+        "event_loop_thread": 5.0, "other_threads": 0.0, "reaped_children": 2.5, "workers": 2.5
+    }  # fmt: skip
+    assert d["ini_install_ms_median"] == 3.0
+    assert d["install_profile_top"] == ["ini own x.py:f 10.0%"]
+    assert d["install_profile_handshakes"] == 60
+    assert d["loadavg_1min_before_after"] == [6.0, 8.0]
     for key in ("unit", "baseline_name", "machine"):
         assert d[key]
