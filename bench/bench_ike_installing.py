@@ -33,7 +33,10 @@ rate, because it does not depend on what else the shared machine runs.
 
 The same run also measures today's unfair pair (bench_ike's ``_ours`` loop on
 loopback, installing nothing, against the same charon figure), so the report shows the
-fair ratio next to the unfair one. The three measurements are interleaved for
+fair ratio next to the unfair one; and a control run of the same two processes with
+their datapaths and sockets that installs nothing (``control_no_install_*``): the
+installing run's CPU minus the control's is what the install itself costs. The four
+measurements are interleaved for
 ``ROUNDS`` rounds and the medians count (the 2 cores are shared with other work, and a
 burst of it should not land on one side only); a cProfile of a short installing phase
 in the first round, in CPU time, says where our install time goes
@@ -210,6 +213,18 @@ def fair_result(
     )
 
 
+def control_extra(control: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The control run: the same two processes, datapaths and sockets, nothing installed;
+    the difference to the installing run is the install's own cost."""
+    done = sum(r["done"] for r in control)
+    split = {k: sum(r["cpu_split"][k] for r in control) for k in control[0]["cpu_split"]}
+    return {
+        "control_no_install_runs": [round(_rate(r), 1) for r in control],
+        "control_no_install_cpu_ms_per_handshake": round(_cpu_ms(control), 3),
+        "control_no_install_cpu_split_ms": {k: round(1000 * v / done, 3) for k, v in split.items()},
+    }
+
+
 # --------------------------------------------------------------------------- ours, installing
 
 
@@ -266,10 +281,13 @@ class _Side:
         self.cfg: IkeSaConfig | None = None
         self.c0: dict[str, float] = {}
         self.prof: cProfile.Profile | None = None
+        #: False: the control run, same processes and sockets, the Child SA handed to nobody
+        self.install = args["install"] == "yes"
+        self.key = serialization.load_pem_private_key(args["key"].encode(), None)
+        self.peer_key = serialization.load_pem_public_key(args["peer_key"].encode())
 
     def _config(self, local: tuple[str, int], remote: tuple[str, int]) -> IkeSaConfig:
-        key = serialization.load_pem_private_key(self.args["key"].encode(), None)
-        peer = serialization.load_pem_public_key(self.args["peer_key"].encode())
+        key, peer = self.key, self.peer_key
         return IkeSaConfig(local, remote, _ts(self.local), _ts(self.remote),
                            ike_proposals=(IKE_SPEC,), esp_proposals=(ESP_SPEC,),
                            local_id=(IdType.ID_FQDN, f"{self.role}.example".encode()),
@@ -393,7 +411,8 @@ class _Side:
         t0 = time.perf_counter()
         ok = True
         try:
-            self.installed.append(await self.dp.install_child_sa(spec))
+            if self.install:
+                self.installed.append(await self.dp.install_child_sa(spec))
         except DatapathError as exc:
             print(f"install failed: {exc}", file=sys.stderr)
             ok = False
@@ -466,7 +485,9 @@ class _Driver:
             self.proc.wait()
 
 
-def _ours_installing(cpu: int, driver_cpu: int, *, profile: bool = False) -> dict[str, Any]:
+def _ours_installing(
+    cpu: int, driver_cpu: int, *, profile: bool = False, install: bool = True
+) -> dict[str, Any]:
     """Both ends as two processes in two namespaces on one CPU (as charon's two daemons);
     this process only drives them, from the other CPU (as charon's vici driver)."""
     try:
@@ -485,7 +506,7 @@ def _ours_installing(cpu: int, driver_cpu: int, *, profile: bool = False) -> dic
             na, nb = net.add("a"), net.add("b")
             net.link(na, f"{A}/24", nb, f"{B}/24")
             os.sched_setaffinity(0, {cpu})  # the sides and their workers inherit it
-            common = {"key": "", "peer_key": ""}
+            common = {"key": "", "peer_key": "", "install": "yes" if install else "no"}
             res = _Driver(nb, {**common, "role": "res", "local": B, "remote": A,
                                "wan": device_with(nb, B), "key": _pem_private(kb),
                                "peer_key": _pem_public(ka)}, Path(tmp) / "res.log")  # fmt: skip
@@ -541,10 +562,11 @@ def _side_main(raw: str) -> None:
 def run() -> list[Result]:
     peer_cpu, driver_cpu = _cpus()
     load_before = os.getloadavg()[0]
-    plain, installing, theirs = [], [], []
+    plain, installing, theirs, control = [], [], [], []
     for i in range(ROUNDS):  # interleaved: a burst of the shared machine's load hits all
         plain.append(_ours_plain(peer_cpu))
         installing.append(_ours_installing(peer_cpu, driver_cpu, profile=i == 0))
+        control.append(_ours_installing(peer_cpu, driver_cpu, install=False))
         theirs.append(_charon(peer_cpu, driver_cpu))
         if installing[-1]["failed"] or installing[-1]["responder_failed"]:
             raise Unavailable(f"our installing handshakes failed: {installing[-1]}")
@@ -552,7 +574,9 @@ def run() -> list[Result]:
             raise Unavailable(f"our handshakes failed: {plain[-1]}, {installing[-1]}")
         if not theirs[-1]["done"]:
             raise Unavailable(f"charon handshakes all failed: {theirs[-1]}")
-    return [fair_result(installing, plain, theirs, (load_before, os.getloadavg()[0]))]
+    result = fair_result(installing, plain, theirs, (load_before, os.getloadavg()[0]))
+    result.extra.update(control_extra(control))
+    return [result]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from bench.bench_ike_installing import Tally, fair_result
+from bench.bench_ike_installing import Tally, control_extra, fair_result
 
 
 def test_phase_ends_only_when_every_install_on_both_sides_is_through() -> None:
@@ -68,3 +68,16 @@ def test_result_carries_fair_and_unfair_ratio_of_the_same_rounds() -> None:
     assert d["loadavg_1min_before_after"] == [6.0, 8.0]
     for key in ("unit", "baseline_name", "machine"):
         assert d[key]
+
+
+def test_control_run_reports_its_cpu_apart() -> None:
+    """The no-install control: same harness, its rate and CPU per handshake, split."""
+    rounds = [
+        {"done": 600, "wall": 6.0, "cpu": 1.8, "cpu_split": {"a": 1.2, "b": 0.6}},
+        {"done": 300, "wall": 6.0, "cpu": 0.9, "cpu_split": {"a": 0.6, "b": 0.3}},
+    ]
+    assert control_extra(rounds) == {
+        "control_no_install_runs": [100.0, 50.0],
+        "control_no_install_cpu_ms_per_handshake": 3.0,
+        "control_no_install_cpu_split_ms": {"a": 2.0, "b": 1.0},
+    }
