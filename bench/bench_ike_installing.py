@@ -29,15 +29,14 @@ userspace SA table holds 1,023 Child SAs). Pinning as for charon: both ends, the
 datapath workers and their nft runs on one CPU, as charon's two daemons share one
 CPU; this process only drives them from the other CPU, as charon's vici driver does.
 CPU time per handshake (both ends, workers and nft included) is reported beside the
-rate, because it does not depend on what else the shared machine runs.
+rate, because it depends much less than the rate on what else the machine runs.
 
 The same run also measures today's unfair pair (bench_ike's ``_ours`` loop on
 loopback, installing nothing, against the same charon figure), so the report shows the
 fair ratio next to the unfair one; and a control run of the same two processes with
 their datapaths and sockets that installs nothing (``control_no_install_*``): the
 installing run's CPU minus the control's is what the install itself costs. The four
-measurements are interleaved for
-``ROUNDS`` rounds and the medians count (the 2 cores are shared with other work, and a
+measurements are interleaved for ``ROUNDS`` rounds and the medians count (the 2 cores are shared with other work, and a
 burst of it should not land on one side only); a cProfile of a short installing phase
 in the first round, in CPU time, says where our install time goes
 (``install_profile_top``; nft and the workers are in ``ours_cpu_split_ms``).
