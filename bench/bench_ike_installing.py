@@ -36,9 +36,10 @@ loopback, installing nothing, against the same charon figure), so the report sho
 fair ratio next to the unfair one; and a control run of the same two processes with
 their datapaths and sockets that installs nothing (``control_no_install_*``): the
 installing run's CPU minus the control's is what the install itself costs. The four
-measurements are interleaved for ``ROUNDS`` rounds and the medians count (the 2 cores are shared with other work, and a
-burst of it should not land on one side only); a cProfile of a short installing phase
-in the first round, in CPU time, says where our install time goes
+measurements are interleaved for ``ROUNDS`` rounds and the medians count (the 2 cores
+are shared with other work, and a burst of it should not land on one side only); a
+cProfile of a short installing phase in the first round, in CPU time, says where our
+install time goes
 (``install_profile_top``; nft and the workers are in ``ours_cpu_split_ms``).
 """
 
