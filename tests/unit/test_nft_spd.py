@@ -9,8 +9,10 @@ small address universe so that prefixes overlap, priorities tie and verdicts con
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -167,6 +169,39 @@ def check_structure(spd: N.SpdTable) -> None:
                     assert k.version != other.version or not k.overlaps(other), (b.name, k, other)
 
 
+def map_elements(spd: N.SpdTable) -> dict[tuple[str, str], str]:
+    """What the kernel's maps hold after ``render(spd)``: (map, element) -> verdict text."""
+    return {
+        (b.name, N._net(e.key)): N._verdict_text(e.verdict)
+        for blocks in spd.blocks.values()
+        for b in blocks
+        if not b.plain
+        for e in b.entries
+    }
+
+
+ELEMENT_LINE = re.compile(
+    r"^(add|delete) element inet oe_spd (\S+) \{ ([0-9a-f.:/]+)(?: : (.+?))? \}$"
+)
+
+
+def apply_elements(elements: dict[tuple[str, str], str], script: str) -> dict[tuple[str, str], str]:
+    """``script``'s element lines applied as nft would: a delete of an absent element or
+    an add over a present one fails the whole script (this model is stricter than nft)."""
+    out = dict(elements)
+    for line in script.splitlines():
+        m = ELEMENT_LINE.match(line)
+        assert m is not None, line
+        op, name, key, verdict = m.groups()
+        if op == "delete":
+            assert (name, key) in out, ("delete of an absent element", line)
+            del out[(name, key)]
+        else:
+            assert (name, key) not in out, ("add over a present element", line)
+            out[(name, key)] = verdict
+    return out
+
+
 # --- properties ------------------------------------------------------------------------
 @settings(max_examples=150)
 @given(policies())
@@ -224,8 +259,18 @@ def test_incremental_updates_keep_the_verdicts(
         if result is None:
             spd = compile_(current)
             continue
+        before = map_elements(spd)
         spd, script = result
         check_structure(spd)
+        # the script brings the kernel's maps exactly to the new table's (nothing more:
+        # replaced elements with an unchanged verdict are not touched at all)
+        assert apply_elements(before, script) == map_elements(spd), script
+        changed = {
+            k
+            for k in before.keys() | map_elements(spd).keys()
+            if before.get(k) != map_elements(spd).get(k)
+        }
+        assert len(script.splitlines()) <= 2 * len(changed), script
         assert all(
             line.startswith(("add element inet oe_spd ", "delete element inet oe_spd "))
             for line in script.splitlines()
@@ -365,6 +410,42 @@ def test_incremental_shunt_is_one_element() -> None:
     assert N.evaluate(result[0], Direction.OUT, f) is N.Verdict.QUEUE
     # removing what is not there is not an error (Datapath.remove_policy's contract)
     assert N.update(result[0], remove=[shunt]) == (result[0], "")
+
+
+def test_sa_policies_replacing_the_trap_run_no_nft() -> None:
+    """A Child SA's IPSEC policies replace policies of the same selectors whose verdicts
+    are the same in the kernel (queue out, drop in/fwd): no element changes, empty script."""
+    pols = real_policies(sas=3)
+    spd = compile_(pols)
+    olds = [p for p in pols if p.action is PolicyAction.IPSEC][:3]  # one SA: out, in, fwd
+    new = [replace(p, templates=(Template(WAN4, WAN6, 7, Mode.TUNNEL),)) for p in olds]
+    result = N.update(spd, add=new, remove=olds)
+    assert result is not None
+    spd2, script = result
+    assert script == ""
+    assert map_elements(spd2) == map_elements(spd)
+    # the new policies are the ones the table now holds (a later removal finds them)
+    gone = N.update(spd2, remove=new)
+    assert gone is not None and gone[1].count("delete element") == 3
+
+
+def test_replacement_with_another_verdict_changes_the_element() -> None:
+    spd = compile_(real_policies(shunts=10))
+    wan = TrafficSelector(net(f"{WAN4}/32"))
+    dst = TrafficSelector(net("50.0.0.1/32"))  # shunt 1: PASS
+    rank = selector_rank(dst.net, 0, None)
+    old = policy(wan, dst, Direction.OUT, PolicyAction.PASS, rank)
+    drop = policy(wan, dst, Direction.OUT, PolicyAction.DROP, rank)
+    result = N.update(spd, add=[drop], remove=[old])
+    assert result is not None
+    assert result[1] == (
+        "delete element inet oe_spd out_9 { 50.0.0.1 }\n"
+        "add element inet oe_spd out_9 { 50.0.0.1 : drop }\n"
+    )
+    # and back: the kernel's maps are as before
+    undo = N.update(result[0], add=[old], remove=[drop])
+    assert undo is not None
+    assert apply_elements(map_elements(result[0]), undo[1]) == map_elements(spd)
 
 
 def test_update_that_needs_a_new_rule_says_so() -> None:

@@ -540,9 +540,16 @@ def update(
     the whole table instead (still atomic). Removal matches policies like XFRM does, by
     direction and selector (the first such policy). Added policies rank after existing
     ones of the same priority, as a policy inserted into XFRM would.
+
+    The script carries only what the kernel's maps must change: an element deleted and
+    added again in the same map with the same verdict (a Child SA's IPSEC policy
+    replacing the TRAP, or an identical policy, of the same selector) nets out, so the
+    script is "" and no nft needs to run.
     """
     blocks = {d: list(bs) for d, bs in spd.blocks.items()}
-    lines: list[str] = []
+    # the net element changes, per (map, key): deleted with the old verdict, added entry
+    deleted: dict[tuple[str, IPNetwork], Verdict] = {}
+    added: dict[tuple[str, IPNetwork], Entry] = {}
     t = spd.table
     for policy in remove:
         found = None
@@ -566,7 +573,9 @@ def update(
         blocks[policy.direction][bi] = replace(
             blk, entries=tuple(x for x in blk.entries if x is not e)
         )
-        lines.append(f"delete element inet {t} {blk.name} {{ {_net(e.key)} }}")
+        k = (blk.name, e.key)
+        if added.pop(k, None) is None:
+            deleted[k] = e.verdict
     index = spd.next_index
     for policy in add:
         e = _entry(policy, index)
@@ -577,8 +586,16 @@ def update(
             return None
         blk = bs[target]
         bs[target] = replace(blk, entries=(*blk.entries, e))
-        lines.append(f"add element inet {t} {blk.name} {{ {_elements([e])} }}")
+        k = (blk.name, e.key)
+        if deleted.get(k) is e.verdict:
+            del deleted[k]  # the kernel's element stays as it is
+        else:
+            added[k] = e
     new = replace(spd, blocks={d: tuple(bs) for d, bs in blocks.items()}, next_index=index)
+    lines = [f"delete element inet {t} {name} {{ {_net(key)} }}" for name, key in deleted]
+    lines += [
+        f"add element inet {t} {name} {{ {_elements([e])} }}" for (name, _), e in added.items()
+    ]
     return new, "\n".join(lines) + ("\n" if lines else "")
 
 
