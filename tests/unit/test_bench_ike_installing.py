@@ -81,3 +81,10 @@ def test_control_run_reports_its_cpu_apart() -> None:
         "control_no_install_cpu_ms_per_handshake": 3.0,
         "control_no_install_cpu_split_ms": {"a": 2.0, "b": 1.0},
     }
+
+
+def test_a_phase_starts_no_more_handshakes_than_the_sa_table_holds() -> None:
+    t = Tally(stop_at=10.0, limit=3)
+    assert [t.start_another(now=1.0) for _ in range(5)] == [True, True, True, False, False]
+    assert t.started == 3
+    assert Tally(stop_at=10.0).start_another(now=1.0)  # no cap: only the clock ends it
