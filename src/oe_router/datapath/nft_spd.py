@@ -960,12 +960,17 @@ class SpdProjection:
                 else:
                     self.runs["elements"] += 1
                     await asyncio.to_thread(self._run_elements, script)
-            except DatapathError as exc:  # NftSpdError too
+            except Exception as exc:  # NftSpdError, or nft not startable at all
                 self._table, self._stale = None, True
-                done.set_exception(DatapathError(f"policy projection into nftables: {exc}"))
+                if isinstance(exc, DatapathError):
+                    exc = DatapathError(f"policy projection into nftables: {exc}")
+                done.set_exception(exc)
                 done.exception()  # retrieved: every waiter may have gone
             else:
                 done.set_result(None)
+            finally:
+                if not done.done():  # cancelled (stop): no waiter hangs on it
+                    done.cancel()
 
     async def _write_now(self, policies: list[PolicySpec]) -> SpdTable:
         """A whole-table write (the lock held); clears the unknown state on success."""
@@ -988,6 +993,9 @@ class SpdProjection:
                 except DatapathError as exc:
                     self._table, self._stale = None, True
                     raise DatapathError(f"policy projection into nftables: {exc}") from None
+                except Exception:
+                    self._table, self._stale = None, True
+                    raise
                 self._table = table
         finally:
             self._writes_pending -= 1
