@@ -302,3 +302,15 @@ def test_front_releases_a_keyless_answer_only_after_the_shunt_is_in() -> None:
         assert len(passer.calls) == 2
 
     asyncio.run(main())
+
+
+def test_front_without_an_oe_manager_serves_keyless_answers_from_the_cache() -> None:
+    """No OE manager, no trap of ours: nothing to pass, the cache answers at once."""
+
+    async def main() -> None:
+        r = Resolver(Upstream(), HoldPolicy(), key_lookup=Keys(INSECURE), cache=AnswerCache())
+        wire = dns.message.make_query(NAME, "A").to_wire()
+        assert await r.handle(wire, ("192.0.2.50", 1), 512) is not None
+        assert r.answer_now(wire, 512) is not None
+
+    asyncio.run(main())

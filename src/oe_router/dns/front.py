@@ -359,11 +359,15 @@ class Resolver:
         hit = self.cache.get(question.cache_key, view.id, now, self._cap() if holds else None)
         if hit is None:
             return None
-        if key is not None and key.keyless and self.policy.keyless == "pass":
-            # a keyless name's cached answer goes at once only while its shunts stand
-            passer = self.tunnels
-            if not isinstance(passer, KeylessPasser) or not passer.keyless_passed(hit[1].addresses):
-                return None
+        passer = self.tunnels
+        if (
+            key is not None
+            and key.keyless
+            and self.policy.keyless == "pass"
+            and isinstance(passer, KeylessPasser)
+            and not passer.keyless_passed(hit[1].addresses)
+        ):
+            return None  # a keyless name's cached answer goes at once while its shunts stand
         reply = hit[0]
         if len(reply) > (limit if limit == _TCP_LIMIT else question.udp_limit):
             return None  # the truncation path is in handle

@@ -305,9 +305,10 @@ class OeService:
         return passed
 
     def keyless_passed(self, addresses: tuple[IPAddress, ...]) -> bool:
-        """``dns.hold.KeylessPasser``: does a pass shunt stand for every address now?"""
+        """``dns.hold.KeylessPasser``: does a pass shunt stand for every address now?
+        (Without a manager no trap of ours waits for them either.)"""
         if self._mgr is None:
-            return False
+            return True
         return self._mgr.keyless_passed(addresses, self._clock())
 
     # ------------------------------------------------------------------ IKE engine entries
