@@ -29,7 +29,7 @@ def forget_address(addresses: Iterable[IPAddress]) -> int:
     addresses = tuple(addresses)
     gone = 0
     try:
-        from pyroute2 import Conntrack
+        from pyroute2.conntrack import Conntrack
         from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
     except ImportError:  # pragma: no cover - a runtime dependency
         return 0

@@ -381,9 +381,10 @@ def test_first_syn_to_a_keyed_host_finds_the_tunnel(lab: Lab) -> None:
 
 
 def test_name_without_ipseckey_is_answered_at_once_and_reached_in_the_clear(lab: Lab) -> None:
-    """plain.example.test (IPSECKEY denied by a signed NSEC): no hold, no tunnel. The
-    connect meets the packet trigger instead: the SYN is held while IKE to the host
-    fails (it answers UDP 500 with port unreachable), then leaves in the clear."""
+    """plain.example.test (IPSECKEY denied by a signed NSEC): no hold for a tunnel, no
+    tunnel. ``keyless pass`` (the default): the userspace datapath has the pass shunt
+    before the answer goes out, so the SYN leaves in the clear at once and the router
+    never probes the host with IKE."""
     dns_before = _dns(lab)
     with Wire(lab.router, lab.router_wan_dev) as wan:
         v = visit(lab, PLAIN_NAME)
@@ -398,10 +399,12 @@ def test_name_without_ipseckey_is_answered_at_once_and_reached_in_the_clear(lab:
     syns = [p for p in wan.clear(PLAIN, PROTO_TCP) if p.outgoing and _is_syn(p)]
     assert syns, "no cleartext SYN to the plain host"
     assert not wan.esp(PLAIN)
+    assert not wan.ike(PLAIN), "the router probed a keyless host with IKE"
     doc = lab.r.status()
     assert not _tunnels_to(doc, PLAIN), doc["tunnels"]
     shunts = [s for s in doc["shunts"] if PLAIN in s["destination"]]
     assert shunts and all(s["kind"] == "pass" for s in shunts), doc["shunts"]
+    assert all(s["reason"] == "private-or-clear: no key (secure denial)" for s in shunts), shunts
     print(f"\nplain: answer {v.hold * 1000:.1f} ms, connect {v.connect_time * 1000:.1f} ms")
 
 

@@ -67,7 +67,7 @@ def test_first_query_starts_one_lookup_and_waits() -> None:
 def test_no_usable_key_releases_at_once_and_never_asks_for_a_tunnel(
     result: KeyResult, why: str
 ) -> None:
-    core = HoldCore(HoldPolicy())
+    core = HoldCore(HoldPolicy(keyless="probe"))
     core.query(1, NAME, 0.0)
     core.answer(1, (A1,), 0.01)
     actions = core.key_result(NAME, result, 0.02)
@@ -80,7 +80,7 @@ def test_no_usable_key_releases_at_once_and_never_asks_for_a_tunnel(
 
 
 def test_key_known_before_answer_releases_when_answer_comes() -> None:
-    core = HoldCore(HoldPolicy())
+    core = HoldCore(HoldPolicy(keyless="probe"))
     core.query(1, NAME, 0.0)
     assert core.key_result(NAME, KeyResult(KeyStatus.INSECURE), 0.01) == []
     rel = release_of(core.answer(1, (A1,), 0.02), 1)

@@ -8,9 +8,14 @@ small address universe so that prefixes overlap, priorities tie and verdicts con
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import re
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -167,6 +172,39 @@ def check_structure(spd: N.SpdTable) -> None:
                     assert k.version != other.version or not k.overlaps(other), (b.name, k, other)
 
 
+def map_elements(spd: N.SpdTable) -> dict[tuple[str, str], str]:
+    """What the kernel's maps hold after ``render(spd)``: (map, element) -> verdict text."""
+    return {
+        (b.name, N._net(e.key)): N._verdict_text(e.verdict)
+        for blocks in spd.blocks.values()
+        for b in blocks
+        if not b.plain
+        for e in b.entries
+    }
+
+
+ELEMENT_LINE = re.compile(
+    r"^(add|delete) element inet oe_spd (\S+) \{ ([0-9a-f.:/]+)(?: : (.+?))? \}$"
+)
+
+
+def apply_elements(elements: dict[tuple[str, str], str], script: str) -> dict[tuple[str, str], str]:
+    """``script``'s element lines applied as nft would: a delete of an absent element or
+    an add over a present one fails the whole script (this model is stricter than nft)."""
+    out = dict(elements)
+    for line in script.splitlines():
+        m = ELEMENT_LINE.match(line)
+        assert m is not None, line
+        op, name, key, verdict = m.groups()
+        if op == "delete":
+            assert (name, key) in out, ("delete of an absent element", line)
+            del out[(name, key)]
+        else:
+            assert (name, key) not in out, ("add over a present element", line)
+            out[(name, key)] = verdict
+    return out
+
+
 # --- properties ------------------------------------------------------------------------
 @settings(max_examples=150)
 @given(policies())
@@ -224,8 +262,18 @@ def test_incremental_updates_keep_the_verdicts(
         if result is None:
             spd = compile_(current)
             continue
+        before = map_elements(spd)
         spd, script = result
         check_structure(spd)
+        # the script brings the kernel's maps exactly to the new table's (nothing more:
+        # replaced elements with an unchanged verdict are not touched at all)
+        assert apply_elements(before, script) == map_elements(spd), script
+        changed = {
+            k
+            for k in before.keys() | map_elements(spd).keys()
+            if before.get(k) != map_elements(spd).get(k)
+        }
+        assert len(script.splitlines()) <= 2 * len(changed), script
         assert all(
             line.startswith(("add element inet oe_spd ", "delete element inet oe_spd "))
             for line in script.splitlines()
@@ -367,6 +415,42 @@ def test_incremental_shunt_is_one_element() -> None:
     assert N.update(result[0], remove=[shunt]) == (result[0], "")
 
 
+def test_sa_policies_replacing_the_trap_run_no_nft() -> None:
+    """A Child SA's IPSEC policies replace policies of the same selectors whose verdicts
+    are the same in the kernel (queue out, drop in/fwd): no element changes, empty script."""
+    pols = real_policies(sas=3)
+    spd = compile_(pols)
+    olds = [p for p in pols if p.action is PolicyAction.IPSEC][:3]  # one SA: out, in, fwd
+    new = [replace(p, templates=(Template(WAN4, WAN6, 7, Mode.TUNNEL),)) for p in olds]
+    result = N.update(spd, add=new, remove=olds)
+    assert result is not None
+    spd2, script = result
+    assert script == ""
+    assert map_elements(spd2) == map_elements(spd)
+    # the new policies are the ones the table now holds (a later removal finds them)
+    gone = N.update(spd2, remove=new)
+    assert gone is not None and gone[1].count("delete element") == 3
+
+
+def test_replacement_with_another_verdict_changes_the_element() -> None:
+    spd = compile_(real_policies(shunts=10))
+    wan = TrafficSelector(net(f"{WAN4}/32"))
+    dst = TrafficSelector(net("50.0.0.1/32"))  # shunt 1: PASS
+    rank = selector_rank(dst.net, 0, None)
+    old = policy(wan, dst, Direction.OUT, PolicyAction.PASS, rank)
+    drop = policy(wan, dst, Direction.OUT, PolicyAction.DROP, rank)
+    result = N.update(spd, add=[drop], remove=[old])
+    assert result is not None
+    assert result[1] == (
+        "delete element inet oe_spd out_9 { 50.0.0.1 }\n"
+        "add element inet oe_spd out_9 { 50.0.0.1 : drop }\n"
+    )
+    # and back: the kernel's maps are as before
+    undo = N.update(result[0], add=[old], remove=[drop])
+    assert undo is not None
+    assert apply_elements(map_elements(result[0]), undo[1]) == map_elements(spd)
+
+
 def test_update_that_needs_a_new_rule_says_so() -> None:
     spd = compile_(real_policies())
     odd = policy(
@@ -434,3 +518,145 @@ def test_later_ip_fragments_to_a_local_address_reach_reassembly() -> None:
     assert "ip frag-off & 0x1fff != 0 fib daddr type local accept" in inbound
     assert "frag frag-off != 0 fib daddr type local accept" in inbound
     assert inbound.index("frag-off") < inbound.index("goto")
+
+
+# --- the projection's nft runs: batching and their order ----------------------------------
+class _Recorded(N.SpdProjection):
+    """nft left out: each run is recorded, and a run blocks until the test lets it end
+    (a slow nft), so what is in flight when a change arrives is under the test's control."""
+
+    def __init__(self) -> None:
+        super().__init__(wan="wan", tun="oetun", queue_num=5, bypass_mark=0x100, ike_ports=())
+        self._backend = "nft"
+        self.log: list[tuple[str, str]] = []  # ("elements", script) / ("whole", n policies)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_next = False
+
+    def _gate(self) -> None:
+        assert self.gate.wait(10)
+        if self.fail_next:
+            self.fail_next = False
+            raise N.NftSpdError("nft refused (test)")
+
+    def _run_elements(self, script: str) -> None:
+        self._gate()
+        self.log.append(("elements", script))
+
+    def _write(self, policies: list[PolicySpec]) -> N.SpdTable:
+        self._gate()
+        self.log.append(("whole", str(len(policies))))
+        return compile_(policies)
+
+
+def _shunt(i: int, action: PolicyAction = PolicyAction.PASS) -> PolicySpec:
+    wan = TrafficSelector(net(f"{WAN4}/32"))
+    dst = TrafficSelector(net(f"50.0.1.{i}/32"))
+    return policy(wan, dst, Direction.OUT, action, selector_rank(dst.net, 0, None))
+
+
+def test_projection_batches_one_turn_and_what_arrives_during_a_run() -> None:
+    """Changes of one event-loop turn share one nft run; changes arriving while a run is
+    in flight share the next; runs keep the order of the changes, and no caller returns
+    before the run carrying its change has ended."""
+
+    async def run() -> None:
+        proj = _Recorded()
+        current = real_policies(shunts=10)
+        await proj.go_live(current)
+        assert proj.log == [("whole", str(len(current)))]
+
+        def add(p: PolicySpec) -> Any:
+            current.append(p)
+            return proj.project(lambda: list(current), add=[p])
+
+        first = [asyncio.create_task(add(_shunt(i))) for i in range(1, 4)]
+        await asyncio.sleep(0)  # the three changes are made in this turn
+        proj.gate.clear()  # the first run now hangs in "nft"
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if proj._lock.locked():
+                break
+        second = [asyncio.create_task(add(_shunt(i))) for i in range(4, 8)]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in first + second)  # nobody returns early
+        proj.gate.set()
+        await asyncio.gather(*first, *second)
+        runs = proj.log[1:]
+        assert [kind for kind, _ in runs] == ["elements", "elements"]
+        assert runs[0][1].count("add element") == 3 and "50.0.1.1 " in runs[0][1]
+        assert runs[1][1].count("add element") == 4 and "50.0.1.7 " in runs[1][1]
+        assert proj.runs == {"elements": 2, "whole": 1}
+
+    asyncio.run(run())
+
+
+def test_projection_runs_no_nft_for_unchanged_elements() -> None:
+    async def run() -> None:
+        proj = _Recorded()
+        current = real_policies(shunts=3, sas=2)
+        await proj.go_live(current)
+        olds = [p for p in current if p.action is PolicyAction.IPSEC][:3]
+        new = [replace(p, templates=(Template(WAN4, WAN4, 9, Mode.TUNNEL),)) for p in olds]
+        await proj.project(lambda: current, add=new, remove=olds)
+        assert proj.runs == {"elements": 0, "whole": 1}
+
+    asyncio.run(run())
+
+
+def test_projection_after_a_failed_run_writes_the_whole_table() -> None:
+    """A refused run fails its callers; the batch queued behind it (computed on top of
+    it) becomes a whole-table write of the policies as they are then."""
+
+    async def run() -> None:
+        proj = _Recorded()
+        current = real_policies(shunts=10)
+        await proj.go_live(current)
+
+        def add(p: PolicySpec) -> Any:
+            current.append(p)
+            return proj.project(lambda: list(current), add=[p])
+
+        proj.gate.clear()
+        proj.fail_next = True
+        failing = asyncio.create_task(add(_shunt(1)))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if proj._lock.locked():
+                break
+        behind = asyncio.create_task(add(_shunt(2)))
+        await asyncio.sleep(0.02)
+        proj.gate.set()
+        with pytest.raises(N.DatapathError, match="refused"):
+            await failing
+        await behind
+        assert proj.log[-1] == ("whole", str(len(current)))
+        # and the next change is an element change again
+        await add(_shunt(3))
+        assert proj.log[-1][0] == "elements" and "50.0.1.3 " in proj.log[-1][1]
+
+    asyncio.run(run())
+
+
+def test_whole_write_waits_for_the_batch_opened_before_it() -> None:
+    async def run() -> None:
+        proj = _Recorded()
+        current = real_policies(shunts=10)
+        await proj.go_live(current)
+        p = _shunt(1)
+        current.append(p)
+        batch = asyncio.create_task(proj.project(lambda: list(current), add=[p]))
+        await asyncio.sleep(0)
+        odd = policy(
+            TrafficSelector(net("0.0.0.0/0"), 47),
+            TrafficSelector(net("50.1.2.3/32"), 47),
+            Direction.OUT,
+            PolicyAction.DROP,
+            1,
+        )
+        current.append(odd)
+        await proj.project(lambda: list(current), add=[odd])  # a new rule: whole table
+        await batch
+        assert [k for k, _ in proj.log] == ["whole", "elements", "whole"]
+
+    asyncio.run(run())

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_PRIVATE_OR_CLEAR",
     "DNS_MODES",
     "ESP_PROPOSALS",
+    "KEYLESS_ACTIONS",
     "LOG_LEVELS",
     "POLICY_GROUPS",
     "POLICY_LIMIT",
@@ -47,11 +48,13 @@ LogLevel = Literal["debug", "info", "notice", "warning", "error"]
 Datapath = Literal["auto", "kernel", "userspace"]
 BogusAction = Literal["servfail", "insecure"]
 DnsMode = Literal["dnsmasq", "manual"]
+KeylessAction = Literal["pass", "probe"]
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "notice", "warning", "error")
 DATAPATHS: tuple[str, ...] = ("auto", "kernel", "userspace")
 BOGUS_ACTIONS: tuple[str, ...] = ("servfail", "insecure")
 DNS_MODES: tuple[str, ...] = ("dnsmasq", "manual")
+KEYLESS_ACTIONS: tuple[str, ...] = ("pass", "probe")
 POLICY_GROUPS: tuple[str, ...] = (
     "private",
     "private-or-clear",
@@ -197,6 +200,11 @@ class DnsConfig:
     #: shipped with the package.
     auto_trust_anchor: str = "/etc/oe/root.anchors"
     bogus_action: BogusAction = "servfail"
+    #: A name proven keyless (secure denial of IPSECKEY, or an unsigned zone) whose
+    #: addresses are private-or-clear: "pass" shunts them in the clear for the answer's
+    #: TTL before the answer goes out; "probe" leaves them to the trap, so the first
+    #: packet waits for an IKE probe (up to ~3 s for a host that drops UDP 500).
+    keyless: KeylessAction = "pass"
     #: A TCP client gets this long to send each query and to read each reply.
     tcp_timeout: float = 10.0
     #: Answer Mozilla's DoH canary domain (use-application-dns.net) NXDOMAIN, so

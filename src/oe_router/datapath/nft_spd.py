@@ -90,8 +90,10 @@ Thousands of host shunts or SA entries of one shape and priority (OE's ranks put
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
+import logging
 import struct
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -109,6 +111,7 @@ from oe_router.datapath.base import (
 )
 from oe_router.datapath.nft import run_nft
 from oe_router.netns import in_netns
+from oe_router.tasks import spawn_tracked
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -130,6 +133,8 @@ __all__ = [
     "render",
     "update",
 ]
+
+_log = logging.getLogger("oe_router.datapath")
 
 DEFAULT_TABLE: Final = "oe_spd"
 QUEUE_CHAIN: Final = "oe_queue"
@@ -540,9 +545,16 @@ def update(
     the whole table instead (still atomic). Removal matches policies like XFRM does, by
     direction and selector (the first such policy). Added policies rank after existing
     ones of the same priority, as a policy inserted into XFRM would.
+
+    The script carries only what the kernel's maps must change: an element deleted and
+    added again in the same map with the same verdict (a Child SA's IPSEC policy
+    replacing the TRAP, or an identical policy, of the same selector) nets out, so the
+    script is "" and no nft needs to run.
     """
     blocks = {d: list(bs) for d, bs in spd.blocks.items()}
-    lines: list[str] = []
+    # the net element changes, per (map, key): deleted with the old verdict, added entry
+    deleted: dict[tuple[str, IPNetwork], Verdict] = {}
+    added: dict[tuple[str, IPNetwork], Entry] = {}
     t = spd.table
     for policy in remove:
         found = None
@@ -566,7 +578,9 @@ def update(
         blocks[policy.direction][bi] = replace(
             blk, entries=tuple(x for x in blk.entries if x is not e)
         )
-        lines.append(f"delete element inet {t} {blk.name} {{ {_net(e.key)} }}")
+        k = (blk.name, e.key)
+        if added.pop(k, None) is None:
+            deleted[k] = e.verdict
     index = spd.next_index
     for policy in add:
         e = _entry(policy, index)
@@ -577,8 +591,16 @@ def update(
             return None
         blk = bs[target]
         bs[target] = replace(blk, entries=(*blk.entries, e))
-        lines.append(f"add element inet {t} {blk.name} {{ {_elements([e])} }}")
+        k = (blk.name, e.key)
+        if deleted.get(k) is e.verdict:
+            del deleted[k]  # the kernel's element stays as it is
+        else:
+            added[k] = e
     new = replace(spd, blocks={d: tuple(bs) for d, bs in blocks.items()}, next_index=index)
+    lines = [f"delete element inet {t} {name} {{ {_net(key)} }}" for name, key in deleted]
+    lines += [
+        f"add element inet {t} {name} {{ {_elements([e])} }}" for (name, _), e in added.items()
+    ]
     return new, "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -823,6 +845,20 @@ class SpdProjection:
     all: nothing is written before the first complete policy set (``go_live``), since a
     half-built table could let a "private" packet out while an earlier run's complete
     one still holds it.
+
+    Ordering (why batching is safe): every change is applied to ``_table`` (what the
+    kernel will hold) at once, in the order ``project`` is called, and goes to the
+    kernel in that same order: element scripts collect in one open batch, a batch and a
+    whole-table write each run under one lock, FIFO, one nft at a time, and a write
+    waits for the batch opened before it. A batch opens on the first change of an
+    event-loop turn and closes when its nft run starts, so changes of the same turn, and
+    those arriving while the previous run is in flight, share one nft process; there is
+    no timer. Each ``project`` returns only once its own changes are in the kernel (or
+    raises), exactly as with a run of its own, so the datapath still installs an SA's
+    policies before it reports the SA installed, and what the kernel enforces meanwhile
+    is what it enforced before the change (an IPSEC verdict is queueing, as the TRAP
+    before it). A failed run marks the kernel's table unknown: the batches behind it
+    (computed on top of it) become a whole-table write of the current policies.
     """
 
     def __init__(
@@ -844,12 +880,22 @@ class SpdProjection:
         self._table: SpdTable | None = None  # what the kernel holds (None: not written yet)
         self._backend: str | None = None
         self.live = False  # False until the first complete policy set (go_live)
+        self._lock = asyncio.Lock()  # one nft run at a time, in the order of the changes
+        self._batch: list[str] = []  # element scripts not yet handed to nft
+        self._batch_done: asyncio.Future[None] | None = None  # the open batch's outcome
+        self._writes_pending = 0  # whole-table writes asked for and not yet through
+        self._stale = False  # an nft run failed: the kernel's table is not ``_table``
+        self._policies: Callable[[], list[PolicySpec]] = list
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: nft runs so far (element batches, whole-table writes), for tests and benches
+        self.runs = {"elements": 0, "whole": 0}
 
     async def probe(self) -> None:
         """Ask the kernel once how it queues (nft's queue expression or xt's target)."""
         self._backend = await asyncio.to_thread(queue_backend, netns=self._netns)
 
-    def _write(self, policies: list[PolicySpec]) -> None:
+    def _write(self, policies: list[PolicySpec]) -> SpdTable:
+        """Compile and install the whole table (in a worker thread); the table written."""
         table = compile_spd(
             policies,
             wan=self._wan,
@@ -861,13 +907,17 @@ class SpdProjection:
         self._backend = install(
             table, netns=self._netns, backend=self._backend, previous=self._table
         )
-        self._table = table
+        return table
+
+    def _run_elements(self, script: str) -> None:
+        """Apply element changes (in a worker thread)."""
+        run_nft(script, netns=self._netns, what="policy projection")
 
     async def go_live(self, policies: list[PolicySpec]) -> None:
         """The first complete policy set: write it (replacing an earlier run's table
         atomically), and follow every change from now on."""
         self.live = True
-        await asyncio.to_thread(self._write, policies)
+        await self._whole(lambda: policies)
 
     async def project(
         self,
@@ -875,30 +925,86 @@ class SpdProjection:
         add: Sequence[PolicySpec] = (),
         remove: Sequence[PolicySpec] = (),
     ) -> None:
-        """Bring the kernel's table to ``policies()``: element changes when they suffice,
-        else the whole table (atomic either way)."""
+        """Bring the kernel's table to ``policies()``: element changes when they suffice
+        (none at all when the elements stay as they are), else the whole table (atomic
+        either way); returns once the kernel holds the change."""
         if not self.live:
             return
+        self._policies = policies
+        if self._table is not None and not self._writes_pending and not self._stale:
+            step = update(self._table, add=add, remove=remove)
+            if step is not None:
+                self._table, script = step
+                if script:
+                    await self._elements(script)
+                return
+        await self._whole(policies)
+
+    async def _elements(self, script: str) -> None:
+        """Into the open batch (opening one if none is); wait for its nft run."""
+        if self._batch_done is None:
+            self._batch_done = asyncio.get_running_loop().create_future()
+            spawn_tracked(self._tasks, self._flush(), _log, "policy projection batch")
+        done = self._batch_done
+        self._batch.append(script)
+        await asyncio.shield(done)  # a caller cancelled leaves the others' run alone
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            script, done = "".join(self._batch), self._batch_done
+            self._batch, self._batch_done = [], None
+            assert done is not None
+            try:
+                if self._stale:  # computed on a table the kernel never got
+                    self._table = await self._write_now(self._policies())
+                else:
+                    self.runs["elements"] += 1
+                    await asyncio.to_thread(self._run_elements, script)
+            except Exception as exc:  # NftSpdError, or nft not startable at all
+                self._table, self._stale = None, True
+                if isinstance(exc, DatapathError):
+                    exc = DatapathError(f"policy projection into nftables: {exc}")
+                done.set_exception(exc)
+                done.exception()  # retrieved: every waiter may have gone
+            else:
+                done.set_result(None)
+            finally:
+                if not done.done():  # cancelled (stop): no waiter hangs on it
+                    done.cancel()
+
+    async def _write_now(self, policies: list[PolicySpec]) -> SpdTable:
+        """A whole-table write (the lock held); clears the unknown state on success."""
+        self.runs["whole"] += 1
+        table = await asyncio.to_thread(self._write, policies)
+        self._stale = False
+        return table
+
+    async def _whole(self, policies: Callable[[], list[PolicySpec]]) -> None:
+        """The whole table, after the batch opened before it (policies read at run time)."""
+        self._writes_pending += 1
         try:
-            if self._table is not None:
-                step = update(self._table, add=add, remove=remove)
-                if step is not None:
-                    table, script = step
-                    if script:
-                        await asyncio.to_thread(
-                            run_nft, script, netns=self._netns, what="policy projection"
-                        )
-                    self._table = table
-                    return
-            await asyncio.to_thread(self._write, policies())
-        except DatapathError as exc:  # NftSpdError too
-            self._table = None  # unknown now: the next change writes the whole table
-            raise DatapathError(f"policy projection into nftables: {exc}") from None
+            before = self._batch_done
+            if before is not None:
+                with contextlib.suppress(DatapathError):
+                    await asyncio.shield(before)
+            async with self._lock:
+                try:
+                    table = await self._write_now(policies())
+                except DatapathError as exc:
+                    self._table, self._stale = None, True
+                    raise DatapathError(f"policy projection into nftables: {exc}") from None
+                except Exception:
+                    self._table, self._stale = None, True
+                    raise
+                self._table = table
+        finally:
+            self._writes_pending -= 1
 
     async def leave(self, keep: list[PolicySpec]) -> None:
         """At stop: only ``keep`` stays (queueing to nobody, which the kernel turns into
         drops: fail closed), or the table goes."""
-        if keep:
-            await asyncio.to_thread(self._write, keep)
-        else:
-            await asyncio.to_thread(run_nft, remove_script(), netns=self._netns)
+        async with self._lock:
+            if keep:
+                self._table = await asyncio.to_thread(self._write, keep)
+            else:
+                await asyncio.to_thread(run_nft, remove_script(), netns=self._netns)

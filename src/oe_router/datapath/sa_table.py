@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Final
@@ -71,6 +72,9 @@ class SaTable:
         self._spis: set[int] = set()
         self._free_slots = list(range(_SLOTS - 1, 1, -1))
         self._next_reqid = _FIRST_REQID
+        #: reqid -> how many installed Child SAs carry it, kept in step with _children
+        #: (a reqid is picked per install: no rebuild of the set of those in use)
+        self._reqids_used: Counter[int] = Counter()
 
     def specs(self) -> list[ChildSaSpec]:
         return [c.spec for c in self._children.values()]
@@ -83,8 +87,8 @@ class SaTable:
                 return spi
 
     def _reqid(self) -> int:
-        used = {c.spec.reqid for c in self._children.values()}
-        while self._next_reqid in used:
+        used = self._reqids_used
+        while used[self._next_reqid] > 0:
             self._next_reqid += 1
         reqid, self._next_reqid = self._next_reqid, self._next_reqid + 1
         return reqid
@@ -143,7 +147,12 @@ class SaTable:
             self._free_slots += [slot_in, slot_out]
             raise
         child = InstalledChild(spec, t, slot_in, slot_out, time.time(), self._clock())
-        self._children[(spec.local, spec.inbound.spi)] = child
+        key = (spec.local, spec.inbound.spi)
+        replaced = self._children.get(key)
+        if replaced is not None:
+            self._forget_reqid(replaced.spec.reqid)
+        self._children[key] = child
+        self._reqids_used[spec.reqid] += 1
         self._spis.add(spec.inbound.spi)
         return spec
 
@@ -152,7 +161,16 @@ class SaTable:
         the workers still run it until ``retire``. None if it was not installed."""
         child = self._children.pop((spec.local, spec.inbound.spi), None)
         self._spis.discard(spec.inbound.spi)
+        if child is not None:
+            self._forget_reqid(child.spec.reqid)
         return child
+
+    def _forget_reqid(self, reqid: int) -> None:
+        left = self._reqids_used[reqid] - 1
+        if left > 0:
+            self._reqids_used[reqid] = left
+        else:
+            del self._reqids_used[reqid]
 
     def retire(self, child: InstalledChild) -> None:
         """Take both directions out of the workers."""

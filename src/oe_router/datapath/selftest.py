@@ -443,7 +443,7 @@ class _Bench:
 
     def setup(self) -> None:
         """Namespaces A and B, veth st0 (A, 192.0.2.1) <-> st1 (B, 192.0.2.2), both up."""
-        from pyroute2 import IPRoute
+        from pyroute2.iproute.linux import IPRoute
 
         for _ in (0, 1):
             self._fds.append(_new_netns())

@@ -101,7 +101,7 @@ class TunDevice:
         return self.fd
 
     def _ipr(self) -> Any:
-        from pyroute2 import IPRoute
+        from pyroute2.iproute.linux import IPRoute
 
         with in_netns(self._netns):
             return IPRoute()

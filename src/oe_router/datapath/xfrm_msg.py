@@ -185,6 +185,17 @@ class CStruct:
     def align(self) -> int:
         return self._layout()[2]
 
+    @cached_property
+    def offsets(self) -> Mapping[str, tuple[int, str]]:
+        """Flat field name -> (byte offset, struct code): where a prepared message is patched."""
+        out: dict[str, tuple[int, str]] = {}
+        offset = 0
+        for fname, code in self.fields:
+            if not fname.startswith("__pad"):
+                out[fname] = (offset, code)
+            offset += struct.calcsize(code if code[0] in "<>=!" else "=" + code)
+        return out
+
     def pack(self, values: Mapping[str, Any]) -> bytes:
         """Encode flat field values (missing ones are zero)."""
         out = bytearray()
@@ -402,9 +413,10 @@ def _strip_pads(msg: dict[str, Any]) -> None:
 
 # --- attribute (NLA) classes ------------------------------------------------------
 class _struct_nla(nla):  # type: ignore[misc]
-    """An NLA whose payload is one fixed C struct."""
+    """An NLA whose payload is one fixed C struct (``fixed``)."""
 
     __slots__ = ()
+    fixed: CStruct = XFRM_EMPTY
 
     def decode(self) -> None:
         nla.decode(self)
@@ -462,13 +474,15 @@ class _address_nla(nla):  # type: ignore[misc]
     """xfrm_address_t as a 16-byte string."""
 
     __slots__ = ()
-    fields = (("value", "16s"),)
+    fixed = CStruct("xfrm_address", (("value", XFRM_ADDRESS),))
+    fields = fixed.fields
 
 
 class _esn_nla(nla):  # type: ignore[misc]
     """xfrm_replay_state_esn followed by bmp_len 32-bit bitmap words."""
 
     __slots__ = ()
+    fixed = XFRM_REPLAY_STATE_ESN
     fields = (*XFRM_REPLAY_STATE_ESN.fields, ("bmp", "s"))
 
     def decode(self) -> None:
@@ -476,7 +490,7 @@ class _esn_nla(nla):  # type: ignore[misc]
 
 
 def _nla_class(name: str, struct_: CStruct, base: type = _struct_nla) -> type:
-    return type(name, (base,), {"__slots__": (), "fields": struct_.fields})
+    return type(name, (base,), {"__slots__": (), "fields": struct_.fields, "fixed": struct_})
 
 
 xfrm_algo_nla = type(
@@ -606,6 +620,26 @@ def message_class(msg_type: int) -> type:
         if mtype == msg_type:
             return cls
     raise KeyError(f"unknown XFRM message type {msg_type:#x}")
+
+
+def message_struct(msg_type: int) -> CStruct:
+    """The C struct of an XFRM message type's fixed part; KeyError names unknown types."""
+    for mtype, _, struct_ in MESSAGES:
+        if mtype == msg_type:
+            return struct_
+    raise KeyError(f"unknown XFRM message type {msg_type:#x}")
+
+
+def attr_struct(attr_type: int) -> CStruct:
+    """The C struct an XFRMA_* attribute's payload starts with (per item for XFRMA_TMPL);
+    bytes after it (keys, bitmaps) are the attribute's tail. KeyError for opaque types."""
+    for atype, _, cls_name in XFRMA_MAP:
+        if atype == attr_type:
+            cls = getattr(xfrm_base, cls_name, None)
+            struct_ = getattr(cls, "item", None) or getattr(cls, "fixed", None)
+            if isinstance(struct_, CStruct):
+                return struct_
+    raise KeyError(f"XFRM attribute {attr_type} has no declared struct")
 
 
 def build(msg_type: int, fields: Mapping[str, Any], attrs: list[tuple[str, Any]]) -> Any:

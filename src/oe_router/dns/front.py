@@ -44,11 +44,14 @@ from oe_router.dns.hold import (
     EnsureTunnel,
     HoldCore,
     HoldPolicy,
+    IPAddress,
+    KeylessPasser,
     KeyLookup,
     KeyResult,
     KeyStatus,
     LookupKey,
     Outcome,
+    PassKeyless,
     Release,
     TunnelRequester,
 )
@@ -356,6 +359,15 @@ class Resolver:
         hit = self.cache.get(question.cache_key, view.id, now, self._cap() if holds else None)
         if hit is None:
             return None
+        passer = self.tunnels
+        if (
+            key is not None
+            and key.keyless
+            and self.policy.keyless == "pass"
+            and isinstance(passer, KeylessPasser)
+            and not passer.keyless_passed(hit[1].addresses)
+        ):
+            return None  # a keyless name's cached answer goes at once while its shunts stand
         reply = hit[0]
         if len(reply) > (limit if limit == _TCP_LIMIT else question.udp_limit):
             return None  # the truncation path is in handle
@@ -496,7 +508,9 @@ class Resolver:
             self._apply(self.core.answer(hold_id, (), loop.time()))
             self._count(await self._waiting[hold_id])
             return reply
-        self._apply(self.core.answer(hold_id, view.addresses, loop.time()))
+        cap = self._cap()
+        ttl = view.min_ttl if cap is None else min(view.min_ttl, cap)
+        self._apply(self.core.answer(hold_id, view.addresses, loop.time(), float(ttl)))
         release = await self._waiting[hold_id]
         self._count(release)
         if release.summary and view.addresses:
@@ -534,6 +548,12 @@ class Resolver:
                     self._apply(self.core.key_result(action.name, known, now))
             elif isinstance(action, EnsureTunnel):
                 self._spawn(self._tunnel(action))
+            elif isinstance(action, PassKeyless):
+                if isinstance(self.tunnels, KeylessPasser):
+                    self._spawn(self._pass_keyless(action, self.tunnels))
+                else:  # no OE manager: nothing to pass, nothing traps either
+                    now = asyncio.get_running_loop().time()
+                    self._apply(self.core.keyless_done(action.request, frozenset(), now))
         self._reschedule()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -569,6 +589,17 @@ class Resolver:
                 log.error("tunnel to %s failed: %s: %s", action.name, type(exc).__name__, exc)
         now = asyncio.get_running_loop().time()
         self._apply(self.core.tunnel_done(action.request, ok, now))
+
+    async def _pass_keyless(self, action: PassKeyless, passer: KeylessPasser) -> None:
+        passing: frozenset[IPAddress] = frozenset()
+        try:
+            passing = await passer.pass_keyless(
+                action.name, action.addresses, action.ttl, action.reason
+            )
+        except Exception as exc:
+            log.error("pass shunt for %s failed: %s: %s", action.name, type(exc).__name__, exc)
+        now = asyncio.get_running_loop().time()
+        self._apply(self.core.keyless_done(action.request, passing, now))
 
     def _reschedule(self) -> None:
         if self._timer is not None:

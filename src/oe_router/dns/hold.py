@@ -3,8 +3,8 @@
 Why a separate core: the rules (release at once, hold until the tunnel is up or the
 hold limit passes, SERVFAIL on bogus) are the security-relevant part of the DNS front
 and must be testable without sockets or clocks. Events go in with ``now`` as a value;
-actions come out (``LookupKey``, ``EnsureTunnel``, ``Release``). The asyncio driver in
-``front.py`` performs the actions and feeds the results back.
+actions come out (``LookupKey``, ``EnsureTunnel``, ``PassKeyless``, ``Release``). The
+asyncio driver in ``front.py`` performs the actions and feeds the results back.
 
 One ``_Negotiation`` per name is shared by every concurrent query for it (A and AAAA
 of one browser tab arrive together): one key lookup, one tunnel request per new set
@@ -16,6 +16,13 @@ answer must be signed too: a key protects only its host's own proven addresses.
 The lookup brings the name's validated A and AAAA RRsets (``AddressProof``); an
 answer holding an address they do not prove is bogus (SERVFAIL, or clear per
 ``bogus_action``), and ``EnsureTunnel`` carries only proven addresses.
+
+A name proven keyless (a SECURE denial of its IPSECKEY, with proven addresses, or an
+INSECURE zone) would only make the first packet wait for an IKE probe that the host
+almost never answers. With ``keyless pass`` (the default) its answer waits for
+``PassKeyless`` instead: the OE manager's pass shunt for the answer's TTL, in the
+datapath before the client can send anything. BOGUS and INDETERMINATE results never
+ask for one.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import enum
 import ipaddress
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import dns.name
 
@@ -42,8 +49,10 @@ __all__ = [
     "KeyLookup",
     "KeyResult",
     "KeyStatus",
+    "KeylessPasser",
     "LookupKey",
     "Outcome",
+    "PassKeyless",
     "Release",
     "TunnelRequester",
 ]
@@ -80,6 +89,16 @@ class KeyResult:
     reason: str = ""
     v4: AddressProof | None = None
     v6: AddressProof | None = None
+    #: SECURE and the IPSECKEY RRset is proven absent (NODATA or NXDOMAIN), not merely
+    #: unusable: the name's host publishes no key
+    denial: bool = False
+
+    @property
+    def keyless(self) -> bool:
+        """Proven to publish no key: a secure denial, or an unsigned (insecure) zone."""
+        if self.status is KeyStatus.SECURE:
+            return self.denial and not self.keys
+        return self.status is KeyStatus.INSECURE
 
     @property
     def usable_key(self) -> PeerKey | None:
@@ -131,18 +150,38 @@ class TunnelRequester(Protocol):
     ) -> Awaitable[bool]: ...
 
 
+@runtime_checkable
+class KeylessPasser(Protocol):
+    """The OE manager's pass shunts for names proven keyless (``keyless pass``)."""
+
+    def pass_keyless(
+        self, name: dns.name.Name, addresses: tuple[IPAddress, ...], ttl: float, reason: str
+    ) -> Awaitable[frozenset[IPAddress]]:
+        """Shunt what may pass of ``addresses`` for ``ttl`` s; the ones that pass, once
+        their shunts are in the datapath."""
+        ...
+
+    def keyless_passed(self, addresses: tuple[IPAddress, ...]) -> bool:
+        """A pass shunt stands for every address now (a cached answer may go at once)."""
+        ...
+
+
 @dataclass(frozen=True)
 class HoldPolicy:
-    """The knobs of ``config dns``: how long to hold, TTL cap, what bogus means."""
+    """The knobs of ``config dns``: how long to hold, TTL cap, what bogus means, and
+    whether a keyless name's addresses pass at once or probe on the first packet."""
 
     hold_limit: float = 3.0
     #: 0 means no cap.
     ttl_cap: float = 300.0
     bogus_action: Literal["servfail", "insecure"] = "servfail"
+    keyless: Literal["pass", "probe"] = "pass"
 
     @classmethod
     def from_config(cls, dns_config: DnsConfig) -> HoldPolicy:
-        return cls(dns_config.hold_limit, dns_config.ttl_cap, dns_config.bogus_action)
+        return cls(
+            dns_config.hold_limit, dns_config.ttl_cap, dns_config.bogus_action, dns_config.keyless
+        )
 
 
 class Outcome(enum.Enum):
@@ -180,6 +219,18 @@ class EnsureTunnel:
 
 
 @dataclass(frozen=True)
+class PassKeyless:
+    """Ask the OE manager to pass ``addresses`` of a keyless name in the clear for
+    ``ttl`` seconds; feed the ones that pass to ``keyless_done(request, ...)``."""
+
+    request: int
+    name: dns.name.Name
+    addresses: tuple[IPAddress, ...]
+    ttl: float
+    reason: str  #: ``no key (secure denial)`` or ``no key (insecure zone)``
+
+
+@dataclass(frozen=True)
 class Release:
     """Answer query ``query`` now: the upstream answer, or SERVFAIL if ``outcome.servfail``."""
 
@@ -194,7 +245,7 @@ class Release:
     summary: str = ""
 
 
-Action = LookupKey | EnsureTunnel | Release
+Action = LookupKey | EnsureTunnel | PassKeyless | Release
 
 
 # --------------------------------------------------------------------------- state
@@ -206,6 +257,7 @@ class _Query:
     addresses: tuple[IPAddress, ...] | None = None  #: None until the upstream answered
     answered_at: float = 0.0
     deadline: float = 0.0
+    ttl: float = 0.0  #: the answer's TTL as the client gets it (capped)
 
 
 @dataclass
@@ -217,6 +269,10 @@ class _Negotiation:
     up: set[IPAddress] = field(default_factory=set)
     failed: set[IPAddress] = field(default_factory=set)
     pending_requests: set[int] = field(default_factory=set)
+    #: keyless pass: addresses asked for, answered, and passing
+    pass_asked: set[IPAddress] = field(default_factory=set)
+    pass_done: set[IPAddress] = field(default_factory=set)
+    passing: set[IPAddress] = field(default_factory=set)
 
     @property
     def idle(self) -> bool:
@@ -237,6 +293,7 @@ class HoldCore:
         self._queries: dict[int, _Query] = {}
         self._negs: dict[dns.name.Name, _Negotiation] = {}
         self._requests: dict[int, tuple[dns.name.Name, frozenset[IPAddress]]] = {}
+        self._passes: dict[int, tuple[dns.name.Name, frozenset[IPAddress]]] = {}
         self._next_request = 1
 
     # ------------------------------------------------------------------ introspection
@@ -269,12 +326,16 @@ class HoldCore:
             return [LookupKey(name)]
         return self._evaluate(query, now)
 
-    def answer(self, query: int, addresses: tuple[IPAddress, ...], now: float) -> list[Action]:
-        """The upstream answered; ``addresses`` are its A/AAAA records (may be empty)."""
+    def answer(
+        self, query: int, addresses: tuple[IPAddress, ...], now: float, ttl: float = 0.0
+    ) -> list[Action]:
+        """The upstream answered; ``addresses`` are its A/AAAA records (may be empty),
+        ``ttl`` the answer's TTL as the client gets it (a keyless shunt's life)."""
         q = self._queries.get(query)
         if q is None or q.addresses is not None:
             return []  # already released (e.g. bogus) or answered twice
         q.addresses = addresses
+        q.ttl = ttl
         q.answered_at = now
         q.deadline = now + self.policy.hold_limit
         return self._evaluate(query, now)
@@ -314,6 +375,22 @@ class HoldCore:
             return []
         neg.pending_requests.discard(request)
         (neg.up if ok else neg.failed).update(addresses)
+        actions = self._evaluate_name(name, now)
+        self._gc(name)
+        return actions
+
+    def keyless_done(self, request: int, passing: frozenset[IPAddress], now: float) -> list[Action]:
+        """The OE manager answered ``PassKeyless(request)``: ``passing`` are shunted."""
+        entry = self._passes.pop(request, None)
+        if entry is None:
+            return []
+        name, addresses = entry
+        neg = self._negs.get(name)
+        if neg is None:
+            return []
+        neg.pending_requests.discard(request)
+        neg.pass_done |= addresses
+        neg.passing |= passing & addresses
         actions = self._evaluate_name(name, now)
         self._gc(name)
         return actions
@@ -370,6 +447,8 @@ class HoldCore:
                 return [self._release(qid, Outcome.CLEAR, why, now, summary=words)]
         peer_key = key.usable_key
         if peer_key is None:
+            if self.policy.keyless == "pass" and key.keyless:
+                return self._pass_keyless(qid, q, neg, key, now)
             words = _clear_summary(key)
             return [self._release(qid, Outcome.CLEAR, _clear_reason(key), now, summary=words)]
         actions: list[Action] = []
@@ -395,6 +474,37 @@ class HoldCore:
                 self._release(
                     qid, Outcome.CLEAR, "hold limit: tunnel not up", now, expired=True, summary=late
                 )
+            )
+        return actions
+
+    def _pass_keyless(
+        self, qid: int, q: _Query, neg: _Negotiation, key: KeyResult, now: float
+    ) -> list[Action]:
+        """A name proven keyless: its answer goes once the OE manager's pass shunts for
+        its addresses are in (or the hold limit passes). The manager's shunt tells the
+        decision; the front tells it only for addresses that do not pass."""
+        assert q.addresses is not None
+        actions: list[Action] = []
+        wanted = set(q.addresses)
+        missing = wanted - neg.pass_asked
+        if missing:
+            request = self._next_request
+            self._next_request += 1
+            addrs = tuple(sorted(missing, key=lambda a: (a.version, a)))
+            neg.pass_asked |= missing
+            neg.pending_requests.add(request)
+            self._passes[request] = (q.name, frozenset(missing))
+            reason = _KEYLESS[key.status]
+            actions.append(PassKeyless(request, q.name, addrs, q.ttl, reason))
+        reason = _clear_reason(key)
+        if wanted <= neg.pass_done:
+            words = "" if wanted <= neg.passing else _clear_summary(key)
+            actions.append(self._release(qid, Outcome.CLEAR, reason, now, summary=words))
+        elif now >= q.deadline:
+            limit = self.policy.hold_limit
+            late = f"clear, pass shunt not in within hold_limit {limit:g}s"
+            actions.append(
+                self._release(qid, Outcome.CLEAR, reason, now, expired=True, summary=late)
             )
         return actions
 
@@ -424,6 +534,13 @@ class HoldCore:
             # The key and tunnel facts go too: KeyLookup caches by TTL and the OE
             # manager answers quickly for a tunnel it already has.
             del self._negs[name]
+
+
+#: the key states that prove a name keyless, and the keyless shunt's reason for each
+_KEYLESS = {
+    KeyStatus.SECURE: "no key (secure denial)",
+    KeyStatus.INSECURE: "no key (insecure zone)",
+}
 
 
 def _clear_summary(key: KeyResult) -> str:

@@ -178,7 +178,7 @@ class ValidatingKeyLookup:
         if result.rrset is None or result.rrset.rdtype != dns.rdatatype.IPSECKEY:
             denial = result.denial.value if result.denial is not None else "no IPSECKEY"
             reason = f"{denial}: {result.reason}"
-            return KeyResult(KeyStatus.SECURE, (), reason, v4=v4, v6=v6), ttl
+            return KeyResult(KeyStatus.SECURE, (), reason, v4=v4, v6=v6, denial=True), ttl
         keys = interpret_rrset(result.rrset, owner=name, min_rsa_bits=self._min_rsa_bits)
         problems = [e.message for e in keys.errors] + [w.message for w in keys.warnings]
         for message in problems:

@@ -343,6 +343,7 @@ class DnsService:
             doc["hold_limit_s"] = config.hold_limit
             doc["ttl_cap_s"] = config.ttl_cap
             doc["bogus_action"] = config.bogus_action
+            doc["keyless"] = config.keyless
             doc["ipseckey_trigger"] = "on" if self.resolver.key_lookup is not None else "off"
             doc["oe_manager"] = "connected" if self._tunnels is not None else "none"
             doc["held_now"] = self.resolver.core.in_flight

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections import deque
 from dataclasses import dataclass
 
 from .constants import CfgAttrType, CfgType
@@ -21,7 +20,7 @@ from .proposals import EspChoice, esp_key_lengths
 from .states import ChildState, log_change
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChildSaInfo:
     """A read-only view of one Child SA, for status output (``oe status``)."""
 
@@ -36,7 +35,7 @@ class ChildSaInfo:
     state: ChildState
 
 
-@dataclass
+@dataclass(slots=True)
 class ChildRecord:
     """One ESP SA pair carried by the IKE SA.
 
@@ -94,7 +93,9 @@ class ChildTable(dict[bytes, ChildRecord]):
     """The Child SAs one IKE SA carries, by our inbound SPI; reports what the owner
     hears about them on ``events``."""
 
-    def __init__(self, events: deque[Event]) -> None:
+    __slots__ = ("_events",)  # one per IKE SA: no instance dict
+
+    def __init__(self, events: list[Event]) -> None:
         super().__init__()
         self._events = events
 

@@ -7,6 +7,7 @@ decided once, here, from the negotiated transform IDs.
 
 from __future__ import annotations
 
+import functools
 import hmac as _stdlib_hmac
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -139,8 +140,10 @@ class CbcHmacSkCipher(SkCipher):
         return self.unpad(dec.update(ct) + dec.finalize())
 
 
+@functools.lru_cache(maxsize=32)
 def sk_cipher(encr_id: int, key_bits: int | None, integ_id: int | None) -> SkCipher:
-    """The SkCipher for a negotiated IKE ENCR (+ key length) and INTEG transform."""
+    """The SkCipher for a negotiated IKE ENCR (+ key length) and INTEG transform; one
+    shared object per transform (they hold no keys), not one per IKE SA."""
     if encr_id == EncrId.AES_GCM_16 and key_bits in (128, 192, 256):
         return AeadSkCipher(encr_id, key_bits // 8)
     if encr_id == EncrId.CHACHA20_POLY1305 and key_bits in (None, 256):

@@ -42,7 +42,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .admission import ResponderAdmission
@@ -91,7 +91,7 @@ class EventListener(Protocol):
     def __call__(self, handle: SaHandle, event: Event, /) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SaHandle:
     """One IKE SA as the endpoint sees it: where its datagrams go and when.
 
@@ -111,7 +111,8 @@ class SaHandle:
     half_open: bool = False
     original_initiator: bool = True  #: we sent the first IKE_SA_INIT (roles flip on rekeys)
     owner: Any = None  #: free for the IKE manager's bookkeeping
-    pairs: set[tuple[bytes, bytes]] = field(default_factory=set)  #: indexed SPI pairs
+    #: indexed SPI pairs (a tuple: 56 bytes for one pair where a set takes 216)
+    pairs: tuple[tuple[bytes, bytes], ...] = ()
     known_as: str | None = None  #: counted as a peer holding an IKE SA (RFC 8019 preference)
 
 
@@ -496,14 +497,14 @@ class IkeEndpoint:
         if h.sa.state.over:
             return
         pairs = {p for p in h.sa.spis() if p[1] != bytes(8)}
-        if pairs == h.pairs:
+        if pairs == set(h.pairs):
             return
-        for k in h.pairs - pairs:
-            if self._by_pair.get(k) is h:
+        for k in h.pairs:
+            if k not in pairs and self._by_pair.get(k) is h:
                 del self._by_pair[k]
         for p in pairs:
             self._by_pair[p] = h
-        h.pairs = pairs
+        h.pairs = tuple(pairs)
 
     def _close_half_open(self, h: SaHandle) -> None:
         if h.half_open:

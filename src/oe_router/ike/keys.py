@@ -17,6 +17,8 @@ from .constants import PrfId
 class Prf:
     """An HMAC-based IKE PRF; ``output_len`` is also its preferred key length."""
 
+    __slots__ = ("_hash", "output_len", "prf_id")  # two per IKE SA
+
     _HASHES: dict[int, type[hashes.HashAlgorithm]] = {
         PrfId.HMAC_SHA1: hashes.SHA1,
         PrfId.HMAC_SHA2_256: hashes.SHA256,
@@ -63,7 +65,7 @@ def rekey_skeyseed(prf: Prf, sk_d_old: bytes, shared_new: bytes, ni: bytes, nr: 
     return prf(sk_d_old, shared_new + ni + nr)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IkeSaKeys:
     """SK_* of one IKE SA; never in a repr (a logged object must not leak them)."""
 
@@ -110,7 +112,7 @@ def child_keymat(
     return prf.plus(sk_d, (shared_new or b"") + ni + nr, length)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChildSaKeys:
     """ESP keys per direction: *_i protect initiator->responder traffic."""
 

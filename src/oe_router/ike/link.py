@@ -24,7 +24,7 @@ from .proposals import IkeChoice
 ZERO_SPI = bytes(8)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class KeyContext:
     """What protects one direction of an IKE SA: the SK cipher with SK_e and SK_a."""
 
@@ -36,7 +36,7 @@ class KeyContext:
         return f"KeyContext({type(self.cipher).__name__})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkKeys:
     """The transforms and SK_* keys of one IKE SA, with the send/receive contexts
     of our role made once at derivation."""
@@ -83,7 +83,7 @@ class LinkKeys:
         return self.send.cipher
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkSettings:
     """The parts of the IKE SA's configuration a link works by."""
 
@@ -101,6 +101,30 @@ class IkeLink:
     cached reply to the last one, replayed for a retransmission (RFC 7296 §2.1).
     Datagrams go to ``sink``, the owner's output list.
     """
+
+    # one per IKE SA (and per retired one): no instance dict (docs/footprint.md)
+    __slots__ = (
+        "_cached_mid",
+        "_cached_response",
+        "_iv_counter",
+        "_last_request",
+        "_random",
+        "_reassembler",
+        "_sink",
+        "_stats",
+        "expect_mid",
+        "is_initiator",
+        "keys",
+        "next_mid",
+        "ni",
+        "nr",
+        "peer_frag",
+        "retransmit_at",
+        "settings",
+        "spi_i",
+        "spi_r",
+        "tries",
+    )
 
     def __init__(
         self,
@@ -255,6 +279,7 @@ class IkeLink:
 
     def answered(self) -> None:
         self.retransmit_at = None
+        self._last_request = []  # never resent now: an idle IKE SA holds no old request
 
     # ------------------------------------------------------------------ the peer's requests
 

@@ -53,7 +53,7 @@ from oe_router.oe.peerauth import PublishedKey, peer_auth
 from oe_router.oe.peers import Child, Peer, Peers, Want
 from oe_router.oe.policy import Group, PolicyTable, Rule, flow_selector, selector_rank
 from oe_router.oe.selectors import child_keys, describe, host_net, target
-from oe_router.oe.shunts import Shunts
+from oe_router.oe.shunts import KEYLESS_LIMIT, Shunts
 from oe_router.oe.tickets import InboundTicket, NegotiationTicket, RekeyTicket, Tickets
 from oe_router.oe.upkeep import Upkeep
 
@@ -232,6 +232,53 @@ class OeManager:
                 continue
             actions += self._want(addr, rule, waiter, now)
         return actions + self._answers.release_if_done(waiter)
+
+    def pass_keyless(
+        self,
+        name: dns.name.Name,
+        addresses: tuple[IPAddress, ...],
+        ttl: float,
+        reason: str,
+        now: float,
+    ) -> tuple[list[Action], frozenset[IPAddress]]:
+        """DNS front: ``name`` proved it has no key (``reason``: ``no key (secure
+        denial)`` or ``no key (insecure zone)``), so IKE with its addresses would only
+        probe. Each private-or-clear one gets a pass shunt for the answer's ``ttl``
+        (``Shunts.keyless``): its first packets go in the clear at once instead of
+        waiting for the probe to fail. Perform the actions before the answer goes out.
+
+        Never shunted: an address outside private-or-clear ("private" must never pass;
+        clear and block need nothing), one with a Child SA, a negotiation or a key some
+        DNS name proved for it, or one past ``KEYLESS_LIMIT``. Returns the actions and
+        the addresses that pass."""
+        actions: list[Action] = []
+        passed: set[IPAddress] = set()
+        for addr in addresses:
+            rule = self.table.lookup(addr)
+            who = subject([addr], name)
+            if rule is None or rule.group is not Group.PRIVATE_OR_CLEAR:
+                continue  # the front's decision line tells it (clear, no key)
+            p = self._peers.get(addr)
+            if (p is not None and not p.idle) or not self._answers.auth(addr).null:
+                continue  # a tunnel, a negotiation or a key: IKE decides, not a shunt
+            if addr.version not in self.wan:
+                continue
+            selector = flow_selector(addr, rule)
+            if self._tickets.installing(addr, selector) is not None:
+                continue
+            shunt = self._shunts.keyless(addr, selector, rule.group, reason, ttl, now, who)
+            if shunt is None:
+                why = f"keyless shunt limit ({KEYLESS_LIMIT}) reached, the first packet probes"
+                self.decisions.decide(logging.WARNING, who, f"{reason}: {why}", now, key="limit")
+                continue
+            actions += shunt
+            passed.add(addr)
+        return actions, frozenset(passed)
+
+    def keyless_passed(self, addresses: Iterable[IPAddress], now: float) -> bool:
+        """True when a pass shunt stands for every one of ``addresses`` (the DNS front's
+        cached answers of a keyless name go out without asking again)."""
+        return all(self._shunts.passes(addr, now) for addr in addresses)
 
     def _fail(
         self,

@@ -293,6 +293,24 @@ class OeService:
         finally:
             self._waiters.pop(waiter, None)
 
+    async def pass_keyless(
+        self, name: dns.name.Name, addresses: tuple[IPAddress, ...], ttl: float, reason: str
+    ) -> frozenset[IPAddress]:
+        """``dns.hold.KeylessPasser``: the addresses of a name proven keyless that pass
+        in the clear, their shunts installed in the datapath when this returns."""
+        if self._mgr is None:
+            return frozenset()
+        actions, passed = self._mgr.pass_keyless(name, addresses, ttl, reason, self._clock())
+        await self._perform(actions)
+        return passed
+
+    def keyless_passed(self, addresses: tuple[IPAddress, ...]) -> bool:
+        """``dns.hold.KeylessPasser``: does a pass shunt stand for every address now?
+        (Without a manager no trap of ours waits for them either.)"""
+        if self._mgr is None:
+            return True
+        return self._mgr.keyless_passed(addresses, self._clock())
+
     # ------------------------------------------------------------------ IKE engine entries
     async def peer_deleted(self, peer: IPAddress, spis: Iterable[int] | None) -> None:
         """The IKE engine received DELETE from ``peer``."""

@@ -30,13 +30,21 @@ from oe_router.oe.groups import GroupPolicies
 from oe_router.oe.policy import Group, selector_rank
 from oe_router.oe.selectors import PolicyKey, describe, host_net, key_of, policy_key
 
-__all__ = ["DROP_SHUNT_FIRST", "Shunt", "Shunts"]
+__all__ = ["DROP_SHUNT_FIRST", "KEYLESS_LIMIT", "KEYLESS_MIN", "Shunt", "Shunts"]
 
 log = logging.getLogger("oe_router.oe")
 
 #: Seconds of a peer's first drop shunt ("private" failed); doubles per failure in a row
 #: up to ``shunt_lifetime``, and starts again once a Child SA with the peer is up.
 DROP_SHUNT_FIRST = 5.0
+
+#: Most keyless pass shunts at once (``Shunts.keyless``): any LAN client can look up
+#: names, and each shunt costs a kernel policy (two or more for IPv6 with LAN prefixes).
+#: Past it, a keyless name's first packet meets the trap as with ``keyless probe``.
+KEYLESS_LIMIT = 1024
+#: Seconds a keyless pass shunt lives at least, whatever the answer's TTL: a client
+#: connects right after its answer, even one with TTL 0.
+KEYLESS_MIN = 30.0
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Shunt:
     reason: str
     expires: float
     offers: ProposalOffers | None = None
+    keyless: bool = False  #: a DNS answer proved the name keyless (not an IKE failure)
 
 
 class Shunts:
@@ -65,6 +74,8 @@ class Shunts:
         self._groups = groups
         self._decisions = decisions
         self._shunts: dict[PolicyKey, Shunt] = {}
+        self._by_peer: dict[IPAddress, set[PolicyKey]] = {}  # what ``passes`` looks at
+        self._keyless = 0  # keyless shunt policies, against KEYLESS_LIMIT
         self._drop_failures: dict[IPAddress, int] = {}
 
     def add(
@@ -77,15 +88,21 @@ class Shunts:
         summary: str,
         who: str,
         offers: ProposalOffers | None = None,
+        lifetime_s: float | None = None,
+        keyless: bool = False,
+        tell: bool = True,
     ) -> list[Action]:
         """The group's failure shunt for ``peer``'s flow; ``who`` is the decision line's
         subject, ``summary`` its reason in a few words (default ``reason``); ``offers``
-        what each side offered when no proposal matched (its status row)."""
+        what each side offered when no proposal matched (its status row);
+        ``lifetime_s`` a shorter life than ``shunt_lifetime`` (a keyless answer's TTL);
+        ``tell`` False: no decision line (a refresh of one told already)."""
         action = group.failure_action
         local = self._wan.get(peer.version)
         if action is None or local is None:
             return []
-        lifetime = max(1, round(self.lifetime))
+        longest = self.lifetime if lifetime_s is None else min(lifetime_s, self.lifetime)
+        lifetime = max(1, round(longest))
         if action is PolicyAction.DROP:
             # A drop shunt never leaks; it only spaces out negotiations. Its lifetime
             # doubles with each failure in a row, so a peer that was only restarting (a
@@ -114,7 +131,7 @@ class Shunts:
                 for net in self._lan6
             ]
         for pol in policies:
-            self._shunts[key_of(pol)] = Shunt(pol, peer, group, reason, now + lifetime, offers)
+            self._put(key_of(pol), Shunt(pol, peer, group, reason, now + lifetime, offers, keyless))
         log.debug(
             "%s %s: %s shunt for %ds (%s)%s",
             group.value,
@@ -129,8 +146,52 @@ class Shunts:
         line = f"{verdict} for {duration(lifetime)}, {summary or reason}"
         if group is Group.PRIVATE:
             line += f" (group {group.value})"
-        self._decisions.decide(level, who, line, now)
+        if tell:
+            self._decisions.decide(level, who, line, now)
         return [InstallPolicy(pol) for pol in policies]
+
+    def keyless(
+        self,
+        peer: IPAddress,
+        selector: TrafficSelector,
+        group: Group,
+        reason: str,
+        ttl: float,
+        now: float,
+        who: str,
+    ) -> list[Action] | None:
+        """A pass shunt for ``peer``, whose DNS name proved it has no key (``reason``),
+        for the answer's ``ttl`` (at least ``KEYLESS_MIN``, at most ``shunt_lifetime``).
+
+        A shunt that already passes the flow that long stays as it is (nothing to do);
+        a shorter one is replaced (a new answer refreshes its expiry, silently for an
+        earlier keyless one). None: ``KEYLESS_LIMIT`` keyless shunts stand already."""
+        if group.failure_action is not PolicyAction.PASS or peer.version not in self._wan:
+            return []
+        lifetime = min(max(ttl, KEYLESS_MIN), self.lifetime)
+        rank = selector_rank(selector.net, selector.proto, selector.port)
+        out = PolicySpec(
+            TrafficSelector(host_net(self._wan[peer.version]), selector.proto, None),
+            selector,
+            Direction.OUT,
+            PolicyAction.PASS,
+            rank,
+        )
+        old = self._shunts.get(key_of(out))
+        if old is not None and old.expires >= now + round(lifetime):
+            return []
+        if old is None and self._keyless >= KEYLESS_LIMIT:
+            return None
+        tell = old is None or not old.keyless  # a refresh: its decision was told already
+        return self.add(peer, selector, group, reason, now, reason, who, None, lifetime, True, tell)
+
+    def passes(self, peer: IPAddress, now: float) -> bool:
+        """A pass shunt towards ``peer`` (any protocol) stands, past ``now``."""
+        for k in self._by_peer.get(peer, ()):
+            s = self._shunts[k]
+            if s.policy.action is PolicyAction.PASS and s.expires > now:
+                return True
+        return False
 
     def succeeded(self, peer: IPAddress) -> None:
         """A Child SA with ``peer`` is up: its next drop shunt is short again."""
@@ -139,13 +200,13 @@ class Shunts:
     def replaced(self, keys: Iterable[PolicyKey]) -> None:
         """Policies of these identities replaced their shunts in the kernel: forget them."""
         for k in keys:
-            self._shunts.pop(k, None)
+            self._pop(k)
 
     def expired(self, ev: PolicyExpire) -> list[Action]:
         """The kernel removed a shunt at its hard lifetime: the group's policy returns."""
         if not ev.hard:
             return []
-        shunt = self._shunts.pop(policy_key(ev.src, ev.dst, ev.direction), None)
+        shunt = self._pop(policy_key(ev.src, ev.dst, ev.direction))
         if shunt is None:
             return []
         log.info("%s shunt for %s expired", shunt.policy.action.value, describe(ev.dst))
@@ -156,10 +217,27 @@ class Shunts:
         actions: list[Action] = []
         for k, s in list(self._shunts.items()):
             if s.expires <= now:
-                del self._shunts[k]
+                self._pop(k)
                 actions.append(RemovePolicy(s.policy))
                 actions += self._groups.restore([k])
         return actions
+
+    def _put(self, k: PolicyKey, shunt: Shunt) -> None:
+        self._pop(k)
+        self._shunts[k] = shunt
+        self._by_peer.setdefault(shunt.peer, set()).add(k)
+        self._keyless += shunt.keyless
+
+    def _pop(self, k: PolicyKey) -> Shunt | None:
+        shunt = self._shunts.pop(k, None)
+        if shunt is not None:
+            keys = self._by_peer.get(shunt.peer)
+            if keys is not None:
+                keys.discard(k)
+                if not keys:
+                    del self._by_peer[shunt.peer]
+            self._keyless -= shunt.keyless
+        return shunt
 
     def next_deadline(self) -> float | None:
         return min((s.expires for s in self._shunts.values()), default=None)
@@ -197,7 +275,8 @@ class Shunts:
         ]
         rows = {_row_key(_row(self._shunts[k], 0.0)) for k in gone}
         for k in gone:
-            actions.append(RemovePolicy(self._shunts.pop(k).policy))
+            actions.append(RemovePolicy(self._shunts[k].policy))
+            self._pop(k)
             actions += self._groups.restore([k])
         self._drop_failures.clear()
         if gone:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..sa import Address, IkeSa
 
 
-@dataclass
+@dataclass(slots=True)
 class Handshake:
     """What IKE_AUTH signs from IKE_SA_INIT (§2.15): both messages as sent, and
     the hash algorithms the peer accepts for signatures (RFC 7427)."""

@@ -1,0 +1,198 @@
+"""Import discipline: what ``oe_router.daemon`` imports is what a router pays in RAM.
+
+Each check runs a fresh interpreter (``sys.modules`` of this pytest process is full of
+everything), the way OpenWrt's python3-light runs the daemon: ``ssl``, ``_ssl`` and
+``_hashlib`` are not there (a ``sys.meta_path`` finder refuses them). docs/footprint.md
+has the numbers these modules cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+#: python3-light has no ssl: refuse it the way a missing module is refused
+NO_SSL = """
+import sys
+class _NoSsl:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("ssl", "_ssl", "_hashlib"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoSsl())
+"""
+
+#: modules the daemon never runs with the default config (kernel datapath, offload off)
+#: or never at all: pyroute2's NDB/IPDB/CLI (sqlite3, http.server), importlib.metadata's
+#: readers, the userspace datapath, the offload engines, the CLI (pyroute2.iproute and
+#: unittest, through pyroute2.lab, come with pyroute2's IPRoute, which the start uses)
+NEVER = (
+    "pyroute2.ndb",
+    "pyroute2.ipdb",
+    "pyroute2.cli",
+    "sqlite3",
+    "http.server",
+    "zipfile",
+    "email",
+    "importlib.metadata._adapters",
+    "oe_router.cli",
+    "oe_router.datapath.userspace",
+    "oe_router.datapath.worker",
+    "oe_router.datapath.tun",
+    "oe_router.datapath.nfqueue",
+    "oe_router.offload.afalg",
+    "oe_router.offload.cryptodev",
+    "oe_router.offload.software",
+    "oe_router.offload.crypto_user",
+    "oe_router.ocf_cryptodev",
+    "pyudev",
+)
+
+
+def run_python(code: str) -> dict[str, object]:
+    """Run ``code`` (which prints one JSON document last) in a fresh ssl-less interpreter."""
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_SSL + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc: dict[str, object] = json.loads(proc.stdout.splitlines()[-1])
+    return doc
+
+
+def test_the_daemon_imports_without_ssl_and_without_what_it_does_not_run() -> None:
+    """Importing the daemon and reading an interface's addresses loads none of NEVER."""
+    doc = run_python(
+        f"""
+        import json
+        import oe_router.daemon
+        from oe_router.platform import read_interface
+        read_interface("lo")  # what the start does: an rtnetlink dump (pyroute2's IPRoute)
+        print(json.dumps({{"loaded": sorted(m for m in {NEVER!r} if m in sys.modules),
+                          "ssl": "ssl" in sys.modules}}))
+        """
+    )
+    assert doc == {"loaded": [], "ssl": False}
+
+
+def test_deferred_packages_still_give_every_name() -> None:
+    """pyroute2 and importlib.metadata are registered without running their code; a name
+    of theirs is still there when asked for (then the code runs), and dnspython's DNSSEC
+    validation is on without the metadata probe."""
+    doc = run_python(
+        """
+        import json
+        import oe_router
+        import pyroute2.netlink.nlsocket
+        ndb_before = "pyroute2.ndb" in sys.modules
+        from pyroute2 import IPRoute
+        from pyroute2.iproute.linux import IPRoute as LinuxIPRoute
+        import dns.dnssec
+        import importlib.metadata
+        print(json.dumps({
+            "ndb_before": ndb_before,
+            "iproute": IPRoute is LinuxIPRoute,
+            "version": importlib.metadata.version("dnspython"),
+            "validate": dns.dnssec.validate is dns.dnssec._validate,
+        }))
+        """
+    )
+    assert doc["ndb_before"] is False
+    assert doc["iproute"] is True
+    assert isinstance(doc["version"], str) and doc["version"][0].isdigit()
+    assert doc["validate"] is True
+
+
+def test_asyncio_serves_udp_and_unix_sockets_without_ssl() -> None:
+    """What the daemon's loop does (UDP for IKE and DNS, a unix control socket) works on
+    an interpreter without ssl."""
+    doc = run_python(
+        """
+        import asyncio, json, tempfile, os
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            got = loop.create_future()
+
+            class Echo(asyncio.DatagramProtocol):
+                def connection_made(self, transport):
+                    self.t = transport
+                def datagram_received(self, data, addr):
+                    self.t.sendto(data.upper(), addr)
+
+            class Client(asyncio.DatagramProtocol):
+                def datagram_received(self, data, addr):
+                    got.set_result(data)
+
+            server, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+            port = server.get_extra_info("sockname")[1]
+            client, _ = await loop.create_datagram_endpoint(
+                Client, remote_addr=("127.0.0.1", port))
+            client.sendto(b"ike")
+            udp = await asyncio.wait_for(got, 10)
+            path = os.path.join(tempfile.mkdtemp(), "s")
+
+            async def handle(reader, writer):
+                writer.write((await reader.readline()).upper())
+                await writer.drain()
+                writer.close()
+
+            unix = await asyncio.start_unix_server(handle, path)
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(b"status\\n")
+            line = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            unix.close()
+            client.close()
+            server.close()
+            return udp.decode(), line.decode().strip()
+
+        udp, unix = asyncio.run(main())
+        print(json.dumps({"udp": udp, "unix": unix, "ssl": "ssl" in sys.modules}))
+        """
+    )
+    assert doc == {"udp": "IKE", "unix": "STATUS", "ssl": False}
+
+
+def test_defer_runs_a_package_init_only_when_one_of_its_names_is_asked(tmp_path: Path) -> None:
+    pkg = tmp_path / "fatpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import sys\nsys.fat_init_ran = True\nBIG = 'big'\n")
+    (pkg / "small.py").write_text("VALUE = 7\n")
+    doc = run_python(
+        f"""
+        import json
+        sys.path.insert(0, {str(tmp_path)!r})
+        from oe_router.lazypkg import defer
+        defer("fatpkg")
+        import fatpkg.small
+        from fatpkg import small
+        after_submodule = getattr(sys, "fat_init_ran", False)
+        from fatpkg import BIG
+        try:
+            fatpkg.MISSING
+            missing = "no error"
+        except AttributeError:
+            missing = "AttributeError"
+        print(json.dumps({{"after_submodule": after_submodule, "value": small.VALUE,
+                          "big": BIG, "ran": sys.fat_init_ran, "missing": missing}}))
+        """
+    )
+    assert doc == {
+        "after_submodule": False,
+        "value": 7,
+        "big": "big",
+        "ran": True,
+        "missing": "AttributeError",
+    }
