@@ -455,12 +455,8 @@ class HoldCore:
         wanted = set(q.addresses)
         missing = wanted - neg.requested
         if missing:
-            request = self._next_request
-            self._next_request += 1
-            addrs = tuple(sorted(missing, key=lambda a: (a.version, a)))
             neg.requested |= missing
-            neg.pending_requests.add(request)
-            self._requests[request] = (q.name, frozenset(missing))
+            request, addrs = self._new_request(neg, q.name, missing, self._requests)
             actions.append(EnsureTunnel(request, q.name, addrs, peer_key))
         if wanted <= neg.up:
             actions.append(self._release(qid, Outcome.PROTECTED, "tunnel up", now))
@@ -477,6 +473,21 @@ class HoldCore:
             )
         return actions
 
+    def _new_request(
+        self,
+        neg: _Negotiation,
+        name: dns.name.Name,
+        missing: set[IPAddress],
+        table: dict[int, tuple[dns.name.Name, frozenset[IPAddress]]],
+    ) -> tuple[int, tuple[IPAddress, ...]]:
+        """A numbered request (a tunnel or a pass) for ``missing``, pending on ``neg`` and
+        kept in ``table`` until its answer; its addresses in a stable order."""
+        request = self._next_request
+        self._next_request += 1
+        neg.pending_requests.add(request)
+        table[request] = (name, frozenset(missing))
+        return request, tuple(sorted(missing, key=lambda a: (a.version, a)))
+
     def _pass_keyless(
         self, qid: int, q: _Query, neg: _Negotiation, key: KeyResult, now: float
     ) -> list[Action]:
@@ -488,12 +499,8 @@ class HoldCore:
         wanted = set(q.addresses)
         missing = wanted - neg.pass_asked
         if missing:
-            request = self._next_request
-            self._next_request += 1
-            addrs = tuple(sorted(missing, key=lambda a: (a.version, a)))
             neg.pass_asked |= missing
-            neg.pending_requests.add(request)
-            self._passes[request] = (q.name, frozenset(missing))
+            request, addrs = self._new_request(neg, q.name, missing, self._passes)
             reason = _KEYLESS[key.status]
             actions.append(PassKeyless(request, q.name, addrs, q.ttl, reason))
         reason = _clear_reason(key)
