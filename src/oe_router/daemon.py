@@ -252,14 +252,18 @@ class Daemon:
 
     def _rebuild_reason(self, new: OeConfig) -> tuple[Platform, str] | None:
         """The platform as it is now, and why the services must be rebuilt for it, or None
-        to reload them in place: the addresses changed, or a trust anchor appeared for a
-        daemon that started without its DNS front (a vanished one stays a refused reload)."""
+        to reload them in place: the addresses changed, ``packet_hold`` was turned on or
+        off, or a trust anchor appeared for a daemon that started without its DNS front (a
+        vanished one stays a refused reload)."""
         if self._network is None or self._build is None or self.platform is None:
             return None
         fresh = self._network(new, self.platform)
         change = network_change(self.platform, fresh)
         if change:
             return fresh, f"network changed ({change})"
+        if new.packet_hold != self.config.packet_hold and "oe" in self.registry.names:
+            # the datapath is made with or without the hold: a new one, not a reload
+            return fresh, f"packet_hold {'on' if new.packet_hold else 'off'}"
         if dns_wanted(new) and "dns" not in self.registry.names:
             return fresh, "DNS front: a trust anchor is there now"
         return None

@@ -287,10 +287,11 @@ class Network:
 
 
 def _rebuilding_daemon(
-    tmp_path: Path, wan: tuple[IPAddress, ...], journal: list[str]
+    tmp_path: Path, wan: tuple[IPAddress, ...], journal: list[str], *, with_oe: bool = False
 ) -> tuple[Daemon, Network, list[Platform]]:
     """A daemon whose registry is built per platform: "ike@<WAN>" when there is a WAN, and
-    a service that registers a command, as IkeService registers up/down."""
+    a service that registers a command, as IkeService registers up/down (and "oe", the
+    datapath's service, when ``with_oe``)."""
     network = Network(wan)
     built: list[Platform] = []
 
@@ -305,6 +306,8 @@ def _rebuilding_daemon(
         built.append(platform)
         names = [f"ike@{a}" for a in platform.wan_addresses] or ["status-only"]
         services: list[Service] = [WithCommand(names[0], journal)]
+        if with_oe:
+            services.append(Recorder("oe", journal))
         if dns_wanted(config):
             services.append(Recorder("dns", journal))
         return ServiceRegistry(services)
@@ -447,3 +450,31 @@ def test_a_trust_anchor_that_appears_starts_the_dns_front_on_reload(
     assert len(built) == 2  # the second reload found nothing new: in place
     assert journal[-3:] == ["start dns", f"reload ike@{WAN_A} info", "reload dns info"]
     assert "DNS front: a trust anchor is there now: restarting the services" in caplog.text
+
+
+def test_turning_packet_hold_on_or_off_rebuilds_the_datapath(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel datapath is made with or without the hold (``kernel_datapath``): a reload
+    that changes ``packet_hold`` builds the services again, one that keeps it reloads."""
+    journal: list[str] = []
+    daemon, _, built = _rebuilding_daemon(tmp_path, (WAN_A,), journal, with_oe=True)
+    path = daemon.config_path
+    base = path.read_text()
+
+    async def go() -> list[bool]:
+        await daemon.registry.start_all(daemon.config)
+        out = []
+        for hold in ("0", "0", "1"):
+            path.write_text(base.replace(GOOD, GOOD + f"\toption packet_hold '{hold}'\n"))
+            out.append((await daemon.reload()).accepted)
+        return out
+
+    assert daemon.config.packet_hold is True  # the default
+    with caplog.at_level(logging.WARNING, logger="oe_router.daemon"):
+        assert asyncio.run(go()) == [True, True, True]
+    assert len(built) == 3  # off (rebuilt), off again (in place), on (rebuilt)
+    assert journal.count("start oe") == 3 and journal.count("reload oe info") == 1
+    assert "packet_hold off: restarting the services" in caplog.text
+    assert "packet_hold on: restarting the services" in caplog.text
+    assert daemon.config.packet_hold is True and daemon.generation == 4

@@ -40,6 +40,7 @@ KERNEL_DATAPATH = {
     "kmod-crypto-sha256",
     "kmod-crypto-sha512",
     "kmod-veth",
+    "kmod-nft-queue",  # packet_hold (on by default): first packets wait for their SA
 }
 #: Kernel config the ESP self-test needs (network namespaces), selected with "+@".
 KERNEL_CONFIG = {"KERNEL_NAMESPACES", "KERNEL_NET_NS"}
@@ -48,7 +49,6 @@ KERNEL_CONFIG = {"KERNEL_NAMESPACES", "KERNEL_NET_NS"}
 #: NFQUEUE fallback when nft's queue expression (kmod-nft-queue) is missing.
 OPTIONAL = {
     "kmod-tun",
-    "kmod-nft-queue",
     "kmod-nfnetlink-queue",
     "kmod-nft-netdev",
     "kmod-nft-compat",
