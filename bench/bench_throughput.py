@@ -25,14 +25,12 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from bench.qemu_lab import REPO, booted, libreswan_on_router, stop_libreswan_on_router
 from bench.run import Result, Unavailable
 
-REPO = Path(__file__).resolve().parents[1]
 PEER = "203.0.113.31"  # ls-b
-WAN = "203.0.113.2"
 SECONDS = 8
 
 
@@ -57,32 +55,9 @@ def _iperf(lab: Any, algs: list[str]) -> float:
     return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 
-def _libreswan_on_router(lab: Any, peers: Any) -> None:
-    conf = peers.render_libreswan_conf(WAN, {"private-or-clear": [f"{PEER}/32"]})
-    d = lab.run_dir / "lsw-router"
-    (d / "ipsec.d" / "policies").mkdir(parents=True, exist_ok=True)
-    (d / "ipsec.conf").write_text(conf)
-    (d / "ipsec.secrets").write_text("")
-    for g, text in peers.render_policy_files({"private-or-clear": [f"{PEER}/32"]}).items():
-        (d / "ipsec.d" / "policies" / g).write_text(text)
-    lab.router(
-        "set -e; . /lab/bundle/lib/common.sh; LAB_STATE=/var/lab; "
-        "lab_prepare lsw-router /lab/lsw-router; lab_pluto private-or-clear",
-        timeout=90,
-    ).check()
-
-
-def _stop_libreswan(lab: Any) -> None:
-    lab.router(
-        "kill $(cat /var/lab/lsw-router/pluto.pid) 2>/dev/null; sleep 1; "
-        "ip xfrm state flush; ip xfrm policy flush"
-    )
-
-
 def measure(lab: Any, rounds: int = 5) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "qemu"))
     import oelab
-    from labkit import peers
 
     lab.host("ls-b", f"iperf3 -s -D -B {PEER}").check()
     ours: list[float] = []
@@ -96,11 +71,11 @@ def measure(lab: Any, rounds: int = 5) -> dict[str, Any]:
         finally:
             oelab.stop_daemon(lab)
         lab.host("ls-b", "ip xfrm state flush")  # libreswan on ls-b forgets the old SA
-        _libreswan_on_router(lab, peers)
+        libreswan_on_router(lab, {"private-or-clear": [f"{PEER}/32"]})
         try:
             theirs.append(_iperf(lab, algs_theirs))
         finally:
-            _stop_libreswan(lab)
+            stop_libreswan_on_router(lab)
     return {
         "ours_mbit": ours,
         "libreswan_mbit": theirs,
@@ -110,21 +85,9 @@ def measure(lab: Any, rounds: int = 5) -> dict[str, Any]:
 
 
 def run() -> list[Result]:
-    sys.path.insert(0, str(REPO / "qemu"))
-    try:
-        import build
-        from lab import Lab, LabError
-    except ImportError as exc:
-        raise Unavailable(f"the QEMU lab is not importable: {exc}") from None
-    images = build.build_all(log=lambda m: None)
     t0 = time.monotonic()
-    try:
-        with Lab(images, log=lambda m: None) as lab:
-            if "ls-b" in lab.failed_hosts:
-                raise Unavailable(f"ls-b did not start: {lab.failed_hosts['ls-b']}")
-            figures = measure(lab)
-    except LabError as exc:
-        raise Unavailable(f"the lab did not run: {exc}") from None
+    with booted(("ls-b",)) as lab:
+        figures = measure(lab)
     ours = statistics.median(figures["ours_mbit"])
     base = statistics.median(figures["libreswan_mbit"])
     # Each round runs ours then libreswan back to back: the per-round ratio cancels the

@@ -32,12 +32,11 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.run import Result, Unavailable
+from bench.qemu_lab import REPO, booted
+from bench.run import Result
 
-REPO = Path(__file__).resolve().parents[1]
 NEW_WAN4 = "203.0.113.77"
 KEYED, CLEAR = "oe-null", "plain"
 ROUNDS = 3
@@ -95,22 +94,9 @@ def measure(lab: Any, rounds: int = ROUNDS) -> dict[str, Any]:
 
 
 def run() -> list[Result]:
-    sys.path.insert(0, str(REPO / "qemu"))
-    try:
-        import build
-        from lab import Lab, LabError
-    except ImportError as exc:
-        raise Unavailable(f"the QEMU lab is not importable: {exc}") from None
-    images = build.build_all(log=lambda m: None)
     t0 = time.monotonic()
-    try:
-        with Lab(images, log=lambda m: None) as lab:
-            for netns in (KEYED, CLEAR):
-                if netns in lab.failed_hosts:
-                    raise Unavailable(f"{netns} did not start: {lab.failed_hosts[netns]}")
-            figures = measure(lab)
-    except LabError as exc:
-        raise Unavailable(f"the lab did not run: {exc}") from None
+    with booted((KEYED, CLEAR)) as lab:
+        figures = measure(lab)
     ours, ours_bound = _figure(figures["ours"], "keyed")
     base, base_bound = _figure(figures["baseline"], "keyed")
     ours_clear, ours_clear_bound = _figure(figures["ours"], "clear")
