@@ -37,8 +37,10 @@ def booted(hosts: Sequence[str] = (), **lab_args: Any) -> Iterator[Any]:
         raise Unavailable(f"the lab did not run: {exc}") from None
 
 
-def libreswan_on_router(lab: Any, policies: Mapping[str, Sequence[str]]) -> None:
-    """pluto on the router with libreswan's OE conns for ``policies`` (group -> CIDRs)."""
+def libreswan_on_router(lab: Any, policies: Mapping[str, Sequence[str]]) -> float:
+    """pluto on the router with libreswan's OE conns for ``policies`` (group -> CIDRs);
+    the seconds its start took on the router (NSS checked, pluto spawned, its control
+    socket up and every group loaded)."""
     from labkit import peers
 
     groups = {g: list(cidrs) for g, cidrs in policies.items()}
@@ -48,11 +50,34 @@ def libreswan_on_router(lab: Any, policies: Mapping[str, Sequence[str]]) -> None
     (d / "ipsec.secrets").write_text("")
     for g, text in peers.render_policy_files(groups).items():
         (d / "ipsec.d" / "policies" / g).write_text(text)
-    lab.router(
+    res = lab.router(
         "set -e; . /lab/bundle/lib/common.sh; LAB_STATE=/var/lab; "
-        f"lab_prepare lsw-router /lab/lsw-router; lab_pluto {' '.join(groups)}",
+        "lab_prepare lsw-router /lab/lsw-router; t0=$(date +%s.%N); "
+        f"lab_pluto {' '.join(groups)}; echo started $t0 $(date +%s.%N)",
         timeout=90,
     ).check()
+    return _seconds(res.stdout)
+
+
+def _seconds(out: str) -> float:
+    """``started T0 T1`` (``date +%s.%N`` on the router) -> T1 - T0."""
+    for line in out.splitlines():
+        if line.startswith("started "):
+            t0, t1 = line.split()[1:3]
+            return float(t1) - float(t0)
+    raise Unavailable(f"no start time in {out[-300:]!r}")
+
+
+def daemon_ready_on_router(lab: Any) -> float:
+    """Seconds from ``/etc/init.d/oe start`` (procd) to the daemon's ubus object: the daemon
+    publishes it once every service has started. The configuration is the one the last
+    ``oelab.start_daemon`` installed; the daemon must be stopped."""
+    res = lab.router(
+        "t0=$(date +%s.%N); /etc/init.d/oe start && ubus -t 60 wait_for oe && "
+        "echo started $t0 $(date +%s.%N); pgrep -x oe-routerd > /run/oe-routerd.pid",
+        timeout=90,
+    ).check()
+    return _seconds(res.stdout)
 
 
 def stop_libreswan_on_router(lab: Any) -> None:
