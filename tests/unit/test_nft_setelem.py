@@ -115,9 +115,7 @@ def _decode(msg: bytes) -> E.nft_setelem_msg:
 
 
 @given(
-    st.lists(
-        st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 86400)), min_size=1, max_size=1200
-    )
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 86400)), min_size=1, max_size=1200)
 )
 def test_templates_give_the_classes_bytes_and_parse_back(items: list[tuple[int, int]]) -> None:
     """The fast path (templates) equals encoding every element through the classes, and
@@ -168,8 +166,7 @@ def test_acks_name_the_set_and_the_element() -> None:
         E.check_acks(b, E.parse_acks(_ack(2, 2, sent.set_at)))
     assert exc.value.errno == 2
     assert str(exc.value) == (
-        "packet hold: set inet oe_hold known4: 3 elements from 198.51.100.5: "
-        "no such set (ENOENT)"
+        "packet hold: set inet oe_hold known4: 3 elements from 198.51.100.5: no such set (ENOENT)"
     )
     with pytest.raises(E.NftSetError, match=r"element 198\.51\.100\.7: set full \(ENFILE\)"):
         E.check_acks(b, E.parse_acks(_ack(2, 23, sent.elem_at[2])))
