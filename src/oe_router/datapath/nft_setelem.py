@@ -50,6 +50,7 @@ __all__ = [
     "check_acks",
     "encode_batch",
     "interval",
+    "merged",
     "parse_acks",
     "unsupported",
 ]
@@ -383,17 +384,38 @@ def _encode_msg(ch: ElemChange, chunk: Sequence[SetElem], seq: int) -> bytes:
     return _encode(nft_setelem_msg, msg_type(mtype), ch.family, 0, flags, seq, attrs)
 
 
+def merged(changes: Iterable[ElemChange]) -> list[ElemChange]:
+    """Consecutive changes to the same set in the same direction as one (fewer messages
+    and ACKs; the order of the elements is kept). Flushes stay apart."""
+    out: list[ElemChange] = []
+    for ch in changes:
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and ch.elems
+            and last.elems
+            and (last.table, last.set, last.add, last.family, last.what)
+            == (ch.table, ch.set, ch.add, ch.family, ch.what)
+        ):
+            out[-1] = ElemChange(
+                ch.table, ch.set, ch.add, last.elems + ch.elems, ch.family, ch.what
+            )
+        else:
+            out.append(ch)
+    return out
+
+
 def encode_batch(changes: Iterable[ElemChange], seq: int = 1, *, fast: bool = True) -> Batch:
-    """One nf_tables batch carrying ``changes`` in order, every message ACKed; large
-    changes are split into messages of ``ELEMS_PER_MSG`` elements. ``fast``: elements
-    from per-shape templates (the same bytes; False: every one through the classes)."""
+    """One nf_tables batch carrying ``changes`` in order (``merged``), every message
+    ACKed; large changes are split into messages of ``ELEMS_PER_MSG`` elements. ``fast``:
+    elements from per-shape templates (the same bytes; False: each through the classes)."""
     parts: list[bytes] = []
     batch = Batch(b"", begin_seq=seq)
     res = NFNL_SUBSYS_NFTABLES
     parts.append(
         _encode(nfnl_batch_msg, NFNL_MSG_BATCH_BEGIN, socket.AF_UNSPEC, res, NLM_F_REQUEST, seq, [])
     )
-    for ch in changes:
+    for ch in merged(changes):
         chunks: list[tuple[SetElem, ...]] = [
             ch.elems[i : i + ELEMS_PER_MSG] for i in range(0, len(ch.elems), ELEMS_PER_MSG)
         ] or [()]
@@ -554,6 +576,10 @@ class SetElemWriter:
                 sock.bind((0, 0))
                 sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
                 sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+                try:  # room for every ACK of a large batch (root may exceed rmem_max)
+                    sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)  # SO_RCVBUFFORCE
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
                 sock.settimeout(self._timeout)
             except BaseException:
                 sock.close()
