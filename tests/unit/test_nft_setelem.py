@@ -198,3 +198,25 @@ def test_known_changes_match_the_known_script() -> None:
     flush_then_rm = known_changes(s, KnownOp(remove=a, flush=True))
     assert [(c.add, c.elems) for c in flush_then_rm] == [(False, ()), (False, (E.SetElem(a),))]
     assert KnownOp(remove=a).quiet and not KnownOp(flush=True).quiet
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2**32 - 2), st.integers(8, 32), st.sampled_from([0, 1, 2])),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_mixed_element_shapes_give_the_classes_bytes(items: list[tuple[int, int, int]]) -> None:
+    """Interval starts with accept/drop/goto verdicts and flagged ends in one message:
+    each element from its own shape's template, the same bytes as the classes give."""
+    verdicts = [(E.NF_ACCEPT, None), (E.NF_DROP, None), (E.NFT_GOTO, "oe_queue")]
+    elems: list[E.SetElem] = []
+    for a, plen, v in items:
+        pair = E.interval(ipaddress.ip_network((a, plen), strict=False), verdicts[v])
+        if pair is not None:
+            elems.extend(pair)
+    if not elems:
+        return
+    ch = E.ElemChange("oe_spd", "out_1", True, tuple(elems))
+    assert E.encode_batch([ch]).data == E.encode_batch([ch], fast=False).data
