@@ -220,3 +220,12 @@ def test_mixed_element_shapes_give_the_classes_bytes(items: list[tuple[int, int,
         return
     ch = E.ElemChange("oe_spd", "out_1", True, tuple(elems))
     assert E.encode_batch([ch]).data == E.encode_batch([ch], fast=False).data
+
+
+def test_a_thousand_elements_split_into_acked_messages_of_512() -> None:
+    elems = tuple(E.SetElem(ipaddress.IPv4Address(0xC0000200 + i), timeout=60) for i in range(1000))
+    ch = E.ElemChange("oe_hold", "known4", True, elems)
+    b = E.encode_batch([ch, ch], seq=1)  # consecutive changes to one set: merged
+    assert [len(m.elems) for m in b.messages.values()] == [512, 512, 512, 464]
+    assert b.data == E.encode_batch([ch, ch], seq=1, fast=False).data
+    assert all(len(m.elem_at) == len(m.elems) for m in b.messages.values())
