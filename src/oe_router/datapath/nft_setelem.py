@@ -23,6 +23,7 @@ cannot take this path (``unsupported``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -469,7 +470,7 @@ def parse_acks(buf: bytes | bytearray | memoryview, size: int | None = None) -> 
             req_len, _t, _f, req_seq, _p = NLMSGHDR.unpack_from(buf, body + 4)
             bad, text = None, ""
             if flags & NLM_F_ACK_TLVS:
-                tlv = body + 4 + (NLMSGHDR.size if flags & NLM_F_CAPPED else req_len)
+                tlv = body + 4 + (NLMSGHDR.size if flags & NLM_F_CAPPED else (req_len + 3) & ~3)
                 stop = off + length
                 while tlv + NLATTR.size <= stop:
                     alen, atype = NLATTR.unpack_from(buf, tlv)
@@ -572,8 +573,9 @@ class SetElemWriter:
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
             try:
                 sock.bind((0, 0))
-                sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-                sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+                for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):  # best effort: old kernels
+                    with contextlib.suppress(OSError):  # answer without them, less precisely
+                        sock.setsockopt(SOL_NETLINK, opt, 1)
                 try:  # room for every ACK of a large batch (root may exceed rmem_max)
                     sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)  # SO_RCVBUFFORCE
                 except OSError:
