@@ -278,7 +278,14 @@ def _entry(policy: PolicySpec, index: int) -> Entry:
 
 
 def _nets_overlap(a: IPNetwork, b: IPNetwork) -> bool:
-    return a.version == b.version and (a.subnet_of(b) or b.subnet_of(a))  # type: ignore[arg-type]
+    """Two prefixes overlap iff one holds the other, i.e. their address ranges meet
+    (compared as integers: ``subnet_of`` made each added shunt's scan of its map's
+    keys cost ~2 us a key)."""
+    return (
+        a.version == b.version
+        and int(a.network_address) <= int(b.broadcast_address)
+        and int(b.network_address) <= int(a.broadcast_address)
+    )
 
 
 def _shapes_overlap(a: Shape, b: Shape) -> bool:
