@@ -539,7 +539,7 @@ class _Recorded(N.SpdProjection):
             self.fail_next = False
             raise N.NftSpdError("nft refused (test)")
 
-    def _run_elements(self, script: str) -> None:
+    def _run_elements(self, script: str, changes: Any = None) -> None:
         self._gate()
         self.log.append(("elements", script))
 
@@ -586,7 +586,7 @@ def test_projection_batches_one_turn_and_what_arrives_during_a_run() -> None:
         assert [kind for kind, _ in runs] == ["elements", "elements"]
         assert runs[0][1].count("add element") == 3 and "50.0.1.1 " in runs[0][1]
         assert runs[1][1].count("add element") == 4 and "50.0.1.7 " in runs[1][1]
-        assert proj.runs == {"elements": 2, "whole": 1}
+        assert proj.runs == {"elements": 2, "whole": 1, "nft": 0}
 
     asyncio.run(run())
 
@@ -599,7 +599,7 @@ def test_projection_runs_no_nft_for_unchanged_elements() -> None:
         olds = [p for p in current if p.action is PolicyAction.IPSEC][:3]
         new = [replace(p, templates=(Template(WAN4, WAN4, 9, Mode.TUNNEL),)) for p in olds]
         await proj.project(lambda: current, add=new, remove=olds)
-        assert proj.runs == {"elements": 0, "whole": 1}
+        assert proj.runs == {"elements": 0, "whole": 1, "nft": 0}
 
     asyncio.run(run())
 

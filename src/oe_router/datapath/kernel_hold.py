@@ -31,8 +31,11 @@ NAT, so a wrong answer here can only cost a packet, never leak a "private" one.
 IPv4 only: LAN IPv6 flows are not source-NATed, so the traps (source = the WAN address)
 never cover them.
 
-The nft text is pure (``render_table``, ``trap_script``, ``known_script``); the edge is
-``HeldXfrmDatapath`` (an ``XfrmDatapath`` that keeps a mirror of what it installs).
+The nft text is pure (``render_table``, ``trap_script``, ``known_script``, and
+``known_changes`` for the same ``known4`` changes as nfnetlink set elements); the edge is
+``HeldXfrmDatapath`` (an ``XfrmDatapath`` that keeps a mirror of what it installs). It
+writes ``known4`` over nfnetlink (``nft_setelem``: one batch, no process), and falls back
+to ``nft -f`` for good, once, when the kernel cannot take that path.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from .base import (
 from .firstpackets import FirstPackets, HoldLimits, Outcome, Ruling
 from .kernel import XfrmDatapath
 from .nft import run_nft
+from .nft_setelem import ElemChange, NftSetError, SetElem, SetElemWriter, unsupported
 from .nft_spd import NftSpdError, insert_xt_queue, queue_backend
 from .packet import Flow
 from .spd import Spd
@@ -70,6 +74,7 @@ __all__ = [
     "HeldXfrmDatapath",
     "HoldSettings",
     "KernelDecider",
+    "known_changes",
     "known_script",
     "render_table",
     "trap_networks",
@@ -178,6 +183,34 @@ def known_script(
     return out + "".join(rm)
 
 
+@dataclass(frozen=True)
+class KnownOp:
+    """One change to ``known4``, as the writer queues it: additions (address, timeout
+    seconds), one removal (``quiet``: it may be gone already), or a flush."""
+
+    add: tuple[tuple[ipaddress.IPv4Address, int], ...] = ()
+    remove: ipaddress.IPv4Address | None = None
+    flush: bool = False
+
+    @property
+    def quiet(self) -> bool:
+        return self.remove is not None
+
+
+def known_changes(s: HoldSettings, op: KnownOp) -> list[ElemChange]:
+    """``op`` as nfnetlink set-element changes (the same as ``known_script``'s text)."""
+    out: list[ElemChange] = []
+    what = "packet hold"
+    if op.flush:
+        out.append(ElemChange(s.table, "known4", add=False, what=what))
+    if op.add:
+        elems = tuple(SetElem(a, timeout=max(1, secs)) for a, secs in op.add)
+        out.append(ElemChange(s.table, "known4", add=True, elems=elems, what=what))
+    if op.remove is not None:
+        out.append(ElemChange(s.table, "known4", add=False, elems=(SetElem(op.remove),), what=what))
+    return out
+
+
 # --- the rule: a mirror of the kernel's policies, looked up as after source NAT --------
 class KernelDecider:
     """What XFRM will do with a held packet once it is NATed: the policies we installed
@@ -266,7 +299,8 @@ class HeldXfrmDatapath(XfrmDatapath):
         self._clock = clock
         self._tasks: set[asyncio.Task[Any]] = set()
         self._nft_errors = 0
-        self._ops: list[tuple[str, bool]] = []  # known-set scripts waiting for the writer
+        self._ops: list[KnownOp] = []  # known-set changes waiting for the writer
+        self._elems: SetElemWriter | None = SetElemWriter(netns=self._netns)  # None: nft -f
         self._writing = False
         self._in_child = 0  # inside install_child_sa: its policies are not mirrored yet
 
@@ -324,6 +358,8 @@ class HeldXfrmDatapath(XfrmDatapath):
         if self._holding:
             await asyncio.to_thread(self._teardown)
             self._holding = False
+        if self._elems is not None:
+            self._elems.close()
         await super().close()
 
     def stats(self) -> dict[str, int]:
@@ -420,12 +456,12 @@ class HeldXfrmDatapath(XfrmDatapath):
     def _forget(self, addrs: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
         for a in addrs:
             if isinstance(a, ipaddress.IPv4Address) and self._known.pop(a, None) is not None:
-                self._nft(known_script(self._hold, remove=[a]), quiet=True)
+                self._known_op(KnownOp(remove=a))
 
     def _forget_all(self) -> None:
         if self._known:
             self._known.clear()
-            self._nft(known_script(self._hold, flush=True))
+            self._known_op(KnownOp(flush=True))
 
     def _ruled(self, f: Flow, r: Ruling) -> None:
         """A held or queued packet was decided: its destination needs no queue for a while
@@ -444,34 +480,61 @@ class HeldXfrmDatapath(XfrmDatapath):
         self._known[dst] = now + secs
         if len(self._known) > self._hold.known_size:
             self._known = {a: u for a, u in self._known.items() if u > now}
-        self._nft(known_script(self._hold, add=[(dst, secs)]))
+        self._known_op(KnownOp(add=((dst, secs),)))
 
-    def _nft(self, script: str, *, quiet: bool = False) -> None:
-        """Queue ``script`` for the known-set writer, off the event loop (a known-set change
+    def _known_op(self, op: KnownOp) -> None:
+        """Queue ``op`` for the known-set writer, off the event loop (a known-set change
         is not on the packet's path: a packet that comes meanwhile is queued and decided
         the same way). One writer, in order: a removal never overtakes the addition it
-        undoes. ``quiet``: a failure is expected (deleting an element already gone)."""
-        self._ops.append((script, quiet))
+        undoes. A quiet op's failure is expected (deleting an element already gone)."""
+        self._ops.append(op)
         if not self._writing:
             self._writing = True
-            spawn_tracked(self._tasks, self._write(), log, "packet hold nft")
+            spawn_tracked(self._tasks, self._write(), log, "packet hold known set")
 
     async def _write(self) -> None:
-        """Run the queued scripts in order; consecutive additions go in one nft run (a
-        flood of decided destinations costs a few runs, not one each)."""
+        """Apply the queued changes in order; consecutive additions go in one batch (a
+        flood of decided destinations costs a few writes, not one each)."""
         try:
             while self._ops:
-                script, quiet = self._ops.pop(0)
-                while not quiet and self._ops and not self._ops[0][1]:
-                    script += self._ops.pop(0)[0]
+                op = self._ops.pop(0)
+                adds = list(op.add)
+                while not op.quiet and self._ops and self._ops[0].add and not self._ops[0].quiet:
+                    adds += self._ops.pop(0).add
+                op = KnownOp(add=tuple(adds), remove=op.remove, flush=op.flush)
                 try:
-                    await asyncio.to_thread(run_nft, script, netns=self._netns, what="packet hold")
+                    await asyncio.to_thread(self._apply_known, op)
                 except DatapathError as exc:
-                    if not quiet:
+                    if not op.quiet:
                         self._nft_errors += 1
                         log.warning("%s", exc)
         finally:
             self._writing = False
+
+    def _apply_known(self, op: KnownOp) -> None:
+        """One change to ``known4`` (in a worker thread): over nfnetlink, or with ``nft -f``
+        once the kernel has said it cannot take set elements that way."""
+        if self._elems is not None:
+            try:
+                self._elems.apply(known_changes(self._hold, op))
+                return
+            except (NftSetError, OSError) as exc:
+                if not unsupported(exc):
+                    if isinstance(exc, NftSetError):
+                        raise
+                    raise DatapathError(
+                        f"packet hold: set inet {self._hold.table} known4: {exc}"
+                    ) from None
+                log.info("packet hold: known set written with nft from now on: %s", exc)
+                self._elems.close()
+                self._elems = None
+        script = known_script(
+            self._hold,
+            add=op.add,
+            remove=() if op.remove is None else [op.remove],
+            flush=op.flush,
+        )
+        run_nft(script, netns=self._netns, what="packet hold")
 
     # -- events: the kernel's, and the ACQUIREs synthesized for held packets --
     async def events(self) -> AsyncIterator[DatapathEvent]:

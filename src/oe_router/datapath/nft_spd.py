@@ -110,6 +110,16 @@ from oe_router.datapath.base import (
     PolicySpec,
 )
 from oe_router.datapath.nft import run_nft
+from oe_router.datapath.nft_setelem import (
+    NF_ACCEPT,
+    NF_DROP,
+    NFT_GOTO,
+    ElemChange,
+    NftSetError,
+    SetElemWriter,
+    interval,
+    unsupported,
+)
 from oe_router.netns import in_netns
 from oe_router.tasks import spawn_tracked
 
@@ -132,6 +142,7 @@ __all__ = [
     "remove_script",
     "render",
     "update",
+    "update_elements",
 ]
 
 _log = logging.getLogger("oe_router.datapath")
@@ -267,7 +278,14 @@ def _entry(policy: PolicySpec, index: int) -> Entry:
 
 
 def _nets_overlap(a: IPNetwork, b: IPNetwork) -> bool:
-    return a.version == b.version and (a.subnet_of(b) or b.subnet_of(a))  # type: ignore[arg-type]
+    """Two prefixes overlap iff one holds the other, i.e. their address ranges meet
+    (compared as integers: ``subnet_of`` made each added shunt's scan of its map's
+    keys cost ~2 us a key)."""
+    return (
+        a.version == b.version
+        and int(a.network_address) <= int(b.broadcast_address)
+        and int(b.network_address) <= int(a.broadcast_address)
+    )
 
 
 def _shapes_overlap(a: Shape, b: Shape) -> bool:
@@ -551,6 +569,45 @@ def update(
     replacing the TRAP, or an identical policy, of the same selector) nets out, so the
     script is "" and no nft needs to run.
     """
+    step = update_elements(spd, add=add, remove=remove)
+    return None if step is None else (step[0], step[1])
+
+
+_NL_VERDICT: Final[Mapping[Verdict, tuple[int, str | None]]] = {
+    Verdict.ACCEPT: (NF_ACCEPT, None),
+    Verdict.DROP: (NF_DROP, None),
+    Verdict.QUEUE: (NFT_GOTO, QUEUE_CHAIN),
+}
+
+
+def _net_changes(
+    table: str,
+    deleted: Iterable[tuple[str, IPNetwork]],
+    added: Mapping[tuple[str, IPNetwork], Entry],
+) -> list[ElemChange] | None:
+    """The same element changes as set-element messages (deletions first, as in the
+    script), or None if one of them is no plain start/end pair (a prefix reaching the
+    top of the address space: nft writes those its own way)."""
+    what = "policy projection"
+    out: list[ElemChange] = []
+    for name, key in deleted:
+        pair = interval(key)  # a deletion names the interval, as nft's does: no verdict
+        if pair is None:
+            return None
+        out.append(ElemChange(table, name, add=False, elems=pair, what=what))
+    for (name, key), e in added.items():
+        pair = interval(key, _NL_VERDICT[e.verdict])
+        if pair is None:
+            return None
+        out.append(ElemChange(table, name, add=True, elems=pair, what=what))
+    return out
+
+
+def update_elements(
+    spd: SpdTable, *, add: Iterable[PolicySpec] = (), remove: Iterable[PolicySpec] = ()
+) -> tuple[SpdTable, str, list[ElemChange] | None] | None:
+    """``update``, with the element changes also as nfnetlink set-element changes (None
+    when one is not a plain interval: then only the script can carry them)."""
     blocks = {d: list(bs) for d, bs in spd.blocks.items()}
     # the net element changes, per (map, key): deleted with the old verdict, added entry
     deleted: dict[tuple[str, IPNetwork], Verdict] = {}
@@ -601,7 +658,7 @@ def update(
     lines += [
         f"add element inet {t} {name} {{ {_elements([e])} }}" for (name, _), e in added.items()
     ]
-    return new, "\n".join(lines) + ("\n" if lines else "")
+    return new, "\n".join(lines) + ("\n" if lines else ""), _net_changes(t, deleted, added)
 
 
 def _place(e: Entry, blocks: Sequence[Block]) -> int | None:
@@ -881,14 +938,16 @@ class SpdProjection:
         self._backend: str | None = None
         self.live = False  # False until the first complete policy set (go_live)
         self._lock = asyncio.Lock()  # one nft run at a time, in the order of the changes
-        self._batch: list[str] = []  # element scripts not yet handed to nft
+        self._batch: list[tuple[str, list[ElemChange] | None]] = []  # not yet written
+        self._elems: SetElemWriter | None = SetElemWriter(netns=netns)  # None: nft -f only
         self._batch_done: asyncio.Future[None] | None = None  # the open batch's outcome
         self._writes_pending = 0  # whole-table writes asked for and not yet through
         self._stale = False  # an nft run failed: the kernel's table is not ``_table``
         self._policies: Callable[[], list[PolicySpec]] = list
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: nft runs so far (element batches, whole-table writes), for tests and benches
-        self.runs = {"elements": 0, "whole": 0}
+        #: writes so far (element batches, whole-table writes), for tests and benches; of
+        #: the element batches, ``nft`` went to an nft process (not netlink)
+        self.runs = {"elements": 0, "whole": 0, "nft": 0}
 
     async def probe(self) -> None:
         """Ask the kernel once how it queues (nft's queue expression or xt's target)."""
@@ -909,8 +968,22 @@ class SpdProjection:
         )
         return table
 
-    def _run_elements(self, script: str) -> None:
-        """Apply element changes (in a worker thread)."""
+    def _run_elements(self, script: str, changes: list[ElemChange] | None = None) -> None:
+        """Apply element changes (in a worker thread): over nfnetlink when they are all
+        plain intervals and the kernel takes them, else with ``nft -f``."""
+        if changes is not None and self._elems is not None:
+            try:
+                self._elems.apply(changes)
+                return
+            except (NftSetError, OSError) as exc:
+                if not unsupported(exc):
+                    if isinstance(exc, NftSetError):
+                        raise
+                    raise NftSpdError(f"set elements over netlink: {exc}") from None
+                _log.info("policy projection: map elements written with nft from now on: %s", exc)
+                self._elems.close()
+                self._elems = None
+        self.runs["nft"] += 1
         run_nft(script, netns=self._netns, what="policy projection")
 
     async def go_live(self, policies: list[PolicySpec]) -> None:
@@ -932,26 +1005,31 @@ class SpdProjection:
             return
         self._policies = policies
         if self._table is not None and not self._writes_pending and not self._stale:
-            step = update(self._table, add=add, remove=remove)
+            step = update_elements(self._table, add=add, remove=remove)
             if step is not None:
-                self._table, script = step
+                self._table, script, changes = step
                 if script:
-                    await self._elements(script)
+                    await self._elements(script, changes)
                 return
         await self._whole(policies)
 
-    async def _elements(self, script: str) -> None:
-        """Into the open batch (opening one if none is); wait for its nft run."""
+    async def _elements(self, script: str, changes: list[ElemChange] | None) -> None:
+        """Into the open batch (opening one if none is); wait for its write."""
         if self._batch_done is None:
             self._batch_done = asyncio.get_running_loop().create_future()
             spawn_tracked(self._tasks, self._flush(), _log, "policy projection batch")
         done = self._batch_done
-        self._batch.append(script)
+        self._batch.append((script, changes))
         await asyncio.shield(done)  # a caller cancelled leaves the others' run alone
 
     async def _flush(self) -> None:
         async with self._lock:
-            script, done = "".join(self._batch), self._batch_done
+            script = "".join(sc for sc, _ in self._batch)
+            parts = [ch for _, ch in self._batch]
+            changes = (
+                None if any(ch is None for ch in parts) else [c for ch in parts for c in ch or ()]
+            )
+            done = self._batch_done
             self._batch, self._batch_done = [], None
             assert done is not None
             try:
@@ -959,7 +1037,7 @@ class SpdProjection:
                     self._table = await self._write_now(self._policies())
                 else:
                     self.runs["elements"] += 1
-                    await asyncio.to_thread(self._run_elements, script)
+                    await asyncio.to_thread(self._run_elements, script, changes)
             except Exception as exc:  # NftSpdError, or nft not startable at all
                 self._table, self._stale = None, True
                 if isinstance(exc, DatapathError):
@@ -1008,3 +1086,5 @@ class SpdProjection:
                 self._table = await asyncio.to_thread(self._write, keep)
             else:
                 await asyncio.to_thread(run_nft, remove_script(), netns=self._netns)
+            if self._elems is not None:
+                self._elems.close()
