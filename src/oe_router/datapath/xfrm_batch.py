@@ -39,10 +39,11 @@ NLA_TYPE_MASK: Final = 0x3FFF
 
 _HDR: Final = struct.Struct("=IHHII")  # NLMSGHDR's fields, all native: checked below
 _FLAGS_SEQ: Final = struct.Struct("=HI")  # nlmsghdr.flags and .seq, contiguous
+_SEQ: Final = struct.Struct("=I")
 _ERR: Final = struct.Struct("=i")
 _ATTR: Final = struct.Struct("=HH")
 assert _HDR.size == NLMSGHDR.size and _ERR.size + _HDR.size == NLMSGERR.size
-assert NLMSGHDR.offsets["flags"][0] + 2 == NLMSGHDR.offsets["seq"][0]
+assert NLMSGHDR.offsets["flags"][0] + 2 == NLMSGHDR.offsets["seq"][0] == 8
 
 #: A field to patch: a fixed-part field by its flat name ("id_spi"), or
 #: (XFRMA_* type, item index, field) inside an attribute; a field name the attribute's
@@ -108,6 +109,36 @@ def prototype(
     return Prototype(msg_type, data, tuple(slots))
 
 
+@dataclass(frozen=True, repr=False)
+class Group:
+    """Several prototypes sent one after the other, joined into one: an install copies
+    the whole group at once and patches its slots (offsets from the group's start), so
+    a Child SA costs one copy, not one per message."""
+
+    data: bytes
+    heads: tuple[int, ...]  # where each message starts
+    ends: tuple[int, ...]  # where each message ends
+    slots: tuple[tuple[int, Callable[..., None]], ...]
+
+    def __repr__(self) -> str:
+        size, slots = len(self.data), len(self.slots)
+        return f"<Group of {len(self.heads)} messages, {size} bytes, {slots} slots>"
+
+
+def group(protos: Sequence[Prototype]) -> Group:
+    """The prototypes joined in order; their slots' values go in the same order."""
+    data = bytearray()
+    heads, ends, slots = [], [], []
+    for proto in protos:
+        base = len(data)
+        data += proto.data
+        _FLAGS_SEQ.pack_into(data, base + 6, NLM_F_REQUEST | NLM_F_ACK, 0)  # seq: per add
+        heads.append(base)
+        ends.append(len(data))
+        slots += [(base + off, pack_into) for off, pack_into in proto.slots]
+    return Group(bytes(data), tuple(heads), tuple(ends), tuple(slots))
+
+
 @dataclass(repr=False)
 class Batch:
     """Messages for one send, each with a caller's tag naming its object.
@@ -132,6 +163,23 @@ class Batch:
             pack_into(buf, base + off, value)
         self.tags.append(tag)
         self.ends.append(len(buf))
+
+    def add_group(self, grp: Group, values: Sequence[Any], tags: Sequence[Any]) -> None:
+        """``add`` for each message of ``grp`` (one tag each), in one copy."""
+        if len(tags) != len(grp.heads):
+            raise ValueError(f"{len(tags)} tags for a group of {len(grp.heads)} messages")
+        buf = self.buf
+        base = len(buf)
+        buf += grp.data
+        seq = self.seq0 + len(self.tags)
+        pack_seq = _SEQ.pack_into
+        for head in grp.heads:
+            pack_seq(buf, base + head + 8, seq & 0xFFFFFFFF)
+            seq += 1
+        for (off, pack_into), value in zip(grp.slots, values, strict=True):
+            pack_into(buf, base + off, value)
+        self.tags += tags
+        self.ends += [base + end for end in grp.ends]
 
     def __len__(self) -> int:
         return len(self.tags)
