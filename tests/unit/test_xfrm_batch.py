@@ -334,7 +334,11 @@ def test_batch_numbers_messages_asks_for_acks_and_hides_keys() -> None:
     assert len(msgs) == len(batch) == 5
     heads = [HDR.unpack_from(m) for m in msgs]
     assert [h[3] for h in heads] == [0xFFFFFFFE, 0xFFFFFFFF, 0, 1, 2]
-    assert {h[2] for h in heads} == {NLM_F_REQUEST | NLM_F_ACK}
+    assert {h[2] for h in heads} == {NLM_F_REQUEST}  # answered only if they fail ...
+    batch.ask_ack(4)  # ... but for the last of a send (_commit asks)
+    assert [HDR.unpack_from(m)[2] for m in _messages(batch.buf)] == [NLM_F_REQUEST] * 4 + [
+        NLM_F_REQUEST | NLM_F_ACK
+    ]
     types = [h[1] for h in heads]
     assert types == [X.XFRM_MSG_NEWSA] * 2 + [X.XFRM_MSG_UPDPOLICY] * 3
     sa_out = X.decode(msgs[1])
@@ -410,14 +414,17 @@ def test_batch_error_names_the_failed_object_and_the_others() -> None:
 class FakeXfrmKernel:
     """Just enough of NETLINK_XFRM: SAs by (daddr, spi), policies by (selector, dir);
     NEWSA of a taken SPI is EEXIST. Each send is processed message by message, like
-    netlink_rcv_skb, and answered with one ACK per message."""
+    netlink_rcv_skb: a failed message is answered with its errno, a message asking for
+    an ACK (NLM_F_ACK) with its outcome, others not at all."""
 
     def __init__(self) -> None:
         self.sas: dict[tuple[bytes, int], int] = {}  # -> reqid
         self.policies: dict[tuple[Any, ...], int] = {}  # (daddr, saddr, dir) -> reqid
         self.sends: list[list[int]] = []  # message types of each send
         self.sent_buffers: list[bytearray] = []
-        self._queue: list[bytes] = []
+        self.asked: list[list[int]] = []  # the sequence numbers asking for an ACK, per send
+        self.drop_answers = False  # lose a send's answers but its last (ENOBUFS)
+        self._queue: list[bytes | OSError] = []
 
     def _apply(self, msg: Any) -> int:
         mtype = msg["header"]["type"]
@@ -442,18 +449,28 @@ class FakeXfrmKernel:
     def send(self, data: bytearray) -> int:
         self.sent_buffers.append(data)
         types = []
+        asked = []
         for raw in _messages(data):
-            (seq,) = struct.unpack_from("=I", raw, 8)
+            (flags, seq) = struct.unpack_from("=HI", raw, 6)
             msg = X.decode(raw)
             types.append(msg["header"]["type"])
-            self._queue.append(_ack(seq, self._apply(msg)))
+            err = self._apply(msg)
+            if flags & NLM_F_ACK:
+                asked.append(seq)
+            if err or flags & NLM_F_ACK:  # as netlink_rcv_skb: failures, and who asks
+                self._queue.append(_ack(seq, err))
+        if self.drop_answers:
+            self._queue[:-1] = [OSError(errno.ENOBUFS, "No buffer space available")]
         self.sends.append(types)
+        self.asked.append(asked)
         return len(data)
 
     def recv_into(self, buf: bytearray) -> int:
         if not self._queue:
             raise BlockingIOError
         data = self._queue.pop(0)
+        if isinstance(data, OSError):
+            raise data
         buf[: len(data)] = data
         return len(data)
 
@@ -540,3 +557,45 @@ def test_failed_rekey_gives_the_old_child_sa_its_policies_back(fake: FakeXfrmKer
     assert len(fake.policies) == 3
     assert (K._addr_bytes(new.local), new.inbound.spi) not in fake.sas
     assert dp._policies == {dp._key(p): p for p in child_policies(old)}
+
+
+def _policy_batch(dp: K.XfrmDatapath, count: int) -> Batch:
+    batch = dp._batch()
+    for i in range(count):
+        pol = PolicySpec(
+            _ts(f"10.9.{i // 250}.{i % 250 + 1}/32"),
+            _ts("0.0.0.0/0"),
+            Direction.OUT,
+            PolicyAction.PASS,
+            3,
+        )
+        K.add_policy(batch, pol, dp.ownership, K._PolicyTag(pol))
+    return batch
+
+
+def test_only_the_last_message_of_each_send_is_acked_and_success_is_inferred_from_it(
+    fake: FakeXfrmKernel,
+) -> None:
+    """70 policies: two sends (64 + 6), each asking an ACK of its last message only; all
+    70 count as installed once those two ACKs came, and a refused one in between is
+    still named by its own answer."""
+    dp = K.XfrmDatapath()
+    first_seq = dp._seq
+    acks = dp._commit(_policy_batch(dp, 70))
+    assert [len(s) for s in fake.sends] == [K.MAX_PER_SEND, 70 - K.MAX_PER_SEND]
+    assert fake.asked == [[first_seq + K.MAX_PER_SEND - 1], [first_seq + 69]]
+    assert acks == [Ack(i, 0) for i in range(70)] and len(fake.policies) == 70
+    batch = dp._batch()
+    spec = _gcm_spec(8)
+    fake.sas[(K._addr_bytes(spec.local), spec.inbound.spi)] = 1  # SA in will clash
+    K.add_child_sas(batch, spec, False, False, ("in", "out"))
+    assert [a.errno for a in dp._commit(batch)] == [errno.EEXIST, 0]
+
+
+def test_dropped_answers_leave_the_outcome_unknown(fake: FakeXfrmKernel) -> None:
+    """ENOBUFS: some answers were lost, so the last message's ACK proves nothing about
+    the others: they are ETIMEDOUT (undone like successes), not successes."""
+    dp = K.XfrmDatapath()
+    fake.drop_answers = True
+    acks = dp._commit(_policy_batch(dp, 5))
+    assert [a.errno for a in acks] == [errno.ETIMEDOUT] * 4 + [0]

@@ -879,18 +879,20 @@ class XfrmDatapath:
                 return reqid
         raise DatapathError("no free reqid left in the owned range")
 
-    # -- batches: one send, every ACK checked --
+    # -- batches: one send, every failure and the send's last ACK read --
     def _batch(self) -> Batch:
         return Batch(self._seq)
 
     def _commit(self, batch: Batch) -> list[Ack]:
         """Send the batch (in sends of at most MAX_PER_SEND messages) and collect one Ack
-        per message; a message whose ACK never came gets ETIMEDOUT (outcome unknown)."""
+        per message; a message whose outcome is unknown (its send's last message never
+        answered, or answers dropped) gets ETIMEDOUT."""
         n = len(batch)
         self._seq = (self._seq + n) & 0xFFFFFFFF or 1
         acks: list[Ack | None] = [None] * n
         try:
             for first, last, start, end in batch.chunks(MAX_PER_SEND):
+                batch.ask_ack(last - 1)
                 try:
                     if n <= MAX_PER_SEND:
                         self._nl.send(batch.buf)
@@ -909,16 +911,21 @@ class XfrmDatapath:
         return acks  # type: ignore[return-value]  # no None left
 
     def _collect(self, batch: Batch, acks: list[Ack | None], first: int, last: int) -> None:
-        left = last - first
+        """Read the answers to messages ``first .. last-1`` of which only the last asked
+        for an ACK. The kernel answers the others only if they fail, and in order, so
+        once the last is answered every message before it without an error went in.
+        If answers were dropped (ENOBUFS), nothing is inferred: the unanswered stay
+        unknown (ETIMEDOUT, undone like successes)."""
+        final = last - 1
         deadline = 0.0
         lost = False
         rbuf = self._rbuf
-        while left:
+        while acks[final] is None:
             try:
                 size = self._nl.recv_into(rbuf)
             except BlockingIOError:
                 if lost:
-                    break  # ACKs dropped (ENOBUFS): the rest will not come
+                    break  # answers dropped (ENOBUFS): the rest will not come
                 now = time.monotonic()
                 deadline = deadline or now + ACK_TIMEOUT
                 if now >= deadline or not select.select([self._nl], [], [], deadline - now)[0]:
@@ -933,12 +940,14 @@ class XfrmDatapath:
             if item >= 0:
                 if first <= item < last and acks[item] is None:
                     acks[item] = Ack(item, 0)
-                    left -= 1
                 continue
             for ack in read_acks(rbuf, batch.seq0, len(batch), size):
                 if first <= ack.item < last and acks[ack.item] is None:
                     acks[ack.item] = ack
-                    left -= 1
+        if acks[final] is not None and not lost:
+            for i in range(first, final):
+                if acks[i] is None:
+                    acks[i] = Ack(i, 0)
 
     def _rollback(self, batch: Batch, acks: Sequence[Ack]) -> str:
         """Undo what a failed install batch put in: delete the SAs that went in, and give
