@@ -171,20 +171,26 @@ class _IpBatch:
 
 def _per_cs(per_call: list[float]) -> dict[str, float]:
     us = 1e6
+    chunks = [sum(per_call[i : i + CHUNK]) for i in range(0, N, CHUNK)]
     return {
         "0-100": statistics.fmean(per_call[:CHUNK]) * us,
         "900-1000": statistics.fmean(per_call[-CHUNK:]) * us,
         "mean": statistics.fmean(per_call) * us,
         "median": statistics.median(per_call) * us,
+        "chunk_median": statistics.median(chunks) / CHUNK * us,
     }
 
 
 def _per_chunk(chunks: list[float]) -> dict[str, float]:
+    """ip's figures, timed 100 Child SAs at a time. ``chunk_median`` (the median chunk's
+    mean per Child SA, ours likewise) drops the chunks a loaded machine stalled, on both
+    sides alike: the means are the headline, this tells the noise from the code."""
     us = 1e6
     return {
         "0-100": chunks[0] / CHUNK * us,
         "900-1000": chunks[-1] / CHUNK * us,
         "mean": sum(chunks) / N * us,
+        "chunk_median": statistics.median(chunks) / CHUNK * us,
     }
 
 
