@@ -69,6 +69,17 @@ def _ts(net: str, proto: int = 0, port: int | None = None) -> TrafficSelector:
     return TrafficSelector(ipaddress.ip_network(net), proto, port)
 
 
+def _sa_references(spec: ChildSaSpec, update_in: bool, update_out: bool) -> list[bytes]:
+    """SA in and SA out as the declared encoder writes them from sa_request."""
+    return [
+        X.encode(X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA, *K.sa_request(spec, *sa))
+        for *sa, update in (
+            (spec.remote, spec.local, spec.inbound, update_in),
+            (spec.local, spec.remote, spec.outbound, update_out),
+        )
+    ]
+
+
 @st.composite
 def child_specs(draw: st.DrawFn) -> ChildSaSpec:
     v6 = draw(st.booleans())
@@ -133,16 +144,7 @@ def test_prepared_messages_equal_the_declared_encoder(specs: list[ChildSaSpec]) 
         for update_in, update_out in ((False, False), (True, False), (False, True)):
             batch = Batch(7)
             K.add_child_sas(batch, spec, update_in, update_out, ("in", "out"))
-            refs = [
-                X.encode(
-                    X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA,
-                    *K.sa_request(spec, src, dst, keys),
-                )
-                for src, dst, keys, update in (
-                    (spec.remote, spec.local, spec.inbound, update_in),
-                    (spec.local, spec.remote, spec.outbound, update_out),
-                )
-            ]
+            refs = _sa_references(spec, update_in, update_out)
             assert [_no_seq(m) for m in _messages(batch.buf)] == refs
             assert batch.tags == ["in", "out"]
         pols = child_policies(spec)
@@ -287,16 +289,7 @@ def test_child_sa_groups_patched_for_another_child_sa_equal_the_declared_encoder
             batch = Batch(40 + n)
             K.add_child_sas(batch, spec, n == 1, n == 2, ("in", "out"))
             K.add_child_policies(batch, spec, own, pols, list(range(len(pols))))
-            refs = [
-                X.encode(
-                    X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA,
-                    *K.sa_request(spec, src, dst, keys),
-                )
-                for src, dst, keys, update in (
-                    (spec.remote, spec.local, spec.inbound, n == 1),
-                    (spec.local, spec.remote, spec.outbound, n == 2),
-                )
-            ]
+            refs = _sa_references(spec, n == 1, n == 2)
             refs += [X.encode(X.XFRM_MSG_UPDPOLICY, *K.policy_request(p, own)) for p in reference]
             msgs = _messages(batch.buf)
             assert [_no_seq(m) for m in msgs] == refs
