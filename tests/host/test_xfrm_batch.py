@@ -119,6 +119,38 @@ def test_refused_sas_name_the_sa_and_leave_no_policy(make_netns: MakeNetns) -> N
     assert _ip("-n", netns, "xfrm", "state").strip() == ""
 
 
+def test_the_real_kernel_answers_failures_and_the_last_message_only(
+    make_netns: MakeNetns,
+) -> None:
+    """What _commit infers success from, checked on the real kernel: in one send of three
+    policies, two refused SAs and one more policy (only the last asking for an ACK), the
+    refused SAs are answered with their errno, the policies count as in, and they are."""
+    from oe_router.datapath.kernel import _PolicyTag, add_child_sas, add_policy
+
+    netns = make_netns("oe-xacks")
+    dp = XfrmDatapath(netns=netns)
+    try:
+        spec = _spec(9, dp.ownership.reqid_min + 9)
+        batch = dp._batch()
+        dp._child_policies_into(batch, spec)
+        add_child_sas(batch, spec, False, False, ("in", "out"))
+        extra = child_policies(_spec(10, dp.ownership.reqid_min + 10))[0]
+        add_policy(batch, extra, dp.ownership, _PolicyTag(extra))
+        acks = dp._commit(batch)
+    finally:
+        asyncio.run(dp.close())
+    assert [a.errno for a in acks] == [0, 0, 0, errno.EPROTONOSUPPORT, errno.EPROTONOSUPPORT, 0]
+    assert _ip("-n", netns, "xfrm", "policy", "count").split("\n")[0].split() == [
+        "SPD",
+        "IN",
+        "1",
+        "OUT",
+        "2",
+        "FWD",
+        "1",
+    ]
+
+
 def test_failed_rekey_leaves_the_old_policies(make_netns: MakeNetns) -> None:
     """The old Child SA's policies are in (as after its install); the new Child SA for
     the same selectors fails: the policies carry the old reqid again, none is missing."""

@@ -69,6 +69,17 @@ def _ts(net: str, proto: int = 0, port: int | None = None) -> TrafficSelector:
     return TrafficSelector(ipaddress.ip_network(net), proto, port)
 
 
+def _sa_references(spec: ChildSaSpec, update_in: bool, update_out: bool) -> list[bytes]:
+    """SA in and SA out as the declared encoder writes them from sa_request."""
+    return [
+        X.encode(X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA, *K.sa_request(spec, *sa))
+        for *sa, update in (
+            (spec.remote, spec.local, spec.inbound, update_in),
+            (spec.local, spec.remote, spec.outbound, update_out),
+        )
+    ]
+
+
 @st.composite
 def child_specs(draw: st.DrawFn) -> ChildSaSpec:
     v6 = draw(st.booleans())
@@ -130,19 +141,18 @@ def test_prepared_messages_equal_the_declared_encoder(specs: list[ChildSaSpec]) 
     prototype in the cache (a field missed by the patching would show here)."""
     own = K.Ownership()
     for spec in specs:
-        for update in (False, True):
-            for src, dst, keys in (
-                (spec.remote, spec.local, spec.inbound),
-                (spec.local, spec.remote, spec.outbound),
-            ):
-                batch = Batch(7)
-                K.add_sa(batch, spec, src, dst, keys, update, None)
-                ref = X.encode(
-                    X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA,
-                    *K.sa_request(spec, src, dst, keys),
-                )
-                assert _no_seq(batch.buf) == ref
-        for pol in child_policies(spec):
+        for update_in, update_out in ((False, False), (True, False), (False, True)):
+            batch = Batch(7)
+            K.add_child_sas(batch, spec, update_in, update_out, ("in", "out"))
+            refs = _sa_references(spec, update_in, update_out)
+            assert [_no_seq(m) for m in _messages(batch.buf)] == refs
+            assert batch.tags == ["in", "out"]
+        pols = child_policies(spec)
+        batch = Batch(9)
+        K.add_child_policies(batch, spec, own, pols, [p.direction for p in pols])
+        refs = [X.encode(X.XFRM_MSG_UPDPOLICY, *K.policy_request(p, own)) for p in pols]
+        assert [_no_seq(m) for m in _messages(batch.buf)] == refs
+        for pol in pols:
             batch = Batch(1)
             K.add_policy(batch, pol, own, None)
             assert _no_seq(batch.buf) == X.encode(X.XFRM_MSG_UPDPOLICY, *K.policy_request(pol, own))
@@ -200,6 +210,101 @@ def test_shunt_and_trap_policies_equal_the_declared_encoder(policy: PolicySpec) 
         assert _no_seq(batch.buf) == X.encode(X.XFRM_MSG_UPDPOLICY, *K.policy_request(pol, own))
 
 
+def _checked_child_policies(spec: ChildSaSpec) -> list[PolicySpec]:
+    """child_policies as it was written before its objects skipped PolicySpec's checks:
+    every object through the dataclass constructor (the reference)."""
+    host = lambda a: TrafficSelector(ipaddress.ip_network(a))  # noqa: E731
+    lts = spec.local_ts or (host(spec.local),)
+    rts = spec.remote_ts or (host(spec.remote),)
+    out_t = Template(spec.local, spec.remote, spec.reqid, spec.mode)
+    in_t = Template(spec.remote, spec.local, spec.reqid, spec.mode)
+    a, prio, mark = PolicyAction.IPSEC, spec.policy_priority, spec.mark
+    pols = []
+    for lt in lts:
+        for rt in rts:
+            pols.append(PolicySpec(lt, rt, Direction.OUT, a, prio, (out_t,), mark=mark))
+            pols.append(PolicySpec(rt, lt, Direction.IN, a, prio, (in_t,), mark=mark))
+            if spec.mode is Mode.TUNNEL:
+                pols.append(PolicySpec(rt, lt, Direction.FWD, a, prio, (in_t,), mark=mark))
+    return pols
+
+
+_SELECTOR_SETS: list[tuple[tuple[TrafficSelector, ...], tuple[TrafficSelector, ...]]] = [
+    ((), ()),
+    ((_ts("10.1.0.0/16"), _ts("10.2.0.5/32")), (_ts("198.51.100.0/24"), _ts("0.0.0.0/0"))),
+    ((_ts("10.1.0.0/16"),), (_ts("198.51.100.7/32", 6, 443),)),  # protocols differ: normalised
+    ((_ts("10.1.0.0/16", 17, 53),), (_ts("198.51.100.7/32", 17),)),
+    (
+        (_ts("10.1.0.0/16", 1),),
+        (TrafficSelector(ipaddress.ip_network("198.51.100.0/24"), 1, icmp_type=8),),
+    ),
+    ((_ts("2001:db8:5::/48"),), (_ts("2001:db8:6::1/128", 58), _ts("2001:db8:7::/64"))),
+]
+
+
+@pytest.mark.parametrize("selectors", range(len(_SELECTOR_SETS)))
+@pytest.mark.parametrize("v6", [False, True])
+def test_child_sa_groups_patched_for_another_child_sa_equal_the_declared_encoder(
+    selectors: int, v6: bool
+) -> None:
+    """The grouped SA and policy messages of a Child SA, built from the cached group of an
+    earlier Child SA of the same shape (addresses, SPIs, keys, reqid and ports patched),
+    equal the declared encoder's bytes for every message; child_policies' unchecked
+    objects equal checked PolicySpecs (also in hash). v4/v6, several selector pairs,
+    ICMP, protocols to normalise, marks, NAT-T, transport and tunnel."""
+    own = K.Ownership()
+    lts, rts = _SELECTOR_SETS[selectors]
+    local = LOCAL6 if v6 else LOCAL4
+    for mode, encap, mark, aead, lifetime in (
+        (Mode.TUNNEL, None, None, True, Lifetime()),
+        (Mode.TRANSPORT, NatTEncap(4500, 31000), Mark(0x42), False, Lifetime(hard_seconds=60)),
+        (Mode.TUNNEL, NatTEncap(31001, 4500), Mark(7, 0xFF), False, Lifetime(soft_bytes=1 << 40)),
+    ):
+        for n in range(3):  # the first builds the groups, the others patch them
+            remote = ipaddress.ip_address(int(local) + 0x10000 + n)
+            encr = encr_algorithm(20 if aead else 12)
+            integ = None if aead else integ_algorithm(12)
+            klen, ilen = (36, 0) if aead else (32, 32)
+            spec = ChildSaSpec(
+                local,
+                remote,
+                SaKeys(0xC1000000 + 2 * n, bytes([n + 1]) * klen, bytes([n + 9]) * ilen),
+                SaKeys(0xC1000001 + 2 * n, bytes([n + 3]) * klen, bytes([n + 5]) * ilen),
+                encr,
+                integ,
+                mode=mode,
+                local_ts=lts,
+                remote_ts=rts,
+                encap=encap,
+                reqid=0x4F450010 + n,
+                mark=mark,
+                lifetime=lifetime,
+                policy_priority=5,
+            )
+            pols = child_policies(spec)
+            reference = _checked_child_policies(spec)
+            assert pols == reference
+            assert [hash(p) for p in pols] == [hash(p) for p in reference]
+            assert [p.__dict__ for p in pols] == [p.__dict__ for p in reference]
+            batch = Batch(40 + n)
+            K.add_child_sas(batch, spec, n == 1, n == 2, ("in", "out"))
+            K.add_child_policies(batch, spec, own, pols, list(range(len(pols))))
+            refs = _sa_references(spec, n == 1, n == 2)
+            refs += [X.encode(X.XFRM_MSG_UPDPOLICY, *K.policy_request(p, own)) for p in reference]
+            msgs = _messages(batch.buf)
+            assert [_no_seq(m) for m in msgs] == refs
+            assert [HDR.unpack_from(m)[3] for m in msgs] == list(range(40 + n, 40 + n + len(refs)))
+            assert batch.tags == ["in", "out", *range(len(pols))]
+
+
+def test_equal_selectors_hash_equal_and_the_kept_hash_stays_out_of_sight() -> None:
+    a, b = _ts("10.0.0.0/8", 6, 80), _ts("10.0.0.0/8", 6, 80)
+    assert hash(a) == hash(b) == hash(a) and a == b
+    assert hash(a) == hash((a.net, a.proto, a.port, a.icmp_type))
+    assert repr(a) == repr(b) == repr(replace(a)) and replace(a, port=81) != a
+    assert {a: 1}[b] == 1
+
+
 def _gcm_spec(i: int = 1, **kw: Any) -> ChildSaSpec:
     return ChildSaSpec(
         LOCAL4,
@@ -215,15 +320,18 @@ def _gcm_spec(i: int = 1, **kw: Any) -> ChildSaSpec:
 def test_batch_numbers_messages_asks_for_acks_and_hides_keys() -> None:
     spec = _gcm_spec()
     batch = Batch(0xFFFFFFFE)  # wraps around
-    K.add_sa(batch, spec, spec.remote, spec.local, spec.inbound, False, "in")
-    K.add_sa(batch, spec, spec.local, spec.remote, spec.outbound, False, "out")
-    for pol in child_policies(spec):
-        K.add_policy(batch, pol, K.Ownership(), pol.direction.value)
+    K.add_child_sas(batch, spec, False, False, ("in", "out"))
+    pols = child_policies(spec)
+    K.add_child_policies(batch, spec, K.Ownership(), pols, [p.direction.value for p in pols])
     msgs = _messages(batch.buf)
     assert len(msgs) == len(batch) == 5
     heads = [HDR.unpack_from(m) for m in msgs]
     assert [h[3] for h in heads] == [0xFFFFFFFE, 0xFFFFFFFF, 0, 1, 2]
-    assert {h[2] for h in heads} == {NLM_F_REQUEST | NLM_F_ACK}
+    assert {h[2] for h in heads} == {NLM_F_REQUEST}  # answered only if they fail ...
+    batch.ask_ack(4)  # ... but for the last of a send (_commit asks)
+    assert [HDR.unpack_from(m)[2] for m in _messages(batch.buf)] == [NLM_F_REQUEST] * 4 + [
+        NLM_F_REQUEST | NLM_F_ACK
+    ]
     types = [h[1] for h in heads]
     assert types == [X.XFRM_MSG_NEWSA] * 2 + [X.XFRM_MSG_UPDPOLICY] * 3
     sa_out = X.decode(msgs[1])
@@ -238,8 +346,8 @@ def test_batch_numbers_messages_asks_for_acks_and_hides_keys() -> None:
     batch.wipe()
     assert batch.buf == bytearray(len(batch.buf))
     # no prototype in the cache holds key material
-    for proto in K._PROTOTYPES.values():
-        assert b"\x22" * 16 not in proto.data and b"\x11" * 16 not in proto.data
+    for cached in (*K._PROTOTYPES.values(), *K._GROUPS.values()):
+        assert b"\x22" * 16 not in cached.data and b"\x11" * 16 not in cached.data
 
 
 def _ack(seq: int, err: int, text: str = "", capped: bool = True, echo: bytes = b"") -> bytes:
@@ -299,14 +407,17 @@ def test_batch_error_names_the_failed_object_and_the_others() -> None:
 class FakeXfrmKernel:
     """Just enough of NETLINK_XFRM: SAs by (daddr, spi), policies by (selector, dir);
     NEWSA of a taken SPI is EEXIST. Each send is processed message by message, like
-    netlink_rcv_skb, and answered with one ACK per message."""
+    netlink_rcv_skb: a failed message is answered with its errno, a message asking for
+    an ACK (NLM_F_ACK) with its outcome, others not at all."""
 
     def __init__(self) -> None:
         self.sas: dict[tuple[bytes, int], int] = {}  # -> reqid
         self.policies: dict[tuple[Any, ...], int] = {}  # (daddr, saddr, dir) -> reqid
         self.sends: list[list[int]] = []  # message types of each send
         self.sent_buffers: list[bytearray] = []
-        self._queue: list[bytes] = []
+        self.asked: list[list[int]] = []  # the sequence numbers asking for an ACK, per send
+        self.drop_answers = False  # lose a send's answers but its last (ENOBUFS)
+        self._queue: list[bytes | OSError] = []
 
     def _apply(self, msg: Any) -> int:
         mtype = msg["header"]["type"]
@@ -331,18 +442,28 @@ class FakeXfrmKernel:
     def send(self, data: bytearray) -> int:
         self.sent_buffers.append(data)
         types = []
+        asked = []
         for raw in _messages(data):
-            (seq,) = struct.unpack_from("=I", raw, 8)
+            (flags, seq) = struct.unpack_from("=HI", raw, 6)
             msg = X.decode(raw)
             types.append(msg["header"]["type"])
-            self._queue.append(_ack(seq, self._apply(msg)))
+            err = self._apply(msg)
+            if flags & NLM_F_ACK:
+                asked.append(seq)
+            if err or flags & NLM_F_ACK:  # as netlink_rcv_skb: failures, and who asks
+                self._queue.append(_ack(seq, err))
+        if self.drop_answers:
+            self._queue[:-1] = [OSError(errno.ENOBUFS, "No buffer space available")]
         self.sends.append(types)
+        self.asked.append(asked)
         return len(data)
 
     def recv_into(self, buf: bytearray) -> int:
         if not self._queue:
             raise BlockingIOError
         data = self._queue.pop(0)
+        if isinstance(data, OSError):
+            raise data
         buf[: len(data)] = data
         return len(data)
 
@@ -429,3 +550,45 @@ def test_failed_rekey_gives_the_old_child_sa_its_policies_back(fake: FakeXfrmKer
     assert len(fake.policies) == 3
     assert (K._addr_bytes(new.local), new.inbound.spi) not in fake.sas
     assert dp._policies == {dp._key(p): p for p in child_policies(old)}
+
+
+def _policy_batch(dp: K.XfrmDatapath, count: int) -> Batch:
+    batch = dp._batch()
+    for i in range(count):
+        pol = PolicySpec(
+            _ts(f"10.9.{i // 250}.{i % 250 + 1}/32"),
+            _ts("0.0.0.0/0"),
+            Direction.OUT,
+            PolicyAction.PASS,
+            3,
+        )
+        K.add_policy(batch, pol, dp.ownership, K._PolicyTag(pol))
+    return batch
+
+
+def test_only_the_last_message_of_each_send_is_acked_and_success_is_inferred_from_it(
+    fake: FakeXfrmKernel,
+) -> None:
+    """70 policies: two sends (64 + 6), each asking an ACK of its last message only; all
+    70 count as installed once those two ACKs came, and a refused one in between is
+    still named by its own answer."""
+    dp = K.XfrmDatapath()
+    first_seq = dp._seq
+    acks = dp._commit(_policy_batch(dp, 70))
+    assert [len(s) for s in fake.sends] == [K.MAX_PER_SEND, 70 - K.MAX_PER_SEND]
+    assert fake.asked == [[first_seq + K.MAX_PER_SEND - 1], [first_seq + 69]]
+    assert acks == [Ack(i, 0) for i in range(70)] and len(fake.policies) == 70
+    batch = dp._batch()
+    spec = _gcm_spec(8)
+    fake.sas[(K._addr_bytes(spec.local), spec.inbound.spi)] = 1  # SA in will clash
+    K.add_child_sas(batch, spec, False, False, ("in", "out"))
+    assert [a.errno for a in dp._commit(batch)] == [errno.EEXIST, 0]
+
+
+def test_dropped_answers_leave_the_outcome_unknown(fake: FakeXfrmKernel) -> None:
+    """ENOBUFS: some answers were lost, so the last message's ACK proves nothing about
+    the others: they are ETIMEDOUT (undone like successes), not successes."""
+    dp = K.XfrmDatapath()
+    fake.drop_answers = True
+    acks = dp._commit(_policy_batch(dp, 5))
+    assert [a.errno for a in acks] == [errno.ETIMEDOUT] * 4 + [0]

@@ -55,8 +55,10 @@ from oe_router.datapath.base import (
 from oe_router.datapath.xfrm_batch import (
     Ack,
     Batch,
+    Group,
     Path,
     Prototype,
+    group,
     prototype,
     read_acks,
     success_ack,
@@ -510,29 +512,6 @@ def _sa_shape(spec: ChildSaSpec, keys: SaKeys) -> tuple[Any, ...]:
     )
 
 
-def add_sa(
-    batch: Batch,
-    spec: ChildSaSpec,
-    src: IPAddress,
-    dst: IPAddress,
-    keys: SaKeys,
-    update: bool,
-    tag: Any,
-    shape: tuple[Any, ...] | None = None,
-) -> None:
-    """Append one direction of a Child SA (NEWSA, or UPDSA over an allocated SPI);
-    ``shape`` is ``_sa_shape(spec, keys)`` if the caller has it already."""
-    base = shape or _sa_shape(spec, keys)
-    paths, values = _sa_variables(spec, src, dst, keys, base[9])
-
-    def make() -> tuple[int, dict[str, Any], list[tuple[str, Any]]]:
-        zero = SaKeys(keys.spi, bytes(len(keys.encr_key)), bytes(len(keys.integ_key)))
-        fields, attrs = sa_request(spec, src, dst, zero)
-        return (X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA), fields, attrs
-
-    batch.add(_prepared(("sa", update, base), make, paths), values, tag)
-
-
 def policy_request(
     policy: PolicySpec, own: Ownership
 ) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
@@ -616,6 +595,90 @@ def add_policy(batch: Batch, policy: PolicySpec, own: Ownership, tag: Any) -> No
 
         proto = _prepared(shape, make, paths)
     batch.add(proto, values, tag)
+
+
+# --- a Child SA's messages as two prepared groups (its SAs, its policies) ---------------
+_GROUPS: dict[tuple[Any, ...], Group] = {}
+
+
+def _grouped(shape: tuple[Any, ...], make: Callable[[], list[Prototype]]) -> Group:
+    grp = _GROUPS.get(shape)
+    if grp is None:
+        if len(_GROUPS) >= _MAX_PROTOTYPES:
+            _GROUPS.clear()
+        grp = _GROUPS[shape] = group(make())
+    return grp
+
+
+def add_child_sas(
+    batch: Batch, spec: ChildSaSpec, update_in: bool, update_out: bool, tags: Sequence[Any]
+) -> None:
+    """Append both SAs of a Child SA, inbound then outbound (NEWSA, or UPDSA over an
+    allocated SPI), as one group: one shape lookup and one copy per install."""
+    local, remote, ins, outs = spec.local, spec.remote, spec.inbound, spec.outbound
+    base = _sa_shape(spec, ins)
+    shape = ("sas", base, update_in, update_out, len(outs.encr_key), len(outs.integ_key))
+    in_paths, values = _sa_variables(spec, remote, local, ins, base[9])
+    out_paths, out_values = _sa_variables(spec, local, remote, outs, base[9])
+    values += out_values
+
+    def make() -> list[Prototype]:
+        protos = []
+        for src, dst, keys, update, paths in (
+            (remote, local, ins, update_in, in_paths),
+            (local, remote, outs, update_out, out_paths),
+        ):
+            zero = SaKeys(keys.spi, bytes(len(keys.encr_key)), bytes(len(keys.integ_key)))
+            fields, attrs = sa_request(spec, src, dst, zero)
+            msg_type = X.XFRM_MSG_UPDSA if update else X.XFRM_MSG_NEWSA
+            protos.append(prototype(msg_type, fields, attrs, paths))
+        return protos
+
+    batch.add_group(_grouped(shape, make), values, tags)
+
+
+def add_child_policies(
+    batch: Batch, spec: ChildSaSpec, own: Ownership, pols: Sequence[PolicySpec], tags: Sequence[Any]
+) -> None:
+    """Append the UPDPOLICYs of ``pols`` = ``child_policies(spec)`` as one group.
+
+    The group's shape is looked up once per Child SA instead of once per policy; the
+    values follow child_policies' layout (out, in, then fwd for tunnels, per selector
+    pair: fwd is in's twin, templates join the spec's addresses). Bytes equal
+    ``add_policy`` for each policy (tests/unit/test_xfrm_batch.py)."""
+    step = 3 if spec.mode is Mode.TUNNEL else 2  # out, in (, fwd) per selector pair
+    lpk, rpk, reqid = spec.local.packed, spec.remote.packed, spec.reqid
+    shapes = []
+    values: list[Any] = []
+    for i in range(0, len(pols), step):
+        out, inbound = pols[i], pols[i + 1]
+        out_shape, _, out_values = _selector_parts(out.src, out.dst)
+        in_shape, _, in_values = _selector_parts(inbound.src, inbound.dst)
+        shapes.append((out_shape, in_shape))
+        values += out_values
+        values += (rpk, lpk, reqid)  # the out template: remote <- local
+        in_values += (lpk, rpk, reqid)
+        values += in_values
+        if step == 3:
+            values += in_values  # fwd: the in policy's selector and template
+    shape = (
+        "child-policies",  # child_policies' are never persistent and have no lifetime
+        spec.local.version,
+        spec.mode,
+        own.kernel_priority(spec.policy_priority, False),
+        spec.mark,
+        tuple(shapes),
+    )
+
+    def make() -> list[Prototype]:
+        protos = []
+        for pol in pols:
+            _, paths, _ = _selector_parts(pol.src, pol.dst)
+            paths += [(X.XFRMA_TMPL, 0, name) for name in _TMPL_VARIABLE]
+            protos.append(prototype(X.XFRM_MSG_UPDPOLICY, *policy_request(pol, own), paths))
+        return protos
+
+    batch.add_group(_grouped(shape, make), values, tags)
 
 
 def add_delete_sa(
@@ -816,18 +879,20 @@ class XfrmDatapath:
                 return reqid
         raise DatapathError("no free reqid left in the owned range")
 
-    # -- batches: one send, every ACK checked --
+    # -- batches: one send, every failure and the send's last ACK read --
     def _batch(self) -> Batch:
         return Batch(self._seq)
 
     def _commit(self, batch: Batch) -> list[Ack]:
         """Send the batch (in sends of at most MAX_PER_SEND messages) and collect one Ack
-        per message; a message whose ACK never came gets ETIMEDOUT (outcome unknown)."""
+        per message; a message whose outcome is unknown (its send's last message never
+        answered, or answers dropped) gets ETIMEDOUT."""
         n = len(batch)
         self._seq = (self._seq + n) & 0xFFFFFFFF or 1
         acks: list[Ack | None] = [None] * n
         try:
             for first, last, start, end in batch.chunks(MAX_PER_SEND):
+                batch.ask_ack(last - 1)
                 try:
                     if n <= MAX_PER_SEND:
                         self._nl.send(batch.buf)
@@ -846,16 +911,21 @@ class XfrmDatapath:
         return acks  # type: ignore[return-value]  # no None left
 
     def _collect(self, batch: Batch, acks: list[Ack | None], first: int, last: int) -> None:
-        left = last - first
+        """Read the answers to messages ``first .. last-1`` of which only the last asked
+        for an ACK. The kernel answers the others only if they fail, and in order, so
+        once the last is answered every message before it without an error went in.
+        If answers were dropped (ENOBUFS), nothing is inferred: the unanswered stay
+        unknown (ETIMEDOUT, undone like successes)."""
+        final = last - 1
         deadline = 0.0
         lost = False
         rbuf = self._rbuf
-        while left:
+        while acks[final] is None:
             try:
                 size = self._nl.recv_into(rbuf)
             except BlockingIOError:
                 if lost:
-                    break  # ACKs dropped (ENOBUFS): the rest will not come
+                    break  # answers dropped (ENOBUFS): the rest will not come
                 now = time.monotonic()
                 deadline = deadline or now + ACK_TIMEOUT
                 if now >= deadline or not select.select([self._nl], [], [], deadline - now)[0]:
@@ -870,12 +940,14 @@ class XfrmDatapath:
             if item >= 0:
                 if first <= item < last and acks[item] is None:
                     acks[item] = Ack(item, 0)
-                    left -= 1
                 continue
             for ack in read_acks(rbuf, batch.seq0, len(batch), size):
                 if first <= ack.item < last and acks[ack.item] is None:
                     acks[ack.item] = ack
-                    left -= 1
+        if acks[final] is not None and not lost:
+            for i in range(first, final):
+                if acks[i] is None:
+                    acks[i] = Ack(i, 0)
 
     def _rollback(self, batch: Batch, acks: Sequence[Ack]) -> str:
         """Undo what a failed install batch put in: delete the SAs that went in, and give
@@ -963,38 +1035,34 @@ class XfrmDatapath:
         batch = self._batch()
         local, remote = spec.local, spec.remote
         ins, outs = spec.inbound.spi, spec.outbound.spi
-        shape = _sa_shape(spec, spec.inbound)
-        sizes = len(spec.inbound.encr_key), len(spec.inbound.integ_key)
-        out_shape = (
-            shape if sizes == (len(spec.outbound.encr_key), len(spec.outbound.integ_key)) else None
-        )
-        add_sa(
+        add_child_sas(
             batch,
             spec,
-            remote,
-            local,
-            spec.inbound,
             (local, ins) in self._allocated,
-            _SaTag("in", remote, local, ins, spec=spec),
-            shape,
-        )
-        add_sa(
-            batch,
-            spec,
-            local,
-            remote,
-            spec.outbound,
             (remote, outs) in self._allocated,
-            _SaTag("out", local, remote, outs, spec=spec),
-            out_shape,
+            (
+                _SaTag("in", remote, local, ins, spec=spec),
+                _SaTag("out", local, remote, outs, spec=spec),
+            ),
         )
-        pols = child_policies(spec) if spec.install_policies else []
-        keys = []
+        return batch, self._child_policies_into(batch, spec)
+
+    def _child_policies_into(
+        self, batch: Batch, spec: ChildSaSpec
+    ) -> list[tuple[tuple[Any, ...], PolicySpec]]:
+        """Append a Child SA's policies to ``batch``; they with their keys (none if the
+        spec installs none). bench/bench_xfrm_host.py sends them alone too."""
+        if not spec.install_policies:
+            return []
+        pols = child_policies(spec)
+        known = self._policies
+        keyed, tags = [], []
         for pol in pols:
-            key = self._key(pol)
-            keys.append(key)
-            add_policy(batch, pol, self._own, _PolicyTag(pol, self._policies.get(key)))
-        return batch, list(zip(keys, pols, strict=True))
+            key = (pol.src, pol.dst, pol.direction, pol.mark)  # self._key(pol), inlined
+            keyed.append((key, pol))
+            tags.append(_PolicyTag(pol, known.get(key)))
+        add_child_policies(batch, spec, self._own, pols, tags)
+        return keyed
 
     async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
         """Policies (unless kept for a rekeyed SA) and both SAs in one send; objects

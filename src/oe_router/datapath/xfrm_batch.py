@@ -6,9 +6,12 @@ install about 7x slower than ``ip -batch``. Here every message *shape* (algorith
 lengths, family, flags...) is encoded once by the declared wire format (xfrm_msg, through
 pyroute2), and ``Prototype`` remembers where the fields that differ between installs sit
 (addresses, SPI, reqid, keys, selector). An install copies the prototypes into one
-``Batch`` buffer, patches those fields, numbers the messages (NLM_F_ACK on each) and goes
-out in one send; ``read_acks`` maps each ACK back to its message by sequence number, so
-an error names the object that failed.
+``Batch`` buffer, patches those fields, numbers the messages and goes out in one send.
+Only a send's last message asks for an ACK (NLM_F_ACK): the kernel handles a send's
+messages in order and answers every failed one anyway, so that ACK arriving means every
+message before it without an error went in (as many answers fewer to build and read).
+``read_acks`` maps each answer back to its message by sequence number, so an error
+names the object that failed.
 
 Key material: a rendered batch holds keys. Prototypes are encoded with zero keys, nothing
 here has a repr showing bytes, and ``Batch.wipe`` zeroes the buffer once it is sent.
@@ -39,10 +42,12 @@ NLA_TYPE_MASK: Final = 0x3FFF
 
 _HDR: Final = struct.Struct("=IHHII")  # NLMSGHDR's fields, all native: checked below
 _FLAGS_SEQ: Final = struct.Struct("=HI")  # nlmsghdr.flags and .seq, contiguous
+_SEQ: Final = struct.Struct("=I")
+_FLAGS: Final = struct.Struct("=H")
 _ERR: Final = struct.Struct("=i")
 _ATTR: Final = struct.Struct("=HH")
 assert _HDR.size == NLMSGHDR.size and _ERR.size + _HDR.size == NLMSGERR.size
-assert NLMSGHDR.offsets["flags"][0] + 2 == NLMSGHDR.offsets["seq"][0]
+assert NLMSGHDR.offsets["flags"][0] + 2 == NLMSGHDR.offsets["seq"][0] == 8
 
 #: A field to patch: a fixed-part field by its flat name ("id_spi"), or
 #: (XFRMA_* type, item index, field) inside an attribute; a field name the attribute's
@@ -108,12 +113,43 @@ def prototype(
     return Prototype(msg_type, data, tuple(slots))
 
 
+@dataclass(frozen=True, repr=False)
+class Group:
+    """Several prototypes sent one after the other, joined into one: an install copies
+    the whole group at once and patches its slots (offsets from the group's start), so
+    a Child SA costs one copy, not one per message."""
+
+    data: bytes
+    heads: tuple[int, ...]  # where each message starts
+    ends: tuple[int, ...]  # where each message ends
+    slots: tuple[tuple[int, Callable[..., None]], ...]
+
+    def __repr__(self) -> str:
+        size, slots = len(self.data), len(self.slots)
+        return f"<Group of {len(self.heads)} messages, {size} bytes, {slots} slots>"
+
+
+def group(protos: Sequence[Prototype]) -> Group:
+    """The prototypes joined in order; their slots' values go in the same order."""
+    data = bytearray()
+    heads, ends, slots = [], [], []
+    for proto in protos:
+        base = len(data)
+        data += proto.data
+        _FLAGS_SEQ.pack_into(data, base + 6, NLM_F_REQUEST, 0)  # seq: per add
+        heads.append(base)
+        ends.append(len(data))
+        slots += [(base + off, pack_into) for off, pack_into in proto.slots]
+    return Group(bytes(data), tuple(heads), tuple(ends), tuple(slots))
+
+
 @dataclass(repr=False)
 class Batch:
     """Messages for one send, each with a caller's tag naming its object.
 
-    Message i carries sequence number ``seq0 + i`` and NLM_F_REQUEST|NLM_F_ACK, so the
-    kernel answers each with an ACK (error 0) or its errno.
+    Message i carries sequence number ``seq0 + i`` and NLM_F_REQUEST; ``ask_ack`` adds
+    NLM_F_ACK to the last message of each send. The kernel answers a failed message
+    with its errno, and the one asking with an ACK (error 0) or its errno.
     """
 
     seq0: int
@@ -126,12 +162,35 @@ class Batch:
         base = len(buf)
         buf += proto.data
         _FLAGS_SEQ.pack_into(
-            buf, base + 6, NLM_F_REQUEST | NLM_F_ACK, (self.seq0 + len(self.tags)) & 0xFFFFFFFF
+            buf, base + 6, NLM_F_REQUEST, (self.seq0 + len(self.tags)) & 0xFFFFFFFF
         )
         for (off, pack_into), value in zip(proto.slots, values, strict=True):
             pack_into(buf, base + off, value)
         self.tags.append(tag)
         self.ends.append(len(buf))
+
+    def add_group(self, grp: Group, values: Sequence[Any], tags: Sequence[Any]) -> None:
+        """``add`` for each message of ``grp`` (one tag each), in one copy."""
+        if len(tags) != len(grp.heads):
+            raise ValueError(f"{len(tags)} tags for a group of {len(grp.heads)} messages")
+        buf = self.buf
+        base = len(buf)
+        buf += grp.data
+        seq = self.seq0 + len(self.tags)
+        pack_seq = _SEQ.pack_into
+        for head in grp.heads:
+            pack_seq(buf, base + head + 8, seq & 0xFFFFFFFF)
+            seq += 1
+        for (off, pack_into), value in zip(grp.slots, values, strict=True):
+            pack_into(buf, base + off, value)
+        self.tags += tags
+        self.ends += [base + end for end in grp.ends]
+
+    def ask_ack(self, item: int) -> None:
+        """Have message ``item`` answered even when it succeeds (the last of a send)."""
+        head = self.ends[item - 1] if item else 0
+        (flags,) = _FLAGS.unpack_from(self.buf, head + 6)
+        _FLAGS.pack_into(self.buf, head + 6, flags | NLM_F_ACK)
 
     def __len__(self) -> int:
         return len(self.tags)
