@@ -107,6 +107,10 @@ async def test_icmp_quoting_another_spi_or_port_fails_nothing() -> None:
         ep._icmp_error(False, h.sa.spi_i[:4], ("127.0.0.1", 4999), unreach)  # quoted too little
         frag = SockExtendedErr(90, 2, 3, 4, 0, 1400, 0)  # fragmentation needed: not unreachable
         ep._icmp_error(False, h.sa.spi_i + bytes(20), ("127.0.0.1", 4999), frag)
+        # host unreachable (our own router's, when ARP for the next hop times out): soft
+        host = SockExtendedErr(113, 2, 3, 1, 0, 0, 0)
+        ep._icmp_error(False, h.sa.spi_i + bytes(20), ("127.0.0.1", 4999), host)
+        assert ep.counters.unreachable_soft == 1
         assert ep.handles() == [h] and rec.of(IkeSaFailed) == []
         ep._icmp_error(False, h.sa.spi_i + bytes(20), ("127.0.0.1", 4999), unreach)
         assert ep.handles() == [] and len(rec.of(IkeSaFailed)) == 1
@@ -119,3 +123,15 @@ def test_sock_extended_err_table() -> None:
     assert SockExtendedErr.parse(raw[:10]) is None
     assert not SockExtendedErr(113, 3, 2, 0, 0, 1280, 0).unreachable  # ICMPv6 packet too big
     assert SockExtendedErr(113, 3, 1, 4, 0, 0, 0).unreachable  # ICMPv6 port unreachable
+
+
+def test_only_port_protocol_and_prohibited_unreachables_are_definite() -> None:
+    """RFC 1122 4.2.3.9: network and host unreachable are soft errors (a next hop not
+    resolved yet); port, protocol and "administratively prohibited" say the peer takes no
+    IKE, so the negotiation fails at once."""
+    v4 = {c: SockExtendedErr(113, 2, 3, c, 0, 0, 0).definite for c in range(16) if c != 4}
+    assert {c for c, d in v4.items() if d} == {2, 3, 9, 10, 13}
+    v6 = {c: SockExtendedErr(113, 3, 1, c, 0, 0, 0).definite for c in range(8)}
+    assert {c for c, d in v6.items() if d} == {1, 4, 5, 6}
+    assert not SockExtendedErr(90, 2, 3, 4, 0, 1400, 0).definite  # fragmentation needed
+    assert not SockExtendedErr(113, 3, 2, 0, 0, 1280, 0).definite  # ICMPv6 packet too big

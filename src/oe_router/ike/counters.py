@@ -31,5 +31,6 @@ class EndpointCounters:
     floated: int = 0
     icmp_errors: int = 0  #: ICMP reports read from the sockets' error queues
     unreachable: int = 0  #: IKE SAs failed at once by an ICMP unreachable quoting our request
+    unreachable_soft: int = 0  #: network/host unreachable reports left to the retransmissions
     fragments_dropped: int = 0  #: RFC 7383 fragments refused (a limit, outside the window, forged)
     fragment_messages_abandoned: int = 0  #: fragmented messages given up incomplete

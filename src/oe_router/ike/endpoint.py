@@ -349,11 +349,17 @@ class IkeEndpoint:
 
     def _icmp_error(self, natt: bool, quoted: bytes, dest: Address, ee: SockExtendedErr) -> None:
         """An ICMP report about a datagram we sent to ``dest`` (``quoted``: its UDP payload,
-        as much as the ICMP message carried). Only a destination unreachable that quotes an
-        IKE SA we initiated and that is not established yet, sent to where that SA sends,
-        fails it: ICMP is unauthenticated, and matching our random SPI means the sender saw
-        our request (an on-path party, who could drop IKE anyway)."""
+        as much as the ICMP message carried). Only a definite destination unreachable (port,
+        protocol, prohibited: ``SockExtendedErr.definite``) that quotes an IKE SA we
+        initiated and that is not established yet, sent to where that SA sends, fails it:
+        ICMP is unauthenticated, and matching our random SPI means the sender saw our
+        request (an on-path party, who could drop IKE anyway). Network and host unreachable
+        are counted and left to the retransmissions (a next hop not resolved yet)."""
         if not ee.unreachable:
+            return
+        if not ee.definite:
+            self.counters.unreachable_soft += 1
+            log.debug("IKE to %s: %s: retransmitting", dest[0], ee.describe())
             return
         if natt:
             if quoted[:4] != NON_ESP_MARKER:

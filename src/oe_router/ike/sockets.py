@@ -56,6 +56,12 @@ _SO_EE_ORIGIN_ICMP6: Final = 3
 _ICMP_DEST_UNREACH: Final = 3  # ICMPv4 type; code 4 (fragmentation needed) is not "unreachable"
 _ICMP_FRAG_NEEDED: Final = 4
 _ICMPV6_DEST_UNREACH: Final = 1
+#: Codes that say the peer will not take IKE: protocol and port unreachable, and the
+#: "administratively prohibited" ones (ICMPv4 9, 10, 13; ICMPv6 1, 5, 6). Network and host
+#: unreachable (ICMPv4 0, 1; ICMPv6 0, 3) are soft errors (RFC 1122 4.2.3.9): a router that
+#: has not resolved the next hop yet says so, our own among them when ARP times out.
+_ICMP_DEFINITE: Final = frozenset({2, 3, 9, 10, 13})
+_ICMPV6_DEFINITE: Final = frozenset({1, 4, 5, 6})
 # errors a pending ICMP report makes the next sendto() return instead of sending
 _REPORTED_ERRNOS: Final = frozenset(
     {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EACCES}
@@ -88,6 +94,16 @@ class SockExtendedErr(NamedTuple):
         if self.ee_origin == _SO_EE_ORIGIN_ICMP:
             return self.ee_type == _ICMP_DEST_UNREACH and self.ee_code != _ICMP_FRAG_NEEDED
         return self.ee_origin == _SO_EE_ORIGIN_ICMP6 and self.ee_type == _ICMPV6_DEST_UNREACH
+
+    @property
+    def definite(self) -> bool:
+        """An unreachable that fails a negotiation at once; the others (network or host
+        unreachable) leave it to the retransmissions, which cost no more than the host is
+        away: a flow in the clear would not reach it either."""
+        if not self.unreachable:
+            return False
+        codes = _ICMPV6_DEFINITE if self.ee_origin == _SO_EE_ORIGIN_ICMP6 else _ICMP_DEFINITE
+        return self.ee_code in codes
 
     def describe(self) -> str:
         fam = "ICMPv6" if self.ee_origin == _SO_EE_ORIGIN_ICMP6 else "ICMP"
