@@ -362,7 +362,7 @@ def classify(snap: OeSnapshot, dst: IPAddress, proto: int = 0, port: int | None 
         if row.state in ("negotiating", "queued"):
             why = f"IKE with {row.peer} is {row.state}; packets wait for it"
             return Verdict(PENDING, why, group, entry, ref)
-        auth = ref.remote_auth or snap.auth.get(dst, "NULL auth")
+        auth = f"auth {ref.remote_auth}" if ref.remote_auth else snap.auth.get(dst, "NULL auth")
         return Verdict(PROTECTED, f"tunnel to {row.peer} ({auth})", group, entry, ref)
     shunt = _shunt(snap, dst, proto, port)
     if shunt is not None:
@@ -534,7 +534,7 @@ def explain(snap: OeSnapshot, addr: IPAddress) -> Explanation:
         now = f"tunnel to {t.peer} ({t.selector}, {t.state})"
         if t.spi_in:
             now += f", SPIs {t.spi_in}/{t.spi_out}"
-        new = f"rides the tunnel ({t.remote_auth or auth})"
+        new = f"rides the tunnel ({f'auth {t.remote_auth}' if t.remote_auth else auth})"
     elif v.tunnel is not None:
         now = f"IKE with {v.tunnel.peer} {v.tunnel.state}"
         new = "is held until IKE settles"

@@ -254,7 +254,7 @@ def test_explain_each_group_kind(mgr: OeManager) -> None:
     e = ex(str(TUNNELED))
     assert e.state == "protected" and e.dns_name == "www.example.org"
     assert e.now.startswith("tunnel to 192.0.2.7") and "SPIs c0ffee01/c0ffee02" in e.now
-    assert e.new_flow == "rides the tunnel (NULL)"
+    assert e.new_flow == "rides the tunnel (auth NULL)"
     e = ex(str(FAILED))
     assert e.now == "pass shunt (IKE failed): no response from 192.0.2.8 (14m58s left)"
     assert e.new_flow == "goes in the clear for 14m58s, then meets its group's policy again"
