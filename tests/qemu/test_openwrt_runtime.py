@@ -223,7 +223,8 @@ def test_ubus_lists_the_object_oe_with_its_policies(rt: Lab) -> None:
     assert [line.strip() for line in listed[1:]] == [
         '"status":{}', '"tunnels":{}', '"shunts":{}', '"offload":{}', '"flush":{}',
         '"reload":{}', '"up":{"peer":"String","auth":"String","mode":"String",'
-        '"peer_key":"String"}', '"down":{"peer":"String"}',
+        '"peer_key":"String"}', '"down":{"peer":"String"}', '"devices":{"device":"String"}',
+        '"explain":{"address":"String"}',
     ]  # fmt: skip
 
 
