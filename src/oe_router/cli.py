@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from oe_router.config import (
     DEFAULT_CONFIG_PATH,
@@ -32,6 +32,9 @@ from oe_router.control import (
     TunnelStatus,
 )
 from oe_router.control.protocol import COMMAND_ARGS
+
+if TYPE_CHECKING:  # imported where used: the policy modules cost start-up time
+    from oe_router.devview import DevicesView, Explanation
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -438,7 +441,94 @@ def _dns_value(value: Any) -> str:
     return str(value)
 
 
+def render_devices(view: DevicesView) -> str:
+    """One block per device: who it is, its flow counts, a row per destination."""
+    lines: list[str] = []
+    for d in view.devices:
+        who = " ".join(x for x in (d.hostname, d.mac) if x)
+        lines.append(
+            f"device {d.address}" + (f" ({who})" if who else "")
+            + f": {d.flows_protected} encrypted, {d.flows_clear} clear"
+            + (f", {d.flows_blocked} blocked" if d.flows_blocked else "")
+            + (f", {d.flows_pending} pending" if d.flows_pending else "")
+            + " flow(s)"
+        )  # fmt: skip
+        rows = []
+        for x in d.destinations:
+            t = x.tunnel
+            peer = "-" if t is None else t.peer
+            spis = "-" if t is None or not t.spi_in else f"{t.spi_in}/{t.spi_out}"
+            auth = "-" if t is None or not t.remote_auth else t.remote_auth
+            rows.append(
+                [x.address, x.dns_name or "-", x.state, str(x.flows), ",".join(x.services),
+                 peer, spis, auth, x.reason]
+            )  # fmt: skip
+        if rows:
+            headers = ["DESTINATION", "DNS NAME", "STATE", "FLOWS", "SERVICES", "PEER",
+                       "SPIS IN/OUT", "AUTH", "WHY"]  # fmt: skip
+            lines += ["  " + line for line in _table(headers, rows)]
+        else:
+            lines.append("  no flows outside the LAN")
+    if not view.devices:
+        lines.append("no LAN device has flows")
+    more = " (truncated)" if view.truncated else ""
+    lines.append(f"{view.flows_read} conntrack entries read{more}")
+    lines += [f"note: {n}" for n in view.notes]
+    return "\n".join(lines)
+
+
+def render_explain(e: Explanation) -> str:
+    covered = f"{e.entry}" if e.entry else "no policy entry"
+    if e.group:
+        covered = f"policy group {e.group} (entry {e.entry})"
+    elif e.entry:
+        covered = f"exclusion {e.entry}"
+    lines = [
+        f"{e.address}" + (f" ({e.dns_name})" if e.dns_name else "") + f": {covered}",
+        f"  now: {e.now}",
+        f"  state: {e.state} ({e.reason})",
+        f"  a new flow {e.new_flow}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_devices(args: argparse.Namespace, out: TextIO) -> int:
+    request: dict[str, Any] = {} if args.device is None else {"device": args.device}
+    reply = ControlClient(args.socket).request("devices", **request)
+    if args.json:
+        json.dump(reply.get("devices"), out, indent=2, sort_keys=True)
+        out.write("\n")
+        return EXIT_OK
+    from oe_router.devview import DevicesView
+
+    try:
+        view = DevicesView.from_json(reply["devices"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ControlError(f"daemon sent a device view this oe cannot read ({exc})") from None
+    out.write(render_devices(view) + "\n")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
+    reply = ControlClient(args.socket).request("explain", address=args.address)
+    doc: Any = reply.get("explain")
+    if args.json:
+        json.dump(doc, out, indent=2, sort_keys=True)
+        out.write("\n")
+        return EXIT_OK
+    from oe_router.devview import Explanation
+
+    try:
+        e = Explanation.from_json(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ControlError(f"daemon sent an explanation this oe cannot read ({exc})") from None
+    out.write(render_explain(e) + "\n")
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    if args.device is not None:
+        return cmd_devices(args, out)
     reply = ControlClient(args.socket).request("status")
     if args.json:
         json.dump(reply["status"], out, indent=2, sort_keys=True)
@@ -575,7 +665,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show tunnels, shunts, engines and DNS")
     status.add_argument("--json", action="store_true", help="print the status document as JSON")
+    status.add_argument(
+        "--device",
+        metavar="IP",
+        help="one LAN device: its destinations, protected or clear, and why",
+    )
     status.set_defaults(func=cmd_status)
+
+    devices = sub.add_parser(
+        "devices", help="LAN devices and their destinations (from conntrack and DHCP leases)"
+    )
+    devices.add_argument("--json", action="store_true", help="print the view as JSON")
+    devices.set_defaults(func=cmd_devices, device=None)
+
+    explain = sub.add_parser(
+        "explain", help="which policy covers an address and what a new flow to it meets"
+    )
+    explain.add_argument("address", metavar="ADDRESS")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    explain.set_defaults(func=cmd_explain)
 
     offload = sub.add_parser(
         "offload", help="crypto engines: drivers, proofs, speeds, what each is used for"

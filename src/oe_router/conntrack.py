@@ -1,4 +1,4 @@
-"""Forget the conntrack entries of a WAN address the router no longer has.
+"""Conntrack over netlink: forget a lost WAN address's flows; read the flows for a view.
 
 Why: LAN flows are source-NATed to the WAN address with a fixed ``snat`` (``oe/lan.py``),
 and the router's own IKE and ESP flows start from it. When the address goes (a new DHCP
@@ -12,12 +12,14 @@ address. A TCP connection cannot survive the change of its source either way.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable
 
 from oe_router.datapath.base import IPAddress
+from oe_router.devview import Flow
 
-__all__ = ["forget_address"]
+__all__ = ["forget_address", "read_flows"]
 
 log = logging.getLogger("oe_router.daemon")
 
@@ -48,3 +50,36 @@ def forget_address(addresses: Iterable[IPAddress]) -> int:
         where = ", ".join(map(str, addresses))
         log.warning("conntrack: cannot forget the flows of %s (%s)", where, exc)
     return gone
+
+
+def read_flows(limit: int) -> tuple[list[Flow], int, bool]:
+    """Up to ``limit`` conntrack entries' original tuples (``oe status --device``): the
+    flows, how many entries were read, and whether more were left unread. One dump per
+    call, on demand (never per packet). Blocking: run it in a thread. Raises OSError
+    when conntrack cannot be read (no module, no permission)."""
+    try:
+        from pyroute2.conntrack import Conntrack
+    except ImportError as exc:  # pragma: no cover - a runtime dependency
+        raise OSError(f"pyroute2's conntrack is missing ({exc})") from None
+    flows: list[Flow] = []
+    read = 0
+    truncated = False
+    try:
+        with Conntrack() as ct:
+            for entry in ct.dump_entries():
+                if read >= limit:
+                    truncated = True
+                    break
+                read += 1
+                t = entry.tuple_orig
+                try:
+                    src, dst = ipaddress.ip_address(t.saddr), ipaddress.ip_address(t.daddr)
+                except ValueError:
+                    continue
+                dport = t.dport if t.proto in (6, 17, 132) else None
+                flows.append(Flow(src, dst, int(t.proto or 0), dport))
+    except OSError:
+        raise
+    except Exception as exc:  # pyroute2's NetlinkError and parse errors
+        raise OSError(str(exc)) from None
+    return flows, read, truncated

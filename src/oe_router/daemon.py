@@ -22,7 +22,7 @@ from typing import Any
 
 from oe_router import __version__
 from oe_router.config import DEFAULT_CONFIG_PATH, ConfigInvalid, OeConfig, load_config
-from oe_router.conntrack import forget_address
+from oe_router.conntrack import forget_address, read_flows
 from oe_router.control import (
     CommandTable,
     ControlServer,
@@ -37,6 +37,8 @@ from oe_router.control.events import Events
 from oe_router.control.ubus import UbusShim
 from oe_router.datapath.base import Datapath, IPAddress
 from oe_router.datapath.kernel import XfrmSocketHooks
+from oe_router.devcommands import DeviceCommands, FlowReader
+from oe_router.devview import DEFAULT_LEASES, OeSnapshot
 from oe_router.dns.access import LanAccess
 from oe_router.dns.capture import DnsCapture
 from oe_router.dns.hold import KeyLookup, TunnelRequester
@@ -147,6 +149,8 @@ class Daemon:
         build: Callable[[OeConfig, Platform], ServiceRegistry] | None = None,
         watch_network: bool = True,
         forget_flows: Callable[[Iterable[IPAddress]], int] | None = None,
+        read_flows: FlowReader | None = None,
+        leases: Path = Path(DEFAULT_LEASES),
     ) -> None:
         self.config_path = config_path
         self.config = config
@@ -183,6 +187,10 @@ class Daemon:
         self.commands.register("status", self._cmd_status, "the status document")
         self.commands.register("reload", self._cmd_reload, "re-read the config file")
         self.commands.register("help", self._cmd_help, "list the commands")
+        #: ``devices`` and ``explain``: conntrack (``read_flows``, None in tests without a
+        #: kernel) and dnsmasq's ``leases`` against the OE service's state
+        self.devices = DeviceCommands(self.status, self._oe_snapshot, read_flows, leases)
+        self.devices.register(self.commands)
 
     # control commands -------------------------------------------------
     async def _cmd_status(self, request: Request) -> dict[str, object]:
@@ -194,6 +202,10 @@ class Daemon:
 
     async def _cmd_help(self, request: Request) -> dict[str, object]:
         return {"commands": self.commands.help()}
+
+    def _oe_snapshot(self, status: Status) -> OeSnapshot | None:
+        oe = next((s for s in self.registry if isinstance(s, OeService)), None)
+        return None if oe is None else oe.view_snapshot(status.tunnels)
 
     # state --------------------------------------------------------------
     def uptime(self) -> float:
@@ -637,6 +649,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-ubus", action="store_true", help="do not register the ubus object oe")
     parser.add_argument(
+        "--dhcp-leases",
+        type=Path,
+        default=Path(DEFAULT_LEASES),
+        metavar="FILE",
+        help=f"dnsmasq's lease file: MACs and hostnames in oe devices (default {DEFAULT_LEASES})",
+    )
+    parser.add_argument(
         "--syslog",
         nargs="?",
         const=DEV_LOG,
@@ -694,6 +713,8 @@ def main(argv: Sequence[str] | None = None, hups: list[int] | None = None) -> in
         network=probe_network,
         build=build,
         forget_flows=forget_address,
+        read_flows=read_flows,
+        leases=args.dhcp_leases,
     )
     if not args.no_ubus:
         daemon.ubus = UbusShim(daemon.commands, args.ubus_socket, events=events)

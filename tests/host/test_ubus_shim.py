@@ -190,7 +190,8 @@ def test_the_object_and_its_policies_as_ubus_lists_them(lab: Lab) -> None:
     assert [line.strip() for line in listed[1:]] == [
         '"status":{}', '"tunnels":{}', '"shunts":{}', '"offload":{}', '"flush":{}',
         '"reload":{}', '"up":{"peer":"String","auth":"String","mode":"String",'
-        '"peer_key":"String"}', '"down":{"peer":"String"}',
+        '"peer_key":"String"}', '"down":{"peer":"String"}', '"devices":{"device":"String"}',
+        '"explain":{"address":"String"}',
     ]  # fmt: skip
 
 

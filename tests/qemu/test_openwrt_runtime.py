@@ -35,7 +35,7 @@ INITSCRIPT = "/etc/init.d/oe"
 COMMAND = ["/usr/bin/oe-routerd", "--config", "/etc/config/oe", "--syslog"]
 KEYED = "oe-null"  # null.example.test: IPSECKEY with NULL auth, libreswan answers
 NO_IKE = "plain"  # answers IKE with ICMP port unreachable: a pass shunt at once
-READS = ["status", "tunnels", "shunts", "offload"]
+READS = ["status", "tunnels", "shunts", "offload", "devices", "explain"]
 #: logread's ctime() in front of each line: "Sun Dec  6 09:34:04 2026 "
 CTIME = re.compile(r"^\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4} ")
 WRITES = ["flush", "reload", "up", "down"]
@@ -223,7 +223,8 @@ def test_ubus_lists_the_object_oe_with_its_policies(rt: Lab) -> None:
     assert [line.strip() for line in listed[1:]] == [
         '"status":{}', '"tunnels":{}', '"shunts":{}', '"offload":{}', '"flush":{}',
         '"reload":{}', '"up":{"peer":"String","auth":"String","mode":"String",'
-        '"peer_key":"String"}', '"down":{"peer":"String"}',
+        '"peer_key":"String"}', '"down":{"peer":"String"}', '"devices":{"device":"String"}',
+        '"explain":{"address":"String"}',
     ]  # fmt: skip
 
 
@@ -524,9 +525,9 @@ def test_rpcd_session_acl_grants_read_and_write_separately(rt: Lab) -> None:
             return bool(ubus(rt, "session", "access", query)["access"])
 
         viewer, admin = login("oe-viewer"), login("oe-admin")
-        assert [access(viewer, f) for f in READS] == [True] * 4
+        assert [access(viewer, f) for f in READS] == [True] * len(READS)
         assert [access(viewer, f) for f in WRITES] == [False] * 4
-        assert [access(admin, f) for f in (*READS, *WRITES)] == [True] * 8
+        assert [access(admin, f) for f in (*READS, *WRITES)] == [True] * (len(READS) + 4)
     finally:
         for sid in sessions:
             ubus(rt, "session", "destroy", {"ubus_rpc_session": sid})

@@ -206,7 +206,7 @@ def test_status_and_reload_commands_through_the_command_table(tmp_path: Path) ->
     assert reload["ok"] is True
     assert reload["reload"]["accepted"] is False
     assert "bogus" in reload["reload"]["problems"][0]
-    assert set(helped["commands"]) == {"status", "reload", "help"}
+    assert set(helped["commands"]) == {"status", "reload", "help", "devices", "explain"}
 
 
 def test_reload_with_arguments_is_refused_like_help_and_reloads_nothing(tmp_path: Path) -> None:

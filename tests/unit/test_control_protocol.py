@@ -389,7 +389,8 @@ def test_every_command_refuses_wrong_types_and_extra_arguments_before_its_handle
     table = CommandTable()
     for name in COMMAND_ARGS:
         table.register(name, record)
-    valid = {"peer": "192.0.2.1", "auth": "null", "mode": "tunnel", "peer_key": "PEM"}
+    valid = {"peer": "192.0.2.1", "auth": "null", "mode": "tunnel", "peer_key": "PEM",
+             "address": "192.0.2.1", "device": "192.168.1.10"}  # fmt: skip
 
     async def go() -> list[tuple[str, dict[str, object]]]:
         out = []

@@ -41,6 +41,8 @@ def test_the_methods_the_issue_names_and_their_access() -> None:
         "reload": ("reload", "write"),
         "up": ("up", "write"),
         "down": ("down", "write"),
+        "devices": ("devices", "read"),
+        "explain": ("explain", "read"),
     }
 
 
@@ -58,7 +60,9 @@ def test_the_shipped_rpcd_acl_is_the_one_derived_from_the_methods() -> None:
     shipped = json.loads((REPO / "files/usr/share/rpcd/acl.d/oe.json").read_text())
     assert shipped == acl()
     group = shipped["oe"]
-    assert group["read"]["ubus"]["oe"] == ["status", "tunnels", "shunts", "offload"]
+    assert group["read"]["ubus"]["oe"] == [
+        "status", "tunnels", "shunts", "offload", "devices", "explain"
+    ]  # fmt: skip
     assert group["write"]["ubus"]["oe"] == ["flush", "reload", "up", "down"]
 
 

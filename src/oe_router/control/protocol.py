@@ -103,6 +103,15 @@ def host_problem(value: str) -> str | None:
     return None
 
 
+def ip_problem(value: str) -> str | None:
+    """Why ``value`` is not an IP address, or None if it is one."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return "not an IP address"
+    return None
+
+
 @dataclass(frozen=True)
 class Arg:
     """One argument of a control command as it travels: JSON type and limits."""
@@ -134,6 +143,8 @@ COMMAND_ARGS: dict[str, ArgSpec] = {
     },
     "down": {"peer": PEER},
     "flush": {},
+    "devices": {"device": Arg(max_len=45, syntax=ip_problem)},
+    "explain": {"address": Arg(required=True, max_len=45, syntax=ip_problem)},
 }
 
 

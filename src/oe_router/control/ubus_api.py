@@ -96,6 +96,8 @@ METHODS: Mapping[str, Method] = MappingProxyType(
         "reload": Method("reload", "write", _body, _reload_refused),
         "up": Method("up", "write", _body),
         "down": Method("down", "write", _body),
+        "devices": Method("devices", "read", _whole("devices")),
+        "explain": Method("explain", "read", _whole("explain")),
     }
 )
 

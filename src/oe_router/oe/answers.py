@@ -45,6 +45,10 @@ class HeldAnswers:
         auth = self._auth.get(peer)
         return None if auth is None else auth.name
 
+    def named(self) -> dict[IPAddress, PeerAuth]:
+        """Every peer a DNS name led to, with how it must authenticate (the device view)."""
+        return {peer: auth for peer, auth in self._auth.items() if auth.name is not None}
+
     def hold(self, waiter: int, ok: bool) -> None:
         """Hold answer ``waiter`` (``ok``: not already known to go out unprotected)."""
         self._answers[waiter] = _Answer(ok)

@@ -568,6 +568,14 @@ class OeManager:
         ``engine`` names the crypto engine that runs a Child SA's ESP."""
         return self._peers.tunnels(now, self.wan, counters, engine)
 
+    def dns_peers(self) -> dict[IPAddress, tuple[str, str]]:
+        """Every peer a DNS name led to: (the name, how it must authenticate), for the
+        per-device view (``devview``)."""
+        return {
+            peer: (auth.name.to_text(omit_final_dot=True) if auth.name else "", auth.words)
+            for peer, auth in self._answers.named().items()
+        }
+
     def shunts(self, now: float) -> tuple[ShuntStatus, ...]:
         """One row per shunted destination (a shunt is a policy per direction)."""
         return self._shunts.rows(now)

@@ -24,7 +24,7 @@ import dns.name
 from oe_router.config.schema import OeConfig
 from oe_router.control.events import Events
 from oe_router.control.protocol import CommandError, CommandTable, Request
-from oe_router.control.status import StatusContribution
+from oe_router.control.status import StatusContribution, TunnelStatus
 from oe_router.datapath.base import (
     Acquire,
     ChildSaSpec,
@@ -37,6 +37,7 @@ from oe_router.datapath.base import (
     PolicyExpire,
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
+from oe_router.devview import OeSnapshot, snapshot
 from oe_router.oe.actions import (
     Action,
     CheckTraffic,
@@ -257,6 +258,13 @@ class OeService:
             datapath=f"{self._dp.name} ({self._dp.reason})",
             datapath_stats=self._dp.stats(),
         )
+
+    def view_snapshot(self, tunnels: tuple[TunnelStatus, ...]) -> OeSnapshot | None:
+        """What the per-device view (``devview``) needs of OE now; ``tunnels``: every
+        tunnel row of the status (with the IKE engine's). None when OE is not running."""
+        if self._mgr is None:
+            return None
+        return snapshot(self._mgr, self._lan, tunnels, self._clock())
 
     # ------------------------------------------------------------------ control
     def register_commands(self, commands: CommandTable) -> None:
