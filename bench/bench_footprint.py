@@ -18,7 +18,10 @@ on the daemon's PYTHONPATH), so asyncio runs without ssl and nothing loads libss
   SAs (each with its Child SA), per SA and per end (a router holds one end of each).
 - installed: ``package/ipk.py`` (what ``make package`` runs): the .ipk's Installed-Size;
   the dependencies outside python3-light as installed by pip here (stand-in for their
-  OpenWrt packages); strongSwan's Debian packages (dpkg Installed-Size) for comparison.
+  OpenWrt packages); strongSwan's Debian packages (dpkg Installed-Size) for comparison;
+  Debian 12's libreswan and its python3-cryptography/-dnspython/-pyroute2 (which link the
+  system libssl, as OpenWrt's do) by ``apt-get download`` into a cache, Installed-Size
+  read with ``dpkg-deb -f`` (Debian's sizes stand in for OpenWrt's packages).
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ SRC = REPO / "src"
 ANCHORS = SRC / "oe_router" / "dns" / "iana-root-anchors"
 IDLE_S = 3.0
 PEERS_FROM, PEERS_TO = 100, 1000
+#: Debian packages whose Installed-Size stands in for OpenWrt's: libreswan (never installed
+#: here: it conflicts with strongswan) and the Python dependencies as Debian builds them
+DEBS = ("libreswan", "python3-cryptography", "python3-dnspython", "python3-pyroute2")
+DEB_CACHE = Path.home() / ".cache" / "oe-router" / "debs"
 
 NO_SSL = """import sys
 
@@ -317,8 +324,40 @@ def _installed(work: Path) -> dict[str, Any]:
         parts = line.split()
         if len(parts) == 2 and parts[1].isdigit():
             swan[parts[0]] = int(parts[1])
+    debs, why = debian_sizes(DEBS, DEB_CACHE)
     return {"installed_kb": int(m.group(1)) // 1024, "deps_installed_kb_pip": deps,
-            "strongswan_deb_installed_kb": swan}  # fmt: skip
+            "strongswan_deb_installed_kb": swan, "debian_deb_installed_kb": debs,
+            "debian_deb_missing": why}  # fmt: skip
+
+
+def debian_sizes(names: tuple[str, ...], cache: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Installed-Size (KiB) and version of Debian packages by name, from .debs fetched once
+    into ``cache`` with ``apt-get download`` (never installed); what could not be had, and
+    why, in the second dict rather than an exception."""
+    cache.mkdir(parents=True, exist_ok=True)
+    sizes: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    for name in names:
+        found = sorted(cache.glob(f"{name}_*.deb"))
+        if not found:
+            try:
+                p = subprocess.run(["apt-get", "download", name], cwd=cache, capture_output=True,
+                                   text=True, timeout=300, check=False)  # fmt: skip
+                why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+            except (OSError, subprocess.TimeoutExpired) as e:
+                why = repr(e)
+            found = sorted(cache.glob(f"{name}_*.deb"))
+            if not found:
+                missing[name] = f"apt-get download failed: {why}"
+                continue
+        fields = subprocess.run(["dpkg-deb", "-f", str(found[-1]), "Installed-Size", "Version"],
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        got = dict(line.split(": ", 1) for line in fields.stdout.splitlines() if ": " in line)
+        if not got.get("Installed-Size", "").isdigit():
+            missing[name] = f"dpkg-deb -f {found[-1].name}: {fields.stderr.strip()[-200:]}"
+            continue
+        sizes[name] = {"installed_kb": int(got["Installed-Size"]), "version": got.get("Version")}
+    return sizes, missing
 
 
 def run() -> list[Result]:

@@ -10,13 +10,14 @@ aioquic's ``CryptoPair``), so no caller asks "are we the initiator?" to seal or 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .constants import ExchangeType, HeaderFlag
 from .crypto import SkCipher, sk_cipher
 from .fragments import FragmentLimits, FragmentReassembler, FragmentStats
-from .keys import IkeSaKeys, Prf, ike_sa_keys, rekey_skeyseed, skeyseed
+from .keys import IkeSaKeys, Prf, ike_sa_keys, prf_of, rekey_skeyseed, skeyseed
 from .message import Message, decrypt
 from .payloads import SKF, Payload
 from .proposals import IkeChoice
@@ -61,7 +62,7 @@ class LinkKeys:
     ) -> LinkKeys:
         """{SK_d | SK_ai | SK_ar | SK_ei | SK_er | SK_pi | SK_pr} from SKEYSEED (§2.14)."""
         s = choice.spec
-        prf = Prf(s.prf)
+        prf = prf_of(s.prf)
         cipher = sk_cipher(s.encr, s.key_bits, s.integ)
         k = ike_sa_keys(
             prf,
@@ -91,6 +92,17 @@ class LinkSettings:
     retransmit_tries: int
     fragment_size: int
     fragment_limits: FragmentLimits
+
+    @staticmethod
+    @functools.lru_cache(maxsize=32)
+    def shared(
+        retransmit_timeout: float,
+        retransmit_tries: int,
+        fragment_size: int,
+        fragment_limits: FragmentLimits,
+    ) -> LinkSettings:
+        """One shared (frozen) object per distinct configuration, not one per IKE SA."""
+        return LinkSettings(retransmit_timeout, retransmit_tries, fragment_size, fragment_limits)
 
 
 class IkeLink:
@@ -147,9 +159,10 @@ class IkeLink:
         self.tries = 0
         self._sink, self._random, self._stats = sink, random, stats
         self.settings = settings
-        self._last_request: list[bytes] = []
+        # () while empty: a shared tuple, not a 56-byte list per link (docs/footprint.md)
+        self._last_request: Sequence[bytes] = ()
         self._cached_mid = -1
-        self._cached_response: list[bytes] = []
+        self._cached_response: Sequence[bytes] = ()
         self._iv_counter = 0
         self._reassembler: FragmentReassembler | None = None
 
@@ -160,7 +173,7 @@ class IkeLink:
 
     def derive(self, choice: IkeChoice, shared: bytes) -> None:
         """Keys of a fresh IKE SA: SKEYSEED = prf(Ni | Nr, g^ir) (§2.14)."""
-        seed = skeyseed(Prf(choice.spec.prf), self.ni, self.nr, shared)
+        seed = skeyseed(prf_of(choice.spec.prf), self.ni, self.nr, shared)
         spis = (self.spi_i, self.spi_r)
         self.keys = LinkKeys.derive(choice, seed, (self.ni, self.nr), spis, self.is_initiator)
 
@@ -279,7 +292,7 @@ class IkeLink:
 
     def answered(self) -> None:
         self.retransmit_at = None
-        self._last_request = []  # never resent now: an idle IKE SA holds no old request
+        self._last_request = ()  # never resent now: an idle IKE SA holds no old request
 
     # ------------------------------------------------------------------ the peer's requests
 

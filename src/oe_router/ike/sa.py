@@ -56,7 +56,7 @@ from .proposals import (
     select_ike_proposal,
 )
 from .retired import RetiredLink
-from .selectors import ContainmentPolicy
+from .selectors import ContainmentPolicy, reuse
 from .states import ChildState, IkeState, TaskState, log_change
 from .tasks.base import Responder, Task
 from .tasks.child_sa import CreateChildTask, RekeyChildTask
@@ -248,7 +248,7 @@ class IkeSa:
         self._events: list[Event] = []  # a list, not a deque: 56 bytes, not 760, per SA
         self._out: list[bytes] = []
         self._frag_stats = FragmentStats()  # of every link, current and retired
-        settings = LinkSettings(
+        settings = LinkSettings.shared(
             config.retransmit_timeout,
             config.retransmit_tries,
             config.fragment_size,
@@ -645,8 +645,8 @@ class IkeSa:
             ain,
             eout,
             aout,
-            tuple(ts[0]),
-            tuple(ts[1]),
+            reuse(ts[0], self.config.local_ts),
+            reuse(ts[1], self.config.remote_ts),
             p.nat_local or p.nat_remote,
             request_id,
             addresses,
