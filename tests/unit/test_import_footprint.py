@@ -55,7 +55,7 @@ NEVER = (
 )
 
 
-#: what the start does besides importing (the shipped root anchors, the offload
+#: what the start does besides importing (its arguments, the shipped root anchors, the offload
 #: known-answer vectors, an atomic write of anchor state or the host key, PATH lookups
 #: for ubus/uci/nft) loads none of these: importlib.resources, tempfile and shutil bring
 #: bz2, lzma, zlib ... (~1 MB of RSS for the daemon's life)
@@ -216,6 +216,7 @@ def test_what_the_start_reads_and_writes_loads_no_archive_modules(tmp_path: Path
         from oe_router.offload.engine import TRANSFORMS
         from oe_router.offload.kat import run_kat
         from oe_router.offload.software import SoftwareEngine
+        oe_router.daemon.parse_args(["--no-ubus"])  # argparse's help formatter
         kat = run_kat(SoftwareEngine(), next(iter(TRANSFORMS.values())), quick=True)
         write_atomic({str(tmp_path / "state")!r}, b"x", 0o600)
         print(json.dumps({{"loaded": sorted(m for m in {AT_START_NEVER!r} if m in sys.modules),
