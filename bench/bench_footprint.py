@@ -45,8 +45,11 @@ ANCHORS = SRC / "oe_router" / "dns" / "iana-root-anchors"
 IDLE_S = 3.0
 PEERS_FROM, PEERS_TO = 100, 1000
 #: Debian packages whose Installed-Size stands in for OpenWrt's: libreswan (never installed
-#: here: it conflicts with strongswan) and the Python dependencies as Debian builds them
-DEBS = ("libreswan", "python3-cryptography", "python3-dnspython", "python3-pyroute2")
+#: here: it conflicts with strongswan) and the Python dependencies as Debian builds them;
+#: then the big shared libraries they link, which their own sizes leave out: libssl3
+#: (python3-cryptography; strongSwan's openssl plugin), libnss3 and libunbound8 (libreswan)
+DEBS = ("libreswan", "python3-cryptography", "python3-dnspython", "python3-pyroute2",
+        "libssl3", "libnss3", "libunbound8")  # fmt: skip
 DEB_CACHE = Path.home() / ".cache" / "oe-router" / "debs"
 
 NO_SSL = """import sys
