@@ -13,7 +13,7 @@ from pathlib import Path
 
 from oe_router.ike.payloads import TrafficSelector
 from oe_router.ike.selectors import intersect
-from tests.ike_pair import configs, establish
+from tests.ike_pair import configs, establish, replace
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -34,8 +34,19 @@ def test_two_ike_sas_share_their_keyless_parts_and_not_their_keys() -> None:
 def test_a_child_sa_keeps_the_configured_selectors_not_copies() -> None:
     ini_cfg, res_cfg = configs()
     _, _, ic, rc = establish(ini_cfg, res_cfg)
-    assert ic.ts_local[0] is ini_cfg.local_ts[0] and ic.ts_remote[0] is ini_cfg.remote_ts[0]
-    assert rc.ts_local[0] is res_cfg.local_ts[0] and rc.ts_remote[0] is res_cfg.remote_ts[0]
+    assert ic.ts_local is ini_cfg.local_ts and ic.ts_remote is ini_cfg.remote_ts
+    assert rc.ts_local is res_cfg.local_ts and rc.ts_remote is res_cfg.remote_ts
+
+
+def test_a_narrowed_selector_is_kept_as_narrowed() -> None:
+    """Where the responder narrows the initiator's selectors, the Child SA keeps what was
+    agreed (an equal configured one where there is one, the narrowed one otherwise)."""
+    ini_cfg, res_cfg = configs()
+    wide = (TrafficSelector.for_network("192.0.2.0/24"),)
+    ini_cfg = replace(ini_cfg, local_ts=wide)
+    _, _, ic, rc = establish(ini_cfg, res_cfg)
+    assert ic.ts_local == res_cfg.remote_ts and ic.ts_local != wide
+    assert rc.ts_remote is res_cfg.remote_ts
 
 
 def test_a_one_host_selector_holds_one_address_object() -> None:

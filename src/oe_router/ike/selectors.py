@@ -56,7 +56,9 @@ def reuse(
     Child SA that got the selectors its IKE SA was configured with keeps no copies of
     them (~200 bytes per Child SA; selectors are never changed after they are made)."""
     known = tuple(known)
-    return tuple(next((k for k in known if k == s), s) for s in selectors)
+    got = tuple(next((k for k in known if k == s), s) for s in selectors)
+    same = len(got) == len(known) and all(a is b for a, b in zip(got, known, strict=True))
+    return known if same else got  # all of them: the configured tuple itself
 
 
 def contains(outer: TrafficSelector, inner: TrafficSelector) -> bool:
