@@ -16,6 +16,8 @@ on the daemon's PYTHONPATH), so asyncio runs without ssl and nothing loads libss
 - per peer: one process holds both ends (``IkeEndpoint`` initiator and responder over
   loopback, ECDSA P-256, DH 19, AES-GCM); RSS growth from 100 to 1,000 established IKE
   SAs (each with its Child SA), per SA and per end (a router holds one end of each).
+  Each responder SA is configured with the initiator's key as a new object, as the
+  daemon holds a keyed peer's key: parsed from its IPSECKEY record (``dns.ipseckey``).
 - installed: ``package/ipk.py`` (what ``make package`` runs): the .ipk's Installed-Size;
   the dependencies outside python3-light as installed by pip here (stand-in for their
   OpenWrt packages); strongSwan's Debian packages (dpkg Installed-Size) for comparison;
@@ -215,11 +217,18 @@ def _charon_idle(work: Path) -> dict[str, Any]:
 async def _peers_run(counts: tuple[int, ...]) -> dict[str, Any]:
     """Establish IKE SAs (with their first Child SA) up to each of ``counts``; the process's
     RSS at each count, with both ends in this process."""
+    import base64
     import gc
 
+    import dns.name
+    import dns.rdata
+    import dns.rdataclass
+    import dns.rdatatype
     from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     from bench.bench_ike import ESP_SPEC, IKE_SPEC, _ts
+    from oe_router.dns.ipseckey import PeerKey, PublicKey, interpret
     from oe_router.ike.constants import IdType
     from oe_router.ike.endpoint import IkeEndpoint, SaHandle
     from oe_router.ike.events import ChildSaEstablished, Event, IkeSaFailed
@@ -238,10 +247,22 @@ async def _peers_run(counts: tuple[int, ...]) -> dict[str, Any]:
         if isinstance(ev, ChildSaEstablished):
             done["res"] += 1
 
+    point = ka.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    record = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.IPSECKEY,
+                                 f"10 0 3 . {base64.b64encode(point[1:]).decode()}")  # fmt: skip
+    owner = dns.name.from_text("a.example.")
+
+    def peer_key() -> PublicKey:
+        """The initiator's key as the daemon holds a keyed peer's: parsed from its
+        IPSECKEY record by the DNS front's parser, one object per peer."""
+        got = interpret(owner, record)
+        assert isinstance(got, PeerKey) and got.public_key is not None
+        return got.public_key
+
     def policy(local: tuple[str, int], remote: tuple[str, int]) -> IkeSaConfig:
         return IkeSaConfig(local, remote, _ts(), _ts(), ike_proposals=(IKE_SPEC,),
                            esp_proposals=(ESP_SPEC,), local_id=(IdType.ID_FQDN, b"b.example"),
-                           private_key=kb, peer_public_key=ka.public_key())  # fmt: skip
+                           private_key=kb, peer_public_key=peer_key())  # fmt: skip
 
     top = max(counts)
     ini = IkeEndpoint(["127.0.0.1"], on_event=on_ini, clock=time.monotonic, ike_port=0,
