@@ -16,9 +16,14 @@ on the daemon's PYTHONPATH), so asyncio runs without ssl and nothing loads libss
 - per peer: one process holds both ends (``IkeEndpoint`` initiator and responder over
   loopback, ECDSA P-256, DH 19, AES-GCM); RSS growth from 100 to 1,000 established IKE
   SAs (each with its Child SA), per SA and per end (a router holds one end of each).
+  Each responder SA is configured with the initiator's key as a new object, as the
+  daemon holds a keyed peer's key: parsed from its IPSECKEY record (``dns.ipseckey``).
 - installed: ``package/ipk.py`` (what ``make package`` runs): the .ipk's Installed-Size;
   the dependencies outside python3-light as installed by pip here (stand-in for their
-  OpenWrt packages); strongSwan's Debian packages (dpkg Installed-Size) for comparison.
+  OpenWrt packages); strongSwan's Debian packages (dpkg Installed-Size) for comparison;
+  Debian 12's libreswan and its python3-cryptography/-dnspython/-pyroute2 (which link the
+  system libssl, as OpenWrt's do) by ``apt-get download`` into a cache, Installed-Size
+  read with ``dpkg-deb -f`` (Debian's sizes stand in for OpenWrt's packages).
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ SRC = REPO / "src"
 ANCHORS = SRC / "oe_router" / "dns" / "iana-root-anchors"
 IDLE_S = 3.0
 PEERS_FROM, PEERS_TO = 100, 1000
+#: Debian packages whose Installed-Size stands in for OpenWrt's: libreswan (never installed
+#: here: it conflicts with strongswan) and the Python dependencies as Debian builds them;
+#: then the big shared libraries they link, which their own sizes leave out: libssl3
+#: (python3-cryptography; strongSwan's openssl plugin), libnss3 and libunbound8 (libreswan)
+DEBS = ("libreswan", "python3-cryptography", "python3-dnspython", "python3-pyroute2",
+        "libssl3", "libnss3", "libunbound8")  # fmt: skip
+DEB_CACHE = Path.home() / ".cache" / "oe-router" / "debs"
 
 NO_SSL = """import sys
 
@@ -205,11 +217,18 @@ def _charon_idle(work: Path) -> dict[str, Any]:
 async def _peers_run(counts: tuple[int, ...]) -> dict[str, Any]:
     """Establish IKE SAs (with their first Child SA) up to each of ``counts``; the process's
     RSS at each count, with both ends in this process."""
+    import base64
     import gc
 
+    import dns.name
+    import dns.rdata
+    import dns.rdataclass
+    import dns.rdatatype
     from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     from bench.bench_ike import ESP_SPEC, IKE_SPEC, _ts
+    from oe_router.dns.ipseckey import PeerKey, PublicKey, interpret
     from oe_router.ike.constants import IdType
     from oe_router.ike.endpoint import IkeEndpoint, SaHandle
     from oe_router.ike.events import ChildSaEstablished, Event, IkeSaFailed
@@ -228,10 +247,22 @@ async def _peers_run(counts: tuple[int, ...]) -> dict[str, Any]:
         if isinstance(ev, ChildSaEstablished):
             done["res"] += 1
 
+    point = ka.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    record = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.IPSECKEY,
+                                 f"10 0 3 . {base64.b64encode(point[1:]).decode()}")  # fmt: skip
+    owner = dns.name.from_text("a.example.")
+
+    def peer_key() -> PublicKey:
+        """The initiator's key as the daemon holds a keyed peer's: parsed from its
+        IPSECKEY record by the DNS front's parser, one object per peer."""
+        got = interpret(owner, record)
+        assert isinstance(got, PeerKey) and got.public_key is not None
+        return got.public_key
+
     def policy(local: tuple[str, int], remote: tuple[str, int]) -> IkeSaConfig:
         return IkeSaConfig(local, remote, _ts(), _ts(), ike_proposals=(IKE_SPEC,),
                            esp_proposals=(ESP_SPEC,), local_id=(IdType.ID_FQDN, b"b.example"),
-                           private_key=kb, peer_public_key=ka.public_key())  # fmt: skip
+                           private_key=kb, peer_public_key=peer_key())  # fmt: skip
 
     top = max(counts)
     ini = IkeEndpoint(["127.0.0.1"], on_event=on_ini, clock=time.monotonic, ike_port=0,
@@ -317,8 +348,40 @@ def _installed(work: Path) -> dict[str, Any]:
         parts = line.split()
         if len(parts) == 2 and parts[1].isdigit():
             swan[parts[0]] = int(parts[1])
+    debs, why = debian_sizes(DEBS, DEB_CACHE)
     return {"installed_kb": int(m.group(1)) // 1024, "deps_installed_kb_pip": deps,
-            "strongswan_deb_installed_kb": swan}  # fmt: skip
+            "strongswan_deb_installed_kb": swan, "debian_deb_installed_kb": debs,
+            "debian_deb_missing": why}  # fmt: skip
+
+
+def debian_sizes(names: tuple[str, ...], cache: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Installed-Size (KiB) and version of Debian packages by name, from .debs fetched once
+    into ``cache`` with ``apt-get download`` (never installed); what could not be had, and
+    why, in the second dict rather than an exception."""
+    cache.mkdir(parents=True, exist_ok=True)
+    sizes: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    for name in names:
+        found = sorted(cache.glob(f"{name}_*.deb"))
+        if not found:
+            try:
+                p = subprocess.run(["apt-get", "download", name], cwd=cache, capture_output=True,
+                                   text=True, timeout=300, check=False)  # fmt: skip
+                why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+            except (OSError, subprocess.TimeoutExpired) as e:
+                why = repr(e)
+            found = sorted(cache.glob(f"{name}_*.deb"))
+            if not found:
+                missing[name] = f"apt-get download failed: {why}"
+                continue
+        fields = subprocess.run(["dpkg-deb", "-f", str(found[-1]), "Installed-Size", "Version"],
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        got = dict(line.split(": ", 1) for line in fields.stdout.splitlines() if ": " in line)
+        if not got.get("Installed-Size", "").isdigit():
+            missing[name] = f"dpkg-deb -f {found[-1].name}: {fields.stderr.strip()[-200:]}"
+            continue
+        sizes[name] = {"installed_kb": int(got["Installed-Size"]), "version": got.get("Version")}
+    return sizes, missing
 
 
 def run() -> list[Result]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -78,6 +77,17 @@ class Resolved:
         if self.device == self.name and self.via == "device":
             return f"{self.name} (device)"
         return f"{self.name} ({self.device}, {self.via})"
+
+
+def which(command: str) -> str | None:
+    """The executable ``command`` on PATH, as ``shutil.which`` finds it: shutil is not
+    imported for this, as with the bz2 and lzma it imports it costs the daemon ~0.7 MB
+    of RSS for its whole life (docs/footprint.md)."""
+    for folder in os.get_exec_path():
+        path = os.path.join(folder, command)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
 
 
 def _config_device(pkg: UciPackage, name: str, seen: frozenset[str] = frozenset()) -> str:
@@ -152,7 +162,7 @@ def resolve(
 def netifd_dump(timeout: float = 3.0) -> dict[str, dict[str, Any]] | None:
     """netifd's interfaces by name (``ubus call network.interface dump``); None without
     ubus or netifd (a host, or a router before S20network)."""
-    ubus = shutil.which("ubus")
+    ubus = which("ubus")
     if ubus is None:
         return None
     try:
@@ -178,7 +188,7 @@ def uci_network(path: Path = NETWORK_CONFIG) -> UciPackage | None:
     """/etc/config/network, as ``uci export`` gives it where uci is (it merges what other
     tools staged), else read from the file; None when there is none or it does not parse."""
     text = None
-    uci = shutil.which("uci")
+    uci = which("uci")
     if uci is not None and path == NETWORK_CONFIG:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             res = subprocess.run(

@@ -13,7 +13,6 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import shutil
 import socket
 import subprocess
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from typing import Any
 from oe_router.config.schema import OeConfig
 from oe_router.config.uci import UciPackage
 from oe_router.datapath.base import IPAddress, IPNetwork
-from oe_router.netnames import Resolved, link_names, netifd_dump, resolve, uci_network
+from oe_router.netnames import Resolved, link_names, netifd_dump, resolve, uci_network, which
 
 __all__ = [
     "NetworkSources",
@@ -178,7 +177,7 @@ def userspace_esp() -> tuple[bool, str]:
     """Whether the userspace datapath can run here (a TUN device and nftables)."""
     if not Path("/dev/net/tun").exists():
         return False, "no /dev/net/tun (load the tun module)"
-    if shutil.which("nft") is None:
+    if which("nft") is None:
         return False, "nft not found (the userspace datapath needs nftables)"
     return True, "TUN and nftables present"
 

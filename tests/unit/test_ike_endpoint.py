@@ -85,6 +85,21 @@ async def test_null_auth_over_udp_then_delete() -> None:
 
 
 @run_async
+async def test_sas_on_one_socket_share_its_address_tuple() -> None:
+    """Every IKE SA on a socket holds the same (address, port) object, not a copy each
+    (docs/footprint.md: per-peer memory); the address is still the socket's."""
+    async with pair() as (ini, res, ri, rr, seen):
+        h1 = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
+        h2 = ini.initiate(ini_config(ini, res), remote_natt_port=res.natt_port)
+        await ri.wait_for(ChildSaEstablished, 2)
+        await rr.wait_for(ChildSaEstablished, 2)
+        assert h1.local == ("127.0.0.1", ini.ike_port) and h1.local is h2.local
+        r1, r2 = res.handles()
+        assert r1.local == ("127.0.0.1", res.ike_port) and r1.local is r2.local
+        assert seen[0][0] is seen[1][0] is r1.local
+
+
+@run_async
 async def test_nat_detected_floats_to_natt_port_with_marker() -> None:
     """The initiator claims a private source address (as if behind a NAT): both see the
     NAT_DETECTION mismatch, IKE_AUTH goes out on the NAT-T sockets with the marker."""

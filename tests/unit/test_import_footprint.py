@@ -55,6 +55,13 @@ NEVER = (
 )
 
 
+#: what the start does besides importing (its arguments, the shipped root anchors, the offload
+#: known-answer vectors, an atomic write of anchor state or the host key, PATH lookups
+#: for ubus/uci/nft) loads none of these: importlib.resources, tempfile and shutil bring
+#: bz2, lzma, zlib ... (~1 MB of RSS for the daemon's life)
+AT_START_NEVER = ("importlib.resources", "tempfile", "shutil", "bz2", "lzma")
+
+
 def run_python(code: str) -> dict[str, object]:
     """Run ``code`` (which prints one JSON document last) in a fresh ssl-less interpreter."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -196,3 +203,28 @@ def test_defer_runs_a_package_init_only_when_one_of_its_names_is_asked(tmp_path:
         "ran": True,
         "missing": "AttributeError",
     }
+
+
+def test_what_the_start_reads_and_writes_loads_no_archive_modules(tmp_path: Path) -> None:
+    doc = run_python(
+        f"""
+        import json
+        import oe_router.daemon
+        from oe_router.atomic import write_atomic
+        from oe_router.dns.autotrust import seed_exists, seed_text
+        from oe_router.netnames import which
+        from oe_router.offload.engine import TRANSFORMS
+        from oe_router.offload.kat import run_kat
+        from oe_router.offload.software import SoftwareEngine
+        oe_router.daemon.parse_args(["--no-ubus"])  # argparse's help formatter
+        kat = run_kat(SoftwareEngine(), next(iter(TRANSFORMS.values())), quick=True)
+        write_atomic({str(tmp_path / "state")!r}, b"x", 0o600)
+        print(json.dumps({{"loaded": sorted(m for m in {AT_START_NEVER!r} if m in sys.modules),
+                          "seed": seed_exists() and "DS" in seed_text(), "kat": kat.passed,
+                          "sh": which("sh") is not None}}))
+        """
+    )
+    assert doc == {"loaded": [], "seed": True, "kat": True, "sh": True}
+    assert (tmp_path / "state").read_bytes() == b"x"
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["state"]  # no temporary file left

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from oe_router.config.schema import OeConfig
 from oe_router.config.uci import parse
-from oe_router.netnames import resolve
+from oe_router.netnames import resolve, which
 from oe_router.platform import NetworkSources, Platform, network_change, probe_network
 
 #: OpenWrt 23.05's default x86 layout, plus the kinds of WAN a home router has
@@ -177,3 +180,20 @@ def test_a_new_device_for_the_same_address_is_a_change() -> None:
     dump = {"wan": {"interface": "wan", "up": True, "l3_device": "pppoe-wan"}}
     b = probe_network(OeConfig(), a, _sources({"pppoe-wan": ["203.0.113.2/32"]}, dump))
     assert "WAN devices eth1 -> pppoe-wan" in network_change(a, b)
+
+
+def test_which_finds_what_shutil_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's PATH lookup (ubus, uci, nft) answers as ``shutil.which`` does: the
+    first executable file on PATH; not a directory, not a file without the x bit."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "tool").write_text("")  # not executable: skipped
+    (tmp_path / "a" / "dir").mkdir()  # a directory: skipped
+    for name in ("tool", "dir"):
+        (tmp_path / "b" / name).write_text("#!/bin/sh\n")
+        os.chmod(tmp_path / "b" / name, 0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}")
+    for name in ("tool", "dir", "missing"):
+        assert which(name) == shutil.which(name)
+    assert which("tool") == str(tmp_path / "b" / "tool")
+    assert which("missing") is None

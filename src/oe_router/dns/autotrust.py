@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from importlib import resources
 from pathlib import Path
 
 import dns.message
@@ -41,12 +40,19 @@ SEED = "iana-root-anchors"
 TIMERS_ENV = "OE_ROUTER_ANCHOR_TIMERS"
 
 
+def _seed() -> Path:
+    """The shipped file, next to this module (read as a plain file, not through
+    ``importlib.resources``: that imports tempfile, shutil, bz2, lzma ... ~1 MB of RSS
+    for the life of the daemon, docs/footprint.md; the package is never zipped)."""
+    return Path(__file__).with_name(SEED)
+
+
 def seed_text() -> str:
-    return resources.files("oe_router.dns").joinpath(SEED).read_text(encoding="ascii")
+    return _seed().read_text(encoding="ascii")
 
 
 def seed_exists() -> bool:
-    return resources.files("oe_router.dns").joinpath(SEED).is_file()
+    return _seed().is_file()
 
 
 def timers_from_environ(environ: Mapping[str, str] | None = None) -> Timers:

@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
 from dns.rdtypes.IN.IPSECKEY import IPSECKEY
 
+from oe_router.storedkey import StoredP256Key
+
 __all__ = [
     "ALG_ECDSA",
     "ALG_EDDSA",
@@ -173,7 +175,7 @@ def _p256_from_raw(blob: bytes) -> ec.EllipticCurvePublicKey:
     else:
         raise _BadKey(f"ECDSA key has {len(blob)} bytes; P-256 needs 64 (X || Y)")
     try:
-        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+        return StoredP256Key(point)  # 65 bytes kept, not an OpenSSL key (docs/footprint.md)
     except ValueError:
         raise _BadKey("ECDSA key is not a point on P-256") from None
 
@@ -198,7 +200,8 @@ def _from_spki(blob: bytes, min_bits: int) -> tuple[KeyKind, PublicKey]:
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ec.SECP256R1):
             raise _BadKey(f"ECDSA curve {key.curve.name} is not supported (only P-256)")
-        return KeyKind.ECDSA_P256, key
+        point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        return KeyKind.ECDSA_P256, StoredP256Key(point)
     if isinstance(key, ed25519.Ed25519PublicKey):
         return KeyKind.ED25519, key
     raise _BadKey(f"public key type {type(key).__name__} is not supported")

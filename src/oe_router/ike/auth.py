@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from .constants import AuthMethod, HashAlgorithm, NotifyType
@@ -24,6 +24,19 @@ KEY_PAD = b"Key Pad for IKEv2"
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+
+def _checking_copy(key: PublicKey) -> PublicKey:
+    """A short-lived copy of a peer's key to verify a signature with. OpenSSL 3 keeps what
+    a verification prepares on the key object for as long as it lives (~1.9 KB for a
+    P-256 key), and the daemon keeps each keyed peer's key object for as long as it
+    knows the peer (docs/footprint.md); the copy costs ~25 us per IKE_AUTH."""
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    copy = serialization.load_der_public_key(der)
+    assert isinstance(copy, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
+    return copy
 
 
 def signed_octets(
@@ -126,6 +139,7 @@ class SignatureScheme:
     def verify(self, key: PublicKey, signature: bytes, data: bytes) -> bool:
         if not self.suits(key):
             return False
+        key = _checking_copy(key)
         try:
             if isinstance(key, rsa.RSAPublicKey):
                 pad = self._pss() if self.kind == "rsa-pss" else padding.PKCS1v15()
@@ -272,8 +286,10 @@ def verify_signature_auth(
     if auth.method == AuthMethod.RSA_DIGITAL_SIGNATURE:
         if not isinstance(key, rsa.RSAPublicKey):
             raise _auth_failed("RSA signature method but the peer's key is not RSA")
+        checker = _checking_copy(key)
+        assert isinstance(checker, rsa.RSAPublicKey)
         try:
-            key.verify(auth.data, octets, padding.PKCS1v15(), hashes.SHA1())
+            checker.verify(auth.data, octets, padding.PKCS1v15(), hashes.SHA1())
         except (InvalidSignature, ValueError):
             raise _auth_failed("RSA (method 1) signature does not verify") from None
         return None

@@ -173,6 +173,9 @@ class IkeEndpoint:
         self._half_open: dict[tuple[bytes, Address], SaHandle] = {}  # (SPIi, peer) -> SA
         self._handles: dict[SaHandle, None] = {}  # insertion-ordered set
         self._peers: dict[str, int] = {}  # address -> established IKE SAs with it
+        #: one (address, port) tuple per socket, which every SA on it shares (not ~128 B
+        #: of tuple and string per IKE SA: docs/footprint.md)
+        self._locals: dict[Address, Address] = {}
         #: bytes of incomplete fragmented messages held by all SAs (``held``), and their limit
         self.fragments: FragmentBudget[SaHandle] = FragmentBudget(fragment_limits)
 
@@ -264,11 +267,16 @@ class IkeEndpoint:
             raise IkeError(f"local address {ip} has no IKE socket (have {have})")
         now = self._clock()
         sa = IkeSa.initiator(config, now, self._random)
-        h = SaHandle(sa, (ip, self.ike_port), config.remote_address, remote_natt_port, now)
+        local = self._local((ip, self.ike_port))
+        h = SaHandle(sa, local, config.remote_address, remote_natt_port, now)
         self._handles[h] = None
         self._by_ispi[sa.spi_i] = h
         self._after(h)
         return h
+
+    def _local(self, address: Address) -> Address:
+        """The shared tuple for one of our socket addresses."""
+        return self._locals.setdefault(address, address)
 
     def flush(self, handle: SaHandle) -> None:
         """Send what ``handle.sa`` queued and deliver its events (after calling its methods)."""
@@ -397,7 +405,7 @@ class IkeEndpoint:
         admitted = self._admission.admit(data, ip, now, ip in self._peers, demand)
         if admitted is None:
             return None
-        local = (local_ip, self.natt_port if natt else self.ike_port)
+        local = self._local((local_ip, self.natt_port if natt else self.ike_port))
         config = self._policy(local, remote)
         if config is None:
             # Silence, as libreswan does for a peer in its clear group: an answer such as

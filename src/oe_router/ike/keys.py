@@ -6,6 +6,7 @@ vectors (NIST SP 800-135 IKEv2 KDF) and against a peer's key log.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
@@ -50,6 +51,12 @@ class Prf:
             out += t
             n += 1
         return bytes(out[:length])
+
+
+@functools.lru_cache(maxsize=8)
+def prf_of(prf_id: int) -> Prf:
+    """The one shared ``Prf`` of a transform (it holds no key): not two per IKE SA."""
+    return Prf(prf_id)
 
 
 def skeyseed(prf: Prf, ni: bytes, nr: bytes, shared: bytes) -> bytes:

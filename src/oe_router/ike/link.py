@@ -4,19 +4,21 @@ Why apart from ``IkeSa``: an IKE SA rekey (RFC 7296 §2.18) replaces exactly thi
 part (new SPIs, new keys, message IDs from zero) while the Child SAs, the request
 queue and the events stay. So a rekey makes a new ``IkeLink`` and the old one is
 kept as a retired link until the Delete exchange ends; nothing is swapped field by
-field. The keys of each direction are picked once, when the link is derived (as
-aioquic's ``CryptoPair``), so no caller asks "are we the initiator?" to seal or open.
+field. The keys of each direction follow from the role the link's keys were derived
+for (as aioquic's ``CryptoPair``), so no caller asks "are we the initiator?" to seal or
+open.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .constants import ExchangeType, HeaderFlag
 from .crypto import SkCipher, sk_cipher
 from .fragments import FragmentLimits, FragmentReassembler, FragmentStats
-from .keys import IkeSaKeys, Prf, ike_sa_keys, rekey_skeyseed, skeyseed
+from .keys import IkeSaKeys, Prf, ike_sa_keys, prf_of, rekey_skeyseed, skeyseed
 from .message import Message, decrypt
 from .payloads import SKF, Payload
 from .proposals import IkeChoice
@@ -38,17 +40,15 @@ class KeyContext:
 
 @dataclass(frozen=True, slots=True)
 class LinkKeys:
-    """The transforms and SK_* keys of one IKE SA, with the send/receive contexts
-    of our role made once at derivation."""
+    """The transforms and SK_* keys of one IKE SA; the send and receive contexts and
+    SK_p of each side follow from our role. They are made at each use, not kept: two
+    ``KeyContext`` objects per IKE SA are ~150 bytes per peer (docs/footprint.md)."""
 
     choice: IkeChoice
     prf: Prf = field(repr=False)
     keys: IkeSaKeys = field(repr=False)
-    send: KeyContext = field(repr=False)
-    recv: KeyContext = field(repr=False)
-    # SK_p of each side, for AUTH (RFC 7296 §2.15)
-    sk_p_ours: bytes = field(repr=False)
-    sk_p_peer: bytes = field(repr=False)
+    cipher: SkCipher = field(repr=False)
+    we_initiate: bool
 
     @classmethod
     def derive(
@@ -61,7 +61,7 @@ class LinkKeys:
     ) -> LinkKeys:
         """{SK_d | SK_ai | SK_ar | SK_ei | SK_er | SK_pi | SK_pr} from SKEYSEED (§2.14)."""
         s = choice.spec
-        prf = Prf(s.prf)
+        prf = prf_of(s.prf)
         cipher = sk_cipher(s.encr, s.key_bits, s.integ)
         k = ike_sa_keys(
             prf,
@@ -73,14 +73,26 @@ class LinkKeys:
             integ_key_len=cipher.integ_key_len,
             encr_key_len=cipher.encr_key_len,
         )
-        i_side, r_side = KeyContext(cipher, k.sk_ei, k.sk_ai), KeyContext(cipher, k.sk_er, k.sk_ar)
-        if we_initiate:
-            return cls(choice, prf, k, i_side, r_side, k.sk_pi, k.sk_pr)
-        return cls(choice, prf, k, r_side, i_side, k.sk_pr, k.sk_pi)
+        return cls(choice, prf, k, cipher, we_initiate)
 
     @property
-    def cipher(self) -> SkCipher:
-        return self.send.cipher
+    def send(self) -> KeyContext:
+        k, ours = self.keys, self.we_initiate
+        return KeyContext(self.cipher, k.sk_ei if ours else k.sk_er, k.sk_ai if ours else k.sk_ar)
+
+    @property
+    def recv(self) -> KeyContext:
+        k, ours = self.keys, self.we_initiate
+        return KeyContext(self.cipher, k.sk_er if ours else k.sk_ei, k.sk_ar if ours else k.sk_ai)
+
+    @property
+    def sk_p_ours(self) -> bytes:
+        """Our SK_p, for AUTH (RFC 7296 §2.15)."""
+        return self.keys.sk_pi if self.we_initiate else self.keys.sk_pr
+
+    @property
+    def sk_p_peer(self) -> bytes:
+        return self.keys.sk_pr if self.we_initiate else self.keys.sk_pi
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +103,17 @@ class LinkSettings:
     retransmit_tries: int
     fragment_size: int
     fragment_limits: FragmentLimits
+
+    @staticmethod
+    @functools.lru_cache(maxsize=32)
+    def shared(
+        retransmit_timeout: float,
+        retransmit_tries: int,
+        fragment_size: int,
+        fragment_limits: FragmentLimits,
+    ) -> LinkSettings:
+        """One shared (frozen) object per distinct configuration, not one per IKE SA."""
+        return LinkSettings(retransmit_timeout, retransmit_tries, fragment_size, fragment_limits)
 
 
 class IkeLink:
@@ -147,9 +170,10 @@ class IkeLink:
         self.tries = 0
         self._sink, self._random, self._stats = sink, random, stats
         self.settings = settings
-        self._last_request: list[bytes] = []
+        # () while empty: a shared tuple, not a 56-byte list per link (docs/footprint.md)
+        self._last_request: Sequence[bytes] = ()
         self._cached_mid = -1
-        self._cached_response: list[bytes] = []
+        self._cached_response: Sequence[bytes] = ()
         self._iv_counter = 0
         self._reassembler: FragmentReassembler | None = None
 
@@ -160,7 +184,7 @@ class IkeLink:
 
     def derive(self, choice: IkeChoice, shared: bytes) -> None:
         """Keys of a fresh IKE SA: SKEYSEED = prf(Ni | Nr, g^ir) (§2.14)."""
-        seed = skeyseed(Prf(choice.spec.prf), self.ni, self.nr, shared)
+        seed = skeyseed(prf_of(choice.spec.prf), self.ni, self.nr, shared)
         spis = (self.spi_i, self.spi_r)
         self.keys = LinkKeys.derive(choice, seed, (self.ni, self.nr), spis, self.is_initiator)
 
@@ -279,7 +303,7 @@ class IkeLink:
 
     def answered(self) -> None:
         self.retransmit_at = None
-        self._last_request = []  # never resent now: an idle IKE SA holds no old request
+        self._last_request = ()  # never resent now: an idle IKE SA holds no old request
 
     # ------------------------------------------------------------------ the peer's requests
 

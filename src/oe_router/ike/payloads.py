@@ -340,7 +340,9 @@ class TrafficSelector(Struct):
         if start.version != end.version:
             raise ValueError("selector range mixes IPv4 and IPv6")
         ts_type = TsType.TS_IPV4_ADDR_RANGE if start.version == 4 else TsType.TS_IPV6_ADDR_RANGE
-        return cls(ts_type, ip_protocol, start_port, end_port, start.packed, end.packed)
+        first = start.packed
+        last = first if end == start else end.packed  # one host: one bytes object, not two
+        return cls(ts_type, ip_protocol, start_port, end_port, first, last)
 
     @classmethod
     def for_network(cls, net: str, ip_protocol: int = 0) -> TrafficSelector:

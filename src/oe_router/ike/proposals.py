@@ -7,6 +7,7 @@ rekey), in both roles; they are pure functions of the proposals.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .constants import DhId, EncrId, EsnId, IntegId, NotifyType, PrfId, ProtocolId, TransformType
@@ -286,7 +287,13 @@ def _match_ike(p: Proposal, s: IkeProposalSpec, ke_group: int | None) -> IkeChoi
     groups = [t.transform_id for t in p.of_type(TransformType.DH) if t.transform_id in s.dh_groups]
     if not groups:
         return None
-    return IkeChoice(s, ke_group if ke_group in groups else groups[0])
+    return _ike_choice(s, ke_group if ke_group in groups else groups[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _ike_choice(spec: IkeProposalSpec, dh: int) -> IkeChoice:
+    """One shared (frozen) ``IkeChoice`` per spec and group, not one per IKE SA."""
+    return IkeChoice(spec, dh)
 
 
 def select_ike_proposal(

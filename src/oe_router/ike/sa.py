@@ -56,7 +56,7 @@ from .proposals import (
     select_ike_proposal,
 )
 from .retired import RetiredLink
-from .selectors import ContainmentPolicy
+from .selectors import ContainmentPolicy, reuse
 from .states import ChildState, IkeState, TaskState, log_change
 from .tasks.base import Responder, Task
 from .tasks.child_sa import CreateChildTask, RekeyChildTask
@@ -248,7 +248,7 @@ class IkeSa:
         self._events: list[Event] = []  # a list, not a deque: 56 bytes, not 760, per SA
         self._out: list[bytes] = []
         self._frag_stats = FragmentStats()  # of every link, current and retired
-        settings = LinkSettings(
+        settings = LinkSettings.shared(
             config.retransmit_timeout,
             config.retransmit_tries,
             config.fragment_size,
@@ -263,7 +263,8 @@ class IkeSa:
             stats=self._frag_stats,
             settings=settings,
         )
-        self._retired: list[RetiredLink] = []  # replaced / redundant links
+        # replaced / redundant links; a tuple: none (nearly always) is the shared ()
+        self._retired: tuple[RetiredLink, ...] = ()
         self._children = ChildTable(self._events)  # by our inbound SPI
         self._queue: list[Task] = []
         self._next_request_id = 1
@@ -325,7 +326,7 @@ class IkeSa:
         drop what is left of a fragmented message that never completed."""
         for r in self._retired:
             r.handle_timer(now)
-        self._retired = [r for r in self._retired if not r.over]
+        self._retired = tuple(r for r in self._retired if not r.over)
         self.link.expire_fragments(now)
         held = self.pending_auth
         if held is not None and now >= held.deadline:
@@ -358,7 +359,7 @@ class IkeSa:
             log.warning("IKE SA with %s: internal error: %r", self.peer.ip, e)
             self.fail(f"internal error handling a message from {self.peer.ip}: {e!r}")
             return
-        self._retired = [r for r in self._retired if not r.over]
+        self._retired = tuple(r for r in self._retired if not r.over)
         self._pump(now)
 
     # ---------------------------------------------------------------- public API: queries
@@ -645,8 +646,8 @@ class IkeSa:
             ain,
             eout,
             aout,
-            tuple(ts[0]),
-            tuple(ts[1]),
+            reuse(ts[0], self.config.local_ts),
+            reuse(ts[1], self.config.remote_ts),
             p.nat_local or p.nat_remote,
             request_id,
             addresses,
@@ -686,7 +687,7 @@ class IkeSa:
     def retire(self, link: IkeLink, retire_at: float | None) -> RetiredLink:
         """Keep ``link`` only to finish its Delete exchange (or until ``retire_at``)."""
         retired = RetiredLink(link, retire_at)
-        self._retired.append(retired)
+        self._retired = (*self._retired, retired)
         return retired
 
     # ---------------------------------------------------------------- internals

@@ -30,9 +30,9 @@ def intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None:
     if lo_port > hi_port or lo > hi:
         return None
     n = len(a.start_address)
-    return TrafficSelector(
-        a.ts_type, proto, lo_port, hi_port, lo.to_bytes(n, "big"), hi.to_bytes(n, "big")
-    )
+    first = lo.to_bytes(n, "big")
+    last = first if hi == lo else hi.to_bytes(n, "big")  # one host: one bytes object
+    return TrafficSelector(a.ts_type, proto, lo_port, hi_port, first, last)
 
 
 def narrow(
@@ -47,6 +47,18 @@ def narrow(
             if x is not None and x not in out:
                 out.append(x)
     return out
+
+
+def reuse(
+    selectors: Iterable[TrafficSelector], known: Iterable[TrafficSelector]
+) -> tuple[TrafficSelector, ...]:
+    """``selectors``, each replaced by an equal one of ``known`` where there is one: a
+    Child SA that got the selectors its IKE SA was configured with keeps no copies of
+    them (~200 bytes per Child SA; selectors are never changed after they are made)."""
+    known = tuple(known)
+    got = tuple(next((k for k in known if k == s), s) for s in selectors)
+    same = len(got) == len(known) and all(a is b for a, b in zip(got, known, strict=True))
+    return known if same else got  # all of them: the configured tuple itself
 
 
 def contains(outer: TrafficSelector, inner: TrafficSelector) -> bool:

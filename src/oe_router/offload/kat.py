@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .engine import (
@@ -94,11 +94,9 @@ def _load(transform: Transform) -> tuple[list[_Vector], list[tuple[str, bytes]]]
     name = vector_file(transform)
     if not name:
         raise ValueError(f"no known-answer vectors for {transform.aead}")
-    text = (
-        resources.files(__package__ or "oe_router.offload")
-        .joinpath("vectors", name)
-        .read_text("utf-8")
-    )
+    # a plain file next to this module: importlib.resources would import tempfile, shutil,
+    # bz2, lzma ... for the daemon's life (docs/footprint.md); the package is never zipped
+    text = (Path(__file__).parent / "vectors" / name).read_text("utf-8")
     doc = json.loads(text)
     vectors = [_Vector.parse(v) for v in doc["vectors"] if v["transform"] == transform.name]
     patterns = [
