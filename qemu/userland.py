@@ -222,8 +222,8 @@ class Component:
     folders below the stage's usr/include (a library's .pc names the router's
     /usr/include/X, not the stage's); ``compat_includes`` are folders of userland-files
     searched before the system headers (names of newer kernel uapi headers than the host's).
-    ``copies`` are folders of the source tree that OpenWrt's package copies into the root
-    beside what cmake installs (netifd's shell helpers into /lib/netifd).
+    ``copies`` are folders or files of the source tree that OpenWrt's package copies into
+    the root beside what cmake installs (netifd's shell helpers into /lib/netifd).
     """
 
     name: str
@@ -336,8 +336,12 @@ COMPONENTS = {
             cflags=("-D_GNU_SOURCE=",),
             strl_compat=True,
             layout=(("usr/sbin/rpcd", "sbin/rpcd"),),
-            # its InstallDev: the plugin API rpcd-mod-luci builds against
-            copies=(("include/rpcd", "usr/include/rpcd"),),
+            # its InstallDev: the plugin API rpcd-mod-luci builds against; its package: the
+            # ACL group that lets the null session log in over /ubus
+            copies=(
+                ("include/rpcd", "usr/include/rpcd"),
+                ("unauthenticated.json", "usr/share/rpcd/acl.d/unauthenticated.json"),
+            ),
         ),
         Component(
             "uhttpd",
@@ -746,8 +750,12 @@ def _build_one(
     )
     _run(["make", "-C", str(bdir), f"-j{jobs}"], log_file)
     _run(["make", "-C", str(bdir), "install", f"DESTDIR={stage}"], log_file)
-    for folder, dest in comp.copies:
-        _copy_tree(src / folder, stage / dest)
+    for path, dest in comp.copies:
+        if (src / path).is_file():
+            (stage / dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / path, stage / dest)
+        else:
+            _copy_tree(src / path, stage / dest)
     return time.monotonic() - t0
 
 
