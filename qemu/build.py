@@ -590,20 +590,44 @@ fw4, opkg and base-files' shell libraries come from pinned upstream snapshots (w
 built and from which commit: /etc/oe-lab/userland.json). netifd sets the static wan and
 lan from /etc/config/network, started by the lab's own /etc/init.d/network. The kernel,
 python3, iproute2, nftables, dnsmasq and busybox (/bin/sh) are Debian bookworm's.
-This is not an OpenWrt release: no LuCI, no wireless, no DHCP client, no musl.
+uhttpd (S50) serves LuCI (luci-base and the bootstrap theme, English only) at
+/cgi-bin/luci and ubus JSON-RPC at /ubus; rpcd logs root in with root's lab password.
+This is not an OpenWrt release: no LuCI admin modules, no wireless, no DHCP client, no musl.
 """
 #: rc.d links the boot runs (as `/etc/init.d/X enable` makes them): START number, script
 RC_D = (
     (10, "uci-defaults"), (12, "log"), (12, "rpcd"), (19, "firewall"), (20, "network"),
-    (99, "oe-lab"),
+    (50, "uhttpd"), (99, "oe-lab"),
 )  # fmt: skip
 #: the package's rc.d links (as its default_postinst made them) that the image leaves out,
 #: one "NAME TARGET" a line: qemu/guest/router/usr/lib/oe-lab/first-boot restores them
 RC_D_DEFERRED = "etc/oe-lab/rc.d-deferred"
+#: root's password in the lab image: LuCI's login and rpcd's ($p$root in /etc/config/rpcd)
+#: check it against /etc/shadow. A known lab password, never a product default.
+ROOT_PASSWORD = "oe-lab-root"
+#: fixed, so the same inputs give the same image
+ROOT_PASSWORD_SALT = "oelabsalt"
 #: the unprivileged user procd starts ubusd as (OpenWrt's base-files passwd entry)
 UBUS_USER = ("ubus:x:81:81:ubus:/var/run/ubus:/bin/false\n", "ubus:x:81:\n")
 #: what the router image does not need from the userland stage (build-time files)
 STAGE_SKIP = ("usr/include", "usr/lib/pkgconfig", "usr/share/cmake", "usr/lib/cmake")
+
+
+def _set_root_password(root: Path) -> None:
+    """root's /etc/shadow entry gets ROOT_PASSWORD (SHA-512 crypt, which glibc's crypt and
+    so rpcd's login check read)."""
+    hashed = _run(["openssl", "passwd", "-6", "-salt", ROOT_PASSWORD_SALT, ROOT_PASSWORD])
+    shadow = root / "etc" / "shadow"
+    lines = shadow.read_text().splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split(":")
+        if fields[0] == "root":
+            fields[1] = hashed.strip()
+            lines[i] = ":".join(fields)
+            break
+    else:
+        raise BuildError(f"router: no root entry in {shadow}")
+    shadow.write_text("\n".join(lines) + "\n")
 
 
 def _merge_tree(src: Path, dest: Path) -> None:
@@ -650,6 +674,7 @@ def _openwrt_overlay(root: Path, stage: Path, stamp: dict[str, object]) -> None:
         f = root / "etc" / path
         if "\nubus:" not in "\n" + f.read_text():
             f.write_text(f.read_text() + line)
+    _set_root_password(root)
     # the stage's libraries sit in /usr/lib, as on OpenWrt, without rpath
     (root / "etc" / "ld.so.conf.d" / "openwrt.conf").write_text("/usr/lib\n")
     _run(["ldconfig", "-r", str(root)])

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,37 @@ SNAPSHOTS = {
             "45cf480643b169b9d5b19f7052f5a1ad289a0ba592f2b943df469e01fa9182d4",
         ),
         Snapshot(
+            "iwinfo",
+            "openwrt/iwinfo",
+            "f5dd57a84cc31a403a1383dd14944fa2e2b5824a",
+            "7614726792bac3024d1631493ea8c941f99a4bec14f90b6400b59352a26b851c",
+            "5e550b7a64d15975c5b9a6b3ee3b895871e2ef6a3d6f4ce8c71f6e99ba532888",
+        ),
+        Snapshot(
+            "lucihttp",
+            "jow-/lucihttp",
+            "9b5b683fbb2bb0010aa031d620d0ab8105516757",
+            "6d3a1deb6b72a0a654d17a199051d237a8e5bc7cb5f1ba19fdf478d86f35d7d5",
+            "99a8e4b6bda688e6008072d6583ec2069484b12a84e8657425c119e7a3ed4438",
+        ),
+        Snapshot(
+            "cgi-io",
+            "openwrt/cgi-io",
+            "901b0f0463c9d16a8cf5b9ed37118d8484bc9176",
+            "56afd630f0a4c59001aaccf12e06a48ad192d9f990549e4ceec5b7a3902973dc",
+            "93824f2157f789113f31f596bf6718d4ec2ae7eba24a0a05b7a2c153cc094307",
+        ),
+        # A fork of openwrt/luci (upstream's repository is too large to vendor); its archive
+        # carries no commit id, so the pin is the 12-digit prefix the vendor README gives
+        # (GitHub's archive endpoint resolves it).
+        Snapshot(
+            "luci",
+            "MorseMicro/luci",
+            "d5950a9fa5a5",
+            "21887ae3623848ca777fa0ba41168ff6f54305f2db80aea9706b7b62d0f843ec",
+            "46d484a176cd7a0dfd1527c3b3b05118c4a67acdaec327d2291bac476d1fc10a",
+        ),
+        Snapshot(
             "firewall4",
             "openwrt/firewall4",
             "b6e5157527d361f99ad52eaa6da273cb0f2dfd59",
@@ -190,14 +222,15 @@ class Component:
     folders below the stage's usr/include (a library's .pc names the router's
     /usr/include/X, not the stage's); ``compat_includes`` are folders of userland-files
     searched before the system headers (names of newer kernel uapi headers than the host's).
-    ``copies`` are folders of the source tree that OpenWrt's package copies into the root
-    beside what cmake installs (netifd's shell helpers into /lib/netifd).
+    ``copies`` are folders or files of the source tree that OpenWrt's package copies into
+    the root beside what cmake installs (netifd's shell helpers into /lib/netifd).
     """
 
     name: str
     needs: tuple[str, ...] = ()
     cmake: tuple[str, ...] = ()
     cflags: tuple[str, ...] = ()
+    ldflags: tuple[str, ...] = ()
     strl_compat: bool = False
     stage_includes: tuple[str, ...] = ()
     compat_includes: tuple[str, ...] = ()
@@ -206,6 +239,25 @@ class Component:
     layout: tuple[tuple[str, str], ...] = ()
     copies: tuple[tuple[str, str], ...] = ()
     files: str | None = None  # not built: this folder of the snapshot is copied into the root
+    #: the snapshot it is built from (default: its own name; the luci archive holds several
+    #: packages) and the folder of it that is the package's source
+    snapshot: str | None = None
+    subdir: str = ""
+    #: how it is built: "cmake"; "make" (a plain Makefile: ``args`` are make's); "cc" (one
+    #: compiler call, ``args``; ucode-mod-html); "luci" (luci.mk's install: ucode/ to
+    #: /usr/share/ucode/luci, htdocs/ to /www, root/ to /, and src/Makefile when present)
+    kind: str = "cmake"
+    args: tuple[str, ...] = ()
+    #: for "make" and "cc": files of the build folder -> their path in the root (the package
+    #: Makefile's install step); folders are copied whole
+    installs: tuple[tuple[str, str], ...] = ()
+    #: symlinks the package makes: path in the root -> target
+    links: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def source(self) -> str:
+        """The snapshot (or base-files) this component is built from."""
+        return self.snapshot or self.name
 
 
 # In build order; a component only starts when those it needs are installed in the stage.
@@ -284,6 +336,12 @@ COMPONENTS = {
             cflags=("-D_GNU_SOURCE=",),
             strl_compat=True,
             layout=(("usr/sbin/rpcd", "sbin/rpcd"),),
+            # its InstallDev: the plugin API rpcd-mod-luci builds against; its package: the
+            # ACL group that lets the null session log in over /ubus
+            copies=(
+                ("include/rpcd", "usr/include/rpcd"),
+                ("unauthenticated.json", "usr/share/rpcd/acl.d/unauthenticated.json"),
+            ),
         ),
         Component(
             "uhttpd",
@@ -314,6 +372,81 @@ COMPONENTS = {
             # netifd-proto.sh, utils.sh ...: what protocol handlers source (package Makefile:
             # $(CP) $(PKG_BUILD_DIR)/scripts/* $(1)/lib/netifd/)
             copies=(("scripts", "lib/netifd"),),
+        ),
+        # LuCI's stack (luci-base's DEPENDS, built as their OpenWrt Makefiles install them)
+        Component(
+            "iwinfo",
+            ("libubox", "ubus", "uci", "libnl-tiny"),
+            # rpcd-mod-luci's PKG_BUILD_DEPENDS: its header, and the library luci.so
+            # dlopens (/usr/lib/libiwinfo.so*); the nl80211 backend, as on x86 targets
+            kind="make",
+            args=("libiwinfo.so", "BACKENDS=nl80211", "SOVERSION=0"),
+            # struct ucred (libnl-tiny's msg.h) and FNM_CASEFOLD: glibc declares them only
+            # under _GNU_SOURCE (musl always)
+            cflags=("-D_GNU_SOURCE=",),
+            stage_includes=("libnl-tiny",),
+            installs=(
+                ("libiwinfo.so.0", "usr/lib/libiwinfo.so.0"),
+                ("include/iwinfo.h", "usr/include/iwinfo.h"),
+                ("include/iwinfo", "usr/include/iwinfo"),
+                ("devices.txt", "usr/share/libiwinfo/devices.txt"),
+            ),
+            links=(("usr/lib/libiwinfo.so", "libiwinfo.so.0"),),
+        ),
+        Component(
+            "lucihttp",
+            ("ucode",),
+            cmake=("-DBUILD_LUA=OFF", "-DBUILD_UCODE=ON", "-DBUILD_TESTS=OFF"),
+            cflags=("-D_GNU_SOURCE=",),  # ucode's util.h (vasprintf)
+        ),
+        Component(
+            "cgi-io",
+            ("libubox", "ubus"),
+            # its package: /usr/libexec/cgi-io, called as the CGIs of /www/cgi-bin
+            layout=(("usr/sbin/cgi-io", "usr/libexec/cgi-io"),),
+            links=tuple(
+                (f"www/cgi-bin/cgi-{n}", "../../usr/libexec/cgi-io")
+                for n in ("upload", "download", "backup", "exec")
+            ),
+        ),
+        Component(
+            "ucode-mod-html",
+            ("ucode",),
+            snapshot="luci",
+            subdir="contrib/package/ucode-mod-html/src",
+            kind="cc",
+            cflags=("-D_GNU_SOURCE=",),
+            args=("-Wall", "-ffunction-sections", "-Wl,--gc-sections", "-shared"),
+            installs=(("html.so", "usr/lib/ucode/html.so"),),
+        ),
+        Component(
+            "rpcd-mod-luci",
+            ("libubox", "ubus", "uci", "rpcd", "iwinfo", "libnl-tiny"),
+            snapshot="luci",
+            subdir="libs/rpcd-mod-luci/src",
+            cmake=("-DLIBNL_LIBS=-lnl-tiny",),
+            cflags=("-D_GNU_SOURCE=",),
+            stage_includes=("libnl-tiny",),
+            layout=(("usr/lib/luci.so", "usr/lib/rpcd/luci.so"),),
+        ),
+        Component(
+            "luci-base",
+            # its DEPENDS (built first, so `--components luci-base` brings the whole stack)
+            ("ucode", "rpcd", "uhttpd", "rpcd-mod-luci", "cgi-io", "ucode-mod-html", "lucihttp"),
+            snapshot="luci",
+            subdir="modules/luci-base",
+            kind="luci",
+            # core.so's link line names -lcrypt before its objects, so the toolchain's
+            # --as-needed drops it: luci.core's crypt() then fails to bind (glibc keeps
+            # crypt in libcrypt; musl, in libc)
+            ldflags=("-Wl,--no-as-needed", "-lcrypt"),
+        ),
+        Component(
+            "luci-theme-bootstrap",
+            ("luci-base",),
+            snapshot="luci",
+            subdir="themes/luci-theme-bootstrap",
+            kind="luci",
         ),
         Component("firewall4", files="root"),
         Component("base-files"),
@@ -413,7 +546,9 @@ def _recipe_parts(names: Sequence[str], host: dict[str, str]) -> list[bytes | st
     for name in names:
         comp = COMPONENTS[name]
         parts.append(repr(comp))
-        parts.append(BASE_FILES_SHA256 if name == "base-files" else SNAPSHOTS[name].tree_sha256)
+        parts.append(
+            BASE_FILES_SHA256 if name == "base-files" else SNAPSHOTS[comp.source].tree_sha256
+        )
         parts += [(FILES / p).read_bytes() for p in comp.patches]
         parts += [dir_sha256(FILES / d) for d in comp.compat_includes]
         if comp.strl_compat:
@@ -500,7 +635,7 @@ def sources(
                 )
             found[name] = (folder, f"vendored {folder}")
             continue
-        snap = SNAPSHOTS[name]
+        snap = SNAPSHOTS[COMPONENTS[name].source]
         vendored = vendor / "openwrt" / snap.archive
         if vendored.is_file():
             digest = hashlib.sha256(vendored.read_bytes()).hexdigest()
@@ -581,6 +716,7 @@ def _build_one(
     if comp.files is not None:
         _copy_tree(src / comp.files, stage)
         return time.monotonic() - t0
+    src = src / comp.subdir if comp.subdir else src
     for patch in comp.patches:
         _run(["patch", "-p1", "--forward", "-i", str(FILES / patch)], log_file, cwd=src)
     bdir = src if comp.in_source else work / "build" / comp.name
@@ -590,7 +726,10 @@ def _build_one(
     cflags += comp.cflags
     if comp.strl_compat and strl:
         cflags += ["-include", str(FILES / "strl-compat.h")]
-    ldflags = f"-L{usr}/lib -Wl,-rpath-link,{usr}/lib"
+    ldflags = " ".join((f"-L{usr}/lib -Wl,-rpath-link,{usr}/lib", *comp.ldflags))
+    if comp.kind != "cmake":
+        _build_plain(comp, src, stage, log_file, jobs, " ".join(cflags), ldflags)
+        return time.monotonic() - t0
     _run(
         [
             "cmake",
@@ -611,13 +750,18 @@ def _build_one(
     )
     _run(["make", "-C", str(bdir), f"-j{jobs}"], log_file)
     _run(["make", "-C", str(bdir), "install", f"DESTDIR={stage}"], log_file)
-    for folder, dest in comp.copies:
-        _copy_tree(src / folder, stage / dest)
+    for path, dest in comp.copies:
+        if (src / path).is_file():
+            (stage / dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / path, stage / dest)
+        else:
+            _copy_tree(src / path, stage / dest)
     return time.monotonic() - t0
 
 
 def _layout(stage: Path, names: Sequence[str]) -> None:
-    """Executables to OpenWrt's paths, once every build has found its libraries in the stage."""
+    """Executables to OpenWrt's paths, once every build has found its libraries in the stage;
+    then the packages' symlinks."""
     for name in names:
         for have, want in COMPONENTS[name].layout:
             src, dest = stage / have, stage / want
@@ -625,6 +769,81 @@ def _layout(stage: Path, names: Sequence[str]) -> None:
                 raise BuildError(f"{name}: expected {have} in the installed files, not there")
             dest.parent.mkdir(parents=True, exist_ok=True)
             src.rename(dest)
+        for link, target in COMPONENTS[name].links:
+            (stage / link).parent.mkdir(parents=True, exist_ok=True)
+            (stage / link).unlink(missing_ok=True)
+            (stage / link).symlink_to(target)
+
+
+def _install_files(comp: Component, src: Path, stage: Path) -> None:
+    """The package Makefile's install step: build-folder paths to root paths."""
+    for have, want in comp.installs:
+        path, dest = src / have, stage / want
+        if path.is_dir():
+            _copy_tree(path, dest)
+        elif path.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+        else:
+            raise BuildError(f"{comp.name}: expected {have} in the build folder, not there")
+
+
+def _build_plain(
+    comp: Component, src: Path, stage: Path, log_file: Path, jobs: int, cflags: str, ldflags: str
+) -> None:
+    """The components without cmake: a Makefile (iwinfo), one compiler call (ucode-mod-html),
+    or a LuCI package laid out as luci.mk's Package/install does."""
+    if comp.kind == "make":
+        flags = [f"CFLAGS={cflags}", f"LDFLAGS={ldflags}", "FPIC=-fPIC"]
+        _run(["make", "-C", str(src), f"-j{jobs}", *flags, *comp.args], log_file)
+        _install_files(comp, src, stage)
+    elif comp.kind == "cc":
+        cfiles = sorted(str(p.name) for p in src.glob("*.c"))
+        out = comp.installs[0][0]
+        cmd = ["cc", *cflags.split(), *ldflags.split(), "-fPIC", *comp.args, "-o", out, *cfiles]
+        _run(cmd, log_file, cwd=src)
+        _install_files(comp, src, stage)
+    elif comp.kind == "luci":
+        _install_luci(comp, src, stage, log_file, jobs, cflags, ldflags)
+    else:
+        raise BuildError(f"{comp.name}: unknown build kind {comp.kind!r}")
+
+
+#: luci.mk's SubstituteVersion stamps resource URLs with a random revision on every build;
+#: here it is the snapshot's commit, so an unchanged input gives unchanged files
+def _luci_revision(comp: Component) -> str:
+    return SNAPSHOTS[comp.source].commit[:12]
+
+
+def _install_luci(
+    comp: Component, src: Path, stage: Path, log_file: Path, jobs: int, cflags: str, ldflags: str
+) -> None:
+    """luci.mk's Package/install: ucode/ -> /usr/share/ucode/luci (templates' resource URLs
+    get ``?v=REV``), htdocs/ -> /www (not minified), root/ -> /, and src/'s own install
+    (luci-base: core.so, version.uc). No po/: the snapshot's translations were removed."""
+    rev = _luci_revision(comp)
+    if (src / "src" / "Makefile").is_file():
+        flags = [
+            f"CFLAGS={cflags}",
+            f"LDFLAGS={ldflags}",
+            "FPIC=-fPIC",
+            f"LUCI_VERSION={rev}",
+            "LUCI_GITBRANCH=LuCI",
+        ]
+        _run(["make", "-C", str(src / "src"), f"-j{jobs}", *flags, "clean", "compile"], log_file)
+        _run(["make", "-C", str(src / "src"), *flags, "install", f"DESTDIR={stage}"], log_file)
+    if (src / "ucode").is_dir():
+        dest = stage / "usr" / "share" / "ucode" / "luci"
+        _copy_tree(src / "ucode", dest)
+        resource = re.compile(r'"(\{\{ *(?:media|resource) *\}\}[^"]*\.(?:js|css))"')
+        for tpl in sorted((src / "ucode").rglob("*.ut")):
+            out = dest / tpl.relative_to(src / "ucode")
+            text = re.sub(r"\{# *([^ ]*)PKG_VERSION *#\}", rf"\g<1>{rev}", out.read_text())
+            out.write_text(resource.sub(rf'"\1?v={rev}"', text))
+    if (src / "htdocs").is_dir():
+        _copy_tree(src / "htdocs", stage / "www")
+    if (src / "root").is_dir():
+        _copy_tree(src / "root", stage)
 
 
 def _schedule(names: list[str], run: Callable[[str], float], workers: int) -> dict[str, float]:
@@ -738,9 +957,11 @@ def _build_locked(
             "total_seconds": round(total, 1),
             "components": {
                 name: {
-                    "commit": SNAPSHOTS[name].commit if name in SNAPSHOTS else None,
-                    "tree_sha256": SNAPSHOTS[name].tree_sha256
-                    if name in SNAPSHOTS
+                    "commit": SNAPSHOTS[COMPONENTS[name].source].commit
+                    if name != "base-files"
+                    else None,
+                    "tree_sha256": SNAPSHOTS[COMPONENTS[name].source].tree_sha256
+                    if name != "base-files"
                     else BASE_FILES_SHA256,
                     "source": srcs[name][1],
                     "seconds": round(seconds[name], 1),
@@ -749,6 +970,8 @@ def _build_locked(
                     + [f"-I/usr/include/{d}" for d in COMPONENTS[name].stage_includes]
                     + list(COMPONENTS[name].cflags)
                     + (["-include strl-compat.h"] if COMPONENTS[name].strl_compat and strl else []),
+                    "ldflags": list(COMPONENTS[name].ldflags),
+                    "kind": COMPONENTS[name].kind,
                     "patches": list(COMPONENTS[name].patches),
                 }
                 for name in names

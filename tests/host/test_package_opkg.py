@@ -123,6 +123,8 @@ def root(openwrt_userland: Any, tmp_path: Path) -> Root:
     path = tmp_path / "root"
     for part in ROOT_PARTS:
         shutil.copytree(openwrt_userland.root / part, path / part, symlinks=True)
+    # the userland's own first-boot scripts (luci-theme-bootstrap's) are not this package's
+    shutil.rmtree(path / "etc" / "uci-defaults", ignore_errors=True)
     for folder in ("etc/rc.d", "tmp", "var/lock", "usr/lib/opkg"):
         (path / folder).mkdir(parents=True, exist_ok=True)
     (path / "etc/opkg.conf").write_text(ipk.OPKG_CONF)

@@ -493,8 +493,8 @@ def test_rpcd_session_acl_grants_read_and_write_separately(rt: Lab) -> None:
     acl = json.loads(rt.router("cat /usr/share/rpcd/acl.d/oe.json").check().stdout)
     assert acl["oe"]["read"]["ubus"]["oe"] == READS
     assert acl["oe"]["write"]["ubus"]["oe"] == WRITES
-    # the image has no /etc/config/rpcd of its own (OpenWrt's rpcd package adds one): keep
-    # whatever is there, and put it back after
+    # the image has rpcd's /etc/config/rpcd (root's login, for LuCI): keep whatever is
+    # there, and put it back after
     rt.router(
         "if [ -e /etc/config/rpcd ]; then cp -p /etc/config/rpcd /tmp/rpcd.orig; "
         "else touch /etc/config/rpcd; fi"
