@@ -463,6 +463,31 @@ def test_update_that_needs_a_new_rule_says_so() -> None:
     assert N.update(spd, add=[odd]) is None
 
 
+def test_emptied_map_refilled_with_a_lone_default_rerenders() -> None:
+    """Regression (hypothesis): a map emptied by removals stays a map in the kernel; a
+    ``/0`` key added to it would make the table read as a plain rule without the map
+    (``map_names`` losing it, the next whole write leaving it behind), so the update
+    asks for the whole table. A narrower key still goes in as one element."""
+    any4 = TrafficSelector(net("0.0.0.0/0"))
+    host = policy(TrafficSelector(net("10.0.0.3/32")), any4, Direction.FWD, PolicyAction.IPSEC, 2)
+    result = N.update(compile_([host]), remove=[host])
+    assert result is not None
+    emptied, script = result
+    assert script == "delete element inet oe_spd fwd_0 { 10.0.0.3 }\n"
+    assert N.map_names(emptied) == ["fwd_0"]
+    wide = policy(any4, any4, Direction.FWD, PolicyAction.IPSEC, 0)
+    assert N.update(emptied, add=[wide]) is None
+    assert N.update_elements(emptied, add=[wide]) is None
+    whole = compile_([wide])  # what is written instead: a plain rule, no map
+    assert N.map_names(whole) == []
+    f = N.Flow(ipaddress.ip_address("10.0.0.9"), ipaddress.ip_address("10.0.0.1"), 6, 1, 80)
+    assert N.evaluate(whole, Direction.FWD, f) is N.Verdict.DROP
+    other = policy(TrafficSelector(net("10.0.0.5/32")), any4, Direction.FWD, PolicyAction.IPSEC, 2)
+    result = N.update(emptied, add=[other])
+    assert result is not None and result[1] == "add element inet oe_spd fwd_0 { 10.0.0.5 : drop }\n"
+    assert N.map_names(result[0]) == ["fwd_0"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "why"),
     [

@@ -662,10 +662,16 @@ def update_elements(
 
 
 def _place(e: Entry, blocks: Sequence[Block]) -> int | None:
-    """A map block ``e`` can join without changing any packet's verdict, or None."""
+    """A map block ``e`` can join without changing any packet's verdict, or None.
+
+    Not a map emptied by removals if ``e``'s key is ``/0``: the block would then read as
+    a plain rule (``Block.plain``) while the kernel holds a vmap rule and its map, so
+    ``map_names`` would lose the map; the whole table is rendered instead."""
     for b in range(len(blocks) - 1, -1, -1):
         blk = blocks[b]
         if blk.shape != e.shape or blk.plain or _key_clash(e, blk):
+            continue
+        if not blk.entries and e.key.prefixlen == 0:
             continue
         ok = True
         for i, other in enumerate(blocks):
