@@ -757,7 +757,7 @@ class Lab:
         (out / FIRST_BOOT_ANCHOR).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.run_dir / "bundle" / ta, out / FIRST_BOOT_ANCHOR)
 
-    def start(self, timeout: float = 120) -> Lab:
+    def start(self, timeout: float = 300) -> Lab:
         t0 = time.monotonic()
         shutil.copytree(build.GUEST, self.run_dir / "guest", dirs_exist_ok=True)
         for d in ("logs", "pcap"):
