@@ -10,9 +10,9 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from oe_router.config import (
     DEFAULT_CONFIG_PATH,
@@ -35,6 +35,8 @@ from oe_router.control.protocol import COMMAND_ARGS
 
 if TYPE_CHECKING:  # imported where used: the policy modules cost start-up time
     from oe_router.devview import DevicesView, Explanation
+
+T = TypeVar("T")  # a parsed reply document (_show)
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -492,54 +494,50 @@ def render_explain(e: Explanation) -> str:
     return "\n".join(lines)
 
 
-def cmd_devices(args: argparse.Namespace, out: TextIO) -> int:
-    request: dict[str, Any] = {} if args.device is None else {"device": args.device}
-    reply = ControlClient(args.socket).request("devices", **request)
-    if args.json:
-        json.dump(reply.get("devices"), out, indent=2, sort_keys=True)
-        out.write("\n")
-        return EXIT_OK
-    from oe_router.devview import DevicesView
-
-    try:
-        view = DevicesView.from_json(reply["devices"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ControlError(f"daemon sent a device view this oe cannot read ({exc})") from None
-    out.write(render_devices(view) + "\n")
-    return EXIT_OK
-
-
-def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
-    reply = ControlClient(args.socket).request("explain", address=args.address)
-    doc: Any = reply.get("explain")
-    if args.json:
+def _show(
+    out: TextIO,
+    as_json: bool,
+    doc: Any,
+    parse: Callable[[Any], T],
+    render: Callable[[T], str],
+    what: str,
+) -> int:
+    """A reply's document as JSON, or parsed and rendered as text (one error for a
+    document this CLI cannot read: a daemon of another version)."""
+    if as_json:
         json.dump(doc, out, indent=2, sort_keys=True)
         out.write("\n")
         return EXIT_OK
+    try:
+        obj = parse(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ControlError(f"daemon sent {what} this oe cannot read ({exc})") from None
+    out.write(render(obj) + "\n")
+    return EXIT_OK
+
+
+def cmd_devices(args: argparse.Namespace, out: TextIO) -> int:
+    from oe_router.devview import DevicesView
+
+    request: dict[str, Any] = {} if args.device is None else {"device": args.device}
+    reply = ControlClient(args.socket).request("devices", **request)
+    doc = reply.get("devices")
+    return _show(out, args.json, doc, DevicesView.from_json, render_devices, "a device view")
+
+
+def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
     from oe_router.devview import Explanation
 
-    try:
-        e = Explanation.from_json(doc)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ControlError(f"daemon sent an explanation this oe cannot read ({exc})") from None
-    out.write(render_explain(e) + "\n")
-    return EXIT_OK
+    reply = ControlClient(args.socket).request("explain", address=args.address)
+    doc = reply.get("explain")
+    return _show(out, args.json, doc, Explanation.from_json, render_explain, "an explanation")
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     if args.device is not None:
         return cmd_devices(args, out)
     reply = ControlClient(args.socket).request("status")
-    if args.json:
-        json.dump(reply["status"], out, indent=2, sort_keys=True)
-        out.write("\n")
-        return EXIT_OK
-    try:
-        status = Status.from_json(reply["status"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ControlError(f"daemon sent a status this oe cannot read ({exc})") from None
-    out.write(render_status(status) + "\n")
-    return EXIT_OK
+    return _show(out, args.json, reply["status"], Status.from_json, render_status, "a status")
 
 
 def cmd_offload(args: argparse.Namespace, out: TextIO) -> int:

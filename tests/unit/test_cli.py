@@ -26,6 +26,7 @@ from oe_router.control import (
     StatusContribution,
     TunnelStatus,
 )
+from tests.control_thread import ThreadedControlServer
 
 GOOD = "config oe 'global'\n\toption enabled '1'\n\toption log_level 'info'\n"
 #: ``oe status --json`` of a real oe-routerd in a netns (kernel datapath without ESP), read
@@ -139,23 +140,18 @@ def _status() -> Status:
     return Status.merge(daemon, [part])
 
 
-class FakeDaemon:
+class FakeDaemon(ThreadedControlServer):
     """A real ControlServer on a real socket, answering status/reload with canned replies."""
 
     def __init__(self, path: Path, reload_result: ReloadResult) -> None:
-        self.path = path
         self.reload_result = reload_result
         self.calls: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.stop = threading.Event()
         table = CommandTable()
         table.register("status", self._status)
         table.register("reload", self._reload)
         table.register("offload", self._offload)
         table.register("offload-bench", self._offload_bench)
-        self.server = ControlServer(path, table)
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(path, table)
 
     async def _status(self, req: Request) -> dict[str, object]:
         return {"status": _status().to_json()}
@@ -170,26 +166,6 @@ class FakeDaemon:
     async def _offload_bench(self, req: Request) -> dict[str, object]:
         self.calls.append("offload-bench")
         return {"offload": {**OFFLOAD_DOC, "events": ["+99.0s bench: measured again"]}}
-
-    def _run(self) -> None:
-        async def go() -> None:
-            await self.server.start()
-            self.ready.set()
-            while not self.stop.is_set():
-                await asyncio.sleep(0.02)
-            await self.server.stop()
-
-        self.loop.run_until_complete(go())
-        self.loop.close()
-
-    def __enter__(self) -> FakeDaemon:
-        self.thread.start()
-        assert self.ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(5)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from oe_router.cli import main
 from oe_router.config.schema import PolicyConfig, parse_policy_entry
-from oe_router.control import CommandTable, ControlServer
+from oe_router.control import CommandTable
 from oe_router.control.blobmsg import decode, encode
 from oe_router.control.protocol import Request
 from oe_router.control.status import ChildSaStatus, TunnelStatus
@@ -48,6 +47,7 @@ from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.oe.actions import Action, InstallChild, Negotiate, NegotiationResult
 from oe_router.oe.manager import OeManager
 from oe_router.oe.policy import PolicyTable
+from tests.control_thread import ThreadedControlServer
 
 ip = ipaddress.ip_address
 WAN = ip("198.51.100.1")
@@ -342,41 +342,11 @@ def test_ubus_devices_and_explain_methods(mgr: OeManager, tmp_path: Path) -> Non
     assert signature()["explain"] == {"address": 3} and signature()["devices"] == {"device": 3}
 
 
-class _Server:
-    """A real control server in a thread with the real device commands."""
-
-    def __init__(self, path: Path, table: CommandTable) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.server = ControlServer(path, table)
-        self.ready, self.stop = threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        async def go() -> None:
-            await self.server.start()
-            self.ready.set()
-            while not self.stop.is_set():
-                await asyncio.sleep(0.02)
-            await self.server.stop()
-
-        self.loop.run_until_complete(go())
-        self.loop.close()
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        assert self.ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(5)
-
-
 @pytest.fixture
 def served(mgr: OeManager, tmp_path: Path) -> Iterator[Path]:
     (tmp_path / "leases").write_text(LEASES)
     sock = tmp_path / "control.sock"
-    with _Server(sock, _commands(mgr, FLOWS, tmp_path / "leases")):
+    with ThreadedControlServer(sock, _commands(mgr, FLOWS, tmp_path / "leases")):
         yield sock
 
 
