@@ -14,6 +14,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from oe_router.datapath.base import (
     Acquire,
@@ -24,7 +25,7 @@ from oe_router.datapath.base import (
     Template,
     TrafficSelector,
 )
-from oe_router.datapath.firstpackets import FirstPackets, HoldLimits, SpdDecider
+from oe_router.datapath.firstpackets import FirstPackets, HoldLimits, Outcome, Ruling, SpdDecider
 from oe_router.datapath.nfqueue import QueuedPacket
 from oe_router.datapath.nft_spd import SpdProjection
 from oe_router.datapath.policies import PolicyTable
@@ -54,10 +55,11 @@ class _LiveProjection(SpdProjection):
 
 
 class _Rig:
-    def __init__(self, limits: HoldLimits) -> None:
+    def __init__(self, limits: HoldLimits, projection: SpdProjection | None = None) -> None:
         self.now = 1000.0
         self.events: list[DatapathEvent] = []
-        self.policies = PolicyTable(_LiveProjection(), self.events.append, self._changed)
+        proj = projection or _LiveProjection()
+        self.policies = PolicyTable(proj, self.events.append, self._changed)
         sas = SaTable(WorkerPool(sys.executable), replay_window=64, clock=self.clock)
         self.first = FirstPackets(
             queue_num=1,
@@ -178,3 +180,99 @@ def test_hold_limits_per_destination_and_in_total_then_the_deadline() -> None:
         assert rig.first.held_now == 0 and rig.first.stats["hold_expired"] == 3
 
     asyncio.run(go())
+
+
+class _WritingProjection(_LiveProjection):
+    """A kernel write that takes a while (nfnetlink, asynchronous): it waits for ``done``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def project(
+        self,
+        policies: Callable[[], list[PolicySpec]],
+        add: Sequence[PolicySpec] = (),
+        remove: Sequence[PolicySpec] = (),
+    ) -> None:
+        self.writing.set()
+        await self.done.wait()
+
+
+def test_held_packets_leave_with_the_pass_shunt_before_its_kernel_write_ends() -> None:
+    """The held packet is accepted as soon as the SPD holds the pass shunt, not after the
+    projection's write: once the kernel has the shunt, later packets of the same flow pass
+    and are confirmed by conntrack first, and the held one, released after, would be
+    dropped as a clash (the ICMP echo this lost on the host tier)."""
+
+    async def go() -> None:
+        proj = _WritingProjection()
+        proj.done.set()
+        rig = _Rig(HoldLimits(4.0, 64, 1024), proj)
+        await rig.policies.install([_out(PolicyAction.TRAP)])
+        await rig.policies.go_live()
+        rig.queue("198.51.100.7")
+        assert rig.first.held_now == 1
+        proj.done.clear()
+        proj.writing.clear()
+        task = asyncio.get_running_loop().create_task(
+            rig.policies.install([_out(PolicyAction.PASS)])
+        )
+        await proj.writing.wait()
+        assert rig.first.held_now == 0 and rig.first.stats["accepted"] == 1
+        proj.done.set()
+        await task
+
+    asyncio.run(go())
+
+
+class _Switch:
+    """A decider flipped by hand, with no release after (the kernel hold's XFRM state
+    changes before its ``release``)."""
+
+    def __init__(self) -> None:
+        self.clear = False
+
+    @property
+    def live(self) -> bool:
+        return True
+
+    def rule(self, f: object) -> Ruling:
+        return Ruling(Outcome.CLEAR if self.clear else Outcome.HOLD)
+
+
+class _Recording(FirstPackets):
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.order: list[int] = []
+
+    def _verdict(self, held: Any, accept: bool, stat: str, mark: int | None = None) -> None:
+        self.order.append(held.packet_id)
+        super()._verdict(held, accept, stat, mark)
+
+
+def test_a_packet_never_leaves_ahead_of_one_held_for_the_same_destination() -> None:
+    """Conntrack confirms the first of a flow's packets to leave and drops the others, so
+    a packet queued after the rule changed but before ``release`` ran leaves behind the
+    held one, not ahead of it."""
+    decider = _Switch()
+    first = _Recording(
+        queue_num=1,
+        limits=HoldLimits(4.0, 64, 1024),
+        decider=decider,
+        emit=lambda e: None,
+        netns=None,
+        clock=lambda: 1000.0,
+    )
+    rig = _Rig(HoldLimits(4.0, 64, 1024))
+    rig.first = first
+    rig.queue("198.51.100.7")
+    rig.queue("198.51.100.8")
+    assert first.held_now == 2 and first.order == []
+    decider.clear = True
+    rig.queue("198.51.100.7")
+    assert first.order == [1, 3]  # the held one first; .8 waits for its release
+    assert first.held_now == 1
+    first.release()
+    assert first.order == [1, 3, 2] and first.stats["accepted"] == 3

@@ -289,7 +289,16 @@ class FirstPackets:
             self._verdict(h, False, "dropped")
             return
         h = _Held(p.id, p.payload, f, self._clock() + self._limits.seconds)
-        if not self._decider.live or not self._decide(h):
+        if not self._decider.live:
+            self._hold(h)
+            return
+        key = (f.version, f.dst)
+        if key in self._held:
+            # never ahead of older packets to the same place: conntrack confirms the first
+            # of a flow's packets to leave and drops the others (their unconfirmed entries
+            # clash), so the held ones are decided first, by the same rule
+            self._release_bucket(key)
+        if not self._decide(h):
             self._hold(h)
 
     def _decide(self, h: _Held) -> bool:
@@ -369,13 +378,18 @@ class FirstPackets:
         """Decide again every held packet (a policy or an SA changed)."""
         if not self._decider.live or not self._held:
             return
-        for key, bucket in list(self._held.items()):
-            keep = [h for h in bucket if not self._decide(h)]
-            self._held_count -= len(bucket) - len(keep)
-            if keep:
-                self._held[key] = keep
-            else:
-                del self._held[key]
+        for key in list(self._held):
+            self._release_bucket(key)
+
+    def _release_bucket(self, key: tuple[int, int]) -> None:
+        """Decide again, oldest first, the packets held for one destination."""
+        bucket = self._held[key]
+        keep = [h for h in bucket if not self._decide(h)]
+        self._held_count -= len(bucket) - len(keep)
+        if keep:
+            self._held[key] = keep
+        else:
+            del self._held[key]
 
     async def expire(self) -> None:
         """Forever: drop what waited past its deadline, forget old ACQUIRE times."""

@@ -75,6 +75,12 @@ class PolicyTable:
                 self._timers[key] = asyncio.get_running_loop().call_later(
                     float(lft.soft_seconds or lft.hard_seconds), self._timer, key, policy
                 )
+        # held packets are decided by the SPD before the kernel's copy changes: once the
+        # projection lets new packets of a held flow through, each would be confirmed by
+        # conntrack first and the held one, released after, dropped as a clash (its
+        # unconfirmed entry has the same tuple). An accept verdict never meets the
+        # projection again, so releasing ahead of it is safe.
+        self._on_change()
         await self.projection.project(self._spd.policies, add=policies, remove=olds)
         self._on_change()
 
@@ -116,6 +122,7 @@ class PolicyTable:
                 self._spd.remove(current)
                 gone.append(current)
         if gone:
+            self._on_change()  # ahead of the kernel's copy, as in ``install``
             await self.projection.project(self._spd.policies, remove=gone)
             self._on_change()
 
