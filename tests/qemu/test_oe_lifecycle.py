@@ -86,8 +86,8 @@ def life(lab: Lab) -> Iterator[Lab]:
     for h in ("ls-b", "ls-m"):
         assert h not in lab.failed_hosts, lab.failed_hosts[h]
     set_group(lab, "clear-or-private")
-    # without the hold for the baseline below; test_packet_hold_loses_no_first_packet then
-    # leaves the daemon with the shipped default (the hold on) for the rest of the module
+    # without the hold for the baseline below, whatever the shipped default;
+    # test_packet_hold_loses_no_first_packet then leaves the daemon with the shipped config
     start(lab, options={"global.packet_hold": "0"})
     try:
         yield lab
@@ -228,7 +228,7 @@ def test_packet_hold_loses_no_first_packet(life: Lab, figures: dict[str, Any]) -
         assert fail["dropped"] >= 1, fail
     finally:
         oelab.stop_daemon(lab)
-        start(lab)  # the shipped default: the hold on
+        start(lab)  # the shipped configuration
 
 
 # A paced HTTP/1.0 response: 6000 bytes every 0.1 s for 60 s with a Content-Length, so the
