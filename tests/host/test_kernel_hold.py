@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from oe_router.datapath.firstpackets import HoldLimits
 from oe_router.datapath.kernel import XfrmDatapath
 from oe_router.datapath.kernel_hold import HeldXfrmDatapath, HoldSettings
 from oe_router.datapath.nft import run_nft
+from oe_router.netns import in_netns
 from oe_router.oe.lan import LanGateway, apply_nft, nft_script
 from oe_router.oe.service import OeService, kernel_datapath
 from tests.aio import run, running
@@ -46,6 +48,7 @@ pytestmark = pytest.mark.host
 
 WAN = ipaddress.IPv4Address("198.51.100.1")
 OPEN, PRIVATE, SPARE, PINGED = "203.0.113.7", "203.0.113.8", "203.0.113.9", "203.0.113.10"
+SERVER = "203.0.113.11"  # a TCP server in the world
 PORT = 9000
 SETTINGS = HoldSettings(table="oe_hold_test", queue_num=4601)
 
@@ -68,7 +71,7 @@ def _shunt(action: PolicyAction, dst: str) -> PolicySpec:
 
 
 def _world(lan_router_world: LanRouterWorld) -> tuple[str, str, str]:
-    lan, r, w = lan_router_world("kh", peers=(OPEN, PRIVATE, SPARE, PINGED))
+    lan, r, w = lan_router_world("kh", peers=(OPEN, PRIVATE, SPARE, PINGED, SERVER))
     run_nft(
         "table ip kh_nat {\n\tchain post {\n"
         "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
@@ -237,6 +240,78 @@ def test_held_first_packets_follow_the_shunt_and_known_destinations_skip_the_que
         asyncio.run(body())
     finally:
         sink.close()
+
+
+def _tcp(netns: str) -> socket.socket:
+    with in_netns(netns):
+        s = socket.socket()
+    s.setblocking(False)
+    return s
+
+
+def _counter(netns: str, table: str) -> int:
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "list", "table", "ip", table],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.split("counter packets ")[1].split()[0])
+
+
+@pytest.mark.parametrize(("seconds", "copies"), [(4.0, 2), (1.5, 3)])
+def test_a_held_syn_leaves_once_however_often_the_client_resent_it(
+    lan_router_world: LanRouterWorld, seconds: float, copies: int
+) -> None:
+    """A TCP client's SYN held while its negotiation runs, resent by the client (1 s, then
+    1 or 2 s more) and, with a 1.5 s bound, past the first copy's deadline: the server
+    sees one SYN, the connection completes, and the router's conntrack calls none of its
+    packets invalid. (Each copy used to leave: two or three SYNs at once; see
+    firstpackets.py for how a late copy breaks the connection.)"""
+    lan, r, w = _world(lan_router_world)
+    run_nft(
+        "table ip kh_syn {\n\tchain pre {\n\t\ttype filter hook prerouting priority raw;\n"
+        f"\t\tip daddr {SERVER} tcp flags & (syn|ack) == syn counter\n\t}}\n}}\n",
+        netns=w,
+    )
+    run_nft(
+        "table ip kh_ct {\n\tchain forwarded {\n\t\ttype filter hook forward priority 0;\n"
+        "\t\tct state invalid counter\n\t}\n}\n",
+        netns=r,
+    )
+    server, client = _tcp(w), _tcp(lan)
+    server.bind((SERVER, PORT))
+    server.listen(8)
+    hold = replace(SETTINGS, limits=HoldLimits(seconds, 64, 1024))
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        dp = HeldXfrmDatapath(netns=r, reason="test", wan_devices=["wan"], wan4=WAN, hold=hold)
+        try:
+            await dp.start()
+            await dp.install_policy(_trap(dp))
+            await dp.release_adopted(lambda p: False)
+            connecting = loop.create_task(loop.sock_connect(client, (SERVER, PORT)))
+            assert await _until(lambda: dp.stats()["queued"] >= copies), dp.stats()
+            assert _counter(w, "kh_syn") == 0
+            await dp.install_policy(_shunt(PolicyAction.PASS, SERVER))
+            await asyncio.wait_for(connecting, 10)
+            conn, _ = await asyncio.wait_for(loop.sock_accept(server), 10)
+            with conn:
+                await loop.sock_sendall(client, b"hi")
+                assert await asyncio.wait_for(loop.sock_recv(conn, 10), 10) == b"hi"
+            st = dp.stats()
+            assert _counter(w, "kh_syn") == 1, st
+            assert st.get("hold_superseded", 0) == copies - 1 - st["hold_expired"], st
+            assert _counter(r, "kh_ct") == 0
+        finally:
+            await dp.close()
+
+    try:
+        asyncio.run(body())
+    finally:
+        server.close()
+        client.close()
 
 
 def test_a_flood_of_new_destinations_is_held_within_the_bound_and_counted(
