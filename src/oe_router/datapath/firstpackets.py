@@ -15,18 +15,17 @@ chain before the wire; on the kernel datapath it is simply accepted (XFRM seals 
 
 One SYN per TCP connection leaves: a client resends its SYN (same flow, same sequence
 number) every 1, 2, 4 s while its negotiation runs, and each copy was held and let go
-with the rest. The server then sees two or three SYNs at once, and any copy that reaches
-it after its SYN-ACK has reached the client is answered as a new attempt: a server that
-answered the first with a SYN cookie (a burst of released SYNs fills a small listen
-queue) keeps no state and answers the late copy with another initial sequence number;
-conntrack, which ignores a SYN in SYN_RECV and re-syncs on the SYN-ACK that answers it,
-then follows the second one, and the client, established on the first, has every packet
-marked invalid (fw4 drops them). The QEMU matrix's failure (a 7 s negotiation) fits
-this: two copies let go together, a third 0.4 s later, two server ISNs, 11 of the
-client's packets dropped as invalid; the host tier cannot reproduce the late copy.
-So a held SYN's retransmission takes its place (the newest copy: its deadline is the
-latest), and a copy queued after one was let go (the destination not yet known to the
-kernel) is dropped; both count in ``hold_superseded``. The client's own timer resends
+with the rest. A copy that reaches the server after its SYN-ACK has reached the client
+is answered as a new attempt: a server that answered with a SYN cookie (a burst of
+released SYNs fills a small listen queue) keeps no state and answers the copy with
+another initial sequence number; conntrack, which ignores a SYN in SYN_RECV and
+re-syncs on the SYN-ACK that answers it, follows that one, and the client's ACK for
+the first is invalid (not NATed; fw4 drops it). A copy is late when the daemon reads
+the queue late (busy installing SAs): the QEMU matrix's failing cell, and
+tests/host/test_kernel_hold.py staging it (docs/oe-gateway.md 4.3). So a held SYN's
+retransmission takes its place (the newest copy: its deadline is the latest), and a
+copy queued after one was let go (the destination not yet known to the kernel) is
+dropped; both count in ``hold_superseded``. The client's own timer resends
 it if the answer is lost, by then without a detour through the queue.
 """
 
