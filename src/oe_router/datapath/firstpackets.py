@@ -158,7 +158,7 @@ class _Held:
     syn: int | None = None  # a TCP SYN's sequence number: its retransmissions share it
 
 
-def superseded(bucket: list[_Held], h: _Held) -> int | None:
+def _superseded(bucket: list[_Held], h: _Held) -> int | None:
     """Where in ``bucket`` a copy of the TCP SYN ``h`` is held (same flow, same sequence
     number: the client's retransmission), or None."""
     for i, old in enumerate(bucket):
@@ -409,7 +409,7 @@ class FirstPackets:
         key = (h.flow.version, h.flow.dst)
         bucket = self._held.setdefault(key, [])
         if h.syn is not None:
-            i = superseded(bucket, h)
+            i = _superseded(bucket, h)
             if i is not None:
                 # the client resent its SYN: only the newest copy is kept (module doc)
                 self._verdict(bucket[i], False, "hold_superseded")
