@@ -81,10 +81,17 @@ class _Rig:
     def _changed(self) -> None:
         self.first.release()
 
-    def queue(self, dst: str, dport: int = 443, payload: bytes | None = None) -> None:
-        """The kernel queues a TCP packet WAN:40000 -> dst:dport (or raw bytes)."""
+    def queue(
+        self, dst: str, dport: int = 443, payload: bytes | None = None, syn: int | None = None
+    ) -> None:
+        """The kernel queues a TCP packet WAN:40000 -> dst:dport (or raw bytes); ``syn``:
+        a SYN with that sequence number."""
         if payload is None:
-            tcp = struct.pack("!HH", 40000, dport) + bytes(16)
+            head = struct.pack("!HH", 40000, dport)
+            if syn is None:
+                tcp = head + bytes(16)
+            else:
+                tcp = head + struct.pack("!IIBBHHH", syn, 0, 5 << 4, 0x02, 64240, 0, 0)
             payload = (
                 struct.pack(
                     "!BBHHHBBH4s4s",
@@ -276,3 +283,40 @@ def test_a_packet_never_leaves_ahead_of_one_held_for_the_same_destination() -> N
     assert first.held_now == 1
     first.release()
     assert first.order == [1, 3, 2] and first.stats["accepted"] == 3
+
+
+def test_a_resent_syn_takes_the_held_ones_place_and_a_late_copy_is_dropped() -> None:
+    """A client resends its SYN while the negotiation runs: one copy is held (the newest,
+    with the newest deadline), one leaves, and a copy queued after it left is dropped, so
+    the server never answers a copy after the client has its SYN-ACK."""
+    decider = _Switch()
+    clock = [1000.0]
+    first = _Recording(
+        queue_num=1,
+        limits=HoldLimits(4.0, 64, 1024),
+        decider=decider,
+        emit=lambda e: None,
+        netns=None,
+        clock=lambda: clock[0],
+    )
+    rig = _Rig(HoldLimits(4.0, 64, 1024))
+    rig.first = first
+    rig.queue("198.51.100.7", syn=111)
+    clock[0] += 1.0
+    rig.queue("198.51.100.7", syn=111)  # the 1 s retransmission
+    rig.queue("198.51.100.7", syn=222)  # another connection (same ports, as built here)
+    rig.queue("198.51.100.7")  # not a SYN: never merged
+    clock[0] += 2.0
+    rig.queue("198.51.100.7", syn=111)  # the 3 s one
+    assert first.held_now == 3 and first.order == [1, 2]
+    assert first.stats["hold_superseded"] == 2 and first.stats["held"] == 5
+    decider.clear = True
+    first.release()
+    assert first.order == [1, 2, 5, 3, 4] and first.stats["accepted"] == 3
+    rig.queue("198.51.100.7", syn=111)  # queued before the kernel knew the destination
+    rig.queue("198.51.100.7", syn=333)  # a new connection passes
+    assert first.order == [1, 2, 5, 3, 4, 6, 7]
+    assert first.stats["hold_superseded"] == 3 and first.stats["accepted"] == 4
+    clock[0] += 4.5  # long after: the SYN's copy is the client's own retry, let go
+    rig.queue("198.51.100.7", syn=111)
+    assert first.stats["accepted"] == 5 and first.stats["hold_superseded"] == 3

@@ -13,7 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oe_router.datapath.packet import Flow, MalformedPacket, flow, next_header, version
+from oe_router.datapath.packet import (
+    Flow,
+    MalformedPacket,
+    flow,
+    next_header,
+    syn_seq,
+    version,
+)
 
 A4, B4 = ipaddress.IPv4Address("192.0.2.10"), ipaddress.IPv4Address("198.51.100.7")
 A6, B6 = ipaddress.IPv6Address("2001:db8::10"), ipaddress.IPv6Address("2001:db8:1::7")
@@ -174,3 +181,22 @@ def test_built_packets_round_trip(
         body = (frag6(nh, 0, True) if kind == 44 else ext(nh)) + body
         nh = kind
     assert flow(ipv6(nh, body)) == Flow(6, int(A6), int(B6), proto, sport, dport)
+
+
+def _tcp(seq: int, flags: int) -> bytes:
+    return struct.pack("!HHIIBBHHH", 40000, 443, seq, 7, 5 << 4, flags, 64240, 0, 0)
+
+
+def test_syn_seq_names_a_bare_syn_only() -> None:
+    """A client's SYN and its retransmissions share the sequence number; a SYN-ACK, RST,
+    plain ACK, another protocol or a later fragment is no connection opening."""
+    assert syn_seq(ipv4(6, _tcp(0xDEADBEEF, 0x02))) == 0xDEADBEEF
+    assert syn_seq(ipv6(6, _tcp(5, 0x02 | 0x40 | 0x80))) == 5  # ECE/CWR (ECN setup) too
+    assert syn_seq(ipv4(6, _tcp(5, 0x12))) is None  # SYN-ACK
+    assert syn_seq(ipv4(6, _tcp(5, 0x06))) is None  # SYN+RST
+    assert syn_seq(ipv4(6, _tcp(5, 0x10))) is None
+    assert syn_seq(ipv4(17, _tcp(5, 0x02))) is None
+    assert syn_seq(ipv4(6, _tcp(5, 0x02), frag=3)) is None
+    assert syn_seq(ipv6(0, ext(6) + _tcp(5, 0x02))) is None  # extension headers: not read
+    assert syn_seq(ipv4(6, _tcp(5, 0x02))[:30]) is None  # truncated: no error
+    assert syn_seq(b"") is None and syn_seq(b"\x10") is None

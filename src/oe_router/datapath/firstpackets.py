@@ -12,6 +12,21 @@ until a policy or an SA decides it: into its SA, in the clear (a pass shunt), or
 dropped. On the userspace datapath a packet sealed by us is accepted with the stolen
 mark, so conntrack confirms its connection and NAT binding, and dropped by a WAN egress
 chain before the wire; on the kernel datapath it is simply accepted (XFRM seals it).
+
+One SYN per TCP connection leaves: a client resends its SYN (same flow, same sequence
+number) every 1, 2, 4 s while its negotiation runs, and each copy was held and let go
+with the rest. A copy that reaches the server after its SYN-ACK has reached the client
+is answered as a new attempt: a server that answered with a SYN cookie (a burst of
+released SYNs fills a small listen queue) keeps no state and answers the copy with
+another initial sequence number; conntrack, which ignores a SYN in SYN_RECV and
+re-syncs on the SYN-ACK that answers it, follows that one, and the client's ACK for
+the first is invalid (not NATed; fw4 drops it). A copy is late when the daemon reads
+the queue late (busy installing SAs): the QEMU matrix's failing cell, and
+tests/host/test_kernel_hold.py staging it (docs/oe-gateway.md 4.3). So a held SYN's
+retransmission takes its place (the newest copy: its deadline is the latest), and a
+copy queued after one was let go (the destination not yet known to the kernel) is
+dropped; both count in ``hold_superseded``. The client's own timer resends
+it if the answer is lost, by then without a detour through the queue.
 """
 
 from __future__ import annotations
@@ -38,7 +53,7 @@ from .base import (
 )
 from .nfqueue import NfQueue, NfQueueError, QueuedPacket
 from .nft import run_nft
-from .packet import Flow, MalformedPacket, flow
+from .packet import Flow, MalformedPacket, flow, syn_seq
 from .policies import PolicyTable
 from .sa_table import SaTable
 
@@ -140,6 +155,16 @@ class _Held:
     payload: bytes = field(repr=False)
     flow: Flow
     deadline: float
+    syn: int | None = None  # a TCP SYN's sequence number: its retransmissions share it
+
+
+def _superseded(bucket: list[_Held], h: _Held) -> int | None:
+    """Where in ``bucket`` a copy of the TCP SYN ``h`` is held (same flow, same sequence
+    number: the client's retransmission), or None."""
+    for i, old in enumerate(bucket):
+        if old.syn == h.syn and old.flow == h.flow:
+            return i
+    return None
 
 
 class FirstPackets:
@@ -180,6 +205,8 @@ class FirstPackets:
         self._held: dict[tuple[int, int], list[_Held]] = {}  # (version, dst) -> packets
         self._held_count = 0
         self._acquired: dict[tuple[int, int, int], float] = {}  # (version, dst, reqid) -> when
+        # TCP SYNs let go (flow, sequence number) -> until: a copy queued later is dropped
+        self._sent_syns: dict[tuple[Flow, int], float] = {}
         self._acq_seq = 0
         self.stats = {
             "queued": 0,
@@ -189,6 +216,7 @@ class FirstPackets:
             "dropped": 0,
             "hold_overflow": 0,
             "hold_expired": 0,
+            "hold_superseded": 0,
         }
 
     @property
@@ -288,7 +316,14 @@ class FirstPackets:
             h = _Held(p.id, b"", Flow(0, 0, 0, 0), 0.0)
             self._verdict(h, False, "dropped")
             return
-        h = _Held(p.id, p.payload, f, self._clock() + self._limits.seconds)
+        syn = syn_seq(p.payload) if f.proto == 6 else None
+        now = self._clock()
+        h = _Held(p.id, p.payload, f, now + self._limits.seconds, syn)
+        if syn is not None and self._sent_syns.get((f, syn), 0.0) > now:
+            # a copy of a SYN already let go, queued before the kernel learned its
+            # destination: sent late, it would reach the server after its answer (module doc)
+            self._verdict(h, False, "hold_superseded")
+            return
         if not self._decider.live:
             self._hold(h)
             return
@@ -318,10 +353,19 @@ class FirstPackets:
             else:
                 self._verdict(h, False, "released_into_sa")
             self._seal(r.child, [h.payload])
+            self._sent_syn(h)
             return True
         accept = r.outcome in (Outcome.CLEAR, Outcome.SA_UP)
         self._verdict(h, accept, r.outcome.stat)
+        if accept:
+            self._sent_syn(h)
         return True
+
+    def _sent_syn(self, h: _Held) -> None:
+        """Remember a SYN let go (for ``hold.seconds``, within the hold's total bound)."""
+        if h.syn is None or len(self._sent_syns) >= self._limits.total:
+            return
+        self._sent_syns[(h.flow, h.syn)] = self._clock() + self._limits.seconds
 
     def _acquire(self, pol: PolicySpec, f: Flow) -> None:
         """The kernel's ACQUIRE, for a trapped packet (at most once a second per flow's
@@ -364,6 +408,14 @@ class FirstPackets:
     def _hold(self, h: _Held) -> None:
         key = (h.flow.version, h.flow.dst)
         bucket = self._held.setdefault(key, [])
+        if h.syn is not None:
+            i = _superseded(bucket, h)
+            if i is not None:
+                # the client resent its SYN: only the newest copy is kept (module doc)
+                self._verdict(bucket[i], False, "hold_superseded")
+                bucket[i] = h
+                self.stats["held"] += 1
+                return
         lim = self._limits
         if len(bucket) >= lim.per_destination or self._held_count >= lim.total:
             self._verdict(h, False, "hold_overflow")
@@ -411,3 +463,4 @@ class FirstPackets:
             stale = [k for k, t in self._acquired.items() if now - t > 60]
             for k in stale:
                 del self._acquired[k]
+            self._sent_syns = {k: u for k, u in self._sent_syns.items() if u > now}

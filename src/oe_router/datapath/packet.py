@@ -28,6 +28,7 @@ __all__ = [
     "MalformedPacket",
     "flow",
     "next_header",
+    "syn_seq",
     "version",
 ]
 
@@ -44,6 +45,11 @@ _FRAG6: Final = struct.Struct("!BxH")  # IPv6 fragment header: next header, offs
 _GRE: Final = struct.Struct("!H")  # GRE flags (RFC 2890: key present = 0x2000)
 _GRE_KEY: Final = struct.Struct("!I")
 _MH_TYPE: Final = struct.Struct("!2xB")  # Mobility Header (RFC 6275): type at 2
+#: TCP (RFC 9293): sequence number at 4, flags at 13 (after ack number and data offset).
+_TCP_SEQ_FLAGS: Final = struct.Struct("!4xI5xB")
+_TCP_SYN: Final = 0x02
+_TCP_ACK: Final = 0x10
+_TCP_RST: Final = 0x04
 
 _PORT_PROTOS: Final = frozenset((6, 17, 132, 136))  # TCP, UDP, SCTP, UDP-Lite
 _ICMP_PROTOS: Final = frozenset((1, 58))
@@ -157,3 +163,28 @@ def flow(packet: bytes) -> Flow:
         raise MalformedPacket(f"IP version {b0 >> 4}")
     except (IndexError, struct.error):
         raise MalformedPacket(f"{len(packet)}-byte packet is truncated") from None
+
+
+def syn_seq(packet: bytes) -> int | None:
+    """The sequence number of a connection-opening TCP SYN (SYN without ACK or RST), in
+    an IPv4 packet or an IPv6 one without extension headers; None for anything else
+    (a truncated header included). A client's retransmitted SYNs carry the same one."""
+    try:
+        b0 = packet[0]
+        if b0 >> 4 == 4:
+            vihl, frag, proto, _src, _dst = _unpack_v4(packet)
+            if proto != 6 or frag & 0x1FFF:
+                return None
+            off = (vihl & 15) << 2
+        elif b0 >> 4 == 6:
+            if packet[6] != 6:
+                return None
+            off = 40
+        else:
+            return None
+        seq, flags = _TCP_SEQ_FLAGS.unpack_from(packet, off)
+    except (IndexError, struct.error):
+        return None
+    if flags & (_TCP_SYN | _TCP_ACK | _TCP_RST) != _TCP_SYN:
+        return None
+    return int(seq)
