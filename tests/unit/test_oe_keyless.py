@@ -16,7 +16,6 @@ import dns.message
 import dns.name
 import pytest
 
-from oe_router.config.schema import PolicyConfig, parse_policy_entry
 from oe_router.datapath.base import IPAddress, Lifetime, PolicyAction
 from oe_router.dns.front import AnswerCache, Resolver
 from oe_router.dns.hold import (
@@ -35,7 +34,6 @@ from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.oe import shunts
 from oe_router.oe.actions import InstallPolicy, Negotiate
 from oe_router.oe.manager import OeManager
-from oe_router.oe.policy import PolicyTable
 
 NAME = dns.name.from_text("silent.example.")
 A1 = ipaddress.IPv4Address("192.0.2.1")
@@ -137,25 +135,6 @@ def test_keyless_answer_goes_at_the_hold_limit_if_the_shunt_is_slow() -> None:
 
 
 # ------------------------------------------------------------------ OE manager
-
-
-def _cfg() -> PolicyConfig:
-    def es(*t: str) -> tuple[object, ...]:
-        return tuple(parse_policy_entry(x) for x in t)
-
-    return PolicyConfig(
-        private=es("203.0.113.0/24"),  # type: ignore[arg-type]
-        private_or_clear=es("0.0.0.0/0"),  # type: ignore[arg-type]
-        clear_or_private=es("192.0.2.64/26"),  # type: ignore[arg-type]
-        clear=es("192.0.2.9/32"),  # type: ignore[arg-type]
-        block=es("198.18.0.0/15"),  # type: ignore[arg-type]
-    )
-
-
-@pytest.fixture
-def mgr() -> OeManager:
-    table = PolicyTable.from_config(_cfg(), link_exclusions=())
-    return OeManager(table, {4: WAN}, trap_reqid=0x4F45FFFF, shunt_lifetime=900)
 
 
 def _passes(actions: list) -> list[InstallPolicy]:  # type: ignore[type-arg]

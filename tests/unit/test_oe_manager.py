@@ -49,25 +49,6 @@ BLOCKED = ipaddress.IPv4Address("198.18.0.1")
 TRAP_REQID = 0x4F45FFFF
 
 
-def _cfg() -> PolicyConfig:
-    def es(*t: str) -> tuple[object, ...]:
-        return tuple(parse_policy_entry(x) for x in t)
-
-    return PolicyConfig(
-        private=es("203.0.113.0/24"),  # type: ignore[arg-type]
-        private_or_clear=es("0.0.0.0/0"),  # type: ignore[arg-type]
-        clear_or_private=es("192.0.2.64/26"),  # type: ignore[arg-type]
-        clear=es("192.0.2.9/32"),  # type: ignore[arg-type]
-        block=es("198.18.0.0/15"),  # type: ignore[arg-type]
-    )
-
-
-@pytest.fixture
-def mgr() -> OeManager:
-    table = PolicyTable.from_config(_cfg(), link_exclusions=())
-    return OeManager(table, {4: WAN}, trap_reqid=TRAP_REQID, shunt_lifetime=900, idle_timeout=300)
-
-
 def _host(a: IPAddress) -> TrafficSelector:
     return TrafficSelector(ipaddress.ip_network(a))
 

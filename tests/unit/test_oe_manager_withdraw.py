@@ -11,9 +11,6 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import replace
 
-import pytest
-
-from oe_router.config.schema import PolicyConfig, parse_policy_entry
 from oe_router.datapath.base import (
     Acquire,
     ChildSaSpec,
@@ -35,7 +32,6 @@ from oe_router.oe.actions import (
     SendDelete,
 )
 from oe_router.oe.manager import OeManager
-from oe_router.oe.policy import PolicyTable
 
 WAN = ipaddress.IPv4Address("198.51.100.1")
 P1 = ipaddress.IPv4Address("192.0.2.7")
@@ -45,23 +41,6 @@ RESP = ipaddress.IPv4Address("192.0.2.70")  # clear-or-private: we only respond
 TRAP_REQID = 0x4F45FFFF
 GCM = encr_algorithm(20)  # AES_GCM_16
 CBC = encr_algorithm(12)  # AES_CBC
-
-
-def _cfg() -> PolicyConfig:
-    def es(*t: str) -> tuple[object, ...]:
-        return tuple(parse_policy_entry(x) for x in t)
-
-    return PolicyConfig(
-        private=es("203.0.113.0/24"),  # type: ignore[arg-type]
-        private_or_clear=es("0.0.0.0/0"),  # type: ignore[arg-type]
-        clear_or_private=es("192.0.2.64/26"),  # type: ignore[arg-type]
-    )
-
-
-@pytest.fixture
-def mgr() -> OeManager:
-    table = PolicyTable.from_config(_cfg(), link_exclusions=())
-    return OeManager(table, {4: WAN}, trap_reqid=TRAP_REQID, shunt_lifetime=900, idle_timeout=300)
 
 
 def _host(a: IPAddress) -> TrafficSelector:

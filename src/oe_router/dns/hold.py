@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -366,22 +366,31 @@ class HoldCore:
 
     def tunnel_done(self, request: int, ok: bool, now: float) -> list[Action]:
         """The OE manager answered ``EnsureTunnel(request)``: up (True) or failed."""
-        entry = self._requests.pop(request, None)
-        if entry is None:
-            return []
-        name, addresses = entry
-        neg = self._negs.get(name)
-        if neg is None:
-            return []
-        neg.pending_requests.discard(request)
-        (neg.up if ok else neg.failed).update(addresses)
-        actions = self._evaluate_name(name, now)
-        self._gc(name)
-        return actions
+
+        def record(neg: _Negotiation, addresses: frozenset[IPAddress]) -> None:
+            (neg.up if ok else neg.failed).update(addresses)
+
+        return self._answered(self._requests, request, record, now)
 
     def keyless_done(self, request: int, passing: frozenset[IPAddress], now: float) -> list[Action]:
         """The OE manager answered ``PassKeyless(request)``: ``passing`` are shunted."""
-        entry = self._passes.pop(request, None)
+
+        def record(neg: _Negotiation, addresses: frozenset[IPAddress]) -> None:
+            neg.pass_done |= addresses
+            neg.passing |= passing & addresses
+
+        return self._answered(self._passes, request, record, now)
+
+    def _answered(
+        self,
+        requests: dict[int, tuple[dns.name.Name, frozenset[IPAddress]]],
+        request: int,
+        record: Callable[[_Negotiation, frozenset[IPAddress]], None],
+        now: float,
+    ) -> list[Action]:
+        """One answer of the OE manager: ``record`` it on its name's negotiation (if both
+        are still there), then look at the name again."""
+        entry = requests.pop(request, None)
         if entry is None:
             return []
         name, addresses = entry
@@ -389,8 +398,7 @@ class HoldCore:
         if neg is None:
             return []
         neg.pending_requests.discard(request)
-        neg.pass_done |= addresses
-        neg.passing |= passing & addresses
+        record(neg, addresses)
         actions = self._evaluate_name(name, now)
         self._gc(name)
         return actions
