@@ -15,7 +15,8 @@ defer("importlib.metadata")
 def _dnspython_features() -> None:
     """Answer dnspython's feature probes for the features this package's imports ask at
     import time, where the answer is known without reading package metadata: DNSSEC
-    needs cryptography (a dependency of ours); IDNA 2008 needs the idna package."""
+    needs cryptography (a dependency of ours); IDNA 2008 needs the idna package, 3.7 or
+    later (dnspython's own requirement), whose version its package_data module holds."""
     import importlib.util
 
     import dns._features
@@ -24,6 +25,13 @@ def _dnspython_features() -> None:
         dns._features.force("dnssec", True)
     if importlib.util.find_spec("idna") is None:
         dns._features.force("idna", False)
+        return
+    try:
+        from idna.package_data import __version__ as idna_version
+    except ImportError:  # an idna of another layout: leave it to dnspython's own probe
+        return
+    parts = [int(p) for p in idna_version.split(".")[:2] if p.isdigit()]
+    dns._features.force("idna", tuple(parts) >= (3, 7))
 
 
 _dnspython_features()
