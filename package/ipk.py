@@ -535,5 +535,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{os.path.relpath(ipk.sdist)}: the recipe's PKG_SOURCE")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .schema import (
-    PORT_PROTOCOLS,
     POLICY_GROUPS,
+    PORT_PROTOCOLS,
     PROTOCOLS,
     Endpoint,
     PolicyEntry,
@@ -67,8 +67,10 @@ def schema_doc() -> dict[str, Any]:
             if isinstance(opt.parse, Duration):
                 row["min_text"] = format_duration(opt.parse.min)
                 row["max_text"] = format_duration(opt.parse.max)
+            # None: no default (a policy section's options, or an option whose default is
+            # "not set", as trust_anchor's "")
             default = defaults.get(stype, {}).get(name)
-            row["default"] = None if default is None else _uci_text(default, meta)
+            row["default"] = None if default in (None, "") else _uci_text(default, meta)
             rows.append(row)
         sections.append(
             {

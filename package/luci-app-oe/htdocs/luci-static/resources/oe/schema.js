@@ -202,7 +202,7 @@ return baseclass.extend({ doc: {
 					"required": false,
 					"kind": "abs_path",
 					"max_len": 4095,
-					"default": ""
+					"default": null
 				},
 				{
 					"name": "auto_trust_anchor",
