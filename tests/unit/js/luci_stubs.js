@@ -125,6 +125,7 @@ function makeForm() {
 			this.tabs = [];
 		}
 		tab(id, title) { this.tabs.push(id); }
+		renderContents() { return new Elem('div', { 'class': 'cbi-section' }); }
 		option(cls, name, title) {
 			const o = new Option(cls.name, name, title, null);
 			this.options.push(o);

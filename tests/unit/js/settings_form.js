@@ -32,8 +32,10 @@ view.load().then(data => view.render(data)).then(page => {
 		const type = s.cls == 'NamedSection' ? s.args[1] : s.args[0];
 		s.options.forEach(o => { options[type + '.' + o.option] = o; });
 		return { cls: s.cls, type, name: s.cls == 'NamedSection' ? s.args[0] : null, tabs: s.tabs,
+		         hook: s.renderContents().getAttribute('data-oe-section'),
 		         options: s.options.map(o => ({ name: o.option, cls: o.cls, tab: o.tab,
 		                                       validates: typeof o.validate == 'function',
+		                                       rmempty: o.rmempty === undefined ? true : o.rmempty,
 		                                       values: o.values })) };
 	});
 	const cases = (input.cases || []).map(([type, option, value]) => {

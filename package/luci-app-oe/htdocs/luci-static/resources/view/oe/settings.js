@@ -82,10 +82,13 @@ function plan(doc) {
 	return out;
 }
 
+/* An option's validate(): true, or what is wrong. Empty is fine here: LuCI also calls it
+ * with '' for a list's container, and a required option is rmempty = false, which LuCI
+ * enforces on Save ("must not be empty"). */
 function validator(doc, row) {
 	return function(section_id, value) {
 		if (value == null || value === '' || (Array.isArray(value) && !value.length))
-			return row.required ? _('%s is required').format(row.name) : true;
+			return true;
 		var values = Array.isArray(value) ? value : [ value ];
 		for (var i = 0; i < values.length; i++) {
 			var r = oev.check(doc, row, values[i]);
@@ -127,6 +130,8 @@ function addOption(s, tab, doc, row) {
 			o.placeholder = row.default;
 	}
 	o.validate = validator(doc, row);
+	if (row.required)
+		o.rmempty = false;
 	var help = oev.describe(row);
 	if (row.default != null && row.default !== '' && !(Array.isArray(row.default) && !row.default.length))
 		help += (help ? '; ' : '') + _('default %s').format(Array.isArray(row.default) ? row.default.join(' ') : row.default);
@@ -141,6 +146,25 @@ function addOption(s, tab, doc, row) {
 function sectionName(section) {
 	var found = uci.sections('oe', section.type);
 	return found.length ? found[0]['.name'] : section.name;
+}
+
+/* Hooks for scripts and tests, set each time LuCI renders the section (again after Add
+ * or Delete): data-oe-section on the section, data-oe-group on each policy section */
+function hook(s, type) {
+	var render = s.renderContents;
+	s.renderContents = function() {
+		var el = render.apply(this, arguments);
+		if (el && el.setAttribute) {
+			el.setAttribute('data-oe-section', type);
+			if (type == 'policy')
+				uci.sections('oe', 'policy').forEach(function(sec) {
+					var node = el.querySelector('[data-section-id="' + sec['.name'] + '"]');
+					if (node)
+						node.setAttribute('data-oe-group', sec.group || '');
+				});
+		}
+		return el;
+	};
 }
 
 return view.extend({
@@ -224,17 +248,15 @@ return view.extend({
 			var s;
 			if (p.section.single) {
 				s = m.section(form.NamedSection, sectionName(p.section), p.type, p.title, p.description);
-				s.addremove = false;
+				/* a file without the section: an Add button makes it (the defaults hold until then) */
+				s.addremove = !uci.sections('oe', p.type).length;
 			}
 			else {
 				s = m.section(form.TypedSection, p.type, p.title, p.description);
 				s.anonymous = true;
 				s.addremove = true;
-				s.sectiontitle = function(section_id) {
-					return uci.get('oe', section_id, 'group') || _('new group');
-				};
 			}
-			s.oeType = p.type;
+			hook(s, p.type);
 			p.tabs.forEach(function(t) {
 				if (t.id)
 					s.tab(t.id, t.title);
@@ -247,19 +269,6 @@ return view.extend({
 		});
 
 		return m.render().then(L.bind(function(node) {
-			/* hooks: each form section by its UCI type, each policy section by its group */
-			var els = Array.prototype.filter.call(node.children, function(el) {
-				return el.classList.contains('cbi-section');
-			});
-			m.children.forEach(function(s, i) {
-				if (els[i])
-					els[i].setAttribute('data-oe-section', s.oeType);
-			});
-			uci.sections('oe', 'policy').forEach(function(sec) {
-				var el = node.querySelector('[data-section-id="' + sec['.name'] + '"]');
-				if (el)
-					el.setAttribute('data-oe-group', sec.group || '');
-			});
 			var last = status.daemon ? status.daemon.last_reload : null;
 			var page = E('div', { 'id': 'oe-settings', 'data-writable': m.readonly ? '0' : '1' }, [
 				this.renderReload(last, 'status'),
