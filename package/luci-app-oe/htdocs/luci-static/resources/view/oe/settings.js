@@ -82,11 +82,23 @@ function plan(doc) {
 	return out;
 }
 
-/* An option's validate(): true, or what is wrong. Empty is fine here: LuCI also calls it
- * with '' for a list's container, and a required option is rmempty = false, which LuCI
- * enforces on Save ("must not be empty"). */
+/* Text typed into a list's input but not added (LuCI's DynamicList leaves it out of the
+ * value when it is invalid, and saves the rest) */
+function pendingItem(option, section_id) {
+	var widget = (typeof(option.getUIElement) == 'function') ? option.getUIElement(section_id) : null;
+	var input = (widget && widget.node) ? widget.node.querySelector('.add-item > input[type="text"]') : null;
+	return (input && /\S/.test(input.value)) ? input.value : null;
+}
+
+/* An option's validate(): true, or what is wrong. LuCI calls it for a text field's value,
+ * for what is typed into a list's input, and with '' for a list as a whole (on input and
+ * again before Save): then the text still waiting in the list's input is checked, so an
+ * invalid entry blocks Save instead of being dropped. Empty is fine: a required option is
+ * rmempty = false, which LuCI enforces on Save ("must not be empty"). */
 function validator(doc, row) {
 	return function(section_id, value) {
+		if (row.list && (value == null || value === ''))
+			value = pendingItem(this, section_id);
 		if (value == null || value === '' || (Array.isArray(value) && !value.length))
 			return true;
 		var values = Array.isArray(value) ? value : [ value ];
@@ -158,7 +170,7 @@ function hook(s, type) {
 			el.setAttribute('data-oe-section', type);
 			if (type == 'policy')
 				uci.sections('oe', 'policy').forEach(function(sec) {
-					var node = el.querySelector('[data-section-id="' + sec['.name'] + '"]');
+					var node = el.querySelector('.cbi-section-node[data-section-id="' + sec['.name'] + '"]');
 					if (node)
 						node.setAttribute('data-oe-group', sec.group || '');
 				});

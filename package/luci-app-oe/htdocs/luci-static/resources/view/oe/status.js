@@ -174,11 +174,15 @@ return view.extend({
 	renderDevices: function(status, view) {
 		var tunnels = status.tunnels || [], rows = [];
 		(view.devices || []).forEach(function(dev) {
-			var who = [ E('strong', {}, dev.address) ];
-			if (dev.hostname)
-				who.push(E('br'), dev.hostname);
-			if (dev.mac)
-				who.push(E('br'), E('small', {}, dev.mac));
+			/* fresh nodes for every row: a DOM node sits in one place only */
+			var who = function() {
+				var out = [ E('strong', {}, dev.address) ];
+				if (dev.hostname)
+					out.push(E('br'), dev.hostname);
+				if (dev.mac)
+					out.push(E('br'), E('small', {}, dev.mac));
+				return out;
+			};
 			(dev.destinations || []).forEach(function(dst) {
 				var ref = dst.tunnel || {}, row = ref.peer ? oeRow(tunnels, ref.peer, ref.selector) : null;
 				var ids = ref.peer ? [ E('span', {}, _('peer id %s').format(ref.remote_id || '-')), E('br'),
@@ -198,7 +202,7 @@ return view.extend({
 					'data-group': dst.group || '',
 					'data-dns-name': dst.dns_name || ''
 				}, [
-					cell(_('Device'), who),
+					cell(_('Device'), who()),
 					cell(_('Destination'), [ dst.address ].concat(dst.dns_name ? [ E('br'), E('small', {}, dst.dns_name) ] : [])),
 					cell(_('State'), E('span', { 'class': 'oe-state oe-state-' + dst.state }, dst.state)),
 					cell(_('Reason'), reason),
