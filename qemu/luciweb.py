@@ -9,6 +9,7 @@ driver are Debian's packages (scripts/apt-packages.txt), Selenium is told their 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,16 +56,16 @@ class Browser:
         ):
             opts.add_argument(arg)
         self.driver = webdriver.Chrome(
-            service=Service(executable_path=CHROMEDRIVER, log_output=str(artifacts / "chromedriver.log")),
+            service=Service(
+                executable_path=CHROMEDRIVER, log_output=str(artifacts / "chromedriver.log")
+            ),
             options=opts,
         )
         self.driver.set_page_load_timeout(90)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(WebDriverException):
             self.driver.quit()
-        except WebDriverException:
-            pass
 
     # -- navigation
 
@@ -75,12 +76,12 @@ class Browser:
         """LuCI's own login (the bootstrap theme's sysauth view): type and press Log in."""
         self.driver.delete_all_cookies()
         self.open("/cgi-bin/luci/")
-        name = self.wait("the login form", lambda: self._visible(By.NAME, "luci_username"))
+        name = self.wait("the login form", lambda: self.visible(By.NAME, "luci_username"))
         name.clear()
         name.send_keys(user)
         pw = self.driver.find_element(By.NAME, "luci_password")
         pw.send_keys(password)
-        self.wait("the Log in button", lambda: self._visible(By.CSS_SELECTOR, "button")).click()
+        self.wait("the Log in button", lambda: self.visible(By.CSS_SELECTOR, "button")).click()
         self.wait(
             "a logged-in page (the sysauth cookie)",
             lambda: any(c["name"].startswith("sysauth") for c in self.driver.get_cookies()) or None,
@@ -88,7 +89,7 @@ class Browser:
 
     # -- reading the page
 
-    def _visible(self, by: str, what: str) -> WebElement | None:
+    def visible(self, by: str, what: str) -> WebElement | None:
         try:
             el = self.driver.find_element(by, what)
         except NoSuchElementException:
