@@ -1067,6 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
     with Lab(images, crypto=args.crypto, first_boot=args.first_boot, log=log) as lab:
         print(f"warm boot to all-ready: {time.monotonic() - t0:.1f}s (run dir {lab.run_dir})")
         print(f"timings: {lab.timings}")
+        print(f"router's uhttpd (LuCI) from the host: {lab.router_http}")
         for m in lab.missing:
             print(f"missing: {m}")
         print(lab.router("cat /etc/banner; ip -br addr").stdout)

@@ -46,6 +46,9 @@ ROOT_PASSWORD = "oe-lab-root"  # qemu/build.py ROOT_PASSWORD
 VIEWER, VIEWER_PASSWORD = "viewer", "oe-lab-viewer"
 STATUS_PAGE = "/cgi-bin/luci/admin/services/oe/status"
 SETTINGS_PAGE = "/cgi-bin/luci/admin/services/oe/settings"
+#: the router's IKE identity: its IPSECKEY is in the lab's DNSSEC, so the strongSwan host
+#: (which authenticates every peer) accepts it, and libreswan's NULL-auth host too
+ROUTER_ID = "@router.example.test"
 CURL = "curl -4 -s -o /dev/null --max-time 20 -w '%{http_code}' "
 
 
@@ -60,7 +63,7 @@ def scene(lab: Lab) -> Iterator[dict[str, str]]:
     """The daemon running, and the LAN client's four destinations made (address by role)."""
     for h in ("oe-null", "oe-sw", "plain", "insecure"):
         assert h not in lab.failed_hosts, lab.failed_hosts[h]
-    oelab.start_daemon(lab)
+    oelab.start_daemon(lab, local_id=ROUTER_ID)
     try:
         where = {
             "libreswan": _host(lab, "oe-null")[1],
