@@ -38,7 +38,7 @@ class BrowserError(AssertionError):
 class Browser:
     """One headless chromium session on one LuCI (``base``: http://host:port)."""
 
-    def __init__(self, base: str, artifacts: Path, width: int = 1400, height: int = 1000) -> None:
+    def __init__(self, base: str, artifacts: Path, width: int = 1400, height: int = 1800) -> None:
         self.base = base.rstrip("/")
         self.artifacts = artifacts
         artifacts.mkdir(parents=True, exist_ok=True)
@@ -118,6 +118,32 @@ class Browser:
 
     def find(self, css: str) -> list[WebElement]:
         return list(self.driver.find_elements(By.CSS_SELECTOR, css))
+
+    def rows(self, css: str) -> list[dict[str, str]]:
+        """Every element matching ``css``: its attributes and its text (``text``), read in
+        one script, so a view that re-renders while it polls cannot hand out stale rows."""
+        return list(
+            self.driver.execute_script(
+                "return Array.from(document.querySelectorAll(arguments[0])).map(function(e) {"
+                " var a = {}; for (const x of e.attributes) a[x.name] = x.value;"
+                " a.text = e.innerText; a.disabled = e.disabled ? '1' : '';"
+                " return a; });",
+                css,
+            )
+        )
+
+    def click(self, what: str, css: str, timeout: float = 60) -> None:
+        """Click the first enabled element matching ``css``, finding it again if the page
+        re-rendered it in between."""
+
+        def press() -> bool:
+            for el in self.find(css):
+                if el.is_enabled():
+                    el.click()
+                    return True
+            return False
+
+        self.wait(what, press, timeout)
 
     def text(self) -> str:
         try:

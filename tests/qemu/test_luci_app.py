@@ -138,16 +138,11 @@ def browser(lab: Lab, scene: dict[str, str]) -> Iterator[Browser]:
 
 
 def _rows(b: Browser, css: str) -> dict[str, dict[str, str]]:
-    """Rows of a table on the page, by their data-destination (or data-peer): their data-
-    attributes and text."""
+    """Rows of a table on the page by their address (data-destination, else data-peer)."""
     out: dict[str, dict[str, str]] = {}
-    for row in b.find(css):
-        attrs = b.driver.execute_script(
-            "var a = {}; for (const x of arguments[0].attributes) a[x.name] = x.value; return a;",
-            row,
-        )
+    for attrs in b.rows(css):
         key = attrs.get("data-destination") or attrs.get("data-peer") or ""
-        out[key.split("/")[0]] = {**attrs, "text": row.text}
+        out[key.split("/")[0]] = attrs
     return out
 
 
@@ -221,13 +216,13 @@ def test_a_read_only_login_sees_status_but_cannot_act(
     assert rows[scene["libreswan"]]["data-state"] == "protected", rows
     b.screenshot("status-readonly")
     assert page.get_attribute("data-writable") == "0"
-    buttons = b.find("#oe-flush") + b.find("button.oe-down")
+    buttons = b.rows("#oe-flush, button.oe-down")
     assert len(buttons) >= 3, "no Flush or Down buttons on the page"
-    assert all(not btn.is_enabled() for btn in buttons), "a write button is enabled"
+    assert all(btn["disabled"] for btn in buttons), f"a write button is enabled: {buttons}"
     b.open(SETTINGS_PAGE)
     form = b.wait("the settings page", lambda: b.find("#oe-settings"), timeout=120)[0]
     assert form.get_attribute("data-writable") == "0"
-    assert not [x for x in b.find(".cbi-page-actions .cbi-button-apply") if x.is_enabled()]
+    assert not [x for x in b.rows(".cbi-page-actions .cbi-button-apply") if not x["disabled"]]
     b.screenshot("settings-readonly")
     sid = next(c["value"] for c in b.driver.get_cookies() if c["name"].startswith("sysauth"))
     code = _ubus(lab, sid, "oe", "flush", {})
@@ -265,7 +260,7 @@ def _new_private_dest(b: Browser, cidr: str) -> WebElement:
     """Add a policy section (its group starts as private) and type ``cidr`` into its
     destination list; the list's input element."""
     before = len(b.find("[data-oe-section='policy'] .cbi-section-node"))
-    b.find("[data-oe-section='policy'] .cbi-section-create button")[0].click()
+    b.click("Add in the policy groups", "[data-oe-section='policy'] .cbi-section-create button")
     b.wait(
         "a new policy section",
         lambda: len(b.find("[data-oe-section='policy'] .cbi-section-node")) > before,
@@ -291,7 +286,7 @@ def test_an_invalid_cidr_is_refused_in_the_browser(lab: Lab, browser: Browser) -
         "the field marked invalid",
         lambda: "cbi-input-invalid" in (field.get_attribute("class") or ""),
     )
-    b.find(".cbi-page-actions .cbi-button-apply")[0].click()
+    b.click("Save & Apply", ".cbi-page-actions .cbi-button-apply")
     modal = b.wait("LuCI's refusal", lambda: [m for m in b.find(".modal") if m.is_displayed()])
     assert "198.51.100.300" in modal[0].text or "invalid" in modal[0].text.lower(), modal[0].text
     b.screenshot("settings-invalid")
@@ -306,13 +301,11 @@ def test_save_and_apply_reaches_uci_and_the_daemon(lab: Lab, browser: Browser) -
     b = browser
     gen0 = int(oelab.status(lab)["daemon"]["config_generation"])
     _settings(b)
-    hold = b.wait(
-        "the hold limit field", lambda: b.visible(By.ID, "widget.cbid.oe.dns.hold_limit")
-    )
+    hold = b.wait("the hold limit field", lambda: b.visible(By.ID, "widget.cbid.oe.dns.hold_limit"))
     hold.clear()
     hold.send_keys("2s")
     _new_private_dest(b, "198.51.100.0/24")
-    b.find(".cbi-page-actions .cbi-button-apply")[0].click()
+    b.click("Save & Apply", ".cbi-page-actions .cbi-button-apply")
     box = b.wait(
         "the daemon's accepted reload",
         lambda: [
@@ -349,12 +342,7 @@ def test_down_takes_a_tunnel_out_of_the_kernel_and_the_page(
         "no SA to press Down on"
     )
     b.open(STATUS_PAGE)
-    btn = b.wait(
-        "the Down button of the libreswan tunnel",
-        lambda: [x for x in b.find(f"button.oe-down[data-peer='{peer}']") if x.is_enabled()],
-        timeout=120,
-    )[0]
-    btn.click()
+    b.click("Down of the libreswan tunnel", f"button.oe-down[data-peer='{peer}']", timeout=120)
     b.wait(
         "the tunnel row gone",
         lambda: peer not in _rows(b, "#oe-tunnels tr.oe-tunnel") or None,
