@@ -126,7 +126,8 @@ class Browser:
             self.driver.execute_script(
                 "return Array.from(document.querySelectorAll(arguments[0])).map(function(e) {"
                 " var a = {}; for (const x of e.attributes) a[x.name] = x.value;"
-                " a.text = e.innerText; a.disabled = e.disabled ? '1' : '';"
+                " a.text = e.innerText;"
+                " a.disabled = (e.disabled || e.hasAttribute('disabled')) ? '1' : '';"
                 " return a; });",
                 css,
             )
