@@ -224,7 +224,7 @@ def test_a_read_only_login_sees_status_but_cannot_act(
     assert form.get_attribute("data-writable") == "0"
     assert not [x for x in b.rows(".cbi-page-actions .cbi-button-apply") if not x["disabled"]]
     b.screenshot("settings-readonly")
-    sid = next(c["value"] for c in b.driver.get_cookies() if c["name"].startswith("sysauth"))
+    sid = _sid(b)
     code = _ubus(lab, sid, "oe", "flush", {})
     assert code == -32002, f"rpcd let the read-only session call oe flush ({code})"
     assert _ubus(lab, sid, "oe", "status", {}) == 0
@@ -233,6 +233,11 @@ def test_a_read_only_login_sees_status_but_cannot_act(
 def _ubus(lab: Lab, sid: str, obj: str, method: str, args: dict[str, Any]) -> int:
     """uhttpd's JSON-RPC /ubus with a session, from the host: 0, a ubus status, or the
     JSON-RPC error code (-32002: access denied)."""
+    return _ubus_call(lab, sid, obj, method, args)[0]
+
+
+def _ubus_call(lab: Lab, sid: str, obj: str, method: str, args: dict[str, Any]) -> tuple[int, Any]:
+    """The call's code (as ``_ubus``) and its reply data (None without one)."""
     req = {"jsonrpc": "2.0", "id": 1, "method": "call", "params": [sid, obj, method, args]}
     http = urllib.request.Request(
         lab.router_http + "/ubus",
@@ -242,8 +247,14 @@ def _ubus(lab: Lab, sid: str, obj: str, method: str, args: dict[str, Any]) -> in
     with urllib.request.urlopen(http, timeout=60) as reply:
         doc = json.loads(reply.read())
     if "error" in doc:
-        return int(doc["error"]["code"])
-    return int(doc["result"][0])
+        return int(doc["error"]["code"]), None
+    result = doc["result"]
+    return int(result[0]), (result[1] if len(result) > 1 else None)
+
+
+def _sid(b: Browser) -> str:
+    """The browser's LuCI session (its sysauth cookie): rpcd's session id."""
+    return next(str(c["value"]) for c in b.driver.get_cookies() if c["name"].startswith("sysauth"))
 
 
 def _settings(b: Browser) -> WebElement:
@@ -292,7 +303,13 @@ def test_an_invalid_cidr_is_refused_in_the_browser(lab: Lab, browser: Browser) -
     b.screenshot("settings-invalid")
     time.sleep(2)  # an apply, had one started, would have reached rpcd by now
     assert lab.router("uci show oe").check().stdout == before
-    b.open(SETTINGS_PAGE)  # leave the unsaved section behind
+    # LuCI staged the new (empty) section in the session when Add was pressed, as it
+    # does; the invalid destination never reached the staged changes. Revert them.
+    sid = _sid(b)
+    code, changes = _ubus_call(lab, sid, "uci", "changes", {"config": "oe"})
+    assert code == 0 and "198.51.100.300" not in json.dumps(changes), changes
+    assert _ubus(lab, sid, "uci", "revert", {"config": "oe"}) == 0
+    b.open(SETTINGS_PAGE)
 
 
 def test_save_and_apply_reaches_uci_and_the_daemon(lab: Lab, browser: Browser) -> None:
