@@ -44,7 +44,7 @@ def test_defaults_a_user_relies_on() -> None:
     assert cfg.datapath == "auto"
     assert cfg.offload == "auto"
     assert cfg.shunt_lifetime == 15 * 60
-    assert cfg.keep_private_on_stop is True and cfg.packet_hold is False
+    assert cfg.keep_private_on_stop is True and cfg.packet_hold is True
     assert (cfg.wan_interface, cfg.lan_interface) == (("wan", "wan6"), "lan")  # networks
     assert cfg.dns.hold_limit == 3.0
     assert cfg.dns.bogus_action == "servfail"
@@ -120,7 +120,7 @@ def test_everything_fixture_sets_every_field() -> None:
     assert cfg.offload_canary == 2.0 and cfg.offload_demote is True
     assert OeConfig().ike.esp_proposals == ()  # not set: offload orders the default offer
     assert cfg.shunt_lifetime == 90 and cfg.keep_private_on_stop is False
-    assert cfg.packet_hold is True
+    assert cfg.packet_hold is False
     assert (cfg.wan_interface, cfg.lan_interface) == (("eth0.2",), "br-lan")
     assert cfg.dns.listen == (Endpoint("0.0.0.0", 53), Endpoint("::", 53))
     assert cfg.dns.upstream == (Endpoint("192.0.2.53", 53),)

@@ -465,16 +465,16 @@ def test_turning_packet_hold_on_or_off_rebuilds_the_datapath(
     async def go() -> list[bool]:
         await daemon.registry.start_all(daemon.config)
         out = []
-        for hold in ("1", "1", "0"):
+        for hold in ("0", "0", "1"):
             path.write_text(base.replace(GOOD, GOOD + f"\toption packet_hold '{hold}'\n"))
             out.append((await daemon.reload()).accepted)
         return out
 
-    assert daemon.config.packet_hold is False  # the default
+    assert daemon.config.packet_hold is True  # the default
     with caplog.at_level(logging.WARNING, logger="oe_router.daemon"):
         assert asyncio.run(go()) == [True, True, True]
-    assert len(built) == 3  # on (rebuilt), on again (in place), off (rebuilt)
+    assert len(built) == 3  # off (rebuilt), off again (in place), on (rebuilt)
     assert journal.count("start oe") == 3 and journal.count("reload oe info") == 1
     assert "packet_hold off: restarting the services" in caplog.text
     assert "packet_hold on: restarting the services" in caplog.text
-    assert daemon.config.packet_hold is False and daemon.generation == 4
+    assert daemon.config.packet_hold is True and daemon.generation == 4

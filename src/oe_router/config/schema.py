@@ -295,7 +295,7 @@ class OeConfig:
     keep_private_on_stop: bool = True
     #: Kernel datapath: hold a LAN flow's first packets (NFQUEUE, before source NAT) until
     #: its SA or shunt is in, instead of losing them (datapath/kernel_hold.py).
-    packet_hold: bool = False
+    packet_hold: bool = True
     #: OpenWrt networks (or, failing that, devices; ``netnames``): IKE and the tunnels use
     #: the WAN networks' addresses (``wan6`` as well: a list); the LAN's prefixes never go
     #: into tunnels.
