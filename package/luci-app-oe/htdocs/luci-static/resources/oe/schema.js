@@ -101,7 +101,7 @@ return baseclass.extend({ doc: {
 					"list": false,
 					"required": false,
 					"kind": "bool",
-					"default": "0"
+					"default": "1"
 				},
 				{
 					"name": "wan_interface",
