@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -129,7 +130,9 @@ def test_device_view_and_explain_from_the_router_shell(lab: Lab, scene: dict[str
 
 @pytest.fixture(scope="module")
 def browser(lab: Lab, scene: dict[str, str]) -> Iterator[Browser]:
-    """Headless chromium on the host, pointed at the router's uhttpd (management port)."""
+    """Headless chromium on the host, pointed at the router's uhttpd (management port);
+    this run's screenshots only in SHOTS."""
+    shutil.rmtree(SHOTS, ignore_errors=True)
     b = Browser(lab.router_http, SHOTS)
     try:
         yield b
@@ -331,6 +334,7 @@ def test_save_and_apply_reaches_uci_and_the_daemon(lab: Lab, browser: Browser) -
         ],
         timeout=180,
     )[0]
+    b.driver.execute_script("document.getElementById('oe-reload').scrollIntoView()")
     b.screenshot("settings-applied")
     shown = int(box.get_attribute("data-generation") or 0)
     assert lab.router("uci get oe.dns.hold_limit").check().stdout.strip() == "2s"
