@@ -59,8 +59,9 @@ FUZZ_TARGETS ?=
 fuzz: setup
 	$(PY) -m fuzz.run --time $(FUZZ_TIME) $(if $(FUZZ_TARGETS),--targets $(FUZZ_TARGETS))
 
-# The .ipk opkg installs (dist/python3-oe_<version>_all.ipk) and the sdist it is built
-# from, out of package/python-oe/Makefile without the OpenWrt SDK: package/ipk.py, docs/package.md.
+# The .ipks opkg installs (dist/python3-oe_<version>_all.ipk, dist/luci-app-oe_<version>_all.ipk)
+# and the sdist python3-oe is built from, out of package/python-oe/Makefile and
+# package/luci-app-oe/Makefile without the OpenWrt SDK: package/ipk.py, docs/package.md.
 package: setup
 	$(PY) package/ipk.py --out dist
 

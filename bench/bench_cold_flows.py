@@ -61,18 +61,6 @@ CURL = (
 )
 
 
-def _silence(lab: Any, on: bool) -> None:
-    if on:
-        lab.host(
-            SILENT,
-            "nft add table inet oe_silent && nft add chain inet oe_silent in "
-            "'{ type filter hook input priority 0; }' && "
-            "nft add rule inet oe_silent in udp dport '{ 500, 4500 }' drop",
-        ).check()
-    else:
-        lab.host(SILENT, "nft delete table inet oe_silent")
-
-
 def _fetch(lab: Any, target: str, bound: bool = False) -> tuple[float, int]:
     """Seconds from the answer (0 for an address) to the connected socket, and the SYNs the
     client sent (the LAN capture); the page must come. ``bound`` (a baseline): a connect
@@ -141,8 +129,7 @@ def measure_silent(lab: Any, oelab: Any, rounds: int) -> dict[str, list[Any]]:
     name, addr = host.name, host.ipv4
     keys = ("ours", "ours_by_address", "libreswan", "libreswan_by_address", "ours_keyless_probe")
     out: dict[str, list[Any]] = {k: [] for k in keys}
-    _silence(lab, True)
-    try:
+    with oelab.silent_host(lab, SILENT):
         for _ in range(rounds):
             oelab.start_daemon(lab)
             try:
@@ -163,8 +150,6 @@ def measure_silent(lab: Any, oelab: Any, rounds: int) -> dict[str, list[Any]]:
             out["ours_keyless_probe"].append(_fetch(lab, name))
         finally:
             oelab.stop_daemon(lab)
-    finally:
-        _silence(lab, False)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Build the python3-oe .ipk from package/python-oe/Makefile, without the OpenWrt SDK.
+"""Build the python3-oe and luci-app-oe .ipks from their recipes, without the OpenWrt SDK.
 
 The recipe is the one source of truth: GNU make evaluates it over small stand-ins for the
 buildroot's include files (package/standin/), which write out its control fields and its
@@ -10,13 +10,18 @@ the format opkg installs (OpenWrt's scripts/ipkg-build): a gzip'd tar of ./debia
 ./data.tar.gz and ./control.tar.gz, every member owned by 0:0 with mtime SOURCE_DATE_EPOCH,
 names sorted, so the same tree gives the same bytes.
 
-It lives beside the recipe it reads. `make package` runs it (`python package/ipk.py`);
+luci-app-oe (package/luci-app-oe/Makefile, luci.mk style) goes the same way over a
+stand-in for the luci feed's luci.mk (package/standin/feeds/luci/luci.mk): no sources to
+build, its install section copies htdocs/ and root/ (``build_luci``).
+
+It lives beside the recipes it reads. `make package` runs it (`python package/ipk.py`);
 the image builder and the tests import it (`build`, `read_ipk`, `declare_provided`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import io
 import os
@@ -35,6 +40,9 @@ RECIPE = Path("package", "python-oe")
 STANDIN = REPO / "package" / "standin"
 #: The binary package the recipe builds (its `define Package/...`).
 PACKAGE = "python3-oe"
+#: The LuCI app's recipe and the package it builds.
+LUCI_RECIPE = Path("package", "luci-app-oe")
+LUCI_PACKAGE = "luci-app-oe"
 #: The feed name the recipe's header tells a buildroot to use (`src-link oe ...`): the
 #: control file's Source is feeds/<feed>/<recipe folder>, as in a feed build.
 FEED = "oe"
@@ -130,7 +138,8 @@ class Ipk:
     """A built package: where it is and what is in it."""
 
     path: Path
-    sdist: Path
+    #: the recipe's PKG_SOURCE (python3-oe's sdist); None for a package without sources
+    sdist: Path | None
     recipe: Recipe
     control: str
     installed_size: int
@@ -227,10 +236,15 @@ def install_wheel(wheel: Path, dest: Path, site_packages: str) -> None:
 
 
 def evaluate(
-    recipe_dir: Path, ipk_dir: Path, work: Path, pkg_install_dir: Path, epoch: int
+    recipe_dir: Path,
+    ipk_dir: Path,
+    work: Path,
+    pkg_install_dir: Path,
+    epoch: int,
+    package: str = PACKAGE,
 ) -> Recipe:
-    """Run the recipe's install section into ipk_dir with GNU make over the stand-ins, and
-    read back its fields and defines."""
+    """Run the recipe's install section for ``package`` into ipk_dir with GNU make over
+    the stand-ins, and read back its fields and defines."""
     meta = work / "meta"
     meta.mkdir()
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -252,7 +266,7 @@ def evaluate(
             f"PYTHON3_VERSION={python}",
             f"HOST_PYTHON3_BIN={sys.executable}",
             f"SOURCE_DATE_EPOCH={epoch}",
-            f"IPK_PACKAGE={PACKAGE}",
+            f"IPK_PACKAGE={package}",
             f"IPK_FEED={FEED}",
             f"IPK_META={meta}",
             f"IPK_DIR={ipk_dir}",
@@ -262,7 +276,7 @@ def evaluate(
         f"make ipk-install ({recipe_dir / 'Makefile'})",
     )
     if not (meta / "VERSION").exists():
-        raise PackageError(f"{recipe_dir / 'Makefile'} has no BuildPackage for {PACKAGE}")
+        raise PackageError(f"{recipe_dir / 'Makefile'} has no BuildPackage for {package}")
     fields = {}
     defines = {}
     for path in meta.iterdir():
@@ -275,8 +289,8 @@ def evaluate(
         if fields.get(name):
             raise PackageError(f"{name} is set: this builder does not make users/alternatives")
     if not fields["PKGARCH"]:
-        raise PackageError(f"{PACKAGE} sets no PKGARCH (a pure-Python package is 'all')")
-    return Recipe(PACKAGE, fields, defines)
+        raise PackageError(f"{package} sets no PKGARCH (a pure-Python package is 'all')")
+    return Recipe(package, fields, defines)
 
 
 def control_text(recipe: Recipe, installed_size: int, epoch: int) -> str:
@@ -370,30 +384,54 @@ def build(out_dir: Path, *, repo: Path = REPO, epoch: int | None = None) -> Ipk:
             install_wheel(wheel, pkg_install, f"/usr/lib/python{python}/site-packages")
             ipk_dir = work / "ipkg" / PACKAGE
             recipe = evaluate(repo / RECIPE, ipk_dir, work, pkg_install, epoch)
-            data_members = _tree_members(ipk_dir)
-            data = _tar_gz(data_members, epoch)
-            installed_size = _uncompressed_size(data)
-            control = control_text(recipe, installed_size, epoch)
-            control_members = _control_members(recipe, control, ipk_dir)
-            ipk = _tar_gz(
-                [
-                    ("./debian-binary", b"2.0\n", 0o644, ""),
-                    ("./data.tar.gz", data, 0o644, ""),
-                    ("./control.tar.gz", _tar_gz(control_members, epoch), 0o644, ""),
-                ],
-                epoch,
-            )
-            path = out_dir / recipe.filename
-            path.write_bytes(ipk)
+            ipk = _pack(recipe, ipk_dir, out_dir, epoch)
             sdist_out = out_dir / sdist.name
             shutil.copyfile(sdist, sdist_out)
     finally:
         os.umask(old_umask)
+    return dataclasses.replace(ipk, sdist=sdist_out)
+
+
+def build_luci(out_dir: Path, *, repo: Path = REPO, epoch: int | None = None) -> Ipk:
+    """Build luci-app-oe's .ipk into out_dir from package/luci-app-oe/Makefile (luci.mk's
+    install: htdocs/ to /www, root/ to /). Reproducible as ``build``'s."""
+    epoch = source_date_epoch(repo) if epoch is None else epoch
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old_umask = os.umask(0o022)
+    try:
+        with tempfile.TemporaryDirectory(prefix="oe-ipk-") as tmp:
+            work = Path(tmp)
+            ipk_dir = work / "ipkg" / LUCI_PACKAGE
+            recipe = evaluate(
+                repo / LUCI_RECIPE, ipk_dir, work, work / "ipkg-install", epoch, LUCI_PACKAGE
+            )
+            return _pack(recipe, ipk_dir, out_dir, epoch)
+    finally:
+        os.umask(old_umask)
+
+
+def _pack(recipe: Recipe, ipk_dir: Path, out_dir: Path, epoch: int) -> Ipk:
+    """What make staged in ipk_dir, with the recipe's control files, as an .ipk."""
+    data_members = _tree_members(ipk_dir)
+    data = _tar_gz(data_members, epoch)
+    installed_size = _uncompressed_size(data)
+    control = control_text(recipe, installed_size, epoch)
+    control_members = _control_members(recipe, control, ipk_dir)
+    ipk = _tar_gz(
+        [
+            ("./debian-binary", b"2.0\n", 0o644, ""),
+            ("./data.tar.gz", data, 0o644, ""),
+            ("./control.tar.gz", _tar_gz(control_members, epoch), 0o644, ""),
+        ],
+        epoch,
+    )
+    path = out_dir / recipe.filename
+    path.write_bytes(ipk)
     files = {
         name[1:] or "/": (mode, len(content or b""))
         for name, content, mode, _target in data_members
     }
-    return Ipk(path, sdist_out, recipe, control, installed_size, files)
+    return Ipk(path, None, recipe, control, installed_size, files)
 
 
 def _control_members(
@@ -482,17 +520,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "dist", help="output folder")
     args = parser.parse_args(argv)
     try:
-        ipk = build(args.out)
+        built = [build(args.out), build_luci(args.out)]
     except PackageError as exc:
         print(f"package: {exc}", file=sys.stderr)
         return 1
-    shown = os.path.relpath(ipk.path)
-    count = sum(1 for name in ipk.files if not name.endswith("/"))
-    print(
-        f"{shown}: {ipk.size} bytes ({ipk.size / 1024:.1f} KiB); installs {count} files, "
-        f"{ipk.installed_size} bytes (Installed-Size)"
-    )
-    print(f"{os.path.relpath(ipk.sdist)}: the recipe's PKG_SOURCE")
+    for ipk in built:
+        shown = os.path.relpath(ipk.path)
+        count = sum(1 for name in ipk.files if not name.endswith("/"))
+        print(
+            f"{shown}: {ipk.size} bytes ({ipk.size / 1024:.1f} KiB); installs {count} files, "
+            f"{ipk.installed_size} bytes (Installed-Size)"
+        )
+        if ipk.sdist is not None:
+            print(f"{os.path.relpath(ipk.sdist)}: the recipe's PKG_SOURCE")
     return 0
 
 

@@ -590,8 +590,9 @@ fw4, opkg and base-files' shell libraries come from pinned upstream snapshots (w
 built and from which commit: /etc/oe-lab/userland.json). netifd sets the static wan and
 lan from /etc/config/network, started by the lab's own /etc/init.d/network. The kernel,
 python3, iproute2, nftables, dnsmasq and busybox (/bin/sh) are Debian bookworm's.
-uhttpd (S50) serves LuCI (luci-base and the bootstrap theme, English only) at
-/cgi-bin/luci and ubus JSON-RPC at /ubus; rpcd logs root in with root's lab password.
+uhttpd (S50) serves LuCI (luci-base and the bootstrap theme, English only; luci-app-oe
+from its .ipk: Services -> Opportunistic IPsec) at /cgi-bin/luci and ubus JSON-RPC at
+/ubus; rpcd logs root in with root's lab password.
 This is not an OpenWrt release: no LuCI admin modules, no wireless, no DHCP client, no musl.
 """
 #: rc.d links the boot runs (as `/etc/init.d/X enable` makes them): START number, script
@@ -760,15 +761,25 @@ def _router_overlay(root: Path, wheels: list[Path]) -> None:
     (root / "etc" / "oe-lab" / "role").write_text("router\n")
 
 
-def _opkg_install(root: Path, opkg: Path, env: dict[str, str], package: Path,
-                  provided: dict[str, str]) -> str:  # fmt: skip
-    """`opkg install` the .ipk into the image root, as OpenWrt's image builder does (offline
-    root, IPKG_INSTROOT, maintainer scripts forced): default_postinst enables the service and
-    leaves the uci-defaults for the first boot. Returns opkg's output."""
-    (root / "etc" / "opkg.conf").write_text(ipk.OPKG_CONF)
-    for folder in ("usr/lib/opkg", "var/opkg-lists"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    ipk.declare_provided(root, provided)
+#: what the luci-app-oe package stands on that the image has from the userland stage, not
+#: from an .ipk (luci-base: qemu/userland.py builds and installs it)
+LUCI_PROVIDED = ("luci-base",)
+
+
+def _stage_commit(stamp: dict[str, object], component: str) -> str:
+    """The snapshot commit a userland component was built from (its stamp), for the
+    version opkg's status gives it."""
+    components = stamp.get("components")
+    info = components.get(component) if isinstance(components, dict) else None
+    commit = info.get("commit") if isinstance(info, dict) else None
+    return str(commit) if commit else "unknown"
+
+
+def _opkg_run(root: Path, opkg: Path, env: dict[str, str], package: Path,
+              installs: str) -> str:  # fmt: skip
+    """`opkg install` one .ipk into the image root, as OpenWrt's image builder does (offline
+    root, IPKG_INSTROOT, maintainer scripts forced); ``installs``: a file (relative to the
+    root) it must have put there. Returns opkg's output."""
     res = subprocess.run(
         [str(opkg), "--offline-root", str(root), "--force-postinstall", "install", str(package)],
         env={**env, "IPKG_INSTROOT": str(root)},
@@ -776,8 +787,23 @@ def _opkg_install(root: Path, opkg: Path, env: dict[str, str], package: Path,
         text=True,
         timeout=300,
     )
-    if res.returncode != 0 or not (root / "usr" / "bin" / "oe-routerd").is_file():
+    if res.returncode != 0 or not (root / installs).is_file():
         raise BuildError(f"router: opkg install {package.name} failed:\n{res.stdout}{res.stderr}")
+    return res.stdout + res.stderr
+
+
+def _opkg_install(root: Path, opkg: Path, env: dict[str, str], package: Path,
+                  provided: dict[str, str], luci: Path | None = None) -> str:  # fmt: skip
+    """`opkg install` python3-oe's .ipk into the image root, then luci-app-oe's (``luci``,
+    which depends on it and on the stage's luci-base): default_postinst enables the service
+    and leaves the uci-defaults for the first boot. Returns opkg's output."""
+    (root / "etc" / "opkg.conf").write_text(ipk.OPKG_CONF)
+    for folder in ("usr/lib/opkg", "var/opkg-lists"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    ipk.declare_provided(root, provided)
+    out = _opkg_run(root, opkg, env, package, "usr/bin/oe-routerd")
+    if luci is not None:
+        out += _opkg_run(root, opkg, env, luci, "www/luci-static/resources/view/oe/status.js")
     # The session lab's tests start the service themselves (/etc/init.d/oe start), each
     # with the configuration it needs (the lab root's anchor, an identity): not at boot.
     # The links are recorded (name, target): the lab's first-boot mode puts them back.
@@ -786,7 +812,7 @@ def _opkg_install(root: Path, opkg: Path, env: dict[str, str], package: Path,
         deferred.append(f"{link.name} {os.readlink(link)}\n")
         link.unlink()
     (root / RC_D_DEFERRED).write_text("".join(deferred))
-    return res.stdout + res.stderr
+    return out
 
 
 def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) -> Path:
@@ -799,8 +825,9 @@ def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) ->
     stage = userland.build(log=log, force=force)
     stamp = stage.stamp()
     package = ipk.build(cache / "ipk")
+    luci = ipk.build_luci(cache / "ipk")
     for old in (cache / "ipk").glob("*"):
-        if old not in (package.path, package.sdist):
+        if old not in (package.path, package.sdist, luci.path):
             old.unlink()
     files = [p for p in (REPO / "files").rglob("*")]
     key = _sha(
@@ -809,7 +836,7 @@ def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) ->
          *_files_digest([GUEST / "init", GUEST / "modules.txt"]),
          *_files_digest(ROUTER_FILES.rglob("*")), str(stamp.get("key")),
          *_files_digest([QEMU_DIR / "build.py"]),  # the router recipe is this file
-         package.path.read_bytes(),
+         package.path.read_bytes(), luci.path.read_bytes(),
          cryptodev_ko.read_bytes(), (cryptodev_ko.parent / "BUILT").read_bytes()]
     )  # fmt: skip
     image = cache / "images" / f"router-{key}.ext4"
@@ -828,7 +855,15 @@ def ensure_router(cache: Path, kernel: Kernel, log: Log, force: bool = False) ->
         python = _debian_version(root, "python3-minimal")
         debian = {n: _debian_version(root, d) for n, d in DEBIAN_STANDINS.items() if n in depends}
         provided = provided_by_image(depends, wheels, kernel.version, python, debian)
-        out = _opkg_install(root, stage.tool("opkg"), stage.env(), package.path, provided)
+        luci_base = _stage_commit(stamp, "luci-base")
+        for name in ipk.control_fields(luci.control)["Depends"].split(", "):
+            if name in LUCI_PROVIDED:
+                provided[name] = f"git-{luci_base}"
+            elif name != package.recipe.name:
+                raise BuildError(f"router: luci-app-oe depends on {name}, which the image lacks")
+        out = _opkg_install(
+            root, stage.tool("opkg"), stage.env(), package.path, provided, luci.path
+        )
         (root / "etc" / "oe-lab" / "opkg-install.log").write_text(out)
         _install_cryptodev(root, kernel, cryptodev_ko)
         _mke2fs(root, image, log)

@@ -78,6 +78,10 @@ class Plan:
     mac_router_lan: str = "52:54:00:0e:01:01"
     mac_world_inet: str = "52:54:00:0e:00:fe"
     mac_world_lan: str = "52:54:00:0e:01:64"
+    #: the router's management port: QEMU user networking (slirp) with one host port
+    #: forwarded to uhttpd, so a browser on the host reaches LuCI (VMSpec.mgmt_port)
+    mac_router_mgmt: str = "52:54:00:0e:02:0f"
+    router_mgmt4: str = "10.0.2.15"
     hosts: tuple[Host, ...] = (
         Host("ns", "203.0.113.53", "2001:db8:1::53", "ns.test", "dns-authoritative"),
         Host("resolver", "203.0.113.54", "2001:db8:1::54", None, "dns-resolver"),
@@ -233,6 +237,9 @@ class VMSpec:
     nics: list[tuple[str, str, Path, Path]]  # (netdev id, mac, local socket, remote socket)
     crypto: bool = False
     cmdline: str = ""  # added to the kernel command line
+    #: a NIC on QEMU's user network with host 127.0.0.1:<port> forwarded to ``mgmt``'s
+    #: port 80 (address, MAC, host port); restrict=on: no way out to the host's networks
+    mgmt: tuple[str, str, int] | None = None
 
 
 def _die_with_parent() -> None:
@@ -277,6 +284,14 @@ class VM:
                 f"dgram,id={netdev},local.type=unix,local.path={local},"
                 f"remote.type=unix,remote.path={remote}",
                 "-device", f"virtio-net-pci,netdev={netdev},mac={mac}",
+            ]  # fmt: skip
+        if s.mgmt is not None:
+            addr, mac, port = s.mgmt
+            cmd += [
+                "-netdev",
+                "user,id=mgmt,restrict=on,ipv6=off,net=10.0.2.0/24,"
+                f"hostfwd=tcp:127.0.0.1:{port}-{addr}:80",
+                "-device", f"virtio-net-pci,netdev=mgmt,mac={mac}",
             ]  # fmt: skip
         if s.crypto:
             cmd += [
@@ -466,12 +481,25 @@ OE_CONTROL = "/var/run/oe/control.sock"
 ROUTER_WAN_DEV = "eth1"
 ROUTER_LAN_DEV = "br-lan"
 ROUTER_DEVICES = {"wan": ROUTER_WAN_DEV, "wan6": ROUTER_WAN_DEV, "lan": ROUTER_LAN_DEV}
+#: the management port (Plan.router_mgmt4; network mgmt, fw4 zone mgmt): uhttpd for the
+#: host's browser, nothing routed
+ROUTER_MGMT_DEV = "eth2"
+
+
+def free_tcp_port() -> int:
+    """A TCP port on the host's loopback that nothing listens on now (for a hostfwd)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def router_kernel_args(plan: Plan) -> str:
     """The router's kernel command line for its devices' names: /sbin/oe-lab-init names
     them before procd starts, so netifd (S20) finds the devices /etc/config/network names."""
-    return f"oe.ifname=eth1,{plan.mac_router_wan} oe.ifname=eth0,{plan.mac_router_lan}"
+    return (
+        f"oe.ifname=eth1,{plan.mac_router_wan} oe.ifname=eth0,{plan.mac_router_lan} "
+        f"oe.ifname=eth2,{plan.mac_router_mgmt}"
+    )
 
 
 def _netifd_up(plan: Plan, *interfaces: str) -> tuple[str, ...]:
@@ -701,6 +729,8 @@ class Lab:
         self.timings = LabTimings()
         self.missing: list[str] = []  # parts of the lab that could not be set up, said plainly
         self.failed_hosts: dict[str, str] = {}  # world netns whose start.sh failed -> log tail
+        #: the host's port forwarded to the router's uhttpd (its management port, eth2)
+        self.http_port = free_tcp_port()
         self._captures = 0
         self._vms: dict[str, VM] = {}
         self._closed = False
@@ -776,6 +806,7 @@ class Lab:
             VMSpec("router", img.router, 768, 2, self.cpu,
                    [("wan", self.plan.mac_router_wan, wan.a, wan.b),
                     ("lan", self.plan.mac_router_lan, lan.a, lan.b)], crypto=self.crypto,
+                   mgmt=(self.plan.router_mgmt4, self.plan.mac_router_mgmt, self.http_port),
                    cmdline=router_kernel_args(self.plan)
                    + (" oe.firstboot=1" if self.first_boot else "")),
         ]  # fmt: skip
@@ -924,6 +955,12 @@ class Lab:
     def router(self, cmd: str, timeout: float = 60) -> Result:
         return self.vm("router").run(cmd, timeout)
 
+    @property
+    def router_http(self) -> str:
+        """The router's uhttpd as the host reaches it: through the management port's
+        forward (its LAN address answers the same pages to the LAN client)."""
+        return f"http://127.0.0.1:{self.http_port}"
+
     def world(self, cmd: str, timeout: float = 60) -> Result:
         return self.vm("world").run(cmd, timeout)
 
@@ -1030,6 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
     with Lab(images, crypto=args.crypto, first_boot=args.first_boot, log=log) as lab:
         print(f"warm boot to all-ready: {time.monotonic() - t0:.1f}s (run dir {lab.run_dir})")
         print(f"timings: {lab.timings}")
+        print(f"router's uhttpd (LuCI) from the host: {lab.router_http}")
         for m in lab.missing:
             print(f"missing: {m}")
         print(lab.router("cat /etc/banner; ip -br addr").stdout)

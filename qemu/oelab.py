@@ -19,18 +19,20 @@ engine table as figures), the virtio-crypto device and its interrupt count, and
 ``act_and_watch`` (do something in the router, time the daemon's reaction from its log).
 The policy matrix (``matrix_*``, ``MATRIX_EXPECTED``): libreswan's expected outcome per cell,
 one traffic window for many cells, and the verdict per cell, shared by the matrix modules.
+``silent_host``: a world host that drops IKE without a word for a block's duration.
 ``first_flow``: the LAN client's TCP flow to a keyed host on its cable and the WAN's, and
 how it differs from "its one SYN left the router as ESP, nothing in the clear".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +47,22 @@ CAPTURE_TABLE = "oe_dns"
 REPO = Path(__file__).resolve().parents[1]
 LOG = "/lab/logs/oe-routerd.log"
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def silent_host(lab: Lab, netns: str) -> Iterator[None]:
+    """The world host ``netns`` drops IKE (UDP 500/4500) without a word while the block
+    runs, as most of the Internet does: no answer, no ICMP."""
+    lab.host(
+        netns,
+        "nft add table inet oe_silent && nft add chain inet oe_silent in "
+        "'{ type filter hook input priority 0; }' && "
+        "nft add rule inet oe_silent in udp dport '{ 500, 4500 }' drop",
+    ).check()
+    try:
+        yield
+    finally:
+        lab.host(netns, "nft delete table inet oe_silent")
 
 
 def restart_dnsmasq(

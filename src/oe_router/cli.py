@@ -643,6 +643,15 @@ def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_config_schema(args: argparse.Namespace, out: TextIO) -> int:
+    """The option table as JSON (kinds, limits, defaults): what LuCI's settings form checks
+    values with (export_schema.py)."""
+    from oe_router.config.export_schema import schema_doc
+
+    out.write(json.dumps(schema_doc(), indent=2) + "\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oe", description="Control the oe-routerd daemon.")
     parser.add_argument(
@@ -740,6 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a config file, print every problem")
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG_PATH, metavar="FILE")
     check.set_defaults(func=cmd_config_check)
+    schema = config_sub.add_parser(
+        "schema", help="print every option with its kind, limits and default (JSON)"
+    )
+    schema.set_defaults(func=cmd_config_schema)
     return parser
 
 

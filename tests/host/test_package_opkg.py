@@ -233,3 +233,32 @@ def test_an_unchanged_conffile_goes_with_the_package(root: Root, package: ipk.Ip
     assert gone.returncode == 0, gone.stdout + gone.stderr
     assert not (root.path / "etc/config/oe").exists()
     assert (root.path / "etc/config/firewall").is_file()
+
+
+def test_luci_app_installs_over_python3_oe_and_holds_it(root: Root, package: ipk.Ipk) -> None:
+    """luci-app-oe, as the QEMU image installs it (qemu/build.py): refused without its
+    dependencies; with python3-oe installed and luci-base declared (the image has it from
+    the userland build) it installs its files; then opkg refuses to remove python3-oe
+    under it, and removing the app first leaves none of its files."""
+    luci = ipk.build_luci(root.path.parent / "luci-ipk")
+    refused = root.opkg("install", str(luci.path))
+    assert refused.returncode != 0
+    assert "cannot find dependency" in refused.stderr, refused.stderr
+    ipk.declare_provided(root.path, provided_by_debian(_depends(package)))
+    assert root.opkg("install", str(package.path)).returncode == 0
+    ipk.declare_provided(root.path, {"luci-base": "git-d5950a9fa5a5"})
+    done = root.opkg("install", str(luci.path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert root.installed()["luci-app-oe"] == ipk.control_fields(luci.control)["Version"]
+    files = sorted(name for name in luci.files if not name.endswith("/"))
+    for name in files:
+        assert (root.path / name.lstrip("/")).is_file(), name
+    listed = (root.path / "usr/lib/opkg/info/luci-app-oe.list").read_text().split()
+    assert sorted(listed) == files
+    held = root.opkg("remove", "python3-oe")
+    assert held.returncode != 0 and "luci-app-oe" in held.stdout + held.stderr
+    assert (root.path / "usr/bin/oe-routerd").is_file()
+    gone = root.opkg("remove", "luci-app-oe")
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert not [n for n in files if (root.path / n.lstrip("/")).exists()]
+    assert root.opkg("remove", "python3-oe").returncode == 0

@@ -7,10 +7,9 @@ ucode with html, lucihttp, cgi-io, rpcd-mod-luci, luci-base, luci-theme-bootstra
 requests go from the LAN client (a netns of the world VM, 192.168.1.100) to the router's
 LAN address with curl, as a browser on the LAN would: the lab has no host port forward.
 
-luci-base alone registers no page (the admin modules are not vendored; luci-app-oe will
-bring the first), so LuCI has nothing to show at /cgi-bin/luci, not even its login. The
-module then registers a probe page under Services (a menu.d entry, as an app's package
-installs one, removed at the end) and logs in to it.
+luci-base alone registers no page (the admin modules are not vendored); the image's
+luci-app-oe brings the first ones. The module also registers a probe page under Services
+(a menu.d entry, as an app's package installs one, removed at the end) and logs in to it.
 
 Shares the session lab (no boot of its own); leaves it as it found it: the probe page and
 the sessions it opened are removed at the end.
@@ -141,12 +140,19 @@ def test_uhttpd_and_rpcd_run_under_procd(lab: Lab) -> None:
     assert {"luci", "luci-rpc", "file"} <= objects, sorted(objects)
 
 
-def test_without_a_page_luci_has_nothing_to_show(lab: Lab) -> None:
-    """luci-base alone: the dispatcher runs (its own 404 text) but finds no page to log in
-    to, as upstream LuCI without luci-mod-admin-full or an app."""
-    reply = http(lab, "/cgi-bin/luci/")
-    assert reply.status == 404, reply
-    assert "No page is registered at '/'" in reply.body, reply.body[:2000]
+def test_luci_app_oe_registers_its_pages(lab: Lab) -> None:
+    """The image's luci-app-oe (its .ipk, installed by opkg as python3-oe's is) registers
+    Services -> Opportunistic IPsec: its menu.d and acl.d files and views are in place, and
+    its page, asked for without a session, is LuCI's login (403), not a 404."""
+    listing = lab.router(
+        "opkg list-installed luci-app-oe; ls /usr/share/luci/menu.d/luci-app-oe.json "
+        "/usr/share/rpcd/acl.d/luci-app-oe.json /www/luci-static/resources/view/oe/status.js "
+        "/www/luci-static/resources/view/oe/settings.js"
+    ).check()
+    assert listing.stdout.startswith("luci-app-oe - "), listing.stdout
+    reply = http(lab, "/cgi-bin/luci/admin/services/oe/status")
+    assert reply.status == 403, reply
+    assert reply.header("X-LuCI-Login-Required") == ["yes"], reply.headers
 
 
 def test_luci_answers_with_the_bootstrap_login_form(lab: Lab, probe_page: str) -> None:

@@ -21,8 +21,6 @@ too, it is reached with no stall at all, because the DNS front installs a pass s
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +54,6 @@ def no_states(lab: Lab) -> int:
     """XfrmOutNoStates: packets the kernel dropped because a trap had no SA yet."""
     out = lab.router("awk '/XfrmOutNoStates/{print $2}' /proc/net/xfrm_stat").check().stdout
     return int(out.strip())
-
-
-@contextlib.contextmanager
-def silent(lab: Lab, netns: str) -> Iterator[None]:
-    """The host drops IKE (UDP 500/4500) without a word while the block runs."""
-    lab.host(
-        netns,
-        "nft add table inet oe_silent && nft add chain inet oe_silent in "
-        "'{ type filter hook input priority 0; }' && "
-        "nft add rule inet oe_silent in udp dport '{ 500, 4500 }' drop",
-    ).check()
-    try:
-        yield
-    finally:
-        lab.host(netns, "nft delete table inet oe_silent")
 
 
 def shunt(lab: Lab, addr: str) -> dict[str, Any]:
@@ -117,7 +100,7 @@ def test_lan_flow_to_silent_host_gives_up_before_the_third_syn(
     client's SYN at 3 s meets the pass shunt; connect in about 3 s instead of 31 s."""
     lab = oe_lab
     insecure = lab.plan.host("insecure").ipv4
-    with silent(lab, "insecure"), lab.capture_wan(label="wan-fallback-silent") as wan:
+    with oelab.silent_host(lab, "insecure"), lab.capture_wan(label="wan-fallback-silent") as wan:
         res = lab.client(CURL + f"http://{insecure}/", timeout=40)
     assert res.rc == 0, f"curl failed (rc {res.rc}): the trapped flow did not recover"
     code, connect = res.stdout.split()
@@ -191,7 +174,7 @@ def test_lan_client_resolving_a_silent_keyless_host_connects_at_once(
     lab.router("kill -HUP $(cat /run/dnsmasq.pid)").check()
     lan_dev = "eth0"
     with (
-        silent(lab, "plain"),
+        oelab.silent_host(lab, "plain"),
         lab.capture(lan_dev, netns="client", label="lan-keyless") as lan,
         lab.capture_wan(label="wan-keyless") as wan,
     ):

@@ -27,6 +27,9 @@ from lab import Lab
 pytestmark = pytest.mark.qemu
 
 IPK = "/lab/ipk/" + "python3-oe_{version}-r1_all.ipk"
+#: the image's luci-app-oe depends on python3-oe: opkg refuses to remove python3-oe under
+#: it, so it goes first and comes back last
+LUCI_IPK = "/lab/ipk/" + "luci-app-oe_{version}_all.ipk"
 FRONT = oelab.DNS_FRONT
 #: what an older python3-oe did to dnsmasq at install, and its record of it
 OLD_PACKAGE = (
@@ -84,6 +87,8 @@ def test_remove_then_install_on_the_running_router(lab: Lab) -> None:
     version = build.project_version()
     built = ipk.build(lab.run_dir / "ipk")  # reproducible: the bytes the image installed
     assert built.path.name == IPK.format(version=version).rsplit("/", 1)[1]
+    luci = ipk.build_luci(lab.run_dir / "ipk")
+    assert luci.path.name == LUCI_IPK.format(version=version).rsplit("/", 1)[1]
     before = _state(lab)
     assert before.ike_rule and before.esp_rule, before
     # dnsmasq's config is not the package's to change
@@ -93,6 +98,9 @@ def test_remove_then_install_on_the_running_router(lab: Lab) -> None:
     try:
         oelab.start_daemon(lab)  # under procd, its DNS capture on
         assert _bogus(lab) == ("SERVFAIL", []), "the front did not answer the LAN's query"
+        refused = lab.router("opkg remove python3-oe", timeout=120)
+        assert not refused.ok and "luci-app-oe" in refused.stdout + refused.stderr, refused
+        assert lab.router("opkg remove luci-app-oe", timeout=120).ok
         removed = lab.router("opkg remove python3-oe", timeout=120)
         assert removed.ok, removed.stdout + removed.stderr
         # at once: LAN DNS answers from dnsmasq's own upstream, first try
@@ -140,7 +148,9 @@ def test_remove_then_install_on_the_running_router(lab: Lab) -> None:
         # the session lab starts the daemon itself: stopped, and no boot links, as built
         lab.router(
             f"opkg list-installed python3-oe | grep -q . || opkg install "
-            f"{IPK.format(version=version)}; /etc/init.d/oe stop; /etc/init.d/oe disable; "
+            f"{IPK.format(version=version)}; "
+            f"opkg list-installed luci-app-oe | grep -q . || opkg install "
+            f"{LUCI_IPK.format(version=version)}; /etc/init.d/oe stop; /etc/init.d/oe disable; "
             "ip xfrm state flush; ip xfrm policy flush; "
             "for t in oe_spd oe_router oe_cat; do nft delete table inet $t 2>/dev/null; done; "
             "rm -f /run/oe-routerd.pid",

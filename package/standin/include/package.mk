@@ -41,7 +41,7 @@ $(file >$(IPK_META)/PKG_NAME,$(PKG_NAME))
 ipk-install:
 	rm -rf $(IPK_DIR)
 	mkdir -p $(IPK_DIR)
-	$$(call Package/$(1)/install,$(IPK_DIR))
+	$(call Package/$(1)/install,$(IPK_DIR))
 endef
 
 define BuildPackage

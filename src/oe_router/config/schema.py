@@ -26,6 +26,8 @@ __all__ = [
     "LOG_LEVELS",
     "POLICY_GROUPS",
     "POLICY_LIMIT",
+    "PORT_PROTOCOLS",
+    "PROTOCOLS",
     "BadValue",
     "DnsConfig",
     "Endpoint",
@@ -104,7 +106,8 @@ PROTOCOLS: dict[str, int] = {
     "sctp": 132,
 }
 _PROTO_NAMES: dict[int, str] = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}
-_PORT_PROTOS = (6, 17, 132)
+#: Protocols whose policy entries may name a port (tcp, udp, sctp).
+PORT_PROTOCOLS: tuple[int, ...] = (6, 17, 132)
 
 
 class BadValue(ValueError):
@@ -493,7 +496,7 @@ def parse_policy_entry(text: str) -> PolicyEntry:
         if proto == 58 and net.version == 4:
             raise BadValue("uses icmpv6 with an IPv4 network (use icmp)")
     if len(words) == 3:
-        if proto not in _PORT_PROTOS:
+        if proto not in PORT_PROTOCOLS:
             raise BadValue("has a port, but ports need tcp, udp or sctp")
         if not words[2].isdigit() or not 1 <= int(words[2]) <= 65535:
             raise BadValue(f"has a bad port {words[2]!r} (1 to 65535)")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from .problems import ConfigProblem
 from .schema import (
@@ -44,7 +44,14 @@ from .schema import (
 )
 from .uci import UciPackage, UciSection, UciSyntaxError, parse
 
-__all__ = ["OPTIONS", "SECTION_TYPES", "option_location", "validate_package", "validate_text"]
+__all__ = [
+    "OPTIONS",
+    "SECTION_TYPES",
+    "ValueType",
+    "option_location",
+    "validate_package",
+    "validate_text",
+]
 
 PACKAGE = "oe"
 HOUR = 3600.0
@@ -55,71 +62,155 @@ class Opt:
     """One UCI option: its dataclass field, value parser and whether it is a list."""
 
     field: str
-    parse: Callable[[str], Any]
+    parse: ValueType
     is_list: bool = False
     required: bool = False
 
 
-def _dur(lo: float, hi: float) -> Callable[[str], float]:
-    return lambda text: parse_duration(text, lo, hi)
+class ValueType:
+    """A value parser that also says what it accepts, as data (``meta``), so a client
+    (LuCI's settings form, ``oe config schema``) can check values the same way before
+    they reach the daemon. Calling it parses one UCI string or raises ``BadValue``."""
+
+    kind: ClassVar[str]
+
+    def __call__(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        """``{"kind": ..., <limits>}``: the JSON the schema export writes."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.metadata.get("meta", True):
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
 
-def _int(lo: int, hi: int) -> Callable[[str], int]:
-    return lambda text: parse_int(text, lo, hi)
+@dataclass(frozen=True)
+class Duration(ValueType):
+    """``parse_duration`` within [min, max] seconds."""
+
+    min: float
+    max: float
+    kind = "duration"
+
+    def __call__(self, text: str) -> float:
+        return parse_duration(text, self.min, self.max)
 
 
-def _choice(*choices: str) -> Callable[[str], str]:
-    return lambda text: parse_choice(text, choices)
+@dataclass(frozen=True)
+class Int(ValueType):
+    """``parse_int`` within [min, max]; ``suffix`` may follow the number (``100%``);
+    ``gap``: a value other than 0 must also lie in [gap[0], gap[1]] (0 means off)."""
+
+    min: int
+    max: int
+    suffix: str = ""
+    gap: tuple[int, int] | None = None
+    kind = "int"
+
+    def __call__(self, text: str) -> int:
+        t = text.strip()
+        if self.suffix and t.endswith(self.suffix):
+            t = t[: -len(self.suffix)]
+        number = parse_int(t, self.min, self.max)
+        if self.gap is not None and number != 0 and not self.gap[0] <= number <= self.gap[1]:
+            lo, hi = self.gap
+            raise BadValue(f"is out of range (allowed: 0 for off, or {lo} to {hi})")
+        return number
 
 
-def _fragment_size(text: str) -> int:
-    size = parse_int(text, 0, 65535)
-    if size != 0 and not 576 <= size <= 9000:
-        raise BadValue("is out of range (allowed: 0 for off, or 576 to 9000)")
-    return size
+@dataclass(frozen=True)
+class Choice(ValueType):
+    """``parse_choice``: one of ``choices``, exactly."""
+
+    choices: tuple[str, ...]
+    kind = "choice"
+
+    def __call__(self, text: str) -> str:
+        return parse_choice(text, self.choices)
 
 
-def _percent(text: str) -> int:
-    t = text.strip()
-    return parse_int(t[:-1] if t.endswith("%") else t, 0, 100)
+@dataclass(frozen=True)
+class AbsPath(ValueType):
+    """``parse_abs_path`` of at most ``max_len`` bytes."""
+
+    max_len: int = 4095
+    kind = "abs_path"
+
+    def __call__(self, text: str) -> str:
+        return parse_abs_path(text, self.max_len)
+
+
+@dataclass(frozen=True)
+class Named(ValueType):
+    """A parser without limits of its own (``parse_bool``, ``parse_endpoint`` ...): the
+    kind names its grammar, which a client implements once."""
+
+    kind: str  # type: ignore[misc]  # a field here, a class constant in the others
+    parse: Callable[[str], Any] = field(compare=False, metadata={"meta": False})
+
+    def __call__(self, text: str) -> Any:
+        return self.parse(text)
+
+
+BOOL = Named("bool", parse_bool)
+ENDPOINT = Named("endpoint", parse_endpoint)
+IFNAME = Named("ifname", parse_ifname)
+OFFLOAD = Named("offload", parse_offload)
+POLICY_DEST = Named("policy_dest", parse_policy_entry)
+LOCAL_ID = Named("local_id", parse_local_id)
+
+
+def _dur(lo: float, hi: float) -> Duration:
+    return Duration(lo, hi)
+
+
+def _int(lo: int, hi: int) -> Int:
+    return Int(lo, hi)
+
+
+def _choice(*choices: str) -> Choice:
+    return Choice(choices)
 
 
 #: section type -> option name -> Opt.  Singleton sections map to OeConfig sub-objects.
 OPTIONS: dict[str, dict[str, Opt]] = {
     "oe": {
-        "enabled": Opt("enabled", parse_bool),
+        "enabled": Opt("enabled", BOOL),
         "log_level": Opt("log_level", _choice(*LOG_LEVELS)),
-        "control_socket": Opt("control_socket", lambda t: parse_abs_path(t, 107)),
+        "control_socket": Opt("control_socket", AbsPath(107)),
         "datapath": Opt("datapath", _choice(*DATAPATHS)),
-        "offload": Opt("offload", parse_offload),
+        "offload": Opt("offload", OFFLOAD),
         "offload_canary": Opt("offload_canary", _dur(0.0, HOUR)),
-        "offload_demote": Opt("offload_demote", parse_bool),
+        "offload_demote": Opt("offload_demote", BOOL),
         "shunt_lifetime": Opt("shunt_lifetime", _dur(1.0, 24 * HOUR)),
-        "keep_private_on_stop": Opt("keep_private_on_stop", parse_bool),
-        "packet_hold": Opt("packet_hold", parse_bool),
-        "wan_interface": Opt("wan_interface", parse_ifname, is_list=True),
-        "lan_interface": Opt("lan_interface", parse_ifname),
+        "keep_private_on_stop": Opt("keep_private_on_stop", BOOL),
+        "packet_hold": Opt("packet_hold", BOOL),
+        "wan_interface": Opt("wan_interface", IFNAME, is_list=True),
+        "lan_interface": Opt("lan_interface", IFNAME),
         "policy_limit": Opt("policy_limit", _int(1, 1_000_000)),
     },
     "dns": {
         "mode": Opt("mode", _choice(*DNS_MODES)),
-        "listen": Opt("listen", parse_endpoint, is_list=True),
-        "upstream": Opt("upstream", parse_endpoint, is_list=True),
-        "resolv_file": Opt("resolv_file", parse_abs_path),
+        "listen": Opt("listen", ENDPOINT, is_list=True),
+        "upstream": Opt("upstream", ENDPOINT, is_list=True),
+        "resolv_file": Opt("resolv_file", AbsPath()),
         "hold_limit": Opt("hold_limit", _dur(0.0, 10.0)),
         "ttl_cap": Opt("ttl_cap", _dur(0.0, 24 * HOUR)),
-        "trust_anchor": Opt("trust_anchor", parse_abs_path),
-        "auto_trust_anchor": Opt("auto_trust_anchor", parse_abs_path),
+        "trust_anchor": Opt("trust_anchor", AbsPath()),
+        "auto_trust_anchor": Opt("auto_trust_anchor", AbsPath()),
         "bogus_action": Opt("bogus_action", _choice(*BOGUS_ACTIONS)),
         "keyless": Opt("keyless", _choice(*KEYLESS_ACTIONS)),
         "tcp_timeout": Opt("tcp_timeout", _dur(1.0, 300.0)),
-        "doh_canary": Opt("doh_canary", parse_bool),
+        "doh_canary": Opt("doh_canary", BOOL),
     },
     "ike": {
         "ike_lifetime": Opt("ike_lifetime", _dur(60.0, 24 * HOUR)),
         "child_lifetime": Opt("child_lifetime", _dur(60.0, 24 * HOUR)),
         "rekey_margin": Opt("rekey_margin", _dur(0.0, 12 * HOUR)),
-        "rekey_jitter": Opt("rekey_jitter", _percent),
+        "rekey_jitter": Opt("rekey_jitter", Int(0, 100, suffix="%")),
         "idle_timeout": Opt("idle_timeout", _dur(1.0, 24 * HOUR)),
         "retransmit_timeout": Opt("retransmit_timeout", _dur(0.1, 30.0)),
         "retransmit_tries": Opt("retransmit_tries", _int(1, 20)),
@@ -127,17 +218,17 @@ OPTIONS: dict[str, dict[str, Opt]] = {
         "half_open_limit": Opt("half_open_limit", _int(1, 65535)),
         "half_open_per_source": Opt("half_open_per_source", _int(1, 65535)),
         "half_open_per_prefix": Opt("half_open_per_prefix", _int(1, 65535)),
-        "fragment_size": Opt("fragment_size", _fragment_size),
-        "cat": Opt("cat", parse_bool),
+        "fragment_size": Opt("fragment_size", Int(0, 65535, gap=(576, 9000))),
+        "cat": Opt("cat", BOOL),
         "esp_proposal": Opt("esp_proposals", _choice(*ESP_PROPOSALS), is_list=True),
     },
     "identity": {
-        "local_id": Opt("local_id", parse_local_id),
-        "private_key": Opt("private_key", parse_abs_path),
+        "local_id": Opt("local_id", LOCAL_ID),
+        "private_key": Opt("private_key", AbsPath()),
     },
     "policy": {
         "group": Opt("group", _choice(*POLICY_GROUPS), required=True),
-        "dest": Opt("dest", parse_policy_entry, is_list=True, required=True),
+        "dest": Opt("dest", POLICY_DEST, is_list=True, required=True),
     },
 }
 SECTION_TYPES: tuple[str, ...] = tuple(OPTIONS)

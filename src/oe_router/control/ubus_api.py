@@ -6,7 +6,8 @@ Every method runs a control command through the daemon's ``CommandTable`` (the s
 handlers and the same ``COMMAND_ARGS`` checks as the control socket), so ``ubus call oe
 status`` and ``oe status --json`` cannot disagree. A method's blobmsg policy (what
 ``ubus -v list oe`` shows) is derived from its command's ``COMMAND_ARGS`` row, and the
-rpcd ACL (``files/usr/share/rpcd/acl.d/oe.json``) from the methods' access (``acl()``).
+rpcd ACL (``files/usr/share/rpcd/acl.d/oe.json``) from the methods' access (``acl()``), as is
+luci-app-oe's (``luci_acl()``).
 """
 
 from __future__ import annotations
@@ -126,6 +127,21 @@ def acl(description: str = "Opportunistic IPsec (oe-routerd)") -> JsonObject:
         names = [m for m, spec in METHODS.items() if spec.access == access]
         group[access] = {"ubus": {OBJECT: names}}
     return {OBJECT: group}
+
+
+#: The rpcd ACL group luci-app-oe's pages depend on (its menu.d entry's ``depends.acl``).
+LUCI_GROUP = "luci-app-oe"
+
+
+def luci_acl() -> JsonObject:
+    """luci-app-oe's ACL group (``root/usr/share/rpcd/acl.d/luci-app-oe.json``): the
+    object's methods as ``acl()`` splits them, and the ``oe`` UCI config, read with read
+    and written with write (LuCI's settings form; its uci apply is luci-base's grant)."""
+    group: JsonObject = {"description": "Grant access to Opportunistic IPsec (luci-app-oe)"}
+    for access, part in acl()[OBJECT].items():
+        if access in ("read", "write"):
+            group[access] = {**part, "uci": ["oe"]}
+    return {LUCI_GROUP: group}
 
 
 @dataclass(frozen=True)
