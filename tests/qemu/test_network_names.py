@@ -51,7 +51,7 @@ def test_an_unknown_network_turns_oe_off_with_a_clear_line(running_daemon: Lab) 
     oelab.reload_daemon(lab, options={"global.wan_interface": ["wan7"]})
     why = (
         "oe.global.wan_interface: no network or device named 'wan7' "
-        "(networks: lan, loopback, wan, wan6)"
+        "(networks: lan, loopback, mgmt, wan, wan6)"
     )
     status = oelab.wait_until(
         "OE off for want of network wan7",
