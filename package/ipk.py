@@ -21,6 +21,7 @@ the image builder and the tests import it (`build`, `read_ipk`, `declare_provide
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -368,27 +369,34 @@ def _uncompressed_size(tar_gz: bytes) -> int:
     return len(gzip.decompress(tar_gz))
 
 
-def build(out_dir: Path, *, repo: Path = REPO, epoch: int | None = None) -> Ipk:
-    """Build the sdist and the .ipk into out_dir; the .ipk's bytes depend only on the tree
-    and the epoch (umask, build paths and time do not matter)."""
-    epoch = source_date_epoch(repo) if epoch is None else epoch
+@contextlib.contextmanager
+def _workdir(out_dir: Path) -> Iterator[Path]:
+    """A scratch directory for one package build, with umask 022 meanwhile (the packed
+    modes must not depend on the caller's umask); out_dir made first."""
     out_dir.mkdir(parents=True, exist_ok=True)
     old_umask = os.umask(0o022)
     try:
         with tempfile.TemporaryDirectory(prefix="oe-ipk-") as tmp:
-            work = Path(tmp)
-            sdist = build_sdist(repo, work, epoch)
-            _build_dir, wheel = build_wheel(sdist, work, epoch)
-            python = f"{sys.version_info.major}.{sys.version_info.minor}"
-            pkg_install = work / "ipkg-install"
-            install_wheel(wheel, pkg_install, f"/usr/lib/python{python}/site-packages")
-            ipk_dir = work / "ipkg" / PACKAGE
-            recipe = evaluate(repo / RECIPE, ipk_dir, work, pkg_install, epoch)
-            ipk = _pack(recipe, ipk_dir, out_dir, epoch)
-            sdist_out = out_dir / sdist.name
-            shutil.copyfile(sdist, sdist_out)
+            yield Path(tmp)
     finally:
         os.umask(old_umask)
+
+
+def build(out_dir: Path, *, repo: Path = REPO, epoch: int | None = None) -> Ipk:
+    """Build the sdist and the .ipk into out_dir; the .ipk's bytes depend only on the tree
+    and the epoch (umask, build paths and time do not matter)."""
+    epoch = source_date_epoch(repo) if epoch is None else epoch
+    with _workdir(out_dir) as work:
+        sdist = build_sdist(repo, work, epoch)
+        _build_dir, wheel = build_wheel(sdist, work, epoch)
+        python = f"{sys.version_info.major}.{sys.version_info.minor}"
+        pkg_install = work / "ipkg-install"
+        install_wheel(wheel, pkg_install, f"/usr/lib/python{python}/site-packages")
+        ipk_dir = work / "ipkg" / PACKAGE
+        recipe = evaluate(repo / RECIPE, ipk_dir, work, pkg_install, epoch)
+        ipk = _pack(recipe, ipk_dir, out_dir, epoch)
+        sdist_out = out_dir / sdist.name
+        shutil.copyfile(sdist, sdist_out)
     return dataclasses.replace(ipk, sdist=sdist_out)
 
 
@@ -396,18 +404,12 @@ def build_luci(out_dir: Path, *, repo: Path = REPO, epoch: int | None = None) ->
     """Build luci-app-oe's .ipk into out_dir from package/luci-app-oe/Makefile (luci.mk's
     install: htdocs/ to /www, root/ to /). Reproducible as ``build``'s."""
     epoch = source_date_epoch(repo) if epoch is None else epoch
-    out_dir.mkdir(parents=True, exist_ok=True)
-    old_umask = os.umask(0o022)
-    try:
-        with tempfile.TemporaryDirectory(prefix="oe-ipk-") as tmp:
-            work = Path(tmp)
-            ipk_dir = work / "ipkg" / LUCI_PACKAGE
-            recipe = evaluate(
-                repo / LUCI_RECIPE, ipk_dir, work, work / "ipkg-install", epoch, LUCI_PACKAGE
-            )
-            return _pack(recipe, ipk_dir, out_dir, epoch)
-    finally:
-        os.umask(old_umask)
+    with _workdir(out_dir) as work:
+        ipk_dir = work / "ipkg" / LUCI_PACKAGE
+        recipe = evaluate(
+            repo / LUCI_RECIPE, ipk_dir, work, work / "ipkg-install", epoch, LUCI_PACKAGE
+        )
+        return _pack(recipe, ipk_dir, out_dir, epoch)
 
 
 def _pack(recipe: Recipe, ipk_dir: Path, out_dir: Path, epoch: int) -> Ipk:
