@@ -86,6 +86,9 @@ def lab(pytestconfig: pytest.Config, lab_images: build.Images) -> Iterator[Lab]:
 
 #: seconds the first-boot router's WAN stays down after oe-routerd opened its socket
 FIRST_BOOT_WAN_DELAY = 30
+#: the world hosts the first-boot tests talk to: the DNS (authoritative and resolver) and
+#: the keyed host; the rest of the world keeps its addresses with nothing running
+FIRST_BOOT_SERVICES = ("ns", "resolver", "oe-null")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +103,7 @@ def first_boot_lab(pytestconfig: pytest.Config, lab_images: build.Images) -> Ite
             lab_images,
             first_boot=True,
             wan_delay=FIRST_BOOT_WAN_DELAY,
+            services=FIRST_BOOT_SERVICES,
             log=_printer(pytestconfig),
         ),
         "first-boot-lab-start",

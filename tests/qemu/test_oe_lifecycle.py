@@ -105,7 +105,8 @@ def test_daemon_sets_the_first_packet_sysctls(life: Lab) -> None:
 
 def test_first_packets_of_a_packet_triggered_lan_flow(life: Lab, figures: dict[str, Any]) -> None:
     """Ping every 50 ms from the LAN to a libreswan OE host while the ACQUIRE is negotiated,
-    with xfrm_larval_drop 1 and 0, two runs each, plus a cold TCP connect.
+    with xfrm_larval_drop 1 and 0, one run each, plus a cold TCP connect (``make bench
+    BENCH=cold_flows`` repeats the measurement; here the mechanism is what counts).
 
     What is asserted is the mechanism behind the choice: with 0 every lost packet of the
     (source-NATed, forwarded) LAN flow is still counted in XfrmOutNoStates, i.e. dropped, not
@@ -116,7 +117,7 @@ def test_first_packets_of_a_packet_triggered_lan_flow(life: Lab, figures: dict[s
     assert "queued" not in stats, stats  # the baseline is the daemon without packet_hold
     runs: list[dict[str, Any]] = []
     try:
-        for drop in (1, 0, 1, 0):
+        for drop in (1, 0):
             lab.router(f"sysctl -qw net.core.xfrm_larval_drop={drop}").check()
             oe_down(lab, POC_PEER)
             time.sleep(1.5)  # xfrm_acq_expires=1: the last larval state is gone
