@@ -8,7 +8,6 @@ mapping from UCI sections and options to these classes lives in ``validate.py``.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -395,7 +394,12 @@ def parse_choice(text: str, choices: tuple[str, ...]) -> str:
 
 
 def suggest(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    """``"did you mean 'x'?; "`` for the closest choice (difflib), else empty."""
+    """``"did you mean 'x'?; "`` for the closest choice (difflib), else empty.
+
+    difflib is imported here: only a config error needs it, and it costs the daemon
+    ~170 KB for its life when imported at start (docs/footprint.md)."""
+    import difflib
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?; " if close else ""
 
