@@ -23,6 +23,7 @@ from typing import Any
 from oe_router.control.status import ShuntStatus, TunnelStatus
 from oe_router.datapath.base import IPAddress, IPNetwork
 from oe_router.decisions import duration
+from oe_router.devcommands import DEFAULT_LEASES, MAX_FLOWS
 from oe_router.oe.manager import OeManager
 from oe_router.oe.policy import Group, PolicyTable, Rule
 from oe_router.oe.shunts import DROP_SHUNT_FIRST
@@ -47,10 +48,6 @@ __all__ = [
 
 JsonObject = dict[str, Any]
 
-#: dnsmasq's lease file on OpenWrt (``dhcp.@dnsmasq[0].leasefile``)
-DEFAULT_LEASES = "/tmp/dhcp.leases"
-#: Most conntrack entries one request looks at (the rest is reported as truncated).
-MAX_FLOWS = 20_000
 
 #: Verdict states: the flow's packets ride a tunnel, leave in the clear, are dropped,
 #: or wait (held or trapped) for IKE.
