@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -169,3 +171,16 @@ def test_records_share_one_code_object_per_method() -> None:
     a, b = shapes(record)["Frozen"], shapes(record)["Slotted"]
     for method in ("__repr__", "__eq__", "__hash__"):
         assert getattr(a, method).__code__ is getattr(b, method).__code__
+
+
+def test_oe_router_declares_its_dataclasses_with_record() -> None:
+    """A plain ``@dataclass`` in the daemon's code would bring back its exec-compiled
+    methods (docs/footprint.md, third pass)."""
+    src = Path(__file__).resolve().parents[2] / "src" / "oe_router"
+    plain = [
+        f"{path.relative_to(src)}:{number}"
+        for path in sorted(src.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.match(r"\s*@(dataclasses\.)?dataclass\b", line)
+    ]
+    assert plain == []
