@@ -21,9 +21,10 @@ import enum
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
+
+from oe_router.records import record
 
 __all__ = [
     "ABIS",
@@ -51,7 +52,7 @@ class IocEncoding(enum.Enum):
     THREE_BIT_DIR = "three-bit-dir"  # dir bits 29-31 (none 1, read 2, write 4), size 16-28
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Abi:
     """What a userland ABI changes in structures (and, for ioctls, their numbers)."""
 
@@ -118,14 +119,14 @@ U8, I8 = ctypes.c_uint8, ctypes.c_int8  # also C's bool (one byte on every Linux
 U16, U32, I32, U64 = ctypes.c_uint16, ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Char:
     """A char array field (``char name[n]``)."""
 
     n: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StructTable:
     """One C structure as a table of (field, type), in header order; a type is a ctypes
     integer, ``PTR``, ``Char(n)`` or another ``StructTable`` (embedded, not pointed to)."""

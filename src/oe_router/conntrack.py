@@ -15,9 +15,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from oe_router.datapath.base import IPAddress
-from oe_router.devview import Flow
+
+if TYPE_CHECKING:
+    from oe_router.devview import Flow
 
 __all__ = ["forget_address", "read_flows"]
 
@@ -61,6 +64,8 @@ def read_flows(limit: int) -> tuple[list[Flow], int, bool]:
         from pyroute2.conntrack import Conntrack
     except ImportError as exc:  # pragma: no cover - a runtime dependency
         raise OSError(f"pyroute2's conntrack is missing ({exc})") from None
+    from oe_router.devview import Flow  # a request's, not the start's (docs/footprint.md)
+
     flows: list[Flow] = []
     read = 0
     truncated = False

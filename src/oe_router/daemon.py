@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oe_router import __version__
 from oe_router.config import DEFAULT_CONFIG_PATH, ConfigInvalid, OeConfig, load_config
@@ -38,8 +38,7 @@ from oe_router.control.events import Events
 from oe_router.control.ubus import UbusShim
 from oe_router.datapath.base import Datapath, IPAddress
 from oe_router.datapath.kernel import XfrmSocketHooks
-from oe_router.devcommands import DeviceCommands, FlowReader
-from oe_router.devview import DEFAULT_LEASES, OeSnapshot
+from oe_router.devcommands import DEFAULT_LEASES, DeviceCommands, FlowReader
 from oe_router.dns.access import LanAccess
 from oe_router.dns.capture import DnsCapture
 from oe_router.dns.hold import KeyLookup, TunnelRequester
@@ -56,6 +55,9 @@ from oe_router.oe.service import DatapathFactory, OeService, kernel_datapath
 from oe_router.offload.service import OffloadService
 from oe_router.platform import Platform, network_change, probe_network, probe_platform
 from oe_router.services import Service, ServiceError
+
+if TYPE_CHECKING:
+    from oe_router.devview import OeSnapshot
 
 log = logging.getLogger("oe_router.daemon")
 

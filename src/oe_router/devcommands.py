@@ -3,6 +3,8 @@
 Why apart from ``devview``: this is where the reads happen (conntrack once per request,
 capped at ``MAX_FLOWS``, in a thread; dnsmasq's lease file), and where the daemon's
 status and OE service meet; ``devview`` classifies what they return, without IO.
+``devview`` is imported by the requests, not at start: the daemon pays for it (~0.2 MB)
+only once ``oe devices`` or ``oe explain`` is asked (docs/footprint.md).
 """
 
 from __future__ import annotations
@@ -12,27 +14,26 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oe_router.control.protocol import CommandError, CommandTable, Request
 from oe_router.control.status import Status
 from oe_router.datapath.base import IPAddress
-from oe_router.devview import (
-    DEFAULT_LEASES,
-    MAX_FLOWS,
-    Flow,
-    Lease,
-    OeSnapshot,
-    build_view,
-    explain,
-    parse_leases,
-)
 
-__all__ = ["DeviceCommands", "FlowReader", "read_leases"]
+if TYPE_CHECKING:
+    from oe_router.devview import Flow, Lease, OeSnapshot
+
+__all__ = ["DEFAULT_LEASES", "MAX_FLOWS", "DeviceCommands", "FlowReader", "read_leases"]
 
 log = logging.getLogger("oe_router.daemon")
 
+#: dnsmasq's lease file on OpenWrt (``dhcp.@dnsmasq[0].leasefile``)
+DEFAULT_LEASES = "/tmp/dhcp.leases"
+#: Most conntrack entries one request looks at (the rest is reported as truncated).
+MAX_FLOWS = 20_000
+
 #: ``conntrack.read_flows``: (flows, entries read, truncated) for a cap; raises OSError
-FlowReader = Callable[[int], tuple[list[Flow], int, bool]]
+FlowReader = Callable[[int], "tuple[list[Flow], int, bool]"]
 #: The lease file is read up to this many bytes (a /24 of leases is ~20 KiB).
 MAX_LEASES_BYTES = 1 << 20
 
@@ -40,6 +41,8 @@ MAX_LEASES_BYTES = 1 << 20
 def read_leases(path: Path) -> tuple[dict[IPAddress, Lease], str | None]:
     """The leases in ``path`` and a note when something was wrong (no file, malformed
     lines): the view still comes, without MACs and hostnames."""
+    from oe_router.devview import parse_leases
+
     try:
         with path.open("rb") as f:
             data = f.read(MAX_LEASES_BYTES)
@@ -90,6 +93,8 @@ class DeviceCommands:
         return snap
 
     async def _cmd_devices(self, request: Request) -> dict[str, object]:
+        from oe_router.devview import build_view
+
         device = request.args.get("device")
         addr = _address(device) if isinstance(device, str) and device else None
         snap = self._snap()
@@ -114,5 +119,7 @@ class DeviceCommands:
         return {"devices": view.to_json()}
 
     async def _cmd_explain(self, request: Request) -> dict[str, object]:
+        from oe_router.devview import explain
+
         addr = _address(str(request.args["address"]))
         return {"explain": explain(self._snap(), addr).to_json()}

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from typing import Any
 
 from oe_router.control.status import ShuntStatus, TunnelStatus
 from oe_router.datapath.base import IPAddress, IPNetwork
 from oe_router.decisions import duration
+from oe_router.devcommands import DEFAULT_LEASES, MAX_FLOWS
 from oe_router.oe.manager import OeManager
 from oe_router.oe.policy import Group, PolicyTable, Rule
 from oe_router.oe.shunts import DROP_SHUNT_FIRST
+from oe_router.records import record
 
 __all__ = [
     "DEFAULT_LEASES",
@@ -47,10 +49,6 @@ __all__ = [
 
 JsonObject = dict[str, Any]
 
-#: dnsmasq's lease file on OpenWrt (``dhcp.@dnsmasq[0].leasefile``)
-DEFAULT_LEASES = "/tmp/dhcp.leases"
-#: Most conntrack entries one request looks at (the rest is reported as truncated).
-MAX_FLOWS = 20_000
 
 #: Verdict states: the flow's packets ride a tunnel, leave in the clear, are dropped,
 #: or wait (held or trapped) for IKE.
@@ -59,7 +57,7 @@ PROTECTED, CLEAR, BLOCKED, PENDING = "protected", "clear", "blocked", "pending"
 _PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Flow:
     """One conntrack entry's original direction."""
 
@@ -69,7 +67,7 @@ class Flow:
     dport: int | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Lease:
     """One dnsmasq lease: the device's MAC ("" for DHCPv6: dnsmasq writes the IAID) and
     hostname ("" when the client sent none)."""
@@ -110,7 +108,7 @@ def _is_mac(text: str) -> bool:
     )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OeSnapshot:
     """What the OE manager knows now, as the view needs it (``OeService.view_snapshot``).
 
@@ -145,7 +143,7 @@ def snapshot(
     )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TunnelRef:
     """The tunnel a protected flow rides, as the tunnel rows have it."""
 
@@ -162,7 +160,7 @@ class TunnelRef:
     engine: str = ""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Verdict:
     """How the flows to one destination are treated now, and why."""
 
@@ -175,7 +173,7 @@ class Verdict:
     expires_s: float | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Destination:
     """One destination of a device: its verdict, its flows and the DNS name behind it."""
 
@@ -192,7 +190,7 @@ class Destination:
     expires_s: float | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Device:
     """One LAN device (by source address) and where it talks to."""
 
@@ -206,7 +204,7 @@ class Device:
     destinations: tuple[Destination, ...] = ()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DevicesView:
     """The devices, and how complete the look was (``truncated``: conntrack held more than
     ``MAX_FLOWS`` entries; ``notes``: what could not be read)."""
@@ -245,7 +243,7 @@ class DevicesView:
 # ------------------------------------------------------------------ classification
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Selector:
     net: IPNetwork
     proto: int = 0
@@ -493,7 +491,7 @@ def build_view(
 # ------------------------------------------------------------------ explain
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Explanation:
     """``oe explain ADDRESS``: the group and entry that cover it, what exists now, and
     what a new flow to it would meet."""

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from oe_router.config import ConfigProblem, OeConfig
 from oe_router.config.uci import UciPackage, UciSyntaxError, parse
 from oe_router.config.validate import option_location
+from oe_router.records import record
 
 __all__ = ["FileFindings", "check_files"]
 
 
-@dataclass
+@record
 class FileFindings:
     """Problems (the configuration will not work as written) and notices (it will, once
     the daemon has made what is missing)."""

@@ -24,11 +24,11 @@ import json
 import os
 import subprocess
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from oe_router.config.uci import UciPackage, UciSyntaxError, parse
+from oe_router.records import record
 
 __all__ = [
     "NETWORK_CONFIG",
@@ -59,7 +59,7 @@ PROTO_DEVICE_PREFIX: Mapping[str, str] = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Resolved:
     """One configured name and the device it stands for (``device`` "" when none)."""
 

@@ -20,7 +20,8 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from oe_router.records import record
 
 __all__ = ["GROUPS", "LinkEvent", "NetlinkWatch", "parse_events"]
 
@@ -50,7 +51,7 @@ KINDS = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LinkEvent:
     """One rtnetlink notification: what changed, on which interface index."""
 

@@ -39,7 +39,6 @@ import fcntl
 import os
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -57,6 +56,7 @@ from oe_router.cabi import (
     host_abi,
 )
 from oe_router.cabi import struct_type as _struct
+from oe_router.records import record
 
 __all__ = [
     "ABIS",
@@ -191,7 +191,7 @@ def ioc(abi: Abi, direction: str, type_: int, nr: int, size: int) -> int:
     return (bits << shift) | (size << 16) | (type_ << 8) | nr
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Layout:
     """The structures and ioctl numbers of one ABI."""
 
@@ -234,7 +234,7 @@ class CryptodevError(Exception):
         super().__init__(msg + (f"; {hint}" if hint else ""))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SessionInfo:
     """CIOCGSESSINFO: the kernel algorithms and drivers behind a session."""
 

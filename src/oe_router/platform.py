@@ -16,7 +16,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from oe_router.config.schema import OeConfig
 from oe_router.config.uci import UciPackage
 from oe_router.datapath.base import IPAddress, IPNetwork
 from oe_router.netnames import Resolved, link_names, netifd_dump, resolve, uci_network, which
+from oe_router.records import record
 
 __all__ = [
     "NetworkSources",
@@ -42,7 +43,7 @@ __all__ = [
 log = logging.getLogger("oe_router.daemon")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Platform:
     """The probe's findings. ``wan``: one address per IP version (4/6)."""
 
@@ -237,7 +238,7 @@ def probe_platform(config: OeConfig) -> Platform:
     return probe_network(config, found)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NetworkSources:
     """Where network names are looked up (``netnames``); tests pass their own."""
 

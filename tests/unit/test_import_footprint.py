@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
+SHIPPED_CONFIG = SRC.parent / "files" / "etc" / "config" / "oe"
 
 #: python3-light has no ssl: refuse it the way a missing module is refused
 NO_SSL = """
@@ -55,11 +56,20 @@ NEVER = (
 )
 
 
-#: what the start does besides importing (its arguments, the shipped root anchors, the offload
-#: known-answer vectors, an atomic write of anchor state or the host key, PATH lookups
-#: for ubus/uci/nft) loads none of these: importlib.resources, tempfile and shutil bring
-#: bz2, lzma, zlib ... (~1 MB of RSS for the daemon's life)
-AT_START_NEVER = ("importlib.resources", "tempfile", "shutil", "bz2", "lzma")
+#: what the start does besides importing (its arguments, the shipped config, the shipped
+#: root anchors, the offload known-answer vectors, an atomic write of anchor state or the
+#: host key, PATH lookups for ubus/uci/nft) loads none of these: importlib.resources,
+#: tempfile and shutil bring bz2, lzma, zlib ... (~1 MB of RSS for the daemon's life);
+#: difflib is for a bad config's "did you mean", devview for ``oe devices``/``oe explain``
+AT_START_NEVER = (
+    "importlib.resources",
+    "tempfile",
+    "shutil",
+    "bz2",
+    "lzma",
+    "difflib",
+    "oe_router.devview",
+)
 
 
 def run_python(code: str) -> dict[str, object]:
@@ -217,6 +227,7 @@ def test_what_the_start_reads_and_writes_loads_no_archive_modules(tmp_path: Path
         from oe_router.offload.kat import run_kat
         from oe_router.offload.software import SoftwareEngine
         oe_router.daemon.parse_args(["--no-ubus"])  # argparse's help formatter
+        oe_router.daemon.load_config({str(SHIPPED_CONFIG)!r})
         kat = run_kat(SoftwareEngine(), next(iter(TRANSFORMS.values())), quick=True)
         write_atomic({str(tmp_path / "state")!r}, b"x", 0o600)
         print(json.dumps({{"loaded": sorted(m for m in {AT_START_NEVER!r} if m in sys.modules),
@@ -228,3 +239,21 @@ def test_what_the_start_reads_and_writes_loads_no_archive_modules(tmp_path: Path
     assert (tmp_path / "state").read_bytes() == b"x"
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["state"]  # no temporary file left
+
+
+def test_what_the_start_defers_is_there_when_asked() -> None:
+    """difflib still suggests for a bad config value, and the devices view's names come
+    with its first use (``devview`` keeps the constants it re-exports)."""
+    doc = run_python(
+        """
+        import json
+        import oe_router.daemon
+        from oe_router.config.schema import suggest
+        hint = suggest("privte", ("private", "clear"))
+        from oe_router.devview import DEFAULT_LEASES, MAX_FLOWS, snapshot
+        from oe_router.devcommands import DEFAULT_LEASES as LEASES, MAX_FLOWS as FLOWS
+        print(json.dumps({"hint": hint, "same": (DEFAULT_LEASES, MAX_FLOWS) == (LEASES, FLOWS),
+                          "snapshot": callable(snapshot)}))
+        """
+    )
+    assert doc == {"hint": "did you mean 'private'?; ", "same": True, "snapshot": True}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from oe_router.records import record
 
 __all__ = ["ConfigInvalid", "ConfigProblem"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ConfigProblem:
     """One thing wrong with a config file.
 

@@ -8,11 +8,12 @@ mapping from UCI sections and options to these classes lives in ``validate.py``.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
+
+from oe_router.records import record
 
 __all__ = [
     "BOGUS_ACTIONS",
@@ -117,7 +118,7 @@ class BadValue(ValueError):
 # --------------------------------------------------------------------------- value types
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Endpoint:
     """An IP address and UDP/TCP port; str() is ``1.2.3.4:53`` or ``[2001:db8::1]:53``."""
 
@@ -133,7 +134,7 @@ class Endpoint:
         return 6 if ":" in self.host else 4
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PolicyEntry:
     """A destination of a policy group: network, optional IP protocol, optional port.
 
@@ -182,7 +183,7 @@ DEFAULT_CLEAR: tuple[PolicyEntry, ...] = _nets(
 # --------------------------------------------------------------------------- sections
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DnsConfig:
     """``config dns 'dns'``: the DNS front that holds answers until a tunnel is up."""
 
@@ -215,7 +216,7 @@ class DnsConfig:
     doh_canary: bool = True
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IkeConfig:
     """``config ike 'ike'``: IKEv2 timers and limits (libreswan-like defaults)."""
 
@@ -247,7 +248,7 @@ class IkeConfig:
     esp_proposals: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IdentityConfig:
     """``config identity 'identity'``: who the router says it is in IKE_AUTH."""
 
@@ -256,7 +257,7 @@ class IdentityConfig:
     private_key: str = "/etc/oe/private.pem"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PolicyConfig:
     """``config policy`` sections, gathered per group (libreswan's policy groups)."""
 
@@ -275,7 +276,7 @@ class PolicyConfig:
 POLICY_LIMIT = 1024
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OeConfig:
     """The whole of /etc/config/oe, typed; ``OeConfig()`` is the built-in default."""
 
@@ -395,7 +396,12 @@ def parse_choice(text: str, choices: tuple[str, ...]) -> str:
 
 
 def suggest(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    """``"did you mean 'x'?; "`` for the closest choice (difflib), else empty."""
+    """``"did you mean 'x'?; "`` for the closest choice (difflib), else empty.
+
+    difflib is imported here: only a config error needs it, and it costs the daemon
+    ~170 KB for its life when imported at start (docs/footprint.md)."""
+    import difflib
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?; " if close else ""
 

@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import bisect
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from oe_router.records import record
 
 __all__ = [
     "UciPackage",
@@ -91,7 +93,7 @@ class UciSyntaxError(Exception):
         self.reason = reason
 
 
-@dataclass
+@record
 class UciSection:
     """One section with its options and lists, as libuci holds it after loading.
 
@@ -175,7 +177,7 @@ class UciSection:
         self.list_lines.setdefault(name, []).append(line or 0)
 
 
-@dataclass
+@record
 class UciPackage:
     """A whole UCI file: the optional ``package`` name and the sections in order."""
 
@@ -236,7 +238,7 @@ class _Buffer:
         return self.text[i] if i < self.end else ""
 
 
-@dataclass
+@record
 class _Arg:
     value: str
     pos: int
@@ -353,7 +355,7 @@ _COMMANDS = {
 }
 
 
-@dataclass
+@record
 class _State:
     pkg: UciPackage
     section: UciSection | None = None

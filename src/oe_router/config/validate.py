@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, ClassVar
+
+from oe_router.records import record
 
 from .problems import ConfigProblem
 from .schema import (
@@ -57,7 +59,7 @@ PACKAGE = "oe"
 HOUR = 3600.0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Opt:
     """One UCI option: its dataclass field, value parser and whether it is a list."""
 
@@ -87,7 +89,7 @@ class ValueType:
         return out
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Duration(ValueType):
     """``parse_duration`` within [min, max] seconds."""
 
@@ -99,7 +101,7 @@ class Duration(ValueType):
         return parse_duration(text, self.min, self.max)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Int(ValueType):
     """``parse_int`` within [min, max]; ``suffix`` may follow the number (``100%``);
     ``gap``: a value other than 0 must also lie in [gap[0], gap[1]] (0 means off)."""
@@ -121,7 +123,7 @@ class Int(ValueType):
         return number
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Choice(ValueType):
     """``parse_choice``: one of ``choices``, exactly."""
 
@@ -132,7 +134,7 @@ class Choice(ValueType):
         return parse_choice(text, self.choices)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AbsPath(ValueType):
     """``parse_abs_path`` of at most ``max_len`` bytes."""
 
@@ -143,7 +145,7 @@ class AbsPath(ValueType):
         return parse_abs_path(text, self.max_len)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Named(ValueType):
     """A parser without limits of its own (``parse_bool``, ``parse_endpoint`` ...): the
     kind names its grammar, which a client implements once."""

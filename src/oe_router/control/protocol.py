@@ -23,9 +23,10 @@ import math
 import re
 from array import array
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
+
+from oe_router.records import record
 
 JsonObject = dict[str, Any]
 Handler = Callable[["Request"], Awaitable[JsonObject]]
@@ -54,7 +55,7 @@ class CommandError(Exception):
     """A handler's refusal; the message goes back to the client as `error`."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Request:
     """One parsed request: the command name and its other keys as arguments."""
 
@@ -112,7 +113,7 @@ def ip_problem(value: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Arg:
     """One argument of a control command as it travels: JSON type and limits."""
 

@@ -20,7 +20,7 @@ import os
 import socket
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from oe_router.control.protocol import (
@@ -31,6 +31,7 @@ from oe_router.control.protocol import (
     one_line,
 )
 from oe_router.ratelimit import RateLimit
+from oe_router.records import record
 
 log = logging.getLogger("oe_router.control")
 
@@ -48,7 +49,7 @@ class SocketBindError(Exception):
     """The control socket path cannot be used; the message names the path and why."""
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class _Client:
     """One accepted connection; `idle_since` is None while a request is being answered."""
 

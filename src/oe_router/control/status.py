@@ -8,8 +8,10 @@ contract for the CLI, LuCI and tests, so it is built in one place
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, field, fields
 from typing import Any
+
+from oe_router.records import record
 
 JsonObject = dict[str, Any]
 
@@ -21,7 +23,7 @@ def _known(cls: type, obj: JsonObject) -> JsonObject:
     return {k: v for k, v in obj.items() if k in names}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ChildSaStatus:
     """One Child SA (an ESP SA pair) of an IKE SA, as the IKE layer negotiated it."""
 
@@ -36,7 +38,7 @@ class ChildSaStatus:
     rekey_in_s: float | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TunnelStatus:
     """One IPsec tunnel (an IKE SA with its child SAs) as the OE manager sees it.
 
@@ -87,7 +89,7 @@ class TunnelStatus:
         return cls(**kw)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProposalOffers:
     """What each side offered when no proposal matched (NO_PROPOSAL_CHOSEN).
 
@@ -111,7 +113,7 @@ class ProposalOffers:
         return cls(**kw)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ShuntStatus:
     """A pass/hold/drop shunt installed for a destination without a tunnel.
 
@@ -132,7 +134,7 @@ class ShuntStatus:
         return cls(**kw)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EngineRate:
     """One measured point: Mbit/s (inner bytes) and ns per packet at ``size`` bytes."""
 
@@ -141,7 +143,7 @@ class EngineRate:
     ns_per_packet: float
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EngineTransformStatus:
     """One transform on one engine: the driver, the known-answer verdict, the numbers.
 
@@ -165,7 +167,7 @@ class EngineTransformStatus:
         return cls(**kw)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EngineStatus:
     """A crypto engine found by `offload`: what it is, what it proved, how fast, its use.
 
@@ -202,7 +204,7 @@ class EngineStatus:
         return cls(**kw)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TrustAnchorStatus:
     """One key of a managed trust point (RFC 5011): which key, its state and since when.
 
@@ -225,7 +227,7 @@ class TrustAnchorStatus:
         return cls(**_known(cls, obj))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ReloadResult:
     """Outcome of one reload attempt; `problems` are one-line messages naming the option."""
 
@@ -252,7 +254,7 @@ class ReloadResult:
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DaemonStatus:
     """The daemon's own facts: who it is and which config generation runs."""
 
@@ -302,7 +304,7 @@ class DaemonStatus:
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StatusContribution:
     """What one service adds to the status; `dns` and `ike` keys are merged into the
     `dns` and `ike` objects."""
@@ -320,7 +322,7 @@ class StatusContribution:
     trust_anchors: tuple[TrustAnchorStatus, ...] = ()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Status:
     """The whole status document: six component sections plus `daemon`."""
 

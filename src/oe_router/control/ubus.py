@@ -58,7 +58,6 @@ import termios
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from oe_router.control import ubus_api
@@ -78,6 +77,7 @@ from oe_router.control.ubus_abi import (
     Status,
 )
 from oe_router.ratelimit import RateLimit
+from oe_router.records import record
 
 log = logging.getLogger("oe_router.control")
 
@@ -111,7 +111,7 @@ class UbusUnavailable(Exception):
         self.fatal = fatal
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UbusProbe:
     """Whether a known libubus is here, and why not if it is not."""
 

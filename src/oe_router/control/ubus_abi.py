@@ -29,11 +29,11 @@ from __future__ import annotations
 import ctypes
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from oe_router.cabi import I8, I32, PTR, U8, U16, U32, Abi, StructTable, host_abi, struct_type
+from oe_router.records import record
 
 LIST_HEAD = StructTable("list_head", (("next", PTR), ("prev", PTR)))
 AVL_NODE = StructTable(
@@ -151,7 +151,7 @@ REQUIRED: Mapping[str, tuple[Any, tuple[Any, ...]]] = MappingProxyType(
 )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Layout:
     """The ctypes classes of every table for one ABI."""
 

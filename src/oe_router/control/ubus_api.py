@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -30,6 +29,7 @@ from oe_router.control.protocol import (
     one_line,
 )
 from oe_router.control.ubus_abi import MAX_MSGLEN, Status
+from oe_router.records import record
 
 log = logging.getLogger("oe_router.control")
 
@@ -75,7 +75,7 @@ def _reload_refused(body: JsonObject) -> str | None:
     return "reload refused: " + "; ".join(str(p) for p in result.get("problems", []))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Method:
     """One method of the object: the control command it runs, whether it only reads
     (rpcd's read/write ACL), how the command's reply becomes the method's, and when a
@@ -144,7 +144,7 @@ def luci_acl() -> JsonObject:
     return {LUCI_GROUP: group}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Answer:
     """A call's outcome: the status code and the reply message (blobmsg; always a table,
     ``{"error": ...}`` when the call failed)."""

@@ -12,9 +12,11 @@ import enum
 import functools
 import ipaddress
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from types import MappingProxyType
 from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from oe_router.records import record
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -45,7 +47,7 @@ AUTH_HMAC_SHA2_384_192 = 13
 AUTH_HMAC_SHA2_512_256 = 14
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EncrAlgorithm:
     """An ESP cipher.  For AEADs the key material includes a salt (RFC 4106/7634)."""
 
@@ -58,7 +60,7 @@ class EncrAlgorithm:
     aead: bool
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IntegAlgorithm:
     """An ESP integrity algorithm with its RFC 4868 truncation length."""
 
@@ -154,7 +156,7 @@ class PolicyAction(enum.Enum):
     DROP = "drop"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TrafficSelector:
     """One side of a flow: a prefix, an IP protocol (0 = any) and a port (None = any).
 
@@ -194,7 +196,7 @@ class TrafficSelector:
             return value
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Lifetime:
     """Kernel-enforced limits; 0 means unlimited.  Soft fires Expire(hard=False)."""
 
@@ -213,13 +215,13 @@ class Lifetime:
 NO_LIFETIME = Lifetime()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Mark:
     value: int
     mask: int = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NatTEncap:
     """UDP encapsulation (RFC 3948); ports of the local and the remote IKE socket."""
 
@@ -227,7 +229,7 @@ class NatTEncap:
     remote_port: int = 4500
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SaKeys:
     """One direction of a Child SA.  encr_key includes the AEAD salt at its end.
 
@@ -238,7 +240,7 @@ class SaKeys:
     integ_key: bytes = field(default=b"", repr=False)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ChildSaSpec:
     """Everything needed to install both ESP SAs of a Child SA (and its policies).
 
@@ -292,7 +294,7 @@ class ChildSaSpec:
                 raise DatapathError(f"Child SA {self.local}<->{self.remote}: bad {side} SPI")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Template:
     """The SA a policy requires (XFRM template)."""
 
@@ -303,7 +305,7 @@ class Template:
     spi: int = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PolicySpec:
     """A policy: selector, direction, action, rank in our priority band.
 
@@ -445,7 +447,7 @@ def _mirrored(pol: PolicySpec, direction: Direction, template: Template) -> Poli
 
 
 # --- observations -------------------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class SaCounters:
     bytes: int
     packets: int
@@ -455,13 +457,13 @@ class SaCounters:
     integrity_failures: int = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ChildSaCounters:
     inbound: SaCounters
     outbound: SaCounters
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Acquire:
     """The kernel saw a packet for a TRAP policy without an SA."""
 
@@ -475,7 +477,7 @@ class Acquire:
     policy_index: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Expire:
     """An SA hit its soft (rekey now) or hard (gone) lifetime."""
 
@@ -486,7 +488,7 @@ class Expire:
     hard: bool
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PolicyExpire:
     """A policy (shunt) hit its lifetime."""
 
@@ -497,7 +499,7 @@ class PolicyExpire:
     hard: bool
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MappingChange:
     """A NAT-T peer's address or port changed (RFC 3948 mapping change)."""
 
@@ -513,7 +515,7 @@ class MappingChange:
 DatapathEvent = Acquire | Expire | PolicyExpire | MappingChange
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ReconcileReport:
     """What a start-up reconcile found of an earlier run."""
 

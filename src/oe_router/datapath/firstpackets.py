@@ -37,8 +37,10 @@ import enum
 import ipaddress
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Protocol
+
+from oe_router.records import record
 
 from .base import (
     ICMP_PROTOS,
@@ -62,7 +64,7 @@ __all__ = ["Decider", "FirstPackets", "HoldLimits", "Outcome", "Ruling", "SpdDec
 log = logging.getLogger("oe_router.datapath")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HoldLimits:
     """How long first packets are held, and how many (per destination, in total)."""
 
@@ -95,7 +97,7 @@ _OUTCOME_STAT: dict[Outcome, str] = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ruling:
     """A ``Decider``'s answer for one flow: the outcome, and what it needs."""
 
@@ -147,7 +149,7 @@ class SpdDecider:
         return Ruling(Outcome.HOLD)  # HOLD: wait for the SA or a shunt
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class _Held:
     """A queued first packet waiting for its destination's SA or shunt."""
 

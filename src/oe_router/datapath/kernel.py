@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Final, NamedTuple
 
 from pyroute2.netlink import NETLINK_XFRM, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
@@ -64,6 +64,7 @@ from oe_router.datapath.xfrm_batch import (
     success_ack,
 )
 from oe_router.netns import in_netns
+from oe_router.records import record
 
 IP_XFRM_POLICY: Final = 17
 SOL_NETLINK: Final = 270
@@ -101,7 +102,7 @@ log = logging.getLogger("oe_router.datapath")
 KERNEL_SETTINGS: Final[Mapping[str, int]] = {"xfrm_larval_drop": 1, "xfrm_acq_expires": 1}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ownership:
     """The reqid range and priority band that mark kernel objects as ours.
 
@@ -132,7 +133,7 @@ class Ownership:
         return off // 2, bool(off & 1)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SaInfo:
     """One SA as the kernel reports it (dump / get)."""
 

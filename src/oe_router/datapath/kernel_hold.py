@@ -46,9 +46,10 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Final
 
+from oe_router.records import record
 from oe_router.tasks import spawn_tracked
 
 from .base import (
@@ -87,7 +88,7 @@ QUEUE_CHAIN: Final = "first"
 _END: Final = object()  # the kernel's event stream ended
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HoldSettings:
     """The hold's nft table, queue and bounds (``config oe``: ``packet_hold``)."""
 
@@ -183,7 +184,7 @@ def known_script(
     return out + "".join(rm)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class KnownOp:
     """One change to ``known4``, as the writer queues it: additions (address, timeout
     seconds), one removal (``quiet``: it may be gone already), or a flush."""

@@ -31,13 +31,14 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Final
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_QUEUE, nfgen_msg
 
 from oe_router.netns import in_netns
+from oe_router.records import record
 
 __all__ = [
     "NFQA_CFG_F_CONNTRACK",
@@ -339,7 +340,7 @@ _NFQA_DECODERS: Final = _attr_decoders(NFQA_MAP, nfqnl_msg)
 VERDICT_HDR: Final = _struct_of(VERDICT_HDR_FIELDS)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class QueuedPacket:
     """One packet the kernel holds for us until we give its verdict.
 

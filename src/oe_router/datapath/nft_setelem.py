@@ -32,13 +32,14 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Final
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, nla
 from pyroute2.netlink.nfnetlink import nfgen_msg
 
 from oe_router.netns import in_netns
+from oe_router.records import record
 
 from .base import DatapathError
 
@@ -165,7 +166,7 @@ def msg_type(nft_msg: int) -> int:
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SetElem:
     """One element as the kernel stores it: a key, and optionally a timeout (seconds,
     sent in ms), a verdict (maps: code and goto/jump chain) and flags (interval end)."""
@@ -208,7 +209,7 @@ def interval(
     )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ElemChange:
     """Add ``elems`` to, or delete them from, one set; delete with no elements = flush.
 
@@ -228,7 +229,7 @@ class ElemChange:
         return f"set {fam} {self.table} {self.set}"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Sent:
     """One message of a batch: its change, its elements, and the offsets (from the
     message's start) of its table and set names and of each element attribute, which
@@ -246,7 +247,7 @@ class Sent:
         return cls(ch, elems, top.get(1, -1), top.get(2, -1), _elem_offsets(msg))
 
 
-@dataclass
+@record
 class Batch:
     """An encoded batch: its bytes, and per NLM_F_ACK'd message (by sequence number) the
     change it carries, which of its elements, and where each element's attribute starts
@@ -303,7 +304,7 @@ def _walk(msg: bytes, start: int, stop: int) -> dict[int, int]:
     return out
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Template:
     """A one-element message encoded through the classes, cut where it varies: the
     message up to the element list, one element, where its key and timeout sit."""
@@ -442,7 +443,7 @@ NLMSGERR_ATTR_MSG: Final = 1
 NLMSGERR_ATTR_OFFS: Final = 2
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ack:
     """The kernel's answer to one message: errno 0 (done), else its error, the offset of
     the attribute it blamed (extended ACK) and its text, when it gave them."""

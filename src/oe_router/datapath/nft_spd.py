@@ -97,7 +97,7 @@ import logging
 import struct
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Any, Final
 
 from oe_router.datapath.base import (
@@ -121,6 +121,7 @@ from oe_router.datapath.nft_setelem import (
     unsupported,
 )
 from oe_router.netns import in_netns
+from oe_router.records import record
 from oe_router.tasks import spawn_tracked
 
 __all__ = [
@@ -193,7 +194,7 @@ def verdict_of(direction: Direction, action: PolicyAction) -> Verdict:
 
 
 # --- the intermediate form ------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class Shape:
     """Everything a block's entries share: all match fields but the key prefix."""
 
@@ -206,7 +207,7 @@ class Shape:
     icmp_type: int | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Entry:
     """One policy as the compiler sees it."""
 
@@ -217,7 +218,7 @@ class Entry:
     policy: PolicySpec = field(compare=False, repr=False)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Block:
     """One nft rule: the shape's fixed match, then a lookup of the key in map ``name``."""
 
@@ -231,7 +232,7 @@ class Block:
         return len(self.entries) == 1 and self.entries[0].key.prefixlen == 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SpdTable:
     """The compiled table: blocks per direction, and what the chains need to know."""
 
@@ -689,7 +690,7 @@ def _place(e: Entry, blocks: Sequence[Block]) -> int | None:
 
 
 # --- reference semantics (tests) ------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class Flow:
     """A packet as the policies see it (after SNAT outbound, before any NAT inbound)."""
 

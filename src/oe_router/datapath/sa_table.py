@@ -15,10 +15,11 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Final
 
 from oe_router.offload import EngineError, Transform, transform
+from oe_router.records import record
 
 from .base import (
     ChildSaCounters,
@@ -48,7 +49,7 @@ def transform_of(spec: ChildSaSpec) -> Transform:
         raise DatapathError(f"Child SA {spec.local}<->{spec.remote}: {exc}") from None
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class InstalledChild:
     """A Child SA the workers run: its spec and the counter slots of its directions."""
 

@@ -41,7 +41,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Final
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -61,6 +61,7 @@ from oe_router.datapath.base import (
 )
 from oe_router.netns import in_netns
 from oe_router.offload.engine import TRANSFORMS, Transform
+from oe_router.records import record
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -101,7 +102,7 @@ QUIET: Final = 1.0  # a flow is over when nothing arrived for this long (seconds
 GRACE = 2.0  # beyond the plans' own deadlines: set-up, and a worker stuck in the kernel
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Variant:
     """How the SA pair carries ESP: the mode, and UDP encapsulation (RFC 3948) or not."""
 
@@ -118,7 +119,7 @@ class Variant:
 DEFAULT_VARIANTS: Final = (Variant(Mode.TUNNEL, False), Variant(Mode.TRANSPORT, True))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SelfTestResult:
     """The verdict on one transform. ``sent``/``received`` count datagrams over both
     directions and all variants; ``driver`` is the kernel's pick for the transform's AEAD
@@ -138,7 +139,7 @@ class SelfTestResult:
     inconclusive: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SelfTestPlan:
     """One SA pair to test: the specs as each namespace sees them and the datagrams.
 
@@ -155,7 +156,7 @@ class SelfTestPlan:
     port: int = PORT
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Flow:
     """One direction's datagrams: handed to the kernel, refused by it (sendto failed in
     the ESP output path), arrived at the other namespace, and arrived altered."""
@@ -171,7 +172,7 @@ class Flow:
         return self.sent - self.refused
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Observation:
     """What the worker saw for one plan (the input of ``judge``)."""
 
@@ -843,7 +844,7 @@ def demotion_targets(driver: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(reversed([x.strip() for x in leaves if x.strip()])))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class GateRow:
     """One transform as the gate sees it (``oe offload``, ``oe status``).
 

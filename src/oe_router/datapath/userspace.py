@@ -35,9 +35,9 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from oe_router.records import record
 from oe_router.tasks import spawn_tracked
 
 from .base import (
@@ -67,7 +67,7 @@ __all__ = ["UserspaceDatapath", "UserspaceSettings"]
 log = logging.getLogger("oe_router.datapath")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UserspaceSettings:
     """Names and numbers the userspace datapath claims in the kernel (all ours alone)."""
 

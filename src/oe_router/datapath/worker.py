@@ -32,11 +32,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from oe_router.logs import configure_logging
 from oe_router.offload import TRANSFORMS, Engine, EngineError, EspCipher, Transform
+from oe_router.records import record
 
 from .esp import EspError, InboundSa, OutboundSa
 from .workerctl import ControlError, SharedCounters, recv_message, send_message
@@ -108,7 +109,7 @@ class EngineSet:
         return out
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class OutState:
     """One outbound SA in the tx worker."""
 
@@ -127,7 +128,7 @@ class OutState:
     dropped: int = 0
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class InState:
     """One inbound SA in the rx worker."""
 

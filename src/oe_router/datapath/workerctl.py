@@ -22,8 +22,9 @@ import os
 import socket
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Final
+
+from oe_router.records import record
 
 __all__ = [
     "EVENTS",
@@ -148,7 +149,7 @@ SLOT: Final = struct.Struct("<6Qd8x")
 SLOTS: Final = 4096
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CounterSlot:
     bytes: int
     packets: int

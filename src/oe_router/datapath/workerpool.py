@@ -16,10 +16,11 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Final
 
 from oe_router.logs import syslog_address
+from oe_router.records import record
 
 from .base import DatapathError
 from .workerctl import ControlError, SharedCounters, recv_message, send_message
@@ -33,7 +34,7 @@ ROLES: Final = ("tx", "rx")
 _DROP_SLOTS: Final = (("tx", 0), ("rx", 1))
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class _Worker:
     role: str
     proc: asyncio.subprocess.Process

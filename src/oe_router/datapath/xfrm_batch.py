@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Final, NamedTuple
 
 from oe_router.datapath import xfrm_msg as X
+from oe_router.records import record
 
 # --- netlink framing (include/uapi/linux/netlink.h), declared as tables like xfrm.h's ---
 NLMSGHDR: Final = X.CStruct(
@@ -83,7 +84,7 @@ def locate(data: bytes, msg_type: int, path: Path) -> tuple[int, str]:
     raise KeyError(f"attribute {attr_type} not in message type {msg_type:#x}")
 
 
-@dataclass(frozen=True, repr=False)
+@record(frozen=True, repr=False)
 class Prototype:
     """One message shape, encoded once; ``Batch.add`` copies it and patches ``slots``."""
 
@@ -113,7 +114,7 @@ def prototype(
     return Prototype(msg_type, data, tuple(slots))
 
 
-@dataclass(frozen=True, repr=False)
+@record(frozen=True, repr=False)
 class Group:
     """Several prototypes sent one after the other, joined into one: an install copies
     the whole group at once and patches its slots (offsets from the group's start), so
@@ -143,7 +144,7 @@ def group(protos: Sequence[Prototype]) -> Group:
     return Group(bytes(data), tuple(heads), tuple(ends), tuple(slots))
 
 
-@dataclass(repr=False)
+@record(repr=False)
 class Batch:
     """Messages for one send, each with a caller's tag naming its object.
 

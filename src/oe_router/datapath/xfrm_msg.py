@@ -14,11 +14,12 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Final
 
 from pyroute2.netlink import nla, nlmsg
+
+from oe_router.records import record
 
 # --- message types (enum in xfrm.h, XFRM_MSG_BASE = 0x10) -------------------
 XFRM_MSG_NEWSA: Final = 0x10
@@ -102,7 +103,7 @@ XFRMA_IF_ID: Final = 31
 
 
 # --- C layout engine -----------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class CType:
     """A C scalar or byte array: its struct code and its ABI alignment."""
 
@@ -129,7 +130,7 @@ Member = tuple[str, "CType | CStruct"]
 Field = tuple[str, str]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CStruct:
     """A C struct laid out with natural alignment, flattened for pyroute2.
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass
 
 from oe_router.config.schema import Endpoint
+from oe_router.records import record
 
 __all__ = ["IPAddress", "IPNetwork", "LanAccess", "Verdict", "client_address"]
 
@@ -53,7 +53,7 @@ def client_address(text: str) -> IPAddress | None:
     return addr
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LanAccess:
     """The LAN and the WAN as the daemon's platform probe found them at start.
 

@@ -37,7 +37,7 @@ import enum
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Any
 
 import dns.dnssec
@@ -60,6 +60,7 @@ from oe_router.dns.dnssec import (
     drive,
     key_tag,
 )
+from oe_router.records import record
 
 __all__ = [
     "MAX_KEYS",
@@ -138,7 +139,7 @@ TRANSITIONS: Mapping[tuple[KeyState, Event], KeyState] = {
 del S, E
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Timers:
     """RFC 5011's hold-downs (section 2.4) and refresh bounds (section 2.3), in seconds.
 
@@ -189,7 +190,7 @@ def _unrevoked(key: Any) -> Any:
     return key.replace(flags=key.flags & ~_REVOKE) if key.flags & _REVOKE else key
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Anchor:
     """One key of the trust point: its DS (always), its DNSKEY once seen, its state.
 
@@ -286,7 +287,7 @@ def _parse_line(line: str, where: str, now: float) -> Anchor | None:
 # --------------------------------------------------------------------------- the trust point
 
 
-@dataclass
+@record
 class TrustPoint:
     """The root's keys and their RFC 5011 states; fed validated DNSKEY probes.
 

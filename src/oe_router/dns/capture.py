@@ -26,11 +26,11 @@ import ctypes
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Protocol
 
 from oe_router.config.schema import Endpoint
+from oe_router.records import record
 
 __all__ = [
     "CAPTURE_MARK",
@@ -65,7 +65,7 @@ class CaptureError(Exception):
     """The capture could not be put in place; the message says why, in one line."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CapturePlan:
     """Where each family's queries go, and why a family is not captured."""
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ import dns.rdatatype
 import dns.rrset
 import dns.zonefile
 from dns.rdatatype import RdataType
+
+from oe_router.records import record
 
 from .dnssec_chain import ChainWalker, Fetcher
 from .dnssec_denial import DenialProver, Proof
@@ -318,7 +320,7 @@ class Validation:
         return self._step(response)
 
 
-@dataclass
+@record
 class Validator:
     """Validates answers from a trust anchor; shares one cache across validations."""
 

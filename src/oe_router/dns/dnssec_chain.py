@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import dns.flags
@@ -23,6 +23,8 @@ import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
 from dns.rdatatype import RdataType
+
+from oe_router.records import record
 
 from .dnssec_denial import DenialProver, Proof
 from .dnssec_sigs import SignatureChecker
@@ -45,7 +47,7 @@ class _Step(enum.Enum):
     NXDOMAIN = "nxdomain"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _DsStep:
     kind: _Step
     ds: tuple[Any, ...] = ()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import dns.dnssec
@@ -23,6 +22,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 from dns.rdatatype import RdataType
+
+from oe_router.records import record
 
 from .dnssec_sigs import SignatureChecker
 from .dnssec_values import Abort, Name, RunState, Status, Zone, label_count, tname
@@ -37,7 +38,7 @@ class Proof(enum.Enum):
     OPTOUT = "optout"  #: an opt-out span covers the name: nothing is proven
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProofResult:
     kind: Proof
     has_ns: bool = False  #: NODATA at a delegation point (NS without SOA)

@@ -13,7 +13,6 @@ import enum
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NoReturn, Protocol
 
@@ -23,6 +22,8 @@ import dns.rdataset
 import dns.rdatatype
 import dns.rrset
 from dns.rdatatype import RdataType
+
+from oe_router.records import record
 
 #: RSA/SHA-256, ECDSA P-256/SHA-256, Ed25519 (DNSSEC algorithm numbers).
 SUPPORTED_ALGORITHMS = frozenset({8, 13, 15})
@@ -61,7 +62,7 @@ Name = dns.name.Name
 # --------------------------------------------------------------------------- values
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Query:
     """A query the validator needs answered by the upstream resolver."""
 
@@ -88,7 +89,7 @@ class Denial(enum.Enum):
     NODATA = "nodata"  #: the name exists but has no record of the type
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Result:
     """Outcome of one validation. Only SECURE data may be trusted for keys."""
 
@@ -113,14 +114,14 @@ class TrustAnchorError(ValueError):
     """The configured trust anchor is unusable; the message names the record."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TrustAnchor:
     name: Name
     ds: tuple[Any, ...] = ()  #: dns.rdtypes.ANY.DS.DS rdatas
     dnskeys: tuple[Any, ...] = ()  #: dns.rdtypes.ANY.DNSKEY.DNSKEY rdatas
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TrustAnchors:
     anchors: tuple[TrustAnchor, ...]
 
@@ -195,7 +196,7 @@ class Abort(Exception):
         self.limit = limit  #: a work limit ended the run: never caught and retried
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Zone:
     """Where a name lives: a secure zone with its trusted DNSKEYs, or insecurity."""
 

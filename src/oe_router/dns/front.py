@@ -24,7 +24,7 @@ import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, Protocol
 
 import dns.exception
@@ -58,6 +58,7 @@ from oe_router.dns.hold import (
 from oe_router.dns.upstream import UpstreamError
 from oe_router.dns.wire import QueryView, ReplyView, read_query, read_reply, rewrite_ttls
 from oe_router.ratelimit import RateLimit
+from oe_router.records import record
 
 __all__ = [
     "AnswerCache",
@@ -138,7 +139,7 @@ def fit_to_limit(reply: bytes, limit: int) -> tuple[bytes, bool]:
 # --------------------------------------------------------------------------- small parts
 
 
-@dataclass
+@record
 class FrontStats:
     """Counters for ``oe status`` (keys of the ``dns`` object)."""
 
@@ -229,7 +230,7 @@ class AnswerCache:
         return len(self._data)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Question:
     """What the resolver needs of a query, from ``wire.read_query`` or from dnspython."""
 
@@ -671,7 +672,7 @@ class FrontBindError(OSError):
     """A listen address cannot be bound; the message names it."""
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Arrival:
     """Where a datagram came in (IP_PKTINFO/IPV6_PKTINFO): our address and the interface."""
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal, Protocol, runtime_checkable
 
 import dns.name
@@ -38,6 +38,7 @@ import dns.name
 from oe_router.config.schema import DnsConfig
 from oe_router.dns.dnssec import Status
 from oe_router.dns.ipseckey import PeerKey
+from oe_router.records import record
 
 __all__ = [
     "Action",
@@ -64,7 +65,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 KeyStatus = Status
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AddressProof:
     """The name's A (or AAAA) RRset as validated from the trust anchor.
 
@@ -76,7 +77,7 @@ class AddressProof:
     reason: str = ""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class KeyResult:
     """What the IPSECKEY lookup found. ``keys`` are best first; empty means no key.
 
@@ -166,7 +167,7 @@ class KeylessPasser(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HoldPolicy:
     """The knobs of ``config dns``: how long to hold, TTL cap, what bogus means, and
     whether a keyless name's addresses pass at once or probe on the first packet."""
@@ -201,14 +202,14 @@ class Outcome(enum.Enum):
 # --------------------------------------------------------------------------- actions
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LookupKey:
     """Start the IPSECKEY lookup for ``name``; feed the result to ``key_result``."""
 
     name: dns.name.Name
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EnsureTunnel:
     """Ask the OE manager for a tunnel; feed its answer to ``tunnel_done(request, ...)``."""
 
@@ -218,7 +219,7 @@ class EnsureTunnel:
     key: PeerKey
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PassKeyless:
     """Ask the OE manager to pass ``addresses`` of a keyless name in the clear for
     ``ttl`` seconds; feed the ones that pass to ``keyless_done(request, ...)``."""
@@ -230,7 +231,7 @@ class PassKeyless:
     reason: str  #: ``no key (secure denial)`` or ``no key (insecure zone)``
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Release:
     """Answer query ``query`` now: the upstream answer, or SERVFAIL if ``outcome.servfail``."""
 
@@ -251,7 +252,7 @@ Action = LookupKey | EnsureTunnel | PassKeyless | Release
 # --------------------------------------------------------------------------- state
 
 
-@dataclass
+@record
 class _Query:
     name: dns.name.Name
     addresses: tuple[IPAddress, ...] | None = None  #: None until the upstream answered
@@ -260,7 +261,7 @@ class _Query:
     ttl: float = 0.0  #: the answer's TTL as the client gets it (capped)
 
 
-@dataclass
+@record
 class _Negotiation:
     key: KeyResult | None = None
     lookup_pending: bool = False

@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import dns.name
 import dns.rdatatype
@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
 from dns.rdtypes.IN.IPSECKEY import IPSECKEY
 
+from oe_router.records import record
 from oe_router.storedkey import StoredP256Key
 
 __all__ = [
@@ -80,7 +81,7 @@ class KeyKind(enum.Enum):
     ED25519 = "ed25519"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class GatewayIgnored:
     """A record named a gateway; we used its key for the host only (log this)."""
 
@@ -97,7 +98,7 @@ class GatewayIgnored:
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PeerKey:
     """A usable key from one IPSECKEY record (only meaningful if DNSSEC-secure)."""
 
@@ -109,7 +110,7 @@ class PeerKey:
     gateway_ignored: GatewayIgnored | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IpseckeyError:
     """One record could not be used; `message` names it and says why."""
 
@@ -122,7 +123,7 @@ class IpseckeyError:
         return f"IPSECKEY {self.owner} {self.record}: {self.reason}"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IpseckeySet:
     """All records of one owner, interpreted: keys best-first, plus what to log."""
 

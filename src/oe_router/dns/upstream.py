@@ -17,7 +17,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 import dns.exception
@@ -25,6 +25,7 @@ import dns.message
 import dns.rcode
 
 from oe_router.config.schema import BadValue, Endpoint, parse_endpoint
+from oe_router.records import record
 
 __all__ = [
     "ResolvConfSource",
@@ -51,7 +52,7 @@ class UpstreamError(Exception):
     """No upstream gave a usable answer; the message names each upstream and why."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UpstreamSettings:
     """Timeouts per attempt; every upstream is tried ``tries`` times within ``budget``."""
 
@@ -65,7 +66,7 @@ class UpstreamSettings:
     mark: int = 0
 
 
-@dataclass
+@record
 class UpstreamStats:
     queries: int = 0
     udp_timeouts: int = 0

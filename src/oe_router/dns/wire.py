@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
+
+from oe_router.records import record
 
 __all__ = ["QueryView", "ReplyView", "read_query", "read_reply", "rewrite_ttls"]
 
@@ -39,7 +40,7 @@ _MAX_NAME = 255
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class QueryView:
     """A plain query: one question, no records but an optional EDNS0 OPT."""
 
@@ -112,7 +113,7 @@ def read_query(wire: bytes) -> QueryView | None:
     return QueryView(qid, flags, tuple(labels), qtype, qclass, edns, payload, do)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ReplyView:
     """What the front needs from an upstream reply without rendering it again."""
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hmac as _stdlib_hmac
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from oe_router.records import record
 
 from .constants import AuthMethod, HashAlgorithm, NotifyType
 from .errors import IkeProtocolError
@@ -95,7 +96,7 @@ _SHA384_OID = bytes.fromhex("608648016503040202")
 _SHA512_OID = bytes.fromhex("608648016503040203")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SignatureScheme:
     """One RFC 7427 signature algorithm: its AlgorithmIdentifier and how to use it."""
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from dataclasses import dataclass
+
+from oe_router.records import record
 
 from .constants import CfgAttrType, CfgType
 from .events import ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, Event
@@ -20,7 +21,7 @@ from .proposals import EspChoice, esp_key_lengths
 from .states import ChildState, log_change
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ChildSaInfo:
     """A read-only view of one Child SA, for status output (``oe status``)."""
 
@@ -35,7 +36,7 @@ class ChildSaInfo:
     state: ChildState
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class ChildRecord:
     """One ESP SA pair carried by the IKE SA.
 

@@ -21,9 +21,10 @@ import hashlib
 import hmac
 import ipaddress
 import socket
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final, Literal
+
+from oe_router.records import record
 
 from .constants import (
     IKE_HEADER_LEN,
@@ -220,7 +221,7 @@ class CookieGate:
         return DEMAND
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ResponderLimits:
     """How many half-open IKE SAs the responder keeps, and from whom (RFC 8019).
 
@@ -243,7 +244,7 @@ class ResponderLimits:
         return self.half_open_limit // 8
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Precheck:
     """What to do with one datagram that matches no IKE SA (``responder_precheck``).
 

@@ -3,12 +3,12 @@ sockets, the responder admission, the receive path) all add to, shown by ``oe st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from oe_router.records import record
 
 __all__ = ["EndpointCounters"]
 
 
-@dataclass
+@record
 class EndpointCounters:
     """What the endpoint dropped and why; shown by ``oe status`` and asserted by tests."""
 

@@ -11,7 +11,6 @@ import functools
 import hmac as _stdlib_hmac
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -19,6 +18,8 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import dh, ec, x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from oe_router.records import record
 
 from .constants import DhId, EncrId, IntegId, NotifyType
 from .errors import IkeCryptoError, IkeProtocolError
@@ -296,7 +297,7 @@ class Modp2048Exchange(KeyExchange):
         return secret.rjust(256, b"\x00")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DhGroupInfo:
     group: int
     public_len: int

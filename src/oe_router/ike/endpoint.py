@@ -42,8 +42,9 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
+
+from oe_router.records import record
 
 from .admission import ResponderAdmission
 from .constants import ExchangeType, HeaderFlag
@@ -91,7 +92,7 @@ class EventListener(Protocol):
     def __call__(self, handle: SaHandle, event: Event, /) -> None: ...
 
 
-@dataclass(eq=False, slots=True)
+@record(eq=False, slots=True)
 class SaHandle:
     """One IKE SA as the endpoint sees it: where its datagrams go and when.
 

@@ -6,7 +6,9 @@ Why events: the sans-IO core never calls out; its owner polls
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from oe_router.records import record
 
 from .payloads import IpAddress, TrafficSelector
 from .proposals import ProposalMismatch
@@ -18,7 +20,7 @@ class Event:
     __slots__ = ()  # the events have slots: a Child SA record keeps its event for life
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class IkeSaEstablished(Event):
     """IKE_AUTH finished: both sides authenticated, SK_* keys in use."""
 
@@ -38,7 +40,7 @@ class IkeSaEstablished(Event):
     nat_remote: bool  # the peer's address is translated
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class PeerKeyNeeded(Event):
     """As responder: the initiator signs as ``name`` (ID_FQDN) and we hold no key for it.
 
@@ -51,7 +53,7 @@ class PeerKeyNeeded(Event):
     name: str  # the FQDN, as text
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ChildSaEstablished(Event):
     """An ESP SA pair is ready for the datapath.
 
@@ -82,7 +84,7 @@ class ChildSaEstablished(Event):
     internal_addresses: tuple[IpAddress, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ChildSaRekeyed(ChildSaEstablished):
     """A new ESP SA pair replaces ``old_spi_in``/``old_spi_out`` (RFC 7296 §2.8).
 
@@ -96,7 +98,7 @@ class ChildSaRekeyed(ChildSaEstablished):
     old_spi_out: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class IkeSaFailed(Event):
     """The IKE SA could not be set up or was refused; ``notify`` is the cause if known.
 
@@ -113,7 +115,7 @@ class IkeSaFailed(Event):
     offers: ProposalMismatch | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ChildSaFailed(Event):
     """IKE SA is up but the Child SA was refused (e.g. TS_UNACCEPTABLE) or its rekey failed."""
 
@@ -125,7 +127,7 @@ class ChildSaFailed(Event):
     offers: ProposalMismatch | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class IkeSaDeleted(Event):
     """The IKE SA is gone (either side deleted it); its Child SAs went with it."""
 
@@ -134,7 +136,7 @@ class IkeSaDeleted(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ChildSaDeleted(Event):
     """A Child SA is gone (deleted by either side, replaced by a rekey, or expired);
     the datapath should remove both directions."""
@@ -144,7 +146,7 @@ class ChildSaDeleted(Event):
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class IkeSaRekeyed(Event):
     """The IKE SA now runs under new SPIs and keys (RFC 7296 §2.18); its Child SAs moved.
 
@@ -159,7 +161,7 @@ class IkeSaRekeyed(Event):
     is_initiator: bool  # our role in the new IKE SA (who sent the rekey request)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class InitialContact(Event):
     """The peer sent INITIAL_CONTACT (RFC 7296 §2.4): it has no other SAs with us any more,
     so the owner should delete older IKE and Child SAs with this peer identity."""

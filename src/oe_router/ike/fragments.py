@@ -22,10 +22,11 @@ Time is passed in; nothing here logs (a flood must not log per packet).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Generic, TypeVar
 
 from oe_router.ratelimit import RateLimit
+from oe_router.records import record
 
 from .crypto import SkCipher
 from .errors import IkeCryptoError, IkeDecodeError
@@ -43,7 +44,7 @@ __all__ = [
 H = TypeVar("H")  # whatever the endpoint names an IKE SA by
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FragmentLimits:
     """How much of a peer's unfinished fragmented messages we hold, and for how long.
 
@@ -76,7 +77,7 @@ class FragmentLimits:
 DEFAULT_FRAGMENT_LIMITS = FragmentLimits()
 
 
-@dataclass
+@record
 class FragmentStats:
     """What reassembly refused since the counters were last taken (``take``).
 
@@ -113,7 +114,7 @@ class FragmentStats:
         return bool(self.dropped or self.abandoned)
 
 
-@dataclass
+@record
 class _Partial:
     """The fragments of one message received so far."""
 

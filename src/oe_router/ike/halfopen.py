@@ -36,8 +36,9 @@ from __future__ import annotations
 import socket
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
+
+from oe_router.records import record
 
 from .cookies import ResponderLimits
 
@@ -55,7 +56,7 @@ def prefix_of(ip: str) -> str:
     return socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])[:8].hex()
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class _Entry:
     ip: str
     prefix: str

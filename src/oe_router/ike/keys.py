@@ -7,10 +7,12 @@ vectors (NIST SP 800-135 IKEv2 KDF) and against a peer's key log.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
+
+from oe_router.records import record
 
 from .constants import PrfId
 
@@ -72,7 +74,7 @@ def rekey_skeyseed(prf: Prf, sk_d_old: bytes, shared_new: bytes, ni: bytes, nr: 
     return prf(sk_d_old, shared_new + ni + nr)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class IkeSaKeys:
     """SK_* of one IKE SA; never in a repr (a logged object must not leak them)."""
 
@@ -119,7 +121,7 @@ def child_keymat(
     return prf.plus(sk_d, (shared_new or b"") + ni + nr, length)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ChildSaKeys:
     """ESP keys per direction: *_i protect initiator->responder traffic."""
 

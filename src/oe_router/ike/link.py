@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from oe_router.records import record
 
 from .constants import ExchangeType, HeaderFlag
 from .crypto import SkCipher, sk_cipher
@@ -26,7 +28,7 @@ from .proposals import IkeChoice
 ZERO_SPI = bytes(8)
 
 
-@dataclass(frozen=True, repr=False, slots=True)
+@record(frozen=True, repr=False, slots=True)
 class KeyContext:
     """What protects one direction of an IKE SA: the SK cipher with SK_e and SK_a."""
 
@@ -38,7 +40,7 @@ class KeyContext:
         return f"KeyContext({type(self.cipher).__name__})"
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class LinkKeys:
     """The transforms and SK_* keys of one IKE SA; the send and receive contexts and
     SK_p of each side follow from our role. They are made at each use, not kept: two
@@ -95,7 +97,7 @@ class LinkKeys:
         return self.keys.sk_pr if self.we_initiate else self.keys.sk_pi
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class LinkSettings:
     """The parts of the IKE SA's configuration a link works by."""
 

@@ -7,8 +7,10 @@ ends the chain and names the first inner payload.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TypeVar
+
+from oe_router.records import record
 
 from .constants import GENERIC_HEADER_LEN, IKE_HEADER_LEN, IKE_VERSION, HeaderFlag, PayloadType
 from .crypto import SkCipher
@@ -83,7 +85,7 @@ def decode_chain(data: bytes, first: int, *, pos: int = 0) -> tuple[list[Payload
     return payloads, body_start
 
 
-@dataclass
+@record
 class Message:
     """One IKE message: header fields plus its (outer, or decrypted inner) payloads."""
 

@@ -7,9 +7,11 @@ payload, critical bit, length) is produced and consumed by ``message``.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import field
 from types import MappingProxyType
 from typing import Any, ClassVar
+
+from oe_router.records import record
 
 from .constants import (
     IKE_VERSION,
@@ -50,7 +52,7 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # --------------------------------------------------------------------------- headers
 
 
-@dataclass
+@record
 class IkeHeader(Struct):
     """The fixed 28-byte IKE header (RFC 7296 §3.1)."""
 
@@ -74,7 +76,7 @@ class IkeHeader(Struct):
     )
 
 
-@dataclass
+@record
 class GenericHeader(Struct):
     """Generic payload header (RFC 7296 §3.2); ``flags`` bit 0x80 is Critical."""
 
@@ -108,7 +110,7 @@ class _AttrValue(Field):
         out += a.value
 
 
-@dataclass
+@record
 class TransformAttribute(Struct):
     attr_type: int
     value: bytes
@@ -120,7 +122,7 @@ class TransformAttribute(Struct):
         return cls(TransformAttrType.KEY_LENGTH, bits.to_bytes(2, "big"), True)
 
 
-@dataclass
+@record
 class Transform(Struct):
     """Transform substructure (RFC 7296 §3.3.2)."""
 
@@ -151,7 +153,7 @@ class Transform(Struct):
         return cls(ttype, tid, attrs)
 
 
-@dataclass
+@record
 class Proposal(Struct):
     """Proposal substructure (RFC 7296 §3.3.1)."""
 
@@ -175,14 +177,14 @@ class Proposal(Struct):
         return [t for t in self.transforms if t.transform_type == ttype]
 
 
-@dataclass
+@record
 class Payload(Struct):
     """Base of payload bodies; ``TYPE`` is the IANA payload type number."""
 
     TYPE: ClassVar[int] = 0
 
 
-@dataclass
+@record
 class SA(Payload):
     TYPE = PayloadType.SA
     proposals: list[Proposal]
@@ -192,7 +194,7 @@ class SA(Payload):
 # --------------------------------------------------------------------------- simple payloads
 
 
-@dataclass
+@record
 class KE(Payload):
     """Key Exchange (RFC 7296 §3.4); ECP groups carry x||y (RFC 5903 §7)."""
 
@@ -202,24 +204,24 @@ class KE(Payload):
     FIELDS = (U16("group"), Reserved(2), Rest("data"))
 
 
-@dataclass
+@record
 class _Id(Payload):
     id_type: int
     data: bytes
     FIELDS = (U8("id_type"), Reserved(3), Rest("data"))
 
 
-@dataclass
+@record
 class IDi(_Id):
     TYPE = PayloadType.IDi
 
 
-@dataclass
+@record
 class IDr(_Id):
     TYPE = PayloadType.IDr
 
 
-@dataclass
+@record
 class CERT(Payload):
     TYPE = PayloadType.CERT
     encoding: int
@@ -227,7 +229,7 @@ class CERT(Payload):
     FIELDS = (U8("encoding"), Rest("data"))
 
 
-@dataclass
+@record
 class CERTREQ(Payload):
     TYPE = PayloadType.CERTREQ
     encoding: int
@@ -235,7 +237,7 @@ class CERTREQ(Payload):
     FIELDS = (U8("encoding"), Rest("data"))
 
 
-@dataclass
+@record
 class AUTH(Payload):
     TYPE = PayloadType.AUTH
     method: int
@@ -243,14 +245,14 @@ class AUTH(Payload):
     FIELDS = (U8("method"), Reserved(3), Rest("data"))
 
 
-@dataclass
+@record
 class Nonce(Payload):
     TYPE = PayloadType.NONCE
     data: bytes
     FIELDS = (Rest("data"),)
 
 
-@dataclass
+@record
 class Notify(Payload):
     """Notify (RFC 7296 §3.10)."""
 
@@ -276,7 +278,7 @@ class Notify(Payload):
         return self.notify_type < 16384
 
 
-@dataclass
+@record
 class Delete(Payload):
     """Delete (RFC 7296 §3.11); IKE SA deletes have spi_size 0 and no SPIs."""
 
@@ -287,7 +289,7 @@ class Delete(Payload):
     FIELDS = (U8("protocol_id"), U8("spi_size"), CountOf(2, "spis"), BytesList("spis", "spi_size"))
 
 
-@dataclass
+@record
 class VendorID(Payload):
     TYPE = PayloadType.VENDOR_ID
     data: bytes
@@ -308,7 +310,7 @@ def _ts_address_size(vals: dict[str, Any], remaining: int) -> int:
     return remaining // 2
 
 
-@dataclass
+@record
 class TrafficSelector(Struct):
     """One selector (RFC 7296 §3.13.1); addresses are raw bytes, see ``start``/``end``."""
 
@@ -364,18 +366,18 @@ def _address(raw: bytes) -> IpAddress:
     return ipaddress.ip_address(raw)
 
 
-@dataclass
+@record
 class _Ts(Payload):
     selectors: list[TrafficSelector]
     FIELDS = (CountOf(1, "selectors"), Reserved(3), ListOf("selectors", TrafficSelector))
 
 
-@dataclass
+@record
 class TSi(_Ts):
     TYPE = PayloadType.TSi
 
 
-@dataclass
+@record
 class TSr(_Ts):
     TYPE = PayloadType.TSr
 
@@ -383,7 +385,7 @@ class TSr(_Ts):
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass
+@record
 class CfgAttribute(Struct):
     """Configuration attribute (RFC 7296 §3.15.1); top bit of the type is reserved."""
 
@@ -392,7 +394,7 @@ class CfgAttribute(Struct):
     FIELDS = (U16("attr_type"), SizeOf(2, "value"), Sized("value"))
 
 
-@dataclass
+@record
 class CP(Payload):
     TYPE = PayloadType.CP
     cfg_type: int
@@ -406,7 +408,7 @@ class CP(Payload):
 # --------------------------------------------------------------------------- encrypted
 
 
-@dataclass
+@record
 class SK(Payload):
     """Encrypted and Authenticated payload (RFC 7296 §3.14), still sealed.
 
@@ -420,7 +422,7 @@ class SK(Payload):
     FIELDS = (Rest("data"),)
 
 
-@dataclass
+@record
 class SKF(Payload):
     """Encrypted Fragment payload (RFC 7383 §2.5), still sealed."""
 
@@ -432,7 +434,7 @@ class SKF(Payload):
     FIELDS = (U16("fragment_number"), U16("total_fragments"), Rest("data"))
 
 
-@dataclass
+@record
 class UnknownPayload(Payload):
     """A payload type we do not implement; kept so ``critical`` can be honoured."""
 

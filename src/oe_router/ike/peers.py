@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Protocol
 
 from oe_router.ratelimit import RateLimit
+from oe_router.records import record
 
 from .auth import PrivateKey, PublicKey
 from .endpoint import SaHandle
@@ -100,7 +101,7 @@ class ChildSaSink(Protocol):
         ...
 
 
-@dataclass
+@record
 class RecordingSink:
     """A sink that only records, for tests and for running without a datapath."""
 
@@ -121,13 +122,13 @@ class RecordingSink:
 # --------------------------------------------------------------------------- per-peer state
 
 
-@dataclass
+@record
 class _Child:
     event: ChildSaEstablished
     since: float
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class PeerSa:
     """One IKE SA with one peer, and the Child SAs it carries."""
 
@@ -153,7 +154,7 @@ class PeerSa:
         return self.handle.sa.state
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Mismatch:
     """A recent NO_PROPOSAL_CHOSEN with a peer, either way (``oe status``)."""
 

@@ -8,7 +8,8 @@ rekey), in both roles; they are pure functions of the proposals.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+
+from oe_router.records import record
 
 from .constants import DhId, EncrId, EsnId, IntegId, NotifyType, PrfId, ProtocolId, TransformType
 from .crypto import SUPPORTED_DH_GROUPS
@@ -16,7 +17,7 @@ from .errors import IkeProtocolError
 from .payloads import Proposal, Transform
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IkeProposalSpec:
     """One IKE SA transform set we accept; ``integ`` None for AEAD ciphers."""
 
@@ -27,7 +28,7 @@ class IkeProposalSpec:
     dh_groups: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EspProposalSpec:
     """One ESP transform set we accept, in the order the offload layer prefers."""
 
@@ -180,7 +181,7 @@ def proposals_text(proposals: list[Proposal]) -> tuple[str, ...]:
     return out
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProposalMismatch:
     """What each side offered when no proposal matched (NO_PROPOSAL_CHOSEN).
 
@@ -222,7 +223,7 @@ def esp_accepted(specs: tuple[EspProposalSpec, ...]) -> list[Proposal]:
 # --------------------------------------------------------------------------- IKE
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IkeChoice:
     """The transform set chosen for an IKE SA and its DH group."""
 
@@ -311,7 +312,7 @@ def select_ike_proposal(
 # --------------------------------------------------------------------------- ESP
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EspChoice:
     """The ESP transform set chosen for one Child SA; ``dh`` set when it used PFS."""
 

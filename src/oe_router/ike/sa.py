@@ -25,7 +25,9 @@ import ipaddress
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from oe_router.records import record
 
 from . import auth as ike_auth
 from .child import ChildRecord, ChildSaInfo, ChildTable, child_keys
@@ -85,7 +87,7 @@ _EspChoice = EspChoice
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class IkeSaConfig:
     """Everything one IKE SA needs to know, fixed at creation.
 
@@ -167,7 +169,7 @@ class IkeSaConfig:
                 raise bad("internal_addresses", f"holds {text!r}, not an address") from None
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class NegotiatedKeys:
     """The IKE SA's transforms, nonces and SK_* keys: for key logs and cross-checks."""
 
@@ -186,7 +188,7 @@ class NegotiatedKeys:
 # --------------------------------------------------------------------------- the IKE SA
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class PeerFacts:
     """What IKE_SA_INIT and IKE_AUTH taught us about the peer (and how we proved
     ourselves): its address, NAT on either side, the AUTH methods."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from oe_router.records import record
 
 from .payloads import TrafficSelector
 
@@ -85,7 +86,7 @@ def only_address(selectors: Iterable[TrafficSelector], address: str) -> bool:
     return bool(sel) and all(s.start_address == raw == s.end_address for s in sel)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ContainmentPolicy:
     """Which peers may only protect their own address (DESIGN: "a peer may only
     protect its own address").

@@ -24,10 +24,11 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Final, NamedTuple, Protocol
 
 from oe_router.netns import in_netns
+from oe_router.records import record
 
 from .counters import EndpointCounters
 from .errors import IkeError
@@ -167,7 +168,7 @@ class _Reader:
                 log.exception("IKE: error handling a datagram from %s", addr[0])
 
 
-@dataclass
+@record
 class _Pair:
     ike: socket.socket
     natt: socket.socket

@@ -8,8 +8,9 @@ rules, and they depend only on the configuration and on who the peer proved to b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
+
+from oe_router.records import record
 
 from .constants import NotifyType
 from .errors import IkeProtocolError
@@ -32,7 +33,7 @@ class SelectorConfig(Protocol):
     def request_internal_address(self) -> bool: ...
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TsPolicy:
     """The selector rules for one peer (``confined``: NULL-authenticated or
     address-bound, held to its own address)."""

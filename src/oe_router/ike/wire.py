@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, ClassVar, Self
+
+from oe_router.records import record
 
 from .errors import IkeDecodeError
 
@@ -41,7 +43,7 @@ class Reader:
         return int.from_bytes(self.take(width, what), "big")
 
 
-@dataclass
+@record
 class _Ctx:
     """Per-struct scratch state while decoding or encoding one struct."""
 

@@ -9,12 +9,12 @@ actions. ``manager.py`` re-exports every name here.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Protocol
 
 from oe_router.control.status import ProposalOffers
 from oe_router.datapath.base import ChildSaSpec, IPAddress, PolicySpec, TrafficSelector
 from oe_router.oe.peerauth import PeerAuth
+from oe_router.records import record
 
 __all__ = [
     "Action",
@@ -37,7 +37,7 @@ __all__ = [
 # --------------------------------------------------------------------------- the IKE seam
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ChildRequest:
     """One Child SA to negotiate: host-to-host between our WAN address and the peer.
 
@@ -52,7 +52,7 @@ class ChildRequest:
     remote_ts: TrafficSelector
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NegotiationResult:
     """What the IKE engine made of a request: a complete Child SA, or why not."""
 
@@ -95,7 +95,7 @@ class Negotiator(Protocol):
 # --------------------------------------------------------------------------- actions
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InstallPolicy:
     policy: PolicySpec
     #: A LAN PASS towards a peer with a tunnel: the LAN gateway's NAT set must hold the
@@ -103,12 +103,12 @@ class InstallPolicy:
     nat_first: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RemovePolicy:
     policy: PolicySpec
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Negotiate:
     """Call ``Negotiator.negotiate``; feed the result to ``negotiated(ticket, ...)``."""
 
@@ -116,7 +116,7 @@ class Negotiate:
     request: ChildRequest
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Rekey:
     """Call ``Negotiator.rekey``; feed the result to ``negotiated(ticket, ...)``."""
 
@@ -125,7 +125,7 @@ class Rekey:
     child: ChildSaSpec
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MoveChild:
     """Rekey the Child SA now (CREATE_CHILD_SA with REKEY_SA) with the current ESP offer,
     which no longer holds its transform (``reason`` says why). The new SA comes back as
@@ -138,7 +138,7 @@ class MoveChild:
     reason: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InstallChild:
     """Install the Child SA; feed the installed spec (or the error) to ``installed``."""
 
@@ -146,13 +146,13 @@ class InstallChild:
     spec: ChildSaSpec
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RemoveChild:
     spec: ChildSaSpec
     remove_policies: bool = True
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SendDelete:
     """Tell the IKE engine to delete ``child`` (None: the IKE SA) with the peer."""
 
@@ -160,7 +160,7 @@ class SendDelete:
     child: ChildSaSpec | None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CheckTraffic:
     """Read the Child SA's counters; feed in+out bytes to ``traffic(child_id, ...)``."""
 
@@ -169,7 +169,7 @@ class CheckTraffic:
     soft_expired: bool
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UpdateCat:
     """CAT: source-NAT LAN flows to each listed peer to the inner address it gave us
     (``lan.cat_script``); the complete current map, (peer, inner address) pairs."""
@@ -177,7 +177,7 @@ class UpdateCat:
     inner: tuple[tuple[IPAddress, IPAddress], ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TunnelResult:
     """Answer an ``ensure_tunnel`` waiter: True when every address is protected."""
 

@@ -8,18 +8,19 @@ that name's key in every later negotiation, packet-triggered ones too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import dns.name
 
 from oe_router.datapath.base import IPAddress, TrafficSelector
 from oe_router.oe.actions import Action, TunnelResult
 from oe_router.oe.peerauth import PeerAuth
+from oe_router.records import record
 
 __all__ = ["HeldAnswers"]
 
 
-@dataclass
+@record
 class _Answer:
     ok: bool
     pending: set[tuple[IPAddress, TrafficSelector]] = field(default_factory=set)

@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from oe_router.datapath.nft import NftError, run_nft
+from oe_router.records import record
 
 __all__ = [
     "CAT_TABLE",
@@ -62,7 +63,7 @@ class LanError(Exception):
     """nft refused our rules; the message carries nft's own words."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LanGateway:
     """What the SNAT rules need: the WAN device and addresses, the LAN prefixes."""
 
@@ -170,7 +171,7 @@ def peers6_update(
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-@dataclass
+@record
 class Peers6:
     """The IPv6 peers ``oe_peers6`` holds, kept in step with the Child SAs (sans-IO).
 

@@ -9,18 +9,18 @@ record type and dns/ never learns about OE.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import dns.name
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from oe_router.ike.auth import PublicKey
+from oe_router.records import record
 
 __all__ = ["PeerAuth", "PublishedKey", "peer_auth"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PeerAuth:
     """NULL auth (RFC 7619), or the DNSSEC-validated public key the peer must prove."""
 

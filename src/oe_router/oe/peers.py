@@ -9,7 +9,7 @@ with the state they read, apart from the decisions made on them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from oe_router.control.status import TunnelStatus
 from oe_router.datapath.base import (
@@ -24,11 +24,12 @@ from oe_router.oe.groups import GroupPolicies
 from oe_router.oe.passes import Passes
 from oe_router.oe.policy import Group, Rule
 from oe_router.oe.selectors import child_keys, describe
+from oe_router.records import record
 
 __all__ = ["Child", "Peer", "Peers", "Want"]
 
 
-@dataclass
+@record
 class Child:
     """One installed Child SA and what the manager tracks of it."""
 
@@ -44,7 +45,7 @@ class Child:
     moving: str = ""  #: why it is being rekeyed onto the current ESP offer (MoveChild)
 
 
-@dataclass
+@record
 class Want:
     """A flow selector to negotiate with a peer, and who waits for it."""
 
@@ -57,7 +58,7 @@ class Want:
     replaces: set[int] = field(default_factory=set)
 
 
-@dataclass
+@record
 class Peer:
     """One peer: at most one negotiation in flight, the rest queued behind it."""
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from oe_router.config.schema import PolicyConfig, PolicyEntry
 from oe_router.datapath.base import (
@@ -64,6 +63,7 @@ from oe_router.datapath.base import (
     Template,
     TrafficSelector,
 )
+from oe_router.records import record
 
 __all__ = [
     "EXCLUSION_BAND",
@@ -129,7 +129,7 @@ def selector_rank(
     return GROUP_BAND + _SPEC_SPAN - specificity(net, proto, port, icmp_type)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Exclusion:
     """A destination never captured by OE, and why (shown in logs and docs)."""
 
@@ -178,7 +178,7 @@ LINK_EXCLUSIONS: tuple[Exclusion, ...] = (
 )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Rule:
     """One entry of the table: a group entry or an exclusion, with its rank."""
 

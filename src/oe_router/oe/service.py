@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import asdict, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import dns.name
 
@@ -37,7 +37,6 @@ from oe_router.datapath.base import (
     PolicyExpire,
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
-from oe_router.devview import OeSnapshot, snapshot
 from oe_router.oe.actions import (
     Action,
     CheckTraffic,
@@ -58,6 +57,9 @@ from oe_router.oe.lan import LanError, LanGateway, Peers6, cat_remove_script, ca
 from oe_router.oe.manager import OeManager
 from oe_router.oe.peerauth import PublishedKey
 from oe_router.oe.policy import PolicyTable
+
+if TYPE_CHECKING:
+    from oe_router.devview import OeSnapshot
 
 __all__ = ["DatapathFactory", "EspOfferHooks", "NftRunner", "OeService", "kernel_datapath"]
 
@@ -264,6 +266,8 @@ class OeService:
         tunnel row of the status (with the IKE engine's). None when OE is not running."""
         if self._mgr is None:
             return None
+        from oe_router.devview import snapshot  # a request's (docs/footprint.md)
+
         return snapshot(self._mgr, self._lan, tunnels, self._clock())
 
     # ------------------------------------------------------------------ control

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from oe_router.control.status import ProposalOffers, ShuntStatus
 from oe_router.datapath.base import (
@@ -29,6 +29,7 @@ from oe_router.oe.actions import Action, InstallPolicy, RemovePolicy
 from oe_router.oe.groups import GroupPolicies
 from oe_router.oe.policy import Group, selector_rank
 from oe_router.oe.selectors import PolicyKey, describe, host_net, key_of, policy_key
+from oe_router.records import record
 
 __all__ = ["DROP_SHUNT_FIRST", "KEYLESS_LIMIT", "KEYLESS_MIN", "Shunt", "Shunts"]
 
@@ -47,7 +48,7 @@ KEYLESS_LIMIT = 1024
 KEYLESS_MIN = 30.0
 
 
-@dataclass
+@record
 class Shunt:
     policy: PolicySpec
     peer: IPAddress

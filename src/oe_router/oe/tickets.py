@@ -10,15 +10,16 @@ carries only what that kind needs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from oe_router.datapath.base import ChildSaSpec, IPAddress, TrafficSelector
 from oe_router.oe.peers import Child, Want
+from oe_router.records import record
 
 __all__ = ["InboundTicket", "NegotiationTicket", "RekeyTicket", "Ticket", "Tickets"]
 
 
-@dataclass
+@record
 class NegotiationTicket:
     """Our negotiation of ``want`` (``Negotiate``, then ``InstallChild``)."""
 
@@ -28,7 +29,7 @@ class NegotiationTicket:
     inner: IPAddress | None = None  #: CAT: the inner address the peer gave us
 
 
-@dataclass
+@record
 class RekeyTicket:
     """A rekey of our Child SA ``child_id`` (``Rekey``, then ``InstallChild``)."""
 
@@ -37,7 +38,7 @@ class RekeyTicket:
     spec: ChildSaSpec | None = None  #: what InstallChild was asked to install
 
 
-@dataclass
+@record
 class InboundTicket:
     """A Child SA the peer initiated, being installed (``InstallChild``)."""
 

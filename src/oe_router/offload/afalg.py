@@ -29,8 +29,9 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TypeVar
+
+from oe_router.records import record
 
 from .engine import (
     TRANSFORMS,
@@ -93,7 +94,7 @@ def _esn_name(aead: str) -> str:
     return "authencesn" + aead[len("authenc") :] if aead.startswith("authenc(") else aead
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Binding:
     """What to bind for one transform: AF_ALG names for 32-bit and ESN sequence numbers."""
 

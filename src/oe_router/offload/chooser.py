@@ -34,8 +34,10 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Protocol
+
+from oe_router.records import record
 
 from .engine import TRANSFORMS, Transform
 from .measure import Measurement
@@ -72,7 +74,7 @@ class VerdictLike(Protocol):
     def passed(self) -> bool: ...
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Verdict:
     """Whether ``engine`` may run ``transform``: a KAT or canary outcome, with why not."""
 
@@ -91,7 +93,7 @@ def latest(verdicts: Iterable[VerdictLike]) -> dict[tuple[str, str], bool]:
     return {(v.engine, _tname(v.transform)): bool(v.passed) for v in verdicts}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Band:
     """``engine`` runs packets up to ``max_size`` bytes (inclusive; None: any size)."""
 
@@ -99,7 +101,7 @@ class Band:
     max_size: int | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TransformChoice:
     """One transform's bands (ascending sizes) and its verified engines, preferred first."""
 
@@ -135,7 +137,7 @@ def size_range(lo: int, hi: int | None) -> str:
     return f"{lo}-{hi}"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ChoiceTable:
     """Per transform, the engines that run it by packet size; JSON for the worker processes.
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, nla, nlmsg
 from pyroute2.netlink.exceptions import NetlinkError
+
+from oe_router.records import record
 
 __all__ = [
     "CRYPTO_MSG_GETALG",
@@ -166,7 +167,7 @@ def _text(raw: Any) -> str:
     return str(raw or "")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CryptoUserAlg:
     """One implementation as crypto_user reports it (the kernel's live values).
 

@@ -34,7 +34,6 @@ import ctypes
 import errno
 import hmac
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
 
 from oe_router.ocf_cryptodev import (
@@ -45,6 +44,7 @@ from oe_router.ocf_cryptodev import (
     CryptodevError,
     SessionInfo,
 )
+from oe_router.records import record
 
 from .engine import (
     TRANSFORMS,
@@ -86,7 +86,7 @@ DeviceFactory = Callable[[], Cryptodev]
 ProcCrypto = Callable[[], Sequence[CryptoAlg]]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Probe:
     """What trying a transform's sessions once found: usable here or why not."""
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple, Protocol, runtime_checkable
+
+from oe_router.records import record
 
 __all__ = [
     "TRANSFORMS",
@@ -62,7 +63,7 @@ class EngineKind(enum.Enum):
     HARDWARE = "hardware"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Transform:
     """An ESP transform: the cipher, the integrity algorithm and their key and wire sizes.
 

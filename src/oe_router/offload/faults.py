@@ -26,7 +26,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+
+from oe_router.records import record
 
 from .engine import Engine, EngineKind, EspCipher, OpenRequest, SealRequest, Transform
 
@@ -36,7 +37,7 @@ FAULT_ENV = "OE_ROUTER_FAULT"
 _TRIGGER_POLL = 0.05  # seconds between looks at a corrupt_when file
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Fault:
     """One engine's trigger, as OE_ROUTER_FAULT spells it."""
 

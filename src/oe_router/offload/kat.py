@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from oe_router.records import record
 
 from .engine import (
     AuthenticationFailed,
@@ -42,7 +43,7 @@ _FILES = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class KatResult:
     """The verdict on one engine and transform: passed only with cases run and no failure.
 
@@ -58,7 +59,7 @@ class KatResult:
     failures: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Vector:
     id: str
     encr_key: bytes

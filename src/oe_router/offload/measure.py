@@ -26,8 +26,10 @@ import os
 import resource
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
+
+from oe_router.records import record
 
 from .engine import Engine, EngineError, EspCipher, OpenRequest, SealRequest, Transform
 
@@ -48,7 +50,7 @@ SIZES: tuple[int, ...] = (64, 512, 1400)
 _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Measurement:
     """One engine x transform x size x operation: packets done in ``seconds`` of wall time."""
 
@@ -89,7 +91,7 @@ class Measurement:
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MeasureReport:
     """What ``measure_engine`` got: the measurements, and the transforms that failed."""
 

@@ -27,8 +27,9 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
+
+from oe_router.records import record
 
 from .engine import TRANSFORMS, EngineKind, Transform
 from .procfs import CryptoAlg, classify, drivers_for, parse_proc_crypto
@@ -55,7 +56,7 @@ DEV_CRYPTO = "/dev/crypto"
 UDEV_SUBSYSTEMS = ("module", "crypto", "virtio", "pci", "platform", "misc")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EngineSpec:
     """One engine discovery found: its ``make_engine`` name and what /proc/crypto says.
 
@@ -78,7 +79,7 @@ class EngineSpec:
         return dict(self.drivers).get(transform, "")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HostSnapshot:
     """What discovery reads from the machine, as values (the I/O edge fills it)."""
 

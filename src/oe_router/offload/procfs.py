@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from oe_router.records import record
 
 from .engine import EngineKind
 
 __all__ = ["CryptoAlg", "classify", "drivers_for", "parse_proc_crypto", "read_proc_crypto"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CryptoAlg:
     """One /proc/crypto entry. Sizes are None where the entry's type does not show them.
 

@@ -36,7 +36,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from oe_router.config import OeConfig
@@ -46,6 +45,7 @@ from oe_router.control.status import (
     EngineStatus,
     StatusContribution,
 )
+from oe_router.records import record
 
 from ..tasks import spawn_tracked
 from .canary import Canary
@@ -69,7 +69,7 @@ __all__ = ["KatRunner", "OffloadService", "OffloadUpdate"]
 log = logging.getLogger("oe_router.offload")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OffloadUpdate:
     """One publication: what the datapaths and IKE should use from now on.
 

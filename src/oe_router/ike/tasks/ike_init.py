@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING
+
+from oe_router.records import record
 
 from .. import auth as ike_auth
 from ..constants import ExchangeType, HeaderFlag, NotifyType, TransformType, notify_name
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from ..sa import Address, IkeSa
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Handshake:
     """What IKE_AUTH signs from IKE_SA_INIT (§2.15): both messages as sent, and
     the hash algorithms the peer accepts for signatures (RFC 7427)."""
