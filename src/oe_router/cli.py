@@ -20,20 +20,14 @@ from oe_router.config import (
     control_socket_of,
     validate_file,
 )
-from oe_router.control import (
-    DEFAULT_CONTROL_SOCKET,
-    ControlClient,
-    ControlError,
-    DaemonUnreachable,
-    EngineStatus,
-    ProposalOffers,
-    ReloadResult,
-    Status,
-    TunnelStatus,
-)
+from oe_router.control import DEFAULT_CONTROL_SOCKET
+from oe_router.control.client import ControlClient, ControlError, DaemonUnreachable
 from oe_router.control.protocol import COMMAND_ARGS
 
-if TYPE_CHECKING:  # imported where used: the policy modules cost start-up time
+# Imported where used: the status model and the policy modules cost start-up time, which
+# `oe status --json`, `oe down` and `oe flush` (scripts, a slow router) need none of.
+if TYPE_CHECKING:
+    from oe_router.control.status import EngineStatus, ProposalOffers, Status
     from oe_router.devview import DevicesView, Explanation
 
 T = TypeVar("T")  # a parsed reply document (_show)
@@ -321,6 +315,8 @@ def _render_mismatches(rows: Any) -> list[str]:
         return []
     out = ["", f"proposal mismatches ({len(rows)})"]
     for r in rows:
+        from oe_router.control.status import ProposalOffers
+
         o = ProposalOffers.from_json(r)
         who = "the peer" if o.refused_by == "peer" else "us"
         out.append(f"  {r.get('peer')}  {o.protocol} refused by {who}, {_opt(r.get('age_s'))} ago")
@@ -375,6 +371,8 @@ def render_offload(doc: dict[str, Any]) -> str:
     """The ``oe offload`` view of the ``offload`` command's document: one row per engine
     and transform (driver, hardware?, KAT, Mbit/s per size, the sizes it is used for),
     then the IKE proposal order, the reasons and the recent events."""
+    from oe_router.control.status import EngineStatus
+
     engines = [EngineStatus.from_json(e) for e in doc.get("engines", [])]
     sizes = sorted({r.size for e in engines for t in e.transforms for r in t.rates}) or [
         64,
@@ -537,7 +535,13 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     if args.device is not None:
         return cmd_devices(args, out)
     reply = ControlClient(args.socket).request("status")
-    return _show(out, args.json, reply["status"], Status.from_json, render_status, "a status")
+
+    def parse(doc: Any) -> Status:
+        from oe_router.control.status import Status
+
+        return Status.from_json(doc)
+
+    return _show(out, args.json, reply["status"], parse, render_status, "a status")
 
 
 def cmd_offload(args: argparse.Namespace, out: TextIO) -> int:
@@ -562,6 +566,8 @@ def cmd_offload(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_reload(args: argparse.Namespace, out: TextIO) -> int:
+    from oe_router.control.status import ReloadResult
+
     reply = ControlClient(args.socket).request("reload")
     try:
         result = ReloadResult.from_json(reply["reload"])
@@ -593,6 +599,8 @@ def cmd_up(args: argparse.Namespace, out: TextIO) -> int:
     row = reply.get("ike")
     if not isinstance(row, dict):
         raise ControlError("daemon sent an up reply this oe cannot read")
+    from oe_router.control.status import TunnelStatus
+
     try:
         t = TunnelStatus.from_json(row)
     except (KeyError, TypeError, ValueError) as exc:

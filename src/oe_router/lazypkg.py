@@ -20,9 +20,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
-__all__ = ["defer"]
+__all__ = ["defer", "exports"]
 
 
 def defer(name: str) -> ModuleType | None:
@@ -55,3 +56,21 @@ def defer(name: str) -> ModuleType | None:
     if parent:
         setattr(sys.modules[parent], child, module)
     return module
+
+
+def exports(package: str, where: dict[str, str]) -> Callable[[str], object]:
+    """A package's PEP 562 ``__getattr__`` for names its submodules define: ``where`` maps
+    each name to its submodule (``{"ControlClient": "client"}``), imported on the first
+    lookup of one of its names. Why: a package ``__init__`` that imports its submodules to
+    re-export them makes every user pay for all of them (the ``oe`` CLI, which needs a
+    socket client, paid for asyncio and the daemon's status model)."""
+
+    def __getattr__(attr: str) -> object:
+        sub = where.get(attr)
+        if sub is None:
+            raise AttributeError(f"module {package!r} has no attribute {attr!r}")
+        value = getattr(importlib.import_module(f"{package}.{sub}"), attr)
+        setattr(sys.modules[package], attr, value)  # the next lookup is a plain one
+        return value
+
+    return __getattr__

@@ -257,3 +257,84 @@ def test_what_the_start_defers_is_there_when_asked() -> None:
         """
     )
     assert doc == {"hint": "did you mean 'private'?; ", "same": True, "snapshot": True}
+
+
+#: what `oe status --json`, `oe down`, `oe flush` need none of: the server side (asyncio),
+#: the status model (text output only), the typed schema and validator (a config that
+#: sets no control_socket), pyroute2 and dnspython's message code. Each is ~0.2-1 s of
+#: every `oe` call on a TCG router (asyncio alone ~1 s).
+CLI_NEVER = (
+    "asyncio",
+    "oe_router.control.server",
+    "oe_router.control.status",
+    "oe_router.config.schema",
+    "oe_router.config.validate",
+    "pyroute2.netlink",
+    "dns.message",
+)
+
+
+def test_the_cli_loads_only_what_a_script_command_needs(tmp_path: Path) -> None:
+    """`oe status --json` and `oe down` against a socket that answers like the daemon:
+    the reply is printed, and none of CLI_NEVER was imported for it. (Without --socket,
+    `oe` reads the config for its control_socket; the shipped one sets it, and its check
+    is validate's, which then loads.)"""
+    sock = tmp_path / "control.sock"
+    doc = run_python(
+        f"""
+        import io, json, socket, threading
+        from contextlib import redirect_stdout
+        path = {str(sock)!r}
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(path)
+        srv.listen()
+
+        def serve():
+            for _ in range(2):
+                conn, _ = srv.accept()
+                req = json.loads(conn.makefile().readline())
+                reply = {{"ok": True, "status": {{"seen": req["cmd"]}}, "down": 1}}
+                conn.sendall(json.dumps(reply).encode() + b"\\n")
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        from oe_router.cli import main
+        out = io.StringIO()
+        with redirect_stdout(out):
+            rcs = [main(["--socket", path, "status", "--json"]),
+                   main(["--socket", path, "down", "192.0.2.1"])]
+        print(json.dumps({{"rcs": rcs, "out": out.getvalue(),
+                          "loaded": sorted(m for m in {CLI_NEVER!r} if m in sys.modules)}}))
+        """
+    )
+    assert doc["loaded"] == [], doc
+    assert doc["rcs"] == [0, 0], doc
+    assert '"seen": "status"' in str(doc["out"]), doc
+
+
+def test_lazy_package_names_are_the_submodules_objects() -> None:
+    """Names that oe_router.control and oe_router.config give on first use are their
+    submodules' own objects, unknown names fail as usual, and ``from ... import`` of a
+    submodule still works."""
+    doc = run_python(
+        """
+        import json
+        import oe_router.config as config
+        import oe_router.control as control
+        from oe_router.config import OeConfig, schema
+        from oe_router.control import ControlServer, Status
+        from oe_router.control.server import ControlServer as Server
+        from oe_router.control.status import Status as Model
+        try:
+            control.NoSuchName
+            missing = None
+        except AttributeError as exc:
+            missing = str(exc)
+        print(json.dumps({"same": [ControlServer is Server, Status is Model,
+                                   OeConfig is schema.OeConfig,
+                                   vars(control)["Status"] is Model],
+                          "missing": missing}))
+        """
+    )
+    assert doc["same"] == [True, True, True, True]
+    assert doc["missing"] == "module 'oe_router.control' has no attribute 'NoSuchName'"

@@ -12,20 +12,25 @@ Public API (other modules code against exactly these names)::
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+from oe_router.lazypkg import exports
 
 from .problems import ConfigInvalid, ConfigProblem
-from .schema import (
-    BadValue,
-    DnsConfig,
-    Endpoint,
-    IdentityConfig,
-    IkeConfig,
-    OeConfig,
-    PolicyConfig,
-    PolicyEntry,
-)
 from .uci import UciSyntaxError, parse
-from .validate import OPTIONS, validate_text
+
+# The typed schema and the validator load on first use: the ``oe`` CLI reads the file
+# only for its control socket (``control_socket_of``), which a config rarely sets.
+if TYPE_CHECKING:
+    from .schema import (
+        DnsConfig,
+        Endpoint,
+        IdentityConfig,
+        IkeConfig,
+        OeConfig,
+        PolicyConfig,
+        PolicyEntry,
+    )
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -46,6 +51,22 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/config/oe"
+
+__getattr__ = exports(
+    __name__,
+    dict.fromkeys(
+        (
+            "DnsConfig",
+            "Endpoint",
+            "IdentityConfig",
+            "IkeConfig",
+            "OeConfig",
+            "PolicyConfig",
+            "PolicyEntry",
+        ),
+        "schema",
+    ),
+)
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[str | None, list[ConfigProblem]]:
@@ -68,6 +89,8 @@ def _read(path: str | os.PathLike[str]) -> tuple[str | None, list[ConfigProblem]
 def validate_file(path: str | os.PathLike[str]) -> tuple[OeConfig | None, list[ConfigProblem]]:
     """The typed config of the file at ``path`` (None unless it is free of problems) and
     every problem; never raises for bad or missing files."""
+    from .validate import validate_text
+
     text, problems = _read(path)
     if text is None:
         return None, problems
@@ -89,6 +112,8 @@ def load_config(path: str | os.PathLike[str]) -> OeConfig:
 
 def parse_config(text: str, filename: str = "<string>") -> OeConfig:
     """The typed config of UCI ``text``; raises ConfigInvalid listing all problems."""
+    from .validate import validate_text
+
     config, problems = validate_text(text, filename)
     if problems or config is None:
         raise ConfigInvalid(problems)
@@ -119,6 +144,9 @@ def control_socket_of(path: str | os.PathLike[str]) -> str | None:
     value = section.options.get("control_socket") if section is not None else None
     if value is None:
         return None
+    from .schema import BadValue
+    from .validate import OPTIONS
+
     try:
         socket: str = OPTIONS["oe"]["control_socket"].parse(value)
     except BadValue:
