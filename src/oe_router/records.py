@@ -1,20 +1,28 @@
-"""``record``: ``dataclasses.dataclass`` whose ``__repr__``, ``__eq__`` and ``__hash__``
-share one compiled body across classes.
+"""``record``: ``dataclasses.dataclass`` whose methods cost nothing until they are used.
 
-Why: ``dataclass`` writes each method as source text and ``exec``-compiles it per class
-(never cached in a .pyc): the daemon's ~230 dataclasses held ~610 such functions for
-``__repr__``, ``__eq__`` and ``__hash__`` alone, ~0.5 MB of RSS for its life and ~0.07 s
-of every start on a PC (more under TCG). Here each class gets small closures over one
-code object and an ``operator.attrgetter`` of its fields instead; ``__init__`` and a
-frozen class's ``__setattr__``/``__delattr__`` are still ``dataclass``'s own.
+Why: ``dataclass`` writes ``__init__`` (and a frozen class's ``__setattr__`` and
+``__delattr__``, ``__repr__``, ``__eq__``, ``__hash__``) as source text and
+``exec``-compiles it per class, at import, never cached in a .pyc. For the daemon's ~210
+classes that was ~0.09 s of every start on a PC, ~1.8 s in the TCG router, and a code
+object per method for the process's life, though most classes are never instantiated in
+a given run. Here:
 
-What they do is what ``dataclass`` (Python 3.11) generates: the repr
+- ``__repr__``, ``__eq__``, ``__hash__`` and a frozen class's ``__setattr__`` and
+  ``__delattr__`` are small closures over one code object each;
+- ``__init__`` is compiled on the class's first instantiation, then replaces itself.
+
+``dataclass`` itself still collects the fields (``dataclasses.fields``, ``replace`` and
+``asdict`` work as before) and adds ``__match_args__`` and slots.
+
+What the methods do is what ``dataclass`` (Python 3.11) generates: the repr
 ``QualName(a=1, b='x')`` over the ``repr`` fields (``...`` for a recursive call);
 ``__eq__`` compares tuples of the ``compare`` fields when both objects are of the same
 class, else ``NotImplemented``; ``__hash__`` hashes that tuple (fields whose ``hash`` is
 not ``None`` decide for themselves), set only for ``eq`` and ``frozen`` classes, while an
 ``eq`` class that is not frozen gets ``__hash__ = None``; a method the class body defines
-is kept. ``tests/unit/test_records.py`` checks each against ``dataclass``'s.
+is kept; a frozen instance refuses to set or delete a field (``FrozenInstanceError``),
+and a frozen slotted one pickles and copies. ``tests/unit/test_records.py`` checks each
+against ``dataclass``'s.
 """
 
 from __future__ import annotations
@@ -85,13 +93,123 @@ def _hash_of(cls: type, names: tuple[str, ...]) -> Callable[[Any], int]:
     return __hash__
 
 
+def _init_source(
+    cls: type, fields: tuple[dataclasses.Field[Any], ...], frozen: bool
+) -> Callable[..., None]:
+    """Compile the ``__init__`` ``dataclass`` would have written for ``cls``."""
+    names: dict[str, Any] = {"__set": object.__setattr__, "__FACTORY": _FACTORY}
+    params, body = ["self"], []
+    slots = "__slots__" in cls.__dict__
+    for f in fields:
+        value: str | None = f.name
+        if f.default_factory is not dataclasses.MISSING:
+            names[f"__f_{f.name}"] = f.default_factory
+            if f.init:
+                params.append(f"{f.name}=__FACTORY")
+                value = f"__f_{f.name}() if {f.name} is __FACTORY else {f.name}"
+            else:
+                value = f"__f_{f.name}()"
+        elif f.default is not dataclasses.MISSING:
+            names[f"__d_{f.name}"] = f.default
+            if f.init:
+                params.append(f"{f.name}=__d_{f.name}")
+            else:
+                value = f"__d_{f.name}" if slots else None
+        elif f.init:
+            params.append(f.name)
+        if value is not None:
+            body.append(
+                f"__set(self, {f.name!r}, {value})" if frozen else f"self.{f.name} = {value}"
+            )
+    if hasattr(cls, "__post_init__"):
+        body.append("self.__post_init__()")
+    source = f"def __init__({', '.join(params)}):\n " + "\n ".join(body or ["pass"])
+    exec(source, names)  # the same generated text as dataclass's
+    init: Callable[..., None] = names["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__annotations__ = {f.name: f.type for f in fields if f.init} | {"return": None}
+    return init
+
+
+class _Factory:
+    """The default of a parameter whose field has a ``default_factory``."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+_FACTORY = _Factory()
+
+
+def _lazy_init(cls: type, fields: tuple[dataclasses.Field[Any], ...], frozen: bool) -> Any:
+    """An ``__init__`` that compiles the real one on first use and puts it in its place."""
+    seen_default = False
+    for f in fields:  # dataclass's own check, at class creation as dataclass does it
+        if not f.init:
+            continue
+        has_default = not (
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        if seen_default and not has_default:
+            raise TypeError(f"non-default argument {f.name!r} follows default argument")
+        seen_default = seen_default or has_default
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init = _init_source(cls, fields, frozen)
+        type.__setattr__(cls, "__init__", init)
+        init(self, *args, **kwargs)
+
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    return __init__
+
+
+def _frozen_of(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> None:
+    """``__setattr__``/``__delattr__`` that refuse a field (any name on ``cls`` itself)."""
+    names = frozenset(f.name for f in fields)
+    owner: Any = cls
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        if type(self) is cls or name in names:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        super(owner, self).__setattr__(name, value)
+
+    def __delattr__(self: Any, name: str) -> None:
+        if type(self) is cls or name in names:
+            raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+        super(owner, self).__delattr__(name)
+
+    for method in (__setattr__, __delattr__):
+        if method.__name__ in cls.__dict__:
+            raise TypeError(f"Cannot overwrite attribute {method.__name__} in class {cls.__name__}")
+        method.__qualname__ = f"{cls.__qualname__}.{method.__name__}"
+        setattr(cls, method.__name__, method)
+    if "__slots__" in cls.__dict__:
+        slot_names = tuple(f.name for f in fields)
+
+        def __getstate__(self: Any) -> list[Any]:
+            return [getattr(self, name) for name in slot_names]
+
+        def __setstate__(self: Any, state: list[Any]) -> None:
+            for name, value in zip(slot_names, state, strict=False):
+                object.__setattr__(self, name, value)
+
+        for state_method in (__getstate__, __setstate__):
+            setattr(cls, state_method.__name__, state_method)
+
+
 def _process(cls: type[T], frozen: bool, eq: bool, repr: bool, slots: bool) -> type[T]:
     body = cls.__dict__
-    own_repr, own_eq = "__repr__" in body, "__eq__" in body
+    own_repr, own_eq, own_init = "__repr__" in body, "__eq__" in body, "__init__" in body
     class_hash = body.get("__hash__", dataclasses.MISSING)
     explicit_hash = not (class_hash is dataclasses.MISSING or (class_hash is None and own_eq))
-    made: type[T] = dataclasses.dataclass(cls, frozen=frozen, eq=False, repr=False, slots=slots)
+    made: type[T] = dataclasses.dataclass(
+        cls, init=False, frozen=False, eq=False, repr=False, slots=slots
+    )
     fields = dataclasses.fields(made)  # type: ignore[arg-type]
+    if not own_init:
+        type.__setattr__(made, "__init__", _lazy_init(made, fields, frozen))
+    if frozen:
+        _frozen_of(made, fields)
     if repr and not own_repr:
         made.__repr__ = _repr_of(made, tuple(f.name for f in fields if f.repr))  # type: ignore[method-assign]
     if eq:

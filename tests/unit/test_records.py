@@ -8,7 +8,9 @@ which methods a body of its own keeps.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import math
 import re
 from collections.abc import Callable
@@ -85,6 +87,21 @@ def shapes(deco: Decorator) -> dict[str, Any]:
     class Child(Frozen):
         c: int = 3
 
+    @deco(frozen=True)
+    class Built:
+        a: int
+        made: list[int] = dataclasses.field(default_factory=list)
+        late: int = dataclasses.field(default=4, init=False)
+        listed: list[int] = dataclasses.field(default_factory=lambda: [1], init=False)
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "late", self.a * 2)
+
+    @deco(frozen=True, slots=True)
+    class SlottedLate:
+        a: int
+        late: int = dataclasses.field(default=4, init=False)
+
     return {
         "Frozen": Frozen,
         "Slotted": Slotted,
@@ -97,6 +114,8 @@ def shapes(deco: Decorator) -> dict[str, Any]:
         "OwnMethods": OwnMethods,
         "OwnEq": OwnEq,
         "Child": Child,
+        "Built": Built,
+        "SlottedLate": SlottedLate,
     }
 
 
@@ -115,6 +134,9 @@ CASES = [
     ("OwnMethods", (1,), (2,)),
     ("OwnEq", (1,), (2,)),
     ("Child", (1, "y", 5, 6, 0.5, 4), (1, "y", 5, 6, 0.5, 5)),
+    ("Built", (1, [2]), (2,)),
+    ("Built", (1,), (1, [3])),
+    ("SlottedLate", (1,), (2,)),
 ]
 
 
@@ -142,7 +164,19 @@ def observe(cls: type, args: tuple[Any, ...], other_args: tuple[Any, ...]) -> di
         "frozen": frozen,
         "unhashable": cls.__hash__ is None,
         "fields": [f.name for f in dataclasses.fields(cls)],
+        "signature": str(inspect.signature(cls)),
+        "values": [getattr(obj, f.name) for f in dataclasses.fields(cls)],
+        "copies": [copy.copy(obj) == obj, copy.deepcopy(obj) == obj],
+        "del": deleted(obj),
     }
+
+
+def deleted(obj: Any) -> str:
+    try:
+        del obj.a
+    except (dataclasses.FrozenInstanceError, AttributeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "deleted"
 
 
 @pytest.mark.parametrize(("name", "args", "other_args"), CASES)
@@ -184,3 +218,44 @@ def test_oe_router_declares_its_dataclasses_with_record() -> None:
         if re.match(r"\s*@(dataclasses\.)?dataclass\b", line)
     ]
     assert plain == []
+
+
+def test_init_is_compiled_on_first_use_and_replaces_itself() -> None:
+    """What saves the start: no class pays for its ``__init__`` until it is built."""
+    a, b = shapes(record)["Frozen"], shapes(record)["Plain"]
+    assert a.__init__.__code__ is b.__init__.__code__  # both still the shared stub
+    lazy = a.__init__
+    a(1)
+    assert a.__init__ is not lazy and a.__init__.__qualname__.endswith("Frozen.__init__")
+    assert a.__init__.__code__ is not b.__init__.__code__
+
+
+def test_a_plain_subclass_builds_through_the_records_init() -> None:
+    frozen = shapes(record)["Frozen"]
+
+    class Sub(frozen):  # type: ignore[misc, valid-type]
+        pass
+
+    assert Sub(1).a == 1 and frozen(2).a == 2
+    sub = Sub(1)
+    sub.extra = 5  # not a field, and Sub is not the record: allowed, as with dataclass
+    assert sub.extra == 5
+
+
+def test_wrong_arguments_fail_as_dataclass_does() -> None:
+    for deco in (record, dataclasses.dataclass):
+        frozen = shapes(deco)["Frozen"]
+        with pytest.raises(TypeError, match="missing 1 required positional argument: 'a'"):
+            frozen()
+        with pytest.raises(TypeError, match="unexpected keyword argument 'z'"):
+            frozen(1, z=2)
+
+
+def test_a_field_without_default_after_one_with_fails_at_class_creation() -> None:
+    for deco in (record, dataclasses.dataclass):
+        with pytest.raises(TypeError, match="non-default argument 'b' follows default argument"):
+
+            @deco
+            class Bad:
+                a: int = 1
+                b: int
