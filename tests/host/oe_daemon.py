@@ -113,6 +113,18 @@ class OeDaemon:
     def tunnels(self) -> list[dict[str, Any]]:
         return [t for t in self.status()["tunnels"] if t.get("source") != "ike"]
 
+    def wait_counted(self, before: dict[str, Any], packets: int, timeout: float = 3.0) -> Any:
+        """The first tunnel once its counters moved by ``packets`` both ways from ``before``
+        (a row of ``tunnels()``): the userspace datapath's workers publish their counters
+        ten times a second, so a read right after the last reply can miss it."""
+
+        def moved() -> Any:
+            now = self.tunnels()[0]
+            done = all(now[k] >= before[k] + packets for k in ("packets_out", "packets_in"))
+            return now if done else None
+
+        return self.wait_for(f"tunnel counters +{packets} both ways from {before}", moved, timeout)
+
     def wait_for(self, what: str, pred: Any, timeout: float = 20.0) -> Any:
         deadline = time.monotonic() + timeout
         while True:

@@ -27,6 +27,7 @@ from oe_router.datapath.base import (
     Direction,
     FeatureMissing,
     Lifetime,
+    Mode,
     PolicyAction,
     PolicySpec,
     SaKeys,
@@ -168,6 +169,42 @@ def test_policy_update_replaces_in_place(netns: str) -> None:
         await dp.install_policy(shunt)
         ours = [p for _, p in dp.dump_policies() if p is not None]
         assert ours == [shunt]
+        await dp.close()
+        assert _ip("-n", netns, "xfrm", "policy").strip() == ""
+
+    asyncio.run(body())
+
+
+def test_policies_in_one_batch_each_go_in_or_are_named(netns: str) -> None:
+    """``install_policies``: one send; a policy the kernel refuses (a transport-mode
+    template of another family than its selector) is named, the others are in."""
+
+    async def body() -> None:
+        dp = XfrmDatapath(netns=netns)
+        trap = _trap(dp, "10.0.0.1/32", "192.0.2.0/24", PEER)
+        bad_tmpl = Template(LOCAL6, PEER6, dp.ownership.reqid_min + 2, Mode.TRANSPORT)
+        bad = PolicySpec(
+            _ts("10.0.0.1/32"),
+            _ts("192.0.2.9/32"),
+            Direction.OUT,
+            PolicyAction.IPSEC,
+            5,
+            (bad_tmpl,),
+        )
+        clear = [
+            PolicySpec(
+                _ts("10.0.0.1/32"), _ts(f"198.51.100.{i}/32"), Direction.OUT, PolicyAction.PASS, 7
+            )
+            for i in range(30)
+        ]
+        with pytest.raises(DatapathError, match=r"192\.0\.2\.9") as refusal:
+            await dp.install_policies([trap, bad, *clear])
+        assert "also refused" not in str(refusal.value)
+        assert dp.stats()["policies"] == 31 == _kernel_policy_count(netns)
+        ours = {p for _, p in dp.dump_policies() if p is not None}
+        assert set(clear) <= ours and not any(p.dst == bad.dst for p in ours)
+        await dp.install_policies(clear)  # again: each replaced in place
+        assert _kernel_policy_count(netns) == 31
         await dp.close()
         assert _ip("-n", netns, "xfrm", "policy").strip() == ""
 

@@ -25,11 +25,7 @@ import oe_router.esp_offer as D
 from oe_router.config import OeConfig
 from oe_router.config.schema import DEFAULT_ESP_PROPOSALS, PolicyConfig, parse_policy_entry
 from oe_router.datapath.base import (
-    ChildSaCounters,
     ChildSaSpec,
-    PolicySpec,
-    ReconcileReport,
-    SaCounters,
     SaKeys,
     TrafficSelector,
     encr_algorithm,
@@ -40,13 +36,13 @@ from oe_router.dns.ipseckey import KeyKind, PeerKey
 from oe_router.ike.proposals import esp_offer
 from oe_router.ike.sa import IkeSaConfig
 from oe_router.ike.service import IkeService
-from oe_router.oe.actions import ChildRequest, NegotiationResult
 from oe_router.oe.service import OeService
 from oe_router.offload.chooser import ChoiceTable
 from oe_router.offload.crypto_user import CryptoUserError
 from oe_router.offload.engine import TRANSFORMS
 from oe_router.offload.service import OffloadUpdate
 from tests.aio import running
+from tests.fake_datapath import FakeDatapath, FakeNegotiator
 
 WAN = ipaddress.IPv4Address("198.51.100.1")
 PEER = ipaddress.IPv4Address("192.0.2.7")
@@ -553,66 +549,6 @@ def test_rekey_child_without_an_ike_sa_says_so() -> None:
 
 
 # --- the OE service's side: waiting for an offer, moving Child SAs -----------------------------
-class FakeDatapath:
-    name, reason, tunnel_device = "fake", "unit test", None
-
-    def __init__(self) -> None:
-        self.installed: list[ChildSaSpec] = []
-        self.removed: list[ChildSaSpec] = []
-
-    async def start(self) -> None: ...
-
-    async def reconcile(self, adopt_policy: object = None) -> ReconcileReport:
-        return ReconcileReport(0, 0, 0, 0)
-
-    async def release_adopted(self, keep: object) -> int:
-        return 0
-
-    async def install_policy(self, policy: PolicySpec) -> None: ...
-
-    async def remove_policy(self, policy: PolicySpec) -> None: ...
-
-    async def install_child_sa(self, spec: ChildSaSpec) -> ChildSaSpec:
-        self.installed.append(spec)
-        return replace(spec, reqid=0x4F450000 + len(self.installed))
-
-    async def remove_child_sa(self, spec: ChildSaSpec, *, remove_policies: bool = True) -> None:
-        self.removed.append(spec)
-
-    async def counters(self, spec: ChildSaSpec) -> ChildSaCounters:
-        return ChildSaCounters(SaCounters(0, 0, 0, 0), SaCounters(0, 0, 0, 0))
-
-    def read_counters(self, spec: ChildSaSpec) -> ChildSaCounters:
-        return ChildSaCounters(SaCounters(0, 0, 0, 0), SaCounters(0, 0, 0, 0))
-
-    async def events(self) -> Any:
-        await asyncio.Event().wait()
-        yield  # pragma: no cover
-
-    def stats(self) -> dict[str, int]:
-        return {}
-
-    def orphaned_acquires(self, trap_reqid: int) -> list[Any]:
-        return []
-
-    async def close(self) -> None: ...
-
-
-class FakeNegotiator:
-    def __init__(self, spec: ChildSaSpec) -> None:
-        self.spec = spec
-        self.requests: list[ChildRequest] = []
-
-    async def negotiate(self, request: ChildRequest, now: float) -> NegotiationResult:
-        self.requests.append(request)
-        return NegotiationResult(self.spec)
-
-    async def rekey(self, peer: object, child: ChildSaSpec, now: float) -> NegotiationResult:
-        return NegotiationResult(None, "not here")
-
-    async def delete(self, peer: object, child: ChildSaSpec | None) -> None: ...
-
-
 class FakeOffer:
     def __init__(self) -> None:
         self.empty: str | None = "no ESP transform has passed the kernel datapath's self-test yet"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import field, replace
 from types import MappingProxyType
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -564,6 +564,12 @@ class Datapath(Protocol):
 
     async def install_policy(self, policy: PolicySpec) -> None:
         """Install or replace (same selector, direction, mark) a policy."""
+        ...
+
+    async def install_policies(self, policies: Sequence[PolicySpec]) -> None:
+        """``install_policy`` for several, in order, in one step where the datapath can (the
+        start's traps and passes: one netlink send, not one each). Each goes in or not on
+        its own; DatapathError names every refused one."""
         ...
 
     async def remove_policy(self, policy: PolicySpec) -> None:

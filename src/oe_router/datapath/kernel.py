@@ -1153,13 +1153,24 @@ class XfrmDatapath:
         return (pol.src, pol.dst, pol.direction, pol.mark)
 
     async def install_policy(self, policy: PolicySpec) -> None:
+        await self.install_policies((policy,))
+
+    async def install_policies(self, policies: Sequence[PolicySpec]) -> None:
+        """One batch (an XFRM batch is no transaction: each message succeeds or not)."""
+        if not policies:
+            return
         batch = self._batch()
-        add_policy(batch, policy, self._own, _PolicyTag(policy))
-        exc = batch_error(batch, self._commit(batch))
+        for policy in policies:
+            add_policy(batch, policy, self._own, _PolicyTag(policy))
+        acks = self._commit(batch)
+        for policy, ack in zip(policies, acks, strict=True):
+            if not ack.errno:
+                key = self._key(policy)
+                self._policies[key] = policy
+                self._adopted.discard(key)
+        exc = batch_error(batch, acks)
         if exc is not None:
             raise exc
-        self._policies[self._key(policy)] = policy
-        self._adopted.discard(self._key(policy))
 
     async def remove_policy(self, policy: PolicySpec) -> None:
         self._delete_policy(policy)

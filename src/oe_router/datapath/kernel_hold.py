@@ -377,11 +377,23 @@ class HeldXfrmDatapath(XfrmDatapath):
 
     # -- the mirror --
     async def install_policy(self, policy: PolicySpec) -> None:
-        await super().install_policy(policy)
-        if self._in_child:
-            return  # a Child SA's policy: mirrored once all of them are in
-        self._decider.install(policy)
-        await self._changed([policy])
+        await self.install_policies((policy,))
+
+    async def install_policies(self, policies: Sequence[PolicySpec]) -> None:
+        """Mirrored as they went in: all of them, or on a refusal those the kernel holds."""
+        try:
+            await super().install_policies(policies)
+        except DatapathError:
+            await self._mirror([p for p in policies if self._policies.get(self._key(p)) == p])
+            raise
+        await self._mirror(policies)
+
+    async def _mirror(self, policies: Sequence[PolicySpec]) -> None:
+        if self._in_child or not policies:
+            return  # a Child SA's policies: mirrored once all of them are in
+        for policy in policies:
+            self._decider.install(policy)
+        await self._changed(policies)
 
     async def remove_policy(self, policy: PolicySpec) -> None:
         await super().remove_policy(policy)

@@ -34,7 +34,7 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from oe_router.records import record
@@ -305,6 +305,9 @@ class UserspaceDatapath:
     # ------------------------------------------------------------------ policies
     async def install_policy(self, policy: PolicySpec) -> None:
         await self._policies.install([policy])
+
+    async def install_policies(self, policies: Sequence[PolicySpec]) -> None:
+        await self._policies.install(list(policies))
 
     async def remove_policy(self, policy: PolicySpec) -> None:
         await self._policies.remove([policy])

@@ -35,6 +35,7 @@ from oe_router.datapath.base import (
     IPAddress,
     IPNetwork,
     PolicyExpire,
+    PolicySpec,
 )
 from oe_router.datapath.kernel import Ownership, XfrmDatapath
 from oe_router.oe.actions import (
@@ -503,14 +504,52 @@ class OeService:
         dp = self._dp
         if dp is None:
             return
+        policies: list[InstallPolicy] = []
+        for action in actions:
+            if isinstance(action, InstallPolicy):
+                policies.append(action)
+                continue
+            await self._install(dp, policies)
+            try:
+                await self._one(dp, action)
+            except DatapathError as exc:
+                log.error("%s", exc)
+        await self._install(dp, policies)
+        await self._sync_peers6()
+        if any(isinstance(a, InstallPolicy) for a in actions):
+            self._wake.set()  # a new shunt may expire before the timer's current deadline
+
+    async def _install(self, dp: Datapath, run: list[InstallPolicy]) -> None:
+        """Consecutive InstallPolicy actions in one datapath step (the start's 60-odd traps
+        and passes: 0.6 s of the TCG router's start as one netlink send each). If the
+        datapath refuses any, each is installed again on its own, so that every refusal
+        is logged by name and every installed shunt announced, as one by one."""
+        if not run:
+            return
+        actions = run[:]
+        run.clear()
+        if len(actions) > 1:
+            if any(a.nat_first for a in actions):
+                await self._sync_peers6()
+            try:
+                await dp.install_policies([a.policy for a in actions])
+            except DatapathError:
+                pass  # named below, one by one
+            else:
+                for action in actions:
+                    self._announce(action.policy)
+                return
         for action in actions:
             try:
                 await self._one(dp, action)
             except DatapathError as exc:
                 log.error("%s", exc)
-        await self._sync_peers6()
-        if any(isinstance(a, InstallPolicy) for a in actions):
-            self._wake.set()  # a new shunt may expire before the timer's current deadline
+
+    def _announce(self, policy: PolicySpec) -> None:
+        if self.events is not None:
+            shunt = self.manager.shunt_status(policy, self._clock())
+            if shunt is not None:
+                self.events.publish("oe.shunt", asdict(shunt))
 
     async def _one(self, dp: Datapath, action: Action) -> None:
         mgr = self.manager
@@ -518,10 +557,7 @@ class OeService:
             if action.nat_first:
                 await self._sync_peers6()
             await dp.install_policy(action.policy)
-            if self.events is not None:
-                shunt = mgr.shunt_status(action.policy, self._clock())
-                if shunt is not None:
-                    self.events.publish("oe.shunt", asdict(shunt))
+            self._announce(action.policy)
         elif isinstance(action, RemovePolicy):
             await dp.remove_policy(action.policy)
         elif isinstance(action, Negotiate):
