@@ -11,8 +11,12 @@ a given run. Here:
   ``__delattr__`` are small closures over one code object each;
 - ``__init__`` is compiled on the class's first instantiation, then replaces itself.
 
-``dataclass`` itself still collects the fields (``dataclasses.fields``, ``replace`` and
-``asdict`` work as before) and adds ``__match_args__`` and slots.
+- the fields are collected as ``dataclass`` collects them, without its per-annotation
+  type checks (a string annotation is ``ClassVar`` or a field; ``InitVar`` and
+  ``KW_ONLY`` are not used here): ``dataclasses.fields``, ``replace`` and ``asdict``
+  work on records as on dataclasses, and ``__match_args__`` and slots are as it makes
+  them. ``dataclass`` itself is never called (its field collection was ~15% of the
+  daemon's import).
 
 What the methods do is what ``dataclass`` (Python 3.11) generates: the repr
 ``QualName(a=1, b='x')`` over the ``repr`` fields (``...`` for a recursive call);
@@ -28,10 +32,12 @@ against ``dataclass``'s.
 from __future__ import annotations
 
 import _thread
+import abc
 import dataclasses
+import re
 from collections.abc import Callable
 from operator import attrgetter
-from typing import Any, TypeVar, dataclass_transform, overload
+from typing import Any, ClassVar, TypeVar, dataclass_transform, overload
 
 __all__ = ["record"]
 
@@ -197,15 +203,84 @@ def _frozen_of(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> None:
             setattr(cls, state_method.__name__, state_method)
 
 
+#: The marker ``dataclasses.fields`` keeps a field by (a private name of the stdlib's
+#: dataclasses, stable since 3.7; ``tests/unit/test_records.py`` checks ``fields``,
+#: ``replace`` and ``asdict`` on records).
+_FIELD = dataclasses._FIELD  # type: ignore[attr-defined]
+_MISSING = dataclasses.MISSING
+_CLASSVAR = re.compile(r"(?:typing\.)?ClassVar\b")
+_UNSUPPORTED = re.compile(r"(?:dataclasses\.)?(?:InitVar|KW_ONLY)\b")
+
+
+def _fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    """The fields ``dataclass`` would collect: its bases' (nearest dataclass ancestor
+    first), then the class's own annotations in order, ``ClassVar`` ones left out; a
+    ``field()`` default is replaced on the class by its plain default (or removed)."""
+    fields: dict[str, dataclasses.Field[Any]] = {}
+    for base in cls.__mro__[-1:0:-1]:
+        fields.update(getattr(base, "__dataclass_fields__", None) or {})
+    body = cls.__dict__
+    annotations: dict[str, Any] = body.get("__annotations__", {})
+    for name, annotation in annotations.items():
+        if (
+            annotation is ClassVar
+            or (isinstance(annotation, str) and _CLASSVAR.match(annotation))
+            or getattr(annotation, "__origin__", None) is ClassVar
+        ):
+            continue
+        if isinstance(annotation, str) and _UNSUPPORTED.match(annotation):
+            raise TypeError(f"{cls.__qualname__}.{name}: record has no {annotation}")
+        default = body.get(name, _MISSING)
+        if isinstance(default, dataclasses.Field):
+            f = default
+            if f.default is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, f.default)
+        else:
+            f = dataclasses.field(default=default)
+        if f.default.__class__.__hash__ is None:
+            raise ValueError(
+                f"mutable default {type(f.default)} for field {name} is not allowed:"
+                " use default_factory"
+            )
+        f.name, f.type, f._field_type = name, annotation, _FIELD  # type: ignore[attr-defined]
+        if f.kw_only is _MISSING:
+            f.kw_only = False
+        fields[name] = f
+    for name, value in body.items():
+        if isinstance(value, dataclasses.Field) and name not in annotations:
+            raise TypeError(f"{name!r} is a field but has no type annotation")
+    return fields
+
+
+def _slotted(cls: type[T], names: tuple[str, ...]) -> type[T]:
+    """``cls`` again with ``__slots__`` for the fields its bases do not slot already."""
+    inherited: set[str] = set()
+    for base in cls.__mro__[1:-1]:
+        slots = base.__dict__.get("__slots__", ())
+        inherited.update((slots,) if isinstance(slots, str) else slots)
+    namespace = dict(cls.__dict__)
+    namespace["__slots__"] = tuple(n for n in names if n not in inherited)
+    for name in (*names, "__dict__", "__weakref__"):
+        namespace.pop(name, None)
+    metaclass: Any = type(cls)
+    made: type[T] = metaclass(cls.__name__, cls.__bases__, namespace)
+    made.__qualname__ = cls.__qualname__
+    return made
+
+
 def _process(cls: type[T], frozen: bool, eq: bool, repr: bool, slots: bool) -> type[T]:
     body = cls.__dict__
     own_repr, own_eq, own_init = "__repr__" in body, "__eq__" in body, "__init__" in body
-    class_hash = body.get("__hash__", dataclasses.MISSING)
-    explicit_hash = not (class_hash is dataclasses.MISSING or (class_hash is None and own_eq))
-    made: type[T] = dataclasses.dataclass(
-        cls, init=False, frozen=False, eq=False, repr=False, slots=slots
-    )
-    fields = dataclasses.fields(made)  # type: ignore[arg-type]
+    class_hash = body.get("__hash__", _MISSING)
+    explicit_hash = not (class_hash is _MISSING or (class_hash is None and own_eq))
+    by_name = _fields_of(cls)
+    cls.__dataclass_fields__ = by_name  # type: ignore[attr-defined]
+    fields = tuple(by_name.values())
+    if "__match_args__" not in body:
+        type.__setattr__(cls, "__match_args__", tuple(f.name for f in fields if f.init))
+    made = _slotted(cls, tuple(by_name)) if slots else cls
     if not own_init:
         type.__setattr__(made, "__init__", _lazy_init(made, fields, frozen))
     if frozen:
@@ -221,6 +296,7 @@ def _process(cls: type[T], frozen: bool, eq: bool, repr: bool, slots: bool) -> t
                 made.__hash__ = _hash_of(made, tuple(hashed))  # type: ignore[assignment]
             else:
                 made.__hash__ = None  # type: ignore[assignment]
+    abc.update_abstractmethods(made)
     return made
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import math
 import re
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -167,8 +168,19 @@ def observe(cls: type, args: tuple[Any, ...], other_args: tuple[Any, ...]) -> di
         "signature": str(inspect.signature(cls)),
         "values": [getattr(obj, f.name) for f in dataclasses.fields(cls)],
         "copies": [copy.copy(obj) == obj, copy.deepcopy(obj) == obj],
-        "del": deleted(obj),
-    }
+        "replaced": dataclasses.replace(obj) == obj,
+        "asdict": dataclasses.asdict(obj),
+        "match_args": cls.__match_args__,
+        "slots": getattr(cls, "__slots__", None),
+        "class_attributes": {
+            f.name: _class_attribute(cls, f.name) for f in dataclasses.fields(cls)
+        },
+    } | {"del": deleted(obj)}
+
+
+def _class_attribute(cls: type, name: str) -> Any:
+    value = cls.__dict__.get(name, "-")
+    return "slot" if isinstance(value, types.MemberDescriptorType) else value
 
 
 def deleted(obj: Any) -> str:
@@ -259,3 +271,26 @@ def test_a_field_without_default_after_one_with_fails_at_class_creation() -> Non
             class Bad:
                 a: int = 1
                 b: int
+
+
+def test_what_a_record_refuses_it_refuses_as_dataclass_does() -> None:
+    for deco in (record, dataclasses.dataclass):
+        with pytest.raises(ValueError, match="mutable default <class 'list'> for field a"):
+
+            @deco
+            class Mutable:
+                a: list[int] = []
+
+        with pytest.raises(TypeError, match="'a' is a field but has no type annotation"):
+
+            @deco
+            class Unannotated:
+                a = dataclasses.field(default=1)
+
+
+def test_a_record_refuses_what_it_does_not_implement() -> None:
+    with pytest.raises(TypeError, match=r"record has no dataclasses\.InitVar"):
+
+        @record
+        class Init:
+            a: dataclasses.InitVar[int]
