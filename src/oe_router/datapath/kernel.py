@@ -540,22 +540,21 @@ _BLOCKING: Final = (PolicyAction.DROP, PolicyAction.HOLD)
 def _selector_parts(
     src: TrafficSelector, dst: TrafficSelector
 ) -> tuple[tuple[Any, ...], list[Path], list[Any]]:
-    """``_selector`` split into what goes into a prototype's shape (family, prefix lengths,
-    protocol, which ports are set) and the fields patched per message (addresses, and
-    the ports that are set), with their values."""
+    """``_selector`` split into what goes into a prototype's shape (family, protocol, which
+    ports are set) and the fields patched per message (addresses, prefix lengths, and the
+    ports that are set), with their values. Prefix lengths are patched, not shaped: the
+    policy groups' networks come in every length."""
     icmp = src.icmp_type if src.icmp_type is not None else dst.icmp_type
     sport = src.port if icmp is None else icmp
     dnet, snet = dst.net, src.net
-    shape = (
-        snet.version,
+    shape = (snet.version, dst.proto or src.proto, dst.port is not None, sport is not None)
+    paths: list[Path] = ["sel_daddr", "sel_saddr", "sel_prefixlen_d", "sel_prefixlen_s"]
+    values: list[Any] = [
+        dnet.network_address.packed,
+        snet.network_address.packed,
         dnet.prefixlen,
         snet.prefixlen,
-        dst.proto or src.proto,
-        dst.port is not None,
-        sport is not None,
-    )
-    paths: list[Path] = ["sel_daddr", "sel_saddr"]
-    values: list[Any] = [dnet.network_address.packed, snet.network_address.packed]
+    ]
     if dst.port is not None:
         paths.append("sel_dport")
         values.append(dst.port)
@@ -568,16 +567,19 @@ def _selector_parts(
 def add_policy(batch: Batch, policy: PolicySpec, own: Ownership, tag: Any) -> None:
     """Append an UPDPOLICY (install or replace) for ``policy``.
 
-    The shape holds what varies little (direction, rank, template SPIs, lifetime, mark);
-    addresses, ports and reqids are patched: a few stores per message."""
+    The shape holds what varies little (direction, template SPIs, lifetime, mark);
+    addresses, ports, the priority and reqids are patched: a few stores per message. (With
+    the priority in the shape, the start's ~60 group policies, each ranked by its prefix,
+    made ~50 shapes, each encoded once by the declared wire format: 0.2 s of a TCG
+    router's start.)"""
     sel_shape, sel_paths, values = _selector_parts(policy.src, policy.dst)
     tmpls = policy.templates
     lft = policy.lifetime
+    values.append(own.kernel_priority(policy.priority, policy.persistent))
     shape = (
         "policy",
         sel_shape,
         policy.direction,
-        own.kernel_priority(policy.priority, policy.persistent),
         policy.action in _BLOCKING,
         tuple([(t.dst.version, t.mode, t.spi) for t in tmpls]),
         None if lft is _NO_LIFETIME or lft == _NO_LIFETIME else lft,
@@ -587,8 +589,10 @@ def add_policy(batch: Batch, policy: PolicySpec, own: Ownership, tag: Any) -> No
         values += (t.dst.packed, t.src.packed, t.reqid)
     proto = _PROTOTYPES.get(shape)
     if proto is None:
-        paths = sel_paths + [
-            (X.XFRMA_TMPL, i, name) for i in range(len(tmpls)) for name in _TMPL_VARIABLE
+        paths = [
+            *sel_paths,
+            "priority",
+            *[(X.XFRMA_TMPL, i, name) for i in range(len(tmpls)) for name in _TMPL_VARIABLE],
         ]
 
         def make() -> tuple[int, dict[str, Any], list[tuple[str, Any]]]:
