@@ -218,7 +218,8 @@ def _fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
     ``field()`` default is replaced on the class by its plain default (or removed)."""
     fields: dict[str, dataclasses.Field[Any]] = {}
     for base in cls.__mro__[-1:0:-1]:
-        fields.update(getattr(base, "__dataclass_fields__", None) or {})
+        inherited = getattr(base, "__dataclass_fields__", None) or {}
+        fields.update((n, f) for n, f in inherited.items() if f._field_type is _FIELD)
     body = cls.__dict__
     annotations: dict[str, Any] = body.get("__annotations__", {})
     for name, annotation in annotations.items():

@@ -294,3 +294,19 @@ def test_a_record_refuses_what_it_does_not_implement() -> None:
         @record
         class Init:
             a: dataclasses.InitVar[int]
+
+
+def test_a_record_on_a_dataclass_base_takes_its_fields_not_its_class_variables() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Base:
+        a: int
+        kind: ClassVar[str] = "k"
+
+    for deco in (record, dataclasses.dataclass):
+
+        @deco(frozen=True)
+        class Sub(Base):
+            b: int = 2
+
+        assert [f.name for f in dataclasses.fields(Sub)] == ["a", "b"]
+        assert Sub(1) == Sub(1, 2) and Sub(1).kind == "k"
