@@ -1,22 +1,21 @@
-"""``record``: ``dataclasses.dataclass`` whose methods cost nothing until they are used.
+"""``record``: what ``dataclasses.dataclass`` makes, with no per-class cost until used.
 
 Why: ``dataclass`` writes ``__init__`` (and a frozen class's ``__setattr__`` and
 ``__delattr__``, ``__repr__``, ``__eq__``, ``__hash__``) as source text and
-``exec``-compiles it per class, at import, never cached in a .pyc. For the daemon's ~210
-classes that was ~0.09 s of every start on a PC, ~1.8 s in the TCG router, and a code
-object per method for the process's life, though most classes are never instantiated in
-a given run. Here:
+``exec``-compiles it per class, at import, never cached in a .pyc, and checks each
+field's annotation on the way. For the daemon's ~240 classes that was 2.0 s of a TCG
+router's start (under cProfile), and a code object per method for the process's life,
+though most classes are never instantiated in a given run. Here:
 
 - ``__repr__``, ``__eq__``, ``__hash__`` and a frozen class's ``__setattr__`` and
   ``__delattr__`` are small closures over one code object each;
-- ``__init__`` is compiled on the class's first instantiation, then replaces itself.
-
+- ``__init__`` is compiled on the class's first instantiation, then replaces itself;
 - the fields are collected as ``dataclass`` collects them, without its per-annotation
   type checks (a string annotation is ``ClassVar`` or a field; ``InitVar`` and
-  ``KW_ONLY`` are not used here): ``dataclasses.fields``, ``replace`` and ``asdict``
-  work on records as on dataclasses, and ``__match_args__`` and slots are as it makes
-  them. ``dataclass`` itself is never called (its field collection was ~15% of the
-  daemon's import).
+  ``KW_ONLY``, which the project does not use, are refused by name):
+  ``dataclasses.fields``, ``replace`` and ``asdict`` work on records as on dataclasses,
+  and ``__match_args__`` and slots are as it makes them. ``dataclass`` itself is never
+  called.
 
 What the methods do is what ``dataclass`` (Python 3.11) generates: the repr
 ``QualName(a=1, b='x')`` over the ``repr`` fields (``...`` for a recursive call);

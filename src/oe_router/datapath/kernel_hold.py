@@ -379,11 +379,9 @@ class HeldXfrmDatapath(XfrmDatapath):
         return out
 
     # -- the mirror --
-    async def install_policy(self, policy: PolicySpec) -> None:
-        await self.install_policies((policy,))
-
     async def install_policies(self, policies: Sequence[PolicySpec]) -> None:
-        """Mirrored as they went in: all of them, or on a refusal those the kernel holds."""
+        """Mirrored as they went in: all of them, or on a refusal those the kernel holds
+        (``install_policy`` comes here too)."""
         try:
             await super().install_policies(policies)
         except DatapathError:

@@ -304,7 +304,7 @@ class UserspaceDatapath:
 
     # ------------------------------------------------------------------ policies
     async def install_policy(self, policy: PolicySpec) -> None:
-        await self._policies.install([policy])
+        await self.install_policies((policy,))
 
     async def install_policies(self, policies: Sequence[PolicySpec]) -> None:
         await self._policies.install(list(policies))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -504,30 +505,24 @@ class OeService:
         dp = self._dp
         if dp is None:
             return
-        policies: list[InstallPolicy] = []
-        for action in actions:
-            if isinstance(action, InstallPolicy):
-                policies.append(action)
+        for installs, run in itertools.groupby(actions, lambda a: isinstance(a, InstallPolicy)):
+            if installs:
+                await self._install(dp, list(run))  # type: ignore[arg-type]
                 continue
-            await self._install(dp, policies)
-            try:
-                await self._one(dp, action)
-            except DatapathError as exc:
-                log.error("%s", exc)
-        await self._install(dp, policies)
+            for action in run:
+                try:
+                    await self._one(dp, action)
+                except DatapathError as exc:
+                    log.error("%s", exc)
         await self._sync_peers6()
         if any(isinstance(a, InstallPolicy) for a in actions):
             self._wake.set()  # a new shunt may expire before the timer's current deadline
 
-    async def _install(self, dp: Datapath, run: list[InstallPolicy]) -> None:
+    async def _install(self, dp: Datapath, actions: list[InstallPolicy]) -> None:
         """Consecutive InstallPolicy actions in one datapath step (the start's 60-odd traps
         and passes: 0.6 s of the TCG router's start as one netlink send each). If the
         datapath refuses any, each is installed again on its own, so that every refusal
         is logged by name and every installed shunt announced, as one by one."""
-        if not run:
-            return
-        actions = run[:]
-        run.clear()
         if len(actions) > 1:
             if any(a.nat_first for a in actions):
                 await self._sync_peers6()
