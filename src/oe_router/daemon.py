@@ -561,6 +561,7 @@ def build_services(
                     wan_devices=plat.wan_devices,
                     wan4=plat.wan.get(4),
                     lan=plat.lan,
+                    wan6=plat.wan.get(6),
                 )
             registry.add(offer)
             negotiator = IkeNegotiator(ike)

@@ -11,7 +11,11 @@ table itself (``nft=``, as the daemon does). What it must show:
   leaves with the device's own address (no NAT66 for ordinary traffic);
 - a LAN flow into the "private" group is NATed to the WAN address (set oe_private6),
   meets the private trap, is negotiated and, the negotiation failing, dropped: no
-  cleartext packet reaches the world.
+  cleartext packet reaches the world;
+- with ``packet_hold`` the first packets of both wait in the daemon instead of being
+  dropped by the trap: the private-or-clear one arrives once the pass shunts are in (the
+  first datagram itself, un-NATed), the private one is dropped, and a later flow to the
+  decided destination is not queued again.
 
 The IKE seam is a probe over IPv6 (UDP 500 of the peer, nothing listens: the negotiation
 fails for real); the host kernel has no ESP, so tunnels themselves are the QEMU tier's.
@@ -23,6 +27,7 @@ import asyncio
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -152,3 +157,65 @@ def test_without_the_private6_rule_the_private_flow_would_leak(
             assert got == [(b"leak", LAN_DEV)]
 
     run(body(), rx, tx)
+
+
+def test_lan_ipv6_first_packets_are_held_until_decided(nets: tuple[str, str, str]) -> None:
+    lan, r, w = nets
+    rx_poc, rx_priv = _udp(w, (POC6, PORT)), _udp(w, (PRIV6, PORT))
+    tx = _udp(lan)
+    lan6 = ipaddress.ip_network("fd00:1::/64")
+
+    async def body() -> None:
+        neg = ProbeNegotiator(r)
+        svc = OeService(
+            datapath_factory=kernel_datapath(r, wan_devices=["wan"], wan6=WAN6, lan=[lan6]),
+            negotiator=neg,
+            wan={6: WAN6},
+            lan=[lan6],
+            nft=lambda script: apply_nft(script, netns=r),
+        )
+
+        def stats() -> dict[str, int]:
+            return svc.status().datapath_stats or {}
+
+        async def until(what: Callable[[], bool], seconds: float = 5.0) -> bool:
+            deadline = time.monotonic() + seconds
+            while not what() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            return what()
+
+        async with running(svc, replace(_config(), packet_hold=True)):
+            assert "held_now" in stats(), f"the hold did not come up for IPv6: {stats()}"
+            got: list[tuple[bytes, str]] = []
+
+            def arrived() -> list[tuple[bytes, str]]:
+                got.extend(received(rx_poc))
+                return got
+
+            # private-or-clear: held (not dropped) while the negotiation fails, then the
+            # very first datagram leaves, once, with the device's own address
+            tx.sendto(b"first", (POC6, PORT))
+            assert await until(lambda: arrived() != []), f"held datagram lost: {stats()}"
+            await asyncio.sleep(0.2)
+            assert arrived() == [(b"first", LAN_DEV)], got
+            (req,) = neg.requests
+            assert (str(req.peer), req.local) == (POC6, WAN6)
+            assert stats()["accepted"] == 1 and stats()["held_now"] == 0
+            # the destination is known now: a new flow to it is not queued
+            queued = stats()["queued"]
+            tx2 = _udp(lan)
+            try:
+                tx2.sendto(b"second", (POC6, PORT))
+                assert await until(lambda: len(arrived()) == 2), got
+            finally:
+                tx2.close()
+            assert got[1] == (b"second", LAN_DEV) and stats()["queued"] == queued
+            # private: NATed into the WAN trap, held, the negotiation fails, dropped
+            tx.sendto(b"p1", (PRIV6, PORT))
+            assert await until(lambda: stats()["dropped"] >= 1), stats()
+            assert str(neg.requests[-1].peer) == PRIV6 and neg.requests[-1].local == WAN6
+            tx.sendto(b"p2", (PRIV6, PORT))
+            await asyncio.sleep(0.3)
+            assert received(rx_priv) == []
+
+    run(body(), rx_poc, rx_priv, tx)

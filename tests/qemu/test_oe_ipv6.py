@@ -37,6 +37,8 @@ CLIENT6 = "fd00:1::100"
 PEER = "oe-null"
 PEER6 = "2001:db8:1::10"
 NAME = "v6only.example.test"
+#: a TCP SYN (no ACK) over IPv6 without extension headers (BPF's tcp[] is IPv4 only)
+SYN6 = "ip6[6] == 6 and ip6[53] & 0x12 == 0x02"
 
 
 def pluto_traffic(lab: Lab) -> str:
@@ -147,50 +149,87 @@ def test_tunnel_down_takes_the_peer_out_of_oe_peers6(v6: Lab, figures: dict[str,
 PLAIN6 = "2001:db8:1::20"  # the world's plain host: HTTP over IPv6, no IKE at all
 
 
+def _cold(lab: Lab) -> None:
+    """No tunnel to the peer (and no larval state left from one: xfrm_acq_expires=1)."""
+    if PEER6 in peers6(lab) or sa_spis(lab, PEER6):
+        oelab.oe(lab, f"down {PEER6}").check()
+        deadline = time.monotonic() + 10
+        while PEER6 in peers6(lab) or sa_spis(lab, PEER6):
+            assert time.monotonic() < deadline, (peers6(lab), sa_spis(lab, PEER6))
+            time.sleep(0.3)
+    time.sleep(1.5)
+
+
+def hold_stats(lab: Lab) -> dict[str, int]:
+    stats: dict[str, int] = oelab.status(lab)["daemon"]["datapath_stats"]
+    return stats
+
+
 def test_lan_ipv6_flow_by_address_is_packet_triggered(v6: Lab, figures: dict[str, Any]) -> None:
     """ping -6 and curl -6 from the LAN client to the peer's IPv6 address itself, no DNS
-    (so the DNS trigger plays no part), with no tunnel up: the LAN-sourced trap catches the
-    first echo at its routing-time lookup, the kernel's ACQUIRE names the LAN host as
-    source, the router negotiates WAN6 <-> peer, puts the peer into oe_peers6 and installs
-    the LAN PASS; from the first reply on the flow is ESP on the WAN, with no echo lost
-    after it and no cleartext echo or TCP at all (the trapped echoes were dropped)."""
+    (so the DNS trigger plays no part), each with no tunnel up. The LAN-sourced trap covers
+    the first packet; the packet hold (``packet_hold``, on by default) queues it before
+    the routing-time lookup and raises the ACQUIRE the kernel would (the LAN host as
+    source); the router negotiates WAN6 <-> peer, puts the peer into oe_peers6, installs
+    the LAN PASS, and then lets the held packets go: they are NATed into the SA. So pings
+    every 50 ms lose none, the cold connect sends one SYN, which leaves as ESP, and no
+    cleartext echo or TCP crosses the WAN."""
     lab = v6
-    if PEER6 in peers6(lab) or sa_spis(lab, PEER6):  # standalone: start from no tunnel
-        oelab.oe(lab, f"down {PEER6}").check()
-        time.sleep(2)
+    _cold(lab)
     assert peers6(lab) == set() and not sa_spis(lab, PEER6)
+    before = hold_stats(lab)
+    assert "queued" in before, f"the packet hold is off for IPv6: {before}"
     echo = f"host {PEER6} and icmp6 and ip6[40] == 128"
     with lab.capture_wan(bpf=f"host {PEER6}", label="ipv6-by-address") as cap:
         t0 = time.monotonic()
-        ping = lab.client(f"ping -6 -n -c 12 -i 0.5 -W 2 {PEER6}", timeout=40)
+        ping = lab.client(f"ping -6 -n -c 40 -i 0.05 -W 2 {PEER6}", timeout=40)
         took = time.monotonic() - t0
-        curl = lab.client(
-            f"curl -6 -s -m 20 -o /dev/null -w '%{{http_code}}' http://[{PEER6}]/", timeout=40
-        )
     seqs = [int(s) for s in re.findall(r"icmp_seq=(\d+)", ping.stdout)]
     esp = cap.count(f"esp and host {PEER6}")
-    clear_echo, clear_tcp = cap.count(echo), cap.count(f"host {PEER6} and tcp")
+    clear_echo = cap.count(echo)
     spis = sa_spis(lab, PEER6)
+    in_set = peers6(lab)
+    _cold(lab)
+    with (
+        lab.capture("eth0", netns="client", label="ipv6-cold-lan") as lan,
+        lab.capture_wan(bpf=f"host {PEER6}", label="ipv6-cold-wan") as wan,
+    ):
+        curl = lab.client(
+            f"curl -6 -s -m 20 -o /dev/null -w '%{{http_code}} %{{time_connect}}' "
+            f"http://[{PEER6}]/",
+            timeout=40,
+        )
+    syns = lan.count(f"dst {PEER6} and {SYN6}")
+    after = hold_stats(lab)
     acquire_log = [
         ln for ln in oelab.daemon_log(lab).splitlines() if f"negotiating with {PEER6}" in ln
     ]
+    code, connect = [*curl.stdout.split(), "", "0"][:2]
     figures["ipv6_lan_by_address"] = {
-        "ping_replies_of_12": len(seqs),
+        "pings_lost_of_40": 40 - len(seqs),
         "first_reply_seq": seqs[0] if seqs else None,
         "ping_s": round(took, 2),
-        "curl": curl.stdout,
-        "esp_packets": esp,
+        "ping_esp_packets": esp,
         "cleartext_echo": clear_echo,
-        "cleartext_tcp": clear_tcp,
-        "oe_peers6": sorted(peers6(lab)),
+        "curl": code,
+        "tcp_connect_s": float(connect),
+        "client_syns": syns,
+        "cleartext_tcp": wan.count("tcp"),
+        "curl_esp_packets": wan.count("esp"),
+        "held": after["held"] - before["held"],
+        "released_into_sa": after["released_into_sa"] - before["released_into_sa"],
+        "oe_peers6": sorted(in_set),
     }
-    assert seqs, "no echo answered:\n" + ping.stdout + "\n" + oelab.daemon_log(lab)[-3000:]
-    assert seqs == list(range(seqs[0], 13)), f"echo lost after the first reply: {seqs}"
+    assert seqs == list(range(1, 41)), f"echo lost: {seqs}\n" + oelab.daemon_log(lab)[-3000:]
     assert clear_echo == 0, "cleartext ICMPv6 echo to the OE peer:\n" + cap.text(echo)
-    assert curl.rc == 0 and curl.stdout == "200", (curl.rc, curl.stdout, curl.stderr)
-    assert clear_tcp == 0, "cleartext TCP to the OE peer:\n" + cap.text(f"host {PEER6} and tcp")
-    assert esp >= 2 * len(seqs) + 8, cap.text()
-    assert peers6(lab) == {PEER6} and len(spis) == 2, (peers6(lab), spis)
+    assert esp >= 2 * len(seqs), cap.text()
+    assert in_set == {PEER6} and len(spis) == 2, (in_set, spis)
+    assert curl.rc == 0 and code == "200", (curl.rc, curl.stdout, curl.stderr)
+    assert syns == 1, figures["ipv6_lan_by_address"]  # the held SYN left: no 1 s resend
+    assert wan.count("tcp") == 0, "cleartext TCP to the OE peer:\n" + wan.text("tcp")
+    assert wan.count("esp") >= 8, wan.text()
+    assert 0 < float(connect) < 3.0, figures["ipv6_lan_by_address"]
+    assert after["released_into_sa"] - before["released_into_sa"] >= 2, (before, after)
     assert acquire_log, "the daemon logged no negotiation with the peer"
     assert WAN6 in pluto_traffic(lab)
 
@@ -198,12 +237,16 @@ def test_lan_ipv6_flow_by_address_is_packet_triggered(v6: Lab, figures: dict[str
 def test_lan_ipv6_flow_to_a_plain_host_falls_back_to_clear(
     v6: Lab, figures: dict[str, Any]
 ) -> None:
-    """curl -6 from the LAN client to a plain IPv6 host without IKE, by address: the LAN
-    trap's ACQUIRE starts a negotiation, the host answers IKE with ICMP port unreachable
-    (fail fast), and pass shunts for the WAN6 and LAN sources let the SYN's retransmission
-    through in the clear, un-NATed (the client's own address): it succeeds within seconds."""
+    """curl -6 from the LAN client to a plain IPv6 host without IKE, by address: the packet
+    hold keeps the SYN while the LAN trap's ACQUIRE starts a negotiation, the host answers
+    IKE with ICMP port unreachable (fail fast), and once the pass shunts for the WAN6 and
+    LAN sources are in, the held SYN itself leaves in the clear, un-NATed (the client's own
+    address): one SYN, no retransmission."""
     lab = v6
-    with lab.capture_wan(bpf=f"host {PLAIN6}", label="ipv6-plain") as cap:
+    with (
+        lab.capture("eth0", netns="client", label="ipv6-plain-lan") as lan,
+        lab.capture_wan(bpf=f"host {PLAIN6}", label="ipv6-plain") as cap,
+    ):
         t0 = time.monotonic()
         curl = lab.client(
             f"curl -6 -s -m 20 -o /dev/null -w '%{{http_code}}' http://[{PLAIN6}]/", timeout=40
@@ -217,11 +260,15 @@ def test_lan_ipv6_flow_to_a_plain_host_falls_back_to_clear(
         "curl_s": round(took, 2),
         "esp_packets": cap.count("esp"),
         "clear_tcp_from_client": cap.count(f"tcp and src host {CLIENT6}"),
+        "client_syns": lan.count(f"dst {PLAIN6} and {SYN6}"),
+        "wan_syns": cap.count(f"dst {PLAIN6} and {SYN6}"),
         "shunts": shunts,
         "shunt_sources": sorted(srcs),
     }
     assert curl.rc == 0 and curl.stdout == "200", (curl.rc, curl.stdout, curl.stderr)
     assert took < 8, f"curl took {took:.1f} s"
+    syns = (figures["ipv6_lan_plain"]["client_syns"], figures["ipv6_lan_plain"]["wan_syns"])
+    assert syns == (1, 1), figures["ipv6_lan_plain"]  # the held SYN released, not resent
     assert cap.count("esp") == 0
     assert cap.count(f"tcp and src host {CLIENT6}") > 0, cap.text()  # un-NATed, in the clear
     # one row in oe status; two kernel policies (the WAN6 and the LAN prefix as source)

@@ -196,7 +196,18 @@ def test_known_changes_match_the_known_script() -> None:
         )
     ]
     flush_then_rm = known_changes(s, KnownOp(remove=a, flush=True))
-    assert [(c.add, c.elems) for c in flush_then_rm] == [(False, ()), (False, (E.SetElem(a),))]
+    assert [(c.set, c.add, c.elems) for c in flush_then_rm] == [
+        ("known4", False, ()),
+        ("known6", False, ()),
+        ("known4", False, (E.SetElem(a),)),
+    ]
+    c6 = ipaddress.IPv6Address("2001:db8::7")
+    mixed = known_changes(s, KnownOp(add=((a, 30), (c6, 60)), remove=c6))
+    assert [(c.set, c.add, c.elems) for c in mixed] == [
+        ("known4", True, (E.SetElem(a, timeout=30),)),
+        ("known6", True, (E.SetElem(c6, timeout=60),)),
+        ("known6", False, (E.SetElem(c6),)),
+    ]
     assert KnownOp(remove=a).quiet and not KnownOp(flush=True).quiet
 
 

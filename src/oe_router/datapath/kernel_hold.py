@@ -8,14 +8,16 @@ the kernel drops it whatever xfrm_larval_drop says: that lookup never queues. So
 first SYN of every packet-triggered flow was lost (a 1 s retransmission).
 
 Here a chain at the prerouting hook, before conntrack, queues the packets arriving from
-anywhere but the WAN and routed out of it whose destination is in a trap (``trap4``:
-the TRAP policies' destinations, a superset) and not in ``known4`` (the destinations
-already decided: SA up, pass or drop shunt, clear). Before conntrack, because a held
-packet carries the conntrack entry it was given on arrival: the second echo request of a
-ping held beside the first got its own unconfirmed entry with the same tuple, which
-clashes with the first's when both are released and is dropped (ICMP and TCP allow no
-clash; measured on the host, tests/host/test_kernel_hold.py). Released one by one before
-conntrack, each later packet finds its flow's entry the first one confirmed.
+anywhere but the WAN and routed out of it whose destination is in a trap (``trap4``: the
+TRAP policies' destinations, a superset) and not in ``known4`` (the destinations already
+decided: SA up, pass or drop shunt, clear); IPv6 likewise (``trap6``, ``known6``), for
+the LAN prefixes whose flows the LAN gateway NATs into tunnels. Before conntrack,
+because a held packet carries the conntrack entry it was given on arrival: the second
+echo request of a ping held beside the first got its own unconfirmed entry with the same
+tuple, which clashes with the first's when both are released and is dropped (ICMP and
+TCP allow no clash; measured on the host, tests/host/test_kernel_hold.py). Released one
+by one before conntrack, each later packet finds its flow's entry the first one
+confirmed.
 
 ``FirstPackets`` holds them and raises the ACQUIRE the kernel would have raised after
 NAT; once the SA (or a shunt) is in, the destination becomes known and the held packets
@@ -28,14 +30,17 @@ Fail closed: the queue has no bypass, so with the daemon dead (even after kill -
 kernel drops what would have been queued; and whatever we accept still meets XFRM after
 NAT, so a wrong answer here can only cost a packet, never leak a "private" one.
 
-IPv4 only: LAN IPv6 flows are not source-NATed, so the traps (source = the WAN address)
-never cover them.
+IPv6: LAN devices keep their addresses, so XFRM looks a LAN packet up twice: at routing
+time with its own source, where a LAN-sourced trap twin (``oe/policy.py``) catches it and
+the kernel drops it while it raises the ACQUIRE; and, if a LAN-sourced pass let it on
+(the peer has a tunnel, or the destination is "private") and the LAN gateway NATs it to
+the WAN address, once more after NAT. ``KernelDecider`` looks it up the same two ways.
 
 The nft text is pure (``render_table``, ``trap_script``, ``known_script``, and
-``known_changes`` for the same ``known4`` changes as nfnetlink set elements); the edge is
+``known_changes`` for the same known-set changes as nfnetlink set elements); the edge is
 ``HeldXfrmDatapath`` (an ``XfrmDatapath`` that keeps a mirror of what it installs). It
-writes ``known4`` over nfnetlink (``nft_setelem``: one batch, no process), and falls back
-to ``nft -f`` for good, once, when the kernel cannot take that path.
+writes the known sets over nfnetlink (``nft_setelem``: one batch, no process), and falls
+back to ``nft -f`` for good, once, when the kernel cannot take that path.
 """
 
 from __future__ import annotations
@@ -100,51 +105,77 @@ class HoldSettings:
 
 
 # --- the pure part: nft text from data ------------------------------------------------
-def trap_networks(policies: Iterable[PolicySpec]) -> list[ipaddress.IPv4Network]:
-    """The IPv4 destinations any outbound TRAP covers, merged (an nft interval set
-    refuses overlapping elements)."""
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trap_networks(policies: Iterable[PolicySpec], version: int = 4) -> list[Network]:
+    """The destinations of one IP version any outbound TRAP covers, merged (an nft
+    interval set refuses overlapping elements)."""
     nets = [
         p.dst.net
         for p in policies
         if p.direction is Direction.OUT
         and p.action is PolicyAction.TRAP
-        and isinstance(p.dst.net, ipaddress.IPv4Network)
+        and p.dst.net.version == version
     ]
-    return list(ipaddress.collapse_addresses(nets))
+    return list(ipaddress.collapse_addresses(nets))  # type: ignore[type-var]
 
 
-def _elements(items: Sequence[str]) -> str:
-    return ", ".join(items)
+def _elements(items: Iterable[object]) -> str:
+    return ", ".join(str(i) for i in items)
+
+
+def _of(version: int, items: Iterable[Any]) -> list[Any]:
+    return [i for i in items if i.version == version]
 
 
 def render_table(
     s: HoldSettings,
     wan_devices: Sequence[str],
-    traps: Sequence[ipaddress.IPv4Network],
-    sources: Sequence[ipaddress.IPv4Network] = (),
+    traps: Sequence[Network],
+    sources: Sequence[Network] = (),
+    *,
+    ipv4: bool = True,
 ) -> str:
     """The whole ``inet <table>`` (replacing an old one) as one atomic ``nft -f`` script.
 
     The queue chain holds only ``drop``: ``queue`` goes ahead of it (``queue_rule``, or
     the xt NFQUEUE target where the kernel lacks nft's queue), so a packet meets a drop,
     never an accept, if the queue rule is missing. ``sources``: the LAN prefixes the LAN
-    gateway NATs to the WAN address (``oe/lan.py``); only their packets meet the traps
-    after NAT, so only theirs are held (empty: any source).
+    gateway NATs to the WAN address (``oe/lan.py``). IPv4: only their packets meet the
+    traps after NAT, so only theirs are held (none given: any source; ``ipv4=False``: no
+    IPv4 rule, there is no WAN IPv4 address). IPv6: held only from the IPv6 prefixes given
+    (the ones with LAN-sourced trap twins); none given, no IPv6 rule.
     """
     t = s.table
     devs = _elements([f'"{d}"' for d in wan_devices])
-    # prerouting at priority raw: after defragmentation (-400), before conntrack (-200)
-    src = f"ip saddr {{ {_elements([str(n) for n in sources])} }} " if sources else ""
-    trap = f"\t\telements = {{ {_elements([str(n) for n in traps])} }}\n" if traps else ""
+    rules = []
+    for v, ip in ((4, "ip"), (6, "ip6")):
+        nets = _of(v, sources)
+        if (v == 4 and not ipv4) or (v == 6 and not nets):
+            continue
+        src = f"{ip} saddr {{ {_elements(nets)} }} " if nets else ""
+        # prerouting at priority raw: after defragmentation (-400), before conntrack (-200)
+        rules.append(
+            f"\t\tmeta nfproto ipv{v} iifname != {{ {devs} }} {src}{ip} daddr @trap{v} "
+            f"{ip} daddr != @known{v} fib daddr oifname {{ {devs} }} counter jump {QUEUE_CHAIN}\n"
+        )
+    sets = ""
+    for v in (4, 6):
+        nets = _of(v, traps)
+        elems = f"\t\telements = {{ {_elements(nets)} }}\n" if nets else ""
+        sets += f"\tset trap{v} {{\n\t\ttype ipv{v}_addr\n\t\tflags interval\n{elems}\t}}\n"
+        sets += (
+            f"\tset known{v} {{\n\t\ttype ipv{v}_addr\n\t\tflags timeout\n"
+            f"\t\tsize {s.known_size}\n\t}}\n"
+        )
     return (
         f"table inet {t}\ndelete table inet {t}\n"
-        f"table inet {t} {{\n"
-        f"\tset trap4 {{\n\t\ttype ipv4_addr\n\t\tflags interval\n{trap}\t}}\n"
-        f"\tset known4 {{\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t\tsize {s.known_size}\n\t}}\n"
+        f"table inet {t} {{\n{sets}"
         f"\tchain hold {{\n"
         f"\t\ttype filter hook prerouting priority raw; policy accept;\n"
-        f"\t\tmeta nfproto ipv4 iifname != {{ {devs} }} {src}ip daddr @trap4 ip daddr != @known4 "
-        f"fib daddr oifname {{ {devs} }} counter jump {QUEUE_CHAIN}\n"
+        f"{''.join(rules)}"
         f"\t}}\n"
         f"\tchain {QUEUE_CHAIN} {{\n\t\tcounter drop\n\t}}\n"
         f"}}\n"
@@ -156,41 +187,44 @@ def queue_rule(s: HoldSettings) -> str:
     return f"insert rule inet {s.table} {QUEUE_CHAIN} queue num {s.queue_num}\n"
 
 
-def trap_script(s: HoldSettings, traps: Sequence[ipaddress.IPv4Network]) -> str:
-    """Replace ``trap4`` (one atomic step: no moment without it); forget ``known4``,
-    whose answers were given under the old traps."""
+def trap_script(s: HoldSettings, traps: Sequence[Network]) -> str:
+    """Replace ``trap4`` and ``trap6`` (one atomic step: no moment without them); forget
+    the known sets, whose answers were given under the old traps."""
     t = s.table
-    out = f"flush set inet {t} trap4\nflush set inet {t} known4\n"
-    if traps:
-        out += f"add element inet {t} trap4 {{ {_elements([str(n) for n in traps])} }}\n"
+    out = "".join(f"flush set inet {t} {name}\n" for name in ("trap4", "trap6", "known4", "known6"))
+    for v in (4, 6):
+        nets = _of(v, traps)
+        if nets:
+            out += f"add element inet {t} trap{v} {{ {_elements(nets)} }}\n"
     return out
 
 
 def known_script(
     s: HoldSettings,
-    add: Iterable[tuple[ipaddress.IPv4Address, int]] = (),
-    remove: Iterable[ipaddress.IPv4Address] = (),
+    add: Iterable[tuple[Address, int]] = (),
+    remove: Iterable[Address] = (),
     flush: bool = False,
 ) -> str:
-    """Changes to ``known4``: (address, timeout seconds) in, addresses out (each delete
-    its own script line: nft fails the whole script on an absent element, so the caller
-    runs removals one by one)."""
+    """Changes to ``known4``/``known6``: (address, timeout seconds) in, addresses out
+    (each delete its own script line: nft fails the whole script on an absent element, so
+    the caller runs removals one by one)."""
     t = s.table
-    out = f"flush set inet {t} known4\n" if flush else ""
-    rm = [f"delete element inet {t} known4 {{ {a} }}\n" for a in remove]
-    adds = [f"{a} timeout {max(1, secs)}s" for a, secs in add]
-    if adds:
-        out += f"add element inet {t} known4 {{ {_elements(adds)} }}\n"
-    return out + "".join(rm)
+    out = f"flush set inet {t} known4\nflush set inet {t} known6\n" if flush else ""
+    adds = list(add)
+    for v in (4, 6):
+        elems = [f"{a} timeout {max(1, secs)}s" for a, secs in adds if a.version == v]
+        if elems:
+            out += f"add element inet {t} known{v} {{ {_elements(elems)} }}\n"
+    return out + "".join(f"delete element inet {t} known{a.version} {{ {a} }}\n" for a in remove)
 
 
 @record(frozen=True)
 class KnownOp:
-    """One change to ``known4``, as the writer queues it: additions (address, timeout
-    seconds), one removal (``quiet``: it may be gone already), or a flush."""
+    """One change to the known sets, as the writer queues it: additions (address, timeout
+    seconds), one removal (``quiet``: it may be gone already), or a flush (both sets)."""
 
-    add: tuple[tuple[ipaddress.IPv4Address, int], ...] = ()
-    remove: ipaddress.IPv4Address | None = None
+    add: tuple[tuple[Address, int], ...] = ()
+    remove: Address | None = None
     flush: bool = False
 
     @property
@@ -203,33 +237,47 @@ def known_changes(s: HoldSettings, op: KnownOp) -> list[ElemChange]:
     out: list[ElemChange] = []
     what = "packet hold"
     if op.flush:
-        out.append(ElemChange(s.table, "known4", add=False, what=what))
-    if op.add:
-        elems = tuple(SetElem(a, timeout=max(1, secs)) for a, secs in op.add)
-        out.append(ElemChange(s.table, "known4", add=True, elems=elems, what=what))
+        out += [ElemChange(s.table, f"known{v}", add=False, what=what) for v in (4, 6)]
+    for v in (4, 6):
+        elems = tuple(SetElem(a, timeout=max(1, secs)) for a, secs in op.add if a.version == v)
+        if elems:
+            out.append(ElemChange(s.table, f"known{v}", add=True, elems=elems, what=what))
     if op.remove is not None:
-        out.append(ElemChange(s.table, "known4", add=False, elems=(SetElem(op.remove),), what=what))
+        r = op.remove
+        out.append(
+            ElemChange(s.table, f"known{r.version}", add=False, elems=(SetElem(r),), what=what)
+        )
     return out
 
 
-# --- the rule: a mirror of the kernel's policies, looked up as after source NAT --------
+# --- the rule: a mirror of the kernel's policies, looked up as XFRM will ---------------
 class KernelDecider:
-    """What XFRM will do with a held packet once it is NATed: the policies we installed
-    (a mirror: an ``Spd``), looked up with the source replaced by the WAN address."""
+    """What XFRM will do with a held packet (a mirror of the policies we installed: an
+    ``Spd``). IPv4: looked up once, with the source replaced by the WAN address (every
+    LAN IPv4 flow is NATed). IPv6: looked up with the LAN source (the routing-time
+    lookup); where a pass lets it on, once more with the WAN address as source (the
+    lookup after the NAT the LAN gateway applies to peers with a tunnel and to
+    "private" destinations; for any other destination a LAN pass has a WAN twin that
+    says the same)."""
 
-    def __init__(self, wan4: ipaddress.IPv4Address | None) -> None:
+    def __init__(
+        self, wan4: ipaddress.IPv4Address | None, wan6: ipaddress.IPv6Address | None = None
+    ) -> None:
         self.spd = Spd()
         self.live = False  # True once this run's policy set is complete (release_adopted)
-        self._wan4 = None if wan4 is None else int(wan4)
+        self._wan = {4: wan4, 6: wan6}
 
     @property
     def has_wan4(self) -> bool:
-        return self._wan4 is not None
+        return self._wan[4] is not None
+
+    @property
+    def has_wan6(self) -> bool:
+        return self._wan[6] is not None
 
     def natted(self, f: Flow) -> Flow:
-        if f.version == 4 and self._wan4 is not None:
-            return f._replace(src=self._wan4)
-        return f
+        wan = self._wan.get(f.version)
+        return f if wan is None else f._replace(src=int(wan))
 
     def install(self, policy: PolicySpec) -> None:
         try:
@@ -241,23 +289,34 @@ class KernelDecider:
         self.spd.remove(policy)
 
     def rule(self, f: Flow) -> Ruling:
+        if f.version == 6:
+            pol = self.spd.lookup(Direction.OUT, f)
+            if pol is None or pol.action is not PolicyAction.PASS:
+                return _ruling(pol, f)
+            nf = self.natted(f)
+            after = self.spd.lookup(Direction.OUT, nf)
+            return _ruling(pol, f) if after is None else _ruling(after, nf)
         nf = self.natted(f)
-        pol = self.spd.lookup(Direction.OUT, nf)
-        action = None if pol is None else pol.action
-        if action is None or action is PolicyAction.PASS:
-            return Ruling(Outcome.CLEAR, policy=pol)
-        if action is PolicyAction.DROP:
-            return Ruling(Outcome.DROP, policy=pol)
-        if action is PolicyAction.IPSEC:
-            return Ruling(Outcome.SA_UP, policy=pol)  # its SA went in before its policy
-        if action is PolicyAction.TRAP:
-            return Ruling(Outcome.HOLD, trap=pol, flow=nf)
-        return Ruling(Outcome.HOLD)
+        return _ruling(self.spd.lookup(Direction.OUT, nf), nf)
 
 
-def _host4(p: PolicySpec) -> ipaddress.IPv4Address | None:
+def _ruling(pol: PolicySpec | None, f: Flow) -> Ruling:
+    """What XFRM does with flow ``f`` (as looked up) that policy ``pol`` covers."""
+    action = None if pol is None else pol.action
+    if action is None or action is PolicyAction.PASS:
+        return Ruling(Outcome.CLEAR, policy=pol)
+    if action is PolicyAction.DROP:
+        return Ruling(Outcome.DROP, policy=pol)
+    if action is PolicyAction.IPSEC:
+        return Ruling(Outcome.SA_UP, policy=pol)  # its SA went in before its policy
+    if action is PolicyAction.TRAP:
+        return Ruling(Outcome.HOLD, trap=pol, flow=f)
+    return Ruling(Outcome.HOLD)
+
+
+def _host(p: PolicySpec) -> Address | None:
     net = p.dst.net
-    if isinstance(net, ipaddress.IPv4Network) and net.prefixlen == 32:
+    if net.prefixlen == net.max_prefixlen:
         return net.network_address
     return None
 
@@ -275,6 +334,8 @@ class HeldXfrmDatapath(XfrmDatapath):
         wan_devices: Sequence[str],
         wan4: ipaddress.IPv4Address | None,
         lan4: Sequence[ipaddress.IPv4Network] = (),
+        wan6: ipaddress.IPv6Address | None = None,
+        lan6: Sequence[ipaddress.IPv6Network] = (),
         hold: HoldSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
         **kwargs: Any,
@@ -282,8 +343,9 @@ class HeldXfrmDatapath(XfrmDatapath):
         super().__init__(**kwargs)
         self._hold = hold or HoldSettings()
         self._wan_devices = tuple(wan_devices)
-        self._lan4 = tuple(lan4)
-        self._decider = KernelDecider(wan4)
+        self._decider = KernelDecider(wan4, wan6)
+        # IPv6 is held only where there is a WAN IPv6 address and LAN prefixes to NAT
+        self._sources: tuple[Network, ...] = (*lan4, *(lan6 if wan6 is not None else ()))
         self._events_q: asyncio.Queue[Any] = asyncio.Queue()
         self._first = FirstPackets(
             queue_num=self._hold.queue_num,
@@ -295,8 +357,8 @@ class HeldXfrmDatapath(XfrmDatapath):
             on_rule=self._ruled,
         )
         self._holding = False
-        self._traps: list[ipaddress.IPv4Network] = []
-        self._known: dict[ipaddress.IPv4Address, float] = {}  # -> until (clock)
+        self._traps: list[Network] = []
+        self._known: dict[Address, float] = {}  # -> until (clock)
         self._clock = clock
         self._tasks: set[asyncio.Task[Any]] = set()
         self._nft_errors = 0
@@ -308,8 +370,9 @@ class HeldXfrmDatapath(XfrmDatapath):
     # -- lifecycle --
     async def start(self) -> None:
         await super().start()
-        if not self._wan_devices or not self._decider.has_wan4:
-            log.warning("packet hold off: no WAN device or IPv4 WAN address")
+        families = self._families()
+        if not self._wan_devices or not families:
+            log.warning("packet hold off: no WAN device, or no WAN address to hold for")
             return
         try:
             await asyncio.to_thread(self._setup)
@@ -326,16 +389,27 @@ class HeldXfrmDatapath(XfrmDatapath):
         self._holding = True
         spawn_tracked(self._tasks, self._first.expire(), log, "kernel held packets")
         log.info(
-            "packet hold on: new LAN flows to trapped destinations wait in NFQUEUE %d",
+            "packet hold on (%s): new LAN flows to trapped destinations wait in NFQUEUE %d",
+            ", ".join(families),
             self._hold.queue_num,
         )
+
+    def _families(self) -> list[str]:
+        """What the hold covers: IPv4 with a WAN IPv4 address; IPv6 with a WAN IPv6
+        address and LAN IPv6 prefixes (the ones the LAN gateway NATs into tunnels)."""
+        out = ["IPv4"] if self._decider.has_wan4 else []
+        if any(n.version == 6 for n in self._sources):
+            out.append("IPv6")
+        return out
 
     def _setup(self) -> None:
         """The table and its queue rule in one ``nft`` run where the kernel has nft's queue
         expression (one process, not three with the probe: ~0.2 s of a TCG router's
         start); else, or on any refusal, step by step, so the error names the step."""
         s = self._hold
-        table = render_table(s, self._wan_devices, self._traps, self._lan4)
+        table = render_table(
+            s, self._wan_devices, self._traps, self._sources, ipv4=self._decider.has_wan4
+        )
         with contextlib.suppress(DatapathError):
             run_nft(table + queue_rule(s), netns=self._netns, what="packet hold table")
             return
@@ -444,7 +518,7 @@ class HeldXfrmDatapath(XfrmDatapath):
             return
         if any(p.action is PolicyAction.TRAP for p in out):
             await self._retrap()
-        hosts = [_host4(p) for p in out]
+        hosts = [_host(p) for p in out]
         if any(h is None for h in hosts):
             self._forget_all()
         else:
@@ -454,7 +528,8 @@ class HeldXfrmDatapath(XfrmDatapath):
     async def _retrap(self) -> None:
         if not self._holding or not self._decider.live:
             return
-        traps = trap_networks(self._decider.spd.policies(Direction.OUT))
+        pols = self._decider.spd.policies(Direction.OUT)
+        traps = [*trap_networks(pols, 4), *trap_networks(pols, 6)]
         if traps == self._traps:
             return
         self._traps = traps
@@ -467,9 +542,9 @@ class HeldXfrmDatapath(XfrmDatapath):
             self._nft_errors += 1
             log.warning("%s", exc)
 
-    def _forget(self, addrs: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
+    def _forget(self, addrs: Iterable[Address]) -> None:
         for a in addrs:
-            if isinstance(a, ipaddress.IPv4Address) and self._known.pop(a, None) is not None:
+            if self._known.pop(a, None) is not None:
                 self._known_op(KnownOp(remove=a))
 
     def _forget_all(self) -> None:
@@ -480,12 +555,12 @@ class HeldXfrmDatapath(XfrmDatapath):
     def _ruled(self, f: Flow, r: Ruling) -> None:
         """A held or queued packet was decided: its destination needs no queue for a while
         (the answer's lifetime, or ``known_seconds``)."""
-        if not self._holding or f.version != 4:
+        if not self._holding:
             return
         p = r.policy
         if p is not None and (p.dst.proto or p.src.proto):
             return  # a protocol's or port's answer (a resolver's udp/53): not the address's
-        dst = ipaddress.IPv4Address(f.dst)
+        dst = f.dst_address
         now = self._clock()
         if self._known.get(dst, 0.0) > now:
             return
@@ -526,7 +601,7 @@ class HeldXfrmDatapath(XfrmDatapath):
             self._writing = False
 
     def _apply_known(self, op: KnownOp) -> None:
-        """One change to ``known4`` (in a worker thread): over nfnetlink, or with ``nft -f``
+        """One change to the known sets (in a worker thread): over nfnetlink, or with ``nft -f``
         once the kernel has said it cannot take set elements that way."""
         if self._elems is not None:
             try:
@@ -537,7 +612,7 @@ class HeldXfrmDatapath(XfrmDatapath):
                     if isinstance(exc, NftSetError):
                         raise
                     raise DatapathError(
-                        f"packet hold: set inet {self._hold.table} known4: {exc}"
+                        f"packet hold: set inet {self._hold.table} known sets: {exc}"
                     ) from None
                 log.info("packet hold: known set written with nft from now on: %s", exc)
                 self._elems.close()
@@ -568,7 +643,7 @@ class HeldXfrmDatapath(XfrmDatapath):
             async for ev in super().events():
                 if isinstance(ev, PolicyExpire) and ev.hard and ev.direction is Direction.OUT:
                     net = ev.dst.net
-                    if isinstance(net, ipaddress.IPv4Network) and net.prefixlen == 32:
+                    if net.prefixlen == net.max_prefixlen:
                         self._forget([net.network_address])
                     else:
                         self._forget_all()

@@ -639,22 +639,29 @@ def kernel_datapath(
     wan_devices: Iterable[str] = (),
     wan4: IPAddress | None = None,
     lan: Iterable[IPNetwork] = (),
+    wan6: IPAddress | None = None,
 ) -> DatapathFactory:
     """The XFRM datapath, keeping "private" policies at stop as the config says;
     ``reason`` is why it was chosen (``oe status``). With ``packet_hold`` (and a WAN
-    device and IPv4 address) LAN flows' first packets wait for their SA
-    (``datapath.kernel_hold``, imported only then)."""
+    device, and a WAN IPv4 address or a WAN IPv6 address and LAN IPv6 prefixes) LAN
+    flows' first packets wait for their SA (``datapath.kernel_hold``, imported only
+    then)."""
     devices = tuple(wan_devices)
     lan4 = tuple(n for n in lan if isinstance(n, ipaddress.IPv4Network))
+    lan6 = tuple(n for n in lan if isinstance(n, ipaddress.IPv6Network))
+    w4 = wan4 if isinstance(wan4, ipaddress.IPv4Address) else None
+    w6 = wan6 if isinstance(wan6, ipaddress.IPv6Address) and lan6 else None
 
     def make(config: OeConfig) -> Datapath:
-        if config.packet_hold and devices and isinstance(wan4, ipaddress.IPv4Address):
+        if config.packet_hold and devices and (w4 is not None or w6 is not None):
             from oe_router.datapath.kernel_hold import HeldXfrmDatapath
 
             return HeldXfrmDatapath(
                 wan_devices=devices,
-                wan4=wan4,
+                wan4=w4,
                 lan4=lan4,
+                wan6=w6,
+                lan6=lan6,
                 keep_persistent_on_stop=config.keep_private_on_stop,
                 netns=netns,
                 reason=reason or "kernel has ESP and XFRM netlink",
