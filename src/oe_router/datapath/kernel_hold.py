@@ -356,7 +356,8 @@ class HeldXfrmDatapath(XfrmDatapath):
             clock=clock,
             on_rule=self._ruled,
         )
-        self._holding = False
+        self._holding = False  # the queue is bound (and the table is or will be in)
+        self._table = False  # the table is in (made with the first trap set)
         self._traps: list[Network] = []
         self._known: dict[Address, float] = {}  # -> until (clock)
         self._clock = clock
@@ -375,24 +376,28 @@ class HeldXfrmDatapath(XfrmDatapath):
             log.warning("packet hold off: no WAN device, or no WAN address to hold for")
             return
         try:
-            await asyncio.to_thread(self._setup)
             await self._first.open()
         except (DatapathError, OSError) as exc:
-            log.warning(
-                "packet hold off (first packets of LAN flows are lost while their SA is "
-                "negotiated): %s",
-                exc,
-            )
-            self._first.close()
-            await asyncio.to_thread(self._teardown)
+            await self._off(exc)
             return
+        # the table follows with the first trap set (``_retrap``: one nft run, not two);
+        # until then nothing is queued but by a killed predecessor's table, and that
+        # queue is ours now: its packets wait for this run's policies
         self._holding = True
         spawn_tracked(self._tasks, self._first.expire(), log, "kernel held packets")
-        log.info(
-            "packet hold on (%s): new LAN flows to trapped destinations wait in NFQUEUE %d",
-            ", ".join(families),
-            self._hold.queue_num,
+
+    async def _off(self, exc: Exception) -> None:
+        """The hold cannot run: said once; what it held is dropped (the clients resend),
+        the queue unbound, the table (a predecessor's too) deleted."""
+        log.warning(
+            "packet hold off (first packets of LAN flows are lost while their SA is "
+            "negotiated): %s",
+            exc,
         )
+        self._first.drop_all()
+        self._first.close()
+        self._holding = False
+        await asyncio.to_thread(self._teardown)
 
     def _families(self) -> list[str]:
         """What the hold covers: IPv4 with a WAN IPv4 address; IPv6 with a WAN IPv6
@@ -403,9 +408,10 @@ class HeldXfrmDatapath(XfrmDatapath):
         return out
 
     def _setup(self) -> None:
-        """The table and its queue rule in one ``nft`` run where the kernel has nft's queue
-        expression (one process, not three with the probe: ~0.2 s of a TCG router's
-        start); else, or on any refusal, step by step, so the error names the step."""
+        """The table with its trap sets and its queue rule in one ``nft`` run where the
+        kernel has nft's queue expression (one process, not four with the probe and the
+        trap sets: each ~0.1-0.2 s of a TCG router's start); else, or on any refusal,
+        step by step, so the error names the step."""
         s = self._hold
         table = render_table(
             s, self._wan_devices, self._traps, self._sources, ipv4=self._decider.has_wan4
@@ -423,6 +429,23 @@ class HeldXfrmDatapath(XfrmDatapath):
             except NftSpdError as exc:
                 raise DatapathError(str(exc)) from None
 
+    async def _make_table(self) -> None:
+        """The table, with this run's trap sets (before the mirror is live, so no decision
+        writes a known set that is not there yet)."""
+        pols = self._decider.spd.policies(Direction.OUT)
+        self._traps = [*trap_networks(pols, 4), *trap_networks(pols, 6)]
+        try:
+            await asyncio.to_thread(self._setup)
+        except (DatapathError, OSError) as exc:
+            await self._off(exc)
+            return
+        self._table = True
+        log.info(
+            "packet hold on (%s): new LAN flows to trapped destinations wait in NFQUEUE %d",
+            ", ".join(self._families()),
+            self._hold.queue_num,
+        )
+
     def _teardown(self) -> None:
         t = self._hold.table
         with contextlib.suppress(DatapathError):
@@ -435,7 +458,7 @@ class HeldXfrmDatapath(XfrmDatapath):
         self._first.close()
         if self._holding:
             await asyncio.to_thread(self._teardown)
-            self._holding = False
+            self._holding = self._table = False
         if self._elems is not None:
             self._elems.close()
         await super().close()
@@ -504,6 +527,8 @@ class HeldXfrmDatapath(XfrmDatapath):
 
     async def release_adopted(self, keep: Callable[[PolicySpec], bool]) -> int:
         n = await super().release_adopted(keep)
+        if self._holding and not self._table:
+            await self._make_table()
         self._decider.live = True
         await self._retrap()
         self._first.release()
@@ -530,7 +555,7 @@ class HeldXfrmDatapath(XfrmDatapath):
             return
         pols = self._decider.spd.policies(Direction.OUT)
         traps = [*trap_networks(pols, 4), *trap_networks(pols, 6)]
-        if traps == self._traps:
+        if traps == self._traps or not self._table:
             return
         self._traps = traps
         self._known.clear()
