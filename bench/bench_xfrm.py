@@ -5,10 +5,11 @@ under about 3 min): the host kernel has no ESP, so real SAs exist only in the ro
 
 One Child SA = two ESP SAs (AES-GCM-256) + three policies (out/in/fwd), exactly what
 `XfrmDatapath.install_child_sa` sends: one batch on its persistent socket, every ACK
-checked, awaited per Child SA as the OE manager awaits it. The baseline installs the same objects with iproute2's
-`ip -batch` in the same VM in the same run: one process per 100 Child SAs, one netlink
-request per line, no Python. Measured: the mean per Child SA while the kernel holds 0-100
-and 900-1000 Child SAs (how the cost grows with the table), and the mean over 1,000.
+checked, awaited per Child SA as the OE manager awaits it. The baseline installs the
+same objects with iproute2's `ip -batch` in the same VM in the same run: one process per
+100 Child SAs, one netlink request per line, no Python. Measured: the mean per Child SA
+while the kernel holds 0-100 and 900-1000 Child SAs (how the cost grows with the table),
+and the mean over 1,000.
 """
 
 from __future__ import annotations
