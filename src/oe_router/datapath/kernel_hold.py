@@ -271,10 +271,6 @@ class KernelDecider:
     def has_wan4(self) -> bool:
         return self._wan[4] is not None
 
-    @property
-    def has_wan6(self) -> bool:
-        return self._wan[6] is not None
-
     def natted(self, f: Flow) -> Flow:
         wan = self._wan.get(f.version)
         return f if wan is None else f._replace(src=int(wan))
@@ -380,7 +376,7 @@ class HeldXfrmDatapath(XfrmDatapath):
         except (DatapathError, OSError) as exc:
             await self._off(exc)
             return
-        # the table follows with the first trap set (``_retrap``: one nft run, not two);
+        # the table follows with the first trap set (``_make_table``: one nft run, not two);
         # until then nothing is queued but by a killed predecessor's table, and that
         # queue is ours now: its packets wait for this run's policies
         self._holding = True
@@ -432,8 +428,7 @@ class HeldXfrmDatapath(XfrmDatapath):
     async def _make_table(self) -> None:
         """The table, with this run's trap sets (before the mirror is live, so no decision
         writes a known set that is not there yet)."""
-        pols = self._decider.spd.policies(Direction.OUT)
-        self._traps = [*trap_networks(pols, 4), *trap_networks(pols, 6)]
+        self._traps = self._trap_sets()
         try:
             await asyncio.to_thread(self._setup)
         except (DatapathError, OSError) as exc:
@@ -445,6 +440,11 @@ class HeldXfrmDatapath(XfrmDatapath):
             ", ".join(self._families()),
             self._hold.queue_num,
         )
+
+    def _trap_sets(self) -> list[Network]:
+        """``trap4``'s and ``trap6``'s elements as the mirror's traps make them now."""
+        pols = self._decider.spd.policies(Direction.OUT)
+        return [*trap_networks(pols, 4), *trap_networks(pols, 6)]
 
     def _teardown(self) -> None:
         t = self._hold.table
@@ -553,8 +553,7 @@ class HeldXfrmDatapath(XfrmDatapath):
     async def _retrap(self) -> None:
         if not self._holding or not self._decider.live:
             return
-        pols = self._decider.spd.policies(Direction.OUT)
-        traps = [*trap_networks(pols, 4), *trap_networks(pols, 6)]
+        traps = self._trap_sets()
         if traps == self._traps or not self._table:
             return
         self._traps = traps
