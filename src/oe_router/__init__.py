@@ -10,6 +10,9 @@ defer("pyroute2")
 # dnspython's feature probe imports importlib.metadata (zipfile, email, csv ...: ~3.5 MB)
 # to read versions it asks for only when a feature is not forced (below).
 defer("importlib.metadata")
+# dnspython imports idna (its tables: ~0.2 MB) for IDNA 2008, which only a non-ASCII name
+# given as text needs: names off the wire and ASCII config never do.
+defer("idna")
 
 
 def _dnspython_features() -> None:

@@ -69,6 +69,10 @@ AT_START_NEVER = (
     "lzma",
     "difflib",
     "oe_router.devview",
+    "dns.dnssec",
+    "dns.dnssecalgs",
+    "dns.zone",
+    "idna.core",
 )
 
 
@@ -104,9 +108,9 @@ def test_the_daemon_imports_without_ssl_and_without_what_it_does_not_run() -> No
 
 
 def test_deferred_packages_still_give_every_name() -> None:
-    """pyroute2 and importlib.metadata are registered without running their code; a name
-    of theirs is still there when asked for (then the code runs), and dnspython's DNSSEC
-    validation is on without the metadata probe."""
+    """pyroute2, importlib.metadata and idna are registered without running their code; a
+    name of theirs is still there when asked for (then the code runs: idna's for an IDNA
+    2008 name), and dnspython's DNSSEC validation is on without the metadata probe."""
     doc = run_python(
         """
         import json
@@ -115,9 +119,15 @@ def test_deferred_packages_still_give_every_name() -> None:
         ndb_before = "pyroute2.ndb" in sys.modules
         from pyroute2 import IPRoute
         from pyroute2.iproute.linux import IPRoute as LinuxIPRoute
+        import dns.name
+        idna_before = "idna.core" in sys.modules
+        name = dns.name.from_unicode("straße.example", idna_codec=dns.name.IDNA_2008)
+        unicode_name = name.to_text()
         import dns.dnssec
         import importlib.metadata
         print(json.dumps({
+            "idna_before": idna_before,
+            "unicode_name": unicode_name,
             "ndb_before": ndb_before,
             "iproute": IPRoute is LinuxIPRoute,
             "version": importlib.metadata.version("dnspython"),
@@ -129,6 +139,8 @@ def test_deferred_packages_still_give_every_name() -> None:
     assert doc["iproute"] is True
     assert isinstance(doc["version"], str) and doc["version"][0].isdigit()
     assert doc["validate"] is True
+    assert doc["idna_before"] is False
+    assert doc["unicode_name"] == "xn--strae-oqa.example."  # IDNA 2008 (2003: strasse)
 
 
 def test_asyncio_serves_udp_and_unix_sockets_without_ssl() -> None:

@@ -40,10 +40,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import field, replace
 from typing import Any
 
-import dns.dnssec
 import dns.exception
 import dns.message
 import dns.name
+import dns.rdata
 import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
@@ -60,6 +60,7 @@ from oe_router.dns.dnssec import (
     drive,
     key_tag,
 )
+from oe_router.dns.dnssec_crypto import ds_digest, verify_rrsig
 from oe_router.records import record
 
 __all__ = [
@@ -77,11 +78,13 @@ __all__ = [
 log = logging.getLogger("oe_router.dns.anchors")
 
 ROOT = dns.name.root
+IN, DS = dns.rdataclass.IN, dns.rdatatype.DS
 DAY = 86400.0
 HOUR = 3600.0
 _SEP = 0x0001
 _REVOKE = 0x0080
 _ZONE = 0x0100
+_SHA256 = 2  #: DS digest type
 #: Keys of the trust point kept at once (Removed ones not counted). Why a bound: the
 #: keys come from the network; an honest root has two or three during a rollover.
 MAX_KEYS = 8
@@ -207,7 +210,9 @@ class Anchor:
     @classmethod
     def of_key(cls, key: Any, state: KeyState, since: float) -> Anchor:
         key = _unrevoked(key)
-        return cls(dns.dnssec.make_ds(ROOT, key, "SHA256"), state, since, key)
+        digest = ds_digest(ROOT, key, _SHA256).hex()
+        ds = dns.rdata.from_text(IN, DS, f"{key_tag(key)} {key.algorithm} {_SHA256} {digest}")
+        return cls(ds, state, since, key)
 
     @property
     def key_tag(self) -> int:
@@ -224,7 +229,7 @@ class Anchor:
         if key.algorithm != self.ds.algorithm or key_tag(key) != self.ds.key_tag:
             return False
         try:
-            return bool(dns.dnssec.make_ds(ROOT, key, self.ds.digest_type).digest == self.ds.digest)
+            return bool(ds_digest(ROOT, key, self.ds.digest_type) == self.ds.digest)
         except (dns.exception.DNSException, ValueError):
             return False
 
@@ -526,7 +531,6 @@ def _self_signed(
 ) -> bool:
     """Whether the revoked ``key`` signed ``rrset`` itself (RFC 5011 section 2.1)."""
     tag = key_tag(key)  # the revoked key's own tag: the REVOKE bit is part of it
-    keyset = dns.rdataset.from_rdata_list(0, [key])
     tried = 0
     for sig in sigs or ():
         if sig.key_tag != tag or sig.algorithm != key.algorithm or sig.signer != ROOT:
@@ -538,7 +542,7 @@ def _self_signed(
         if abs(when - now) > 300:  # outside its validity window (the validator's skew)
             continue
         try:
-            dns.dnssec.validate_rrsig(rrset, sig, {ROOT: keyset}, now=when)
+            verify_rrsig(rrset, sig, key, when)
         except (dns.exception.DNSException, ValueError):
             continue
         return True

@@ -50,6 +50,7 @@ from dns.rdatatype import RdataType
 from oe_router.records import record
 
 from .dnssec_chain import ChainWalker, Fetcher
+from .dnssec_crypto import ZONE_KEY, key_tag
 from .dnssec_denial import DenialProver, Proof
 from .dnssec_sigs import SignatureChecker
 from .dnssec_values import (
@@ -58,7 +59,6 @@ from .dnssec_values import (
     MAX_SIGNATURE_FAILURES,
     SUPPORTED_ALGORITHMS,
     SUPPORTED_DIGESTS,
-    ZONE_KEY,
     Abort,
     Denial,
     Name,
@@ -71,7 +71,6 @@ from .dnssec_values import (
     TrustAnchors,
     ValidationCache,
     Zone,
-    key_tag,
     tname,
 )
 

@@ -14,7 +14,6 @@ import enum
 from collections.abc import Iterable
 from typing import Any
 
-import dns.dnssec
 import dns.message
 import dns.name
 import dns.rcode
@@ -25,6 +24,7 @@ from dns.rdatatype import RdataType
 
 from oe_router.records import record
 
+from .dnssec_crypto import nsec3_digest
 from .dnssec_sigs import SignatureChecker
 from .dnssec_values import Abort, Name, RunState, Status, Zone, label_count, tname
 
@@ -316,8 +316,7 @@ class _Nsec3Set:
         assert self.params is not None
         h = self._hashes.get(name)
         if h is None:
-            text = dns.dnssec.nsec3_hash(name, self.params[1], self.params[0], _NSEC3_SHA1)
-            h = base64.b32hexdecode(text)
+            h = nsec3_digest(name, self.params[1], self.params[0])
             self._hashes[name] = h
         return h
 

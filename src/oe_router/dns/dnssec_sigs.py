@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import dns.dnssec
 import dns.exception
 import dns.name
-import dns.rdataset
 import dns.rdatatype
 import dns.rrset
 
+from .dnssec_crypto import ds_digest, verify_rrsig
 from .dnssec_values import (
     REVOKE,
     SUPPORTED_ALGORITHMS,
@@ -107,9 +106,8 @@ class SignatureChecker:
         if self.checks >= self.run.v.max_signature_checks:
             self.run.limit(f"{self.checks} signature checks", signer)
         self.checks += 1
-        keyset = dns.rdataset.from_rdata_list(0, [key])
         try:
-            dns.dnssec.validate_rrsig(rrset, sig, {signer: keyset}, now=when)
+            verify_rrsig(rrset, sig, key, when)
         except (dns.exception.DNSException, ValueError) as exc:
             self.failures += 1
             if self.failures >= self.run.v.max_signature_failures:
@@ -134,7 +132,7 @@ class SignatureChecker:
                 memo = (id(key), d.digest_type)
                 if memo not in digests:
                     try:
-                        digests[memo] = dns.dnssec.make_ds(name, key, d.digest_type).digest
+                        digests[memo] = ds_digest(name, key, d.digest_type)
                     except (dns.exception.DNSException, ValueError):
                         digests[memo] = None
                 if digests[memo] == d.digest:

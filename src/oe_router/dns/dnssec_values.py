@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from functools import cached_property
 from typing import Any, NoReturn, Protocol
 
-import dns.dnssec
 import dns.name
 import dns.rdataset
 import dns.rdatatype
@@ -24,6 +23,8 @@ import dns.rrset
 from dns.rdatatype import RdataType
 
 from oe_router.records import record
+
+from .dnssec_crypto import ZONE_KEY, key_tag
 
 #: RSA/SHA-256, ECDSA P-256/SHA-256, Ed25519 (DNSSEC algorithm numbers).
 SUPPORTED_ALGORITHMS = frozenset({8, 13, 15})
@@ -55,7 +56,6 @@ MAX_KEYS_PER_TAG = 4
 
 
 REVOKE = 0x0080
-ZONE_KEY = 0x0100
 
 Name = dns.name.Name
 
@@ -134,10 +134,6 @@ class TrustAnchors:
             ):
                 best = anchor
         return best
-
-
-def key_tag(key: Any) -> int:
-    return int(dns.dnssec.key_id(key))
 
 
 # --------------------------------------------------------------------------- cache

@@ -138,11 +138,13 @@ class IpseckeySet:
         return self.keys[0] if self.keys else None
 
 
-class _BadKey(Exception):
-    """Internal: a key blob that does not decode; turned into IpseckeyError."""
+class _BadKey(ValueError):
+    """A key blob that does not decode; turned into IpseckeyError here."""
 
 
-def _rsa_from_rfc3110(blob: bytes, min_bits: int) -> rsa.RSAPublicKey:
+def rsa_from_rfc3110(blob: bytes, min_bits: int) -> rsa.RSAPublicKey:
+    """An RSA key in RFC 3110 form (IPSECKEY and DNSKEY alike); ValueError if it is not one
+    or its modulus is shorter than ``min_bits``."""
     if not blob:
         raise _BadKey("empty RSA key")
     if blob[0] == 0:
@@ -214,7 +216,7 @@ def _decode(algorithm: int, blob: bytes, min_bits: int) -> tuple[KeyKind, Public
             raise _BadKey("algorithm 0 (no key) but a key is present")
         return KeyKind.NONE, None
     if algorithm == ALG_RSA:
-        return KeyKind.RSA, _rsa_from_rfc3110(blob, min_bits)
+        return KeyKind.RSA, rsa_from_rfc3110(blob, min_bits)
     if algorithm == ALG_ECDSA:
         return KeyKind.ECDSA_P256, _p256_from_raw(blob)
     if algorithm == ALG_EDDSA:
