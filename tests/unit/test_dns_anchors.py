@@ -8,6 +8,7 @@ value: thirty days of hold-down pass between two ``feed`` calls.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import stat
@@ -22,6 +23,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oe_router.dns.anchors import (
     MAX_KEYS,
@@ -31,6 +34,8 @@ from oe_router.dns.anchors import (
     KeyState,
     Timers,
     TrustPoint,
+    _from_iso,
+    _iso,
     parse_timers,
 )
 from oe_router.dns.autotrust import ManagedAnchors, seed_text
@@ -472,3 +477,36 @@ def test_a_root_out_of_reach_costs_one_log_line_not_one_per_probe(
     point.feed(reply([k1.dnskey], [(k1, k1.dnskey)], T0 + DAY), T0 + DAY)
     assert "root DNSKEY probe: secure again" in caplog.text
     assert point.last_probe.startswith("secure at 2027-01-16T08:00:00Z (1 keys, 1 trusted)")
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    fields=st.tuples(
+        st.integers(1, 9999),
+        st.integers(0, 13),
+        st.integers(0, 32),
+        st.integers(0, 25),
+        st.integers(0, 61),
+        st.integers(0, 62),
+    ),
+    width=st.sampled_from([1, 2]),
+)
+def test_state_file_times_read_as_datetime_reads_them(fields: tuple[int, ...], width: int) -> None:
+    """The state file's times are parsed by hand (no ``datetime`` at start); what
+    ``datetime.strptime`` accepts, and the POSIX time it gives, are the same."""
+    year, rest = fields[0], fields[1:]
+    text = f"{year:04d}-" + "{:0{w}d}-{:0{w}d}T{:0{w}d}:{:0{w}d}:{:0{w}d}Z".format(*rest, w=width)
+    try:
+        expected: float | None = (
+            dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+        )
+    except ValueError:
+        expected = None
+    try:
+        got: float | None = _from_iso(text)
+    except ValueError as exc:
+        assert "is not a UTC time like" in str(exc)
+        got = None
+    assert got == expected
+    if got is not None and width == 2 and year >= 1000:  # strftime writes year 1 as "1"
+        assert _iso(got) == text

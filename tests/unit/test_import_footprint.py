@@ -73,6 +73,7 @@ AT_START_NEVER = (
     "dns.dnssecalgs",
     "dns.zone",
     "idna.core",
+    "datetime",
 )
 
 
