@@ -124,6 +124,21 @@ def test_a_wildcard_expansion_verifies_as_the_wildcard(algorithm: int) -> None:
         verify_rrsig(expanded, sig.replace(labels=5), dnskey(algorithm), NOW)
 
 
+@pytest.mark.parametrize("algorithm", [8, 13, 15])
+def test_a_wildcard_owner_is_only_signed_as_itself(algorithm: int) -> None:
+    """A literal ``*`` owner: its labels field must not count the ``*`` (RFC 4035 5.3.1),
+    and it is not accepted as synthesised from a wildcard above it (dnspython neither)."""
+    key = dnskey(algorithm)
+    wild = rrset_of(dns.name.from_text("*.example.test."), "A", ["192.0.2.1"])
+    sig = signed(wild, algorithm)
+    verify_rrsig(wild, sig, key, NOW)
+    with pytest.raises(SignatureError, match="wild owner name has wrong label length"):
+        verify_rrsig(wild, sig.replace(labels=3), key, NOW)
+    lower = rrset_of(dns.name.from_text("*.a.example.test."), "A", ["192.0.2.1"])
+    with pytest.raises(SignatureError, match="wild owner name has wrong label length"):
+        verify_rrsig(lower, sig, key, NOW)
+
+
 def test_time_key_and_signer_checks() -> None:
     rrset = rrset_of(ZONE, "A", ["192.0.2.1"])
     sig = signed(rrset, 13)

@@ -179,7 +179,7 @@ def parse_timers(text: str) -> Timers:
 
 
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
-_ISO_TEXT = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})T(\d{1,2}):(\d{1,2}):(\d{1,2})Z")
+_ISO_TEXT = r"(\d{4})-(\d{1,2})-(\d{1,2})T(\d{1,2}):(\d{1,2}):(\d{1,2})Z"  #: compiled on first use
 _MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
@@ -191,7 +191,7 @@ def _from_iso(text: str) -> float:
     """The POSIX time of a UTC time written as `_iso` writes it. By hand, not with
     ``datetime`` or ``time.strptime`` (which imports it): ``datetime`` is ~0.2 MB of a
     router's RAM for this one parse (docs/footprint.md)."""
-    match = _ISO_TEXT.fullmatch(text)
+    match = re.fullmatch(_ISO_TEXT, text)
     fields = [int(g) for g in match.groups()] if match else []
     if not fields or not _valid_date(*fields):
         raise ValueError(f"{text!r} is not a UTC time like 2026-12-06T06:25:15Z")

@@ -87,12 +87,15 @@ def verify_rrsig(rrset: Any, sig: Any, key: Any, now: float) -> None:
 
 def signed_data(rrset: Any, sig: Any) -> bytes:
     """RFC 4034 3.1.8.1: what an RRSIG signs; a wildcard-expanded owner is signed as the
-    wildcard its labels field names (RFC 4035 5.3.2)."""
+    wildcard its labels field names (RFC 4035 5.3.2). An owner that is itself a wildcard
+    must be signed as that wildcard, as dnspython requires."""
     signer: dns.name.Name = sig.signer
     owner: dns.name.Name = rrset.name
     if not owner.is_subdomain(signer):
         raise SignatureError("rrset not signed by signer")
     labels = len(owner) - 1
+    if owner.is_wild() and sig.labels != labels - 1:  # the "*" is not counted (RFC 4035 5.3.1)
+        raise SignatureError("wild owner name has wrong label length")
     if labels < sig.labels:
         raise SignatureError("owner name longer than RRSIG labels")
     if sig.labels < labels:
