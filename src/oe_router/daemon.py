@@ -97,6 +97,14 @@ class ServiceRegistry:
             self._running.append(service)
             log.info("service %s started", service.name)
 
+    async def warm_all(self) -> None:
+        """Let each running service that has a ``warm`` pay its first-use costs now, at
+        idle, rather than in the first flow it serves (``IkeService.warm``)."""
+        for service in tuple(self._running):
+            warm = getattr(service, "warm", None)
+            if warm is not None:
+                await warm()
+
     async def stop_all(self) -> None:
         while self._running:
             service = self._running.pop()
@@ -409,6 +417,9 @@ class Daemon:
                 self.config_path,
                 ", ".join(self.registry.names) or "none yet",
             )
+            warming = loop.create_task(self.registry.warm_all())
+            self._tasks.add(warming)
+            warming.add_done_callback(self._tasks.discard)
             if self._early_hups:
                 log.info("SIGHUP during start-up: reloading once")
                 self._early_hups.clear()
@@ -482,6 +493,9 @@ class _IkeWithNegotiator:
         await self.ike.stop()
         await asyncio.sleep(0)
         await self.negotiator.stop()
+
+    async def warm(self) -> None:
+        await self.ike.warm()
 
     def status(self) -> StatusContribution:
         return self.ike.status()

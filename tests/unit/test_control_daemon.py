@@ -478,3 +478,28 @@ def test_turning_packet_hold_on_or_off_rebuilds_the_datapath(
     assert "packet_hold off: restarting the services" in caplog.text
     assert "packet_hold on: restarting the services" in caplog.text
     assert daemon.config.packet_hold is True and daemon.generation == 4
+
+
+class Warming(Recorder):
+    """A Recorder with a warm-up (the IKE service has one)."""
+
+    async def warm(self) -> None:
+        self.journal.append(f"warm {self.name}")
+
+
+def test_services_warm_up_once_all_have_started_and_the_daemon_serves(tmp_path: Path) -> None:
+    """The warm-up runs after every service started (the daemon is ready), once, only
+    for services that have one."""
+    journal: list[str] = []
+    daemon, _ = _daemon(tmp_path, [Warming("ike", journal), Recorder("dns", journal)])
+
+    async def go() -> None:
+        task = asyncio.create_task(daemon.run())
+        async with asyncio.timeout(5):
+            while "warm ike" not in journal:
+                await asyncio.sleep(0.01)
+        daemon.request_stop()
+        assert await task == 0
+
+    asyncio.run(go())
+    assert journal == ["start ike", "start dns", "warm ike", "stop dns", "stop ike"]

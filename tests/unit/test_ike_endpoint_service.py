@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
+import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -264,3 +267,53 @@ async def test_set_esp_proposals_reaches_live_sas_and_rekey_child_moves_or_is_re
         assert await a.rekey_child(LO, new, timeout=5.0, settle=0.3) == REKEY_REFUSED
         assert list(p.children) == [new]  # the old SA stays when the move is refused
         assert "no IKE SA" in str(await a.rekey_child(LO, b"\0\0\0\1", timeout=1, settle=0.1))
+
+
+@pytest.mark.parametrize(
+    "key", [None, ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()]
+)
+def test_warm_negotiates_on_the_loopback_and_leaves_nothing(key: Any) -> None:
+    """The warm-up runs a whole IKE SA and Child SA with the service's own proposals and
+    key (NULL auth without one) between throwaway endpoints: the service's peer table,
+    sink, counters and SAs see none of it."""
+
+    async def go() -> None:
+        a = IkeService(["127.0.0.1"], ike_port=0, natt_port=0, private_key=key)
+        async with running(a, OeConfig()):
+            assert a.endpoint is not None
+            before = dataclasses.asdict(a.endpoint.counters)
+            took = await a.warm()
+            assert took is not None and 0 < took < 10
+            assert a.sas == [] and not a.rows()
+            assert isinstance(a.sink, RecordingSink) and a.sink.established == []
+            assert dataclasses.asdict(a.endpoint.counters) == before
+            assert a.endpoint.handles() == []
+
+    asyncio.run(go())
+
+
+def test_warm_without_a_loopback_says_so_and_returns_none(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the loopback cannot carry the warm-up (a namespace with ``lo`` down, say) it
+    gives up within its timeout, logs at debug, and the service serves on."""
+
+    async def go() -> None:
+        a = IkeService(["127.0.0.1"], ike_port=0, natt_port=0)
+        async with running(a, OeConfig()):
+            assert a.endpoint is not None
+            own = {a.endpoint.ike_port, a.endpoint.natt_port}
+            real = socket.socket.sendto
+
+            def unreachable(self: socket.socket, *args: Any) -> int:
+                if self.getsockname()[1] not in own:
+                    raise OSError(errno.ENETUNREACH, "Network is unreachable")
+                return real(self, *args)
+
+            monkeypatch.setattr(socket.socket, "sendto", unreachable)
+            with caplog.at_level(logging.DEBUG, logger="oe_router.ike"):
+                assert await a.warm(timeout=1.0) is None
+            assert "IKE warm-up on the loopback: " in caplog.text
+            assert a.sas == [] and a.endpoint is not None
+
+    asyncio.run(go())

@@ -39,7 +39,7 @@ from .commands import IkeCommands
 from .constants import IdType
 from .endpoint import Address, IkeEndpoint, SaHandle
 from .errors import IkeError
-from .events import Event, PeerKeyNeeded
+from .events import ChildSaEstablished, Event, IkeSaFailed, PeerKeyNeeded
 from .identity import LocalIdentity, load_private_key, load_public_key, parse_identity
 from .payloads import TrafficSelector
 from .peer_keys import PeerKeyLookup, PeerKeyLookups
@@ -219,6 +219,63 @@ class IkeService:
             socket_hooks=self.socket_hooks,
         )
         await self.endpoint.start()
+
+    async def warm(self, timeout: float = 10.0) -> float | None:
+        """Negotiate one IKE SA and its Child SA between two throwaway endpoints on the
+        loopback, with this service's proposals and key; the seconds it took, or None if
+        it could not (no loopback in the namespace, say: logged at debug).
+
+        Why: the first negotiation of a run pays first-use costs that later ones do not:
+        cryptography's OpenSSL backend module (imported by the first X25519 key), the
+        ``__init__`` of each message record (``records``), OpenSSL's curve tables. On the
+        lab's TCG router the first cold connect took 476-601 ms and the next ones
+        112-200 ms (docs/footprint.md). The daemon calls this once every service has
+        started, so a LAN device's first flow does not wait for it. Nothing of it reaches
+        the peer table, the counters or the kernel; the random source is the OS's, not a
+        test's.
+        """
+        cfg = self.config
+        if cfg is None:
+            return None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+
+        def on_event(handle: SaHandle, ev: Event) -> None:
+            if isinstance(ev, ChildSaEstablished | IkeSaFailed) and not done.done():
+                done.set_result(isinstance(ev, ChildSaEstablished))
+
+        key = self.private_key
+        auth: AuthChoice = "pubkey" if key is not None else "null"
+        own_key = key.public_key() if key is not None else None
+
+        def responder(local: Address, remote: Address) -> IkeSaConfig:
+            return self._sa_config(local, remote, auth, own_key, True)
+
+        ends = [
+            IkeEndpoint(["127.0.0.1"], on_event=on_event, clock=self._clock, ike_port=0,
+                        natt_port=0, netns=self._netns),
+            IkeEndpoint(["127.0.0.1"], on_event=lambda h, e: None, responder_policy=responder,
+                        clock=self._clock, ike_port=0, natt_port=0, netns=self._netns),
+        ]  # fmt: skip
+        started = time.monotonic()
+        try:
+            for end in ends:
+                await end.start()
+            ini, res = ends
+            local, remote = ("127.0.0.1", ini.ike_port), ("127.0.0.1", res.ike_port)
+            ini.initiate(self._sa_config(local, remote, auth, own_key, True),
+                         remote_natt_port=res.natt_port)  # fmt: skip
+            async with asyncio.timeout(timeout):
+                ok = await done
+        except (OSError, IkeError, TimeoutError) as exc:
+            log.debug("IKE warm-up on the loopback: not done (%s)", exc or type(exc).__name__)
+            return None
+        finally:
+            for end in ends:
+                await end.stop()
+        took = time.monotonic() - started
+        log.debug("IKE warm-up on the loopback: %s in %.3f s", "done" if ok else "failed", took)
+        return took if ok else None
 
     async def reload(self, config: OeConfig) -> None:
         """New timers and identity apply to IKE SAs created from now on; the endpoint's
