@@ -234,8 +234,7 @@ class IkeService:
         the peer table, the counters or the kernel; the random source is the OS's, not a
         test's.
         """
-        cfg = self.config
-        if cfg is None:
+        if self.config is None:
             return None
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
